@@ -1,0 +1,40 @@
+# streamrec — `make demo` runs the live loop, `make test` runs the tests. Both set up everything.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit bench bench-validation schema clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v redis-server >/dev/null 2>&1 || { echo "installing redis-server (apt-get)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/streamrec demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit tests/contract $(PYTEST_ARGS)
+
+bench: bench-validation
+
+bench-validation: $(STAMP)
+	$(BIN)/python bench/validation.py
+
+schema: $(STAMP)
+	$(BIN)/streamrec schema --out schemas/interaction.schema.json
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

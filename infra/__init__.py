@@ -1,0 +1,1 @@
+"""Configuration and real services: settings, embedded broker/Redis launcher, CLI."""

@@ -1,0 +1,204 @@
+"""``streamrec``: one sub-command per process role. Every option also reads an env var."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _env(name: str, default):
+    value = os.environ.get(name)
+    return type(default)(value) if value is not None and default is not None else (value or default)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    """Run the Faust worker (ingest agent)."""
+    from infra.embedded import ensure_topics
+    from infra.settings import Settings
+
+    settings = Settings()
+    settings.require_services()
+    ensure_topics(settings.kafka_bootstrap, {settings.topic_interactions: settings.topic_partitions,
+                                             settings.topic_dlq: 1},
+                  settings.kafka_client_options())
+    from stream.ingest import app  # registers the agents
+
+    sys.argv = ["streamrec-worker", "worker", "-l", args.loglevel]
+    app.main()
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    """Serve the HTTP API with uvicorn."""
+    import uvicorn
+
+    from infra.settings import Settings
+    from serving.api import create_app
+
+    settings = Settings()
+    if not settings.redis_url:
+        settings.require_services()
+    uvicorn.run(create_app(settings), host=args.host or settings.api_host,
+                port=args.port or settings.api_port, log_level=args.loglevel)
+
+
+def cmd_feeds(_args: argparse.Namespace) -> None:
+    """Run the feed builder loop."""
+    from infra.redis_client import sync_redis
+    from infra.settings import Settings
+    from serving.feeds import FeedBuilder
+
+    settings = Settings()
+    settings.require_services()
+    FeedBuilder(settings, sync_redis(settings.redis_url)).run()
+
+
+def cmd_produce(args: argparse.Namespace) -> None:
+    """Publish a log file (at N× real time) or simulated traffic to Kafka."""
+    import time
+
+    from infra.settings import Settings
+    from replay.loaders import iter_realtime, load_log
+    from stream.producer import InteractionProducer
+    from stream.simulator import UserSimulator
+
+    settings = Settings()
+    settings.require_services()
+    if args.log:
+        events = load_log(args.log, args.format)[: args.limit or None]
+    else:
+        sim = UserSimulator(args.users, args.items, seed=args.seed)
+        events = list(sim.events(args.limit or 10_000, start_ts=time.time()))
+    with InteractionProducer(settings.kafka_bootstrap, settings.topic_interactions,
+                             max_message_bytes=settings.max_message_bytes,
+                             client_options=settings.kafka_client_options()) as producer:
+        started = time.monotonic()
+        for due, event in iter_realtime(events, args.speed):
+            delay = due - (time.monotonic() - started)
+            if delay > 0.005:
+                time.sleep(delay)
+            producer.send(event)
+        producer.flush()
+    elapsed = time.monotonic() - started
+    print(json.dumps({"events": len(events), "seconds": round(elapsed, 3),
+                      "events_per_s": round(len(events) / max(elapsed, 1e-9))}))
+
+
+def cmd_services(_args: argparse.Namespace) -> None:
+    """Start an embedded broker and redis-server and print the env vars that reach them."""
+    import time
+
+    from infra.embedded import EmbeddedKafka, EmbeddedRedis
+
+    with EmbeddedRedis() as redis_srv, EmbeddedKafka() as kafka:
+        print(f"export STREAMREC_KAFKA_BOOTSTRAP={kafka.bootstrap}")
+        print(f"export STREAMREC_REDIS_URL={redis_srv.url}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+def cmd_schema(args: argparse.Namespace) -> None:
+    """Print (or write) the JSON Schema of an interactions message."""
+    from schemas.events import json_schema
+
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Embedded services + worker + API + feed builder + traffic, then a summary."""
+    from infra.demo import run_demo
+
+    sys.exit(run_demo(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamrec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    worker = sub.add_parser("worker", help=cmd_worker.__doc__)
+    worker.add_argument("--loglevel", default=_env("STREAMREC_LOGLEVEL", "info"),
+                        choices=["crit", "error", "warn", "info", "debug"],
+                        help="log level [STREAMREC_LOGLEVEL]")
+    worker.set_defaults(func=cmd_worker)
+
+    api = sub.add_parser("api", help=cmd_api.__doc__)
+    api.add_argument("--host", default=None, help="bind address [STREAMREC_API_HOST]")
+    api.add_argument("--port", type=int, default=None, help="port [STREAMREC_API_PORT]")
+    api.add_argument("--loglevel", default=_env("STREAMREC_LOGLEVEL", "info"),
+                     help="log level [STREAMREC_LOGLEVEL]")
+    api.set_defaults(func=cmd_api)
+
+    sub.add_parser("feeds", help=cmd_feeds.__doc__).set_defaults(func=cmd_feeds)
+
+    produce = sub.add_parser("produce", help=cmd_produce.__doc__)
+    produce.add_argument("--log", default=_env("STREAMREC_PRODUCE_LOG", ""),
+                         help="log file or folder; simulated traffic when empty "
+                              "[STREAMREC_PRODUCE_LOG]")
+    produce.add_argument("--format", default=_env("STREAMREC_PRODUCE_FORMAT", "yoochoose"),
+                         help="log format: yoochoose, otto [STREAMREC_PRODUCE_FORMAT]")
+    produce.add_argument("--speed", type=float, default=_env("STREAMREC_PRODUCE_SPEED", 1000.0),
+                         help="replay speed, × real time [STREAMREC_PRODUCE_SPEED]")
+    produce.add_argument("--limit", type=int, default=_env("STREAMREC_PRODUCE_LIMIT", 0),
+                         help="events to send, 0 = all [STREAMREC_PRODUCE_LIMIT]")
+    produce.add_argument("--users", type=int, default=_env("STREAMREC_SIM_USERS", 1000),
+                         help="simulated users [STREAMREC_SIM_USERS]")
+    produce.add_argument("--items", type=int, default=_env("STREAMREC_SIM_ITEMS", 5000),
+                         help="simulated items [STREAMREC_SIM_ITEMS]")
+    produce.add_argument("--seed", type=int, default=_env("STREAMREC_SIM_SEED", 0),
+                         help="simulator seed [STREAMREC_SIM_SEED]")
+    produce.set_defaults(func=cmd_produce)
+
+    sub.add_parser("services", help=cmd_services.__doc__).set_defaults(func=cmd_services)
+
+    schema = sub.add_parser("schema", help=cmd_schema.__doc__)
+    schema.add_argument("--out", default="", help="write to this file instead of stdout")
+    schema.set_defaults(func=cmd_schema)
+
+    demo = sub.add_parser("demo", help=cmd_demo.__doc__)
+    demo.add_argument("--duration", type=float, default=_env("STREAMREC_DEMO_DURATION", 0.0),
+                      help="seconds of traffic, then summary and exit 0; 0 = traffic for "
+                           "--traffic-s, then serve until Ctrl-C [STREAMREC_DEMO_DURATION]")
+    demo.add_argument("--traffic-s", type=float, default=_env("STREAMREC_DEMO_TRAFFIC_S", 30.0),
+                      help="seconds of traffic when no --duration [STREAMREC_DEMO_TRAFFIC_S]")
+    demo.add_argument("--rate", type=float, default=_env("STREAMREC_DEMO_RATE", 2000.0),
+                      help="simulated events per second [STREAMREC_DEMO_RATE]")
+    demo.add_argument("--users", type=int, default=_env("STREAMREC_SIM_USERS", 2000),
+                      help="simulated users [STREAMREC_SIM_USERS]")
+    demo.add_argument("--items", type=int, default=_env("STREAMREC_SIM_ITEMS", 5000),
+                      help="simulated items [STREAMREC_SIM_ITEMS]")
+    demo.add_argument("--seed", type=int, default=_env("STREAMREC_SIM_SEED", 0),
+                      help="simulator seed [STREAMREC_SIM_SEED]")
+    demo.add_argument("--log", default=_env("STREAMREC_DEMO_LOG", ""),
+                      help="replay this log instead of simulating [STREAMREC_DEMO_LOG]")
+    demo.add_argument("--format", default=_env("STREAMREC_DEMO_FORMAT", "yoochoose"),
+                      help="format of --log [STREAMREC_DEMO_FORMAT]")
+    demo.add_argument("--malformed-rate", type=float,
+                      default=_env("STREAMREC_DEMO_MALFORMED_RATE", 0.01),
+                      help="share of deliberately malformed messages, to show the DLQ "
+                           "[STREAMREC_DEMO_MALFORMED_RATE]")
+    demo.add_argument("--out", default=_env("STREAMREC_DEMO_OUT", "demo-out"),
+                      help="folder for logs and summary.json [STREAMREC_DEMO_OUT]")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("kafka", "httpx", "aiokafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

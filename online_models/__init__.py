@@ -1,0 +1,1 @@
+"""Pure, batch-first online learners: numpy maths only, no Faust, Kafka or Redis imports."""

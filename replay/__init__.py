@@ -1,0 +1,1 @@
+"""Offline side: log loaders and (later) prequential replay with the live model code."""

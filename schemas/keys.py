@@ -1,0 +1,98 @@
+"""The Redis key contract: every key streamrec reads or writes is built here and nowhere else.
+
+Ids are percent-encoded (RFC 3986 unreserved characters stay as they are), so an id holding
+``:``, ``{``, ``}``, ``/``, NUL or non-ASCII text can neither collide with another key nor
+move a key into another Redis Cluster slot. Per-user keys carry the hash tag ``{u:<id>}`` so a
+user's keys live in one slot; shared keys have their own tags. See ``docs/redis-keys.md``.
+
+Example
+-------
+>>> keys = RedisKeys("sr")
+>>> keys.feed("alice:{1}")
+'sr:{u:alice%3A%7B1%7D}:feed'
+>>> decode_id(encode_id("naïve/ü\\x00"))
+'naïve/ü\\x00'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+
+def encode_id(raw_id: str) -> str:
+    """Reversible, key-safe form of an id: everything but ``A-Za-z0-9_.-~`` is %XX (UTF-8)."""
+    return quote(raw_id, safe="")
+
+
+def decode_id(encoded: str) -> str:
+    """Inverse of :func:`encode_id`."""
+    return unquote(encoded)
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """Documentation of one key family (rendered in docs/redis-keys.md)."""
+
+    pattern: str
+    type: str
+    ttl: str
+    owner: str
+    bound: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Builds every key under one prefix (``STREAMREC_KEY_PREFIX``)."""
+
+    prefix: str = "sr"
+
+    # --- per user (hash tag {u:<id>}: one slot per user) ------------------------------------
+    def user_history(self, user_id: str) -> str:
+        return f"{self.prefix}:{{u:{encode_id(user_id)}}}:hist"
+
+    def feed(self, user_id: str) -> str:
+        return f"{self.prefix}:{{u:{encode_id(user_id)}}}:feed"
+
+    # --- shared ----------------------------------------------------------------------------
+    @property
+    def trending(self) -> str:
+        return f"{self.prefix}:{{trend}}:z"
+
+    @property
+    def trending_meta(self) -> str:
+        return f"{self.prefix}:{{trend}}:meta"
+
+    @property
+    def feed_queue(self) -> str:
+        return f"{self.prefix}:{{feedq}}:dirty"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}:{{stats}}:counters"
+
+    def specs(self) -> list[KeySpec]:
+        """The contract, one row per key family."""
+        p = self.prefix
+        return [
+            KeySpec(f"{p}:{{u:<user>}}:feed", "string (JSON)", "STREAMREC_FEED_TTL_S (1 day)",
+                    "serving feed builder", "STREAMREC_FEED_SIZE items",
+                    "The user's feed: {user_id, items:[{item_id, score, reason}], "
+                    "recommendation_id, generated_at, source}. Front ends GET it."),
+            KeySpec(f"{p}:{{u:<user>}}:hist", "list of item ids, newest first",
+                    "STREAMREC_HISTORY_TTL_S (7 days)", "stream worker",
+                    "STREAMREC_HISTORY_LEN items",
+                    "Recently interacted items; the feed's seen-filter."),
+            KeySpec(f"{p}:{{trend}}:z", "sorted set item → forward-decayed score", "none",
+                    "stream worker", "STREAMREC_TRENDING_MAX_ITEMS members",
+                    "Trending items. Score = Σ w·2^((t − landmark)/half_life); divide by "
+                    "2^((now − landmark)/half_life) for the decayed value. Order is the ranking."),
+            KeySpec(f"{p}:{{trend}}:meta", "hash {landmark, half_life_s, last_ts}", "none",
+                    "stream worker", "2 fields", "Landmark of the trending scores; last_ts is the newest event time seen (the stream's clock)."),
+            KeySpec(f"{p}:{{feedq}}:dirty", "set of user ids", "none", "stream worker (add), "
+                    "feed builder (pop)", "users active since the last feed round",
+                    "Users whose feed must be rebuilt."),
+            KeySpec(f"{p}:{{stats}}:counters", "hash", "none", "stream worker",
+                    "a few fields", "events_applied, dlq_messages, dlq_events, batches."),
+        ]

@@ -1,0 +1,1 @@
+"""Reads model state, builds feeds (candidates → rank → re-rank), serves them over HTTP."""

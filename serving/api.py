@@ -1,0 +1,113 @@
+"""HTTP API: read feeds, post events, health. OpenAPI docs at ``/docs``.
+
+Run with ``streamrec api`` (uvicorn). The API never writes model state: posted events are
+validated and produced to Kafka like any other producer's.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
+from infra.settings import Settings
+from schemas.events import json_schema, split_message
+from serving.feeds import FeedBuilder
+from stream.producer import DeliveryError, InteractionProducer
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for these settings (``Settings()`` reads ``STREAMREC_*``)."""
+    settings = settings or Settings()
+    redis_client = sync_redis(settings.redis_url)
+    builder = FeedBuilder(settings, redis_client)
+    producer_lock = threading.Lock()
+    producer: list[InteractionProducer] = []
+
+    def get_producer() -> InteractionProducer:
+        with producer_lock:
+            if not producer:
+                producer.append(InteractionProducer(
+                    settings.kafka_bootstrap, settings.topic_interactions,
+                    max_message_bytes=settings.max_message_bytes,
+                    client_options=settings.kafka_client_options()))
+            return producer[0]
+
+    api = FastAPI(title="streamrec", version="0.1.0",
+                  description="Real-time recommendations: feeds from Redis, events to Kafka.")
+
+    @api.on_event("shutdown")
+    def _close() -> None:
+        if producer:
+            producer[0].close()
+        redis_client.close()
+
+    async def _redis_down(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"state store unavailable: {exc!r}"}, status_code=503)
+
+    for error in TRANSIENT_REDIS_ERRORS:
+        api.add_exception_handler(error, _redis_down)
+
+    @api.get("/v1/users/{user_id:path}/feed", summary="A user's feed",
+             response_model=None)
+    def read_feed(user_id: str, k: Annotated[int | None, Query(ge=1, le=1000)] = None
+                  ) -> Response:
+        """The stored feed; computed on demand (``source: on_demand``) when none is stored
+        or when ``k`` asks for another size."""
+        feed = builder.read(user_id)
+        if feed is None or (k is not None and k != len(feed.items)):
+            feed = builder.compute([user_id], k)[0]
+            feed = msgspec.structs.replace(feed, source="on_demand")
+        return _json(feed)
+
+    @api.get("/v1/trending", summary="Trending items")
+    def trending(k: Annotated[int, Query(ge=1, le=1000)] = 20) -> Response:
+        return _json([{"item_id": i, "score": s} for i, s in builder.trending(k)])
+
+    @api.post("/v1/events", status_code=202, summary="Publish interactions",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": json_schema()}}}})
+    async def post_events(request: Request) -> Response:
+        """One event or an envelope. All-or-nothing: any invalid event → 422, nothing sent."""
+        raw = await request.body()
+        valid, invalid = split_message(raw, settings.max_message_bytes)
+        if invalid:
+            problems = [{"index": index, **err} for index, _, exc in invalid for err in exc.errors]
+            return _json({"detail": "invalid events; nothing was published",
+                          "problems": problems}, 422)
+
+        def publish() -> None:
+            sdk = get_producer()
+            sdk.send_many(valid)
+            sdk.flush()
+
+        try:
+            await run_in_threadpool(publish)
+        except DeliveryError as exc:
+            raise HTTPException(503, f"Kafka did not acknowledge: {exc}") from exc
+        except Exception as exc:  # broker unreachable at connect time
+            raise HTTPException(503, f"Kafka unavailable: {exc!r}") from exc
+        return _json({"accepted": len(valid)}, 202)
+
+    @api.get("/healthz", summary="Liveness")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="Readiness: Redis reachable")
+    def readyz() -> Response:
+        try:
+            redis_client.ping()
+        except TRANSIENT_REDIS_ERRORS as exc:
+            return _json({"status": "unavailable", "redis": repr(exc)}, 503)
+        return _json({"status": "ready", "redis": "ok"})
+
+    return api

@@ -1,0 +1,53 @@
+"""The Faust application, configured from :class:`infra.settings.Settings` (env vars).
+
+JSON only: topics use the raw codec and the agents decode with :mod:`schemas.events`; the
+pickle codec is never used. Faust's web server binds to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+
+import faust
+
+from infra.settings import Settings
+
+settings = Settings()
+
+
+def _broker_credentials(s: Settings):
+    if s.kafka_sasl_mechanism:
+        context = (ssl.create_default_context(cafile=s.kafka_ssl_cafile or None)
+                   if s.kafka_security_protocol == "SASL_SSL" else None)
+        return faust.SASLCredentials(username=s.kafka_sasl_username,
+                                     password=s.kafka_sasl_password,
+                                     mechanism=s.kafka_sasl_mechanism, ssl_context=context)
+    if s.kafka_security_protocol == "SSL":
+        return faust.SSLCredentials(ssl.create_default_context(cafile=s.kafka_ssl_cafile or None))
+    return None
+
+
+app = faust.App(
+    settings.app_id,
+    broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",") if host]
+    or "kafka://localhost:9092",
+    broker_credentials=_broker_credentials(settings),
+    store="memory://",
+    datadir=settings.worker_data_dir or os.path.join(tempfile.gettempdir(),
+                                                     f"streamrec-{settings.app_id}"),
+    autodiscover=False,
+    topic_partitions=settings.topic_partitions,
+    topic_replication_factor=1,
+    consumer_auto_offset_reset="earliest",
+    broker_session_timeout=settings.kafka_session_timeout_s,
+    broker_rebalance_timeout=settings.kafka_rebalance_timeout_s,
+    broker_heartbeat_interval=1.0,
+    consumer_max_fetch_size=4 * settings.max_message_bytes,
+    producer_max_request_size=settings.max_message_bytes + 65_536,
+    stream_buffer_maxsize=4 * settings.worker_batch_max,
+    web_bind="127.0.0.1",
+    web_port=settings.worker_web_port,
+    web_enabled=settings.worker_web_port != 0,
+)
