@@ -82,7 +82,7 @@ class LiveState:
             pipe.scripts.add(self._trending)
             pipe.evalsha(self._trending.sha, 2, keys.trending, keys.trending_meta, *args)
         histories: dict[str, list[str]] = {}
-        for e in sorted(events, key=lambda e: e.timestamp):
+        for e in events:  # stream order: Kafka keeps each user's events in order
             if e.type != "impression":
                 histories.setdefault(e.user_id, []).append(e.item_id)
         for user, seen in histories.items():

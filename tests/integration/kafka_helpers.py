@@ -1,0 +1,25 @@
+"""Reading topics back in tests (kafka-python without a consumer group: plain assign + seek)."""
+
+from __future__ import annotations
+
+import time
+
+from kafka import KafkaConsumer, TopicPartition
+
+
+def read_topic(bootstrap: str, topic: str, min_count: int, timeout_s: float = 30.0) -> list:
+    """All records of ``topic`` once at least ``min_count`` are there (or what came in time)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             group_id=None, consumer_timeout_ms=500)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        records: list = []
+        deadline = time.monotonic() + timeout_s
+        while len(records) < min_count and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()

@@ -1,0 +1,123 @@
+"""LiveState and FeedBuilder against a real redis-server."""
+
+import asyncio
+import time
+
+import msgspec
+import numpy as np
+import pytest
+
+from infra.redis_client import async_redis
+from online_models.trending import TRENDING_WEIGHTS, decayed
+from schemas.events import Interaction
+from schemas.keys import RedisKeys
+from serving.feeds import FeedBuilder
+from stream.simulator import UserSimulator
+from stream.state import LiveState
+
+
+def oracle(events, now, half_life):
+    scores: dict[str, float] = {}
+    for e in events:
+        w = TRENDING_WEIGHTS[e.type]
+        if w:
+            scores[e.item_id] = scores.get(e.item_id, 0.0) + w * 0.5 ** ((now - e.timestamp) / half_life)
+    return scores
+
+
+def stored_trending(client, keys, now, half_life):
+    meta = client.hgetall(keys.trending_meta)
+    landmark = float(meta[b"landmark"])
+    return {k.decode(): decayed(v, landmark, now, half_life)
+            for k, v in client.zrange(keys.trending, 0, -1, withscores=True)}
+
+
+def test_trending_and_histories_match_an_oracle(settings, redis_client):
+    s = settings.model_copy(update={"trending_half_life_s": 600.0, "history_len": 5})
+    state, keys = LiveState(s, redis_client), RedisKeys(s.key_prefix)
+    events = list(UserSimulator(30, 100, seed=5).events(2000, 1.7e9, events_per_s=1.0))
+    for start in range(0, len(events), 250):  # batches, as the worker applies them
+        state.apply_sync(events[start:start + 250])
+    now = max(e.timestamp for e in events)
+    expected = oracle(events, now, 600.0)
+    got = stored_trending(redis_client, keys, now, 600.0)
+    assert set(got) == set(expected)
+    for item, score in expected.items():
+        assert got[item] == pytest.approx(score, rel=1e-6)
+    for user in {e.user_id for e in events}:
+        mine = [e.item_id for e in events if e.user_id == user]
+        assert [x.decode() for x in redis_client.lrange(keys.user_history(user), 0, -1)] == \
+            mine[::-1][:5]
+        assert 0 < redis_client.ttl(keys.user_history(user)) <= s.history_ttl_s
+    assert int(redis_client.hget(keys.stats, "events_applied")) == len(events)
+    assert redis_client.scard(keys.feed_queue) == len({e.user_id for e in events})
+
+
+def test_landmark_rebase_keeps_decayed_scores(settings, redis_client):
+    """Events spanning 200 half-lives force rescaling; decayed values must not change."""
+    s = settings.model_copy(update={"trending_half_life_s": 10.0})
+    state, keys = LiveState(s, redis_client), RedisKeys(s.key_prefix)
+    events = [Interaction(event_id=f"e{k}", user_id="u", item_id=f"i{k % 3}", type="click",
+                          timestamp=1.7e9 + 10.0 * k) for k in range(200)]
+    for e in events:
+        state.apply_sync([e])
+    now = events[-1].timestamp
+    landmark = float(redis_client.hget(keys.trending_meta, "landmark"))
+    assert landmark > events[0].timestamp  # it moved
+    expected = oracle(events, now, 10.0)
+    got = stored_trending(redis_client, keys, now, 10.0)
+    for item in expected:
+        assert got[item] == pytest.approx(expected[item], rel=1e-9)
+
+
+def test_trending_is_trimmed_to_its_bound(settings, redis_client):
+    s = settings.model_copy(update={"trending_max_items": 50})
+    state, keys = LiveState(s, redis_client), RedisKeys(s.key_prefix)
+    state.apply_sync([Interaction(event_id=f"e{k}", user_id="u", item_id=f"i{k}", type="click",
+                                  timestamp=1.7e9 + k) for k in range(500)])
+    state.apply_sync([Interaction(event_id="z", user_id="u", item_id="i0", type="click",
+                                  timestamp=1.7e9 + 500)])
+    assert redis_client.zcard(keys.trending) <= 55
+
+
+def test_async_apply_equals_sync_apply(settings, redis_client, unique):
+    events = list(UserSimulator(20, 50, seed=9).events(300, 1.7e9))
+    sync_s = settings.model_copy(update={"key_prefix": f"s{unique}"})
+    LiveState(sync_s, redis_client).apply_sync(events)
+
+    async def run():
+        client = async_redis(settings.redis_url)
+        await LiveState(settings, client).apply(events)
+        await client.aclose()
+
+    asyncio.run(run())
+    a, b = RedisKeys(sync_s.key_prefix), RedisKeys(settings.key_prefix)
+    assert redis_client.zrange(a.trending, 0, -1, withscores=True) == \
+        redis_client.zrange(b.trending, 0, -1, withscores=True)
+
+
+def test_feeds_exclude_seen_items_and_follow_the_contract(settings, redis_client):
+    s = settings.model_copy(update={"feed_size": 10})
+    state, keys = LiveState(s, redis_client), RedisKeys(s.key_prefix)
+    events = list(UserSimulator(40, 200, seed=2).events(3000, time.time() - 3000))
+    state.apply_sync(events)
+    builder = FeedBuilder(s, redis_client)
+    built = 0
+    while n := builder.refresh_round():
+        built += n
+    users = {e.user_id for e in events}
+    assert built == len(users) and redis_client.scard(keys.feed_queue) == 0
+    trending = [item for item, _ in builder.trending(1000)]
+    for user in users:
+        raw = redis_client.get(keys.feed(user))
+        doc = msgspec.json.decode(raw)
+        assert set(doc) == {"user_id", "items", "recommendation_id", "generated_at", "source",
+                            "model_version"}
+        seen = set([e.item_id for e in events if e.user_id == user][-s.history_len:])
+        items = [i["item_id"] for i in doc["items"]]
+        assert len(items) == 10 and not set(items) & seen
+        assert items == [i for i in trending if i not in seen][:10]  # ranking = trending order
+        scores = [i["score"] for i in doc["items"]]
+        assert scores == sorted(scores, reverse=True)
+        assert 0 < redis_client.ttl(keys.feed(user)) <= s.feed_ttl_s
+    assert np.isfinite([i["score"] for i in doc["items"]]).all()

@@ -1,0 +1,126 @@
+import math
+
+import orjson
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from schemas.events import (MAX_ENVELOPE_EVENTS, Interaction, InvalidEvent, decode_message,
+                            encode_envelope, encode_event, json_schema, split_message,
+                            validate_event)
+from stream.simulator import MALFORMED_KINDS, malformed_message
+
+GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "type": "click",
+        "timestamp": 1_700_000_000.5}
+
+
+def problems(raw: bytes):
+    return [(index, err) for index, _, exc in split_message(raw)[1] for err in exc.errors]
+
+
+def test_single_event_and_envelope_decode_to_the_same_events():
+    event = validate_event(GOOD)
+    assert decode_message(encode_event(event)) == [event]
+    assert decode_message(encode_envelope([event, event])) == [event, event]
+
+
+def test_integer_timestamp_accepted_as_seconds():
+    assert decode_message(orjson.dumps({**GOOD, "timestamp": 1_700_000_000}))[0].timestamp == 1.7e9
+
+
+@pytest.mark.parametrize("patch, field, fragment", [
+    ({"user_id": 5}, "user_id", "Expected `str`"),
+    ({"user_id": ""}, "user_id", "length >= 1"),
+    ({"item_id": "x" * 257}, "item_id", "length <= 256"),
+    ({"type": "teleport"}, "type", "Invalid enum value"),
+    ({"timestamp": 12.0}, "timestamp", ">= 946684800"),
+    ({"timestamp": 4.0e9}, "timestamp", "future"),
+    ({"dwell_ms": -1}, "dwell_ms", ">= 0"),
+    ({"position": 10_000}, "position", "<= 9999"),
+    ({"context": {f"k{i}": i for i in range(17)}}, "context", "length <= 16"),
+    ({"schema_version": 2}, "schema_version", "Invalid enum value"),
+    ({"surprise": 1}, "$", "unknown field `surprise`"),
+])
+def test_invalid_field_is_named_with_reason(patch, field, fragment):
+    [(index, err)] = problems(orjson.dumps({**GOOD, **patch}))
+    assert index is None
+    assert err["field"] == field
+    assert fragment in err["reason"]
+
+
+def test_missing_field_named():
+    raw = orjson.dumps({k: v for k, v in GOOD.items() if k != "item_id"})
+    [(_, err)] = problems(raw)
+    assert "item_id" in err["reason"]
+
+
+def test_envelope_keeps_valid_events_and_names_index_of_invalid():
+    raw = orjson.dumps({"events": [GOOD, {**GOOD, "dwell_ms": "long"}, {**GOOD, "event_id": "e3"}]})
+    valid, invalid = split_message(raw)
+    assert [e.event_id for e in valid] == ["e1", "e3"]
+    [(index, fragment, exc)] = invalid
+    assert index == 1 and fragment["dwell_ms"] == "long"
+    assert exc.errors[0]["field"] == "events[1].dwell_ms"
+
+
+@pytest.mark.parametrize("doc, reason", [
+    ({"events": []}, "length >= 1"),
+    ({"events": [GOOD] * (MAX_ENVELOPE_EVENTS + 1)}, f"length <= {MAX_ENVELOPE_EVENTS}"),
+    ({"events": 5}, "Expected `array`"),
+    ({"events": [GOOD], "schema_version": 9}, "Invalid enum value"),
+])
+def test_bad_envelope_rejected_whole(doc, reason):
+    valid, invalid = split_message(orjson.dumps(doc))
+    assert valid == [] and len(invalid) == 1
+    assert reason in invalid[0][2].errors[0]["reason"]
+
+
+def test_size_limit_and_garbage_bytes():
+    valid, invalid = split_message(orjson.dumps(GOOD), max_bytes=10)
+    assert not valid and "exceeds the 10-byte limit" in str(invalid[0][2])
+    assert "not JSON" in str(split_message(b"\xff\x00garbage")[1][0][2])
+
+
+@pytest.mark.parametrize("kind", MALFORMED_KINDS)
+def test_every_malformed_kind_is_rejected_with_a_reason(kind):
+    valid, invalid = split_message(malformed_message(kind, 3))
+    assert invalid and all(exc.errors and exc.errors[0]["reason"] for _, _, exc in invalid)
+    assert len(valid) == (1 if kind == "bad_envelope_event" else 0)
+
+
+def test_decode_message_raises_with_all_fields():
+    with pytest.raises(InvalidEvent) as info:
+        decode_message(orjson.dumps({"events": [{**GOOD, "user_id": 1}, {**GOOD, "type": 2}]}))
+    assert {e["field"] for e in info.value.errors} == {"events[0].user_id", "events[1].type"}
+
+
+ids = st.text(min_size=1, max_size=40)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(user=ids, item=ids, ts=st.floats(946_684_800, 1.79e9), dwell=st.none() | st.integers(0, 10**7))
+def test_roundtrip_any_valid_event(user, item, ts, dwell):
+    event = Interaction(event_id="e", user_id=user, item_id=item, type="view", timestamp=ts,
+                        dwell_ms=dwell)
+    assert decode_message(encode_envelope([event])) == [event]
+
+
+def test_json_schema_describes_both_message_shapes():
+    schema = json_schema()
+    assert {ref["$ref"] for ref in schema["oneOf"]} == {"#/$defs/Envelope", "#/$defs/Interaction"}
+    event = schema["$defs"]["Interaction"]
+    assert set(event["required"]) == {"event_id", "user_id", "item_id", "type", "timestamp"}
+    assert event["properties"]["user_id"]["maxLength"] == 256
+    assert event["additionalProperties"] is False
+
+
+def test_committed_json_schema_file_is_current():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "schemas" / "interaction.schema.json"
+    assert json.loads(path.read_text()) == json_schema(), "run `make schema`"
+
+
+def test_nan_timestamp_rejected():
+    with pytest.raises(InvalidEvent):
+        validate_event({**GOOD, "timestamp": math.nan})

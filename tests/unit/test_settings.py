@@ -1,0 +1,29 @@
+import pytest
+from pydantic import ValidationError
+
+from infra.settings import Settings
+
+
+def test_env_vars_are_read(monkeypatch):
+    monkeypatch.setenv("STREAMREC_TOPIC_PARTITIONS", "12")
+    monkeypatch.setenv("STREAMREC_KAFKA_BOOTSTRAP", " h1:9092,h2:9092 ")
+    s = Settings()
+    assert s.topic_partitions == 12 and s.kafka_bootstrap == "h1:9092,h2:9092"
+
+
+def test_invalid_values_are_refused_clearly(monkeypatch):
+    monkeypatch.setenv("STREAMREC_TRENDING_HALF_LIFE_S", "-1")
+    with pytest.raises(ValidationError, match="trending_half_life_s"):
+        Settings()
+
+
+def test_sasl_options_passed_through():
+    s = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="PLAIN",
+                 kafka_sasl_username="u", kafka_sasl_password="p")
+    assert s.kafka_client_options() == {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
+                                        "sasl_plain_username": "u", "sasl_plain_password": "p"}
+
+
+def test_roles_refuse_to_start_without_services():
+    with pytest.raises(SystemExit, match="STREAMREC_KAFKA_BOOTSTRAP"):
+        Settings(kafka_bootstrap="", redis_url="redis://x").require_services()
