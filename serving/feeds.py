@@ -61,7 +61,7 @@ class FeedBuilder:
             top, (landmark, last_ts, half_life) = pipe.execute()
         if not top:
             return []
-        factor = decayed(1.0, float(landmark), float(last_ts), float(half_life))
+        factor = float(decayed(1.0, float(landmark), float(last_ts), float(half_life)))
         return [(item.decode(), score * factor) for item, score in top]
 
     def compute(self, user_ids: list[str], k: int | None = None) -> list[Feed]:
@@ -77,7 +77,7 @@ class FeedBuilder:
         feeds = []
         for user, history in zip(user_ids, histories):
             seen = {item.decode() for item in history}
-            items = [FeedItem(item, round(float(score), 6), "trending")
+            items = [FeedItem(item, round(score, 6), "trending")
                      for item, score in candidates if item not in seen][:k]
             feeds.append(Feed(user_id=user, items=items, recommendation_id=uuid.uuid4().hex,
                               generated_at=now, source="trending"))

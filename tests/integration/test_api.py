@@ -1,0 +1,81 @@
+"""HTTP API contract against real Redis and the real broker (uvicorn in a subprocess)."""
+
+import time
+
+import httpx
+import msgspec
+import orjson
+import pytest
+
+from infra.embedded import free_port
+from schemas.events import decode_message
+from schemas.keys import RedisKeys
+from serving.feeds import FeedBuilder
+from stream.simulator import UserSimulator
+from stream.state import LiveState
+from tests.conftest import wait_for
+from tests.integration.kafka_helpers import read_topic
+
+GOOD = {"event_id": "e1", "user_id": "api-user", "item_id": "i1", "type": "click",
+        "timestamp": 1_700_000_000.0}
+
+
+@pytest.fixture
+def api(settings, spawn):
+    port = free_port()
+    proc = spawn(["api", "--port", str(port), "--loglevel", "warning"], settings)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, 30, "API up", proc=proc)
+    return url
+
+
+def test_post_valid_events_reach_kafka(api, settings):
+    envelope = {"events": [GOOD, {**GOOD, "event_id": "e2", "item_id": "i2"}]}
+    response = httpx.post(f"{api}/v1/events", content=orjson.dumps(envelope))
+    assert response.status_code == 202 and response.json() == {"accepted": 2}
+    assert httpx.post(f"{api}/v1/events", content=orjson.dumps(GOOD)).json() == {"accepted": 1}
+    records = read_topic(settings.kafka_bootstrap, settings.topic_interactions, 2)
+    got = [e.event_id for r in records for e in decode_message(r.value)]
+    assert sorted(got) == ["e1", "e1", "e2"]
+
+
+def test_post_invalid_events_is_422_naming_fields_and_sends_nothing(api, settings):
+    bad = {"events": [GOOD, {**GOOD, "user_id": 7}]}
+    response = httpx.post(f"{api}/v1/events", content=orjson.dumps(bad))
+    assert response.status_code == 422
+    body = response.json()
+    assert body["problems"] == [{"index": 1, "field": "events[1].user_id",
+                                 "reason": "Expected `str`, got `int`"}]
+    assert httpx.post(f"{api}/v1/events", content=b"\x00garbage").status_code == 422
+    assert read_topic(settings.kafka_bootstrap, settings.topic_interactions, 1, timeout_s=3) == []
+
+
+def test_feed_read_stored_and_on_demand(api, settings, redis_client):
+    events = list(UserSimulator(10, 60, seed=4).events(400, time.time() - 400))
+    LiveState(settings, redis_client).apply_sync(events)
+    FeedBuilder(settings, redis_client).refresh_round()
+    user = events[0].user_id
+    stored = msgspec.json.decode(redis_client.get(RedisKeys(settings.key_prefix).feed(user)))
+    assert httpx.get(f"{api}/v1/users/{user}/feed").json() == stored
+    fresh = httpx.get(f"{api}/v1/users/{user}/feed", params={"k": 3}).json()
+    assert fresh["source"] == "on_demand" and len(fresh["items"]) == 3
+    newcomer = httpx.get(f"{api}/v1/users/who:is/this{{}}/feed").json()  # never seen: trending
+    assert newcomer["user_id"] == "who:is/this{}" and len(newcomer["items"]) == settings.feed_size
+    trending = httpx.get(f"{api}/v1/trending", params={"k": 5}).json()
+    assert [i["item_id"] for i in trending] == [i["item_id"] for i in newcomer["items"][:5]]
+    assert httpx.get(f"{api}/v1/trending", params={"k": 0}).status_code == 422
+
+
+def test_health_readiness_and_openapi(api):
+    assert httpx.get(f"{api}/readyz").json()["status"] == "ready"
+    spec = httpx.get(f"{api}/openapi.json").json()
+    assert {"/v1/events", "/v1/trending", "/healthz", "/readyz"} <= set(spec["paths"])
+    schema = spec["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]
+    assert "Interaction" in schema["schema"]["$defs"]
