@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit bench bench-validation schema clean
+.PHONY: setup demo test test-unit bench bench-validation docs clean
 
 setup: $(STAMP)
 
@@ -33,8 +33,8 @@ bench: bench-validation
 bench-validation: $(STAMP)
 	$(BIN)/python bench/validation.py
 
-schema: $(STAMP)
-	$(BIN)/streamrec schema --out schemas/interaction.schema.json
+docs: $(STAMP)
+	$(BIN)/streamrec docs
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -114,6 +114,19 @@ def cmd_schema(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
 
 
+def cmd_docs(_args: argparse.Namespace) -> None:
+    """Regenerate docs/redis-keys.md, docs/configuration.md and the event JSON Schema."""
+    from pathlib import Path
+
+    from infra.docs import write_docs
+
+    for path in write_docs():
+        print(f"wrote {path}")
+    out = Path(__file__).resolve().parents[1] / "schemas" / "interaction.schema.json"
+    cmd_schema(argparse.Namespace(out=str(out)))
+    print(f"wrote {out}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Embedded services + worker + API + feed builder + traffic, then a summary."""
     from infra.demo import run_demo
@@ -163,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help=cmd_schema.__doc__)
     schema.add_argument("--out", default="", help="write to this file instead of stdout")
     schema.set_defaults(func=cmd_schema)
+
+    sub.add_parser("docs", help=cmd_docs.__doc__).set_defaults(func=cmd_docs)
 
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--duration", type=float, default=_env("STREAMREC_DEMO_DURATION", 0.0),

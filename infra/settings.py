@@ -46,7 +46,6 @@ class Settings(BaseSettings):
 
     # --- Limits on input -------------------------------------------------------------------
     max_message_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted message.")
-    max_batch_events: int = Field(1000, ge=1, le=100_000, description="Events per envelope, max.")
 
     # --- Worker ----------------------------------------------------------------------------
     worker_batch_max: int = Field(2000, ge=1, description="Messages taken per agent batch.")

@@ -118,7 +118,7 @@ def test_committed_json_schema_file_is_current():
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "schemas" / "interaction.schema.json"
-    assert json.loads(path.read_text()) == json_schema(), "run `make schema`"
+    assert json.loads(path.read_text()) == json_schema(), "run `make docs`"
 
 
 def test_nan_timestamp_rejected():

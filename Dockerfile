@@ -1,0 +1,16 @@
+# One image for every streamrec role (worker, api, feeds, produce); the command picks the role.
+FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY schemas schemas
+COPY stream stream
+COPY online_models online_models
+COPY serving serving
+COPY infra infra
+COPY replay replay
+RUN pip install --no-cache-dir .
+RUN useradd --system streamrec
+USER streamrec
+ENTRYPOINT ["streamrec"]
