@@ -146,7 +146,7 @@ def _send(settings, events, args, client, keys, worker) -> dict:
             producer.send_many(part)
             for _ in range(rng.binomial(len(part), args.malformed_rate)):
                 kind = MALFORMED_KINDS[malformed % len(MALFORMED_KINDS)]
-                message = malformed_message(kind, malformed)
+                message = malformed_message(kind, malformed, like=part[-1])
                 if kind == "bad_envelope_event":
                     expected_valid += 1
                     active.add(f"u-env-{malformed}")

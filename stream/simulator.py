@@ -103,11 +103,17 @@ MALFORMED_KINDS = ("garbage_bytes", "not_json", "missing_field", "wrong_type", "
                    "unknown_type", "future_timestamp", "bad_envelope_event")
 
 
-def malformed_message(kind: str, n: int) -> bytes:
-    """A deliberately invalid ``interactions`` message of ``kind`` (demo and DLQ tests)."""
-    good = {"event_id": f"bad-{n}", "user_id": f"u-bad-{n}", "item_id": "i1", "type": "click",
-            "timestamp": 1.7e9}
+def malformed_message(kind: str, n: int, like: Interaction | None = None) -> bytes:
+    """A deliberately invalid ``interactions`` message of ``kind`` (demo and DLQ tests).
+
+    ``like`` lends its item and timestamp, so the valid half of a mixed envelope fits the
+    stream it is injected into (a replayed 2014 log stays in 2014).
+    """
     import orjson
+
+    good = {"event_id": f"bad-{n}", "user_id": f"u-bad-{n}",
+            "item_id": like.item_id if like else "i1", "type": "click",
+            "timestamp": like.timestamp if like else 1.7e9}
 
     if kind == "garbage_bytes":
         return bytes([0xFF, 0x00, 0xC3]) + n.to_bytes(4, "big")
