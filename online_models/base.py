@@ -1,0 +1,117 @@
+"""The model interface: learn from a batch, recommend top-k for a batch of queries.
+
+A :class:`Query` is what a live request or a replay step knows: the user and the current
+session's items (oldest first). Models take hyperparameters in the constructor and their state
+store in :meth:`OnlineModel.bind` (memory for replay, Redis live); randomness only via ``seed``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from online_models.signals import SignalBatch
+from online_models.store import MemoryStore, StateStore
+
+
+@dataclass(frozen=True)
+class Query:
+    user_id: str
+    session_items: tuple[str, ...] = ()
+    exclude: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass
+class Recommendations:
+    items: list[str]
+    scores: np.ndarray
+
+
+@dataclass
+class LearnReport:
+    """What a learn step changed (the ANN index consumes ``changed_item_vectors``)."""
+
+    events: int = 0
+    changed_item_vectors: list[str] = field(default_factory=list)
+
+
+class OnlineModel(ABC):
+    """Base class: subclasses implement ``_learn`` and ``_recommend``."""
+
+    name = "model"
+
+    def __init__(self) -> None:
+        self.store: StateStore = MemoryStore()
+
+    def bind(self, store: StateStore) -> "OnlineModel":
+        """Keep learned state in ``store`` (returns self)."""
+        self.store = store
+        return self
+
+    def learn(self, batch: SignalBatch) -> LearnReport:
+        if len(batch) == 0:
+            return LearnReport()
+        return self._learn(batch)
+
+    def recommend(self, queries: Sequence[Query], k: int) -> list[Recommendations]:
+        """Top-``k`` items per query, best first, never an item in ``query.exclude``."""
+        if not queries:
+            return []
+        return self._recommend(list(queries), k)
+
+    @abstractmethod
+    def _learn(self, batch: SignalBatch) -> LearnReport: ...
+
+    @abstractmethod
+    def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]: ...
+
+
+def top_k(item_ids: np.ndarray, scores: np.ndarray, k: int,
+          exclude: frozenset[str] = frozenset()) -> Recommendations:
+    """Best ``k`` positive scores (ties: stable by position), dropping excluded ids."""
+    keep = scores > 0
+    if exclude:
+        keep &= ~np.isin(item_ids, list(exclude))
+    idx = np.flatnonzero(keep)
+    if len(idx) > k:
+        part = idx[np.argpartition(-scores[idx], k - 1)[:k]]
+    else:
+        part = idx
+    order = part[np.lexsort((part, -scores[part]))]
+    return Recommendations([str(i) for i in item_ids[order]], scores[order])
+
+
+def top_k_dense(item_ids: np.ndarray, block: np.ndarray, k: int,
+                queries: Sequence[Query]) -> list[Recommendations]:
+    """Top-``k`` positive scores of each row of a dense block (one query per row), vectorised.
+
+    Ties are broken by column order; a query's ``exclude`` items are never returned.
+    """
+    block[block <= 0] = -np.inf  # in place: callers hand over their block
+    column_of = None
+    for row, query in enumerate(queries):
+        if query.exclude:
+            column_of = column_of or {item: c for c, item in enumerate(item_ids.tolist())}
+            block[row, [column_of[i] for i in query.exclude if i in column_of]] = -np.inf
+    kk = min(k, block.shape[1])
+    if kk == 0:
+        return [Recommendations([], np.empty(0)) for _ in queries]
+    part = np.argpartition(-block, kk - 1, axis=1)[:, :kk]
+    part_scores = np.take_along_axis(block, part, axis=1)
+    order = np.lexsort((part, -part_scores), axis=1)
+    best = np.take_along_axis(part, order, axis=1)
+    best_scores = np.take_along_axis(part_scores, order, axis=1)
+    out = []
+    for cols, vals in zip(best, best_scores):
+        valid = vals > -np.inf
+        out.append(Recommendations(item_ids[cols[valid]].tolist(), vals[valid]))
+    return out
+
+
+def row_chunks(n_rows: int, n_cols: int, max_cells: int = 4_000_000):
+    """Row ranges whose dense blocks hold at most ``max_cells`` scores."""
+    step = max(1, max_cells // max(n_cols, 1))
+    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]

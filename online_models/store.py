@@ -1,0 +1,202 @@
+"""State stores: where online models keep learned state. Same semantics in memory and Redis.
+
+A model's state is a few named *tables* of sparse rows (``key → {member: score}``) and of
+dense vectors (``key → float32[dim]``). Models read the rows a batch needs in one call and
+write their deltas in one call, so the Redis store costs one round trip per batch and table.
+
+Row semantics are Redis sorted sets' and the memory store copies them exactly, so a replay in
+memory and a live run on Redis give identical state:
+
+* ``incr_rows`` adds deltas (ZINCRBY), ``set_rows`` overwrites scores (ZADD);
+* with ``keep_top=N`` a row longer than ``N + slack(N)`` is cut back to its ``N`` largest
+  members, ties ordered by member bytes as Redis orders them (``slack = max(1, N // 10)``
+  amortises trimming).
+
+Example
+-------
+>>> store = MemoryStore()
+>>> store.incr_rows("cooc", {"a": {"b": 1.0, "c": 2.0}})
+>>> store.get_rows("cooc", ["a", "missing"])
+[{'b': 1.0, 'c': 2.0}, {}]
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from schemas.keys import encode_id
+
+Rows = Mapping[str, Mapping[str, float]]
+
+
+def slack(keep_top: int) -> int:
+    return max(1, keep_top // 10)
+
+
+class StateStore(ABC):
+    """Sparse rows and dense vectors by table and key."""
+
+    @abstractmethod
+    def get_rows(self, table: str, keys: Sequence[str]) -> list[dict[str, float]]:
+        """Each key's row (``{}`` when absent). Read-only: copy before changing."""
+
+    @abstractmethod
+    def incr_rows(self, table: str, deltas: Rows, keep_top: int | None = None) -> None:
+        """Add deltas to rows, then trim rows to ``keep_top`` (see module doc)."""
+
+    @abstractmethod
+    def set_rows(self, table: str, values: Rows, keep_top: int | None = None) -> None:
+        """Overwrite members' scores, then trim."""
+
+    @abstractmethod
+    def get_vectors(self, table: str, keys: Sequence[str], dim: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 matrix ``len(keys) × dim``, bool mask of keys found); absent rows are 0."""
+
+    @abstractmethod
+    def set_vectors(self, table: str, keys: Sequence[str], vectors: np.ndarray) -> None:
+        """Store float32 vectors."""
+
+    @abstractmethod
+    def row_count(self, table: str) -> int:
+        """Number of rows (keys) in a table."""
+
+
+def _trim_order(item: tuple[str, float]) -> tuple[float, bytes]:
+    return item[1], item[0].encode("utf-8")
+
+
+class MemoryStore(StateStore):
+    """Dict-backed store for replay and tests. Not thread-safe."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, dict[str, float]]] = {}
+        self.vectors: dict[str, dict[str, np.ndarray]] = {}
+
+    def get_rows(self, table, keys):
+        # The live dicts, not copies (replay speed): callers must treat rows as read-only.
+        rows = self.rows.get(table, {})
+        empty: dict[str, float] = {}
+        return [rows.get(k, empty) for k in keys]
+
+    def _trim(self, row: dict[str, float], keep_top: int | None) -> dict[str, float]:
+        if keep_top is not None and len(row) > keep_top + slack(keep_top):
+            return dict(sorted(row.items(), key=_trim_order)[-keep_top:])
+        return row
+
+    def incr_rows(self, table, deltas, keep_top=None):
+        rows = self.rows.setdefault(table, {})
+        for key, delta in deltas.items():
+            row = rows.setdefault(key, {})
+            for member, value in delta.items():
+                row[member] = row.get(member, 0.0) + value
+            rows[key] = self._trim(row, keep_top)
+
+    def set_rows(self, table, values, keep_top=None):
+        rows = self.rows.setdefault(table, {})
+        for key, update in values.items():
+            row = rows.setdefault(key, {})
+            row.update(update)
+            rows[key] = self._trim(row, keep_top)
+
+    def get_vectors(self, table, keys, dim):
+        stored = self.vectors.get(table, {})
+        out = np.zeros((len(keys), dim), dtype=np.float32)
+        found = np.zeros(len(keys), dtype=bool)
+        for i, key in enumerate(keys):
+            vec = stored.get(key)
+            if vec is not None:
+                out[i], found[i] = vec, True
+        return out, found
+
+    def set_vectors(self, table, keys, vectors):
+        stored = self.vectors.setdefault(table, {})
+        for key, vec in zip(keys, np.asarray(vectors, dtype=np.float32)):
+            stored[key] = vec.copy()
+
+    def row_count(self, table):
+        return len(self.rows.get(table, {})) + len(self.vectors.get(table, {}))
+
+
+_INCR_TRIM_LUA = """
+for i = 3, #ARGV, 2 do
+  redis.call('ZINCRBY', KEYS[1], ARGV[i + 1], ARGV[i])
+end
+local keep = tonumber(ARGV[1])
+if keep >= 0 then
+  local size = redis.call('ZCARD', KEYS[1])
+  if size > keep + tonumber(ARGV[2]) then
+    redis.call('ZREMRANGEBYRANK', KEYS[1], 0, size - keep - 1)
+  end
+end
+return 0
+"""
+
+_SET_TRIM_LUA = _INCR_TRIM_LUA.replace("'ZINCRBY', KEYS[1], ARGV[i + 1], ARGV[i]",
+                                       "'ZADD', KEYS[1], ARGV[i + 1], ARGV[i]")
+
+
+class RedisStore(StateStore):
+    """Rows as sorted sets, vectors as float32 strings, one pipeline per call.
+
+    Keys: ``<prefix>:m:<namespace>:<table>:{<encoded key>}`` — the row key is its own hash
+    tag, so rows spread over a Redis Cluster and every script touches a single slot.
+    A set ``<prefix>:m:<namespace>:<table>:index`` is *not* kept; ``row_count`` uses SCAN with a
+    fixed, code-built pattern (never user input).
+    """
+
+    def __init__(self, client, prefix: str = "sr", namespace: str = "default") -> None:
+        self.client = client
+        self.base = f"{prefix}:m:{encode_id(namespace)}"
+        self._incr = client.register_script(_INCR_TRIM_LUA)
+        self._set = client.register_script(_SET_TRIM_LUA)
+
+    def key(self, table: str, key: str) -> str:
+        return f"{self.base}:{table}:{{{encode_id(key)}}}"
+
+    def get_rows(self, table, keys):
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zrange(self.key(table, key), 0, -1, withscores=True)
+            raw = pipe.execute()
+        return [{m.decode(): s for m, s in row} for row in raw]
+
+    def _write(self, script, table, rows, keep_top):
+        keep = -1 if keep_top is None else keep_top
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.scripts.add(script)
+            for key, update in rows.items():
+                args: list = [keep, slack(keep_top) if keep_top is not None else 0]
+                for member, value in update.items():
+                    args += (member, repr(float(value)))
+                pipe.evalsha(script.sha, 1, self.key(table, key), *args)
+            pipe.execute()
+
+    def incr_rows(self, table, deltas, keep_top=None):
+        self._write(self._incr, table, deltas, keep_top)
+
+    def set_rows(self, table, values, keep_top=None):
+        self._write(self._set, table, values, keep_top)
+
+    def get_vectors(self, table, keys, dim):
+        raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
+        out = np.zeros((len(keys), dim), dtype=np.float32)
+        found = np.zeros(len(keys), dtype=bool)
+        for i, value in enumerate(raw):
+            if value is not None:
+                out[i], found[i] = np.frombuffer(value, dtype=np.float32), True
+        return out, found
+
+    def set_vectors(self, table, keys, vectors):
+        vectors = np.asarray(vectors, dtype=np.float32)
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, vec in zip(keys, vectors):
+                pipe.set(self.key(table, key), vec.tobytes())
+            pipe.execute()
+
+    def row_count(self, table):
+        pattern = f"{self.base}:{table}:{{*"
+        return sum(1 for _ in self.client.scan_iter(match=pattern, count=1000))
