@@ -50,9 +50,9 @@ DENSE_COVISIT_MAX_ITEMS = 6000
 class SessionModel(OnlineModel):
     name = "session"
 
-    def __init__(self, sessions_per_item: int = 300, steps: int = 10,
+    def __init__(self, sessions_per_item: int = 300, steps: int = 5,
                  rules_per_item: int = 200, max_session_items: int = 50,
-                 sr_weight: float = 0.5, repeat_weight: float = 1.0,
+                 sr_weight: float = 0.25, repeat_weight: float = 3.0,
                  use_idf: bool = True) -> None:
         super().__init__()
         self.sessions_per_item = sessions_per_item

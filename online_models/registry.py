@@ -1,0 +1,32 @@
+"""Model names used by ``streamrec replay --models`` and the worker configuration."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from online_models.base import OnlineModel
+from online_models.cooccurrence import CooccurrenceModel
+from online_models.mf import OnlineMF
+from online_models.popularity import PopularityModel, RandomModel
+from online_models.river_baseline import RiverBiasedMF
+from online_models.session import SessionModel
+
+MODELS: dict[str, Callable[[], OnlineModel]] = {
+    "session": SessionModel,
+    "cooc": CooccurrenceModel,
+    "mf": OnlineMF,
+    "popularity": PopularityModel,
+    "trending": lambda: PopularityModel(half_life_s=86400.0),
+    "random": RandomModel,
+    "river_mf": RiverBiasedMF,
+}
+BASELINES = ("random", "popularity")
+
+
+def build(name: str) -> OnlineModel:
+    try:
+        model = MODELS[name]()
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+    model.name = name
+    return model
