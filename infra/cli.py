@@ -114,6 +114,42 @@ def cmd_schema(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
 
 
+def cmd_replay(args: argparse.Namespace) -> None:
+    """Replay a log through models, test-then-train; print the table, write JSON (+ HTML)."""
+    import time
+
+    from online_models.registry import BASELINES
+    from replay.loaders import load_split
+    from replay.protocols import run
+    from replay.report import markdown_table, write_outputs
+
+    started = time.time()
+    train, test = load_split(args.data, args.format, args.test_days)
+    names = list(dict.fromkeys([m.strip() for m in args.models.split(",") if m.strip()]
+                               + list(BASELINES)))
+    store_factory = None
+    if args.store == "redis":
+        from infra.redis_client import sync_redis
+        from infra.settings import Settings
+        from online_models.store import RedisStore
+
+        settings = Settings()
+        settings.require_services()
+        client = sync_redis(settings.redis_url)
+        store_factory = lambda name: RedisStore(client, settings.key_prefix,  # noqa: E731
+                                                f"replay-{int(started)}-{name}")
+    results = run(args.protocol, train, test, names, ks=tuple(sorted({10, 20, args.k})),
+                  chunk=args.chunk, learn_during_test=args.learn_during_test,
+                  store_factory=store_factory, progress=not args.quiet)
+    meta = {"data": str(args.data), "format": args.format, "protocol": args.protocol,
+            "train_events": len(train), "test_events": len(test), "chunk": args.chunk,
+            "learn_during_test": args.learn_during_test, "store": args.store,
+            "seconds": round(time.time() - started, 1)}
+    write_outputs(results, meta, args.out, args.html or None)
+    print(markdown_table(results))
+    print(f"wrote {args.out}" + (f" and {args.html}" if args.html else ""))
+
+
 def cmd_docs(_args: argparse.Namespace) -> None:
     """Regenerate docs/redis-keys.md, docs/configuration.md and the event JSON Schema."""
     from pathlib import Path
@@ -178,6 +214,33 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     sub.add_parser("docs", help=cmd_docs.__doc__).set_defaults(func=cmd_docs)
+
+    replay = sub.add_parser("replay", help=cmd_replay.__doc__)
+    replay.add_argument("--data", required=True, help="log file, or folder with train/test files")
+    replay.add_argument("--format", default=_env("STREAMREC_REPLAY_FORMAT", "yoochoose"),
+                        help="log format (see replay/loaders.py) [STREAMREC_REPLAY_FORMAT]")
+    replay.add_argument("--protocol", choices=["prequential", "session"],
+                        default=_env("STREAMREC_REPLAY_PROTOCOL", "session"),
+                        help="evaluation protocol [STREAMREC_REPLAY_PROTOCOL]")
+    replay.add_argument("--models", default=_env("STREAMREC_REPLAY_MODELS", "session,cooc,mf"),
+                        help="comma-separated model names; random and popularity are always "
+                             "added [STREAMREC_REPLAY_MODELS]")
+    replay.add_argument("--out", default=_env("STREAMREC_REPLAY_OUT", "results.json"),
+                        help="JSON results [STREAMREC_REPLAY_OUT]")
+    replay.add_argument("--html", default=_env("STREAMREC_REPLAY_HTML", ""),
+                        help="also write an HTML report here [STREAMREC_REPLAY_HTML]")
+    replay.add_argument("--test-days", type=float, default=_env("STREAMREC_TEST_DAYS", 1.0),
+                        help="for one-file logs: sessions starting in the last N days are the "
+                             "test set [STREAMREC_TEST_DAYS]")
+    replay.add_argument("--k", type=int, default=20, help="cut-off besides 10 and 20")
+    replay.add_argument("--chunk", type=int, default=_env("STREAMREC_REPLAY_CHUNK", 1000),
+                        help="events per learn batch [STREAMREC_REPLAY_CHUNK]")
+    replay.add_argument("--learn-during-test", action="store_true",
+                        help="session protocol: also learn test events after predicting them")
+    replay.add_argument("--store", choices=["memory", "redis"], default="memory",
+                        help="model state store (redis: STREAMREC_REDIS_URL)")
+    replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    replay.set_defaults(func=cmd_replay)
 
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--duration", type=float, default=_env("STREAMREC_DEMO_DURATION", 0.0),

@@ -91,18 +91,185 @@ def load_otto(path: str | Path) -> list[Interaction]:
     return events
 
 
-LOADERS = {"yoochoose": load_yoochoose, "otto": load_otto}
+SESSION_GAP_S = 1800.0
+
+
+def _sessionize(rows: list[dict], source: str, gap_s: float = SESSION_GAP_S
+                ) -> list[Interaction]:
+    """rows: dicts with user, item, ts (+ optional type, dwell_ms, item_duration_ms, session).
+    Rows without a session get one per user, split at ``gap_s`` of inactivity."""
+    rows.sort(key=lambda r: (r["user"], r["ts"]))
+    events, last_user, last_ts, n = [], None, 0.0, 0
+    for i, r in enumerate(rows):
+        if r["user"] != last_user or r["ts"] - last_ts > gap_s:
+            n += 1
+        last_user, last_ts = r["user"], r["ts"]
+        events.append(Interaction(
+            event_id=f"{source}:{i}", user_id=str(r["user"]), item_id=str(r["item"]),
+            type=r.get("type", "click"), timestamp=float(r["ts"]),
+            session_id=str(r.get("session") or f"{r['user']}:{n}"),
+            dwell_ms=r.get("dwell_ms"), item_duration_ms=r.get("item_duration_ms")))
+    events.sort(key=lambda e: e.timestamp)
+    return events
+
+
+def _rows(path: Path, parse, delimiter: str = ",", header: bool = True):
+    """Parse each data line with ``parse(fields)``; errors name file and line."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        names = next(reader) if header else None
+        for line_no, fields in enumerate(reader, start=2 if header else 1):
+            if not fields:
+                continue
+            try:
+                row = parse(dict(zip(names, fields)) if names else fields)
+            except (IndexError, KeyError, ValueError) as exc:
+                raise LogFormatError(f"{path}:{line_no}: {exc!r}") from None
+            if row is not None:
+                yield row
+
+
+def load_diginetica(path: str | Path) -> list[Interaction]:
+    """Diginetica ``train-item-views.csv``: ``sessionId;userId;itemId;timeframe;eventdate``
+    (timeframe = ms since the session started; eventdate = YYYY-MM-DD)."""
+    from datetime import datetime, timezone
+
+    def parse(r):
+        day = datetime.strptime(r["eventdate"], "%Y-%m-%d").replace(tzinfo=timezone.utc)
+        return (r["sessionId"], r["itemId"], day.timestamp() + int(r["timeframe"]) / 1000.0)
+
+    path = Path(path)
+    return _with_session_dwell(list(_rows(path, parse, delimiter=";")), path.stem)
+
+
+RETAILROCKET_TYPES = {"view": "view", "addtocart": "add_to_cart", "transaction": "purchase"}
+
+
+def load_retailrocket(path: str | Path) -> list[Interaction]:
+    """RetailRocket ``events.csv``: ``timestamp(ms),visitorid,event,itemid,transactionid``."""
+    path = Path(path)
+    return _sessionize(list(_rows(path, lambda r: {
+        "user": r["visitorid"], "item": r["itemid"], "ts": int(r["timestamp"]) / 1000.0,
+        "type": RETAILROCKET_TYPES[r["event"]]})), path.stem)
+
+
+def _rating_type(rating: float) -> str:
+    return "like" if rating >= 4 else "dislike" if rating <= 2 else "view"
+
+
+def load_movielens(path: str | Path) -> list[Interaction]:
+    """MovieLens ``u.data`` (tab), ``ratings.dat`` (``::``) or ``ratings.csv`` (header).
+    Ratings ≥ 4 are likes, ≤ 2 dislikes, else views."""
+    path = Path(path)
+    if path.suffix == ".dat":
+        def rows():
+            with open(path, encoding="latin-1") as handle:
+                for line_no, line in enumerate(handle, start=1):
+                    try:
+                        user, item, rating, ts = line.strip().split("::")
+                        yield {"user": user, "item": item, "ts": float(ts),
+                               "type": _rating_type(float(rating))}
+                    except ValueError as exc:
+                        raise LogFormatError(f"{path}:{line_no}: {exc!r}") from None
+        return _sessionize(list(rows()), path.stem)
+    if path.suffix == ".csv":
+        return _sessionize(list(_rows(path, lambda r: {
+            "user": r["userId"], "item": r["movieId"], "ts": float(r["timestamp"]),
+            "type": _rating_type(float(r["rating"]))})), path.stem)
+    return _sessionize(list(_rows(path, lambda f: {
+        "user": f[0], "item": f[1], "ts": float(f[3]), "type": _rating_type(float(f[2]))},
+        delimiter="\t", header=False)), path.stem)
+
+
+def load_kuairec(path: str | Path) -> list[Interaction]:
+    """KuaiRec/KuaiRand-style CSV: ``user_id, video_id, play_duration (ms),
+    video_duration (ms), timestamp (s)``; plays become clicks with dwell and duration."""
+    path = Path(path)
+
+    def parse(r):
+        ts = r.get("timestamp") or r.get("time_ms")
+        ts = float(ts) / (1000.0 if "timestamp" not in r else 1.0)
+        return {"user": r["user_id"], "item": r["video_id"], "ts": ts,
+                "dwell_ms": min(int(float(r["play_duration"])), MAX_DWELL_MS),
+                "item_duration_ms": max(1, min(int(float(r["video_duration"])), MAX_DWELL_MS))}
+
+    return _sessionize(list(_rows(path, parse)), path.stem)
+
+
+def load_generic(path: str | Path, mapping: dict[str, str]) -> list[Interaction]:
+    """CSV/TSV (header) or JSONL with a column mapping: ``user``, ``item``, ``ts`` required;
+    ``session``, ``type``, ``dwell_ms``, ``item_duration_ms`` optional; ``ts_unit`` = s|ms."""
+    path = Path(path)
+    missing = {"user", "item", "ts"} - set(mapping)
+    if missing:
+        raise LogFormatError(f"column mapping lacks {sorted(missing)}; e.g. "
+                             "csv:user=visitor,item=item,ts=time,ts_unit=ms")
+    scale = 1000.0 if mapping.get("ts_unit") == "ms" else 1.0
+
+    def convert(r):
+        row = {"user": r[mapping["user"]], "item": r[mapping["item"]],
+               "ts": float(r[mapping["ts"]]) / scale}
+        for key in ("session", "type", "dwell_ms", "item_duration_ms"):
+            if key in mapping and r.get(mapping[key]) not in (None, ""):
+                value = r[mapping[key]]
+                row[key] = int(float(value)) if key.endswith("_ms") else str(value)
+        return row
+
+    if path.suffix == ".jsonl":
+        rows = []
+        with open(path) as handle:
+            for line_no, line in enumerate(handle, start=1):
+                try:
+                    rows.append(convert(json.loads(line)))
+                except (KeyError, ValueError, TypeError) as exc:
+                    raise LogFormatError(f"{path}:{line_no}: {exc!r}") from None
+    else:
+        rows = list(_rows(path, convert, delimiter="\t" if path.suffix == ".tsv" else ","))
+    try:
+        return _sessionize(rows, path.stem)
+    except ValueError as exc:  # e.g. an unknown event type
+        raise LogFormatError(f"{path}: {exc}") from None
+
+
+LOADERS = {"yoochoose": load_yoochoose, "otto": load_otto, "diginetica": load_diginetica,
+           "retailrocket": load_retailrocket, "movielens": load_movielens,
+           "kuairec": load_kuairec}
 
 
 def load_log(path: str | Path, fmt: str) -> list[Interaction]:
-    """Load ``path`` in format ``fmt`` (one of :data:`LOADERS`)."""
+    """Load ``path`` in format ``fmt``: a name of :data:`LOADERS`, or ``csv:``/``jsonl:``
+    followed by a column mapping (``csv:user=visitorid,item=itemid,ts=timestamp,ts_unit=ms``)."""
+    name, _, spec = fmt.partition(":")
+    if name in ("csv", "jsonl", "generic"):
+        mapping = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+        return load_generic(path, mapping)
     try:
-        loader = LOADERS[fmt]
+        loader = LOADERS[name]
     except KeyError:
-        raise LogFormatError(f"unknown format {fmt!r}; known: {', '.join(LOADERS)}") from None
+        raise LogFormatError(f"unknown format {fmt!r}; known: {', '.join(LOADERS)}, "
+                             "csv:<mapping>, jsonl:<mapping>") from None
     return loader(path)
 
 
+def load_split(path: str | Path, fmt: str, test_days: float = 1.0
+               ) -> tuple[list[Interaction], list[Interaction]]:
+    """(train, test): a YooChoose folder uses its published train_full/test files; anything
+    else is split by time — sessions that start in the last ``test_days`` days are the test."""
+    path = Path(path)
+    if path.is_dir() and fmt == "yoochoose" and all((path / f).exists()
+                                                     for f in YOOCHOOSE_DIR_FILES):
+        return (load_yoochoose(path / YOOCHOOSE_DIR_FILES[0]),
+                load_yoochoose(path / YOOCHOOSE_DIR_FILES[1]))
+    events = load_log(path, fmt)
+    if not events:
+        raise LogFormatError(f"{path}: no events")
+    start: dict[str, float] = {}
+    for e in events:
+        start.setdefault(e.session_id or e.user_id, e.timestamp)
+    cutoff = events[-1].timestamp - test_days * 86400.0
+    train = [e for e in events if start[e.session_id or e.user_id] < cutoff]
+    test = [e for e in events if start[e.session_id or e.user_id] >= cutoff]
+    return train, test
 def iter_realtime(events: list[Interaction], speed: float) -> Iterator[tuple[float, Interaction]]:
     """(seconds after start at which to send, event) for a replay at ``speed``× real time."""
     if not events:
