@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, row_chunks,
                                 top_k_dense)
 from online_models.signals import SignalBatch
+from online_models.store import trim_row
 
 
 class CooccurrenceModel(OnlineModel):
@@ -59,11 +60,10 @@ class CooccurrenceModel(OnlineModel):
         windows = {s: dict(row) for s, row in zip(sessions, self.store.get_rows("win", sessions))}
         counts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         mass: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        window_updates: dict[str, dict[str, float]] = defaultdict(dict)
         for session, item, ts, weight, factor in zip(
                 batch.sessions.tolist(), batch.items.tolist(), batch.timestamps.tolist(),
                 batch.weights.tolist(), factors.tolist()):
-            window = windows[session]  # item -> "ts.weight" packed as ts (weight kept below)
+            window = windows[session]  # item -> time it was last seen in this session
             for other, seen_ts in window.items():
                 if other != item and ts - seen_ts <= self.max_gap_s:
                     contribution = factor * weight
@@ -71,11 +71,8 @@ class CooccurrenceModel(OnlineModel):
                     counts[other][item] += contribution
             mass[item]["n"] += factor * weight
             window[item] = ts
-            if len(window) > self.window:
-                for old in sorted(window, key=window.get)[:len(window) - self.window]:
-                    del window[old]
-            window_updates[session][item] = ts
-        self.store.set_rows("win", window_updates, keep_top=self.window)
+            trim_row(window, self.window)  # per event, so batching is invisible
+        self.store.replace_rows("win", windows)
         self.store.incr_rows("cooc", counts, keep_top=self.neighbours)
         self.store.incr_rows("mass", mass)
         return LearnReport(events=len(batch))

@@ -7,8 +7,9 @@ towards 0 with weight ``|w|``; and ``negatives`` items sampled from the batch's 
 events (so in proportion to current popularity, which counters popularity bias) push towards 0
 with weight ``negative_weight`` (implicit data has no observed zeros).
 
-Updates are computed for the whole batch from the vectors as read at its start and summed per
-row (``np.add.at``), repeated ``epochs`` times: one store read and one write per batch
+Updates are computed for the whole batch from the vectors as read at its start and averaged
+per row, repeated ``epochs`` times, each event's weighted error clipped to
+``±max_step_error`` (heavy signals cannot blow the step up): one store read and one write per batch
 (ISGD, Vinagre et al. 2014, made batch-first; eALS was slower per event in our measurements
 and needs per-item caches we could not bound as simply). New users and items start from a
 vector seeded by a hash of their id, so every worker and every store initialises them alike.
@@ -46,10 +47,13 @@ def factorize(values: np.ndarray) -> tuple[list, np.ndarray]:
     return list(index), codes
 
 
-def scatter_add(target: np.ndarray, rows: np.ndarray, updates: np.ndarray) -> None:
-    """``target[rows] += updates`` with repeated rows summed (a sparse product: faster than
-    ``np.add.at``)."""
-    onehot = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, np.arange(len(rows)))),
+def scatter_mean(target: np.ndarray, rows: np.ndarray, updates: np.ndarray) -> None:
+    """``target[r] += mean of the updates aimed at r``: a row met many times in one batch takes
+    one averaged step, not the sum (which diverges for heavy users and popular items).
+    A sparse product, faster than ``np.add.at``."""
+    counts = np.bincount(rows, minlength=len(target)).astype(np.float32)
+    weights = (1.0 / counts)[rows]
+    onehot = sp.csr_matrix((weights, (rows, np.arange(len(rows)))),
                            shape=(len(target), len(rows)))
     target += onehot @ updates
 
@@ -57,10 +61,10 @@ def scatter_add(target: np.ndarray, rows: np.ndarray, updates: np.ndarray) -> No
 class OnlineMF(OnlineModel):
     name = "mf"
 
-    def __init__(self, factors: int = 32, learning_rate: float = 0.05,
+    def __init__(self, factors: int = 32, learning_rate: float = 1.0,
                  regularisation: float = 0.01, negatives: int = 4, negative_weight: float = 1.0,
-                 epochs: int = 2, init_scale: float = 0.1, max_items: int = 100_000,
-                 seed: int = 0) -> None:
+                 epochs: int = 4, max_step_error: float = 2.0, init_scale: float = 0.1,
+                 max_items: int = 100_000, seed: int = 0) -> None:
         super().__init__()
         self.factors = factors
         self.learning_rate = learning_rate
@@ -68,6 +72,7 @@ class OnlineMF(OnlineModel):
         self.negatives = negatives
         self.negative_weight = negative_weight
         self.epochs = epochs
+        self.max_step_error = max_step_error
         self.init_scale = init_scale
         self.max_items = max_items
         self.seed = seed
@@ -109,9 +114,10 @@ class OnlineMF(OnlineModel):
         lr, reg = self.learning_rate, self.regularisation
         for _ in range(self.epochs):
             pu, qi = user_vecs[rows_u], item_vecs[i_idx]
-            err = (targets - np.einsum("ij,ij->i", pu, qi)) * weights
-            scatter_add(user_vecs, rows_u, lr * (err[:, None] * qi - reg * pu))
-            scatter_add(item_vecs, i_idx, lr * (err[:, None] * pu - reg * qi))
+            err = np.clip((targets - np.einsum("ij,ij->i", pu, qi)) * weights,
+                          -self.max_step_error, self.max_step_error)
+            scatter_mean(user_vecs, rows_u, lr * (err[:, None] * qi - reg * pu))
+            scatter_mean(item_vecs, i_idx, lr * (err[:, None] * pu - reg * qi))
         self.store.set_vectors("user", users, user_vecs)
         self.store.set_vectors("item", items, item_vecs)
         return LearnReport(events=len(batch), changed_item_vectors=items)

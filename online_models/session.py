@@ -41,6 +41,7 @@ import scipy.sparse as sp
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, row_chunks,
                                 top_k_dense)
 from online_models.signals import SignalBatch
+from online_models.store import trim_row
 
 
 #: Up to this many local items the co-visit matrix is used dense (4 bytes × n², ≤ 144 MB).
@@ -71,7 +72,6 @@ class SessionModel(OnlineModel):
         sessions = list(dict.fromkeys(batch.sessions.tolist()))
         rows = {s: dict(row) for s, row in zip(sessions, self.store.get_rows("sess", sessions))}
         new_sessions = sum(1 for s in sessions if not rows[s])
-        session_updates: dict[str, dict[str, float]] = defaultdict(dict)
         item_sessions: dict[str, dict[str, float]] = defaultdict(dict)
         rules: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         new_in_session: dict[str, float] = defaultdict(float)
@@ -86,12 +86,9 @@ class SessionModel(OnlineModel):
             if item not in row:
                 new_in_session[item] += 1.0
             row[item] = position
-            if len(row) > self.max_session_items:  # same cut as the store's trim below
-                for old in sorted(row, key=row.get)[:len(row) - self.max_session_items]:
-                    del row[old]
-            session_updates[session][item] = position
+            trim_row(row, self.max_session_items)  # per event, so batching is invisible
             item_sessions[item][session] = ts
-        self.store.set_rows("sess", session_updates, keep_top=self.max_session_items)
+        self.store.replace_rows("sess", rows)
         self.store.set_rows("isess", item_sessions, keep_top=self.sessions_per_item)
         self.store.incr_rows("sr", rules, keep_top=self.rules_per_item)
         self.store.incr_rows("df", {item: {"n": n} for item, n in new_in_session.items()})

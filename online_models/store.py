@@ -36,6 +36,8 @@ def slack(keep_top: int) -> int:
     return max(1, keep_top // 10)
 
 
+
+
 class StateStore(ABC):
     """Sparse rows and dense vectors by table and key."""
 
@@ -50,6 +52,10 @@ class StateStore(ABC):
     @abstractmethod
     def set_rows(self, table: str, values: Rows, keep_top: int | None = None) -> None:
         """Overwrite members' scores, then trim."""
+
+    @abstractmethod
+    def replace_rows(self, table: str, rows: Rows) -> None:
+        """Make each given row exactly this mapping (atomically per row)."""
 
     @abstractmethod
     def get_vectors(self, table: str, keys: Sequence[str], dim: int
@@ -69,6 +75,14 @@ def _trim_order(item: tuple[str, float]) -> tuple[float, bytes]:
     return item[1], item[0].encode("utf-8")
 
 
+def trim_row(row: dict[str, float], keep_top: int) -> dict[str, float]:
+    """The store's trim rule, for models that mirror a row between reads (in place)."""
+    if len(row) > keep_top + slack(keep_top):
+        for member, _ in sorted(row.items(), key=_trim_order)[:len(row) - keep_top]:
+            del row[member]
+    return row
+
+
 class MemoryStore(StateStore):
     """Dict-backed store for replay and tests. Not thread-safe."""
 
@@ -83,9 +97,7 @@ class MemoryStore(StateStore):
         return [rows.get(k, empty) for k in keys]
 
     def _trim(self, row: dict[str, float], keep_top: int | None) -> dict[str, float]:
-        if keep_top is not None and len(row) > keep_top + slack(keep_top):
-            return dict(sorted(row.items(), key=_trim_order)[-keep_top:])
-        return row
+        return row if keep_top is None else trim_row(row, keep_top)
 
     def incr_rows(self, table, deltas, keep_top=None):
         rows = self.rows.setdefault(table, {})
@@ -101,6 +113,11 @@ class MemoryStore(StateStore):
             row = rows.setdefault(key, {})
             row.update(update)
             rows[key] = self._trim(row, keep_top)
+
+    def replace_rows(self, table, rows):
+        stored = self.rows.setdefault(table, {})
+        for key, row in rows.items():
+            stored[key] = dict(row)
 
     def get_vectors(self, table, keys, dim):
         stored = self.vectors.get(table, {})
@@ -135,6 +152,14 @@ end
 return 0
 """
 
+_REPLACE_LUA = """
+redis.call('DEL', KEYS[1])
+for i = 1, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+end
+return 0
+"""
+
 _SET_TRIM_LUA = _INCR_TRIM_LUA.replace("'ZINCRBY', KEYS[1], ARGV[i + 1], ARGV[i]",
                                        "'ZADD', KEYS[1], ARGV[i + 1], ARGV[i]")
 
@@ -153,6 +178,7 @@ class RedisStore(StateStore):
         self.base = f"{prefix}:m:{encode_id(namespace)}"
         self._incr = client.register_script(_INCR_TRIM_LUA)
         self._set = client.register_script(_SET_TRIM_LUA)
+        self._replace = client.register_script(_REPLACE_LUA)
 
     def key(self, table: str, key: str) -> str:
         return f"{self.base}:{table}:{{{encode_id(key)}}}"
@@ -180,6 +206,16 @@ class RedisStore(StateStore):
 
     def set_rows(self, table, values, keep_top=None):
         self._write(self._set, table, values, keep_top)
+
+    def replace_rows(self, table, rows):
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.scripts.add(self._replace)
+            for key, row in rows.items():
+                args: list = []
+                for member, value in row.items():
+                    args += (member, repr(float(value)))
+                pipe.evalsha(self._replace.sha, 1, self.key(table, key), *args)
+            pipe.execute()
 
     def get_vectors(self, table, keys, dim):
         raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []

@@ -1,0 +1,222 @@
+"""Incremental maths against from-scratch recomputation on small data; known-answer cases."""
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from online_models.base import Query, top_k_dense
+from online_models.cooccurrence import CooccurrenceModel
+from online_models.mf import OnlineMF, factorize, scatter_mean, seeded_vectors
+from online_models.popularity import PopularityModel
+from online_models.session import SessionModel
+from online_models.signals import SignalConfig, SignalMapper
+from online_models.store import trim_row
+from schemas.events import Interaction
+
+
+def click(session, item, t, kind="click", dwell=None, duration=None, user=None):
+    return Interaction(event_id=f"{session}-{item}-{t}", user_id=user or session, item_id=item,
+                       type=kind, timestamp=1.7e9 + t, session_id=session, dwell_ms=dwell,
+                       item_duration_ms=duration)
+
+
+def random_sessions(seed=0, n_sessions=40, n_items=15, max_len=8):
+    rng = np.random.default_rng(seed)
+    evs, t = [], 0
+    for s in range(n_sessions):
+        for _ in range(rng.integers(1, max_len)):
+            t += 1
+            evs.append(click(f"s{s}", f"i{rng.integers(n_items)}", t))
+    return sorted(evs, key=lambda e: (e.timestamp, e.session_id))
+
+
+def learn_in_batches(model, evs, size):
+    mapper = SignalMapper()
+    for start in range(0, len(evs), size):
+        model.learn(mapper.map(evs[start:start + size]))
+    return model
+
+
+# --- signals ---------------------------------------------------------------------------------
+def test_signal_mapping_documented_table():
+    m = SignalMapper(SignalConfig())
+    assert m.weight(click("s", "i", 0, dwell=1000)) == -1.0  # short dwell = skip
+    assert m.weight(click("s", "i", 0, kind="skip")) == -1.0
+    assert m.weight(click("s", "i", 0, kind="purchase")) == 4.0
+    assert m.weight(click("s", "i", 0, kind="impression")) == -0.05
+    assert m.weight(click("s", "i", 0, kind="dislike")) == -2.0
+    full = m.weight(click("s", "i", 0, dwell=60_000, duration=60_000))
+    half = m.weight(click("s", "i", 0, dwell=30_000, duration=60_000))
+    assert full == pytest.approx(1 + 0.5 * np.log1p(1.0)) and full > half > 1.0
+    # without a duration, dwell is normalised by the item's running mean dwell
+    m2 = SignalMapper()
+    first = m2.weight(click("s", "j", 0, dwell=20_000))
+    assert first == pytest.approx(1 + 0.5 * np.log1p(1.0))
+    assert m2.weight(click("s", "j", 1, dwell=200_000)) > first
+
+
+# --- session model -----------------------------------------------------------------------------
+def brute_force_session_state(evs, steps, max_items):
+    rules = defaultdict(lambda: defaultdict(float))
+    sessions = defaultdict(dict)
+    for e in evs:
+        row = sessions[e.session_id]
+        pos = max(row.values(), default=0.0) + 1
+        for prev, p in row.items():
+            if pos - p <= steps and prev != e.item_id:
+                rules[prev][e.item_id] += 1.0 / (pos - p)
+        row[e.item_id] = pos
+        trim_row(row, max_items)
+    return rules, sessions
+
+
+@pytest.mark.parametrize("batch", [1, 7, 1000])
+def test_session_model_state_equals_from_scratch(batch):
+    evs = random_sessions()
+    model = learn_in_batches(SessionModel(steps=3, rules_per_item=10_000, max_session_items=4),
+                             evs, batch)
+    rules, sessions = brute_force_session_state(evs, 3, 4)
+    store = model.store
+    for item, row in rules.items():
+        assert store.get_rows("sr", [item])[0] == pytest.approx(dict(row))
+    for session, row in sessions.items():
+        assert store.get_rows("sess", [session])[0] == row
+    df = defaultdict(int)
+    for session in {e.session_id for e in evs}:
+        for item in {e.item_id for e in evs if e.session_id == session}:
+            df[item] += 1
+    for item, n in df.items():
+        assert store.get_rows("df", [item])[0]["n"] == n
+    assert store.get_rows("meta", ["sessions"])[0]["n"] == len({e.session_id for e in evs})
+
+
+def test_session_model_known_answer_next_item_and_repeat():
+    evs = []
+    for s in range(20):  # a → b → c in every training session
+        evs += [click(f"s{s}", x, 3 * s + n) for n, x in enumerate("abc")]
+    model = learn_in_batches(SessionModel(), evs, 10)
+    [rec] = model.recommend([Query("new", ("a", "b"))], k=3)
+    assert rec.items[0] == "b"           # repeat consumption: the last item ranks first
+    [rec] = model.recommend([Query("new", ("a", "b"), exclude=frozenset("ab"))], k=1)
+    assert rec.items == ["c"]
+
+
+def test_session_model_ignores_impressions():
+    model = learn_in_batches(SessionModel(), [click("s", "a", 0, kind="impression")], 10)
+    assert model.store.get_rows("sess", ["s"]) == [{}]
+
+
+# --- co-occurrence -------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 5, 1000])
+def test_cooccurrence_counts_equal_from_scratch(batch):
+    evs = random_sessions(seed=2)
+    model = learn_in_batches(CooccurrenceModel(window=3, max_gap_s=1e9, neighbours=10_000,
+                                               half_life_s=1e12), evs, batch)
+    counts = defaultdict(lambda: defaultdict(float))
+    windows = defaultdict(dict)
+    for e in evs:
+        win = windows[e.session_id]
+        for other in win:
+            if other != e.item_id:
+                counts[e.item_id][other] += 1.0
+                counts[other][e.item_id] += 1.0
+        win[e.item_id] = e.timestamp
+        trim_row(win, 3)
+    for item, row in counts.items():
+        assert model.store.get_rows("cooc", [item])[0] == pytest.approx(dict(row), rel=1e-9)
+
+
+def test_cooccurrence_decay_halves_old_evidence():
+    model = CooccurrenceModel(half_life_s=100.0, max_gap_s=1e9, normalisation="none")
+    learn_in_batches(model, [click("s1", "a", 0), click("s1", "b", 0),
+                             click("s2", "a", 100), click("s2", "c", 100)], 10)
+    row = model.store.get_rows("cooc", ["a"])[0]
+    assert row["c"] == pytest.approx(2 * row["b"])  # one half-life newer: twice the weight
+
+
+@pytest.mark.parametrize("normalisation", ["cosine", "jaccard", "lift", "none"])
+def test_cooccurrence_normalisations(normalisation):
+    model = CooccurrenceModel(normalisation=normalisation, half_life_s=1e12, max_gap_s=1e9)
+    evs = [click("s1", "a", 0), click("s1", "b", 1), click("s2", "a", 2), click("s2", "b", 3),
+           click("s3", "a", 4), click("s3", "c", 5)]
+    learn_in_batches(model, evs, 100)
+    sims = model.similar(["a"])[0]
+    n = {"a": 3.0, "b": 2.0, "c": 1.0}
+    c = {"b": 2.0, "c": 1.0}
+    expected = {"cosine": lambda j: c[j] / np.sqrt(n["a"] * n[j]),
+                "jaccard": lambda j: c[j] / (n["a"] + n[j] - c[j]),
+                "lift": lambda j: c[j] * 6.0 / (n["a"] * n[j]),
+                "none": lambda j: c[j]}[normalisation]
+    for j in ("b", "c"):
+        assert sims[j] == pytest.approx(expected(j))
+
+
+# --- popularity ----------------------------------------------------------------------------------
+def test_popularity_counts_positive_events_only():
+    evs = [click("s", "a", 0), click("s", "a", 1), click("s", "b", 2),
+           click("s", "c", 3, kind="skip")]
+    model = learn_in_batches(PopularityModel(), evs, 2)
+    assert model.store.get_rows("pop", ["all"])[0] == {"a": 2.0, "b": 1.0}
+    assert model.recommend([Query("x")], 5)[0].items == ["a", "b"]
+
+
+# --- matrix factorisation ----------------------------------------------------------------------
+def test_mf_batch_step_equals_hand_computed_gradient():
+    model = OnlineMF(factors=4, negatives=0, epochs=1, learning_rate=0.1, regularisation=0.01)
+    batch = SignalMapper().map([click("u", "a", 0, user="u")])
+    p0 = seeded_vectors(["u"], 4, 0.1, "user")[0]
+    q0 = seeded_vectors(["a"], 4, 0.1, "item")[0]
+    model.learn(batch)
+    err = 1.0 - p0 @ q0
+    p1 = model.store.get_vectors("user", ["u"], 4)[0][0]
+    q1 = model.store.get_vectors("item", ["a"], 4)[0][0]
+    assert p1 == pytest.approx(p0 + 0.1 * (err * q0 - 0.01 * p0), rel=1e-5)
+    assert q1 == pytest.approx(q0 + 0.1 * (err * p0 - 0.01 * q0), rel=1e-5)
+
+
+def test_mf_known_answer_two_taste_groups():
+    """Checkerboard: users 0-9 click items a*, users 10-19 items b*; each user's top item must
+    come from their own group (implicit's known-answer style)."""
+    rng = np.random.default_rng(0)
+    evs, t = [], 0
+    for _ in range(60):
+        for u in range(20):
+            group = "a" if u < 10 else "b"
+            t += 1
+            evs.append(click(f"u{u}", f"{group}{rng.integers(5)}", t, user=f"u{u}"))
+    model = learn_in_batches(OnlineMF(factors=8, epochs=3, seed=1), evs, 200)
+    recs = model.recommend([Query(f"u{u}") for u in range(20)], k=1)
+    assert all(rec.items[0][0] == ("a" if u < 10 else "b") for u, rec in enumerate(recs))
+
+
+def test_mf_skips_push_scores_down_and_changed_items_are_reported():
+    model = OnlineMF(factors=8, negatives=0, epochs=5, learning_rate=0.2)
+    before = model.learn(SignalMapper().map([click("u", "x", 0, user="u")]))
+    assert before.changed_item_vectors == ["x"]
+    score = lambda: model.store.get_vectors("user", ["u"], 8)[0][0] @ \
+        model.store.get_vectors("item", ["x"], 8)[0][0]
+    high = score()
+    for t in range(1, 4):
+        model.learn(SignalMapper().map([click("u", "x", t, kind="skip", user="u")]))
+    assert score() < high
+
+
+def test_helpers_factorize_scatter_and_seeded_vectors():
+    uniques, codes = factorize(np.array(["b", "a", "b"], dtype=object))
+    assert uniques == ["b", "a"] and codes.tolist() == [0, 1, 0]
+    target = np.zeros((2, 2), np.float32)
+    scatter_mean(target, np.array([0, 1, 0]), np.array([[1, 1], [5, 5], [3, 3]], np.float32))
+    assert target.tolist() == [[2, 2], [5, 5]]
+    v = seeded_vectors(["x", "x", "y"], 64, 0.1, "item")
+    assert np.array_equal(v[0], v[1]) and not np.array_equal(v[0], v[2])
+    assert abs(v.std() - 0.1) < 0.03
+
+
+def test_top_k_dense_ties_and_exclusions():
+    ids = np.array(["a", "b", "c", "d"], dtype=object)
+    block = np.array([[1.0, 3.0, 3.0, 0.0]])
+    [rec] = top_k_dense(ids, block.copy(), 3, [Query("u")])
+    assert rec.items == ["b", "c", "a"]  # equal scores: column order; zero scores dropped
+    [rec] = top_k_dense(ids, block.copy(), 3, [Query("u", exclude=frozenset({"b"}))])
+    assert rec.items == ["c", "a"]
