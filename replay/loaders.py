@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from schemas.events import MAX_DWELL_MS, Interaction
+from schemas.events import MAX_DWELL_MS, Interaction, InvalidEvent, validate_event
 
 YOOCHOOSE_DIR_FILES = ("yoochoose-clicks-100k_train_full.txt", "yoochoose-clicks-100k_test.txt")
 OTTO_TYPES = {"clicks": "click", "carts": "add_to_cart", "orders": "purchase"}
@@ -25,15 +25,20 @@ class LogFormatError(ValueError):
     """A log file does not match the format it was loaded as (names file and line)."""
 
 
+def _event(**fields) -> Interaction:
+    """A validated event (constructing the struct directly would skip validation)."""
+    return validate_event({k: v for k, v in fields.items() if v is not None})
+
+
 def _with_session_dwell(rows: list[tuple[str, str, float]], source: str) -> list[Interaction]:
     """rows: (session, item, ts) → click events with dwell = gap to the session's next click."""
     rows.sort(key=lambda r: (r[0], r[2]))
     events = []
     for i, (session, item, ts) in enumerate(rows):
         nxt = rows[i + 1] if i + 1 < len(rows) else None
-        dwell = (min(int((nxt[2] - ts) * 1000), MAX_DWELL_MS)
+        dwell = (min(round((nxt[2] - ts) * 1000), MAX_DWELL_MS)
                  if nxt is not None and nxt[0] == session else None)
-        events.append(Interaction(event_id=f"{source}:{session}:{i}", user_id=f"s{session}",
+        events.append(_event(event_id=f"{source}:{session}:{i}", user_id=f"s{session}",
                                   item_id=item, type="click", timestamp=ts,
                                   session_id=session, dwell_ms=dwell))
     events.sort(key=lambda e: e.timestamp)
@@ -81,12 +86,12 @@ def load_otto(path: str | Path) -> list[Interaction]:
                 doc = json.loads(line)
                 session = str(doc["session"])
                 for j, ev in enumerate(doc["events"]):
-                    events.append(Interaction(
+                    events.append(_event(
                         event_id=f"otto:{session}:{j}", user_id=f"s{session}",
                         item_id=str(ev["aid"]), type=OTTO_TYPES[ev["type"]],
                         timestamp=ev["ts"] / 1000.0, session_id=session))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise LogFormatError(f"{path}:{line_no}: not an OTTO line ({exc!r})") from None
+            except (KeyError, TypeError, ValueError) as exc:  # InvalidEvent is a ValueError
+                raise LogFormatError(f"{path}:{line_no}: not an OTTO line ({exc})") from None
     events.sort(key=lambda e: e.timestamp)
     return events
 
@@ -104,7 +109,7 @@ def _sessionize(rows: list[dict], source: str, gap_s: float = SESSION_GAP_S
         if r["user"] != last_user or r["ts"] - last_ts > gap_s:
             n += 1
         last_user, last_ts = r["user"], r["ts"]
-        events.append(Interaction(
+        events.append(_event(
             event_id=f"{source}:{i}", user_id=str(r["user"]), item_id=str(r["item"]),
             type=r.get("type", "click"), timestamp=float(r["ts"]),
             session_id=str(r.get("session") or f"{r['user']}:{n}"),
@@ -227,7 +232,7 @@ def load_generic(path: str | Path, mapping: dict[str, str]) -> list[Interaction]
         rows = list(_rows(path, convert, delimiter="\t" if path.suffix == ".tsv" else ","))
     try:
         return _sessionize(rows, path.stem)
-    except ValueError as exc:  # e.g. an unknown event type
+    except InvalidEvent as exc:  # e.g. an unknown event type
         raise LogFormatError(f"{path}: {exc}") from None
 
 

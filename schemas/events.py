@@ -30,8 +30,9 @@ MAX_ID_CHARS = 256
 MAX_CONTEXT_ENTRIES = 16
 MAX_ENVELOPE_EVENTS = 1000
 DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
-#: Oldest accepted timestamp (2000-01-01) and the allowed clock skew into the future.
-MIN_TIMESTAMP = 946_684_800.0
+#: Oldest accepted timestamp (1990-01-01: older logs exist, e.g. MovieLens-100k is 1997;
+#: catches 0 and ms-vs-s mix-ups) and the allowed clock skew into the future.
+MIN_TIMESTAMP = 631_152_000.0
 MAX_FUTURE_SKEW_S = 86_400.0
 MAX_DWELL_MS = 86_400_000
 
