@@ -88,27 +88,28 @@ def top_k_dense(item_ids: np.ndarray, block: np.ndarray, k: int,
                 queries: Sequence[Query]) -> list[Recommendations]:
     """Top-``k`` positive scores of each row of a dense block (one query per row), vectorised.
 
-    Ties are broken by column order; a query's ``exclude`` items are never returned.
+    Ties are broken by column order; a query's ``exclude`` items are never returned. The block
+    is modified in place (excluded cells zeroed).
     """
-    block[block <= 0] = -np.inf  # in place: callers hand over their block
     column_of = None
     for row, query in enumerate(queries):
         if query.exclude:
             column_of = column_of or {item: c for c, item in enumerate(item_ids.tolist())}
-            block[row, [column_of[i] for i in query.exclude if i in column_of]] = -np.inf
+            block[row, [column_of[i] for i in query.exclude if i in column_of]] = 0.0
     kk = min(k, block.shape[1])
     if kk == 0:
         return [Recommendations([], np.empty(0)) for _ in queries]
+    # measured: introselect is fastest when non-candidates share one extreme value
+    block[block <= 0] = -np.inf
     part = np.argpartition(-block, kk - 1, axis=1)[:, :kk]
     part_scores = np.take_along_axis(block, part, axis=1)
     order = np.lexsort((part, -part_scores), axis=1)
     best = np.take_along_axis(part, order, axis=1)
     best_scores = np.take_along_axis(part_scores, order, axis=1)
-    out = []
-    for cols, vals in zip(best, best_scores):
-        valid = vals > -np.inf
-        out.append(Recommendations(item_ids[cols[valid]].tolist(), vals[valid]))
-    return out
+    names = item_ids[best]
+    counts = (best_scores > -np.inf).sum(axis=1)  # real scores come first in each row
+    return [Recommendations(names[r, :n].tolist(), best_scores[r, :n])
+            for r, n in enumerate(counts.tolist())]
 
 
 def row_chunks(n_rows: int, n_cols: int, max_cells: int = 4_000_000):

@@ -75,13 +75,16 @@ class SessionModel(OnlineModel):
         item_sessions: dict[str, dict[str, float]] = defaultdict(dict)
         rules: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         new_in_session: dict[str, float] = defaultdict(float)
+        last_position = {s: max(row.values(), default=0.0) for s, row in rows.items()}
+        steps = self.steps
         for session, item, ts in zip(batch.sessions.tolist(), batch.items.tolist(),
                                      batch.timestamps.tolist()):
             row = rows[session]
-            position = max(row.values(), default=0.0) + 1.0
+            position = last_position[session] + 1.0
+            last_position[session] = position
             for prev, prev_pos in row.items():
                 gap = position - prev_pos
-                if gap <= self.steps and prev != item:
+                if gap <= steps and prev != item:
                     rules[prev][item] += 1.0 / gap
             if item not in row:
                 new_in_session[item] += 1.0

@@ -77,7 +77,7 @@ def _trim_order(item: tuple[str, float]) -> tuple[float, bytes]:
 
 def trim_row(row: dict[str, float], keep_top: int) -> dict[str, float]:
     """The store's trim rule, for models that mirror a row between reads (in place)."""
-    if len(row) > keep_top + slack(keep_top):
+    if len(row) > keep_top + (keep_top // 10 or 1):  # slack(keep_top), inlined: hot path
         for member, _ in sorted(row.items(), key=_trim_order)[:len(row) - keep_top]:
             del row[member]
     return row
@@ -96,23 +96,27 @@ class MemoryStore(StateStore):
         empty: dict[str, float] = {}
         return [rows.get(k, empty) for k in keys]
 
-    def _trim(self, row: dict[str, float], keep_top: int | None) -> dict[str, float]:
-        return row if keep_top is None else trim_row(row, keep_top)
-
     def incr_rows(self, table, deltas, keep_top=None):
         rows = self.rows.setdefault(table, {})
         for key, delta in deltas.items():
-            row = rows.setdefault(key, {})
+            row = rows.get(key)
+            if row is None:
+                rows[key] = row = {}
+            get = row.get
             for member, value in delta.items():
-                row[member] = row.get(member, 0.0) + value
-            rows[key] = self._trim(row, keep_top)
+                row[member] = get(member, 0.0) + value
+            if keep_top is not None:
+                trim_row(row, keep_top)
 
     def set_rows(self, table, values, keep_top=None):
         rows = self.rows.setdefault(table, {})
         for key, update in values.items():
-            row = rows.setdefault(key, {})
+            row = rows.get(key)
+            if row is None:
+                rows[key] = row = {}
             row.update(update)
-            rows[key] = self._trim(row, keep_top)
+            if keep_top is not None:
+                trim_row(row, keep_top)
 
     def replace_rows(self, table, rows):
         stored = self.rows.setdefault(table, {})

@@ -1,0 +1,97 @@
+"""Replay speed and memory of the online models, beside river's BiasedMF on the same events.
+
+Reads the shared YooChoose sample (train_full then test, 83,846 events), maps signals once,
+and times ``learn`` over batches of ``--batch`` events per model, all three live models
+together (session + co-occurrence + trending, as a worker would run them, mapping included),
+and ``river.reco.BiasedMF.learn_one`` over the same events. Then times the session model's
+predictions for the 10,152 next-item queries of the test split, and measures memory per item
+and per user (tracemalloc, memory store). The last line is JSON.
+Usage: ``python bench/replay.py [--batch 1000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from online_models.registry import build  # noqa: E402
+from online_models.signals import SignalMapper  # noqa: E402
+from replay.loaders import load_split  # noqa: E402
+from replay.protocols import session_queries  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "yoochoose-rsc15-100k"
+
+
+def learn_rate(names, batches, raw_batches=None, mapper=None) -> float:
+    models = [build(n) for n in names]
+    start = time.perf_counter()
+    for n, batch in enumerate(batches):
+        if mapper is not None:
+            batch = mapper.map(raw_batches[n])
+        for model in models:
+            model.learn(batch)
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=1000)
+    args = parser.parse_args()
+    if not DATA.exists():
+        sys.exit(f"{DATA} not found: this benchmark reads the team's shared data")
+    train, test = load_split(DATA, "yoochoose")
+    events = train + test
+    raw = [events[i:i + args.batch] for i in range(0, len(events), args.batch)]
+    start = time.perf_counter()
+    mapper = SignalMapper()
+    batches = [mapper.map(b) for b in raw]
+    results = {"events": len(events), "batch": args.batch,
+               "signal_mapping_events_per_s": len(events) / (time.perf_counter() - start)}
+    for name in ("session", "cooc", "trending", "mf", "popularity"):
+        results[f"{name}_events_per_s"] = learn_rate([name], batches)
+    results["live_three_with_mapping_events_per_s"] = learn_rate(
+        ["session", "cooc", "trending"], batches, raw, SignalMapper())
+    river = build("river_mf")
+    start = time.perf_counter()
+    for batch in batches:
+        river.learn(batch)
+    results["river_biasedmf_events_per_s"] = len(events) / (time.perf_counter() - start)
+    results["mf_vs_river_ratio"] = results["mf_events_per_s"] / \
+        results["river_biasedmf_events_per_s"]
+
+    session = build("session")
+    for batch in batches[: (len(train) + args.batch - 1) // args.batch]:
+        session.learn(batch)
+    queries = [p.query for p in session_queries(test)]
+    start = time.perf_counter()
+    session.recommend(queries, 20)
+    results["session_predictions_per_s"] = len(queries) / (time.perf_counter() - start)
+
+    n_items = len({e.item_id for e in events})
+    n_users = len({e.user_id for e in events})
+    for name in ("session", "cooc", "mf"):
+        tracemalloc.start()
+        model = build(name)
+        for batch in batches:
+            model.learn(batch)
+        current, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        per = "user" if name == "mf" else "item"
+        results[f"{name}_state_bytes"] = current
+        results[f"{name}_bytes_per_item"] = current / n_items
+        results[f"{name}_bytes_per_user"] = current / n_users
+        del model, per
+    results["items"], results["users"] = n_items, n_users
+    for key, value in results.items():
+        print(f"{key:>40}: {value:,.1f}" if isinstance(value, float) else f"{key:>40}: {value}")
+    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
