@@ -123,6 +123,8 @@ head_share (share of recommendations from the most popular 20 % of items), expos
 
 def write_outputs(results: Sequence[ModelResult], meta: dict, out: str | Path,
                   html_path: str | Path | None) -> None:
+    for path in filter(None, (out, html_path)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(results_json(results, meta), indent=2) + "\n")
     if html_path:
         Path(html_path).write_text(html_report(results, meta))
