@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from infra.embedded import EmbeddedKafka, EmbeddedRedis, ensure_topics, free_port
+from infra.embedded import EmbeddedKafka, EmbeddedRedis, ensure_topics, free_port, terminate
 from infra.redis_client import sync_redis
 from infra.settings import Settings
 from schemas.keys import RedisKeys
@@ -39,16 +39,6 @@ def _spawn(role: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     finally:
         log.close()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def _traffic(args: argparse.Namespace):
@@ -85,9 +75,9 @@ def run_demo(args: argparse.Namespace) -> int:
                "STREAMREC_WORKER_WEB_PORT": str(free_port()),
                "STREAMREC_WORKER_DATA_DIR": str(out / "worker-data")}
         worker = _spawn(["worker", "--loglevel", "warn"], env, out / "worker.log")
-        stack.callback(_stop, worker)
+        stack.callback(terminate, worker, 15)
         api = _spawn(["api", "--loglevel", "warning"], env, out / "api.log")
-        stack.callback(_stop, api)
+        stack.callback(terminate, api, 15)
 
         client = sync_redis(redis_url)
         stack.callback(client.close)

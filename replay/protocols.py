@@ -56,12 +56,6 @@ def session_queries(events: Sequence[Interaction], offset: int = 0) -> list[Pred
     return out
 
 
-def _learn(model: OnlineModel, mapper: SignalMapper, events: Sequence[Interaction],
-           chunk: int) -> None:
-    for start in range(0, len(events), chunk):
-        model.learn(mapper.map(list(events[start:start + chunk])))
-
-
 def _score(predictions: list[Prediction], recommended, ks: Sequence[int]):
     rows = []
     for prediction, rec in zip(predictions, recommended):
@@ -73,6 +67,43 @@ def _score(predictions: list[Prediction], recommended, ks: Sequence[int]):
     return rows
 
 
+class _Replay:
+    """One model's run: test-then-train steps, with timings and everything metrics need."""
+
+    def __init__(self, model: OnlineModel, ks: Sequence[int], chunk: int) -> None:
+        self.model, self.ks, self.chunk = model, ks, chunk
+        self.mapper = SignalMapper()
+        self.learn_s = self.predict_s = 0.0
+        self.learned = 0
+        self.rows: list[dict[str, float]] = []
+        self.lists: list[list[str]] = []
+        self.positions: list[int] = []
+
+    def predict(self, batch: list[Prediction]) -> None:
+        if not batch:
+            return
+        start = time.perf_counter()
+        recs = self.model.recommend([p.query for p in batch], max(self.ks))
+        self.predict_s += time.perf_counter() - start
+        self.rows += _score(batch, recs, self.ks)
+        self.lists += [r.items for r in recs]
+        self.positions += [p.position for p in batch]
+
+    def learn(self, events: Sequence[Interaction]) -> None:
+        start = time.perf_counter()
+        for offset in range(0, len(events), self.chunk):
+            self.model.learn(self.mapper.map(list(events[offset:offset + self.chunk])))
+        self.learn_s += time.perf_counter() - start
+        self.learned += len(events)
+
+
+def _by_chunk(predictions: list[Prediction], size: int) -> dict[int, list[Prediction]]:
+    buckets: dict[int, list[Prediction]] = defaultdict(list)
+    for p in predictions:
+        buckets[p.position // size].append(p)
+    return buckets
+
+
 def run(protocol: str, train: Sequence[Interaction], test: Sequence[Interaction],
         model_names: Sequence[str], ks: Sequence[int] = (10, 20), chunk: int = 1000,
         predict_chunk: int = 5000, learn_during_test: bool = False, windows: int = 20,
@@ -80,7 +111,8 @@ def run(protocol: str, train: Sequence[Interaction], test: Sequence[Interaction]
     """Replay ``train``/``test`` through each named model; returns one result per model."""
     from online_models.registry import build
 
-    k_max = max(ks)
+    if protocol not in ("session", "prequential"):
+        raise ValueError(f"protocol must be 'session' or 'prequential', not {protocol!r}")
     sessions_train: dict[str, list[str]] = defaultdict(list)
     for e in train:
         sessions_train[e.session_id or e.user_id].append(e.item_id)
@@ -91,75 +123,42 @@ def run(protocol: str, train: Sequence[Interaction], test: Sequence[Interaction]
         model = build(name)
         if store_factory is not None:
             model.bind(store_factory(name))
-        mapper = SignalMapper()
+        replay = _Replay(model, ks, chunk)
         bar = tqdm(total=len(train) + len(test), desc=name, unit="ev", disable=not progress,
                    leave=False)
         started = time.perf_counter()
-        learn_s = predict_s = 0.0
-        learned = 0
-        rows: list[dict[str, float]] = []
-        recommended_lists: list[list[str]] = []
-        positions: list[int] = []
         if protocol == "session":
-            t0 = time.perf_counter()
-            _learn(model, mapper, train, chunk)
-            learn_s += time.perf_counter() - t0
-            learned += len(train)
+            replay.learn(train)
             bar.update(len(train))
-            predictions = session_queries(test)
-            step = chunk if learn_during_test else predict_chunk
-            for start in range(0, len(test), step):
-                stop = start + step
-                batch = [p for p in predictions if start <= p.position < stop]
-                t0 = time.perf_counter()
-                recs = model.recommend([p.query for p in batch], k_max)
-                predict_s += time.perf_counter() - t0
-                rows += _score(batch, recs, ks)
-                recommended_lists += [r.items for r in recs]
-                positions += [p.position for p in batch]
-                if learn_during_test:
-                    t0 = time.perf_counter()
-                    _learn(model, mapper, test[start:stop], chunk)
-                    learn_s += time.perf_counter() - t0
-                    learned += len(test[start:stop])
-                bar.update(len(test[start:stop]))
-        elif protocol == "prequential":
-            stream = list(train) + list(test)
-            predictions = session_queries(stream)
-            by_chunk: dict[int, list[Prediction]] = defaultdict(list)
-            for p in predictions:
-                by_chunk[p.position // chunk].append(p)
-            for n, start in enumerate(range(0, len(stream), chunk)):
-                part = stream[start:start + chunk]
-                batch = by_chunk.get(n, [])
-                if batch:
-                    t0 = time.perf_counter()
-                    recs = model.recommend([p.query for p in batch], k_max)
-                    predict_s += time.perf_counter() - t0
-                    rows += _score(batch, recs, ks)
-                    recommended_lists += [r.items for r in recs]
-                    positions += [p.position for p in batch]
-                t0 = time.perf_counter()
-                model.learn(mapper.map(part))
-                learn_s += time.perf_counter() - t0
-                learned += len(part)
-                bar.update(len(part))
-        else:
-            raise ValueError(f"protocol must be 'session' or 'prequential', not {protocol!r}")
+            stream, step = test, chunk if learn_during_test else predict_chunk
+        else:  # prequential: one stream, every chunk predicted, then learned
+            stream, step, learn_during_test = list(train) + list(test), chunk, True
+        buckets = _by_chunk(session_queries(stream), step)
+        for n, start in enumerate(range(0, len(stream), step)):
+            replay.predict(buckets.get(n, []))
+            if learn_during_test:
+                replay.learn(stream[start:start + step])
+            bar.update(len(stream[start:start + step]))
         bar.close()
-        result = ModelResult(name)
-        if rows:
-            for key in rows[0]:
-                result.metrics[key] = float(np.mean([r[key] for r in rows]))
-        result.metrics.update(lists.summarise(recommended_lists))
-        result.metrics["predictions"] = len(rows)
-        result.metrics["events_per_s"] = learned / learn_s if learn_s else 0.0
-        result.metrics["predictions_per_s"] = len(rows) / predict_s if predict_s else 0.0
-        result.metrics["seconds"] = time.perf_counter() - started
-        result.over_time = _over_time(rows, positions, windows, k_max)
-        result.popularity_deciles = lists.popularity_deciles(recommended_lists)
-        results.append(result)
+        results.append(_result(name, replay, lists, windows, started))
     return results
+
+
+def _result(name: str, replay: _Replay, lists: ListMetrics, windows: int,
+            started: float) -> ModelResult:
+    result = ModelResult(name)
+    rows = replay.rows
+    if rows:
+        for key in rows[0]:
+            result.metrics[key] = float(np.mean([r[key] for r in rows]))
+    result.metrics.update(lists.summarise(replay.lists))
+    result.metrics["predictions"] = len(rows)
+    result.metrics["events_per_s"] = replay.learned / replay.learn_s if replay.learn_s else 0.0
+    result.metrics["predictions_per_s"] = len(rows) / replay.predict_s if replay.predict_s else 0.0
+    result.metrics["seconds"] = time.perf_counter() - started
+    result.over_time = _over_time(rows, replay.positions, windows, max(replay.ks))
+    result.popularity_deciles = lists.popularity_deciles(replay.lists)
+    return result
 
 
 def _over_time(rows, positions, windows: int, k: int) -> list[dict[str, float]]:

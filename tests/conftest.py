@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.embedded import EmbeddedKafka, EmbeddedRedis, ensure_topics, free_port
+from infra.embedded import EmbeddedKafka, EmbeddedRedis, ensure_topics, free_port, terminate
 from infra.redis_client import sync_redis
 from infra.settings import Settings
 
@@ -88,12 +88,7 @@ class Process:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate(self.proc, 15)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
