@@ -7,7 +7,9 @@ store in :meth:`OnlineModel.bind` (memory for replay, Redis live); randomness on
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -116,3 +118,19 @@ def row_chunks(n_rows: int, n_cols: int, max_cells: int = 4_000_000):
     """Row ranges whose dense blocks hold at most ``max_cells`` scores."""
     step = max(1, max_cells // max(n_cols, 1))
     return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def parallel_chunks(work, chunks: list[tuple[int, int]]) -> list[Recommendations]:
+    """Run ``work(chunk)`` over row chunks on a small thread pool (numpy and scipy release the
+    GIL in the heavy parts), concatenating results in order. One chunk runs inline."""
+    global _POOL
+    if len(chunks) <= 1:
+        return [rec for c in chunks for rec in work(c)]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                   thread_name_prefix="recommend")
+    return [rec for part in _POOL.map(work, chunks) for rec in part]
+

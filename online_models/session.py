@@ -38,8 +38,8 @@ from collections import defaultdict
 import numpy as np
 import scipy.sparse as sp
 
-from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, row_chunks,
-                                top_k_dense)
+from online_models.base import (LearnReport, OnlineModel, Query, Recommendations,
+                                parallel_chunks, row_chunks, top_k_dense)
 from online_models.signals import SignalBatch
 from online_models.store import trim_row
 
@@ -119,18 +119,21 @@ class SessionModel(OnlineModel):
         shape = (len(queries), len(vocab))
         incidence = _rows_matrix(sess_rows, vocab, binary=True)
         # query matrices: linear position weights (kNN), recency (repeat), last item (SR)
-        qr, qc, pos_w, rec_w, last_r, last_c = [], [], [], [], [], []
-        last_row = {item: r for r, item in enumerate(last_items)}
-        for row_no, q in enumerate(queries):
-            length = len(q.session_items)
-            for p, item in enumerate(q.session_items):
-                qr.append(row_no), qc.append(vocab[item])
-                pos_w.append((p + 1) / length), rec_w.append(0.5 ** (length - 1 - p))
-            if length:
-                last_r.append(row_no), last_c.append(last_row[q.session_items[-1]])
+        lengths = np.fromiter((len(q.session_items) for q in queries), np.int64, len(queries))
+        cols = np.fromiter((vocab[i] for q in queries for i in q.session_items), np.int64,
+                           int(lengths.sum()))
+        qr = np.repeat(np.arange(len(queries)), lengths)
+        length_of = np.repeat(lengths, lengths).astype(np.float32)
+        p = np.arange(len(cols)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         # duplicates (repeated items in a session) add up, as repeated evidence should
-        q_pos = sp.csr_matrix((np.asarray(pos_w, np.float32), (qr, qc)), shape=shape)
-        repeat = sp.csr_matrix((rec_w, (qr, qc)), shape=shape)
+        q_pos = sp.csr_matrix((((p + 1) / length_of).astype(np.float32), (qr, cols)),
+                              shape=shape)  # float32 throughout: float64 doubles the work
+        repeat = sp.csr_matrix((np.exp2(p - length_of + 1).astype(np.float32), (qr, cols)),
+                               shape=shape)
+        last_row = {item: r for r, item in enumerate(last_items)}
+        has_items = np.flatnonzero(lengths)
+        last_r = has_items
+        last_c = [last_row[queries[r].session_items[-1]] for r in has_items.tolist()]
         last = sp.csr_matrix((np.ones(len(last_r)), (last_r, last_c)),
                              shape=(len(queries), len(last_items)))
         rules_matrix = _rows_matrix([rules[i] for i in last_items], vocab)
@@ -142,15 +145,21 @@ class SessionModel(OnlineModel):
         if len(ids) <= DENSE_COVISIT_MAX_ITEMS:  # sparse · dense beats sparse · sparse here
             covisit = covisit.toarray()
         rules_matrix = rules_matrix.astype(np.float32)
-        out: list[Recommendations] = []
-        for a, b in row_chunks(len(queries), len(ids)):
+
+        # rules and repeat are sparse: scale and add them sparsely into the dense kNN block
+        sparse_terms = (_sparse_row_normalise((last @ rules_matrix).tocsr()) * self.sr_weight
+                        + repeat * self.repeat_weight).tocsr()
+        sparse_terms.sum_duplicates()
+
+        def chunk(bounds: tuple[int, int]) -> list[Recommendations]:
+            a, b = bounds
             knn = q_pos[a:b] @ covisit
             scores = _row_normalise(knn if isinstance(knn, np.ndarray) else knn.toarray())
-            scores += self.sr_weight * _row_normalise((last[a:b] @ rules_matrix).toarray())
-            rep = repeat[a:b].tocoo()
-            np.add.at(scores, (rep.row, rep.col), self.repeat_weight * rep.data)
-            out += top_k_dense(ids, scores, k, queries[a:b])
-        return out
+            extra = sparse_terms[a:b].tocoo()
+            scores[extra.row, extra.col] += extra.data  # (row, col) pairs are unique
+            return top_k_dense(ids, scores, k, queries[a:b])
+
+        return parallel_chunks(chunk, row_chunks(len(queries), len(ids), max_cells=1_000_000))
 
     def _idf(self, store, ids: np.ndarray) -> np.ndarray:
         total = store.get_rows("meta", ["sessions"])[0].get("n", 1.0)
@@ -168,6 +177,12 @@ def _rows_matrix(rows: list[dict[str, float]], vocab: dict[str, int],
             else np.fromiter((v for row in rows for v in row.values()), float, nnz))
     return sp.csr_matrix((vals, cols, np.concatenate(([0], np.cumsum(lengths)))),
                          shape=(len(rows), len(vocab)))
+
+
+def _sparse_row_normalise(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """Sparse rows scaled so each row's largest entry is 1."""
+    peak = matrix.max(axis=1).toarray().ravel()
+    return sp.diags(1.0 / np.where(peak > 0, peak, 1.0)).astype(np.float32) @ matrix
 
 
 def _row_normalise(matrix: np.ndarray) -> np.ndarray:

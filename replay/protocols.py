@@ -106,7 +106,7 @@ def _by_chunk(predictions: list[Prediction], size: int) -> dict[int, list[Predic
 
 def run(protocol: str, train: Sequence[Interaction], test: Sequence[Interaction],
         model_names: Sequence[str], ks: Sequence[int] = (10, 20), chunk: int = 1000,
-        predict_chunk: int = 5000, learn_during_test: bool = False, windows: int = 20,
+        predict_chunk: int = 20_000, learn_during_test: bool = False, windows: int = 20,
         store_factory=None, progress: bool = True) -> list[ModelResult]:
     """Replay ``train``/``test`` through each named model; returns one result per model."""
     from online_models.registry import build
