@@ -1,9 +1,8 @@
-"""Redis connections built from settings (sync for serving/tools, asyncio for the worker)."""
+"""Redis connections built from settings."""
 
 from __future__ import annotations
 
 import redis
-import redis.asyncio as aioredis
 
 #: Errors worth waiting out (server restarting, network blip); anything else is a bug.
 TRANSIENT_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
@@ -16,6 +15,3 @@ _OPTIONS = dict(socket_timeout=5.0, socket_connect_timeout=2.0, health_check_int
 def sync_redis(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, **_OPTIONS)
 
-
-def async_redis(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, **_OPTIONS)

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     trending_max_items: int = Field(10_000, ge=10, description="Trending items kept (top-N).")
     history_len: int = Field(50, ge=1, le=10_000, description="Recent items kept per user.")
     history_ttl_s: int = Field(7 * 86400, ge=60, description="TTL of a user's history.")
+    live_models: str = Field("session,cooc,mf", pattern=r"^[a-z_]*(,[a-z_]+)*$",
+                             description="Online models the worker updates (comma-separated, "
+                                         "names from online_models/registry.py; empty = none).")
+    dedup_ttl_s: int = Field(3600, ge=1, description="How long applied event ids are "
+                                                     "remembered to drop producer duplicates.")
 
     # --- Feeds and API ---------------------------------------------------------------------
     feed_size: int = Field(20, ge=1, le=1000, description="Items per feed.")

@@ -23,6 +23,7 @@ Example
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -180,12 +181,32 @@ class RedisStore(StateStore):
     def __init__(self, client, prefix: str = "sr", namespace: str = "default") -> None:
         self.client = client
         self.base = f"{prefix}:m:{encode_id(namespace)}"
+        self._deferred = None
         self._incr = client.register_script(_INCR_TRIM_LUA)
         self._set = client.register_script(_SET_TRIM_LUA)
         self._replace = client.register_script(_REPLACE_LUA)
 
     def key(self, table: str, key: str) -> str:
         return f"{self.base}:{table}:{{{encode_id(key)}}}"
+
+    @contextmanager
+    def deferred(self, pipe):
+        """Queue writes on ``pipe`` (e.g. a MULTI/EXEC transaction) instead of executing them;
+        reads still go to the server. Not thread-safe: one deferral at a time."""
+        self._deferred = pipe
+        try:
+            yield self
+        finally:
+            self._deferred = None
+
+    @contextmanager
+    def _writer(self):
+        if self._deferred is not None:
+            yield self._deferred
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            yield pipe
+            pipe.execute()
 
     def get_rows(self, table, keys):
         with self.client.pipeline(transaction=False) as pipe:
@@ -196,14 +217,13 @@ class RedisStore(StateStore):
 
     def _write(self, script, table, rows, keep_top):
         keep = -1 if keep_top is None else keep_top
-        with self.client.pipeline(transaction=False) as pipe:
+        with self._writer() as pipe:
             pipe.scripts.add(script)
             for key, update in rows.items():
                 args: list = [keep, slack(keep_top) if keep_top is not None else 0]
                 for member, value in update.items():
                     args += (member, repr(float(value)))
                 pipe.evalsha(script.sha, 1, self.key(table, key), *args)
-            pipe.execute()
 
     def incr_rows(self, table, deltas, keep_top=None):
         self._write(self._incr, table, deltas, keep_top)
@@ -212,14 +232,13 @@ class RedisStore(StateStore):
         self._write(self._set, table, values, keep_top)
 
     def replace_rows(self, table, rows):
-        with self.client.pipeline(transaction=False) as pipe:
+        with self._writer() as pipe:
             pipe.scripts.add(self._replace)
             for key, row in rows.items():
                 args: list = []
                 for member, value in row.items():
                     args += (member, repr(float(value)))
                 pipe.evalsha(self._replace.sha, 1, self.key(table, key), *args)
-            pipe.execute()
 
     def get_vectors(self, table, keys, dim):
         raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
@@ -232,10 +251,9 @@ class RedisStore(StateStore):
 
     def set_vectors(self, table, keys, vectors):
         vectors = np.asarray(vectors, dtype=np.float32)
-        with self.client.pipeline(transaction=False) as pipe:
+        with self._writer() as pipe:
             for key, vec in zip(keys, vectors):
                 pipe.set(self.key(table, key), vec.tobytes())
-            pipe.execute()
 
     def row_count(self, table):
         pattern = f"{self.base}:{table}:{{*"

@@ -72,6 +72,16 @@ class RedisKeys:
     def stats(self) -> str:
         return f"{self.prefix}:{{stats}}:counters"
 
+    # --- exactly-once bookkeeping -------------------------------------------------------------
+    def watermark(self, topic: str, partition: int) -> str:
+        return f"{self.prefix}:{{wm}}:{encode_id(topic)}:{int(partition)}"
+
+    def seen_event(self, event_id: str) -> str:
+        return f"{self.prefix}:{{wm}}:ev:{encode_id(event_id)}"
+
+    def model_row_prefix(self) -> str:
+        return f"{self.prefix}:m"
+
     def specs(self) -> list[KeySpec]:
         """The contract, one row per key family."""
         p = self.prefix
@@ -94,5 +104,19 @@ class RedisKeys:
                     "feed builder (pop)", "users active since the last feed round",
                     "Users whose feed must be rebuilt."),
             KeySpec(f"{p}:{{stats}}:counters", "hash", "none", "stream worker",
-                    "a few fields", "events_applied, dlq_messages, dlq_events, batches."),
+                    "a few fields", "events_applied, dlq_messages, dlq_events, batches, "
+                    "skipped_redelivered (messages), skipped_duplicates (events)."),
+            KeySpec(f"{p}:{{wm}}:<topic>:<partition>", "string (integer)", "none",
+                    "stream worker", "one per source partition",
+                    "Highest offset whose effects are in Redis; written in the same MULTI/EXEC "
+                    "as those effects. Offsets at or below it are skipped on redelivery."),
+            KeySpec(f"{p}:{{wm}}:ev:<event_id>", "string", "STREAMREC_DEDUP_TTL_S (1 hour)",
+                    "stream worker", "events seen within the TTL",
+                    "Event ids already applied: a producer duplicate (same id, new offset) "
+                    "is dropped."),
+            KeySpec(f"{p}:m:<model>:<table>:{{<key>}}", "sorted set (rows) or string "
+                    "(float32 vector)", "none", "stream worker (online models)",
+                    "per-table caps (README, models table)",
+                    "Online model state (online_models/store.py RedisStore): e.g. "
+                    "session:sr:{item} = next-item rules, mf:item:{item} = factors."),
         ]

@@ -1,17 +1,36 @@
-"""Applies validated event batches to the live state in Redis: one round trip per batch.
+"""Applies batches of source messages to the live state in Redis, exactly once in effect.
 
-Per batch: trending deltas (aggregated per item with numpy, applied by a Lua script that owns
-the forward-decay landmark), each active user's recent-items history (LPUSH + LTRIM + EXPIRE),
-the feed-refresh queue and the counters — all in one pipeline.
+For a batch of messages (topic, partition, offset, valid events) the worker, in one
+optimistic transaction per batch:
 
-Delivery is at-least-once here: a batch redelivered after a crash is applied again.
+1. ``WATCH``es the batch's per-partition offset watermarks and reads them; messages at or below
+   their partition's watermark were applied before (redelivery after a crash or rebalance) and
+   are skipped;
+2. reads the dedup keys of the remaining events' ids; an id seen within ``dedup_ttl_s`` is a
+   producer duplicate and is dropped (as is a repeat inside the batch);
+3. lets every live model learn the new events through a :class:`RedisStore` whose writes are
+   *deferred* into the transaction, and queues the skeleton state (trending, histories, feed
+   queue, counters);
+4. ``MULTI`` … ``EXEC``: all state changes, the new watermarks and the dedup keys commit
+   together or not at all. If another worker moved a watermark meanwhile (a rebalance), EXEC
+   fails and the batch is recomputed from fresh reads.
+
+Limits (documented in the README): one Redis primary — MULTI cannot span Redis Cluster slots;
+Redis itself can lose up to ~1 s of writes on power loss with AOF ``everysec``, in which case
+the watermark and the state it covers are lost together (consistent, but those offsets are
+re-applied only if Kafka still has them and the consumer is reset to the watermark).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
+import redis
 
 from infra.settings import Settings
+from online_models.base import OnlineModel
+from online_models.signals import SignalMapper
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TRENDING_WEIGHTS, batch_deltas
 from schemas.events import Interaction
 from schemas.keys import RedisKeys
@@ -56,13 +75,39 @@ return tostring(landmark)
 _WEIGHT_OF = dict(TRENDING_WEIGHTS)
 
 
-class LiveState:
-    """Writes batches of events into Redis under the key contract of :mod:`schemas.keys`."""
+@dataclass
+class SourceMessage:
+    """One Kafka message after validation: its position and what it carried."""
 
-    def __init__(self, settings: Settings, client) -> None:
+    topic: str
+    partition: int
+    offset: int
+    events: list[Interaction] = field(default_factory=list)
+    invalid_events: int = 0  # dead-lettered parts (counted once, like the effects)
+
+
+@dataclass
+class ApplyResult:
+    applied_events: int = 0
+    redelivered_messages: int = 0
+    duplicate_events: int = 0
+    changed_item_vectors: list[str] = field(default_factory=list)
+    changed_users: list[str] = field(default_factory=list)
+
+
+class LiveState:
+    """Applies message batches to Redis (key contract: :mod:`schemas.keys`), exactly once.
+
+    ``models`` are online models bound to :class:`online_models.store.RedisStore`s on the same
+    server. Not thread-safe: one batch at a time per instance (the worker's single executor).
+    """
+
+    def __init__(self, settings: Settings, client, models: list[OnlineModel] = ()) -> None:
         self.settings = settings
         self.keys = RedisKeys(settings.key_prefix)
         self.client = client
+        self.models = list(models)
+        self.mapper = SignalMapper()
         self._trending = client.register_script(TRENDING_LUA)
 
     def _queue(self, pipe, events: list[Interaction]) -> None:
@@ -95,24 +140,70 @@ class LiveState:
         pipe.hincrby(keys.stats, "events_applied", len(events))
         pipe.hincrby(keys.stats, "batches", 1)
 
-    async def apply(self, events: list[Interaction]) -> None:
-        """Apply a batch (asyncio client). Raises the client's errors; the caller retries."""
-        if not events:
-            return
-        async with self.client.pipeline(transaction=False) as pipe:
-            self._queue(pipe, events)
-            await pipe.execute()
-
     def apply_sync(self, events: list[Interaction]) -> None:
-        """Same as :meth:`apply` with a synchronous client (tools, tests)."""
+        """Apply events without exactly-once bookkeeping (tools and tests; no models)."""
         if not events:
             return
         with self.client.pipeline(transaction=False) as pipe:
             self._queue(pipe, events)
             pipe.execute()
 
-    async def count_dlq(self, messages: int, events: int) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hincrby(self.keys.stats, "dlq_messages", messages)
-            pipe.hincrby(self.keys.stats, "dlq_events", events)
-            await pipe.execute()
+    def apply_messages(self, messages: list[SourceMessage]) -> ApplyResult:
+        """Apply a batch exactly once in effect (see module doc); retries on WATCH conflicts.
+
+        Raises the client's connection errors: the caller retries the whole batch later.
+        """
+        while True:
+            try:
+                return self._apply_once(messages)
+            except redis.WatchError:
+                continue
+
+    def _apply_once(self, messages: list[SourceMessage]) -> ApplyResult:
+        keys, result = self.keys, ApplyResult()
+        partitions = sorted({(m.topic, m.partition) for m in messages})
+        marks = [keys.watermark(t, p) for t, p in partitions]
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.watch(*marks)
+            watermark = {tp: int(v) if v is not None else -1
+                         for tp, v in zip(partitions, pipe.mget(marks))}
+            fresh = [m for m in messages if m.offset > watermark[(m.topic, m.partition)]]
+            result.redelivered_messages = len(messages) - len(fresh)
+            candidates = [e for m in fresh for e in m.events]
+            seen = pipe.mget([keys.seen_event(e.event_id) for e in candidates]) \
+                if candidates else []
+            events, batch_ids = [], set()
+            for event, flag in zip(candidates, seen):
+                if flag is None and event.event_id not in batch_ids:
+                    events.append(event)
+                    batch_ids.add(event.event_id)
+            result.duplicate_events = len(candidates) - len(events)
+            signals = self.mapper.map(events) if events else None
+            pipe.multi()
+            for model in self.models:
+                if signals is not None:
+                    with model.store.deferred(pipe):
+                        report = model.learn(signals)
+                    result.changed_item_vectors += report.changed_item_vectors
+            if events:
+                self._queue(pipe, events)
+                for event_id in batch_ids:
+                    pipe.set(keys.seen_event(event_id), 1, ex=self.settings.dedup_ttl_s)
+            newest: dict[tuple[str, int], int] = {}
+            for m in fresh:
+                tp = (m.topic, m.partition)
+                newest[tp] = max(newest.get(tp, -1), m.offset)
+            for (topic, partition), offset in newest.items():
+                pipe.set(keys.watermark(topic, partition), offset)
+            dead = sum(m.invalid_events for m in fresh)
+            if dead:
+                pipe.hincrby(keys.stats, "dlq_messages", sum(1 for m in fresh if m.invalid_events))
+                pipe.hincrby(keys.stats, "dlq_events", dead)
+            if result.redelivered_messages:
+                pipe.hincrby(keys.stats, "skipped_redelivered", result.redelivered_messages)
+            if result.duplicate_events:
+                pipe.hincrby(keys.stats, "skipped_duplicates", result.duplicate_events)
+            pipe.execute()
+        result.applied_events = len(events)
+        result.changed_users = sorted({e.user_id for e in events})
+        return result

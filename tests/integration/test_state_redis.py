@@ -1,13 +1,11 @@
 """LiveState and FeedBuilder against a real redis-server."""
 
-import asyncio
 import time
 
 import msgspec
 import numpy as np
 import pytest
 
-from infra.redis_client import async_redis
 from online_models.trending import TRENDING_WEIGHTS, decayed
 from schemas.events import Interaction
 from schemas.keys import RedisKeys
@@ -78,22 +76,6 @@ def test_trending_is_trimmed_to_its_bound(settings, redis_client):
     state.apply_sync([Interaction(event_id="z", user_id="u", item_id="i0", type="click",
                                   timestamp=1.7e9 + 500)])
     assert redis_client.zcard(keys.trending) <= 55
-
-
-def test_async_apply_equals_sync_apply(settings, redis_client, unique):
-    events = list(UserSimulator(20, 50, seed=9).events(300, 1.7e9))
-    sync_s = settings.model_copy(update={"key_prefix": f"s{unique}"})
-    LiveState(sync_s, redis_client).apply_sync(events)
-
-    async def run():
-        client = async_redis(settings.redis_url)
-        await LiveState(settings, client).apply(events)
-        await client.aclose()
-
-    asyncio.run(run())
-    a, b = RedisKeys(sync_s.key_prefix), RedisKeys(settings.key_prefix)
-    assert redis_client.zrange(a.trending, 0, -1, withscores=True) == \
-        redis_client.zrange(b.trending, 0, -1, withscores=True)
 
 
 def test_feeds_exclude_seen_items_and_follow_the_contract(settings, redis_client):
