@@ -23,6 +23,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+        if "/chaos/" in str(item.fspath):
+            item.add_marker(pytest.mark.chaos)
 
 
 @pytest.fixture(scope="session")
