@@ -1,0 +1,183 @@
+"""End-to-end ingest: events/s of one worker with the live models on, and freshness.
+
+Starts an embedded broker and redis-server, pre-loads ``--events`` simulated events in
+envelopes, then:
+
+1. baseline — a raw aiokafka consumer (manual assignment, no group) reads and validates every
+   message (``schemas.events.split_message``), nothing else: the ceiling for this machine;
+2. worker — ``streamrec worker`` (one process) consumes the same messages and applies them
+   exactly once with ``STREAMREC_LIVE_MODELS``; events/s is measured from its first applied
+   event to its last (the consumer-group join is excluded);
+3. freshness — at a steady ``--rate`` events/s, a probe event for a fresh user is sent every
+   ``1/--probes-per-s`` seconds; freshness = time from send to the probe's history key existing.
+
+The last line is JSON with ``events_per_s``, ``baseline_events_per_s``, ``freshness_p50_ms``
+and ``freshness_p99_ms``. Usage: ``python bench/ingest.py [--events 100000] [--rate 10000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from infra.embedded import EmbeddedKafka, EmbeddedRedis, ensure_topics, free_port, terminate  # noqa: E402,E501
+from infra.redis_client import sync_redis  # noqa: E402
+from schemas.events import Interaction, split_message  # noqa: E402
+from schemas.keys import RedisKeys  # noqa: E402
+from stream.producer import InteractionProducer  # noqa: E402
+from stream.simulator import UserSimulator  # noqa: E402
+
+
+async def raw_consume(bootstrap: str, topic: str, messages: int) -> tuple[int, float]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                max_partition_fetch_bytes=4_000_000)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        seen = events = 0
+        start = time.perf_counter()
+        while seen < messages:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            for records in batches.values():
+                for record in records:
+                    events += len(split_message(record.value)[0])
+                    seen += 1
+        return events, time.perf_counter() - start
+    finally:
+        await consumer.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--rate", type=float, default=10_000.0)
+    parser.add_argument("--freshness-s", type=float, default=20.0)
+    parser.add_argument("--probes-per-s", type=float, default=10.0)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--models", default="session,cooc,mf")
+    args = parser.parse_args()
+    run_id = uuid.uuid4().hex[:8]
+    with EmbeddedRedis(appendonly=False) as redis_srv, EmbeddedKafka() as kafka, \
+            tempfile.TemporaryDirectory() as tmp:
+        topic, dlq = f"bench-{run_id}", f"bench-dlq-{run_id}"
+        ensure_topics(kafka.bootstrap, {topic: args.partitions, dlq: 1})
+        sim = UserSimulator(20_000, 50_000, seed=1)
+        events = list(sim.events(args.events, time.time() - args.events / 1000))
+        with InteractionProducer(kafka.bootstrap, topic, max_batch_events=500) as producer:
+            producer.send_many(events)
+            producer.flush()
+            messages = producer.stats.messages_sent
+        baseline_events, baseline_s = asyncio.run(raw_consume(kafka.bootstrap, topic, messages))
+
+        env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka.bootstrap,
+               "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_TOPIC_INTERACTIONS": topic,
+               "STREAMREC_TOPIC_DLQ": dlq, "STREAMREC_APP_ID": f"bench-{run_id}",
+               "STREAMREC_LIVE_MODELS": args.models, "STREAMREC_WORKER_DATA_DIR": tmp,
+               "STREAMREC_WORKER_WEB_PORT": str(free_port()),
+               "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "6",
+               "STREAMREC_KAFKA_REBALANCE_TIMEOUT_S": "6"}
+        log = open(Path(tmp) / "worker.log", "wb")  # noqa: SIM115
+        worker = subprocess.Popen([sys.executable, "-m", "infra.cli", "worker", "--loglevel",
+                                   "warn"], env=env, cwd=ROOT, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        client, keys = sync_redis(redis_srv.url), RedisKeys("sr")
+
+        def applied() -> int:
+            return int(client.hget(keys.stats, "events_applied") or 0)
+
+        try:
+            deadline = time.monotonic() + 120
+            while applied() == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            first = time.perf_counter()
+            start_count = applied()
+            while applied() < len(events) and time.monotonic() < deadline + 600:
+                if worker.poll() is not None:
+                    sys.exit(f"worker exited: {(Path(tmp) / 'worker.log').read_text()[-2000:]}")
+                time.sleep(0.01)
+            worker_s = time.perf_counter() - first
+            worker_rate = (applied() - start_count) / worker_s if worker_s else 0.0
+            latencies = freshness(kafka.bootstrap, topic, client, keys, sim, args)
+        finally:
+            terminate(worker)
+            log.close()
+            client.close()
+    result = {
+        "events": len(events), "messages": messages, "partitions": args.partitions,
+        "models": args.models, "events_per_s": round(worker_rate),
+        "baseline_events_per_s": round(baseline_events / baseline_s),
+        "ratio_to_baseline": round(worker_rate / (baseline_events / baseline_s), 3),
+        "freshness_rate_events_per_s": args.rate, "freshness_probes": len(latencies),
+        "freshness_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
+        "freshness_p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
+    }
+    for key, value in result.items():
+        print(f"{key:>28}: {value}")
+    print(json.dumps(result))
+
+
+def freshness(bootstrap, topic, client, keys, sim, args) -> list[float]:
+    """Steady load at ``args.rate`` with timed probe events; returns probe latencies in ms."""
+    stop = threading.Event()
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+
+    def watch() -> None:
+        while not stop.is_set() or sent:
+            for user, t0 in list(sent.items()):
+                if client.exists(keys.user_history(user)):
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                    sent.pop(user)
+            time.sleep(0.002)
+            if stop.is_set() and time.perf_counter() - stop_time[0] > 10:
+                break
+
+    stop_time = [0.0]
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    load = sim.events(int(args.rate * args.freshness_s), time.time())
+    with InteractionProducer(bootstrap, topic, max_batch_events=500, linger_s=0.005) as producer:
+        start = time.perf_counter()
+        tick, probe_every, next_probe, n = 0.01, 1.0 / args.probes_per_s, 0.0, 0
+        while (elapsed := time.perf_counter() - start) < args.freshness_s:
+            due = int(elapsed * args.rate) - n
+            batch = [next(load, None) for _ in range(max(due, 0))]
+            batch = [e for e in batch if e is not None]
+            if batch:
+                producer.send_many(batch)
+                n += len(batch)
+            if elapsed >= next_probe:
+                user = f"probe-{uuid.uuid4().hex[:10]}"
+                sent[user] = time.perf_counter()
+                producer.send(Interaction(event_id=user, user_id=user, item_id="i1",
+                                          type="click", timestamp=time.time()))
+                next_probe += probe_every
+            producer.flush(timeout_s=5) if False else None
+            time.sleep(tick)
+        producer.flush()
+    stop_time[0] = time.perf_counter()
+    stop.set()
+    watcher.join(15)
+    return latencies
+
+
+if __name__ == "__main__":
+    main()
