@@ -170,7 +170,6 @@ def freshness(bootstrap, topic, client, keys, sim, args) -> list[float]:
                 producer.send(Interaction(event_id=user, user_id=user, item_id="i1",
                                           type="click", timestamp=time.time()))
                 next_probe += probe_every
-            producer.flush(timeout_s=5) if False else None
             time.sleep(tick)
         producer.flush()
     stop_time[0] = time.perf_counter()

@@ -88,11 +88,10 @@ def main() -> None:
             model.learn(batch)
         current, _ = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        per = "user" if name == "mf" else "item"
         results[f"{name}_state_bytes"] = current
         results[f"{name}_bytes_per_item"] = current / n_items
         results[f"{name}_bytes_per_user"] = current / n_users
-        del model, per
+        del model
     results["items"], results["users"] = n_items, n_users
     for key, value in results.items():
         print(f"{key:>40}: {value:,.1f}" if isinstance(value, float) else f"{key:>40}: {value}")

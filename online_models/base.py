@@ -71,21 +71,6 @@ class OnlineModel(ABC):
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]: ...
 
 
-def top_k(item_ids: np.ndarray, scores: np.ndarray, k: int,
-          exclude: frozenset[str] = frozenset()) -> Recommendations:
-    """Best ``k`` positive scores (ties: stable by position), dropping excluded ids."""
-    keep = scores > 0
-    if exclude:
-        keep &= ~np.isin(item_ids, list(exclude))
-    idx = np.flatnonzero(keep)
-    if len(idx) > k:
-        part = idx[np.argpartition(-scores[idx], k - 1)[:k]]
-    else:
-        part = idx
-    order = part[np.lexsort((part, -scores[part]))]
-    return Recommendations([str(i) for i in item_ids[order]], scores[order])
-
-
 def top_k_dense(item_ids: np.ndarray, block: np.ndarray, k: int,
                 queries: Sequence[Query]) -> list[Recommendations]:
     """Top-``k`` positive scores of each row of a dense block (one query per row), vectorised.

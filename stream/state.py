@@ -92,7 +92,6 @@ class ApplyResult:
     redelivered_messages: int = 0
     duplicate_events: int = 0
     changed_item_vectors: list[str] = field(default_factory=list)
-    changed_users: list[str] = field(default_factory=list)
 
 
 class LiveState:
@@ -205,5 +204,4 @@ class LiveState:
                 pipe.hincrby(keys.stats, "skipped_duplicates", result.duplicate_events)
             pipe.execute()
         result.applied_events = len(events)
-        result.changed_users = sorted({e.user_id for e in events})
         return result
