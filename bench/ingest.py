@@ -100,8 +100,9 @@ def main() -> None:
                                   stderr=subprocess.STDOUT, start_new_session=True)
         client, keys = sync_redis(redis_srv.url), RedisKeys("sr")
 
-        def applied() -> int:
-            return int(client.hget(keys.stats, "events_applied") or 0)
+        def applied() -> int:  # duplicates the simulator sends count as handled
+            counters = client.hmget(keys.stats, "events_applied", "skipped_duplicates")
+            return sum(int(c or 0) for c in counters)
 
         try:
             deadline = time.monotonic() + 120

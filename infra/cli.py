@@ -16,14 +16,12 @@ def _env(name: str, default):
 
 def cmd_worker(args: argparse.Namespace) -> None:
     """Run the Faust worker (ingest agent)."""
-    from infra.embedded import ensure_topics
+    from infra.embedded import ensure_streamrec_topics
     from infra.settings import Settings
 
     settings = Settings()
     settings.require_services()
-    ensure_topics(settings.kafka_bootstrap, {settings.topic_interactions: settings.topic_partitions,
-                                             settings.topic_dlq: 1},
-                  settings.kafka_client_options())
+    ensure_streamrec_topics(settings)
     from stream.ingest import app  # registers the agents
 
     sys.argv = ["streamrec-worker", "worker", "-l", args.loglevel]

@@ -23,7 +23,8 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from infra.embedded import EmbeddedKafka, EmbeddedRedis, ensure_topics, free_port, terminate
+from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topics, free_port,
+                            terminate)
 from infra.redis_client import sync_redis
 from infra.settings import Settings
 from schemas.keys import RedisKeys
@@ -68,8 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
         settings = base.model_copy(update={"kafka_bootstrap": kafka_bootstrap,
                                            "redis_url": redis_url, "api_port": api_port})
         print(f"kafka {kafka_bootstrap}  redis {redis_url}", flush=True)
-        ensure_topics(kafka_bootstrap, {settings.topic_interactions: settings.topic_partitions,
-                                        settings.topic_dlq: 1}, settings.kafka_client_options())
+        ensure_streamrec_topics(settings)
         env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka_bootstrap,
                "STREAMREC_REDIS_URL": redis_url, "STREAMREC_API_PORT": str(api_port),
                "STREAMREC_WORKER_WEB_PORT": str(free_port()),

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str = Field("", description="CA bundle for SSL/SASL_SSL.")
     topic_interactions: str = Field("interactions", description="Topic of interaction events.")
     topic_dlq: str = Field("interactions.dlq", description="Dead-letter topic for invalid input.")
+    topic_item_vectors: str = Field("item-vectors", description="Compacted topic of changed item "
+                                    "vectors (key: item id), tailed by the ANN index.")
     topic_partitions: int = Field(4, ge=1, le=1024, description="Partitions of created topics.")
     app_id: str = Field("streamrec", description="Faust application id (consumer group).")
     kafka_session_timeout_s: float = Field(10.0, gt=0, description="Consumer session timeout.")
@@ -48,10 +50,19 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted message.")
 
     # --- Worker ----------------------------------------------------------------------------
+    kafka_fetch_max_wait_ms: int = Field(50, ge=1, le=1500, description="Longest a worker's "
+                                         "fetch waits at the broker for data (latency floor on "
+                                         "brokers that always wait it out).")
     worker_batch_max: int = Field(2000, ge=1, description="Messages taken per agent batch.")
+    worker_apply_max_events: int = Field(4000, ge=1, description="Events per Redis transaction "
+                                         "(an agent batch is applied in chunks of this size).")
     worker_batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a batch.")
     worker_web_port: int = Field(6066, ge=0, le=65535,
                                  description="Faust web port (bound to 127.0.0.1).")
+    vector_publish_interval_s: float = Field(1.0, gt=0, description="Changed item vectors are "
+                                             "coalesced and published at most this often.")
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of "
+                                     "the worker (0 = off).")
     worker_data_dir: str = Field("", description="Faust data dir (default: a temp dir).")
     redis_retry_max_s: float = Field(5.0, gt=0, description="Cap of the Redis retry backoff.")
     trending_half_life_s: float = Field(3600.0, gt=0, description="Half-life of trending scores.")
@@ -61,8 +72,9 @@ class Settings(BaseSettings):
     live_models: str = Field("session,cooc,mf", pattern=r"^[a-z_]*(,[a-z_]+)*$",
                              description="Online models the worker updates (comma-separated, "
                                          "names from online_models/registry.py; empty = none).")
-    dedup_ttl_s: int = Field(3600, ge=1, description="How long applied event ids are "
-                                                     "remembered to drop producer duplicates.")
+    dedup_ttl_s: int = Field(600, ge=1, description="How long applied event ids are remembered "
+                                                    "to drop producer duplicates (memory: ~70 B "
+                                                    "× events/s × 2 × this).")
 
     # --- Feeds and API ---------------------------------------------------------------------
     feed_size: int = Field(20, ge=1, le=1000, description="Items per feed.")

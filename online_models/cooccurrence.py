@@ -44,11 +44,8 @@ class CooccurrenceModel(OnlineModel):
         self.normalisation = normalisation
 
     def _landmark(self, first_ts: float) -> float:
-        meta = self.store.get_rows("meta", ["landmark"])[0]
-        if "t" not in meta:
-            self.store.set_rows("meta", {"landmark": {"t": first_ts}})
-            return first_ts
-        return meta["t"]
+        # claimed atomically: concurrent workers must all scale by the same landmark
+        return self.store.claim("meta", "landmark", "t", first_ts)
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
         batch = batch.select(batch.positive)

@@ -30,10 +30,7 @@ class PopularityModel(OnlineModel):
         if self.half_life_s is None:
             items, deltas = np.unique(batch.items, return_counts=True)
         else:
-            meta = self.store.get_rows("meta", ["landmark"])[0]
-            landmark = meta.get("t", float(batch.timestamps[0]))
-            if "t" not in meta:
-                self.store.set_rows("meta", {"landmark": {"t": landmark}})
+            landmark = self.store.claim("meta", "landmark", "t", float(batch.timestamps[0]))
             items, deltas = batch_deltas(batch.items, batch.timestamps,
                                          np.ones(len(batch)), landmark, self.half_life_s)
         self.store.incr_rows("pop", {"all": dict(zip(items.tolist(),

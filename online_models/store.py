@@ -59,6 +59,11 @@ class StateStore(ABC):
         """Make each given row exactly this mapping (atomically per row)."""
 
     @abstractmethod
+    def claim(self, table: str, key: str, member: str, value: float) -> float:
+        """Set ``member`` of row ``key`` to ``value`` unless it is set; return the stored value.
+        Atomic and immediate even inside :meth:`RedisStore.deferred` (first writer wins)."""
+
+    @abstractmethod
     def get_vectors(self, table: str, keys: Sequence[str], dim: int
                     ) -> tuple[np.ndarray, np.ndarray]:
         """(float32 matrix ``len(keys) × dim``, bool mask of keys found); absent rows are 0."""
@@ -124,6 +129,9 @@ class MemoryStore(StateStore):
         for key, row in rows.items():
             stored[key] = dict(row)
 
+    def claim(self, table, key, member, value):
+        return self.rows.setdefault(table, {}).setdefault(key, {}).setdefault(member, value)
+
     def get_vectors(self, table, keys, dim):
         stored = self.vectors.get(table, {})
         out = np.zeros((len(keys), dim), dtype=np.float32)
@@ -143,48 +151,86 @@ class MemoryStore(StateStore):
         return len(self.rows.get(table, {})) + len(self.vectors.get(table, {}))
 
 
-_INCR_TRIM_LUA = """
-for i = 3, #ARGV, 2 do
-  redis.call('ZINCRBY', KEYS[1], ARGV[i + 1], ARGV[i])
-end
-local keep = tonumber(ARGV[1])
-if keep >= 0 then
-  local size = redis.call('ZCARD', KEYS[1])
-  if size > keep + tonumber(ARGV[2]) then
-    redis.call('ZREMRANGEBYRANK', KEYS[1], 0, size - keep - 1)
+#: One call per table and batch. KEYS: the rows. ARGV: keep (-1: no trim), slack, then per
+#: key its member count followed by member, value pairs. ``OP`` is ZINCRBY or ZADD.
+_WRITE_ROWS_LUA = """
+local keep, slack = tonumber(ARGV[1]), tonumber(ARGV[2])
+local a = 3
+for k = 1, #KEYS do
+  local key = KEYS[k]
+  local n = tonumber(ARGV[a])
+  for i = a + 1, a + 2 * n, 2 do
+    redis.call('OP', key, ARGV[i + 1], ARGV[i])
+  end
+  a = a + 2 * n + 1
+  if keep >= 0 then
+    local size = redis.call('ZCARD', key)
+    if size > keep + slack then
+      redis.call('ZREMRANGEBYRANK', key, 0, size - keep - 1)
+    end
   end
 end
 return 0
 """
 
-_REPLACE_LUA = """
-redis.call('DEL', KEYS[1])
-for i = 1, #ARGV, 2 do
-  redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+#: KEYS: the rows. ARGV: per key its member count, then member, value pairs.
+_REPLACE_ROWS_LUA = """
+local a = 1
+for k = 1, #KEYS do
+  redis.call('DEL', KEYS[k])
+  local n = tonumber(ARGV[a])
+  for i = a + 1, a + 2 * n, 2 do
+    redis.call('ZADD', KEYS[k], ARGV[i + 1], ARGV[i])
+  end
+  a = a + 2 * n + 1
 end
 return 0
 """
 
-_SET_TRIM_LUA = _INCR_TRIM_LUA.replace("'ZINCRBY', KEYS[1], ARGV[i + 1], ARGV[i]",
-                                       "'ZADD', KEYS[1], ARGV[i + 1], ARGV[i]")
+_CLAIM_LUA = """
+redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
+return redis.call('ZSCORE', KEYS[1], ARGV[1])
+"""
+
+#: KEYS: the rows. Returns each row as a flat member, score array (scores as strings: exact).
+_READ_ROWS_LUA = """
+local out = {}
+for k = 1, #KEYS do
+  out[k] = redis.call('ZRANGE', KEYS[k], 0, -1, 'WITHSCORES')
+end
+return out
+"""
+
+
+def _row_args(rows: Rows, head: list) -> tuple[list[str], list]:
+    """Flatten rows into the scripts' ARGV layout (see ``_WRITE_ROWS_LUA``)."""
+    args = head
+    for update in rows.values():
+        args.append(len(update))
+        for member, value in update.items():
+            args += (member, repr(float(value)))
+    return list(rows), args
 
 
 class RedisStore(StateStore):
-    """Rows as sorted sets, vectors as float32 strings, one pipeline per call.
+    """Rows as sorted sets, vectors as float32 strings; one script call (or MGET/MSET) per
+    table and batch.
 
-    Keys: ``<prefix>:m:<namespace>:<table>:{<encoded key>}`` — the row key is its own hash
-    tag, so rows spread over a Redis Cluster and every script touches a single slot.
-    A set ``<prefix>:m:<namespace>:<table>:index`` is *not* kept; ``row_count`` uses SCAN with a
-    fixed, code-built pattern (never user input).
+    Keys: ``<prefix>:m:<namespace>:<table>:{<encoded key>}`` — each row is its own hash tag.
+    A batch call touches many rows in one script, so all of a store's keys must live on one
+    Redis primary (the exactly-once worker needs that anyway: see :mod:`stream.state`).
+    ``row_count`` uses SCAN with a fixed, code-built pattern (never user input).
     """
 
     def __init__(self, client, prefix: str = "sr", namespace: str = "default") -> None:
         self.client = client
         self.base = f"{prefix}:m:{encode_id(namespace)}"
         self._deferred = None
-        self._incr = client.register_script(_INCR_TRIM_LUA)
-        self._set = client.register_script(_SET_TRIM_LUA)
-        self._replace = client.register_script(_REPLACE_LUA)
+        self._incr = client.register_script(_WRITE_ROWS_LUA.replace("OP", "ZINCRBY"))
+        self._set = client.register_script(_WRITE_ROWS_LUA.replace("OP", "ZADD"))
+        self._replace = client.register_script(_REPLACE_ROWS_LUA)
+        self._read = client.register_script(_READ_ROWS_LUA)
+        self._claim = client.register_script(_CLAIM_LUA)
 
     def key(self, table: str, key: str) -> str:
         return f"{self.base}:{table}:{{{encode_id(key)}}}"
@@ -199,31 +245,27 @@ class RedisStore(StateStore):
         finally:
             self._deferred = None
 
-    @contextmanager
-    def _writer(self):
-        if self._deferred is not None:
-            yield self._deferred
+    def _run(self, script, keys: list[str], args: list) -> None:
+        if not keys:
             return
-        with self.client.pipeline(transaction=False) as pipe:
-            yield pipe
-            pipe.execute()
+        if self._deferred is not None:
+            # EVALSHA queued directly: the pipeline loads registered scripts on execute
+            self._deferred.scripts.add(script)
+            self._deferred.evalsha(script.sha, len(keys), *keys, *args)
+        else:
+            script(keys=keys, args=args)
 
     def get_rows(self, table, keys):
-        with self.client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.zrange(self.key(table, key), 0, -1, withscores=True)
-            raw = pipe.execute()
-        return [{m.decode(): s for m, s in row} for row in raw]
+        if not keys:
+            return []
+        raw = self._read(keys=[self.key(table, k) for k in keys])
+        return [{flat[i].decode(): float(flat[i + 1]) for i in range(0, len(flat), 2)}
+                for flat in raw]
 
     def _write(self, script, table, rows, keep_top):
-        keep = -1 if keep_top is None else keep_top
-        with self._writer() as pipe:
-            pipe.scripts.add(script)
-            for key, update in rows.items():
-                args: list = [keep, slack(keep_top) if keep_top is not None else 0]
-                for member, value in update.items():
-                    args += (member, repr(float(value)))
-                pipe.evalsha(script.sha, 1, self.key(table, key), *args)
+        head = [-1, 0] if keep_top is None else [keep_top, slack(keep_top)]
+        names, args = _row_args(rows, head)
+        self._run(script, [self.key(table, k) for k in names], args)
 
     def incr_rows(self, table, deltas, keep_top=None):
         self._write(self._incr, table, deltas, keep_top)
@@ -232,13 +274,11 @@ class RedisStore(StateStore):
         self._write(self._set, table, values, keep_top)
 
     def replace_rows(self, table, rows):
-        with self._writer() as pipe:
-            pipe.scripts.add(self._replace)
-            for key, row in rows.items():
-                args: list = []
-                for member, value in row.items():
-                    args += (member, repr(float(value)))
-                pipe.evalsha(self._replace.sha, 1, self.key(table, key), *args)
+        names, args = _row_args(rows, [])
+        self._run(self._replace, [self.key(table, k) for k in names], args)
+
+    def claim(self, table, key, member, value):
+        return float(self._claim(keys=[self.key(table, key)], args=[member, repr(float(value))]))
 
     def get_vectors(self, table, keys, dim):
         raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
@@ -250,10 +290,11 @@ class RedisStore(StateStore):
         return out, found
 
     def set_vectors(self, table, keys, vectors):
+        if not len(keys):
+            return
         vectors = np.asarray(vectors, dtype=np.float32)
-        with self._writer() as pipe:
-            for key, vec in zip(keys, vectors):
-                pipe.set(self.key(table, key), vec.tobytes())
+        mapping = {self.key(table, k): v.tobytes() for k, v in zip(keys, vectors)}
+        (self._deferred or self.client).mset(mapping)
 
     def row_count(self, table):
         pattern = f"{self.base}:{table}:{{*"

@@ -16,13 +16,16 @@ Example
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
+
+_ALREADY_SAFE = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
 
 
 def encode_id(raw_id: str) -> str:
     """Reversible, key-safe form of an id: everything but ``A-Za-z0-9_.-~`` is %XX (UTF-8)."""
-    return quote(raw_id, safe="")
+    return raw_id if _ALREADY_SAFE(raw_id) else quote(raw_id, safe="")
 
 
 def decode_id(encoded: str) -> str:
@@ -76,8 +79,9 @@ class RedisKeys:
     def watermark(self, topic: str, partition: int) -> str:
         return f"{self.prefix}:{{wm}}:{encode_id(topic)}:{int(partition)}"
 
-    def seen_event(self, event_id: str) -> str:
-        return f"{self.prefix}:{{wm}}:ev:{encode_id(event_id)}"
+    def seen_events(self, bucket: int) -> str:
+        """Set of the ids of applied events whose timestamps fall in time bucket ``bucket``."""
+        return f"{self.prefix}:{{wm}}:seen:{int(bucket)}"
 
     def model_row_prefix(self) -> str:
         return f"{self.prefix}:m"
@@ -110,10 +114,12 @@ class RedisKeys:
                     "stream worker", "one per source partition",
                     "Highest offset whose effects are in Redis; written in the same MULTI/EXEC "
                     "as those effects. Offsets at or below it are skipped on redelivery."),
-            KeySpec(f"{p}:{{wm}}:ev:<event_id>", "string", "STREAMREC_DEDUP_TTL_S (1 hour)",
-                    "stream worker", "events seen within the TTL",
-                    "Event ids already applied: a producer duplicate (same id, new offset) "
-                    "is dropped."),
+            KeySpec(f"{p}:{{wm}}:seen:<bucket>", "set of event ids",
+                    "2 × STREAMREC_DEDUP_TTL_S after its last write", "stream worker",
+                    "ids of events applied within the TTL (~70 B each)",
+                    "Event ids already applied, bucketed by floor(event timestamp / "
+                    "STREAMREC_DEDUP_TTL_S): a producer duplicate (same id and timestamp, new "
+                    "offset) falls in the same bucket and is dropped."),
             KeySpec(f"{p}:m:<model>:<table>:{{<key>}}", "sorted set (rows) or string "
                     "(float32 vector)", "none", "stream worker (online models)",
                     "per-table caps (README, models table)",

@@ -11,10 +11,26 @@ import ssl
 import tempfile
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from infra.settings import Settings
 
 settings = Settings()
+
+
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust hard-codes ``fetch_max_wait_ms=1500``. Apache Kafka answers a fetch as soon as data
+    is there, but some brokers (Tansu, the embedded one) hold every fetch for the full wait,
+    which adds ~0.5 s to freshness; the wait is ``STREAMREC_KAFKA_FETCH_MAX_WAIT_MS``."""
+
+    def _create_worker_consumer(self, transport):
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms  # read by start()
+        return consumer
+
+
+faust_aiokafka.Consumer._new_consumer_thread = (  # the driver's documented factory hook
+    lambda self: _ConsumerThread(self, loop=self.loop, beacon=self.beacon))
 
 
 def _broker_credentials(s: Settings):

@@ -7,6 +7,12 @@ raised, and any other exception is a bug that stops the process before the ack c
 committed, so the batch is redelivered to the restarted worker. Effects on Redis are exactly
 once per source offset (:meth:`stream.state.LiveState.apply_messages`); the Redis work runs on
 one worker thread so the event loop keeps heartbeating while a batch is applied.
+
+Redis, not Kafka, is the truth for progress: after every rebalance, before Faust seeks its
+partitions to their committed offsets, :func:`resume_from_redis_watermarks` commits
+``watermark + 1`` for each assigned partition (``0`` where Redis has no watermark). A worker
+restarted after a crash skips what Redis already holds, and if Redis lost writes (restored
+from an older snapshot, flushed), the lost offsets are consumed again from Kafka.
 """
 
 from __future__ import annotations
@@ -15,19 +21,24 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import time
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
 from online_models.registry import build
 from online_models.store import RedisStore
-from schemas import dlq
+from schemas import dlq, vectors
 from schemas.events import split_message
+from stream import metrics
 from stream.app import app, settings
 from stream.state import LiveState, SourceMessage
-from stream.topics import dlq_topic, interactions_topic
+from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
 
 log = logging.getLogger("streamrec.ingest")
 EXIT_ON_BUG = 70
 _state: LiveState | None = None
+_changed_vectors: set[str] = set()  # items whose vectors changed since the last publish
 _redis_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-apply")
 
 
@@ -71,10 +82,119 @@ async def process_batch(messages) -> tuple[int, int]:
                                         value=dlq.encode(r)) for r in letters]
         await asyncio.gather(*pending)  # delivered before the batch can be acked
     loop = asyncio.get_running_loop()
-    result = await with_redis_retry(
-        lambda: loop.run_in_executor(_redis_thread, live_state().apply_messages, sources),
-        "apply")
-    return result.applied_events, len(letters)
+    applied = 0
+    for chunk in event_chunks(sources, settings.worker_apply_max_events):
+        started = time.perf_counter()
+        result = await with_redis_retry(
+            partial(loop.run_in_executor, _redis_thread, live_state().apply_messages, chunk),
+            "apply")
+        metrics.REDIS_SECONDS.observe(time.perf_counter() - started)
+        applied += result.applied_events
+        _changed_vectors.update(result.changed_item_vectors)
+        metrics.EVENTS_APPLIED.inc(result.applied_events)
+        metrics.SKIPPED_DUPLICATES.inc(result.duplicate_events)
+        metrics.SKIPPED_REDELIVERED.inc(result.redelivered_messages)
+    metrics.MESSAGES_IN.inc(len(sources))
+    metrics.EVENTS_IN.inc(sum(len(source.events) for source in sources))
+    metrics.DLQ_MESSAGES.inc(len(letters))
+    return applied, len(letters)
+
+
+def event_chunks(sources: list[SourceMessage], max_events: int) -> list[list[SourceMessage]]:
+    """Consecutive runs of whole messages holding about ``max_events`` events each."""
+    chunks: list[list[SourceMessage]] = [[]]
+    size = 0
+    for source in sources:
+        if size and size + len(source.events) > max_events:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(source)
+        size += len(source.events)
+    return chunks
+
+
+def redis_resume_offsets(partitions) -> dict:
+    """``{tp: watermark + 1}`` for the given topic partitions (0 where Redis has none)."""
+    state = live_state()
+    marks = state.client.mget([state.keys.watermark(tp.topic, tp.partition)
+                               for tp in partitions]) if partitions else []
+    return {tp: int(mark) + 1 if mark is not None else 0 for tp, mark in zip(partitions, marks)}
+
+
+@app.on_rebalance_complete.connect
+async def resume_from_redis_watermarks(sender, **_) -> None:
+    """Commit Redis's watermarks as the group's offsets; Faust then seeks to them."""
+    topic = settings.topic_interactions
+    partitions = sorted(tp for tp in app.consumer.assignment() if tp.topic == topic)
+    if not partitions:
+        return
+    loop = asyncio.get_running_loop()
+    offsets: dict = {}
+
+    async def read() -> None:
+        offsets.update(await loop.run_in_executor(_redis_thread, redis_resume_offsets,
+                                                  partitions))
+
+    await with_redis_retry(read, "reading watermarks")
+    # Consumer._commit: faust's own commit of explicit offsets (faust-streaming is pinned).
+    # Faust then seeks to committed offsets, but skips offset 0: seek explicitly as well.
+    await app.consumer._commit(offsets)
+    for tp, offset in offsets.items():
+        await app.consumer.seek(tp, offset)
+    log.info("resuming from Redis watermarks: %s",
+             {f"{tp.topic}[{tp.partition}]": o for tp, o in offsets.items()})
+
+
+def _vector_model():
+    return next((m for m in live_state().models if m.name == "mf"), None)
+
+
+def read_changed_vectors(items: list[str]) -> list[tuple[str, bytes]]:
+    """(key, record) pairs for the item-vector topic, read from the live MF state."""
+    model, now = _vector_model(), time.time()
+    found_vectors, found = model.store.get_vectors("item", items, model.factors)
+    return [(item, vectors.encode(vectors.ItemVector(item, model.name, vec.tolist(), now)))
+            for item, vec, ok in zip(items, found_vectors, found) if ok]
+
+
+@app.timer(settings.vector_publish_interval_s)
+async def publish_changed_vectors() -> None:
+    """Coalesce changed item vectors and publish each item's latest vector once per interval."""
+    if not _changed_vectors or _vector_model() is None:
+        _changed_vectors.clear()
+        return
+    items = sorted(_changed_vectors)
+    _changed_vectors.clear()
+    loop = asyncio.get_running_loop()
+    records: list = []
+
+    async def read() -> None:
+        records[:] = await loop.run_in_executor(_redis_thread, read_changed_vectors, items)
+
+    await with_redis_retry(read, "reading changed vectors")
+    for item, value in records:
+        await item_vectors_topic.send(key=item.encode(), value=value)
+    metrics.VECTORS_PUBLISHED.inc(len(records))
+
+
+@app.timer(5.0)
+async def report_consumer_lag() -> None:
+    consumer = app.consumer
+    for tp in consumer.assignment():
+        if tp.topic == settings.topic_interactions:
+            high = consumer.highwater(tp)
+            position = consumer._read_offset.get(tp)  # faust's last read offset (pinned)
+            if high is not None and position is not None:
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
+                    max(high - position - 1, 0))
+
+
+@app.task
+async def serve_metrics() -> None:
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+        start_http_server(settings.worker_metrics_port, addr="127.0.0.1")
+        log.info("metrics on http://127.0.0.1:%d/metrics", settings.worker_metrics_port)
 
 
 @app.agent(interactions_topic)
@@ -82,7 +202,10 @@ async def ingest(stream) -> None:
     async for messages in stream.take_events(settings.worker_batch_max,
                                              within=settings.worker_batch_within_s):
         try:
-            await process_batch(messages)
+            with metrics.BATCH_SECONDS.time():
+                applied, dead = await process_batch(messages)
+            log.debug("batch", extra={"messages": len(messages), "applied": applied,
+                                      "dead_lettered": dead})
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug: crash before Faust acks the batch, so nothing is lost

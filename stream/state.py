@@ -6,8 +6,9 @@ optimistic transaction per batch:
 1. ``WATCH``es the batch's per-partition offset watermarks and reads them; messages at or below
    their partition's watermark were applied before (redelivery after a crash or rebalance) and
    are skipped;
-2. reads the dedup keys of the remaining events' ids; an id seen within ``dedup_ttl_s`` is a
-   producer duplicate and is dropped (as is a repeat inside the batch);
+2. looks the remaining events' ids up in the seen-sets (one set per ``dedup_ttl_s`` bucket of
+   event time, so a retried send — same id, same timestamp — meets its original); an id found
+   is a producer duplicate and is dropped (as is a repeat inside the batch);
 3. lets every live model learn the new events through a :class:`RedisStore` whose writes are
    *deferred* into the transaction, and queues the skeleton state (trending, histories, feed
    queue, counters);
@@ -72,6 +73,21 @@ end
 return tostring(landmark)
 """
 
+#: KEYS: history lists. ARGV: max length, TTL, then per key its item count and items (oldest
+#: first, so the newest ends up at the head).
+HISTORY_LUA = """
+local keep, ttl = tonumber(ARGV[1]) - 1, tonumber(ARGV[2])
+local a = 3
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[a])
+  redis.call('LPUSH', KEYS[k], unpack(ARGV, a + 1, a + n))
+  redis.call('LTRIM', KEYS[k], 0, keep)
+  redis.call('EXPIRE', KEYS[k], ttl)
+  a = a + n + 1
+end
+return 0
+"""
+
 _WEIGHT_OF = dict(TRENDING_WEIGHTS)
 
 
@@ -108,6 +124,7 @@ class LiveState:
         self.models = list(models)
         self.mapper = SignalMapper()
         self._trending = client.register_script(TRENDING_LUA)
+        self._history = client.register_script(HISTORY_LUA)
 
     def _queue(self, pipe, events: list[Interaction]) -> None:
         s, keys = self.settings, self.keys
@@ -129,12 +146,14 @@ class LiveState:
         for e in events:  # stream order: Kafka keeps each user's events in order
             if e.type != "impression":
                 histories.setdefault(e.user_id, []).append(e.item_id)
-        for user, seen in histories.items():
-            key = keys.user_history(user)
-            pipe.lpush(key, *seen)
-            pipe.ltrim(key, 0, s.history_len - 1)
-            pipe.expire(key, s.history_ttl_s)
         if histories:
+            args = [s.history_len, s.history_ttl_s]
+            for seen in histories.values():
+                args.append(len(seen))
+                args += seen
+            pipe.scripts.add(self._history)
+            pipe.evalsha(self._history.sha, len(histories),
+                         *map(keys.user_history, histories), *args)
             pipe.sadd(keys.feed_queue, *histories)
         pipe.hincrby(keys.stats, "events_applied", len(events))
         pipe.hincrby(keys.stats, "batches", 1)
@@ -169,11 +188,17 @@ class LiveState:
             fresh = [m for m in messages if m.offset > watermark[(m.topic, m.partition)]]
             result.redelivered_messages = len(messages) - len(fresh)
             candidates = [e for m in fresh for e in m.events]
-            seen = pipe.mget([keys.seen_event(e.event_id) for e in candidates]) \
-                if candidates else []
+            buckets: dict[int, list[str]] = {}
+            for e in candidates:
+                buckets.setdefault(int(e.timestamp // self.settings.dedup_ttl_s), []) \
+                    .append(e.event_id)
+            seen: set[str] = set()
+            for bucket, ids in buckets.items():
+                flags = pipe.smismember(keys.seen_events(bucket), ids)
+                seen.update(i for i, flag in zip(ids, flags) if flag)
             events, batch_ids = [], set()
-            for event, flag in zip(candidates, seen):
-                if flag is None and event.event_id not in batch_ids:
+            for event in candidates:
+                if event.event_id not in seen and event.event_id not in batch_ids:
                     events.append(event)
                     batch_ids.add(event.event_id)
             result.duplicate_events = len(candidates) - len(events)
@@ -186,8 +211,11 @@ class LiveState:
                     result.changed_item_vectors += report.changed_item_vectors
             if events:
                 self._queue(pipe, events)
-                for event_id in batch_ids:
-                    pipe.set(keys.seen_event(event_id), 1, ex=self.settings.dedup_ttl_s)
+                for bucket, ids in buckets.items():
+                    new_ids = [i for i in ids if i in batch_ids]
+                    if new_ids:
+                        pipe.sadd(keys.seen_events(bucket), *new_ids)
+                        pipe.expire(keys.seen_events(bucket), 2 * self.settings.dedup_ttl_s)
             newest: dict[tuple[str, int], int] = {}
             for m in fresh:
                 tp = (m.topic, m.partition)

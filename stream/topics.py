@@ -6,3 +6,5 @@ interactions_topic = app.topic(settings.topic_interactions, key_type=bytes, valu
                                key_serializer="raw", value_serializer="raw")
 dlq_topic = app.topic(settings.topic_dlq, key_type=bytes, value_type=bytes,
                       key_serializer="raw", value_serializer="raw", partitions=1)
+item_vectors_topic = app.topic(settings.topic_item_vectors, key_type=bytes, value_type=bytes,
+                               key_serializer="raw", value_serializer="raw")

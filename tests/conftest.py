@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.embedded import EmbeddedKafka, EmbeddedRedis, ensure_topics, free_port, terminate
+from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topics, free_port,
+                            terminate)
 from infra.redis_client import sync_redis
 from infra.settings import Settings
 
@@ -49,9 +50,10 @@ def settings(redis_server, kafka_server, unique) -> Settings:
     """Settings isolated to this test: own topics, consumer group and Redis key prefix."""
     s = Settings(kafka_bootstrap=kafka_server.bootstrap, redis_url=redis_server.url,
                  topic_interactions=f"interactions-{unique}", topic_dlq=f"dlq-{unique}",
+                 topic_item_vectors=f"vectors-{unique}",
                  app_id=f"streamrec-{unique}", key_prefix=f"t{unique}", topic_partitions=4,
                  kafka_session_timeout_s=6, kafka_rebalance_timeout_s=6)
-    ensure_topics(s.kafka_bootstrap, {s.topic_interactions: s.topic_partitions, s.topic_dlq: 1})
+    ensure_streamrec_topics(s)
     return s
 
 

@@ -1,0 +1,36 @@
+"""Item-vector records: what the compacted ``item-vectors`` topic holds (the ANN index tails it).
+
+Key: the item id (UTF-8), so compaction keeps each item's latest vector. Value: JSON
+``{"item_id", "model", "vector": [float, ...], "updated_at"}``; a ``null`` value (tombstone)
+retires the item.
+
+Example
+-------
+>>> record = ItemVector("i1", "mf", [0.5, -1.0], 1700000000.0)
+>>> decode(encode(record)) == record
+True
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ItemVector(msgspec.Struct, frozen=True):
+    item_id: str
+    model: str
+    vector: list[float]
+    updated_at: float
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(ItemVector)
+
+
+def encode(record: ItemVector) -> bytes:
+    return _encoder.encode(record)
+
+
+def decode(raw: bytes) -> ItemVector:
+    """Raises ``msgspec.ValidationError`` / ``DecodeError`` on a malformed record."""
+    return _decoder.decode(raw)

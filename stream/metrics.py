@@ -1,0 +1,26 @@
+"""Prometheus metrics of the worker (served on ``STREAMREC_WORKER_METRICS_PORT``).
+
+Names follow Prometheus conventions; one process = one target (``job="streamrec-worker"``).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MESSAGES_IN = Counter("streamrec_messages_in_total", "Kafka messages consumed")
+EVENTS_IN = Counter("streamrec_events_in_total", "Valid events decoded from messages")
+EVENTS_APPLIED = Counter("streamrec_events_applied_total", "Events applied to Redis state")
+SKIPPED_DUPLICATES = Counter("streamrec_skipped_duplicate_events_total",
+                             "Producer duplicates dropped (event id seen before)")
+SKIPPED_REDELIVERED = Counter("streamrec_skipped_redelivered_messages_total",
+                              "Messages at or below their partition's watermark")
+DLQ_MESSAGES = Counter("streamrec_dlq_messages_total", "Messages sent to the dead-letter topic")
+VECTORS_PUBLISHED = Counter("streamrec_item_vectors_published_total",
+                            "Item vectors published to the item-vector topic")
+BATCH_SECONDS = Histogram("streamrec_batch_seconds", "Agent batch handling time",
+                          buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+REDIS_SECONDS = Histogram("streamrec_redis_apply_seconds",
+                          "Time applying one chunk to Redis (reads, maths, MULTI/EXEC)",
+                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+CONSUMER_LAG = Gauge("streamrec_consumer_lag_messages", "High watermark minus last read offset",
+                     ["topic", "partition"])

@@ -1,0 +1,106 @@
+"""Worker processes against the real broker and redis-server: scale-out, resume, vector topic,
+metrics."""
+
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from infra.embedded import free_port
+from online_models.registry import build
+from online_models.store import RedisStore
+from schemas import vectors
+from stream.producer import InteractionProducer
+from stream.simulator import UserSimulator
+from tests.conftest import wait_for
+from tests.integration.kafka_helpers import read_topic
+from tests.state_check import applied, assert_live_equals_replay
+
+pytestmark = pytest.mark.integration
+
+
+def produce(s, events, per_message=25) -> None:
+    with InteractionProducer(s.kafka_bootstrap, s.topic_interactions,
+                             max_batch_events=per_message) as producer:
+        producer.send_many(events)
+
+
+def test_two_workers_share_partitions_and_a_rebalance_loses_nothing(settings, redis_client,
+                                                                    spawn):
+    s = settings.model_copy(update={"live_models": "session,cooc", "worker_batch_max": 10})
+    # 3,000 items keep neighbour rows under their caps: once a shared row overflows, which tail
+    # members its trim drops depends on how the two workers' batches interleave
+    total = 8000
+    events = list(UserSimulator(120, 3000, seed=21).events(total, time.time() - total))
+    first = spawn(["worker", "--loglevel", "warn"], s)
+    produce(s, events[:3000])
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= 1000, 60, "first worker", proc=first)
+    second = spawn(["worker", "--loglevel", "warn"], s)  # rebalance 1: the group grows
+    produce(s, events[3000:6000])
+    time.sleep(8)  # both members hold partitions now (session timeout 6 s)
+    first.stop()  # rebalance 2: the first member leaves mid-stream
+    produce(s, events[6000:])
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= total, 120, "all events",
+             proc=second)
+    time.sleep(2)
+    assert applied(redis_client, s.key_prefix) == total
+    assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len)
+
+
+def test_worker_resumes_from_redis_watermarks_when_redis_lost_writes(settings, redis_client,
+                                                                      spawn):
+    """Kafka's committed offsets say "done"; Redis lost everything: Redis wins, state rebuilt."""
+    s = settings.model_copy(update={"live_models": "session,cooc"})
+    total = 3000
+    events = list(UserSimulator(60, 150, seed=5).events(total, time.time() - total))
+    produce(s, events)
+    worker = spawn(["worker", "--loglevel", "warn"], s)
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= total, 60, "first pass", proc=worker)
+    time.sleep(4)  # let faust commit the final offsets to Kafka
+    worker.stop()
+    lost = list(redis_client.scan_iter(match=f"{s.key_prefix}:*", count=1000))
+    redis_client.delete(*lost)  # as after restoring an empty snapshot
+    restarted = spawn(["worker", "--loglevel", "info"], s)
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= total, 60, "rebuild",
+             proc=restarted)
+    time.sleep(2)
+    assert applied(redis_client, s.key_prefix) == total
+    assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len)
+    assert "resuming from Redis watermarks" in restarted.log()
+
+
+def test_changed_item_vectors_reach_the_compacted_topic_and_metrics_count(settings,
+                                                                          redis_client, spawn):
+    s = settings.model_copy(update={"live_models": "mf", "vector_publish_interval_s": 0.2})
+    events = list(UserSimulator(40, 60, seed=3).events(1500, time.time() - 1500))
+    metrics_port = free_port()
+    worker = spawn(["worker", "--loglevel", "warn"], s,
+                   STREAMREC_WORKER_METRICS_PORT=str(metrics_port))
+    produce(s, events)
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= len(events), 60, "events",
+             proc=worker)
+    mf = build("mf").bind(RedisStore(redis_client, s.key_prefix, "mf"))
+    items = sorted({e.item_id for e in events if e.type != "impression"})
+
+    def latest():
+        records = read_topic(s.kafka_bootstrap, s.topic_item_vectors, len(items), 10)
+        newest = {}
+        for record in sorted(records, key=lambda r: (r.timestamp, r.offset)):
+            newest[record.key.decode()] = vectors.decode(record.value)
+        return newest
+
+    newest = wait_for(lambda: (lambda n: n if set(items) <= set(n) else None)(latest()), 30,
+                      "vectors of every item", proc=worker)
+    stored, found = mf.store.get_vectors("item", items, mf.factors)
+    assert found.all()
+    for item, vector in zip(items, stored):
+        assert newest[item].model == "mf"
+        np.testing.assert_allclose(newest[item].vector, vector, rtol=1e-6)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    counters = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("streamrec_") and " " in line}
+    assert counters["streamrec_events_applied_total"] == len(events) - counters.get(
+        "streamrec_skipped_duplicate_events_total", 0)
+    assert counters["streamrec_item_vectors_published_total"] >= len(items)
+    assert counters["streamrec_messages_in_total"] > 0
