@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit bench bench-validation bench-replay bench-ingest docs clean
+.PHONY: setup demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving docs clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,10 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit tests/contract $(PYTEST_ARGS)
 
-bench: bench-validation bench-replay bench-ingest
+bench: bench-validation bench-replay bench-ingest bench-serving
+
+bench-serving: $(STAMP)
+	$(BIN)/python bench/serving.py
 
 bench-ingest: $(STAMP)
 	$(BIN)/python bench/ingest.py

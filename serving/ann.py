@@ -1,0 +1,224 @@
+"""Approximate nearest neighbours over item vectors that keep changing (hnswlib, inner product).
+
+Churn is handled in three layers:
+
+1. **In-place updates** — a moved vector is re-inserted under its label (hnswlib replaces it);
+   new items are added, retired items are marked deleted.
+2. **Exact re-scoring** — a query asks the graph for ``oversample × k`` candidates and
+   re-scores them against the *current* vectors (a dense copy kept beside the graph), so a stale
+   graph position costs recall only if an item falls out of the candidate set entirely.
+3. **Rebuild and swap** — once the vectors moved since the last build exceed
+   ``rebuild_after`` (a fraction of the index), a fresh graph is built from the current
+   vectors on a background thread and swapped in atomically; updates that arrive meanwhile are
+   replayed onto the new graph before the swap.
+
+Snapshots (``save`` / ``load``) hold the graph, the vectors and the label map, so a restarted
+server answers at once and then tails the item-vector topic from where the snapshot ended.
+
+Example
+-------
+>>> import numpy as np
+>>> index = AnnIndex(dim=4, capacity=10)
+>>> index.upsert(["a", "b"], np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32))
+>>> index.search(np.array([1, 0, 0, 0], np.float32), k=1)[0]
+['a']
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+
+class AnnIndex:
+    """Inner-product HNSW over ``item id → float32[dim]``; thread-safe (one lock)."""
+
+    def __init__(self, dim: int, capacity: int = 100_000, m: int = 16, ef_construction: int = 200,
+                 ef_search: int = 400, oversample: int = 4, rebuild_after: float = 0.05,
+                 seed: int = 0) -> None:
+        self.dim, self.m, self.ef_construction = dim, m, ef_construction
+        self.ef_search, self.oversample, self.rebuild_after = ef_search, oversample, rebuild_after
+        self.seed = seed
+        self.capacity = capacity
+        self._lock = threading.RLock()
+        self._label: dict[str, int] = {}
+        self._items: list[str] = []
+        self._vectors = np.zeros((capacity, dim), np.float32)
+        self._live = np.zeros(capacity, bool)
+        self._deleted = np.zeros(capacity, bool)  # marked deleted in the current graph
+        self._graph = self._new_graph(capacity)
+        self._moved_since_build = 0
+        self._rebuilding: threading.Thread | None = None
+        self._pending: list[tuple[str, list[str], np.ndarray | None]] = []
+        self.rebuilds = 0
+
+    def __len__(self) -> int:
+        return int(self._live.sum())
+
+    # --- updates ---------------------------------------------------------------------------
+    def upsert(self, items: list[str], vectors: np.ndarray) -> None:
+        """Insert new items and move existing ones to their new vectors."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(items), self.dim)
+        with self._lock:
+            known = sum(1 for item in items if item in self._label)
+            labels = np.fromiter((self._assign(item) for item in items), np.int64, len(items))
+            self._vectors[labels] = vectors
+            self._live[labels] = True
+            self._graph.add_items(vectors, labels)  # also undeletes a retired item's label
+            self._deleted[labels] = False
+            self._moved_since_build += known  # moves degrade the graph; inserts do not
+            if self._rebuilding is not None:
+                self._pending.append(("upsert", list(items), vectors.copy()))
+        self._maybe_rebuild()
+
+    def delete(self, items: list[str]) -> None:
+        """Retire items (tombstones on the item-vector topic); unknown ids are ignored."""
+        with self._lock:
+            for item in items:
+                label = self._label.get(item)
+                if label is not None and self._live[label]:
+                    self._live[label] = False
+                    self._graph.mark_deleted(label)
+                    self._deleted[label] = True
+            if self._rebuilding is not None:
+                self._pending.append(("delete", [i for i in items if i in self._label], None))
+
+    def _assign(self, item: str) -> int:
+        label = self._label.get(item)
+        if label is None:
+            label = len(self._items)
+            if label >= self.capacity:
+                self._grow(2 * self.capacity)
+            self._label[item] = label
+            self._items.append(item)
+        return label
+
+    def _grow(self, capacity: int) -> None:
+        self._vectors = np.vstack([self._vectors,
+                                   np.zeros((capacity - self.capacity, self.dim), np.float32)])
+        self._live = np.concatenate([self._live, np.zeros(capacity - self.capacity, bool)])
+        self._deleted = np.concatenate([self._deleted, np.zeros(capacity - self.capacity, bool)])
+        self._graph.resize_index(capacity)
+        self.capacity = capacity
+
+    # --- queries ---------------------------------------------------------------------------
+    def search(self, query: np.ndarray, k: int, exclude: frozenset[str] = frozenset()
+               ) -> tuple[list[str], np.ndarray]:
+        """Top-``k`` items by inner product with ``query``, scored on current vectors."""
+        with self._lock:
+            live = len(self)
+            if live == 0:
+                return [], np.empty(0, np.float32)
+            fetch = min(live, (k + len(exclude)) * self.oversample)
+            self._graph.set_ef(max(self.ef_search, fetch))
+            labels, _ = self._graph.knn_query(np.asarray(query, np.float32).reshape(1, -1),
+                                              k=fetch)
+            labels = labels[0].astype(np.int64)
+            labels = labels[self._live[labels]]
+            scores = self._vectors[labels] @ np.asarray(query, np.float32)
+            items = self._items
+        order = np.argsort(-scores, kind="stable")
+        out, out_scores = [], []
+        for i in order.tolist():
+            item = items[labels[i]]
+            if item not in exclude:
+                out.append(item)
+                out_scores.append(scores[i])
+                if len(out) == k:
+                    break
+        return out, np.asarray(out_scores, np.float32)
+
+    def vectors(self, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(current vectors, found mask) of ``items``."""
+        with self._lock:
+            labels = np.array([self._label.get(i, -1) for i in items], np.int64)
+            found = labels >= 0
+            found[found] = self._live[labels[found]]
+            out = np.zeros((len(items), self.dim), np.float32)
+            out[found] = self._vectors[labels[found]]
+        return out, found
+
+    # --- rebuild and swap --------------------------------------------------------------------
+    def _new_graph(self, capacity: int) -> hnswlib.Index:
+        graph = hnswlib.Index(space="ip", dim=self.dim)
+        graph.init_index(max_elements=capacity, M=self.m, ef_construction=self.ef_construction,
+                         random_seed=self.seed, allow_replace_deleted=False)
+        graph.set_ef(self.ef_search)
+        return graph
+
+    def _maybe_rebuild(self) -> None:
+        with self._lock:
+            due = self._moved_since_build > self.rebuild_after * max(len(self), 1)
+            if not due or self._rebuilding is not None:
+                return
+            self._rebuilding = threading.Thread(target=self.rebuild, name="ann-rebuild",
+                                                daemon=True)
+            self._rebuilding.start()
+
+    def rebuild(self) -> None:
+        """Build a fresh graph from the current vectors and swap it in (blocking)."""
+        with self._lock:
+            labels = np.flatnonzero(self._live)
+            vectors = self._vectors[labels].copy()
+            capacity = self.capacity
+            self._moved_since_build = 0
+            if self._rebuilding is None:  # called directly, not from _maybe_rebuild
+                self._rebuilding = threading.current_thread()
+        graph = self._new_graph(capacity)
+        if len(labels):
+            graph.add_items(vectors, labels, num_threads=1)
+        with self._lock:
+            if graph.get_max_elements() < self.capacity:
+                graph.resize_index(self.capacity)
+            self._deleted[:] = False  # the new graph holds only what was live at the build
+            for op, items, vecs in self._pending:  # updates that raced the build, in order
+                ids = np.array([self._label[i] for i in items], np.int64)
+                if op == "upsert":
+                    graph.add_items(vecs, ids)
+                    self._deleted[ids] = False
+                else:
+                    present = set(graph.get_ids_list())
+                    for label in ids.tolist():
+                        if label in present and not self._deleted[label]:
+                            graph.mark_deleted(label)
+                            self._deleted[label] = True
+            self._pending.clear()
+            self._graph = graph
+            self._rebuilding = None
+            self.rebuilds += 1
+
+    def wait_for_rebuild(self, timeout_s: float = 60.0) -> None:
+        thread = self._rebuilding
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+
+    # --- snapshots -------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._graph.save_index(str(directory / "graph.bin"))
+            np.savez(directory / "state.npz", vectors=self._vectors[:len(self._items)],
+                     live=self._live[:len(self._items)],
+                     deleted=self._deleted[:len(self._items)],
+                     items=np.array(self._items, dtype=object), dim=self.dim)
+
+    @classmethod
+    def load(cls, directory: str | Path, **options) -> "AnnIndex":
+        directory = Path(directory)
+        state = np.load(directory / "state.npz", allow_pickle=True)
+        items = state["items"].tolist()
+        index = cls(dim=int(state["dim"]), capacity=max(len(items), 1) * 2, **options)
+        index._items = items
+        index._label = {item: n for n, item in enumerate(items)}
+        index._vectors[:len(items)] = state["vectors"]
+        index._live[:len(items)] = state["live"]
+        index._deleted[:len(items)] = state["deleted"]
+        graph = hnswlib.Index(space="ip", dim=index.dim)
+        graph.load_index(str(directory / "graph.bin"), max_elements=index.capacity)
+        graph.set_ef(index.ef_search)
+        index._graph = graph
+        return index

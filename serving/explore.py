@@ -1,0 +1,105 @@
+"""Exploration over reserved slots, with logged propensities.
+
+A served list has ``k`` positions; ``reserved`` of them may be given to exploration. For each
+position the policy records the probability with which *that item* would have been placed
+there (the propensity off-policy estimators divide by).
+
+* :class:`EpsilonGreedy` — at each reserved position, with probability ``ε`` the ranked item is
+  replaced by a uniform draw from the exploration pool (items not already in the list).
+  Propensity of the shown item: ``(1 − ε) + ε/|pool|`` if it is the ranked item (and in the
+  pool), ``ε/|pool|`` if explored, exact.
+* :class:`ThompsonSampling` — Beta-Bernoulli per item (clicks / shows); each reserved position
+  takes the pool item with the highest sampled CTR. The propensity (probability that item
+  wins the draw) has no closed form: it is estimated from ``propensity_draws`` extra samples.
+  (river's ``bandit.ThompsonSampling`` picks one arm per call and exposes no propensities, so
+  the maths is here, in numpy.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Slot:
+    item_id: str
+    position: int
+    propensity: float
+    explored: bool
+
+
+class EpsilonGreedy:
+    name = "epsilon-greedy"
+
+    def __init__(self, epsilon: float = 0.1, reserved: tuple[int, ...] = (3, 7),
+                 seed: int | None = None) -> None:
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError("epsilon must be in [0, 1]")
+        self.epsilon, self.reserved = epsilon, reserved
+        self.rng = np.random.default_rng(seed)
+
+    def apply(self, ranked: list[str], pool: list[str]) -> list[Slot]:
+        shown = list(ranked)
+        slots = [Slot(item, p, 1.0, False) for p, item in enumerate(shown)]
+        for position in self.reserved:
+            if position >= len(shown):
+                continue
+            options = [i for i in pool if i not in shown or i == shown[position]]
+            if not options:
+                continue
+            share = self.epsilon / len(options)
+            ranked_item = shown[position]
+            if self.rng.random() < self.epsilon:
+                pick = options[self.rng.integers(len(options))]
+                shown[position] = pick
+                explored = pick != ranked_item
+                p = share + ((1 - self.epsilon) if pick == ranked_item else 0.0)
+                slots[position] = Slot(pick, position, p, explored)
+            else:
+                p = (1 - self.epsilon) + (share if ranked_item in options else 0.0)
+                slots[position] = Slot(ranked_item, position, p, False)
+        return slots
+
+
+class ThompsonSampling:
+    name = "thompson-sampling"
+
+    def __init__(self, reserved: tuple[int, ...] = (3, 7), prior: tuple[float, float] = (1, 20),
+                 propensity_draws: int = 1000, seed: int | None = None) -> None:
+        self.reserved, self.prior, self.draws = reserved, prior, propensity_draws
+        self.clicks: dict[str, float] = {}
+        self.shows: dict[str, float] = {}
+        self.rng = np.random.default_rng(seed)
+
+    def update(self, item: str, clicked: bool) -> None:
+        self.shows[item] = self.shows.get(item, 0.0) + 1.0
+        self.clicks[item] = self.clicks.get(item, 0.0) + float(clicked)
+
+    def _params(self, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        c = np.array([self.clicks.get(i, 0.0) for i in items])
+        s = np.array([self.shows.get(i, 0.0) for i in items])
+        return self.prior[0] + c, self.prior[1] + s - c
+
+    def win_probabilities(self, items: list[str]) -> np.ndarray:
+        a, b = self._params(items)
+        samples = self.rng.beta(a, b, size=(self.draws, len(items)))
+        return np.bincount(samples.argmax(axis=1), minlength=len(items)) / self.draws
+
+    def apply(self, ranked: list[str], pool: list[str]) -> list[Slot]:
+        shown = list(ranked)
+        slots = [Slot(item, p, 1.0, False) for p, item in enumerate(shown)]
+        for position in self.reserved:
+            if position >= len(shown):
+                continue
+            options = [i for i in pool if i not in shown]
+            if not options:
+                continue
+            a, b = self._params(options)
+            pick = int(np.argmax(self.rng.beta(a, b)))
+            propensity = float(self.win_probabilities(options)[pick])
+            shown[position] = options[pick]
+            slots[position] = Slot(options[pick], position, max(propensity, 1.0 / self.draws),
+                                   True)
+        return slots

@@ -1,0 +1,126 @@
+"""Blend candidate sources, then re-rank: seen-filter, exclusions, pins, MMR diversity, freshness
+boost and exposure fairness. Every item keeps an explanation.
+
+Blend (documented ranking): each source's scores are divided by that source's best score, so
+every source contributes on a 0–1 scale, and
+
+    score(i) = Σ_s weight_s · norm_s(i) + freshness_weight · 2^(−age(i) / freshness_half_life)
+
+The explanation is the source contributing most ("because you viewed X" for co-occurrence with
+the session item it came from, "trending", ...).
+
+Re-ranking is greedy MMR: the next item maximises
+``λ · score(i) − (1 − λ) · max_{j chosen} cos(v_i, v_j)`` subject to exposure fairness — at
+most ``max_head_share`` of the list from head (popular) items and at least ``min_tail_share``
+from the long tail (when the candidates allow). Pins take their positions first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Candidate:
+    item_id: str
+    score: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class RerankPolicy:
+    mmr_lambda: float = 0.8
+    max_head_share: float = 0.6
+    min_tail_share: float = 0.2
+    freshness_weight: float = 0.1
+    freshness_half_life_s: float = 86400.0
+    source_weights: dict[str, float] = field(default_factory=lambda: {
+        "session": 1.0, "cooc": 0.6, "ann": 0.5, "trending": 0.2})
+
+
+def blend(sources: dict[str, list[tuple[str, float, str]]], policy: RerankPolicy,
+          item_age_s: dict[str, float] | None = None) -> list[Candidate]:
+    """``sources``: name → [(item, score, reason)]; returns candidates best first."""
+    total: dict[str, float] = {}
+    best_part: dict[str, tuple[float, str]] = {}
+    for name, rows in sources.items():
+        if not rows:
+            continue
+        top = max(score for _, score, _ in rows) or 1.0
+        weight = policy.source_weights.get(name, 0.0)
+        for item, score, reason in rows:
+            part = weight * score / top
+            total[item] = total.get(item, 0.0) + part
+            if part > best_part.get(item, (-1.0, ""))[0]:
+                best_part[item] = (part, reason)
+    ages = item_age_s or {}
+    for item in total:
+        if item in ages:
+            total[item] += policy.freshness_weight * 2.0 ** (-ages[item]
+                                                             / policy.freshness_half_life_s)
+    ranked = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [Candidate(item, score, best_part[item][1]) for item, score in ranked]
+
+
+def rerank(candidates: list[Candidate], k: int, policy: RerankPolicy, *,
+           seen: frozenset[str] = frozenset(), exclude: frozenset[str] = frozenset(),
+           pins: dict[int, Candidate] | None = None, head_items: frozenset[str] = frozenset(),
+           vectors: dict[str, np.ndarray] | None = None) -> list[Candidate]:
+    """The final list of at most ``k`` items (see module doc)."""
+    pins = {p: c for p, c in (pins or {}).items() if 0 <= p < k}
+    pinned_ids = {c.item_id for c in pins.values()}
+    pool = [c for c in candidates
+            if c.item_id not in seen and c.item_id not in exclude and c.item_id not in pinned_ids]
+    free = k - len(pins)
+    max_head = math.floor(policy.max_head_share * k)
+    tail_available = sum(1 for c in pool if c.item_id not in head_items)
+    min_tail = min(math.ceil(policy.min_tail_share * k), tail_available)
+    head_count = sum(1 for c in pins.values() if c.item_id in head_items)
+    tail_count = len(pins) - head_count
+    scores = np.array([c.score for c in pool], np.float64)
+    scores /= max(scores.max(initial=0.0), 1e-12)
+    is_head = np.array([c.item_id in head_items for c in pool], bool)
+    similarity = _cosine_matrix(pool, vectors or {})
+    max_sim = np.zeros(len(pool))
+    available = np.ones(len(pool), bool)
+    chosen: list[Candidate] = []
+    while available.any() and len(chosen) < free:
+        eligible = available.copy()
+        if head_count >= max_head or min_tail - tail_count >= free - len(chosen):
+            eligible &= ~is_head
+        if not eligible.any():
+            break
+        value = policy.mmr_lambda * scores - (1 - policy.mmr_lambda) * max_sim
+        best = int(np.flatnonzero(eligible)[np.argmax(value[eligible])])
+        available[best] = False
+        chosen.append(pool[best])
+        max_sim = np.maximum(max_sim, similarity[best])
+        if is_head[best]:
+            head_count += 1
+        else:
+            tail_count += 1
+    out, rest = [], iter(chosen)
+    for position in range(k):
+        if position in pins:
+            out.append(pins[position])
+        else:
+            nxt = next(rest, None)
+            if nxt is None:
+                continue
+            out.append(nxt)
+    return out
+
+
+def _cosine_matrix(pool: list[Candidate], vectors: dict[str, np.ndarray]) -> np.ndarray:
+    """Pairwise cosine similarity of the pool's vectors (0 where a vector is missing)."""
+    dim = next((len(v) for v in vectors.values()), 0)
+    matrix = np.zeros((len(pool), dim))
+    for n, c in enumerate(pool):
+        vec = vectors.get(c.item_id)
+        if vec is not None:
+            norm = np.linalg.norm(vec)
+            matrix[n] = vec / norm if norm > 0 else 0.0
+    return matrix @ matrix.T

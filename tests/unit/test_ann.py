@@ -1,0 +1,66 @@
+"""ANN index under churn: recall against exact search, freshness, deletes, snapshots."""
+
+import numpy as np
+
+from serving.ann import AnnIndex
+
+
+def exact_top(vectors: np.ndarray, query: np.ndarray, k: int) -> set[int]:
+    return set(np.argsort(-(vectors @ query), kind="stable")[:k].tolist())
+
+
+def recall(index: AnnIndex, vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    hits = 0
+    for q in queries:
+        got, _ = index.search(q, k)
+        hits += len({int(i[1:]) for i in got} & exact_top(vectors, q, k))
+    return hits / (k * len(queries))
+
+
+def test_recall_stays_high_while_ten_percent_of_vectors_move_per_round():
+    rng = np.random.default_rng(0)
+    n, dim = 5000, 32
+    vectors = rng.normal(size=(n, dim)).astype(np.float32)
+    ids = [f"i{i}" for i in range(n)]
+    index = AnnIndex(dim, capacity=n, rebuild_after=0.2)
+    index.upsert(ids, vectors)
+    queries = rng.normal(size=(50, dim)).astype(np.float32)
+    recalls = [recall(index, vectors, queries)]
+    for _ in range(5):
+        moved = rng.choice(n, n // 10, replace=False)
+        vectors[moved] = rng.normal(size=(len(moved), dim)).astype(np.float32)
+        index.upsert([ids[i] for i in moved], vectors[moved])
+        recalls.append(recall(index, vectors, queries))
+    index.wait_for_rebuild()
+    recalls.append(recall(index, vectors, queries))
+    assert min(recalls) >= 0.95, recalls
+    assert index.rebuilds >= 1
+
+
+def test_a_moved_vector_is_retrievable_at_once_and_deleted_items_never_return():
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(2000, 16)).astype(np.float32)
+    index = AnnIndex(16, capacity=100)  # grows
+    index.upsert([f"i{i}" for i in range(2000)], vectors)
+    target = np.zeros(16, np.float32)
+    target[3] = 50.0
+    index.upsert(["i7"], target[None, :])
+    assert index.search(target, 1)[0] == ["i7"]
+    index.delete(["i7", "unknown"])
+    assert "i7" not in index.search(target, 20)[0]
+    index.upsert(["i7"], target[None, :])  # an item can come back
+    assert index.search(target, 1)[0] == ["i7"]
+    assert "i7" not in index.search(target, 5, exclude=frozenset({"i7"}))[0]
+
+
+def test_snapshot_restores_the_same_answers(tmp_path):
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(1000, 8)).astype(np.float32)
+    index = AnnIndex(8, capacity=1000)
+    index.upsert([f"i{i}" for i in range(1000)], vectors)
+    index.delete(["i0", "i1"])
+    index.save(tmp_path)
+    restored = AnnIndex.load(tmp_path)
+    assert len(restored) == 998
+    for q in rng.normal(size=(20, 8)).astype(np.float32):
+        assert restored.search(q, 10)[0] == index.search(q, 10)[0]
