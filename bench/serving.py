@@ -6,8 +6,9 @@
    measured over 50 queries with the vectors of that moment. Freshness: a moved vector is
    planted far from everything and timed until ``search`` returns it.
 2. Feeds — JSON feeds written to a private redis-server; p99 of GET + decode.
-3. Recommend — on-demand: ANN top-100 on a user vector + blend with trending + MMR re-rank with
-   fairness to 20 items, single-threaded; p99 and requests/s.
+3. Recommend — on-demand, single-threaded, *while the churn writer keeps moving vectors*: the
+   serving pipeline with ANN top-100 on the user's MF vector + trending → blend → MMR and
+   fairness re-rank to 20 → ε-greedy exploration; p99 and requests/s.
 
 Last line: JSON with ann_recall_at_10_min, ann_freshness_p99_s, feed_read_p99_ms,
 recommend_p99_ms, recommend_rps. Usage: ``python bench/serving.py [--items 100000]``.
@@ -32,7 +33,9 @@ from infra.embedded import EmbeddedRedis  # noqa: E402
 from infra.redis_client import sync_redis  # noqa: E402
 from schemas.keys import RedisKeys  # noqa: E402
 from serving.ann import AnnIndex  # noqa: E402
-from serving.rerank import RerankPolicy, blend, rerank  # noqa: E402
+from online_models.mf import OnlineMF  # noqa: E402
+from serving.explore import EpsilonGreedy  # noqa: E402
+from serving.recommender import Recommender, Request  # noqa: E402
 
 
 def recall_at_10(index: AnnIndex, vectors: np.ndarray, queries: np.ndarray) -> float:
@@ -54,13 +57,15 @@ def ann_under_churn(args, rng) -> dict:
     build_s = time.perf_counter() - t0
     lock, stop, moved = threading.Lock(), threading.Event(), [0]
     per_s = args.churn_per_min * n / 60.0
+    probe_rows = np.arange(n - 1000, n)  # the writer never moves these: probes own them
+    movable = n - len(probe_rows)
 
     def writer() -> None:
         start = time.perf_counter()
         while not stop.is_set():
             due = int((time.perf_counter() - start) * per_s) - moved[0]
             if due > 0:
-                rows = rng.choice(n, min(due, 500), replace=False)
+                rows = rng.choice(movable, min(due, 500), replace=False)
                 new = rng.normal(size=(len(rows), dim)).astype(np.float32)
                 with lock:
                     vectors[rows] = new
@@ -77,20 +82,20 @@ def ann_under_churn(args, rng) -> dict:
         with lock:
             snapshot = vectors.copy()
         recalls.append(recall_at_10(index, snapshot, queries))
-        target = rng.integers(n)
-        planted = np.zeros(dim, np.float32)
-        planted[rng.integers(dim)] = 100.0
+        target = int(probe_rows[len(fresh) % len(probe_rows)])
+        planted = rng.normal(size=dim).astype(np.float32)
+        planted *= 100.0 / np.linalg.norm(planted)  # far out along a fresh random direction
         sent = time.perf_counter()
         with lock:
             vectors[target] = planted
         index.upsert([ids[target]], planted[None, :])
         while index.search(planted, 1)[0] != [ids[target]]:
+            if time.perf_counter() - sent > 30:
+                sys.exit("a planted vector was not retrievable within 30 s")
             time.sleep(0.001)
         fresh.append(time.perf_counter() - sent)
         time.sleep(args.probe_every_s)
-    stop.set()
-    thread.join()
-    return {"items": n, "dim": dim, "build_s": round(build_s, 1), "moved": moved[0],
+    return stop, thread, {"items": n, "dim": dim, "build_s": round(build_s, 1), "moved": moved[0],
             "churn_s": args.churn_s, "rebuilds": index.rebuilds,
             "ann_recall_at_10_min": round(min(recalls), 4),
             "ann_recall_at_10_mean": round(float(np.mean(recalls)), 4),
@@ -118,22 +123,21 @@ def feed_reads(rng, n_users: int = 2000, reads: int = 20000) -> dict:
 
 
 def recommend_latency(index: AnnIndex, vectors: np.ndarray, rng, requests: int = 2000) -> dict:
+    """The full serving pipeline (serving.recommender) for one user per request: ANN on the
+    user's MF vector + trending → blend → MMR/fairness re-rank → ε-greedy exploration."""
     n, dim = vectors.shape
-    head = frozenset(f"i{i}" for i in range(n // 100))  # top 1 % = head
-    trending = [(f"i{i}", float(n - i), "trending") for i in range(200)]
-    policy = RerankPolicy()
+    mf = OnlineMF(factors=dim)
+    users = [f"u{u}" for u in range(5000)]
+    mf.store.set_vectors("user", users, rng.normal(size=(len(users), dim)).astype(np.float32))
+    trending = [(f"i{i}", float(n - i)) for i in range(1000)]
+    recommender = Recommender(trending=lambda k: trending[:k], mf=mf, ann=index,
+                              explorer=EpsilonGreedy(0.1, seed=0))
     latencies = np.empty(requests)
     started = time.perf_counter()
     for r in range(requests):
         t = time.perf_counter()
-        user = rng.normal(size=dim).astype(np.float32)
-        items, scores = index.search(user, 100)
-        sources = {"ann": [(i, float(s), "for you") for i, s in zip(items, scores)],
-                   "trending": trending}
-        candidates = blend(sources, policy)[:100]
-        vecs, _ = index.vectors([c.item_id for c in candidates])
-        rerank(candidates, 20, policy, head_items=head,
-               vectors={c.item_id: v for c, v in zip(candidates, vecs)})
+        history = tuple(f"i{i}" for i in rng.integers(n, size=10))
+        recommender.recommend([Request(users[r % len(users)], history, k=20)])
         latencies[r] = time.perf_counter() - t
     total = time.perf_counter() - started
     return {"recommend_p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 2),
@@ -150,8 +154,11 @@ def main() -> None:
     parser.add_argument("--probe-every-s", type=float, default=1.0)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    ann, index, vectors = ann_under_churn(args, rng)
-    result = {**ann, **feed_reads(rng), **recommend_latency(index, vectors, rng)}
+    stop, writer, ann, index, vectors = ann_under_churn(args, rng)
+    serving = recommend_latency(index, vectors, rng)  # while the writer keeps moving vectors
+    stop.set()
+    writer.join()
+    result = {**ann, **feed_reads(rng), **serving}
     for key, value in result.items():
         print(f"{key:>24}: {value}")
     print(json.dumps(result))

@@ -50,7 +50,11 @@ def cmd_feeds(_args: argparse.Namespace) -> None:
 
     settings = Settings()
     settings.require_services()
-    FeedBuilder(settings, sync_redis(settings.redis_url)).run()
+    builder = FeedBuilder.live(settings, sync_redis(settings.redis_url))
+    try:
+        builder.run()
+    finally:
+        builder.close()
 
 
 def cmd_produce(args: argparse.Namespace) -> None:

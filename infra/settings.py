@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     topic_dlq: str = Field("interactions.dlq", description="Dead-letter topic for invalid input.")
     topic_item_vectors: str = Field("item-vectors", description="Compacted topic of changed item "
                                     "vectors (key: item id), tailed by the ANN index.")
+    topic_impressions: str = Field("impressions", description="Topic of served lists with "
+                                   "propensities (the impression log; key: user id).")
     topic_partitions: int = Field(4, ge=1, le=1024, description="Partitions of created topics.")
     app_id: str = Field("streamrec", description="Faust application id (consumer group).")
     kafka_session_timeout_s: float = Field(10.0, gt=0, description="Consumer session timeout.")
@@ -81,6 +83,13 @@ class Settings(BaseSettings):
     feed_ttl_s: int = Field(86400, ge=60, description="TTL of a written feed.")
     feed_refresh_batch: int = Field(500, ge=1, description="Users rebuilt per feed-builder round.")
     feed_refresh_interval_s: float = Field(0.5, gt=0, description="Feed-builder poll interval.")
+    explore_policy: Literal["epsilon-greedy", "thompson-sampling", "none"] = Field(
+        "epsilon-greedy", description="Exploration over the reserved positions of served lists.")
+    explore_epsilon: float = Field(0.1, ge=0, le=1, description="ε of ε-greedy exploration.")
+    explore_positions: str = Field("3,7", pattern=r"^$|^\d+(,\d+)*$", description="Positions "
+                                   "(0-based) reserved for exploration.")
+    api_keys: str = Field("", description="Comma-separated API keys; when set, /v1 requests need "
+                                          "the header X-API-Key with one of them.")
     api_host: str = Field("127.0.0.1", description="API bind address.")
     api_port: int = Field(8080, ge=0, le=65535, description="API port.")
 

@@ -122,12 +122,9 @@ class OnlineMF(OnlineModel):
         self.store.set_vectors("item", items, item_vecs)
         return LearnReport(events=len(batch), changed_item_vectors=items)
 
-    def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
-        catalogue = self.catalogue()
-        if not catalogue:
-            return [Recommendations([], np.empty(0)) for _ in queries]
-        ids = np.array(catalogue, dtype=object)
-        item_vecs, _ = self.store.get_vectors("item", catalogue, self.factors)
+    def query_vectors(self, queries: list[Query]) -> np.ndarray:
+        """One vector per query: the user's factors plus the mean of the session items' factors
+        (fold-in: the session says what the user wants now); zero when neither is known."""
         users = sorted({q.user_id for q in queries})
         user_vecs, found = self.store.get_vectors("user", users, self.factors)
         user_row = {u: r for r, u in enumerate(users)}
@@ -137,10 +134,19 @@ class OnlineMF(OnlineModel):
         query_vecs = np.zeros((len(queries), self.factors), np.float32)
         for row, q in enumerate(queries):
             known = [s_row[i] for i in q.session_items if s_found[s_row[i]]]
-            if known:  # fold-in: the session says what the user wants now
+            if known:
                 query_vecs[row] = s_vecs[known].mean(axis=0)
             if found[user_row[q.user_id]]:
                 query_vecs[row] += user_vecs[user_row[q.user_id]]
+        return query_vecs
+
+    def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
+        catalogue = self.catalogue()
+        if not catalogue:
+            return [Recommendations([], np.empty(0)) for _ in queries]
+        ids = np.array(catalogue, dtype=object)
+        item_vecs, _ = self.store.get_vectors("item", catalogue, self.factors)
+        query_vecs = self.query_vectors(queries)
         out: list[Recommendations] = []
         for a, b in row_chunks(len(queries), len(ids)):
             scores = query_vecs[a:b] @ item_vecs.T

@@ -19,8 +19,17 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     "trending": lambda: PopularityModel(half_life_s=86400.0),
     "random": RandomModel,
     "river_mf": RiverBiasedMF,
+    # the serving pipeline (serving/blended.py), imported lazily: serving builds on this package
+    "blend": lambda: _blended(rerank=True),
+    "blend_raw": lambda: _blended(rerank=False),
 }
 BASELINES = ("random", "popularity")
+
+
+def _blended(rerank: bool) -> OnlineModel:
+    from serving.blended import BlendedModel
+
+    return BlendedModel(rerank=rerank)
 
 
 def build(name: str) -> OnlineModel:

@@ -76,6 +76,10 @@ class StateStore(ABC):
     def row_count(self, table: str) -> int:
         """Number of rows (keys) in a table."""
 
+    @abstractmethod
+    def sibling(self, namespace: str) -> "StateStore":
+        """An empty store of the same kind for another model (Redis: same server, own keys)."""
+
 
 def _trim_order(item: tuple[str, float]) -> tuple[float, bytes]:
     return item[1], item[0].encode("utf-8")
@@ -149,6 +153,9 @@ class MemoryStore(StateStore):
 
     def row_count(self, table):
         return len(self.rows.get(table, {})) + len(self.vectors.get(table, {}))
+
+    def sibling(self, namespace):
+        return MemoryStore()
 
 
 #: One call per table and batch. KEYS: the rows. ARGV: keep (-1: no trim), slack, then per
@@ -224,6 +231,7 @@ class RedisStore(StateStore):
 
     def __init__(self, client, prefix: str = "sr", namespace: str = "default") -> None:
         self.client = client
+        self.prefix = prefix
         self.base = f"{prefix}:m:{encode_id(namespace)}"
         self._deferred = None
         self._incr = client.register_script(_WRITE_ROWS_LUA.replace("OP", "ZINCRBY"))
@@ -295,6 +303,9 @@ class RedisStore(StateStore):
         vectors = np.asarray(vectors, dtype=np.float32)
         mapping = {self.key(table, k): v.tobytes() for k, v in zip(keys, vectors)}
         (self._deferred or self.client).mset(mapping)
+
+    def sibling(self, namespace):
+        return RedisStore(self.client, self.prefix, namespace)
 
     def row_count(self, table):
         pattern = f"{self.base}:{table}:{{*"

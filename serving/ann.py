@@ -37,7 +37,7 @@ class AnnIndex:
     """Inner-product HNSW over ``item id → float32[dim]``; thread-safe (one lock)."""
 
     def __init__(self, dim: int, capacity: int = 100_000, m: int = 16, ef_construction: int = 200,
-                 ef_search: int = 400, oversample: int = 4, rebuild_after: float = 0.05,
+                 ef_search: int = 800, oversample: int = 4, rebuild_after: float = 0.05,
                  seed: int = 0) -> None:
         self.dim, self.m, self.ef_construction = dim, m, ef_construction
         self.ef_search, self.oversample, self.rebuild_after = ef_search, oversample, rebuild_after

@@ -1,7 +1,10 @@
-"""HTTP API: read feeds, post events, health. OpenAPI docs at ``/docs``.
+"""HTTP API: feeds, on-demand recommendations, similar items, events in, health.
+OpenAPI docs at ``/docs``.
 
 Run with ``streamrec api`` (uvicorn). The API never writes model state: posted events are
-validated and produced to Kafka like any other producer's.
+validated and produced to Kafka like any other producer's. Every list it computes is logged to
+the impressions topic before it is returned. With ``STREAMREC_API_KEYS`` set, every ``/v1``
+route needs the header ``X-API-Key``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import threading
 from typing import Annotated, Any
 
 import msgspec
-from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
@@ -29,7 +32,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for these settings (``Settings()`` reads ``STREAMREC_*``)."""
     settings = settings or Settings()
     redis_client = sync_redis(settings.redis_url)
-    builder = FeedBuilder(settings, redis_client)
+    builder = FeedBuilder.live(settings, redis_client)
+    keys = frozenset(k.strip() for k in settings.api_keys.split(",") if k.strip())
+
+    def require_key(x_api_key: Annotated[str | None, Header()] = None) -> None:
+        if keys and x_api_key not in keys:
+            raise HTTPException(401, "missing or unknown X-API-Key",
+                                headers={"WWW-Authenticate": "X-API-Key"})
     producer_lock = threading.Lock()
     producer: list[InteractionProducer] = []
 
@@ -49,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def _close() -> None:
         if producer:
             producer[0].close()
+        builder.close()
         redis_client.close()
 
     async def _redis_down(_request: Request, exc: Exception) -> JSONResponse:
@@ -57,23 +67,43 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for error in TRANSIENT_REDIS_ERRORS:
         api.add_exception_handler(error, _redis_down)
 
-    @api.get("/v1/users/{user_id:path}/feed", summary="A user's feed",
-             response_model=None)
+    def on_demand(user_id: str, k: int | None, exclude: frozenset[str] = frozenset()):
+        [feed] = builder.compute([user_id], k, exclude, source="on_demand")
+        builder.log_impressions([feed])
+        return feed
+
+    authed = [Depends(require_key)]
+
+    @api.get("/v1/users/{user_id:path}/feed", summary="A user's feed", response_model=None,
+             dependencies=authed)
     def read_feed(user_id: str, k: Annotated[int | None, Query(ge=1, le=1000)] = None
                   ) -> Response:
         """The stored feed; computed on demand (``source: on_demand``) when none is stored
         or when ``k`` asks for another size."""
         feed = builder.read(user_id)
         if feed is None or (k is not None and k != len(feed.items)):
-            feed = builder.compute([user_id], k)[0]
-            feed = msgspec.structs.replace(feed, source="on_demand")
+            feed = on_demand(user_id, k)
         return _json(feed)
 
-    @api.get("/v1/trending", summary="Trending items")
+    @api.get("/v1/users/{user_id:path}/recommendations", summary="Recommend now",
+             response_model=None, dependencies=authed)
+    def recommend(user_id: str, k: Annotated[int, Query(ge=1, le=1000)] = 20,
+                  exclude: Annotated[list[str], Query(max_length=1000)] = ()) -> Response:
+        """A fresh list from the serving pipeline (candidates → rank → re-rank → explore),
+        never containing ``exclude`` (repeat the parameter) or the user's recent items."""
+        return _json(on_demand(user_id, k, frozenset(exclude)))
+
+    @api.get("/v1/items/{item_id:path}/similar", summary="Similar items", response_model=None,
+             dependencies=authed)
+    def similar(item_id: str, k: Annotated[int, Query(ge=1, le=1000)] = 20) -> Response:
+        """Items co-occurring with ``item_id`` and its nearest neighbours by MF vector."""
+        return _json({"item_id": item_id, "items": builder.similar_items(item_id, k)})
+
+    @api.get("/v1/trending", summary="Trending items", dependencies=authed)
     def trending(k: Annotated[int, Query(ge=1, le=1000)] = 20) -> Response:
         return _json([{"item_id": i, "score": s} for i, s in builder.trending(k)])
 
-    @api.post("/v1/events", status_code=202, summary="Publish interactions",
+    @api.post("/v1/events", status_code=202, summary="Publish interactions", dependencies=authed,
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": json_schema()}}}})
     async def post_events(request: Request) -> Response:

@@ -1,8 +1,10 @@
 """Feed builder: turns live state into each active user's feed, written to Redis.
 
-Today's ranking is the skeleton's: trending (decayed to the stream's own clock) minus the items
-the user has seen. Feeds follow the key contract in :mod:`schemas.keys`; serving reads model
-state and never writes it.
+Feeds come from the serving pipeline (:class:`serving.recommender.Recommender`) over the live
+models in Redis (``STREAMREC_LIVE_MODELS``), an HNSW index tailing the item-vector topic,
+and trending; exploration takes the reserved positions. Every served list is first logged to
+the impressions topic (recommendation id, policy, model version, per-position propensities),
+then written under the key contract of :mod:`schemas.keys`. Serving never writes model state.
 
 Example
 -------
@@ -14,20 +16,27 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 import msgspec
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS
 from infra.settings import Settings
+from online_models.registry import build
+from online_models.store import RedisStore
 from online_models.trending import decayed
+from schemas import impressions
 from schemas.keys import RedisKeys
+from serving.ann import AnnIndex
+from serving.explore import EpsilonGreedy, ThompsonSampling
+from serving.recommender import PipelineConfig, Recommender, Request, Served
 
 
 class FeedItem(msgspec.Struct):
     item_id: str
     score: float
     reason: str
+    position: int = 0
+    propensity: float = 1.0
 
 
 class Feed(msgspec.Struct):
@@ -38,20 +47,70 @@ class Feed(msgspec.Struct):
     recommendation_id: str
     generated_at: float
     source: str
-    model_version: str = "trending-v1"
+    model_version: str = "blend-v1"
+    policy: str = "greedy"
 
 
 log = logging.getLogger("streamrec.feeds")
 _feed_decoder = msgspec.json.Decoder(Feed)
 
 
-class FeedBuilder:
-    """Builds feeds from Redis state with a synchronous client. Thread-safe (no shared state)."""
+def explorer_for(settings: Settings):
+    positions = tuple(int(p) for p in settings.explore_positions.split(",") if p)
+    if settings.explore_policy == "epsilon-greedy":
+        return EpsilonGreedy(settings.explore_epsilon, positions)
+    if settings.explore_policy == "thompson-sampling":
+        return ThompsonSampling(positions)
+    return None
 
-    def __init__(self, settings: Settings, client) -> None:
+
+class FeedBuilder:
+    """Builds feeds from Redis state with a synchronous client.
+
+    ``ann`` is the item-vector index (kept fresh by :class:`serving.vector_tail.VectorTail`);
+    ``impression_producer`` a kafka-python producer (None: lists are not logged — tests only).
+    """
+
+    def __init__(self, settings: Settings, client, ann: AnnIndex | None = None,
+                 impression_producer=None) -> None:
         self.settings = settings
         self.keys = RedisKeys(settings.key_prefix)
         self.client = client
+        self.impression_producer = impression_producer
+        self.vector_tail = None
+        live = [n for n in settings.live_models.split(",") if n]
+        models = {n: build(n).bind(RedisStore(client, settings.key_prefix, n)) for n in live}
+        self.ann = ann
+        if self.ann is None and "mf" in models:
+            self.ann = AnnIndex(models["mf"].factors)
+        self.recommender = Recommender(
+            trending=self.trending, session=models.get("session"), cooc=models.get("cooc"),
+            mf=models.get("mf"), ann=self.ann, explorer=explorer_for(settings),
+            config=PipelineConfig())
+
+    @classmethod
+    def live(cls, settings: Settings, client) -> "FeedBuilder":
+        """A builder wired to Kafka: impression producer, and the item-vector tail feeding the
+        ANN index when MF is live. Call :meth:`close` when done."""
+        from kafka import KafkaProducer
+
+        from serving.vector_tail import VectorTail
+
+        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                                 linger_ms=5, max_request_size=settings.max_message_bytes,
+                                 **settings.kafka_client_options())
+        builder = cls(settings, client, impression_producer=producer)
+        if builder.ann is not None:
+            builder.vector_tail = VectorTail(builder.ann, settings.kafka_bootstrap,
+                                             settings.topic_item_vectors,
+                                             settings.kafka_client_options()).start()
+        return builder
+
+    def close(self) -> None:
+        if self.vector_tail is not None:
+            self.vector_tail.stop()
+        if self.impression_producer is not None:
+            self.impression_producer.close(timeout=10)
 
     def trending(self, k: int) -> list[tuple[str, float]]:
         """Top-k trending items with scores decayed to the newest event time."""
@@ -64,26 +123,59 @@ class FeedBuilder:
         factor = float(decayed(1.0, float(landmark), float(last_ts), float(half_life)))
         return [(item.decode(), score * factor) for item, score in top]
 
-    def compute(self, user_ids: list[str], k: int | None = None) -> list[Feed]:
-        """Feeds for these users (two round trips in all), not written anywhere."""
-        k = k or self.settings.feed_size
+    def histories(self, user_ids: list[str]) -> list[tuple[str, ...]]:
+        """Each user's recent items, oldest first."""
         with self.client.pipeline(transaction=False) as pipe:
             for user in user_ids:
                 pipe.lrange(self.keys.user_history(user), 0, -1)
-            histories = pipe.execute()
-        longest = max((len(h) for h in histories), default=0)
-        candidates = self.trending(k + longest)
-        now = time.time()
-        feeds = []
-        for user, history in zip(user_ids, histories):
-            seen = {item.decode() for item in history}
-            items = [FeedItem(item, round(score, 6), "trending")
-                     for item, score in candidates if item not in seen][:k]
-            feeds.append(Feed(user_id=user, items=items, recommendation_id=uuid.uuid4().hex,
-                              generated_at=now, source="trending"))
-        return feeds
+            raw = pipe.execute()
+        return [tuple(item.decode() for item in reversed(h)) for h in raw]
+
+    def compute(self, user_ids: list[str], k: int | None = None,
+                exclude: frozenset[str] = frozenset(), source: str = "feed_builder"
+                ) -> list[Feed]:
+        """Feeds for these users through the serving pipeline, not written anywhere."""
+        k = k or self.settings.feed_size
+        requests = [Request(user, history, k, exclude)
+                    for user, history in zip(user_ids, self.histories(user_ids))]
+        return [_feed(served, source) for served in self.recommender.recommend(requests)]
+
+    def similar_items(self, item_id: str, k: int) -> list[dict]:
+        """Co-occurrence neighbours, then ANN neighbours of the item's vector, best first."""
+        out: dict[str, dict] = {}
+        if self.recommender.cooc is not None:
+            [row] = self.recommender.cooc.similar([item_id])
+            for item, score in sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:k]:
+                out[item] = {"item_id": item, "score": round(score, 6),
+                             "reason": f"viewed together with {item_id}"}
+        if self.ann is not None and len(out) < k:
+            vector, found = self.ann.vectors([item_id])
+            if found[0]:
+                items, scores = self.ann.search(vector[0], k + 1,
+                                                exclude=frozenset({item_id, *out}))
+                for item, score in zip(items, scores.tolist()):
+                    out[item] = {"item_id": item, "score": round(score, 6),
+                                 "reason": f"similar taste to {item_id}"}
+        return list(out.values())[:k]
+
+    def log_impressions(self, feeds: list[Feed]) -> None:
+        """Send each list to the impressions topic and wait for the acks (raises on failure)."""
+        if self.impression_producer is None:
+            return
+        for feed in feeds:
+            record = impressions.ImpressionLog(
+                feed.recommendation_id, feed.user_id, feed.policy, feed.model_version,
+                feed.generated_at, [impressions.LoggedItem(i.item_id, i.position, i.propensity,
+                                                           i.score, i.reason)
+                                    for i in feed.items])
+            self.impression_producer.send(self.settings.topic_impressions,
+                                          key=feed.user_id.encode(),
+                                          value=impressions.encode(record))
+        self.impression_producer.flush(timeout=30)
 
     def write(self, feeds: list[Feed]) -> None:
+        """Log the lists, then store them (a list is never served without its log)."""
+        self.log_impressions(feeds)
         with self.client.pipeline(transaction=False) as pipe:
             for feed in feeds:
                 pipe.set(self.keys.feed(feed.user_id), msgspec.json.encode(feed),
@@ -101,16 +193,34 @@ class FeedBuilder:
         if not popped:
             return 0
         users = [u.decode() for u in popped]
-        self.write(self.compute(users))
+        try:
+            self.write(self.compute(users))
+        except Exception:
+            self.client.sadd(self.keys.feed_queue, *users)  # try these users again next round
+            raise
         return len(users)
 
     def run(self, stop_event=None) -> None:
-        """Refresh until ``stop_event`` is set (a ``threading.Event``); rides out Redis blips."""
+        """Refresh until ``stop_event`` is set (a ``threading.Event``); rides out Redis and
+        Kafka blips (the users of a failed round are queued again)."""
+        from kafka.errors import KafkaError
+
         while stop_event is None or not stop_event.is_set():
             try:
                 full = self.refresh_round() >= self.settings.feed_refresh_batch
             except TRANSIENT_REDIS_ERRORS as exc:
                 log.warning("redis unavailable in feed builder: %r", exc)
                 full = False
+            except KafkaError as exc:
+                log.warning("impression log unavailable in feed builder: %r", exc)
+                full = False
             if not full:
                 time.sleep(self.settings.feed_refresh_interval_s)
+
+
+def _feed(served: Served, source: str) -> Feed:
+    return Feed(user_id=served.user_id,
+                items=[FeedItem(i.item_id, i.score, i.reason, i.position, i.propensity)
+                       for i in served.items],
+                recommendation_id=served.recommendation_id, generated_at=served.generated_at,
+                source=source, model_version=served.model_version, policy=served.policy)

@@ -12,7 +12,8 @@ the session item it came from, "trending", ...).
 Re-ranking is greedy MMR: the next item maximises
 ``λ · score(i) − (1 − λ) · max_{j chosen} cos(v_i, v_j)`` subject to exposure fairness — at
 most ``max_head_share`` of the list from head (popular) items and at least ``min_tail_share``
-from the long tail (when the candidates allow). Pins take their positions first.
+from the long tail (when the candidates allow: with no tail candidate left the head cap is
+relaxed rather than the list cut short). Pins take their positions first.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ def rerank(candidates: list[Candidate], k: int, policy: RerankPolicy, *,
     chosen: list[Candidate] = []
     while available.any() and len(chosen) < free:
         eligible = available.copy()
-        if head_count >= max_head or min_tail - tail_count >= free - len(chosen):
-            eligible &= ~is_head
+        tail_left = (available & ~is_head).any()
+        if tail_left and (head_count >= max_head or min_tail - tail_count >= free - len(chosen)):
+            eligible &= ~is_head  # without tail candidates the head cap is relaxed
         if not eligible.any():
             break
         value = policy.mmr_lambda * scores - (1 - policy.mmr_lambda) * max_sim

@@ -11,6 +11,7 @@ from infra.embedded import free_port
 from online_models.registry import build
 from online_models.store import RedisStore
 from schemas import vectors
+from serving.feeds import FeedBuilder
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
 from tests.conftest import wait_for
@@ -104,3 +105,18 @@ def test_changed_item_vectors_reach_the_compacted_topic_and_metrics_count(settin
         "streamrec_skipped_duplicate_events_total", 0)
     assert counters["streamrec_item_vectors_published_total"] >= len(items)
     assert counters["streamrec_messages_in_total"] > 0
+
+    # the serving side tails the topic into its ANN index
+    builder = FeedBuilder.live(s, redis_client)
+    try:
+        wait_for(lambda: len(builder.ann) >= len(items), 30, "ANN index filled")
+        indexed, found = builder.ann.vectors(items)
+        assert found.all()
+        np.testing.assert_allclose(indexed, stored, rtol=1e-6)
+        similar = builder.similar_items(items[0], 5)
+        assert len(similar) == 5 and items[0] not in {i["item_id"] for i in similar}
+        assert all(i["reason"] == f"similar taste to {items[0]}" for i in similar)
+        [feed] = builder.compute([events[0].user_id])
+        assert any(i.reason == "for you" for i in feed.items)  # the ANN source is live
+    finally:
+        builder.close()

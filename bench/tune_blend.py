@@ -1,0 +1,51 @@
+"""Choose the blend's source weights on a validation split (never the test split).
+
+Validation = the last ``--test-days`` of the training log (``load_split`` on the train file
+alone); each candidate weighting is replayed with the session protocol and ranked by HR@20.
+Usage: ``python bench/tune_blend.py --data ../shared/data/yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.txt``
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from online_models.registry import MODELS  # noqa: E402
+from replay.loaders import load_split  # noqa: E402
+from replay.protocols import run  # noqa: E402
+from serving.blended import BlendedModel  # noqa: E402
+from serving.rerank import RerankPolicy  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--format", default="yoochoose")
+    parser.add_argument("--test-days", type=float, default=1.0)
+    args = parser.parse_args()
+    train, valid = load_split(args.data, args.format, args.test_days)
+    grid = {}
+    for cooc, ann, trend in itertools.product((0.0, 0.1, 0.3), (0.0, 0.1, 0.3), (0.0,)):
+        name = f"w_c{cooc}_a{ann}_t{trend}"
+        weights = {"session": 1.0, "cooc": cooc, "ann": ann, "trending": trend}
+
+        def factory(weights=weights):
+            model = BlendedModel(rerank=False)
+            model.recommender.config.policy = RerankPolicy(source_weights=weights)
+            return model
+        MODELS[name] = factory
+        grid[name] = weights
+    results = run("session", train, valid, list(grid), progress=False)
+    rows = sorted(((r.metrics.get("HR@20", 0.0), r.name) for r in results if r.name in grid),
+                  reverse=True)
+    print(f"validation: {len(train)} train events, {len(valid)} validation events")
+    for hr, name in rows:
+        print(f"{hr:.4f}  {grid[name]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The serving pipeline: candidates → blend → re-rank → explore, the same code live and in replay.
+
+Candidate sources (each returns ``(item, score, reason)``):
+
+* ``session`` — the session model's next-item scores for the user's recent items;
+* ``cooc`` — co-occurrence neighbours of the recent items, recency-weighted
+  (``Σ 0.5^(L−p) · sim(a_p, ·)``), explained by the strongest contributing item
+  ("because you viewed X");
+* ``ann`` — nearest items to the user's MF vector (plus the session fold-in) in the HNSW index;
+* ``trending`` — decayed popularity; the cold-start fallback for users nobody knows yet.
+
+New items reach lists through trending and the exploration pool (recent trending beyond the
+list) before they have co-occurrences or settled vectors. Ranking and re-ranking are
+:mod:`serving.rerank`; exploration and propensities are :mod:`serving.explore`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from online_models.base import Query
+from serving.ann import AnnIndex
+from serving.explore import EpsilonGreedy, ThompsonSampling
+from serving.rerank import Candidate, RerankPolicy, blend, rerank
+
+TrendingSource = Callable[[int], list[tuple[str, float]]]
+
+
+@dataclass(frozen=True)
+class Request:
+    user_id: str
+    history: tuple[str, ...] = ()  # the user's recent items, oldest first
+    k: int = 20
+    exclude: frozenset[str] = frozenset()
+    pins: tuple[tuple[int, str], ...] = ()  # (position, item)
+
+
+@dataclass
+class ServedItem:
+    item_id: str
+    score: float
+    reason: str
+    position: int
+    propensity: float = 1.0
+
+
+@dataclass
+class Served:
+    user_id: str
+    items: list[ServedItem]
+    recommendation_id: str
+    policy: str
+    model_version: str
+    generated_at: float
+
+
+@dataclass
+class PipelineConfig:
+    candidates_per_source: int = 100
+    session_items: int = 10  # recent items that drive session, cooc and fold-in
+    head_size: int = 100  # the top-N trending items count as "head" for exposure fairness
+    exploration_pool: int = 200
+    filter_seen: bool = True
+    rerank: bool = True
+    policy: RerankPolicy = field(default_factory=RerankPolicy)
+    model_version: str = "blend-v1"
+
+
+class Recommender:
+    """Recommends for batches of requests from whichever models it is given (any store)."""
+
+    def __init__(self, trending: TrendingSource, session=None, cooc=None, mf=None,
+                 ann: AnnIndex | None = None,
+                 explorer: EpsilonGreedy | ThompsonSampling | None = None,
+                 config: PipelineConfig | None = None) -> None:
+        self.trending, self.session, self.cooc, self.mf = trending, session, cooc, mf
+        self.ann, self.explorer = ann, explorer
+        self.config = config or PipelineConfig()
+
+    # --- candidate sources -----------------------------------------------------------------
+    def candidates(self, requests: Sequence[Request]) -> list[dict[str, list]]:
+        """Per request: source name → [(item, score, reason)]."""
+        cfg, n = self.config, self.config.candidates_per_source
+        recent = [r.history[-cfg.session_items:] for r in requests]
+        blocked = [self._blocked(r) for r in requests]
+        queries = [Query(r.user_id, items, exclude=b)
+                   for r, items, b in zip(requests, recent, blocked)]
+        out: list[dict[str, list]] = [{} for _ in requests]
+        if self.session is not None:
+            for row, rec in zip(out, self.session.recommend(queries, n)):
+                row["session"] = [(i, float(s), "next in your session")
+                                  for i, s in zip(rec.items, rec.scores)]
+        if self.cooc is not None:
+            self._cooc_candidates(out, recent, blocked, n)
+        if self.mf is not None and self.ann is not None:
+            vectors = self.mf.query_vectors(queries)
+            for row, vec, b in zip(out, vectors, blocked):
+                if vec.any():
+                    items, scores = self.ann.search(vec, n, exclude=b)
+                    if items:
+                        shifted = scores - scores.min() + 1e-6
+                        row["ann"] = [(i, float(s), "for you") for i, s in zip(items, shifted)]
+        top = self.trending(n + max((len(b) for b in blocked), default=0))
+        for row, b in zip(out, blocked):
+            row["trending"] = [(i, s, "trending") for i, s in top if i not in b][:n]
+        return out
+
+    def _blocked(self, request: Request) -> frozenset[str]:
+        seen = frozenset(request.history) if self.config.filter_seen else frozenset()
+        return seen | request.exclude
+
+    def _cooc_candidates(self, out, recent, blocked, n) -> None:
+        items = sorted({i for r in recent for i in r})
+        sims = dict(zip(items, self.cooc.similar(items))) if items else {}
+        for row, session, b in zip(out, recent, blocked):
+            score: dict[str, float] = {}
+            because: dict[str, tuple[float, str]] = {}
+            for p, source in enumerate(session):
+                weight = 0.5 ** (len(session) - 1 - p)
+                for item, sim in sims[source].items():
+                    if item in b:
+                        continue
+                    part = weight * sim
+                    score[item] = score.get(item, 0.0) + part
+                    if part > because.get(item, (-1.0, ""))[0]:
+                        because[item] = (part, source)
+            best = sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+            row["cooc"] = [(i, s, f"because you viewed {because[i][1]}") for i, s in best]
+
+    # --- the pipeline ----------------------------------------------------------------------
+    def recommend(self, requests: Sequence[Request]) -> list[Served]:
+        cfg, now = self.config, time.time()
+        requests = list(requests)
+        if not requests:
+            return []
+        sources = self.candidates(requests)
+        pool_size = max(cfg.exploration_pool, cfg.head_size)
+        trending_top = [i for i, _ in self.trending(pool_size)]
+        head = frozenset(trending_top[:cfg.head_size])
+        served = []
+        for request, per_source in zip(requests, sources):
+            candidates = blend(per_source, cfg.policy)
+            blocked = self._blocked(request)
+            pins = {p: Candidate(item, 0.0, "pinned") for p, item in request.pins}
+            if cfg.rerank:
+                vectors = self._vectors([c.item_id for c in candidates])
+                ranked = rerank(candidates, request.k, cfg.policy, seen=blocked, pins=pins,
+                                head_items=head, vectors=vectors)
+            else:
+                ranked = [c for c in candidates if c.item_id not in blocked][:request.k]
+            items = [ServedItem(c.item_id, round(c.score, 6), c.reason, p)
+                     for p, c in enumerate(ranked)]
+            policy = "greedy"
+            if self.explorer is not None:
+                pool = [i for i in trending_top if i not in blocked]
+                slots = self.explorer.apply([c.item_id for c in ranked], pool)
+                policy = self.explorer.name
+                for item, slot in zip(items, slots):
+                    item.propensity = round(slot.propensity, 6)
+                    if slot.explored:
+                        item.item_id, item.reason, item.score = slot.item_id, "exploring", 0.0
+            served.append(Served(request.user_id, items, uuid.uuid4().hex, policy,
+                                 cfg.model_version, now))
+        return served
+
+    def _vectors(self, items: list[str]) -> dict[str, np.ndarray]:
+        if self.ann is None or not items:
+            return {}
+        vectors, found = self.ann.vectors(items)
+        return {i: v for i, v, ok in zip(items, vectors, found) if ok}
