@@ -29,16 +29,18 @@ def main() -> None:
     args = parser.parse_args()
     train, valid = load_split(args.data, args.format, args.test_days)
     grid = {}
-    for cooc, ann, trend in itertools.product((0.0, 0.1, 0.3), (0.0, 0.1, 0.3), (0.0,)):
-        name = f"w_c{cooc}_a{ann}_t{trend}"
+    for cooc, ann, trend, fresh in itertools.product((0.0, 0.1), (0.0, 0.02), (0.0, 0.01),
+                                                     (0.0, 0.05)):
+        name = f"w_c{cooc}_a{ann}_t{trend}_f{fresh}"
         weights = {"session": 1.0, "cooc": cooc, "ann": ann, "trending": trend}
 
-        def factory(weights=weights):
+        def factory(weights=weights, fresh=fresh):
             model = BlendedModel(rerank=False)
-            model.recommender.config.policy = RerankPolicy(source_weights=weights)
+            model.recommender.config.policy = RerankPolicy(source_weights=weights,
+                                                           freshness_weight=fresh)
             return model
         MODELS[name] = factory
-        grid[name] = weights
+        grid[name] = {**weights, "freshness": fresh}
     results = run("session", train, valid, list(grid), progress=False)
     rows = sorted(((r.metrics.get("HR@20", 0.0), r.name) for r in results if r.name in grid),
                   reverse=True)

@@ -152,6 +152,15 @@ def cmd_replay(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}" + (f" and {args.html}" if args.html else ""))
 
 
+def cmd_ope(args: argparse.Namespace) -> None:
+    """Off-policy check on the Open Bandit Dataset: the TS policy's CTR from the random log."""
+    from replay.ope import open_bandit_check
+
+    for campaign in args.campaigns.split(","):
+        print(json.dumps(open_bandit_check(args.data, campaign, n_boot=args.bootstrap,
+                                           seed=args.seed)), flush=True)
+
+
 def cmd_docs(_args: argparse.Namespace) -> None:
     """Regenerate docs/redis-keys.md, docs/configuration.md and the event JSON Schema."""
     from pathlib import Path
@@ -216,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     sub.add_parser("docs", help=cmd_docs.__doc__).set_defaults(func=cmd_docs)
+
+    ope = sub.add_parser("ope", help=cmd_ope.__doc__)
+    ope.add_argument("--data", required=True, help="the open-bandit-sample folder")
+    ope.add_argument("--campaigns", default="all,men,women")
+    ope.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    ope.add_argument("--seed", type=int, default=0)
+    ope.set_defaults(func=cmd_ope)
 
     replay = sub.add_parser("replay", help=cmd_replay.__doc__)
     replay.add_argument("--data", required=True, help="log file, or folder with train/test files")

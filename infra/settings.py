@@ -65,6 +65,9 @@ class Settings(BaseSettings):
                                              "coalesced and published at most this often.")
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of "
                                      "the worker (0 = off).")
+    log_format: Literal["text", "json"] = Field("text", description="Worker log lines: text or "
+                                                "one JSON object per line.")
+    worker_metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics.")
     worker_data_dir: str = Field("", description="Faust data dir (default: a temp dir).")
     redis_retry_max_s: float = Field(5.0, gt=0, description="Cap of the Redis retry backoff.")
     trending_half_life_s: float = Field(3600.0, gt=0, description="Half-life of trending scores.")

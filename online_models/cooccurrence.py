@@ -54,7 +54,8 @@ class CooccurrenceModel(OnlineModel):
         landmark = self._landmark(float(batch.timestamps[0]))
         factors = np.exp2((batch.timestamps - landmark) / self.half_life_s)
         sessions = list(dict.fromkeys(batch.sessions.tolist()))
-        windows = {s: dict(row) for s, row in zip(sessions, self.store.get_rows("win", sessions))}
+        stored = dict(zip(sessions, self.store.get_rows("win", sessions)))
+        windows = {s: dict(row) for s, row in stored.items()}
         counts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         mass: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for session, item, ts, weight, factor in zip(
@@ -69,7 +70,7 @@ class CooccurrenceModel(OnlineModel):
             mass[item]["n"] += factor * weight
             window[item] = ts
             trim_row(window, self.window)  # per event, so batching is invisible
-        self.store.replace_rows("win", windows)
+        self.store.replace_rows("win", windows, previous=stored)  # partition-local
         self.store.incr_rows("cooc", counts, keep_top=self.neighbours)
         self.store.incr_rows("mass", mass)
         return LearnReport(events=len(batch))

@@ -70,7 +70,8 @@ class SessionModel(OnlineModel):
         # was there); impressions are not visits.
         batch = batch.select(batch.types != "impression")
         sessions = list(dict.fromkeys(batch.sessions.tolist()))
-        rows = {s: dict(row) for s, row in zip(sessions, self.store.get_rows("sess", sessions))}
+        stored = dict(zip(sessions, self.store.get_rows("sess", sessions)))
+        rows = {s: dict(row) for s, row in stored.items()}
         new_sessions = sum(1 for s in sessions if not rows[s])
         item_sessions: dict[str, dict[str, float]] = defaultdict(dict)
         rules: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -91,7 +92,7 @@ class SessionModel(OnlineModel):
             row[item] = position
             trim_row(row, self.max_session_items)  # per event, so batching is invisible
             item_sessions[item][session] = ts
-        self.store.replace_rows("sess", rows)
+        self.store.replace_rows("sess", rows, previous=stored)  # sessions: partition-local
         self.store.set_rows("isess", item_sessions, keep_top=self.sessions_per_item)
         self.store.incr_rows("sr", rules, keep_top=self.rules_per_item)
         self.store.incr_rows("df", {item: {"n": n} for item, n in new_in_session.items()})

@@ -55,8 +55,10 @@ class StateStore(ABC):
         """Overwrite members' scores, then trim."""
 
     @abstractmethod
-    def replace_rows(self, table: str, rows: Rows) -> None:
-        """Make each given row exactly this mapping (atomically per row)."""
+    def replace_rows(self, table: str, rows: Rows, previous: Rows | None = None) -> None:
+        """Make each given row exactly this mapping (atomically per row). ``previous``: the
+        rows as read before the change, when only this writer touches them (partition-local
+        state) — then only the difference is written."""
 
     @abstractmethod
     def claim(self, table: str, key: str, member: str, value: float) -> float:
@@ -128,7 +130,7 @@ class MemoryStore(StateStore):
             if keep_top is not None:
                 trim_row(row, keep_top)
 
-    def replace_rows(self, table, rows):
+    def replace_rows(self, table, rows, previous=None):
         stored = self.rows.setdefault(table, {})
         for key, row in rows.items():
             stored[key] = dict(row)
@@ -199,6 +201,17 @@ redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
 return redis.call('ZSCORE', KEYS[1], ARGV[1])
 """
 
+#: KEYS: the rows. ARGV: per key its member count, then the members to remove.
+_REMOVE_MEMBERS_LUA = """
+local a = 1
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[a])
+  redis.call('ZREM', KEYS[k], unpack(ARGV, a + 1, a + n))
+  a = a + n + 1
+end
+return 0
+"""
+
 #: KEYS: the rows. Returns each row as a flat member, score array (scores as strings: exact).
 _READ_ROWS_LUA = """
 local out = {}
@@ -239,6 +252,7 @@ class RedisStore(StateStore):
         self._replace = client.register_script(_REPLACE_ROWS_LUA)
         self._read = client.register_script(_READ_ROWS_LUA)
         self._claim = client.register_script(_CLAIM_LUA)
+        self._remove = client.register_script(_REMOVE_MEMBERS_LUA)
 
     def key(self, table: str, key: str) -> str:
         return f"{self.base}:{table}:{{{encode_id(key)}}}"
@@ -281,9 +295,29 @@ class RedisStore(StateStore):
     def set_rows(self, table, values, keep_top=None):
         self._write(self._set, table, values, keep_top)
 
-    def replace_rows(self, table, rows):
-        names, args = _row_args(rows, [])
-        self._run(self._replace, [self.key(table, k) for k in names], args)
+    def replace_rows(self, table, rows, previous=None):
+        if previous is None:
+            names, args = _row_args(rows, [])
+            self._run(self._replace, [self.key(table, k) for k in names], args)
+            return
+        changed: dict[str, dict[str, float]] = {}
+        removed: dict[str, list[str]] = {}
+        for key, row in rows.items():
+            before = previous.get(key, {})
+            diff = {m: v for m, v in row.items() if before.get(m) != v}
+            if diff:
+                changed[key] = diff
+            gone = [m for m in before if m not in row]
+            if gone:
+                removed[key] = gone
+        if changed:
+            self._write(self._set, table, changed, None)
+        if removed:
+            args: list = []
+            for gone in removed.values():
+                args.append(len(gone))
+                args += gone
+            self._run(self._remove, [self.key(table, k) for k in removed], args)
 
     def claim(self, table, key, member, value):
         return float(self._claim(keys=[self.key(table, key)], args=[member, repr(float(value))]))

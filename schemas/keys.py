@@ -68,6 +68,10 @@ class RedisKeys:
         return f"{self.prefix}:{{trend}}:meta"
 
     @property
+    def item_first_seen(self) -> str:
+        return f"{self.prefix}:{{items}}:first_seen"
+
+    @property
     def feed_queue(self) -> str:
         return f"{self.prefix}:{{feedq}}:dirty"
 
@@ -92,8 +96,10 @@ class RedisKeys:
         return [
             KeySpec(f"{p}:{{u:<user>}}:feed", "string (JSON)", "STREAMREC_FEED_TTL_S (1 day)",
                     "serving feed builder", "STREAMREC_FEED_SIZE items",
-                    "The user's feed: {user_id, items:[{item_id, score, reason}], "
-                    "recommendation_id, generated_at, source}. Front ends GET it."),
+                    "The user's feed: {user_id, items:[{item_id, score, reason, position, "
+                    "propensity}], recommendation_id, generated_at, source, model_version, "
+                    "policy}. Front ends GET it; send recommendation_id and position back "
+                    "with the events it causes (docs/frontend.md)."),
             KeySpec(f"{p}:{{u:<user>}}:hist", "list of item ids, newest first",
                     "STREAMREC_HISTORY_TTL_S (7 days)", "stream worker",
                     "STREAMREC_HISTORY_LEN items",
@@ -104,6 +110,9 @@ class RedisKeys:
                     "2^((now − landmark)/half_life) for the decayed value. Order is the ranking."),
             KeySpec(f"{p}:{{trend}}:meta", "hash {landmark, half_life_s, last_ts}", "none",
                     "stream worker", "2 fields", "Landmark of the trending scores; last_ts is the newest event time seen (the stream's clock)."),
+            KeySpec(f"{p}:{{items}}:first_seen", "sorted set item → first event time", "none",
+                    "stream worker", "10 × STREAMREC_TRENDING_MAX_ITEMS members (oldest dropped)",
+                    "When each item was first seen: serving's freshness boost."),
             KeySpec(f"{p}:{{feedq}}:dirty", "set of user ids", "none", "stream worker (add), "
                     "feed builder (pop)", "users active since the last feed round",
                     "Users whose feed must be rebuilt."),

@@ -36,7 +36,10 @@ class BlendedModel(OnlineModel):
             trending=self._trending, session=self.parts["session"], cooc=self.parts["cooc"],
             mf=self.parts["mf"], ann=self.ann,
             config=PipelineConfig(filter_seen=False, rerank=rerank,
-                                  model_version="blend-v1" if rerank else "blend-raw-v1"))
+                                  model_version="blend-v1" if rerank else "blend-raw-v1"),
+            item_ages=self._item_ages)
+        self._first_seen: dict[str, float] = {}
+        self._clock = 0.0
 
     def bind(self, store: StateStore) -> "BlendedModel":
         for name, part in self.parts.items():
@@ -48,7 +51,15 @@ class BlendedModel(OnlineModel):
         row = self.parts["trending"].store.get_rows("pop", ["all"])[0]
         return sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 
+    def _item_ages(self, items: list[str]) -> dict[str, float]:
+        seen = self._first_seen
+        return {i: self._clock - seen[i] for i in items if i in seen}
+
     def _learn(self, batch: SignalBatch) -> LearnReport:
+        for item, ts in zip(batch.items.tolist(), batch.timestamps.tolist()):
+            if ts < self._first_seen.get(item, float("inf")):
+                self._first_seen[item] = ts
+        self._clock = max(self._clock, float(batch.timestamps.max()))
         changed: list[str] = []
         for part in self.parts.values():
             changed += part.learn(batch).changed_item_vectors

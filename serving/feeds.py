@@ -86,7 +86,7 @@ class FeedBuilder:
         self.recommender = Recommender(
             trending=self.trending, session=models.get("session"), cooc=models.get("cooc"),
             mf=models.get("mf"), ann=self.ann, explorer=explorer_for(settings),
-            config=PipelineConfig())
+            config=PipelineConfig(), item_ages=self.item_ages)
 
     @classmethod
     def live(cls, settings: Settings, client) -> "FeedBuilder":
@@ -122,6 +122,17 @@ class FeedBuilder:
             return []
         factor = float(decayed(1.0, float(landmark), float(last_ts), float(half_life)))
         return [(item.decode(), score * factor) for item, score in top]
+
+    def item_ages(self, items: list[str]) -> dict[str, float]:
+        """Seconds since each item was first seen, on the stream's clock (newest event)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zmscore(self.keys.item_first_seen, items)
+            pipe.hget(self.keys.trending_meta, "last_ts")
+            first, now = pipe.execute()
+        if now is None:
+            return {}
+        now = float(now)
+        return {i: max(now - t, 0.0) for i, t in zip(items, first) if t is not None}
 
     def histories(self, user_ids: list[str]) -> list[tuple[str, ...]]:
         """Each user's recent items, oldest first."""

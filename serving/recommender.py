@@ -29,6 +29,8 @@ from serving.explore import EpsilonGreedy, ThompsonSampling
 from serving.rerank import Candidate, RerankPolicy, blend, rerank
 
 TrendingSource = Callable[[int], list[tuple[str, float]]]
+#: items → {item: seconds since first seen, on the stream's clock} (unknown items left out)
+ItemAges = Callable[[list[str]], dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,10 @@ class Recommender:
     def __init__(self, trending: TrendingSource, session=None, cooc=None, mf=None,
                  ann: AnnIndex | None = None,
                  explorer: EpsilonGreedy | ThompsonSampling | None = None,
-                 config: PipelineConfig | None = None) -> None:
+                 config: PipelineConfig | None = None, item_ages: ItemAges | None = None
+                 ) -> None:
         self.trending, self.session, self.cooc, self.mf = trending, session, cooc, mf
+        self.item_ages = item_ages
         self.ann, self.explorer = ann, explorer
         self.config = config or PipelineConfig()
 
@@ -143,8 +147,12 @@ class Recommender:
         trending_top = [i for i, _ in self.trending(pool_size)]
         head = frozenset(trending_top[:cfg.head_size])
         served = []
+        ages: dict[str, float] = {}
+        if self.item_ages is not None and cfg.policy.freshness_weight:
+            ages = self.item_ages(sorted({i for per in sources for rows in per.values()
+                                          for i, _, _ in rows}))
         for request, per_source in zip(requests, sources):
-            candidates = blend(per_source, cfg.policy)
+            candidates = blend(per_source, cfg.policy, ages)
             blocked = self._blocked(request)
             pins = {p: Candidate(item, 0.0, "pinned") for p, item in request.pins}
             if cfg.rerank:

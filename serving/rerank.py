@@ -38,6 +38,7 @@ class RerankPolicy:
     min_tail_share: float = 0.2
     freshness_weight: float = 0.1
     freshness_half_life_s: float = 86400.0
+    pool_per_slot: int = 5  # re-rank the best 5·k candidates (at least 50)
     source_weights: dict[str, float] = field(default_factory=lambda: {
         "session": 1.0, "cooc": 0.6, "ann": 0.5, "trending": 0.2})
 
@@ -74,7 +75,8 @@ def rerank(candidates: list[Candidate], k: int, policy: RerankPolicy, *,
     pins = {p: c for p, c in (pins or {}).items() if 0 <= p < k}
     pinned_ids = {c.item_id for c in pins.values()}
     pool = [c for c in candidates
-            if c.item_id not in seen and c.item_id not in exclude and c.item_id not in pinned_ids]
+            if c.item_id not in seen and c.item_id not in exclude and c.item_id not in pinned_ids
+            ][:max(policy.pool_per_slot * k, 50)]
     free = k - len(pins)
     max_head = math.floor(policy.max_head_share * k)
     tail_available = sum(1 for c in pool if c.item_id not in head_items)
@@ -118,11 +120,11 @@ def rerank(candidates: list[Candidate], k: int, policy: RerankPolicy, *,
 
 def _cosine_matrix(pool: list[Candidate], vectors: dict[str, np.ndarray]) -> np.ndarray:
     """Pairwise cosine similarity of the pool's vectors (0 where a vector is missing)."""
-    dim = next((len(v) for v in vectors.values()), 0)
-    matrix = np.zeros((len(pool), dim))
-    for n, c in enumerate(pool):
-        vec = vectors.get(c.item_id)
-        if vec is not None:
-            norm = np.linalg.norm(vec)
-            matrix[n] = vec / norm if norm > 0 else 0.0
+    rows = [(n, vectors[c.item_id]) for n, c in enumerate(pool) if c.item_id in vectors]
+    if not rows:
+        return np.zeros((len(pool), len(pool)), np.float32)
+    matrix = np.zeros((len(pool), len(rows[0][1])), np.float32)
+    matrix[[n for n, _ in rows]] = np.stack([v for _, v in rows])
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    matrix /= np.where(norms > 0, norms, 1.0)
     return matrix @ matrix.T

@@ -13,6 +13,7 @@ import tempfile
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from infra.logs import logging_config
 from infra.settings import Settings
 
 settings = Settings()
@@ -66,4 +67,6 @@ app = faust.App(
     web_bind="127.0.0.1",
     web_port=settings.worker_web_port,
     web_enabled=settings.worker_web_port != 0,
+    logging_config=logging_config(os.environ.get("STREAMREC_LOGLEVEL", "info"))
+    if settings.log_format == "json" else None,
 )

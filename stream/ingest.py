@@ -193,8 +193,9 @@ async def report_consumer_lag() -> None:
 async def serve_metrics() -> None:
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
-        start_http_server(settings.worker_metrics_port, addr="127.0.0.1")
-        log.info("metrics on http://127.0.0.1:%d/metrics", settings.worker_metrics_port)
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+        log.info("metrics on http://%s:%d/metrics", settings.worker_metrics_host,
+                 settings.worker_metrics_port)
 
 
 @app.agent(interactions_topic)

@@ -142,6 +142,12 @@ class LiveState:
             # this works for the sync and the asyncio pipeline alike.
             pipe.scripts.add(self._trending)
             pipe.evalsha(self._trending.sha, 2, keys.trending, keys.trending_meta, *args)
+        first_seen: dict[str, float] = {}
+        for item, ts in zip(items.tolist(), timestamps.tolist()):
+            if ts < first_seen.get(item, float("inf")):
+                first_seen[item] = ts
+        pipe.zadd(keys.item_first_seen, first_seen, nx=True)
+        pipe.zremrangebyrank(keys.item_first_seen, 0, -(10 * s.trending_max_items) - 1)
         histories: dict[str, list[str]] = {}
         for e in events:  # stream order: Kafka keeps each user's events in order
             if e.type != "impression":

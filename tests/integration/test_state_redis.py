@@ -79,7 +79,7 @@ def test_trending_is_trimmed_to_its_bound(settings, redis_client):
 
 
 def test_feeds_exclude_seen_items_and_follow_the_contract(settings, redis_client):
-    s = settings.model_copy(update={"feed_size": 10})
+    s = settings.model_copy(update={"feed_size": 10, "explore_policy": "none"})
     state, keys = LiveState(s, redis_client), RedisKeys(s.key_prefix)
     events = list(UserSimulator(40, 200, seed=2).events(3000, time.time() - 3000))
     state.apply_sync(events)
@@ -94,12 +94,33 @@ def test_feeds_exclude_seen_items_and_follow_the_contract(settings, redis_client
         raw = redis_client.get(keys.feed(user))
         doc = msgspec.json.decode(raw)
         assert set(doc) == {"user_id", "items", "recommendation_id", "generated_at", "source",
-                            "model_version"}
+                            "model_version", "policy"}
+        assert doc["policy"] == "greedy"
         seen = set([e.item_id for e in events if e.user_id == user][-s.history_len:])
         items = [i["item_id"] for i in doc["items"]]
-        assert len(items) == 10 and not set(items) & seen
-        assert items == [i for i in trending if i not in seen][:10]  # ranking = trending order
-        scores = [i["score"] for i in doc["items"]]
-        assert scores == sorted(scores, reverse=True)
+        assert len(items) == 10 and not set(items) & seen and set(items) <= set(trending)
+        assert [i["position"] for i in doc["items"]] == list(range(10))
+        assert all(i["propensity"] == 1.0 and i["reason"] == "trending" for i in doc["items"])
         assert 0 < redis_client.ttl(keys.feed(user)) <= s.feed_ttl_s
     assert np.isfinite([i["score"] for i in doc["items"]]).all()
+
+
+def test_first_seen_times_feed_the_freshness_boost(settings, redis_client):
+    s = settings.model_copy(update={"explore_policy": "none", "feed_size": 2})
+    state, keys = LiveState(s, redis_client), RedisKeys(s.key_prefix)
+    t0 = 1.7e9
+
+    def click(n, item, ts):
+        return Interaction(event_id=f"e{n}", user_id=f"u{n}", item_id=item, type="click",
+                           timestamp=ts)
+
+    # "old" and "new" are equally popular now; "old" was first seen two days earlier
+    state.apply_sync([click(0, "old", t0)])
+    state.apply_sync([click(1, "old", t0 + 2 * 86400), click(2, "new", t0 + 2 * 86400)])
+    first = dict(redis_client.zrange(keys.item_first_seen, 0, -1, withscores=True))
+    assert first == {b"old": t0, b"new": t0 + 2 * 86400}
+    builder = FeedBuilder(s, redis_client)
+    ages = builder.item_ages(["old", "new", "never"])
+    assert ages == {"old": 2 * 86400, "new": 0.0}
+    [feed] = builder.compute(["someone"])
+    assert [i.item_id for i in feed.items][:1] == ["new"]  # the boost breaks the tie

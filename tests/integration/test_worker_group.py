@@ -1,6 +1,7 @@
 """Worker processes against the real broker and redis-server: scale-out, resume, vector topic,
 metrics."""
 
+import json
 import time
 import urllib.request
 
@@ -76,8 +77,8 @@ def test_changed_item_vectors_reach_the_compacted_topic_and_metrics_count(settin
     s = settings.model_copy(update={"live_models": "mf", "vector_publish_interval_s": 0.2})
     events = list(UserSimulator(40, 60, seed=3).events(1500, time.time() - 1500))
     metrics_port = free_port()
-    worker = spawn(["worker", "--loglevel", "warn"], s,
-                   STREAMREC_WORKER_METRICS_PORT=str(metrics_port))
+    worker = spawn(["worker", "--loglevel", "info"], s,
+                   STREAMREC_WORKER_METRICS_PORT=str(metrics_port), STREAMREC_LOG_FORMAT="json")
     produce(s, events)
     wait_for(lambda: applied(redis_client, s.key_prefix) >= len(events), 60, "events",
              proc=worker)
@@ -105,6 +106,10 @@ def test_changed_item_vectors_reach_the_compacted_topic_and_metrics_count(settin
         "streamrec_skipped_duplicate_events_total", 0)
     assert counters["streamrec_item_vectors_published_total"] >= len(items)
     assert counters["streamrec_messages_in_total"] > 0
+    lines = [json.loads(line) for line in worker.log_path.read_text().splitlines()
+             if line.startswith("{")]
+    assert any(doc["logger"] == "streamrec.ingest" and doc["level"] == "INFO"
+               and doc["message"].startswith("resuming from Redis watermarks") for doc in lines)
 
     # the serving side tails the topic into its ANN index
     builder = FeedBuilder.live(s, redis_client)
