@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     feed_ttl_s: int = Field(86400, ge=60, description="TTL of a written feed.")
     feed_refresh_batch: int = Field(500, ge=1, description="Users rebuilt per feed-builder round.")
     feed_refresh_interval_s: float = Field(0.5, gt=0, description="Feed-builder poll interval.")
+    freshness_weight: float = Field(0.0, ge=0, description="Boost of never-before-seen items in "
+                                    "ranking: weight · 2^(−age/1 day) (0 = off).")
     explore_policy: Literal["epsilon-greedy", "thompson-sampling", "none"] = Field(
         "epsilon-greedy", description="Exploration over the reserved positions of served lists.")
     explore_epsilon: float = Field(0.1, ge=0, le=1, description="ε of ε-greedy exploration.")

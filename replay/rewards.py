@@ -12,10 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from schemas.events import Interaction
+from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.impressions import ImpressionLog
-
-POSITIVE = frozenset({"click", "view", "dwell", "like", "add_to_cart", "purchase"})
 
 
 @dataclass(frozen=True)
@@ -33,7 +31,7 @@ def join_rewards(logs: Iterable[ImpressionLog], events: Iterable[Interaction]) -
     rewarded: set[tuple[str, str]] = set()
     at_position: set[tuple[str, str, int]] = set()
     for e in events:
-        if e.recommendation_id is None or e.type not in POSITIVE:
+        if e.recommendation_id is None or e.type not in ENGAGEMENT_TYPES:
             continue
         if e.position is None:
             rewarded.add((e.recommendation_id, e.item_id))

@@ -39,6 +39,8 @@ MAX_DWELL_MS = 86_400_000
 EventType = Literal["impression", "click", "view", "dwell", "skip", "like", "dislike",
                     "add_to_cart", "purchase"]
 EVENT_TYPES: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
+#: Event types that count as a reward for the list position that caused them.
+ENGAGEMENT_TYPES = frozenset({"click", "view", "dwell", "like", "add_to_cart", "purchase"})
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
 Millis = Annotated[int, msgspec.Meta(ge=0, le=MAX_DWELL_MS)]

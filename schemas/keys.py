@@ -68,6 +68,14 @@ class RedisKeys:
         return f"{self.prefix}:{{trend}}:meta"
 
     @property
+    def bandit_shows(self) -> str:
+        return f"{self.prefix}:{{bandit}}:shows"
+
+    @property
+    def bandit_clicks(self) -> str:
+        return f"{self.prefix}:{{bandit}}:clicks"
+
+    @property
     def item_first_seen(self) -> str:
         return f"{self.prefix}:{{items}}:first_seen"
 
@@ -110,6 +118,13 @@ class RedisKeys:
                     "2^((now − landmark)/half_life) for the decayed value. Order is the ranking."),
             KeySpec(f"{p}:{{trend}}:meta", "hash {landmark, half_life_s, last_ts}", "none",
                     "stream worker", "2 fields", "Landmark of the trending scores; last_ts is the newest event time seen (the stream's clock)."),
+            KeySpec(f"{p}:{{bandit}}:shows", "hash item → count", "none", "feed builder / API",
+                    "items served at exploration positions",
+                    "Times each item was shown at a reserved (exploration) position."),
+            KeySpec(f"{p}:{{bandit}}:clicks", "hash item → count", "none", "stream worker",
+                    "items engaged with at exploration positions",
+                    "Engagements (click, view, dwell, like, cart, purchase) carrying a "
+                    "recommendation_id and a reserved position: Thompson sampling's successes."),
             KeySpec(f"{p}:{{items}}:first_seen", "sorted set item → first event time", "none",
                     "stream worker", "10 × STREAMREC_TRENDING_MAX_ITEMS members (oldest dropped)",
                     "When each item was first seen: serving's freshness boost."),

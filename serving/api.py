@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def on_demand(user_id: str, k: int | None, exclude: frozenset[str] = frozenset()):
         [feed] = builder.compute([user_id], k, exclude, source="on_demand")
-        builder.log_impressions([feed])
+        builder.log_served([feed])
         return feed
 
     authed = [Depends(require_key)]

@@ -12,7 +12,8 @@ there (the propensity off-policy estimators divide by).
   takes the pool item with the highest sampled CTR. The propensity (probability that item
   wins the draw) has no closed form: it is estimated from ``propensity_draws`` extra samples.
   (river's ``bandit.ThompsonSampling`` picks one arm per call and exposes no propensities, so
-  the maths is here, in numpy.)
+  the maths is here, in numpy.) Counts come from ``counts`` — in memory by default; live, the
+  Redis hashes the worker (engagements) and the feed builder (shows) keep.
 """
 
 from __future__ import annotations
@@ -67,19 +68,24 @@ class ThompsonSampling:
     name = "thompson-sampling"
 
     def __init__(self, reserved: tuple[int, ...] = (3, 7), prior: tuple[float, float] = (1, 20),
-                 propensity_draws: int = 1000, seed: int | None = None) -> None:
+                 propensity_draws: int = 1000, seed: int | None = None, counts=None) -> None:
         self.reserved, self.prior, self.draws = reserved, prior, propensity_draws
         self.clicks: dict[str, float] = {}
         self.shows: dict[str, float] = {}
+        self.counts = counts or self._memory_counts  # items → (clicks, shows) arrays
         self.rng = np.random.default_rng(seed)
+
+    def _memory_counts(self, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return (np.array([self.clicks.get(i, 0.0) for i in items]),
+                np.array([self.shows.get(i, 0.0) for i in items]))
 
     def update(self, item: str, clicked: bool) -> None:
         self.shows[item] = self.shows.get(item, 0.0) + 1.0
         self.clicks[item] = self.clicks.get(item, 0.0) + float(clicked)
 
     def _params(self, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        c = np.array([self.clicks.get(i, 0.0) for i in items])
-        s = np.array([self.shows.get(i, 0.0) for i in items])
+        c, s = self.counts(items)
+        c = np.minimum(c, s)  # an engagement logged without its show cannot exceed shows
         return self.prior[0] + c, self.prior[1] + s - c
 
     def win_probabilities(self, items: list[str]) -> np.ndarray:

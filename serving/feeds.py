@@ -18,6 +18,7 @@ import logging
 import time
 
 import msgspec
+import numpy as np
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS
 from infra.settings import Settings
@@ -29,6 +30,7 @@ from schemas.keys import RedisKeys
 from serving.ann import AnnIndex
 from serving.explore import EpsilonGreedy, ThompsonSampling
 from serving.recommender import PipelineConfig, Recommender, Request, Served
+from serving.rerank import RerankPolicy
 
 
 class FeedItem(msgspec.Struct):
@@ -55,12 +57,12 @@ log = logging.getLogger("streamrec.feeds")
 _feed_decoder = msgspec.json.Decoder(Feed)
 
 
-def explorer_for(settings: Settings):
+def explorer_for(settings: Settings, counts=None):
     positions = tuple(int(p) for p in settings.explore_positions.split(",") if p)
     if settings.explore_policy == "epsilon-greedy":
         return EpsilonGreedy(settings.explore_epsilon, positions)
     if settings.explore_policy == "thompson-sampling":
-        return ThompsonSampling(positions)
+        return ThompsonSampling(positions, counts=counts)
     return None
 
 
@@ -85,8 +87,10 @@ class FeedBuilder:
             self.ann = AnnIndex(models["mf"].factors)
         self.recommender = Recommender(
             trending=self.trending, session=models.get("session"), cooc=models.get("cooc"),
-            mf=models.get("mf"), ann=self.ann, explorer=explorer_for(settings),
-            config=PipelineConfig(), item_ages=self.item_ages)
+            mf=models.get("mf"), ann=self.ann,
+            explorer=explorer_for(settings, counts=self.bandit_counts),
+            config=PipelineConfig(policy=RerankPolicy(freshness_weight=settings.freshness_weight)),
+            item_ages=self.item_ages)
 
     @classmethod
     def live(cls, settings: Settings, client) -> "FeedBuilder":
@@ -122,6 +126,15 @@ class FeedBuilder:
             return []
         factor = float(decayed(1.0, float(landmark), float(last_ts), float(half_life)))
         return [(item.decode(), score * factor) for item, score in top]
+
+    def bandit_counts(self, items: list[str]):
+        """(engagements, shows) at exploration positions, per item, from Redis."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.keys.bandit_clicks, items)
+            pipe.hmget(self.keys.bandit_shows, items)
+            clicks, shows = pipe.execute()
+        return (np.array([float(c or 0) for c in clicks]),
+                np.array([float(s or 0) for s in shows]))
 
     def item_ages(self, items: list[str]) -> dict[str, float]:
         """Seconds since each item was first seen, on the stream's clock (newest event)."""
@@ -169,8 +182,23 @@ class FeedBuilder:
                                  "reason": f"similar taste to {item_id}"}
         return list(out.values())[:k]
 
-    def log_impressions(self, feeds: list[Feed]) -> None:
-        """Send each list to the impressions topic and wait for the acks (raises on failure)."""
+    def log_served(self, feeds: list[Feed]) -> None:
+        """Log served lists: the impressions topic (acks awaited; raises on failure), then the
+        exploration positions' show counts (Thompson sampling's trials)."""
+        self._log_impressions(feeds)
+        reserved = {int(p) for p in self.settings.explore_positions.split(",") if p}
+        shows: dict[str, int] = {}
+        for feed in feeds:
+            for item in feed.items:
+                if item.position in reserved:
+                    shows[item.item_id] = shows.get(item.item_id, 0) + 1
+        if shows:
+            with self.client.pipeline(transaction=False) as pipe:
+                for item, count in shows.items():
+                    pipe.hincrby(self.keys.bandit_shows, item, count)
+                pipe.execute()
+
+    def _log_impressions(self, feeds: list[Feed]) -> None:
         if self.impression_producer is None:
             return
         for feed in feeds:
@@ -186,7 +214,7 @@ class FeedBuilder:
 
     def write(self, feeds: list[Feed]) -> None:
         """Log the lists, then store them (a list is never served without its log)."""
-        self.log_impressions(feeds)
+        self.log_served(feeds)
         with self.client.pipeline(transaction=False) as pipe:
             for feed in feeds:
                 pipe.set(self.keys.feed(feed.user_id), msgspec.json.encode(feed),

@@ -6,6 +6,11 @@ every source contributes on a 0–1 scale, and
 
     score(i) = Σ_s weight_s · norm_s(i) + freshness_weight · 2^(−age(i) / freshness_half_life)
 
+with ``age`` the time since the item was first seen. Default weights: session 1.0, cooc 0.1,
+ann 0.02, trending 0.01 — chosen on a validation split (``bench/tune_blend.py``), where larger
+weights for the weaker sources cost HR@20; the others mostly order what session-kNN cannot
+score (users between sessions, new items).
+
 The explanation is the source contributing most ("because you viewed X" for co-occurrence with
 the session item it came from, "trending", ...).
 
@@ -36,11 +41,12 @@ class RerankPolicy:
     mmr_lambda: float = 0.8
     max_head_share: float = 0.6
     min_tail_share: float = 0.2
-    freshness_weight: float = 0.1
+    freshness_weight: float = 0.0  # > 0 boosts new items (YooChoose validation: 0.05 cost HR)
     freshness_half_life_s: float = 86400.0
     pool_per_slot: int = 5  # re-rank the best 5·k candidates (at least 50)
+    #: chosen on a validation split of YooChoose (bench/tune_blend.py; README, Measured)
     source_weights: dict[str, float] = field(default_factory=lambda: {
-        "session": 1.0, "cooc": 0.6, "ann": 0.5, "trending": 0.2})
+        "session": 1.0, "cooc": 0.1, "ann": 0.02, "trending": 0.01})
 
 
 def blend(sources: dict[str, list[tuple[str, float, str]]], policy: RerankPolicy,

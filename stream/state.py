@@ -33,7 +33,7 @@ from infra.settings import Settings
 from online_models.base import OnlineModel
 from online_models.signals import SignalMapper
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TRENDING_WEIGHTS, batch_deltas
-from schemas.events import Interaction
+from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
 
 #: KEYS: trending zset, meta hash. ARGV: half_life, reference_ts, max_items, rebase_after,
@@ -125,6 +125,7 @@ class LiveState:
         self.mapper = SignalMapper()
         self._trending = client.register_script(TRENDING_LUA)
         self._history = client.register_script(HISTORY_LUA)
+        self._reserved = frozenset(int(p) for p in settings.explore_positions.split(",") if p)
 
     def _queue(self, pipe, events: list[Interaction]) -> None:
         s, keys = self.settings, self.keys
@@ -161,6 +162,13 @@ class LiveState:
             pipe.evalsha(self._history.sha, len(histories),
                          *map(keys.user_history, histories), *args)
             pipe.sadd(keys.feed_queue, *histories)
+        rewarded: dict[str, int] = {}
+        for e in events:
+            if (e.recommendation_id is not None and e.position in self._reserved
+                    and e.type in ENGAGEMENT_TYPES):
+                rewarded[e.item_id] = rewarded.get(e.item_id, 0) + 1
+        for item, clicks in rewarded.items():
+            pipe.hincrby(keys.bandit_clicks, item, clicks)
         pipe.hincrby(keys.stats, "events_applied", len(events))
         pipe.hincrby(keys.stats, "batches", 1)
 

@@ -106,7 +106,8 @@ def test_feeds_exclude_seen_items_and_follow_the_contract(settings, redis_client
 
 
 def test_first_seen_times_feed_the_freshness_boost(settings, redis_client):
-    s = settings.model_copy(update={"explore_policy": "none", "feed_size": 2})
+    s = settings.model_copy(update={"explore_policy": "none", "feed_size": 2,
+                                    "freshness_weight": 0.1})
     state, keys = LiveState(s, redis_client), RedisKeys(s.key_prefix)
     t0 = 1.7e9
 
@@ -124,3 +125,36 @@ def test_first_seen_times_feed_the_freshness_boost(settings, redis_client):
     assert ages == {"old": 2 * 86400, "new": 0.0}
     [feed] = builder.compute(["someone"])
     assert [i.item_id for i in feed.items][:1] == ["new"]  # the boost breaks the tie
+
+
+def test_thompson_sampling_learns_from_engagements_counted_by_the_worker(settings, redis_client):
+    s = settings.model_copy(update={"explore_policy": "thompson-sampling",
+                                    "explore_positions": "1", "feed_size": 3})
+    state, keys = LiveState(s, redis_client), RedisKeys(s.key_prefix)
+    t0 = 1.7e9
+    popular = [Interaction(event_id=f"p{n}", user_id=f"v{n}", item_id=f"i{n % 12}",
+                           type="click", timestamp=t0 + n) for n in range(120)]
+    state.apply_sync(popular)
+    builder = FeedBuilder(s, redis_client)
+    feeds = builder.compute([f"w{n}" for n in range(200)])
+    builder.write(feeds)
+    shown = [f.items[1].item_id for f in feeds]
+    assert {k.decode(): int(v) for k, v in redis_client.hgetall(keys.bandit_shows).items()} == \
+        {i: shown.count(i) for i in set(shown)}
+    assert all(f.policy == "thompson-sampling" and 0 < f.items[1].propensity <= 1 for f in feeds)
+    # users engage with one explored item whenever it is shown; the others are ignored
+    fixed = {i.item_id for f in feeds for i in f.items if i.position != 1}
+    winner = sorted(set(shown) - fixed)[0]
+    engaged = [Interaction(event_id=f"c{n}", user_id=f.user_id, item_id=winner, type="click",
+                           timestamp=t0 + 100, recommendation_id=f.recommendation_id, position=1)
+               for n, f in enumerate(feeds) if f.items[1].item_id == winner]
+    engaged.append(Interaction(event_id="elsewhere", user_id="x", item_id="elsewhere",
+                               type="click", timestamp=t0 + 100, recommendation_id="r",
+                               position=0))
+    state.apply_sync(engaged)
+    assert redis_client.hget(keys.bandit_clicks, winner) == str(len(engaged) - 1).encode()
+    assert redis_client.hget(keys.bandit_clicks, "elsewhere") is None  # 0 is not reserved
+    options = sorted(set(shown))
+    before = dict(zip(options, builder.recommender.explorer.win_probabilities(options)))
+    assert before[winner] > 0.9  # every show engaged: Thompson now draws it almost always
+    assert before[winner] > shown.count(winner) / len(shown)
