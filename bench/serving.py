@@ -10,8 +10,10 @@
    serving pipeline with ANN top-100 on the user's MF vector + trending → blend → MMR and
    fairness re-rank to 20 → ε-greedy exploration; p99 and requests/s.
 
+   The same again once the churn stopped and any rebuild finished (``recommend_quiet_*``).
+
 Last line: JSON with ann_recall_at_10_min, ann_freshness_p99_s, feed_read_p99_ms,
-recommend_p99_ms, recommend_rps. Usage: ``python bench/serving.py [--items 100000]``.
+recommend_p99_ms, recommend_rps (under churn) and the quiet figures. Usage: ``python bench/serving.py [--items 100000]``.
 """
 
 from __future__ import annotations
@@ -158,7 +160,10 @@ def main() -> None:
     serving = recommend_latency(index, vectors, rng)  # while the writer keeps moving vectors
     stop.set()
     writer.join()
-    result = {**ann, **feed_reads(rng), **serving}
+    index.wait_for_rebuild(300)
+    quiet = {k.replace("recommend_", "recommend_quiet_"): v
+             for k, v in recommend_latency(index, vectors, rng).items()}
+    result = {**ann, "rebuilds": index.rebuilds, **feed_reads(rng), **serving, **quiet}
     for key, value in result.items():
         print(f"{key:>24}: {value}")
     print(json.dumps(result))

@@ -26,6 +26,7 @@ Example
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -154,41 +155,64 @@ class AnnIndex:
             due = self._moved_since_build > self.rebuild_after * max(len(self), 1)
             if not due or self._rebuilding is not None:
                 return
-            self._rebuilding = threading.Thread(target=self.rebuild, name="ann-rebuild",
-                                                daemon=True)
+            self._rebuilding = threading.Thread(target=self._background_rebuild,
+                                                name="ann-rebuild", daemon=True)
             self._rebuilding.start()
 
+    def _background_rebuild(self) -> None:
+        _lower_thread_priority()  # the build yields the CPU to queries and updates
+        self.rebuild()
+
     def rebuild(self) -> None:
-        """Build a fresh graph from the current vectors and swap it in (blocking)."""
+        """Build a fresh graph from the current vectors and swap it in (blocking).
+
+        Updates that race the build are replayed onto the new graph in passes outside the lock;
+        only the last short pass (and the swap) holds it, so queries never wait for a replay.
+        """
         with self._lock:
             labels = np.flatnonzero(self._live)
             vectors = self._vectors[labels].copy()
-            capacity = self.capacity
             self._moved_since_build = 0
             if self._rebuilding is None:  # called directly, not from _maybe_rebuild
                 self._rebuilding = threading.current_thread()
+            self._pending = []  # the snapshot already holds everything before this point
+            capacity = self.capacity
         graph = self._new_graph(capacity)
         if len(labels):
-            graph.add_items(vectors, labels, num_threads=1)
-        with self._lock:
-            if graph.get_max_elements() < self.capacity:
-                graph.resize_index(self.capacity)
-            self._deleted[:] = False  # the new graph holds only what was live at the build
-            for op, items, vecs in self._pending:  # updates that raced the build, in order
-                ids = np.array([self._label[i] for i in items], np.int64)
-                if op == "upsert":
-                    graph.add_items(vecs, ids)
-                    self._deleted[ids] = False
-                else:
-                    present = set(graph.get_ids_list())
-                    for label in ids.tolist():
-                        if label in present and not self._deleted[label]:
-                            graph.mark_deleted(label)
-                            self._deleted[label] = True
-            self._pending.clear()
-            self._graph = graph
-            self._rebuilding = None
-            self.rebuilds += 1
+            graph.add_items(vectors, labels, num_threads=1)  # one core stays with the queries
+        in_graph = np.zeros(capacity, bool)
+        in_graph[labels] = True
+        deleted = np.zeros(capacity, bool)
+        while True:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                if len(batch) <= 256:
+                    graph, in_graph, deleted = self._replay(graph, batch, in_graph, deleted)
+                    self._graph, self._deleted = graph, deleted
+                    self._rebuilding = None
+                    self.rebuilds += 1
+                    return
+            graph, in_graph, deleted = self._replay(graph, batch, in_graph, deleted)
+
+    def _replay(self, graph, ops, in_graph, deleted):
+        """Apply queued (op, items, vectors) to a graph under construction, in order."""
+        capacity = self.capacity  # may have grown meanwhile
+        if len(in_graph) < capacity:
+            graph.resize_index(capacity)
+            in_graph = np.concatenate([in_graph, np.zeros(capacity - len(in_graph), bool)])
+            deleted = np.concatenate([deleted, np.zeros(capacity - len(deleted), bool)])
+        for op, items, vecs in ops:
+            ids = np.array([self._label[i] for i in items], np.int64)
+            if op == "upsert":
+                graph.add_items(vecs, ids)  # also undeletes
+                in_graph[ids] = True
+                deleted[ids] = False
+            else:
+                for label in ids.tolist():
+                    if in_graph[label] and not deleted[label]:
+                        graph.mark_deleted(label)
+                        deleted[label] = True
+        return graph, in_graph, deleted
 
     def wait_for_rebuild(self, timeout_s: float = 60.0) -> None:
         thread = self._rebuilding
@@ -222,3 +246,11 @@ class AnnIndex:
         graph.set_ef(index.ef_search)
         index._graph = graph
         return index
+
+
+def _lower_thread_priority(niceness: int = 10) -> None:
+    """Raise this thread's nice value (Linux schedules threads as tasks); no-op elsewhere."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass

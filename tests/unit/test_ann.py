@@ -64,3 +64,33 @@ def test_snapshot_restores_the_same_answers(tmp_path):
     assert len(restored) == 998
     for q in rng.normal(size=(20, 8)).astype(np.float32):
         assert restored.search(q, 10)[0] == index.search(q, 10)[0]
+
+
+def test_updates_racing_a_rebuild_survive_the_swap():
+    import threading
+    import time
+
+    rng = np.random.default_rng(3)
+    n, dim = 8000, 16
+    index = AnnIndex(dim, capacity=n, rebuild_after=10.0)  # no automatic rebuilds
+    index.upsert([f"i{i}" for i in range(n)], rng.normal(size=(n, dim)).astype(np.float32))
+    builder = threading.Thread(target=index.rebuild)
+    builder.start()
+    planted = {}
+    while (builder.is_alive() and len(planted) < 300) or len(planted) < 50:
+        item = f"i{len(planted)}"
+        vec = rng.normal(size=dim).astype(np.float32)
+        vec *= 100 / np.linalg.norm(vec)
+        index.upsert([item], vec[None, :])
+        planted[item] = vec
+        if len(planted) % 10 == 0:
+            index.delete([item])
+        time.sleep(0.001)
+    builder.join()
+    assert index.rebuilds == 1
+    for item, vec in planted.items():
+        found = index.search(vec, 1)[0]
+        if int(item[1:]) % 10 == 9:  # deleted right after being planted
+            assert item not in found
+        else:
+            assert found == [item], item
