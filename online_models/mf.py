@@ -7,6 +7,10 @@ towards 0 with weight ``|w|``; and ``negatives`` items sampled from the batch's 
 events (so in proportion to current popularity, which counters popularity bias) push towards 0
 with weight ``negative_weight`` (implicit data has no observed zeros).
 
+Item vectors are shared by all workers, so a batch writes its *change* to each (added
+atomically by the store: concurrent workers' steps add up, asynchronous-SGD style); user
+vectors are partition-local and overwritten.
+
 Updates are computed for the whole batch from the vectors as read at its start and averaged
 per row, repeated ``epochs`` times, each event's weighted error clipped to
 ``±max_step_error`` (heavy signals cannot blow the step up): one store read and one write per batch
@@ -111,6 +115,7 @@ class OnlineMF(OnlineModel):
                                   np.full(len(neg_items), self.negative_weight)]).astype(np.float32)
         user_vecs = self._vectors("user", users)
         item_vecs = self._vectors("item", items)
+        item_start = item_vecs.copy()
         lr, reg = self.learning_rate, self.regularisation
         for _ in range(self.epochs):
             pu, qi = user_vecs[rows_u], item_vecs[i_idx]
@@ -118,8 +123,10 @@ class OnlineMF(OnlineModel):
                           -self.max_step_error, self.max_step_error)
             scatter_mean(user_vecs, rows_u, lr * (err[:, None] * qi - reg * pu))
             scatter_mean(item_vecs, i_idx, lr * (err[:, None] * pu - reg * qi))
+        # users are partition-local: overwrite; items are shared by every worker: add the
+        # batch's change, so concurrent workers' updates add up instead of overwriting
         self.store.set_vectors("user", users, user_vecs)
-        self.store.set_vectors("item", items, item_vecs)
+        self.store.add_vectors("item", items, item_vecs - item_start, item_start)
         return LearnReport(events=len(batch), changed_item_vectors=items)
 
     def query_vectors(self, queries: list[Query]) -> np.ndarray:

@@ -75,6 +75,12 @@ class StateStore(ABC):
         """Store float32 vectors."""
 
     @abstractmethod
+    def add_vectors(self, table: str, keys: Sequence[str], deltas: np.ndarray,
+                    base: np.ndarray) -> None:
+        """Add float32 deltas to stored vectors, atomically per vector, so concurrent writers'
+        updates add up (none is lost); a vector not stored yet starts from its ``base`` row."""
+
+    @abstractmethod
     def row_count(self, table: str) -> int:
         """Number of rows (keys) in a table."""
 
@@ -93,6 +99,12 @@ def trim_row(row: dict[str, float], keep_top: int) -> dict[str, float]:
         for member, _ in sorted(row.items(), key=_trim_order)[:len(row) - keep_top]:
             del row[member]
     return row
+
+
+def _add_float32(current: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """``current + delta`` summed in float64 and rounded once to float32 — exactly what the
+    Redis script computes (Lua numbers are doubles), so both stores agree bit for bit."""
+    return (current.astype(np.float64) + delta.astype(np.float64)).astype(np.float32)
 
 
 class MemoryStore(StateStore):
@@ -153,6 +165,12 @@ class MemoryStore(StateStore):
         for key, vec in zip(keys, np.asarray(vectors, dtype=np.float32)):
             stored[key] = vec.copy()
 
+    def add_vectors(self, table, keys, deltas, base):
+        stored = self.vectors.setdefault(table, {})
+        deltas = np.asarray(deltas, dtype=np.float32)
+        for key, delta, start in zip(keys, deltas, np.asarray(base, dtype=np.float32)):
+            stored[key] = _add_float32(stored.get(key, start), delta)
+
     def row_count(self, table):
         return len(self.rows.get(table, {})) + len(self.vectors.get(table, {}))
 
@@ -212,6 +230,27 @@ end
 return 0
 """
 
+#: KEYS: vector keys. ARGV: dimension, then per key its float32 delta and the float32 base to
+#: start from when the key is missing. Adds in doubles, rounds once to float32.
+_ADD_VECTORS_LUA = """
+local fmt = '<' .. string.rep('f', tonumber(ARGV[1]))
+for k = 1, #KEYS do
+  local delta = {struct.unpack(fmt, ARGV[2 * k])}
+  local current = redis.call('GET', KEYS[k])
+  local start = current or ARGV[2 * k + 1]
+  local sum
+  if start ~= '' then
+    sum = {struct.unpack(fmt, start)}
+  else
+    sum = {}
+    for i = 1, #delta - 1 do sum[i] = 0 end
+  end
+  for i = 1, #delta - 1 do sum[i] = sum[i] + delta[i] end
+  redis.call('SET', KEYS[k], struct.pack(fmt, unpack(sum, 1, #delta - 1)))
+end
+return 0
+"""
+
 #: KEYS: the rows. Returns each row as a flat member, score array (scores as strings: exact).
 _READ_ROWS_LUA = """
 local out = {}
@@ -253,6 +292,7 @@ class RedisStore(StateStore):
         self._read = client.register_script(_READ_ROWS_LUA)
         self._claim = client.register_script(_CLAIM_LUA)
         self._remove = client.register_script(_REMOVE_MEMBERS_LUA)
+        self._add_vectors = client.register_script(_ADD_VECTORS_LUA)
 
     def key(self, table: str, key: str) -> str:
         return f"{self.base}:{table}:{{{encode_id(key)}}}"
@@ -337,6 +377,14 @@ class RedisStore(StateStore):
         vectors = np.asarray(vectors, dtype=np.float32)
         mapping = {self.key(table, k): v.tobytes() for k, v in zip(keys, vectors)}
         (self._deferred or self.client).mset(mapping)
+
+    def add_vectors(self, table, keys, deltas, base):
+        deltas = np.asarray(deltas, dtype=np.float32)
+        base = np.asarray(base, dtype=np.float32)
+        args: list = [deltas.shape[1] if deltas.ndim == 2 else 0]
+        for delta, start in zip(deltas, base):
+            args += (delta.tobytes(), start.tobytes())
+        self._run(self._add_vectors, [self.key(table, k) for k in keys], args)
 
     def sibling(self, namespace):
         return RedisStore(self.client, self.prefix, namespace)

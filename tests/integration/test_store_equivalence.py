@@ -41,3 +41,20 @@ def test_redis_row_keys_are_cluster_safe_and_encoded(redis_client, unique):
     [key] = [k.decode() for k in redis_client.scan_iter(match=f"t{unique}:m:*")]
     assert key == f"t{unique}:m:ns%3A%7Bx%7D:cooc:{{a%3Ab%7Bc%7D}}"
     assert store.get_rows("cooc", ["a:b{c}"]) == [{"m": 1.0}]
+
+
+def test_concurrent_vector_changes_add_up_in_both_stores(redis_client):
+    """Two workers read the same item vector, each computes a change: neither is lost."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3, 8)).astype(np.float32)
+    first, second = (rng.normal(size=(3, 8)).astype(np.float32) for _ in range(2))
+    redis_store = RedisStore(redis_client, "vecadd", "mf")
+    memory_store = MemoryStore()
+    for store in (redis_store, memory_store):
+        store.add_vectors("item", ["a", "b", "c"], first, base)   # worker 1 (creates them)
+        store.add_vectors("item", ["a", "b", "c"], second, base)  # worker 2, same stale read
+    got_redis, found = redis_store.get_vectors("item", ["a", "b", "c"], 8)
+    got_memory, _ = memory_store.get_vectors("item", ["a", "b", "c"], 8)
+    assert found.all()
+    np.testing.assert_array_equal(got_redis, got_memory)  # bit for bit
+    np.testing.assert_allclose(got_redis, base + first + second, rtol=1e-5)
