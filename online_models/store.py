@@ -26,6 +26,7 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Mapping, Sequence
 
+import msgspec
 import numpy as np
 
 from schemas.keys import encode_id
@@ -178,18 +179,17 @@ class MemoryStore(StateStore):
         return MemoryStore()
 
 
-#: One call per table and batch. KEYS: the rows. ARGV: keep (-1: no trim), slack, then per
-#: key its member count followed by member, value pairs. ``OP`` is ZINCRBY or ZADD.
+#: One call per table and batch. KEYS: the rows. ARGV: keep (-1: no trim), slack, and one
+#: msgpack blob: per key, a flat [member, value, member, value, ...] array (one argument
+#: instead of thousands: packing arguments was a third of the worker's CPU). OP: ZINCRBY|ZADD.
 _WRITE_ROWS_LUA = """
 local keep, slack = tonumber(ARGV[1]), tonumber(ARGV[2])
-local a = 3
+local rows = cmsgpack.unpack(ARGV[3])
 for k = 1, #KEYS do
-  local key = KEYS[k]
-  local n = tonumber(ARGV[a])
-  for i = a + 1, a + 2 * n, 2 do
-    redis.call('OP', key, ARGV[i + 1], ARGV[i])
+  local key, row = KEYS[k], rows[k]
+  for i = 1, #row, 2 do
+    redis.call('OP', key, row[i + 1], row[i])
   end
-  a = a + 2 * n + 1
   if keep >= 0 then
     local size = redis.call('ZCARD', key)
     if size > keep + slack then
@@ -200,16 +200,15 @@ end
 return 0
 """
 
-#: KEYS: the rows. ARGV: per key its member count, then member, value pairs.
+#: KEYS: the rows. ARGV: one msgpack blob as above; each row becomes exactly its pairs.
 _REPLACE_ROWS_LUA = """
-local a = 1
+local rows = cmsgpack.unpack(ARGV[1])
 for k = 1, #KEYS do
   redis.call('DEL', KEYS[k])
-  local n = tonumber(ARGV[a])
-  for i = a + 1, a + 2 * n, 2 do
-    redis.call('ZADD', KEYS[k], ARGV[i + 1], ARGV[i])
+  local row = rows[k]
+  for i = 1, #row, 2 do
+    redis.call('ZADD', KEYS[k], row[i + 1], row[i])
   end
-  a = a + 2 * n + 1
 end
 return 0
 """
@@ -219,13 +218,11 @@ redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
 return redis.call('ZSCORE', KEYS[1], ARGV[1])
 """
 
-#: KEYS: the rows. ARGV: per key its member count, then the members to remove.
+#: KEYS: the rows. ARGV: one msgpack blob: per key, the members to remove.
 _REMOVE_MEMBERS_LUA = """
-local a = 1
+local rows = cmsgpack.unpack(ARGV[1])
 for k = 1, #KEYS do
-  local n = tonumber(ARGV[a])
-  redis.call('ZREM', KEYS[k], unpack(ARGV, a + 1, a + n))
-  a = a + n + 1
+  redis.call('ZREM', KEYS[k], unpack(rows[k]))
 end
 return 0
 """
@@ -261,14 +258,14 @@ return out
 """
 
 
-def _row_args(rows: Rows, head: list) -> tuple[list[str], list]:
-    """Flatten rows into the scripts' ARGV layout (see ``_WRITE_ROWS_LUA``)."""
-    args = head
-    for update in rows.values():
-        args.append(len(update))
-        for member, value in update.items():
-            args += (member, repr(float(value)))
-    return list(rows), args
+def _rows_blob(rows: Rows) -> bytes:
+    """The scripts' msgpack layout: per row, a flat [member, value, ...] array."""
+    return _msgpack(
+        [[x for member, value in row.items() for x in (member, float(value))]
+         for row in rows.values()])
+
+
+_msgpack = msgspec.msgpack.Encoder().encode
 
 
 class RedisStore(StateStore):
@@ -326,8 +323,7 @@ class RedisStore(StateStore):
 
     def _write(self, script, table, rows, keep_top):
         head = [-1, 0] if keep_top is None else [keep_top, slack(keep_top)]
-        names, args = _row_args(rows, head)
-        self._run(script, [self.key(table, k) for k in names], args)
+        self._run(script, [self.key(table, k) for k in rows], [*head, _rows_blob(rows)])
 
     def incr_rows(self, table, deltas, keep_top=None):
         self._write(self._incr, table, deltas, keep_top)
@@ -337,8 +333,7 @@ class RedisStore(StateStore):
 
     def replace_rows(self, table, rows, previous=None):
         if previous is None:
-            names, args = _row_args(rows, [])
-            self._run(self._replace, [self.key(table, k) for k in names], args)
+            self._run(self._replace, [self.key(table, k) for k in rows], [_rows_blob(rows)])
             return
         changed: dict[str, dict[str, float]] = {}
         removed: dict[str, list[str]] = {}
@@ -353,11 +348,8 @@ class RedisStore(StateStore):
         if changed:
             self._write(self._set, table, changed, None)
         if removed:
-            args: list = []
-            for gone in removed.values():
-                args.append(len(gone))
-                args += gone
-            self._run(self._remove, [self.key(table, k) for k in removed], args)
+            self._run(self._remove, [self.key(table, k) for k in removed],
+                      [_msgpack(list(removed.values()))])
 
     def claim(self, table, key, member, value):
         return float(self._claim(keys=[self.key(table, key)], args=[member, repr(float(value))]))
