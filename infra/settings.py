@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     feed_refresh_interval_s: float = Field(0.5, gt=0, description="Feed-builder poll interval.")
     freshness_weight: float = Field(0.0, ge=0, description="Boost of never-before-seen items in "
                                     "ranking: weight · 2^(−age/1 day) (0 = off).")
+    ann_snapshot_dir: str = Field("", description="Where a serving process snapshots its ANN "
+                                  "index and item-vector offsets (empty = no snapshots).")
+    ann_snapshot_interval_s: float = Field(300.0, gt=0, description="Seconds between ANN "
+                                           "snapshots.")
     explore_policy: Literal["epsilon-greedy", "thompson-sampling", "none"] = Field(
         "epsilon-greedy", description="Exploration over the reserved positions of served lists.")
     explore_epsilon: float = Field(0.1, ge=0, le=1, description="ε of ε-greedy exploration.")

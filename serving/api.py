@@ -67,8 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for error in TRANSIENT_REDIS_ERRORS:
         api.add_exception_handler(error, _redis_down)
 
-    def on_demand(user_id: str, k: int | None, exclude: frozenset[str] = frozenset()):
-        [feed] = builder.compute([user_id], k, exclude, source="on_demand")
+    def on_demand(user_id: str, k: int | None, exclude: frozenset[str] = frozenset(),
+                  pins: tuple[tuple[int, str], ...] = ()):
+        [feed] = builder.compute([user_id], k, exclude, source="on_demand", pins=pins)
         builder.log_served([feed])
         return feed
 
@@ -88,10 +89,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @api.get("/v1/users/{user_id:path}/recommendations", summary="Recommend now",
              response_model=None, dependencies=authed)
     def recommend(user_id: str, k: Annotated[int, Query(ge=1, le=1000)] = 20,
-                  exclude: Annotated[list[str], Query(max_length=1000)] = ()) -> Response:
+                  exclude: Annotated[list[str], Query(max_length=1000)] = (),
+                  pin: Annotated[list[str], Query(max_length=100)] = ()) -> Response:
         """A fresh list from the serving pipeline (candidates → rank → re-rank → explore),
-        never containing ``exclude`` (repeat the parameter) or the user's recent items."""
-        return _json(on_demand(user_id, k, frozenset(exclude)))
+        never containing ``exclude`` (repeat the parameter) or the user's recent items;
+        ``pin=<position>:<item_id>`` (repeatable) fixes an item at a 0-based position."""
+        pins = []
+        for value in pin:
+            position, sep, item = value.partition(":")
+            if not sep or not position.isdigit() or not item:
+                raise HTTPException(422, f"pin must be <position>:<item_id>, not {value!r}")
+            pins.append((int(position), item))
+        return _json(on_demand(user_id, k, frozenset(exclude), tuple(pins)))
 
     @api.get("/v1/items/{item_id:path}/similar", summary="Similar items", response_model=None,
              dependencies=authed)

@@ -41,11 +41,13 @@ class EpsilonGreedy:
         self.epsilon, self.reserved = epsilon, reserved
         self.rng = np.random.default_rng(seed)
 
-    def apply(self, ranked: list[str], pool: list[str]) -> list[Slot]:
+    def apply(self, ranked: list[str], pool: list[str],
+              fixed: frozenset[int] = frozenset()) -> list[Slot]:
+        """Slots for ``ranked``; positions in ``fixed`` (pins) are never explored."""
         shown = list(ranked)
         slots = [Slot(item, p, 1.0, False) for p, item in enumerate(shown)]
         for position in self.reserved:
-            if position >= len(shown):
+            if position >= len(shown) or position in fixed:
                 continue
             options = [i for i in pool if i not in shown or i == shown[position]]
             if not options:
@@ -93,11 +95,13 @@ class ThompsonSampling:
         samples = self.rng.beta(a, b, size=(self.draws, len(items)))
         return np.bincount(samples.argmax(axis=1), minlength=len(items)) / self.draws
 
-    def apply(self, ranked: list[str], pool: list[str]) -> list[Slot]:
+    def apply(self, ranked: list[str], pool: list[str],
+              fixed: frozenset[int] = frozenset()) -> list[Slot]:
+        """Slots for ``ranked``; positions in ``fixed`` (pins) are never explored."""
         shown = list(ranked)
         slots = [Slot(item, p, 1.0, False) for p, item in enumerate(shown)]
         for position in self.reserved:
-            if position >= len(shown):
+            if position >= len(shown) or position in fixed:
                 continue
             options = [i for i in pool if i not in shown]
             if not options:

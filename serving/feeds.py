@@ -105,9 +105,13 @@ class FeedBuilder:
                                  **settings.kafka_client_options())
         builder = cls(settings, client, impression_producer=producer)
         if builder.ann is not None:
-            builder.vector_tail = VectorTail(builder.ann, settings.kafka_bootstrap,
-                                             settings.topic_item_vectors,
-                                             settings.kafka_client_options()).start()
+            tail = VectorTail.restore(builder.ann.dim, settings.kafka_bootstrap,
+                                      settings.topic_item_vectors,
+                                      settings.kafka_client_options(),
+                                      snapshot_dir=settings.ann_snapshot_dir or None,
+                                      snapshot_interval_s=settings.ann_snapshot_interval_s)
+            builder.ann = builder.recommender.ann = tail.index
+            builder.vector_tail = tail.start()
         return builder
 
     def close(self) -> None:
@@ -156,11 +160,11 @@ class FeedBuilder:
         return [tuple(item.decode() for item in reversed(h)) for h in raw]
 
     def compute(self, user_ids: list[str], k: int | None = None,
-                exclude: frozenset[str] = frozenset(), source: str = "feed_builder"
-                ) -> list[Feed]:
+                exclude: frozenset[str] = frozenset(), source: str = "feed_builder",
+                pins: tuple[tuple[int, str], ...] = ()) -> list[Feed]:
         """Feeds for these users through the serving pipeline, not written anywhere."""
         k = k or self.settings.feed_size
-        requests = [Request(user, history, k, exclude)
+        requests = [Request(user, history, k, exclude, pins)
                     for user, history in zip(user_ids, self.histories(user_ids))]
         return [_feed(served, source) for served in self.recommender.recommend(requests)]
 

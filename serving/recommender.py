@@ -166,7 +166,8 @@ class Recommender:
             policy = "greedy"
             if self.explorer is not None:
                 pool = [i for i in trending_top if i not in blocked]
-                slots = self.explorer.apply([c.item_id for c in ranked], pool)
+                pinned = frozenset(p for p, c in enumerate(ranked) if c.reason == "pinned")
+                slots = self.explorer.apply([c.item_id for c in ranked], pool, pinned)
                 policy = self.explorer.name
                 for item, slot in zip(items, slots):
                     item.propensity = round(slot.propensity, 6)

@@ -109,6 +109,12 @@ def test_recommendations_are_logged_with_propensities_and_respect_exclusions(api
     assert [(i.item_id, i.position, i.propensity) for i in logged.items] == [
         (i["item_id"], i["position"], i["propensity"]) for i in body["items"]]
     assert record.key.decode() == user
+    pinned = httpx.get(f"{api}/v1/users/{user}/recommendations",
+                       params=[("k", 5), ("pin", "0:editorial-pick"), ("pin", "2:i1")]).json()
+    assert pinned["items"][0]["item_id"] == "editorial-pick"
+    assert pinned["items"][2]["item_id"] == "i1" and pinned["items"][2]["reason"] == "pinned"
+    assert httpx.get(f"{api}/v1/users/{user}/recommendations",
+                     params={"pin": "first:x"}).status_code == 422
 
 
 def test_similar_items_and_unknown_ids(api, settings, redis_client):

@@ -13,6 +13,7 @@ from online_models.registry import build
 from online_models.store import RedisStore
 from schemas import vectors
 from serving.feeds import FeedBuilder
+from serving.vector_tail import VectorTail
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
 from tests.conftest import wait_for
@@ -73,8 +74,10 @@ def test_worker_resumes_from_redis_watermarks_when_redis_lost_writes(settings, r
 
 
 def test_changed_item_vectors_reach_the_compacted_topic_and_metrics_count(settings,
-                                                                          redis_client, spawn):
-    s = settings.model_copy(update={"live_models": "mf", "vector_publish_interval_s": 0.2})
+                                                                          redis_client, spawn,
+                                                                          tmp_path):
+    s = settings.model_copy(update={"live_models": "mf", "vector_publish_interval_s": 0.2,
+                                    "ann_snapshot_dir": str(tmp_path / "ann")})
     events = list(UserSimulator(40, 60, seed=3).events(1500, time.time() - 1500))
     metrics_port = free_port()
     worker = spawn(["worker", "--loglevel", "info"], s,
@@ -124,4 +127,11 @@ def test_changed_item_vectors_reach_the_compacted_topic_and_metrics_count(settin
         [feed] = builder.compute([events[0].user_id])
         assert any(i.reason == "for you" for i in feed.items)  # the ANN source is live
     finally:
-        builder.close()
+        builder.close()  # saves the snapshot
+    # a restarted serving process answers from the snapshot before reading the topic again
+    restarted = VectorTail.restore(mf.factors, s.kafka_bootstrap, s.topic_item_vectors,
+                                   snapshot_dir=s.ann_snapshot_dir)
+    assert len(restarted.index) >= len(items) and restarted.offsets
+    restored, found = restarted.index.vectors(items)
+    assert found.all()
+    np.testing.assert_allclose(restored, stored, rtol=1e-6)

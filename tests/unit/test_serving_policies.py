@@ -61,6 +61,9 @@ def test_epsilon_greedy_propensities_match_observed_frequencies():
         assert n / 20000 == pytest.approx(logged[item], abs=0.01), item
     assert sum(logged.values()) == pytest.approx(1.0)
     assert policy.apply(ranked, pool)[0].propensity == 1.0  # unreserved slots are fixed
+    always = EpsilonGreedy(epsilon=1.0, reserved=(1,), seed=0)
+    assert always.apply(ranked, pool, fixed=frozenset({1}))[1] == \
+        EpsilonGreedy(0.0).apply(ranked, pool)[1]  # a pinned position is never explored
 
 
 def test_thompson_propensities_sum_to_one_and_match_the_policy():
