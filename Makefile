@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving docs clean
+.PHONY: setup demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply docs clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,10 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit tests/contract $(PYTEST_ARGS)
 
-bench: bench-validation bench-replay bench-ingest bench-serving
+bench: bench-validation bench-replay bench-apply bench-ingest bench-serving
+
+bench-apply: $(STAMP)
+	$(BIN)/python bench/apply.py
 
 bench-serving: $(STAMP)
 	$(BIN)/python bench/serving.py

@@ -195,7 +195,8 @@ def _print_summary(summary: dict) -> None:
         if key != "sample_feeds":
             print(f"{key:>24}: {value}")
     for user, feed in summary["sample_feeds"].items():
-        items = ", ".join(f"{i['item_id']}({i['score']:.3g})" for i in feed.get("items", []))
+        items = ", ".join(f"{i['item_id']} ({i['score']:.3g}, {i['reason']})"
+                          for i in feed.get("items", []))
         print(f"  feed of {user}: {items or feed}")
     print(f"  try: curl {summary['api']}/v1/users/{next(iter(summary['sample_feeds']), 'u1')}/feed")
     print(f"  docs: {summary['api']}/docs", flush=True)

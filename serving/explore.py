@@ -31,7 +31,29 @@ class Slot:
     explored: bool
 
 
-class EpsilonGreedy:
+class _ReservedSlots:
+    """Walks the reserved positions of a list; subclasses choose what each one shows."""
+
+    reserved: tuple[int, ...]
+
+    def apply(self, ranked: list[str], pool: list[str],
+              fixed: frozenset[int] = frozenset()) -> list[Slot]:
+        """Slots for ``ranked``; positions in ``fixed`` (pins) are never explored."""
+        shown = list(ranked)
+        slots = [Slot(item, p, 1.0, False) for p, item in enumerate(shown)]
+        for position in self.reserved:
+            if position < len(shown) and position not in fixed:
+                slot = self._choose(position, shown, pool)
+                if slot is not None:
+                    shown[position] = slot.item_id
+                    slots[position] = slot
+        return slots
+
+    def _choose(self, position: int, shown: list[str], pool: list[str]) -> Slot | None:
+        raise NotImplementedError
+
+
+class EpsilonGreedy(_ReservedSlots):
     name = "epsilon-greedy"
 
     def __init__(self, epsilon: float = 0.1, reserved: tuple[int, ...] = (3, 7),
@@ -41,32 +63,21 @@ class EpsilonGreedy:
         self.epsilon, self.reserved = epsilon, reserved
         self.rng = np.random.default_rng(seed)
 
-    def apply(self, ranked: list[str], pool: list[str],
-              fixed: frozenset[int] = frozenset()) -> list[Slot]:
-        """Slots for ``ranked``; positions in ``fixed`` (pins) are never explored."""
-        shown = list(ranked)
-        slots = [Slot(item, p, 1.0, False) for p, item in enumerate(shown)]
-        for position in self.reserved:
-            if position >= len(shown) or position in fixed:
-                continue
-            options = [i for i in pool if i not in shown or i == shown[position]]
-            if not options:
-                continue
-            share = self.epsilon / len(options)
-            ranked_item = shown[position]
-            if self.rng.random() < self.epsilon:
-                pick = options[self.rng.integers(len(options))]
-                shown[position] = pick
-                explored = pick != ranked_item
-                p = share + ((1 - self.epsilon) if pick == ranked_item else 0.0)
-                slots[position] = Slot(pick, position, p, explored)
-            else:
-                p = (1 - self.epsilon) + (share if ranked_item in options else 0.0)
-                slots[position] = Slot(ranked_item, position, p, False)
-        return slots
+    def _choose(self, position, shown, pool):
+        ranked_item = shown[position]
+        options = [i for i in pool if i not in shown or i == ranked_item]
+        if not options:
+            return None
+        share = self.epsilon / len(options)
+        if self.rng.random() < self.epsilon:
+            pick = options[self.rng.integers(len(options))]
+            p = share + ((1 - self.epsilon) if pick == ranked_item else 0.0)
+            return Slot(pick, position, p, pick != ranked_item)
+        p = (1 - self.epsilon) + (share if ranked_item in options else 0.0)
+        return Slot(ranked_item, position, p, False)
 
 
-class ThompsonSampling:
+class ThompsonSampling(_ReservedSlots):
     name = "thompson-sampling"
 
     def __init__(self, reserved: tuple[int, ...] = (3, 7), prior: tuple[float, float] = (1, 20),
@@ -95,21 +106,11 @@ class ThompsonSampling:
         samples = self.rng.beta(a, b, size=(self.draws, len(items)))
         return np.bincount(samples.argmax(axis=1), minlength=len(items)) / self.draws
 
-    def apply(self, ranked: list[str], pool: list[str],
-              fixed: frozenset[int] = frozenset()) -> list[Slot]:
-        """Slots for ``ranked``; positions in ``fixed`` (pins) are never explored."""
-        shown = list(ranked)
-        slots = [Slot(item, p, 1.0, False) for p, item in enumerate(shown)]
-        for position in self.reserved:
-            if position >= len(shown) or position in fixed:
-                continue
-            options = [i for i in pool if i not in shown]
-            if not options:
-                continue
-            a, b = self._params(options)
-            pick = int(np.argmax(self.rng.beta(a, b)))
-            propensity = float(self.win_probabilities(options)[pick])
-            shown[position] = options[pick]
-            slots[position] = Slot(options[pick], position, max(propensity, 1.0 / self.draws),
-                                   True)
-        return slots
+    def _choose(self, position, shown, pool):
+        options = [i for i in pool if i not in shown]
+        if not options:
+            return None
+        a, b = self._params(options)
+        pick = int(np.argmax(self.rng.beta(a, b)))
+        propensity = float(self.win_probabilities(options)[pick])
+        return Slot(options[pick], position, max(propensity, 1.0 / self.draws), True)

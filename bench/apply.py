@@ -1,0 +1,78 @@
+"""The worker's Redis apply path alone: ``LiveState.apply_messages`` without Kafka or Faust.
+
+Applies ``--events`` simulated events (20k users / 50k items) in chunks of ``--chunk`` events
+(4 partitions, envelopes of 500) to a private redis-server, exactly once as the worker does,
+and prints events/s with redis-server's own CPU seconds and the busiest Redis commands — where
+the end-to-end time goes. Last line: JSON.
+Usage: ``python bench/apply.py [--events 40000] [--models session,cooc,mf]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from infra.embedded import EmbeddedRedis  # noqa: E402
+from infra.redis_client import sync_redis  # noqa: E402
+from infra.settings import Settings  # noqa: E402
+from online_models.registry import build  # noqa: E402
+from online_models.store import RedisStore  # noqa: E402
+from stream.producer import partition_for  # noqa: E402
+from stream.simulator import UserSimulator  # noqa: E402
+from stream.state import LiveState, SourceMessage  # noqa: E402
+
+
+def redis_cpu(client) -> float:
+    info = client.info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=40_000)
+    parser.add_argument("--chunk", type=int, default=4000)
+    parser.add_argument("--models", default="session,cooc,mf")
+    args = parser.parse_args()
+    events = list(UserSimulator(20_000, 50_000, seed=1).events(args.events,
+                                                               time.time() - args.events))
+    by_partition: dict[int, list] = {}
+    for e in events:
+        by_partition.setdefault(partition_for(e.user_id, 4), []).append(e)
+    messages = [SourceMessage("bench", p, n, evs[start:start + 500])
+                for p, evs in by_partition.items()
+                for n, start in enumerate(range(0, len(evs), 500))]
+    messages.sort(key=lambda m: (m.offset, m.partition))  # interleaved, as a consumer sees them
+    per_chunk = max(1, args.chunk // 500)
+    with EmbeddedRedis(appendonly=False) as server:
+        client = sync_redis(server.url)
+        settings = Settings()
+        models = [build(n).bind(RedisStore(client, settings.key_prefix, n))
+                  for n in filter(None, args.models.split(","))]
+        state = LiveState(settings, client, models)
+        cpu0, started = redis_cpu(client), time.perf_counter()
+        process0 = time.process_time()
+        for start in range(0, len(messages), per_chunk):
+            state.apply_messages(messages[start:start + per_chunk])
+        wall = time.perf_counter() - started
+        python_cpu = time.process_time() - process0
+        stats = client.info("commandstats")
+        result = {"events": len(events), "models": args.models, "chunk_events": args.chunk,
+                  "events_per_s": round(len(events) / wall), "wall_s": round(wall, 2),
+                  "redis_cpu_s": round(redis_cpu(client) - cpu0, 2),
+                  "python_cpu_s": round(python_cpu, 2),
+                  "redis_calls": {k.removeprefix("cmdstat_"): v["calls"]
+                                  for k, v in sorted(stats.items(), key=lambda kv: -kv[1]["usec"])
+                                  [:5]}}
+        client.close()
+    for key, value in result.items():
+        print(f"{key:>14}: {value}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
