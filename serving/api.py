@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
 from infra.settings import Settings
 from schemas.events import json_schema, split_message
-from serving.feeds import FeedBuilder
+from serving.feeds import FeedBuilder, ImpressionLogUnavailable
 from stream.producer import DeliveryError, InteractionProducer
 
 
@@ -66,6 +66,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for error in TRANSIENT_REDIS_ERRORS:
         api.add_exception_handler(error, _redis_down)
+
+    async def _log_down(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"{exc} (a list is never served unlogged)"},
+                            status_code=503)
+
+    api.add_exception_handler(ImpressionLogUnavailable, _log_down)
 
     def on_demand(user_id: str, k: int | None, exclude: frozenset[str] = frozenset(),
                   pins: tuple[tuple[int, str], ...] = ()):

@@ -15,6 +15,7 @@ Example
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import msgspec
@@ -66,11 +67,56 @@ def explorer_for(settings: Settings, counts=None):
     return None
 
 
+class ImpressionLogUnavailable(RuntimeError):
+    """Kafka did not take the impression log: the lists must not be served."""
+
+
+class ImpressionLogger:
+    """Sends impression records and waits for Kafka's acks. The producer is created on first
+    use (a serving process starts, and serves stored feeds, while Kafka is down); thread-safe."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._producer = None
+        self._lock = threading.Lock()
+
+    def log(self, records: list[tuple[str, impressions.ImpressionLog]]) -> None:
+        from kafka.errors import KafkaError
+
+        try:
+            producer = self._get()
+            sent = [producer.send(self.settings.topic_impressions, key=user.encode(),
+                                  value=impressions.encode(record)) for user, record in records]
+            producer.flush(timeout=10)
+            for future in sent:
+                future.get(timeout=0)  # raises the send's error, if any
+        except KafkaError as exc:
+            raise ImpressionLogUnavailable(f"impression log unavailable: {exc!r}") from exc
+
+    def _get(self):
+        from kafka import KafkaProducer
+
+        with self._lock:
+            if self._producer is None:
+                self._producer = KafkaProducer(
+                    bootstrap_servers=self.settings.kafka_bootstrap, acks="all", linger_ms=5,
+                    max_request_size=self.settings.max_message_bytes,
+                    max_block_ms=5000, bootstrap_timeout_ms=5000,  # ≤ ~5 s when Kafka is down
+                    **self.settings.kafka_client_options())
+            return self._producer
+
+    def close(self, timeout: float = 10) -> None:
+        with self._lock:
+            if self._producer is not None:
+                self._producer.close(timeout=timeout)
+                self._producer = None
+
+
 class FeedBuilder:
     """Builds feeds from Redis state with a synchronous client.
 
     ``ann`` is the item-vector index (kept fresh by :class:`serving.vector_tail.VectorTail`);
-    ``impression_producer`` a kafka-python producer (None: lists are not logged — tests only).
+    ``impression_producer`` an :class:`ImpressionLogger` (None: lists are not logged — tests).
     """
 
     def __init__(self, settings: Settings, client, ann: AnnIndex | None = None,
@@ -96,14 +142,9 @@ class FeedBuilder:
     def live(cls, settings: Settings, client) -> "FeedBuilder":
         """A builder wired to Kafka: impression producer, and the item-vector tail feeding the
         ANN index when MF is live. Call :meth:`close` when done."""
-        from kafka import KafkaProducer
-
         from serving.vector_tail import VectorTail
 
-        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                                 linger_ms=5, max_request_size=settings.max_message_bytes,
-                                 **settings.kafka_client_options())
-        builder = cls(settings, client, impression_producer=producer)
+        builder = cls(settings, client, impression_producer=ImpressionLogger(settings))
         if builder.ann is not None:
             tail = VectorTail.restore(builder.ann.dim, settings.kafka_bootstrap,
                                       settings.topic_item_vectors,
@@ -205,16 +246,13 @@ class FeedBuilder:
     def _log_impressions(self, feeds: list[Feed]) -> None:
         if self.impression_producer is None:
             return
-        for feed in feeds:
-            record = impressions.ImpressionLog(
+        self.impression_producer.log([
+            (feed.user_id, impressions.ImpressionLog(
                 feed.recommendation_id, feed.user_id, feed.policy, feed.model_version,
                 feed.generated_at, [impressions.LoggedItem(i.item_id, i.position, i.propensity,
                                                            i.score, i.reason)
-                                    for i in feed.items])
-            self.impression_producer.send(self.settings.topic_impressions,
-                                          key=feed.user_id.encode(),
-                                          value=impressions.encode(record))
-        self.impression_producer.flush(timeout=30)
+                                    for i in feed.items]))
+            for feed in feeds])
 
     def write(self, feeds: list[Feed]) -> None:
         """Log the lists, then store them (a list is never served without its log)."""
@@ -246,16 +284,14 @@ class FeedBuilder:
     def run(self, stop_event=None) -> None:
         """Refresh until ``stop_event`` is set (a ``threading.Event``); rides out Redis and
         Kafka blips (the users of a failed round are queued again)."""
-        from kafka.errors import KafkaError
-
         while stop_event is None or not stop_event.is_set():
             try:
                 full = self.refresh_round() >= self.settings.feed_refresh_batch
             except TRANSIENT_REDIS_ERRORS as exc:
                 log.warning("redis unavailable in feed builder: %r", exc)
                 full = False
-            except KafkaError as exc:
-                log.warning("impression log unavailable in feed builder: %r", exc)
+            except ImpressionLogUnavailable as exc:
+                log.warning("%s; feeds wait", exc)
                 full = False
             if not full:
                 time.sleep(self.settings.feed_refresh_interval_s)
