@@ -91,7 +91,8 @@ class VectorTail:
             try:
                 if consumer is None:
                     consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
-                                             enable_auto_commit=False, **self.client_options)
+                                             enable_auto_commit=False,
+                                             bootstrap_timeout_ms=5000, **self.client_options)
                     partitions = consumer.partitions_for_topic(self.topic)
                     if not partitions:
                         consumer.close()
