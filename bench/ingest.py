@@ -8,8 +8,11 @@ envelopes, then:
 2. worker — ``streamrec worker`` (one process) consumes the same messages and applies them
    exactly once with ``STREAMREC_LIVE_MODELS``; events/s is measured from its first applied
    event to its last (the consumer-group join is excluded);
-3. freshness — at a steady ``--rate`` events/s, a probe event for a fresh user is sent every
-   ``1/--probes-per-s`` seconds; freshness = time from send to the probe's history key existing.
+3. freshness — at a steady ``--rate`` events/s, a probe (a new user clicking a new item) is
+   sent every ``1/--probes-per-s`` seconds; freshness = time from send to the probe's history
+   key existing; with ``--vector-freshness``, also the time from send to the new item's MF
+   vector being in an ANN index that tails the item-vector topic (the serving side's view; the
+   index then shares this machine's two cores with the worker).
 
 The last line is JSON with ``events_per_s``, ``baseline_events_per_s``, ``freshness_p50_ms``
 and ``freshness_p99_ms``. Usage: ``python bench/ingest.py [--events 100000] [--rate 10000]``.
@@ -38,6 +41,9 @@ from infra.embedded import EmbeddedKafka, EmbeddedRedis, ensure_topics, free_por
 from infra.redis_client import sync_redis  # noqa: E402
 from schemas.events import Interaction, split_message  # noqa: E402
 from schemas.keys import RedisKeys  # noqa: E402
+from online_models.mf import OnlineMF  # noqa: E402
+from serving.ann import AnnIndex  # noqa: E402
+from serving.vector_tail import VectorTail  # noqa: E402
 from stream.producer import InteractionProducer  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
 
@@ -73,12 +79,18 @@ def main() -> None:
     parser.add_argument("--probes-per-s", type=float, default=10.0)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--models", default="session,cooc,mf")
+    parser.add_argument("--vector-freshness", action="store_true",
+                        help="also tail the item-vector topic into an ANN index in this process "
+                             "and time the probes' new items (costs CPU the worker shares)")
     args = parser.parse_args()
     run_id = uuid.uuid4().hex[:8]
     with EmbeddedRedis(appendonly=False) as redis_srv, EmbeddedKafka() as kafka, \
             tempfile.TemporaryDirectory() as tmp:
         topic, dlq = f"bench-{run_id}", f"bench-dlq-{run_id}"
-        ensure_topics(kafka.bootstrap, {topic: args.partitions, dlq: 1})
+        vectors_topic = f"bench-vectors-{run_id}"
+        ensure_topics(kafka.bootstrap, {topic: args.partitions, dlq: 1,
+                                        vectors_topic: args.partitions},
+                      compacted=(vectors_topic,))
         sim = UserSimulator(20_000, 50_000, seed=1)
         events = list(sim.events(args.events, time.time() - args.events / 1000))
         with InteractionProducer(kafka.bootstrap, topic, max_batch_events=500) as producer:
@@ -90,6 +102,7 @@ def main() -> None:
         env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka.bootstrap,
                "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_TOPIC_INTERACTIONS": topic,
                "STREAMREC_TOPIC_DLQ": dlq, "STREAMREC_APP_ID": f"bench-{run_id}",
+               "STREAMREC_TOPIC_ITEM_VECTORS": vectors_topic,
                "STREAMREC_LIVE_MODELS": args.models, "STREAMREC_WORKER_DATA_DIR": tmp,
                "STREAMREC_WORKER_WEB_PORT": str(free_port()),
                "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "6",
@@ -116,7 +129,8 @@ def main() -> None:
                 time.sleep(0.01)
             worker_s = time.perf_counter() - first
             worker_rate = (applied() - start_count) / worker_s if worker_s else 0.0
-            latencies = freshness(kafka.bootstrap, topic, client, keys, sim, args)
+            latencies, vector_latencies, vectors_received = freshness(
+                kafka.bootstrap, topic, client, keys, sim, args, vectors_topic)
         finally:
             terminate(worker)
             log.close()
@@ -129,24 +143,43 @@ def main() -> None:
         "freshness_rate_events_per_s": args.rate, "freshness_probes": len(latencies),
         "freshness_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
         "freshness_p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
+        "vector_probes": len(vector_latencies),
+        "vectors_received_per_s": round(vectors_received / args.freshness_s),
+        "vector_freshness_p50_ms": round(float(np.percentile(vector_latencies, 50)), 1)
+        if vector_latencies else None,
+        "vector_freshness_p99_ms": round(float(np.percentile(vector_latencies, 99)), 1)
+        if vector_latencies else None,
     }
     for key, value in result.items():
         print(f"{key:>28}: {value}")
     print(json.dumps(result))
 
 
-def freshness(bootstrap, topic, client, keys, sim, args) -> list[float]:
-    """Steady load at ``args.rate`` with timed probe events; returns probe latencies in ms."""
+def freshness(bootstrap, topic, client, keys, sim, args, vectors_topic: str
+              ) -> tuple[list[float], list[float], int]:
+    """Steady load at ``args.rate`` with timed probes: a click of a new user on a new item.
+    Returns (state latencies: until the user's history exists; vector latencies: until the
+    new item's MF vector is in an ANN index tailing the item-vector topic), in ms; and how
+    many vector records the tail applied."""
     stop = threading.Event()
     sent: dict[str, float] = {}
+    vector_sent: dict[str, float] = {}
     latencies: list[float] = []
+    vector_latencies: list[float] = []
+    index = AnnIndex(OnlineMF().factors)
+    tail = VectorTail(index, bootstrap, vectors_topic).start() if args.vector_freshness else None
 
     def watch() -> None:
-        while not stop.is_set() or sent:
+        while not stop.is_set() or sent or vector_sent:
+            now = time.perf_counter()
             for user, t0 in list(sent.items()):
                 if client.exists(keys.user_history(user)):
-                    latencies.append((time.perf_counter() - t0) * 1000)
+                    latencies.append((now - t0) * 1000)
                     sent.pop(user)
+            for item, t0 in list(vector_sent.items()):
+                if index.vectors([item])[1][0]:
+                    vector_latencies.append((now - t0) * 1000)
+                    vector_sent.pop(item)
             time.sleep(0.002)
             if stop.is_set() and time.perf_counter() - stop_time[0] > 10:
                 break
@@ -166,9 +199,12 @@ def freshness(bootstrap, topic, client, keys, sim, args) -> list[float]:
                 producer.send_many(batch)
                 n += len(batch)
             if elapsed >= next_probe:
-                user = f"probe-{uuid.uuid4().hex[:10]}"
+                probe = uuid.uuid4().hex[:10]
+                user, item = f"probe-{probe}", f"probe-item-{probe}"
                 sent[user] = time.perf_counter()
-                producer.send(Interaction(event_id=user, user_id=user, item_id="i1",
+                if tail is not None:
+                    vector_sent[item] = sent[user]
+                producer.send(Interaction(event_id=user, user_id=user, item_id=item,
                                           type="click", timestamp=time.time()))
                 next_probe += probe_every
             time.sleep(tick)
@@ -176,7 +212,10 @@ def freshness(bootstrap, topic, client, keys, sim, args) -> list[float]:
     stop_time[0] = time.perf_counter()
     stop.set()
     watcher.join(15)
-    return latencies
+    if tail is None:
+        return latencies, vector_latencies, 0
+    tail.stop()
+    return latencies, vector_latencies, tail.applied
 
 
 if __name__ == "__main__":

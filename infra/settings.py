@@ -63,6 +63,9 @@ class Settings(BaseSettings):
                                  description="Faust web port (bound to 127.0.0.1).")
     vector_publish_interval_s: float = Field(1.0, gt=0, description="Changed item vectors are "
                                              "coalesced and published at most this often.")
+    vector_publish_min_change: float = Field(0.05, ge=0, description="A changed item vector is "
+                                             "published once it moved this far (relative L2) "
+                                             "from its last published version (0 = always).")
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of "
                                      "the worker (0 = off).")
     log_format: Literal["text", "json"] = Field("text", description="Worker log lines: text or "

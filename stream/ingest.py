@@ -34,6 +34,7 @@ from stream import metrics
 from stream.app import app, settings
 from stream.state import LiveState, SourceMessage
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
+from stream.vector_changes import MovedVectors
 
 log = logging.getLogger("streamrec.ingest")
 EXIT_ON_BUG = 70
@@ -149,12 +150,19 @@ def _vector_model():
     return next((m for m in live_state().models if m.name == "mf"), None)
 
 
+_moved = MovedVectors(settings.vector_publish_min_change)
+
+
 def read_changed_vectors(items: list[str]) -> list[tuple[str, bytes]]:
-    """(key, record) pairs for the item-vector topic, read from the live MF state."""
+    """(key, record) pairs for the item-vector topic: the changed vectors that moved enough
+    since last published, read from the live MF state."""
     model, now = _vector_model(), time.time()
     found_vectors, found = model.store.get_vectors("item", items, model.factors)
-    return [(item, vectors.encode(vectors.ItemVector(item, model.name, vec.tolist(), now)))
-            for item, vec, ok in zip(items, found_vectors, found) if ok]
+    items = [item for item, ok in zip(items, found) if ok]
+    found_vectors = found_vectors[found]
+    return [(items[n], vectors.encode(vectors.ItemVector(items[n], model.name,
+                                                         found_vectors[n].tolist(), now)))
+            for n in _moved.select(items, found_vectors)]
 
 
 @app.timer(settings.vector_publish_interval_s)

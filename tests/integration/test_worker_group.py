@@ -77,6 +77,7 @@ def test_changed_item_vectors_reach_the_compacted_topic_and_metrics_count(settin
                                                                           redis_client, spawn,
                                                                           tmp_path):
     s = settings.model_copy(update={"live_models": "mf", "vector_publish_interval_s": 0.2,
+                                    "vector_publish_min_change": 0.0,
                                     "ann_snapshot_dir": str(tmp_path / "ann")})
     events = list(UserSimulator(40, 60, seed=3).events(1500, time.time() - 1500))
     metrics_port = free_port()
