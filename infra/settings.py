@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     feed_refresh_interval_s: float = Field(0.5, gt=0, description="Feed-builder poll interval.")
     freshness_weight: float = Field(0.0, ge=0, description="Boost of never-before-seen items in "
                                     "ranking: weight · 2^(−age/1 day) (0 = off).")
+    ann_max_items: int = Field(200_000, ge=1, description="Items the serving ANN index holds; the "
+                               "least recently updated are evicted beyond it.")
     ann_snapshot_dir: str = Field("", description="Where a serving process snapshots its ANN "
                                   "index and item-vector offsets (empty = no snapshots).")
     ann_snapshot_interval_s: float = Field(300.0, gt=0, description="Seconds between ANN "

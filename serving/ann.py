@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import hnswlib
@@ -39,25 +40,28 @@ class AnnIndex:
 
     def __init__(self, dim: int, capacity: int = 100_000, m: int = 16, ef_construction: int = 200,
                  ef_search: int = 800, oversample: int = 4, rebuild_after: float = 0.05,
-                 seed: int = 0) -> None:
+                 seed: int = 0, max_items: int | None = None) -> None:
         self.dim, self.m, self.ef_construction = dim, m, ef_construction
         self.ef_search, self.oversample, self.rebuild_after = ef_search, oversample, rebuild_after
         self.seed = seed
         self.capacity = capacity
         self._lock = threading.RLock()
+        self.max_items = max_items  # bound: the least recently updated item is evicted
         self._label: dict[str, int] = {}
-        self._items: list[str] = []
+        self._items: list[str | None] = []  # label → item (None: a free label)
+        self._free: list[int] = []  # labels of evicted items, reused first
+        self._recency: OrderedDict[str, None] = OrderedDict()  # live items, oldest update first
         self._vectors = np.zeros((capacity, dim), np.float32)
         self._live = np.zeros(capacity, bool)
         self._deleted = np.zeros(capacity, bool)  # marked deleted in the current graph
         self._graph = self._new_graph(capacity)
         self._moved_since_build = 0
         self._rebuilding: threading.Thread | None = None
-        self._pending: list[tuple[str, list[str], np.ndarray | None]] = []
+        self._pending: list[tuple[str, np.ndarray, np.ndarray | None]] = []  # labels, vectors
         self.rebuilds = 0
 
     def __len__(self) -> int:
-        return int(self._live.sum())
+        return len(self._recency)
 
     # --- updates ---------------------------------------------------------------------------
     def upsert(self, items: list[str], vectors: np.ndarray) -> None:
@@ -70,31 +74,50 @@ class AnnIndex:
             self._live[labels] = True
             self._graph.add_items(vectors, labels)  # also undeletes a retired item's label
             self._deleted[labels] = False
+            for item in items:
+                self._recency[item] = None
+                self._recency.move_to_end(item)
             self._moved_since_build += known  # moves degrade the graph; inserts do not
             if self._rebuilding is not None:
-                self._pending.append(("upsert", list(items), vectors.copy()))
+                self._pending.append(("upsert", labels, vectors.copy()))
         self._maybe_rebuild()
 
     def delete(self, items: list[str]) -> None:
         """Retire items (tombstones on the item-vector topic); unknown ids are ignored."""
         with self._lock:
             for item in items:
-                label = self._label.get(item)
-                if label is not None and self._live[label]:
-                    self._live[label] = False
-                    self._graph.mark_deleted(label)
-                    self._deleted[label] = True
+                self._retire(item)
+
+    def _retire(self, item: str) -> int | None:
+        """Mark an item deleted (caller holds the lock); returns its label."""
+        label = self._label.get(item)
+        if label is not None and self._live[label]:
+            self._live[label] = False
+            self._graph.mark_deleted(label)
+            self._deleted[label] = True
+            self._recency.pop(item, None)
             if self._rebuilding is not None:
-                self._pending.append(("delete", [i for i in items if i in self._label], None))
+                self._pending.append(("delete", np.array([label], np.int64), None))
+        return label
 
     def _assign(self, item: str) -> int:
         label = self._label.get(item)
-        if label is None:
+        if label is not None:
+            return label
+        if self.max_items is not None and len(self._recency) >= self.max_items:
+            evicted = next(iter(self._recency))
+            self._free.append(self._retire(evicted))
+            del self._label[evicted]
+            self._items[self._free[-1]] = None
+        if self._free:
+            label = self._free.pop()
+            self._items[label] = item
+        else:
             label = len(self._items)
             if label >= self.capacity:
                 self._grow(2 * self.capacity)
-            self._label[item] = label
             self._items.append(item)
+        self._label[item] = label
         return label
 
     def _grow(self, capacity: int) -> None:
@@ -120,11 +143,11 @@ class AnnIndex:
             labels = labels[0].astype(np.int64)
             labels = labels[self._live[labels]]
             scores = self._vectors[labels] @ np.asarray(query, np.float32)
-            items = self._items
+            names = [self._items[label] for label in labels.tolist()]  # labels get reused
         order = np.argsort(-scores, kind="stable")
         out, out_scores = [], []
         for i in order.tolist():
-            item = items[labels[i]]
+            item = names[i]
             if item not in exclude:
                 out.append(item)
                 out_scores.append(scores[i])
@@ -201,8 +224,7 @@ class AnnIndex:
             graph.resize_index(capacity)
             in_graph = np.concatenate([in_graph, np.zeros(capacity - len(in_graph), bool)])
             deleted = np.concatenate([deleted, np.zeros(capacity - len(deleted), bool)])
-        for op, items, vecs in ops:
-            ids = np.array([self._label[i] for i in items], np.int64)
+        for op, ids, vecs in ops:
             if op == "upsert":
                 graph.add_items(vecs, ids)  # also undeletes
                 in_graph[ids] = True
@@ -226,6 +248,7 @@ class AnnIndex:
         with self._lock:
             self._graph.save_index(str(directory / "graph.bin"))
             np.savez(directory / "state.npz", vectors=self._vectors[:len(self._items)],
+                     recency=np.array(list(self._recency), dtype=object),
                      live=self._live[:len(self._items)],
                      deleted=self._deleted[:len(self._items)],
                      items=np.array(self._items, dtype=object), dim=self.dim)
@@ -237,7 +260,9 @@ class AnnIndex:
         items = state["items"].tolist()
         index = cls(dim=int(state["dim"]), capacity=max(len(items), 1) * 2, **options)
         index._items = items
-        index._label = {item: n for n, item in enumerate(items)}
+        index._label = {item: n for n, item in enumerate(items) if item is not None}
+        index._free = [n for n, item in enumerate(items) if item is None]
+        index._recency = OrderedDict.fromkeys(state["recency"].tolist())
         index._vectors[:len(items)] = state["vectors"]
         index._live[:len(items)] = state["live"]
         index._deleted[:len(items)] = state["deleted"]

@@ -130,7 +130,7 @@ class FeedBuilder:
         models = {n: build(n).bind(RedisStore(client, settings.key_prefix, n)) for n in live}
         self.ann = ann
         if self.ann is None and "mf" in models:
-            self.ann = AnnIndex(models["mf"].factors)
+            self.ann = AnnIndex(models["mf"].factors, max_items=settings.ann_max_items)
         self.recommender = Recommender(
             trending=self.trending, session=models.get("session"), cooc=models.get("cooc"),
             mf=models.get("mf"), ann=self.ann,
@@ -150,7 +150,8 @@ class FeedBuilder:
                                       settings.topic_item_vectors,
                                       settings.kafka_client_options(),
                                       snapshot_dir=settings.ann_snapshot_dir or None,
-                                      snapshot_interval_s=settings.ann_snapshot_interval_s)
+                                      snapshot_interval_s=settings.ann_snapshot_interval_s,
+                                      max_items=settings.ann_max_items)
             builder.ann = builder.recommender.ann = tail.index
             builder.vector_tail = tail.start()
         return builder

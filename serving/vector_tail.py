@@ -54,16 +54,17 @@ class VectorTail:
 
     @classmethod
     def restore(cls, dim: int, bootstrap: str, topic: str, client_options: dict | None = None,
-                snapshot_dir: str | None = None, **options) -> "VectorTail":
+                snapshot_dir: str | None = None, max_items: int | None = None,
+                **options) -> "VectorTail":
         """A tail over the saved index and offsets when a snapshot exists, else a fresh one."""
         path = Path(snapshot_dir) if snapshot_dir else None
         if path is not None and (path / "offsets.json").exists():
             offsets = {int(p): o for p, o in json.loads((path / "offsets.json").read_text())
                        .items()}
-            index = AnnIndex.load(path)
+            index = AnnIndex.load(path, max_items=max_items)
             log.info("item vectors: %d from the snapshot, resuming at %s", len(index), offsets)
         else:
-            offsets, index = {}, AnnIndex(dim)
+            offsets, index = {}, AnnIndex(dim, max_items=max_items)
         return cls(index, bootstrap, topic, client_options, snapshot_dir, offsets=offsets,
                    **options)
 

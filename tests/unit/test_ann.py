@@ -94,3 +94,26 @@ def test_updates_racing_a_rebuild_survive_the_swap():
             assert item not in found
         else:
             assert found == [item], item
+
+
+def test_a_bounded_index_evicts_the_least_recently_updated_items_and_reuses_their_slots(
+        tmp_path):
+    rng = np.random.default_rng(4)
+    index = AnnIndex(8, capacity=64, max_items=100)
+    unit = rng.normal(size=(150, 8)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)  # self is each vector's best match
+    vectors = {f"i{i}": unit[i] for i in range(150)}
+    for item, vec in vectors.items():  # one at a time: i0 is the oldest
+        index.upsert([item], vec[None, :])
+        if item == "i60":
+            index.upsert(["i0"], vectors["i0"][None, :])  # refreshed: no longer the oldest
+    assert len(index) == 100 and index.capacity <= 128  # slots are reused, not added
+    kept = {"i0"} | {f"i{i}" for i in range(51, 150)}
+    assert set(index._recency) == kept
+    for item, vec in vectors.items():
+        found = index.search(vec * 50, 1)[0]
+        assert (found == [item]) == (item in kept), item
+    index.save(tmp_path)
+    restored = AnnIndex.load(tmp_path, max_items=100)
+    restored.upsert(["new"], rng.normal(size=(1, 8)).astype(np.float32))
+    assert len(restored) == 100 and "i51" not in restored._label  # the next oldest went
