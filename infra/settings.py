@@ -112,6 +112,14 @@ class Settings(BaseSettings):
     def _strip(cls, value: str) -> str:
         return value.strip()
 
+    @property
+    def live_model_names(self) -> list[str]:
+        return [name for name in self.live_models.split(",") if name]
+
+    @property
+    def exploration_positions(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in self.explore_positions.split(",") if p)
+
     def kafka_client_options(self) -> dict[str, str]:
         """Security options in the form kafka-python and aiokafka both accept."""
         options: dict[str, str] = {"security_protocol": self.kafka_security_protocol}

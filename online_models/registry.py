@@ -32,6 +32,13 @@ def _blended(rerank: bool) -> OnlineModel:
     return BlendedModel(rerank=rerank)
 
 
+def build_on_redis(names: list[str], client, prefix: str) -> dict[str, OnlineModel]:
+    """The named models, each bound to its own :class:`RedisStore` namespace on ``client``."""
+    from online_models.store import RedisStore
+
+    return {name: build(name).bind(RedisStore(client, prefix, name)) for name in names}
+
+
 def build(name: str) -> OnlineModel:
     try:
         model = MODELS[name]()

@@ -23,8 +23,7 @@ import numpy as np
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS
 from infra.settings import Settings
-from online_models.registry import build
-from online_models.store import RedisStore
+from online_models.registry import build, build_on_redis
 from online_models.trending import decayed
 from schemas import impressions
 from schemas.keys import RedisKeys
@@ -59,7 +58,7 @@ _feed_decoder = msgspec.json.Decoder(Feed)
 
 
 def explorer_for(settings: Settings, counts=None):
-    positions = tuple(int(p) for p in settings.explore_positions.split(",") if p)
+    positions = settings.exploration_positions
     if settings.explore_policy == "epsilon-greedy":
         return EpsilonGreedy(settings.explore_epsilon, positions)
     if settings.explore_policy == "thompson-sampling":
@@ -126,14 +125,13 @@ class FeedBuilder:
         self.client = client
         self.impression_producer = impression_producer
         self.vector_tail = None
-        live = [n for n in settings.live_models.split(",") if n]
-        models = {n: build(n).bind(RedisStore(client, settings.key_prefix, n)) for n in live}
+        models = build_on_redis(settings.live_model_names, client, settings.key_prefix)
+        if ann is None and "mf" in models:
+            ann = AnnIndex(models["mf"].factors, max_items=settings.ann_max_items)
         self.ann = ann
-        if self.ann is None and "mf" in models:
-            self.ann = AnnIndex(models["mf"].factors, max_items=settings.ann_max_items)
         self.recommender = Recommender(
             trending=self.trending, session=models.get("session"), cooc=models.get("cooc"),
-            mf=models.get("mf"), ann=self.ann,
+            mf=models.get("mf"), ann=ann,
             explorer=explorer_for(settings, counts=self.bandit_counts),
             config=PipelineConfig(policy=RerankPolicy(freshness_weight=settings.freshness_weight)),
             item_ages=self.item_ages)
@@ -144,16 +142,17 @@ class FeedBuilder:
         ANN index when MF is live. Call :meth:`close` when done."""
         from serving.vector_tail import VectorTail
 
-        builder = cls(settings, client, impression_producer=ImpressionLogger(settings))
-        if builder.ann is not None:
-            tail = VectorTail.restore(builder.ann.dim, settings.kafka_bootstrap,
+        tail = None
+        if "mf" in settings.live_model_names:  # the ANN source indexes MF item vectors
+            tail = VectorTail.restore(build("mf").factors, settings.kafka_bootstrap,
                                       settings.topic_item_vectors,
                                       settings.kafka_client_options(),
                                       snapshot_dir=settings.ann_snapshot_dir or None,
                                       snapshot_interval_s=settings.ann_snapshot_interval_s,
                                       max_items=settings.ann_max_items)
-            builder.ann = builder.recommender.ann = tail.index
-            builder.vector_tail = tail.start()
+        builder = cls(settings, client, ann=tail.index if tail else None,
+                      impression_producer=ImpressionLogger(settings))
+        builder.vector_tail = tail.start() if tail else None
         return builder
 
     def close(self) -> None:
@@ -232,7 +231,7 @@ class FeedBuilder:
         """Log served lists: the impressions topic (acks awaited; raises on failure), then the
         exploration positions' show counts (Thompson sampling's trials)."""
         self._log_impressions(feeds)
-        reserved = {int(p) for p in self.settings.explore_positions.split(",") if p}
+        reserved = set(self.settings.exploration_positions)
         shows: dict[str, int] = {}
         for feed in feeds:
             for item in feed.items:

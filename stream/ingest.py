@@ -26,8 +26,7 @@ from functools import partial
 import time
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
-from online_models.registry import build
-from online_models.store import RedisStore
+from online_models.registry import build_on_redis
 from schemas import dlq, vectors
 from schemas.events import split_message
 from stream import metrics
@@ -47,9 +46,8 @@ def live_state() -> LiveState:
     global _state
     if _state is None:
         client = sync_redis(settings.redis_url)
-        models = [build(name).bind(RedisStore(client, settings.key_prefix, name))
-                  for name in filter(None, settings.live_models.split(","))]
-        _state = LiveState(settings, client, models)
+        models = build_on_redis(settings.live_model_names, client, settings.key_prefix)
+        _state = LiveState(settings, client, list(models.values()))
     return _state
 
 

@@ -125,7 +125,7 @@ class LiveState:
         self.mapper = SignalMapper()
         self._trending = client.register_script(TRENDING_LUA)
         self._history = client.register_script(HISTORY_LUA)
-        self._reserved = frozenset(int(p) for p in settings.explore_positions.split(",") if p)
+        self._reserved = frozenset(settings.exploration_positions)
 
     def _queue(self, pipe, events: list[Interaction]) -> None:
         s, keys = self.settings, self.keys
