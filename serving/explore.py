@@ -102,15 +102,17 @@ class ThompsonSampling(_ReservedSlots):
         return self.prior[0] + c, self.prior[1] + s - c
 
     def win_probabilities(self, items: list[str]) -> np.ndarray:
-        a, b = self._params(items)
-        samples = self.rng.beta(a, b, size=(self.draws, len(items)))
-        return np.bincount(samples.argmax(axis=1), minlength=len(items)) / self.draws
+        return self._win_probabilities(*self._params(items))
+
+    def _win_probabilities(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        samples = self.rng.beta(a, b, size=(self.draws, len(a)))
+        return np.bincount(samples.argmax(axis=1), minlength=len(a)) / self.draws
 
     def _choose(self, position, shown, pool):
         options = [i for i in pool if i not in shown]
         if not options:
             return None
-        a, b = self._params(options)
+        a, b = self._params(options)  # one read of the counts per slot
         pick = int(np.argmax(self.rng.beta(a, b)))
-        propensity = float(self.win_probabilities(options)[pick])
+        propensity = float(self._win_probabilities(a, b)[pick])
         return Slot(options[pick], position, max(propensity, 1.0 / self.draws), True)

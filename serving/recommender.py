@@ -87,8 +87,11 @@ class Recommender:
         self.config = config or PipelineConfig()
 
     # --- candidate sources -----------------------------------------------------------------
-    def candidates(self, requests: Sequence[Request]) -> list[dict[str, list]]:
-        """Per request: source name → [(item, score, reason)]."""
+    def candidates(self, requests: Sequence[Request],
+                   trending: list[tuple[str, float]] | None = None) -> list[dict[str, list]]:
+        """Per request: source name → [(item, score, reason)]. ``trending``: the trending top,
+        when the caller already read it (it must hold ``candidates_per_source`` plus the
+        longest blocked set)."""
         cfg, n = self.config, self.config.candidates_per_source
         recent = [r.history[-cfg.session_items:] for r in requests]
         blocked = [self._blocked(r) for r in requests]
@@ -109,10 +112,13 @@ class Recommender:
                     if items:
                         shifted = scores - scores.min() + 1e-6
                         row["ann"] = [(i, float(s), "for you") for i, s in zip(items, shifted)]
-        top = self.trending(n + max((len(b) for b in blocked), default=0))
+        top = trending if trending is not None else self.trending(self._trending_depth(blocked))
         for row, b in zip(out, blocked):
             row["trending"] = [(i, s, "trending") for i, s in top if i not in b][:n]
         return out
+
+    def _trending_depth(self, blocked: list[frozenset[str]]) -> int:
+        return self.config.candidates_per_source + max((len(b) for b in blocked), default=0)
 
     def _blocked(self, request: Request) -> frozenset[str]:
         seen = frozenset(request.history) if self.config.filter_seen else frozenset()
@@ -142,9 +148,10 @@ class Recommender:
         requests = list(requests)
         if not requests:
             return []
-        sources = self.candidates(requests)
-        pool_size = max(cfg.exploration_pool, cfg.head_size)
-        trending_top = [i for i, _ in self.trending(pool_size)]
+        depth = self._trending_depth([self._blocked(r) for r in requests])
+        top = self.trending(max(depth, cfg.exploration_pool, cfg.head_size))  # one read
+        sources = self.candidates(requests, top)
+        trending_top = [i for i, _ in top[:max(cfg.exploration_pool, cfg.head_size)]]
         head = frozenset(trending_top[:cfg.head_size])
         served = []
         ages: dict[str, float] = {}

@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
-
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
 from online_models.registry import build_on_redis
@@ -51,12 +49,13 @@ def live_state() -> LiveState:
     return _state
 
 
-async def with_redis_retry(operation, what: str) -> None:
-    """Run ``operation()`` until it succeeds; transient Redis errors back off and retry."""
-    delay = 0.05
+async def on_redis_thread(what: str, function, *args):
+    """``function(*args)`` on the worker's Redis thread (the event loop keeps heartbeating);
+    transient Redis errors back off and retry until it succeeds."""
+    loop, delay = asyncio.get_running_loop(), 0.05
     while True:
         try:
-            return await operation()
+            return await loop.run_in_executor(_redis_thread, function, *args)
         except TRANSIENT_REDIS_ERRORS as exc:
             log.warning("redis unavailable during %s (%r); retrying in %.2fs", what, exc, delay)
             await asyncio.sleep(delay)
@@ -80,13 +79,10 @@ async def process_batch(messages) -> tuple[int, int]:
         pending = [await dlq_topic.send(key=f"{r.source.partition}:{r.source.offset}".encode(),
                                         value=dlq.encode(r)) for r in letters]
         await asyncio.gather(*pending)  # delivered before the batch can be acked
-    loop = asyncio.get_running_loop()
     applied = 0
     for chunk in event_chunks(sources, settings.worker_apply_max_events):
         started = time.perf_counter()
-        result = await with_redis_retry(
-            partial(loop.run_in_executor, _redis_thread, live_state().apply_messages, chunk),
-            "apply")
+        result = await on_redis_thread("apply", live_state().apply_messages, chunk)
         metrics.REDIS_SECONDS.observe(time.perf_counter() - started)
         applied += result.applied_events
         _changed_vectors.update(result.changed_item_vectors)
@@ -127,14 +123,7 @@ async def resume_from_redis_watermarks(sender, **_) -> None:
     partitions = sorted(tp for tp in app.consumer.assignment() if tp.topic == topic)
     if not partitions:
         return
-    loop = asyncio.get_running_loop()
-    offsets: dict = {}
-
-    async def read() -> None:
-        offsets.update(await loop.run_in_executor(_redis_thread, redis_resume_offsets,
-                                                  partitions))
-
-    await with_redis_retry(read, "reading watermarks")
+    offsets = await on_redis_thread("reading watermarks", redis_resume_offsets, partitions)
     # Consumer._commit: faust's own commit of explicit offsets (faust-streaming is pinned).
     # Faust then seeks to committed offsets, but skips offset 0: seek explicitly as well.
     await app.consumer._commit(offsets)
@@ -171,13 +160,7 @@ async def publish_changed_vectors() -> None:
         return
     items = sorted(_changed_vectors)
     _changed_vectors.clear()
-    loop = asyncio.get_running_loop()
-    records: list = []
-
-    async def read() -> None:
-        records[:] = await loop.run_in_executor(_redis_thread, read_changed_vectors, items)
-
-    await with_redis_retry(read, "reading changed vectors")
+    records = await on_redis_thread("reading changed vectors", read_changed_vectors, items)
     for item, value in records:
         await item_vectors_topic.send(key=item.encode(), value=value)
     metrics.VECTORS_PUBLISHED.inc(len(records))
