@@ -38,8 +38,6 @@ def slack(keep_top: int) -> int:
     return max(1, keep_top // 10)
 
 
-
-
 class StateStore(ABC):
     """Sparse rows and dense vectors by table and key."""
 
@@ -268,6 +266,13 @@ def _rows_blob(rows: Rows) -> bytes:
 _msgpack = msgspec.msgpack.Encoder().encode
 
 
+def queue_script(pipe, script, keys: list[str], args: list) -> None:
+    """Queue a registered script on a pipeline or MULTI transaction as EVALSHA; the pipeline
+    loads the script on execute if the server lacks it."""
+    pipe.scripts.add(script)
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
 class RedisStore(StateStore):
     """Rows as sorted sets, vectors as float32 strings; one script call (or MGET/MSET) per
     table and batch.
@@ -308,9 +313,7 @@ class RedisStore(StateStore):
         if not keys:
             return
         if self._deferred is not None:
-            # EVALSHA queued directly: the pipeline loads registered scripts on execute
-            self._deferred.scripts.add(script)
-            self._deferred.evalsha(script.sha, len(keys), *keys, *args)
+            queue_script(self._deferred, script, keys, args)
         else:
             script(keys=keys, args=args)
 

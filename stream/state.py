@@ -18,8 +18,9 @@ optimistic transaction per batch:
 
 Limits (documented in the README): one Redis primary — MULTI cannot span Redis Cluster slots;
 Redis itself can lose up to ~1 s of writes on power loss with AOF ``everysec``, in which case
-the watermark and the state it covers are lost together (consistent, but those offsets are
-re-applied only if Kafka still has them and the consumer is reset to the watermark).
+the watermark and the state it covers are lost together; the worker re-consumes those offsets
+from Kafka at its next partition assignment (:mod:`stream.ingest`), as long as Kafka still
+retains them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import redis
 from infra.settings import Settings
 from online_models.base import OnlineModel
 from online_models.signals import SignalMapper
+from online_models.store import queue_script
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TRENDING_WEIGHTS, batch_deltas
 from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
@@ -139,10 +141,7 @@ class LiveState:
                           REBASE_AFTER_HALF_LIVES]
             for item, delta in zip(uniq.tolist(), deltas.tolist()):
                 args += (item, delta)
-            # EVALSHA queued directly: the pipeline loads registered scripts on execute, and
-            # this works for the sync and the asyncio pipeline alike.
-            pipe.scripts.add(self._trending)
-            pipe.evalsha(self._trending.sha, 2, keys.trending, keys.trending_meta, *args)
+            queue_script(pipe, self._trending, [keys.trending, keys.trending_meta], args)
         first_seen: dict[str, float] = {}
         for item, ts in zip(items.tolist(), timestamps.tolist()):
             if ts < first_seen.get(item, float("inf")):
@@ -150,23 +149,20 @@ class LiveState:
         pipe.zadd(keys.item_first_seen, first_seen, nx=True)
         pipe.zremrangebyrank(keys.item_first_seen, 0, -(10 * s.trending_max_items) - 1)
         histories: dict[str, list[str]] = {}
+        rewarded: dict[str, int] = {}  # engagements at exploration positions, per item
         for e in events:  # stream order: Kafka keeps each user's events in order
             if e.type != "impression":
                 histories.setdefault(e.user_id, []).append(e.item_id)
+            if (e.recommendation_id is not None and e.position in self._reserved
+                    and e.type in ENGAGEMENT_TYPES):
+                rewarded[e.item_id] = rewarded.get(e.item_id, 0) + 1
         if histories:
             args = [s.history_len, s.history_ttl_s]
             for seen in histories.values():
                 args.append(len(seen))
                 args += seen
-            pipe.scripts.add(self._history)
-            pipe.evalsha(self._history.sha, len(histories),
-                         *map(keys.user_history, histories), *args)
+            queue_script(pipe, self._history, [keys.user_history(u) for u in histories], args)
             pipe.sadd(keys.feed_queue, *histories)
-        rewarded: dict[str, int] = {}
-        for e in events:
-            if (e.recommendation_id is not None and e.position in self._reserved
-                    and e.type in ENGAGEMENT_TYPES):
-                rewarded[e.item_id] = rewarded.get(e.item_id, 0) + 1
         for item, clicks in rewarded.items():
             pipe.hincrby(keys.bandit_clicks, item, clicks)
         pipe.hincrby(keys.stats, "events_applied", len(events))
@@ -218,11 +214,10 @@ class LiveState:
             result.duplicate_events = len(candidates) - len(events)
             signals = self.mapper.map(events) if events else None
             pipe.multi()
-            for model in self.models:
-                if signals is not None:
-                    with model.store.deferred(pipe):
-                        report = model.learn(signals)
-                    result.changed_item_vectors += report.changed_item_vectors
+            for model in self.models if signals is not None else ():
+                with model.store.deferred(pipe):
+                    report = model.learn(signals)
+                result.changed_item_vectors += report.changed_item_vectors
             if events:
                 self._queue(pipe, events)
                 for bucket, ids in buckets.items():
