@@ -10,13 +10,13 @@ Usage: ``python bench/apply.py [--events 40000] [--models session,cooc,mf]``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import print_result  # noqa: E402
 from infra.embedded import EmbeddedRedis  # noqa: E402
 from infra.redis_client import sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
@@ -69,9 +69,7 @@ def main() -> None:
                                   for k, v in sorted(stats.items(), key=lambda kv: -kv[1]["usec"])
                                   [:5]}}
         client.close()
-    for key, value in result.items():
-        print(f"{key:>14}: {value}")
-    print(json.dumps(result))
+    print_result(result)
 
 
 if __name__ == "__main__":

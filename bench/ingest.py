@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from bench.report import print_result  # noqa: E402
 from infra.embedded import EmbeddedKafka, EmbeddedRedis, ensure_topics, free_port, terminate  # noqa: E402,E501
 from infra.redis_client import sync_redis  # noqa: E402
 from schemas.events import Interaction, split_message  # noqa: E402
@@ -150,9 +150,7 @@ def main() -> None:
         "vector_freshness_p99_ms": round(float(np.percentile(vector_latencies, 99)), 1)
         if vector_latencies else None,
     }
-    for key, value in result.items():
-        print(f"{key:>28}: {value}")
-    print(json.dumps(result))
+    print_result(result)
 
 
 def freshness(bootstrap, topic, client, keys, sim, args, vectors_topic: str

@@ -19,7 +19,6 @@ recommend_p99_ms, recommend_rps (under churn) and the quiet figures. Usage: ``py
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 
+from bench.report import print_result  # noqa: E402
 from infra.embedded import EmbeddedRedis  # noqa: E402
 from infra.redis_client import sync_redis  # noqa: E402
 from schemas.keys import RedisKeys  # noqa: E402
@@ -164,9 +164,7 @@ def main() -> None:
     quiet = {k.replace("recommend_", "recommend_quiet_"): v
              for k, v in recommend_latency(index, vectors, rng).items()}
     result = {**ann, "rebuilds": index.rebuilds, **feed_reads(rng), **serving, **quiet}
-    for key, value in result.items():
-        print(f"{key:>24}: {value}")
-    print(json.dumps(result))
+    print_result(result)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,5 @@ class ImpressionLog(msgspec.Struct, frozen=True):
     items: list[LoggedItem]
 
 
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(ImpressionLog)
-
-
-def encode(log: ImpressionLog) -> bytes:
-    return _encoder.encode(log)
-
-
-def decode(raw: bytes) -> ImpressionLog:
-    return _decoder.decode(raw)
+encode = msgspec.json.Encoder().encode
+decode = msgspec.json.Decoder(ImpressionLog).decode  # raises msgspec errors when malformed

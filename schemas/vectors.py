@@ -23,14 +23,5 @@ class ItemVector(msgspec.Struct, frozen=True):
     updated_at: float
 
 
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(ItemVector)
-
-
-def encode(record: ItemVector) -> bytes:
-    return _encoder.encode(record)
-
-
-def decode(raw: bytes) -> ItemVector:
-    """Raises ``msgspec.ValidationError`` / ``DecodeError`` on a malformed record."""
-    return _decoder.decode(raw)
+encode = msgspec.json.Encoder().encode
+decode = msgspec.json.Decoder(ItemVector).decode  # raises msgspec errors when malformed
