@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 
-import msgspec
 import numpy as np
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS
@@ -26,35 +25,17 @@ from infra.settings import Settings
 from online_models.registry import build, build_on_redis
 from online_models.trending import decayed
 from schemas import impressions
+from schemas.feeds import Feed
+from schemas.feeds import decode as decode_feed
+from schemas.feeds import encode as encode_feed
 from schemas.keys import RedisKeys
 from serving.ann import AnnIndex
 from serving.explore import EpsilonGreedy, ThompsonSampling
-from serving.recommender import PipelineConfig, Recommender, Request, Served
+from serving.recommender import PipelineConfig, Recommender, Request
 from serving.rerank import RerankPolicy
 
 
-class FeedItem(msgspec.Struct):
-    item_id: str
-    score: float
-    reason: str
-    position: int = 0
-    propensity: float = 1.0
-
-
-class Feed(msgspec.Struct):
-    """The JSON document stored at ``<prefix>:{u:<user>}:feed`` (and returned by the API)."""
-
-    user_id: str
-    items: list[FeedItem]
-    recommendation_id: str
-    generated_at: float
-    source: str
-    model_version: str = "blend-v1"
-    policy: str = "greedy"
-
-
 log = logging.getLogger("streamrec.feeds")
-_feed_decoder = msgspec.json.Decoder(Feed)
 
 
 def explorer_for(settings: Settings, counts=None):
@@ -207,7 +188,7 @@ class FeedBuilder:
         k = k or self.settings.feed_size
         requests = [Request(user, history, k, exclude, pins)
                     for user, history in zip(user_ids, self.histories(user_ids))]
-        return [_feed(served, source) for served in self.recommender.recommend(requests)]
+        return self.recommender.recommend(requests, source)
 
     def similar_items(self, item_id: str, k: int) -> list[dict]:
         """Co-occurrence neighbours, then ANN neighbours of the item's vector, best first."""
@@ -259,14 +240,14 @@ class FeedBuilder:
         self.log_served(feeds)
         with self.client.pipeline(transaction=False) as pipe:
             for feed in feeds:
-                pipe.set(self.keys.feed(feed.user_id), msgspec.json.encode(feed),
+                pipe.set(self.keys.feed(feed.user_id), encode_feed(feed),
                          ex=self.settings.feed_ttl_s)
             pipe.execute()
 
     def read(self, user_id: str) -> Feed | None:
         """The stored feed of a user, or None."""
         raw = self.client.get(self.keys.feed(user_id))
-        return _feed_decoder.decode(raw) if raw else None
+        return decode_feed(raw) if raw else None
 
     def refresh_round(self) -> int:
         """Rebuild the feeds of up to ``feed_refresh_batch`` queued users; returns how many."""
@@ -295,11 +276,3 @@ class FeedBuilder:
                 full = False
             if not full:
                 time.sleep(self.settings.feed_refresh_interval_s)
-
-
-def _feed(served: Served, source: str) -> Feed:
-    return Feed(user_id=served.user_id,
-                items=[FeedItem(i.item_id, i.score, i.reason, i.position, i.propensity)
-                       for i in served.items],
-                recommendation_id=served.recommendation_id, generated_at=served.generated_at,
-                source=source, model_version=served.model_version, policy=served.policy)

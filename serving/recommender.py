@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from online_models.base import Query
+from schemas.feeds import Feed, FeedItem
 from serving.ann import AnnIndex
 from serving.explore import EpsilonGreedy, ThompsonSampling
 from serving.rerank import Candidate, RerankPolicy, blend, rerank
@@ -40,25 +41,6 @@ class Request:
     k: int = 20
     exclude: frozenset[str] = frozenset()
     pins: tuple[tuple[int, str], ...] = ()  # (position, item)
-
-
-@dataclass
-class ServedItem:
-    item_id: str
-    score: float
-    reason: str
-    position: int
-    propensity: float = 1.0
-
-
-@dataclass
-class Served:
-    user_id: str
-    items: list[ServedItem]
-    recommendation_id: str
-    policy: str
-    model_version: str
-    generated_at: float
 
 
 @dataclass
@@ -143,7 +125,8 @@ class Recommender:
             row["cooc"] = [(i, s, f"because you viewed {because[i][1]}") for i, s in best]
 
     # --- the pipeline ----------------------------------------------------------------------
-    def recommend(self, requests: Sequence[Request]) -> list[Served]:
+    def recommend(self, requests: Sequence[Request], source: str = "pipeline") -> list[Feed]:
+        """One feed document per request; ``source`` says who asked (feed builder, API...)."""
         cfg, now = self.config, time.time()
         requests = list(requests)
         if not requests:
@@ -168,7 +151,7 @@ class Recommender:
                                 head_items=head, vectors=vectors)
             else:
                 ranked = [c for c in candidates if c.item_id not in blocked][:request.k]
-            items = [ServedItem(c.item_id, round(c.score, 6), c.reason, p)
+            items = [FeedItem(c.item_id, round(c.score, 6), c.reason, p)
                      for p, c in enumerate(ranked)]
             policy = "greedy"
             if self.explorer is not None:
@@ -180,8 +163,8 @@ class Recommender:
                     item.propensity = round(slot.propensity, 6)
                     if slot.explored:
                         item.item_id, item.reason, item.score = slot.item_id, "exploring", 0.0
-            served.append(Served(request.user_id, items, uuid.uuid4().hex, policy,
-                                 cfg.model_version, now))
+            served.append(Feed(request.user_id, items, uuid.uuid4().hex, now, source,
+                               cfg.model_version, policy))
         return served
 
     def _vectors(self, items: list[str]) -> dict[str, np.ndarray]:
