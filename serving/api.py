@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if keys and x_api_key not in keys:
             raise HTTPException(401, "missing or unknown X-API-Key",
                                 headers={"WWW-Authenticate": "X-API-Key"})
+
     producer_lock = threading.Lock()
     producer: list[InteractionProducer] = []
 

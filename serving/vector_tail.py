@@ -115,7 +115,7 @@ class VectorTail:
                         and time.monotonic() - saved_at > self.snapshot_interval_s):
                     self.save_snapshot()
                     saved_at = time.monotonic()
-            except Exception:  # broker blip: reconnect, resuming from the beginning is safe
+            except Exception:  # broker blip: reconnect and resume from the offsets read so far
                 log.warning("item-vector tail failed; reconnecting", exc_info=True)
                 if consumer is not None:
                     consumer.close()
