@@ -10,6 +10,7 @@ Usage: ``python bench/apply.py [--events 40000] [--models session,cooc,mf]``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from online_models.registry import build  # noqa: E402
 from online_models.store import RedisStore  # noqa: E402
 from stream.producer import partition_for  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
+from stream.pipeline import ApplyPipeline  # noqa: E402
 from stream.state import LiveState, SourceMessage  # noqa: E402
 
 
@@ -32,11 +34,20 @@ def redis_cpu(client) -> float:
     return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
+async def apply_pipelined(state: LiveState, chunks) -> None:
+    pipeline = ApplyPipeline(state, on_applied=lambda result, seconds: None)
+    for chunk in chunks:
+        await pipeline.apply(chunk)
+    await pipeline.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--chunk", type=int, default=4000)
     parser.add_argument("--models", default="session,cooc,mf")
+    parser.add_argument("--sequential", action="store_true",
+                        help="prepare and commit one chunk at a time (no overlap)")
     args = parser.parse_args()
     events = list(UserSimulator(20_000, 50_000, seed=1).events(args.events,
                                                                time.time() - args.events))
@@ -50,24 +61,37 @@ def main() -> None:
     per_chunk = max(1, args.chunk // 500)
     with EmbeddedRedis(appendonly=False) as server:
         client = sync_redis(server.url)
+        import os
+        if os.environ.get("LP"):
+            client.config_set("zset-max-listpack-entries", os.environ["LP"])
         settings = Settings()
-        models = [build(n).bind(RedisStore(client, settings.key_prefix, n))
+        models = [build(n).bind(RedisStore(client, settings.key_prefix, n,
+                                           settings.worker_cached_local_rows))
                   for n in filter(None, args.models.split(","))]
         state = LiveState(settings, client, models)
         cpu0, started = redis_cpu(client), time.perf_counter()
         process0 = time.process_time()
-        for start in range(0, len(messages), per_chunk):
-            state.apply_messages(messages[start:start + per_chunk])
+        chunks = [messages[start:start + per_chunk]
+                  for start in range(0, len(messages), per_chunk)]
+        if args.sequential:
+            for chunk in chunks:
+                state.apply_messages(chunk)
+        else:
+            asyncio.run(apply_pipelined(state, chunks))
         wall = time.perf_counter() - started
         python_cpu = time.process_time() - process0
         stats = client.info("commandstats")
         result = {"events": len(events), "models": args.models, "chunk_events": args.chunk,
+                  "pipelined": not args.sequential,
                   "events_per_s": round(len(events) / wall), "wall_s": round(wall, 2),
                   "redis_cpu_s": round(redis_cpu(client) - cpu0, 2),
                   "python_cpu_s": round(python_cpu, 2),
                   "redis_calls": {k.removeprefix("cmdstat_"): v["calls"]
                                   for k, v in sorted(stats.items(), key=lambda kv: -kv[1]["usec"])
-                                  [:5]}}
+                                  [:5]},
+                  "redis_usec": {k.removeprefix("cmdstat_"): v["usec"]
+                                 for k, v in sorted(stats.items(), key=lambda kv: -kv[1]["usec"])
+                                 [:8]}}
         client.close()
     print_result(result)
 

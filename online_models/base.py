@@ -44,6 +44,8 @@ class OnlineModel(ABC):
     """Base class: subclasses implement ``_learn`` and ``_recommend``."""
 
     name = "model"
+    #: tables of partition-local rows (``StateStore.get_local_rows``): one writer each
+    local_tables: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.store: StateStore = MemoryStore()
@@ -52,6 +54,9 @@ class OnlineModel(ABC):
         """Keep learned state in ``store`` (returns self)."""
         self.store = store
         return self
+
+    def prefetch(self, batch: SignalBatch) -> None:
+        """Read now the shared state that learning ``batch`` will read (optional)."""
 
     def learn(self, batch: SignalBatch) -> LearnReport:
         if len(batch) == 0:

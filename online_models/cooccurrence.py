@@ -30,6 +30,7 @@ from online_models.store import trim_row
 
 class CooccurrenceModel(OnlineModel):
     name = "cooc"
+    local_tables = ("win",)
 
     def __init__(self, window: int = 5, max_gap_s: float = 3600.0, neighbours: int = 200,
                  half_life_s: float = 7 * 86400.0, normalisation: str = "jaccard") -> None:
@@ -54,8 +55,8 @@ class CooccurrenceModel(OnlineModel):
         landmark = self._landmark(float(batch.timestamps[0]))
         factors = np.exp2((batch.timestamps - landmark) / self.half_life_s)
         sessions = list(dict.fromkeys(batch.sessions.tolist()))
-        stored = dict(zip(sessions, self.store.get_rows("win", sessions)))
-        windows = {s: dict(row) for s, row in stored.items()}
+        windows = {s: dict(row) for s, row in
+                   zip(sessions, self.store.get_local_rows("win", sessions))}
         counts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         mass: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for session, item, ts, weight, factor in zip(
@@ -70,7 +71,7 @@ class CooccurrenceModel(OnlineModel):
             mass[item]["n"] += factor * weight
             window[item] = ts
             trim_row(window, self.window)  # per event, so batching is invisible
-        self.store.replace_rows("win", windows, previous=stored)  # partition-local
+        self.store.set_local_rows("win", windows)  # sessions are partition-local
         self.store.incr_rows("cooc", counts, keep_top=self.neighbours)
         self.store.incr_rows("mass", mass)
         return LearnReport(events=len(batch))

@@ -83,7 +83,8 @@ class OnlineMF(OnlineModel):
         self._rng = np.random.default_rng(seed)
 
     def _vectors(self, table: str, ids: list[str]) -> np.ndarray:
-        vectors, found = self.store.get_vectors(table, ids, self.factors)
+        read = self.store.get_local_vectors if table == "user" else self.store.get_vectors
+        vectors, found = read(table, ids, self.factors)
         if not found.all():
             missing = [key for key, ok in zip(ids, found) if not ok]
             vectors[~found] = seeded_vectors(missing, self.factors, self.init_scale, table)
@@ -93,6 +94,11 @@ class OnlineMF(OnlineModel):
         """Recent items (at most ``max_items``) in a store-independent order."""
         row = self.store.get_rows("catalog", ["all"])[0]
         return [item for item, _ in sorted(row.items(), key=_trim_order)]
+
+    def prefetch(self, batch: SignalBatch) -> None:
+        # every item learn reads: the batch's (negatives are drawn from its positives)
+        items = batch.items[batch.weights != 0]
+        self.store.prefetch_vectors("item", list(dict.fromkeys(items.tolist())))
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
         batch = batch.select(batch.weights != 0)
@@ -125,7 +131,7 @@ class OnlineMF(OnlineModel):
             scatter_mean(item_vecs, i_idx, lr * (err[:, None] * pu - reg * qi))
         # users are partition-local: overwrite; items are shared by every worker: add the
         # batch's change, so concurrent workers' updates add up instead of overwriting
-        self.store.set_vectors("user", users, user_vecs)
+        self.store.set_local_vectors("user", users, user_vecs)
         self.store.add_vectors("item", items, item_vecs - item_start, item_start)
         return LearnReport(events=len(batch), changed_item_vectors=items)
 

@@ -32,11 +32,14 @@ def _blended(rerank: bool) -> OnlineModel:
     return BlendedModel(rerank=rerank)
 
 
-def build_on_redis(names: list[str], client, prefix: str) -> dict[str, OnlineModel]:
-    """The named models, each bound to its own :class:`RedisStore` namespace on ``client``."""
+def build_on_redis(names: list[str], client, prefix: str,
+                   cache_local_rows: int = 0) -> dict[str, OnlineModel]:
+    """The named models, each bound to its own :class:`RedisStore` namespace on ``client``
+    (``cache_local_rows``: only for the worker that owns the partition-local rows)."""
     from online_models.store import RedisStore
 
-    return {name: build(name).bind(RedisStore(client, prefix, name)) for name in names}
+    return {name: build(name).bind(RedisStore(client, prefix, name, cache_local_rows))
+            for name in names}
 
 
 def build(name: str) -> OnlineModel:

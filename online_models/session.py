@@ -50,6 +50,7 @@ DENSE_COVISIT_MAX_ITEMS = 6000
 
 class SessionModel(OnlineModel):
     name = "session"
+    local_tables = ("sess",)
 
     def __init__(self, sessions_per_item: int = 300, steps: int = 5,
                  rules_per_item: int = 200, max_session_items: int = 50,
@@ -70,8 +71,8 @@ class SessionModel(OnlineModel):
         # was there); impressions are not visits.
         batch = batch.select(batch.types != "impression")
         sessions = list(dict.fromkeys(batch.sessions.tolist()))
-        stored = dict(zip(sessions, self.store.get_rows("sess", sessions)))
-        rows = {s: dict(row) for s, row in stored.items()}
+        rows = {s: dict(row) for s, row in
+                zip(sessions, self.store.get_local_rows("sess", sessions))}
         new_sessions = sum(1 for s in sessions if not rows[s])
         item_sessions: dict[str, dict[str, float]] = defaultdict(dict)
         rules: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -92,7 +93,7 @@ class SessionModel(OnlineModel):
             row[item] = position
             trim_row(row, self.max_session_items)  # per event, so batching is invisible
             item_sessions[item][session] = ts
-        self.store.replace_rows("sess", rows, previous=stored)  # sessions: partition-local
+        self.store.set_local_rows("sess", rows)  # sessions are partition-local
         self.store.set_rows("isess", item_sessions, keep_top=self.sessions_per_item)
         self.store.incr_rows("sr", rules, keep_top=self.rules_per_item)
         self.store.incr_rows("df", {item: {"n": n} for item, n in new_in_session.items()})
@@ -108,7 +109,7 @@ class SessionModel(OnlineModel):
             return [Recommendations([], np.empty(0)) for _ in queries]
         # hop 1: recent sessions of every query item; hop 2: those sessions' items
         sessions = sorted({s for row in store.get_rows("isess", q_items) for s in row})
-        sess_rows = store.get_rows("sess", sessions)
+        sess_rows = store.get_local_rows("sess", sessions)
         last_items = sorted({q.session_items[-1] for q in queries if q.session_items})
         rules = dict(zip(last_items, store.get_rows("sr", last_items)))
         vocab: dict[str, int] = {}

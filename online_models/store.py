@@ -12,6 +12,10 @@ memory and a live run on Redis give identical state:
   members, ties ordered by member bytes as Redis orders them (``slack = max(1, N // 10)``
   amortises trimming).
 
+*Local* rows (``get_local_rows``/``set_local_rows``) are partition-local state that one writer
+owns (a session's items, its co-occurrence window): they are read and written whole, stored in
+Redis as one msgpack string each, and the owning worker may keep them cached in memory.
+
 Example
 -------
 >>> store = MemoryStore()
@@ -54,15 +58,35 @@ class StateStore(ABC):
         """Overwrite members' scores, then trim."""
 
     @abstractmethod
-    def replace_rows(self, table: str, rows: Rows, previous: Rows | None = None) -> None:
-        """Make each given row exactly this mapping (atomically per row). ``previous``: the
-        rows as read before the change, when only this writer touches them (partition-local
-        state) — then only the difference is written."""
+    def get_local_rows(self, table: str, keys: Sequence[str]) -> list[dict[str, float]]:
+        """Each key's local row (``{}`` when absent). Read-only: copy before changing."""
+
+    @abstractmethod
+    def set_local_rows(self, table: str, rows: Rows) -> None:
+        """Make each given local row exactly this mapping (an empty one deletes the row). The
+        store keeps the mappings given (no copy): callers must not change them afterwards."""
+
+    @abstractmethod
+    def get_local_vectors(self, table: str, keys: Sequence[str], dim: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`get_vectors`, for vectors one writer owns (cached like local rows)."""
+
+    @abstractmethod
+    def set_local_vectors(self, table: str, keys: Sequence[str], vectors: np.ndarray) -> None:
+        """Like :meth:`set_vectors`, for vectors one writer owns."""
+
+    def forget_cached(self) -> None:
+        """Drop cached local rows and vectors (after a failed commit or when partitions move)."""
 
     @abstractmethod
     def claim(self, table: str, key: str, member: str, value: float) -> float:
         """Set ``member`` of row ``key`` to ``value`` unless it is set; return the stored value.
-        Atomic and immediate even inside :meth:`RedisStore.deferred` (first writer wins)."""
+        Atomic and immediate even inside :meth:`RedisStore.deferred` (first writer wins). A
+        claimed value never changes: the Redis store remembers it."""
+
+    def prefetch_vectors(self, table: str, keys: Sequence[str]) -> None:
+        """Read these vectors now; the next :meth:`get_vectors` of ``table`` takes them from
+        here (a worker reads before starting the previous batch's commit, computes after)."""
 
     @abstractmethod
     def get_vectors(self, table: str, keys: Sequence[str], dim: int
@@ -141,13 +165,21 @@ class MemoryStore(StateStore):
             if keep_top is not None:
                 trim_row(row, keep_top)
 
-    def replace_rows(self, table, rows, previous=None):
+    get_local_rows = get_rows
+
+    def set_local_rows(self, table, rows):
         stored = self.rows.setdefault(table, {})
         for key, row in rows.items():
-            stored[key] = dict(row)
+            if row:
+                stored[key] = row
+            else:
+                stored.pop(key, None)
 
     def claim(self, table, key, member, value):
         return self.rows.setdefault(table, {}).setdefault(key, {}).setdefault(member, value)
+
+    def prefetch_vectors(self, table, keys):
+        pass
 
     def get_vectors(self, table, keys, dim):
         stored = self.vectors.get(table, {})
@@ -169,6 +201,9 @@ class MemoryStore(StateStore):
         deltas = np.asarray(deltas, dtype=np.float32)
         for key, delta, start in zip(keys, deltas, np.asarray(base, dtype=np.float32)):
             stored[key] = _add_float32(stored.get(key, start), delta)
+
+    get_local_vectors = get_vectors
+    set_local_vectors = set_vectors
 
     def row_count(self, table):
         return len(self.rows.get(table, {})) + len(self.vectors.get(table, {}))
@@ -198,31 +233,9 @@ end
 return 0
 """
 
-#: KEYS: the rows. ARGV: one msgpack blob as above; each row becomes exactly its pairs.
-_REPLACE_ROWS_LUA = """
-local rows = cmsgpack.unpack(ARGV[1])
-for k = 1, #KEYS do
-  redis.call('DEL', KEYS[k])
-  local row = rows[k]
-  for i = 1, #row, 2 do
-    redis.call('ZADD', KEYS[k], row[i + 1], row[i])
-  end
-end
-return 0
-"""
-
 _CLAIM_LUA = """
 redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
 return redis.call('ZSCORE', KEYS[1], ARGV[1])
-"""
-
-#: KEYS: the rows. ARGV: one msgpack blob: per key, the members to remove.
-_REMOVE_MEMBERS_LUA = """
-local rows = cmsgpack.unpack(ARGV[1])
-for k = 1, #KEYS do
-  redis.call('ZREM', KEYS[k], unpack(rows[k]))
-end
-return 0
 """
 
 #: KEYS: vector keys. ARGV: dimension, then per key its float32 delta and the float32 base to
@@ -264,18 +277,46 @@ def _rows_blob(rows: Rows) -> bytes:
 
 
 _msgpack = msgspec.msgpack.Encoder().encode
+_decode_row = msgspec.msgpack.Decoder(dict[str, float]).decode
 
 
 def queue_script(pipe, script, keys: list[str], args: list) -> None:
-    """Queue a registered script on a pipeline or MULTI transaction as EVALSHA; the pipeline
-    loads the script on execute if the server lacks it."""
+    """Queue a registered script on a pipeline, MULTI transaction or :class:`WriteBatch` as
+    EVALSHA; the pipeline loads the script on execute if the server lacks it."""
     pipe.scripts.add(script)
     pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 
+class WriteBatch:
+    """Write commands recorded now and queued on a transaction later (:meth:`replay`), so a
+    batch's state change can be computed on one thread and committed on another."""
+
+    RECORDED = frozenset({"delete", "evalsha", "expire", "hincrby", "mset", "sadd", "set",
+                          "zadd", "zremrangebyrank"})
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.scripts: set = set()
+
+    def __getattr__(self, name: str):
+        if name not in WriteBatch.RECORDED:
+            raise AttributeError(f"WriteBatch does not record {name!r}")
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+    def replay(self, pipe) -> None:
+        pipe.scripts.update(self.scripts)
+        for name, args, kwargs in self.calls:
+            getattr(pipe, name)(*args, **kwargs)
+
+
 class RedisStore(StateStore):
-    """Rows as sorted sets, vectors as float32 strings; one script call (or MGET/MSET) per
-    table and batch.
+    """Rows as sorted sets, local rows as msgpack strings, vectors as float32 strings; one
+    script call (or MGET/MSET) per table and batch.
+
+    ``cache_local_rows=N`` keeps up to ``N`` local rows per table in memory (least recently
+    written evicted first), so the worker that owns them reads them without a round trip; the
+    owner calls :meth:`forget_cached` when a commit fails or partitions move. Readers that do
+    not own the rows (serving) leave it at 0.
 
     Keys: ``<prefix>:m:<namespace>:<table>:{<encoded key>}`` — each row is its own hash tag.
     A batch call touches many rows in one script, so all of a store's keys must live on one
@@ -283,17 +324,20 @@ class RedisStore(StateStore):
     ``row_count`` uses SCAN with a fixed, code-built pattern (never user input).
     """
 
-    def __init__(self, client, prefix: str = "sr", namespace: str = "default") -> None:
+    def __init__(self, client, prefix: str = "sr", namespace: str = "default",
+                 cache_local_rows: int = 0) -> None:
         self.client = client
+        self.cache_local_rows = cache_local_rows
+        self._local_cache: dict[str, dict] = {}
+        self._prefetched: dict[str, dict[str, bytes | None]] = {}
+        self._claimed: dict[tuple[str, str, str], float] = {}
         self.prefix = prefix
         self.base = f"{prefix}:m:{encode_id(namespace)}"
         self._deferred = None
         self._incr = client.register_script(_WRITE_ROWS_LUA.replace("OP", "ZINCRBY"))
         self._set = client.register_script(_WRITE_ROWS_LUA.replace("OP", "ZADD"))
-        self._replace = client.register_script(_REPLACE_ROWS_LUA)
         self._read = client.register_script(_READ_ROWS_LUA)
         self._claim = client.register_script(_CLAIM_LUA)
-        self._remove = client.register_script(_REMOVE_MEMBERS_LUA)
         self._add_vectors = client.register_script(_ADD_VECTORS_LUA)
 
     def key(self, table: str, key: str) -> str:
@@ -301,8 +345,8 @@ class RedisStore(StateStore):
 
     @contextmanager
     def deferred(self, pipe):
-        """Queue writes on ``pipe`` (e.g. a MULTI/EXEC transaction) instead of executing them;
-        reads still go to the server. Not thread-safe: one deferral at a time."""
+        """Queue writes on ``pipe`` (a MULTI/EXEC transaction or a :class:`WriteBatch`) instead
+        of executing them; reads still go to the server. Not thread-safe: one at a time."""
         self._deferred = pipe
         try:
             yield self
@@ -334,31 +378,98 @@ class RedisStore(StateStore):
     def set_rows(self, table, values, keep_top=None):
         self._write(self._set, table, values, keep_top)
 
-    def replace_rows(self, table, rows, previous=None):
-        if previous is None:
-            self._run(self._replace, [self.key(table, k) for k in rows], [_rows_blob(rows)])
+    def get_local_rows(self, table, keys):
+        cache = self._local_cache.get(table) if self.cache_local_rows else None
+        if cache is None:
+            return self._read_local(table, keys)
+        rows = [cache.get(k) for k in keys]
+        missing = [n for n, row in enumerate(rows) if row is None]
+        if missing:
+            for n, row in zip(missing, self._read_local(table, [keys[n] for n in missing])):
+                rows[n] = self._remember(cache, keys[n], row)
+        return rows
+
+    def _read_local(self, table, keys):
+        raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
+        return [_decode_row(value) if value is not None else {} for value in raw]
+
+    def _remember(self, cache, key, row):
+        cache.pop(key, None)  # re-insert: eviction takes the least recently written first
+        cache[key] = row
+        if len(cache) > self.cache_local_rows:
+            del cache[next(iter(cache))]
+        return row
+
+    def set_local_rows(self, table, rows):
+        if not rows:
             return
-        changed: dict[str, dict[str, float]] = {}
-        removed: dict[str, list[str]] = {}
-        for key, row in rows.items():
-            before = previous.get(key, {})
-            diff = {m: v for m, v in row.items() if before.get(m) != v}
-            if diff:
-                changed[key] = diff
-            gone = [m for m in before if m not in row]
-            if gone:
-                removed[key] = gone
-        if changed:
-            self._write(self._set, table, changed, None)
-        if removed:
-            self._run(self._remove, [self.key(table, k) for k in removed],
-                      [_msgpack(list(removed.values()))])
+        target = self._deferred or self.client
+        present = {self.key(table, k): _msgpack(row) for k, row in rows.items() if row}
+        absent = [self.key(table, k) for k, row in rows.items() if not row]
+        if present:
+            target.mset(present)
+        if absent:
+            target.delete(*absent)
+        if self.cache_local_rows:
+            cache = self._local_cache.setdefault(table, {})
+            for key, row in rows.items():
+                self._remember(cache, key, row)
+
+    def get_local_vectors(self, table, keys, dim):
+        cache = self._local_cache.get(table) if self.cache_local_rows else None
+        if cache is None:
+            return self.get_vectors(table, keys, dim)
+        out = np.zeros((len(keys), dim), dtype=np.float32)
+        found = np.zeros(len(keys), dtype=bool)
+        missing = []
+        for n, key in enumerate(keys):
+            vector = cache.get(key)
+            if vector is None:
+                missing.append(n)
+            else:
+                out[n], found[n] = vector, True
+        if missing:
+            read, read_found = self.get_vectors(table, [keys[n] for n in missing], dim)
+            out[missing], found[missing] = read, read_found
+            for n, vector, ok in zip(missing, read, read_found):
+                if ok:
+                    self._remember(cache, keys[n], vector.copy())
+        return out, found
+
+    def set_local_vectors(self, table, keys, vectors):
+        self.set_vectors(table, keys, vectors)
+        if self.cache_local_rows:
+            cache = self._local_cache.setdefault(table, {})
+            for key, vector in zip(keys, np.asarray(vectors, dtype=np.float32)):
+                self._remember(cache, key, vector.copy())  # not a view pinning the batch
+
+    def forget_cached(self):
+        self._local_cache.clear()
+        self._prefetched.clear()
+        self._claimed.clear()
 
     def claim(self, table, key, member, value):
-        return float(self._claim(keys=[self.key(table, key)], args=[member, repr(float(value))]))
+        cached = self._claimed.get((table, key, member))
+        if cached is None:
+            cached = float(self._claim(keys=[self.key(table, key)],
+                                       args=[member, repr(float(value))]))
+            self._claimed[(table, key, member)] = cached
+        return cached
+
+    def prefetch_vectors(self, table, keys):
+        raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
+        self._prefetched[table] = dict(zip(keys, raw))
 
     def get_vectors(self, table, keys, dim):
-        raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
+        prefetched = self._prefetched.pop(table, {})
+        if not prefetched:
+            raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
+        else:
+            missing = [k for k in keys if k not in prefetched]
+            if missing:
+                prefetched.update(zip(missing, self.client.mget(
+                    [self.key(table, k) for k in missing])))
+            raw = [prefetched[k] for k in keys]
         out = np.zeros((len(keys), dim), dtype=np.float32)
         found = np.zeros(len(keys), dtype=bool)
         for i, value in enumerate(raw):
@@ -382,7 +493,7 @@ class RedisStore(StateStore):
         self._run(self._add_vectors, [self.key(table, k) for k in keys], args)
 
     def sibling(self, namespace):
-        return RedisStore(self.client, self.prefix, namespace)
+        return RedisStore(self.client, self.prefix, namespace, self.cache_local_rows)
 
     def row_count(self, table):
         pattern = f"{self.base}:{table}:{{*"

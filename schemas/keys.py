@@ -144,9 +144,10 @@ class RedisKeys:
                     "Event ids already applied, bucketed by floor(event timestamp / "
                     "STREAMREC_DEDUP_TTL_S): a producer duplicate (same id and timestamp, new "
                     "offset) falls in the same bucket and is dropped."),
-            KeySpec(f"{p}:m:<model>:<table>:{{<key>}}", "sorted set (rows) or string "
-                    "(float32 vector)", "none", "stream worker (online models)",
-                    "per-table caps (README, models table)",
+            KeySpec(f"{p}:m:<model>:<table>:{{<key>}}", "sorted set (rows), msgpack map "
+                    "(partition-local rows) or string (float32 vector)", "none",
+                    "stream worker (online models)", "per-table caps (README, models table)",
                     "Online model state (online_models/store.py RedisStore): e.g. "
-                    "session:sr:{item} = next-item rules, mf:item:{item} = factors."),
+                    "session:sr:{item} = next-item rules, session:sess:{session} = a session's "
+                    "items and positions (msgpack), mf:item:{item} = factors."),
         ]

@@ -5,8 +5,11 @@ finishes (and acks messages it could not decode): dead letters are delivered *be
 batch is released, a transient Redis error is retried here (the partition waits) rather than
 raised, and any other exception is a bug that stops the process before the ack can be
 committed, so the batch is redelivered to the restarted worker. Effects on Redis are exactly
-once per source offset (:meth:`stream.state.LiveState.apply_messages`); the Redis work runs on
-one worker thread so the event loop keeps heartbeating while a batch is applied.
+once per source offset (:mod:`stream.state`). Chunks are applied by an
+:class:`stream.pipeline.ApplyPipeline`: Redis commits one chunk while the worker computes the
+next, on two threads, so the event loop keeps heartbeating. A batch's last commit stays in flight
+while the next batch is fetched; Faust may then ack events not yet in Redis, which is safe
+because Redis's watermarks, not Kafka's commits, say where to resume.
 
 Redis, not Kafka, is the truth for progress: after every rebalance, before Faust seeks its
 partitions to their committed offsets, :func:`resume_from_redis_watermarks` commits
@@ -21,49 +24,60 @@ import asyncio
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
+from infra.redis_client import sync_redis
 from online_models.registry import build_on_redis
 from schemas import dlq, vectors
 from schemas.events import split_message
 from stream import metrics
 from stream.app import app, settings
-from stream.state import LiveState, SourceMessage
+from stream.pipeline import ApplyPipeline
+from stream.state import ApplyResult, LiveState, SourceMessage
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
 from stream.vector_changes import MovedVectors
 
 log = logging.getLogger("streamrec.ingest")
 EXIT_ON_BUG = 70
 _state: LiveState | None = None
+_pipeline: ApplyPipeline | None = None
 _changed_vectors: set[str] = set()  # items whose vectors changed since the last publish
-_redis_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-apply")
 
 
 def live_state() -> LiveState:
     global _state
     if _state is None:
         client = sync_redis(settings.redis_url)
-        models = build_on_redis(settings.live_model_names, client, settings.key_prefix)
+        models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
+                                settings.worker_cached_local_rows)
         _state = LiveState(settings, client, list(models.values()))
     return _state
+
+
+def _record_applied(result: ApplyResult, seconds: float) -> None:
+    metrics.REDIS_SECONDS.observe(seconds)
+    _changed_vectors.update(result.changed_item_vectors)
+    metrics.EVENTS_APPLIED.inc(result.applied_events)
+    metrics.SKIPPED_DUPLICATES.inc(result.duplicate_events)
+    metrics.SKIPPED_REDELIVERED.inc(result.redelivered_messages)
+
+
+def apply_pipeline() -> ApplyPipeline:
+    global _pipeline
+    if _pipeline is None:
+        _pipeline = ApplyPipeline(live_state(), _record_applied, settings.redis_retry_max_s)
+    return _pipeline
 
 
 async def on_redis_thread(what: str, function, *args):
     """``function(*args)`` on the worker's Redis thread (the event loop keeps heartbeating);
     transient Redis errors back off and retry until it succeeds."""
-    loop, delay = asyncio.get_running_loop(), 0.05
-    while True:
-        try:
-            return await loop.run_in_executor(_redis_thread, function, *args)
-        except TRANSIENT_REDIS_ERRORS as exc:
-            log.warning("redis unavailable during %s (%r); retrying in %.2fs", what, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, settings.redis_retry_max_s)
+    return await apply_pipeline().run(what, function, *args)
 
 
 async def process_batch(messages) -> tuple[int, int]:
-    """Handle one batch of Faust events; returns (events applied, messages dead-lettered)."""
+    """Handle one batch of Faust events; returns (events handed to Redis, messages
+    dead-lettered). The last chunk's commit is started, not awaited: it overlaps the next
+    batch's fetch (:func:`settle_finished_commit` accounts for it if no batch comes)."""
     sources: list[SourceMessage] = []
     letters = []
     for event in messages:
@@ -79,20 +93,14 @@ async def process_batch(messages) -> tuple[int, int]:
         pending = [await dlq_topic.send(key=f"{r.source.partition}:{r.source.offset}".encode(),
                                         value=dlq.encode(r)) for r in letters]
         await asyncio.gather(*pending)  # delivered before the batch can be acked
-    applied = 0
+    pipeline = apply_pipeline()
     for chunk in event_chunks(sources, settings.worker_apply_max_events):
-        started = time.perf_counter()
-        result = await on_redis_thread("apply", live_state().apply_messages, chunk)
-        metrics.REDIS_SECONDS.observe(time.perf_counter() - started)
-        applied += result.applied_events
-        _changed_vectors.update(result.changed_item_vectors)
-        metrics.EVENTS_APPLIED.inc(result.applied_events)
-        metrics.SKIPPED_DUPLICATES.inc(result.duplicate_events)
-        metrics.SKIPPED_REDELIVERED.inc(result.redelivered_messages)
+        await pipeline.apply(chunk)
+    await pipeline.start_commit()
     metrics.MESSAGES_IN.inc(len(sources))
     metrics.EVENTS_IN.inc(sum(len(source.events) for source in sources))
     metrics.DLQ_MESSAGES.inc(len(letters))
-    return applied, len(letters)
+    return sum(len(source.events) for source in sources), len(letters)
 
 
 def event_chunks(sources: list[SourceMessage], max_events: int) -> list[list[SourceMessage]]:
@@ -123,6 +131,9 @@ async def resume_from_redis_watermarks(sender, **_) -> None:
     partitions = sorted(tp for tp in app.consumer.assignment() if tp.topic == topic)
     if not partitions:
         return
+    # commit what was computed; another worker may have changed this worker's cached rows
+    # while it did not own them
+    await apply_pipeline().drain()
     offsets = await on_redis_thread("reading watermarks", redis_resume_offsets, partitions)
     # Consumer._commit: faust's own commit of explicit offsets (faust-streaming is pinned).
     # Faust then seeks to committed offsets, but skips offset 0: seek explicitly as well.
@@ -164,6 +175,12 @@ async def publish_changed_vectors() -> None:
     for item, value in records:
         await item_vectors_topic.send(key=item.encode(), value=value)
     metrics.VECTORS_PUBLISHED.inc(len(records))
+
+
+@app.timer(0.25)
+async def settle_finished_commit() -> None:
+    """Metrics for, or recovery of, a batch's last commit when no next batch has come."""
+    await apply_pipeline().settle_finished()
 
 
 @app.timer(5.0)

@@ -1,20 +1,26 @@
 """Applies batches of source messages to the live state in Redis, exactly once in effect.
 
-For a batch of messages (topic, partition, offset, valid events) the worker, in one
-optimistic transaction per batch:
+For a batch of messages (topic, partition, offset, valid events) the worker:
 
-1. ``WATCH``es the batch's per-partition offset watermarks and reads them; messages at or below
-   their partition's watermark were applied before (redelivery after a crash or rebalance) and
-   are skipped;
-2. looks the remaining events' ids up in the seen-sets (one set per ``dedup_ttl_s`` bucket of
-   event time, so a retried send — same id, same timestamp — meets its original); an id found
-   is a producer duplicate and is dropped (as is a repeat inside the batch);
-3. lets every live model learn the new events through a :class:`RedisStore` whose writes are
-   *deferred* into the transaction, and queues the skeleton state (trending, histories, feed
-   queue, counters);
-4. ``MULTI`` … ``EXEC``: all state changes, the new watermarks and the dedup keys commit
-   together or not at all. If another worker moved a watermark meanwhile (a rebalance), EXEC
-   fails and the batch is recomputed from fresh reads.
+1. *prepares* it (:meth:`LiveState.prepare`): reads the batch's per-partition offset
+   watermarks — messages at or below their partition's watermark were applied before
+   (redelivery after a crash or rebalance) and are skipped; looks the remaining events' ids up
+   in the seen-sets (one set per ``dedup_ttl_s`` bucket of event time, so a retried send — same
+   id, same timestamp — meets its original) and drops producer duplicates (and repeats inside
+   the batch); lets every live model learn the new events through a :class:`RedisStore` whose
+   writes are *recorded* (:class:`WriteBatch`), with the skeleton state (trending, histories,
+   feed queue, counters), the dedup ids and the new watermarks;
+2. *commits* it (:meth:`LiveState.commit`): ``WATCH``es the watermarks, checks they are still
+   the values it was prepared against, and writes everything in one ``MULTI`` … ``EXEC`` —
+   together or not at all. If another worker moved a watermark (a rebalance), nothing is
+   written and the batch is prepared again from fresh reads.
+
+The worker prepares batch N+1 while batch N commits (:mod:`stream.ingest`): Redis and the
+worker's Python run at the same time. Batch N+1 is prepared as if N had committed — against
+N's new watermarks, with N's event ids as seen, and on the partition-local rows N wrote
+(cached in the worker); if N's commit fails, N+1 is discarded and both are prepared again. The
+one thing N+1 reads from Redis that N changes is shared online-MF item vectors, which it may
+read from before N's step (as concurrent workers do: the steps still add up).
 
 Limits (documented in the README): one Redis primary — MULTI cannot span Redis Cluster slots;
 Redis itself can lose up to ~1 s of writes on power loss with AOF ``everysec``, in which case
@@ -32,8 +38,8 @@ import redis
 
 from infra.settings import Settings
 from online_models.base import OnlineModel
-from online_models.signals import SignalMapper
-from online_models.store import queue_script
+from online_models.signals import SignalBatch, SignalMapper
+from online_models.store import WriteBatch, queue_script
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TRENDING_WEIGHTS, batch_deltas
 from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
@@ -112,6 +118,21 @@ class ApplyResult:
     changed_item_vectors: list[str] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class PreparedBatch:
+    """A batch read (:meth:`LiveState.read`) and computed, not yet committed."""
+
+    expected: dict[tuple[str, int], int]  # watermark per partition it was prepared against
+    fresh: list[SourceMessage]  # messages above their watermark
+    events: list[Interaction]  # their events, duplicates dropped
+    signals: SignalBatch | None
+    buckets: dict[int, list[str]]  # dedup bucket -> the fresh messages' event ids
+    event_ids: set[str]  # the events it applies (in-flight duplicates of later batches)
+    result: ApplyResult
+    writes: WriteBatch = field(default_factory=WriteBatch)
+    new_marks: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
 class LiveState:
     """Applies message batches to Redis (key contract: :mod:`schemas.keys`), exactly once.
 
@@ -128,6 +149,7 @@ class LiveState:
         self._trending = client.register_script(TRENDING_LUA)
         self._history = client.register_script(HISTORY_LUA)
         self._reserved = frozenset(settings.exploration_positions)
+        self._uncommitted: list[PreparedBatch] = []  # prepared, oldest first
 
     def _queue(self, pipe, events: list[Interaction]) -> None:
         s, keys = self.settings, self.keys
@@ -177,68 +199,125 @@ class LiveState:
             pipe.execute()
 
     def apply_messages(self, messages: list[SourceMessage]) -> ApplyResult:
-        """Apply a batch exactly once in effect (see module doc); retries on WATCH conflicts.
+        """Apply a batch exactly once in effect (see module doc): :meth:`prepare` then
+        :meth:`commit`, again from fresh reads after a conflict.
 
         Raises the client's connection errors: the caller retries the whole batch later.
         """
         while True:
             try:
-                return self._apply_once(messages)
-            except redis.WatchError:
-                continue
+                result = self.commit(self.prepare(messages))
+            except BaseException:
+                self.abandon_uncommitted()  # the commit may not have happened
+                raise
+            if result is not None:
+                return result
+            self.abandon_uncommitted()  # another worker moved on: read what it wrote
 
-    def _apply_once(self, messages: list[SourceMessage]) -> ApplyResult:
-        keys, result = self.keys, ApplyResult()
+    def abandon_uncommitted(self) -> None:
+        """Forget prepared batches not committed and the models' cached partition-local state
+        (both are read again from Redis). Call with no prepare or commit running."""
+        self._uncommitted.clear()
+        for model in self.models:
+            model.store.forget_cached()
+
+    def prepare(self, messages: list[SourceMessage]) -> PreparedBatch:
+        """Read what the batch needs and compute its state change (recorded, not written)."""
+        return self.compute(self.read(messages))
+
+    def read(self, messages: list[SourceMessage]) -> PreparedBatch:
+        """Prepare, first half: the Redis reads (watermarks, seen ids, what the models
+        prefetch) and the events to apply.
+
+        May run while earlier prepared batches are not committed yet: it builds on them (their
+        watermarks and event ids) as if they were.
+        """
+        keys = self.keys
         partitions = sorted({(m.topic, m.partition) for m in messages})
         marks = [keys.watermark(t, p) for t, p in partitions]
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.watch(*marks)
-            watermark = {tp: int(v) if v is not None else -1
-                         for tp, v in zip(partitions, pipe.mget(marks))}
-            fresh = [m for m in messages if m.offset > watermark[(m.topic, m.partition)]]
-            result.redelivered_messages = len(messages) - len(fresh)
-            candidates = [e for m in fresh for e in m.events]
-            buckets: dict[int, list[str]] = {}
-            for e in candidates:
-                buckets.setdefault(int(e.timestamp // self.settings.dedup_ttl_s), []) \
-                    .append(e.event_id)
-            seen: set[str] = set()
-            for bucket, ids in buckets.items():
-                flags = pipe.smismember(keys.seen_events(bucket), ids)
-                seen.update(i for i, flag in zip(ids, flags) if flag)
-            events, batch_ids = [], set()
-            for event in candidates:
-                if event.event_id not in seen and event.event_id not in batch_ids:
-                    events.append(event)
-                    batch_ids.add(event.event_id)
-            result.duplicate_events = len(candidates) - len(events)
-            signals = self.mapper.map(events) if events else None
-            pipe.multi()
-            for model in self.models if signals is not None else ():
-                with model.store.deferred(pipe):
-                    report = model.learn(signals)
-                result.changed_item_vectors += report.changed_item_vectors
-            if events:
-                self._queue(pipe, events)
+        expected = {tp: int(v) if v is not None else -1
+                    for tp, v in zip(partitions, self.client.mget(marks))}
+        seen: set[str] = set()
+        for earlier in list(self._uncommitted):
+            seen |= earlier.event_ids
+            for tp, mark in earlier.new_marks.items():
+                if tp in expected:
+                    expected[tp] = mark
+        fresh = [m for m in messages if m.offset > expected[(m.topic, m.partition)]]
+        candidates = [e for m in fresh for e in m.events]
+        buckets: dict[int, list[str]] = {}
+        for e in candidates:
+            buckets.setdefault(int(e.timestamp // self.settings.dedup_ttl_s), []) \
+                .append(e.event_id)
+        if buckets:
+            with self.client.pipeline(transaction=False) as pipe:
                 for bucket, ids in buckets.items():
-                    new_ids = [i for i in ids if i in batch_ids]
-                    if new_ids:
-                        pipe.sadd(keys.seen_events(bucket), *new_ids)
-                        pipe.expire(keys.seen_events(bucket), 2 * self.settings.dedup_ttl_s)
-            newest: dict[tuple[str, int], int] = {}
-            for m in fresh:
-                tp = (m.topic, m.partition)
-                newest[tp] = max(newest.get(tp, -1), m.offset)
-            for (topic, partition), offset in newest.items():
-                pipe.set(keys.watermark(topic, partition), offset)
-            dead = sum(m.invalid_events for m in fresh)
-            if dead:
-                pipe.hincrby(keys.stats, "dlq_messages", sum(1 for m in fresh if m.invalid_events))
-                pipe.hincrby(keys.stats, "dlq_events", dead)
-            if result.redelivered_messages:
-                pipe.hincrby(keys.stats, "skipped_redelivered", result.redelivered_messages)
-            if result.duplicate_events:
-                pipe.hincrby(keys.stats, "skipped_duplicates", result.duplicate_events)
-            pipe.execute()
-        result.applied_events = len(events)
-        return result
+                    pipe.smismember(keys.seen_events(bucket), ids)
+                for ids, flags in zip(buckets.values(), pipe.execute()):
+                    seen.update(i for i, flag in zip(ids, flags) if flag)
+        events, batch_ids = [], set()
+        for event in candidates:
+            if event.event_id not in seen and event.event_id not in batch_ids:
+                events.append(event)
+                batch_ids.add(event.event_id)
+        result = ApplyResult(applied_events=len(events),
+                             redelivered_messages=len(messages) - len(fresh),
+                             duplicate_events=len(candidates) - len(events))
+        signals = self.mapper.map(events) if events else None
+        for model in self.models if signals is not None else ():
+            model.prefetch(signals)
+        return PreparedBatch(expected, fresh, events, signals, buckets, batch_ids, result)
+
+    def compute(self, prepared: PreparedBatch) -> PreparedBatch:
+        """Prepare, second half: the models learn and every write is recorded. Reads Redis
+        only for partition-local state not cached (and what was not prefetched)."""
+        keys, result, writes = self.keys, prepared.result, prepared.writes
+        if prepared.events:
+            for model in self.models:
+                with model.store.deferred(writes):
+                    report = model.learn(prepared.signals)
+                result.changed_item_vectors += report.changed_item_vectors
+            self._queue(writes, prepared.events)
+            for bucket, ids in prepared.buckets.items():
+                new_ids = [i for i in ids if i in prepared.event_ids]
+                if new_ids:
+                    writes.sadd(keys.seen_events(bucket), *new_ids)
+                    writes.expire(keys.seen_events(bucket), 2 * self.settings.dedup_ttl_s)
+        for m in prepared.fresh:
+            tp = (m.topic, m.partition)
+            prepared.new_marks[tp] = max(prepared.new_marks.get(tp, -1), m.offset)
+        for (topic, partition), offset in prepared.new_marks.items():
+            writes.set(keys.watermark(topic, partition), offset)
+        dead = sum(m.invalid_events for m in prepared.fresh)
+        if dead:
+            writes.hincrby(keys.stats, "dlq_messages",
+                           sum(1 for m in prepared.fresh if m.invalid_events))
+            writes.hincrby(keys.stats, "dlq_events", dead)
+        if result.redelivered_messages:
+            writes.hincrby(keys.stats, "skipped_redelivered", result.redelivered_messages)
+        if result.duplicate_events:
+            writes.hincrby(keys.stats, "skipped_duplicates", result.duplicate_events)
+        self._uncommitted.append(prepared)
+        return prepared
+
+    def commit(self, prepared: PreparedBatch) -> ApplyResult | None:
+        """Write a prepared batch in one MULTI/EXEC, guarded by WATCH on its watermarks; None
+        (nothing written) if a watermark is not what the batch was prepared against."""
+        if not prepared.writes.calls:
+            self._uncommitted.remove(prepared)
+            return prepared.result
+        expected = sorted(prepared.expected.items())
+        marks = [self.keys.watermark(t, p) for (t, p), _ in expected]
+        with self.client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(*marks)
+                current = [int(v) if v is not None else -1 for v in pipe.mget(marks)]
+                if current != [mark for _, mark in expected]:
+                    return None
+                pipe.multi()
+                prepared.writes.replay(pipe)
+                pipe.execute()
+            except redis.WatchError:
+                return None
+        self._uncommitted.remove(prepared)
+        return prepared.result

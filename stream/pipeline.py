@@ -1,0 +1,130 @@
+"""Overlaps applying chunks: chunk N commits in Redis while the worker computes chunk N+1.
+
+Per chunk, :class:`ApplyPipeline` runs :meth:`LiveState.read` (the chunk's Redis reads), then
+starts the previous chunk's :meth:`LiveState.commit` on a second thread, then runs
+:meth:`LiveState.compute` (the models' maths, on cached partition-local state and prefetched
+shared state): redis-server executes one chunk's transaction while the worker's Python computes
+the next (a commit spends its time waiting on Redis, so the threads barely contend for the
+GIL). Reads go first because Redis is single-threaded: behind a transaction they would wait for
+it. The event loop only awaits: it keeps heartbeating while chunks are applied.
+
+If a commit finds that another worker moved a watermark (a rebalance), or fails with a Redis
+error, everything computed on top of it is void: the pipeline drops it (and the cached
+partition-local state) and applies those chunks again from Redis's state. Transient Redis
+errors are retried with backoff until Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from infra.redis_client import TRANSIENT_REDIS_ERRORS
+from stream.state import ApplyResult, LiveState, SourceMessage
+
+log = logging.getLogger("streamrec.pipeline")
+
+
+class ApplyPipeline:
+    """Applies chunks of source messages exactly once, at most one commit in flight.
+
+    ``on_applied(result, seconds)`` is called once per chunk, in order, when its commit is
+    known to have succeeded (``seconds``: from the start of its prepare to that moment). All
+    methods are coroutines of one event loop; they take turns (a lock).
+    """
+
+    def __init__(self, state: LiveState, on_applied: Callable[[ApplyResult, float], None],
+                 retry_max_s: float = 5.0) -> None:
+        self.state = state
+        self.on_applied = on_applied
+        self.retry_max_s = retry_max_s
+        self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix="redis-prepare")
+        self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="redis-commit")
+        self._lock = asyncio.Lock()
+        # (chunk, when its prepare started, computed batch | its commit's future)
+        self._computed: tuple[list[SourceMessage], float, object] | None = None
+        self._in_flight: tuple[list[SourceMessage], float, asyncio.Future] | None = None
+
+    async def run(self, what: str, function, *args):
+        """``function(*args)`` on the prepare thread; transient Redis errors back off and
+        retry until it succeeds."""
+        loop, delay = asyncio.get_running_loop(), 0.05
+        while True:
+            try:
+                return await loop.run_in_executor(self._prepare_thread, function, *args)
+            except TRANSIENT_REDIS_ERRORS as exc:
+                log.warning("redis unavailable during %s (%r); retrying in %.2fs", what, exc,
+                            delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+
+    async def apply(self, chunk: list[SourceMessage]) -> None:
+        """Read ``chunk``, start committing the chunk computed before it, compute ``chunk``.
+        Its own commit starts with the next :meth:`apply` or :meth:`start_commit`."""
+        async with self._lock:
+            await self._settle()
+            started = time.perf_counter()
+            read = await self.run("read", self.state.read, chunk)
+            self._start_commit()
+            computed = await self.run("compute", self.state.compute, read)
+            self._computed = (chunk, started, computed)
+
+    async def start_commit(self) -> None:
+        """Start committing what was computed (without waiting for it to finish)."""
+        async with self._lock:
+            await self._settle()
+            self._start_commit()
+
+    async def flush(self) -> None:
+        """Commit everything computed and wait until it is in Redis."""
+        async with self._lock:
+            await self._settle()
+            self._start_commit()
+            await self._settle()
+
+    async def settle_finished(self) -> None:
+        """Account for (or recover) a commit that finished while no chunk was coming."""
+        async with self._lock:
+            if self._in_flight is not None and self._in_flight[2].done():
+                await self._settle()
+
+    async def drain(self) -> None:
+        """Commit what was computed, then forget cached state (before partitions move)."""
+        await self.flush()
+        async with self._lock:
+            await self.run("abandon", self.state.abandon_uncommitted)
+
+    def _start_commit(self) -> None:
+        if self._computed is not None:
+            chunk, started, computed = self._computed
+            self._computed = None
+            future = asyncio.get_running_loop().run_in_executor(
+                self._commit_thread, self.state.commit, computed)
+            self._in_flight = (chunk, started, future)
+
+    async def _settle(self) -> None:
+        """Wait for the commit in flight; if it failed, apply it and the chunk computed after
+        it (void: built on it) again from Redis's state."""
+        if self._in_flight is None:
+            return
+        chunk, started, future = self._in_flight
+        self._in_flight = None
+        try:
+            result = await future
+        except TRANSIENT_REDIS_ERRORS as exc:
+            log.warning("redis unavailable during commit (%r); applying the chunk again", exc)
+            result = None
+        if result is not None:
+            self.on_applied(result, time.perf_counter() - started)
+            return
+        redo = [(chunk, started)]
+        if self._computed is not None:
+            redo.append(self._computed[:2])
+            self._computed = None
+        await self.run("abandon", self.state.abandon_uncommitted)
+        for chunk, started in redo:
+            result = await self.run("apply", self.state.apply_messages, chunk)
+            self.on_applied(result, time.perf_counter() - started)

@@ -1,0 +1,115 @@
+"""The worker's apply pipeline (stream/pipeline.py) on a real redis-server: overlapped commits
+give the state of a clean replay, and a failed commit is recovered without loss or double count.
+"""
+
+import asyncio
+
+import pytest
+import redis
+
+from online_models.registry import build
+from online_models.store import RedisStore
+from stream.pipeline import ApplyPipeline
+from stream.state import LiveState
+from tests.integration.test_exactly_once import messages
+from tests.state_check import applied, assert_live_equals_replay
+
+MODELS = ("session", "cooc", "mf")
+
+
+def worker_state(settings, client) -> LiveState:
+    """A LiveState as the worker builds it: partition-local rows cached."""
+    return LiveState(settings, client, [
+        build(n).bind(RedisStore(client, settings.key_prefix, n, cache_local_rows=10_000))
+        for n in MODELS])
+
+
+def run_pipeline(state: LiveState, chunks, flush=True) -> tuple[ApplyPipeline, list]:
+    results = []
+
+    async def go():
+        pipeline = ApplyPipeline(state, lambda result, seconds: results.append(result))
+        for chunk in chunks:
+            await pipeline.apply(chunk)
+        if flush:
+            await pipeline.flush()
+        return pipeline
+
+    return asyncio.run(go()), results
+
+
+def events_of(batch):
+    return [e for m in batch for e in m.events]
+
+
+def test_pipelined_commits_end_in_the_state_of_a_clean_replay(settings, redis_client):
+    batch = messages(n_events=1600)
+    chunks = [batch[start:start + 4] for start in range(0, len(batch), 4)]
+    _, results = run_pipeline(worker_state(settings, redis_client), chunks)
+    assert len(results) == len(chunks)  # each chunk accounted for once, in order
+    assert sum(r.applied_events for r in results) == applied(redis_client,
+                                                            settings.key_prefix) == 1600
+    assert_live_equals_replay(redis_client, settings.key_prefix, events_of(batch),
+                              settings.history_len)
+    mf = RedisStore(redis_client, settings.key_prefix, "mf")
+    items = sorted({e.item_id for e in events_of(batch)})
+    _, found = mf.get_vectors("item", items, build("mf").factors)
+    assert found.all()
+
+
+def test_a_commit_beaten_by_another_worker_is_redone_from_redis(settings, redis_client):
+    batch = messages(n_events=800)
+    first, second = batch[:10], batch[10:]
+    state = worker_state(settings, redis_client)
+
+    async def go():
+        pipeline = ApplyPipeline(state, lambda result, seconds: results.append(result))
+        await pipeline.apply(first)                            # computed, not committed
+        worker_state(settings, redis_client).apply_messages(batch)  # another worker: all of it
+        await pipeline.apply(second)  # starts first's commit: its watermarks moved -> redone
+        await pipeline.flush()
+
+    results = []
+    asyncio.run(go())
+    assert [r.redelivered_messages for r in results] == [len(first), len(second)]
+    assert applied(redis_client, settings.key_prefix) == 800  # once, by the other worker
+    assert_live_equals_replay(redis_client, settings.key_prefix, events_of(batch),
+                              settings.history_len)
+
+
+def test_a_commit_failing_on_a_redis_error_is_applied_again(settings, redis_client,
+                                                           monkeypatch):
+    batch = messages(n_events=800)
+    state = worker_state(settings, redis_client)
+    commit, failures = state.commit, []
+
+    def flaky_commit(prepared):
+        if not failures:
+            failures.append(prepared)
+            raise redis.ConnectionError("connection reset (injected)")
+        return commit(prepared)
+
+    monkeypatch.setattr(state, "commit", flaky_commit)
+    _, results = run_pipeline(state, [batch[start:start + 5] for start in range(0, 20, 5)])
+    assert failures and len(results) == 4
+    assert applied(redis_client, settings.key_prefix) == sum(len(m.events) for m in batch[:20])
+    assert_live_equals_replay(redis_client, settings.key_prefix, events_of(batch[:20]),
+                              settings.history_len)
+
+
+def test_a_started_commit_lands_without_another_batch(settings, redis_client):
+    batch = messages(n_events=200)
+    state = worker_state(settings, redis_client)
+
+    async def go():
+        pipeline = ApplyPipeline(state, lambda result, seconds: None)
+        await pipeline.apply(batch)
+        await pipeline.start_commit()  # what the worker does at the end of a batch
+        for _ in range(200):
+            if applied(redis_client, settings.key_prefix) == 200:
+                break
+            await asyncio.sleep(0.01)
+        await pipeline.settle_finished()
+
+    asyncio.run(go())
+    assert applied(redis_client, settings.key_prefix) == 200

@@ -1,0 +1,83 @@
+"""RedisStore's worker-side shortcuts on a real redis-server: cached local rows and vectors,
+remembered claims, prefetched shared vectors, and recorded writes."""
+
+import numpy as np
+import pytest
+
+from online_models.store import RedisStore, WriteBatch
+
+
+def test_local_rows_are_served_from_the_cache_until_forgotten(redis_client, unique):
+    store = RedisStore(redis_client, f"t{unique}", "session", cache_local_rows=2)
+    reader = RedisStore(redis_client, f"t{unique}", "session")  # serving: no cache
+    store.set_local_rows("sess", {"a": {"x": 1.0}, "b": {"y": 2.0}})
+    assert reader.get_local_rows("sess", ["a", "b", "c"]) == [{"x": 1.0}, {"y": 2.0}, {}]
+    redis_client.delete(store.key("sess", "a"))  # Redis changes behind the owner's back
+    assert store.get_local_rows("sess", ["a"]) == [{"x": 1.0}]  # cached
+    store.forget_cached()
+    assert store.get_local_rows("sess", ["a", "b"]) == [{}, {"y": 2.0}]
+
+
+def test_the_local_row_cache_is_bounded_least_recently_written_first(redis_client, unique):
+    store = RedisStore(redis_client, f"t{unique}", "session", cache_local_rows=2)
+    store.set_local_rows("sess", {"a": {"x": 1.0}, "b": {"x": 2.0}})
+    store.set_local_rows("sess", {"a": {"x": 3.0}, "c": {"x": 4.0}})  # evicts b
+    for key in ("a", "b", "c"):
+        redis_client.delete(store.key("sess", key))
+    assert store.get_local_rows("sess", ["a", "b", "c"]) == [{"x": 3.0}, {}, {"x": 4.0}]
+
+
+def test_an_empty_local_row_deletes_it(redis_client, unique):
+    store = RedisStore(redis_client, f"t{unique}", "cooc", cache_local_rows=10)
+    store.set_local_rows("win", {"s": {"i": 1.0}})
+    store.set_local_rows("win", {"s": {}})
+    assert not redis_client.exists(store.key("win", "s"))
+    assert store.get_local_rows("win", ["s"]) == [{}]
+
+
+def test_local_vectors_are_cached_as_copies(redis_client, unique):
+    store = RedisStore(redis_client, f"t{unique}", "mf", cache_local_rows=10)
+    vectors = np.arange(6, dtype=np.float32).reshape(2, 3)
+    store.set_local_vectors("user", ["u", "v"], vectors)
+    vectors[:] = -1  # the caller's buffer changes afterwards
+    redis_client.delete(store.key("user", "u"))
+    got, found = store.get_local_vectors("user", ["u", "v", "w"], 3)
+    assert found.tolist() == [True, True, False]
+    np.testing.assert_array_equal(got[:2], np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_prefetched_vectors_are_used_once(redis_client, unique):
+    store = RedisStore(redis_client, f"t{unique}", "mf")
+    store.set_vectors("item", ["a", "b"], np.ones((2, 2), np.float32))
+    store.prefetch_vectors("item", ["a"])
+    store.set_vectors("item", ["a", "b"], np.full((2, 2), 5, np.float32))
+    got, _ = store.get_vectors("item", ["a", "b"], 2)  # a as prefetched, b read now
+    np.testing.assert_array_equal(got, [[1, 1], [5, 5]])
+    got, _ = store.get_vectors("item", ["a"], 2)
+    np.testing.assert_array_equal(got, [[5, 5]])
+
+
+def test_claims_are_remembered_until_forgotten(redis_client, unique):
+    store = RedisStore(redis_client, f"t{unique}", "cooc")
+    assert store.claim("meta", "landmark", "t", 10.0) == 10.0
+    assert store.claim("meta", "landmark", "t", 20.0) == 10.0  # first writer wins
+    redis_client.delete(store.key("meta", "landmark"))
+    assert store.claim("meta", "landmark", "t", 30.0) == 10.0  # remembered
+    store.forget_cached()
+    assert store.claim("meta", "landmark", "t", 30.0) == 30.0
+
+
+def test_write_batches_record_and_replay_onto_a_transaction(redis_client, unique):
+    store = RedisStore(redis_client, f"t{unique}", "session")
+    writes = WriteBatch()
+    with store.deferred(writes):
+        store.incr_rows("sr", {"a": {"b": 1.5}})
+        store.set_local_rows("sess", {"s": {"a": 1.0}})
+    assert store.get_rows("sr", ["a"]) == [{}]  # recorded, not written
+    with redis_client.pipeline(transaction=True) as pipe:
+        writes.replay(pipe)
+        pipe.execute()
+    assert store.get_rows("sr", ["a"]) == [{"b": 1.5}]
+    assert store.get_local_rows("sess", ["s"]) == [{"a": 1.0}]
+    with pytest.raises(AttributeError, match="does not record 'flushall'"):
+        writes.flushall()
