@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(50, ge=1, le=1500, description="Longest a worker's "
                                          "fetch waits at the broker for data (latency floor on "
                                          "brokers that always wait it out).")
+    kafka_producer_linger_ms: int = Field(
+        20, ge=0, description="How long the worker's producer waits to batch records (item "
+        "vectors, dead letters) into one request.")
     worker_batch_max: int = Field(2000, ge=1, description="Messages taken per agent batch.")
     worker_apply_max_events: int = Field(4000, ge=1, description="Events per Redis transaction "
                                          "(an agent batch is applied in chunks of this size).")
@@ -66,6 +69,9 @@ class Settings(BaseSettings):
                                  description="Faust web port (bound to 127.0.0.1).")
     vector_publish_interval_s: float = Field(1.0, gt=0, description="Changed item vectors are "
                                              "coalesced and published at most this often.")
+    vector_publish_max: int = Field(2000, ge=1, description="At most this many item vectors "
+                                    "are published per interval (new items first, then the "
+                                    "largest moves; the rest wait).")
     vector_publish_min_change: float = Field(0.05, ge=0, description="A changed item vector is "
                                              "published once it moved this far (relative L2) "
                                              "from its last published version (0 = always).")

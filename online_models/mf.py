@@ -111,14 +111,15 @@ class OnlineMF(OnlineModel):
                             keep_top=self.max_items)
         users, u_idx = factorize(batch.users)
         n_pos = len(positives)
-        neg_items = (positives[self._rng.integers(n_pos, size=n_pos * self.negatives)]
-                     if n_pos and self.negatives else np.empty(0, dtype=object))
-        items, i_idx = factorize(np.concatenate([batch.items, neg_items]))
+        drawn = (self._rng.integers(n_pos, size=n_pos * self.negatives)
+                 if n_pos and self.negatives else np.empty(0, dtype=np.int64))
+        items, batch_idx = factorize(batch.items)  # negatives are drawn from these
+        i_idx = np.concatenate([batch_idx, batch_idx[batch.positive][drawn]])
         rows_u = np.concatenate([u_idx, np.repeat(u_idx[batch.positive], self.negatives)])
         targets = np.concatenate([(batch.weights > 0).astype(np.float32),
-                                  np.zeros(len(neg_items), np.float32)])
+                                  np.zeros(len(drawn), np.float32)])
         weights = np.concatenate([np.abs(batch.weights),
-                                  np.full(len(neg_items), self.negative_weight)]).astype(np.float32)
+                                  np.full(len(drawn), self.negative_weight)]).astype(np.float32)
         user_vecs = self._vectors("user", users)
         item_vecs = self._vectors("item", items)
         item_start = item_vecs.copy()

@@ -79,15 +79,22 @@ class SessionModel(OnlineModel):
         new_in_session: dict[str, float] = defaultdict(float)
         last_position = {s: max(row.values(), default=0.0) for s, row in rows.items()}
         steps = self.steps
+        # per session, (item, position) of its last `steps` positions, oldest first: the only
+        # candidates for rules (a row holds each item's latest position)
+        recent = {s: sorted(((i, p) for i, p in row.items() if p > last_position[s] - steps),
+                            key=lambda pair: pair[1]) for s, row in rows.items()}
         for session, item, ts in zip(batch.sessions.tolist(), batch.items.tolist(),
                                      batch.timestamps.tolist()):
             row = rows[session]
             position = last_position[session] + 1.0
             last_position[session] = position
-            for prev, prev_pos in row.items():
-                gap = position - prev_pos
-                if gap <= steps and prev != item:
-                    rules[prev][item] += 1.0 / gap
+            window = recent[session]
+            for prev, prev_pos in window:
+                if prev != item and row.get(prev) == prev_pos:  # else seen again since
+                    rules[prev][item] += 1.0 / (position - prev_pos)
+            window.append((item, position))
+            if window[0][1] <= position - steps:
+                del window[0]
             if item not in row:
                 new_in_session[item] += 1.0
             row[item] = position

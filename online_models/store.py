@@ -238,23 +238,18 @@ redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
 return redis.call('ZSCORE', KEYS[1], ARGV[1])
 """
 
-#: KEYS: vector keys. ARGV: dimension, then per key its float32 delta and the float32 base to
-#: start from when the key is missing. Adds in doubles, rounds once to float32.
+#: KEYS: vector keys. ARGV: dimension, the keys' float32 deltas back to back, and the float32
+#: bases to start from where a key is missing. Adds in doubles, rounds once to float32.
 _ADD_VECTORS_LUA = """
-local fmt = '<' .. string.rep('f', tonumber(ARGV[1]))
+local dim = tonumber(ARGV[1])
+local fmt, width = '<' .. string.rep('f', dim), 4 * dim
 for k = 1, #KEYS do
-  local delta = {struct.unpack(fmt, ARGV[2 * k])}
-  local current = redis.call('GET', KEYS[k])
-  local start = current or ARGV[2 * k + 1]
-  local sum
-  if start ~= '' then
-    sum = {struct.unpack(fmt, start)}
-  else
-    sum = {}
-    for i = 1, #delta - 1 do sum[i] = 0 end
-  end
-  for i = 1, #delta - 1 do sum[i] = sum[i] + delta[i] end
-  redis.call('SET', KEYS[k], struct.pack(fmt, unpack(sum, 1, #delta - 1)))
+  local at = (k - 1) * width + 1
+  local delta = {struct.unpack(fmt, string.sub(ARGV[2], at, at + width - 1))}
+  local start = redis.call('GET', KEYS[k]) or string.sub(ARGV[3], at, at + width - 1)
+  local sum = {struct.unpack(fmt, start)}
+  for i = 1, dim do sum[i] = sum[i] + delta[i] end
+  redis.call('SET', KEYS[k], struct.pack(fmt, unpack(sum, 1, dim)))
 end
 return 0
 """
@@ -485,12 +480,12 @@ class RedisStore(StateStore):
         (self._deferred or self.client).mset(mapping)
 
     def add_vectors(self, table, keys, deltas, base):
-        deltas = np.asarray(deltas, dtype=np.float32)
-        base = np.asarray(base, dtype=np.float32)
-        args: list = [deltas.shape[1] if deltas.ndim == 2 else 0]
-        for delta, start in zip(deltas, base):
-            args += (delta.tobytes(), start.tobytes())
-        self._run(self._add_vectors, [self.key(table, k) for k in keys], args)
+        deltas = np.ascontiguousarray(deltas, dtype=np.float32)
+        base = np.ascontiguousarray(base, dtype=np.float32)
+        if not len(keys) or deltas.shape[1] == 0:
+            return
+        self._run(self._add_vectors, [self.key(table, k) for k in keys],
+                  [deltas.shape[1], deltas.tobytes(), base.tobytes()])
 
     def sibling(self, namespace):
         return RedisStore(self.client, self.prefix, namespace, self.cache_local_rows)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import quote, unquote
 
 _ALREADY_SAFE = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
 
 
+@lru_cache(maxsize=1 << 18)  # the worker builds keys for the same ids over and over
 def encode_id(raw_id: str) -> str:
     """Reversible, key-safe form of an id: everything but ``A-Za-z0-9_.-~`` is %XX (UTF-8)."""
     return raw_id if _ALREADY_SAFE(raw_id) else quote(raw_id, safe="")

@@ -63,6 +63,9 @@ app = faust.App(
     broker_heartbeat_interval=1.0,
     consumer_max_fetch_size=4 * settings.max_message_bytes,
     producer_max_request_size=settings.max_message_bytes + 65_536,
+    # item vectors go out in bursts of thousands of small records: batch them into few requests
+    producer_linger=settings.kafka_producer_linger_ms / 1000.0,
+    producer_max_batch_size=256 * 1024,
     stream_buffer_maxsize=4 * settings.worker_batch_max,
     web_bind="127.0.0.1",
     web_port=settings.worker_web_port,

@@ -151,16 +151,17 @@ def _vector_model():
 _moved = MovedVectors(settings.vector_publish_min_change)
 
 
-def read_changed_vectors(items: list[str]) -> list[tuple[str, bytes]]:
-    """(key, record) pairs for the item-vector topic: the changed vectors that moved enough
-    since last published, read from the live MF state."""
+def read_changed_vectors(items: list[str]) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """((key, record) pairs for the item-vector topic: changed vectors that moved enough since
+    last published, read from the live MF state; items that qualify but must wait)."""
     model, now = _vector_model(), time.time()
     found_vectors, found = model.store.get_vectors("item", items, model.factors)
     items = [item for item, ok in zip(items, found) if ok]
     found_vectors = found_vectors[found]
-    return [(items[n], vectors.encode(vectors.ItemVector(items[n], model.name,
-                                                         found_vectors[n].tolist(), now)))
-            for n in _moved.select(items, found_vectors)]
+    chosen, waiting = _moved.select_limited(items, found_vectors, settings.vector_publish_max)
+    return ([(items[n], vectors.encode(vectors.ItemVector(items[n], model.name,
+                                                          found_vectors[n].tolist(), now)))
+             for n in chosen], [items[n] for n in waiting])
 
 
 @app.timer(settings.vector_publish_interval_s)
@@ -171,9 +172,15 @@ async def publish_changed_vectors() -> None:
         return
     items = sorted(_changed_vectors)
     _changed_vectors.clear()
-    records = await on_redis_thread("reading changed vectors", read_changed_vectors, items)
+    records, waiting = await on_redis_thread("reading changed vectors", read_changed_vectors,
+                                             items)
+    _changed_vectors.update(waiting)
+    # the producer itself, not Topic.send: these are ready bytes, and Topic.send's codecs and
+    # callbacks cost ~80 µs a record, which at thousands a second starves the agent
+    producer = await app.maybe_start_producer()
     for item, value in records:
-        await item_vectors_topic.send(key=item.encode(), value=value)
+        await producer.send(item_vectors_topic.get_topic_name(), item.encode(), value,
+                            None, None, None)
     metrics.VECTORS_PUBLISHED.inc(len(records))
 
 

@@ -3,8 +3,10 @@
 Online MF nudges every item a batch touches, so at 10,000 events/s thousands of vectors "change"
 each second by tiny steps — more than an HNSW index can re-insert (~0.5 ms each). A vector is
 published when it is new or has moved by more than ``min_change`` (relative L2 distance)
-since the version last published; the index's exact re-scoring then works on vectors at most
-that far from the live ones. The memory of published versions is bounded (least recently
+since the version last published; the index's exact re-scoring then works on vectors about
+that far from the live ones. The worker publishes at most ``vector_publish_max`` per interval
+(new items first, then the largest moves; the rest wait for the next interval), which bounds
+what publishing costs it. The memory of published versions is bounded (least recently
 published forgotten first: such an item is simply published again).
 
 Example
@@ -33,16 +35,30 @@ class MovedVectors:
 
     def select(self, items: list[str], vectors: np.ndarray) -> list[int]:
         """Indices of the vectors to publish now (and remember as published)."""
-        chosen = []
-        for n, (item, vector) in enumerate(zip(items, vectors)):
-            last = self._published.get(item)
-            if last is not None:
-                moved = float(np.linalg.norm(vector - last))
-                if moved <= self.min_change * max(float(np.linalg.norm(last)), 1e-12):
-                    continue
-            chosen.append(n)
-            self._published[item] = vector.copy()
-            self._published.move_to_end(item)
+        return self.select_limited(items, vectors, None)[0]
+
+    def select_limited(self, items: list[str], vectors: np.ndarray, limit: int | None
+                       ) -> tuple[list[int], list[int]]:
+        """(indices to publish now, at most ``limit``; indices that qualify but must wait).
+        New items go first, then the vectors that moved most; an item listed twice counts
+        once (its first row)."""
+        first = list({item: n for n, item in reversed(list(enumerate(items)))}.values())
+        first.sort()
+        last = [self._published.get(items[n]) for n in first]
+        moves = np.full(len(first), np.inf)
+        known = [k for k, vector in enumerate(last) if vector is not None]
+        if known:
+            before = np.stack([last[k] for k in known])
+            now = np.asarray(vectors, np.float32)[[first[k] for k in known]]
+            moves[known] = (np.linalg.norm(now - before, axis=1)
+                            / np.maximum(np.linalg.norm(before, axis=1), 1e-12))
+        qualifying = np.flatnonzero(moves > self.min_change)
+        ranked = qualifying[np.argsort(-moves[qualifying], kind="stable")].tolist()
+        cut = len(ranked) if limit is None else limit
+        chosen = [first[k] for k in ranked[:cut]]
+        for n in chosen:
+            self._published[items[n]] = np.array(vectors[n], np.float32)
+            self._published.move_to_end(items[n])
         while len(self._published) > self.max_items:
             self._published.popitem(last=False)
-        return chosen
+        return chosen, [first[k] for k in ranked[cut:]]

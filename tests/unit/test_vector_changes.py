@@ -14,3 +14,15 @@ def test_only_new_or_sufficiently_moved_vectors_are_published_and_memory_is_boun
     assert moved.select(["c"], base[:1]) == [0]  # a third item evicts the oldest ("a")
     assert moved.select(["a"], drifted[:1]) == [0]  # forgotten, so published again
     assert MovedVectors(min_change=0.0).select(["x", "x"], np.ones((2, 2), np.float32)) == [0]
+
+
+def test_a_limit_publishes_new_items_then_the_largest_moves_and_defers_the_rest():
+    moved = MovedVectors(min_change=0.1)
+    base = np.eye(3, dtype=np.float32)
+    assert moved.select(["a", "b", "c"], base) == [0, 1, 2]
+    drifted = base * np.array([[1.2], [1.5], [1.05]], np.float32)  # c: below the bar
+    rows = np.vstack([drifted, np.ones((1, 3), np.float32)])
+    chosen, waiting = moved.select_limited(["a", "b", "c", "new"], rows, limit=2)
+    assert chosen == [3, 1] and waiting == [0]  # new first, then b (50 %) before a (20 %)
+    chosen, waiting = moved.select_limited(["a"], drifted[:1], limit=2)
+    assert chosen == [0] and waiting == []  # a's turn came; b is now published as moved
