@@ -91,7 +91,7 @@ def main() -> None:
                                   [:5]},
                   "redis_usec": {k.removeprefix("cmdstat_"): v["usec"]
                                  for k, v in sorted(stats.items(), key=lambda kv: -kv[1]["usec"])
-                                 [:8]}}
+                                 [:14]}}
         client.close()
     print_result(result)
 

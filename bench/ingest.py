@@ -170,10 +170,16 @@ def freshness(bootstrap, topic, client, keys, sim, args, vectors_topic: str
     def watch() -> None:
         while not stop.is_set() or sent or vector_sent:
             now = time.perf_counter()
-            for user, t0 in list(sent.items()):
-                if client.exists(keys.user_history(user)):
-                    latencies.append((now - t0) * 1000)
-                    sent.pop(user)
+            waiting = list(sent.items())
+            if waiting:  # one round trip for all probes: polling must not load the machine
+                with client.pipeline(transaction=False) as pipe:
+                    for user, _ in waiting:
+                        pipe.exists(keys.user_history(user))
+                    arrived = pipe.execute()
+                for (user, t0), found in zip(waiting, arrived):
+                    if found:
+                        latencies.append((now - t0) * 1000)
+                        sent.pop(user)
             for item, t0 in list(vector_sent.items()):
                 if index.vectors([item])[1][0]:
                     vector_latencies.append((now - t0) * 1000)
