@@ -67,9 +67,9 @@ class Settings(BaseSettings):
     worker_batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a batch.")
     worker_web_port: int = Field(6066, ge=0, le=65535,
                                  description="Faust web port (bound to 127.0.0.1).")
-    vector_publish_interval_s: float = Field(1.0, gt=0, description="Changed item vectors are "
+    vector_publish_interval_s: float = Field(0.25, gt=0, description="Changed item vectors are "
                                              "coalesced and published at most this often.")
-    vector_publish_max: int = Field(2000, ge=1, description="At most this many item vectors "
+    vector_publish_max: int = Field(500, ge=1, description="At most this many item vectors "
                                     "are published per interval (new items first, then the "
                                     "largest moves; the rest wait).")
     vector_publish_min_change: float = Field(0.05, ge=0, description="A changed item vector is "

@@ -56,7 +56,8 @@ class OnlineModel(ABC):
         return self
 
     def prefetch(self, batch: SignalBatch) -> None:
-        """Read now the shared state that learning ``batch`` will read (optional)."""
+        """Read now what learning ``batch`` will read (optional; the store decides what it
+        keeps: a worker prefetches before the previous batch's commit starts)."""
 
     def learn(self, batch: SignalBatch) -> LearnReport:
         if len(batch) == 0:

@@ -48,6 +48,10 @@ class CooccurrenceModel(OnlineModel):
         # claimed atomically: concurrent workers must all scale by the same landmark
         return self.store.claim("meta", "landmark", "t", first_ts)
 
+    def prefetch(self, batch: SignalBatch) -> None:
+        sessions = batch.sessions[batch.positive]
+        self.store.prefetch_local_rows("win", list(dict.fromkeys(sessions.tolist())))
+
     def _learn(self, batch: SignalBatch) -> LearnReport:
         batch = batch.select(batch.positive)
         if len(batch) == 0:

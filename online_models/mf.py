@@ -97,8 +97,10 @@ class OnlineMF(OnlineModel):
 
     def prefetch(self, batch: SignalBatch) -> None:
         # every item learn reads: the batch's (negatives are drawn from its positives)
-        items = batch.items[batch.weights != 0]
-        self.store.prefetch_vectors("item", list(dict.fromkeys(items.tolist())))
+        learnt = batch.weights != 0
+        self.store.prefetch_vectors("item", list(dict.fromkeys(batch.items[learnt].tolist())))
+        self.store.prefetch_local_vectors("user",
+                                          list(dict.fromkeys(batch.users[learnt].tolist())))
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
         batch = batch.select(batch.weights != 0)

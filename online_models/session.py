@@ -66,6 +66,10 @@ class SessionModel(OnlineModel):
         self.use_idf = use_idf
 
     # --- learning --------------------------------------------------------------------------
+    def prefetch(self, batch: SignalBatch) -> None:
+        sessions = batch.sessions[batch.types != "impression"]
+        self.store.prefetch_local_rows("sess", list(dict.fromkeys(sessions.tolist())))
+
     def _learn(self, batch: SignalBatch) -> LearnReport:
         # The sequence is the signal here: a skip still moves the session forward (the user
         # was there); impressions are not visits.

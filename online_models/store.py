@@ -88,6 +88,12 @@ class StateStore(ABC):
         """Read these vectors now; the next :meth:`get_vectors` of ``table`` takes them from
         here (a worker reads before starting the previous batch's commit, computes after)."""
 
+    def prefetch_local_rows(self, table: str, keys: Sequence[str]) -> None:
+        """Read the uncached ones of these local rows into the cache now (if caching)."""
+
+    def prefetch_local_vectors(self, table: str, keys: Sequence[str]) -> None:
+        """Read the uncached ones of these local vectors into the cache now (if caching)."""
+
     @abstractmethod
     def get_vectors(self, table: str, keys: Sequence[str], dim: int
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -272,6 +278,7 @@ def _rows_blob(rows: Rows) -> bytes:
 
 
 _msgpack = msgspec.msgpack.Encoder().encode
+_ABSENT = np.empty(0, np.float32)  # a cached vector known not to exist
 _decode_row = msgspec.msgpack.Decoder(dict[str, float]).decode
 
 
@@ -308,10 +315,11 @@ class RedisStore(StateStore):
     """Rows as sorted sets, local rows as msgpack strings, vectors as float32 strings; one
     script call (or MGET/MSET) per table and batch.
 
-    ``cache_local_rows=N`` keeps up to ``N`` local rows per table in memory (least recently
-    written evicted first), so the worker that owns them reads them without a round trip; the
-    owner calls :meth:`forget_cached` when a commit fails or partitions move. Readers that do
-    not own the rows (serving) leave it at 0.
+    ``cache_local_rows=N`` keeps up to ``N`` local rows (and local vectors) per table in
+    memory, absent ones included (least recently loaded or written evicted first), so the
+    worker that owns them reads them without a round trip; the owner calls
+    :meth:`forget_cached` when a commit fails or partitions move. Readers that do not own the
+    rows (serving) leave it at 0.
 
     Keys: ``<prefix>:m:<namespace>:<table>:{<encoded key>}`` — each row is its own hash tag.
     A batch call touches many rows in one script, so all of a store's keys must live on one
@@ -374,26 +382,40 @@ class RedisStore(StateStore):
         self._write(self._set, table, values, keep_top)
 
     def get_local_rows(self, table, keys):
-        cache = self._local_cache.get(table) if self.cache_local_rows else None
-        if cache is None:
+        if not self.cache_local_rows:
             return self._read_local(table, keys)
-        rows = [cache.get(k) for k in keys]
-        missing = [n for n, row in enumerate(rows) if row is None]
-        if missing:
-            for n, row in zip(missing, self._read_local(table, [keys[n] for n in missing])):
-                rows[n] = self._remember(cache, keys[n], row)
-        return rows
+        return self._cached(table, keys, self._read_local)
+
+    def prefetch_local_rows(self, table, keys):
+        if self.cache_local_rows:
+            self._cached(table, keys, self._read_local)
 
     def _read_local(self, table, keys):
         raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
         return [_decode_row(value) if value is not None else {} for value in raw]
 
-    def _remember(self, cache, key, row):
-        cache.pop(key, None)  # re-insert: eviction takes the least recently written first
-        cache[key] = row
+    def _read_vectors(self, table, keys):
+        """Raw vectors, absent ones as an empty array (cached: known to be absent)."""
+        raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
+        return [np.frombuffer(value, np.float32).copy() if value is not None else _ABSENT
+                for value in raw]
+
+    def _cached(self, table, keys, read_missing) -> list:
+        """The cached values of ``keys``, reading (and caching) the missing ones."""
+        cache = self._local_cache.setdefault(table, {})
+        values = [cache.get(k) for k in keys]
+        missing = [n for n, value in enumerate(values) if value is None]
+        if missing:
+            for n, value in zip(missing, read_missing(table, [keys[n] for n in missing])):
+                values[n] = self._remember(cache, keys[n], value)
+        return values
+
+    def _remember(self, cache, key, value):
+        cache.pop(key, None)  # re-insert: eviction takes the least recently stored first
+        cache[key] = value
         if len(cache) > self.cache_local_rows:
             del cache[next(iter(cache))]
-        return row
+        return value
 
     def set_local_rows(self, table, rows):
         if not rows:
@@ -411,25 +433,18 @@ class RedisStore(StateStore):
                 self._remember(cache, key, row)
 
     def get_local_vectors(self, table, keys, dim):
-        cache = self._local_cache.get(table) if self.cache_local_rows else None
-        if cache is None:
+        if not self.cache_local_rows:
             return self.get_vectors(table, keys, dim)
+        values = self._cached(table, keys, self._read_vectors)
+        found = np.fromiter((value.size > 0 for value in values), bool, len(keys))
         out = np.zeros((len(keys), dim), dtype=np.float32)
-        found = np.zeros(len(keys), dtype=bool)
-        missing = []
-        for n, key in enumerate(keys):
-            vector = cache.get(key)
-            if vector is None:
-                missing.append(n)
-            else:
-                out[n], found[n] = vector, True
-        if missing:
-            read, read_found = self.get_vectors(table, [keys[n] for n in missing], dim)
-            out[missing], found[missing] = read, read_found
-            for n, vector, ok in zip(missing, read, read_found):
-                if ok:
-                    self._remember(cache, keys[n], vector.copy())
+        if found.any():
+            out[found] = np.stack([value for value in values if value.size])
         return out, found
+
+    def prefetch_local_vectors(self, table, keys):
+        if self.cache_local_rows:
+            self._cached(table, keys, self._read_vectors)
 
     def set_local_vectors(self, table, keys, vectors):
         self.set_vectors(table, keys, vectors)

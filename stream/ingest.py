@@ -24,9 +24,11 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from infra.redis_client import sync_redis
+from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
 from online_models.registry import build_on_redis
+from online_models.store import RedisStore
 from schemas import dlq, vectors
 from schemas.events import split_message
 from stream import metrics
@@ -40,7 +42,9 @@ log = logging.getLogger("streamrec.ingest")
 EXIT_ON_BUG = 70
 _state: LiveState | None = None
 _pipeline: ApplyPipeline | None = None
-_changed_vectors: set[str] = set()  # items whose vectors changed since the last publish
+# items whose vectors changed and were not published since, oldest change first
+_changed_vectors: dict[str, None] = {}
+_vector_thread = ThreadPoolExecutor(1, thread_name_prefix="vector-publish")
 
 
 def live_state() -> LiveState:
@@ -55,7 +59,7 @@ def live_state() -> LiveState:
 
 def _record_applied(result: ApplyResult, seconds: float) -> None:
     metrics.REDIS_SECONDS.observe(seconds)
-    _changed_vectors.update(result.changed_item_vectors)
+    _changed_vectors.update(dict.fromkeys(result.changed_item_vectors))
     metrics.EVENTS_APPLIED.inc(result.applied_events)
     metrics.SKIPPED_DUPLICATES.inc(result.duplicate_events)
     metrics.SKIPPED_REDELIVERED.inc(result.redelivered_messages)
@@ -155,7 +159,9 @@ def read_changed_vectors(items: list[str]) -> tuple[list[tuple[str, bytes]], lis
     """((key, record) pairs for the item-vector topic: changed vectors that moved enough since
     last published, read from the live MF state; items that qualify but must wait)."""
     model, now = _vector_model(), time.time()
-    found_vectors, found = model.store.get_vectors("item", items, model.factors)
+    # a store of its own: the apply path's store holds prefetched vectors for its next chunk
+    store = RedisStore(live_state().client, settings.key_prefix, model.name)
+    found_vectors, found = store.get_vectors("item", items, model.factors)
     items = [item for item, ok in zip(items, found) if ok]
     found_vectors = found_vectors[found]
     chosen, waiting = _moved.select_limited(items, found_vectors, settings.vector_publish_max)
@@ -170,11 +176,22 @@ async def publish_changed_vectors() -> None:
     if not _changed_vectors or _vector_model() is None:
         _changed_vectors.clear()
         return
-    items = sorted(_changed_vectors)
-    _changed_vectors.clear()
-    records, waiting = await on_redis_thread("reading changed vectors", read_changed_vectors,
-                                             items)
-    _changed_vectors.update(waiting)
+    # a bounded look per interval (a backlog after catching up can hold every item): items
+    # never published first, then the longest waiting
+    fresh = [item for item in _changed_vectors if not _moved.is_published(item)]
+    items = (fresh + [item for item in _changed_vectors if _moved.is_published(item)]
+             )[:4 * settings.vector_publish_max]
+    for item in items:
+        del _changed_vectors[item]
+    # its own thread: reading and choosing thousands of vectors must not hold up a chunk
+    try:
+        records, waiting = await asyncio.get_running_loop().run_in_executor(
+            _vector_thread, read_changed_vectors, items)
+    except TRANSIENT_REDIS_ERRORS as exc:
+        log.warning("redis unavailable while publishing vectors (%r); retrying", exc)
+        _changed_vectors.update(dict.fromkeys(items))
+        return
+    _changed_vectors.update(dict.fromkeys(waiting))
     # the producer itself, not Topic.send: these are ready bytes, and Topic.send's codecs and
     # callbacks cost ~80 µs a record, which at thousands a second starves the agent
     producer = await app.maybe_start_producer()

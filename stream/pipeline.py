@@ -87,6 +87,8 @@ class ApplyPipeline:
 
     async def settle_finished(self) -> None:
         """Account for (or recover) a commit that finished while no chunk was coming."""
+        if self._lock.locked():
+            return  # chunks are coming: they settle it
         async with self._lock:
             if self._in_flight is not None and self._in_flight[2].done():
                 await self._settle()

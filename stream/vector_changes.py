@@ -33,6 +33,9 @@ class MovedVectors:
         self.min_change, self.max_items = min_change, max_items
         self._published: OrderedDict[str, np.ndarray] = OrderedDict()
 
+    def is_published(self, item: str) -> bool:
+        return item in self._published
+
     def select(self, items: list[str], vectors: np.ndarray) -> list[int]:
         """Indices of the vectors to publish now (and remember as published)."""
         return self.select_limited(items, vectors, None)[0]

@@ -81,3 +81,15 @@ def test_write_batches_record_and_replay_onto_a_transaction(redis_client, unique
     assert store.get_local_rows("sess", ["s"]) == [{"a": 1.0}]
     with pytest.raises(AttributeError, match="does not record 'flushall'"):
         writes.flushall()
+
+
+def test_prefetched_local_state_is_cached_absent_included(redis_client, unique):
+    store = RedisStore(redis_client, f"t{unique}", "mf", cache_local_rows=10)
+    store.set_vectors("user", ["u"], np.ones((1, 2), np.float32))
+    redis_client.set(store.key("sess", "s"), b"\x81\xa1a\xcb?\xf0\x00\x00\x00\x00\x00\x00")
+    store.prefetch_local_vectors("user", ["u", "nobody"])
+    store.prefetch_local_rows("sess", ["s", "new"])
+    redis_client.delete(store.key("user", "u"), store.key("sess", "s"))  # only the cache knows
+    got, found = store.get_local_vectors("user", ["u", "nobody"], 2)
+    assert found.tolist() == [True, False] and got.tolist() == [[1, 1], [0, 0]]
+    assert store.get_local_rows("sess", ["s", "new"]) == [{"a": 1.0}, {}]
