@@ -28,10 +28,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
+from itertools import chain
 from typing import Mapping, Sequence
 
 import msgspec
 import numpy as np
+import redis
+from hiredis import pack_command
 
 from schemas.keys import encode_id
 
@@ -290,25 +293,92 @@ def queue_script(pipe, script, keys: list[str], args: list) -> None:
 
 
 class WriteBatch:
-    """Write commands recorded now and queued on a transaction later (:meth:`replay`), so a
-    batch's state change can be computed on one thread and committed on another."""
-
-    RECORDED = frozenset({"delete", "evalsha", "expire", "hincrby", "mset", "sadd", "set",
-                          "zadd", "zremrangebyrank"})
+    """Write commands recorded as Redis protocol arguments — the subset of redis-py's client
+    methods the stores and the live state use — and sent later as one MULTI/EXEC
+    (:meth:`commit`). A batch's state change is computed and packed on one thread and
+    committed on another, which then only sends bytes and waits for Redis."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple, dict]] = []
-        self.scripts: set = set()
+        self.commands: list[tuple] = []
+        self.scripts: set = set()  # registered scripts the EVALSHAs need (queue_script)
 
-    def __getattr__(self, name: str):
-        if name not in WriteBatch.RECORDED:
-            raise AttributeError(f"WriteBatch does not record {name!r}")
-        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+    def delete(self, *keys) -> None:
+        self.commands.append(("DEL", *keys))
+
+    def evalsha(self, sha: str, numkeys: int, *args) -> None:
+        self.commands.append(("EVALSHA", sha, numkeys, *args))
+
+    def expire(self, key, seconds: int) -> None:
+        self.commands.append(("EXPIRE", key, seconds))
+
+    def hincrby(self, key, field, amount: int = 1) -> None:
+        self.commands.append(("HINCRBY", key, field, amount))
+
+    def mset(self, mapping: Mapping) -> None:
+        self.commands.append(("MSET", *chain.from_iterable(mapping.items())))
+
+    def sadd(self, key, *members) -> None:
+        self.commands.append(("SADD", key, *members))
+
+    def set(self, key, value) -> None:
+        self.commands.append(("SET", key, value))
+
+    def zadd(self, key, mapping: Mapping, nx: bool = False) -> None:
+        pairs = chain.from_iterable((score, member) for member, score in mapping.items())
+        self.commands.append(("ZADD", key, *(("NX",) if nx else ()), *pairs))
+
+    def zremrangebyrank(self, key, start: int, end: int) -> None:
+        self.commands.append(("ZREMRANGEBYRANK", key, start, end))
+
+    def packed(self) -> bytes:
+        """MULTI, the commands and EXEC in the Redis protocol (floats keep every digit)."""
+        return b"".join(pack_command(command)
+                        for command in (("MULTI",), *self.commands, ("EXEC",)))
 
     def replay(self, pipe) -> None:
+        """Queue the commands on a redis-py pipeline instead."""
         pipe.scripts.update(self.scripts)
-        for name, args, kwargs in self.calls:
-            getattr(pipe, name)(*args, **kwargs)
+        for command in self.commands:
+            pipe.execute_command(*command)
+
+    def commit(self, client, watch: list[str], expect: list[bytes | None],
+               packed: bytes | None = None) -> bool:
+        """WATCH ``watch``; if their values equal ``expect``, send ``packed`` (default:
+        :meth:`packed`) and EXEC. False — nothing written — if a value differs or a watched key
+        changes before EXEC; raises the first error a command met (as redis-py does)."""
+        pool = client.connection_pool
+        connection = pool.get_connection()
+        try:
+            missing = [script for script, known in zip(
+                self.scripts, self._call(connection, "SCRIPT", "EXISTS",
+                                         *(script.sha for script in self.scripts))
+                if self.scripts else []) if not known]
+            for script in missing:  # Redis restarted or flushed its scripts
+                self._call(connection, "SCRIPT", "LOAD", script.script)
+            self._call(connection, "WATCH", *watch)
+            if self._call(connection, "MGET", *watch) != expect:
+                self._call(connection, "UNWATCH")
+                return False
+            connection.send_packed_command([packed or self.packed()])
+            for _ in range(len(self.commands) + 1):  # +OK, then +QUEUED per command
+                connection.read_response()
+            replies = connection.read_response()
+        except BaseException:
+            connection.disconnect()  # its protocol state is unknown
+            raise
+        finally:
+            pool.release(connection)
+        if replies is None:
+            return False  # a watched key changed
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+        return True
+
+    @staticmethod
+    def _call(connection, *args):
+        connection.send_command(*args)
+        return connection.read_response()
 
 
 class RedisStore(StateStore):

@@ -34,7 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import redis
 
 from infra.settings import Settings
 from online_models.base import OnlineModel
@@ -130,6 +129,7 @@ class PreparedBatch:
     event_ids: set[str]  # the events it applies (in-flight duplicates of later batches)
     result: ApplyResult
     writes: WriteBatch = field(default_factory=WriteBatch)
+    packed: bytes = b""  # the writes as one MULTI/EXEC, packed by compute
     new_marks: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
@@ -297,27 +297,20 @@ class LiveState:
             writes.hincrby(keys.stats, "skipped_redelivered", result.redelivered_messages)
         if result.duplicate_events:
             writes.hincrby(keys.stats, "skipped_duplicates", result.duplicate_events)
+        prepared.packed = writes.packed()  # here, so the committing thread only sends bytes
         self._uncommitted.append(prepared)
         return prepared
 
     def commit(self, prepared: PreparedBatch) -> ApplyResult | None:
         """Write a prepared batch in one MULTI/EXEC, guarded by WATCH on its watermarks; None
         (nothing written) if a watermark is not what the batch was prepared against."""
-        if not prepared.writes.calls:
+        if not prepared.writes.commands:
             self._uncommitted.remove(prepared)
             return prepared.result
         expected = sorted(prepared.expected.items())
-        marks = [self.keys.watermark(t, p) for (t, p), _ in expected]
-        with self.client.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(*marks)
-                current = [int(v) if v is not None else -1 for v in pipe.mget(marks)]
-                if current != [mark for _, mark in expected]:
-                    return None
-                pipe.multi()
-                prepared.writes.replay(pipe)
-                pipe.execute()
-            except redis.WatchError:
-                return None
+        watch = [self.keys.watermark(t, p) for (t, p), _ in expected]
+        values = [str(mark).encode() if mark >= 0 else None for _, mark in expected]
+        if not prepared.writes.commit(self.client, watch, values, prepared.packed):
+            return None
         self._uncommitted.remove(prepared)
         return prepared.result

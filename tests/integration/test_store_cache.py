@@ -3,6 +3,7 @@ remembered claims, prefetched shared vectors, and recorded writes."""
 
 import numpy as np
 import pytest
+import redis
 
 from online_models.store import RedisStore, WriteBatch
 
@@ -79,8 +80,31 @@ def test_write_batches_record_and_replay_onto_a_transaction(redis_client, unique
         pipe.execute()
     assert store.get_rows("sr", ["a"]) == [{"b": 1.5}]
     assert store.get_local_rows("sess", ["s"]) == [{"a": 1.0}]
-    with pytest.raises(AttributeError, match="does not record 'flushall'"):
-        writes.flushall()
+
+
+def test_a_write_batch_commits_only_when_the_watched_values_are_as_expected(redis_client,
+                                                                           unique):
+    store = RedisStore(redis_client, f"t{unique}", "session")
+    mark = f"t{unique}:mark"
+    writes = WriteBatch()
+    with store.deferred(writes):
+        store.incr_rows("sr", {"a": {"b": 0.1}})
+    writes.set(mark, 7)
+    assert not writes.commit(redis_client, [mark], [b"6"])  # another writer moved it
+    assert store.get_rows("sr", ["a"]) == [{}] and redis_client.get(mark) is None
+    redis_client.script_flush()  # Redis restarted: the batch's script must be loaded again
+    assert writes.commit(redis_client, [mark], [None])
+    assert store.get_rows("sr", ["a"]) == [{"b": 0.1}] and redis_client.get(mark) == b"7"
+
+
+def test_a_failing_command_in_a_write_batch_raises(redis_client, unique):
+    key = f"t{unique}:list"
+    redis_client.rpush(key, "x")
+    writes = WriteBatch()
+    writes.sadd(key, "member")  # WRONGTYPE: fails inside EXEC
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        writes.commit(redis_client, [f"t{unique}:mark"], [None])
+    assert redis_client.ping()  # the pool still works
 
 
 def test_prefetched_local_state_is_cached_absent_included(redis_client, unique):
