@@ -71,18 +71,20 @@ class UserSimulator:
             picks = candidates[np.arange(length), chosen]
             affinities = logits[np.arange(length), chosen] * self.temperature
             for pick, affinity in zip(picks.tolist(), affinities.tolist()):
-                for event in self._interaction(user, pick, affinity, session_id, clock):
+                for event in self._interaction(user, pick, affinity, session_id, clock,
+                                               produced):
                     yield event
                     produced += 1
                     clock += rng.exponential(1.0 / events_per_s)
                     if produced >= count:
                         return
 
-    def _interaction(self, user: int, item: int, affinity: float, session_id: str, ts: float
-                     ) -> Iterator[Interaction]:
+    def _interaction(self, user: int, item: int, affinity: float, session_id: str, ts: float,
+                     serial: int) -> Iterator[Interaction]:
         rng = self._rng
         uid, iid = f"u{user}", f"i{item}"
-        eid = f"{self.seed}-{user}-{item}-{ts:.6f}"
+        # the serial keeps ids unique: a repeated item can fall on the same microsecond
+        eid = f"{self.seed}-{user}-{item}-{ts:.6f}-{serial}"
         duration = int(self.item_duration_ms[item])
         if self.impressions:
             yield Interaction(event_id=eid + "-imp", user_id=uid, item_id=iid, type="impression",

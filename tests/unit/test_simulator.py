@@ -36,3 +36,9 @@ def test_users_prefer_items_matching_their_taste():
     chosen = [sim.affinity(int(e.user_id[1:]), np.array([int(e.item_id[1:])]))[0]
               for e in events if e.type in ("click", "skip")]
     assert np.mean(chosen) > 0.5  # random items average 0
+
+
+def test_event_ids_are_unique_even_when_timestamps_coincide():
+    # a billion events/s: consecutive events share a microsecond and users repeat items
+    events = list(UserSimulator(3, 4, seed=2).events(3000, 1.7e9, events_per_s=1e9))
+    assert len({e.event_id for e in events}) == len(events)
