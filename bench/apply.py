@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--chunk", type=int, default=4000)
     parser.add_argument("--models", default="session,cooc,mf")
+    parser.add_argument("--redis-aof", action="store_true",
+                        help="run redis-server with AOF (everysec), as infra/redis.conf does")
     parser.add_argument("--sequential", action="store_true",
                         help="prepare and commit one chunk at a time (no overlap)")
     args = parser.parse_args()
@@ -60,7 +62,7 @@ def main() -> None:
                 for n, start in enumerate(range(0, len(evs), 500))]
     messages.sort(key=lambda m: (m.offset, m.partition))  # interleaved, as a consumer sees them
     per_chunk = max(1, args.chunk // 500)
-    with EmbeddedRedis(appendonly=False) as server:
+    with EmbeddedRedis(appendonly=args.redis_aof) as server:
         client = sync_redis(server.url)
         settings = Settings()
         models = [build(n).bind(RedisStore(client, settings.key_prefix, n,
@@ -80,6 +82,7 @@ def main() -> None:
         python_cpu = time.process_time() - process0
         stats = client.info("commandstats")
         result = {"events": len(events), "models": args.models, "chunk_events": args.chunk,
+                  "redis_aof": args.redis_aof,
                   "pipelined": not args.sequential,
                   "events_per_s": round(len(events) / wall), "wall_s": round(wall, 2),
                   "redis_cpu_s": round(redis_cpu(client) - cpu0, 2),

@@ -79,12 +79,14 @@ def main() -> None:
     parser.add_argument("--probes-per-s", type=float, default=10.0)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--models", default="session,cooc,mf")
+    parser.add_argument("--redis-aof", action="store_true",
+                        help="run redis-server with AOF (everysec), as infra/redis.conf does")
     parser.add_argument("--vector-freshness", action="store_true",
                         help="also tail the item-vector topic into an ANN index in this process "
                              "and time the probes' new items (costs CPU the worker shares)")
     args = parser.parse_args()
     run_id = uuid.uuid4().hex[:8]
-    with EmbeddedRedis(appendonly=False) as redis_srv, EmbeddedKafka() as kafka, \
+    with EmbeddedRedis(appendonly=args.redis_aof) as redis_srv, EmbeddedKafka() as kafka, \
             tempfile.TemporaryDirectory() as tmp:
         topic, dlq = f"bench-{run_id}", f"bench-dlq-{run_id}"
         vectors_topic = f"bench-vectors-{run_id}"
@@ -137,7 +139,7 @@ def main() -> None:
             client.close()
     result = {
         "events": len(events), "messages": messages, "partitions": args.partitions,
-        "models": args.models, "events_per_s": round(worker_rate),
+        "models": args.models, "redis_aof": args.redis_aof, "events_per_s": round(worker_rate),
         "baseline_events_per_s": round(baseline_events / baseline_s),
         "ratio_to_baseline": round(worker_rate / (baseline_events / baseline_s), 3),
         "freshness_rate_events_per_s": args.rate, "freshness_probes": len(latencies),
