@@ -233,12 +233,13 @@ class LiveState:
         watermarks and event ids) as if they were.
         """
         keys = self.keys
+        earlier_batches = list(self._uncommitted)  # before reading: one may commit meanwhile
         partitions = sorted({(m.topic, m.partition) for m in messages})
         marks = [keys.watermark(t, p) for t, p in partitions]
         expected = {tp: int(v) if v is not None else -1
                     for tp, v in zip(partitions, self.client.mget(marks))}
         seen: set[str] = set()
-        for earlier in list(self._uncommitted):
+        for earlier in earlier_batches:
             seen |= earlier.event_ids
             for tp, mark in earlier.new_marks.items():
                 if tp in expected:
