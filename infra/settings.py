@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     worker_apply_max_events: int = Field(4000, ge=1, description="Events per Redis transaction "
                                          "(an agent batch is applied in chunks of this size).")
     worker_cached_local_rows: int = Field(
-        100_000, ge=0, description="Partition-local model rows (sessions, windows) the worker "
-        "keeps in memory per table, so it need not read back what it wrote (0: none).")
+        100_000, ge=0, description="Partition-local model rows (sessions, windows, user "
+        "factors) the worker keeps in memory per table, so it need not read back what it wrote "
+        "(0: none). ~1 KB per typical session row, ~6 KB for a full one.")
     worker_batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a batch.")
     worker_web_port: int = Field(6066, ge=0, le=65535,
                                  description="Faust web port (bound to 127.0.0.1).")
