@@ -24,9 +24,9 @@ from infra.redis_client import sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
 from online_models.registry import build  # noqa: E402
 from online_models.store import RedisStore  # noqa: E402
+from stream.pipeline import ApplyPipeline  # noqa: E402
 from stream.producer import partition_for  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
-from stream.pipeline import ApplyPipeline  # noqa: E402
 from stream.state import LiveState, SourceMessage  # noqa: E402
 
 

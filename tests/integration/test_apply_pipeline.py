@@ -4,7 +4,6 @@ give the state of a clean replay, and a failed commit is recovered without loss 
 
 import asyncio
 
-import pytest
 import redis
 
 from online_models.registry import build
