@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import print_result  # noqa: E402
+from bench.report import add_live_options, print_result  # noqa: E402
 from infra.embedded import EmbeddedRedis  # noqa: E402
 from infra.redis_client import sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
@@ -46,9 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--chunk", type=int, default=4000)
-    parser.add_argument("--models", default="session,cooc,mf")
-    parser.add_argument("--redis-aof", action="store_true",
-                        help="run redis-server with AOF (everysec), as infra/redis.conf does")
+    add_live_options(parser)
     parser.add_argument("--sequential", action="store_true",
                         help="prepare and commit one chunk at a time (no overlap)")
     args = parser.parse_args()

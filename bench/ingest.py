@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.report import print_result  # noqa: E402
+from bench.report import add_live_options, print_result  # noqa: E402
 from infra.embedded import EmbeddedKafka, EmbeddedRedis, ensure_topics, free_port, terminate  # noqa: E402,E501
 from infra.redis_client import sync_redis  # noqa: E402
 from schemas.events import Interaction, split_message  # noqa: E402
@@ -78,9 +78,7 @@ def main() -> None:
     parser.add_argument("--freshness-s", type=float, default=20.0)
     parser.add_argument("--probes-per-s", type=float, default=10.0)
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--models", default="session,cooc,mf")
-    parser.add_argument("--redis-aof", action="store_true",
-                        help="run redis-server with AOF (everysec), as infra/redis.conf does")
+    add_live_options(parser)
     parser.add_argument("--vector-freshness", action="store_true",
                         help="also tail the item-vector topic into an ANN index in this process "
                              "and time the probes' new items (costs CPU the worker shares)")

@@ -49,8 +49,8 @@ class CooccurrenceModel(OnlineModel):
         return self.store.claim("meta", "landmark", "t", first_ts)
 
     def prefetch(self, batch: SignalBatch) -> None:
-        sessions = batch.sessions[batch.positive]
-        self.store.prefetch_local_rows("win", list(dict.fromkeys(sessions.tolist())))
+        sessions = batch.select(batch.positive).sessions.tolist()  # what _learn reads
+        self.store.prefetch_local_rows("win", list(dict.fromkeys(sessions)))
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
         batch = batch.select(batch.positive)

@@ -95,15 +95,18 @@ class OnlineMF(OnlineModel):
         row = self.store.get_rows("catalog", ["all"])[0]
         return [item for item, _ in sorted(row.items(), key=_trim_order)]
 
+    @staticmethod
+    def _learnt(batch: SignalBatch) -> SignalBatch:
+        return batch.select(batch.weights != 0)
+
     def prefetch(self, batch: SignalBatch) -> None:
-        # every item learn reads: the batch's (negatives are drawn from its positives)
-        learnt = batch.weights != 0
-        self.store.prefetch_vectors("item", list(dict.fromkeys(batch.items[learnt].tolist())))
-        self.store.prefetch_local_vectors("user",
-                                          list(dict.fromkeys(batch.users[learnt].tolist())))
+        # every vector learn reads: the batch's users and items (negatives are drawn from them)
+        batch = self._learnt(batch)
+        self.store.prefetch_vectors("item", list(dict.fromkeys(batch.items.tolist())))
+        self.store.prefetch_local_vectors("user", list(dict.fromkeys(batch.users.tolist())))
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
-        batch = batch.select(batch.weights != 0)
+        batch = self._learnt(batch)
         if len(batch) == 0:
             return LearnReport()
         positives = batch.items[batch.positive]

@@ -66,14 +66,18 @@ class SessionModel(OnlineModel):
         self.use_idf = use_idf
 
     # --- learning --------------------------------------------------------------------------
-    def prefetch(self, batch: SignalBatch) -> None:
-        sessions = batch.sessions[batch.types != "impression"]
-        self.store.prefetch_local_rows("sess", list(dict.fromkeys(sessions.tolist())))
-
-    def _learn(self, batch: SignalBatch) -> LearnReport:
+    @staticmethod
+    def _visits(batch: SignalBatch) -> SignalBatch:
         # The sequence is the signal here: a skip still moves the session forward (the user
         # was there); impressions are not visits.
-        batch = batch.select(batch.types != "impression")
+        return batch.select(batch.types != "impression")
+
+    def prefetch(self, batch: SignalBatch) -> None:
+        sessions = self._visits(batch).sessions.tolist()
+        self.store.prefetch_local_rows("sess", list(dict.fromkeys(sessions)))
+
+    def _learn(self, batch: SignalBatch) -> LearnReport:
+        batch = self._visits(batch)
         sessions = list(dict.fromkeys(batch.sessions.tolist()))
         rows = {s: dict(row) for s, row in
                 zip(sessions, self.store.get_local_rows("sess", sessions))}

@@ -187,9 +187,6 @@ class MemoryStore(StateStore):
     def claim(self, table, key, member, value):
         return self.rows.setdefault(table, {}).setdefault(key, {}).setdefault(member, value)
 
-    def prefetch_vectors(self, table, keys):
-        pass
-
     def get_vectors(self, table, keys, dim):
         stored = self.vectors.get(table, {})
         out = np.zeros((len(keys), dim), dtype=np.float32)
@@ -301,51 +298,52 @@ class WriteBatch:
     def __init__(self) -> None:
         self.commands: list[tuple] = []
         self.scripts: set = set()  # registered scripts the EVALSHAs need (queue_script)
+        self._packed: bytes | None = None
+
+    def _add(self, *command) -> None:
+        self.commands.append(command)
+        self._packed = None
 
     def delete(self, *keys) -> None:
-        self.commands.append(("DEL", *keys))
+        self._add("DEL", *keys)
 
     def evalsha(self, sha: str, numkeys: int, *args) -> None:
-        self.commands.append(("EVALSHA", sha, numkeys, *args))
+        self._add("EVALSHA", sha, numkeys, *args)
 
     def expire(self, key, seconds: int) -> None:
-        self.commands.append(("EXPIRE", key, seconds))
+        self._add("EXPIRE", key, seconds)
 
     def hincrby(self, key, field, amount: int = 1) -> None:
-        self.commands.append(("HINCRBY", key, field, amount))
+        self._add("HINCRBY", key, field, amount)
 
     def mset(self, mapping: Mapping) -> None:
-        self.commands.append(("MSET", *chain.from_iterable(mapping.items())))
+        self._add("MSET", *chain.from_iterable(mapping.items()))
 
     def sadd(self, key, *members) -> None:
-        self.commands.append(("SADD", key, *members))
+        self._add("SADD", key, *members)
 
     def set(self, key, value) -> None:
-        self.commands.append(("SET", key, value))
+        self._add("SET", key, value)
 
     def zadd(self, key, mapping: Mapping, nx: bool = False) -> None:
         pairs = chain.from_iterable((score, member) for member, score in mapping.items())
-        self.commands.append(("ZADD", key, *(("NX",) if nx else ()), *pairs))
+        self._add("ZADD", key, *(("NX",) if nx else ()), *pairs)
 
     def zremrangebyrank(self, key, start: int, end: int) -> None:
-        self.commands.append(("ZREMRANGEBYRANK", key, start, end))
+        self._add("ZREMRANGEBYRANK", key, start, end)
 
     def packed(self) -> bytes:
-        """MULTI, the commands and EXEC in the Redis protocol (floats keep every digit)."""
-        return b"".join(pack_command(command)
-                        for command in (("MULTI",), *self.commands, ("EXEC",)))
+        """MULTI, the commands and EXEC in the Redis protocol (floats keep every digit); packed
+        once, so the thread that computed the batch can pack it for the one that commits."""
+        if self._packed is None:
+            self._packed = b"".join(pack_command(command)
+                                    for command in (("MULTI",), *self.commands, ("EXEC",)))
+        return self._packed
 
-    def replay(self, pipe) -> None:
-        """Queue the commands on a redis-py pipeline instead."""
-        pipe.scripts.update(self.scripts)
-        for command in self.commands:
-            pipe.execute_command(*command)
-
-    def commit(self, client, watch: list[str], expect: list[bytes | None],
-               packed: bytes | None = None) -> bool:
-        """WATCH ``watch``; if their values equal ``expect``, send ``packed`` (default:
-        :meth:`packed`) and EXEC. False — nothing written — if a value differs or a watched key
-        changes before EXEC; raises the first error a command met (as redis-py does)."""
+    def commit(self, client, watch: list[str], expect: list[bytes | None]) -> bool:
+        """WATCH ``watch``; if their values equal ``expect``, send the batch and EXEC. False —
+        nothing written — if a value differs or a watched key changes before EXEC; raises the
+        first error a command met (as redis-py does)."""
         pool = client.connection_pool
         connection = pool.get_connection()
         try:
@@ -359,7 +357,7 @@ class WriteBatch:
             if self._call(connection, "MGET", *watch) != expect:
                 self._call(connection, "UNWATCH")
                 return False
-            connection.send_packed_command([packed or self.packed()])
+            connection.send_packed_command([self.packed()])
             for _ in range(len(self.commands) + 1):  # +OK, then +QUEUED per command
                 connection.read_response()
             replies = connection.read_response()
@@ -460,15 +458,17 @@ class RedisStore(StateStore):
         if self.cache_local_rows:
             self._cached(table, keys, self._read_local)
 
+    def _mget(self, table, keys) -> list[bytes | None]:
+        return self.client.mget([self.key(table, k) for k in keys]) if keys else []
+
     def _read_local(self, table, keys):
-        raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
-        return [_decode_row(value) if value is not None else {} for value in raw]
+        return [_decode_row(value) if value is not None else {}
+                for value in self._mget(table, keys)]
 
     def _read_vectors(self, table, keys):
         """Raw vectors, absent ones as an empty array (cached: known to be absent)."""
-        raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
         return [np.frombuffer(value, np.float32).copy() if value is not None else _ABSENT
-                for value in raw]
+                for value in self._mget(table, keys)]
 
     def _cached(self, table, keys, read_missing) -> list:
         """The cached values of ``keys``, reading (and caching) the missing ones."""
@@ -537,18 +537,15 @@ class RedisStore(StateStore):
         return cached
 
     def prefetch_vectors(self, table, keys):
-        raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
-        self._prefetched[table] = dict(zip(keys, raw))
+        self._prefetched[table] = dict(zip(keys, self._mget(table, keys)))
 
     def get_vectors(self, table, keys, dim):
-        prefetched = self._prefetched.pop(table, {})
-        if not prefetched:
-            raw = self.client.mget([self.key(table, k) for k in keys]) if keys else []
+        prefetched = self._prefetched.pop(table, None)
+        if prefetched is None:  # serving reads whole catalogues: no dict on the way
+            raw = self._mget(table, keys)
         else:
             missing = [k for k in keys if k not in prefetched]
-            if missing:
-                prefetched.update(zip(missing, self.client.mget(
-                    [self.key(table, k) for k in missing])))
+            prefetched.update(zip(missing, self._mget(table, missing)))
             raw = [prefetched[k] for k in keys]
         out = np.zeros((len(keys), dim), dtype=np.float32)
         found = np.zeros(len(keys), dtype=bool)

@@ -101,10 +101,11 @@ async def process_batch(messages) -> tuple[int, int]:
     for chunk in event_chunks(sources, settings.worker_apply_max_events):
         await pipeline.apply(chunk)
     await pipeline.start_commit()
+    events = sum(len(source.events) for source in sources)
     metrics.MESSAGES_IN.inc(len(sources))
-    metrics.EVENTS_IN.inc(sum(len(source.events) for source in sources))
+    metrics.EVENTS_IN.inc(events)
     metrics.DLQ_MESSAGES.inc(len(letters))
-    return sum(len(source.events) for source in sources), len(letters)
+    return events, len(letters)
 
 
 def event_chunks(sources: list[SourceMessage], max_events: int) -> list[list[SourceMessage]]:
@@ -153,15 +154,23 @@ def _vector_model():
 
 
 _moved = MovedVectors(settings.vector_publish_min_change)
+_published_store: RedisStore | None = None
+
+
+def _vector_store(model) -> RedisStore:
+    """The MF item vectors, through a store of its own: the apply path's store holds
+    prefetched vectors for its next chunk."""
+    global _published_store
+    if _published_store is None:
+        _published_store = RedisStore(live_state().client, settings.key_prefix, model.name)
+    return _published_store
 
 
 def read_changed_vectors(items: list[str]) -> tuple[list[tuple[str, bytes]], list[str]]:
     """((key, record) pairs for the item-vector topic: changed vectors that moved enough since
     last published, read from the live MF state; items that qualify but must wait)."""
     model, now = _vector_model(), time.time()
-    # a store of its own: the apply path's store holds prefetched vectors for its next chunk
-    store = RedisStore(live_state().client, settings.key_prefix, model.name)
-    found_vectors, found = store.get_vectors("item", items, model.factors)
+    found_vectors, found = _vector_store(model).get_vectors("item", items, model.factors)
     items = [item for item, ok in zip(items, found) if ok]
     found_vectors = found_vectors[found]
     chosen, waiting = _moved.select_limited(items, found_vectors, settings.vector_publish_max)
@@ -177,10 +186,8 @@ async def publish_changed_vectors() -> None:
         _changed_vectors.clear()
         return
     # a bounded look per interval (a backlog after catching up can hold every item): items
-    # never published first, then the longest waiting
-    fresh = [item for item in _changed_vectors if not _moved.is_published(item)]
-    items = (fresh + [item for item in _changed_vectors if _moved.is_published(item)]
-             )[:4 * settings.vector_publish_max]
+    # never published first, then the longest waiting (the sort is stable)
+    items = sorted(_changed_vectors, key=_moved.is_published)[:4 * settings.vector_publish_max]
     for item in items:
         del _changed_vectors[item]
     # its own thread: reading and choosing thousands of vectors must not hold up a chunk

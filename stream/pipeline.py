@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS
-from stream.state import ApplyResult, LiveState, SourceMessage
+from stream.state import ApplyResult, LiveState, PreparedBatch, SourceMessage
 
 log = logging.getLogger("streamrec.pipeline")
 
@@ -44,8 +44,8 @@ class ApplyPipeline:
         self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix="redis-prepare")
         self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="redis-commit")
         self._lock = asyncio.Lock()
-        # (chunk, when its prepare started, computed batch | its commit's future)
-        self._computed: tuple[list[SourceMessage], float, object] | None = None
+        # (chunk, when its prepare started, the computed batch / its commit)
+        self._computed: tuple[list[SourceMessage], float, PreparedBatch] | None = None
         self._in_flight: tuple[list[SourceMessage], float, asyncio.Future] | None = None
 
     async def run(self, what: str, function, *args):

@@ -129,7 +129,6 @@ class PreparedBatch:
     event_ids: set[str]  # the events it applies (in-flight duplicates of later batches)
     result: ApplyResult
     writes: WriteBatch = field(default_factory=WriteBatch)
-    packed: bytes = b""  # the writes as one MULTI/EXEC, packed by compute
     new_marks: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
@@ -298,7 +297,7 @@ class LiveState:
             writes.hincrby(keys.stats, "skipped_redelivered", result.redelivered_messages)
         if result.duplicate_events:
             writes.hincrby(keys.stats, "skipped_duplicates", result.duplicate_events)
-        prepared.packed = writes.packed()  # here, so the committing thread only sends bytes
+        writes.packed()  # here, so the committing thread only sends bytes
         self._uncommitted.append(prepared)
         return prepared
 
@@ -311,7 +310,7 @@ class LiveState:
         expected = sorted(prepared.expected.items())
         watch = [self.keys.watermark(t, p) for (t, p), _ in expected]
         values = [str(mark).encode() if mark >= 0 else None for _, mark in expected]
-        if not prepared.writes.commit(self.client, watch, values, prepared.packed):
+        if not prepared.writes.commit(self.client, watch, values):
             return None
         self._uncommitted.remove(prepared)
         return prepared.result

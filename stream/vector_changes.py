@@ -45,8 +45,10 @@ class MovedVectors:
         """(indices to publish now, at most ``limit``; indices that qualify but must wait).
         New items go first, then the vectors that moved most; an item listed twice counts
         once (its first row)."""
-        first = list({item: n for n, item in reversed(list(enumerate(items)))}.values())
-        first.sort()
+        first_row: dict[str, int] = {}
+        for n, item in enumerate(items):
+            first_row.setdefault(item, n)
+        first = list(first_row.values())
         last = [self._published.get(items[n]) for n in first]
         moves = np.full(len(first), np.inf)
         known = [k for k, vector in enumerate(last) if vector is not None]

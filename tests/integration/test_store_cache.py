@@ -68,16 +68,14 @@ def test_claims_are_remembered_until_forgotten(redis_client, unique):
     assert store.claim("meta", "landmark", "t", 30.0) == 30.0
 
 
-def test_write_batches_record_and_replay_onto_a_transaction(redis_client, unique):
+def test_write_batches_record_and_commit_as_one_transaction(redis_client, unique):
     store = RedisStore(redis_client, f"t{unique}", "session")
     writes = WriteBatch()
     with store.deferred(writes):
         store.incr_rows("sr", {"a": {"b": 1.5}})
         store.set_local_rows("sess", {"s": {"a": 1.0}})
     assert store.get_rows("sr", ["a"]) == [{}]  # recorded, not written
-    with redis_client.pipeline(transaction=True) as pipe:
-        writes.replay(pipe)
-        pipe.execute()
+    assert writes.commit(redis_client, [f"t{unique}:mark"], [None])
     assert store.get_rows("sr", ["a"]) == [{"b": 1.5}]
     assert store.get_local_rows("sess", ["s"]) == [{"a": 1.0}]
 
