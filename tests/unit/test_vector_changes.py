@@ -1,6 +1,6 @@
 import numpy as np
 
-from stream.vector_changes import MovedVectors
+from stream.vector_changes import MovedVectors, PendingVectors
 
 
 def test_only_new_or_sufficiently_moved_vectors_are_published_and_memory_is_bounded():
@@ -26,3 +26,15 @@ def test_a_limit_publishes_new_items_then_the_largest_moves_and_defers_the_rest(
     assert chosen == [3, 1] and waiting == [0]  # new first, then b (50 %) before a (20 %)
     chosen, waiting = moved.select_limited(["a"], drifted[:1], limit=2)
     assert chosen == [0] and waiting == []  # a's turn came; b is now published as moved
+
+
+def test_pending_vectors_come_out_new_items_first_then_oldest_change_first():
+    moved = MovedVectors(min_change=0.0)
+    moved.select(["old1", "old2"], np.ones((2, 2), np.float32))  # published once
+    pending = PendingVectors(moved)
+    pending.add(["old2", "new1", "old1", "new2", "new1"])  # a repeat keeps its place
+    assert len(pending) == 4
+    assert pending.take(3) == ["new1", "new2", "old2"]
+    pending.add(["new3", "old2"])
+    assert pending.take(10) == ["new3", "old1", "old2"]
+    assert pending.take(1) == [] and not pending
