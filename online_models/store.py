@@ -219,15 +219,16 @@ class MemoryStore(StateStore):
 
 
 #: One call per table and batch. KEYS: the rows. ARGV: keep (-1: no trim), slack, and one
-#: msgpack blob: per key, a flat [member, value, member, value, ...] array (one argument
-#: instead of thousands: packing arguments was a third of the worker's CPU). OP: ZINCRBY|ZADD.
+#: msgpack blob: per key, a {member: value} map (one argument instead of thousands: packing
+#: arguments was a third of the worker's CPU). Members are independent, so map order does not
+#: matter. OP: ZINCRBY|ZADD.
 _WRITE_ROWS_LUA = """
 local keep, slack = tonumber(ARGV[1]), tonumber(ARGV[2])
 local rows = cmsgpack.unpack(ARGV[3])
 for k = 1, #KEYS do
-  local key, row = KEYS[k], rows[k]
-  for i = 1, #row, 2 do
-    redis.call('OP', key, row[i + 1], row[i])
+  local key = KEYS[k]
+  for member, value in pairs(rows[k]) do
+    redis.call('OP', key, value, member)
   end
   if keep >= 0 then
     local size = redis.call('ZCARD', key)
@@ -271,13 +272,19 @@ return out
 
 
 def _rows_blob(rows: Rows) -> bytes:
-    """The scripts' msgpack layout: per row, a flat [member, value, ...] array."""
-    return _msgpack(
-        [[x for member, value in row.items() for x in (member, float(value))]
-         for row in rows.values()])
+    """The scripts' msgpack layout: the rows' {member: value} maps, in key order."""
+    return _msgpack(list(rows.values()))
 
 
-_msgpack = msgspec.msgpack.Encoder().encode
+def _plain_number(value):
+    """msgpack fallback for numpy scalars (scores may come straight from numpy maths)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store a {type(value).__name__} as a score")
+
+
+_msgpack = msgspec.msgpack.Encoder(enc_hook=_plain_number).encode
+_KEY_NAMES_PER_TABLE = 1 << 18  # a table's remembered key names are dropped past this
 _ABSENT = np.empty(0, np.float32)  # a cached vector known not to exist
 _decode_row = msgspec.msgpack.Decoder(dict[str, float]).decode
 
@@ -402,6 +409,7 @@ class RedisStore(StateStore):
         self._local_cache: dict[str, dict] = {}
         self._prefetched: dict[str, dict[str, bytes | None]] = {}
         self._claimed: dict[tuple[str, str, str], float] = {}
+        self._key_names: dict[str, dict[str, str]] = {}
         self.prefix = prefix
         self.base = f"{prefix}:m:{encode_id(namespace)}"
         self._deferred = None
@@ -413,6 +421,21 @@ class RedisStore(StateStore):
 
     def key(self, table: str, key: str) -> str:
         return f"{self.base}:{table}:{{{encode_id(key)}}}"
+
+    def keys(self, table: str, keys) -> list[str]:
+        """:meth:`key` of each of ``keys`` (remembered: the worker names the same rows over
+        and over, and a lookup costs 40 % of building one)."""
+        known = self._key_names.get(table)
+        if known is None or len(known) > _KEY_NAMES_PER_TABLE:
+            known = self._key_names[table] = {}
+        head = f"{self.base}:{table}:{{"
+        names = []
+        for k in keys:
+            name = known.get(k)
+            if name is None:
+                name = known[k] = f"{head}{encode_id(k)}}}"
+            names.append(name)
+        return names
 
     @contextmanager
     def deferred(self, pipe):
@@ -435,13 +458,13 @@ class RedisStore(StateStore):
     def get_rows(self, table, keys):
         if not keys:
             return []
-        raw = self._read(keys=[self.key(table, k) for k in keys])
+        raw = self._read(keys=self.keys(table, keys))
         return [{flat[i].decode(): float(flat[i + 1]) for i in range(0, len(flat), 2)}
                 for flat in raw]
 
     def _write(self, script, table, rows, keep_top):
         head = [-1, 0] if keep_top is None else [keep_top, slack(keep_top)]
-        self._run(script, [self.key(table, k) for k in rows], [*head, _rows_blob(rows)])
+        self._run(script, self.keys(table, rows), [*head, _rows_blob(rows)])
 
     def incr_rows(self, table, deltas, keep_top=None):
         self._write(self._incr, table, deltas, keep_top)
@@ -459,7 +482,7 @@ class RedisStore(StateStore):
             self._cached(table, keys, self._read_local)
 
     def _mget(self, table, keys) -> list[bytes | None]:
-        return self.client.mget([self.key(table, k) for k in keys]) if keys else []
+        return self.client.mget(self.keys(table, keys)) if keys else []
 
     def _read_local(self, table, keys):
         return [_decode_row(value) if value is not None else {}
@@ -491,8 +514,9 @@ class RedisStore(StateStore):
         if not rows:
             return
         target = self._deferred or self.client
-        present = {self.key(table, k): _msgpack(row) for k, row in rows.items() if row}
-        absent = [self.key(table, k) for k, row in rows.items() if not row]
+        present = dict(zip(self.keys(table, [k for k, row in rows.items() if row]),
+                           [_msgpack(row) for row in rows.values() if row]))
+        absent = self.keys(table, [k for k, row in rows.items() if not row])
         if present:
             target.mset(present)
         if absent:
@@ -558,7 +582,7 @@ class RedisStore(StateStore):
         if not len(keys):
             return
         vectors = np.asarray(vectors, dtype=np.float32)
-        mapping = {self.key(table, k): v.tobytes() for k, v in zip(keys, vectors)}
+        mapping = dict(zip(self.keys(table, keys), [v.tobytes() for v in vectors]))
         (self._deferred or self.client).mset(mapping)
 
     def add_vectors(self, table, keys, deltas, base):
@@ -566,7 +590,7 @@ class RedisStore(StateStore):
         base = np.ascontiguousarray(base, dtype=np.float32)
         if not len(keys) or deltas.shape[1] == 0:
             return
-        self._run(self._add_vectors, [self.key(table, k) for k in keys],
+        self._run(self._add_vectors, self.keys(table, keys),
                   [deltas.shape[1], deltas.tobytes(), base.tobytes()])
 
     def sibling(self, namespace):
