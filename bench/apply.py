@@ -5,7 +5,8 @@ Applies ``--events`` simulated events (20k users / 50k items) in chunks of ``--c
 (pipelined: chunk N commits while N+1 is computed; ``--sequential``: one at a time), and
 prints events/s with redis-server's own CPU seconds and the busiest Redis commands (calls and
 microseconds) — where the end-to-end time goes. Last line: JSON.
-Usage: ``python bench/apply.py [--events 40000] [--models session,cooc,mf]``.
+``--reader`` also times a front end's GET meanwhile. Usage: ``python bench/apply.py
+[--events 40000] [--chunk 4000] [--models session,cooc,mf] [--reader]``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,6 +32,31 @@ from stream.pipeline import ApplyPipeline  # noqa: E402
 from stream.producer import partition_for  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
 from stream.state import LiveState, SourceMessage  # noqa: E402
+
+
+class FeedReader:
+    """A front end reading one feed key every 2 ms on its own connection; latencies in ms."""
+
+    def __init__(self, url: str) -> None:
+        self.client = sync_redis(url)
+        self.client.set("bench:feed", b"x" * 2000)
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            self.client.get("bench:feed")
+            self.latencies.append((time.perf_counter() - start) * 1000)
+            time.sleep(0.002)
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join()
+        self.client.close()
+        return self.latencies
 
 
 def redis_cpu(client) -> float:
@@ -49,6 +78,9 @@ def main() -> None:
     add_live_options(parser)
     parser.add_argument("--sequential", action="store_true",
                         help="prepare and commit one chunk at a time (no overlap)")
+    parser.add_argument("--reader", action="store_true",
+                        help="time a front end's GET every 2 ms meanwhile (what a feed read "
+                             "waits behind the transactions; its CPU counts as the worker's)")
     args = parser.parse_args()
     events = list(UserSimulator(20_000, 50_000, seed=1).events(args.events,
                                                                time.time() - args.events))
@@ -67,6 +99,7 @@ def main() -> None:
                                            settings.worker_cached_local_rows))
                   for n in filter(None, args.models.split(","))]
         state = LiveState(settings, client, models)
+        reader = FeedReader(server.url) if args.reader else None
         cpu0, started = redis_cpu(client), time.perf_counter()
         process0 = time.process_time()
         chunks = [messages[start:start + per_chunk]
@@ -78,6 +111,7 @@ def main() -> None:
             asyncio.run(apply_pipelined(state, chunks))
         wall = time.perf_counter() - started
         python_cpu = time.process_time() - process0
+        reads = reader.stop() if reader else None
         stats = client.info("commandstats")
         result = {"events": len(events), "models": args.models, "chunk_events": args.chunk,
                   "redis_aof": args.redis_aof,
@@ -91,6 +125,10 @@ def main() -> None:
                   "redis_usec": {k.removeprefix("cmdstat_"): v["usec"]
                                  for k, v in sorted(stats.items(), key=lambda kv: -kv[1]["usec"])
                                  [:8]}}
+        if reads is not None:
+            result.update({"read_p50_ms": round(float(np.percentile(reads, 50)), 2),
+                           "read_p99_ms": round(float(np.percentile(reads, 99)), 2),
+                           "read_max_ms": round(float(np.max(reads)), 2)})
         client.close()
     print_result(result)
 
