@@ -35,8 +35,10 @@ class PendingVectors:
 
     def __init__(self, moved: "MovedVectors") -> None:
         self._moved = moved
-        self._new: dict[str, None] = {}
-        self._known: dict[str, None] = {}
+        # OrderedDict: popping a plain dict from the front leaves dummies that every later
+        # pop scans past (quadratic over a large backlog)
+        self._new: OrderedDict[str, None] = OrderedDict()
+        self._known: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._new) + len(self._known)
@@ -52,9 +54,7 @@ class PendingVectors:
         taken: list[str] = []
         for queue in (self._new, self._known):
             while queue and len(taken) < n:
-                item = next(iter(queue))
-                del queue[item]
-                taken.append(item)
+                taken.append(queue.popitem(last=False)[0])
         return taken
 
     def clear(self) -> None:
