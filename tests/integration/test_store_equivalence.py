@@ -42,6 +42,19 @@ def test_redis_row_keys_are_cluster_safe_and_encoded(redis_client, unique):
     [key] = [k.decode() for k in redis_client.scan_iter(match=f"t{unique}:m:*")]
     assert key == f"t{unique}:m:ns%3A%7Bx%7D:cooc:{{a%3Ab%7Bc%7D}}"
     assert store.get_rows("cooc", ["a:b{c}"]) == [{"m": 1.0}]
+    assert store.keys("cooc", ["a:b{c}", "plain", "a:b{c}"]) == [
+        store.key("cooc", k) for k in ("a:b{c}", "plain", "a:b{c}")]  # remembered names
+
+
+def test_scores_from_numpy_scalars_are_stored_as_plain_numbers(redis_client, unique):
+    redis_store, memory_store = RedisStore(redis_client, f"t{unique}", "n"), MemoryStore()
+    for store in (redis_store, memory_store):
+        store.incr_rows("r", {"a": {"x": np.float32(0.5), "y": np.int64(2), "z": 1}})
+        store.incr_rows("r", {"a": {"x": np.float64(0.25)}})
+    assert redis_store.get_rows("r", ["a"]) == memory_store.get_rows("r", ["a"]) == [
+        {"x": 0.75, "y": 2.0, "z": 1.0}]
+    with pytest.raises(TypeError, match="cannot store a object as a score"):
+        redis_store.incr_rows("r", {"a": {"x": object()}})
 
 
 def test_concurrent_vector_changes_add_up_in_both_stores(redis_client):
