@@ -117,8 +117,13 @@ class _Process:
         self.close()
 
 
+#: the production Redis settings (docker-compose.yml mounts the same file)
+REDIS_CONF = Path(__file__).with_name("redis.conf")
+
+
 class EmbeddedRedis(_Process):
-    """A private ``redis-server`` on a free port (AOF everysec, noeviction, as in production)."""
+    """A private ``redis-server`` on a free port with :data:`REDIS_CONF` (AOF everysec,
+    noeviction, as in production; ``appendonly=False`` for benches and the demo)."""
 
     name = "redis"
 
@@ -136,9 +141,8 @@ class EmbeddedRedis(_Process):
         if not os.path.exists(binary):
             raise ServiceStartError("redis-server not found: `apt-get install redis-server` "
                                     "(make does this for you)")
-        return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
-                "--maxmemory-policy", "noeviction", "--dir", str(self.workdir)]
+        return [binary, str(REDIS_CONF), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir)]
 
     def healthy(self) -> bool:
         try:

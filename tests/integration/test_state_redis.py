@@ -158,3 +158,16 @@ def test_thompson_sampling_learns_from_engagements_counted_by_the_worker(setting
     before = dict(zip(options, builder.recommender.explorer.win_probabilities(options)))
     assert before[winner] > 0.9  # every show engaged: Thompson now draws it almost always
     assert before[winner] > shown.count(winner) / len(shown)
+
+
+def test_embedded_redis_runs_the_production_config(redis_client):
+    """Tests, benches and the demo measure the Redis settings docker-compose deploys."""
+    from infra.embedded import REDIS_CONF
+
+    lines = [line.split(None, 1) for line in REDIS_CONF.read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    settings = {name: value.strip().strip('"') for name, value in lines}
+    assert settings["maxmemory-policy"] == "noeviction"
+    for name in ("maxmemory-policy", "appendfsync", "zset-max-listpack-entries"):
+        assert redis_client.config_get(name)[name] == settings[name], name
+    assert redis_client.config_get("appendonly")["appendonly"] == "yes"
