@@ -26,8 +26,7 @@ from bench.report import add_live_options, print_result  # noqa: E402
 from infra.embedded import EmbeddedRedis  # noqa: E402
 from infra.redis_client import sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
-from online_models.registry import build  # noqa: E402
-from online_models.store import RedisStore  # noqa: E402
+from online_models.registry import build_on_redis  # noqa: E402
 from stream.pipeline import ApplyPipeline  # noqa: E402
 from stream.producer import partition_for  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
@@ -95,9 +94,9 @@ def main() -> None:
     with EmbeddedRedis(appendonly=args.redis_aof) as server:
         client = sync_redis(server.url)
         settings = Settings()
-        models = [build(n).bind(RedisStore(client, settings.key_prefix, n,
-                                           settings.worker_cached_local_rows))
-                  for n in filter(None, args.models.split(","))]
+        models = list(build_on_redis([n for n in args.models.split(",") if n], client,
+                                     settings.key_prefix,
+                                     settings.worker_cached_local_rows).values())
         state = LiveState(settings, client, models)
         reader = FeedReader(server.url) if args.reader else None
         cpu0, started = redis_cpu(client), time.perf_counter()

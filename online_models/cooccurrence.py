@@ -48,12 +48,16 @@ class CooccurrenceModel(OnlineModel):
         # claimed atomically: concurrent workers must all scale by the same landmark
         return self.store.claim("meta", "landmark", "t", first_ts)
 
+    @staticmethod
+    def _paired(batch: SignalBatch) -> SignalBatch:
+        return batch.select(batch.positive)  # only positive events co-occur
+
     def prefetch(self, batch: SignalBatch) -> None:
-        sessions = batch.select(batch.positive).sessions.tolist()  # what _learn reads
+        sessions = self._paired(batch).sessions.tolist()
         self.store.prefetch_local_rows("win", list(dict.fromkeys(sessions)))
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
-        batch = batch.select(batch.positive)
+        batch = self._paired(batch)
         if len(batch) == 0:
             return LearnReport()
         landmark = self._landmark(float(batch.timestamps[0]))

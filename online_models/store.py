@@ -420,7 +420,7 @@ class RedisStore(StateStore):
         self._add_vectors = client.register_script(_ADD_VECTORS_LUA)
 
     def key(self, table: str, key: str) -> str:
-        return f"{self.base}:{table}:{{{encode_id(key)}}}"
+        return self.keys(table, [key])[0]
 
     def keys(self, table: str, keys) -> list[str]:
         """:meth:`key` of each of ``keys`` (remembered: the worker names the same rows over
@@ -514,9 +514,9 @@ class RedisStore(StateStore):
         if not rows:
             return
         target = self._deferred or self.client
-        present = dict(zip(self.keys(table, [k for k, row in rows.items() if row]),
-                           [_msgpack(row) for row in rows.values() if row]))
-        absent = self.keys(table, [k for k, row in rows.items() if not row])
+        names = list(zip(self.keys(table, rows), rows.values()))
+        present = {name: _msgpack(row) for name, row in names if row}
+        absent = [name for name, row in names if not row]
         if present:
             target.mset(present)
         if absent:

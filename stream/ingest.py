@@ -209,12 +209,8 @@ async def send_keyed(topic: str, records: list[tuple[bytes, bytes]]) -> None:
     kafka = producer._ensure_producer()  # faust's aiokafka producer (faust-streaming is pinned)
     by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
     for key, value in records:
-        partition = _key_partitions.get((topic, key))
-        if partition is None:
-            if len(_key_partitions) >= 200_000:
-                _key_partitions.clear()
-            partition = _key_partitions[topic, key] = producer.key_partition(topic, key).partition
-        by_partition.setdefault(partition, []).append((key, value))
+        by_partition.setdefault(producer.key_partition(topic, key).partition, []).append(
+            (key, value))
     for partition, rows in by_partition.items():
         batch = kafka.create_batch()
         for key, value in rows:
@@ -223,9 +219,6 @@ async def send_keyed(topic: str, records: list[tuple[bytes, bytes]]) -> None:
                 batch = kafka.create_batch()
                 batch.append(key=key, value=value, timestamp=None)
         await kafka.send_batch(batch, topic, partition=partition)
-
-
-_key_partitions: dict[tuple[str, bytes], int] = {}
 
 
 @app.timer(0.25)

@@ -18,6 +18,12 @@ CAPPED = {("session", "sr"): 200}
 HEAD = 20
 
 
+def read_rows(store, model, table: str, keys: list[str]) -> list[dict[str, float]]:
+    """A model table's rows from ``store``: partition-local tables are msgpack strings."""
+    read = store.get_local_rows if table in model.local_tables else store.get_rows
+    return read(table, keys)
+
+
 def _head(row: dict[str, float]) -> dict[str, float]:
     return dict(sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:HEAD])
 
@@ -37,8 +43,7 @@ def assert_live_equals_replay(client, prefix: str, events, history_len: int,
             if name == "cooc" and table == "mass":
                 continue  # carries the forward-decay landmark: compared through similar()
             keys = sorted(rows)
-            read = live.get_local_rows if table in model.local_tables else live.get_rows
-            for key, got in zip(keys, read(table, keys)):
+            for key, got in zip(keys, read_rows(live, model, table, keys)):
                 if (name, table) in CAPPED and max(len(got), len(rows[key])) >= CAPPED[
                         (name, table)]:
                     assert set(_head(got)) == set(_head(rows[key])), (table, key)

@@ -6,7 +6,7 @@ import asyncio
 
 import redis
 
-from online_models.registry import build
+from online_models.registry import build, build_on_redis
 from online_models.store import RedisStore
 from stream.pipeline import ApplyPipeline
 from stream.state import LiveState
@@ -18,9 +18,8 @@ MODELS = ("session", "cooc", "mf")
 
 def worker_state(settings, client) -> LiveState:
     """A LiveState as the worker builds it: partition-local rows cached."""
-    return LiveState(settings, client, [
-        build(n).bind(RedisStore(client, settings.key_prefix, n, cache_local_rows=10_000))
-        for n in MODELS])
+    return LiveState(settings, client, list(build_on_redis(
+        list(MODELS), client, settings.key_prefix, cache_local_rows=10_000).values()))
 
 
 def run_pipeline(state: LiveState, chunks, flush=True) -> tuple[ApplyPipeline, list]:

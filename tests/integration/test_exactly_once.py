@@ -12,6 +12,7 @@ from online_models.store import MemoryStore, RedisStore
 from schemas.keys import RedisKeys
 from stream.simulator import UserSimulator
 from stream.state import LiveState, SourceMessage
+from tests.state_check import read_rows
 
 MODELS = ("session", "cooc", "mf")
 
@@ -141,8 +142,7 @@ def test_live_model_state_equals_an_in_memory_replay_of_the_same_batches(setting
         store = RedisStore(redis_client, settings.key_prefix, name)
         for table, rows in model.store.rows.items():
             keys = sorted(rows)
-            read = store.get_local_rows if table in model.local_tables else store.get_rows
-            assert read(table, keys) == [rows[k] for k in keys], (name, table)
+            assert read_rows(store, model, table, keys) == [rows[k] for k in keys], (name, table)
         for table, vectors in model.store.vectors.items():
             keys = sorted(vectors)
             got, found = store.get_vectors(table, keys, model.factors)

@@ -8,6 +8,7 @@ from online_models.registry import build
 from online_models.signals import SignalMapper
 from online_models.store import MemoryStore, RedisStore
 from stream.simulator import UserSimulator
+from tests.state_check import read_rows
 
 STORE_BACKED = ["session", "cooc", "mf", "popularity", "trending", "random"]
 
@@ -22,8 +23,7 @@ def test_memory_and_redis_stores_give_identical_models(name, redis_client, uniqu
         live.learn(SignalMapper().map(events[start:start + 400]))
     for table, rows in memory.store.rows.items():
         keys = sorted(rows)
-        read = live.store.get_local_rows if table in live.local_tables else live.store.get_rows
-        assert read(table, keys) == [rows[k] for k in keys], table
+        assert read_rows(live.store, live, table, keys) == [rows[k] for k in keys], table
         assert live.store.row_count(table) == len(keys), table
     for table, vectors in memory.store.vectors.items():
         keys = sorted(vectors)
