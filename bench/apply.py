@@ -29,8 +29,11 @@ from infra.settings import Settings  # noqa: E402
 from online_models.registry import build_on_redis  # noqa: E402
 from stream.pipeline import ApplyPipeline  # noqa: E402
 from stream.producer import partition_for  # noqa: E402
+from replay.loaders import load_split  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
 from stream.state import LiveState, SourceMessage  # noqa: E402
+
+YOOCHOOSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "yoochoose-rsc15-100k"
 
 
 class FeedReader:
@@ -80,9 +83,16 @@ def main() -> None:
     parser.add_argument("--reader", action="store_true",
                         help="time a front end's GET every 2 ms meanwhile (what a feed read "
                              "waits behind the transactions; its CPU counts as the worker's)")
+    parser.add_argument("--data", choices=("simulated", "yoochoose"), default="simulated",
+                        help="simulated users, or the shared YooChoose sample's clicks and "
+                             "buys in time order (its first --events)")
     args = parser.parse_args()
-    events = list(UserSimulator(20_000, 50_000, seed=1).events(args.events,
-                                                               time.time() - args.events))
+    if args.data == "yoochoose":
+        train, test = load_split(YOOCHOOSE, "yoochoose")
+        events = sorted(train + test, key=lambda e: e.timestamp)[:args.events]
+    else:
+        events = list(UserSimulator(20_000, 50_000, seed=1).events(args.events,
+                                                                   time.time() - args.events))
     by_partition: dict[int, list] = {}
     for e in events:
         by_partition.setdefault(partition_for(e.user_id, 4), []).append(e)
@@ -112,7 +122,7 @@ def main() -> None:
         python_cpu = time.process_time() - process0
         reads = reader.stop() if reader else None
         stats = client.info("commandstats")
-        result = {"events": len(events), "models": args.models, "chunk_events": args.chunk,
+        result = {"events": len(events), "data": args.data, "models": args.models, "chunk_events": args.chunk,
                   "redis_aof": args.redis_aof,
                   "pipelined": not args.sequential,
                   "events_per_s": round(len(events) / wall), "wall_s": round(wall, 2),

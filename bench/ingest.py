@@ -15,7 +15,8 @@ envelopes, then:
    index then shares this machine's two cores with the worker).
 
 The last line is JSON with ``events_per_s``, ``baseline_events_per_s``, ``freshness_p50_ms``
-and ``freshness_p99_ms``. Usage: ``python bench/ingest.py [--events 100000] [--rate 10000]``.
+and ``freshness_p99_ms``, and the CPU that the worker, redis-server and the broker each spent
+per event while the worker drained the backlog (the load generator is idle then). Usage: ``python bench/ingest.py [--events 100000] [--rate 10000]``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ from serving.ann import AnnIndex  # noqa: E402
 from serving.vector_tail import VectorTail  # noqa: E402
 from stream.producer import InteractionProducer  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def raw_consume(bootstrap: str, topic: str, messages: int) -> tuple[int, float]:
@@ -123,12 +130,17 @@ def main() -> None:
                 time.sleep(0.01)
             first = time.perf_counter()
             start_count = applied()
+            processes = {"worker": worker.pid, "redis": redis_srv.proc.pid,
+                         "broker": kafka.proc.pid}
+            cpu_start = {name: cpu_seconds(pid) for name, pid in processes.items()}
             while applied() < len(events) and time.monotonic() < deadline + 600:
                 if worker.poll() is not None:
                     sys.exit(f"worker exited: {(Path(tmp) / 'worker.log').read_text()[-2000:]}")
                 time.sleep(0.01)
             worker_s = time.perf_counter() - first
             worker_rate = (applied() - start_count) / worker_s if worker_s else 0.0
+            cpu_us = {name: 1e6 * (cpu_seconds(pid) - cpu_start[name])
+                      / max(applied() - start_count, 1) for name, pid in processes.items()}
             latencies, vector_latencies, vectors_received = freshness(
                 kafka.bootstrap, topic, client, keys, sim, args, vectors_topic)
         finally:
@@ -140,6 +152,9 @@ def main() -> None:
         "models": args.models, "redis_aof": args.redis_aof, "events_per_s": round(worker_rate),
         "baseline_events_per_s": round(baseline_events / baseline_s),
         "ratio_to_baseline": round(worker_rate / (baseline_events / baseline_s), 3),
+        # CPU per applied event while the worker drains the backlog: what 2 cores allow
+        **{f"cpu_us_per_event_{name}": round(us, 1) for name, us in cpu_us.items()},
+        "cores_needed_at_50k": round(sum(cpu_us.values()) * 50_000 / 1e6, 2),
         "freshness_rate_events_per_s": args.rate, "freshness_probes": len(latencies),
         "freshness_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
         "freshness_p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,

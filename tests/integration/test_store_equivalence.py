@@ -72,3 +72,23 @@ def test_concurrent_vector_changes_add_up_in_both_stores(redis_client):
     assert found.all()
     np.testing.assert_array_equal(got_redis, got_memory)  # bit for bit
     np.testing.assert_allclose(got_redis, base + first + second, rtol=1e-5)
+
+
+def test_long_rows_add_bit_for_bit_and_trim_like_memory(redis_client, unique):
+    """Thousands of members a row, scores using every bit, trimmed: Redis equals memory."""
+    rng = np.random.default_rng(3)
+    redis_store, memory_store = RedisStore(redis_client, f"t{unique}", "w"), MemoryStore()
+    for step in range(3):
+        members = rng.choice(6000, size=4500, replace=False)
+        deltas = {"wide": {f"m{m}": float(v) for m, v in
+                           zip(members, rng.random(4500) * 10.0 ** rng.integers(-8, 8, 4500))},
+                  "lone": {"only": float(rng.random()) / 3},
+                  "few": {"p": 1 / 3, "q": -2 / 7}}
+        for store in (redis_store, memory_store):
+            store.incr_rows("r", deltas, keep_top=3000)
+            store.incr_rows("untrimmed", {"lone": {"n": 0.1 * (step + 1)}})
+            store.set_rows("s", {"wide": {f"m{m}": 1.0 / (m + 1) for m in members}},
+                           keep_top=2500)
+    for table, keys in (("r", ["wide", "lone", "few"]), ("untrimmed", ["lone"]), ("s", ["wide"])):
+        assert redis_store.get_rows(table, keys) == memory_store.get_rows(table, keys), table
+    assert len(memory_store.get_rows("r", ["wide"])[0]) <= 3300
