@@ -16,7 +16,8 @@ envelopes, then:
 
 The last line is JSON with ``events_per_s``, ``baseline_events_per_s``, ``freshness_p50_ms``
 and ``freshness_p99_ms``, and the CPU that the worker, redis-server and the broker each spent
-per event while the worker drained the backlog (the load generator is idle then). Usage: ``python bench/ingest.py [--events 100000] [--rate 10000]``.
+per event while the worker drained the backlog (the load generator is idle then), and the
+cores each process (and the load generator) kept busy during the steady-rate phase. Usage: ``python bench/ingest.py [--events 100000] [--rate 10000]``.
 """
 
 from __future__ import annotations
@@ -141,8 +142,17 @@ def main() -> None:
             worker_rate = (applied() - start_count) / worker_s if worker_s else 0.0
             cpu_us = {name: 1e6 * (cpu_seconds(pid) - cpu_start[name])
                       / max(applied() - start_count, 1) for name, pid in processes.items()}
+            # generated up front (~18 µs per event on a good day): simulating users during the
+            # measurement would bill their cost to the machine the worker shares
+            load = list(sim.events(int(args.rate * args.freshness_s), time.time()))
+            processes["load_generator"] = os.getpid()  # this process: producer + probes
+            cpu_start = {name: cpu_seconds(pid) for name, pid in processes.items()}
+            steady_start = time.perf_counter()
             latencies, vector_latencies, vectors_received = freshness(
-                kafka.bootstrap, topic, client, keys, sim, args, vectors_topic)
+                kafka.bootstrap, topic, client, keys, load, args, vectors_topic)
+            steady_s = time.perf_counter() - steady_start
+            steady_cores = {name: (cpu_seconds(pid) - cpu_start[name]) / steady_s
+                            for name, pid in processes.items()}
         finally:
             terminate(worker)
             log.close()
@@ -156,6 +166,8 @@ def main() -> None:
         **{f"cpu_us_per_event_{name}": round(us, 1) for name, us in cpu_us.items()},
         "cores_needed_at_50k": round(sum(cpu_us.values()) * 50_000 / 1e6, 2),
         "freshness_rate_events_per_s": args.rate, "freshness_probes": len(latencies),
+        # cores each process kept busy during the steady-rate phase (2 on this machine)
+        **{f"steady_cores_{name}": round(c, 2) for name, c in steady_cores.items()},
         "freshness_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
         "freshness_p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
         "vector_probes": len(vector_latencies),
@@ -168,7 +180,7 @@ def main() -> None:
     print_result(result)
 
 
-def freshness(bootstrap, topic, client, keys, sim, args, vectors_topic: str
+def freshness(bootstrap, topic, client, keys, events, args, vectors_topic: str
               ) -> tuple[list[float], list[float], int]:
     """Steady load at ``args.rate`` with timed probes: a click of a new user on a new item.
     Returns (state latencies: until the user's history exists; vector latencies: until the
@@ -206,9 +218,7 @@ def freshness(bootstrap, topic, client, keys, sim, args, vectors_topic: str
     stop_time = [0.0]
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    # generated up front (~18 µs per event): the load generator shares the worker's two cores,
-    # and simulating users during the measurement would bill their cost to the worker
-    load = iter(list(sim.events(int(args.rate * args.freshness_s), time.time())))
+    load = iter(events)
     with InteractionProducer(bootstrap, topic, max_batch_events=500, linger_s=0.005) as producer:
         start = time.perf_counter()
         tick, probe_every, next_probe, n = 0.01, 1.0 / args.probes_per_s, 0.0, 0
