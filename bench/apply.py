@@ -5,8 +5,9 @@ Applies ``--events`` simulated events (20k users / 50k items) in chunks of ``--c
 (pipelined: chunk N commits while N+1 is computed; ``--sequential``: one at a time), and
 prints events/s with redis-server's own CPU seconds and the busiest Redis commands (calls and
 microseconds) — where the end-to-end time goes. Last line: JSON.
-``--reader`` also times a front end's GET meanwhile. Usage: ``python bench/apply.py
-[--events 40000] [--chunk 4000] [--models session,cooc,mf] [--reader]``.
+``--reader`` also times a front end's GET meanwhile; ``--data yoochoose`` applies the shared
+YooChoose sample's events instead of simulated ones. Usage: ``python bench/apply.py
+[--events 40000] [--chunk 4000] [--models session,cooc,mf] [--reader] [--data yoochoose]``.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def main() -> None:
                              "buys in time order (its first --events)")
     args = parser.parse_args()
     if args.data == "yoochoose":
+        if not YOOCHOOSE.exists():
+            sys.exit(f"{YOOCHOOSE} not found: --data yoochoose reads the team's shared data")
         train, test = load_split(YOOCHOOSE, "yoochoose")
         events = sorted(train + test, key=lambda e: e.timestamp)[:args.events]
     else:

@@ -17,7 +17,8 @@ envelopes, then:
 The last line is JSON with ``events_per_s``, ``baseline_events_per_s``, ``freshness_p50_ms``
 and ``freshness_p99_ms``, and the CPU that the worker, redis-server and the broker each spent
 per event while the worker drained the backlog (the load generator is idle then), and the
-cores each process (and the load generator) kept busy during the steady-rate phase. Usage: ``python bench/ingest.py [--events 100000] [--rate 10000]``.
+cores each process (and the load generator) kept busy during the steady-rate phase.
+Usage: ``python bench/ingest.py [--events 100000] [--rate 10000]``.
 """
 
 from __future__ import annotations
