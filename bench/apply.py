@@ -28,9 +28,9 @@ from infra.embedded import EmbeddedRedis  # noqa: E402
 from infra.redis_client import sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
 from online_models.registry import build_on_redis  # noqa: E402
+from replay.loaders import load_split  # noqa: E402
 from stream.pipeline import ApplyPipeline  # noqa: E402
 from stream.producer import partition_for  # noqa: E402
-from replay.loaders import load_split  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
 from stream.state import LiveState, SourceMessage  # noqa: E402
 
@@ -125,8 +125,8 @@ def main() -> None:
         python_cpu = time.process_time() - process0
         reads = reader.stop() if reader else None
         stats = client.info("commandstats")
-        result = {"events": len(events), "data": args.data, "models": args.models, "chunk_events": args.chunk,
-                  "redis_aof": args.redis_aof,
+        result = {"events": len(events), "data": args.data, "models": args.models,
+                  "chunk_events": args.chunk, "redis_aof": args.redis_aof,
                   "pipelined": not args.sequential,
                   "events_per_s": round(len(events) / wall), "wall_s": round(wall, 2),
                   "redis_cpu_s": round(redis_cpu(client) - cpu0, 2),

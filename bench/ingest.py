@@ -140,9 +140,10 @@ def main() -> None:
                     sys.exit(f"worker exited: {(Path(tmp) / 'worker.log').read_text()[-2000:]}")
                 time.sleep(0.01)
             worker_s = time.perf_counter() - first
-            worker_rate = (applied() - start_count) / worker_s if worker_s else 0.0
-            cpu_us = {name: 1e6 * (cpu_seconds(pid) - cpu_start[name])
-                      / max(applied() - start_count, 1) for name, pid in processes.items()}
+            drained = applied() - start_count
+            worker_rate = drained / worker_s if worker_s else 0.0
+            cpu_us = {name: 1e6 * (cpu_seconds(pid) - cpu_start[name]) / drained
+                      if drained else None for name, pid in processes.items()}
             # generated up front (~18 µs per event on a good day): simulating users during the
             # measurement would bill their cost to the machine the worker shares
             load = list(sim.events(int(args.rate * args.freshness_s), time.time()))
@@ -164,8 +165,10 @@ def main() -> None:
         "baseline_events_per_s": round(baseline_events / baseline_s),
         "ratio_to_baseline": round(worker_rate / (baseline_events / baseline_s), 3),
         # CPU per applied event while the worker drains the backlog: what 2 cores allow
-        **{f"cpu_us_per_event_{name}": round(us, 1) for name, us in cpu_us.items()},
-        "cores_needed_at_50k": round(sum(cpu_us.values()) * 50_000 / 1e6, 2),
+        # (None if the first applied batch held every event: nothing was timed)
+        **{f"cpu_us_per_event_{name}": us and round(us, 1) for name, us in cpu_us.items()},
+        "cores_needed_at_50k": round(sum(cpu_us.values()) * 50_000 / 1e6, 2)
+        if drained else None,
         "freshness_rate_events_per_s": args.rate, "freshness_probes": len(latencies),
         # cores each process kept busy during the steady-rate phase (2 on this machine)
         **{f"steady_cores_{name}": round(c, 2) for name, c in steady_cores.items()},
