@@ -57,6 +57,8 @@ def live_state() -> LiveState:
 
 def _record_applied(result: ApplyResult, seconds: float) -> None:
     metrics.REDIS_SECONDS.observe(seconds)
+    for produced_at in result.produced_at:
+        metrics.MESSAGE_AGE.observe(max(result.committed_at - produced_at, 0.0))
     _changed_vectors.add(result.changed_item_vectors)
     metrics.EVENTS_APPLIED.inc(result.applied_events)
     metrics.SKIPPED_DUPLICATES.inc(result.duplicate_events)
@@ -87,7 +89,8 @@ async def process_batch(messages) -> tuple[int, int]:
         raw = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
         good, bad = split_message(raw, settings.max_message_bytes)
         sources.append(SourceMessage(message.topic, message.partition, message.offset, good,
-                                     len({index for index, _, _ in bad})))
+                                     len({index for index, _, _ in bad}),
+                                     message.timestamp if message.timestamp > 0 else None))
         if bad:
             letters.append(dlq.dead_letter(raw, bad, message.topic, message.partition,
                                            message.offset, len(good)))

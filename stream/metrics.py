@@ -22,5 +22,9 @@ BATCH_SECONDS = Histogram("streamrec_batch_seconds", "Agent batch handling time"
 REDIS_SECONDS = Histogram("streamrec_redis_apply_seconds",
                           "Time applying one chunk to Redis (reads, maths, MULTI/EXEC)",
                           buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+MESSAGE_AGE = Histogram("streamrec_message_age_at_commit_seconds",
+                        "From a message's Kafka timestamp (its producer's clock) to the commit of "
+                        "its events' state changes: freshness as the worker sees it",
+                        buckets=(.025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
 CONSUMER_LAG = Gauge("streamrec_consumer_lag_messages", "High watermark minus last read offset",
                      ["topic", "partition"])

@@ -31,6 +31,8 @@ retains them.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,6 +109,7 @@ class SourceMessage:
     offset: int
     events: list[Interaction] = field(default_factory=list)
     invalid_events: int = 0  # dead-lettered parts (counted once, like the effects)
+    produced_at: float | None = None  # the record's Kafka timestamp, unix seconds
 
 
 @dataclass
@@ -115,6 +118,10 @@ class ApplyResult:
     redelivered_messages: int = 0
     duplicate_events: int = 0
     changed_item_vectors: list[str] = field(default_factory=list)
+    #: Kafka timestamps of the messages whose events this batch applied, and when its commit
+    #: finished (unix seconds): how old state changes are when they reach Redis
+    produced_at: list[float] = field(default_factory=list)
+    committed_at: float | None = None
 
 
 @dataclass(eq=False)
@@ -262,7 +269,9 @@ class LiveState:
                 batch_ids.add(event.event_id)
         result = ApplyResult(applied_events=len(events),
                              redelivered_messages=len(messages) - len(fresh),
-                             duplicate_events=len(candidates) - len(events))
+                             duplicate_events=len(candidates) - len(events),
+                             produced_at=[m.produced_at for m in fresh
+                                          if m.events and m.produced_at is not None])
         signals = self.mapper.map(events) if events else None
         for model in self.models if signals is not None else ():
             model.prefetch(signals)
@@ -304,13 +313,12 @@ class LiveState:
     def commit(self, prepared: PreparedBatch) -> ApplyResult | None:
         """Write a prepared batch in one MULTI/EXEC, guarded by WATCH on its watermarks; None
         (nothing written) if a watermark is not what the batch was prepared against."""
-        if not prepared.writes.commands:
-            self._uncommitted.remove(prepared)
-            return prepared.result
-        expected = sorted(prepared.expected.items())
-        watch = [self.keys.watermark(t, p) for (t, p), _ in expected]
-        values = [str(mark).encode() if mark >= 0 else None for _, mark in expected]
-        if not prepared.writes.commit(self.client, watch, values):
-            return None
+        if prepared.writes.commands:
+            expected = sorted(prepared.expected.items())
+            watch = [self.keys.watermark(t, p) for (t, p), _ in expected]
+            values = [str(mark).encode() if mark >= 0 else None for _, mark in expected]
+            if not prepared.writes.commit(self.client, watch, values):
+                return None
         self._uncommitted.remove(prepared)
+        prepared.result.committed_at = time.time()
         return prepared.result

@@ -3,6 +3,7 @@ give the state of a clean replay, and a failed commit is recovered without loss 
 """
 
 import asyncio
+import time
 
 import redis
 
@@ -111,3 +112,21 @@ def test_a_started_commit_lands_without_another_batch(settings, redis_client):
 
     asyncio.run(go())
     assert applied(redis_client, settings.key_prefix) == 200
+
+
+def test_results_carry_how_old_each_applied_message_is_at_commit(settings, redis_client):
+    """Freshness as the worker sees it: the Kafka time of every message whose events a chunk
+    applied, and when its commit finished; redelivered and empty messages are left out."""
+    batch = messages(n_events=400)
+    produced = time.time() - 2.0
+    for n, message in enumerate(batch):
+        message.produced_at = produced + n * 0.001
+    batch[3].events, batch[5].produced_at = [], None  # a dead-lettered one, one without a time
+    state = worker_state(settings, redis_client)
+    state.apply_messages(batch[:4])  # applied before: redelivered below
+    before = time.time()
+    _, results = run_pipeline(state, [batch[:6], batch[6:]])
+    after = time.time()
+    assert sorted(t for r in results for t in r.produced_at) == [
+        m.produced_at for m in batch[4:] if m is not batch[5]]
+    assert all(before <= r.committed_at <= after for r in results)  # ages: ~2 s and up

@@ -110,6 +110,9 @@ def test_changed_item_vectors_reach_the_compacted_topic_and_metrics_count(settin
         "streamrec_skipped_duplicate_events_total", 0)
     assert counters["streamrec_item_vectors_published_total"] >= len(items)
     assert counters["streamrec_messages_in_total"] > 0
+    ages = counters["streamrec_message_age_at_commit_seconds_count"]  # one per message
+    assert 0 < ages <= counters["streamrec_messages_in_total"]
+    assert 0 < counters["streamrec_message_age_at_commit_seconds_sum"] / ages < 60
     lines = [json.loads(line) for line in worker.log_path.read_text().splitlines()
              if line.startswith("{")]
     assert any(doc["logger"] == "streamrec.ingest" and doc["level"] == "INFO"
