@@ -23,19 +23,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import add_live_options, print_result  # noqa: E402
+from bench.report import add_live_options, cpu_seconds, print_result, yoochoose_split  # noqa: E402,E501
 from infra.embedded import EmbeddedRedis  # noqa: E402
 from infra.redis_client import sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
 from online_models.registry import build_on_redis  # noqa: E402
-from replay.loaders import load_split  # noqa: E402
 from stream.pipeline import ApplyPipeline  # noqa: E402
 from stream.producer import partition_for  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
 from stream.state import LiveState, SourceMessage  # noqa: E402
-
-YOOCHOOSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "yoochoose-rsc15-100k"
-
 
 class FeedReader:
     """A front end reading one feed key every 2 ms on its own connection; latencies in ms."""
@@ -62,11 +58,6 @@ class FeedReader:
         return self.latencies
 
 
-def redis_cpu(client) -> float:
-    info = client.info("cpu")
-    return info["used_cpu_user"] + info["used_cpu_sys"]
-
-
 async def apply_pipelined(state: LiveState, chunks) -> None:
     pipeline = ApplyPipeline(state, on_applied=lambda result, seconds: None)
     for chunk in chunks:
@@ -89,9 +80,7 @@ def main() -> None:
                              "buys in time order (its first --events)")
     args = parser.parse_args()
     if args.data == "yoochoose":
-        if not YOOCHOOSE.exists():
-            sys.exit(f"{YOOCHOOSE} not found: --data yoochoose reads the team's shared data")
-        train, test = load_split(YOOCHOOSE, "yoochoose")
+        train, test = yoochoose_split()
         events = sorted(train + test, key=lambda e: e.timestamp)[:args.events]
     else:
         events = list(UserSimulator(20_000, 50_000, seed=1).events(args.events,
@@ -112,7 +101,7 @@ def main() -> None:
                                      settings.worker_cached_local_rows).values())
         state = LiveState(settings, client, models)
         reader = FeedReader(server.url) if args.reader else None
-        cpu0, started = redis_cpu(client), time.perf_counter()
+        cpu0, started = cpu_seconds(server.proc.pid), time.perf_counter()
         process0 = time.process_time()
         chunks = [messages[start:start + per_chunk]
                   for start in range(0, len(messages), per_chunk)]
@@ -129,7 +118,7 @@ def main() -> None:
                   "chunk_events": args.chunk, "redis_aof": args.redis_aof,
                   "pipelined": not args.sequential,
                   "events_per_s": round(len(events) / wall), "wall_s": round(wall, 2),
-                  "redis_cpu_s": round(redis_cpu(client) - cpu0, 2),
+                  "redis_cpu_s": round(cpu_seconds(server.proc.pid) - cpu0, 2),
                   "python_cpu_s": round(python_cpu, 2),
                   "redis_calls": {k.removeprefix("cmdstat_"): v["calls"]
                                   for k, v in sorted(stats.items(), key=lambda kv: -kv[1]["usec"])

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.report import add_live_options, print_result  # noqa: E402
+from bench.report import add_live_options, cpu_seconds, print_result  # noqa: E402
 from infra.embedded import EmbeddedKafka, EmbeddedRedis, ensure_topics, free_port, terminate  # noqa: E402,E501
 from infra.redis_client import sync_redis  # noqa: E402
 from schemas.events import Interaction, split_message  # noqa: E402
@@ -51,10 +51,9 @@ from stream.producer import InteractionProducer  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far, all its threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_of(processes: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named process."""
+    return {name: cpu_seconds(pid) for name, pid in processes.items()}
 
 
 async def raw_consume(bootstrap: str, topic: str, messages: int) -> tuple[int, float]:
@@ -134,7 +133,7 @@ def main() -> None:
             start_count = applied()
             processes = {"worker": worker.pid, "redis": redis_srv.proc.pid,
                          "broker": kafka.proc.pid}
-            cpu_start = {name: cpu_seconds(pid) for name, pid in processes.items()}
+            cpu_start = cpu_of(processes)
             while applied() < len(events) and time.monotonic() < deadline + 600:
                 if worker.poll() is not None:
                     sys.exit(f"worker exited: {(Path(tmp) / 'worker.log').read_text()[-2000:]}")
@@ -142,19 +141,19 @@ def main() -> None:
             worker_s = time.perf_counter() - first
             drained = applied() - start_count
             worker_rate = drained / worker_s if worker_s else 0.0
-            cpu_us = {name: 1e6 * (cpu_seconds(pid) - cpu_start[name]) / drained
-                      if drained else None for name, pid in processes.items()}
+            cpu_us = {name: 1e6 * (cpu - cpu_start[name]) / drained if drained else None
+                      for name, cpu in cpu_of(processes).items()}
             # generated up front (~18 µs per event on a good day): simulating users during the
             # measurement would bill their cost to the machine the worker shares
             load = list(sim.events(int(args.rate * args.freshness_s), time.time()))
             processes["load_generator"] = os.getpid()  # this process: producer + probes
-            cpu_start = {name: cpu_seconds(pid) for name, pid in processes.items()}
+            cpu_start = cpu_of(processes)
             steady_start = time.perf_counter()
             latencies, vector_latencies, vectors_received = freshness(
                 kafka.bootstrap, topic, client, keys, load, args, vectors_topic)
             steady_s = time.perf_counter() - steady_start
-            steady_cores = {name: (cpu_seconds(pid) - cpu_start[name]) / steady_s
-                            for name, pid in processes.items()}
+            steady_cores = {name: (cpu - cpu_start[name]) / steady_s
+                            for name, cpu in cpu_of(processes).items()}
         finally:
             terminate(worker)
             log.close()

@@ -21,13 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import yoochoose_split  # noqa: E402
 from online_models.registry import build  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
-from replay.loaders import load_split  # noqa: E402
 from replay.protocols import session_queries  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "yoochoose-rsc15-100k"
-
 
 def learn_rate(names, batches, raw_batches=None, mapper=None) -> float:
     models = [build(n) for n in names]
@@ -44,9 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=1000)
     args = parser.parse_args()
-    if not DATA.exists():
-        sys.exit(f"{DATA} not found: this benchmark reads the team's shared data")
-    train, test = load_split(DATA, "yoochoose")
+    train, test = yoochoose_split()
     events = train + test
     raw = [events[i:i + args.batch] for i in range(0, len(events), args.batch)]
     start = time.perf_counter()

@@ -1,11 +1,16 @@
-"""What the benchmarks share: the live-path options, and how every benchmark ends — one
-aligned ``name: value`` line per figure, then the same figures as one JSON line (the last line
-of output, for machines)."""
+"""What the benchmarks share: the live-path options, the shared YooChoose sample, process CPU
+time, and how every benchmark ends — one aligned ``name: value`` line per figure, then the
+same figures as one JSON line (the last line of output, for machines)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from pathlib import Path
+
+YOOCHOOSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "yoochoose-rsc15-100k"
 
 
 def add_live_options(parser: argparse.ArgumentParser) -> None:
@@ -13,6 +18,21 @@ def add_live_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="session,cooc,mf")
     parser.add_argument("--redis-aof", action="store_true",
                         help="run redis-server with AOF (everysec), as infra/redis.conf does")
+
+
+def yoochoose_split():
+    """(train, test) events of the shared YooChoose sample; exits clearly where it is absent."""
+    from replay.loaders import load_split
+
+    if not YOOCHOOSE.exists():
+        sys.exit(f"{YOOCHOOSE} not found: this benchmark reads the team's shared data")
+    return load_split(YOOCHOOSE, "yoochoose")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def print_result(result: dict) -> None:

@@ -32,7 +32,6 @@ retains them.
 from __future__ import annotations
 
 import time
-
 from dataclasses import dataclass, field
 
 import numpy as np
