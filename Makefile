@@ -7,17 +7,27 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply docs clean
+# Exact versions with hashes (uv pip compile): every machine installs the same set.
+LOCK := requirements/dev.txt
+RUNTIME_LOCK := requirements/runtime.txt
+LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet
+
+.PHONY: setup lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply docs clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	@command -v redis-server >/dev/null 2>&1 || { echo "installing redis-server (apt-get)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
 	@touch $(STAMP)
+
+# Re-resolve the lock files from pyproject.toml's ranges (then review the diff and `make test`).
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o $(LOCK)
+	$(BIN)/uv pip compile pyproject.toml -c $(LOCK) $(LOCK_FLAGS) -o $(RUNTIME_LOCK)
 
 demo: $(STAMP)
 	$(BIN)/streamrec demo $(DEMO_ARGS)

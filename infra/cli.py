@@ -132,15 +132,14 @@ def cmd_replay(args: argparse.Namespace) -> None:
     """Replay a log through models, test-then-train; print the table, write JSON (+ HTML)."""
     import time
 
-    from online_models.registry import BASELINES
+    from online_models.registry import resolve_names
     from replay.loaders import load_split
     from replay.protocols import run
     from replay.report import markdown_table, write_outputs
 
     started = time.time()
+    names = resolve_names(args.models)  # a typo fails before the log is read
     train, test = load_split(args.data, args.format, args.test_days)
-    names = list(dict.fromkeys([m.strip() for m in args.models.split(",") if m.strip()]
-                               + list(BASELINES)))
     store_factory = None
     if args.store == "redis":
         from infra.redis_client import sync_redis
@@ -253,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                         default=_env("STREAMREC_REPLAY_PROTOCOL", "session"),
                         help="evaluation protocol [STREAMREC_REPLAY_PROTOCOL]")
     replay.add_argument("--models", default=_env("STREAMREC_REPLAY_MODELS", "session,cooc,mf"),
-                        help="comma-separated model names; random and popularity are always "
-                             "added [STREAMREC_REPLAY_MODELS]")
+                        help="comma-separated model names, or all; random and popularity are "
+                             "always added [STREAMREC_REPLAY_MODELS]")
     replay.add_argument("--out", default=_env("STREAMREC_REPLAY_OUT", "results.json"),
                         help="JSON results [STREAMREC_REPLAY_OUT]")
     replay.add_argument("--html", default=_env("STREAMREC_REPLAY_HTML", ""),
@@ -304,8 +303,29 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("kafka", "httpx", "aiokafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except Exception as exc:
+        if not isinstance(exc, _bad_input_errors()):
+            raise  # a bug: the traceback is what a report needs
+        parser.exit(2, f"streamrec {args.command}: error: {_one_line(exc)}\n")
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean the input is wrong, not the program: one line and exit status 2."""
+    from online_models.registry import UnknownModelError
+    from replay.loaders import LogFormatError
+
+    return (LogFormatError, UnknownModelError, FileNotFoundError, IsADirectoryError,
+            NotADirectoryError, PermissionError, UnicodeDecodeError)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

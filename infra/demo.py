@@ -21,10 +21,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from tqdm import tqdm
 
 from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topics, free_port,
                             terminate)
+from infra.progress import progress
 from infra.redis_client import sync_redis
 from infra.settings import Settings
 from schemas.keys import RedisKeys
@@ -131,7 +131,7 @@ def _send(settings, events, args, client, keys, worker) -> dict:
     with InteractionProducer(settings.kafka_bootstrap, settings.topic_interactions,
                              max_message_bytes=settings.max_message_bytes,
                              client_options=settings.kafka_client_options()) as producer, \
-            tqdm(total=len(events), unit="ev", desc="produce", file=sys.stderr) as bar:
+            progress(len(events), "produce") as bar:
         for start in range(0, len(events), chunk):
             part = events[start:start + chunk]
             producer.send_many(part)
@@ -153,7 +153,7 @@ def _send(settings, events, args, client, keys, worker) -> dict:
     produce_s = time.monotonic() - started
     applied = 0
     deadline = time.monotonic() + 120
-    with tqdm(total=expected_valid, unit="ev", desc="applied", file=sys.stderr) as bar:
+    with progress(expected_valid, "applied") as bar:
         while time.monotonic() < deadline and worker.poll() is None:
             stats = {k.decode(): int(v) for k, v in client.hgetall(keys.stats).items()}
             applied = stats.get("events_applied", 0) - baseline.get("events_applied", 0)

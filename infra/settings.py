@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     worker_apply_max_events: int = Field(
         4000, ge=1, description="Events per Redis transaction (an agent batch is applied in "
         "chunks of this size). Larger: more throughput under backlog, but Redis serves no one "
-        "else during a transaction (~24 µs per event here; README, transaction size).")
+        "else during a transaction (~24 µs per event here; docs/benchmarks.md, transaction size).")
     worker_cached_local_rows: int = Field(
         100_000, ge=0, description="Partition-local model rows (sessions, windows, user "
         "factors) the worker keeps in memory per table, so it need not read back what it wrote "

@@ -70,6 +70,10 @@ class OnlineModel(ABC):
             return []
         return self._recommend(list(queries), k)
 
+    def close(self) -> None:
+        """Stop background work (threads, native indexes) before the process exits; the
+        model is not used afterwards. Models with nothing running need not override it."""
+
     @abstractmethod
     def _learn(self, batch: SignalBatch) -> LearnReport: ...
 

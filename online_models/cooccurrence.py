@@ -9,7 +9,7 @@ touching them). Each item's mass ``n[a] += f(t) · w_a`` gives the cosine normal
 Rows keep their ``neighbours`` largest raw counts (the store trims).
 
 A query scores ``Σ_{a ∈ session} r(a) · sim(a, ·)`` with recency weights ``r = 0.5^(L − p)``.
-(Cosine was chosen over Jaccard and lift on the YooChoose replay: see README, Measured.)
+(Cosine was chosen over Jaccard and lift on the YooChoose replay: see docs/benchmarks.md.)
 
 Limits: the landmark is never moved, so at the default half-life of 7 days scores stay in
 float range for ~1,000 days of stream time before a rebuild is needed.

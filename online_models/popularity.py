@@ -7,7 +7,7 @@ import numpy as np
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, row_chunks,
                                 top_k_dense)
 from online_models.signals import SignalBatch
-from online_models.trending import batch_deltas
+from online_models.trending import advance_landmark, batch_deltas
 
 
 class PopularityModel(OnlineModel):
@@ -30,13 +30,27 @@ class PopularityModel(OnlineModel):
         if self.half_life_s is None:
             items, deltas = np.unique(batch.items, return_counts=True)
         else:
-            landmark = self.store.claim("meta", "landmark", "t", float(batch.timestamps[0]))
-            items, deltas = batch_deltas(batch.items, batch.timestamps,
-                                         np.ones(len(batch)), landmark, self.half_life_s)
+            items, deltas = self._decayed_deltas(batch)
         self.store.incr_rows("pop", {"all": dict(zip(items.tolist(),
                                                      map(float, deltas.tolist())))},
                              keep_top=self.max_items)
         return LearnReport(events=len(batch))
+
+    def _decayed_deltas(self, batch: SignalBatch) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's forward-decayed deltas against the stored landmark, rebasing the stored
+        scores first where the landmark grew old (the step the live trending script takes)."""
+        reference = float(batch.timestamps.max())
+        stored = self.store.get_rows("meta", ["landmark"])[0].get("t")
+        landmark, rescale, factor = advance_landmark(stored, reference, self.half_life_s)
+        if rescale != 1.0:
+            row = self.store.get_rows("pop", ["all"])[0]
+            self.store.set_rows("pop", {"all": {item: score * rescale
+                                                for item, score in row.items()}})
+        if landmark != stored:
+            self.store.set_rows("meta", {"landmark": {"t": landmark}})
+        items, deltas = batch_deltas(batch.items, batch.timestamps, np.ones(len(batch)),
+                                     reference, self.half_life_s)
+        return items, deltas * factor
 
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
         row = self.store.get_rows("pop", ["all"])[0]

@@ -26,6 +26,22 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
 BASELINES = ("random", "popularity")
 
 
+class UnknownModelError(ValueError):
+    """A model name that is not in :data:`MODELS`."""
+
+
+def resolve_names(spec: str) -> list[str]:
+    """``"session,cooc"`` → the names in order, without repeats, baselines appended; ``"all"``
+    is every registered model. Raises :class:`UnknownModelError` naming the known ones."""
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    names = [n for name in names for n in (MODELS if name == "all" else [name])]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise UnknownModelError(f"unknown model {', '.join(map(repr, unknown))}; known: "
+                                f"{', '.join(MODELS)} (or all)")
+    return list(dict.fromkeys(names + list(BASELINES)))
+
+
 def _blended(rerank: bool) -> OnlineModel:
     from serving.blended import BlendedModel
 
@@ -46,6 +62,6 @@ def build(name: str) -> OnlineModel:
     try:
         model = MODELS[name]()
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+        raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
     model.name = name
     return model

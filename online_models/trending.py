@@ -5,7 +5,8 @@ Forward decay (Cormode et al., ICDE 2009) keeps each item's score as
 event touches one item only — no global decay pass — and the decayed value at time ``now`` is
 ``S · 2^(−(now − L)/h)``, the same factor for every item, so the ranking is the order of ``S``.
 When ``(t − L)/h`` grows large the store rescales every score by ``2^(−(t − L)/h)`` and moves
-``L`` to ``t`` (see :data:`REBASE_AFTER_HALF_LIVES`) to stay far from float overflow.
+``L`` to ``t`` (:func:`advance_landmark`, :data:`REBASE_AFTER_HALF_LIVES`) to stay far from
+float overflow, so logs spanning decades with a half-life of an hour stay finite.
 
 Example
 -------
@@ -45,6 +46,32 @@ def batch_deltas(items: np.ndarray, timestamps: np.ndarray, weights: np.ndarray,
     uniq, inverse = np.unique(items[keep], return_inverse=True)
     contributions = weights[keep] * np.exp2((timestamps[keep] - reference_ts) / half_life_s)
     return uniq, np.bincount(inverse, weights=contributions, minlength=len(uniq))
+
+
+def advance_landmark(landmark: float | None, reference_ts: float, half_life_s: float
+                     ) -> tuple[float, float, float]:
+    """The forward-decay step for a batch whose deltas are relative to ``reference_ts``.
+
+    Returns ``(landmark, rescale, factor)``: multiply every stored score by ``rescale``, keep
+    scores against the returned landmark, and add each delta times ``factor``. The landmark
+    moves to ``reference_ts`` once it is more than :data:`REBASE_AFTER_HALF_LIVES` half-lives
+    old; a batch that much older than the landmark adds nothing (``factor`` 0: it weighs
+    under 2^-64 of current events). The live trending script (``stream/state.py``) takes the
+    same step in Lua, inside the transaction.
+
+    >>> advance_landmark(None, 100.0, 10.0)
+    (100.0, 1.0, 1.0)
+    >>> advance_landmark(0.0, 10_000.0, 10.0)[:2]
+    (10000.0, 0.0)
+    """
+    if landmark is None:
+        return reference_ts, 1.0, 1.0
+    age = (reference_ts - landmark) / half_life_s
+    if age > REBASE_AFTER_HALF_LIVES:
+        return reference_ts, 2.0 ** -min(age, 2000.0), 1.0  # underflows to 0.0, never raises
+    if age < -REBASE_AFTER_HALF_LIVES:
+        return landmark, 1.0, 0.0
+    return landmark, 1.0, 2.0 ** age
 
 
 def decayed(score: float | np.ndarray, landmark: float, now: float, half_life_s: float):

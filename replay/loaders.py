@@ -19,6 +19,8 @@ from schemas.events import MAX_DWELL_MS, Interaction, InvalidEvent, validate_eve
 
 YOOCHOOSE_DIR_FILES = ("yoochoose-clicks-100k_train_full.txt", "yoochoose-clicks-100k_test.txt")
 OTTO_TYPES = {"clicks": "click", "carts": "add_to_cart", "orders": "purchase"}
+#: Keys of a generic loader's column mapping (``csv:user=…,item=…,ts=…``).
+MAPPING_KEYS = ("user", "item", "ts", "ts_unit", "session", "type", "dwell_ms", "item_duration_ms")
 
 
 class LogFormatError(ValueError):
@@ -51,10 +53,14 @@ def load_yoochoose(path: str | Path) -> list[Interaction]:
     100k sample's train then test file."""
     path = Path(path)
     if path.is_dir():
+        missing = [name for name in YOOCHOOSE_DIR_FILES if not (path / name).is_file()]
+        if missing:
+            raise LogFormatError(f"{path} is a folder without {', '.join(missing)}; "
+                                 "give a YooChoose clicks file instead")
         return sorted((e for name in YOOCHOOSE_DIR_FILES for e in load_yoochoose(path / name)),
                       key=lambda e: e.timestamp)
     rows: list[tuple[str, str, float]] = []
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
         first = handle.readline()
         if first.startswith("SessionId"):
             columns = first.strip().split("\t")
@@ -80,7 +86,7 @@ def load_otto(path: str | Path) -> list[Interaction]:
     """OTTO JSONL: ``{"session": int, "events": [{"aid", "ts" (ms), "type"}]}`` per line."""
     path = Path(path)
     events = []
-    with open(path) as handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:
         for line_no, line in enumerate(handle, start=1):
             try:
                 doc = json.loads(line)
@@ -118,33 +124,59 @@ def _sessionize(rows: list[dict], source: str, gap_s: float = SESSION_GAP_S
     return events
 
 
-def _rows(path: Path, parse, delimiter: str = ",", header: bool = True):
-    """Parse each data line with ``parse(fields)``; errors name file and line."""
+def _short(fields: list[str], limit: int = 80) -> str:
+    text = repr(fields)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _header_key(name: str) -> str:
+    """``sessionId``, ``session_id`` and ``Session ID`` are one column."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def _rows(path: Path, parse, delimiter: str = ",", header: bool = True,
+          required: tuple[str, ...] = (), normalise: bool = False):
+    """Parse each data line with ``parse(fields)``; errors name file and line.
+
+    ``required``: header columns that must be present (checked before any row); with
+    ``normalise`` column names are compared and passed on lower-case, without ``_`` or spaces.
+    """
     with open(path, newline="", encoding="utf-8", errors="replace") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
-        names = next(reader) if header else None
+        names = next(reader, []) if header else None
+        if names is not None:
+            if normalise:
+                names = [_header_key(n) for n in names]
+            missing = [c for c in required if c not in names]
+            if missing:
+                raise LogFormatError(f"{path}:1: header lacks column(s) {', '.join(missing)} "
+                                     f"(found: {', '.join(names) or 'nothing'})")
         for line_no, fields in enumerate(reader, start=2 if header else 1):
             if not fields:
                 continue
             try:
                 row = parse(dict(zip(names, fields)) if names else fields)
             except (IndexError, KeyError, ValueError) as exc:
-                raise LogFormatError(f"{path}:{line_no}: {exc!r}") from None
+                raise LogFormatError(f"{path}:{line_no}: unexpected row {_short(fields)} "
+                                     f"({type(exc).__name__}: {exc})") from None
             if row is not None:
                 yield row
 
 
 def load_diginetica(path: str | Path) -> list[Interaction]:
     """Diginetica ``train-item-views.csv``: ``sessionId;userId;itemId;timeframe;eventdate``
-    (timeframe = ms since the session started; eventdate = YYYY-MM-DD)."""
+    (timeframe = ms since the session started; eventdate = YYYY-MM-DD). The sample file
+    shipped with SR-GNN spells the header ``session_id;user_id;item_id;…``: both load."""
     from datetime import datetime, timezone
 
     def parse(r):
         day = datetime.strptime(r["eventdate"], "%Y-%m-%d").replace(tzinfo=timezone.utc)
-        return (r["sessionId"], r["itemId"], day.timestamp() + int(r["timeframe"]) / 1000.0)
+        return (r["sessionid"], r["itemid"], day.timestamp() + int(r["timeframe"]) / 1000.0)
 
     path = Path(path)
-    return _with_session_dwell(list(_rows(path, parse, delimiter=";")), path.stem)
+    rows = _rows(path, parse, delimiter=";", normalise=True,
+                 required=("sessionid", "itemid", "timeframe", "eventdate"))
+    return _with_session_dwell(list(rows), path.stem)
 
 
 RETAILROCKET_TYPES = {"view": "view", "addtocart": "add_to_cart", "transaction": "purchase"}
@@ -220,20 +252,19 @@ def load_generic(path: str | Path, mapping: dict[str, str]) -> list[Interaction]
                 row[key] = int(float(value)) if key.endswith("_ms") else str(value)
         return row
 
+    columns = [mapping[key] for key in ("user", "item", "ts")]
     if path.suffix == ".jsonl":
         rows = []
-        with open(path) as handle:
+        with open(path, encoding="utf-8", errors="replace") as handle:
             for line_no, line in enumerate(handle, start=1):
                 try:
                     rows.append(convert(json.loads(line)))
                 except (KeyError, ValueError, TypeError) as exc:
                     raise LogFormatError(f"{path}:{line_no}: {exc!r}") from None
     else:
-        rows = list(_rows(path, convert, delimiter="\t" if path.suffix == ".tsv" else ","))
-    try:
-        return _sessionize(rows, path.stem)
-    except InvalidEvent as exc:  # e.g. an unknown event type
-        raise LogFormatError(f"{path}: {exc}") from None
+        rows = list(_rows(path, convert, delimiter="\t" if path.suffix == ".tsv" else ",",
+                          required=tuple(columns)))
+    return _sessionize(rows, path.stem)
 
 
 LOADERS = {"yoochoose": load_yoochoose, "otto": load_otto, "diginetica": load_diginetica,
@@ -246,14 +277,63 @@ def load_log(path: str | Path, fmt: str) -> list[Interaction]:
     followed by a column mapping (``csv:user=visitorid,item=itemid,ts=timestamp,ts_unit=ms``)."""
     name, _, spec = fmt.partition(":")
     if name in ("csv", "jsonl", "generic"):
-        mapping = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
-        return load_generic(path, mapping)
-    try:
+        mapping = parse_mapping(spec)
+        loader = lambda file: load_generic(file, mapping)  # noqa: E731
+    elif name in LOADERS:
         loader = LOADERS[name]
-    except KeyError:
+    else:
         raise LogFormatError(f"unknown format {fmt!r}; known: {', '.join(LOADERS)}, "
-                             "csv:<mapping>, jsonl:<mapping>") from None
-    return loader(path)
+                             "csv:<mapping>, jsonl:<mapping>")
+    path = resolve_log_path(path, name)
+    try:
+        return loader(path)
+    except csv.Error as exc:
+        raise LogFormatError(f"{path}: not readable as {name} ({exc})") from None
+    except InvalidEvent as exc:  # a row parsed, but is no valid event (e.g. a 1970 timestamp)
+        raise LogFormatError(f"{path}: a row is no valid event: {exc}") from None
+
+
+def parse_mapping(spec: str) -> dict[str, str]:
+    """``user=visitorid,item=itemid,ts=timestamp,ts_unit=ms`` → a column mapping."""
+    mapping = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, eq, column = part.partition("=")
+        if not eq or not column or key not in MAPPING_KEYS:
+            raise LogFormatError(f"bad column mapping {part!r}: expected KEY=COLUMN with KEY one "
+                                 f"of {', '.join(MAPPING_KEYS)}")
+        mapping[key] = column
+    if mapping.get("ts_unit", "s") not in ("s", "ms"):
+        raise LogFormatError(f"bad column mapping: ts_unit must be s or ms, not "
+                             f"{mapping['ts_unit']!r}")
+    return mapping
+
+
+#: The files a format's standard folder layout holds, in the order they are looked for
+#: (MovieLens latest/25M, 1M and 100K; Diginetica and the SR-GNN sample; the rest as published).
+FOLDER_FILES = {
+    "movielens": ("ratings.csv", "ratings.dat", "u.data"),
+    "diginetica": ("train-item-views.csv", "sample_train-item-views.csv"),
+    "otto": ("train.jsonl", "test.jsonl"),
+    "retailrocket": ("events.csv",),
+    "kuairec": ("big_matrix.csv", "small_matrix.csv"),
+}
+
+
+def resolve_log_path(path: str | Path, fmt: str) -> Path:
+    """The file to load for ``path``: the path itself, or the format's file in a standard
+    folder layout (:data:`FOLDER_FILES`). Raises :class:`LogFormatError` naming what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise LogFormatError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        return path
+    if fmt == "yoochoose":
+        return path  # load_yoochoose reads the shared sample's folder itself
+    for name in FOLDER_FILES.get(fmt, ()):
+        if (path / name).is_file():
+            return path / name
+    expected = " or ".join(FOLDER_FILES.get(fmt, ())) or "a file"
+    raise LogFormatError(f"{path} is a folder; --format {fmt} needs a file ({expected} in it)")
 
 
 def load_split(path: str | Path, fmt: str, test_days: float = 1.0
@@ -261,7 +341,7 @@ def load_split(path: str | Path, fmt: str, test_days: float = 1.0
     """(train, test): a YooChoose folder uses its published train_full/test files; anything
     else is split by time — sessions that start in the last ``test_days`` days are the test."""
     path = Path(path)
-    if path.is_dir() and fmt == "yoochoose" and all((path / f).exists()
+    if path.is_dir() and fmt == "yoochoose" and all((path / f).is_file()
                                                      for f in YOOCHOOSE_DIR_FILES):
         return (load_yoochoose(path / YOOCHOOSE_DIR_FILES[0]),
                 load_yoochoose(path / YOOCHOOSE_DIR_FILES[1]))

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from infra.progress import progress as progress_bar
 from online_models.base import OnlineModel, Query
 from online_models.signals import SignalMapper
 from replay.metrics import ACCURACY, ListMetrics, ranking_metrics
@@ -124,22 +124,24 @@ def run(protocol: str, train: Sequence[Interaction], test: Sequence[Interaction]
         if store_factory is not None:
             model.bind(store_factory(name))
         replay = _Replay(model, ks, chunk)
-        bar = tqdm(total=len(train) + len(test), desc=name, unit="ev", disable=not progress,
-                   leave=False)
+        bar = progress_bar(len(train) + len(test), name, disable=not progress, leave=False)
         started = time.perf_counter()
-        if protocol == "session":
-            replay.learn(train)
-            bar.update(len(train))
-            stream, step = test, chunk if learn_during_test else predict_chunk
-        else:  # prequential: one stream, every chunk predicted, then learned
-            stream, step, learn_during_test = list(train) + list(test), chunk, True
-        buckets = _by_chunk(session_queries(stream), step)
-        for n, start in enumerate(range(0, len(stream), step)):
-            replay.predict(buckets.get(n, []))
-            if learn_during_test:
-                replay.learn(stream[start:start + step])
-            bar.update(len(stream[start:start + step]))
-        bar.close()
+        try:
+            if protocol == "session":
+                replay.learn(train)
+                bar.update(len(train))
+                stream, step = test, chunk if learn_during_test else predict_chunk
+            else:  # prequential: one stream, every chunk predicted, then learned
+                stream, step, learn_during_test = list(train) + list(test), chunk, True
+            buckets = _by_chunk(session_queries(stream), step)
+            for n, start in enumerate(range(0, len(stream), step)):
+                replay.predict(buckets.get(n, []))
+                if learn_during_test:
+                    replay.learn(stream[start:start + step])
+                bar.update(len(stream[start:start + step]))
+        finally:
+            bar.close()
+            model.close()
         results.append(_result(name, replay, lists, windows, started))
     return results
 

@@ -148,7 +148,7 @@ class RedisKeys:
                     "offset) falls in the same bucket and is dropped."),
             KeySpec(f"{p}:m:<model>:<table>:{{<key>}}", "sorted set (rows), msgpack map "
                     "(partition-local rows) or string (float32 vector)", "none",
-                    "stream worker (online models)", "per-table caps (README, models table)",
+                    "stream worker (online models)", "per-table caps (docs/models.md, models table)",
                     "Online model state (online_models/store.py RedisStore): e.g. "
                     "session:sr:{item} = next-item rules, session:sess:{session} = a session's "
                     "items and positions (msgpack), mf:item:{item} = factors."),

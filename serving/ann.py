@@ -26,8 +26,10 @@ Example
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -59,6 +61,8 @@ class AnnIndex:
         self._rebuilding: threading.Thread | None = None
         self._pending: list[tuple[str, np.ndarray, np.ndarray | None]] = []  # labels, vectors
         self.rebuilds = 0
+        self._closed = False
+        _OPEN_INDEXES.add(self)
 
     def __len__(self) -> int:
         return len(self._recency)
@@ -176,7 +180,7 @@ class AnnIndex:
     def _maybe_rebuild(self) -> None:
         with self._lock:
             due = self._moved_since_build > self.rebuild_after * max(len(self), 1)
-            if not due or self._rebuilding is not None:
+            if not due or self._rebuilding is not None or self._closed:
                 return
             self._rebuilding = threading.Thread(target=self._background_rebuild,
                                                 name="ann-rebuild", daemon=True)
@@ -241,6 +245,17 @@ class AnnIndex:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
 
+    def close(self) -> None:
+        """Start no more background rebuilds and wait for the one running, if any.
+
+        A rebuild thread still inside hnswlib when the interpreter exits is torn down in native
+        code, which aborts the process ("terminate called without an active exception", exit
+        134); every open index is therefore also closed at interpreter exit."""
+        with self._lock:
+            self._closed = True
+        self.wait_for_rebuild(timeout_s=600.0)
+        _OPEN_INDEXES.discard(self)
+
     # --- snapshots -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -271,6 +286,15 @@ class AnnIndex:
         graph.set_ef(index.ef_search)
         index._graph = graph
         return index
+
+
+_OPEN_INDEXES: "weakref.WeakSet[AnnIndex]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_indexes() -> None:
+    for index in list(_OPEN_INDEXES):
+        index.close()
 
 
 def _lower_thread_priority(niceness: int = 10) -> None:

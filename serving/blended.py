@@ -69,6 +69,9 @@ class BlendedModel(OnlineModel):
             self.ann.upsert([i for i, ok in zip(changed, found) if ok], vectors[found])
         return LearnReport(events=len(batch), changed_item_vectors=changed)
 
+    def close(self) -> None:
+        self.ann.close()
+
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
         served = self.recommender.recommend(
             [Request(q.user_id, q.session_items, k, q.exclude) for q in queries])

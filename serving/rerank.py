@@ -44,7 +44,7 @@ class RerankPolicy:
     freshness_weight: float = 0.0  # > 0 boosts new items (YooChoose validation: 0.05 cost HR)
     freshness_half_life_s: float = 86400.0
     pool_per_slot: int = 5  # re-rank the best 5·k candidates (at least 50)
-    #: chosen on a validation split of YooChoose (bench/tune_blend.py; README, Measured)
+    #: chosen on a validation split of YooChoose (bench/tune_blend.py; docs/models.md)
     source_weights: dict[str, float] = field(default_factory=lambda: {
         "session": 1.0, "cooc": 0.1, "ann": 0.02, "trending": 0.01})
 

@@ -22,7 +22,7 @@ N's new watermarks, with N's event ids as seen, and on the partition-local rows 
 one thing N+1 reads from Redis that N changes is shared online-MF item vectors, which it may
 read from before N's step (as concurrent workers do: the steps still add up).
 
-Limits (documented in the README): one Redis primary — MULTI cannot span Redis Cluster slots;
+Limits (documented in docs/reliability.md): one Redis primary — MULTI cannot span Redis Cluster slots;
 Redis itself can lose up to ~1 s of writes on power loss with AOF ``everysec``, in which case
 the watermark and the state it covers are lost together; the worker re-consumes those offsets
 from Kafka at its next partition assignment (:mod:`stream.ingest`), as long as Kafka still
@@ -45,7 +45,8 @@ from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
 
 #: KEYS: trending zset, meta hash. ARGV: half_life, reference_ts, max_items, rebase_after,
-#: then item, delta pairs. Rescales in place (ZUNIONSTORE with WEIGHTS) when the landmark is old.
+#: then item, delta pairs. Rescales in place (ZUNIONSTORE with WEIGHTS) when the landmark is old:
+#: the step of :func:`online_models.trending.advance_landmark`, which replay's model takes.
 TRENDING_LUA = """
 local hl = tonumber(ARGV[1])
 local ref = tonumber(ARGV[2])

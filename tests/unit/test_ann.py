@@ -117,3 +117,19 @@ def test_a_bounded_index_evicts_the_least_recently_updated_items_and_reuses_thei
     restored = AnnIndex.load(tmp_path, max_items=100)
     restored.upsert(["new"], rng.normal(size=(1, 8)).astype(np.float32))
     assert len(restored) == 100 and "i51" not in restored._label  # the next oldest went
+
+
+def test_close_waits_for_the_background_rebuild_and_starts_no_more():
+    rng = np.random.default_rng(3)
+    index = AnnIndex(16, capacity=4_000, rebuild_after=0.0)
+    index.upsert([f"i{n}" for n in range(3_000)], rng.standard_normal((3_000, 16)))
+    index._moved_since_build = 10**9
+    index._maybe_rebuild()
+    running = index._rebuilding
+    assert running is not None
+    index.close()
+    assert not running.is_alive() and index._rebuilding is None
+    index.upsert(["i1"], rng.standard_normal((1, 16)))
+    index._moved_since_build = 10**9
+    index._maybe_rebuild()
+    assert index._rebuilding is None  # closed: no new thread that could outlive the process

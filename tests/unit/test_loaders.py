@@ -141,3 +141,33 @@ def test_split_by_test_days(tmp_path):
     train, test = load_split(path, "yoochoose", test_days=1.5)
     assert {e.session_id for e in test} == {"3", "4"}
     assert {e.session_id for e in train} == {"0", "1", "2"}
+
+
+@pytest.mark.parametrize("header", ["sessionId;userId;itemId;timeframe;eventdate",
+                                    "session_id;user_id;item_id;timeframe;eventdate"])
+def test_diginetica_both_header_spellings(tmp_path, header):
+    path = tmp_path / "sample_train-item-views.csv"  # the name SR-GNN ships its sample under
+    path.write_text(f"{header}\n1;NA;81766;526309;2016-05-09\n1;NA;31331;1031018;2016-05-09\n")
+    assert [e.item_id for e in load_log(path, "diginetica")] == ["81766", "31331"]
+    assert [e.item_id for e in load_log(tmp_path, "diginetica")] == ["81766", "31331"]
+
+
+@pytest.mark.parametrize("folder, name, text", [
+    ("ml-100k", "u.data", "196\t242\t3\t881250949\n186\t302\t5\t891717742\n"),
+    ("ml-1m", "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n"),
+    ("ml-latest-small", "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n"
+                                       "1,3,3.0,964981247\n"),
+])
+def test_movielens_folder_layouts(tmp_path, folder, name, text):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / name).write_text(text)
+    (tmp_path / folder / "README.txt").write_text("not ratings")
+    assert len(load_log(tmp_path / folder, "movielens")) == 2
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data absent (outside the team)")
+def test_shared_movielens_folder_loads():
+    folder = SHARED_DATA / "movielens-latest-small"
+    events = load_log(folder, "movielens")
+    assert len(events) == len((folder / "ratings.csv").read_text().splitlines()) - 1  # header
+    assert events[0].timestamp <= events[-1].timestamp

@@ -1,0 +1,76 @@
+"""Bad input to the CLI: one clear line on stderr and exit status 2, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from infra.cli import main
+from tests.conftest import ROOT
+
+YOOCHOOSE_ROWS = "SessionId\tItemId\tTime\n1\t10\t1700000100\n1\t11\t1700000160\n"
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def clicks(tmp_path):
+    path = tmp_path / "clicks.txt"
+    path.write_text(YOOCHOOSE_ROWS)
+    return path
+
+
+def bad_inputs(tmp_path, clicks):
+    """(argv, what the one line must say) for each kind of bad input."""
+    wrong_shape = tmp_path / "ratings.csv"
+    wrong_shape.write_text("userId,movieId,rating,timestamp\n1,10,4.0,964982703\n2,11,oops,1\n")
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    folder = tmp_path / "empty-folder"
+    folder.mkdir()
+    out = str(tmp_path / "r.json")
+    return [
+        (["--data", str(tmp_path / "missing.txt")], "missing.txt: no such file or folder"),
+        (["--data", str(folder), "--format", "diginetica"],
+         "is a folder; --format diginetica needs a file (train-item-views.csv"),
+        (["--data", str(folder), "--format", "movielens"], "ratings.csv or ratings.dat or u.data"),
+        (["--data", str(folder)], "is a folder without yoochoose-clicks-100k_train_full.txt"),
+        (["--data", str(clicks), "--format", "nope"], "unknown format 'nope'"),
+        (["--data", str(clicks), "--models", "session,bogus"], "unknown model 'bogus'"),
+        (["--data", str(clicks), "--format", "csv:usr=a"], "bad column mapping 'usr=a'"),
+        (["--data", str(clicks), "--format", "csv:user=a,item=b,ts=c"],
+         "header lacks column(s) a, b, c"),
+        (["--data", str(wrong_shape), "--format", "movielens"], "ratings.csv:3: unexpected row"),
+        (["--data", str(binary), "--format", "yoochoose"], "blob.txt:1: not a YooChoose row"),
+    ], out
+
+
+def test_each_bad_input_is_one_line_and_exit_2(tmp_path, clicks, capsys):
+    cases, out = bad_inputs(tmp_path, clicks)
+    for argv, expected in cases:
+        code, err = run_cli(capsys, "replay", *argv, "--quiet", "--out", out)
+        assert code == 2, (argv, err)
+        assert err.count("\n") == 1 and err.startswith("streamrec replay: error: "), (argv, err)
+        assert expected in err, (argv, err)
+
+
+def test_a_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "infra.cli", "replay", "--data",
+                          str(tmp_path / "nothing-here"), "--quiet"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"streamrec replay: error: {tmp_path / 'nothing-here'}: no such file or folder"]
+
+
+def test_models_all_is_every_registered_model():
+    from online_models.registry import BASELINES, MODELS, UnknownModelError, resolve_names
+
+    assert resolve_names("all") == list(MODELS)
+    assert resolve_names("mf, session,mf") == ["mf", "session", *BASELINES]
+    with pytest.raises(UnknownModelError, match="known: session"):
+        resolve_names("all,nope")
