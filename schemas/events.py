@@ -20,6 +20,7 @@ events: Expected `array` of length >= 1
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Annotated, Any, Literal, Union
 
@@ -35,6 +36,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
 MIN_TIMESTAMP = 631_152_000.0
 MAX_FUTURE_SKEW_S = 86_400.0
 MAX_DWELL_MS = 86_400_000
+#: Deepest JSON nesting a message may have. A valid one needs 4 (envelope, events, event,
+#: context); a generic JSON parse recurses once per level, so deeper input is refused first.
+MAX_JSON_DEPTH = 32
 
 EventType = Literal["impression", "click", "view", "dwell", "skip", "like", "dislike",
                     "add_to_cart", "purchase"]
@@ -155,9 +159,12 @@ def split_message(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         return [_event_decoder.decode(raw)], []
     except msgspec.DecodeError:
         pass
+    if nesting_exceeds(raw, MAX_JSON_DEPTH):
+        return [], [(None, None, InvalidEvent([{"field": "$", "reason":
+                     f"JSON nested deeper than {MAX_JSON_DEPTH} levels (or unbalanced)"}]))]
     try:
         doc = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         return [], [(None, None, InvalidEvent([{"field": "$", "reason": f"not JSON: {exc}"}]))]
     if isinstance(doc, dict) and "events" in doc:
         return _split_envelope(doc)
@@ -165,6 +172,25 @@ def split_message(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         return [validate_event(doc)], []
     except InvalidEvent as exc:
         return [], [(None, doc, exc)]
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nesting_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether JSON text ``raw`` nests arrays/objects deeper than ``limit`` or leaves brackets
+    unbalanced, without parsing it: C-speed byte operations, ``limit`` passes at most."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # cannot be that deep
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKET)
+    if re.search(rb"[\[{]{%d}" % (limit + 1), brackets):
+        return True  # that many opening brackets in a row: the usual poison, found at once
+    for _ in range(limit):  # each pass removes the innermost level
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
+    return bool(brackets)
 
 
 def _split_envelope(doc: dict[str, Any]) -> tuple[list[Interaction], list[Problem]]:

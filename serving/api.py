@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
 from infra.settings import Settings
+from schemas import dlq
 from schemas.events import json_schema, split_message
 from serving.feeds import FeedBuilder, ImpressionLogUnavailable
 from stream.producer import DeliveryError, InteractionProducer
@@ -124,12 +125,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   "application/json": {"schema": json_schema()}}}})
     async def post_events(request: Request) -> Response:
         """One event or an envelope. All-or-nothing: any invalid event → 422, nothing sent."""
-        raw = await request.body()
+        raw = await read_body(request, settings.max_message_bytes)
         valid, invalid = split_message(raw, settings.max_message_bytes)
         if invalid:
             problems = [{"index": index, **err} for index, _, exc in invalid for err in exc.errors]
             return _json({"detail": "invalid events; nothing was published",
-                          "problems": problems}, 422)
+                          "problems": problems[:dlq.MAX_PROBLEMS],
+                          "problems_omitted": max(len(problems) - dlq.MAX_PROBLEMS, 0)}, 422)
 
         def publish() -> None:
             sdk = get_producer()
@@ -157,3 +159,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _json({"status": "ready", "redis": "ok"})
 
     return api
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes (a
+    declared Content-Length, or the bytes streamed so far): never buffered beyond the limit."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body of {declared} bytes exceeds the {limit}-byte limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"body exceeds the {limit}-byte limit")
+    return bytes(body)

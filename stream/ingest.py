@@ -93,7 +93,8 @@ async def process_batch(messages) -> tuple[int, int]:
                                      message.timestamp if message.timestamp > 0 else None))
         if bad:
             letters.append(dlq.dead_letter(raw, bad, message.topic, message.partition,
-                                           message.offset, len(good)))
+                                           message.offset, len(good),
+                                           max_bytes=settings.max_message_bytes))
     if letters:
         pending = [await dlq_topic.send(key=f"{r.source.partition}:{r.source.offset}".encode(),
                                         value=dlq.encode(r)) for r in letters]

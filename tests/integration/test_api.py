@@ -57,6 +57,25 @@ def test_post_invalid_events_is_422_naming_fields_and_sends_nothing(api, setting
     assert read_topic(settings.kafka_bootstrap, settings.topic_interactions, 1, timeout_s=3) == []
 
 
+def test_post_poison_bodies_get_4xx_and_the_api_keeps_serving(api, settings):
+    nested = httpx.post(f"{api}/v1/events", content=b"[" * 5000 + b"]" * 5000)
+    assert nested.status_code == 422 and "nested deeper" in nested.text
+    too_big = b'{"event_id": "' + b"x" * (settings.max_message_bytes + 10) + b'"}'
+    assert httpx.post(f"{api}/v1/events", content=too_big).status_code == 413
+
+    def chunks():  # no Content-Length: refused while streaming, not after buffering it all
+        for _ in range(64):
+            yield b"x" * 65_536
+
+    refused = httpx.post(f"{api}/v1/events", content=chunks())
+    assert refused.status_code == 413 and "exceeds" in refused.json()["detail"]
+    many = {"events": [{**GOOD, "event_id": f"e{n}", "user_id": 7} for n in range(1000)]}
+    body = httpx.post(f"{api}/v1/events", content=orjson.dumps(many)).json()
+    assert len(body["problems"]) == 50 and body["problems_omitted"] == 950
+    assert httpx.get(f"{api}/healthz").status_code == 200
+    assert read_topic(settings.kafka_bootstrap, settings.topic_interactions, 1, timeout_s=3) == []
+
+
 def test_feed_read_stored_and_on_demand(api, settings, redis_client):
     events = list(UserSimulator(10, 60, seed=4).events(400, time.time() - 400))
     LiveState(settings, redis_client).apply_sync(events)

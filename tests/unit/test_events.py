@@ -124,3 +124,31 @@ def test_committed_json_schema_file_is_current():
 def test_nan_timestamp_rejected():
     with pytest.raises(InvalidEvent):
         validate_event({**GOOD, "timestamp": math.nan})
+
+
+@pytest.mark.parametrize("name, raw", [
+    ("nested arrays", b"[" * 4000 + b"]" * 4000),
+    ("unclosed arrays", b"[" * 4000),
+    ("nested objects", b'{"a":' * 2000 + b"1" + b"}" * 2000),
+    ("deep context in an envelope", b'{"events":[{"event_id":"a","user_id":"u","item_id":"i",'
+     b'"type":"click","timestamp":1.7e9,"context":{"k":' + b"[" * 3000 + b"]" * 3000 + b"}}]}"),
+    ("mixed brackets", b"[{" * 1500 + b"}]" * 1500),
+])
+def test_deeply_nested_json_is_rejected_without_recursing(name, raw):
+    from schemas.events import MAX_JSON_DEPTH
+
+    valid, invalid = split_message(raw)
+    assert valid == [] and len(invalid) == 1
+    assert f"nested deeper than {MAX_JSON_DEPTH}" in str(invalid[0][2])
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    from schemas.events import nesting_exceeds
+
+    event = {"event_id": "e", "user_id": "u", "item_id": "i", "type": "click",
+             "timestamp": 1.7e9, "context": {"q": "[[[[" * 30 + '\\"{{{' * 10}}
+    raw = orjson.dumps({"events": [{**event, "event_id": f"e{n}"} for n in range(20)]})
+    assert not nesting_exceeds(raw, 32)
+    assert len(decode_message(raw)) == 20
+    assert nesting_exceeds(b"[" * 40 + b"]" * 40, 32) and not nesting_exceeds(
+        b"[" * 32 + b"]" * 32, 32)

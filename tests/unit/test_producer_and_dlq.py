@@ -38,3 +38,36 @@ def test_dead_letter_of_garbage_has_whole_message_reason():
     _, problems = split_message(raw)
     record = dlq.dead_letter(raw, problems, "t", 0, 0, 0)
     assert record.problems[0].index is None and "not JSON" in record.reason
+
+
+def test_dead_letter_of_a_message_near_the_size_limit_fits_and_points_to_the_original():
+    """An invalid message of 900 KB would make a 1.2 MB base64 record, which the producer
+    refuses: the record instead names the source position, size and SHA-256 of the original."""
+    import hashlib
+
+    raw = b'{"event_id": "' + b"x" * 900_000 + b'"}'
+    _, problems = split_message(raw)
+    encoded = dlq.encode(dlq.dead_letter(raw, problems, "interactions", 3, 99, 0,
+                                         max_bytes=1_000_000))
+    assert len(encoded) <= 1_000_000
+    record = dlq.decode(encoded)
+    assert record.original_omitted and record.original is None and record.original_b64 == ""
+    assert record.original_size == len(raw)
+    assert record.original_sha256 == hashlib.sha256(raw).hexdigest()
+    assert (record.source.partition, record.source.offset) == (3, 99) and record.reason
+    small = dlq.dead_letter(b"nope", split_message(b"nope")[1], "t", 0, 0, 0, max_bytes=2_000)
+    assert small.original == b"nope" and not small.original_omitted
+
+
+def test_dead_letter_lists_a_bounded_number_of_problems():
+    import orjson
+
+    events = [{"event_id": f"e{n}", "user_id": "u" * 300, "item_id": "i", "type": "click",
+               "timestamp": 1.7e9} for n in range(1000)]
+    raw = orjson.dumps({"events": events})
+    _, problems = split_message(raw, max_bytes=2_000_000)
+    record = dlq.dead_letter(raw, problems, "t", 0, 0, 0, max_bytes=1_000_000)
+    assert len(record.problems) == dlq.MAX_PROBLEMS
+    assert record.problems_omitted == 1000 - dlq.MAX_PROBLEMS
+    assert "1000 invalid events" in record.reason
+    assert len(dlq.encode(record)) <= 1_000_000
