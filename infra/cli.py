@@ -185,6 +185,67 @@ def cmd_docs(_args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_offsets(args: argparse.Namespace) -> None:
+    """Show each partition's Redis watermark against its Kafka log; with --reset, choose
+    where a held partition resumes (the running worker follows within one check interval)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from infra.redis_client import sync_redis
+    from infra.settings import Settings
+    from schemas.keys import RedisKeys
+    from stream.log_positions import (LogEndProbe, find_mismatches, read_watermarks,
+                                      reset_partition, reset_target)
+
+    settings = Settings()
+    settings.require_services()
+    topic, keys = settings.topic_interactions, RedisKeys(settings.key_prefix)
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                             enable_auto_commit=False, **settings.kafka_client_options())
+    try:
+        known = sorted(consumer.partitions_for_topic(topic) or [])
+        tps = [TopicPartition(topic, p) for p in known]
+        starts = {tp.partition: o for tp, o in consumer.beginning_offsets(tps).items()}
+        ends = {tp.partition: o for tp, o in consumer.end_offsets(tps).items()}
+    finally:
+        consumer.close()
+    if not known:
+        raise LogPositionError(f"topic {topic!r} has no partitions on {settings.kafka_bootstrap}")
+    chosen = args.partition or known
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise LogPositionError(f"{topic} has no partition {unknown[0]} (it has {known})")
+    client = sync_redis(settings.redis_url)
+    if args.reset:
+        for partition in chosen:
+            try:
+                target = reset_target(args.reset, starts[partition], ends[partition])
+            except ValueError as exc:
+                raise LogPositionError(str(exc)) from None
+            reset_partition(client, keys, topic, partition, target)
+            print(f"{topic}[{partition}]: next offset to apply = {target}")
+    marks = read_watermarks(client, keys, topic, known)
+    probe = LogEndProbe(settings.kafka_bootstrap, settings.kafka_client_options())
+    try:
+        bad = {m.partition: m.reason
+               for m in probe.confirm(find_mismatches(topic, marks, starts, ends))}
+    finally:
+        probe.close()
+    held = {k.decode(): v.decode() for k, v in client.hgetall(keys.held_partitions).items()}
+    for partition in known:
+        print(json.dumps({"topic": topic, "partition": partition, "watermark": marks[partition],
+                          "log_start": starts[partition], "log_end": ends[partition],
+                          "fits": partition not in bad,
+                          "held_by_worker": f"{topic}:{partition}" in held}))
+    if bad and not args.reset:
+        for reason in bad.values():
+            print(reason, file=sys.stderr)
+        sys.exit(1)
+
+
+class LogPositionError(ValueError):
+    """A bad ``streamrec offsets`` request (unknown partition, offset outside the log)."""
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Embedded services + worker + API + feed builder + traffic, then a summary."""
     from infra.demo import run_demo
@@ -248,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--data", required=True, help="log file, or folder with train/test files")
     replay.add_argument("--format", default=_env("STREAMREC_REPLAY_FORMAT", "yoochoose"),
                         help="log format (see replay/loaders.py) [STREAMREC_REPLAY_FORMAT]")
-    replay.add_argument("--protocol", choices=["prequential", "session"],
+    replay.add_argument("--protocol", choices=["prequential", "session", "user"],
                         default=_env("STREAMREC_REPLAY_PROTOCOL", "session"),
                         help="evaluation protocol [STREAMREC_REPLAY_PROTOCOL]")
     replay.add_argument("--models", default=_env("STREAMREC_REPLAY_MODELS", "session,cooc,mf"),
@@ -270,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model state store (redis: STREAMREC_REDIS_URL)")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.set_defaults(func=cmd_replay)
+
+    offsets = sub.add_parser("offsets", help=cmd_offsets.__doc__)
+    offsets.add_argument("--reset", default="", metavar="start|end|OFFSET",
+                         help="make this the next offset applied (start: the log's first "
+                              "retained offset; end: skip to the log's end)")
+    offsets.add_argument("--partition", type=int, action="append", default=[],
+                         help="partition to show or reset (repeat; default: all)")
+    offsets.set_defaults(func=cmd_offsets)
 
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--duration", type=float, default=_env("STREAMREC_DEMO_DURATION", 0.0),
@@ -318,8 +387,8 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from online_models.registry import UnknownModelError
     from replay.loaders import LogFormatError
 
-    return (LogFormatError, UnknownModelError, FileNotFoundError, IsADirectoryError,
-            NotADirectoryError, PermissionError, UnicodeDecodeError)
+    return (LogFormatError, UnknownModelError, LogPositionError, FileNotFoundError,
+            IsADirectoryError, NotADirectoryError, PermissionError, UnicodeDecodeError)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     app_id: str = Field("streamrec", description="Faust application id (consumer group).")
     kafka_session_timeout_s: float = Field(10.0, gt=0, description="Consumer session timeout.")
     kafka_rebalance_timeout_s: float = Field(10.0, gt=0, description="Consumer rebalance timeout.")
+    log_check_interval_s: float = Field(
+        10.0, gt=0, description="How often the worker checks that Redis progress fits the Kafka "
+        "log (a log that went backwards holds its partition: docs/reliability.md).")
 
     # --- Redis -----------------------------------------------------------------------------
     redis_url: str = Field("", description="redis:// or rediss:// URL (password in the URL).")

@@ -93,6 +93,11 @@ class RedisKeys:
     def watermark(self, topic: str, partition: int) -> str:
         return f"{self.prefix}:{{wm}}:{encode_id(topic)}:{int(partition)}"
 
+    @property
+    def held_partitions(self) -> str:
+        """Hash ``<topic>:<partition>`` → why the worker holds that partition back."""
+        return f"{self.prefix}:{{wm}}:held"
+
     def seen_events(self, bucket: int) -> str:
         """Set of the ids of applied events whose timestamps fall in time bucket ``bucket``."""
         return f"{self.prefix}:{{wm}}:seen:{int(bucket)}"
@@ -140,6 +145,12 @@ class RedisKeys:
                     "stream worker", "one per source partition",
                     "Highest offset whose effects are in Redis; written in the same MULTI/EXEC "
                     "as those effects. Offsets at or below it are skipped on redelivery."),
+            KeySpec(f"{p}:{{wm}}:held", "hash <topic>:<partition> → reason", "none",
+                    "stream worker", "one field per held partition",
+                    "Partitions whose Redis progress does not fit the Kafka log (the log went "
+                    "backwards, or retention deleted unapplied offsets): nothing of them is "
+                    "applied until an operator runs `streamrec offsets --reset` "
+                    "(docs/reliability.md)."),
             KeySpec(f"{p}:{{wm}}:seen:<bucket>", "set of event ids",
                     "2 × STREAMREC_DEDUP_TTL_S after its last write", "stream worker",
                     "ids of events applied within the TTL (~70 B each)",

@@ -15,7 +15,11 @@ Redis, not Kafka, is the truth for progress: after every rebalance, before Faust
 partitions to their committed offsets, :func:`resume_from_redis_watermarks` commits
 ``watermark + 1`` for each assigned partition (``0`` where Redis has no watermark). A worker
 restarted after a crash skips what Redis already holds, and if Redis lost writes (restored
-from an older snapshot, flushed), the lost offsets are consumed again from Kafka.
+from an older snapshot, flushed), the lost offsets are consumed again from Kafka. If instead
+the *log* lost what Redis holds (it went backwards, or retention deleted unapplied offsets),
+the partition is held back, loudly, until an operator says where to resume
+(:mod:`stream.log_positions`): checked at every rebalance and every
+``STREAMREC_LOG_CHECK_INTERVAL_S``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from schemas import dlq, vectors
 from schemas.events import split_message
 from stream import metrics
 from stream.app import app, settings
+from stream.log_positions import LogEndProbe, LogMismatch, find_mismatches, read_watermarks
 from stream.pipeline import ApplyPipeline
 from stream.state import ApplyResult, LiveState, SourceMessage
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
@@ -40,9 +45,13 @@ from stream.vector_changes import MovedVectors, PendingVectors
 
 log = logging.getLogger("streamrec.ingest")
 EXIT_ON_BUG = 70
+#: Exit status after an operator released a held partition: the supervisor restarts the worker.
+EXIT_TO_RESUME = 75
 _state: LiveState | None = None
 _pipeline: ApplyPipeline | None = None
 _vector_thread = ThreadPoolExecutor(1, thread_name_prefix="vector-publish")
+#: (topic, partition) → why it is held: nothing of it is applied until an operator resets it
+_held: dict[tuple[str, int], str] = {}
 
 
 def live_state() -> LiveState:
@@ -86,6 +95,9 @@ async def process_batch(messages) -> tuple[int, int]:
     letters = []
     for event in messages:
         message = event.message
+        if _held and (message.topic, message.partition) in _held:
+            metrics.HELD_MESSAGES.inc()  # read again from Kafka once released
+            continue
         raw = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
         good, bad = split_message(raw, settings.max_message_bytes)
         sources.append(SourceMessage(message.topic, message.partition, message.offset, good,
@@ -123,25 +135,75 @@ def event_chunks(sources: list[SourceMessage], max_events: int) -> list[list[Sou
     return chunks
 
 
-def redis_resume_offsets(partitions) -> dict:
-    """``{tp: watermark + 1}`` for the given topic partitions (0 where Redis has none)."""
+def _watermarks(partitions) -> dict[int, int | None]:
     state = live_state()
-    marks = state.client.mget([state.keys.watermark(tp.topic, tp.partition)
-                               for tp in partitions]) if partitions else []
-    return {tp: int(mark) + 1 if mark is not None else 0 for tp, mark in zip(partitions, marks)}
+    return read_watermarks(state.client, state.keys, settings.topic_interactions,
+                           [tp.partition for tp in partitions])
 
 
-@app.on_rebalance_complete.connect
-async def resume_from_redis_watermarks(sender, **_) -> None:
-    """Commit Redis's watermarks as the group's offsets; Faust then seeks to them."""
-    topic = settings.topic_interactions
-    partitions = sorted(tp for tp in app.consumer.assignment() if tp.topic == topic)
-    if not partitions:
-        return
-    # commit what was computed; another worker may have changed this worker's cached rows
-    # while it did not own them
-    await apply_pipeline().drain()
-    offsets = await on_redis_thread("reading watermarks", redis_resume_offsets, partitions)
+_log_probe: LogEndProbe | None = None
+_log_probe_thread = ThreadPoolExecutor(1, thread_name_prefix="log-check")
+
+
+def _confirm(mismatches: list[LogMismatch]) -> list[LogMismatch]:
+    global _log_probe
+    if _log_probe is None:
+        _log_probe = LogEndProbe(settings.kafka_bootstrap, settings.kafka_client_options())
+    return _log_probe.confirm(mismatches)
+
+
+async def _log_positions(partitions) -> tuple[dict[int, int | None], list[LogMismatch]]:
+    """Redis's watermarks of ``partitions`` and those that do not fit the Kafka log."""
+    marks = await on_redis_thread("reading watermarks", _watermarks, partitions)
+    starts = await app.consumer.earliest_offsets(*partitions)
+    ends = await app.consumer.highwaters(*partitions)
+    mismatches = find_mismatches(settings.topic_interactions, marks,
+                                 {tp.partition: o for tp, o in starts.items()},
+                                 {tp.partition: o for tp, o in ends.items()})
+    if mismatches:
+        mismatches = await asyncio.get_running_loop().run_in_executor(
+            _log_probe_thread, _confirm, mismatches)
+    return marks, mismatches
+
+
+def _record_held(mismatches: list[LogMismatch]) -> None:
+    state = live_state()
+    state.client.hset(state.keys.held_partitions,
+                      mapping={f"{m.topic}:{m.partition}": m.reason for m in mismatches})
+
+
+def _held_in_redis() -> dict[tuple[str, int], str]:
+    state = live_state()
+    held = {}
+    for field, reason in state.client.hgetall(state.keys.held_partitions).items():
+        topic, _, partition = field.decode().rpartition(":")
+        held[(topic, int(partition))] = reason.decode()
+    return held
+
+
+async def _hold(mismatches: list[LogMismatch], partitions) -> dict[tuple[str, int], str]:
+    """Hold the mismatched partitions, and those Redis says are held (a hold outlives
+    rebalances and restarts: once the new log grows past the watermark it would fit again,
+    so only an operator's reset, which deletes the Redis field, releases it)."""
+    new = [m for m in mismatches if (m.topic, m.partition) not in _held]
+    for m in new:
+        log.critical("holding partition: %s", m.reason)
+        _held[(m.topic, m.partition)] = m.reason
+    if new:
+        await on_redis_thread("recording held partitions", _record_held, new)
+    recorded = await on_redis_thread("reading held partitions", _held_in_redis)
+    for tp in partitions:
+        key = (tp.topic, tp.partition)
+        if key in recorded and key not in _held:
+            log.critical("holding partition (held before): %s", recorded[key])
+            _held[key] = recorded[key]
+    metrics.HELD_PARTITIONS.set(len(_held))
+    return recorded
+
+
+async def _seek_to_watermarks(marks: dict[int, int | None], partitions) -> None:
+    offsets = {tp: marks[tp.partition] + 1 if marks[tp.partition] is not None else 0
+               for tp in partitions}
     # Consumer._commit: faust's own commit of explicit offsets (faust-streaming is pinned).
     # Faust then seeks to committed offsets, but skips offset 0: seek explicitly as well.
     await app.consumer._commit(offsets)
@@ -149,6 +211,53 @@ async def resume_from_redis_watermarks(sender, **_) -> None:
         await app.consumer.seek(tp, offset)
     log.info("resuming from Redis watermarks: %s",
              {f"{tp.topic}[{tp.partition}]": o for tp, o in offsets.items()})
+
+
+def _assigned_partitions() -> list:
+    topic = settings.topic_interactions
+    return sorted(tp for tp in app.consumer.assignment() if tp.topic == topic)
+
+
+@app.on_rebalance_complete.connect
+async def resume_from_redis_watermarks(sender, **_) -> None:
+    """Commit Redis's watermarks as the group's offsets (Faust then seeks to them); hold the
+    partitions whose watermark does not fit the log."""
+    partitions = _assigned_partitions()
+    _held.clear()  # recomputed for this assignment (holds recorded in Redis come back)
+    if not partitions:
+        metrics.HELD_PARTITIONS.set(0)
+        return
+    # commit what was computed; another worker may have changed this worker's cached rows
+    # while it did not own them
+    await apply_pipeline().drain()
+    marks, mismatches = await _log_positions(partitions)
+    await _hold(mismatches, partitions)
+    await _seek_to_watermarks(marks, partitions)
+
+
+@app.timer(settings.log_check_interval_s)
+async def check_log_positions() -> None:
+    """Hold partitions whose log went backwards under a running worker. Once an operator has
+    chosen where a held partition resumes (``streamrec offsets --reset`` deletes its Redis
+    hold), drain and exit with :data:`EXIT_TO_RESUME` so that the restarted worker resumes
+    every partition from Redis's watermarks: Faust seeks reliably only during a rebalance
+    (records fetched before a seek outside one can still be delivered after it)."""
+    partitions = _assigned_partitions()
+    if not partitions:
+        return
+    try:
+        _, mismatches = await _log_positions(partitions)
+        recorded = await _hold(mismatches, partitions)
+    except Exception as exc:  # broker or Redis briefly unreachable: the next tick checks again
+        log.warning("log position check failed (%r); retrying next interval", exc)
+        return
+    released = [key for key in _held if key not in recorded]
+    if released:
+        await apply_pipeline().drain()
+        log.warning("an operator chose where %s resume: restarting to resume from Redis's "
+                    "watermarks", ", ".join(f"{t}[{p}]" for t, p in released))
+        logging.shutdown()
+        os._exit(EXIT_TO_RESUME)
 
 
 def _vector_model():

@@ -1,0 +1,135 @@
+"""Redis progress against the Kafka log: find partitions where the two disagree, and let an
+operator choose where such a partition resumes.
+
+Redis's per-partition watermark (the highest offset whose effects are applied) is the truth
+for progress. It must lie inside the log: ``log_start - 1 <= watermark < log_end``. Outside it,
+resuming would lose events silently:
+
+* ``watermark >= log_end``: the log went **backwards** — the broker lost data (memory storage
+  restarted, unclean leader election) or the topic was deleted and recreated. Its new events
+  sit at offsets the watermark says are applied, so they would be skipped as redeliveries.
+* ``watermark + 1 < log_start``: retention deleted offsets that were never applied.
+
+Either way the worker holds the partition back (applies nothing of it, keeps the others
+going), counts ``streamrec_held_partitions``, records the reason in Redis
+(:attr:`schemas.keys.RedisKeys.held_partitions`) and logs it at CRITICAL, until an operator
+picks a resume point with ``streamrec offsets --reset start|end|OFFSET``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from schemas.keys import RedisKeys
+
+
+@dataclass(frozen=True)
+class LogMismatch:
+    topic: str
+    partition: int
+    watermark: int
+    log_start: int
+    log_end: int
+
+    @property
+    def reason(self) -> str:
+        where = f"{self.topic}[{self.partition}]"
+        if self.watermark >= self.log_end:
+            return (f"{where}: Redis has applied up to offset {self.watermark} but the log ends "
+                    f"at {self.log_end}: the log went backwards (broker data lost, or the "
+                    f"topic recreated). Held; choose where to resume with `streamrec offsets "
+                    f"--reset start|end|OFFSET --partition {self.partition}`")
+        return (f"{where}: offsets {self.watermark + 1}..{self.log_start - 1} were deleted by "
+                f"retention before they were applied. Held; resume with `streamrec offsets "
+                f"--reset start --partition {self.partition}` to accept the loss")
+
+
+def find_mismatches(topic: str, watermarks: Mapping[int, int | None],
+                    log_starts: Mapping[int, int], log_ends: Mapping[int, int]
+                    ) -> list[LogMismatch]:
+    """Partitions whose watermark lies outside ``[log_start - 1, log_end)``. A partition
+    without a watermark (nothing applied yet) starts at the log's start and always fits."""
+    found = []
+    for partition, mark in sorted(watermarks.items()):
+        if mark is None:
+            continue
+        start, end = log_starts[partition], log_ends[partition]
+        if mark >= end or mark + 1 < start:
+            found.append(LogMismatch(topic, partition, mark, start, end))
+    return found
+
+
+class LogEndProbe:
+    """Confirms a log's end by reading it: the offset after the last record there is.
+
+    A broker's ListOffsets answer can trail the log (Tansu returns the base offset of the last
+    record batch), which would make a healthy partition whose last batch is fully applied
+    look like a log that went backwards. A mismatch is therefore confirmed by fetching from
+    the reported end before a partition is held. Not thread-safe: one caller at a time."""
+
+    def __init__(self, bootstrap: str, client_options: dict | None = None) -> None:
+        from kafka import KafkaConsumer
+
+        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                       enable_auto_commit=False, **(client_options or {}))
+
+    def log_end(self, topic: str, partition: int, reported_end: int) -> int:
+        from kafka import TopicPartition
+
+        tp = TopicPartition(topic, partition)
+        self._consumer.assign([tp])
+        self._consumer.seek(tp, reported_end)
+        end = reported_end
+        for _ in range(3):  # the tail past a trailing answer is one batch
+            records = self._consumer.poll(timeout_ms=300).get(tp, [])
+            if not records:
+                break
+            end = max(end, records[-1].offset + 1)
+        return end
+
+    def confirm(self, mismatches: list[LogMismatch]) -> list[LogMismatch]:
+        """The mismatches that remain with each log's end read from the log itself."""
+        confirmed = []
+        for m in mismatches:
+            if m.watermark >= m.log_end:
+                end = self.log_end(m.topic, m.partition, m.log_end)
+                if m.watermark < end:
+                    continue
+                m = LogMismatch(m.topic, m.partition, m.watermark, m.log_start, end)
+            confirmed.append(m)
+        return confirmed
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def read_watermarks(client, keys: RedisKeys, topic: str, partitions: list[int]
+                    ) -> dict[int, int | None]:
+    marks = client.mget([keys.watermark(topic, p) for p in partitions]) if partitions else []
+    return {p: int(m) if m is not None else None for p, m in zip(partitions, marks)}
+
+
+def reset_target(to: str, log_start: int, log_end: int) -> int:
+    """The next offset to apply for ``--reset to``: ``start``, ``end`` or an offset."""
+    if to == "start":
+        return log_start
+    if to == "end":
+        return log_end
+    if not to.isdigit() or not log_start <= int(to) <= log_end:
+        raise ValueError(f"--reset takes start, end or an offset in [{log_start}, {log_end}], "
+                         f"not {to!r}")
+    return int(to)
+
+
+def reset_partition(client, keys: RedisKeys, topic: str, partition: int, next_offset: int
+                    ) -> None:
+    """Make ``next_offset`` the next offset the worker applies, and release the hold; the
+    worker seeks there within one check interval."""
+    pipe = client.pipeline(transaction=True)
+    if next_offset == 0:
+        pipe.delete(keys.watermark(topic, partition))
+    else:
+        pipe.set(keys.watermark(topic, partition), next_offset - 1)
+    pipe.hdel(keys.held_partitions, f"{topic}:{partition}")
+    pipe.execute()

@@ -1,0 +1,86 @@
+"""A log that went backwards under Redis's progress is never skipped silently: the broker
+(memory storage) is killed and restarted, the new log's offsets start at 0 while Redis holds
+watermarks far beyond them. The worker holds those partitions, says why (log, Redis, the
+`streamrec offsets` command) and applies nothing of them until an operator chooses where they
+resume; it then restarts (exit 75, for its supervisor) and every new event applies once."""
+
+import json
+import subprocess
+import sys
+import time
+
+from infra.embedded import EmbeddedKafka, ensure_streamrec_topics
+from schemas.keys import RedisKeys
+from stream.producer import InteractionProducer
+from stream.simulator import UserSimulator
+from tests.conftest import ROOT, settings_env, wait_for
+
+
+def applied(redis_client, keys) -> int:
+    return int(redis_client.hget(keys.stats, "events_applied") or 0)
+
+
+def offsets_cli(settings, *args):
+    return subprocess.run([sys.executable, "-m", "infra.cli", "offsets", *args], cwd=ROOT,
+                          env=settings_env(settings), capture_output=True, text=True,
+                          timeout=120)
+
+
+def produce(settings, events) -> None:
+    with InteractionProducer(settings.kafka_bootstrap, settings.topic_interactions,
+                             max_batch_events=20) as producer:  # many messages per partition
+        producer.send_many(events)
+        producer.flush()
+
+
+def test_a_log_that_went_backwards_holds_its_partitions_until_an_operator_resets_them(
+        settings, redis_client, spawn):
+    keys = RedisKeys(settings.key_prefix)
+    broker = EmbeddedKafka().start()
+    try:
+        settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap,
+                                               "log_check_interval_s": 1.0})
+        ensure_streamrec_topics(settings)
+        worker = spawn(["worker", "--loglevel", "warn"], settings)
+        sim = UserSimulator(60, 300, seed=4)
+        first = list(sim.events(2000, time.time() - 3600))
+        produce(settings, first)
+        wait_for(lambda: applied(redis_client, keys) == len(first), 60, "first log applied",
+                 proc=worker)
+        assert offsets_cli(settings).returncode == 0  # every watermark fits the log
+
+        broker.kill()  # memory storage: the restarted broker's log starts again at offset 0
+        broker = EmbeddedKafka(port=broker.port).start()
+        ensure_streamrec_topics(settings)
+        second = list(sim.events(300, time.time() - 600))
+        produce(settings, second)
+
+        # every partition's new log is shorter than what Redis applied of the old one
+        held = wait_for(lambda: len(redis_client.hgetall(keys.held_partitions)) == 4
+                        and redis_client.hgetall(keys.held_partitions), 60,
+                        "the worker to hold the partitions whose log went backwards",
+                        proc=worker)
+        assert all(b"went backwards" in reason for reason in held.values())
+        time.sleep(3)  # several check intervals: still nothing of the new log applied
+        assert applied(redis_client, keys) == len(first)
+        report = offsets_cli(settings)
+        assert report.returncode == 1 and "went backwards" in report.stderr
+        rows = [json.loads(line) for line in report.stdout.splitlines()]
+        held_partitions = {int(k.decode().rsplit(":", 1)[1]) for k in held}
+        assert {r["partition"] for r in rows if not r["fits"]} == held_partitions
+        assert {r["partition"] for r in rows if r["held_by_worker"]} == held_partitions
+
+        reset = offsets_cli(settings, "--reset", "start")
+        assert reset.returncode == 0, reset.stderr
+        # the worker drains and exits for its supervisor to restart it from the new watermarks
+        assert worker.proc.wait(30) == 75, worker.log()
+        assert applied(redis_client, keys) == len(first)
+        worker = spawn(["worker", "--loglevel", "warn"], settings)
+        wait_for(lambda: applied(redis_client, keys) == len(first) + len(second), 60,
+                 "the new log to apply once the operator reset its partitions", proc=worker)
+        time.sleep(2)
+        assert applied(redis_client, keys) == len(first) + len(second)  # once, not twice
+        assert not redis_client.hgetall(keys.held_partitions)
+        assert worker.proc.poll() is None
+    finally:
+        broker.stop()
