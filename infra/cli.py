@@ -384,11 +384,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean the input is wrong, not the program: one line and exit status 2."""
+    from pydantic import ValidationError
+
     from online_models.registry import UnknownModelError
     from replay.loaders import LogFormatError
 
-    return (LogFormatError, UnknownModelError, LogPositionError, FileNotFoundError,
-            IsADirectoryError, NotADirectoryError, PermissionError, UnicodeDecodeError)
+    return (LogFormatError, UnknownModelError, LogPositionError, ValidationError,
+            FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            UnicodeDecodeError)
 
 
 def _one_line(exc: BaseException) -> str:

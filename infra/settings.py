@@ -15,6 +15,10 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+#: Shortest accepted API key (a guessable key is as good as none).
+MIN_API_KEY_CHARS = 16
+
+
 class Settings(BaseSettings):
     """Runtime configuration shared by every process role (worker, API, feed builder, producer).
 
@@ -31,7 +35,10 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: str = Field("", description="SASL mechanism (PLAIN, SCRAM-SHA-256, ...).")
     kafka_sasl_username: str = Field("", description="SASL username.")
     kafka_sasl_password: str = Field("", description="SASL password.")
-    kafka_ssl_cafile: str = Field("", description="CA bundle for SSL/SASL_SSL.")
+    kafka_ssl_cafile: str = Field("", description="CA bundle for SSL/SASL_SSL (every Kafka "
+                                  "client: worker, SDK, API, feed builder, vector tail, admin).")
+    kafka_ssl_certfile: str = Field("", description="Client certificate (PEM) for mutual TLS.")
+    kafka_ssl_keyfile: str = Field("", description="Private key (PEM) of the client certificate.")
     topic_interactions: str = Field("interactions", description="Topic of interaction events.")
     topic_dlq: str = Field("interactions.dlq", description="Dead-letter topic for invalid input.")
     topic_item_vectors: str = Field("item-vectors", description="Compacted topic of changed item "
@@ -117,8 +124,9 @@ class Settings(BaseSettings):
     explore_epsilon: float = Field(0.1, ge=0, le=1, description="ε of ε-greedy exploration.")
     explore_positions: str = Field("3,7", pattern=r"^$|^\d+(,\d+)*$", description="Positions "
                                    "(0-based) reserved for exploration.")
-    api_keys: str = Field("", description="Comma-separated API keys; when set, /v1 requests need "
-                                          "the header X-API-Key with one of them.")
+    api_keys: str = Field("", description="Comma-separated API keys (each ≥ 16 characters, no "
+                          "spaces); when set, /v1 requests need the header X-API-Key with one of "
+                          "them. A value with no usable key refuses to start (never open).")
     api_host: str = Field("127.0.0.1", description="API bind address.")
     api_port: int = Field(8080, ge=0, le=65535, description="API port.")
 
@@ -126,6 +134,26 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys_fail_closed(cls, value: str) -> str:
+        """Set but blank (" , ") or with a short key: refuse, rather than serve unguarded."""
+        if not value:
+            return value
+        keys = [k.strip() for k in value.split(",")]
+        if not any(keys):
+            raise ValueError("STREAMREC_API_KEYS is set but holds no key: unset it to run "
+                             "without keys, or give keys of 16+ characters")
+        bad = [k for k in keys if len(k) < MIN_API_KEY_CHARS or any(c.isspace() for c in k)]
+        if bad:
+            raise ValueError(f"STREAMREC_API_KEYS: {len(bad)} key(s) empty, shorter than "
+                             f"{MIN_API_KEY_CHARS} characters or holding spaces")
+        return ",".join(keys)
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k for k in self.api_keys.split(",") if k)
 
     @property
     def live_model_names(self) -> list[str]:
@@ -138,6 +166,9 @@ class Settings(BaseSettings):
     def kafka_client_options(self) -> dict[str, str]:
         """Security options in the form kafka-python and aiokafka both accept."""
         options: dict[str, str] = {"security_protocol": self.kafka_security_protocol}
+        for name in ("cafile", "certfile", "keyfile"):
+            if getattr(self, f"kafka_ssl_{name}"):
+                options[f"ssl_{name}"] = getattr(self, f"kafka_ssl_{name}")
         if self.kafka_sasl_mechanism:
             options["sasl_mechanism"] = self.kafka_sasl_mechanism
             options["sasl_plain_username"] = self.kafka_sasl_username

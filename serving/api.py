@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     redis_client = sync_redis(settings.redis_url)
     builder = FeedBuilder.live(settings, redis_client)
-    keys = frozenset(k.strip() for k in settings.api_keys.split(",") if k.strip())
+    keys = settings.api_key_set
 
     def require_key(x_api_key: Annotated[str | None, Header()] = None) -> None:
         if keys and x_api_key not in keys:

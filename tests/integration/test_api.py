@@ -155,14 +155,22 @@ def test_similar_items_and_unknown_ids(api, settings, redis_client):
 def test_api_keys_guard_v1_routes_but_not_health(settings, spawn):
     port = free_port()
     proc = spawn(["api", "--port", str(port), "--loglevel", "warning"],
-                 settings.model_copy(update={"api_keys": "k1,k2"}))
+                 settings.model_copy(update={"api_keys": "front-end-key-0001,worker-key-00002"}))
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: _up(f"{url}/healthz"), 30, "API up", proc=proc)
     assert httpx.get(f"{url}/v1/trending").status_code == 401
     assert httpx.get(f"{url}/v1/trending", headers={"X-API-Key": "nope"}).status_code == 401
-    assert httpx.get(f"{url}/v1/trending", headers={"X-API-Key": "k2"}).status_code == 200
+    assert httpx.get(f"{url}/v1/trending",
+                     headers={"X-API-Key": "worker-key-00002"}).status_code == 200
     assert httpx.post(f"{url}/v1/events", content=orjson.dumps(GOOD)).status_code == 401
     assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_blank_api_keys_refuse_to_start_rather_than_serve_open(settings, spawn):
+    proc = spawn(["api", "--port", str(free_port()), "--loglevel", "warning"],
+                 settings.model_copy(update={"api_keys": " , "}))
+    assert proc.proc.wait(60) == 2
+    assert "STREAMREC_API_KEYS is set but holds no key" in proc.log()
 
 
 def _up(url):

@@ -27,3 +27,24 @@ def test_sasl_options_passed_through():
 def test_roles_refuse_to_start_without_services():
     with pytest.raises(SystemExit, match="STREAMREC_KAFKA_BOOTSTRAP"):
         Settings(kafka_bootstrap="", redis_url="redis://x").require_services()
+
+
+def test_tls_files_reach_every_kafka_python_client():
+    s = Settings(kafka_security_protocol="SSL", kafka_ssl_cafile="/etc/ca.pem",
+                 kafka_ssl_certfile="/etc/client.pem", kafka_ssl_keyfile="/etc/client.key")
+    assert s.kafka_client_options() == {"security_protocol": "SSL", "ssl_cafile": "/etc/ca.pem",
+                                        "ssl_certfile": "/etc/client.pem",
+                                        "ssl_keyfile": "/etc/client.key"}
+
+
+@pytest.mark.parametrize("value", [" , ", ",", "   ", "short", "a-long-enough-key-1,",
+                                   "a-long-enough key-2"])
+def test_api_keys_fail_closed(value):
+    with pytest.raises(ValidationError, match="STREAMREC_API_KEYS"):
+        Settings(api_keys=value)
+
+
+def test_api_keys_parsed():
+    assert Settings(api_keys="").api_key_set == frozenset()
+    assert Settings(api_keys=" key-number-one-16 ,key-number-two-16").api_key_set == {
+        "key-number-one-16", "key-number-two-16"}
