@@ -13,20 +13,25 @@ import threading
 from typing import Annotated, Any
 
 import msgspec
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
 from infra.settings import Settings
 from schemas import dlq
-from schemas.events import json_schema, split_message
+from schemas.events import MAX_ID_CHARS, json_schema, split_message
 from serving.feeds import FeedBuilder, ImpressionLogUnavailable
 from stream.producer import DeliveryError, InteractionProducer
 
 
 def _json(obj: Any, status: int = 200) -> Response:
     return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+#: Ids on paths follow the event contract: 1..256 characters (else 422).
+UserId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
+ItemId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -85,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @api.get("/v1/users/{user_id:path}/feed", summary="A user's feed", response_model=None,
              dependencies=authed)
-    def read_feed(user_id: str, k: Annotated[int | None, Query(ge=1, le=1000)] = None
+    def read_feed(user_id: UserId, k: Annotated[int | None, Query(ge=1, le=1000)] = None
                   ) -> Response:
         """The stored feed; computed on demand (``source: on_demand``) when none is stored
         or when ``k`` asks for another size."""
@@ -96,23 +101,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @api.get("/v1/users/{user_id:path}/recommendations", summary="Recommend now",
              response_model=None, dependencies=authed)
-    def recommend(user_id: str, k: Annotated[int, Query(ge=1, le=1000)] = 20,
+    def recommend(user_id: UserId, k: Annotated[int, Query(ge=1, le=1000)] = 20,
                   exclude: Annotated[list[str], Query(max_length=1000)] = (),
                   pin: Annotated[list[str], Query(max_length=100)] = ()) -> Response:
         """A fresh list from the serving pipeline (candidates → rank → re-rank → explore),
         never containing ``exclude`` (repeat the parameter) or the user's recent items;
         ``pin=<position>:<item_id>`` (repeatable) fixes an item at a 0-based position."""
+        if any(not item or len(item) > MAX_ID_CHARS for item in exclude):
+            raise HTTPException(422, f"exclude ids must have 1..{MAX_ID_CHARS} characters")
         pins = []
         for value in pin:
             position, sep, item = value.partition(":")
-            if not sep or not position.isdigit() or not item:
+            if not sep or not position.isdigit() or not 0 < len(item) <= MAX_ID_CHARS:
                 raise HTTPException(422, f"pin must be <position>:<item_id>, not {value!r}")
             pins.append((int(position), item))
         return _json(on_demand(user_id, k, frozenset(exclude), tuple(pins)))
 
     @api.get("/v1/items/{item_id:path}/similar", summary="Similar items", response_model=None,
              dependencies=authed)
-    def similar(item_id: str, k: Annotated[int, Query(ge=1, le=1000)] = 20) -> Response:
+    def similar(item_id: ItemId, k: Annotated[int, Query(ge=1, le=1000)] = 20) -> Response:
         """Items co-occurring with ``item_id`` and its nearest neighbours by MF vector."""
         return _json({"item_id": item_id, "items": builder.similar_items(item_id, k)})
 

@@ -72,6 +72,11 @@ def test_post_poison_bodies_get_4xx_and_the_api_keeps_serving(api, settings):
     many = {"events": [{**GOOD, "event_id": f"e{n}", "user_id": 7} for n in range(1000)]}
     body = httpx.post(f"{api}/v1/events", content=orjson.dumps(many)).json()
     assert len(body["problems"]) == 50 and body["problems_omitted"] == 950
+    for path in (f"/v1/users/{'u' * 257}/feed", "/v1/users//feed",
+                 f"/v1/users/{'u' * 60_000}/recommendations", f"/v1/items/{'i' * 257}/similar",
+                 f"/v1/users/u1/recommendations?exclude={'x' * 257}",
+                 f"/v1/users/u1/recommendations?pin=0:{'x' * 257}"):
+        assert 400 <= httpx.get(f"{api}{path}").status_code < 500, path[:40]
     assert httpx.get(f"{api}/healthz").status_code == 200
     assert read_topic(settings.kafka_bootstrap, settings.topic_interactions, 1, timeout_s=3) == []
 
