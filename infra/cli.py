@@ -153,10 +153,11 @@ def cmd_replay(args: argparse.Namespace) -> None:
                                                 f"replay-{int(started)}-{name}")
     results = run(args.protocol, train, test, names, ks=tuple(sorted({10, 20, args.k})),
                   chunk=args.chunk, learn_during_test=args.learn_during_test,
-                  store_factory=store_factory, progress=not args.quiet)
+                  store_factory=store_factory, progress=not args.quiet, warmup=args.warmup)
     meta = {"data": str(args.data), "format": args.format, "protocol": args.protocol,
             "train_events": len(train), "test_events": len(test), "chunk": args.chunk,
             "learn_during_test": args.learn_during_test, "store": args.store,
+            "warmup": args.warmup,
             "seconds": round(time.time() - started, 1)}
     write_outputs(results, meta, args.out, args.html or None)
     print(markdown_table(results))
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--k", type=int, default=20, help="cut-off besides 10 and 20")
     replay.add_argument("--chunk", type=int, default=_env("STREAMREC_REPLAY_CHUNK", 1000),
                         help="events per learn batch [STREAMREC_REPLAY_CHUNK]")
+    replay.add_argument("--warmup", type=float, default=_env("STREAMREC_REPLAY_WARMUP", 0.1),
+                        help="user protocol: share of positives replayed but not scored "
+                             "[STREAMREC_REPLAY_WARMUP]")
     replay.add_argument("--learn-during-test", action="store_true",
                         help="session protocol: also learn test events after predicting them")
     replay.add_argument("--store", choices=["memory", "redis"], default="memory",

@@ -1,15 +1,21 @@
 """Item-item co-occurrence: time-decayed, cosine-normalised, top-N neighbours per item.
 
-Each positive event of item ``b`` in a session whose recent window holds item ``a`` (at most
-``window`` items, within ``max_gap_s``) adds ``f(t) · w_a · w_b`` to both ``C[a][b]`` and
-``C[b][a]``, where ``w`` are signal weights and ``f(t) = 2^((t − L)/half_life)`` is forward
+Each positive event of item ``b`` whose owner's recent window holds item ``a`` (at most
+``window`` items, within ``max_gap_s``) adds ``f(t) · w_b`` to both ``C[a][b]`` and
+``C[b][a]``, where ``w`` is the signal weight and ``f(t) = 2^((t − L)/half_life)`` is forward
 decay against a landmark ``L`` fixed at the first event (so older co-occurrences fade without
-touching them). Each item's mass ``n[a] += f(t) · w_a`` gives the cosine normalisation
-``sim(a, b) = C[a][b] / sqrt(n[a] · n[b])``; the decay factor cancels in the ratio.
-Rows keep their ``neighbours`` largest raw counts (the store trims).
+touching them; ``half_life_s=None``: no decay). The owner is the session (``scope="session"``,
+anonymous next-item) or the user (``scope="user"``: the user's whole recent history, for
+returning users). Each item's mass ``n[a] += f(t) · w_a`` gives the normalisation
+``sim(a, b) = C[a][b] / (n[a]^α · n[b]^(1−α))`` (α = ½: cosine; larger α favours popular
+neighbours less); the decay factor cancels in the ratio. Rows keep their ``neighbours``
+largest raw counts (the store trims).
 
-A query scores ``Σ_{a ∈ session} r(a) · sim(a, ·)`` with recency weights ``r = 0.5^(L − p)``.
-(Cosine was chosen over Jaccard and lift on the YooChoose replay: see docs/benchmarks.md.)
+A query scores ``Σ_a r(a) · sim(a, ·)`` over its items, newest last, with recency weights
+``r = recency^(L − p)``. ``query="history"`` (user scope) queries the user's stored window (up
+to ``history`` newest items) followed by the request's session items; ``"session"`` only the
+request's items. (Cosine was chosen over Jaccard and lift on the YooChoose replay: see
+docs/benchmarks.md.)
 
 Limits: the landmark is never moved, so at the default half-life of 7 days scores stay in
 float range for ~1,000 days of stream time before a rebuild is needed.
@@ -33,16 +39,30 @@ class CooccurrenceModel(OnlineModel):
     local_tables = ("win",)
 
     def __init__(self, window: int = 5, max_gap_s: float = 3600.0, neighbours: int = 200,
-                 half_life_s: float = 7 * 86400.0, normalisation: str = "jaccard") -> None:
+                 half_life_s: float | None = 7 * 86400.0, normalisation: str = "jaccard",
+                 scope: str = "session", query: str = "session", history: int = 20,
+                 recency: float = 0.5, alpha: float = 0.5) -> None:
         super().__init__()
         if normalisation not in ("cosine", "jaccard", "lift", "none"):
             raise ValueError(f"normalisation must be cosine, jaccard, lift or none, not "
                              f"{normalisation!r}")
+        if scope not in ("session", "user") or query not in ("session", "history"):
+            raise ValueError("scope must be session or user, query session or history")
+        if query == "history" and scope != "user":
+            raise ValueError("query='history' needs scope='user' (the stored user windows)")
         self.window = window
         self.max_gap_s = max_gap_s
         self.neighbours = neighbours
         self.half_life_s = half_life_s
         self.normalisation = normalisation
+        self.scope = scope
+        self.query = query
+        self.history = history
+        self.recency = recency
+        self.alpha = alpha
+
+    def _owners(self, batch: SignalBatch) -> np.ndarray:
+        return batch.users if self.scope == "user" else batch.sessions
 
     def _landmark(self, first_ts: float) -> float:
         # claimed atomically: concurrent workers must all scale by the same landmark
@@ -53,30 +73,36 @@ class CooccurrenceModel(OnlineModel):
         return batch.select(batch.positive)  # only positive events co-occur
 
     def prefetch(self, batch: SignalBatch) -> None:
-        sessions = self._paired(batch).sessions.tolist()
-        self.store.prefetch_local_rows("win", list(dict.fromkeys(sessions)))
+        owners = self._owners(self._paired(batch)).tolist()
+        self.store.prefetch_local_rows("win", list(dict.fromkeys(owners)))
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
         batch = self._paired(batch)
         if len(batch) == 0:
             return LearnReport()
-        landmark = self._landmark(float(batch.timestamps[0]))
-        factors = np.exp2((batch.timestamps - landmark) / self.half_life_s)
-        sessions = list(dict.fromkeys(batch.sessions.tolist()))
+        if self.half_life_s is None:
+            factors = np.ones(len(batch))
+        else:
+            landmark = self._landmark(float(batch.timestamps[0]))
+            factors = np.exp2((batch.timestamps - landmark) / self.half_life_s)
+        owners = self._owners(batch).tolist()
+        distinct = list(dict.fromkeys(owners))
         windows = {s: dict(row) for s, row in
-                   zip(sessions, self.store.get_local_rows("win", sessions))}
+                   zip(distinct, self.store.get_local_rows("win", distinct))}
         counts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         mass: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for session, item, ts, weight, factor in zip(
-                batch.sessions.tolist(), batch.items.tolist(), batch.timestamps.tolist(),
+                owners, batch.items.tolist(), batch.timestamps.tolist(),
                 batch.weights.tolist(), factors.tolist()):
             window = windows[session]  # item -> time it was last seen in this session
-            for other, seen_ts in window.items():
-                if other != item and ts - seen_ts <= self.max_gap_s:
-                    contribution = factor * weight
-                    counts[item][other] += contribution
+            contribution, row, max_gap = factor * weight, None, self.max_gap_s
+            for other, seen_ts in window.items():  # hot loop (user scope: whole histories)
+                if other != item and ts - seen_ts <= max_gap:
+                    if row is None:
+                        row = counts[item]
+                    row[other] += contribution
                     counts[other][item] += contribution
-            mass[item]["n"] += factor * weight
+            mass[item]["n"] += contribution
             window[item] = ts
             trim_row(window, self.window)  # per event, so batching is invisible
         self.store.set_local_rows("win", windows)  # sessions are partition-local
@@ -99,7 +125,7 @@ class CooccurrenceModel(OnlineModel):
                 if n_a <= 0 or n_b <= 0:
                     continue
                 if self.normalisation == "cosine":
-                    sims[other] = c / np.sqrt(n_a * n_b)
+                    sims[other] = c / (n_a ** self.alpha * n_b ** (1.0 - self.alpha))
                 elif self.normalisation == "jaccard":
                     sims[other] = c / max(n_a + n_b - c, 1e-12)
                 elif self.normalisation == "lift":
@@ -109,8 +135,23 @@ class CooccurrenceModel(OnlineModel):
             out.append(sims)
         return out
 
+    def _query_items(self, queries: list[Query]) -> list[tuple[str, ...]]:
+        """Each query's items, oldest first: its session, after the user's stored history."""
+        if self.query == "session":
+            return [q.session_items for q in queries]
+        users = sorted({q.user_id for q in queries})
+        stored = dict(zip(users, self.store.get_local_rows("win", users)))
+        out = []
+        for q in queries:
+            past = sorted(stored[q.user_id].items(), key=lambda kv: (kv[1], kv[0]))
+            recent = [item for item, _ in past[-self.history:]]
+            now = set(q.session_items)
+            out.append(tuple(i for i in recent if i not in now) + tuple(q.session_items))
+        return out
+
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
-        q_items = sorted({i for q in queries for i in q.session_items})
+        query_items = self._query_items(queries)
+        q_items = sorted({i for items in query_items for i in items})
         if not q_items:
             return [Recommendations([], np.empty(0)) for _ in queries]
         sims = self.similar(q_items)
@@ -127,10 +168,11 @@ class CooccurrenceModel(OnlineModel):
              np.fromiter((vocab[i] for row in sims for i in row), np.int64, sum(lengths)),
              np.concatenate(([0], np.cumsum(lengths)))), shape=(len(q_items), len(vocab)))
         qr, qc, qv = [], [], []
-        for row_no, q in enumerate(queries):
-            length = len(q.session_items)
-            for p, item in enumerate(q.session_items):
-                qr.append(row_no), qc.append(row_of[item]), qv.append(0.5 ** (length - 1 - p))
+        for row_no, items in enumerate(query_items):
+            length = len(items)
+            for p, item in enumerate(items):
+                qr.append(row_no), qc.append(row_of[item])
+                qv.append(self.recency ** (length - 1 - p))
         weights = sp.csr_matrix((np.asarray(qv, np.float32), (qr, qc)),
                                 shape=(len(queries), len(q_items)))
         ids = np.array(list(vocab), dtype=object)

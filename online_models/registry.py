@@ -7,6 +7,7 @@ from typing import Callable
 from online_models.base import OnlineModel
 from online_models.cooccurrence import CooccurrenceModel
 from online_models.mf import OnlineMF
+from online_models.mixture import MixtureModel
 from online_models.popularity import PopularityModel, RandomModel
 from online_models.river_baseline import RiverBiasedMF
 from online_models.session import SessionModel
@@ -15,6 +16,16 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     "session": SessionModel,
     "cooc": CooccurrenceModel,
     "mf": OnlineMF,
+    # returning users: neighbours over each user's history (scope="user")
+    "itemknn": lambda: CooccurrenceModel(  # reference peer: cosine, last 20 positives, flat
+        scope="user", window=300, max_gap_s=float("inf"), neighbours=500,
+        half_life_s=None, normalisation="cosine", recency=1.0),
+    "history": lambda: CooccurrenceModel(  # tuned on a validation split (docs/models.md)
+        scope="user", query="history", window=300, max_gap_s=float("inf"),
+        neighbours=500, half_life_s=None, normalisation="cosine", history=50, recency=0.95),
+    "isgd": lambda: OnlineMF(  # reference peer: ISGD (Vinagre et al. 2014), k=10, positives only
+        factors=10, learning_rate=0.05, regularisation=0.01, negatives=0, epochs=1),
+    "user_blend": lambda: MixtureModel(USER_BLEND_PARTS),
     "popularity": PopularityModel,
     "trending": lambda: PopularityModel(half_life_s=86400.0),
     "random": RandomModel,
@@ -24,6 +35,14 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     "blend_raw": lambda: _blended(rerank=False),
 }
 BASELINES = ("random", "popularity")
+
+#: Returning users: the recent session's next-item scores, the user's history neighbours and
+#: popularity, weights chosen on the validation split of ``bench/tune_user.py``.
+USER_BLEND_PARTS = {
+    "session": (SessionModel, 1.0),
+    "history": (lambda: build("history"), 0.5),
+    "popularity": (PopularityModel, 0.0),
+}
 
 
 class UnknownModelError(ValueError):

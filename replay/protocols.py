@@ -8,6 +8,13 @@
 * ``prequential``: one stream in time order, processed in chunks; each positive event of a
   session that already has an earlier event is predicted (query = the session so far) with the
   state learned before its chunk, then the chunk is learned (test-then-train).
+* ``user`` (returning users, e.g. MovieLens): one stream in time order (stable on ties); every
+  positive (:data:`USER_POSITIVES`: a rating ≥ 4 is a ``like``; in a log without such events,
+  every engagement) is predicted before it is learned: the user's items are ranked with the
+  state learned before its chunk, the query holding the user's last ``history`` positives and
+  excluding every item the user touched earlier (any event). The first ``warmup`` share of
+  positives is replayed, not scored. ``cold`` metrics score the targets whose item had fewer
+  than :data:`COLD_BELOW` earlier interactions.
 
 Both are deterministic for a seed. Chunked test-then-train is what a live worker does with
 batches; ``chunk`` sets the batch size.
@@ -29,11 +36,41 @@ from replay.metrics import ACCURACY, ListMetrics, ranking_metrics
 from schemas.events import Interaction
 
 
+#: Event types that count as positives in the user protocol (a rating ≥ 4 loads as ``like``).
+USER_POSITIVES = frozenset({"like", "add_to_cart", "purchase"})
+#: Targets whose item had fewer earlier interactions than this are "cold".
+COLD_BELOW = 5
+
+
 @dataclass
 class Prediction:
     query: Query
     target: str
     position: int  # index in the replayed stream (for metrics over time)
+    cold: bool = False  # the user protocol's cold subset
+
+
+def user_queries(events: Sequence[Interaction], history: int = 20, warmup: float = 0.1
+                 ) -> list[Prediction]:
+    """The user protocol's predictions over ``events`` (time order), warm-up excluded."""
+    positive_types = USER_POSITIVES & {e.type for e in events}
+    if not positive_types:  # a click log: every engagement is a positive
+        from schemas.events import ENGAGEMENT_TYPES
+        positive_types = ENGAGEMENT_TYPES
+    touched: dict[str, set[str]] = defaultdict(set)
+    liked: dict[str, list[str]] = defaultdict(list)
+    item_count: dict[str, int] = defaultdict(int)
+    out = []
+    for n, e in enumerate(events):
+        if e.type in positive_types and e.item_id not in touched[e.user_id]:
+            out.append(Prediction(Query(e.user_id, tuple(liked[e.user_id][-history:]),
+                                        frozenset(touched[e.user_id])),
+                                  e.item_id, n, item_count[e.item_id] < COLD_BELOW))
+        if e.type in positive_types:
+            liked[e.user_id].append(e.item_id)
+        touched[e.user_id].add(e.item_id)
+        item_count[e.item_id] += 1
+    return out[int(len(out) * warmup):]
 
 
 @dataclass
@@ -78,6 +115,7 @@ class _Replay:
         self.rows: list[dict[str, float]] = []
         self.lists: list[list[str]] = []
         self.positions: list[int] = []
+        self.cold: list[bool] = []
 
     def predict(self, batch: list[Prediction]) -> None:
         if not batch:
@@ -88,6 +126,7 @@ class _Replay:
         self.rows += _score(batch, recs, self.ks)
         self.lists += [r.items for r in recs]
         self.positions += [p.position for p in batch]
+        self.cold += [p.cold for p in batch]
 
     def learn(self, events: Sequence[Interaction]) -> None:
         start = time.perf_counter()
@@ -104,15 +143,18 @@ def _by_chunk(predictions: list[Prediction], size: int) -> dict[int, list[Predic
     return buckets
 
 
+PROTOCOLS = ("session", "prequential", "user")
+
+
 def run(protocol: str, train: Sequence[Interaction], test: Sequence[Interaction],
         model_names: Sequence[str], ks: Sequence[int] = (10, 20), chunk: int = 1000,
         predict_chunk: int = 20_000, learn_during_test: bool = False, windows: int = 20,
-        store_factory=None, progress: bool = True) -> list[ModelResult]:
+        store_factory=None, progress: bool = True, warmup: float = 0.1) -> list[ModelResult]:
     """Replay ``train``/``test`` through each named model; returns one result per model."""
     from online_models.registry import build
 
-    if protocol not in ("session", "prequential"):
-        raise ValueError(f"protocol must be 'session' or 'prequential', not {protocol!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     sessions_train: dict[str, list[str]] = defaultdict(list)
     for e in train:
         sessions_train[e.session_id or e.user_id].append(e.item_id)
@@ -131,9 +173,11 @@ def run(protocol: str, train: Sequence[Interaction], test: Sequence[Interaction]
                 replay.learn(train)
                 bar.update(len(train))
                 stream, step = test, chunk if learn_during_test else predict_chunk
-            else:  # prequential: one stream, every chunk predicted, then learned
+            else:  # prequential and user: one stream, every chunk predicted, then learned
                 stream, step, learn_during_test = list(train) + list(test), chunk, True
-            buckets = _by_chunk(session_queries(stream), step)
+            predictions = (user_queries(stream, warmup=warmup) if protocol == "user"
+                           else session_queries(stream))
+            buckets = _by_chunk(predictions, step)
             for n, start in enumerate(range(0, len(stream), step)):
                 replay.predict(buckets.get(n, []))
                 if learn_during_test:
@@ -153,6 +197,11 @@ def _result(name: str, replay: _Replay, lists: ListMetrics, windows: int,
     if rows:
         for key in rows[0]:
             result.metrics[key] = float(np.mean([r[key] for r in rows]))
+    cold = [row for row, is_cold in zip(rows, replay.cold) if is_cold]
+    if cold:
+        for key in cold[0]:
+            result.metrics[f"{key}_cold"] = float(np.mean([r[key] for r in cold]))
+        result.metrics["predictions_cold"] = len(cold)
     result.metrics.update(lists.summarise(replay.lists))
     result.metrics["predictions"] = len(rows)
     result.metrics["events_per_s"] = replay.learned / replay.learn_s if replay.learn_s else 0.0
@@ -175,4 +224,4 @@ def _over_time(rows, positions, windows: int, k: int) -> list[dict[str, float]]:
     return out
 
 
-__all__ = ["ACCURACY", "ModelResult", "run", "session_queries"]
+__all__ = ["ACCURACY", "PROTOCOLS", "ModelResult", "run", "session_queries", "user_queries"]

@@ -66,6 +66,7 @@ def test_state_stays_bounded_under_hostile_ids(name):
         for key, row in rows.items():
             assert len(row) <= 3000, (table, key)
             if table in ("sess", "win", "sr", "cooc", "isess", "pop", "catalog"):
-                cap = {"sess": 50, "win": 5, "sr": 200, "cooc": 200, "isess": 300,
+                cap = {"sess": 50, "win": getattr(model, "window", 5), "sr": 200,
+                       "cooc": getattr(model, "neighbours", 200), "isess": 300,
                        "pop": 10_000, "catalog": 100_000}[table]
                 assert len(row) <= cap + max(1, cap // 10), (table, key, len(row))

@@ -66,3 +66,48 @@ def test_replay_equals_a_hand_written_predict_then_learn_loop():
         model.learn(mapper.map(evs[start:start + 100]))
     assert result.metrics["HR@5"] == pytest.approx(hits / n)
     assert result.metrics["predictions"] == n
+
+
+def _rating(n: int, user: str, item: str, kind: str) -> Interaction:
+    return Interaction(event_id=str(n), user_id=user, item_id=item, type=kind,
+                       timestamp=1.7e9 + n)
+
+
+def test_user_queries_follow_the_protocol():
+    from replay.protocols import user_queries
+
+    log = [("u1", "a", "like"), ("u1", "b", "view"), ("u2", "a", "like"), ("u1", "c", "like"),
+           ("u1", "a", "like"), ("u1", "d", "dislike"), ("u1", "e", "like")]
+    evs = [_rating(n, *row) for n, row in enumerate(log)]
+    preds = user_queries(evs, history=2, warmup=0.0)
+    # every like is a target unless the user touched its item before (u1's second "a")
+    assert [(p.query.user_id, p.target) for p in preds] == [
+        ("u1", "a"), ("u2", "a"), ("u1", "c"), ("u1", "e")]
+    last = preds[-1].query
+    assert last.session_items == ("c", "a")  # the last 2 positives, oldest first
+    assert last.exclude == {"a", "b", "c", "d"}  # everything touched, views and dislikes too
+    assert [p.cold for p in preds] == [True, True, True, True]
+    assert len(user_queries(evs, warmup=0.5)) == 2  # the first half replayed, not scored
+
+
+def test_user_protocol_equals_a_hand_written_predict_then_learn_loop():
+    from online_models.popularity import PopularityModel
+    from online_models.signals import SignalMapper
+    from replay.protocols import user_queries
+
+    rng = np.random.default_rng(3)
+    evs = [_rating(n, f"u{rng.integers(20)}", f"i{min(rng.zipf(1.3), 60)}",
+                   str(rng.choice(["like", "like", "view", "dislike"]))) for n in range(1500)]
+    [result] = run("user", evs, [], ["popularity"], ks=(10,), chunk=50, progress=False)
+    model, mapper, hits, n = PopularityModel(), SignalMapper(), 0, 0
+    preds = user_queries(evs)
+    for start in range(0, len(evs), 50):
+        batch = [p for p in preds if start <= p.position < start + 50]
+        for p, rec in zip(batch, model.recommend([p.query for p in batch], 10)):
+            assert not set(rec.items) & p.query.exclude
+            hits += p.target in rec.items
+            n += 1
+        model.learn(mapper.map(evs[start:start + 50]))
+    assert n == result.metrics["predictions"] > 100
+    assert result.metrics["HR@10"] == pytest.approx(hits / n)
+    assert 0 < result.metrics["predictions_cold"] < n

@@ -220,3 +220,59 @@ def test_top_k_dense_ties_and_exclusions():
     assert rec.items == ["b", "c", "a"]  # equal scores: column order; zero scores dropped
     [rec] = top_k_dense(ids, block.copy(), 3, [Query("u", exclude=frozenset({"b"}))])
     assert rec.items == ["c", "a"]
+
+
+def test_user_scope_pairs_across_sessions_and_queries_the_stored_history():
+    """Returning users: likes days apart (different sessions) still co-occur, and a query
+    with an empty session is answered from the user's stored history."""
+    day = 86_400
+    evs = [click(f"v-{n}", item, n * day, kind="like", user="v")
+           for n, item in enumerate(["a", "b", "c"])]
+    evs += [click(f"w-{n}", item, 10 + n * day, kind="like", user="w")
+            for n, item in enumerate(["a", "b"])]
+    evs += [click("u-0", "a", 20, kind="like", user="u")]
+    evs.sort(key=lambda e: e.timestamp)
+    by_session = learn_in_batches(CooccurrenceModel(normalisation="cosine"), evs, 2)
+    assert by_session.store.get_rows("cooc", ["a"])[0] == {}  # one item per session: no pairs
+    model = learn_in_batches(CooccurrenceModel(
+        scope="user", query="history", window=50, max_gap_s=float("inf"), half_life_s=None,
+        normalisation="cosine"), evs, 2)
+    assert model.store.get_rows("cooc", ["a"])[0] == pytest.approx({"b": 4.0, "c": 2.0})
+    [rec] = model.recommend([Query("u", (), exclude=frozenset({"a"}))], 3)
+    assert rec.items == ["b", "c"]  # from u's stored history ("a"), not the empty session
+    with pytest.raises(ValueError, match="scope='user'"):
+        CooccurrenceModel(query="history")
+
+
+def test_mixture_sums_normalised_part_scores_with_weights():
+    from online_models.mixture import MixtureModel
+
+    evs = [click("s1", "x", 1), click("s1", "y", 2), click("s2", "y", 3), click("s3", "x", 4),
+           click("s3", "z", 5), click("s4", "x", 6)]
+    mixture = MixtureModel({"pop": (PopularityModel, 1.0),
+                            "cooc": (lambda: CooccurrenceModel(normalisation="cosine"), 2.0)})
+    learn_in_batches(mixture, evs, 3)
+    query = Query("u", ("y",))
+    pop = {i: s for i, s in zip(*(lambda r: (r.items, r.scores))(
+        mixture.parts["pop"].recommend([query], 10)[0]))}
+    cooc = {i: s for i, s in zip(*(lambda r: (r.items, r.scores))(
+        mixture.parts["cooc"].recommend([query], 10)[0]))}
+    expected = {i: pop.get(i, 0) / max(pop.values()) + 2.0 * cooc.get(i, 0) / max(cooc.values())
+                for i in set(pop) | set(cooc)}
+    [rec] = mixture.recommend([query], 10)
+    assert rec.items == sorted(expected, key=lambda i: (-expected[i], i))
+    assert rec.scores == pytest.approx([expected[i] for i in rec.items])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_trim_row_equals_sorting_by_score_then_member_bytes(seed):
+    rng = np.random.default_rng(seed)
+    n, keep = int(rng.integers(2, 400)), int(rng.integers(1, 200))
+    values = rng.choice([0.5, 1.0, 2.0, 3.25], size=n) if seed % 2 else rng.random(n)
+    row = {f"{'é' if k % 3 == 0 else 'e'}{k}": float(v) for k, v in enumerate(values)}
+    expected = dict(row)
+    if len(expected) > keep + max(1, keep // 10):
+        for member, _ in sorted(expected.items(),
+                                key=lambda kv: (kv[1], kv[0].encode()))[:len(expected) - keep]:
+            del expected[member]
+    assert trim_row(dict(row), keep) == expected

@@ -1,0 +1,95 @@
+"""Choose the user-protocol blend's weights on a validation split, never on the scored part.
+
+The validation split is the log's first ``--share`` (by time); the user protocol runs over it
+(warm-up excluded), each part of the blend proposing its 100 best candidates per prediction,
+and every weight combination of the grid is scored on those same lists (HR@10). The full
+protocol (``streamrec replay --protocol user``) then reports every positive after the warm-up;
+``--warmup 0.65`` scores only positives after the validation split (the part tuning never saw).
+
+    python bench/tune_user.py --data ../shared/data/movielens-latest-small
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from online_models.registry import build  # noqa: E402
+from online_models.signals import SignalMapper  # noqa: E402
+from replay.loaders import load_log  # noqa: E402
+from replay.protocols import user_queries  # noqa: E402
+
+PARTS = ("session", "history", "popularity")
+GRID = {"history": (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
+        "popularity": (0.0, 0.05, 0.1, 0.2, 0.4)}
+
+
+def candidate_lists(events, chunk: int) -> tuple[list, dict[str, list[dict[str, float]]]]:
+    """Predictions over ``events`` and, per part, each prediction's normalised candidates."""
+    preds = user_queries(events)
+    models = {name: build(name) for name in PARTS}
+    mapper = SignalMapper()
+    lists: dict[str, list[dict[str, float]]] = {name: [] for name in PARTS}
+    by_chunk: dict[int, list] = {}
+    for p in preds:
+        by_chunk.setdefault(p.position // chunk, []).append(p)
+    for n, start in enumerate(range(0, len(events), chunk)):
+        batch = by_chunk.get(n, [])
+        if batch:
+            for name, model in models.items():
+                for rec in model.recommend([p.query for p in batch], 100):
+                    best = float(rec.scores[0]) if len(rec.items) else 1.0
+                    lists[name].append({i: s / (best or 1.0) for i, s in
+                                        zip(rec.items, rec.scores.tolist())})
+        signals = mapper.map(list(events[start:start + chunk]))
+        for model in models.values():
+            model.learn(signals)
+    return preds, lists
+
+
+def hit_rate(preds, lists, weights: dict[str, float], k: int = 10) -> float:
+    hits = 0
+    for n, p in enumerate(preds):
+        total: dict[str, float] = {}
+        for name, weight in weights.items():
+            if weight:
+                for item, score in lists[name][n].items():
+                    total[item] = total.get(item, 0.0) + weight * score
+        top = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        hits += any(item == p.target for item, _ in top)
+    return hits / max(len(preds), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/movielens-latest-small")
+    parser.add_argument("--format", default="movielens")
+    parser.add_argument("--share", type=float, default=0.6, help="validation: the first share")
+    parser.add_argument("--chunk", type=int, default=100)
+    args = parser.parse_args()
+    if not Path(args.data).exists():
+        sys.exit(f"{args.data}: not found (the shared data folder is needed)")
+    events = load_log(args.data, args.format)
+    validation = events[:int(len(events) * args.share)]
+    started = time.perf_counter()
+    preds, lists = candidate_lists(validation, args.chunk)
+    rows = [{"weights": {"session": 1.0, "history": wh, "popularity": wp},
+             "HR@10": hit_rate(preds, lists, {"session": 1.0, "history": wh, "popularity": wp})}
+            for wh, wp in itertools.product(GRID["history"], GRID["popularity"])]
+    singles = {name: hit_rate(preds, lists, {name: 1.0}) for name in PARTS}
+    best = max(rows, key=lambda r: r["HR@10"])
+    print(json.dumps({"validation_events": len(validation), "predictions": len(preds),
+                      "single_parts_HR@10": singles, "best": best,
+                      "seconds": round(time.perf_counter() - started, 1)}, indent=1))
+    for row in sorted(rows, key=lambda r: -r["HR@10"])[:8]:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""A weighted mixture of models: each part proposes candidates, scores are normalised per query
+(divided by the part's best) and summed with the part's weight.
+
+For returning users it mixes what the recent session says (``session``) with what the user's
+long history says (``history``) and what everyone likes (``popularity``); weights are chosen
+on a validation split carved from the log's earlier part (``bench/tune_user.py``), never on
+the scored part. Every part learns from the same batches, in its own store namespace.
+
+Example
+-------
+>>> from online_models.popularity import PopularityModel
+>>> model = MixtureModel({"a": (PopularityModel, 1.0), "b": (PopularityModel, 0.5)})
+>>> sorted(model.parts)
+['a', 'b']
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from online_models.base import LearnReport, OnlineModel, Query, Recommendations
+from online_models.signals import SignalBatch
+from online_models.store import StateStore
+
+
+class MixtureModel(OnlineModel):
+    name = "mixture"
+
+    def __init__(self, parts: dict[str, tuple[Callable[[], OnlineModel], float]],
+                 candidates: int = 100) -> None:
+        super().__init__()
+        self.parts = {name: factory() for name, (factory, _) in parts.items()}
+        self.weights = {name: weight for name, (_, weight) in parts.items()}
+        self.candidates = candidates
+        self.local_tables = tuple(t for part in self.parts.values() for t in part.local_tables)
+
+    def bind(self, store: StateStore) -> "MixtureModel":
+        for name, part in self.parts.items():
+            part.bind(store.sibling(f"{self.name}-{name}"))
+        self.store = store
+        return self
+
+    def prefetch(self, batch: SignalBatch) -> None:
+        for part in self.parts.values():
+            part.prefetch(batch)
+
+    def _learn(self, batch: SignalBatch) -> LearnReport:
+        changed: list[str] = []
+        for part in self.parts.values():
+            changed += part.learn(batch).changed_item_vectors
+        return LearnReport(events=len(batch), changed_item_vectors=changed)
+
+    def close(self) -> None:
+        for part in self.parts.values():
+            part.close()
+
+    def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
+        totals: list[dict[str, float]] = [{} for _ in queries]
+        for name, part in self.parts.items():
+            weight = self.weights[name]
+            if weight == 0:
+                continue
+            for total, rec in zip(totals, part.recommend(queries, self.candidates)):
+                if len(rec.items) == 0:
+                    continue
+                best = float(rec.scores[0]) or 1.0
+                for item, score in zip(rec.items, rec.scores.tolist()):
+                    total[item] = total.get(item, 0.0) + weight * score / best
+        out = []
+        for total in totals:
+            ranked = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+            out.append(Recommendations([i for i, _ in ranked],
+                                       np.array([s for _, s in ranked], dtype=np.float64)))
+        return out

@@ -1,0 +1,66 @@
+"""Fuzzing the wire decoder (Hypothesis, 10,000 cases each): whatever bytes arrive, the event
+decoder and the envelope splitter answer with valid events and named problems, never raise,
+and every part of an envelope is accounted for exactly once; the dead-letter record of any
+rejected message always fits its size limit."""
+
+import json
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from schemas import dlq
+from schemas.events import split_message
+
+FUZZ = settings(max_examples=10_000, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+    | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=30)
+fields = st.sampled_from(["event_id", "user_id", "item_id", "type", "timestamp", "session_id",
+                          "dwell_ms", "item_duration_ms", "position", "recommendation_id",
+                          "context", "schema_version", "extra"])
+small = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8)
+ids = st.sampled_from(["", "u", "ü:{x}/\\0", "x" * 256, "x" * 257]) | st.text(max_size=6)
+event_like = st.fixed_dictionaries(
+    {"event_id": ids, "user_id": ids, "item_id": ids,
+     "type": st.sampled_from(["click", "like", "teleport", "view", ""]),
+     "timestamp": st.sampled_from([1.7e9, 0, -1, 4e9, 1e300]) | st.floats(0, 4e9)},
+    optional={"dwell_ms": small, "position": small, "schema_version": st.integers(0, 2),
+              "context": st.dictionaries(st.text(max_size=70), small, max_size=20)}
+) | st.dictionaries(fields, small, max_size=6)
+
+
+def check(raw: bytes, max_bytes: int = 100_000) -> None:
+    valid, invalid = split_message(raw, max_bytes)
+    assert all(isinstance(index, (int, type(None))) for index, _, _ in invalid)
+    assert all(exc.errors and all(e["field"] and e["reason"] for e in exc.errors)
+               for _, _, exc in invalid)
+    if invalid:
+        record = dlq.dead_letter(raw, invalid, "t", 0, 0, len(valid), max_bytes=max_bytes)
+        assert len(dlq.encode(record)) <= max_bytes
+
+
+@FUZZ
+@given(st.binary(max_size=2000))
+def test_arbitrary_bytes_never_crash_the_decoder(raw):
+    check(raw)
+
+
+@FUZZ
+@given(json_values)
+def test_arbitrary_json_never_crashes_the_decoder(value):
+    check(json.dumps(value).encode())  # NaN, Infinity and 2^70 included: not all valid JSON
+
+
+@FUZZ
+@given(st.lists(event_like, min_size=1, max_size=12), st.integers(0, 3))
+def test_every_envelope_part_is_valid_or_named_once(events, header):
+    envelope = {"events": events} if header == 0 else {"events": events, "schema_version": header}
+    raw = json.dumps(envelope).encode()
+    check(raw)
+    valid, invalid = split_message(raw, 100_000)
+    if not any(index is None for index, _, _ in invalid):  # the envelope itself was sound
+        assert len(valid) + len({index for index, _, _ in invalid}) == len(events)
