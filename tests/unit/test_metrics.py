@@ -48,22 +48,29 @@ def test_session_queries_follow_the_protocol():
                                                                   (("a", "b"), "a")]
 
 
+def hand_written_replay(model, evs, preds, chunk: int, k: int) -> tuple[int, int]:
+    """(hits, predictions) of a plain predict-then-learn loop: the oracle of the runner."""
+    from online_models.signals import SignalMapper
+
+    mapper, hits, n = SignalMapper(), 0, 0
+    for start in range(0, len(evs), chunk):
+        batch = [p for p in preds if start <= p.position < start + chunk]
+        for p, rec in zip(batch, model.recommend([p.query for p in batch], k)):
+            assert not set(rec.items) & p.query.exclude
+            hits += p.target in rec.items
+            n += 1
+        model.learn(mapper.map(evs[start:start + chunk]))
+    return hits, n
+
+
 def test_replay_equals_a_hand_written_predict_then_learn_loop():
     """The prequential runner is exactly test-then-train (river progressive-validation style)."""
     from online_models.popularity import PopularityModel
-    from online_models.signals import SignalMapper
     from stream.simulator import UserSimulator
 
     evs = list(UserSimulator(30, 80, seed=4).events(1200, 1.7e9))
     [result] = run("prequential", evs, [], ["popularity"], ks=(5,), chunk=100, progress=False)
-    model, mapper, hits, n = PopularityModel(), SignalMapper(), 0, 0
-    preds = session_queries(evs)
-    for start in range(0, len(evs), 100):
-        batch = [p for p in preds if start <= p.position < start + 100]
-        for p, rec in zip(batch, model.recommend([p.query for p in batch], 5)):
-            hits += p.target in rec.items
-            n += 1
-        model.learn(mapper.map(evs[start:start + 100]))
+    hits, n = hand_written_replay(PopularityModel(), evs, session_queries(evs), 100, 5)
     assert result.metrics["HR@5"] == pytest.approx(hits / n)
     assert result.metrics["predictions"] == n
 
@@ -92,22 +99,13 @@ def test_user_queries_follow_the_protocol():
 
 def test_user_protocol_equals_a_hand_written_predict_then_learn_loop():
     from online_models.popularity import PopularityModel
-    from online_models.signals import SignalMapper
     from replay.protocols import user_queries
 
     rng = np.random.default_rng(3)
     evs = [_rating(n, f"u{rng.integers(20)}", f"i{min(rng.zipf(1.3), 60)}",
                    str(rng.choice(["like", "like", "view", "dislike"]))) for n in range(1500)]
     [result] = run("user", evs, [], ["popularity"], ks=(10,), chunk=50, progress=False)
-    model, mapper, hits, n = PopularityModel(), SignalMapper(), 0, 0
-    preds = user_queries(evs)
-    for start in range(0, len(evs), 50):
-        batch = [p for p in preds if start <= p.position < start + 50]
-        for p, rec in zip(batch, model.recommend([p.query for p in batch], 10)):
-            assert not set(rec.items) & p.query.exclude
-            hits += p.target in rec.items
-            n += 1
-        model.learn(mapper.map(evs[start:start + 50]))
+    hits, n = hand_written_replay(PopularityModel(), evs, user_queries(evs), 50, 10)
     assert n == result.metrics["predictions"] > 100
     assert result.metrics["HR@10"] == pytest.approx(hits / n)
     assert 0 < result.metrics["predictions_cold"] < n
