@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     app_id: str = Field("streamrec", description="Faust application id (consumer group).")
     kafka_session_timeout_s: float = Field(10.0, gt=0, description="Consumer session timeout.")
     kafka_rebalance_timeout_s: float = Field(10.0, gt=0, description="Consumer rebalance timeout.")
+    kafka_ack_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="How long the API and feed builder wait for Kafka to "
+        "take a publish (impression log, POST /v1/events) before answering 503.")
     log_check_interval_s: float = Field(
         10.0, gt=0, description="How often the worker checks that Redis progress fits the Kafka "
         "log (a log that went backwards holds its partition: docs/reliability.md).")

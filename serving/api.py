@@ -25,8 +25,9 @@ from serving.feeds import FeedBuilder, ImpressionLogUnavailable
 from stream.producer import DeliveryError, InteractionProducer
 
 
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 #: Ids on paths follow the event contract: 1..256 characters (else 422).
@@ -143,13 +144,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def publish() -> None:
             sdk = get_producer()
             sdk.send_many(valid)
-            sdk.flush()
+            sdk.flush(timeout_s=settings.kafka_ack_timeout_s)
 
         try:
             await run_in_threadpool(publish)
         except DeliveryError as exc:
-            raise HTTPException(503, f"Kafka did not acknowledge: {exc}") from exc
-        except Exception as exc:  # broker unreachable at connect time
+            # sent but not acknowledged in time: Kafka may still take them, so the outcome is
+            # unknown; a retry with the same event ids is safe (duplicates are dropped by id)
+            return _json({"status": "unknown", "detail": f"Kafka did not acknowledge within "
+                          f"{settings.kafka_ack_timeout_s:g} s ({exc}); the events may still be "
+                          "applied: retry with the same event_ids, duplicates are dropped",
+                          "event_ids": [e.event_id for e in valid]}, 503,
+                         headers={"Retry-After": "1"})
+        except Exception as exc:  # broker unreachable at connect time: nothing was sent
             raise HTTPException(503, f"Kafka unavailable: {exc!r}") from exc
         return _json({"accepted": len(valid)}, 202)
 

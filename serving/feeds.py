@@ -63,11 +63,13 @@ class ImpressionLogger:
     def log(self, records: list[tuple[str, impressions.ImpressionLog]]) -> None:
         from kafka.errors import KafkaError
 
+        budget = self.settings.kafka_ack_timeout_s  # the whole wait, connecting included
+        started = time.monotonic()
         try:
             producer = self._get()
             sent = [producer.send(self.settings.topic_impressions, key=user.encode(),
                                   value=impressions.encode(record)) for user, record in records]
-            producer.flush(timeout=10)
+            producer.flush(timeout=max(0.1, budget - (time.monotonic() - started)))
             for future in sent:
                 future.get(timeout=0)  # raises the send's error, if any
         except KafkaError as exc:
@@ -81,7 +83,8 @@ class ImpressionLogger:
                 self._producer = KafkaProducer(
                     bootstrap_servers=self.settings.kafka_bootstrap, acks="all", linger_ms=5,
                     max_request_size=self.settings.max_message_bytes,
-                    max_block_ms=5000, bootstrap_timeout_ms=5000,  # ≤ ~5 s when Kafka is down
+                    max_block_ms=int(1000 * self.settings.kafka_ack_timeout_s),
+                    bootstrap_timeout_ms=int(1000 * self.settings.kafka_ack_timeout_s),
                     **self.settings.kafka_client_options())
             return self._producer
 
