@@ -28,14 +28,25 @@ from replay.protocols import user_queries  # noqa: E402
 PARTS = ("session", "history", "popularity")
 GRID = {"history": (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
         "popularity": (0.0, 0.05, 0.1, 0.2, 0.4)}
+#: variants of the history part (CooccurrenceModel, scope="user"), each learned afresh
+HISTORY_VARIANTS = [dict(alpha=a, recency=r, history=h) for a in (0.5, 0.65, 0.8)
+                    for r in (0.9, 0.97) for h in (50, 200)]
 
 
-def candidate_lists(events, chunk: int) -> tuple[list, dict[str, list[dict[str, float]]]]:
-    """Predictions over ``events`` and, per part, each prediction's normalised candidates."""
+def history_model(alpha: float, recency: float, history: int):
+    from online_models.cooccurrence import CooccurrenceModel
+
+    return CooccurrenceModel(scope="user", query="history", window=300,
+                             max_gap_s=float("inf"), neighbours=500, half_life_s=None,
+                             normalisation="cosine", history=history, recency=recency,
+                             alpha=alpha)
+
+
+def candidate_lists(events, chunk: int, models: dict) -> tuple[list, dict[str, list]]:
+    """Predictions over ``events`` and, per model, each prediction's normalised candidates."""
     preds = user_queries(events)
-    models = {name: build(name) for name in PARTS}
     mapper = SignalMapper()
-    lists: dict[str, list[dict[str, float]]] = {name: [] for name in PARTS}
+    lists: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     by_chunk: dict[int, list] = {}
     for p in preds:
         by_chunk.setdefault(p.position // chunk, []).append(p)
@@ -72,17 +83,31 @@ def main() -> None:
     parser.add_argument("--format", default="movielens")
     parser.add_argument("--share", type=float, default=0.6, help="validation: the first share")
     parser.add_argument("--chunk", type=int, default=100)
+    parser.add_argument("--history-variants", action="store_true",
+                        help="also try the history part's variants (HISTORY_VARIANTS)")
     args = parser.parse_args()
     if not Path(args.data).exists():
         sys.exit(f"{args.data}: not found (the shared data folder is needed)")
     events = load_log(args.data, args.format)
     validation = events[:int(len(events) * args.share)]
     started = time.perf_counter()
-    preds, lists = candidate_lists(validation, args.chunk)
-    rows = [{"weights": {"session": 1.0, "history": wh, "popularity": wp},
+    preds, lists = candidate_lists(validation, args.chunk,
+                                   {name: build(name) for name in PARTS})
+    singles = {name: hit_rate(preds, lists, {name: 1.0}) for name in PARTS}
+    rows = [{"history": "registry", "weights": {"session": 1.0, "history": wh, "popularity": wp},
              "HR@10": hit_rate(preds, lists, {"session": 1.0, "history": wh, "popularity": wp})}
             for wh, wp in itertools.product(GRID["history"], GRID["popularity"])]
-    singles = {name: hit_rate(preds, lists, {name: 1.0}) for name in PARTS}
+    if args.history_variants:
+        for variant in HISTORY_VARIANTS:
+            _, alt = candidate_lists(validation, args.chunk, {"alt": history_model(**variant)})
+            lists["history"] = alt["alt"]
+            singles[json.dumps(variant)] = hit_rate(preds, lists, {"history": 1.0})
+            rows += [{"history": variant, "weights": {"session": 1.0, "history": wh},
+                      "HR@10": hit_rate(preds, lists, {"session": 1.0, "history": wh})}
+                     for wh in GRID["history"]]
+            print(json.dumps({"variant": variant, "alone": singles[json.dumps(variant)],
+                              "best_mix": max(r["HR@10"] for r in rows
+                                              if r["history"] == variant)}), flush=True)
     best = max(rows, key=lambda r: r["HR@10"])
     print(json.dumps({"validation_events": len(validation), "predictions": len(preds),
                       "single_parts_HR@10": singles, "best": best,

@@ -50,8 +50,12 @@ def cmd_api(args: argparse.Namespace) -> None:
     settings = Settings()
     if not settings.redis_url:
         settings.require_services()
-    uvicorn.run(create_app(settings), host=args.host or settings.api_host,
-                port=args.port or settings.api_port, log_level=args.loglevel)
+    host, port = args.host or settings.api_host, args.port or settings.api_port
+    if args.workers > 1:  # processes, each building its app from the same STREAMREC_* env
+        uvicorn.run("serving.api:create_app", factory=True, workers=args.workers, host=host,
+                    port=port, log_level=args.loglevel)
+    else:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=args.loglevel)
 
 
 def cmd_feeds(_args: argparse.Namespace) -> None:
@@ -269,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=None, help="port [STREAMREC_API_PORT]")
     api.add_argument("--loglevel", default=_env("STREAMREC_LOGLEVEL", "info"),
                      help="log level [STREAMREC_LOGLEVEL]")
+    api.add_argument("--workers", type=int, default=_env("STREAMREC_API_WORKERS", 1),
+                     help="API processes sharing the port [STREAMREC_API_WORKERS]")
     api.set_defaults(func=cmd_api)
 
     sub.add_parser("feeds", help=cmd_feeds.__doc__).set_defaults(func=cmd_feeds)

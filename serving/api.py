@@ -95,6 +95,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   ) -> Response:
         """The stored feed; computed on demand (``source: on_demand``) when none is stored
         or when ``k`` asks for another size."""
+        if k is None:  # the common read: the stored document as it is, no decode/encode
+            raw = builder.read_raw(user_id)
+            if raw:
+                return Response(raw, media_type="application/json")
         feed = builder.read(user_id)
         if feed is None or (k is not None and k != len(feed.items)):
             feed = on_demand(user_id, k)

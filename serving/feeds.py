@@ -249,8 +249,12 @@ class FeedBuilder:
 
     def read(self, user_id: str) -> Feed | None:
         """The stored feed of a user, or None."""
-        raw = self.client.get(self.keys.feed(user_id))
+        raw = self.read_raw(user_id)
         return decode_feed(raw) if raw else None
+
+    def read_raw(self, user_id: str) -> bytes | None:
+        """The stored feed document as stored (JSON bytes), or None."""
+        return self.client.get(self.keys.feed(user_id))
 
     def refresh_round(self) -> int:
         """Rebuild the feeds of up to ``feed_refresh_batch`` queued users; returns how many."""
