@@ -29,8 +29,11 @@ PARTS = ("session", "history", "popularity")
 GRID = {"history": (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
         "popularity": (0.0, 0.05, 0.1, 0.2, 0.4)}
 #: variants of the history part (CooccurrenceModel, scope="user"), each learned afresh
-HISTORY_VARIANTS = [dict(alpha=a, recency=r, history=h) for a in (0.5, 0.65, 0.8)
-                    for r in (0.9, 0.97) for h in (50, 200)]
+HISTORY_VARIANTS = [dict(alpha=0.5, recency=0.9, history=50),
+                    dict(alpha=0.5, recency=0.8, history=50),
+                    dict(alpha=0.65, recency=0.9, history=50),
+                    dict(alpha=0.8, recency=0.9, history=50)]
+# measured earlier (validation HR@10 of the best mix): recency 0.9 with history 200: 0.0945
 
 
 def history_model(alpha: float, recency: float, history: int):

@@ -22,7 +22,7 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
         half_life_s=None, normalisation="cosine", recency=1.0),
     "history": lambda: CooccurrenceModel(  # tuned on a validation split (docs/models.md)
         scope="user", query="history", window=300, max_gap_s=float("inf"),
-        neighbours=500, half_life_s=None, normalisation="cosine", history=50, recency=0.95),
+        neighbours=500, half_life_s=None, normalisation="cosine", history=50, recency=0.8),
     "isgd": lambda: OnlineMF(  # reference peer: ISGD (Vinagre et al. 2014), k=10, positives only
         factors=10, learning_rate=0.05, regularisation=0.01, negatives=0, epochs=1),
     "user_blend": lambda: MixtureModel(USER_BLEND_PARTS),
@@ -40,7 +40,7 @@ BASELINES = ("random", "popularity")
 #: popularity, weights chosen on the validation split of ``bench/tune_user.py``.
 USER_BLEND_PARTS = {
     "session": (SessionModel, 1.0),
-    "history": (lambda: build("history"), 0.5),
+    "history": (lambda: build("history"), 0.75),
     "popularity": (PopularityModel, 0.0),
 }
 
