@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from contextlib import contextmanager
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -23,3 +26,20 @@ def read_topic(bootstrap: str, topic: str, min_count: int, timeout_s: float = 30
         return records
     finally:
         consumer.close()
+
+
+@contextmanager
+def private_broker(settings, **overrides):
+    """A broker of the test's own, to pause or kill, and ``settings`` pointed at it (topics
+    created); stopped (and resumed first, if paused) when the block ends."""
+    from infra.embedded import EmbeddedKafka, ensure_streamrec_topics
+
+    broker = EmbeddedKafka().start()
+    try:
+        own = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap, **overrides})
+        ensure_streamrec_topics(own)
+        yield broker, own
+    finally:
+        if broker.proc is not None and broker.proc.poll() is None:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        broker.stop()

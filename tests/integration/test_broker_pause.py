@@ -8,19 +8,16 @@ import time
 import httpx
 import orjson
 
-from infra.embedded import EmbeddedKafka, ensure_streamrec_topics, free_port
+from infra.embedded import free_port
 from schemas.keys import RedisKeys
 from tests.conftest import wait_for
+from tests.integration.kafka_helpers import private_broker
 
 
 def test_paused_broker_gets_timely_unknown_answers_and_retries_apply_once(
         settings, redis_client, spawn):
     keys = RedisKeys(settings.key_prefix)
-    broker = EmbeddedKafka().start()
-    try:
-        s = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap,
-                                        "kafka_ack_timeout_s": 2.0})
-        ensure_streamrec_topics(s)
+    with private_broker(settings, kafka_ack_timeout_s=2.0) as (broker, s):
         worker = spawn(["worker", "--loglevel", "warn"], s)
         port = free_port()
         api = spawn(["api", "--port", str(port), "--loglevel", "warning"], s)
@@ -61,10 +58,6 @@ def test_paused_broker_gets_timely_unknown_answers_and_retries_apply_once(
                  "the retried events to apply", proc=worker)
         time.sleep(2)
         assert int(redis_client.hget(keys.stats, "events_applied")) == 4  # each once
-    finally:
-        if broker.proc and broker.proc.poll() is None:
-            os.kill(broker.proc.pid, signal.SIGCONT)
-        broker.stop()
 
 
 def _up(url: str) -> bool:

@@ -9,11 +9,12 @@ import subprocess
 import sys
 import time
 
-from infra.embedded import EmbeddedKafka, ensure_streamrec_topics
+from infra.embedded import ensure_streamrec_topics
 from schemas.keys import RedisKeys
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
 from tests.conftest import ROOT, settings_env, wait_for
+from tests.integration.kafka_helpers import private_broker
 
 
 def applied(redis_client, keys) -> int:
@@ -36,11 +37,7 @@ def produce(settings, events) -> None:
 def test_a_log_that_went_backwards_holds_its_partitions_until_an_operator_resets_them(
         settings, redis_client, spawn):
     keys = RedisKeys(settings.key_prefix)
-    broker = EmbeddedKafka().start()
-    try:
-        settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap,
-                                               "log_check_interval_s": 1.0})
-        ensure_streamrec_topics(settings)
+    with private_broker(settings, log_check_interval_s=1.0) as (broker, settings):
         worker = spawn(["worker", "--loglevel", "warn"], settings)
         sim = UserSimulator(60, 300, seed=4)
         first = list(sim.events(2000, time.time() - 3600))
@@ -50,7 +47,7 @@ def test_a_log_that_went_backwards_holds_its_partitions_until_an_operator_resets
         assert offsets_cli(settings).returncode == 0  # every watermark fits the log
 
         broker.kill()  # memory storage: the restarted broker's log starts again at offset 0
-        broker = EmbeddedKafka(port=broker.port).start()
+        broker.start()  # same port
         ensure_streamrec_topics(settings)
         second = list(sim.events(300, time.time() - 600))
         produce(settings, second)
@@ -82,5 +79,3 @@ def test_a_log_that_went_backwards_holds_its_partitions_until_an_operator_resets
         assert applied(redis_client, keys) == len(first) + len(second)  # once, not twice
         assert not redis_client.hgetall(keys.held_partitions)
         assert worker.proc.poll() is None
-    finally:
-        broker.stop()
