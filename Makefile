@@ -38,7 +38,7 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit tests/contract $(PYTEST_ARGS)
 
-bench: bench-validation bench-replay bench-apply bench-ingest bench-serving
+bench: bench-validation bench-replay bench-apply bench-ingest bench-serving bench-api
 
 bench-apply: $(STAMP)
 	$(BIN)/python bench/apply.py
