@@ -192,55 +192,47 @@ def cmd_docs(_args: argparse.Namespace) -> None:
 
 def cmd_offsets(args: argparse.Namespace) -> None:
     """Show each partition's Redis watermark against its Kafka log; with --reset, choose
-    where a held partition resumes (the running worker follows within one check interval)."""
-    from kafka import KafkaConsumer, TopicPartition
-
+    where a held partition resumes (the running worker sees it within one check interval
+    and restarts to resume there)."""
     from infra.redis_client import sync_redis
     from infra.settings import Settings
     from schemas.keys import RedisKeys
-    from stream.log_positions import (LogEndProbe, find_mismatches, read_watermarks,
+    from stream.log_positions import (LogEndProbe, find_mismatches, hold, read_watermarks,
                                       reset_partition, reset_target)
 
     settings = Settings()
     settings.require_services()
     topic, keys = settings.topic_interactions, RedisKeys(settings.key_prefix)
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
-                             enable_auto_commit=False, **settings.kafka_client_options())
-    try:
-        known = sorted(consumer.partitions_for_topic(topic) or [])
-        tps = [TopicPartition(topic, p) for p in known]
-        starts = {tp.partition: o for tp, o in consumer.beginning_offsets(tps).items()}
-        ends = {tp.partition: o for tp, o in consumer.end_offsets(tps).items()}
-    finally:
-        consumer.close()
-    if not known:
-        raise LogPositionError(f"topic {topic!r} has no partitions on {settings.kafka_bootstrap}")
-    chosen = args.partition or known
-    unknown = sorted(set(chosen) - set(known))
-    if unknown:
-        raise LogPositionError(f"{topic} has no partition {unknown[0]} (it has {known})")
-    client = sync_redis(settings.redis_url)
-    if args.reset:
-        for partition in chosen:
-            try:
-                target = reset_target(args.reset, starts[partition], ends[partition])
-            except ValueError as exc:
-                raise LogPositionError(str(exc)) from None
-            reset_partition(client, keys, topic, partition, target)
-            print(f"{topic}[{partition}]: next offset to apply = {target}")
-    marks = read_watermarks(client, keys, topic, known)
     probe = LogEndProbe(settings.kafka_bootstrap, settings.kafka_client_options())
     try:
+        known, starts, ends = probe.bounds(topic)
+        if not known:
+            raise LogPositionError(f"topic {topic!r} has no partitions on "
+                                   f"{settings.kafka_bootstrap}")
+        chosen = args.partition or known
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            raise LogPositionError(f"{topic} has no partition {unknown[0]} (it has {known})")
+        client = sync_redis(settings.redis_url)
+        if args.reset:
+            for partition in chosen:
+                try:
+                    target = reset_target(args.reset, starts[partition], ends[partition])
+                except ValueError as exc:
+                    raise LogPositionError(str(exc)) from None
+                reset_partition(client, keys, topic, partition, target)
+                print(f"{topic}[{partition}]: next offset to apply = {target}")
+        marks = read_watermarks(client, keys, topic, known)
         bad = {m.partition: m.reason
                for m in probe.confirm(find_mismatches(topic, marks, starts, ends))}
     finally:
         probe.close()
-    held = {k.decode(): v.decode() for k, v in client.hgetall(keys.held_partitions).items()}
+    held = hold(client, keys)
     for partition in known:
         print(json.dumps({"topic": topic, "partition": partition, "watermark": marks[partition],
                           "log_start": starts[partition], "log_end": ends[partition],
                           "fits": partition not in bad,
-                          "held_by_worker": f"{topic}:{partition}" in held}))
+                          "held_by_worker": (topic, partition) in held}))
     if bad and not args.reset:
         for reason in bad.values():
             print(reason, file=sys.stderr)

@@ -37,7 +37,8 @@ from schemas import dlq, vectors
 from schemas.events import split_message
 from stream import metrics
 from stream.app import app, settings
-from stream.log_positions import LogEndProbe, LogMismatch, find_mismatches, read_watermarks
+from stream.log_positions import (LogEndProbe, LogMismatch, find_mismatches, hold,
+                                  read_watermarks)
 from stream.pipeline import ApplyPipeline
 from stream.state import ApplyResult, LiveState, SourceMessage
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
@@ -166,21 +167,6 @@ async def _log_positions(partitions) -> tuple[dict[int, int | None], list[LogMis
     return marks, mismatches
 
 
-def _record_held(mismatches: list[LogMismatch]) -> None:
-    state = live_state()
-    state.client.hset(state.keys.held_partitions,
-                      mapping={f"{m.topic}:{m.partition}": m.reason for m in mismatches})
-
-
-def _held_in_redis() -> dict[tuple[str, int], str]:
-    state = live_state()
-    held = {}
-    for field, reason in state.client.hgetall(state.keys.held_partitions).items():
-        topic, _, partition = field.decode().rpartition(":")
-        held[(topic, int(partition))] = reason.decode()
-    return held
-
-
 async def _hold(mismatches: list[LogMismatch], partitions) -> dict[tuple[str, int], str]:
     """Hold the mismatched partitions, and those Redis says are held (a hold outlives
     rebalances and restarts: once the new log grows past the watermark it would fit again,
@@ -189,9 +175,9 @@ async def _hold(mismatches: list[LogMismatch], partitions) -> dict[tuple[str, in
     for m in new:
         log.critical("holding partition: %s", m.reason)
         _held[(m.topic, m.partition)] = m.reason
-    if new:
-        await on_redis_thread("recording held partitions", _record_held, new)
-    recorded = await on_redis_thread("reading held partitions", _held_in_redis)
+    state = live_state()
+    recorded = await on_redis_thread("recording held partitions", hold, state.client,
+                                     state.keys, new)
     for tp in partitions:
         key = (tp.topic, tp.partition)
         if key in recorded and key not in _held:

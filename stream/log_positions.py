@@ -19,7 +19,7 @@ picks a resume point with ``streamrec offsets --reset start|end|OFFSET``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from schemas.keys import RedisKeys
 
@@ -88,6 +88,17 @@ class LogEndProbe:
             end = max(end, records[-1].offset + 1)
         return end
 
+    def bounds(self, topic: str) -> tuple[list[int], dict[int, int], dict[int, int]]:
+        """(partitions, log start, reported log end) of ``topic``."""
+        from kafka import TopicPartition
+
+        partitions = sorted(self._consumer.partitions_for_topic(topic) or [])
+        tps = [TopicPartition(topic, p) for p in partitions]
+        starts = self._consumer.beginning_offsets(tps) if tps else {}
+        ends = self._consumer.end_offsets(tps) if tps else {}
+        return (partitions, {tp.partition: o for tp, o in starts.items()},
+                {tp.partition: o for tp, o in ends.items()})
+
     def confirm(self, mismatches: list[LogMismatch]) -> list[LogMismatch]:
         """The mismatches that remain with each log's end read from the log itself."""
         confirmed = []
@@ -110,6 +121,26 @@ def read_watermarks(client, keys: RedisKeys, topic: str, partitions: list[int]
     return {p: int(m) if m is not None else None for p, m in zip(partitions, marks)}
 
 
+def _held_field(topic: str, partition: int) -> str:
+    return f"{topic}:{partition}"
+
+
+def hold(client, keys: RedisKeys, mismatches: Sequence[LogMismatch] = ()
+         ) -> dict[tuple[str, int], str]:
+    """Record ``mismatches`` as held (none: only read), in one round trip with reading every
+    hold recorded: ``{(topic, partition): reason}`` (holds outlive rebalances and restarts)."""
+    pipe = client.pipeline(transaction=False)
+    if mismatches:
+        pipe.hset(keys.held_partitions,
+                  mapping={_held_field(m.topic, m.partition): m.reason for m in mismatches})
+    pipe.hgetall(keys.held_partitions)
+    held = {}
+    for field, reason in pipe.execute()[-1].items():
+        topic, _, partition = field.decode().rpartition(":")
+        held[(topic, int(partition))] = reason.decode()
+    return held
+
+
 def reset_target(to: str, log_start: int, log_end: int) -> int:
     """The next offset to apply for ``--reset to``: ``start``, ``end`` or an offset."""
     if to == "start":
@@ -125,11 +156,11 @@ def reset_target(to: str, log_start: int, log_end: int) -> int:
 def reset_partition(client, keys: RedisKeys, topic: str, partition: int, next_offset: int
                     ) -> None:
     """Make ``next_offset`` the next offset the worker applies, and release the hold; the
-    worker seeks there within one check interval."""
+    worker sees the release within one check interval and restarts to resume there."""
     pipe = client.pipeline(transaction=True)
     if next_offset == 0:
         pipe.delete(keys.watermark(topic, partition))
     else:
         pipe.set(keys.watermark(topic, partition), next_offset - 1)
-    pipe.hdel(keys.held_partitions, f"{topic}:{partition}")
+    pipe.hdel(keys.held_partitions, _held_field(topic, partition))
     pipe.execute()
