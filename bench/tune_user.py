@@ -4,7 +4,7 @@ The validation split is the log's first ``--share`` (by time); the user protocol
 (warm-up excluded), each part of the blend proposing its 100 best candidates per prediction,
 and every weight combination of the grid is scored on those same lists (HR@10). The full
 protocol (``streamrec replay --protocol user``) then reports every positive after the warm-up;
-``--warmup 0.65`` scores only positives after the validation split (the part tuning never saw).
+``--warmup 0.6`` scores only positives after the validation split (the part tuning never saw).
 
     python bench/tune_user.py --data ../shared/data/movielens-latest-small
 """
@@ -20,10 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from online_models.registry import build  # noqa: E402
+from online_models.mixture import mix, normalised  # noqa: E402
+from online_models.registry import build, user_knn  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
 from replay.loaders import load_log  # noqa: E402
-from replay.protocols import user_queries  # noqa: E402
+from replay.protocols import by_chunk, user_queries  # noqa: E402
 
 PARTS = ("session", "history", "popularity")
 GRID = {"history": (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
@@ -36,31 +37,17 @@ HISTORY_VARIANTS = [dict(alpha=0.5, recency=0.9, history=50),
 # measured earlier (validation HR@10 of the best mix): recency 0.9 with history 200: 0.0945
 
 
-def history_model(alpha: float, recency: float, history: int):
-    from online_models.cooccurrence import CooccurrenceModel
-
-    return CooccurrenceModel(scope="user", query="history", window=300,
-                             max_gap_s=float("inf"), neighbours=500, half_life_s=None,
-                             normalisation="cosine", history=history, recency=recency,
-                             alpha=alpha)
-
-
 def candidate_lists(events, chunk: int, models: dict) -> tuple[list, dict[str, list]]:
     """Predictions over ``events`` and, per model, each prediction's normalised candidates."""
     preds = user_queries(events)
     mapper = SignalMapper()
     lists: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    by_chunk: dict[int, list] = {}
-    for p in preds:
-        by_chunk.setdefault(p.position // chunk, []).append(p)
+    buckets = by_chunk(preds, chunk)
     for n, start in enumerate(range(0, len(events), chunk)):
-        batch = by_chunk.get(n, [])
+        batch = buckets.get(n, [])
         if batch:
             for name, model in models.items():
-                for rec in model.recommend([p.query for p in batch], 100):
-                    best = float(rec.scores[0]) if len(rec.items) else 1.0
-                    lists[name].append({i: s / (best or 1.0) for i, s in
-                                        zip(rec.items, rec.scores.tolist())})
+                lists[name] += map(normalised, model.recommend([p.query for p in batch], 100))
         signals = mapper.map(list(events[start:start + chunk]))
         for model in models.values():
             model.learn(signals)
@@ -68,14 +55,10 @@ def candidate_lists(events, chunk: int, models: dict) -> tuple[list, dict[str, l
 
 
 def hit_rate(preds, lists, weights: dict[str, float], k: int = 10) -> float:
+    """HR@k of the mixture with ``weights`` (what ``MixtureModel`` would rank) on ``lists``."""
     hits = 0
     for n, p in enumerate(preds):
-        total: dict[str, float] = {}
-        for name, weight in weights.items():
-            if weight:
-                for item, score in lists[name][n].items():
-                    total[item] = total.get(item, 0.0) + weight * score
-        top = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        top = mix({name: lists[name][n] for name in weights if weights[name]}, weights, k)
         hits += any(item == p.target for item, _ in top)
     return hits / max(len(preds), 1)
 
@@ -102,7 +85,8 @@ def main() -> None:
             for wh, wp in itertools.product(GRID["history"], GRID["popularity"])]
     if args.history_variants:
         for variant in HISTORY_VARIANTS:
-            _, alt = candidate_lists(validation, args.chunk, {"alt": history_model(**variant)})
+            _, alt = candidate_lists(validation, args.chunk,
+                                     {"alt": user_knn(query="history", **variant)})
             lists["history"] = alt["alt"]
             singles[json.dumps(variant)] = hit_rate(preds, lists, {"history": 1.0})
             rows += [{"history": variant, "weights": {"session": 1.0, "history": wh},

@@ -25,18 +25,16 @@ from online_models.signals import SignalBatch
 from online_models.store import StateStore
 
 
-class MixtureModel(OnlineModel):
-    name = "mixture"
+class CompositeModel(OnlineModel):
+    """A model made of named parts: each part learns every batch in its own store namespace
+    (``<name>-<part>``); subclasses decide how the parts recommend together."""
 
-    def __init__(self, parts: dict[str, tuple[Callable[[], OnlineModel], float]],
-                 candidates: int = 100) -> None:
+    def __init__(self, parts: dict[str, OnlineModel]) -> None:
         super().__init__()
-        self.parts = {name: factory() for name, (factory, _) in parts.items()}
-        self.weights = {name: weight for name, (_, weight) in parts.items()}
-        self.candidates = candidates
-        self.local_tables = tuple(t for part in self.parts.values() for t in part.local_tables)
+        self.parts = parts
+        self.local_tables = tuple(t for part in parts.values() for t in part.local_tables)
 
-    def bind(self, store: StateStore) -> "MixtureModel":
+    def bind(self, store: StateStore) -> "CompositeModel":
         for name, part in self.parts.items():
             part.bind(store.sibling(f"{self.name}-{name}"))
         self.store = store
@@ -56,21 +54,40 @@ class MixtureModel(OnlineModel):
         for part in self.parts.values():
             part.close()
 
+
+def normalised(rec: Recommendations) -> dict[str, float]:
+    """A part's candidates with scores divided by its best (each part counts on one scale)."""
+    best = float(rec.scores[0]) if len(rec.items) else 1.0
+    return {item: score / (best or 1.0) for item, score in zip(rec.items, rec.scores.tolist())}
+
+
+def mix(candidates: dict[str, dict[str, float]], weights: dict[str, float], k: int
+        ) -> list[tuple[str, float]]:
+    """The top ``k`` of ``Σ weight · normalised score`` over the parts' candidates; ties by
+    item id."""
+    total: dict[str, float] = {}
+    for name, weight in weights.items():
+        if weight:
+            for item, score in candidates[name].items():
+                total[item] = total.get(item, 0.0) + weight * score
+    return sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
+class MixtureModel(CompositeModel):
+    name = "mixture"
+
+    def __init__(self, parts: dict[str, tuple[Callable[[], OnlineModel], float]],
+                 candidates: int = 100) -> None:
+        super().__init__({name: factory() for name, (factory, _) in parts.items()})
+        self.weights = {name: weight for name, (_, weight) in parts.items()}
+        self.candidates = candidates
+
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
-        totals: list[dict[str, float]] = [{} for _ in queries]
-        for name, part in self.parts.items():
-            weight = self.weights[name]
-            if weight == 0:
-                continue
-            for total, rec in zip(totals, part.recommend(queries, self.candidates)):
-                if len(rec.items) == 0:
-                    continue
-                best = float(rec.scores[0]) or 1.0
-                for item, score in zip(rec.items, rec.scores.tolist()):
-                    total[item] = total.get(item, 0.0) + weight * score / best
+        per_part = {name: [normalised(rec) for rec in part.recommend(queries, self.candidates)]
+                    for name, part in self.parts.items() if self.weights[name]}
         out = []
-        for total in totals:
-            ranked = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        for n in range(len(queries)):
+            ranked = mix({name: lists[n] for name, lists in per_part.items()}, self.weights, k)
             out.append(Recommendations([i for i, _ in ranked],
                                        np.array([s for _, s in ranked], dtype=np.float64)))
         return out

@@ -17,12 +17,8 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     "cooc": CooccurrenceModel,
     "mf": OnlineMF,
     # returning users: neighbours over each user's history (scope="user")
-    "itemknn": lambda: CooccurrenceModel(  # reference peer: cosine, last 20 positives, flat
-        scope="user", window=300, max_gap_s=float("inf"), neighbours=500,
-        half_life_s=None, normalisation="cosine", recency=1.0),
-    "history": lambda: CooccurrenceModel(  # tuned on a validation split (docs/models.md)
-        scope="user", query="history", window=300, max_gap_s=float("inf"),
-        neighbours=500, half_life_s=None, normalisation="cosine", history=50, recency=0.8),
+    "itemknn": lambda: user_knn(recency=1.0),  # reference peer: last 20 positives, flat
+    "history": lambda: user_knn(query="history", history=50, recency=0.8),  # tuned (docs)
     "isgd": lambda: OnlineMF(  # reference peer: ISGD (Vinagre et al. 2014), k=10, positives only
         factors=10, learning_rate=0.05, regularisation=0.01, negatives=0, epochs=1),
     "user_blend": lambda: MixtureModel(USER_BLEND_PARTS),
@@ -43,6 +39,14 @@ USER_BLEND_PARTS = {
     "history": (lambda: build("history"), 0.75),
     "popularity": (PopularityModel, 0.0),
 }
+
+
+def user_knn(**options) -> CooccurrenceModel:
+    """Cosine item neighbours over each user's last 300 positives, across sessions, without
+    decay (``itemknn``, ``history`` and their tuning variants differ only in ``options``)."""
+    return CooccurrenceModel(**{"scope": "user", "window": 300, "max_gap_s": float("inf"),
+                                "neighbours": 500, "half_life_s": None,
+                                "normalisation": "cosine", **options})
 
 
 class UnknownModelError(ValueError):

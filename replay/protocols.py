@@ -136,7 +136,7 @@ class _Replay:
         self.learned += len(events)
 
 
-def _by_chunk(predictions: list[Prediction], size: int) -> dict[int, list[Prediction]]:
+def by_chunk(predictions: list[Prediction], size: int) -> dict[int, list[Prediction]]:
     buckets: dict[int, list[Prediction]] = defaultdict(list)
     for p in predictions:
         buckets[p.position // size].append(p)
@@ -160,6 +160,13 @@ def run(protocol: str, train: Sequence[Interaction], test: Sequence[Interaction]
         sessions_train[e.session_id or e.user_id].append(e.item_id)
     catalogue = {e.item_id for e in train} | {e.item_id for e in test}
     lists = ListMetrics(sessions_train.values(), catalogue)
+    if protocol == "session":
+        stream, step = test, chunk if learn_during_test else predict_chunk
+    else:  # prequential and user: one stream, every chunk predicted, then learned
+        stream, step, learn_during_test = list(train) + list(test), chunk, True
+    predictions = (user_queries(stream, warmup=warmup) if protocol == "user"
+                   else session_queries(stream))
+    buckets = by_chunk(predictions, step)  # the same for every model
     results = []
     for name in model_names:
         model = build(name)
@@ -172,12 +179,6 @@ def run(protocol: str, train: Sequence[Interaction], test: Sequence[Interaction]
             if protocol == "session":
                 replay.learn(train)
                 bar.update(len(train))
-                stream, step = test, chunk if learn_during_test else predict_chunk
-            else:  # prequential and user: one stream, every chunk predicted, then learned
-                stream, step, learn_during_test = list(train) + list(test), chunk, True
-            predictions = (user_queries(stream, warmup=warmup) if protocol == "user"
-                           else session_queries(stream))
-            buckets = _by_chunk(predictions, step)
             for n, start in enumerate(range(0, len(stream), step)):
                 replay.predict(buckets.get(n, []))
                 if learn_during_test:
@@ -194,13 +195,10 @@ def _result(name: str, replay: _Replay, lists: ListMetrics, windows: int,
             started: float) -> ModelResult:
     result = ModelResult(name)
     rows = replay.rows
-    if rows:
-        for key in rows[0]:
-            result.metrics[key] = float(np.mean([r[key] for r in rows]))
+    result.metrics.update(_means(rows))
     cold = [row for row, is_cold in zip(rows, replay.cold) if is_cold]
     if cold:
-        for key in cold[0]:
-            result.metrics[f"{key}_cold"] = float(np.mean([r[key] for r in cold]))
+        result.metrics.update(_means(cold, suffix="_cold"))
         result.metrics["predictions_cold"] = len(cold)
     result.metrics.update(lists.summarise(replay.lists))
     result.metrics["predictions"] = len(rows)
@@ -210,6 +208,12 @@ def _result(name: str, replay: _Replay, lists: ListMetrics, windows: int,
     result.over_time = _over_time(rows, replay.positions, windows, max(replay.ks))
     result.popularity_deciles = lists.popularity_deciles(replay.lists)
     return result
+
+
+def _means(rows: list[dict[str, float]], suffix: str = "") -> dict[str, float]:
+    """Each metric's mean over ``rows`` (keyed ``metric + suffix``)."""
+    return {f"{key}{suffix}": float(np.mean([r[key] for r in rows])) for key in rows[0]} \
+        if rows else {}
 
 
 def _over_time(rows, positions, windows: int, k: int) -> list[dict[str, float]]:

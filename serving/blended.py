@@ -13,24 +13,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from online_models.base import LearnReport, OnlineModel, Query, Recommendations
+from online_models.base import LearnReport, Query, Recommendations
 from online_models.cooccurrence import CooccurrenceModel
 from online_models.mf import OnlineMF
+from online_models.mixture import CompositeModel
 from online_models.popularity import PopularityModel
 from online_models.session import SessionModel
 from online_models.signals import SignalBatch
-from online_models.store import StateStore
 from serving.ann import AnnIndex
 from serving.recommender import PipelineConfig, Recommender, Request
 
 
-class BlendedModel(OnlineModel):
+class BlendedModel(CompositeModel):
     name = "blend"
 
     def __init__(self, rerank: bool = True) -> None:
-        super().__init__()
-        self.parts = {"session": SessionModel(), "cooc": CooccurrenceModel(), "mf": OnlineMF(),
-                      "trending": PopularityModel(half_life_s=86400.0)}
+        super().__init__({"session": SessionModel(), "cooc": CooccurrenceModel(),
+                          "mf": OnlineMF(), "trending": PopularityModel(half_life_s=86400.0)})
         self.ann = AnnIndex(self.parts["mf"].factors, capacity=10_000)
         self.recommender = Recommender(
             trending=self._trending, session=self.parts["session"], cooc=self.parts["cooc"],
@@ -40,12 +39,6 @@ class BlendedModel(OnlineModel):
             item_ages=self._item_ages)
         self._first_seen: dict[str, float] = {}
         self._clock = 0.0
-
-    def bind(self, store: StateStore) -> "BlendedModel":
-        for name, part in self.parts.items():
-            part.bind(store.sibling(f"{self.name}-{name}"))
-        self.store = store
-        return self
 
     def _trending(self, k: int) -> list[tuple[str, float]]:
         row = self.parts["trending"].store.get_rows("pop", ["all"])[0]
@@ -60,16 +53,16 @@ class BlendedModel(OnlineModel):
             if ts < self._first_seen.get(item, float("inf")):
                 self._first_seen[item] = ts
         self._clock = max(self._clock, float(batch.timestamps.max()))
-        changed: list[str] = []
-        for part in self.parts.values():
-            changed += part.learn(batch).changed_item_vectors
+        report = super()._learn(batch)
+        changed = report.changed_item_vectors
         if changed:
             mf = self.parts["mf"]
             vectors, found = mf.store.get_vectors("item", changed, mf.factors)
             self.ann.upsert([i for i, ok in zip(changed, found) if ok], vectors[found])
-        return LearnReport(events=len(batch), changed_item_vectors=changed)
+        return report
 
     def close(self) -> None:
+        super().close()
         self.ann.close()
 
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
