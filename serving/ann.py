@@ -142,9 +142,14 @@ class AnnIndex:
                 return [], np.empty(0, np.float32)
             fetch = min(live, (k + len(exclude)) * self.oversample)
             self._graph.set_ef(max(self.ef_search, fetch))
-            labels, _ = self._graph.knn_query(np.asarray(query, np.float32).reshape(1, -1),
-                                              k=fetch)
-            labels = labels[0].astype(np.int64)
+            try:
+                labels, _ = self._graph.knn_query(np.asarray(query, np.float32).reshape(1, -1),
+                                                  k=fetch)
+                labels = labels[0].astype(np.int64)
+            except RuntimeError:
+                # hnswlib finds fewer than ``fetch`` neighbours when they are most of the index
+                # (a long exclusion list on a small catalogue): score every live item exactly
+                labels = np.flatnonzero(self._live)
             labels = labels[self._live[labels]]
             scores = self._vectors[labels] @ np.asarray(query, np.float32)
             names = [self._items[label] for label in labels.tolist()]  # labels get reused

@@ -1,6 +1,7 @@
 """ANN index under churn: recall against exact search, freshness, deletes, snapshots."""
 
 import numpy as np
+import pytest
 
 from serving.ann import AnnIndex
 
@@ -133,3 +134,30 @@ def test_close_waits_for_the_background_rebuild_and_starts_no_more():
     index._moved_since_build = 10**9
     index._maybe_rebuild()
     assert index._rebuilding is None  # closed: no new thread that could outlive the process
+
+
+def test_search_needing_most_of_the_index_falls_back_to_exact():
+    """A long exclusion list asks hnswlib for (almost) every live item, which it may fail to
+    return ("Probably ef or M is too small"); the answer is then exact, not an error."""
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((60, 8)).astype(np.float32)
+    index = AnnIndex(8, capacity=100)
+    index.upsert([f"i{n}" for n in range(60)], vectors)
+    index.delete([f"i{n}" for n in range(0, 60, 3)])  # marked deleted: the graph holds them
+    query = rng.standard_normal(8).astype(np.float32)
+    live = [n for n in range(60) if n % 3]
+    exclude = frozenset(f"i{n}" for n in live[:30])
+    expected = [f"i{n}" for n in sorted(live[30:], key=lambda n: -float(vectors[n] @ query))]
+
+    class Failing:  # what hnswlib does when it cannot find ``k`` neighbours
+        def set_ef(self, ef):
+            pass
+
+        def knn_query(self, query, k):
+            raise RuntimeError("Cannot return the results in a contiguous 2D array")
+
+    assert index.search(query, 5, exclude=exclude)[0] == expected[:5]
+    index._graph = Failing()
+    items, scores = index.search(query, 5, exclude=exclude)
+    assert items == expected[:5]
+    assert scores == pytest.approx([float(vectors[int(i[1:])] @ query) for i in items])
