@@ -19,6 +19,7 @@ events: Expected `array` of length >= 1
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -152,13 +153,16 @@ def split_message(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         return [], [(None, None, InvalidEvent([{"field": "$", "reason":
                      f"message of {len(raw)} bytes exceeds the {max_bytes}-byte limit"}]))]
     try:  # fast path: a fully valid envelope, then a fully valid single event
-        return _envelope_decoder.decode(raw).events, []
+        events = _envelope_decoder.decode(raw).events
+        if keys_certainly_unique(raw, events, envelope=True):
+            return events, []
     except msgspec.DecodeError:
-        pass
-    try:
-        return [_event_decoder.decode(raw)], []
-    except msgspec.DecodeError:
-        pass
+        try:
+            event = _event_decoder.decode(raw)
+            if keys_certainly_unique(raw, [event], envelope=False):
+                return [event], []
+        except msgspec.DecodeError:
+            pass
     if nesting_exceeds(raw, MAX_JSON_DEPTH):
         return [], [(None, None, InvalidEvent([{"field": "$", "reason":
                      f"JSON nested deeper than {MAX_JSON_DEPTH} levels (or unbalanced)"}]))]
@@ -166,12 +170,90 @@ def split_message(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         doc = msgspec.json.decode(raw)
     except (msgspec.DecodeError, RecursionError) as exc:
         return [], [(None, None, InvalidEvent([{"field": "$", "reason": f"not JSON: {exc}"}]))]
+    repeated = repeated_keys(raw)
     if isinstance(doc, dict) and "events" in doc:
-        return _split_envelope(doc)
+        if None in repeated:
+            return [], [(None, doc, _repeated_error(repeated[None]))]
+        return _split_envelope(doc, repeated)
     try:
+        if None in repeated:
+            raise _repeated_error(repeated[None])
         return [validate_event(doc)], []
     except InvalidEvent as exc:
         return [], [(None, doc, exc)]
+
+
+_event_list_encoder = msgspec.json.Encoder()
+
+
+def keys_certainly_unique(raw: bytes, events: list[Interaction], envelope: bool) -> bool:
+    """Whether no JSON object in ``raw`` (which decoded to ``events``) repeats a key, proved by
+    counting colons (C-speed, no second parse); False means "not proved": check with
+    :func:`repeated_keys`.
+
+    Without a backslash, strings decode to their own bytes, so the colons inside strings are
+    the same in ``raw`` and in the re-encoded events; every other colon follows a key. The
+    re-encoding holds one key per non-default field and per distinct context key;
+    ``schema_version`` (one allowed value) is counted as written. Any extra colon means a
+    repeat or an explicit default: not proved.
+    """
+    if b"\\" in raw:
+        return False
+    versions = raw.count(b'"schema_version":')
+    if versions > envelope and any(e.context and "schema_version" in e.context for e in events):
+        return False  # that key would be counted twice below: it could hide a repeat
+    return raw.count(b":") == _event_list_encoder.encode(events).count(b":") + envelope + versions
+
+
+class _RepeatedKeys(dict):
+    """A JSON object that repeated keys; ``paths`` names them (dotted for nested objects)."""
+
+    paths: list[str]
+
+
+def _object_checking_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    paths: list[str] = []
+    for key, value in pairs:
+        if key in seen:
+            paths.append(key)
+        seen.add(key)
+        if isinstance(value, _RepeatedKeys):
+            paths.extend(f"{key}.{path}" for path in value.paths)
+    if not paths:
+        return dict(pairs)
+    obj = _RepeatedKeys(pairs)
+    obj.paths = paths
+    return obj
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def repeated_keys(raw: bytes) -> dict[int | None, list[str]]:
+    """Keys repeated inside one JSON object, by envelope event index (``None``: the message
+    itself or its single event). Parsers disagree on which copy wins, so such input is refused
+    rather than guessed. An exact (Python-speed) check for what the fast path cannot prove."""
+    try:
+        doc = json.loads(raw, object_pairs_hook=_object_checking_keys,
+                         parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return {}  # not JSON: reported by the decoder that found it
+    found: dict[int | None, list[str]] = {}
+    if isinstance(doc, _RepeatedKeys):  # lists do not pass repeats up: events come below
+        found[None] = doc.paths
+    events = doc.get("events") if isinstance(doc, dict) else None
+    for index, event in enumerate(events if isinstance(events, list) else ()):
+        if isinstance(event, _RepeatedKeys):
+            found[index] = event.paths
+    return found
+
+
+def _repeated_error(paths: list[str], prefix: str = "") -> InvalidEvent:
+    return InvalidEvent([{"field": prefix + path, "reason":
+                          "key repeated in one JSON object (which copy wins is ambiguous)"}
+                         for path in paths])
 
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -193,8 +275,10 @@ def nesting_exceeds(raw: bytes, limit: int) -> bool:
     return bool(brackets)
 
 
-def _split_envelope(doc: dict[str, Any]) -> tuple[list[Interaction], list[Problem]]:
-    """Validate an envelope's events one by one so that good events survive bad neighbours."""
+def _split_envelope(doc: dict[str, Any], repeated: dict[int | None, list[str]]
+                    ) -> tuple[list[Interaction], list[Problem]]:
+    """Validate an envelope's events one by one so that good events survive bad neighbours;
+    ``repeated`` names the events that repeat a key (refused)."""
     events = doc["events"]
     try:  # the envelope itself (header, list bounds), with the events checked below
         msgspec.convert({**doc, "events": [_PLACEHOLDER] * len(events)}
@@ -204,6 +288,8 @@ def _split_envelope(doc: dict[str, Any]) -> tuple[list[Interaction], list[Proble
     valid, invalid = [], []
     for index, fragment in enumerate(events):
         try:
+            if index in repeated:
+                raise _repeated_error(repeated[index])
             valid.append(validate_event(fragment))
         except InvalidEvent as exc:
             invalid.append((index, fragment, InvalidEvent(

@@ -64,3 +64,42 @@ def test_every_envelope_part_is_valid_or_named_once(events, header):
     valid, invalid = split_message(raw, 100_000)
     if not any(index is None for index, _, _ in invalid):  # the envelope itself was sound
         assert len(valid) + len({index for index, _, _ in invalid}) == len(events)
+
+
+def _repeats_a_key(pairs):
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise KeyError("repeated")
+    return dict(pairs)
+
+
+@FUZZ
+@given(st.lists(event_like, min_size=1, max_size=6), st.data())
+def test_an_event_is_accepted_only_if_no_object_repeats_a_key(events, data):
+    """Events written as JSON text with a key sometimes repeated (and spaces sometimes put
+    around the colon): an accepted event never came from an object that repeated a key, and
+    a valid event that repeats none is never refused for that."""
+    texts = []
+    for event in events:
+        items = [(json.dumps(k), json.dumps(v)) for k, v in event.items()]
+        if items and data.draw(st.booleans()):
+            items.append(data.draw(st.sampled_from(items)))
+        colon = data.draw(st.sampled_from([":", " : ", ":"]))
+        texts.append("{" + ",".join(k + colon + v for k, v in items) + "}")
+    raw = ('{"events":[' + ",".join(texts) + "]}").encode()
+    valid, invalid = split_message(raw, 100_000)
+    refused = {index for index, _, _ in invalid}
+    for index, text in enumerate(texts):
+        try:
+            json.loads(text, object_pairs_hook=_repeats_a_key)
+            repeats = False
+        except KeyError:
+            repeats = True
+        except ValueError:
+            continue
+        if repeats:
+            assert index in refused or None in refused
+        elif None not in refused and index in refused:
+            assert not any("repeated" in e["reason"] for i, _, exc in invalid if i == index
+                           for e in exc.errors)
+    assert len(valid) + len(refused - {None}) == len(events) or None in refused

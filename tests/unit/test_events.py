@@ -152,3 +152,44 @@ def test_brackets_inside_strings_do_not_count_as_nesting():
     assert len(decode_message(raw)) == 20
     assert nesting_exceeds(b"[" * 40 + b"]" * 40, 32) and not nesting_exceeds(
         b"[" * 32 + b"]" * 32, 32)
+
+
+EVENT_TEXT = ('"event_id":"e1","user_id":"u1","item_id":"i1","type":"click",'
+              '"timestamp":1700000000.5')
+
+
+@pytest.mark.parametrize("raw, index, field", [
+    ('{' + EVENT_TEXT + ',"user_id":"u2"}', None, "user_id"),
+    ('{' + EVENT_TEXT + ' , "user_id" : "u2"}', None, "user_id"),  # spaces around the colon
+    ('{' + EVENT_TEXT + ',"context":{"a":1,"a":2}}', None, "context.a"),
+    ('{' + EVENT_TEXT + ',"context":{"schema_version":1,"a":1,"a":2}}', None, "context.a"),
+    ('{"event_id":"e\\"1",' + EVENT_TEXT[16:] + ',"item_id":"i2"}', None, "item_id"),
+    ('{"events":[{' + EVENT_TEXT + '}],"events":[{' + EVENT_TEXT + '}]}', None, "events"),
+    ('{"events":[{' + EVENT_TEXT + '},{' + EVENT_TEXT.replace("e1", "e2") + ',"type":"skip"}]}',
+     1, "type"),
+])
+def test_repeated_keys_are_refused_and_named(raw, index, field):
+    valid, invalid = split_message(raw.encode())
+    assert [(i, e["field"]) for i, _, exc in invalid for e in exc.errors] == [
+        (index, field if index is None else f"events[{index}].{field}")]
+    assert "repeated" in str(invalid[0][2])
+    assert len(valid) == (1 if index == 1 else 0)  # the envelope's other event survives
+
+
+@pytest.mark.parametrize("raw", [
+    '{' + EVENT_TEXT + ',"session_id":null,"schema_version":1}',  # explicit defaults
+    '{"events":[{' + EVENT_TEXT + '}],"schema_version":1}',
+    '{"event_id":":e1:","user_id":"u:1","item_id":"i1","type":"click","timestamp":1.7e9,'
+    '"context":{"a:b":"c:d","schema_version":"x"}}',  # colons inside strings
+    '{"event_id":"e\\"1","user_id":"u1","item_id":"i1","type":"click","timestamp":1.7e9}',
+])
+def test_keys_written_once_are_accepted_however_the_json_is_spelled(raw):
+    assert len(decode_message(raw.encode())) == 1
+
+
+def test_keys_proved_unique_by_counting_for_sdk_output():
+    from schemas.events import keys_certainly_unique
+
+    events = [Interaction(**GOOD, context={"page": "home:top"}, session_id="s")] * 3
+    assert keys_certainly_unique(encode_envelope(events), events, envelope=True)
+    assert keys_certainly_unique(encode_event(events[0]), events[:1], envelope=False)
