@@ -33,6 +33,10 @@ from infra.redis_client import sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
 
 
+#: Authenticated callers are not rate-limited (anonymous on-demand lists are).
+BENCH_KEY = "bench-api-key-0000000001"
+
+
 def load(url: str, users: list[str], path: str, seconds: float, concurrency: int,
          out) -> None:
     """In a process of its own: ``concurrency`` loops of requests for ``seconds``."""
@@ -42,7 +46,8 @@ def load(url: str, users: list[str], path: str, seconds: float, concurrency: int
         latencies, errors = [], 0
         deadline = time.perf_counter() + seconds
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30,
+                                     headers={"X-API-Key": BENCH_KEY}) as client:
             async def worker(n: int):
                 nonlocal errors
                 k = n
@@ -115,7 +120,7 @@ def main() -> None:
         keys = RedisKeys(settings.key_prefix)
         port = free_port()
         env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka.bootstrap,
-               "STREAMREC_REDIS_URL": redis_srv.url}
+               "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_API_KEYS": BENCH_KEY}
         api = subprocess.Popen([sys.executable, "-m", "infra.cli", "api", "--port", str(port),
                                 "--loglevel", "warning", "--workers", str(args.workers)],
                                env=env, cwd=ROOT)

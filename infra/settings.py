@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="Comma-separated API keys (each ≥ 16 characters, no "
                           "spaces); when set, /v1 requests need the header X-API-Key with one of "
                           "them. A value with no usable key refuses to start (never open).")
+    api_open_lists_per_s: float = Field(20.0, ge=0, description="Without API keys: lists computed "
+                                        "on demand per second per API process (each is logged "
+                                        "to the impressions topic); beyond it → 429 with "
+                                        "Retry-After. Stored feeds are not limited.")
     api_host: str = Field("127.0.0.1", description="API bind address.")
     api_port: int = Field(8080, ge=0, le=65535, description="API port.")
 

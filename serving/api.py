@@ -4,12 +4,14 @@ OpenAPI docs at ``/docs``.
 Run with ``streamrec api`` (uvicorn). The API never writes model state: posted events are
 validated and produced to Kafka like any other producer's. Every list it computes is logged to
 the impressions topic before it is returned. With ``STREAMREC_API_KEYS`` set, every ``/v1``
-route needs the header ``X-API-Key``.
+route needs the header ``X-API-Key``; without keys, lists computed on demand are rate-limited
+(``STREAMREC_API_OPEN_LISTS_PER_S``), so anonymous callers cannot flood the impression log.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Annotated, Any
 
 import msgspec
@@ -81,8 +83,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     api.add_exception_handler(ImpressionLogUnavailable, _log_down)
 
+    # without keys anyone may ask: bound the impression records they can make us write
+    open_lists = None if keys else TokenBucket(settings.api_open_lists_per_s)
+
     def on_demand(user_id: str, k: int | None, exclude: frozenset[str] = frozenset(),
                   pins: tuple[tuple[int, str], ...] = ()):
+        if open_lists is not None and not open_lists.take():
+            raise HTTPException(429, "too many on-demand lists without an API key (each is "
+                                "logged); set STREAMREC_API_KEYS or retry later",
+                                headers={"Retry-After": "1"})
         [feed] = builder.compute([user_id], k, exclude, source="on_demand", pins=pins)
         builder.log_served([feed])
         return feed
@@ -177,6 +186,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _json({"status": "ready", "redis": "ok"})
 
     return api
+
+
+class TokenBucket:
+    """``rate`` takes per second on average, bursts up to one second's worth (0: none);
+    thread-safe."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.capacity = rate, max(rate, 1.0) if rate > 0 else 0.0
+        self.tokens, self.stamp = self.capacity, time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens < 1.0:
+                return False
+            self.tokens -= 1.0
+            return True
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -201,3 +201,31 @@ def test_without_kafka_stored_feeds_are_served_and_fresh_lists_are_refused(setti
     refused = httpx.get(f"{url}/v1/users/{user}/recommendations", timeout=60)
     assert refused.status_code == 503 and "impression log unavailable" in refused.text
     assert time.monotonic() - started < 15  # a clear answer, not a hung request
+
+
+def test_anonymous_on_demand_lists_are_rate_limited_stored_feeds_are_not(settings, spawn,
+                                                                           redis_client):
+    """Without API keys every on-demand list writes an impression record: a burst is cut at
+    the configured rate with 429 + Retry-After, and only the lists served were logged."""
+    events = list(UserSimulator(10, 60, seed=8).events(300, time.time() - 300))
+    LiveState(settings, redis_client).apply_sync(events)
+    FeedBuilder(settings, redis_client).refresh_round()
+    port = free_port()
+    proc = spawn(["api", "--port", str(port), "--loglevel", "warning"],
+                 settings.model_copy(update={"api_open_lists_per_s": 2.0}))
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _up(f"{url}/healthz"), 30, "API up", proc=proc)
+    user = events[0].user_id
+    answers = [httpx.get(f"{url}/v1/users/{user}/recommendations", timeout=30)
+               for _ in range(8)]
+    served = [a for a in answers if a.status_code == 200]
+    refused = [a for a in answers if a.status_code == 429]
+    assert served and refused and len(served) + len(refused) == 8
+    assert refused[0].headers["Retry-After"] == "1" and "API key" in refused[0].json()["detail"]
+    assert all(httpx.get(f"{url}/v1/users/{user}/feed").status_code == 200 for _ in range(10))
+    logged = read_topic(settings.kafka_bootstrap, settings.topic_impressions, len(served) + 1,
+                        timeout_s=5)  # waits for one more than served: none must come
+    assert sorted(orjson.loads(r.value)["recommendation_id"] for r in logged) == sorted(
+        a.json()["recommendation_id"] for a in served)
+    time.sleep(1.1)
+    assert httpx.get(f"{url}/v1/users/{user}/recommendations", timeout=30).status_code == 200
