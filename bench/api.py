@@ -2,11 +2,12 @@
 process, against a real API (uvicorn), redis-server and broker on this machine.
 
 Feeds are built for ``--users`` simulated users, then for ``--seconds`` each a load process
-keeps ``--concurrency`` requests in flight (httpx, HTTP/1.1 keep-alive) on
-``GET /v1/users/<u>/feed`` and then on ``GET /v1/users/<u>/recommendations``. Baseline in the
-same run: the same load process doing the feed read's Redis GET directly (the floor an API
-process adds its cost to). Usage: ``python bench/api.py [--workers 1] [--concurrency 50]``.
-Last line: JSON.
+(raw HTTP/1.1 keep-alive on uvloop) runs three phases: ``GET /v1/users/<u>/feed`` closed loop
+(``--concurrency`` requests always in flight: the most it serves, latency = concurrency /
+throughput), the same open loop at ``--feed-rate`` requests/s (latency from when each was due),
+and ``GET /v1/users/<u>/recommendations`` closed loop. Baseline in the same run: one client
+doing the feed read's Redis GET directly, one at a time. Usage:
+``python bench/api.py [--workers 1] [--concurrency 50] [--feed-rate 5000]``. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -38,30 +39,60 @@ BENCH_KEY = "bench-api-key-0000000001"
 
 
 def load(url: str, users: list[str], path: str, seconds: float, concurrency: int,
-         out) -> None:
-    """In a process of its own: ``concurrency`` loops of requests for ``seconds``."""
-    import httpx
+         rate: float, out) -> None:
+    """In a process of its own, for ``seconds``, over ``concurrency`` keep-alive connections:
+    closed loop (``rate`` 0: each connection sends its next request when the last answer is
+    in) or open loop (requests due at ``rate`` per second, taken by the next free connection;
+    latency counts from when a request was due, so queueing is not hidden). HTTP/1.1 written
+    and read on asyncio streams (uvloop): the generator must cost far less than the server."""
+    import urllib.parse
+
+    import uvloop
+
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+    requests = [(f"GET {path.format(user=urllib.parse.quote(user, safe=''))} HTTP/1.1\r\n"
+                 f"Host: {host}\r\nX-API-Key: {BENCH_KEY}\r\n\r\n").encode() for user in users]
 
     async def main():
         latencies, errors = [], 0
         deadline = time.perf_counter() + seconds
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30,
-                                     headers={"X-API-Key": BENCH_KEY}) as client:
-            async def worker(n: int):
-                nonlocal errors
-                k = n
-                while time.perf_counter() < deadline:
-                    start = time.perf_counter()
-                    response = await client.get(path.format(user=users[k % len(users)]))
-                    latencies.append(time.perf_counter() - start)
-                    errors += response.status_code != 200
-                    k += concurrency
-            started = time.perf_counter()
-            await asyncio.gather(*(worker(n) for n in range(concurrency)))
-            return latencies, errors, time.perf_counter() - started
 
-    latencies, errors, elapsed = asyncio.run(main())
+        due: asyncio.Queue = asyncio.Queue()
+
+        async def schedule():
+            n, started = 0, time.perf_counter()
+            while time.perf_counter() < deadline:
+                while n < (time.perf_counter() - started) * rate:
+                    due.put_nowait(started + n / rate)
+                    n += 1
+                await asyncio.sleep(0.0005)
+            for _ in range(concurrency):
+                due.put_nowait(None)
+
+        async def connection(n: int):
+            nonlocal errors
+            reader, writer = await asyncio.open_connection(host, port)
+            k = n
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                if rate:
+                    start = await due.get()
+                    if start is None:
+                        break
+                writer.write(requests[k % len(requests)])
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - start)
+                errors += head[9:12] != b"200"
+                k += concurrency
+            writer.close()
+        started = time.perf_counter()
+        await asyncio.gather(*(connection(n) for n in range(concurrency)),
+                             *([schedule()] if rate else []))
+        return latencies, errors, time.perf_counter() - started
+
+    latencies, errors, elapsed = uvloop.run(main())
     out.send((latencies, errors, elapsed))
 
 
@@ -100,6 +131,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--workers", type=int, default=1, help="API processes")
+    parser.add_argument("--pin", action="store_true",
+                        help="API process on a core of its own (one worker), the rest elsewhere")
+    parser.add_argument("--feed-rate", type=float, default=5000.0,
+                        help="requests/s offered in the open-loop stored-feed phase")
     args = parser.parse_args()
     from schemas.keys import RedisKeys
     from serving.feeds import FeedBuilder
@@ -124,6 +159,11 @@ def main() -> None:
         api = subprocess.Popen([sys.executable, "-m", "infra.cli", "api", "--port", str(port),
                                 "--loglevel", "warning", "--workers", str(args.workers)],
                                env=env, cwd=ROOT)
+        if args.pin:  # the API on the last core; everything else (load, Redis) on the rest
+            cores = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(api.pid, cores[-1:])
+            os.sched_setaffinity(redis_srv.proc.pid, cores[:-1])
+            os.sched_setaffinity(0, cores[:-1])
         url = f"http://127.0.0.1:{port}"
         try:
             import httpx
@@ -138,11 +178,13 @@ def main() -> None:
                       "users": len(users)}
             result.update(figures("redis_get_floor", in_process(
                 redis_floor, redis_srv.url, [keys.feed(u) for u in users], args.seconds)))
+            feed, lists = "/v1/users/{user}/feed", "/v1/users/{user}/recommendations?k=20"
             result.update(figures("feed_read", in_process(
-                load, url, users, "/v1/users/{user}/feed", args.seconds, args.concurrency)))
+                load, url, users, feed, args.seconds, args.concurrency, 0)))
+            result.update(figures(f"feed_read_at_{args.feed_rate:g}", in_process(
+                load, url, users, feed, args.seconds, args.concurrency, args.feed_rate)))
             result.update(figures("on_demand", in_process(
-                load, url, users, "/v1/users/{user}/recommendations?k=20", args.seconds,
-                args.concurrency)))
+                load, url, users, lists, args.seconds, args.concurrency, 0)))
         finally:
             terminate(api)
     print_result(result)

@@ -10,6 +10,7 @@ route needs the header ``X-API-Key``; without keys, lists computed on demand are
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Annotated, Any
@@ -37,8 +38,9 @@ UserId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 ItemId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the API for these settings (``Settings()`` reads ``STREAMREC_*``)."""
+def create_app(settings: Settings | None = None) -> "StoredFeedReads":
+    """Build the API for these settings (``Settings()`` reads ``STREAMREC_*``): the FastAPI
+    app behind :class:`StoredFeedReads`, which answers the hottest read itself."""
     settings = settings or Settings()
     redis_client = sync_redis(settings.redis_url)
     builder = FeedBuilder.live(settings, redis_client)
@@ -70,6 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             producer[0].close()
         builder.close()
         redis_client.close()
+
+    @api.on_event("shutdown")
+    async def _close_front() -> None:
+        await front.close()
 
     async def _redis_down(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"state store unavailable: {exc!r}"}, status_code=503)
@@ -185,7 +191,83 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return _json({"status": "unavailable", "redis": repr(exc)}, 503)
         return _json({"status": "ready", "redis": "ok"})
 
-    return api
+    front = StoredFeedReads(api, settings.redis_url, builder.keys.feed, keys)
+    return front
+
+
+class StoredFeedReads:
+    """ASGI front for the hottest request, ``GET /v1/users/<id>/feed`` with no query: the
+    stored bytes as they are, with no framework in between. Reads that arrive while one Redis
+    round trip is out are batched into the next (one MGET): Redis client cost, which dominates,
+    is paid per batch. Anything else, a missing feed, a bad or missing key and a Redis error go
+    to ``app`` (FastAPI), which answers as documented (on-demand list, 401, 422, 503)."""
+
+    PREFIX, SUFFIX = "/v1/users/", "/feed"
+
+    def __init__(self, app: FastAPI, redis_url: str, feed_key, api_keys: frozenset[str]) -> None:
+        self.app, self.redis_url, self.feed_key = app, redis_url, feed_key
+        self.api_keys = {key.encode() for key in api_keys}
+        self.redis = None  # redis.asyncio client, made on the serving event loop
+        self.waiting: list[tuple[str, asyncio.Future]] = []
+        self.in_flight = False
+
+    async def __call__(self, scope, receive, send) -> None:
+        raw = await self._stored_feed(scope) if scope["type"] == "http" else None
+        if raw is None:
+            await self.app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(raw))]})
+        await send({"type": "http.response.body", "body": raw})
+
+    async def _stored_feed(self, scope) -> bytes | None:
+        path = scope["path"]
+        if (scope["method"] != "GET" or scope["query_string"]
+                or not path.startswith(self.PREFIX) or not path.endswith(self.SUFFIX)):
+            return None
+        user_id = path[len(self.PREFIX):-len(self.SUFFIX)]
+        if not 0 < len(user_id) <= MAX_ID_CHARS:
+            return None
+        if self.api_keys and not any(name == b"x-api-key" and value in self.api_keys
+                                     for name, value in scope["headers"]):
+            return None
+        if self.redis is None:
+            from infra.redis_client import async_redis
+            self.redis = async_redis(self.redis_url)
+        try:
+            return await self._get(self.feed_key(user_id))
+        except TRANSIENT_REDIS_ERRORS:
+            return None
+
+    async def _get(self, key: str) -> bytes | None:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((key, future))
+        if not self.in_flight:
+            self.in_flight = True
+            asyncio.get_running_loop().call_soon(self._send_batch)  # after this tick's arrivals
+        return await future
+
+    def _send_batch(self) -> None:
+        batch, self.waiting = self.waiting, []
+        asyncio.ensure_future(self._read_batch(batch))
+
+    async def _read_batch(self, batch: list[tuple[str, asyncio.Future]]) -> None:
+        try:
+            values = await self.redis.mget([key for key, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+            values = [exc] * len(batch)
+        for (_, future), value in zip(batch, values):
+            if not future.done():
+                (future.set_exception if isinstance(value, Exception) else future.set_result)(
+                    value)
+        if self.waiting:
+            self._send_batch()
+        else:
+            self.in_flight = False
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 class TokenBucket:
