@@ -5,9 +5,25 @@ from __future__ import annotations
 import redis
 import redis.asyncio
 
-#: Errors worth waiting out (server restarting, network blip); anything else is a bug.
+#: Errors worth waiting out (server restarting, network blip, or at ``maxmemory``: a write
+#: refused by OOM changed nothing, as a MULTI with a refused command is discarded whole);
+#: anything else is a bug.
 TRANSIENT_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-                          redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
+                          redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError,
+                          redis.exceptions.OutOfMemoryError)
+
+
+def note_redis_error(log, what: str, exc: Exception, retry_in_s: float | None = None) -> None:
+    """Log a transient Redis error; Redis at ``maxmemory`` is an error an operator must act on
+    (counted in ``streamrec_redis_oom_total``), the rest are warnings."""
+    retry = f"; retrying in {retry_in_s:.2f}s" if retry_in_s is not None else "; retrying"
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        from stream.metrics import REDIS_OOM
+        REDIS_OOM.inc()
+        log.error("redis is at maxmemory during %s (%r): writes wait, nothing is lost; raise "
+                  "maxmemory or shorten TTLs (docs/redis-keys.md)%s", what, exc, retry)
+    else:
+        log.warning("redis unavailable during %s (%r)%s", what, exc, retry)
 
 _OPTIONS = dict(socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=30,
                 decode_responses=False)

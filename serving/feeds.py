@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from infra.redis_client import TRANSIENT_REDIS_ERRORS
+from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error
 from infra.settings import Settings
 from online_models.registry import build, build_on_redis
 from online_models.trending import decayed
@@ -276,7 +276,7 @@ class FeedBuilder:
             try:
                 full = self.refresh_round() >= self.settings.feed_refresh_batch
             except TRANSIENT_REDIS_ERRORS as exc:
-                log.warning("redis unavailable in feed builder: %r", exc)
+                note_redis_error(log, "a feed round", exc)
                 full = False
             except ImpressionLogUnavailable as exc:
                 log.warning("%s; feeds wait", exc)

@@ -11,7 +11,7 @@ it. The event loop only awaits: it keeps heartbeating while chunks are applied.
 If a commit finds that another worker moved a watermark (a rebalance), or fails with a Redis
 error, everything computed on top of it is void: the pipeline drops it (and the cached
 partition-local state) and applies those chunks again from Redis's state. Transient Redis
-errors are retried with backoff until Redis is back.
+errors (Redis down, or at ``maxmemory``) are retried with backoff until Redis takes writes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from infra.redis_client import TRANSIENT_REDIS_ERRORS
+from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error
 from stream.state import ApplyResult, LiveState, PreparedBatch, SourceMessage
 
 log = logging.getLogger("streamrec.pipeline")
@@ -56,8 +56,7 @@ class ApplyPipeline:
             try:
                 return await loop.run_in_executor(self._prepare_thread, function, *args)
             except TRANSIENT_REDIS_ERRORS as exc:
-                log.warning("redis unavailable during %s (%r); retrying in %.2fs", what, exc,
-                            delay)
+                note_redis_error(log, what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
 
@@ -117,7 +116,7 @@ class ApplyPipeline:
         try:
             result = await future
         except TRANSIENT_REDIS_ERRORS as exc:
-            log.warning("redis unavailable during commit (%r); applying the chunk again", exc)
+            note_redis_error(log, "commit (the chunk is applied again)", exc)
             result = None
         if result is not None:
             self.on_applied(result, time.perf_counter() - started)

@@ -43,3 +43,48 @@ def test_worker_rides_out_a_redis_restart_without_losing_events(settings, spawn,
     finally:
         client.close()
         server.close()
+
+
+def test_worker_waits_while_redis_is_at_maxmemory_and_loses_nothing(settings, spawn, tmp_path):
+    """Redis refuses writes (maxmemory reached, noeviction): the worker keeps running, logs
+    an error, counts streamrec_redis_oom_total and applies nothing half-way; once memory is
+    raised, every event is applied exactly once."""
+    import httpx
+
+    from infra.embedded import free_port
+
+    server = EmbeddedRedis(appendonly=False).start()
+    web_port = free_port()
+    s = settings.model_copy(update={"redis_url": server.url, "redis_retry_max_s": 0.5,
+                                    "worker_metrics_port": web_port})
+    keys = RedisKeys(s.key_prefix)
+    client = sync_redis(s.redis_url)
+    worker = spawn(["worker", "--loglevel", "warn"], s)
+    events = list(UserSimulator(60, 200, seed=22).events(3000, time.time() - 3000))
+    first, second = events[:1000], events[1000:]
+    try:
+        with InteractionProducer(s.kafka_bootstrap, s.topic_interactions) as producer:
+            producer.send_many(first)
+            producer.flush()
+            wait_for(lambda: int(client.hget(keys.stats, "events_applied") or 0) >= len(first),
+                     60, "first part applied", proc=worker)
+            client.config_set("maxmemory", 1)  # every write is now refused
+            producer.send_many(second)
+            producer.flush()
+            wait_for(lambda: "maxmemory" in worker.log(), 60, "the OOM noticed", proc=worker)
+            time.sleep(2)
+            assert worker.proc.poll() is None, worker.log()
+            assert int(client.hget(keys.stats, "events_applied")) == len(first)  # no half-way
+            metrics = httpx.get(f"http://127.0.0.1:{web_port}/metrics", timeout=5).text
+            oom = [line for line in metrics.splitlines()
+                   if line.startswith("streamrec_redis_oom_total ")]
+            assert oom and float(oom[0].split()[1]) >= 1, metrics[-2000:]
+            client.config_set("maxmemory", 0)
+        wait_for(lambda: int(client.hget(keys.stats, "events_applied") or 0) >= len(events),
+                 60, "the rest applied once memory is back", proc=worker)
+        time.sleep(1)
+        assert int(client.hget(keys.stats, "events_applied")) == len(events)  # exactly once
+        assert worker.proc.poll() is None
+    finally:
+        client.close()
+        server.close()
