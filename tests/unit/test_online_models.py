@@ -276,3 +276,61 @@ def test_trim_row_equals_sorting_by_score_then_member_bytes(seed):
                                 key=lambda kv: (kv[1], kv[0].encode()))[:len(expected) - keep]:
             del expected[member]
     assert trim_row(dict(row), keep) == expected
+
+
+def test_als_gram_matrices_equal_the_sum_over_stored_vectors():
+    """The k×k Gram matrices are kept by adding each changed vector's q'q'ᵀ − qqᵀ: after many
+    batches they equal Σ qqᵀ over every stored user and item vector."""
+    from online_models.als import OnlineALS
+
+    model = learn_in_batches(OnlineALS(factors=6), random_sessions(seed=3, n_sessions=60,
+                                                                   n_items=30), 25)
+    for table in ("user", "item"):
+        vectors = np.stack(list(model.store.vectors[table].values())).astype(np.float64)
+        gram = model.store.vectors["gram"][table].reshape(6, 6)
+        assert np.allclose(gram, vectors.T @ vectors, atol=1e-4), table
+
+
+def test_als_user_vector_is_the_exact_least_squares_solution():
+    """A user's stored factors solve the iALS normal equations against the item factors and
+    Gram matrix as they stood when the user's batch was learned."""
+    from online_models.als import OnlineALS
+
+    model = learn_in_batches(OnlineALS(factors=4, regularisation=0.5, alpha=2.0,
+                                       unobserved_weight=0.1), random_sessions(seed=4), 40)
+    items = {i: v.astype(np.float64) for i, v in model.store.vectors["item"].items()}
+    gram = sum(np.outer(v, v) for v in items.values())
+    before = {k: v.copy() for k, v in model.store.vectors.items()}
+    model.learn(SignalMapper().map([click("new", "i1", 999, user="new"),
+                                    click("new", "i2", 999, kind="like", user="new")]))
+    history = model.store.get_local_rows("history", ["new"])[0]
+    assert history == {"i1": 1.0, "i2": 2.0}
+    lhs = 0.1 * gram + 0.5 * np.eye(4)
+    rhs = np.zeros(4)
+    for item, weight in history.items():
+        confidence = 0.1 + 2.0 * weight
+        lhs += (confidence - 0.1) * np.outer(items[item], items[item])
+        rhs += confidence * items[item]
+    expected = np.linalg.solve(lhs, rhs)
+    assert model.store.vectors["user"]["new"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert "new" not in before["user"]
+
+
+def test_als_known_answer_two_taste_groups_and_fold_in():
+    """Checkerboard users get their group's items; an unknown user with two a-items in the
+    session is folded in and gets a-items too."""
+    from online_models.als import OnlineALS
+
+    rng = np.random.default_rng(0)
+    evs, t = [], 0
+    for _ in range(30):
+        for u in range(20):
+            group = "a" if u < 10 else "b"
+            t += 1
+            evs.append(click(f"u{u}", f"{group}{rng.integers(8)}", t, user=f"u{u}"))
+    model = learn_in_batches(OnlineALS(factors=8), evs, 100)
+    recs = model.recommend([Query(f"u{u}") for u in range(20)], k=3)
+    assert all(item[0] == ("a" if u < 10 else "b") for u, rec in enumerate(recs)
+               for item in rec.items)
+    [anonymous] = model.recommend([Query("stranger", ("a1", "a2"))], k=3)
+    assert anonymous.items and all(item[0] == "a" for item in anonymous.items)
