@@ -123,7 +123,7 @@ REDIS_CONF = Path(__file__).with_name("redis.conf")
 
 class EmbeddedRedis(_Process):
     """A private ``redis-server`` on a free port with :data:`REDIS_CONF` (AOF everysec,
-    noeviction, as in production; ``appendonly=False`` for benches and the demo)."""
+    volatile-lru, as in production; ``appendonly=False`` for benches and the demo)."""
 
     name = "redis"
 

@@ -102,6 +102,16 @@ class Settings(BaseSettings):
     trending_max_items: int = Field(10_000, ge=10, description="Trending items kept (top-N).")
     history_len: int = Field(50, ge=1, le=10_000, description="Recent items kept per user.")
     history_ttl_s: int = Field(7 * 86400, ge=60, description="TTL of a user's history.")
+    user_state_ttl_s: int = Field(30 * 86400, ge=0, description="TTL of model state owned by a "
+                                  "user or session (session items, co-occurrence windows, user "
+                                  "factors), refreshed by every write (0 = none).")
+    item_state_ttl_s: int = Field(90 * 86400, ge=0, description="TTL of item-side model state "
+                                  "(next-item rules, neighbours, item factors), refreshed by "
+                                  "every write (0 = none). Under memory pressure Redis evicts "
+                                  "the least recently used of these keys first (volatile-lru).")
+    feed_queue_max: int = Field(1_000_000, ge=1, description="Users waiting for a feed rebuild; "
+                                "beyond it, random ones are dropped (their next event queues "
+                                "them again; the API computes a missing feed on demand).")
     live_models: str = Field("session,cooc,mf", pattern=r"^[a-z_]*(,[a-z_]+)*$",
                              description="Online models the worker updates (comma-separated, "
                                          "names from online_models/registry.py; empty = none).")

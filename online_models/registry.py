@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from online_models.als import OnlineALS
 from online_models.base import OnlineModel
 from online_models.cooccurrence import CooccurrenceModel
 from online_models.mf import OnlineMF
@@ -21,6 +22,7 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     "history": lambda: user_knn(query="history", history=50, recency=0.8),  # tuned (docs)
     "isgd": lambda: OnlineMF(  # reference peer: ISGD (Vinagre et al. 2014), k=10, positives only
         factors=10, learning_rate=0.05, regularisation=0.01, negatives=0, epochs=1),
+    "als": OnlineALS,
     "user_blend": lambda: MixtureModel(USER_BLEND_PARTS),
     "popularity": PopularityModel,
     "trending": lambda: PopularityModel(half_life_s=86400.0),
@@ -71,13 +73,14 @@ def _blended(rerank: bool) -> OnlineModel:
     return BlendedModel(rerank=rerank)
 
 
-def build_on_redis(names: list[str], client, prefix: str,
-                   cache_local_rows: int = 0) -> dict[str, OnlineModel]:
+def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int = 0,
+                   local_ttl_s: float = 0, shared_ttl_s: float = 0) -> dict[str, OnlineModel]:
     """The named models, each bound to its own :class:`RedisStore` namespace on ``client``
-    (``cache_local_rows``: only for the worker that owns the partition-local rows)."""
+    (``cache_local_rows`` and the TTLs: only for the worker, which owns and writes state)."""
     from online_models.store import RedisStore
 
-    return {name: build(name).bind(RedisStore(client, prefix, name, cache_local_rows))
+    return {name: build(name).bind(RedisStore(client, prefix, name, cache_local_rows,
+                                              local_ttl_s, shared_ttl_s))
             for name in names}
 
 

@@ -233,12 +233,12 @@ class MemoryStore(StateStore):
         return MemoryStore()
 
 
-#: One call per table and batch. KEYS: the rows. ARGV: keep (-1: no trim), slack, and one
+#: One call per table and batch. KEYS: the rows. ARGV: keep (-1: no trim), slack, one
 #: msgpack blob: per key, a {member: value} map (one argument instead of thousands: packing
-#: arguments was a third of the worker's CPU). Members are independent, so map order does not
-#: matter. OP: ZINCRBY|ZADD.
+#: arguments was a third of the worker's CPU), and the TTL in ms (0: none). Members are
+#: independent, so map order does not matter. OP: ZINCRBY|ZADD.
 _WRITE_ROWS_LUA = """
-local keep, slack = tonumber(ARGV[1]), tonumber(ARGV[2])
+local keep, slack, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
 local rows = cmsgpack.unpack(ARGV[3])
 for k = 1, #KEYS do
   local key = KEYS[k]
@@ -251,19 +251,31 @@ for k = 1, #KEYS do
       redis.call('ZREMRANGEBYRANK', key, 0, size - keep - 1)
     end
   end
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+return 0
+"""
+
+#: KEYS: string keys. ARGV: TTL in ms, then one value per key. SET with PX (MSET has none).
+_SET_EXPIRING_LUA = """
+local ttl = ARGV[1]
+for k = 1, #KEYS do
+  redis.call('SET', KEYS[k], ARGV[k + 1], 'PX', ttl)
 end
 return 0
 """
 
 _CLAIM_LUA = """
 redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
+if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return redis.call('ZSCORE', KEYS[1], ARGV[1])
 """
 
-#: KEYS: vector keys. ARGV: dimension, the keys' float32 deltas back to back, and the float32
-#: bases to start from where a key is missing. Adds in doubles, rounds once to float32.
+#: KEYS: vector keys. ARGV: dimension, the keys' float32 deltas back to back, the float32
+#: bases to start from where a key is missing, and the TTL in ms (0: none). Adds in doubles,
+#: rounds once to float32.
 _ADD_VECTORS_LUA = """
-local dim = tonumber(ARGV[1])
+local dim, ttl = tonumber(ARGV[1]), tonumber(ARGV[4])
 local fmt, width = '<' .. string.rep('f', dim), 4 * dim
 for k = 1, #KEYS do
   local at = (k - 1) * width + 1
@@ -272,6 +284,7 @@ for k = 1, #KEYS do
   local sum = {struct.unpack(fmt, start)}
   for i = 1, dim do sum[i] = sum[i] + delta[i] end
   redis.call('SET', KEYS[k], struct.pack(fmt, unpack(sum, 1, dim)))
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[k], ttl) end
 end
 return 0
 """
@@ -411,6 +424,11 @@ class RedisStore(StateStore):
     :meth:`forget_cached` when a commit fails or partitions move. Readers that do not own the
     rows (serving) leave it at 0.
 
+    Every write sets its key's TTL afresh: ``local_ttl_s`` for local rows and vectors (state
+    of a user or session), ``shared_ttl_s`` for the rest (item-side state); 0 keeps keys
+    forever. Keys with a TTL are what Redis's ``volatile-lru`` policy may evict, coldest first,
+    when memory runs short (``infra/redis.conf``).
+
     Keys: ``<prefix>:m:<namespace>:<table>:{<encoded key>}`` — each row is its own hash tag.
     A batch call touches many rows in one script, so all of a store's keys must live on one
     Redis primary (the exactly-once worker needs that anyway: see :mod:`stream.state`).
@@ -418,9 +436,11 @@ class RedisStore(StateStore):
     """
 
     def __init__(self, client, prefix: str = "sr", namespace: str = "default",
-                 cache_local_rows: int = 0) -> None:
+                 cache_local_rows: int = 0, local_ttl_s: float = 0,
+                 shared_ttl_s: float = 0) -> None:
         self.client = client
         self.cache_local_rows = cache_local_rows
+        self.local_ttl_ms, self.shared_ttl_ms = int(local_ttl_s * 1000), int(shared_ttl_s * 1000)
         self._local_cache: dict[str, dict] = {}
         self._prefetched: dict[str, dict[str, bytes | None]] = {}
         self._claimed: dict[tuple[str, str, str], float] = {}
@@ -433,6 +453,7 @@ class RedisStore(StateStore):
         self._read = client.register_script(_READ_ROWS_LUA)
         self._claim = client.register_script(_CLAIM_LUA)
         self._add_vectors = client.register_script(_ADD_VECTORS_LUA)
+        self._set_expiring = client.register_script(_SET_EXPIRING_LUA)
 
     def key(self, table: str, key: str) -> str:
         return self.keys(table, [key])[0]
@@ -479,7 +500,7 @@ class RedisStore(StateStore):
 
     def _write(self, script, table, rows, keep_top):
         head = [-1, 0] if keep_top is None else [keep_top, slack(keep_top)]
-        self._run(script, self.keys(table, rows), [*head, _rows_blob(rows)])
+        self._run(script, self.keys(table, rows), [*head, _rows_blob(rows), self.shared_ttl_ms])
 
     def incr_rows(self, table, deltas, keep_top=None):
         self._write(self._incr, table, deltas, keep_top)
@@ -533,7 +554,7 @@ class RedisStore(StateStore):
         present = {name: _msgpack(row) for name, row in names if row}
         absent = [name for name, row in names if not row]
         if present:
-            target.mset(present)
+            self._set_strings(present, self.local_ttl_ms)
         if absent:
             target.delete(*absent)
         if self.cache_local_rows:
@@ -556,7 +577,7 @@ class RedisStore(StateStore):
             self._cached(table, keys, self._read_vectors)
 
     def set_local_vectors(self, table, keys, vectors):
-        self.set_vectors(table, keys, vectors)
+        self._store_vectors(table, keys, vectors, self.local_ttl_ms)
         if self.cache_local_rows:
             cache = self._local_cache.setdefault(table, {})
             for key, vector in zip(keys, np.asarray(vectors, dtype=np.float32)):
@@ -571,7 +592,7 @@ class RedisStore(StateStore):
         cached = self._claimed.get((table, key, member))
         if cached is None:
             cached = float(self._claim(keys=[self.key(table, key)],
-                                       args=[member, repr(float(value))]))
+                                       args=[member, repr(float(value)), self.shared_ttl_ms]))
             self._claimed[(table, key, member)] = cached
         return cached
 
@@ -594,11 +615,21 @@ class RedisStore(StateStore):
         return out, found
 
     def set_vectors(self, table, keys, vectors):
+        self._store_vectors(table, keys, vectors, self.shared_ttl_ms)
+
+    def _store_vectors(self, table, keys, vectors, ttl_ms: int) -> None:
         if not len(keys):
             return
         vectors = np.asarray(vectors, dtype=np.float32)
-        mapping = dict(zip(self.keys(table, keys), [v.tobytes() for v in vectors]))
-        (self._deferred or self.client).mset(mapping)
+        self._set_strings(dict(zip(self.keys(table, keys), [v.tobytes() for v in vectors])),
+                          ttl_ms)
+
+    def _set_strings(self, mapping: dict[str, bytes], ttl_ms: int) -> None:
+        """MSET, or SET with PX per key (one script call) when keys expire."""
+        if ttl_ms:
+            self._run(self._set_expiring, list(mapping), [ttl_ms, *mapping.values()])
+        else:
+            (self._deferred or self.client).mset(mapping)
 
     def add_vectors(self, table, keys, deltas, base):
         deltas = np.ascontiguousarray(deltas, dtype=np.float32)
@@ -606,10 +637,11 @@ class RedisStore(StateStore):
         if not len(keys) or deltas.shape[1] == 0:
             return
         self._run(self._add_vectors, self.keys(table, keys),
-                  [deltas.shape[1], deltas.tobytes(), base.tobytes()])
+                  [deltas.shape[1], deltas.tobytes(), base.tobytes(), self.shared_ttl_ms])
 
     def sibling(self, namespace):
-        return RedisStore(self.client, self.prefix, namespace, self.cache_local_rows)
+        return RedisStore(self.client, self.prefix, namespace, self.cache_local_rows,
+                          self.local_ttl_ms / 1000, self.shared_ttl_ms / 1000)
 
     def row_count(self, table):
         pattern = f"{self.base}:{table}:{{*"

@@ -129,14 +129,14 @@ class RedisKeys:
                     "items served at exploration positions",
                     "Times each item was shown at a reserved (exploration) position."),
             KeySpec(f"{p}:{{bandit}}:clicks", "hash item → count", "none", "stream worker",
-                    "items engaged with at exploration positions",
+                    "items in shows (others are not counted)",
                     "Engagements (click, view, dwell, like, cart, purchase) carrying a "
                     "recommendation_id and a reserved position: Thompson sampling's successes."),
             KeySpec(f"{p}:{{items}}:first_seen", "sorted set item → first event time", "none",
                     "stream worker", "10 × STREAMREC_TRENDING_MAX_ITEMS members (oldest dropped)",
                     "When each item was first seen: serving's freshness boost."),
             KeySpec(f"{p}:{{feedq}}:dirty", "set of user ids", "none", "stream worker (add), "
-                    "feed builder (pop)", "users active since the last feed round",
+                    "feed builder (pop)", "STREAMREC_FEED_QUEUE_MAX users (random ones dropped past it)",
                     "Users whose feed must be rebuilt."),
             KeySpec(f"{p}:{{stats}}:counters", "hash", "none", "stream worker",
                     "a few fields", "events_applied, dlq_messages, dlq_events, batches, "
@@ -158,7 +158,10 @@ class RedisKeys:
                     "STREAMREC_DEDUP_TTL_S): a producer duplicate (same id and timestamp, new "
                     "offset) falls in the same bucket and is dropped."),
             KeySpec(f"{p}:m:<model>:<table>:{{<key>}}", "sorted set (rows), msgpack map "
-                    "(partition-local rows) or string (float32 vector)", "none",
+                    "(partition-local rows) or string (float32 vector)",
+                    "refreshed by each write: STREAMREC_USER_STATE_TTL_S (30 days) for "
+                    "partition-local state, STREAMREC_ITEM_STATE_TTL_S (90 days) for the rest; "
+                    "evictable (volatile-lru) at maxmemory",
                     "stream worker (online models)", "per-table caps (docs/models.md, models table)",
                     "Online model state (online_models/store.py RedisStore): e.g. "
                     "session:sr:{item} = next-item rules, session:sess:{session} = a session's "

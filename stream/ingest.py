@@ -60,7 +60,8 @@ def live_state() -> LiveState:
     if _state is None:
         client = sync_redis(settings.redis_url)
         models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
-                                settings.worker_cached_local_rows)
+                                settings.worker_cached_local_rows, settings.user_state_ttl_s,
+                                settings.item_state_ttl_s)
         _state = LiveState(settings, client, list(models.values()))
     return _state
 

@@ -97,6 +97,26 @@ end
 return 0
 """
 
+#: KEYS: the feed queue set. ARGV: its cap, then users. Past the cap, random members go (the
+#: set must stay bounded when no feed builder drains it).
+FEED_QUEUE_LUA = """
+redis.call('SADD', KEYS[1], unpack(ARGV, 2))
+local over = redis.call('SCARD', KEYS[1]) - tonumber(ARGV[1])
+if over > 0 then redis.call('SPOP', KEYS[1], over) end
+return 0
+"""
+
+#: KEYS: bandit shows, bandit clicks. ARGV: item, count pairs. Only items that were shown at
+#: an exploration position count (made-up ids in events cannot grow the hash).
+CLICKS_LUA = """
+for a = 1, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[a]) == 1 then
+    redis.call('HINCRBY', KEYS[2], ARGV[a], ARGV[a + 1])
+  end
+end
+return 0
+"""
+
 _WEIGHT_OF = dict(TRENDING_WEIGHTS)
 
 
@@ -154,6 +174,8 @@ class LiveState:
         self.mapper = SignalMapper()
         self._trending = client.register_script(TRENDING_LUA)
         self._history = client.register_script(HISTORY_LUA)
+        self._feed_queue = client.register_script(FEED_QUEUE_LUA)
+        self._clicks = client.register_script(CLICKS_LUA)
         self._reserved = frozenset(settings.exploration_positions)
         self._uncommitted: list[PreparedBatch] = []  # prepared, oldest first
 
@@ -190,9 +212,11 @@ class LiveState:
                 args.append(len(seen))
                 args += seen
             queue_script(pipe, self._history, [keys.user_history(u) for u in histories], args)
-            pipe.sadd(keys.feed_queue, *histories)
-        for item, clicks in rewarded.items():
-            pipe.hincrby(keys.bandit_clicks, item, clicks)
+            queue_script(pipe, self._feed_queue, [keys.feed_queue],
+                         [s.feed_queue_max, *histories])
+        if rewarded:
+            queue_script(pipe, self._clicks, [keys.bandit_shows, keys.bandit_clicks],
+                         [x for pair in rewarded.items() for x in pair])
         pipe.hincrby(keys.stats, "events_applied", len(events))
         pipe.hincrby(keys.stats, "batches", 1)
 

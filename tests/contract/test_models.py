@@ -65,8 +65,10 @@ def test_state_stays_bounded_under_hostile_ids(name):
     for table, rows in getattr(store, "rows", {}).items():
         for key, row in rows.items():
             assert len(row) <= 3000, (table, key)
-            if table in ("sess", "win", "sr", "cooc", "isess", "pop", "catalog"):
+            if table in ("sess", "win", "sr", "cooc", "isess", "pop", "catalog", "history",
+                         "raters"):
                 cap = {"sess": 50, "win": getattr(model, "window", 5), "sr": 200,
                        "cooc": getattr(model, "neighbours", 200), "isess": 300,
-                       "pop": 10_000, "catalog": 100_000}[table]
+                       "pop": 10_000, "catalog": 100_000, "history": getattr(model, "history", 0),
+                       "raters": getattr(model, "raters", 0)}[table]
                 assert len(row) <= cap + max(1, cap // 10), (table, key, len(row))

@@ -46,7 +46,8 @@ def test_worker_rides_out_a_redis_restart_without_losing_events(settings, spawn,
 
 
 def test_worker_waits_while_redis_is_at_maxmemory_and_loses_nothing(settings, spawn, tmp_path):
-    """Redis refuses writes (maxmemory reached, noeviction): the worker keeps running, logs
+    """Redis refuses writes (maxmemory reached, nothing left to evict): the worker keeps
+    running, logs
     an error, counts streamrec_redis_oom_total and applies nothing half-way; once memory is
     raised, every event is applied exactly once."""
     import httpx

@@ -167,7 +167,7 @@ def test_embedded_redis_runs_the_production_config(redis_client):
     lines = [line.split(None, 1) for line in REDIS_CONF.read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     settings = {name: value.strip().strip('"') for name, value in lines}
-    assert settings["maxmemory-policy"] == "noeviction"
+    assert settings["maxmemory-policy"] == "volatile-lru"
     for name in ("maxmemory-policy", "appendfsync", "zset-max-listpack-entries"):
         assert redis_client.config_get(name)[name] == settings[name], name
     assert redis_client.config_get("appendonly")["appendonly"] == "yes"

@@ -10,7 +10,7 @@ from online_models.store import MemoryStore, RedisStore
 from stream.simulator import UserSimulator
 from tests.state_check import read_rows
 
-STORE_BACKED = ["session", "cooc", "mf", "popularity", "trending", "random"]
+STORE_BACKED = ["session", "cooc", "mf", "als", "popularity", "trending", "random"]
 
 
 @pytest.mark.parametrize("name", STORE_BACKED)
