@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--chunk", type=int, default=4000)
     add_live_options(parser)
+    parser.add_argument("--no-ttl", action="store_true",
+                        help="model state without TTLs (the worker sets them)")
     parser.add_argument("--sequential", action="store_true",
                         help="prepare and commit one chunk at a time (no overlap)")
     parser.add_argument("--reader", action="store_true",
@@ -96,9 +98,10 @@ def main() -> None:
     with EmbeddedRedis(appendonly=args.redis_aof) as server:
         client = sync_redis(server.url)
         settings = Settings()
+        ttls = (0, 0) if args.no_ttl else (settings.user_state_ttl_s, settings.item_state_ttl_s)
         models = list(build_on_redis([n for n in args.models.split(",") if n], client,
-                                     settings.key_prefix,
-                                     settings.worker_cached_local_rows).values())
+                                     settings.key_prefix, settings.worker_cached_local_rows,
+                                     *ttls).values())
         state = LiveState(settings, client, models)
         reader = FeedReader(server.url) if args.reader else None
         cpu0, started = cpu_seconds(server.proc.pid), time.perf_counter()

@@ -39,4 +39,4 @@ def async_redis(url: str, max_connections: int = 8) -> redis.asyncio.Redis:
     most ``max_connections``: more callers wait for a connection rather than open one each."""
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=_OPTIONS["socket_timeout"], **_OPTIONS)
-    return redis.asyncio.Redis(connection_pool=pool)
+    return redis.asyncio.Redis.from_pool(pool)  # closing the client closes its pool

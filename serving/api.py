@@ -11,6 +11,7 @@ route needs the header ``X-API-Key``; without keys, lists computed on demand are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from typing import Annotated, Any
@@ -63,19 +64,17 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
                     client_options=settings.kafka_client_options()))
             return producer[0]
 
-    api = FastAPI(title="streamrec", version="0.1.0",
-                  description="Real-time recommendations: feeds from Redis, events to Kafka.")
-
-    @api.on_event("shutdown")
-    def _close() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await front.close()
         if producer:
             producer[0].close()
         builder.close()
         redis_client.close()
 
-    @api.on_event("shutdown")
-    async def _close_front() -> None:
-        await front.close()
+    api = FastAPI(title="streamrec", version="0.1.0", lifespan=lifespan,
+                  description="Real-time recommendations: feeds from Redis, events to Kafka.")
 
     async def _redis_down(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"state store unavailable: {exc!r}"}, status_code=503)
