@@ -12,7 +12,7 @@ LOCK := requirements/dev.txt
 RUNTIME_LOCK := requirements/runtime.txt
 LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet
 
-.PHONY: setup lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api docs clean
+.PHONY: setup lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api soak docs clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ bench-apply: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(BIN)/python bench/serving.py
+
+# 10 minutes of traffic with a fault every minute; exit 0 only if nothing was lost or doubled
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 bench-api: $(STAMP)
 	$(BIN)/python bench/api.py

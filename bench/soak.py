@@ -1,0 +1,233 @@
+"""Soak: a steady event rate for ``--minutes`` with a fault every ``--fault-every-s`` seconds,
+then the books are balanced: nothing lost, nothing applied twice, memory bounded.
+
+Embedded broker and redis-server (AOF on, the production config), one ``streamrec worker``
+with the live models, and a producer thread sending simulated events at ``--rate`` events/s
+through the SDK (on a failed send it sends the same events again: same ids, so the worker's
+dedup must drop the copies). Faults cycle through: ``kill -9`` of the worker (restarted at
+once), ``kill -9`` of redis-server (restarted from its AOF), and the broker paused (SIGSTOP)
+for ``--pause-s`` seconds. Every second: events produced, applied, Redis memory and the
+worker's RSS. Per fault: *recovery* = seconds from the fault's end (a pause's resume) until
+the worker has caught up with what was produced by then plus one second of traffic.
+
+Pass: lost = 0, doubled = 0, each recovery ≤ 30 s, Redis memory and worker RSS at the end
+within 1.5× of their values half-way (model state lives ``--state-ttl-s``, so memory must
+stop growing once it expires). Exit 0 only on pass.
+Usage: ``python bench/soak.py [--minutes 10] [--rate 4000]`` (``make soak``). Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import print_result  # noqa: E402
+from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topics,  # noqa: E402
+                            free_port, terminate)
+from infra.redis_client import sync_redis  # noqa: E402
+from infra.settings import Settings  # noqa: E402
+from schemas.keys import RedisKeys  # noqa: E402
+from stream.producer import InteractionProducer  # noqa: E402
+from stream.simulator import UserSimulator  # noqa: E402
+
+FAULTS = ("kill -9 worker", "kill -9 redis", "pause broker")
+
+
+class Worker:
+    """``streamrec worker`` as a child process that can be killed and started again."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env, self.log_path, self.proc = env, log_path, None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "worker",
+                                          "--loglevel", "warn"], env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=ROOT,
+                                         start_new_session=True)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def rss_mb(self) -> float:
+        try:
+            pages = int(Path(f"/proc/{self.proc.pid}/statm").read_text().split()[1])
+        except (OSError, IndexError):
+            return 0.0
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+class Producer(threading.Thread):
+    """Sends ``rate`` events/s until stopped; a failed flush sends the same events again."""
+
+    def __init__(self, settings: Settings, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.rate = settings, rate
+        self.produced, self.resent, self.stop = 0, 0, threading.Event()
+        self.simulator = UserSimulator(20_000, 50_000, seed=7)
+
+    def run(self) -> None:
+        with InteractionProducer(self.settings.kafka_bootstrap,
+                                 self.settings.topic_interactions) as sdk:
+            started, tick = time.monotonic(), 0.1
+            while not self.stop.is_set():
+                due = int((time.monotonic() - started) * self.rate) - self.produced
+                if due > 0:
+                    events = list(self.simulator.events(due, time.time(), self.rate))
+                    while not self.stop.is_set():
+                        try:
+                            sdk.send_many(events)
+                            sdk.flush(timeout_s=10)
+                            break
+                        except Exception:  # noqa: BLE001 - broker paused: same ids again
+                            self.resent += len(events)
+                            time.sleep(1)
+                    self.produced += len(events)
+                time.sleep(tick)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=4000.0, help="events/s offered")
+    parser.add_argument("--fault-every-s", type=float, default=60.0)
+    parser.add_argument("--pause-s", type=float, default=20.0, help="broker pause length")
+    parser.add_argument("--state-ttl-s", type=int, default=120,
+                        help="TTL of model state (user and item side): short, so that memory "
+                             "reaches its steady state within the run")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="streamrec-soak-"))
+    redis_srv = EmbeddedRedis(workdir=str(work / "redis"))
+    (work / "redis").mkdir()
+    with EmbeddedKafka() as kafka:
+        redis_srv.start()
+        settings = Settings(kafka_bootstrap=kafka.bootstrap, redis_url=redis_srv.url,
+                            redis_retry_max_s=1.0)
+        ensure_streamrec_topics(settings)
+        env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka.bootstrap,
+               "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_REDIS_RETRY_MAX_S": "1",
+               "STREAMREC_USER_STATE_TTL_S": str(args.state_ttl_s),
+               "STREAMREC_ITEM_STATE_TTL_S": str(args.state_ttl_s),
+               "STREAMREC_WORKER_WEB_PORT": str(free_port()),
+               "STREAMREC_WORKER_DATA_DIR": str(work / "worker-data")}
+        worker = Worker(env, work / "worker.log")
+        worker.start()
+        keys = RedisKeys(settings.key_prefix)
+        producer = Producer(settings, args.rate)
+        samples, faults = [], []
+        try:
+            producer.start()
+            started = time.monotonic()
+            next_fault, fault_n = started + args.fault_every_s, 0
+            while time.monotonic() - started < args.minutes * 60:
+                now = time.monotonic()
+                samples.append(sample(now - started, producer, redis_srv, keys, worker))
+                if now >= next_fault:
+                    faults.append(inject(FAULTS[fault_n % len(FAULTS)], now - started,
+                                         producer, worker, redis_srv, kafka, args.pause_s))
+                    fault_n += 1
+                    next_fault = time.monotonic() + args.fault_every_s
+                for fault in faults:
+                    if fault["recovered_s"] is None and applied(redis_srv, keys) >= \
+                            fault["target"]:
+                        fault["recovered_s"] = round(time.monotonic() - started - fault["at_s"],
+                                                     1)
+                time.sleep(1)
+            producer.stop.set()
+            producer.join(60)
+            deadline = time.monotonic() + 180
+            while applied(redis_srv, keys) < producer.produced and time.monotonic() < deadline:
+                time.sleep(1)
+            time.sleep(3)  # redelivered copies must be skipped, not applied
+            final = sample(time.monotonic() - started, producer, redis_srv, keys, worker)
+        finally:
+            producer.stop.set()
+            terminate(worker.proc, 15)
+            redis_srv.close()
+    applied_n = final["applied"]
+    # memory is steady once state older than the TTL expires: compare the end with half-way
+    steady = next((s for s in samples if s["t"] >= args.minutes * 30 and s["redis_mb"] > 0),
+                  samples[-1])
+    result = {
+        "minutes": args.minutes, "rate": args.rate, "produced": producer.produced,
+        "resent_after_failed_sends": producer.resent, "applied": applied_n,
+        "lost": max(producer.produced - applied_n, 0),
+        "doubled": max(applied_n - producer.produced, 0),
+        "faults": faults,
+        "max_recovery_s": max((f["recovered_s"] or float("inf") for f in faults), default=0),
+        "redis_mb_steady": steady["redis_mb"], "redis_mb_end": final["redis_mb"],
+        "worker_rss_mb_steady": steady["worker_rss_mb"],
+        "worker_rss_mb_end": final["worker_rss_mb"],
+    }
+    result["passed"] = (result["lost"] == 0 and result["doubled"] == 0
+                        and result["max_recovery_s"] <= 30
+                        and result["redis_mb_end"] <= 1.5 * max(result["redis_mb_steady"], 1)
+                        and result["worker_rss_mb_end"]
+                        <= 1.5 * max(result["worker_rss_mb_steady"], 1))
+    (work / "samples.json").write_text(json.dumps(samples))
+    print(f"per-second samples: {work / 'samples.json'}; worker log: {work / 'worker.log'}")
+    print_result({k: v for k, v in result.items() if k != "faults"})
+    for fault in faults:
+        print(f"  {fault['at_s']:>6.0f} s  {fault['kind']:<16} recovered in "
+              f"{fault['recovered_s']} s")
+    print(json.dumps(result))
+    return 0 if result["passed"] else 1
+
+
+def applied(redis_srv: EmbeddedRedis, keys: RedisKeys) -> int:
+    try:
+        client = sync_redis(redis_srv.url)
+        try:
+            return int(client.hget(keys.stats, "events_applied") or 0)
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - Redis restarting: not known this second
+        return -1
+
+
+def sample(t: float, producer: Producer, redis_srv: EmbeddedRedis, keys: RedisKeys,
+           worker: Worker) -> dict:
+    try:
+        client = sync_redis(redis_srv.url)
+        memory = client.info("memory")["used_memory"] / 2 ** 20
+        client.close()
+    except Exception:  # noqa: BLE001
+        memory = -1.0
+    return {"t": round(t, 1), "produced": producer.produced, "applied": applied(redis_srv, keys),
+            "redis_mb": round(memory, 1), "worker_rss_mb": round(worker.rss_mb(), 1)}
+
+
+def inject(kind: str, at: float, producer: Producer, worker: Worker, redis_srv: EmbeddedRedis,
+           kafka: EmbeddedKafka, pause_s: float) -> dict:
+    """One fault; recovery counts from its end (a pause's resume) until the worker applied
+    what was produced by then plus one second of traffic."""
+    print(f"{at:7.1f} s  fault: {kind}", flush=True)
+    if kind == "kill -9 worker":
+        worker.kill()
+        worker.start()
+    elif kind == "kill -9 redis":
+        redis_srv.kill()
+        redis_srv.start()
+    else:
+        os.kill(kafka.proc.pid, signal.SIGSTOP)
+        time.sleep(pause_s)
+        os.kill(kafka.proc.pid, signal.SIGCONT)
+    ended = at + (pause_s if kind == "pause broker" else 0.0)
+    return {"kind": kind, "at_s": round(ended, 1), "target": producer.produced + int(producer.rate),
+            "recovered_s": None}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
