@@ -5,6 +5,8 @@ The validation split is the log's first ``--share`` (by time); the user protocol
 and every weight combination of the grid is scored on those same lists (HR@10). The full
 protocol (``streamrec replay --protocol user``) then reports every positive after the warm-up;
 ``--warmup 0.6`` scores only positives after the validation split (the part tuning never saw).
+Parts: ``session``, ``history``, ``als`` and ``popularity``; ``--als-variants`` and
+``--history-variants`` also score variants of those parts (each learned afresh).
 
     python bench/tune_user.py --data ../shared/data/movielens-latest-small
 """
@@ -21,14 +23,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from online_models.mixture import mix, normalised  # noqa: E402
+from online_models.als import OnlineALS  # noqa: E402
 from online_models.registry import build, user_knn  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
 from replay.loaders import load_log  # noqa: E402
 from replay.protocols import by_chunk, user_queries  # noqa: E402
 
-PARTS = ("session", "history", "popularity")
-GRID = {"history": (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
-        "popularity": (0.0, 0.05, 0.1, 0.2, 0.4)}
+PARTS = ("session", "history", "als", "popularity")
+GRID = {"history": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5),
+        "als": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
+        "popularity": (0.0, 0.05)}
+#: variants of the ALS part (``--als-variants``), each learned afresh; measured alone on the
+#: validation split (HR@10): λ=1, w0=0.05, α=4, k=64, no recency 0.038; λ=10 0.051; w0=0.2
+#: 0.048; recency 0.8 0.058; α=1 0.057; then with α=1, recency 0.8: λ=10 w0=0.2 0.068,
+#: λ=3 w0=0.1 0.078, λ=10 w0=0.5 0.078, λ=10 w0=1 0.077, λ=20 w0=0.5 0.062; λ=5 w0=0.2 with
+#: recency 0.6 / 0.7 / 0.8: 0.080 / 0.081 / 0.081; k=128 0.083 (the registry's default)
+ALS_VARIANTS = [dict(factors=64, regularisation=5.0, unobserved_weight=0.2, recency=0.7),
+                dict(factors=128, regularisation=5.0, unobserved_weight=0.2, recency=0.7),
+                dict(factors=128, regularisation=3.0, unobserved_weight=0.15, recency=0.7)]
 #: variants of the history part (CooccurrenceModel, scope="user"), each learned afresh
 HISTORY_VARIANTS = [dict(alpha=0.5, recency=0.9, history=50),
                     dict(alpha=0.5, recency=0.8, history=50),
@@ -69,6 +81,8 @@ def main() -> None:
     parser.add_argument("--format", default="movielens")
     parser.add_argument("--share", type=float, default=0.6, help="validation: the first share")
     parser.add_argument("--chunk", type=int, default=100)
+    parser.add_argument("--als-variants", action="store_true",
+                        help="also try the ALS part's variants alone (ALS_VARIANTS)")
     parser.add_argument("--history-variants", action="store_true",
                         help="also try the history part's variants (HISTORY_VARIANTS)")
     args = parser.parse_args()
@@ -80,9 +94,17 @@ def main() -> None:
     preds, lists = candidate_lists(validation, args.chunk,
                                    {name: build(name) for name in PARTS})
     singles = {name: hit_rate(preds, lists, {name: 1.0}) for name in PARTS}
-    rows = [{"history": "registry", "weights": {"session": 1.0, "history": wh, "popularity": wp},
-             "HR@10": hit_rate(preds, lists, {"session": 1.0, "history": wh, "popularity": wp})}
-            for wh, wp in itertools.product(GRID["history"], GRID["popularity"])]
+    rows = []
+    for wh, wa, wp in itertools.product(GRID["history"], GRID["als"], GRID["popularity"]):
+        weights = {"session": 1.0, "history": wh, "als": wa, "popularity": wp}
+        rows.append({"history": "registry", "weights": weights,
+                     "HR@10": hit_rate(preds, lists, weights)})
+    if args.als_variants:
+        for variant in ALS_VARIANTS:
+            _, alt = candidate_lists(validation, args.chunk, {"alt": OnlineALS(**variant)})
+            print(json.dumps({"als_variant": variant,
+                              "alone": hit_rate(preds, {"als": alt["alt"]}, {"als": 1.0})}),
+                  flush=True)
     if args.history_variants:
         for variant in HISTORY_VARIANTS:
             _, alt = candidate_lists(validation, args.chunk,
@@ -91,7 +113,7 @@ def main() -> None:
             singles[json.dumps(variant)] = hit_rate(preds, lists, {"history": 1.0})
             rows += [{"history": variant, "weights": {"session": 1.0, "history": wh},
                       "HR@10": hit_rate(preds, lists, {"session": 1.0, "history": wh})}
-                     for wh in GRID["history"]]
+                     for wh in GRID["history"]]  # without ALS: the history part alone
             print(json.dumps({"variant": variant, "alone": singles[json.dumps(variant)],
                               "best_mix": max(r["HR@10"] for r in rows
                                               if r["history"] == variant)}), flush=True)

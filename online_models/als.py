@@ -12,7 +12,9 @@ weight ``unobserved_weight`` and target 0. A user's factors then solve
 where ``Gᵢ = Σ_all q q ᵀ`` (kept up to date by adding each changed vector's ``q'q'ᵀ − qqᵀ``)
 and ``H(u)`` is the user's last ``history`` touched items (a partition-local row). Items solve
 the same way over their ``raters`` strongest raters (a shared row) and the user Gram matrix.
-Bounded state: ``history`` per user, ``raters`` per item, two k×k matrices.
+Bounded state: ``history`` per user, ``raters`` per item, two k×k matrices (stored as k
+vectors of k each). Defaults chosen on the MovieLens validation split (``bench/tune_user.py
+--als-variants``).
 
 Queries fold in: the user's history *and* the current session solve a fresh vector against
 today's item factors (an anonymous session gets the same exact fold-in), so a returning
@@ -34,9 +36,9 @@ class OnlineALS(OnlineMF):
     name = "als"
     local_tables = ("history",)
 
-    def __init__(self, factors: int = 64, regularisation: float = 1.0, alpha: float = 4.0,
-                 unobserved_weight: float = 0.05, history: int = 300, raters: int = 500,
-                 recency: float = 1.0, init_scale: float = 0.01, max_items: int = 100_000,
+    def __init__(self, factors: int = 128, regularisation: float = 5.0, alpha: float = 1.0,
+                 unobserved_weight: float = 0.2, history: int = 300, raters: int = 500,
+                 recency: float = 0.7, init_scale: float = 0.01, max_items: int = 100_000,
                  seed: int = 0) -> None:
         super().__init__(factors=factors, regularisation=regularisation, negatives=0,
                          init_scale=init_scale, max_items=max_items, seed=seed)
@@ -95,14 +97,17 @@ class OnlineALS(OnlineMF):
         self._update_gram("item", old_items, new_items)
         return LearnReport(events=len(batch), changed_item_vectors=items)
 
+    def _gram_rows(self, table: str) -> list[str]:
+        return [f"{table}:{row}" for row in range(self.factors)]  # one k-vector per row
+
     def _gram(self, table: str) -> np.ndarray:
-        vectors, _ = self.store.get_vectors("gram", [table], self.factors * self.factors)
-        return vectors[0].reshape(self.factors, self.factors).astype(np.float64)
+        rows, _ = self.store.get_vectors("gram", self._gram_rows(table), self.factors)
+        return rows.astype(np.float64)
 
     def _update_gram(self, table: str, old: np.ndarray, new: np.ndarray) -> None:
         old, new = old.astype(np.float64), new.astype(np.float64)
-        delta = (new.T @ new - old.T @ old).astype(np.float32).reshape(1, -1)
-        self.store.add_vectors("gram", [table], delta, np.zeros_like(delta))
+        delta = (new.T @ new - old.T @ old).astype(np.float32)
+        self.store.add_vectors("gram", self._gram_rows(table), delta, np.zeros_like(delta))
 
     def _other_vectors(self, table: str, ids: list[str],
                        fresh: dict[str, np.ndarray]) -> np.ndarray:
