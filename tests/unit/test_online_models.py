@@ -175,17 +175,21 @@ def test_mf_batch_step_equals_hand_computed_gradient():
     assert q1 == pytest.approx(q0 + 0.1 * (err * p0 - 0.01 * q0), rel=1e-5)
 
 
-def test_mf_known_answer_two_taste_groups():
-    """Checkerboard: users 0-9 click items a*, users 10-19 items b*; each user's top item must
-    come from their own group (implicit's known-answer style)."""
+def checkerboard(rounds: int, items_per_group: int) -> list[Interaction]:
+    """Users 0-9 click items a*, users 10-19 items b* (implicit's known-answer style)."""
     rng = np.random.default_rng(0)
     evs, t = [], 0
-    for _ in range(60):
+    for _ in range(rounds):
         for u in range(20):
-            group = "a" if u < 10 else "b"
             t += 1
-            evs.append(click(f"u{u}", f"{group}{rng.integers(5)}", t, user=f"u{u}"))
-    model = learn_in_batches(OnlineMF(factors=8, epochs=3, seed=1), evs, 200)
+            evs.append(click(f"u{u}", f"{'a' if u < 10 else 'b'}"
+                             f"{rng.integers(items_per_group)}", t, user=f"u{u}"))
+    return evs
+
+
+def test_mf_known_answer_two_taste_groups():
+    """Checkerboard: each user's top item must come from their own group."""
+    model = learn_in_batches(OnlineMF(factors=8, epochs=3, seed=1), checkerboard(60, 5), 200)
     recs = model.recommend([Query(f"u{u}") for u in range(20)], k=1)
     assert all(rec.items[0][0] == ("a" if u < 10 else "b") for u, rec in enumerate(recs))
 
@@ -322,14 +326,7 @@ def test_als_known_answer_two_taste_groups_and_fold_in():
     session is folded in and gets a-items too."""
     from online_models.als import OnlineALS
 
-    rng = np.random.default_rng(0)
-    evs, t = [], 0
-    for _ in range(30):
-        for u in range(20):
-            group = "a" if u < 10 else "b"
-            t += 1
-            evs.append(click(f"u{u}", f"{group}{rng.integers(8)}", t, user=f"u{u}"))
-    model = learn_in_batches(OnlineALS(factors=8), evs, 100)
+    model = learn_in_batches(OnlineALS(factors=8), checkerboard(30, 8), 100)
     recs = model.recommend([Query(f"u{u}") for u in range(20)], k=3)
     assert all(item[0] == ("a" if u < 10 else "b") for u, rec in enumerate(recs)
                for item in rec.items)
