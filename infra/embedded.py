@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from infra.redis_acl import user_args
+
 
 class ServiceStartError(RuntimeError):
     """An embedded service did not become healthy in time."""
@@ -128,27 +130,34 @@ class EmbeddedRedis(_Process):
     name = "redis"
 
     def __init__(self, port: int | None = None, workdir: str | None = None,
-                 appendonly: bool = True) -> None:
+                 appendonly: bool = True, passwords: dict[str, str] | None = None) -> None:
         super().__init__(port, workdir)
         self.appendonly = appendonly
+        self.passwords = passwords  # role → password: ACL users (infra/redis_acl.py)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.role_url("worker") if self.passwords else f"redis://127.0.0.1:{self.port}/0"
+
+    def role_url(self, role: str) -> str:
+        """The URL a process of ``role`` connects with (ACL users only)."""
+        return f"redis://{role}:{self.passwords[role]}@127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.path.exists(binary):
             raise ServiceStartError("redis-server not found: `apt-get install redis-server` "
                                     "(make does this for you)")
+        users = user_args(self.passwords) if self.passwords else []
         return [binary, str(REDIS_CONF), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir)]
+                "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir),
+                *users]
 
     def healthy(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # up (ACL users)
         except OSError:
             return False
 

@@ -494,7 +494,12 @@ class RedisStore(StateStore):
     def get_rows(self, table, keys):
         if not keys:
             return []
-        raw = self._read(keys=self.keys(table, keys))
+        names = self.keys(table, keys)
+        try:  # the read-only variant: readers holding only read access may run it (ACLs)
+            raw = self.client.evalsha_ro(self._read.sha, len(names), *names)
+        except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
+            self.client.script_load(self._read.script)
+            raw = self.client.evalsha_ro(self._read.sha, len(names), *names)
         return [{flat[i].decode(): float(flat[i + 1]) for i in range(0, len(flat), 2)}
                 for flat in raw]
 

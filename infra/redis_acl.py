@@ -1,0 +1,38 @@
+"""Redis ACL users per role: what each streamrec process may do, in one place.
+
+``docker-compose.yml`` passes the same rules to redis-server (a test compares them), and
+:class:`infra.embedded.EmbeddedRedis` can start with them. The ``default`` user is switched
+off: every client logs in with its role's password (``redis://<role>:<password>@host``).
+
+* ``worker``: reads and writes every key under the prefix; no server administration
+  (``-@dangerous``: no CONFIG, FLUSHALL, KEYS, DEBUG...).
+* ``serving`` (feed builder, API): reads every key under the prefix; writes only feeds, the
+  feed queue and the bandit's show counts; runs scripts (each command inside is checked).
+* ``frontend``: GET/MGET of feed keys, nothing else.
+"""
+
+from __future__ import annotations
+
+ROLES = ("worker", "serving", "frontend")
+
+
+def role_rules(prefix: str = "sr") -> dict[str, str]:
+    """ACL rules (after ``on >password``) of each role for key prefix ``prefix``."""
+    return {
+        "worker": f"~{prefix}:* +@all -@dangerous",
+        # one pattern must grant every access a command needs: read-modify-write keys
+        # (SPOP, HINCRBY) get ~, write-only ones (SET of a feed) %W~
+        "serving": (f"%R~{prefix}:* %W~{prefix}:{{u:*}}:feed ~{prefix}:{{feedq}}:* "
+                    f"~{prefix}:{{bandit}}:shows +@read +@connection +@scripting "
+                    "+set +sadd +spop +hincrby -@dangerous"),
+        "frontend": f"%R~{prefix}:{{u:*}}:feed +get +mget +ping +hello +auth",
+    }
+
+
+def user_args(passwords: dict[str, str], prefix: str = "sr") -> list[str]:
+    """redis-server command-line arguments creating each role's user (and disabling the
+    passwordless default user)."""
+    args = ["--user", "default", "off"]
+    for role, rules in role_rules(prefix).items():
+        args += ["--user", role, "on", f">{passwords[role]}", *rules.split()]
+    return args
