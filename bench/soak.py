@@ -105,8 +105,9 @@ def main() -> int:
     parser.add_argument("--fault-every-s", type=float, default=60.0)
     parser.add_argument("--pause-s", type=float, default=20.0, help="broker pause length")
     parser.add_argument("--state-ttl-s", type=int, default=120,
-                        help="TTL of model state (user and item side): short, so that memory "
-                             "reaches its steady state within the run")
+                        help="TTL of model state (user and item side) and of the dedup "
+                             "sets: short, so that memory reaches its steady state within "
+                             "the run")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="streamrec-soak-"))
     redis_srv = EmbeddedRedis(workdir=str(work / "redis"))
@@ -119,6 +120,7 @@ def main() -> int:
         env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka.bootstrap,
                "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_REDIS_RETRY_MAX_S": "1",
                "STREAMREC_USER_STATE_TTL_S": str(args.state_ttl_s),
+               "STREAMREC_DEDUP_TTL_S": str(args.state_ttl_s),
                "STREAMREC_ITEM_STATE_TTL_S": str(args.state_ttl_s),
                "STREAMREC_WORKER_WEB_PORT": str(free_port()),
                "STREAMREC_WORKER_DATA_DIR": str(work / "worker-data")}
@@ -139,17 +141,15 @@ def main() -> int:
                                          producer, worker, redis_srv, kafka, args.pause_s))
                     fault_n += 1
                     next_fault = time.monotonic() + args.fault_every_s
-                for fault in faults:
-                    if fault["recovered_s"] is None and applied(redis_srv, keys) >= \
-                            fault["target"]:
-                        fault["recovered_s"] = round(time.monotonic() - started - fault["at_s"],
-                                                     1)
+                note_recoveries(faults, applied(redis_srv, keys), time.monotonic() - started)
                 time.sleep(1)
             producer.stop.set()
             producer.join(60)
             deadline = time.monotonic() + 180
             while applied(redis_srv, keys) < producer.produced and time.monotonic() < deadline:
+                note_recoveries(faults, applied(redis_srv, keys), time.monotonic() - started)
                 time.sleep(1)
+            note_recoveries(faults, applied(redis_srv, keys), time.monotonic() - started)
             time.sleep(3)  # redelivered copies must be skipped, not applied
             final = sample(time.monotonic() - started, producer, redis_srv, keys, worker)
         finally:
@@ -184,6 +184,13 @@ def main() -> int:
               f"{fault['recovered_s']} s")
     print(json.dumps(result))
     return 0 if result["passed"] else 1
+
+
+def note_recoveries(faults: list[dict], applied_now: int, now_s: float) -> None:
+    """Stamp the faults whose catch-up target is now applied."""
+    for fault in faults:
+        if fault["recovered_s"] is None and applied_now >= fault["target"]:
+            fault["recovered_s"] = round(now_s - fault["at_s"], 1)
 
 
 def applied(redis_srv: EmbeddedRedis, keys: RedisKeys) -> int:
