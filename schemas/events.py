@@ -152,17 +152,21 @@ def split_message(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     if len(raw) > max_bytes:
         return [], [(None, None, InvalidEvent([{"field": "$", "reason":
                      f"message of {len(raw)} bytes exceeds the {max_bytes}-byte limit"}]))]
+    decoded, envelope = None, True
     try:  # fast path: a fully valid envelope, then a fully valid single event
-        events = _envelope_decoder.decode(raw).events
-        if keys_certainly_unique(raw, events, envelope=True):
-            return events, []
+        decoded = _envelope_decoder.decode(raw).events
     except msgspec.DecodeError:
         try:
-            event = _event_decoder.decode(raw)
-            if keys_certainly_unique(raw, [event], envelope=False):
-                return [event], []
+            decoded, envelope = [_event_decoder.decode(raw)], False
         except msgspec.DecodeError:
             pass
+    repeated = None
+    if decoded is not None:
+        if keys_certainly_unique(raw, decoded, envelope):
+            return decoded, []
+        repeated = repeated_keys(raw)  # not proved by counting (explicit nulls, escapes...)
+        if not repeated:
+            return decoded, []
     if nesting_exceeds(raw, MAX_JSON_DEPTH):
         return [], [(None, None, InvalidEvent([{"field": "$", "reason":
                      f"JSON nested deeper than {MAX_JSON_DEPTH} levels (or unbalanced)"}]))]
@@ -170,7 +174,8 @@ def split_message(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         doc = msgspec.json.decode(raw)
     except (msgspec.DecodeError, RecursionError) as exc:
         return [], [(None, None, InvalidEvent([{"field": "$", "reason": f"not JSON: {exc}"}]))]
-    repeated = repeated_keys(raw)
+    if repeated is None:
+        repeated = repeated_keys(raw)
     if isinstance(doc, dict) and "events" in doc:
         if None in repeated:
             return [], [(None, doc, _repeated_error(repeated[None]))]
@@ -250,8 +255,8 @@ def repeated_keys(raw: bytes) -> dict[int | None, list[str]]:
     return found
 
 
-def _repeated_error(paths: list[str], prefix: str = "") -> InvalidEvent:
-    return InvalidEvent([{"field": prefix + path, "reason":
+def _repeated_error(paths: list[str]) -> InvalidEvent:
+    return InvalidEvent([{"field": path, "reason":
                           "key repeated in one JSON object (which copy wins is ambiguous)"}
                          for path in paths])
 
