@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 import redis.asyncio
+from prometheus_client import Counter
 
 #: Errors worth waiting out (server restarting, network blip, or at ``maxmemory``: a write
 #: refused by OOM changed nothing, as a MULTI with a refused command is discarded whole);
@@ -13,12 +14,16 @@ TRANSIENT_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyL
                           redis.exceptions.OutOfMemoryError)
 
 
+REDIS_OOM = Counter("streamrec_redis_oom_total",
+                    "Writes refused because Redis reached maxmemory: the process waits and "
+                    "retries, nothing is lost (alert: raise maxmemory or shorten TTLs)")
+
+
 def note_redis_error(log, what: str, exc: Exception, retry_in_s: float | None = None) -> None:
     """Log a transient Redis error; Redis at ``maxmemory`` is an error an operator must act on
     (counted in ``streamrec_redis_oom_total``), the rest are warnings."""
     retry = f"; retrying in {retry_in_s:.2f}s" if retry_in_s is not None else "; retrying"
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
-        from stream.metrics import REDIS_OOM
         REDIS_OOM.inc()
         log.error("redis is at maxmemory during %s (%r): writes wait, nothing is lost; raise "
                   "maxmemory or shorten TTLs (docs/redis-keys.md)%s", what, exc, retry)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from infra.redis_client import REDIS_OOM  # noqa: F401 - defined where Redis errors are noted
+
 MESSAGES_IN = Counter("streamrec_messages_in_total", "Kafka messages consumed")
 EVENTS_IN = Counter("streamrec_events_in_total", "Valid events decoded from messages")
 EVENTS_APPLIED = Counter("streamrec_events_applied_total", "Events applied to Redis state")
@@ -28,9 +30,6 @@ MESSAGE_AGE = Histogram("streamrec_message_age_at_commit_seconds",
                         buckets=(.025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
 CONSUMER_LAG = Gauge("streamrec_consumer_lag_messages", "High watermark minus last read offset",
                      ["topic", "partition"])
-REDIS_OOM = Counter("streamrec_redis_oom_total",
-                    "Writes refused because Redis reached maxmemory: the process waits and "
-                    "retries, nothing is lost (alert: raise maxmemory or shorten TTLs)")
 HELD_PARTITIONS = Gauge("streamrec_held_partitions",
                         "Partitions held back because Redis progress does not fit the Kafka log "
                         "(log went backwards, or unapplied offsets deleted): alert on > 0")
