@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from online_models.base import LearnReport, Query
-from online_models.mf import OnlineMF, factorize, seeded_vectors
+from online_models.mf import OnlineMF, factorize
 from online_models.signals import SignalBatch
 from online_models.store import trim_row
 
@@ -111,11 +111,9 @@ class OnlineALS(OnlineMF):
 
     def _other_vectors(self, table: str, ids: list[str],
                        fresh: dict[str, np.ndarray]) -> np.ndarray:
-        """Stored factors (seeded where none is stored yet), ``fresh`` ones taking precedence."""
-        vectors, found = self.store.get_vectors(table, ids, self.factors)
-        if not found.all():
-            missing = [key for key, ok in zip(ids, found) if not ok]
-            vectors[~found] = seeded_vectors(missing, self.factors, self.init_scale, table)
+        """Stored factors (seeded where none is stored yet, read as shared rows: raters belong
+        to other partitions too), ``fresh`` ones taking precedence."""
+        vectors = self._vectors(table, ids, local=False)
         for r, key in enumerate(ids):
             if key in fresh:
                 vectors[r] = fresh[key]

@@ -82,8 +82,11 @@ class OnlineMF(OnlineModel):
         self.seed = seed
         self._rng = np.random.default_rng(seed)
 
-    def _vectors(self, table: str, ids: list[str]) -> np.ndarray:
-        read = self.store.get_local_vectors if table == "user" else self.store.get_vectors
+    def _vectors(self, table: str, ids: list[str], local: bool | None = None) -> np.ndarray:
+        """Stored factors, seeded where none is stored yet; ``local``: read as the owner of
+        the rows (by default users are, items are shared)."""
+        local = table == "user" if local is None else local
+        read = self.store.get_local_vectors if local else self.store.get_vectors
         vectors, found = read(table, ids, self.factors)
         if not found.all():
             missing = [key for key, ok in zip(ids, found) if not ok]
