@@ -10,22 +10,33 @@ from stream.simulator import UserSimulator
 from tests.conftest import wait_for
 
 
+def start_worker(server, settings, spawn, **update):
+    """A worker on ``server``'s Redis (retrying every 0.5 s at most), a client of that Redis
+    and the key names."""
+    s = settings.model_copy(update={"redis_url": server.url, "redis_retry_max_s": 0.5,
+                                    **update})
+    return (s, RedisKeys(s.key_prefix), sync_redis(s.redis_url),
+            spawn(["worker", "--loglevel", "warn"], s))
+
+
+def send_until_applied(producer, events, client, keys, worker) -> None:
+    """Produce ``events`` and wait until the worker has applied (at least) that many."""
+    producer.send_many(events)
+    producer.flush()
+    wait_for(lambda: int(client.hget(keys.stats, "events_applied") or 0) >= len(events),
+             60, f"{len(events)} events applied", proc=worker)
+
+
 def test_worker_rides_out_a_redis_restart_without_losing_events(settings, spawn, tmp_path):
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()
     server = EmbeddedRedis(workdir=str(redis_dir)).start()
-    s = settings.model_copy(update={"redis_url": server.url, "redis_retry_max_s": 0.5})
-    keys = RedisKeys(s.key_prefix)
-    client = sync_redis(s.redis_url)
-    worker = spawn(["worker", "--loglevel", "warn"], s)
+    s, keys, client, worker = start_worker(server, settings, spawn)
     events = list(UserSimulator(60, 200, seed=21).events(4000, time.time() - 4000))
     first, second = events[:2000], events[2000:]
     try:
         with InteractionProducer(s.kafka_bootstrap, s.topic_interactions) as producer:
-            producer.send_many(first)
-            producer.flush()
-            wait_for(lambda: int(client.hget(keys.stats, "events_applied") or 0) >= len(first),
-                     60, "first half applied", proc=worker)
+            send_until_applied(producer, first, client, keys, worker)
             server.stop()  # outage: graceful stop keeps the AOF complete
             producer.send_many(second)
             producer.flush()
@@ -47,8 +58,7 @@ def test_worker_rides_out_a_redis_restart_without_losing_events(settings, spawn,
 
 def test_worker_waits_while_redis_is_at_maxmemory_and_loses_nothing(settings, spawn, tmp_path):
     """Redis refuses writes (maxmemory reached, nothing left to evict): the worker keeps
-    running, logs
-    an error, counts streamrec_redis_oom_total and applies nothing half-way; once memory is
+    running, logs an error, counts streamrec_redis_oom_total and applies nothing half-way; once memory is
     raised, every event is applied exactly once."""
     import httpx
 
@@ -56,19 +66,13 @@ def test_worker_waits_while_redis_is_at_maxmemory_and_loses_nothing(settings, sp
 
     server = EmbeddedRedis(appendonly=False).start()
     web_port = free_port()
-    s = settings.model_copy(update={"redis_url": server.url, "redis_retry_max_s": 0.5,
-                                    "worker_metrics_port": web_port})
-    keys = RedisKeys(s.key_prefix)
-    client = sync_redis(s.redis_url)
-    worker = spawn(["worker", "--loglevel", "warn"], s)
+    s, keys, client, worker = start_worker(server, settings, spawn,
+                                           worker_metrics_port=web_port)
     events = list(UserSimulator(60, 200, seed=22).events(3000, time.time() - 3000))
     first, second = events[:1000], events[1000:]
     try:
         with InteractionProducer(s.kafka_bootstrap, s.topic_interactions) as producer:
-            producer.send_many(first)
-            producer.flush()
-            wait_for(lambda: int(client.hget(keys.stats, "events_applied") or 0) >= len(first),
-                     60, "first part applied", proc=worker)
+            send_until_applied(producer, first, client, keys, worker)
             client.config_set("maxmemory", 1)  # every write is now refused
             producer.send_many(second)
             producer.flush()
