@@ -126,7 +126,7 @@ def main() -> int:
                "STREAMREC_WORKER_DATA_DIR": str(work / "worker-data")}
         worker = Worker(env, work / "worker.log")
         worker.start()
-        keys = RedisKeys(settings.key_prefix)
+        books = Books(redis_srv.url, RedisKeys(settings.key_prefix))
         producer = Producer(settings, args.rate)
         samples, faults = [], []
         try:
@@ -135,25 +135,26 @@ def main() -> int:
             next_fault, fault_n = started + args.fault_every_s, 0
             while time.monotonic() - started < args.minutes * 60:
                 now = time.monotonic()
-                samples.append(sample(now - started, producer, redis_srv, keys, worker))
+                samples.append(books.sample(now - started, producer, worker))
                 if now >= next_fault:
                     faults.append(inject(FAULTS[fault_n % len(FAULTS)], now - started,
                                          producer, worker, redis_srv, kafka, args.pause_s))
                     fault_n += 1
                     next_fault = time.monotonic() + args.fault_every_s
-                note_recoveries(faults, applied(redis_srv, keys), time.monotonic() - started)
+                note_recoveries(faults, books.applied(), time.monotonic() - started)
                 time.sleep(1)
             producer.stop.set()
             producer.join(60)
             deadline = time.monotonic() + 180
-            while applied(redis_srv, keys) < producer.produced and time.monotonic() < deadline:
-                note_recoveries(faults, applied(redis_srv, keys), time.monotonic() - started)
+            while books.applied() < producer.produced and time.monotonic() < deadline:
+                note_recoveries(faults, books.applied(), time.monotonic() - started)
                 time.sleep(1)
-            note_recoveries(faults, applied(redis_srv, keys), time.monotonic() - started)
+            note_recoveries(faults, books.applied(), time.monotonic() - started)
             time.sleep(3)  # redelivered copies must be skipped, not applied
-            final = sample(time.monotonic() - started, producer, redis_srv, keys, worker)
+            final = books.sample(time.monotonic() - started, producer, worker)
         finally:
             producer.stop.set()
+            books.client.close()
             terminate(worker.proc, 15)
             redis_srv.close()
     applied_n = final["applied"]
@@ -193,27 +194,26 @@ def note_recoveries(faults: list[dict], applied_now: int, now_s: float) -> None:
             fault["recovered_s"] = round(now_s - fault["at_s"], 1)
 
 
-def applied(redis_srv: EmbeddedRedis, keys: RedisKeys) -> int:
-    try:
-        client = sync_redis(redis_srv.url)
+class Books:
+    """What Redis says: events applied, memory used. One client; after a Redis restart its
+    next call reconnects (a call during the outage answers -1)."""
+
+    def __init__(self, redis_url: str, keys: RedisKeys) -> None:
+        self.client, self.keys = sync_redis(redis_url), keys
+
+    def applied(self) -> int:
         try:
-            return int(client.hget(keys.stats, "events_applied") or 0)
-        finally:
-            client.close()
-    except Exception:  # noqa: BLE001 - Redis restarting: not known this second
-        return -1
+            return int(self.client.hget(self.keys.stats, "events_applied") or 0)
+        except Exception:  # noqa: BLE001 - Redis restarting: not known this second
+            return -1
 
-
-def sample(t: float, producer: Producer, redis_srv: EmbeddedRedis, keys: RedisKeys,
-           worker: Worker) -> dict:
-    try:
-        client = sync_redis(redis_srv.url)
-        memory = client.info("memory")["used_memory"] / 2 ** 20
-        client.close()
-    except Exception:  # noqa: BLE001
-        memory = -1.0
-    return {"t": round(t, 1), "produced": producer.produced, "applied": applied(redis_srv, keys),
-            "redis_mb": round(memory, 1), "worker_rss_mb": round(worker.rss_mb(), 1)}
+    def sample(self, t: float, producer: Producer, worker: Worker) -> dict:
+        try:
+            memory = self.client.info("memory")["used_memory"] / 2 ** 20
+        except Exception:  # noqa: BLE001
+            memory = -1.0
+        return {"t": round(t, 1), "produced": producer.produced, "applied": self.applied(),
+                "redis_mb": round(memory, 1), "worker_rss_mb": round(worker.rss_mb(), 1)}
 
 
 def inject(kind: str, at: float, producer: Producer, worker: Worker, redis_srv: EmbeddedRedis,
