@@ -5,7 +5,8 @@ The validation split is the log's first ``--share`` (by time); the user protocol
 and every weight combination of the grid is scored on those same lists (HR@10). The full
 protocol (``streamrec replay --protocol user``) then reports every positive after the warm-up;
 ``--warmup 0.6`` scores only positives after the validation split (the part tuning never saw).
-Parts: ``session``, ``history``, ``als`` and ``popularity``; ``--als-variants`` and
+Parts: ``session``, ``history``, ``als``, ``popularity`` and ``content`` (which learns the item
+descriptions beside the log, in time order); ``--als-variants`` and
 ``--history-variants`` also score variants of those parts (each learned afresh).
 
     python bench/tune_user.py --data ../shared/data/movielens-latest-small
@@ -26,13 +27,18 @@ from online_models.mixture import mix, normalised  # noqa: E402
 from online_models.als import OnlineALS  # noqa: E402
 from online_models.registry import build, user_knn  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
-from replay.loaders import load_log  # noqa: E402
-from replay.protocols import by_chunk, user_queries  # noqa: E402
+from replay.loaders import load_items, load_log  # noqa: E402
+from replay.protocols import ItemTimeline, by_chunk, user_queries  # noqa: E402
 
-PARTS = ("session", "history", "als", "popularity")
-GRID = {"history": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5),
-        "als": (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
-        "popularity": (0.0, 0.05)}
+PARTS = ("session", "history", "als", "popularity", "content")
+#: measured before (validation HR@10): the best of history (0–1.5) × als (0–2) × popularity
+#: (0, 0.05) was history 1, als 0.75, popularity 0.05 (0.1006); with content, history
+#: (0.75–1.25) × als (0.5–1) × popularity (0, 0.05) × content (0–0.35): history 0.75, als 0.5,
+#: popularity 0.05, content 0.35 (0.1044, the grid's edge); the grid now refines around it
+GRID = {"history": (0.75, 1.0),
+        "als": (0.5, 0.75),
+        "popularity": (0.05,),
+        "content": (0.25, 0.35, 0.5, 0.75, 1.0)}
 #: variants of the ALS part (``--als-variants``), each learned afresh; measured alone on the
 #: validation split (HR@10): λ=1, w0=0.05, α=4, k=64, no recency 0.038; λ=10 0.051; w0=0.2
 #: 0.048; recency 0.8 0.058; α=1 0.057; then with α=1, recency 0.8: λ=10 w0=0.2 0.068,
@@ -49,13 +55,18 @@ HISTORY_VARIANTS = [dict(alpha=0.5, recency=0.9, history=50),
 # measured earlier (validation HR@10 of the best mix): recency 0.9 with history 200: 0.0945
 
 
-def candidate_lists(events, chunk: int, models: dict) -> tuple[list, dict[str, list]]:
-    """Predictions over ``events`` and, per model, each prediction's normalised candidates."""
+def candidate_lists(events, chunk: int, models: dict, items=()) -> tuple[list, dict[str, list]]:
+    """Predictions over ``events`` and, per model, each prediction's normalised candidates
+    (item descriptions ``items`` learned in time order, as the replay does)."""
     preds = user_queries(events)
     mapper = SignalMapper()
     lists: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     buckets = by_chunk(preds, chunk)
+    timeline = ItemTimeline(items)
     for n, start in enumerate(range(0, len(events), chunk)):
+        described = timeline.until(events[start].timestamp)
+        for model in models.values():
+            model.learn_items(described)
         batch = buckets.get(n, [])
         if batch:
             for name, model in models.items():
@@ -91,24 +102,27 @@ def main() -> None:
     events = load_log(args.data, args.format)
     validation = events[:int(len(events) * args.share)]
     started = time.perf_counter()
+    items = load_items(args.data, args.format)
     preds, lists = candidate_lists(validation, args.chunk,
-                                   {name: build(name) for name in PARTS})
+                                   {name: build(name) for name in PARTS}, items)
     singles = {name: hit_rate(preds, lists, {name: 1.0}) for name in PARTS}
     rows = []
-    for wh, wa, wp in itertools.product(GRID["history"], GRID["als"], GRID["popularity"]):
-        weights = {"session": 1.0, "history": wh, "als": wa, "popularity": wp}
+    for wh, wa, wp, wc in itertools.product(GRID["history"], GRID["als"], GRID["popularity"],
+                                            GRID["content"]):
+        weights = {"session": 1.0, "history": wh, "als": wa, "popularity": wp, "content": wc}
         rows.append({"history": "registry", "weights": weights,
                      "HR@10": hit_rate(preds, lists, weights)})
     if args.als_variants:
         for variant in ALS_VARIANTS:
-            _, alt = candidate_lists(validation, args.chunk, {"alt": OnlineALS(**variant)})
+            _, alt = candidate_lists(validation, args.chunk, {"alt": OnlineALS(**variant)},
+                                     items)
             print(json.dumps({"als_variant": variant,
                               "alone": hit_rate(preds, {"als": alt["alt"]}, {"als": 1.0})}),
                   flush=True)
     if args.history_variants:
         for variant in HISTORY_VARIANTS:
             _, alt = candidate_lists(validation, args.chunk,
-                                     {"alt": user_knn(query="history", **variant)})
+                                     {"alt": user_knn(query="history", **variant)}, items)
             lists["history"] = alt["alt"]
             singles[json.dumps(variant)] = hit_rate(preds, lists, {"history": 1.0})
             rows += [{"history": variant, "weights": {"session": 1.0, "history": wh},

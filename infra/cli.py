@@ -26,14 +26,15 @@ def tune_gc() -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    """Run the Faust worker (ingest agent)."""
+    """Run the Faust worker (ingest and items agents)."""
     from infra.embedded import ensure_streamrec_topics
     from infra.settings import Settings
 
     settings = Settings()
     settings.require_services()
     ensure_streamrec_topics(settings)
-    from stream.ingest import app  # registers the agents
+    import stream.items  # noqa: F401 - registers the items agent
+    from stream.ingest import app  # registers the ingest agent and tasks
 
     tune_gc()
     sys.argv = ["streamrec-worker", "worker", "-l", args.loglevel]
@@ -121,10 +122,11 @@ def cmd_services(_args: argparse.Namespace) -> None:
 
 
 def cmd_schema(args: argparse.Namespace) -> None:
-    """Print (or write) the JSON Schema of an interactions message."""
-    from schemas.events import json_schema
+    """Print (or write) the JSON Schema of an interactions (or, --items, items) message."""
+    from schemas import events, items
 
-    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    schema = (items if getattr(args, "items", False) else events).json_schema()
+    text = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     if args.out:
         with open(args.out, "w") as handle:
             handle.write(text)
@@ -137,13 +139,14 @@ def cmd_replay(args: argparse.Namespace) -> None:
     import time
 
     from online_models.registry import resolve_names
-    from replay.loaders import load_split
+    from replay.loaders import load_items, load_split
     from replay.protocols import run
     from replay.report import markdown_table, write_outputs
 
     started = time.time()
     names = resolve_names(args.models)  # a typo fails before the log is read
     train, test = load_split(args.data, args.format, args.test_days)
+    items = [] if args.no_items else load_items(args.data, args.format)
     store_factory = None
     if args.store == "redis":
         from infra.redis_client import sync_redis
@@ -157,8 +160,9 @@ def cmd_replay(args: argparse.Namespace) -> None:
                                                 f"replay-{int(started)}-{name}")
     results = run(args.protocol, train, test, names, ks=tuple(sorted({10, 20, args.k})),
                   chunk=args.chunk, learn_during_test=args.learn_during_test,
-                  store_factory=store_factory, progress=not args.quiet, warmup=args.warmup)
-    meta = {"data": str(args.data), "format": args.format, "protocol": args.protocol,
+                  store_factory=store_factory, progress=not args.quiet, warmup=args.warmup,
+                  items=items)
+    meta = {"item_descriptions": len(items),"data": str(args.data), "format": args.format, "protocol": args.protocol,
             "train_events": len(train), "test_events": len(test), "chunk": args.chunk,
             "learn_during_test": args.learn_during_test, "store": args.store,
             "warmup": args.warmup,
@@ -185,9 +189,10 @@ def cmd_docs(_args: argparse.Namespace) -> None:
 
     for path in write_docs():
         print(f"wrote {path}")
-    out = Path(__file__).resolve().parents[1] / "schemas" / "interaction.schema.json"
-    cmd_schema(argparse.Namespace(out=str(out)))
-    print(f"wrote {out}")
+    for name, items in (("interaction", False), ("item", True)):
+        out = Path(__file__).resolve().parents[1] / "schemas" / f"{name}.schema.json"
+        cmd_schema(argparse.Namespace(out=str(out), items=items))
+        print(f"wrote {out}")
 
 
 def cmd_offsets(args: argparse.Namespace) -> None:
@@ -293,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help=cmd_schema.__doc__)
     schema.add_argument("--out", default="", help="write to this file instead of stdout")
+    schema.add_argument("--items", action="store_true",
+                        help="the items topic's message (item descriptions) instead")
     schema.set_defaults(func=cmd_schema)
 
     sub.add_parser("docs", help=cmd_docs.__doc__).set_defaults(func=cmd_docs)
@@ -327,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--warmup", type=float, default=_env("STREAMREC_REPLAY_WARMUP", 0.1),
                         help="user protocol: share of positives replayed but not scored "
                              "[STREAMREC_REPLAY_WARMUP]")
+    replay.add_argument("--no-items", action="store_true",
+                        help="ignore the item descriptions beside the log (MovieLens "
+                             "movies.csv/tags.csv: read by default)")
     replay.add_argument("--learn-during-test", action="store_true",
                         help="session protocol: also learn test events after predicting them")
     replay.add_argument("--store", choices=["memory", "redis"], default="memory",

@@ -29,7 +29,7 @@ from infra.redis_client import sync_redis
 from infra.settings import Settings
 from schemas.keys import RedisKeys
 from serving.feeds import FeedBuilder
-from stream.producer import InteractionProducer
+from stream.producer import InteractionProducer, ItemPublisher
 from stream.simulator import MALFORMED_KINDS, UserSimulator, malformed_message
 
 
@@ -43,16 +43,32 @@ def _spawn(role: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
 
 
 def _traffic(args: argparse.Namespace):
-    """(events, seconds) to send: a replayed log, or simulated users for the duration."""
+    """(events, item descriptions) to send: a replayed log (with the descriptions beside it,
+    e.g. MovieLens movies.csv), or simulated users for the duration."""
     if args.log:
-        from replay.loaders import load_log
+        from replay.loaders import load_items, load_log
 
         events = load_log(args.log, args.format)
         seconds = args.duration or args.traffic_s
-        return events[: int(args.rate * seconds)] if seconds else events
+        return (events[: int(args.rate * seconds)] if seconds else events,
+                load_items(args.log, args.format))
     seconds = args.duration or args.traffic_s
     sim = UserSimulator(args.users, args.items, seed=args.seed)
-    return list(sim.events(int(args.rate * seconds), start_ts=time.time() - seconds))
+    start = time.time() - seconds
+    return (list(sim.events(int(args.rate * seconds), start_ts=start)),
+            sim.item_descriptions(start - 60))
+
+
+def _publish_descriptions(settings, records) -> int:
+    """Send the catalogue's descriptions first (the items topic), acknowledged."""
+    if not records:
+        return 0
+    with ItemPublisher(settings.kafka_bootstrap, settings.topic_items,
+                       max_message_bytes=settings.max_message_bytes,
+                       client_options=settings.kafka_client_options()) as publisher:
+        publisher.send_many(records)
+        publisher.flush()
+    return len(records)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -66,12 +82,17 @@ def run_demo(args: argparse.Namespace) -> int:
         if not kafka_bootstrap:
             kafka_bootstrap = stack.enter_context(EmbeddedKafka()).bootstrap
         api_port = base.api_port if base.api_port and _free(base.api_port) else free_port()
+        # the content model (item descriptions) joins the configured ones unless set explicitly
+        live_models = (base.live_models if "STREAMREC_LIVE_MODELS" in os.environ
+                       else ",".join(dict.fromkeys([*base.live_model_names, "content"])))
         settings = base.model_copy(update={"kafka_bootstrap": kafka_bootstrap,
-                                           "redis_url": redis_url, "api_port": api_port})
+                                           "redis_url": redis_url, "api_port": api_port,
+                                           "live_models": live_models})
         print(f"kafka {kafka_bootstrap}  redis {redis_url}", flush=True)
         ensure_streamrec_topics(settings)
         env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka_bootstrap,
                "STREAMREC_REDIS_URL": redis_url, "STREAMREC_API_PORT": str(api_port),
+               "STREAMREC_LIVE_MODELS": live_models,
                "STREAMREC_WORKER_WEB_PORT": str(free_port()),
                "STREAMREC_WORKER_DATA_DIR": str(out / "worker-data")}
         worker = _spawn(["worker", "--loglevel", "warn"], env, out / "worker.log")
@@ -89,8 +110,10 @@ def run_demo(args: argparse.Namespace) -> int:
         feeder.start()
         stack.callback(stop_builder.set)
 
-        events = _traffic(args)
+        events, descriptions = _traffic(args)
+        described = _publish_descriptions(settings, descriptions)
         summary = _send(settings, events, args, client, keys, worker)
+        summary["item_descriptions_sent"] = described
         stop_builder.set()
         feeder.join(10)
         while builder.refresh_round():  # the last round for users still queued
@@ -172,12 +195,22 @@ def _send(settings, events, args, client, keys, worker) -> dict:
             "active_users": sorted(active)}
 
 
+#: How feed explanations begin (the rest names an item or a category).
+REASON_KINDS = ("because you viewed", "because you like", "popular in")
+
+
 def _feeds_summary(builder: FeedBuilder, client, keys, active: list[str], api_url: str) -> dict:
     with client.pipeline(transaction=False) as pipe:
         for user in active:
             pipe.get(keys.feed(user))
         stored = pipe.execute()
     non_empty = sum(1 for raw in stored if raw and b'"items":[]' not in raw)
+    reasons: dict[str, int] = {}
+    for raw in filter(None, stored):
+        for item in json.loads(raw)["items"]:
+            kind = next((p for p in REASON_KINDS if item["reason"].startswith(p)),
+                        item["reason"])
+            reasons[kind] = reasons.get(kind, 0) + 1
     samples = {}
     for user in [u for u in active if not u.startswith("u-env-")][:3]:
         try:
@@ -186,6 +219,7 @@ def _feeds_summary(builder: FeedBuilder, client, keys, active: list[str], api_ur
             samples[user] = {"error": repr(exc)}
     return {"active_users": len(active), "users_with_feed": non_empty,
             "feed_coverage": round(non_empty / max(len(active), 1), 4), "api": api_url,
+            "feed_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
             "sample_feeds": samples}
 
 

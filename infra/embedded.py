@@ -221,9 +221,12 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], client_options: dict |
 
 
 def ensure_streamrec_topics(settings) -> None:
-    """Create the app's topics: interactions, dead letters, compacted item vectors, impressions."""
+    """Create the app's topics: interactions, dead letters, compacted item vectors and item
+    descriptions, impressions."""
     ensure_topics(settings.kafka_bootstrap,
                   {settings.topic_interactions: settings.topic_partitions, settings.topic_dlq: 1,
                    settings.topic_item_vectors: settings.topic_partitions,
+                   settings.topic_items: settings.topic_partitions,
                    settings.topic_impressions: settings.topic_partitions},
-                  settings.kafka_client_options(), compacted=(settings.topic_item_vectors,))
+                  settings.kafka_client_options(),
+                  compacted=(settings.topic_item_vectors, settings.topic_items))

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
                                     "vectors (key: item id), tailed by the ANN index.")
     topic_impressions: str = Field("impressions", description="Topic of served lists with "
                                    "propensities (the impression log; key: user id).")
+    topic_items: str = Field("items", description="Compacted topic of item descriptions "
+                             "(key: item id; schemas/items.py): the content model's input.")
     topic_partitions: int = Field(4, ge=1, le=1024, description="Partitions of created topics.")
     app_id: str = Field("streamrec", description="Faust application id (consumer group).")
     kafka_session_timeout_s: float = Field(10.0, gt=0, description="Consumer session timeout.")
@@ -55,6 +57,10 @@ class Settings(BaseSettings):
     log_check_interval_s: float = Field(
         10.0, gt=0, description="How often the worker checks that Redis progress fits the Kafka "
         "log (a log that went backwards holds its partition: docs/reliability.md).")
+    worker_stall_timeout_s: float = Field(
+        120.0, ge=0, description="A worker that receives no batch for this long while records "
+        "wait unapplied in its partitions (seen by an independent read of the log) exits 75 "
+        "to be restarted, resuming exactly once from Redis's watermarks; 0 = never.")
 
     # --- Redis -----------------------------------------------------------------------------
     redis_url: str = Field("", description="redis:// or rediss:// URL (password in the URL).")

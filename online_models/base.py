@@ -11,12 +11,15 @@ import os
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from online_models.signals import SignalBatch
 from online_models.store import MemoryStore, StateStore
+
+if TYPE_CHECKING:
+    from schemas.items import ItemRecord
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,11 @@ class OnlineModel(ABC):
         if len(batch) == 0:
             return LearnReport()
         return self._learn(batch)
+
+    def learn_items(self, records: Sequence["ItemRecord"]) -> int:
+        """Learn item descriptions (the ``items`` topic); returns how many items changed.
+        Only content-aware models override it."""
+        return 0
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[Recommendations]:
         """Top-``k`` items per query, best first, never an item in ``query.exclude``."""

@@ -50,6 +50,9 @@ class CompositeModel(OnlineModel):
             changed += part.learn(batch).changed_item_vectors
         return LearnReport(events=len(batch), changed_item_vectors=changed)
 
+    def learn_items(self, records) -> int:
+        return sum(part.learn_items(records) for part in self.parts.values())
+
     def close(self) -> None:
         for part in self.parts.values():
             part.close()

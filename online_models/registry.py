@@ -6,6 +6,7 @@ from typing import Callable
 
 from online_models.als import OnlineALS
 from online_models.base import OnlineModel
+from online_models.content import ContentModel
 from online_models.cooccurrence import CooccurrenceModel
 from online_models.mf import OnlineMF
 from online_models.mixture import MixtureModel
@@ -23,6 +24,7 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     "isgd": lambda: OnlineMF(  # reference peer: ISGD (Vinagre et al. 2014), k=10, positives only
         factors=10, learning_rate=0.05, regularisation=0.01, negatives=0, epochs=1),
     "als": OnlineALS,
+    "content": ContentModel,  # item descriptions (the items topic): reaches items nobody touched
     "user_blend": lambda: MixtureModel(USER_BLEND_PARTS),
     "popularity": PopularityModel,
     "trending": lambda: PopularityModel(half_life_s=86400.0),

@@ -11,11 +11,15 @@ the signal mapping's decision, not the loader's.
 from __future__ import annotations
 
 import csv
+import datetime
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
-from schemas.events import MAX_DWELL_MS, Interaction, InvalidEvent, validate_event
+from schemas.events import (MAX_DWELL_MS, MIN_TIMESTAMP, Interaction, InvalidEvent,
+                            validate_event)
+from schemas.items import MAX_TAGS, ItemRecord, validate_item
 
 YOOCHOOSE_DIR_FILES = ("yoochoose-clicks-100k_train_full.txt", "yoochoose-clicks-100k_test.txt")
 OTTO_TYPES = {"clicks": "click", "carts": "add_to_cart", "orders": "purchase"}
@@ -216,6 +220,67 @@ def load_movielens(path: str | Path) -> list[Interaction]:
     return _sessionize(list(_rows(path, lambda f: {
         "user": f[0], "item": f[1], "ts": float(f[3]), "type": _rating_type(float(f[2]))},
         delimiter="\t", header=False)), path.stem)
+
+
+_TITLE_YEAR = re.compile(r"\s*\((\d{4})\)\s*$")
+
+
+def load_movielens_items(folder: str | Path) -> list[ItemRecord]:
+    """Item descriptions of a MovieLens folder (``movies.csv``, and ``tags.csv`` if present),
+    in time order, as the ``items`` topic would carry them: each movie described (title,
+    genres as categories, its decade as a tag) on January 1st of its title's year (1990 for
+    older ones: the log's earliest accepted time), then described again, whole, each time
+    someone tags it (tags accumulate; at most :data:`MAX_TAGS` distinct, first come first
+    kept). No description is ahead of the moment it could have been known."""
+    folder = Path(folder)
+    movies = folder / "movies.csv"
+    if not movies.is_file():
+        raise LogFormatError(f"{folder}: no movies.csv (MovieLens item descriptions)")
+    base: dict[str, dict] = {}
+    for row in _rows(movies, lambda r: r, required=("movieId", "title", "genres")):
+        title = row["title"].strip()
+        year = _TITLE_YEAR.search(title)
+        genres = [g for g in row["genres"].split("|") if g and g != "(no genres listed)"]
+        released = (datetime.datetime(int(year.group(1)), 1, 1,
+                                      tzinfo=datetime.timezone.utc).timestamp()
+                    if year else MIN_TIMESTAMP)
+        base[row["movieId"]] = {"item_id": row["movieId"], "title": _TITLE_YEAR.sub("", title),
+                                "categories": genres[:32],
+                                "tags": [f"{year.group(1)[:3]}0s"] if year else [],
+                                "timestamp": max(released, MIN_TIMESTAMP)}
+    records = [validate_item(fields) for fields in base.values()]
+    tags = folder / "tags.csv"
+    if tags.is_file():
+        applied = sorted(_rows(tags, lambda r: (float(r["timestamp"]), r["movieId"],
+                                                r["tag"].strip()[:64]),
+                               required=("movieId", "tag", "timestamp")))
+        for ts, movie, tag in applied:
+            fields = base.get(movie)
+            if fields is None or not tag:
+                continue
+            if tag.lower() not in {t.lower() for t in fields["tags"]} \
+                    and len(fields["tags"]) < MAX_TAGS:
+                fields["tags"] = fields["tags"] + [tag]
+            fields["timestamp"] = max(fields["timestamp"], ts)
+            records.append(validate_item(fields))
+    return sorted(records, key=lambda r: r.timestamp)
+
+
+#: Item description loaders by log format (a format without one replays without items).
+ITEM_LOADERS = {"movielens": load_movielens_items}
+
+
+def load_items(path: str | Path, fmt: str) -> list[ItemRecord]:
+    """Item descriptions beside a log (e.g. MovieLens ``movies.csv``), or ``[]`` where the
+    format or folder has none."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    loader = ITEM_LOADERS.get(fmt.partition(":")[0])
+    if loader is None or not (folder / "movies.csv").is_file():
+        return []
+    try:
+        return loader(folder)
+    except InvalidEvent as exc:
+        raise LogFormatError(f"{folder}: a row is no valid item description: {exc}") from None
 
 
 def load_kuairec(path: str | Path) -> list[Interaction]:

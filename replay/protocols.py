@@ -16,12 +16,16 @@
   positives is replayed, not scored. ``cold`` metrics score the targets whose item had fewer
   than :data:`COLD_BELOW` earlier interactions.
 
-Both are deterministic for a seed. Chunked test-then-train is what a live worker does with
+Item descriptions (``items``: e.g. MovieLens genres, titles and tags) reach a model in time
+order, each before the first chunk predicted at or after its timestamp and never earlier.
+
+All are deterministic for a seed. Chunked test-then-train is what a live worker does with
 batches; ``chunk`` sets the batch size.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,6 +38,7 @@ from online_models.base import OnlineModel, Query
 from online_models.signals import SignalMapper
 from replay.metrics import ACCURACY, ListMetrics, ranking_metrics
 from schemas.events import Interaction
+from schemas.items import ItemRecord
 
 
 #: Event types that count as positives in the user protocol (a rating ≥ 4 loads as ``like``).
@@ -128,12 +133,33 @@ class _Replay:
         self.positions += [p.position for p in batch]
         self.cold += [p.cold for p in batch]
 
+    def learn_items(self, records: list[ItemRecord]) -> None:
+        if records:
+            start = time.perf_counter()
+            self.model.learn_items(records)
+            self.learn_s += time.perf_counter() - start
+
     def learn(self, events: Sequence[Interaction]) -> None:
         start = time.perf_counter()
         for offset in range(0, len(events), self.chunk):
             self.model.learn(self.mapper.map(list(events[offset:offset + self.chunk])))
         self.learn_s += time.perf_counter() - start
         self.learned += len(events)
+
+
+class ItemTimeline:
+    """Item descriptions in time order, handed out up to a moment, each once."""
+
+    def __init__(self, records: Sequence[ItemRecord]) -> None:
+        self.records = sorted(records, key=lambda r: r.timestamp)
+        self.times = [r.timestamp for r in self.records]
+        self.handed = 0
+
+    def until(self, moment: float) -> list[ItemRecord]:
+        """The descriptions set at or before ``moment`` not handed out yet."""
+        end = bisect.bisect_right(self.times, moment)
+        out, self.handed = self.records[self.handed:end], max(self.handed, end)
+        return out
 
 
 def by_chunk(predictions: list[Prediction], size: int) -> dict[int, list[Prediction]]:
@@ -149,8 +175,10 @@ PROTOCOLS = ("session", "prequential", "user")
 def run(protocol: str, train: Sequence[Interaction], test: Sequence[Interaction],
         model_names: Sequence[str], ks: Sequence[int] = (10, 20), chunk: int = 1000,
         predict_chunk: int = 20_000, learn_during_test: bool = False, windows: int = 20,
-        store_factory=None, progress: bool = True, warmup: float = 0.1) -> list[ModelResult]:
-    """Replay ``train``/``test`` through each named model; returns one result per model."""
+        store_factory=None, progress: bool = True, warmup: float = 0.1,
+        items: Sequence[ItemRecord] = ()) -> list[ModelResult]:
+    """Replay ``train``/``test`` through each named model (with item descriptions ``items``);
+    returns one result per model."""
     from online_models.registry import build
 
     if protocol not in PROTOCOLS:
@@ -173,13 +201,17 @@ def run(protocol: str, train: Sequence[Interaction], test: Sequence[Interaction]
         if store_factory is not None:
             model.bind(store_factory(name))
         replay = _Replay(model, ks, chunk)
+        timeline = ItemTimeline(items)
         bar = progress_bar(len(train) + len(test), name, disable=not progress, leave=False)
         started = time.perf_counter()
         try:
             if protocol == "session":
+                if train:
+                    replay.learn_items(timeline.until(train[-1].timestamp))
                 replay.learn(train)
                 bar.update(len(train))
             for n, start in enumerate(range(0, len(stream), step)):
+                replay.learn_items(timeline.until(stream[start].timestamp))
                 replay.predict(buckets.get(n, []))
                 if learn_during_test:
                     replay.learn(stream[start:start + step])

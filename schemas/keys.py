@@ -60,6 +60,10 @@ class RedisKeys:
     def feed(self, user_id: str) -> str:
         return f"{self.prefix}:{{u:{encode_id(user_id)}}}:feed"
 
+    # --- per item (hash tag {i:<id>}) --------------------------------------------------------
+    def item_description(self, item_id: str) -> str:
+        return f"{self.prefix}:{{i:{encode_id(item_id)}}}:item"
+
     # --- shared ----------------------------------------------------------------------------
     @property
     def trending(self) -> str:
@@ -132,6 +136,11 @@ class RedisKeys:
                     "items in shows (others are not counted)",
                     "Engagements (click, view, dwell, like, cart, purchase) carrying a "
                     "recommendation_id and a reserved position: Thompson sampling's successes."),
+            KeySpec(f"{p}:{{i:<item>}}:item", "string (JSON item description)", "none",
+                    "stream worker (items topic)", "one per described item",
+                    "The item's latest description, as sent (schemas/items.py: item_id, "
+                    "timestamp, categories, tags, title, published_at, available): what front "
+                    "ends show and explanations name."),
             KeySpec(f"{p}:{{items}}:first_seen", "sorted set item → first event time", "none",
                     "stream worker", "10 × STREAMREC_TRENDING_MAX_ITEMS members (oldest dropped)",
                     "When each item was first seen: serving's freshness boost."),

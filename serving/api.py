@@ -26,7 +26,8 @@ from infra.settings import Settings
 from schemas import dlq
 from schemas.events import MAX_ID_CHARS, json_schema, split_message
 from serving.feeds import FeedBuilder, ImpressionLogUnavailable
-from stream.producer import DeliveryError, InteractionProducer
+from schemas.items import split_items
+from stream.producer import DeliveryError, InteractionProducer, ItemPublisher
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -53,23 +54,25 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
                                 headers={"WWW-Authenticate": "X-API-Key"})
 
     producer_lock = threading.Lock()
-    producer: list[InteractionProducer] = []
+    producers: dict[type, InteractionProducer] = {}
 
-    def get_producer() -> InteractionProducer:
+    def get_producer(kind: type = InteractionProducer) -> InteractionProducer:
+        """The process's producer of events (or of item descriptions), made on first use."""
         with producer_lock:
-            if not producer:
-                producer.append(InteractionProducer(
-                    settings.kafka_bootstrap, settings.topic_interactions,
-                    max_message_bytes=settings.max_message_bytes,
-                    client_options=settings.kafka_client_options()))
-            return producer[0]
+            if kind not in producers:
+                topic = (settings.topic_items if kind is ItemPublisher
+                         else settings.topic_interactions)
+                producers[kind] = kind(settings.kafka_bootstrap, topic,
+                                       max_message_bytes=settings.max_message_bytes,
+                                       client_options=settings.kafka_client_options())
+            return producers[kind]
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
         await front.close()
-        if producer:
-            producer[0].close()
+        for sdk in producers.values():
+            sdk.close()
         builder.close()
         redis_client.close()
 
@@ -146,6 +149,31 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
     def trending(k: Annotated[int, Query(ge=1, le=1000)] = 20) -> Response:
         return _json([{"item_id": i, "score": s} for i, s in builder.trending(k)])
 
+    def problems_response(invalid, what: str) -> Response:
+        problems = [{"index": index, **err} for index, _, exc in invalid for err in exc.errors]
+        return _json({"detail": f"invalid {what}; nothing was published",
+                      "problems": problems[:dlq.MAX_PROBLEMS],
+                      "problems_omitted": max(len(problems) - dlq.MAX_PROBLEMS, 0)}, 422)
+
+    async def publish(kind: type, records: list, retry_hint: str, ids: dict) -> Response:
+        """Send ``records`` and wait for Kafka's acks: 202, or 503 saying what is known."""
+        def send() -> None:
+            sdk = get_producer(kind)
+            sdk.send_many(records)
+            sdk.flush(timeout_s=settings.kafka_ack_timeout_s)
+
+        try:
+            await run_in_threadpool(send)
+        except DeliveryError as exc:
+            # sent but not acknowledged in time: Kafka may still take them, so the outcome is
+            # unknown; the caller may retry (see ``retry_hint``)
+            return _json({"status": "unknown", "detail": f"Kafka did not acknowledge within "
+                          f"{settings.kafka_ack_timeout_s:g} s ({exc}); {retry_hint}", **ids},
+                         503, headers={"Retry-After": "1"})
+        except Exception as exc:  # broker unreachable at connect time: nothing was sent
+            raise HTTPException(503, f"Kafka unavailable: {exc!r}") from exc
+        return _json({"accepted": len(records)}, 202)
+
     @api.post("/v1/events", status_code=202, summary="Publish interactions", dependencies=authed,
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": json_schema()}}}})
@@ -154,29 +182,32 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
         raw = await read_body(request, settings.max_message_bytes)
         valid, invalid = split_message(raw, settings.max_message_bytes)
         if invalid:
-            problems = [{"index": index, **err} for index, _, exc in invalid for err in exc.errors]
-            return _json({"detail": "invalid events; nothing was published",
-                          "problems": problems[:dlq.MAX_PROBLEMS],
-                          "problems_omitted": max(len(problems) - dlq.MAX_PROBLEMS, 0)}, 422)
+            return problems_response(invalid, "events")
+        return await publish(InteractionProducer, valid, "the events may still be applied: "
+                             "retry with the same event_ids, duplicates are dropped",
+                             {"event_ids": [e.event_id for e in valid]})
 
-        def publish() -> None:
-            sdk = get_producer()
-            sdk.send_many(valid)
-            sdk.flush(timeout_s=settings.kafka_ack_timeout_s)
+    @api.post("/v1/items", status_code=202, summary="Publish item descriptions",
+              dependencies=authed)
+    async def post_items(request: Request) -> Response:
+        """One item description or ``{"items": [...]}`` (schemas/items.py): each is the
+        item's whole description. All-or-nothing: any invalid one → 422, nothing sent."""
+        raw = await read_body(request, settings.max_message_bytes)
+        valid, invalid = split_items(raw, settings.max_message_bytes)
+        if invalid:
+            return problems_response(invalid, "item descriptions")
+        return await publish(ItemPublisher, valid, "sending the same descriptions again is "
+                             "safe (the newest per item wins)",
+                             {"item_ids": [r.item_id for r in valid]})
 
-        try:
-            await run_in_threadpool(publish)
-        except DeliveryError as exc:
-            # sent but not acknowledged in time: Kafka may still take them, so the outcome is
-            # unknown; a retry with the same event ids is safe (duplicates are dropped by id)
-            return _json({"status": "unknown", "detail": f"Kafka did not acknowledge within "
-                          f"{settings.kafka_ack_timeout_s:g} s ({exc}); the events may still be "
-                          "applied: retry with the same event_ids, duplicates are dropped",
-                          "event_ids": [e.event_id for e in valid]}, 503,
-                         headers={"Retry-After": "1"})
-        except Exception as exc:  # broker unreachable at connect time: nothing was sent
-            raise HTTPException(503, f"Kafka unavailable: {exc!r}") from exc
-        return _json({"accepted": len(valid)}, 202)
+    @api.get("/v1/items/{item_id:path}", summary="An item's description", response_model=None,
+             dependencies=authed)
+    def item_description(item_id: ItemId) -> Response:
+        """The item's latest description as stored by the worker (404 when none arrived)."""
+        raw = redis_client.get(builder.keys.item_description(item_id))
+        if raw is None:
+            raise HTTPException(404, f"no description of item {item_id!r}")
+        return Response(raw, media_type="application/json")
 
     @api.get("/healthz", summary="Liveness")
     def healthz() -> dict[str, str]:

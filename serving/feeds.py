@@ -115,7 +115,7 @@ class FeedBuilder:
         self.ann = ann
         self.recommender = Recommender(
             trending=self.trending, session=models.get("session"), cooc=models.get("cooc"),
-            mf=models.get("mf"), ann=ann,
+            mf=models.get("mf"), ann=ann, content=models.get("content"),
             explorer=explorer_for(settings, counts=self.bandit_counts),
             config=PipelineConfig(policy=RerankPolicy(freshness_weight=settings.freshness_weight)),
             item_ages=self.item_ages)

@@ -7,7 +7,11 @@ Candidate sources (each returns ``(item, score, reason)``):
   (``Σ 0.5^(L−p) · sim(a_p, ·)``), explained by the strongest contributing item
   ("because you viewed X");
 * ``ann`` — nearest items to the user's MF vector (plus the session fold-in) in the HNSW index;
-* ``trending`` — decayed popularity; the cold-start fallback for users nobody knows yet.
+* ``content`` — items whose description (categories, tags, title: the ``items`` topic) looks
+  like what the user liked, explained by the strongest shared feature ("because you like
+  Comedy"); it reaches items nobody has touched yet;
+* ``trending`` — decayed popularity; the cold-start fallback for users nobody knows yet,
+  explained "popular in Comedy" where the item shares a category with the user's taste.
 
 New items reach lists through trending and the exploration pool (recent trending beyond the
 list) before they have co-occurrences or settled vectors. Ranking and re-ranking are
@@ -24,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from online_models.base import Query
+from online_models.content import feature_label, is_category
 from schemas.feeds import Feed, FeedItem
 from serving.ann import AnnIndex
 from serving.explore import EpsilonGreedy, ThompsonSampling
@@ -59,11 +64,12 @@ class Recommender:
     """Recommends for batches of requests from whichever models it is given (any store)."""
 
     def __init__(self, trending: TrendingSource, session=None, cooc=None, mf=None,
-                 ann: AnnIndex | None = None,
+                 ann: AnnIndex | None = None, content=None,
                  explorer: EpsilonGreedy | ThompsonSampling | None = None,
                  config: PipelineConfig | None = None, item_ages: ItemAges | None = None
                  ) -> None:
         self.trending, self.session, self.cooc, self.mf = trending, session, cooc, mf
+        self.content = content
         self.item_ages = item_ages
         self.ann, self.explorer = ann, explorer
         self.config = config or PipelineConfig()
@@ -94,9 +100,22 @@ class Recommender:
                     if items:
                         shifted = scores - scores.min() + 1e-6
                         row["ann"] = [(i, float(s), "for you") for i, s in zip(items, shifted)]
+        if self.content is not None:
+            recs = self.content.recommend(queries, n)
+            for row, rec, features in zip(out, recs, self.content.explain(
+                    queries, [r.items for r in recs])):
+                row["content"] = [(i, float(s), f"because you like {feature_label(f)}" if f
+                                   else "like what you liked")
+                                  for i, s, f in zip(rec.items, rec.scores, features)]
         top = trending if trending is not None else self.trending(self._trending_depth(blocked))
         for row, b in zip(out, blocked):
             row["trending"] = [(i, s, "trending") for i, s in top if i not in b][:n]
+        if self.content is not None:  # "popular in Comedy": a category the user likes
+            features = self.content.explain(queries, [[i for i, _, _ in row["trending"]]
+                                                      for row in out])
+            for row, shared in zip(out, features):
+                row["trending"] = [(i, s, f"popular in {feature_label(f)}" if is_category(f)
+                                    else why) for (i, s, why), f in zip(row["trending"], shared)]
         return out
 
     def _trending_depth(self, blocked: list[frozenset[str]]) -> int:

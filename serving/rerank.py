@@ -46,7 +46,7 @@ class RerankPolicy:
     pool_per_slot: int = 5  # re-rank the best 5·k candidates (at least 50)
     #: chosen on a validation split of YooChoose (bench/tune_blend.py; docs/models.md)
     source_weights: dict[str, float] = field(default_factory=lambda: {
-        "session": 1.0, "cooc": 0.1, "ann": 0.02, "trending": 0.01})
+        "session": 1.0, "cooc": 0.1, "ann": 0.02, "trending": 0.01, "content": 0.1})
 
 
 def blend(sources: dict[str, list[tuple[str, float, str]]], policy: RerankPolicy,

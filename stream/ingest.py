@@ -37,8 +37,8 @@ from schemas import dlq, vectors
 from schemas.events import split_message
 from stream import metrics
 from stream.app import app, settings
-from stream.log_positions import (LogEndProbe, LogMismatch, find_mismatches, hold,
-                                  read_watermarks)
+from stream.log_positions import (LogEndProbe, LogMismatch, StallWatch, find_mismatches,
+                                  hold, read_watermarks, unapplied_partitions)
 from stream.pipeline import ApplyPipeline
 from stream.state import ApplyResult, LiveState, SourceMessage
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
@@ -53,6 +53,8 @@ _pipeline: ApplyPipeline | None = None
 _vector_thread = ThreadPoolExecutor(1, thread_name_prefix="vector-publish")
 #: (topic, partition) → why it is held: nothing of it is applied until an operator resets it
 _held: dict[tuple[str, int], str] = {}
+#: restarts a worker whose fetcher stopped while records wait (see :func:`watch_for_stall`)
+_stall_watch = StallWatch(settings.worker_stall_timeout_s)
 
 
 def live_state() -> LiveState:
@@ -79,7 +81,8 @@ def _record_applied(result: ApplyResult, seconds: float) -> None:
 def apply_pipeline() -> ApplyPipeline:
     global _pipeline
     if _pipeline is None:
-        _pipeline = ApplyPipeline(live_state(), _record_applied, settings.redis_retry_max_s)
+        _pipeline = ApplyPipeline(live_state(), _record_applied, settings.redis_retry_max_s,
+                                  on_retry=_stall_watch.note_activity)
     return _pipeline
 
 
@@ -93,6 +96,7 @@ async def process_batch(messages) -> tuple[int, int]:
     """Handle one batch of Faust events; returns (events handed to Redis, messages
     dead-lettered). The last chunk's commit is started, not awaited: it overlaps the next
     batch's fetch (:func:`settle_finished_commit` accounts for it if no batch comes)."""
+    _stall_watch.note_activity()
     sources: list[SourceMessage] = []
     letters = []
     for event in messages:
@@ -243,6 +247,42 @@ async def check_log_positions() -> None:
         await apply_pipeline().drain()
         log.warning("an operator chose where %s resume: restarting to resume from Redis's "
                     "watermarks", ", ".join(f"{t}[{p}]" for t, p in released))
+        logging.shutdown()
+        os._exit(EXIT_TO_RESUME)
+
+
+def _waiting_partitions(partitions) -> list[str]:
+    """Assigned partitions (not held) whose log holds records past Redis's watermark, read
+    with the probe's own Kafka client (independent of Faust's fetcher)."""
+    global _log_probe
+    if _log_probe is None:
+        _log_probe = LogEndProbe(settings.kafka_bootstrap, settings.kafka_client_options())
+    _, starts, ends = _log_probe.bounds(settings.topic_interactions)
+    mine = [tp for tp in partitions if (tp.topic, tp.partition) not in _held]
+    marks = _watermarks(mine)
+    return [f"{settings.topic_interactions}[{p}]"
+            for p in unapplied_partitions(marks, starts, ends)]
+
+
+@app.timer(max(settings.worker_stall_timeout_s / 6, 1.0))
+async def watch_for_stall() -> None:
+    """Exit with :data:`EXIT_TO_RESUME` when the worker stopped consuming while records wait
+    (:class:`stream.log_positions.StallWatch`): the restarted worker resumes from Redis."""
+    partitions = _assigned_partitions()
+    if not settings.worker_stall_timeout_s or not partitions:
+        return
+    try:  # not on the Redis thread: a stuck pipeline must not hide its own stall
+        waiting = await asyncio.get_running_loop().run_in_executor(
+            _log_probe_thread, _waiting_partitions, partitions)
+    except Exception as exc:  # broker or Redis unreachable: not a stall of this worker
+        log.warning("stall check failed (%r); retrying next interval", exc)
+        _stall_watch.note_activity()
+        return
+    seconds = _stall_watch.check(time.monotonic(), bool(waiting))
+    metrics.STALLED_SECONDS.set(seconds)
+    if _stall_watch.stalled(seconds):
+        log.critical("stalled: records wait unapplied in %s and no batch arrived for %.0f s; "
+                     "exiting to restart from Redis's watermarks", ", ".join(waiting), seconds)
         logging.shutdown()
         os._exit(EXIT_TO_RESUME)
 

@@ -164,3 +164,47 @@ def reset_partition(client, keys: RedisKeys, topic: str, partition: int, next_of
         pipe.set(keys.watermark(topic, partition), next_offset - 1)
     pipe.hdel(keys.held_partitions, _held_field(topic, partition))
     pipe.execute()
+
+
+def unapplied_partitions(watermarks: Mapping[int, int | None], log_starts: Mapping[int, int],
+                         reported_ends: Mapping[int, int]) -> list[int]:
+    """Partitions that certainly hold records Redis has not applied. ``reported_ends`` may
+    trail the log (a broker that answers with its last batch's base offset), never lead it,
+    so a record at ``reported_end - 1`` exists; past the watermark, it is unapplied."""
+    return [p for p, mark in sorted(watermarks.items())
+            if reported_ends.get(p, 0) - 1 > (mark if mark is not None
+                                              else log_starts.get(p, 0) - 1)]
+
+
+class StallWatch:
+    """Decides when a worker that stopped consuming must restart: records wait in the log
+    and no batch arrived during checks that span ``timeout_s``.
+
+    Faust's fetcher can stop without an error (seen once after a broker pause, in the soak):
+    the worker then looks healthy and applies nothing, forever. Only an independent look at
+    the log can tell; a restart resumes from Redis's watermarks, exactly once. Idle time is
+    measured between checks, so a process that was itself paused (SIGSTOP, a VM freeze) gets
+    a full ``timeout_s`` to fetch again before it is judged stalled.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._active = False
+        self._stalled_since: float | None = None
+
+    def note_activity(self) -> None:
+        """A batch arrived (or the pipeline worked on one): the worker consumes."""
+        self._active = True
+
+    def check(self, now: float, waiting: bool) -> float:
+        """One check at monotonic ``now``; ``waiting``: records wait unapplied. Returns how
+        long the worker has been stalled (0 while it is not)."""
+        if self._active or not waiting:
+            self._active, self._stalled_since = False, None
+            return 0.0
+        if self._stalled_since is None:
+            self._stalled_since = now
+        return now - self._stalled_since
+
+    def stalled(self, seconds: float) -> bool:
+        return seconds >= self.timeout_s

@@ -16,6 +16,8 @@ SKIPPED_DUPLICATES = Counter("streamrec_skipped_duplicate_events_total",
                              "Producer duplicates dropped (event id seen before)")
 SKIPPED_REDELIVERED = Counter("streamrec_skipped_redelivered_messages_total",
                               "Messages at or below their partition's watermark")
+ITEMS_IN = Counter("streamrec_item_descriptions_in_total",
+                   "Valid item descriptions decoded from the items topic")
 DLQ_MESSAGES = Counter("streamrec_dlq_messages_total", "Messages sent to the dead-letter topic")
 VECTORS_PUBLISHED = Counter("streamrec_item_vectors_published_total",
                             "Item vectors published to the item-vector topic")
@@ -33,6 +35,9 @@ CONSUMER_LAG = Gauge("streamrec_consumer_lag_messages", "High watermark minus la
 HELD_PARTITIONS = Gauge("streamrec_held_partitions",
                         "Partitions held back because Redis progress does not fit the Kafka log "
                         "(log went backwards, or unapplied offsets deleted): alert on > 0")
+STALLED_SECONDS = Gauge("streamrec_worker_stalled_seconds",
+                        "How long records have waited unapplied with no batch arriving (the "
+                        "worker exits for a restart at STREAMREC_WORKER_STALL_TIMEOUT_S)")
 HELD_MESSAGES = Counter("streamrec_held_messages_total",
                         "Messages of held partitions consumed and not applied (read again "
                         "once an operator chooses where the partition resumes)")

@@ -37,9 +37,10 @@ class ApplyPipeline:
     """
 
     def __init__(self, state: LiveState, on_applied: Callable[[ApplyResult, float], None],
-                 retry_max_s: float = 5.0) -> None:
+                 retry_max_s: float = 5.0, on_retry: Callable[[], None] = lambda: None) -> None:
         self.state = state
         self.on_applied = on_applied
+        self.on_retry = on_retry  # a retry is progress of a kind: the worker is not stalled
         self.retry_max_s = retry_max_s
         self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix="redis-prepare")
         self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="redis-commit")
@@ -57,6 +58,7 @@ class ApplyPipeline:
                 return await loop.run_in_executor(self._prepare_thread, function, *args)
             except TRANSIENT_REDIS_ERRORS as exc:
                 note_redis_error(log, what, exc, delay)
+                self.on_retry()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
 

@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from schemas.events import Interaction
+from schemas.items import ItemRecord
 
 
 class UserSimulator:
@@ -52,6 +53,21 @@ class UserSimulator:
         """Standardised taste match of ``user`` with ``items`` (about N(0, 1) at random)."""
         taste = self.user_tastes[user]
         return self.item_vectors[items] @ taste * np.sqrt(len(taste))
+
+    def item_descriptions(self, timestamp: float) -> list[ItemRecord]:
+        """Every item's description, derived from its latent vector: its two strongest
+        dimensions, signed, are its categories (``d3+``, ``d0-``), so tastes (and the content
+        model) have something true to find; its duration bucket is a tag."""
+        strongest = np.argsort(-np.abs(self.item_vectors), axis=1)[:, :2]
+        out = []
+        for item, dims in enumerate(strongest.tolist()):
+            signs = ["+" if self.item_vectors[item, d] > 0 else "-" for d in dims]
+            minutes = int(self.item_duration_ms[item]) // 60_000
+            out.append(ItemRecord(item_id=f"i{item}", timestamp=timestamp,
+                                  categories=[f"d{d}{sign}" for d, sign in zip(dims, signs)],
+                                  tags=["short" if minutes < 3 else "long"],
+                                  title=f"Item {item}"))
+        return out
 
     def events(self, count: int, start_ts: float, events_per_s: float = 100.0
                ) -> Iterator[Interaction]:

@@ -17,6 +17,7 @@ def events(n=3000, seed=3):
 
 def trained(name, evs=None, chunk=500):
     model, mapper = build(name), SignalMapper()
+    model.learn_items(UserSimulator(60, 150, seed=3).item_descriptions(1.7e9))  # content
     evs = evs or events()
     for start in range(0, len(evs), chunk):
         model.learn(mapper.map(evs[start:start + chunk]))

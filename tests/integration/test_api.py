@@ -81,6 +81,22 @@ def test_post_poison_bodies_get_4xx_and_the_api_keeps_serving(api, settings):
     assert read_topic(settings.kafka_bootstrap, settings.topic_interactions, 1, timeout_s=3) == []
 
 
+def test_item_descriptions_in_keyed_by_item_and_read_back(api, settings, redis_client):
+    item = {"item_id": "m/1", "timestamp": 1_700_000_000.0, "categories": ["Comedy"],
+            "tags": ["pixar"], "title": "Toy Story"}
+    bad = httpx.post(f"{api}/v1/items", content=orjson.dumps(
+        {"items": [item, {**item, "categories": [""]}]}))
+    assert bad.status_code == 422
+    assert bad.json()["problems"][0]["field"] == "items[1].categories[0]"
+    sent = httpx.post(f"{api}/v1/items", content=orjson.dumps({"items": [item]}))
+    assert sent.status_code == 202 and sent.json() == {"accepted": 1}
+    [record] = read_topic(settings.kafka_bootstrap, settings.topic_items, 1)
+    assert record.key == b"m/1" and orjson.loads(record.value)["tags"] == ["pixar"]
+    assert httpx.get(f"{api}/v1/items/m%2F1").status_code == 404  # no worker stored it yet
+    redis_client.set(RedisKeys(settings.key_prefix).item_description("m/1"), record.value)
+    assert httpx.get(f"{api}/v1/items/m%2F1").json()["title"] == "Toy Story"
+
+
 def test_feed_read_stored_and_on_demand(api, settings, redis_client):
     events = list(UserSimulator(10, 60, seed=4).events(400, time.time() - 400))
     LiveState(settings, redis_client).apply_sync(events)

@@ -10,7 +10,7 @@ from online_models.store import MemoryStore, RedisStore
 from stream.simulator import UserSimulator
 from tests.state_check import read_rows
 
-STORE_BACKED = ["session", "cooc", "mf", "als", "popularity", "trending", "random"]
+STORE_BACKED = ["session", "cooc", "mf", "als", "popularity", "trending", "random", "content"]
 
 
 @pytest.mark.parametrize("name", STORE_BACKED)
@@ -18,6 +18,9 @@ def test_memory_and_redis_stores_give_identical_models(name, redis_client, uniqu
     events = list(UserSimulator(40, 120, seed=6, impressions=True).events(2500, 1.7e9, 2.0))
     memory = build(name).bind(MemoryStore())
     live = build(name).bind(RedisStore(redis_client, f"t{unique}", name))
+    descriptions = UserSimulator(40, 120, seed=6).item_descriptions(1.7e9)
+    memory.learn_items(descriptions)
+    live.learn_items(descriptions)
     for start in range(0, len(events), 400):  # the mapper is per model, as in a worker
         memory.learn(SignalMapper().map(events[start:start + 400]))
         live.learn(SignalMapper().map(events[start:start + 400]))

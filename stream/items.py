@@ -1,0 +1,106 @@
+"""The items agent: item descriptions from the ``items`` topic (:mod:`schemas.items`) to the
+front ends' item key and the content models' state; invalid messages go to the dead-letter
+topic with their reasons, like invalid events.
+
+A description is the item's whole state (an upsert keyed by item id, on a compacted topic):
+applying one twice changes nothing and an older one never replaces a newer one, so redelivery
+after a crash is harmless (at-least-once delivery, exactly-once effect). The content models
+used here are their own instances, bound without TTLs (a catalogue must not expire with
+inactivity); they share the Redis thread with the interaction pipeline, so the two never run
+Redis work at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import msgspec
+
+from infra.redis_client import sync_redis
+from online_models.base import OnlineModel
+from online_models.registry import build_on_redis
+from schemas import dlq
+from schemas.items import ItemRecord, latest_per_item, split_items
+from schemas.keys import RedisKeys
+from stream import metrics
+from stream.app import app, settings
+from stream.ingest import EXIT_ON_BUG, on_redis_thread
+from stream.topics import dlq_topic, items_topic
+
+log = logging.getLogger("streamrec.items")
+_models: list[OnlineModel] | None = None
+_client = None
+
+
+def _content_models() -> list[OnlineModel]:
+    """The live models that learn item descriptions (built once, without TTLs)."""
+    global _models, _client
+    if _models is None:
+        _client = sync_redis(settings.redis_url)
+        built = build_on_redis(settings.live_model_names, _client, settings.key_prefix)
+        _models = [m for m in built.values()
+                   if type(m).learn_items is not OnlineModel.learn_items]
+    return _models
+
+
+def apply_descriptions(client, keys: RedisKeys, models: list[OnlineModel],
+                       records: list[ItemRecord]) -> int:
+    """Store each item's newest description (never replacing a newer stored one) and let the
+    models learn them; returns how many item keys changed."""
+    latest = latest_per_item(records)
+    if not latest:
+        return 0
+    items = list(latest)
+    stored = client.mget([keys.item_description(i) for i in items])
+    newer = {}
+    for item, raw in zip(items, stored):
+        if raw is None or msgspec.json.decode(raw).get("timestamp", 0) <= latest[item].timestamp:
+            newer[keys.item_description(item)] = msgspec.json.encode(latest[item])
+    if newer:
+        client.mset(newer)
+    for model in models:
+        model.learn_items(list(latest.values()))
+    return len(newer)
+
+
+async def process_item_batch(messages) -> tuple[int, int]:
+    """Dead-letter the invalid messages (delivered before the batch can be acked), apply the
+    valid descriptions; returns (descriptions, messages dead-lettered)."""
+    records: list[ItemRecord] = []
+    letters = []
+    for event in messages:
+        message = event.message
+        raw = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
+        good, bad = split_items(raw, settings.max_message_bytes)
+        records += good
+        if bad:
+            letters.append(dlq.dead_letter(raw, bad, message.topic, message.partition,
+                                           message.offset, len(good),
+                                           max_bytes=settings.max_message_bytes))
+    if letters:
+        pending = [await dlq_topic.send(key=f"{r.source.partition}:{r.source.offset}".encode(),
+                                        value=dlq.encode(r)) for r in letters]
+        await asyncio.gather(*pending)
+    if records:
+        models = _content_models()
+        await on_redis_thread("item descriptions", apply_descriptions, _client,
+                              RedisKeys(settings.key_prefix), models, records)
+    metrics.ITEMS_IN.inc(len(records))
+    metrics.DLQ_MESSAGES.inc(len(letters))
+    return len(records), len(letters)
+
+
+@app.agent(items_topic)
+async def ingest_items(stream) -> None:
+    async for messages in stream.take_events(settings.worker_batch_max,
+                                             within=settings.worker_batch_within_s):
+        try:
+            await process_item_batch(messages)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug: crash before Faust acks the batch, so nothing is lost
+            log.critical("items bug; exiting so the batch is redelivered", exc_info=True)
+            logging.shutdown()
+            os._exit(EXIT_ON_BUG)
