@@ -11,6 +11,10 @@ PYTEST_ARGS ?=
 LOCK := requirements/dev.txt
 RUNTIME_LOCK := requirements/runtime.txt
 LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet
+# torch is the CPU build (2.13.0+cpu, no CUDA packages): machines of this workplace keep its wheel
+# in /opt/wheels (pip's PIP_FIND_LINKS); elsewhere it comes from PyTorch's CPU index (same file)
+TORCH_WHEELS ?= /opt/wheels
+TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0+cpu-*.whl),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu)
 
 .PHONY: setup lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api soak docs clean
 
@@ -20,14 +24,14 @@ $(STAMP): $(LOCK) pyproject.toml
 	@command -v redis-server >/dev/null 2>&1 || { echo "installing redis-server (apt-get)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install -q --require-hashes $(TORCH_SOURCE) -r $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
 # Re-resolve the lock files from pyproject.toml's ranges (then review the diff and `make test`).
 lock: $(STAMP)
-	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o $(LOCK)
-	$(BIN)/uv pip compile pyproject.toml -c $(LOCK) $(LOCK_FLAGS) -o $(RUNTIME_LOCK)
+	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) $(TORCH_SOURCE) -o $(LOCK)
+	$(BIN)/uv pip compile pyproject.toml -c $(LOCK) $(LOCK_FLAGS) $(TORCH_SOURCE) -o $(RUNTIME_LOCK)
 
 demo: $(STAMP)
 	$(BIN)/streamrec demo $(DEMO_ARGS)
