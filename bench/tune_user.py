@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import pickle
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from online_models.mixture import mix, normalised  # noqa: E402
+from online_models.mixture import context_bucket, mix, normalised  # noqa: E402
 from online_models.als import OnlineALS  # noqa: E402
 from online_models.registry import build, user_knn  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
@@ -34,11 +35,17 @@ PARTS = ("session", "history", "als", "popularity", "content")
 #: measured before (validation HR@10): the best of history (0–1.5) × als (0–2) × popularity
 #: (0, 0.05) was history 1, als 0.75, popularity 0.05 (0.1006); with content, history
 #: (0.75–1.25) × als (0.5–1) × popularity (0, 0.05) × content (0–0.35): history 0.75, als 0.5,
-#: popularity 0.05, content 0.35 (0.1044, the grid's edge); the grid now refines around it
+#: popularity 0.05, content 0.35 (0.1044, the grid's edge); then content up to 1: content 1,
+#: als 0.75 (0.1091, the edge again); the grid now refines around it
+#: the blend's weights for every context (the registry's ``user_blend``)
+GLOBAL = {"session": 1.0, "history": 0.75, "als": 0.5, "popularity": 0.05, "content": 0.35}
+#: per context bucket (``--by-context``), around the global weights
+CONTEXT_GRID = {"history": (0.25, 0.75, 1.5), "als": (0.25, 0.5, 1.0),
+                "popularity": (0.0, 0.05, 0.2), "content": (0.75, 1.5, 2.5)}
 GRID = {"history": (0.75, 1.0),
-        "als": (0.5, 0.75),
-        "popularity": (0.05,),
-        "content": (0.25, 0.35, 0.5, 0.75, 1.0)}
+        "als": (0.75, 1.0),
+        "popularity": (0.0, 0.05),
+        "content": (1.0, 1.5, 2.0)}
 #: variants of the ALS part (``--als-variants``), each learned afresh; measured alone on the
 #: validation split (HR@10): λ=1, w0=0.05, α=4, k=64, no recency 0.038; λ=10 0.051; w0=0.2
 #: 0.048; recency 0.8 0.058; α=1 0.057; then with α=1, recency 0.8: λ=10 w0=0.2 0.068,
@@ -47,6 +54,9 @@ GRID = {"history": (0.75, 1.0),
 ALS_VARIANTS = [dict(factors=64, regularisation=5.0, unobserved_weight=0.2, recency=0.7),
                 dict(factors=128, regularisation=5.0, unobserved_weight=0.2, recency=0.7),
                 dict(factors=128, regularisation=3.0, unobserved_weight=0.15, recency=0.7)]
+#: variants of the two-tower model (``--two-tower-variants``), alone, each trained afresh
+TWO_TOWER_VARIANTS = [dict(), dict(epochs=8), dict(dim=128), dict(temperature=0.05),
+                      dict(id_dropout=0.0), dict(retrain_every=5_000), dict(history=50)]
 #: variants of the history part (CooccurrenceModel, scope="user"), each learned afresh
 HISTORY_VARIANTS = [dict(alpha=0.5, recency=0.9, history=50),
                     dict(alpha=0.5, recency=0.8, history=50),
@@ -77,13 +87,46 @@ def candidate_lists(events, chunk: int, models: dict, items=()) -> tuple[list, d
     return preds, lists
 
 
-def hit_rate(preds, lists, weights: dict[str, float], k: int = 10) -> float:
-    """HR@k of the mixture with ``weights`` (what ``MixtureModel`` would rank) on ``lists``."""
+def hit_rate(preds, lists, weights: dict[str, float], k: int = 10, rows=None) -> float:
+    """HR@k of the mixture with ``weights`` (what ``MixtureModel`` would rank) on ``lists``
+    (over the predictions ``rows``, default all)."""
+    rows = range(len(preds)) if rows is None else rows
     hits = 0
-    for n, p in enumerate(preds):
+    for n in rows:
         top = mix({name: lists[name][n] for name in weights if weights[name]}, weights, k)
-        hits += any(item == p.target for item, _ in top)
-    return hits / max(len(preds), 1)
+        hits += any(item == preds[n].target for item, _ in top)
+    return hits / max(len(rows), 1)
+
+
+def context_buckets(events, preds, chunk: int) -> list[int]:
+    """Each prediction's context bucket (:func:`online_models.mixture.context_bucket`): the
+    user's events learned before its chunk, as the model counts them."""
+    counts: dict[str, int] = {}
+    known_at: list[int] = []
+    by_chunk_start: dict[int, dict[str, int]] = {}
+    for start in range(0, len(events), chunk):
+        by_chunk_start[start] = dict(counts)
+        for e in events[start:start + chunk]:
+            counts[e.user_id] = counts.get(e.user_id, 0) + 1
+    for p in preds:
+        known_at.append(by_chunk_start[p.position // chunk * chunk].get(p.query.user_id, 0))
+    return [context_bucket(n) for n in known_at]
+
+
+def tune_by_context(preds, lists, buckets: list[int]) -> dict[int, dict]:
+    """Per context bucket, the grid's best weights on that bucket's predictions."""
+    best = {}
+    for bucket in sorted(set(buckets)):
+        rows = [n for n, b in enumerate(buckets) if b == bucket]
+        scored = []
+        for combo in itertools.product(*(CONTEXT_GRID[part] for part in CONTEXT_GRID)):
+            weights = {"session": 1.0, **dict(zip(CONTEXT_GRID, combo))}
+            scored.append((hit_rate(preds, lists, weights, rows=rows), weights))
+        hr, weights = max(scored, key=lambda s: s[0])
+        best[bucket] = {"predictions": len(rows), "HR@10": hr, "weights": weights,
+                        "global_weights_HR@10": hit_rate(preds, lists, GLOBAL, rows=rows)}
+        print(json.dumps({"bucket": bucket, **best[bucket]}), flush=True)
+    return best
 
 
 def main() -> None:
@@ -96,6 +139,14 @@ def main() -> None:
                         help="also try the ALS part's variants alone (ALS_VARIANTS)")
     parser.add_argument("--history-variants", action="store_true",
                         help="also try the history part's variants (HISTORY_VARIANTS)")
+    parser.add_argument("--two-tower-variants", action="store_true",
+                        help="score variants of the two-tower model alone (TWO_TOWER_VARIANTS) "
+                             "and stop")
+    parser.add_argument("--by-context", action="store_true",
+                        help="also choose weights per context bucket (the user's history "
+                             "length: user_blend_ctx)")
+    parser.add_argument("--cache", default="",
+                        help="pickle the candidate lists here, and read them back if there")
     args = parser.parse_args()
     if not Path(args.data).exists():
         sys.exit(f"{args.data}: not found (the shared data folder is needed)")
@@ -103,8 +154,24 @@ def main() -> None:
     validation = events[:int(len(events) * args.share)]
     started = time.perf_counter()
     items = load_items(args.data, args.format)
-    preds, lists = candidate_lists(validation, args.chunk,
-                                   {name: build(name) for name in PARTS}, items)
+    if args.two_tower_variants:
+        from online_models.two_tower import TwoTowerModel
+
+        for variant in TWO_TOWER_VARIANTS:
+            tt_preds, alt = candidate_lists(validation, args.chunk,
+                                            {"tt": TwoTowerModel(**variant)}, items)
+            print(json.dumps({"two_tower_variant": variant,
+                              "alone": hit_rate(tt_preds, alt, {"tt": 1.0})}), flush=True)
+        return
+    if args.cache and Path(args.cache).exists():
+        preds, lists = pickle.loads(Path(args.cache).read_bytes())
+    else:
+        preds, lists = candidate_lists(validation, args.chunk,
+                                       {name: build(name) for name in PARTS}, items)
+        if args.cache:
+            Path(args.cache).write_bytes(pickle.dumps((preds, lists)))
+    if args.by_context:
+        tune_by_context(preds, lists, context_buckets(validation, preds, args.chunk))
     singles = {name: hit_rate(preds, lists, {name: 1.0}) for name in PARTS}
     rows = []
     for wh, wa, wp, wc in itertools.product(GRID["history"], GRID["als"], GRID["popularity"],

@@ -70,7 +70,7 @@ def mix(candidates: dict[str, dict[str, float]], weights: dict[str, float], k: i
     item id."""
     total: dict[str, float] = {}
     for name, weight in weights.items():
-        if weight:
+        if weight and name in candidates:
             for item, score in candidates[name].items():
                 total[item] = total.get(item, 0.0) + weight * score
     return sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
@@ -91,6 +91,61 @@ class MixtureModel(CompositeModel):
         out = []
         for n in range(len(queries)):
             ranked = mix({name: lists[n] for name, lists in per_part.items()}, self.weights, k)
+            out.append(Recommendations([i for i, _ in ranked],
+                                       np.array([s for _, s in ranked], dtype=np.float64)))
+        return out
+
+
+#: Context buckets by the user's events learned so far: < 10, < 50, < 200, more.
+CONTEXT_BOUNDS = (10, 50, 200)
+
+
+def context_bucket(known_events: int) -> int:
+    """The context bucket of a user with ``known_events`` learned events (0 = new)."""
+    return sum(known_events >= bound for bound in CONTEXT_BOUNDS)
+
+
+class ContextualMixture(MixtureModel):
+    """A mixture whose weights depend on the request's context: how much the user's history
+    says (:func:`context_bucket` of the user's learned events). A new user leans on the
+    session and popularity, a long history on its long-term parts; the weights of each bucket
+    are chosen on the validation split (``bench/tune_user.py --by-context``). The count is a
+    partition-local row per user (``ctx``)."""
+
+    name = "contextual_mixture"
+
+    def __init__(self, parts: dict[str, tuple[Callable[[], OnlineModel], float]],
+                 weights_by_bucket: dict[int, dict[str, float]], candidates: int = 100) -> None:
+        super().__init__(parts, candidates)
+        self.weights_by_bucket = weights_by_bucket
+        self.local_tables = (*self.local_tables, "ctx")
+
+    def prefetch(self, batch: SignalBatch) -> None:
+        super().prefetch(batch)
+        self.store.prefetch_local_rows("ctx", list(dict.fromkeys(batch.users.tolist())))
+
+    def _learn(self, batch: SignalBatch) -> LearnReport:
+        report = super()._learn(batch)
+        users, counts = np.unique(batch.users, return_counts=True)
+        users = users.tolist()
+        rows = self.store.get_local_rows("ctx", users)
+        self.store.set_local_rows("ctx", {u: {"n": row.get("n", 0.0) + float(c)}
+                                          for u, row, c in zip(users, rows, counts.tolist())})
+        return report
+
+    def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
+        users = list(dict.fromkeys(q.user_id for q in queries))
+        known = {u: int(row.get("n", 0)) for u, row in
+                 zip(users, self.store.get_local_rows("ctx", users))}
+        used = {name for weights in self.weights_by_bucket.values()
+                for name, w in weights.items() if w}
+        per_part = {name: [normalised(rec) for rec in part.recommend(queries, self.candidates)]
+                    for name, part in self.parts.items() if name in used}
+        out = []
+        for n, query in enumerate(queries):
+            weights = self.weights_by_bucket.get(context_bucket(known[query.user_id]),
+                                                 self.weights)
+            ranked = mix({name: lists[n] for name, lists in per_part.items()}, weights, k)
             out.append(Recommendations([i for i, _ in ranked],
                                        np.array([s for _, s in ranked], dtype=np.float64)))
         return out

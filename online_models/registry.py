@@ -9,7 +9,7 @@ from online_models.base import OnlineModel
 from online_models.content import ContentModel
 from online_models.cooccurrence import CooccurrenceModel
 from online_models.mf import OnlineMF
-from online_models.mixture import MixtureModel
+from online_models.mixture import ContextualMixture, MixtureModel
 from online_models.popularity import PopularityModel, RandomModel
 from online_models.river_baseline import RiverBiasedMF
 from online_models.session import SessionModel
@@ -25,7 +25,10 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
         factors=10, learning_rate=0.05, regularisation=0.01, negatives=0, epochs=1),
     "als": OnlineALS,
     "content": ContentModel,  # item descriptions (the items topic): reaches items nobody touched
+    # PyTorch, trained nearline on a rolling window (imported lazily: torch loads in ~1 s)
+    "two_tower": lambda: _torch_model("two_tower"),
     "user_blend": lambda: MixtureModel(USER_BLEND_PARTS),
+    "user_blend_ctx": lambda: ContextualMixture(USER_CONTEXT_PARTS, USER_CONTEXT_WEIGHTS),
     "popularity": PopularityModel,
     "trending": lambda: PopularityModel(half_life_s=86400.0),
     "random": RandomModel,
@@ -37,14 +40,23 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
 BASELINES = ("random", "popularity")
 
 #: Returning users: the recent session's next-item scores, the user's history neighbours, the
-#: user's ALS factors and popularity, weights chosen on the validation split of
-#: ``bench/tune_user.py`` (validation HR@10 0.1006; without ALS 0.0957).
+#: user's ALS factors and the content model, weights chosen on the validation split of
+#: ``bench/tune_user.py`` (validation HR@10 0.1098; without content 0.1006, without ALS 0.0957;
+#: popularity's best weight became 0 once content joined).
 USER_BLEND_PARTS = {
     "session": (SessionModel, 1.0),
-    "history": (lambda: build("history"), 1.0),
-    "als": (OnlineALS, 0.75),
-    "popularity": (PopularityModel, 0.05),
+    "history": (lambda: build("history"), 0.75),
+    "als": (OnlineALS, 1.0),
+    "content": (ContentModel, 1.5),
 }
+#: The same parts (and popularity) weighted per context bucket, the user's learned events
+#: (< 10, < 50, < 200, more: ``online_models.mixture.context_bucket``), chosen per bucket by
+#: ``bench/tune_user.py --by-context``: validation HR@10 0.1103 against the global weights'
+#: 0.1098 — the best weights barely depend on how long the history is, on this log.
+USER_CONTEXT_PARTS = {**USER_BLEND_PARTS, "popularity": (PopularityModel, 0.0)}
+_LONG_TERM = {"session": 1.0, "history": 0.75, "als": 1.0, "content": 1.5}
+USER_CONTEXT_WEIGHTS = {0: {**_LONG_TERM, "popularity": 0.05}, 1: {**_LONG_TERM},
+                        2: {**_LONG_TERM}, 3: {**_LONG_TERM}}
 
 
 def user_knn(**options) -> CooccurrenceModel:
@@ -69,6 +81,12 @@ def resolve_names(spec: str) -> list[str]:
         raise UnknownModelError(f"unknown model {', '.join(map(repr, unknown))}; known: "
                                 f"{', '.join(MODELS)} (or all)")
     return list(dict.fromkeys(names + list(BASELINES)))
+
+
+def _torch_model(name: str) -> OnlineModel:
+    from online_models.two_tower import TwoTowerModel
+
+    return {"two_tower": TwoTowerModel}[name]()
 
 
 def _blended(rerank: bool) -> OnlineModel:

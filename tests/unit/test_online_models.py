@@ -332,3 +332,22 @@ def test_als_known_answer_two_taste_groups_and_fold_in():
                for item in rec.items)
     [anonymous] = model.recommend([Query("stranger", ("a1", "a2"))], k=3)
     assert anonymous.items and all(item[0] == "a" for item in anonymous.items)
+
+
+def test_contextual_mixture_weighs_parts_by_how_much_history_the_user_has():
+    from online_models.mixture import ContextualMixture, context_bucket
+
+    assert [context_bucket(n) for n in (0, 9, 10, 49, 50, 199, 200)] == [0, 0, 1, 1, 2, 2, 3]
+    model = ContextualMixture(
+        {"plain": (PopularityModel, 1.0),
+         "recent": (lambda: PopularityModel(half_life_s=1.0), 1.0)},
+        {0: {"plain": 1.0, "recent": 0.0}, 1: {"plain": 0.0, "recent": 1.0}})
+    likes = [("fan", "old", n) for n in range(5)]
+    likes += [("veteran", f"v{n}", 10 + n) for n in range(10)]
+    likes += [("fan", "new", 100), ("fan", "new", 101)]
+    model.learn(SignalMapper().map([
+        Interaction(event_id=f"e{n}", user_id=u, item_id=i, type="like", timestamp=1.7e9 + t)
+        for n, (u, i, t) in enumerate(likes)]))
+    newbie, veteran = model.recommend([Query("newbie"), Query("veteran")], k=1)
+    assert newbie.items == ["old"]  # no history: the plain counts
+    assert veteran.items == ["new"]  # ten events: what is hot now
