@@ -95,6 +95,12 @@ class ImpressionLogger:
                 self._producer = None
 
 
+#: Live models with a candidate source of their own in the pipeline; every other live model
+#: (als, history...) proposes its top list as a source named after it.
+DEDICATED_SOURCES = frozenset({"session", "cooc", "mf", "content", "trending", "popularity",
+                               "random"})
+
+
 class FeedBuilder:
     """Builds feeds from Redis state with a synchronous client.
 
@@ -116,6 +122,8 @@ class FeedBuilder:
         self.recommender = Recommender(
             trending=self.trending, session=models.get("session"), cooc=models.get("cooc"),
             mf=models.get("mf"), ann=ann, content=models.get("content"),
+            model_sources={name: model for name, model in models.items()
+                           if name not in DEDICATED_SOURCES},
             explorer=explorer_for(settings, counts=self.bandit_counts),
             config=PipelineConfig(policy=RerankPolicy(freshness_weight=settings.freshness_weight)),
             item_ages=self.item_ages)

@@ -10,6 +10,9 @@ Candidate sources (each returns ``(item, score, reason)``):
 * ``content`` — items whose description (categories, tags, title: the ``items`` topic) looks
   like what the user liked, explained by the strongest shared feature ("because you like
   Comedy"); it reaches items nobody has touched yet;
+* long-term models the worker runs besides these (``als``: "for you"; ``history``: "from
+  your favourites"; any other registered model, named after it): their own top lists for
+  the user's stored history and recent items;
 * ``trending`` — decayed popularity; the cold-start fallback for users nobody knows yet,
   explained "popular in Comedy" where the item shares a category with the user's taste.
 
@@ -35,6 +38,9 @@ from serving.explore import EpsilonGreedy, ThompsonSampling
 from serving.rerank import Candidate, RerankPolicy, blend, rerank
 
 TrendingSource = Callable[[int], list[tuple[str, float]]]
+#: How a long-term model's candidates are explained (others: "for you").
+SOURCE_REASONS = {"als": "for you", "history": "from your favourites",
+                  "two_tower": "for you"}
 #: items → {item: seconds since first seen, on the stream's clock} (unknown items left out)
 ItemAges = Callable[[list[str]], dict[str, float]]
 
@@ -65,11 +71,13 @@ class Recommender:
 
     def __init__(self, trending: TrendingSource, session=None, cooc=None, mf=None,
                  ann: AnnIndex | None = None, content=None,
+                 model_sources: dict | None = None,
                  explorer: EpsilonGreedy | ThompsonSampling | None = None,
                  config: PipelineConfig | None = None, item_ages: ItemAges | None = None
                  ) -> None:
         self.trending, self.session, self.cooc, self.mf = trending, session, cooc, mf
         self.content = content
+        self.model_sources = model_sources or {}
         self.item_ages = item_ages
         self.ann, self.explorer = ann, explorer
         self.config = config or PipelineConfig()
@@ -100,6 +108,10 @@ class Recommender:
                     if items:
                         shifted = scores - scores.min() + 1e-6
                         row["ann"] = [(i, float(s), "for you") for i, s in zip(items, shifted)]
+        for name, model in self.model_sources.items():
+            reason = SOURCE_REASONS.get(name, "for you")
+            for row, rec in zip(out, model.recommend(queries, n)):
+                row[name] = [(i, float(s), reason) for i, s in zip(rec.items, rec.scores)]
         if self.content is not None:
             recs = self.content.recommend(queries, n)
             for row, rec, features in zip(out, recs, self.content.explain(

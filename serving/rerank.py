@@ -9,7 +9,8 @@ every source contributes on a 0–1 scale, and
 with ``age`` the time since the item was first seen. Default weights: session 1.0, cooc 0.1,
 ann 0.02, trending 0.01 — chosen on a validation split (``bench/tune_blend.py``), where larger
 weights for the weaker sources cost HR@20; the others mostly order what session-kNN cannot
-score (users between sessions, new items).
+score (users between sessions, new items). Long-term sources (``als`` 1.0, ``history`` 0.75)
+take ``user_blend``'s weights from MovieLens; ``content`` (0.1) is not tuned for this pipeline.
 
 The explanation is the source contributing most ("because you viewed X" for co-occurrence with
 the session item it came from, "trending", ...).
@@ -46,7 +47,11 @@ class RerankPolicy:
     pool_per_slot: int = 5  # re-rank the best 5·k candidates (at least 50)
     #: chosen on a validation split of YooChoose (bench/tune_blend.py; docs/models.md)
     source_weights: dict[str, float] = field(default_factory=lambda: {
-        "session": 1.0, "cooc": 0.1, "ann": 0.02, "trending": 0.01, "content": 0.1})
+        "session": 1.0, "cooc": 0.1, "ann": 0.02, "trending": 0.01,
+        # returning users, when the worker runs these models: user_blend's weights relative
+        # to session (bench/tune_user.py, MovieLens); content's is NOT tuned for this pipeline
+        # (the `blend` replay cannot run MovieLens yet): small, like cooc's
+        "als": 1.0, "history": 0.75, "content": 0.1})
 
 
 def blend(sources: dict[str, list[tuple[str, float, str]]], policy: RerankPolicy,

@@ -68,3 +68,23 @@ def test_descriptions_reach_redis_the_content_model_and_the_feed(settings, redis
     assert (peer.item_id, f"popular in {shared}") in [(i, why) for i, _, why in
                                                       sources["trending"]]
     assert worker.proc.poll() is None, worker.log()
+
+
+def test_long_term_models_the_worker_runs_become_candidate_sources(settings, redis_client):
+    from online_models.registry import build_on_redis
+    from online_models.signals import SignalMapper
+    from schemas.events import Interaction
+
+    s = settings.model_copy(update={"live_models": "session,als,history"})
+    likes = [Interaction(event_id=f"e{n}", user_id=f"u{n % 6}", item_id=f"i{(n * 7) % 11}",
+                         type="like", timestamp=1.7e9 + n) for n in range(120)]
+    for model in build_on_redis(s.live_model_names, redis_client, s.key_prefix).values():
+        model.learn(SignalMapper().map(likes))  # as the worker's live state would
+    builder = FeedBuilder(s, redis_client)
+    assert sorted(builder.recommender.model_sources) == ["als", "history"]
+    [sources] = builder.recommender.candidates([Request("u1", ("i0",))])
+    assert sources["als"] and {why for _, _, why in sources["als"]} == {"for you"}
+    assert sources["history"] and {why for _, _, why in sources["history"]} == {
+        "from your favourites"}
+    [feed] = builder.compute(["u1"], k=5)
+    assert {item.reason for item in feed.items} & {"for you", "from your favourites"}
