@@ -91,6 +91,11 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
 
     api.add_exception_handler(ImpressionLogUnavailable, _log_down)
 
+    on_demand_batches = OnDemandBatches(
+        lambda users, k, exclude, pins: builder.compute(users, k, exclude, source="on_demand",
+                                                        pins=pins),
+        builder.log_served)
+
     # without keys anyone may ask: bound the impression records they can make us write
     open_lists = None if keys else TokenBucket(settings.api_open_lists_per_s)
 
@@ -100,9 +105,7 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
             raise HTTPException(429, "too many on-demand lists without an API key (each is "
                                 "logged); set STREAMREC_API_KEYS or retry later",
                                 headers={"Retry-After": "1"})
-        [feed] = builder.compute([user_id], k, exclude, source="on_demand", pins=pins)
-        builder.log_served([feed])
-        return feed
+        return on_demand_batches.feed(user_id, k, exclude, pins)
 
     authed = [Depends(require_key)]
 
@@ -298,6 +301,75 @@ class StoredFeedReads:
     async def close(self) -> None:
         if self.redis is not None:
             await self.redis.aclose()
+
+
+class _Waiting:
+    """One on-demand request waiting for its batch (or to lead the next one)."""
+
+    def __init__(self, key: tuple, user_id: str) -> None:
+        self.key, self.user_id = key, user_id
+        self.done = threading.Event()
+        self.lead = False
+        self.feed = None
+        self.error: BaseException | None = None
+
+
+class OnDemandBatches:
+    """Concurrent on-demand lists share one pipeline pass and one impression-log flush (group
+    commit): the first request to arrive computes every request waiting at that moment (up to
+    ``max_batch``) with ``compute(users, k, exclude, pins)`` per distinct ``(k, exclude,
+    pins)``, logs them all with ``log(feeds)`` (a list is never served unlogged), then hands
+    the lead to the oldest request that arrived meanwhile. The pipeline is batch-first, so a
+    batch of 30 costs little more than one. Thread-safe (FastAPI runs sync routes on threads).
+    """
+
+    def __init__(self, compute, log, max_batch: int = 64) -> None:
+        self.compute, self.log, self.max_batch = compute, log, max_batch
+        self._lock = threading.Lock()
+        self._waiting: list[_Waiting] = []
+        self._leading = False
+
+    def feed(self, user_id: str, k: int | None, exclude: frozenset[str] = frozenset(),
+             pins: tuple[tuple[int, str], ...] = ()):
+        me = _Waiting((k, exclude, pins), user_id)
+        with self._lock:
+            self._waiting.append(me)
+            me.lead, self._leading = not self._leading, True
+        if not me.lead:
+            me.done.wait()
+        if me.lead:  # first to arrive, or handed the lead: compute what waits now
+            self._run_batch()
+        if me.error is not None:
+            raise me.error
+        return me.feed
+
+    def _run_batch(self) -> None:
+        with self._lock:
+            batch = self._waiting[:self.max_batch]
+            del self._waiting[:self.max_batch]
+        try:
+            groups: dict[tuple, list[_Waiting]] = {}
+            for waiting in batch:
+                groups.setdefault(waiting.key, []).append(waiting)
+            feeds = []
+            for (k, exclude, pins), members in groups.items():
+                computed = self.compute([m.user_id for m in members], k, exclude, pins)
+                for member, feed in zip(members, computed):
+                    member.feed = feed
+                feeds += computed
+            self.log(feeds)
+        except BaseException as exc:  # every request of the batch gets the error
+            for waiting in batch:
+                waiting.error = exc
+        with self._lock:
+            successor = self._waiting[0] if self._waiting else None
+            self._leading = successor is not None
+        if successor is not None:
+            successor.lead = True
+            successor.done.set()
+        for waiting in batch:
+            waiting.lead = False
+            waiting.done.set()
 
 
 class TokenBucket:

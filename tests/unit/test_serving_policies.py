@@ -110,3 +110,59 @@ def test_open_bandit_check_intervals_cover_the_observed_thompson_ctr():
     truth = result["bts_observed_ctr"]["value"]
     for name in ("ips", "snips", "dr"):
         assert result[name]["covers_observed"], (name, result[name], truth)
+
+
+def test_concurrent_on_demand_lists_share_batches_and_each_gets_its_own():
+    import threading
+    import time as clock
+
+    from serving.api import OnDemandBatches
+
+    calls, logged = [], []
+
+    def compute(users, k, exclude, pins):
+        calls.append((list(users), k))
+        clock.sleep(0.02)  # requests arriving meanwhile wait for the next batch
+        return [f"feed-of-{u}-{k}" for u in users]
+
+    batches = OnDemandBatches(compute, logged.extend)
+    results = {}
+
+    def ask(n):
+        results[n] = batches.feed(f"u{n}", k=5 if n % 2 else None)
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == {n: f"feed-of-u{n}-{5 if n % 2 else None}" for n in range(40)}
+    assert sorted(logged) == sorted(results.values())  # every list served was logged
+    assert len(calls) < 40  # shared passes
+    # one pass per distinct k: a list never takes another request's size
+    assert all((int(u[1:]) % 2 == 1) == (k == 5) for users, k in calls for u in users)
+
+
+def test_an_on_demand_batch_failure_reaches_every_request_and_the_next_batch_runs():
+    import threading
+
+    import pytest
+
+    from serving.api import OnDemandBatches
+
+    def log(feeds):
+        if any(f == "feed-bad" for f in feeds):
+            raise RuntimeError("impression log down")
+
+    batches = OnDemandBatches(lambda users, *_: [f"feed-{u}" for u in users], log)
+    with pytest.raises(RuntimeError, match="impression log down"):
+        batches.feed("bad", None)
+    assert batches.feed("good", None) == "feed-good"  # the lead was released
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(batches.feed("x", None)))
+               for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert out == ["feed-x"] * 10
