@@ -8,7 +8,8 @@ dedup must drop the copies). Faults cycle through: ``kill -9`` of the worker (re
 once), ``kill -9`` of redis-server (restarted from its AOF), and the broker paused (SIGSTOP)
 for ``--pause-s`` seconds. Every second: events produced, applied, Redis memory and the
 worker's RSS. Per fault: *recovery* = seconds from the fault's end (a pause's resume) until
-the worker has caught up with what was produced by then plus one second of traffic.
+the worker has caught up with what was produced by then plus one second of traffic. A worker
+that exits on its own (the stall watch's exit 75) is restarted, as compose would, and counted.
 
 Pass: lost = 0, doubled = 0, each recovery ≤ 30 s, Redis memory and worker RSS at the end
 within 1.5× of their values half-way (model state lives ``--state-ttl-s``, so memory must
@@ -49,6 +50,14 @@ class Worker:
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.env, self.log_path, self.proc = env, log_path, None
+        self.exits: list[int] = []  # statuses of exits the supervisor restarted
+
+    def supervise(self) -> None:
+        """Restart the worker if it exited on its own (compose: ``restart: unless-stopped``):
+        exit 75 is the stall watch's or an operator's reset asking for it."""
+        if self.proc is not None and self.proc.poll() is not None:
+            self.exits.append(self.proc.returncode)
+            self.start()
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
@@ -104,6 +113,10 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2000.0, help="events/s offered")
     parser.add_argument("--fault-every-s", type=float, default=60.0)
     parser.add_argument("--pause-s", type=float, default=20.0, help="broker pause length")
+    parser.add_argument("--stall-timeout-s", type=float, default=20.0,
+                        help="the worker's stall watch (STREAMREC_WORKER_STALL_TIMEOUT_S): "
+                             "short here, so a stalled fetcher is restarted within a fault's "
+                             "recovery budget")
     parser.add_argument("--state-ttl-s", type=int, default=120,
                         help="TTL of model state (user and item side) and of the dedup "
                              "sets: short, so that memory reaches its steady state within "
@@ -122,6 +135,7 @@ def main() -> int:
                "STREAMREC_USER_STATE_TTL_S": str(args.state_ttl_s),
                "STREAMREC_DEDUP_TTL_S": str(args.state_ttl_s),
                "STREAMREC_ITEM_STATE_TTL_S": str(args.state_ttl_s),
+               "STREAMREC_WORKER_STALL_TIMEOUT_S": str(args.stall_timeout_s),
                "STREAMREC_WORKER_WEB_PORT": str(free_port()),
                "STREAMREC_WORKER_DATA_DIR": str(work / "worker-data")}
         worker = Worker(env, work / "worker.log")
@@ -135,6 +149,7 @@ def main() -> int:
             next_fault, fault_n = started + args.fault_every_s, 0
             while time.monotonic() - started < args.minutes * 60:
                 now = time.monotonic()
+                worker.supervise()
                 samples.append(books.sample(now - started, producer, worker))
                 if now >= next_fault:
                     faults.append(inject(FAULTS[fault_n % len(FAULTS)], now - started,
@@ -147,6 +162,7 @@ def main() -> int:
             producer.join(60)
             deadline = time.monotonic() + 180
             while books.applied() < producer.produced and time.monotonic() < deadline:
+                worker.supervise()
                 note_recoveries(faults, books.applied(), time.monotonic() - started)
                 time.sleep(1)
             note_recoveries(faults, books.applied(), time.monotonic() - started)
@@ -169,6 +185,7 @@ def main() -> int:
         "faults": faults,
         "max_recovery_s": max((f["recovered_s"] or float("inf") for f in faults), default=0),
         "redis_mb_steady": steady["redis_mb"], "redis_mb_end": final["redis_mb"],
+        "worker_exits_restarted": worker.exits,
         "worker_rss_mb_steady": steady["worker_rss_mb"],
         "worker_rss_mb_end": final["worker_rss_mb"],
     }
