@@ -297,10 +297,14 @@ def _split_envelope(doc: dict[str, Any], repeated: dict[int | None, list[str]]
                 raise _repeated_error(repeated[index])
             valid.append(validate_event(fragment))
         except InvalidEvent as exc:
-            invalid.append((index, fragment, InvalidEvent(
-                [{"field": f"events[{index}].{e['field']}".rstrip(".$"), "reason": e["reason"]}
-                 for e in exc.errors])))
+            invalid.append((index, fragment, at_index("events", index, exc)))
     return valid, invalid
+
+
+def at_index(list_key: str, index: int, exc: InvalidEvent) -> InvalidEvent:
+    """``exc`` with each field named inside an envelope's list (``events[3].user_id``)."""
+    return InvalidEvent([{"field": f"{list_key}[{index}].{e['field']}".rstrip(".$"),
+                          "reason": e["reason"]} for e in exc.errors])
 
 
 _PLACEHOLDER = Interaction(event_id="x", user_id="x", item_id="x", type="view",

@@ -31,7 +31,8 @@ import msgspec
 
 from schemas.events import (DEFAULT_MAX_MESSAGE_BYTES, MAX_FUTURE_SKEW_S, MAX_JSON_DEPTH,
                             MIN_TIMESTAMP, Id, InvalidEvent, Problem, _object_checking_keys,
-                            _refuse_constant, _RepeatedKeys, _repeated_error, nesting_exceeds)
+                            _refuse_constant, _RepeatedKeys, _repeated_error, at_index,
+                            nesting_exceeds)
 
 MAX_CATEGORIES = 32
 MAX_TAGS = 64
@@ -120,9 +121,7 @@ def split_items(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         try:
             valid.append(validate_item(fragment))
         except InvalidEvent as exc:
-            invalid.append((index, fragment, InvalidEvent(
-                [{"field": f"items[{index}].{e['field']}".rstrip(".$"), "reason": e["reason"]}
-                 for e in exc.errors])))
+            invalid.append((index, fragment, at_index("items", index, exc)))
     return valid, invalid
 
 

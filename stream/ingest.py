@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,10 +36,11 @@ from online_models.registry import build_on_redis
 from online_models.store import RedisStore
 from schemas import dlq, vectors
 from schemas.events import split_message
+from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
 from stream.log_positions import (LogEndProbe, LogMismatch, StallWatch, find_mismatches,
-                                  hold, read_watermarks, unapplied_partitions)
+                                  hold, read_watermarks)
 from stream.pipeline import ApplyPipeline
 from stream.state import ApplyResult, LiveState, SourceMessage
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
@@ -53,7 +55,7 @@ _pipeline: ApplyPipeline | None = None
 _vector_thread = ThreadPoolExecutor(1, thread_name_prefix="vector-publish")
 #: (topic, partition) → why it is held: nothing of it is applied until an operator resets it
 _held: dict[tuple[str, int], str] = {}
-#: restarts a worker whose fetcher stopped while records wait (see :func:`watch_for_stall`)
+#: restarts a worker whose partitions stopped moving while records wait (:func:`watch_for_stall`)
 _stall_watch = StallWatch(settings.worker_stall_timeout_s)
 
 
@@ -96,7 +98,6 @@ async def process_batch(messages) -> tuple[int, int]:
     """Handle one batch of Faust events; returns (events handed to Redis, messages
     dead-lettered). The last chunk's commit is started, not awaited: it overlaps the next
     batch's fetch (:func:`settle_finished_commit` accounts for it if no batch comes)."""
-    _stall_watch.note_activity()
     sources: list[SourceMessage] = []
     letters = []
     for event in messages:
@@ -104,19 +105,14 @@ async def process_batch(messages) -> tuple[int, int]:
         if _held and (message.topic, message.partition) in _held:
             metrics.HELD_MESSAGES.inc()  # read again from Kafka once released
             continue
-        raw = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
+        raw = message_bytes(event)
         good, bad = split_message(raw, settings.max_message_bytes)
         sources.append(SourceMessage(message.topic, message.partition, message.offset, good,
                                      len({index for index, _, _ in bad}),
                                      message.timestamp if message.timestamp > 0 else None))
         if bad:
-            letters.append(dlq.dead_letter(raw, bad, message.topic, message.partition,
-                                           message.offset, len(good),
-                                           max_bytes=settings.max_message_bytes))
-    if letters:
-        pending = [await dlq_topic.send(key=f"{r.source.partition}:{r.source.offset}".encode(),
-                                        value=dlq.encode(r)) for r in letters]
-        await asyncio.gather(*pending)  # delivered before the batch can be acked
+            letters.append(dead_letter(raw, bad, message, len(good)))
+    await deliver_dead_letters(letters)
     pipeline = apply_pipeline()
     for chunk in event_chunks(sources, settings.worker_apply_max_events):
         await pipeline.apply(chunk)
@@ -126,6 +122,25 @@ async def process_batch(messages) -> tuple[int, int]:
     metrics.EVENTS_IN.inc(events)
     metrics.DLQ_MESSAGES.inc(len(letters))
     return events, len(letters)
+
+
+def message_bytes(event) -> bytes:
+    """A Faust event's raw value (the topics use the raw codec)."""
+    return event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
+
+
+def dead_letter(raw: bytes, problems, message, valid: int) -> dlq.DeadLetter:
+    """The dead-letter record of one source message (its ``valid`` parts were applied)."""
+    return dlq.dead_letter(raw, problems, message.topic, message.partition, message.offset,
+                           valid, max_bytes=settings.max_message_bytes)
+
+
+async def deliver_dead_letters(letters: list[dlq.DeadLetter]) -> None:
+    """Send dead letters and wait for Kafka's acks: done before a batch can be acked."""
+    if letters:
+        pending = [await dlq_topic.send(key=f"{r.source.partition}:{r.source.offset}".encode(),
+                                        value=dlq.encode(r)) for r in letters]
+        await asyncio.gather(*pending)
 
 
 def event_chunks(sources: list[SourceMessage], max_events: int) -> list[list[SourceMessage]]:
@@ -251,40 +266,54 @@ async def check_log_positions() -> None:
         os._exit(EXIT_TO_RESUME)
 
 
-def _waiting_partitions(partitions) -> list[str]:
-    """Assigned partitions (not held) whose log holds records past Redis's watermark, read
-    with the probe's own Kafka client (independent of Faust's fetcher)."""
-    global _log_probe
-    if _log_probe is None:
-        _log_probe = LogEndProbe(settings.kafka_bootstrap, settings.kafka_client_options())
-    _, starts, ends = _log_probe.bounds(settings.topic_interactions)
-    mine = [tp for tp in partitions if (tp.topic, tp.partition) not in _held]
-    marks = _watermarks(mine)
-    return [f"{settings.topic_interactions}[{p}]"
-            for p in unapplied_partitions(marks, starts, ends)]
+def _assigned_numbers() -> list[int]:
+    try:  # read from the watch's thread: a snapshot of the consumer's current assignment
+        return [tp.partition for tp in _assigned_partitions()]
+    except Exception:  # noqa: BLE001 - mid-rebalance: treat as holding nothing
+        return []
 
 
-@app.timer(max(settings.worker_stall_timeout_s / 6, 1.0))
-async def watch_for_stall() -> None:
-    """Exit with :data:`EXIT_TO_RESUME` when the worker stopped consuming while records wait
-    (:class:`stream.log_positions.StallWatch`): the restarted worker resumes from Redis."""
-    partitions = _assigned_partitions()
-    if not settings.worker_stall_timeout_s or not partitions:
-        return
-    try:  # not on the Redis thread: a stuck pipeline must not hide its own stall
-        waiting = await asyncio.get_running_loop().run_in_executor(
-            _log_probe_thread, _waiting_partitions, partitions)
-    except Exception as exc:  # broker or Redis unreachable: not a stall of this worker
-        log.warning("stall check failed (%r); retrying next interval", exc)
-        _stall_watch.note_activity()
-        return
-    seconds = _stall_watch.check(time.monotonic(), bool(waiting))
-    metrics.STALLED_SECONDS.set(seconds)
-    if _stall_watch.stalled(seconds):
-        log.critical("stalled: records wait unapplied in %s and no batch arrived for %.0f s; "
-                     "exiting to restart from Redis's watermarks", ", ".join(waiting), seconds)
-        logging.shutdown()
-        os._exit(EXIT_TO_RESUME)
+def watch_for_stall(stop: threading.Event) -> None:
+    """The stall watch's thread (:class:`stream.log_positions.StallWatch`): every
+    ``STREAMREC_WORKER_STALL_TIMEOUT_S / 6`` it reads the log's ends with its own Kafka client
+    and Redis's watermarks with its own connection; when the partitions this worker should
+    apply wait without moving for the timeout, it exits with :data:`EXIT_TO_RESUME`."""
+    interval = max(settings.worker_stall_timeout_s / 6, 0.5)
+    probe, client = None, None
+    topic = settings.topic_interactions
+    while not stop.wait(interval):
+        try:
+            probe = probe or LogEndProbe(settings.kafka_bootstrap,
+                                         settings.kafka_client_options())
+            client = client or sync_redis(settings.redis_url)
+            partitions, starts, ends = probe.bounds(topic)
+            marks = read_watermarks(client, RedisKeys(settings.key_prefix), topic, partitions)
+        except Exception as exc:  # noqa: BLE001 - broker or Redis unreachable: no verdict
+            log.warning("stall check failed (%r); retrying next interval", exc)
+            _stall_watch.note_activity()
+            continue
+        mine = [p for p in _assigned_numbers() if (topic, p) not in _held]
+        held = {p for t, p in list(_held) if t == topic}
+        marks = {p: m for p, m in marks.items() if p not in held}
+        seconds, unmoved = _stall_watch.check(time.monotonic(), marks, starts, ends, mine)
+        metrics.STALLED_SECONDS.set(seconds)
+        if _stall_watch.stalled(seconds):
+            log.critical("stalled: records wait unapplied in %s and nothing moved for %.0f s "
+                         "(assigned here: %s); exiting to restart from Redis's watermarks",
+                         ", ".join(f"{topic}[{p}]" for p in unmoved), seconds,
+                         mine or "none")
+            logging.shutdown()
+            os._exit(EXIT_TO_RESUME)
+
+
+_stall_stop = threading.Event()
+
+
+@app.task
+async def start_stall_watch() -> None:
+    if settings.worker_stall_timeout_s:
+        threading.Thread(target=watch_for_stall, args=(_stall_stop,), name="stall-watch",
+                         daemon=True).start()
 
 
 def _vector_model():

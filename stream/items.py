@@ -21,13 +21,13 @@ import msgspec
 from infra.redis_client import sync_redis
 from online_models.base import OnlineModel
 from online_models.registry import build_on_redis
-from schemas import dlq
 from schemas.items import ItemRecord, latest_per_item, split_items
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
-from stream.ingest import EXIT_ON_BUG, on_redis_thread
-from stream.topics import dlq_topic, items_topic
+from stream.ingest import (EXIT_ON_BUG, dead_letter, deliver_dead_letters, message_bytes,
+                           on_redis_thread)
+from stream.topics import items_topic
 
 log = logging.getLogger("streamrec.items")
 _models: list[OnlineModel] | None = None
@@ -71,18 +71,12 @@ async def process_item_batch(messages) -> tuple[int, int]:
     records: list[ItemRecord] = []
     letters = []
     for event in messages:
-        message = event.message
-        raw = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
+        raw = message_bytes(event)
         good, bad = split_items(raw, settings.max_message_bytes)
         records += good
         if bad:
-            letters.append(dlq.dead_letter(raw, bad, message.topic, message.partition,
-                                           message.offset, len(good),
-                                           max_bytes=settings.max_message_bytes))
-    if letters:
-        pending = [await dlq_topic.send(key=f"{r.source.partition}:{r.source.offset}".encode(),
-                                        value=dlq.encode(r)) for r in letters]
-        await asyncio.gather(*pending)
+            letters.append(dead_letter(raw, bad, event.message, len(good)))
+    await deliver_dead_letters(letters)
     if records:
         models = _content_models()
         await on_redis_thread("item descriptions", apply_descriptions, _client,

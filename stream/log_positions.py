@@ -177,34 +177,47 @@ def unapplied_partitions(watermarks: Mapping[int, int | None], log_starts: Mappi
 
 
 class StallWatch:
-    """Decides when a worker that stopped consuming must restart: records wait in the log
-    and no batch arrived during checks that span ``timeout_s``.
+    """Decides when a worker must restart because the partitions it should apply stopped
+    moving: records wait in the log and their Redis watermarks stayed where they were over
+    checks spanning ``timeout_s``.
 
-    Faust's fetcher can stop without an error (seen once after a broker pause, in the soak):
-    the worker then looks healthy and applies nothing, forever. Only an independent look at
-    the log can tell; a restart resumes from Redis's watermarks, exactly once. Idle time is
-    measured between checks, so a process that was itself paused (SIGSTOP, a VM freeze) gets
-    a full ``timeout_s`` to fetch again before it is judged stalled.
+    Faust's consumer can stop without an error (twice after a broker pause in the soak: the
+    worker looked healthy and applied nothing, forever). Only an independent look at the log
+    and at Redis can tell, from a thread of its own (a stuck event loop or rebalance cannot
+    hide it); a restart resumes from Redis's watermarks, exactly once. "Should apply": the
+    partitions assigned to this worker, or every partition when it holds none (a rebalance
+    that never completed). A partition another worker keeps applying moves, so it never
+    counts. Idle time is measured between checks, so a worker that was itself frozen
+    (SIGSTOP, a VM pause) gets a full ``timeout_s`` to move again; ``note_activity`` (a Redis
+    retry: Redis is the trouble, not this worker) restarts the count.
     """
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self._active = False
+        self._previous: dict[int, int | None] = {}
         self._stalled_since: float | None = None
 
     def note_activity(self) -> None:
-        """A batch arrived (or the pipeline worked on one): the worker consumes."""
         self._active = True
 
-    def check(self, now: float, waiting: bool) -> float:
-        """One check at monotonic ``now``; ``waiting``: records wait unapplied. Returns how
-        long the worker has been stalled (0 while it is not)."""
-        if self._active or not waiting:
+    def check(self, now: float, watermarks: Mapping[int, int | None],
+              log_starts: Mapping[int, int], reported_ends: Mapping[int, int],
+              mine: Sequence[int]) -> tuple[float, list[int]]:
+        """One check at monotonic ``now``: (seconds stalled, 0 while not; the partitions
+        that wait without moving)."""
+        watched = set(mine) or set(watermarks)
+        waiting = set(unapplied_partitions({p: watermarks[p] for p in watched
+                                            if p in watermarks}, log_starts, reported_ends))
+        unmoved = [p for p in sorted(waiting)
+                   if p in self._previous and self._previous[p] == watermarks[p]]
+        self._previous = dict(watermarks)
+        if self._active or not unmoved:
             self._active, self._stalled_since = False, None
-            return 0.0
+            return 0.0, []
         if self._stalled_since is None:
             self._stalled_since = now
-        return now - self._stalled_since
+        return now - self._stalled_since, unmoved
 
     def stalled(self, seconds: float) -> bool:
-        return seconds >= self.timeout_s
+        return bool(self.timeout_s) and seconds >= self.timeout_s

@@ -35,13 +35,22 @@ def test_unapplied_partitions_trust_only_records_that_certainly_exist():
     assert unapplied_partitions(marks, starts, ends) == [1, 3]
 
 
-def test_a_worker_is_stalled_only_after_checks_spanning_the_timeout_without_a_batch():
+def test_a_worker_is_stalled_only_when_its_waiting_partitions_do_not_move_for_the_timeout():
+    starts, ends = {0: 0, 1: 0}, {0: 100, 1: 100}
     watch = StallWatch(timeout_s=60)
-    assert watch.check(0, waiting=True) == 0  # first sight: the clock starts now
-    assert watch.check(30, waiting=True) == 30 and not watch.stalled(30)
-    assert watch.stalled(watch.check(60, waiting=True))
-    watch.note_activity()  # a batch arrived: not stalled, the clock starts again
-    assert watch.check(70, waiting=True) == 0
-    assert watch.check(200, waiting=True) == 0  # paused process: one check starts the clock
-    assert watch.check(210, waiting=False) == 0  # caught up: nothing waits
-    assert watch.check(220, waiting=True) == 0 and watch.check(281, waiting=True) == 61
+
+    def check(now, marks, mine=(0, 1)):
+        return watch.check(now, marks, starts, ends, list(mine))
+
+    assert check(0, {0: 50, 1: 99}) == (0, [])  # first sight: nothing to compare with
+    assert check(10, {0: 50, 1: 99}) == (0, [0])  # partition 0 waits and did not move
+    assert check(40, {0: 50, 1: 99}) == (30, [0]) and not watch.stalled(30)
+    seconds, unmoved = check(70, {0: 50, 1: 99})
+    assert watch.stalled(seconds) and unmoved == [0]
+    assert check(80, {0: 60, 1: 99}) == (0, [])  # it moved: the count starts again
+    assert check(90, {0: 60, 1: 99}, mine=[1]) == (0, [])  # 0 is another worker's: not mine
+    assert check(100, {0: 60, 1: 99}, mine=[]) == (0, [0])  # holding nothing: every partition
+    watch.note_activity()  # a Redis retry: not this worker's stall
+    assert check(110, {0: 60, 1: 99}) == (0, [])
+    assert check(500, {0: 60, 1: 99}) == (0, [0])  # after a freeze: one check starts the clock
+    assert check(510, {0: 99, 1: 99}) == (0, [])  # caught up: nothing waits
