@@ -417,18 +417,28 @@ async def serve_metrics() -> None:
                  settings.worker_metrics_port)
 
 
-@app.agent(interactions_topic)
-async def ingest(stream) -> None:
+async def consume_batches(stream, handle, what: str) -> None:
+    """Hand each batch of a Faust stream to ``handle``. Any exception but cancellation is a
+    bug: the process exits before Faust can ack the batch, so it is redelivered, not lost."""
     async for messages in stream.take_events(settings.worker_batch_max,
                                              within=settings.worker_batch_within_s):
         try:
-            with metrics.BATCH_SECONDS.time():
-                applied, dead = await process_batch(messages)
-            log.debug("batch", extra={"messages": len(messages), "applied": applied,
-                                      "dead_lettered": dead})
+            await handle(messages)
         except asyncio.CancelledError:
             raise
-        except Exception:  # a bug: crash before Faust acks the batch, so nothing is lost
-            log.critical("ingest bug; exiting so the batch is redelivered", exc_info=True)
+        except Exception:
+            log.critical("%s bug; exiting so the batch is redelivered", what, exc_info=True)
             logging.shutdown()
             os._exit(EXIT_ON_BUG)
+
+
+async def _ingest_batch(messages) -> None:
+    with metrics.BATCH_SECONDS.time():
+        applied, dead = await process_batch(messages)
+    log.debug("batch", extra={"messages": len(messages), "applied": applied,
+                              "dead_lettered": dead})
+
+
+@app.agent(interactions_topic)
+async def ingest(stream) -> None:
+    await consume_batches(stream, _ingest_batch, "ingest")

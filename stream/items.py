@@ -12,9 +12,6 @@ Redis work at the same time.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
 
 import msgspec
 
@@ -25,11 +22,10 @@ from schemas.items import ItemRecord, latest_per_item, split_items
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
-from stream.ingest import (EXIT_ON_BUG, dead_letter, deliver_dead_letters, message_bytes,
+from stream.ingest import (consume_batches, dead_letter, deliver_dead_letters, message_bytes,
                            on_redis_thread)
 from stream.topics import items_topic
 
-log = logging.getLogger("streamrec.items")
 _models: list[OnlineModel] | None = None
 _client = None
 
@@ -88,13 +84,4 @@ async def process_item_batch(messages) -> tuple[int, int]:
 
 @app.agent(items_topic)
 async def ingest_items(stream) -> None:
-    async for messages in stream.take_events(settings.worker_batch_max,
-                                             within=settings.worker_batch_within_s):
-        try:
-            await process_item_batch(messages)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug: crash before Faust acks the batch, so nothing is lost
-            log.critical("items bug; exiting so the batch is redelivered", exc_info=True)
-            logging.shutdown()
-            os._exit(EXIT_ON_BUG)
+    await consume_batches(stream, process_item_batch, "items")
