@@ -85,12 +85,18 @@ class MixtureModel(CompositeModel):
         self.weights = {name: weight for name, (_, weight) in parts.items()}
         self.candidates = candidates
 
+    def query_weights(self, queries: list[Query]) -> list[dict[str, float]]:
+        """Each query's part weights (the same for all here)."""
+        return [self.weights] * len(queries)
+
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
+        weights = self.query_weights(queries)
+        used = {name for w in weights for name, value in w.items() if value}
         per_part = {name: [normalised(rec) for rec in part.recommend(queries, self.candidates)]
-                    for name, part in self.parts.items() if self.weights[name]}
+                    for name, part in self.parts.items() if name in used}
         out = []
-        for n in range(len(queries)):
-            ranked = mix({name: lists[n] for name, lists in per_part.items()}, self.weights, k)
+        for n, query_weights in enumerate(weights):
+            ranked = mix({name: lists[n] for name, lists in per_part.items()}, query_weights, k)
             out.append(Recommendations([i for i, _ in ranked],
                                        np.array([s for _, s in ranked], dtype=np.float64)))
         return out
@@ -133,19 +139,9 @@ class ContextualMixture(MixtureModel):
                                           for u, row, c in zip(users, rows, counts.tolist())})
         return report
 
-    def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
+    def query_weights(self, queries: list[Query]) -> list[dict[str, float]]:
         users = list(dict.fromkeys(q.user_id for q in queries))
         known = {u: int(row.get("n", 0)) for u, row in
                  zip(users, self.store.get_local_rows("ctx", users))}
-        used = {name for weights in self.weights_by_bucket.values()
-                for name, w in weights.items() if w}
-        per_part = {name: [normalised(rec) for rec in part.recommend(queries, self.candidates)]
-                    for name, part in self.parts.items() if name in used}
-        out = []
-        for n, query in enumerate(queries):
-            weights = self.weights_by_bucket.get(context_bucket(known[query.user_id]),
-                                                 self.weights)
-            ranked = mix({name: lists[n] for name, lists in per_part.items()}, weights, k)
-            out.append(Recommendations([i for i, _ in ranked],
-                                       np.array([s for _, s in ranked], dtype=np.float64)))
-        return out
+        return [self.weights_by_bucket.get(context_bucket(known[q.user_id]), self.weights)
+                for q in queries]

@@ -151,7 +151,7 @@ class TwoTowerModel(OnlineModel):
             ids = torch.arange(1, len(items) + 1)
             vectors = nn.functional.normalize(net.items(ids, feats[ids]), dim=-1)
         self.version += 1
-        self._published = _Published(net, vocab, vectors)
+        self._published = _Published(net, vocab, vectors, feats)
         self._since_training = 0
 
     # --- serving ----------------------------------------------------------------------------
@@ -206,10 +206,10 @@ class _Vocabulary:
 class _Published:
     """One trained version: the network (user tower) and every known item's vector."""
 
-    def __init__(self, net: _Towers, vocab: _Vocabulary, vectors: torch.Tensor) -> None:
-        self.net, self.vocab, self.vectors = net, vocab, vectors
+    def __init__(self, net: _Towers, vocab: _Vocabulary, vectors: torch.Tensor,
+                 feats: torch.Tensor) -> None:
+        self.net, self.vocab, self.vectors, self.feats = net, vocab, vectors, feats
         self.item_ids = np.array(vocab.items, dtype=object)
-        self.feats = vocab.feature_rows()
 
     def user_vectors(self, histories, length: int, recency: float) -> torch.Tensor:
         ids, weights = self.vocab.histories(histories, length, recency)

@@ -178,11 +178,11 @@ def split_message(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         repeated = repeated_keys(raw)
     if isinstance(doc, dict) and "events" in doc:
         if None in repeated:
-            return [], [(None, doc, _repeated_error(repeated[None]))]
+            return [], [(None, doc, repeated_error(repeated[None]))]
         return _split_envelope(doc, repeated)
     try:
         if None in repeated:
-            raise _repeated_error(repeated[None])
+            raise repeated_error(repeated[None])
         return [validate_event(doc)], []
     except InvalidEvent as exc:
         return [], [(None, doc, exc)]
@@ -210,7 +210,7 @@ def keys_certainly_unique(raw: bytes, events: list[Interaction], envelope: bool)
     return raw.count(b":") == _event_list_encoder.encode(events).count(b":") + envelope + versions
 
 
-class _RepeatedKeys(dict):
+class RepeatedKeys(dict):
     """A JSON object that repeated keys; ``paths`` names them (dotted for nested objects)."""
 
     paths: list[str]
@@ -223,11 +223,11 @@ def _object_checking_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         if key in seen:
             paths.append(key)
         seen.add(key)
-        if isinstance(value, _RepeatedKeys):
+        if isinstance(value, RepeatedKeys):
             paths.extend(f"{key}.{path}" for path in value.paths)
     if not paths:
         return dict(pairs)
-    obj = _RepeatedKeys(pairs)
+    obj = RepeatedKeys(pairs)
     obj.paths = paths
     return obj
 
@@ -236,26 +236,33 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def loads_checking_keys(raw: bytes) -> Any:
+    """Python's JSON parse, where an object that repeats a key comes back as a
+    :class:`RepeatedKeys` naming them; raises ``ValueError`` on what is not JSON (NaN and
+    Infinity included)."""
+    return json.loads(raw, object_pairs_hook=_object_checking_keys,
+                      parse_constant=_refuse_constant)
+
+
 def repeated_keys(raw: bytes) -> dict[int | None, list[str]]:
     """Keys repeated inside one JSON object, by envelope event index (``None``: the message
     itself or its single event). Parsers disagree on which copy wins, so such input is refused
     rather than guessed. An exact (Python-speed) check for what the fast path cannot prove."""
     try:
-        doc = json.loads(raw, object_pairs_hook=_object_checking_keys,
-                         parse_constant=_refuse_constant)
+        doc = loads_checking_keys(raw)
     except (ValueError, RecursionError):
         return {}  # not JSON: reported by the decoder that found it
     found: dict[int | None, list[str]] = {}
-    if isinstance(doc, _RepeatedKeys):  # lists do not pass repeats up: events come below
+    if isinstance(doc, RepeatedKeys):  # lists do not pass repeats up: events come below
         found[None] = doc.paths
     events = doc.get("events") if isinstance(doc, dict) else None
     for index, event in enumerate(events if isinstance(events, list) else ()):
-        if isinstance(event, _RepeatedKeys):
+        if isinstance(event, RepeatedKeys):
             found[index] = event.paths
     return found
 
 
-def _repeated_error(paths: list[str]) -> InvalidEvent:
+def repeated_error(paths: list[str]) -> InvalidEvent:
     return InvalidEvent([{"field": path, "reason":
                           "key repeated in one JSON object (which copy wins is ambiguous)"}
                          for path in paths])
@@ -294,7 +301,7 @@ def _split_envelope(doc: dict[str, Any], repeated: dict[int | None, list[str]]
     for index, fragment in enumerate(events):
         try:
             if index in repeated:
-                raise _repeated_error(repeated[index])
+                raise repeated_error(repeated[index])
             valid.append(validate_event(fragment))
         except InvalidEvent as exc:
             invalid.append((index, fragment, at_index("events", index, exc)))

@@ -22,7 +22,6 @@ True
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Annotated, Any, Literal
@@ -30,9 +29,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from schemas.events import (DEFAULT_MAX_MESSAGE_BYTES, MAX_FUTURE_SKEW_S, MAX_JSON_DEPTH,
-                            MIN_TIMESTAMP, Id, InvalidEvent, Problem, _object_checking_keys,
-                            _refuse_constant, _RepeatedKeys, _repeated_error, at_index,
-                            nesting_exceeds)
+                            MIN_TIMESTAMP, Id, InvalidEvent, Problem, RepeatedKeys, at_index,
+                            loads_checking_keys, nesting_exceeds, repeated_error)
 
 MAX_CATEGORIES = 32
 MAX_TAGS = 64
@@ -78,8 +76,8 @@ def validate_item(obj: Any) -> ItemRecord:
     """A decoded JSON object as a record, or :class:`InvalidEvent` naming the bad field."""
     if isinstance(obj, ItemRecord):
         return obj
-    if isinstance(obj, _RepeatedKeys):
-        raise _repeated_error(obj.paths)
+    if isinstance(obj, RepeatedKeys):
+        raise repeated_error(obj.paths)
     try:
         return msgspec.convert(obj, ItemRecord)
     except msgspec.ValidationError as exc:
@@ -99,8 +97,7 @@ def split_items(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     if nesting_exceeds(raw, MAX_JSON_DEPTH):
         return whole(f"JSON nested deeper than {MAX_JSON_DEPTH} levels (or unbalanced)")
     try:
-        doc = json.loads(raw, object_pairs_hook=_object_checking_keys,
-                         parse_constant=_refuse_constant)
+        doc = loads_checking_keys(raw)
     except (ValueError, RecursionError) as exc:
         return whole(f"not JSON: {exc}")
     if not (isinstance(doc, dict) and "items" in doc):
@@ -109,8 +106,8 @@ def split_items(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         except InvalidEvent as exc:
             return [], [(None, doc, exc)]
     try:
-        if isinstance(doc, _RepeatedKeys):
-            raise _repeated_error(doc.paths)
+        if isinstance(doc, RepeatedKeys):
+            raise repeated_error(doc.paths)
         msgspec.convert(doc, ItemEnvelope)
     except msgspec.ValidationError as exc:
         return [], [(None, doc, InvalidEvent.from_msgspec(exc))]

@@ -112,23 +112,26 @@ class Recommender:
             reason = SOURCE_REASONS.get(name, "for you")
             for row, rec in zip(out, model.recommend(queries, n)):
                 row[name] = [(i, float(s), reason) for i, s in zip(rec.items, rec.scores)]
-        if self.content is not None:
-            recs = self.content.recommend(queries, n)
-            for row, rec, features in zip(out, recs, self.content.explain(
-                    queries, [r.items for r in recs])):
-                row["content"] = [(i, float(s), f"because you like {feature_label(f)}" if f
-                                   else "like what you liked")
-                                  for i, s, f in zip(rec.items, rec.scores, features)]
         top = trending if trending is not None else self.trending(self._trending_depth(blocked))
         for row, b in zip(out, blocked):
             row["trending"] = [(i, s, "trending") for i, s in top if i not in b][:n]
-        if self.content is not None:  # "popular in Comedy": a category the user likes
-            features = self.content.explain(queries, [[i for i, _, _ in row["trending"]]
-                                                      for row in out])
-            for row, shared in zip(out, features):
-                row["trending"] = [(i, s, f"popular in {feature_label(f)}" if is_category(f)
-                                    else why) for (i, s, why), f in zip(row["trending"], shared)]
+        if self.content is not None:
+            self._content_candidates(out, queries, n)
         return out
+
+    def _content_candidates(self, out, queries: list[Query], n: int) -> None:
+        """The content source, and "popular in <category>" for trending items that share a
+        category with the user's likes: one explanation pass over both lists."""
+        recs = self.content.recommend(queries, n)
+        features = self.content.explain(queries, [rec.items + [i for i, _, _ in row["trending"]]
+                                                  for rec, row in zip(recs, out)])
+        for row, rec, shared in zip(out, recs, features):
+            mine, theirs = shared[:len(rec.items)], shared[len(rec.items):]
+            row["content"] = [(i, float(s), f"because you like {feature_label(f)}" if f
+                               else "like what you liked")
+                              for i, s, f in zip(rec.items, rec.scores, mine)]
+            row["trending"] = [(i, s, f"popular in {feature_label(f)}" if is_category(f)
+                                else why) for (i, s, why), f in zip(row["trending"], theirs)]
 
     def _trending_depth(self, blocked: list[frozenset[str]]) -> int:
         return self.config.candidates_per_source + max((len(b) for b in blocked), default=0)
