@@ -152,14 +152,20 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
     def trending(k: Annotated[int, Query(ge=1, le=1000)] = 20) -> Response:
         return _json([{"item_id": i, "score": s} for i, s in builder.trending(k)])
 
-    def problems_response(invalid, what: str) -> Response:
-        problems = [{"index": index, **err} for index, _, exc in invalid for err in exc.errors]
-        return _json({"detail": f"invalid {what}; nothing was published",
-                      "problems": problems[:dlq.MAX_PROBLEMS],
-                      "problems_omitted": max(len(problems) - dlq.MAX_PROBLEMS, 0)}, 422)
+    async def publish(request: Request, split, kind: type, what: str, id_field: str,
+                      retry_hint: str) -> Response:
+        """Validate the body with ``split`` (all-or-nothing: any invalid record → 422 naming
+        each field, nothing sent), send the records with the ``kind`` of producer and wait for
+        Kafka's acks: 202, or 503 saying what is known."""
+        raw = await read_body(request, settings.max_message_bytes)
+        records, invalid = split(raw, settings.max_message_bytes)
+        if invalid:
+            problems = [{"index": index, **err} for index, _, exc in invalid
+                        for err in exc.errors]
+            return _json({"detail": f"invalid {what}; nothing was published",
+                          "problems": problems[:dlq.MAX_PROBLEMS],
+                          "problems_omitted": max(len(problems) - dlq.MAX_PROBLEMS, 0)}, 422)
 
-    async def publish(kind: type, records: list, retry_hint: str, ids: dict) -> Response:
-        """Send ``records`` and wait for Kafka's acks: 202, or 503 saying what is known."""
         def send() -> None:
             sdk = get_producer(kind)
             sdk.send_many(records)
@@ -171,7 +177,8 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
             # sent but not acknowledged in time: Kafka may still take them, so the outcome is
             # unknown; the caller may retry (see ``retry_hint``)
             return _json({"status": "unknown", "detail": f"Kafka did not acknowledge within "
-                          f"{settings.kafka_ack_timeout_s:g} s ({exc}); {retry_hint}", **ids},
+                          f"{settings.kafka_ack_timeout_s:g} s ({exc}); {retry_hint}",
+                          f"{id_field}s": [getattr(r, id_field) for r in records]},
                          503, headers={"Retry-After": "1"})
         except Exception as exc:  # broker unreachable at connect time: nothing was sent
             raise HTTPException(503, f"Kafka unavailable: {exc!r}") from exc
@@ -182,26 +189,18 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
                   "application/json": {"schema": json_schema()}}}})
     async def post_events(request: Request) -> Response:
         """One event or an envelope. All-or-nothing: any invalid event → 422, nothing sent."""
-        raw = await read_body(request, settings.max_message_bytes)
-        valid, invalid = split_message(raw, settings.max_message_bytes)
-        if invalid:
-            return problems_response(invalid, "events")
-        return await publish(InteractionProducer, valid, "the events may still be applied: "
-                             "retry with the same event_ids, duplicates are dropped",
-                             {"event_ids": [e.event_id for e in valid]})
+        return await publish(request, split_message, InteractionProducer, "events", "event_id",
+                             "the events may still be applied: retry with the same "
+                             "event_ids, duplicates are dropped")
 
     @api.post("/v1/items", status_code=202, summary="Publish item descriptions",
               dependencies=authed)
     async def post_items(request: Request) -> Response:
         """One item description or ``{"items": [...]}`` (schemas/items.py): each is the
         item's whole description. All-or-nothing: any invalid one → 422, nothing sent."""
-        raw = await read_body(request, settings.max_message_bytes)
-        valid, invalid = split_items(raw, settings.max_message_bytes)
-        if invalid:
-            return problems_response(invalid, "item descriptions")
-        return await publish(ItemPublisher, valid, "sending the same descriptions again is "
-                             "safe (the newest per item wins)",
-                             {"item_ids": [r.item_id for r in valid]})
+        return await publish(request, split_items, ItemPublisher, "item descriptions",
+                             "item_id", "sending the same descriptions again is safe (the "
+                             "newest per item wins)")
 
     @api.get("/v1/items/{item_id:path}", summary="An item's description", response_model=None,
              dependencies=authed)
