@@ -167,18 +167,29 @@ def cmd_replay(args: argparse.Namespace) -> None:
             "learn_during_test": args.learn_during_test, "store": args.store,
             "warmup": args.warmup,
             "seconds": round(time.time() - started, 1)}
-    write_outputs(results, meta, args.out, args.html or None)
+    write_outputs(results, meta, args.out, args.html or None, n_boot=args.bootstrap)
     print(markdown_table(results))
     print(f"wrote {args.out}" + (f" and {args.html}" if args.html else ""))
 
 
 def cmd_ope(args: argparse.Namespace) -> None:
     """Off-policy check on the Open Bandit Dataset: the TS policy's CTR from the random log."""
-    from replay.ope import open_bandit_check
+    from pathlib import Path
 
+    from replay.ope import open_bandit_check
+    from replay.report import ope_report
+
+    checks = []
     for campaign in args.campaigns.split(","):
-        print(json.dumps(open_bandit_check(args.data, campaign, n_boot=args.bootstrap,
-                                           seed=args.seed)), flush=True)
+        checks.append(open_bandit_check(args.data, campaign, n_boot=args.bootstrap,
+                                        seed=args.seed))
+        print(json.dumps(checks[-1]), flush=True)
+    if args.html:
+        meta = {"data": str(args.data), "campaigns": args.campaigns,
+                "bootstrap": args.bootstrap, "seed": args.seed}
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.html).write_text(ope_report(checks, meta))
+        print(f"wrote {args.html}")
 
 
 def cmd_docs(_args: argparse.Namespace) -> None:
@@ -309,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     ope.add_argument("--campaigns", default="all,men,women")
     ope.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     ope.add_argument("--seed", type=int, default=0)
+    ope.add_argument("--html", default="", help="also write an HTML report here")
     ope.set_defaults(func=cmd_ope)
 
     replay = sub.add_parser("replay", help=cmd_replay.__doc__)
@@ -341,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="session protocol: also learn test events after predicting them")
     replay.add_argument("--store", choices=["memory", "redis"], default="memory",
                         help="model state store (redis: STREAMREC_REDIS_URL)")
+    replay.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples for the 95 %% intervals and paired tests")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.set_defaults(func=cmd_replay)
 

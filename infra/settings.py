@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     vector_publish_min_change: float = Field(0.05, ge=0, description="A changed item vector is "
                                              "published once it moved this far (relative L2) "
                                              "from its last published version (0 = always).")
+    worker_report_interval_s: float = Field(
+        2.0, ge=0, description="How often each worker writes its live figures (events/s, "
+        "freshness p50/p99 over the last minute) to Redis for GET /v1/stats; 0 = never.")
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of "
                                      "the worker (0 = off).")
     log_format: Literal["text", "json"] = Field("text", description="Worker log lines: text or "

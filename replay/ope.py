@@ -15,42 +15,23 @@ Intervals are percentile bootstraps over rounds (seeded).
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Estimate:
-    value: float
-    ci_low: float
-    ci_high: float
-
-    def covers(self, value: float) -> bool:
-        return self.ci_low <= value <= self.ci_high
-
-
-def _bootstrap(statistic, columns: list[np.ndarray], n_boot: int, seed: int,
-               level: float) -> Estimate:
-    rng = np.random.default_rng(seed)
-    n = len(columns[0])
-    idx = rng.integers(n, size=(n_boot, n))
-    draws = statistic(*(c[idx] for c in columns))
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(draws, [tail, 100 - tail])
-    return Estimate(float(statistic(*(c[None, :] for c in columns))[0]), float(low), float(high))
+from replay.stats import Estimate, bootstrap
 
 
 def ips(rewards, target_prob, logging_prob, n_boot=1000, seed=0, level=0.95) -> Estimate:
     w = np.asarray(target_prob, float) / np.asarray(logging_prob, float)
-    return _bootstrap(lambda r, w: (w * r).mean(axis=1), [np.asarray(rewards, float), w],
+    return bootstrap(lambda r, w: (w * r).mean(axis=1), [np.asarray(rewards, float), w],
                       n_boot, seed, level)
 
 
 def snips(rewards, target_prob, logging_prob, n_boot=1000, seed=0, level=0.95) -> Estimate:
     w = np.asarray(target_prob, float) / np.asarray(logging_prob, float)
-    return _bootstrap(lambda r, w: (w * r).sum(axis=1) / np.maximum(w.sum(axis=1), 1e-300),
+    return bootstrap(lambda r, w: (w * r).sum(axis=1) / np.maximum(w.sum(axis=1), 1e-300),
                       [np.asarray(rewards, float), w], n_boot, seed, level)
 
 
@@ -60,7 +41,7 @@ def dr(rewards, target_prob, logging_prob, q_logged, q_target, n_boot=1000, seed
     w = np.asarray(target_prob, float) / np.asarray(logging_prob, float)
     terms = np.asarray(q_target, float) + w * (np.asarray(rewards, float)
                                                - np.asarray(q_logged, float))
-    return _bootstrap(lambda t: t.mean(axis=1), [terms], n_boot, seed, level)
+    return bootstrap(lambda t: t.mean(axis=1), [terms], n_boot, seed, level)
 
 
 # --- Open Bandit Dataset ---------------------------------------------------------------------
@@ -106,7 +87,7 @@ def open_bandit_check(data_dir: str | Path, campaign: str = "all", n_boot: int =
     q_logged = q[np.arange(len(pos)), item]
     q_target = (q * target[pos]).sum(axis=1)
     args = (random_log["click"], target_prob, random_log["propensity_score"])
-    truth = _bootstrap(lambda r: r.mean(axis=1), [bts_log["click"]], n_boot, seed, 0.95)
+    truth = bootstrap(lambda r: r.mean(axis=1), [bts_log["click"]], n_boot, seed, 0.95)
     estimates = {"ips": ips(*args, n_boot=n_boot, seed=seed),
                  "snips": snips(*args, n_boot=n_boot, seed=seed),
                  "dr": dr(*args, q_logged, q_target, n_boot=n_boot, seed=seed)}

@@ -84,6 +84,10 @@ class ModelResult:
     metrics: dict[str, float] = field(default_factory=dict)
     over_time: list[dict[str, float]] = field(default_factory=list)
     popularity_deciles: list[float] = field(default_factory=list)
+    #: each ranking metric per scored query, in query order (the same for every model of a
+    #: run, so models can be compared query by query); and which queries were cold
+    per_query: dict[str, np.ndarray] = field(default_factory=dict)
+    cold: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
 
 def session_queries(events: Sequence[Interaction], offset: int = 0) -> list[Prediction]:
@@ -237,7 +241,10 @@ def _result(name: str, replay: _Replay, lists: ListMetrics, windows: int,
     result.metrics["events_per_s"] = replay.learned / replay.learn_s if replay.learn_s else 0.0
     result.metrics["predictions_per_s"] = len(rows) / replay.predict_s if replay.predict_s else 0.0
     result.metrics["seconds"] = time.perf_counter() - started
-    result.over_time = _over_time(rows, replay.positions, windows, max(replay.ks))
+    result.per_query = {key: np.fromiter((row[key] for row in rows), float, len(rows))
+                        for key in (rows[0] if rows else ())}
+    result.cold = np.array(replay.cold, bool)
+    result.over_time = _over_time(result.per_query, replay.positions, windows, max(replay.ks))
     result.popularity_deciles = lists.popularity_deciles(replay.lists)
     return result
 
@@ -248,15 +255,21 @@ def _means(rows: list[dict[str, float]], suffix: str = "") -> dict[str, float]:
         if rows else {}
 
 
-def _over_time(rows, positions, windows: int, k: int) -> list[dict[str, float]]:
-    if not rows:
+def _over_time(per_query: dict[str, np.ndarray], positions, windows: int,
+               k: int) -> list[dict[str, float]]:
+    """HR@k and MRR@k per window of queries in log order, each with the half-width of its
+    95 % normal interval (``HR@k_ci``)."""
+    if not per_query:
         return []
     order = np.argsort(positions, kind="stable")
     out = []
     for part in np.array_split(order, min(windows, len(order))):
-        out.append({"position": int(positions[part[-1]]),
-                    **{f"{m}@{k}": float(np.mean([rows[i][f"{m}@{k}"] for i in part]))
-                       for m in ("HR", "MRR")}})
+        window = {"position": int(positions[part[-1]]), "queries": len(part)}
+        for metric in (f"HR@{k}", f"MRR@{k}"):
+            values = per_query[metric][part]
+            window[metric] = float(values.mean())
+            window[f"{metric}_ci"] = float(1.96 * values.std() / np.sqrt(len(values)))
+        out.append(window)
     return out
 
 

@@ -60,6 +60,16 @@ class RedisKeys:
     def feed(self, user_id: str) -> str:
         return f"{self.prefix}:{{u:{encode_id(user_id)}}}:feed"
 
+    def user_history_pattern(self, id_prefix: str) -> str:
+        """SCAN pattern of the history keys of users whose id starts with ``id_prefix``
+        (encoding is per character, so an encoded prefix is a prefix of the encoded id; the
+        encoded form holds no glob character)."""
+        return f"{self.prefix}:{{u:{encode_id(id_prefix)}*}}:hist"
+
+    def user_of_history_key(self, key: str) -> str:
+        """Inverse of :meth:`user_history`."""
+        return decode_id(key[len(self.prefix) + 4:-len("}:hist")])
+
     # --- per item (hash tag {i:<id>}) --------------------------------------------------------
     def item_description(self, item_id: str) -> str:
         return f"{self.prefix}:{{i:{encode_id(item_id)}}}:item"
@@ -92,6 +102,11 @@ class RedisKeys:
     @property
     def stats(self) -> str:
         return f"{self.prefix}:{{stats}}:counters"
+
+    @property
+    def worker_reports(self) -> str:
+        """Hash worker id → JSON of that worker's live figures (freshness, events/s)."""
+        return f"{self.prefix}:{{stats}}:workers"
 
     # --- exactly-once bookkeeping -------------------------------------------------------------
     def watermark(self, topic: str, partition: int) -> str:
@@ -150,6 +165,12 @@ class RedisKeys:
             KeySpec(f"{p}:{{stats}}:counters", "hash", "none", "stream worker",
                     "a few fields", "events_applied, dlq_messages, dlq_events, batches, "
                     "skipped_redelivered (messages), skipped_duplicates (events)."),
+            KeySpec(f"{p}:{{stats}}:workers", "hash worker id → JSON", "none (fields "
+                    "older than 1 hour are deleted by the next report)", "each stream worker "
+                    "(its own field)", "one field per live worker",
+                    "Live figures every STREAMREC_WORKER_REPORT_INTERVAL_S: {worker, updated_at, "
+                    "events_per_s, freshness_p50_ms, freshness_p99_ms, freshness_samples, "
+                    "assigned}; what GET /v1/stats and the feed explorer show."),
             KeySpec(f"{p}:{{wm}}:<topic>:<partition>", "string (integer)", "none",
                     "stream worker", "one per source partition",
                     "Highest offset whose effects are in Redis; written in the same MULTI/EXEC "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pathlib
 import threading
 import time
 from typing import Annotated, Any
@@ -19,13 +20,16 @@ from typing import Annotated, Any
 import msgspec
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
 from infra.settings import Settings
 from schemas import dlq
 from schemas.events import MAX_ID_CHARS, json_schema, split_message
 from serving.feeds import FeedBuilder, ImpressionLogUnavailable
+from serving.stats import LiveStats
 from schemas.items import split_items
 from stream.producer import DeliveryError, InteractionProducer, ItemPublisher
 
@@ -34,6 +38,9 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json",
                     headers=headers)
 
+
+#: The feed explorer's page, script and style (served at ``/explorer/``; no CDN).
+EXPLORER_ASSETS = str(pathlib.Path(__file__).with_name("explorer"))
 
 #: Ids on paths follow the event contract: 1..256 characters (else 422).
 UserId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
@@ -74,10 +81,14 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
         for sdk in producers.values():
             sdk.close()
         builder.close()
+        live_stats.close()
         redis_client.close()
 
-    api = FastAPI(title="streamrec", version="0.1.0", lifespan=lifespan,
-                  description="Real-time recommendations: feeds from Redis, events to Kafka.")
+    # Swagger UI and ReDoc from the fastapi-offline package, not a CDN: /docs works offline
+    api = FastAPIOffline(title="streamrec", version="0.1.0", lifespan=lifespan,
+                         description="Real-time recommendations: feeds from Redis, events to "
+                         "Kafka. The feed explorer is at /explorer/.")
+    live_stats = LiveStats(settings, redis_client)
 
     async def _redis_down(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"state store unavailable: {exc!r}"}, status_code=503)
@@ -210,6 +221,52 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
         if raw is None:
             raise HTTPException(404, f"no description of item {item_id!r}")
         return Response(raw, media_type="application/json")
+
+    @api.get("/v1/users", summary="Find users", response_model=None, dependencies=authed)
+    def find_users(prefix: Annotated[str, Query(max_length=MAX_ID_CHARS)] = "",
+                   limit: Annotated[int, Query(ge=1, le=100)] = 20) -> Response:
+        """Users with recent activity (a history in Redis) whose id starts with ``prefix``,
+        sorted; the scan stops after ``limit`` found or 100,000 keys looked at."""
+        found: set[str] = set()
+        for n, key in enumerate(redis_client.scan_iter(
+                match=builder.keys.user_history_pattern(prefix), count=1000)):
+            found.add(builder.keys.user_of_history_key(key.decode()))
+            if len(found) >= limit or n >= 100_000:
+                break
+        return _json({"prefix": prefix, "users": sorted(found)})
+
+    @api.get("/v1/users/{user_id:path}/history", summary="A user's recent items",
+             response_model=None, dependencies=authed)
+    def history(user_id: UserId) -> Response:
+        """The items the user interacted with recently, newest first: the context the
+        serving pipeline ranks with and the seen-filter."""
+        [items] = builder.histories([user_id])
+        return _json({"user_id": user_id, "items": list(reversed(items))})
+
+    @api.get("/v1/items", summary="Item descriptions", response_model=None,
+             dependencies=authed)
+    def item_descriptions(ids: Annotated[list[str], Query(alias="id", min_length=1,
+                                                          max_length=200)]) -> Response:
+        """The latest descriptions of up to 200 items (``id`` repeated): null where none
+        arrived."""
+        if any(not item or len(item) > MAX_ID_CHARS for item in ids):
+            raise HTTPException(422, f"ids must have 1..{MAX_ID_CHARS} characters")
+        raw = redis_client.mget([builder.keys.item_description(item) for item in ids])
+        return _json({"items": {item: msgspec.json.decode(value) if value else None
+                                for item, value in zip(ids, raw)}})
+
+    @api.get("/v1/stats", summary="Live worker figures", response_model=None,
+             dependencies=authed)
+    def stats() -> Response:
+        """Events applied, events/s, consumer lag per partition, freshness p50/p99 (the
+        slowest worker's, over its last minute), dead letters, one report per live worker."""
+        return _json(live_stats.read())
+
+    api.mount("/explorer", StaticFiles(directory=EXPLORER_ASSETS, html=True), name="explorer")
+
+    @api.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/explorer/")
 
     @api.get("/healthz", summary="Liveness")
     def healthz() -> dict[str, str]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,7 @@ from stream.pipeline import ApplyPipeline
 from stream.state import ApplyResult, LiveState, SourceMessage
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
 from stream.vector_changes import MovedVectors, PendingVectors
+from stream.worker_report import LiveFigures, publish_report
 
 log = logging.getLogger("streamrec.ingest")
 EXIT_ON_BUG = 70
@@ -57,6 +59,8 @@ _vector_thread = ThreadPoolExecutor(1, thread_name_prefix="vector-publish")
 _held: dict[tuple[str, int], str] = {}
 #: restarts a worker whose partitions stopped moving while records wait (:func:`watch_for_stall`)
 _stall_watch = StallWatch(settings.worker_stall_timeout_s)
+#: freshness and events/s, written to Redis for GET /v1/stats (:func:`report_figures`)
+_live_figures = LiveFigures()
 
 
 def live_state() -> LiveState:
@@ -72,8 +76,10 @@ def live_state() -> LiveState:
 
 def _record_applied(result: ApplyResult, seconds: float) -> None:
     metrics.REDIS_SECONDS.observe(seconds)
-    for produced_at in result.produced_at:
-        metrics.MESSAGE_AGE.observe(max(result.committed_at - produced_at, 0.0))
+    ages = [max(result.committed_at - produced_at, 0.0) for produced_at in result.produced_at]
+    for age in ages:
+        metrics.MESSAGE_AGE.observe(age)
+    _live_figures.record(result.committed_at, ages, result.applied_events)
     _changed_vectors.add(result.changed_item_vectors)
     metrics.EVENTS_APPLIED.inc(result.applied_events)
     metrics.SKIPPED_DUPLICATES.inc(result.duplicate_events)
@@ -313,6 +319,28 @@ _stall_stop = threading.Event()
 async def start_stall_watch() -> None:
     if settings.worker_stall_timeout_s:
         threading.Thread(target=watch_for_stall, args=(_stall_stop,), name="stall-watch",
+                         daemon=True).start()
+
+
+def report_figures(stop: threading.Event) -> None:
+    """The report thread: every ``STREAMREC_WORKER_REPORT_INTERVAL_S`` this worker's live
+    figures go to its field of ``sr:{stats}:workers`` (own Redis connection)."""
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    keys, client = RedisKeys(settings.key_prefix), None
+    while not stop.wait(settings.worker_report_interval_s):
+        now = time.time()
+        report = {**_live_figures.snapshot(now), "assigned": sorted(_assigned_numbers())}
+        try:
+            client = client or sync_redis(settings.redis_url)
+            publish_report(client, keys, worker_id, report, now)
+        except Exception as exc:  # noqa: BLE001 - Redis away: the next report tries again
+            log.debug("worker report not written (%r)", exc)
+
+
+@app.task
+async def start_figures_report() -> None:
+    if settings.worker_report_interval_s:
+        threading.Thread(target=report_figures, args=(_stall_stop,), name="figures-report",
                          daemon=True).start()
 
 
