@@ -16,7 +16,7 @@ LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-m
 TORCH_WHEELS ?= /opt/wheels
 TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0+cpu-*.whl),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api soak docs clean
+.PHONY: setup browser lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api soak docs clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
+# Browser tests drive Debian's chromium through its chromedriver (nothing downloads a browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "installing chromium and chromium-driver (apt-get)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 # Re-resolve the lock files from pyproject.toml's ranges (then review the diff and `make test`).
 lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) $(TORCH_SOURCE) -o $(LOCK)
@@ -36,7 +42,7 @@ lock: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/streamrec demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)

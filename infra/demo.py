@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -71,7 +72,12 @@ def _publish_descriptions(settings, records) -> int:
     return len(records)
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: stop the roles started here
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = Settings()
@@ -123,6 +129,10 @@ def run_demo(args: argparse.Namespace) -> int:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_summary(summary)
         if not args.duration:
+            # feeds keep following the events people send from the explorer
+            stop_builder.clear()
+            feeder = threading.Thread(target=builder.run, args=(stop_builder,), daemon=True)
+            feeder.start()
             print("serving until Ctrl-C ...", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 while worker.poll() is None and api.poll() is None:
@@ -233,4 +243,6 @@ def _print_summary(summary: dict) -> None:
                           for i in feed.get("items", []))
         print(f"  feed of {user}: {items or feed}")
     print(f"  try: curl {summary['api']}/v1/users/{next(iter(summary['sample_feeds']), 'u1')}/feed")
-    print(f"  docs: {summary['api']}/docs", flush=True)
+    print(f"  docs: {summary['api']}/docs")
+    print(f"  feed explorer: {summary['api']}/explorer/  (feeds, reasons, click and watch them "
+          "change)", flush=True)

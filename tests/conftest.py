@@ -26,6 +26,8 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
         if "/chaos/" in str(item.fspath):
             item.add_marker(pytest.mark.chaos)
+        if "/browser/" in str(item.fspath):
+            item.add_marker(pytest.mark.browser)
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,9 @@ function say(text, isError = false) {
 }
 
 function el(tag, props = {}, ...children) {
-  const node = Object.assign(document.createElement(tag), props);
+  const { dataset, ...rest } = props;
+  const node = Object.assign(document.createElement(tag), rest);
+  Object.assign(node.dataset, dataset || {});
   for (const child of children) if (child != null) node.append(child);
   return node;
 }

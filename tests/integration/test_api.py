@@ -13,6 +13,8 @@ from schemas.keys import RedisKeys
 from serving.feeds import FeedBuilder
 from stream.simulator import UserSimulator
 from stream.state import LiveState
+from stream.worker_report import LiveFigures, publish_report
+from schemas.events import Interaction
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import read_topic
 
@@ -112,6 +114,56 @@ def test_feed_read_stored_and_on_demand(api, settings, redis_client):
     for got, want in zip(newcomer["items"][:5], trending):  # a cold-start user gets trending
         assert got["item_id"] == want["item_id"] or got["reason"] == "exploring"
     assert httpx.get(f"{api}/v1/trending", params={"k": 0}).status_code == 422
+
+
+def test_explorer_reads_users_histories_descriptions_and_live_figures(api, settings,
+                                                                       redis_client):
+    keys = RedisKeys(settings.key_prefix)
+    events = list(UserSimulator(12, 60, seed=6).events(300, time.time() - 300))
+    odd = Interaction(event_id="odd", user_id="ali:{ce}/1", item_id="i1", type="click",
+                      timestamp=time.time())
+    LiveState(settings, redis_client).apply_sync([*events, odd])
+    users = httpx.get(f"{api}/v1/users", params={"limit": 100}).json()["users"]
+    assert users == sorted({e.user_id for e in events} | {odd.user_id})
+    assert httpx.get(f"{api}/v1/users", params={"prefix": "ali:{"}).json()["users"] == \
+        ["ali:{ce}/1"]  # ids are matched decoded, whatever they hold
+    assert len(httpx.get(f"{api}/v1/users", params={"limit": 3}).json()["users"]) == 3
+    user = events[-1].user_id
+    mine = [e.item_id for e in events if e.user_id == user]
+    history = httpx.get(f"{api}/v1/users/{user}/history").json()
+    assert history == {"user_id": user, "items": mine[::-1][:settings.history_len]}
+    redis_client.set(keys.item_description("i1"), orjson.dumps({"item_id": "i1",
+                                                                 "title": "One"}))
+    described = httpx.get(f"{api}/v1/items", params={"id": ["i1", "nope"]}).json()["items"]
+    assert described == {"i1": {"item_id": "i1", "title": "One"}, "nope": None}
+    assert httpx.get(f"{api}/v1/items", params={"id": ["x"] * 201}).status_code == 422
+    assert httpx.get(f"{api}/v1/items").status_code == 422
+
+    now = time.time()
+    figures = LiveFigures()
+    figures.record(now - 1, [0.010, 0.020, 0.030, 2.0], 40)
+    publish_report(redis_client, keys, "host:1", figures.snapshot(now), now)
+    publish_report(redis_client, keys, "gone:2", {"events_per_s": 5.0}, now - 2 * 3600)
+    stats = httpx.get(f"{api}/v1/stats").json()
+    assert stats["events_applied"] == len(events) + 1 and stats["dlq_messages"] == 0
+    assert [w["worker"] for w in stats["workers"]] == ["host:1"]  # the stale one is not live
+    assert stats["events_per_s"] == 4.0 and stats["freshness_p50_ms"] == 25.0
+    assert stats["freshness_p99_ms"] > 1900
+    assert stats["consumer_lag"] == 0 and set(stats["lag_by_partition"]) == {"0", "1", "2", "3"}
+    publish_report(redis_client, keys, "host:1", figures.snapshot(now), now)
+    assert set(redis_client.hkeys(keys.worker_reports)) == {b"host:1"}  # gone:2 deleted
+
+
+def test_explorer_page_and_docs_are_served_without_a_cdn(api):
+    root = httpx.get(f"{api}/")
+    assert root.status_code == 307 and root.headers["location"] == "/explorer/"
+    page = httpx.get(f"{api}/explorer/")
+    assert page.status_code == 200 and "feed explorer" in page.text
+    for asset in ("explorer.js", "explorer.css"):
+        assert httpx.get(f"{api}/explorer/{asset}").status_code == 200
+    docs = httpx.get(f"{api}/docs").text
+    assert "cdn." not in docs and "/static-offline-docs/swagger-ui-bundle.js" in docs
+    assert httpx.get(f"{api}/static-offline-docs/swagger-ui-bundle.js").status_code == 200
 
 
 def test_health_readiness_and_openapi(api):
