@@ -74,6 +74,38 @@ def cmd_feeds(_args: argparse.Namespace) -> None:
         builder.close()
 
 
+def cmd_trainer(args: argparse.Namespace) -> None:
+    """Nearline training: versions of a PyTorch model as checkpoints and vector topics."""
+    import logging
+
+    from infra.embedded import NEARLINE_MODELS, ensure_streamrec_topics
+    from infra.settings import Settings
+    from stream.trainer import Trainer, rollback
+
+    settings = Settings()
+    settings.require_services()
+    if not settings.trainer_dir:
+        raise SystemExit("streamrec trainer: set STREAMREC_TRAINER_DIR (the checkpoint folder "
+                         "the API and feed builder read)")
+    if args.model not in NEARLINE_MODELS:
+        raise SystemExit(f"streamrec trainer: --model must be one of {', '.join(NEARLINE_MODELS)}")
+    ensure_streamrec_topics(settings)
+    if args.rollback is not None:
+        try:
+            items = rollback(settings, args.model, args.rollback)
+        except ValueError as exc:
+            raise SystemExit(f"streamrec trainer: {exc}") from None
+        print(f"{args.model}: CURRENT is version {args.rollback}; {items} item vectors "
+              "published again")
+        return
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(name)s %(message)s")
+    trainer = Trainer(settings, args.model)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+
+
 def cmd_produce(args: argparse.Namespace) -> None:
     """Publish a log file (at N× real time) or simulated traffic to Kafka."""
     import time
@@ -286,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_api)
 
     sub.add_parser("feeds", help=cmd_feeds.__doc__).set_defaults(func=cmd_feeds)
+    trainer = sub.add_parser("trainer", help=cmd_trainer.__doc__)
+    trainer.add_argument("--model", default="two_tower", help="nearline model to train")
+    trainer.add_argument("--rollback", type=int, default=None, metavar="VERSION",
+                         help="point CURRENT at a kept version, publish its vectors, exit")
+    trainer.add_argument("--loglevel", default="info")
+    trainer.set_defaults(func=cmd_trainer)
 
     produce = sub.add_parser("produce", help=cmd_produce.__doc__)
     produce.add_argument("--log", default=_env("STREAMREC_PRODUCE_LOG", ""),

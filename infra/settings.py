@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     vector_publish_min_change: float = Field(0.05, ge=0, description="A changed item vector is "
                                              "published once it moved this far (relative L2) "
                                              "from its last published version (0 = always).")
+    trainer_dir: str = Field("", description="Folder of the trainer's checkpoints "
+                             "(<model>/v<version>/ and <model>/CURRENT), shared with the API and "
+                             "feed builder, which serve the CURRENT version; empty: no trainer, "
+                             "no nearline source.")
+    trainer_keep: int = Field(5, ge=1, description="Checkpoint versions the trainer keeps "
+                              "(what --rollback can go back to).")
     worker_report_interval_s: float = Field(
         2.0, ge=0, description="How often each worker writes its live figures (events/s, "
         "freshness p50/p99 over the last minute) to Redis for GET /v1/stats; 0 = never.")

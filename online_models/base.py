@@ -43,6 +43,28 @@ class LearnReport:
     changed_item_vectors: list[str] = field(default_factory=list)
 
 
+@dataclass
+class RetrainSchedule:
+    """When a nearline model trains its next version, counted in event time (what a trainer
+    process does live, so replay scores the same schedule): every ``every`` examples, and
+    the first version as soon as ``min_examples`` are held."""
+
+    every: int
+    min_examples: int
+    since: int = 0
+    version: int = 0
+
+    def add(self, examples: int) -> None:
+        self.since += examples
+
+    def due(self, held: int) -> bool:
+        return (self.since >= self.every or self.version == 0) and held >= self.min_examples
+
+    def published(self) -> None:
+        self.version += 1
+        self.since = 0
+
+
 class OnlineModel(ABC):
     """Base class: subclasses implement ``_learn`` and ``_recommend``."""
 

@@ -27,6 +27,7 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     "content": ContentModel,  # item descriptions (the items topic): reaches items nobody touched
     # PyTorch, trained nearline on a rolling window (imported lazily: torch loads in ~1 s)
     "two_tower": lambda: _torch_model("two_tower"),
+    "gru4rec": lambda: _torch_model("gru4rec"),  # sequential, nearline versions (PyTorch)
     "user_blend": lambda: MixtureModel(USER_BLEND_PARTS),
     "user_blend_ctx": lambda: ContextualMixture(USER_CONTEXT_PARTS, USER_CONTEXT_WEIGHTS),
     "popularity": PopularityModel,
@@ -84,9 +85,13 @@ def resolve_names(spec: str) -> list[str]:
 
 
 def _torch_model(name: str) -> OnlineModel:
+    if name == "gru4rec":
+        from online_models.gru4rec import GRU4RecModel
+
+        return GRU4RecModel()
     from online_models.two_tower import TwoTowerModel
 
-    return {"two_tower": TwoTowerModel}[name]()
+    return TwoTowerModel()
 
 
 def _blended(rerank: bool) -> OnlineModel:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from online_models.base import LearnReport, OnlineModel, Query, Recommendations, top_k_dense
+from online_models.base import (LearnReport, OnlineModel, Query, Recommendations,
+                                RetrainSchedule, top_k_dense)
 from online_models.content import item_features
 from online_models.signals import SignalBatch
 from schemas.items import latest_per_item
@@ -73,10 +74,13 @@ class TwoTowerModel(OnlineModel):
         self.temperature, self.id_dropout = temperature, id_dropout
         self.title_weight, self.seed = title_weight, seed
         self._examples: deque[tuple[tuple[str, ...], str]] = deque(maxlen=window)
-        self._since_training = 0
+        self.schedule = RetrainSchedule(retrain_every, min_examples)
         self._features: dict[str, list[str]] = {}  # item → its description's features
-        self.version = 0
         self._published: _Published | None = None
+
+    @property
+    def version(self) -> int:
+        return self.schedule.version
 
     # --- input ------------------------------------------------------------------------------
     def learn_items(self, records) -> int:
@@ -103,9 +107,8 @@ class TwoTowerModel(OnlineModel):
                 del row[:-self.history]
             self.store.set_local_rows("history", {u: {i: float(n) for n, i in enumerate(r)}
                                                   for u, r in rows.items()})
-            self._since_training += len(positive)
-        if (self._since_training >= self.retrain_every or self._published is None) \
-                and len(self._examples) >= self.min_examples:
+            self.schedule.add(len(positive))
+        if self.schedule.due(len(self._examples)):
             self.train()
         return LearnReport(events=len(batch))
 
@@ -150,22 +153,63 @@ class TwoTowerModel(OnlineModel):
         with torch.no_grad():
             ids = torch.arange(1, len(items) + 1)
             vectors = nn.functional.normalize(net.items(ids, feats[ids]), dim=-1)
-        self.version += 1
         self._published = _Published(net, vocab, vectors, feats)
-        self._since_training = 0
+        self.schedule.published()
 
-    # --- serving ----------------------------------------------------------------------------
-    def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
+    # --- versions as files (the trainer's checkpoints) ---------------------------------------
+    def export_version(self) -> tuple[dict, dict, list[str], np.ndarray] | None:
+        """The published version as (network ``state_dict``, metadata, item ids, item
+        vectors); None before the first. Tensors only: loadable with ``weights_only=True``."""
         published = self._published
         if published is None:
-            return [Recommendations([], np.empty(0)) for _ in queries]
+            return None
+        meta = {"model": self.name, "version": self.version, "dim": self.dim,
+                "history": self.history, "recency": self.recency, "items": published.vocab.items,
+                "features": {item: published.vocab.features_of(item)
+                             for item in published.vocab.items}}
+        state = {**published.net.state_dict(), "_feature_rows": published.feats}
+        return state, meta, published.vocab.items, published.vectors.numpy()
+
+    def load_version(self, state: dict, meta: dict) -> None:
+        """Serve the version ``export_version`` wrote (the same answers as where it trained)."""
+        state = dict(state)
+        feats = state.pop("_feature_rows")
+        self.dim, self.history, self.recency = meta["dim"], meta["history"], meta["recency"]
+        vocab = _Vocabulary(meta["items"], meta["features"])
+        net = _Towers(len(vocab.items), len(vocab.feature_index), self.dim)
+        net.load_state_dict(state)
+        net.eval()
+        with torch.no_grad():
+            ids = torch.arange(1, len(vocab.items) + 1)
+            vectors = nn.functional.normalize(net.items(ids, feats[ids]), dim=-1)
+        self._published = _Published(net, vocab, vectors, feats)
+        self.schedule.version = meta["version"]
+
+    # --- serving ----------------------------------------------------------------------------
+    def _recent(self, queries: list[Query]) -> list[tuple[str, ...]]:
+        """Each query's last ``history`` items: the user's stored positives, then the
+        session."""
         users = list(dict.fromkeys(q.user_id for q in queries))
         stored = dict(zip(users, self.store.get_local_rows("history", users)))
         recent = []
         for q in queries:
             row = [i for i in stored[q.user_id] if i not in q.session_items]
             recent.append(tuple((row + list(q.session_items))[-self.history:]))
-        block = published.scores(recent, self.history, self.recency)
+        return recent
+
+    def query_vectors(self, queries: list[Query]) -> np.ndarray:
+        """The user tower's unit vector per query (zeros: nothing known, or no version)."""
+        if self._published is None:
+            return np.zeros((len(queries), self.dim), np.float32)
+        with torch.no_grad():
+            return self._published.user_vectors(self._recent(queries), self.history,
+                                                self.recency).numpy()
+
+    def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
+        published = self._published
+        if published is None:
+            return [Recommendations([], np.empty(0)) for _ in queries]
+        block = published.scores(self._recent(queries), self.history, self.recency)
         return top_k_dense(published.item_ids, block, k, queries)
 
 
@@ -178,6 +222,9 @@ class _Vocabulary:
         names = sorted({f for item in items for f in features.get(item, ())})
         self.feature_index = {f: n + 1 for n, f in enumerate(names)}
         self._features = features
+
+    def features_of(self, item: str) -> list[str]:
+        return list(self._features.get(item, ()))
 
     def feature_rows(self) -> torch.Tensor:
         """(items + 1) × width feature indices, 0-padded (row 0: the unknown item)."""

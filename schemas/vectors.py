@@ -1,8 +1,9 @@
 """Item-vector records: what the compacted ``item-vectors`` topic holds (the ANN index tails it).
 
 Key: the item id (UTF-8), so compaction keeps each item's latest vector. Value: JSON
-``{"item_id", "model", "vector": [float, ...], "updated_at"}``; a ``null`` value (tombstone)
-retires the item.
+``{"item_id", "model", "vector": [float, ...], "updated_at", "version"}``; a ``null`` value
+(tombstone) retires the item. ``version`` is the model version of a nearline model (the
+trainer's ``item-vectors.<model>`` topics); 0 for online models, whose vectors move per event.
 
 Example
 -------
@@ -21,6 +22,7 @@ class ItemVector(msgspec.Struct, frozen=True):
     model: str
     vector: list[float]
     updated_at: float
+    version: int = 0
 
 
 encode = msgspec.json.Encoder().encode

@@ -119,11 +119,17 @@ class FeedBuilder:
         if ann is None and "mf" in models:
             ann = AnnIndex(models["mf"].factors, max_items=settings.ann_max_items)
         self.ann = ann
+        sources = {name: model for name, model in models.items()
+                   if name not in DEDICATED_SOURCES}
+        self.nearline = None
+        if settings.trainer_dir:  # the trainer's CURRENT two-tower version
+            from serving.nearline import NearlineSource
+
+            self.nearline = sources["ann_two_tower"] = NearlineSource(settings.trainer_dir)
         self.recommender = Recommender(
             trending=self.trending, session=models.get("session"), cooc=models.get("cooc"),
             mf=models.get("mf"), ann=ann, content=models.get("content"),
-            model_sources={name: model for name, model in models.items()
-                           if name not in DEDICATED_SOURCES},
+            model_sources=sources,
             explorer=explorer_for(settings, counts=self.bandit_counts),
             config=PipelineConfig(policy=RerankPolicy(freshness_weight=settings.freshness_weight)),
             item_ages=self.item_ages)
@@ -150,6 +156,8 @@ class FeedBuilder:
     def close(self) -> None:
         if self.vector_tail is not None:
             self.vector_tail.stop()
+        if self.nearline is not None:
+            self.nearline.close()
         if self.impression_producer is not None:
             self.impression_producer.close(timeout=10)
 

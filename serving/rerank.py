@@ -51,7 +51,9 @@ class RerankPolicy:
         # returning users, when the worker runs these models: user_blend's weights relative
         # to session (bench/tune_user.py, MovieLens); content's is NOT tuned for this pipeline
         # (the `blend` replay cannot run MovieLens yet): small, like cooc's
-        "als": 1.0, "history": 0.75, "content": 0.1})
+        "als": 1.0, "history": 0.75, "content": 0.1,
+        # the trainer's two-tower version (STREAMREC_TRAINER_DIR): NOT tuned for this pipeline
+        "ann_two_tower": 0.5})
 
 
 def blend(sources: dict[str, list[tuple[str, float, str]]], policy: RerankPolicy,

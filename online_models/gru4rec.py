@@ -1,0 +1,186 @@
+"""GRU4Rec in PyTorch (Hidasi et al., ICLR 2016; Hidasi & Karatzoglou, CIKM 2018), trained
+nearline on a rolling window of sessions: a session-based sequential candidate source.
+
+Settings follow the authors' published best for YooChoose/RSC15 with cross-entropy loss
+(``paramfiles/yoochoose_xe_shared_best.py`` of the official repository): one GRU layer of 480
+units, constrained embeddings (the item's input embedding is its output vector), hidden
+dropout 0.2, Adagrad at 0.07, 2,048 shared negative samples drawn ∝ support^0.2, logQ
+correction 1.0, 10 epochs. One change: instead of session-parallel mini-batches carrying the
+hidden state across batch steps, each batch is ``batch_sessions`` whole sessions (right-padded,
+≤ ``max_length`` steps), every step a training position: the same loss on short sessions.
+
+Schedule: like the two-tower model, a new version every ``retrain_every`` events on the last
+``window`` events' sessions, queries always scored by the last published version (event time:
+what a trainer process does live, so replay scores the same schedule). Pure: no Kafka or
+Redis; the window and the network are the trainer's own memory. Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+from online_models.base import (LearnReport, OnlineModel, Query, Recommendations,
+                                RetrainSchedule, top_k_dense)
+from online_models.signals import SignalBatch
+
+
+class _GRU4Rec(nn.Module):
+    def __init__(self, n_items: int, hidden: int, dropout_hidden: float) -> None:
+        super().__init__()
+        self.items = nn.Embedding(n_items + 1, hidden, padding_idx=0)  # input = output vectors
+        self.bias = nn.Embedding(n_items + 1, 1, padding_idx=0)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.dropout = nn.Dropout(dropout_hidden)
+        nn.init.normal_(self.items.weight, std=0.05)
+        nn.init.zeros_(self.bias.weight)
+
+    def states(self, sequences: torch.Tensor) -> torch.Tensor:
+        """Hidden state after each step: rows × steps × hidden (``sequences`` right-padded)."""
+        out, _ = self.gru(self.items(sequences))
+        return self.dropout(out)
+
+    def logits(self, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return states @ self.items(candidates).T + self.bias(candidates).T
+
+
+class GRU4RecModel(OnlineModel):
+    name = "gru4rec"
+
+    def __init__(self, hidden: int = 480, dropout_hidden: float = 0.2,
+                 learning_rate: float = 0.07, epochs: int = 10, batch_sessions: int = 16,
+                 n_sample: int = 2048, sample_alpha: float = 0.2, logq: float = 1.0,
+                 max_length: int = 20, window: int = 100_000, retrain_every: int = 20_000,
+                 min_examples: int = 1_000, max_session_items: int = 200, seed: int = 0) -> None:
+        super().__init__()
+        self.hidden, self.dropout_hidden, self.learning_rate = hidden, dropout_hidden, learning_rate
+        self.epochs, self.batch_sessions = epochs, batch_sessions
+        self.n_sample, self.sample_alpha, self.logq = n_sample, sample_alpha, logq
+        self.max_length, self.window, self.seed = max_length, window, seed
+        self.max_session_items = max_session_items
+        self.schedule = RetrainSchedule(retrain_every, min_examples)
+        self._sessions: OrderedDict[str, list[str]] = OrderedDict()  # oldest session first
+        self._events = 0  # events held in _sessions
+        self._published: _Published | None = None
+
+    @property
+    def version(self) -> int:
+        return self.schedule.version
+
+    # --- input ------------------------------------------------------------------------------
+    def _learn(self, batch: SignalBatch) -> LearnReport:
+        positive = batch.select(batch.positive)
+        for session, item in zip(positive.sessions.tolist(), positive.items.tolist()):
+            items = self._sessions.pop(session, [])  # re-inserted: newest session last
+            items.append(item)
+            self._events += 1
+            if len(items) > self.max_session_items:
+                del items[0]
+                self._events -= 1
+            self._sessions[session] = items
+        while self._events > self.window and self._sessions:
+            _, dropped = self._sessions.popitem(last=False)
+            self._events -= len(dropped)
+        self.schedule.add(len(positive))
+        if self.schedule.due(self._events):
+            self.train()
+        return LearnReport(events=len(batch))
+
+    # --- training ---------------------------------------------------------------------------
+    def _sequences(self, index: dict[str, int]) -> list[list[int]]:
+        """The window's sessions as index sequences of 2..max_length+1 items (longer ones cut
+        into consecutive pieces that overlap by one item)."""
+        out, step = [], self.max_length
+        for items in self._sessions.values():
+            ids = [index[i] for i in items]
+            for start in range(0, max(len(ids) - 1, 0), step):
+                piece = ids[start:start + step + 1]
+                if len(piece) >= 2:
+                    out.append(piece)
+        return out
+
+    def train(self) -> None:
+        """Train a fresh network on the window and publish it as the next version."""
+        torch.manual_seed(self.seed + self.version)
+        rng = np.random.default_rng(self.seed + self.version)
+        items = sorted({i for s in self._sessions.values() for i in s})
+        index = {item: n + 1 for n, item in enumerate(items)}
+        sequences = self._sequences(index)
+        net = _GRU4Rec(len(items), self.hidden, self.dropout_hidden)
+        optimiser = torch.optim.Adagrad(net.parameters(), lr=self.learning_rate)
+        support = np.bincount([i for s in sequences for i in s[1:]], minlength=len(items) + 1)
+        log_pop = torch.log(torch.tensor(support / max(support.sum(), 1))).float().clamp(min=-30)
+        sampling = support ** self.sample_alpha
+        sampling = sampling / sampling.sum() if sampling.sum() else None
+        net.train()
+        for _ in range(self.epochs):
+            order = rng.permutation(len(sequences))
+            for start in range(0, len(order), self.batch_sessions):
+                batch = [sequences[n] for n in order[start:start + self.batch_sessions]]
+                inputs, targets = _padded(batch)
+                mask = targets > 0
+                states = net.states(inputs)[mask]
+                positives = targets[mask]
+                candidates = positives
+                if sampling is not None and self.n_sample:
+                    sampled = torch.from_numpy(rng.choice(len(sampling), self.n_sample,
+                                                          p=sampling))
+                    candidates = torch.cat([positives, sampled])
+                logits = net.logits(states, candidates) - self.logq * log_pop[candidates][None]
+                # another position's target equal to this one's is not its negative
+                same = positives[:, None] == candidates[None, :]
+                same[torch.arange(len(positives)), torch.arange(len(positives))] = False
+                logits = logits.masked_fill(same, float("-inf"))
+                loss = nn.functional.cross_entropy(logits, torch.arange(len(positives)))
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        net.eval()
+        self._published = _Published(net, items, index)
+        self.schedule.published()
+
+    # --- serving ----------------------------------------------------------------------------
+    def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
+        published = self._published
+        if published is None:
+            return [Recommendations([], np.empty(0)) for _ in queries]
+        block = published.scores([q.session_items[-self.max_length:] for q in queries])
+        return top_k_dense(published.item_ids, block, k, queries)
+
+
+def _padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, next-item targets), right-padded with 0."""
+    width = max(len(s) for s in sequences) - 1
+    inputs = torch.zeros((len(sequences), width), dtype=torch.long)
+    targets = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        inputs[row, :len(s) - 1] = torch.tensor(s[:-1])
+        targets[row, :len(s) - 1] = torch.tensor(s[1:])
+    return inputs, targets
+
+
+class _Published:
+    """One trained version: the network and its item index."""
+
+    def __init__(self, net: _GRU4Rec, items: list[str], index: dict[str, int]) -> None:
+        self.net, self.index = net, index
+        self.item_ids = np.array(items, dtype=object)
+        self.all_items = torch.arange(1, len(items) + 1)
+
+    def scores(self, prefixes: list[tuple[str, ...]]) -> np.ndarray:
+        """Softmax over every known item after each session prefix (unknown items skipped;
+        a prefix with none known scores nothing)."""
+        known = [[self.index[i] for i in prefix if i in self.index] for prefix in prefixes]
+        block = np.zeros((len(prefixes), len(self.item_ids)))
+        rows = [r for r, ids in enumerate(known) if ids]
+        if rows:
+            inputs, _ = _padded([known[r] + [0] for r in rows])
+            lengths = torch.tensor([len(known[r]) for r in rows])
+            with torch.no_grad():
+                states = self.net.states(inputs)[torch.arange(len(rows)), lengths - 1]
+                probabilities = torch.softmax(self.net.logits(states, self.all_items), dim=-1)
+            block[rows] = probabilities.numpy()
+        return block

@@ -1,0 +1,76 @@
+"""Nearline candidate sources: the trainer's CURRENT version of a PyTorch model, served.
+
+``ann_two_tower``: the user tower runs per request on CPU (over the user's recent items); the
+version's item-tower vectors sit in an HNSW index (:class:`serving.ann.AnnIndex`) built when
+the version loads, so a described item nobody clicked yet is retrievable as soon as a
+version that knows its description is CURRENT. Checks ``CURRENT`` at most every ``check_s``;
+a rollback (``streamrec trainer --rollback``) is picked up the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+
+from online_models.base import Query, Recommendations
+from serving.ann import AnnIndex
+from stream.trainer import Checkpoints
+
+log = logging.getLogger("streamrec.nearline")
+
+
+class NearlineSource:
+    def __init__(self, trainer_dir: str, model_name: str = "two_tower",
+                 check_s: float = 5.0) -> None:
+        self.checkpoints = Checkpoints(trainer_dir, model_name)
+        self.model_name, self.check_s = model_name, check_s
+        self.version: int | None = None
+        self._model = self._index = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        """Load CURRENT if it changed since the last look."""
+        from online_models.registry import build
+
+        with self._lock:
+            self._checked = time.monotonic()
+            current = self.checkpoints.current()
+            if current is None or current == self.version:
+                return
+            try:
+                state, meta = self.checkpoints.load(current)
+            except (OSError, ValueError, RuntimeError) as exc:  # pruned or half-written
+                log.warning("%s version %s not loaded: %r", self.model_name, current, exc)
+                return
+            model = build(self.model_name)
+            model.load_version(state, meta)
+            _, _, items, vectors = model.export_version()
+            index = AnnIndex(vectors.shape[1], capacity=max(len(items), 1))
+            index.upsert(items, vectors.astype(np.float32))
+            old, self._model, self._index, self.version = self._index, model, index, current
+            if old is not None:
+                old.close()
+            log.info("%s version %d loaded (%d items)", self.model_name, current, len(items))
+
+    def recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
+        if time.monotonic() - self._checked >= self.check_s:
+            self.refresh()
+        model, index = self._model, self._index
+        if model is None:
+            return [Recommendations([], np.empty(0)) for _ in queries]
+        out = []
+        for query, vector in zip(queries, model.query_vectors(list(queries))):
+            if not vector.any():
+                out.append(Recommendations([], np.empty(0)))
+                continue
+            items, scores = index.search(vector, k, exclude=query.exclude)
+            out.append(Recommendations(items, scores + 1.0))  # cosine, shifted positive
+        return out
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()

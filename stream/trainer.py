@@ -1,0 +1,223 @@
+"""``streamrec trainer``: the nearline tier. It reads the interactions (and item descriptions)
+with a consumer of its own, feeds a nearline PyTorch model (``two_tower``), and each time the
+model publishes a version it
+
+1. saves a checkpoint: ``<STREAMREC_TRAINER_DIR>/<model>/v<version>/`` holding
+   ``weights.pt`` (a ``state_dict`` of tensors only, read back with ``weights_only=True``:
+   nothing is ever unpickled) and ``meta.json`` (item ids, features, settings); the last
+   ``STREAMREC_TRAINER_KEEP`` versions are kept;
+2. points ``<model>/CURRENT`` at it (an atomic rename): what serving loads;
+3. publishes the version's item vectors to the compacted topic ``<item-vectors>.<model>``
+   (key = item id, the record carries model and version), for other consumers.
+
+``streamrec trainer --rollback <version>`` points ``CURRENT`` back at a kept version and
+publishes its vectors again. On start the trainer rebuilds its window from the log's last
+``window`` events per partition share: the log is the window's source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from infra.settings import Settings
+from schemas import vectors
+from schemas.events import split_message
+from schemas.items import split_items
+
+log = logging.getLogger("streamrec.trainer")
+CURRENT = "CURRENT"
+
+
+class Checkpoints:
+    """One model's versions in a folder: save, keep the last ``keep``, point CURRENT."""
+
+    def __init__(self, directory: str | Path, model: str, keep: int = 5) -> None:
+        self.root = Path(directory) / model
+        self.keep = keep
+
+    def _path(self, version: int) -> Path:
+        return self.root / f"v{version:06d}"
+
+    def versions(self) -> list[int]:
+        if not self.root.exists():
+            return []
+        return sorted(int(p.name[1:]) for p in self.root.iterdir()
+                      if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit())
+
+    def save(self, version: int, state: dict, meta: dict) -> Path:
+        """Write the version (temp folder, then rename), make it CURRENT, drop old ones."""
+        import torch
+
+        final = self._path(version)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / "weights.pt")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "saved_at": time.time()}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        self.point(version)
+        for old in self.versions()[:-self.keep]:
+            if old != self.current():
+                shutil.rmtree(self._path(old), ignore_errors=True)
+        return final
+
+    def point(self, version: int) -> None:
+        if version not in self.versions():
+            raise ValueError(f"no kept version {version} of {self.root.name} (kept: "
+                             f"{self.versions() or 'none'})")
+        tmp = self.root / (CURRENT + ".tmp")
+        tmp.write_text(str(version))
+        os.replace(tmp, self.root / CURRENT)
+
+    def current(self) -> int | None:
+        path = self.root / CURRENT
+        return int(path.read_text()) if path.exists() else None
+
+    def load(self, version: int) -> tuple[dict, dict]:
+        """(state_dict, meta) of a kept version; tensors only (``weights_only=True``)."""
+        import torch
+
+        path = self._path(version)
+        state = torch.load(path / "weights.pt", weights_only=True)
+        return state, json.loads((path / "meta.json").read_text())
+
+
+def vector_topic(settings: Settings, model: str) -> str:
+    return f"{settings.topic_item_vectors}.{model}"
+
+
+def publish_vectors(producer, topic: str, model: str, version: int, items: list[str],
+                    item_vectors: np.ndarray) -> None:
+    now = time.time()
+    for item, vector in zip(items, item_vectors.tolist()):
+        producer.send(topic, key=item.encode(), value=vectors.encode(
+            vectors.ItemVector(item, model, vector, now, version)))
+    producer.flush()
+
+
+class Trainer:
+    """Consumes, learns, and saves + publishes every new version (see module doc)."""
+
+    def __init__(self, settings: Settings, model_name: str = "two_tower", model=None) -> None:
+        from online_models.registry import build
+
+        self.settings, self.model_name = settings, model_name
+        self.model = model if model is not None else build(model_name)
+        if not hasattr(self.model, "export_version"):
+            raise ValueError(f"{model_name} is not a nearline model (no versions to export)")
+        self.checkpoints = Checkpoints(settings.trainer_dir, model_name, settings.trainer_keep)
+        self.events = self.invalid = self.vectors_published = 0
+        self.published: list[int] = []
+        self._kafka = None  # (consumer, producer), made on the first run
+        from online_models.signals import SignalMapper
+
+        self._mapper = SignalMapper()
+
+    def _consumer(self):
+        from kafka import KafkaConsumer, TopicPartition
+
+        s = self.settings
+        consumer = KafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
+                                 group_id=f"{s.app_id}-trainer-{self.model_name}",
+                                 **s.kafka_client_options())
+        parts = [TopicPartition(topic, p) for topic in (s.topic_interactions, s.topic_items)
+                 for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(parts)
+        ends, starts = consumer.end_offsets(parts), consumer.beginning_offsets(parts)
+        events = [tp for tp in parts if tp.topic == s.topic_interactions]
+        share = max(getattr(self.model, "window", 100_000) // max(len(events), 1), 1)
+        for tp in parts:  # item descriptions: all of them; events: the window's share
+            start = starts[tp] if tp.topic == s.topic_items else max(starts[tp], ends[tp] - share)
+            consumer.seek(tp, start)
+        return consumer
+
+    def run(self, stop: threading.Event | None = None, until_version: int | None = None,
+            learn_chunk: int = 1000) -> None:
+        """Train until ``stop`` is set (or ``until_version`` is published), ``learn_chunk``
+        events at a time (the replay's chunks: each may publish a version). A later call
+        resumes where this one stopped."""
+        from kafka import KafkaProducer
+
+        stop = stop or threading.Event()
+        s = self.settings
+        self._kafka = self._kafka or (self._consumer(), KafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap, **s.kafka_client_options()))
+        consumer, producer = self._kafka
+        topic = vector_topic(s, self.model_name)
+        while not stop.is_set():
+            if until_version is not None and self.model.version >= until_version:
+                return
+            records, events = [], []
+            for tp, batch in consumer.poll(timeout_ms=500, max_records=5000).items():
+                for record in batch:
+                    split = split_items if tp.topic == s.topic_items else split_message
+                    good, bad = split(record.value, s.max_message_bytes)
+                    self.invalid += len(bad)  # the worker dead-letters them; skipped here
+                    (records if tp.topic == s.topic_items else events).extend(good)
+            if records:
+                self.model.learn_items(records)
+            events.sort(key=lambda e: e.timestamp)
+            for start in range(0, len(events), learn_chunk):
+                chunk = events[start:start + learn_chunk]
+                before = self.model.version
+                self.model.learn(self._mapper.map(chunk))
+                self.events += len(chunk)
+                if self.model.version != before:
+                    self.publish(producer, topic)
+                    consumer.commit()  # the group's lag shows how far behind the trainer is
+
+    def close(self) -> None:
+        if self._kafka is not None:
+            consumer, producer = self._kafka
+            consumer.close()
+            producer.close()
+            self._kafka = None
+
+    def publish(self, producer, topic: str) -> None:
+        started = time.monotonic()
+        state, meta, items, item_vectors = self.model.export_version()
+        version = meta["version"]
+        self.checkpoints.save(version, state, {**meta, "events_seen": self.events})
+        publish_vectors(producer, topic, self.model_name, version, items, item_vectors)
+        self.published.append(version)
+        self.vectors_published += len(items)
+        log.info("%s version %d: %d items, saved and published in %.1f s", self.model_name,
+                 version, len(items), time.monotonic() - started)
+
+
+def rollback(settings: Settings, model_name: str, version: int) -> int:
+    """Point CURRENT at a kept version and publish its vectors again (items only the version
+    it replaces knew get tombstones); the vectors published."""
+    from kafka import KafkaProducer
+
+    checkpoints = Checkpoints(settings.trainer_dir, model_name, settings.trainer_keep)
+    previous = checkpoints.current()
+    state, meta = checkpoints.load(version) if version in checkpoints.versions() else ({}, {})
+    checkpoints.point(version)  # raises naming the kept versions
+    newer_items = set()
+    if previous is not None and previous != version and previous in checkpoints.versions():
+        newer_items = set(checkpoints.load(previous)[1]["items"]) - set(meta["items"])
+    from online_models.registry import build
+
+    model = build(model_name)
+    model.load_version(state, meta)
+    _, _, items, item_vectors = model.export_version()
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+                             **settings.kafka_client_options())
+    try:
+        for item in sorted(newer_items):  # unknown to this version: retired (tombstones)
+            producer.send(vector_topic(settings, model_name), key=item.encode(), value=None)
+        publish_vectors(producer, vector_topic(settings, model_name), model_name, version,
+                        items, item_vectors)
+    finally:
+        producer.close()
+    return len(items)

@@ -1,0 +1,152 @@
+"""The nearline trainer against the real broker: versions as checkpoints (weights only),
+vector topics with model and version, a rollback, and serving the CURRENT version."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from online_models.base import Query
+from online_models.two_tower import TwoTowerModel
+from schemas import vectors
+from schemas.items import ItemRecord
+from serving.feeds import FeedBuilder
+from serving.nearline import NearlineSource
+from stream.producer import InteractionProducer, ItemPublisher
+from stream.simulator import UserSimulator
+from stream.state import LiveState
+from stream.trainer import Checkpoints, Trainer, rollback, vector_topic
+from tests.conftest import ROOT, settings_env
+from tests.integration.kafka_helpers import read_topic
+
+NEW_ITEM = "brand-new"  # described, never clicked
+
+
+def _publish(settings, events, descriptions=()):
+    if descriptions:
+        with ItemPublisher(settings.kafka_bootstrap, settings.topic_items) as publisher:
+            publisher.send_many(list(descriptions))
+            publisher.flush()
+    with InteractionProducer(settings.kafka_bootstrap, settings.topic_interactions) as producer:
+        producer.send_many(events)
+        producer.flush()
+
+
+def _run(trainer, until_version, timeout_s=120):
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (trainer.run(until_version=until_version),
+                                              done.set()), daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert done.is_set(), f"no version {until_version} within {timeout_s} s " \
+        f"(versions {trainer.published}, events {trainer.events})"
+
+
+@pytest.fixture
+def trained(settings, tmp_path):
+    s = settings.model_copy(update={"trainer_dir": str(tmp_path / "ckpt"), "trainer_keep": 2})
+    sim = UserSimulator(50, 150, seed=8)
+    now = time.time()
+    descriptions = sim.item_descriptions(now - 4000)
+    like = descriptions[0]
+    descriptions.append(ItemRecord(item_id=NEW_ITEM, timestamp=now - 4000,
+                                   categories=list(like.categories), tags=list(like.tags),
+                                   title="A new item"))
+    events = list(sim.events(1500, now - 3000, events_per_s=1.0))
+    _publish(s, events, descriptions)
+    model = TwoTowerModel(retrain_every=400, min_examples=300, epochs=2)
+    trainer = Trainer(s, "two_tower", model=model)
+    _run(trainer, 1)
+    yield s, trainer, events, sim
+    trainer.close()
+
+
+def _latest_per_item(s, count: int) -> dict[bytes, vectors.ItemVector]:
+    """Each item's last vector record on the two-tower topic (``count``: records to wait for)."""
+    latest = {}  # per item, its last record (one partition per key: in order)
+    for record in read_topic(s.kafka_bootstrap, vector_topic(s, "two_tower"), count):
+        latest[record.key] = vectors.decode(record.value)
+    return latest
+
+
+def test_a_version_is_a_weights_only_checkpoint_and_vectors_with_model_and_version(trained):
+    s, trainer, events, _ = trained
+    version = trainer.model.version
+    checkpoints = Checkpoints(s.trainer_dir, "two_tower")
+    assert checkpoints.versions() == list(range(1, version + 1))[-2:]  # keep = 2
+    assert checkpoints.current() == version == trainer.published[-1]
+    state, meta = checkpoints.load(version)  # torch.load(weights_only=True): tensors only
+    assert meta["model"] == "two_tower" and meta["version"] == version
+    assert NEW_ITEM in meta["items"]
+    latest = _latest_per_item(s, trainer.vectors_published)
+    assert {k.decode() for k in latest} == set(meta["items"])
+    assert {(v.model, v.version, len(v.vector)) for v in latest.values()} == \
+        {("two_tower", version, 64)}
+    assert NEW_ITEM.encode() in latest  # an item nobody clicked, known by its description
+
+
+def test_serving_loads_current_follows_new_versions_and_rollbacks(trained):
+    s, trainer, events, sim = trained
+    source = NearlineSource(s.trainer_dir, check_s=0.0)
+    user = events[-1].user_id
+    history = tuple(e.item_id for e in events if e.user_id == user)[-10:]
+    [rec] = source.recommend([Query(user, history, exclude=frozenset(history[-1:]))], 20)
+    assert source.version == trainer.model.version
+    assert len(rec.items) == 20 and history[-1] not in rec.items
+    _, found = source._index.vectors([NEW_ITEM])
+    assert found[0]  # retrievable in the serving index from the first version on
+
+    _publish(s, list(sim.events(2000, time.time() - 2000, events_per_s=1.0)))
+    target = trainer.model.version + 2
+    _run(trainer, target)
+    checkpoints = Checkpoints(s.trainer_dir, "two_tower")
+    newest = trainer.model.version
+    assert newest >= target and checkpoints.versions() == [newest - 1, newest]
+    source.recommend([Query(user, history)], 5)
+    assert source.version == newest
+    republished = rollback(s, "two_tower", newest - 1)
+    source.recommend([Query(user, history)], 5)
+    assert checkpoints.current() == newest - 1 and source.version == newest - 1
+    latest = {}
+    for record in read_topic(s.kafka_bootstrap, vector_topic(s, "two_tower"),
+                             trainer.vectors_published + republished):
+        latest[record.key.decode()] = record.value and vectors.decode(record.value).version
+    rolled_back = set(Checkpoints(s.trainer_dir, "two_tower").load(newest - 1)[1]["items"])
+    assert {latest[i] for i in rolled_back} == {newest - 1}
+    assert all(latest[i] is None for i in set(latest) - rolled_back)  # newer items retired
+    with pytest.raises(ValueError, match=rf"no kept version 1 .*kept: \[{newest - 1}, "):
+        rollback(s, "two_tower", 1)
+
+
+def test_the_feed_builder_serves_the_current_version_as_a_source(trained, redis_client):
+    s, _, events, _ = trained
+    LiveState(s, redis_client).apply_sync(events)
+    builder = FeedBuilder(s, redis_client)
+    try:
+        users = sorted({e.user_id for e in events})[:5]
+        from serving.recommender import Request
+
+        requests = [Request(u, h, 10) for u, h in zip(users, builder.histories(users))]
+        rows = builder.recommender.candidates(requests)
+        assert all(row["ann_two_tower"] for row in rows)
+        assert {why for row in rows for _, _, why in row["ann_two_tower"]} == \
+            {"for you (two-tower)"}
+    finally:
+        builder.close()
+
+
+def test_trainer_cli_refuses_without_a_checkpoint_folder_or_a_kept_version(settings,
+                                                                          tmp_path):
+    env = settings_env(settings)
+    run = subprocess.run([sys.executable, "-m", "infra.cli", "trainer"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "STREAMREC_TRAINER_DIR" in run.stderr
+    env["STREAMREC_TRAINER_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-m", "infra.cli", "trainer", "--rollback", "4"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "no kept version 4" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
