@@ -28,6 +28,9 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     # PyTorch, trained nearline on a rolling window (imported lazily: torch loads in ~1 s)
     "two_tower": lambda: _torch_model("two_tower"),
     "gru4rec": lambda: _torch_model("gru4rec"),  # sequential, nearline versions (PyTorch)
+    # session + the sequential model, weight chosen on the validation split
+    "session_seq": lambda: MixtureModel({"session": (SessionModel, 1.0),
+                                         "gru4rec": (lambda: _torch_model("gru4rec"), 0.1)}),
     "user_blend": lambda: MixtureModel(USER_BLEND_PARTS),
     "user_blend_ctx": lambda: ContextualMixture(USER_CONTEXT_PARTS, USER_CONTEXT_WEIGHTS),
     "popularity": PopularityModel,
