@@ -158,6 +158,30 @@ class GRU4RecModel(OnlineModel):
         self._published = _Published(net, items, index)
         self.schedule.published()
 
+    # --- versions as files (the trainer's checkpoints) ---------------------------------------
+    def export_version(self) -> tuple[dict, dict, list[str], np.ndarray] | None:
+        """The published version as (network ``state_dict``, metadata, item ids, item
+        vectors = the shared embeddings); None before the first. Tensors only: loadable with
+        ``weights_only=True``."""
+        published = self._published
+        if published is None:
+            return None
+        items = published.item_ids.tolist()
+        meta = {"model": self.name, "version": self.version, "hidden": self.hidden,
+                "max_length": self.max_length, "items": items}
+        vectors = published.net.items.weight.detach()[1:].numpy().copy()
+        return published.net.state_dict(), meta, items, vectors
+
+    def load_version(self, state: dict, meta: dict) -> None:
+        """Serve the version ``export_version`` wrote (the same answers as where it trained)."""
+        self.hidden, self.max_length = meta["hidden"], meta["max_length"]
+        items = meta["items"]
+        net = _GRU4Rec(len(items), self.hidden, self.dropout_hidden)
+        net.load_state_dict(state)
+        net.eval()
+        self._published = _Published(net, items, {item: n + 1 for n, item in enumerate(items)})
+        self.schedule.version = meta["version"]
+
     # --- serving ----------------------------------------------------------------------------
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
         published = self._published

@@ -121,11 +121,13 @@ class FeedBuilder:
         self.ann = ann
         sources = {name: model for name, model in models.items()
                    if name not in DEDICATED_SOURCES}
-        self.nearline = None
-        if settings.trainer_dir:  # the trainer's CURRENT two-tower version
-            from serving.nearline import NearlineSource
+        self.nearline: list = []
+        if settings.trainer_dir:  # the trainer's CURRENT versions (none yet: no candidates)
+            from serving.nearline import NEARLINE_SOURCES, NearlineSource
 
-            self.nearline = sources["ann_two_tower"] = NearlineSource(settings.trainer_dir)
+            for source, model in NEARLINE_SOURCES.items():
+                sources[source] = NearlineSource(settings.trainer_dir, model)
+                self.nearline.append(sources[source])
         self.recommender = Recommender(
             trending=self.trending, session=models.get("session"), cooc=models.get("cooc"),
             mf=models.get("mf"), ann=ann, content=models.get("content"),
@@ -156,8 +158,8 @@ class FeedBuilder:
     def close(self) -> None:
         if self.vector_tail is not None:
             self.vector_tail.stop()
-        if self.nearline is not None:
-            self.nearline.close()
+        for source in self.nearline:
+            source.close()
         if self.impression_producer is not None:
             self.impression_producer.close(timeout=10)
 

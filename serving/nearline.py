@@ -1,10 +1,14 @@
 """Nearline candidate sources: the trainer's CURRENT version of a PyTorch model, served.
 
-``ann_two_tower``: the user tower runs per request on CPU (over the user's recent items); the
-version's item-tower vectors sit in an HNSW index (:class:`serving.ann.AnnIndex`) built when
-the version loads, so a described item nobody clicked yet is retrievable as soon as a
-version that knows its description is CURRENT. Checks ``CURRENT`` at most every ``check_s``;
-a rollback (``streamrec trainer --rollback``) is picked up the same way.
+* ``ann_two_tower``: the user tower runs per request on CPU (over the user's recent items);
+  the version's item-tower vectors sit in an HNSW index (:class:`serving.ann.AnnIndex`) built
+  when the version loads, so a described item nobody clicked yet is retrievable as soon as a
+  version that knows its description is CURRENT.
+* ``gru4rec``: the GRU runs over the recent items (the session prefix) and scores every item
+  the version knows (a softmax, no index needed).
+
+Each checks ``CURRENT`` at most every ``check_s``; a rollback (``streamrec trainer
+--rollback``) is picked up the same way. No CURRENT yet: no candidates.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from serving.ann import AnnIndex
 from stream.trainer import Checkpoints
 
 log = logging.getLogger("streamrec.nearline")
+#: serving source name → the trainer's model it serves
+NEARLINE_SOURCES = {"ann_two_tower": "two_tower", "gru4rec": "gru4rec"}
 
 
 class NearlineSource:
@@ -48,13 +54,16 @@ class NearlineSource:
                 return
             model = build(self.model_name)
             model.load_version(state, meta)
-            _, _, items, vectors = model.export_version()
-            index = AnnIndex(vectors.shape[1], capacity=max(len(items), 1))
-            index.upsert(items, vectors.astype(np.float32))
+            index = None
+            if hasattr(model, "query_vectors"):  # a two-tower: retrieval through HNSW
+                _, _, items, vectors = model.export_version()
+                index = AnnIndex(vectors.shape[1], capacity=max(len(items), 1))
+                index.upsert(items, vectors.astype(np.float32))
             old, self._model, self._index, self.version = self._index, model, index, current
             if old is not None:
                 old.close()
-            log.info("%s version %d loaded (%d items)", self.model_name, current, len(items))
+            log.info("%s version %d loaded (%d items)", self.model_name, current,
+                     len(meta["items"]))
 
     def recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
         if time.monotonic() - self._checked >= self.check_s:
@@ -62,6 +71,8 @@ class NearlineSource:
         model, index = self._model, self._index
         if model is None:
             return [Recommendations([], np.empty(0)) for _ in queries]
+        if index is None:
+            return model.recommend(list(queries), k)
         out = []
         for query, vector in zip(queries, model.query_vectors(list(queries))):
             if not vector.any():

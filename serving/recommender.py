@@ -40,7 +40,8 @@ from serving.rerank import Candidate, RerankPolicy, blend, rerank
 TrendingSource = Callable[[int], list[tuple[str, float]]]
 #: How a long-term model's candidates are explained (others: "for you").
 SOURCE_REASONS = {"als": "for you", "history": "from your favourites",
-                  "two_tower": "for you", "ann_two_tower": "for you (two-tower)"}
+                  "two_tower": "for you", "ann_two_tower": "for you (two-tower)",
+                  "gru4rec": "next in your session (sequential)"}
 #: items → {item: seconds since first seen, on the stream's clock} (unknown items left out)
 ItemAges = Callable[[list[str]], dict[str, float]]
 

@@ -52,8 +52,9 @@ class RerankPolicy:
         # to session (bench/tune_user.py, MovieLens); content's is NOT tuned for this pipeline
         # (the `blend` replay cannot run MovieLens yet): small, like cooc's
         "als": 1.0, "history": 0.75, "content": 0.1,
-        # the trainer's two-tower version (STREAMREC_TRAINER_DIR): NOT tuned for this pipeline
-        "ann_two_tower": 0.5})
+        # the trainer's versions (STREAMREC_TRAINER_DIR): two-tower NOT tuned for this
+        # pipeline; gru4rec as in session_seq (validation split, bench/tune_session_seq.py)
+        "ann_two_tower": 0.5, "gru4rec": 0.1})
 
 
 def blend(sources: dict[str, list[tuple[str, float, str]]], policy: RerankPolicy,

@@ -65,10 +65,11 @@ def trained(settings, tmp_path):
     trainer.close()
 
 
-def _latest_per_item(s, count: int) -> dict[bytes, vectors.ItemVector]:
-    """Each item's last vector record on the two-tower topic (``count``: records to wait for)."""
+def _latest_per_item(s, count: int, model: str = "two_tower"
+                     ) -> dict[bytes, vectors.ItemVector]:
+    """Each item's last vector record on a model's topic (``count``: records to wait for)."""
     latest = {}  # per item, its last record (one partition per key: in order)
-    for record in read_topic(s.kafka_bootstrap, vector_topic(s, "two_tower"), count):
+    for record in read_topic(s.kafka_bootstrap, vector_topic(s, model), count):
         latest[record.key] = vectors.decode(record.value)
     return latest
 
@@ -150,3 +151,30 @@ def test_trainer_cli_refuses_without_a_checkpoint_folder_or_a_kept_version(setti
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "no kept version 4" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_the_sequential_model_is_trained_and_served_the_same_as_where_it_trained(settings,
+                                                                                tmp_path):
+    from online_models.gru4rec import GRU4RecModel
+
+    s = settings.model_copy(update={"trainer_dir": str(tmp_path / "ckpt")})
+    events = list(UserSimulator(40, 120, seed=9).events(1200, time.time() - 1200, 1.0))
+    _publish(s, events)
+    model = GRU4RecModel(hidden=32, epochs=2, n_sample=64, min_examples=300)
+    trainer = Trainer(s, "gru4rec", model=model)
+    try:
+        _run(trainer, 1)
+    finally:
+        trainer.close()
+    assert Checkpoints(s.trainer_dir, "gru4rec").current() == model.version
+    source = NearlineSource(s.trainer_dir, "gru4rec", check_s=0.0)
+    sessions: dict[str, list[str]] = {}
+    for e in events:
+        sessions.setdefault(e.session_id or e.user_id, []).append(e.item_id)
+    queries = [Query("q", tuple(items[-5:])) for items in list(sessions.values())[:20]]
+    served, trained_here = source.recommend(queries, 10), model.recommend(queries, 10)
+    assert [r.items for r in served] == [r.items for r in trained_here]
+    assert sum(bool(r.items) for r in served) >= 15
+    latest = _latest_per_item(s, trainer.vectors_published, "gru4rec")
+    assert {(v.model, v.version, len(v.vector)) for v in latest.values()} == \
+        {("gru4rec", model.version, 32)}
