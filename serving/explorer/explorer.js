@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { user: null, stored: null, described: new Map(), figuresTimer: null };
+const state = { user: null, stored: null, described: new Map(), userSearches: 0 };
 
 function apiKey() { return sessionStorage.getItem("streamrec-api-key") || ""; }
 
@@ -77,7 +77,9 @@ async function refreshFigures() {
 
 // --- users and trending ----------------------------------------------------------------------
 async function findUsers(prefix) {
+  const asked = ++state.userSearches;  // an older answer arriving late must not win
   const { users } = await api("/v1/users?limit=30&prefix=" + encodeURIComponent(prefix));
+  if (asked !== state.userSearches) return;
   const list = $("users");
   list.replaceChildren(...users.map((user) => el("li", {},
     el("button", { type: "button", textContent: user, onclick: () => selectUser(user) }))));

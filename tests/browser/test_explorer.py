@@ -8,7 +8,7 @@ import time
 import httpx
 import msgspec
 import pytest
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -29,7 +29,8 @@ def _feed(client, keys, user):
 
 def until(driver, timeout_s: float):
     """WebDriverWait whose timeout says what the page showed (status line, console errors)."""
-    wait = WebDriverWait(driver, timeout_s)
+    # lists are re-rendered while polled: a stale element means "look again"
+    wait = WebDriverWait(driver, timeout_s, ignored_exceptions=(StaleElementReferenceException,))
 
     class _Until:
         def until(self, condition):
