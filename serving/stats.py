@@ -8,7 +8,7 @@ import time
 
 from infra.settings import Settings
 from schemas.keys import RedisKeys
-from stream.log_positions import LogEndProbe, read_watermarks
+from stream.log_positions import LogEndProbe, read_watermarks, unapplied_records
 from stream.worker_report import read_reports
 
 COUNTERS = ("events_applied", "dlq_messages", "dlq_events", "skipped_redelivered",
@@ -60,9 +60,7 @@ class LiveStats:
             return {"consumer_lag": None, "lag_by_partition": {},
                     "lag_error": f"Kafka unavailable: {exc!r}"}
         marks = read_watermarks(self.client, self.keys, topic, partitions)
-        lag = {p: max(ends.get(p, 0) - 1 - (mark if mark is not None
-                                            else starts.get(p, 0) - 1), 0)
-               for p, mark in marks.items()}
+        lag = unapplied_records(marks, starts, ends)
         return {"consumer_lag": sum(lag.values()), "lag_by_partition": lag}
 
     def close(self) -> None:

@@ -166,14 +166,22 @@ def reset_partition(client, keys: RedisKeys, topic: str, partition: int, next_of
     pipe.execute()
 
 
+def unapplied_records(watermarks: Mapping[int, int | None], log_starts: Mapping[int, int],
+                      reported_ends: Mapping[int, int]) -> dict[int, int]:
+    """Per partition, the records that certainly exist and Redis has not applied (the
+    consumer lag of the applied state). ``reported_ends`` may trail the log (a broker that
+    answers with its last batch's base offset), never lead it, so a record at
+    ``reported_end - 1`` exists; past the watermark, it is unapplied."""
+    return {p: max(reported_ends.get(p, 0) - 1 - (mark if mark is not None
+                                                  else log_starts.get(p, 0) - 1), 0)
+            for p, mark in sorted(watermarks.items())}
+
+
 def unapplied_partitions(watermarks: Mapping[int, int | None], log_starts: Mapping[int, int],
                          reported_ends: Mapping[int, int]) -> list[int]:
-    """Partitions that certainly hold records Redis has not applied. ``reported_ends`` may
-    trail the log (a broker that answers with its last batch's base offset), never lead it,
-    so a record at ``reported_end - 1`` exists; past the watermark, it is unapplied."""
-    return [p for p, mark in sorted(watermarks.items())
-            if reported_ends.get(p, 0) - 1 > (mark if mark is not None
-                                              else log_starts.get(p, 0) - 1)]
+    """Partitions that certainly hold records Redis has not applied."""
+    return [p for p, lag in unapplied_records(watermarks, log_starts, reported_ends).items()
+            if lag]
 
 
 class StallWatch:
