@@ -47,6 +47,12 @@ UserId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 ItemId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 
 
+def require_ids(ids, what: str) -> None:
+    """422 unless every id of a query list follows the event contract (1..256 characters)."""
+    if any(not item or len(item) > MAX_ID_CHARS for item in ids):
+        raise HTTPException(422, f"{what} must have 1..{MAX_ID_CHARS} characters")
+
+
 def create_app(settings: Settings | None = None) -> "StoredFeedReads":
     """Build the API for these settings (``Settings()`` reads ``STREAMREC_*``): the FastAPI
     app behind :class:`StoredFeedReads`, which answers the hottest read itself."""
@@ -143,8 +149,7 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
         """A fresh list from the serving pipeline (candidates → rank → re-rank → explore),
         never containing ``exclude`` (repeat the parameter) or the user's recent items;
         ``pin=<position>:<item_id>`` (repeatable) fixes an item at a 0-based position."""
-        if any(not item or len(item) > MAX_ID_CHARS for item in exclude):
-            raise HTTPException(422, f"exclude ids must have 1..{MAX_ID_CHARS} characters")
+        require_ids(exclude, "exclude ids")
         pins = []
         for value in pin:
             position, sep, item = value.partition(":")
@@ -249,8 +254,7 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
                                                           max_length=200)]) -> Response:
         """The latest descriptions of up to 200 items (``id`` repeated): null where none
         arrived."""
-        if any(not item or len(item) > MAX_ID_CHARS for item in ids):
-            raise HTTPException(422, f"ids must have 1..{MAX_ID_CHARS} characters")
+        require_ids(ids, "ids")
         raw = redis_client.mget([builder.keys.item_description(item) for item in ids])
         return _json({"items": {item: msgspec.json.decode(value) if value else None
                                 for item, value in zip(ids, raw)}})
