@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from infra.settings import Settings
+from online_models.registry import build
+from online_models.signals import SignalMapper
 from schemas import vectors
 from schemas.events import split_message
 from schemas.items import split_items
@@ -66,14 +68,18 @@ class Checkpoints:
         os.rename(tmp, final)
         self.point(version)
         for old in self.versions()[:-self.keep]:
-            if old != self.current():
+            if old != version:  # CURRENT, just pointed at
                 shutil.rmtree(self._path(old), ignore_errors=True)
         return final
 
-    def point(self, version: int) -> None:
+    def require(self, version: int) -> None:
+        """Raise ValueError naming the kept versions unless ``version`` is one of them."""
         if version not in self.versions():
             raise ValueError(f"no kept version {version} of {self.root.name} (kept: "
                              f"{self.versions() or 'none'})")
+
+    def point(self, version: int) -> None:
+        self.require(version)
         tmp = self.root / (CURRENT + ".tmp")
         tmp.write_text(str(version))
         os.replace(tmp, self.root / CURRENT)
@@ -82,13 +88,15 @@ class Checkpoints:
         path = self.root / CURRENT
         return int(path.read_text()) if path.exists() else None
 
+    def meta(self, version: int) -> dict:
+        return json.loads((self._path(version) / "meta.json").read_text())
+
     def load(self, version: int) -> tuple[dict, dict]:
         """(state_dict, meta) of a kept version; tensors only (``weights_only=True``)."""
         import torch
 
-        path = self._path(version)
-        state = torch.load(path / "weights.pt", weights_only=True)
-        return state, json.loads((path / "meta.json").read_text())
+        state = torch.load(self._path(version) / "weights.pt", weights_only=True)
+        return state, self.meta(version)
 
 
 def vector_topic(settings: Settings, model: str) -> str:
@@ -108,8 +116,6 @@ class Trainer:
     """Consumes, learns, and saves + publishes every new version (see module doc)."""
 
     def __init__(self, settings: Settings, model_name: str = "two_tower", model=None) -> None:
-        from online_models.registry import build
-
         self.settings, self.model_name = settings, model_name
         self.model = model if model is not None else build(model_name)
         if not hasattr(self.model, "export_version"):
@@ -118,8 +124,6 @@ class Trainer:
         self.events = self.invalid = self.vectors_published = 0
         self.published: list[int] = []
         self._kafka = None  # (consumer, producer), made on the first run
-        from online_models.signals import SignalMapper
-
         self._mapper = SignalMapper()
 
     def _consumer(self):
@@ -158,11 +162,12 @@ class Trainer:
                 return
             records, events = [], []
             for tp, batch in consumer.poll(timeout_ms=500, max_records=5000).items():
+                split, into = ((split_items, records) if tp.topic == s.topic_items
+                               else (split_message, events))
                 for record in batch:
-                    split = split_items if tp.topic == s.topic_items else split_message
                     good, bad = split(record.value, s.max_message_bytes)
                     self.invalid += len(bad)  # the worker dead-letters them; skipped here
-                    (records if tp.topic == s.topic_items else events).extend(good)
+                    into.extend(good)
             if records:
                 self.model.learn_items(records)
             events.sort(key=lambda e: e.timestamp)
@@ -200,14 +205,13 @@ def rollback(settings: Settings, model_name: str, version: int) -> int:
     from kafka import KafkaProducer
 
     checkpoints = Checkpoints(settings.trainer_dir, model_name, settings.trainer_keep)
+    checkpoints.require(version)
+    state, meta = checkpoints.load(version)
     previous = checkpoints.current()
-    state, meta = checkpoints.load(version) if version in checkpoints.versions() else ({}, {})
-    checkpoints.point(version)  # raises naming the kept versions
     newer_items = set()
     if previous is not None and previous != version and previous in checkpoints.versions():
-        newer_items = set(checkpoints.load(previous)[1]["items"]) - set(meta["items"])
-    from online_models.registry import build
-
+        newer_items = set(checkpoints.meta(previous)["items"]) - set(meta["items"])
+    checkpoints.point(version)
     model = build(model_name)
     model.load_version(state, meta)
     _, _, items, item_vectors = model.export_version()
