@@ -125,6 +125,12 @@ def _svg(fig, name: str) -> str:
         + "</figure>"
 
 
+def _interval_dot(ax, y: float, value: float, low: float, high: float, colour: str) -> None:
+    """A point with its interval as whiskers, at height ``y``."""
+    ax.errorbar(value, y, xerr=[[value - low], [high - value]], fmt="o", capsize=4,
+                color=colour)
+
+
 def _interval_chart(results: Sequence[ModelResult], unc: Uncertainty, metric: str) -> str:
     rows = sorted(((name, est[metric]) for name, est in unc.intervals.items() if metric in est),
                   key=lambda row: row[1].value)
@@ -133,8 +139,7 @@ def _interval_chart(results: Sequence[ModelResult], unc: Uncertainty, metric: st
     plt, colours = _pyplot(), _colours(results)
     fig, ax = plt.subplots(figsize=(7, 0.38 * len(rows) + 1.0))
     for y, (name, est) in enumerate(rows):
-        ax.errorbar(est.value, y, xerr=[[est.value - est.ci_low], [est.ci_high - est.value]],
-                    fmt="o", color=colours[name], capsize=4)
+        _interval_dot(ax, y, est.value, est.ci_low, est.ci_high, colours[name])
     if unc.baseline in unc.intervals and metric in unc.intervals[unc.baseline]:
         ax.axvline(unc.intervals[unc.baseline][metric].value, color="#888", linestyle="--",
                    linewidth=1, label=f"best reference: {unc.baseline}")
@@ -203,10 +208,16 @@ def _cell(value: float, column: str) -> str:
     return f"{value:,.0f}" if column.endswith("_per_s") else f"{value:.3f}"
 
 
+def _with_interval(value: float, low: float, high: float, fmt: str = ".4f",
+                   note: str = "") -> str:
+    """``value [low, high]note`` as table-cell HTML, the interval (and note) small."""
+    return f"{value:{fmt}} <small>[{low:{fmt}}, {high:{fmt}}]{note}</small>"
+
+
 def _interval_cell(est: Estimate | None, value: float) -> str:
     if est is None:
         return f"<td>{value:.4f}</td>"
-    return (f"<td>{est.value:.4f} <small>[{est.ci_low:.4f}, {est.ci_high:.4f}]</small></td>")
+    return f"<td>{_with_interval(est.value, est.ci_low, est.ci_high)}</td>"
 
 
 def _versus_cell(test: PairedDifference | None) -> str:
@@ -214,8 +225,8 @@ def _versus_cell(test: PairedDifference | None) -> str:
         return "<td>—</td>"
     p = "p < 0.001" if test.p_value <= 0.001 else f"p = {test.p_value:.3f}"
     sign = "better" if test.ci_low > 0 else "worse" if test.ci_high < 0 else "tie"
-    return (f'<td class="{sign}">{test.difference:+.4f} <small>[{test.ci_low:+.4f}, '
-            f"{test.ci_high:+.4f}], {p}</small></td>")
+    cell = _with_interval(test.difference, test.ci_low, test.ci_high, "+.4f", f", {p}")
+    return f'<td class="{sign}">{cell}</td>'
 
 
 def _metrics_table(results: Sequence[ModelResult], unc: Uncertainty, k: int) -> str:
@@ -295,14 +306,16 @@ def _ope_chart(check: dict) -> str:
     ax.axvspan(observed["ci_low"], observed["ci_high"], color="#2ca02c", alpha=0.15,
                label="observed CTR of the target policy (95 % CI)")
     ax.axvline(observed["value"], color="#2ca02c", linewidth=1.2)
-    for y, (key, label) in enumerate(ESTIMATORS):
-        e = check[key]
-        ax.errorbar(e["value"], y, xerr=[[e["value"] - e["ci_low"]], [e["ci_high"] - e["value"]]],
-                    fmt="o", capsize=4, color="#1f77b4")
+    for y, (key, _) in enumerate(ESTIMATORS):
+        _interval_dot(ax, y, *_interval_of(check[key]), "#1f77b4")
     ax.set_yticks(range(len(ESTIMATORS)), [label for _, label in ESTIMATORS])
     ax.set_xlabel("click-through rate")
     ax.legend(loc="upper left", bbox_to_anchor=(0, -0.3), frameon=False)
     return _svg(fig, f"ope-{check['campaign']}")
+
+
+def _interval_of(estimate: dict) -> tuple[float, float, float]:
+    return estimate["value"], estimate["ci_low"], estimate["ci_high"]
 
 
 def ope_report(checks: Sequence[dict], meta: dict) -> str:
@@ -312,16 +325,16 @@ def ope_report(checks: Sequence[dict], meta: dict) -> str:
     for check in checks:
         observed = check["bts_observed_ctr"]
         rows = "".join(
-            f'<tr data-estimator="{key}"><th scope="row">{label}</th><td>{check[key]["value"]:.5f} '
-            f'<small>[{check[key]["ci_low"]:.5f}, {check[key]["ci_high"]:.5f}]</small></td>'
+            f'<tr data-estimator="{key}"><th scope="row">{label}</th>'
+            f'<td>{_with_interval(*_interval_of(check[key]), ".5f")}</td>'
             f'<td>{check[key]["relative_error"]:.1%}</td>'
             f'<td class="{"better" if check[key]["covers_observed"] else "worse"}">'
             f'{"yes" if check[key]["covers_observed"] else "no"}</td></tr>'
             for key, label in ESTIMATORS)
         table = ('<table class="metrics"><tr><th>estimator</th><th>estimated CTR <small>[95 % '
                  "CI]</small></th><th>relative error</th><th>interval covers the observed"
-                 f'</th></tr><tr><th scope="row">observed</th><td>{observed["value"]:.5f} '
-                 f'<small>[{observed["ci_low"]:.5f}, {observed["ci_high"]:.5f}]</small></td>'
+                 f'</th></tr><tr><th scope="row">observed</th>'
+                 f'<td>{_with_interval(*_interval_of(observed), ".5f")}</td>'
                  f"<td>—</td><td>—</td></tr>{rows}</table>")
         text = (f"<p>{check['rounds_random']:,} rounds of the uniform-random log estimate the "
                 f"Bernoulli-TS policy, observed over {check['rounds_bts']:,} rounds of its own "
