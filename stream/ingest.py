@@ -312,16 +312,6 @@ def watch_for_stall(stop: threading.Event) -> None:
             os._exit(EXIT_TO_RESUME)
 
 
-_stall_stop = threading.Event()
-
-
-@app.task
-async def start_stall_watch() -> None:
-    if settings.worker_stall_timeout_s:
-        threading.Thread(target=watch_for_stall, args=(_stall_stop,), name="stall-watch",
-                         daemon=True).start()
-
-
 def report_figures(stop: threading.Event) -> None:
     """The report thread: every ``STREAMREC_WORKER_REPORT_INTERVAL_S`` this worker's live
     figures go to its field of ``sr:{stats}:workers`` (own Redis connection)."""
@@ -337,11 +327,20 @@ def report_figures(stop: threading.Event) -> None:
             log.debug("worker report not written (%r)", exc)
 
 
+#: stops the side threads (stall watch, figures report); daemon threads, so never set live
+_side_threads_stop = threading.Event()
+
+
 @app.task
-async def start_figures_report() -> None:
-    if settings.worker_report_interval_s:
-        threading.Thread(target=report_figures, args=(_stall_stop,), name="figures-report",
-                         daemon=True).start()
+async def start_side_threads() -> None:
+    """The stall watch and the figures report, each on a thread of its own when enabled."""
+    for enabled, target, name in ((settings.worker_stall_timeout_s, watch_for_stall,
+                                   "stall-watch"),
+                                  (settings.worker_report_interval_s, report_figures,
+                                   "figures-report")):
+        if enabled:
+            threading.Thread(target=target, args=(_side_threads_stop,), name=name,
+                             daemon=True).start()
 
 
 def _vector_model():
