@@ -159,3 +159,21 @@ def parallel_chunks(work, chunks: list[tuple[int, int]]) -> list[Recommendations
                                    thread_name_prefix="recommend")
     return [rec for part in _POOL.map(work, chunks) for rec in part]
 
+
+class NearlineModel(OnlineModel):
+    """A model trained in versions on a window of its own (:class:`RetrainSchedule`), by the
+    trainer process live and in event time by the replay; a version exports as tensors plus
+    JSON-able metadata (a checkpoint) and loads back to give the same answers."""
+
+    schedule: RetrainSchedule
+
+    @property
+    def version(self) -> int:
+        return self.schedule.version
+
+    @abstractmethod
+    def export_version(self) -> tuple[dict, dict, list[str], np.ndarray] | None:
+        """(``state_dict``, metadata, item ids, item vectors); None before the first."""
+
+    @abstractmethod
+    def load_version(self, state: dict, meta: dict) -> None: ...

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from online_models.base import (LearnReport, OnlineModel, Query, Recommendations,
+from online_models.base import (LearnReport, NearlineModel, Query, Recommendations,
                                 RetrainSchedule, top_k_dense)
 from online_models.signals import SignalBatch
 
@@ -51,7 +51,7 @@ class _GRU4Rec(nn.Module):
         return states @ self.items(candidates).T + self.bias(candidates).T
 
 
-class GRU4RecModel(OnlineModel):
+class GRU4RecModel(NearlineModel):
     name = "gru4rec"
 
     def __init__(self, hidden: int = 100, dropout_hidden: float = 0.2,
@@ -69,10 +69,6 @@ class GRU4RecModel(OnlineModel):
         self._sessions: OrderedDict[str, list[str]] = OrderedDict()  # oldest session first
         self._events = 0  # events held in _sessions
         self._published: _Published | None = None
-
-    @property
-    def version(self) -> int:
-        return self.schedule.version
 
     # --- input ------------------------------------------------------------------------------
     def _learn(self, batch: SignalBatch) -> LearnReport:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from online_models.base import (LearnReport, OnlineModel, Query, Recommendations,
+from online_models.base import (LearnReport, NearlineModel, Query, Recommendations,
                                 RetrainSchedule, top_k_dense)
 from online_models.content import item_features
 from online_models.signals import SignalBatch
@@ -58,7 +58,7 @@ class _Towers(nn.Module):
         return nn.functional.normalize(pooled + self.user(pooled), dim=-1)
 
 
-class TwoTowerModel(OnlineModel):
+class TwoTowerModel(NearlineModel):
     name = "two_tower"
     local_tables = ("history",)
 
@@ -77,10 +77,6 @@ class TwoTowerModel(OnlineModel):
         self.schedule = RetrainSchedule(retrain_every, min_examples)
         self._features: dict[str, list[str]] = {}  # item → its description's features
         self._published: _Published | None = None
-
-    @property
-    def version(self) -> int:
-        return self.schedule.version
 
     # --- input ------------------------------------------------------------------------------
     def learn_items(self, records) -> int:

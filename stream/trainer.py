@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from infra.settings import Settings
+from online_models.base import NearlineModel
 from online_models.registry import build
 from online_models.signals import SignalMapper
 from schemas import vectors
@@ -118,7 +119,7 @@ class Trainer:
     def __init__(self, settings: Settings, model_name: str = "two_tower", model=None) -> None:
         self.settings, self.model_name = settings, model_name
         self.model = model if model is not None else build(model_name)
-        if not hasattr(self.model, "export_version"):
+        if not isinstance(self.model, NearlineModel):
             raise ValueError(f"{model_name} is not a nearline model (no versions to export)")
         self.checkpoints = Checkpoints(settings.trainer_dir, model_name, settings.trainer_keep)
         self.events = self.invalid = self.vectors_published = 0
