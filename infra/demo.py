@@ -112,8 +112,13 @@ def run_demo(args: argparse.Namespace) -> int:
         builder = FeedBuilder.live(settings, client)
         stack.callback(builder.close)
         stop_builder = threading.Event()
-        feeder = threading.Thread(target=builder.run, args=(stop_builder,), daemon=True)
-        feeder.start()
+
+        def start_feeder() -> threading.Thread:
+            thread = threading.Thread(target=builder.run, args=(stop_builder,), daemon=True)
+            thread.start()
+            return thread
+
+        feeder = start_feeder()
         stack.callback(stop_builder.set)
 
         events, descriptions = _traffic(args)
@@ -131,8 +136,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if not args.duration:
             # feeds keep following the events people send from the explorer
             stop_builder.clear()
-            feeder = threading.Thread(target=builder.run, args=(stop_builder,), daemon=True)
-            feeder.start()
+            start_feeder()
             print("serving until Ctrl-C ...", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 while worker.poll() is None and api.poll() is None:
