@@ -231,12 +231,12 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
     def find_users(prefix: Annotated[str, Query(max_length=MAX_ID_CHARS)] = "",
                    limit: Annotated[int, Query(ge=1, le=100)] = 20) -> Response:
         """Users with recent activity (a history in Redis) whose id starts with ``prefix``,
-        sorted; the scan stops after ``limit`` found or 100,000 keys looked at."""
-        found: set[str] = set()
-        for n, key in enumerate(redis_client.scan_iter(
-                match=builder.keys.user_history_pattern(prefix), count=1000)):
+        sorted; the SCAN (1,000 keys a call) stops once ``limit`` are found."""
+        found: set[str] = set()  # a set: SCAN may return a key twice
+        for key in redis_client.scan_iter(match=builder.keys.user_history_pattern(prefix),
+                                          count=1000):
             found.add(builder.keys.user_of_history_key(key.decode()))
-            if len(found) >= limit or n >= 100_000:
+            if len(found) >= limit:
                 break
         return _json({"prefix": prefix, "users": sorted(found)})
 
