@@ -9,6 +9,7 @@ COPY pyproject.toml README.md ./
 COPY schemas schemas
 COPY stream stream
 COPY online_models online_models
+COPY state state
 COPY serving serving
 COPY infra infra
 COPY replay replay

@@ -27,7 +27,7 @@ from bench.report import add_live_options, cpu_seconds, print_result, yoochoose_
 from infra.embedded import EmbeddedRedis  # noqa: E402
 from infra.redis_client import sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
-from online_models.registry import build_on_redis  # noqa: E402
+from state.redis_store import build_on_redis  # noqa: E402
 from stream.pipeline import ApplyPipeline  # noqa: E402
 from stream.producer import partition_for  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402

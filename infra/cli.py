@@ -183,7 +183,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     if args.store == "redis":
         from infra.redis_client import sync_redis
         from infra.settings import Settings
-        from online_models.store import RedisStore
+        from state.redis_store import RedisStore
 
         settings = Settings()
         settings.require_services()

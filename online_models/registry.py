@@ -103,17 +103,6 @@ def _blended(rerank: bool) -> OnlineModel:
     return BlendedModel(rerank=rerank)
 
 
-def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int = 0,
-                   local_ttl_s: float = 0, shared_ttl_s: float = 0) -> dict[str, OnlineModel]:
-    """The named models, each bound to its own :class:`RedisStore` namespace on ``client``
-    (``cache_local_rows`` and the TTLs: only for the worker, which owns and writes state)."""
-    from online_models.store import RedisStore
-
-    return {name: build(name).bind(RedisStore(client, prefix, name, cache_local_rows,
-                                              local_ttl_s, shared_ttl_s))
-            for name in names}
-
-
 def build(name: str) -> OnlineModel:
     try:
         model = MODELS[name]()

@@ -193,7 +193,7 @@ class RedisKeys:
                     "partition-local state, STREAMREC_ITEM_STATE_TTL_S (90 days) for the rest; "
                     "evictable (volatile-lru) at maxmemory",
                     "stream worker (online models)", "per-table caps (docs/models.md, models table)",
-                    "Online model state (online_models/store.py RedisStore): e.g. "
+                    "Online model state (state/redis_store.py RedisStore): e.g. "
                     "session:sr:{item} = next-item rules, session:sess:{session} = a session's "
                     "items and positions (msgpack), mf:item:{item} = factors."),
         ]

@@ -22,7 +22,8 @@ import numpy as np
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error
 from infra.settings import Settings
-from online_models.registry import build, build_on_redis
+from online_models.registry import build
+from state.redis_store import build_on_redis
 from online_models.trending import decayed
 from schemas import impressions
 from schemas.feeds import Feed

@@ -33,8 +33,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
-from online_models.registry import build_on_redis
-from online_models.store import RedisStore
+from state.redis_store import build_on_redis
+from state.redis_store import RedisStore
 from schemas import dlq, vectors
 from schemas.events import split_message
 from schemas.keys import RedisKeys

@@ -17,7 +17,7 @@ import msgspec
 
 from infra.redis_client import sync_redis
 from online_models.base import OnlineModel
-from online_models.registry import build_on_redis
+from state.redis_store import build_on_redis
 from schemas.items import ItemRecord, latest_per_item, split_items
 from schemas.keys import RedisKeys
 from stream import metrics

@@ -39,7 +39,7 @@ import numpy as np
 from infra.settings import Settings
 from online_models.base import OnlineModel
 from online_models.signals import SignalBatch, SignalMapper
-from online_models.store import WriteBatch, queue_script
+from state.redis_store import WriteBatch, queue_script
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TRENDING_WEIGHTS, batch_deltas
 from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
@@ -162,7 +162,7 @@ class PreparedBatch:
 class LiveState:
     """Applies message batches to Redis (key contract: :mod:`schemas.keys`), exactly once.
 
-    ``models`` are online models bound to :class:`online_models.store.RedisStore`s on the same
+    ``models`` are online models bound to :class:`state.redis_store.RedisStore`s on the same
     server. Not thread-safe: one batch at a time per instance (the worker's single executor).
     """
 

@@ -6,7 +6,8 @@ import pytest
 
 from online_models.registry import build
 from online_models.signals import SignalMapper
-from online_models.store import MemoryStore, RedisStore
+from online_models.store import MemoryStore
+from state.redis_store import RedisStore
 from schemas.keys import RedisKeys
 
 #: Tables compared row by row (batch-invariant models only: MF's result depends on batching).

@@ -212,7 +212,7 @@ def test_recommendations_are_logged_with_propensities_and_respect_exclusions(api
 def test_similar_items_and_unknown_ids(api, settings, redis_client):
     from online_models.registry import build
     from online_models.signals import SignalMapper
-    from online_models.store import RedisStore
+    from state.redis_store import RedisStore
 
     events = list(UserSimulator(20, 40, seed=6).events(800, time.time() - 800))
     cooc = build("cooc").bind(RedisStore(redis_client, settings.key_prefix, "cooc"))

@@ -7,8 +7,9 @@ import time
 
 import redis
 
-from online_models.registry import build, build_on_redis
-from online_models.store import RedisStore
+from online_models.registry import build
+from state.redis_store import build_on_redis
+from state.redis_store import RedisStore
 from stream.pipeline import ApplyPipeline
 from stream.state import LiveState
 from tests.integration.test_exactly_once import messages

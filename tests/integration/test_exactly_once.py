@@ -8,7 +8,8 @@ import pytest
 
 from online_models.registry import build
 from online_models.signals import SignalMapper
-from online_models.store import MemoryStore, RedisStore
+from online_models.store import MemoryStore
+from state.redis_store import RedisStore
 from schemas.keys import RedisKeys
 from stream.simulator import UserSimulator
 from stream.state import LiveState, SourceMessage

@@ -71,7 +71,7 @@ def test_descriptions_reach_redis_the_content_model_and_the_feed(settings, redis
 
 
 def test_long_term_models_the_worker_runs_become_candidate_sources(settings, redis_client):
-    from online_models.registry import build_on_redis
+    from state.redis_store import build_on_redis
     from online_models.signals import SignalMapper
     from schemas.events import Interaction
 

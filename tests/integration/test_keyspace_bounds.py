@@ -8,7 +8,7 @@ import pytest
 from infra.embedded import EmbeddedRedis
 from infra.redis_client import sync_redis
 from infra.settings import Settings
-from online_models.registry import build_on_redis
+from state.redis_store import build_on_redis
 from schemas.events import Interaction
 from schemas.keys import RedisKeys
 from stream.state import LiveState, SourceMessage

@@ -12,7 +12,7 @@ from infra.embedded import EmbeddedRedis
 from infra.redis_acl import ROLES, role_rules
 from infra.redis_client import sync_redis
 from infra.settings import Settings
-from online_models.registry import build_on_redis
+from state.redis_store import build_on_redis
 from schemas.keys import RedisKeys
 from serving.feeds import FeedBuilder
 from stream.simulator import UserSimulator

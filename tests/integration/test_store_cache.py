@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import redis
 
-from online_models.store import RedisStore, WriteBatch
+from state.redis_store import RedisStore, WriteBatch
 
 
 def test_local_rows_are_served_from_the_cache_until_forgotten(redis_client, unique):

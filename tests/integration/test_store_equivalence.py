@@ -6,7 +6,8 @@ import pytest
 from online_models.base import Query
 from online_models.registry import build
 from online_models.signals import SignalMapper
-from online_models.store import MemoryStore, RedisStore
+from online_models.store import MemoryStore
+from state.redis_store import RedisStore
 from stream.simulator import UserSimulator
 from tests.state_check import read_rows
 

@@ -10,7 +10,7 @@ import pytest
 
 from infra.embedded import free_port
 from online_models.registry import build
-from online_models.store import RedisStore
+from state.redis_store import RedisStore
 from schemas import vectors
 from serving.feeds import FeedBuilder
 from serving.vector_tail import VectorTail

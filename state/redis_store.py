@@ -1,0 +1,453 @@
+"""The Redis state store and the write batches the worker commits in one transaction.
+
+:class:`RedisStore` implements :class:`online_models.store.StateStore` on Redis with the same
+semantics as the memory store (rows as sorted sets, local rows as msgpack strings, vectors as
+float32 strings); :class:`WriteBatch` records writes as Redis protocol for one MULTI/EXEC.
+Models never import this module: the worker and serving bind them to it
+(:func:`build_on_redis`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from itertools import chain
+from typing import Mapping
+
+import msgspec
+import numpy as np
+import redis
+from hiredis import pack_command
+
+from online_models.base import OnlineModel
+from online_models.registry import build
+from online_models.store import Rows, StateStore, slack
+from schemas.keys import encode_id
+
+
+#: One call per table and batch. KEYS: the rows. ARGV: keep (-1: no trim), slack, one
+#: msgpack blob: per key, a {member: value} map (one argument instead of thousands: packing
+#: arguments was a third of the worker's CPU), and the TTL in ms (0: none). Members are
+#: independent, so map order does not matter. OP: ZINCRBY|ZADD.
+_WRITE_ROWS_LUA = """
+local keep, slack, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
+local rows = cmsgpack.unpack(ARGV[3])
+for k = 1, #KEYS do
+  local key = KEYS[k]
+  for member, value in pairs(rows[k]) do
+    redis.call('OP', key, value, member)
+  end
+  if keep >= 0 then
+    local size = redis.call('ZCARD', key)
+    if size > keep + slack then
+      redis.call('ZREMRANGEBYRANK', key, 0, size - keep - 1)
+    end
+  end
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+return 0
+"""
+
+#: KEYS: string keys. ARGV: TTL in ms, then one value per key. SET with PX (MSET has none).
+_SET_EXPIRING_LUA = """
+local ttl = ARGV[1]
+for k = 1, #KEYS do
+  redis.call('SET', KEYS[k], ARGV[k + 1], 'PX', ttl)
+end
+return 0
+"""
+
+_CLAIM_LUA = """
+redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
+if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return redis.call('ZSCORE', KEYS[1], ARGV[1])
+"""
+
+#: KEYS: vector keys. ARGV: dimension, the keys' float32 deltas back to back, the float32
+#: bases to start from where a key is missing, and the TTL in ms (0: none). Adds in doubles,
+#: rounds once to float32.
+_ADD_VECTORS_LUA = """
+local dim, ttl = tonumber(ARGV[1]), tonumber(ARGV[4])
+local fmt, width = '<' .. string.rep('f', dim), 4 * dim
+for k = 1, #KEYS do
+  local at = (k - 1) * width + 1
+  local delta = {struct.unpack(fmt, string.sub(ARGV[2], at, at + width - 1))}
+  local start = redis.call('GET', KEYS[k]) or string.sub(ARGV[3], at, at + width - 1)
+  local sum = {struct.unpack(fmt, start)}
+  for i = 1, dim do sum[i] = sum[i] + delta[i] end
+  redis.call('SET', KEYS[k], struct.pack(fmt, unpack(sum, 1, dim)))
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[k], ttl) end
+end
+return 0
+"""
+
+#: KEYS: the rows. Returns each row as a flat member, score array (scores as strings: exact).
+_READ_ROWS_LUA = """
+local out = {}
+for k = 1, #KEYS do
+  out[k] = redis.call('ZRANGE', KEYS[k], 0, -1, 'WITHSCORES')
+end
+return out
+"""
+
+
+def _rows_blob(rows: Rows) -> bytes:
+    """The scripts' msgpack layout: the rows' {member: value} maps, in key order."""
+    return _msgpack(list(rows.values()))
+
+
+def _plain_number(value):
+    """msgpack fallback for numpy scalars (scores may come straight from numpy maths)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store a {type(value).__name__} as a score")
+
+
+_msgpack = msgspec.msgpack.Encoder(enc_hook=_plain_number).encode
+_KEY_NAMES_PER_TABLE = 1 << 18  # a table's remembered key names are dropped past this
+_ABSENT = np.empty(0, np.float32)  # a cached vector known not to exist
+_decode_row = msgspec.msgpack.Decoder(dict[str, float]).decode
+
+
+def queue_script(pipe, script, keys: list[str], args: list) -> None:
+    """Queue a registered script on a pipeline, MULTI transaction or :class:`WriteBatch` as
+    EVALSHA; the pipeline loads the script on execute if the server lacks it."""
+    pipe.scripts.add(script)
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+class WriteBatch:
+    """Write commands recorded as Redis protocol arguments — the subset of redis-py's client
+    methods the stores and the live state use — and sent later as one MULTI/EXEC
+    (:meth:`commit`). A batch's state change is computed and packed on one thread and
+    committed on another, which then only sends bytes and waits for Redis."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple] = []
+        self.scripts: set = set()  # registered scripts the EVALSHAs need (queue_script)
+        self._packed: bytes | None = None
+
+    def _add(self, *command) -> None:
+        self.commands.append(command)
+        self._packed = None
+
+    def delete(self, *keys) -> None:
+        self._add("DEL", *keys)
+
+    def evalsha(self, sha: str, numkeys: int, *args) -> None:
+        self._add("EVALSHA", sha, numkeys, *args)
+
+    def expire(self, key, seconds: int) -> None:
+        self._add("EXPIRE", key, seconds)
+
+    def hincrby(self, key, field, amount: int = 1) -> None:
+        self._add("HINCRBY", key, field, amount)
+
+    def mset(self, mapping: Mapping) -> None:
+        self._add("MSET", *chain.from_iterable(mapping.items()))
+
+    def sadd(self, key, *members) -> None:
+        self._add("SADD", key, *members)
+
+    def set(self, key, value) -> None:
+        self._add("SET", key, value)
+
+    def zadd(self, key, mapping: Mapping, nx: bool = False) -> None:
+        pairs = chain.from_iterable((score, member) for member, score in mapping.items())
+        self._add("ZADD", key, *(("NX",) if nx else ()), *pairs)
+
+    def zremrangebyrank(self, key, start: int, end: int) -> None:
+        self._add("ZREMRANGEBYRANK", key, start, end)
+
+    def packed(self) -> bytes:
+        """MULTI, the commands and EXEC in the Redis protocol (floats keep every digit); packed
+        once, so the thread that computed the batch can pack it for the one that commits."""
+        if self._packed is None:
+            self._packed = b"".join(pack_command(command)
+                                    for command in (("MULTI",), *self.commands, ("EXEC",)))
+        return self._packed
+
+    def commit(self, client, watch: list[str], expect: list[bytes | None]) -> bool:
+        """WATCH ``watch``; if their values equal ``expect``, send the batch and EXEC. False —
+        nothing written — if a value differs or a watched key changes before EXEC; raises the
+        first error a command met (as redis-py does)."""
+        pool = client.connection_pool
+        connection = pool.get_connection()
+        try:
+            missing = [script for script, known in zip(
+                self.scripts, self._call(connection, "SCRIPT", "EXISTS",
+                                         *(script.sha for script in self.scripts))
+                if self.scripts else []) if not known]
+            for script in missing:  # Redis restarted or flushed its scripts
+                self._call(connection, "SCRIPT", "LOAD", script.script)
+            self._call(connection, "WATCH", *watch)
+            if self._call(connection, "MGET", *watch) != expect:
+                self._call(connection, "UNWATCH")
+                return False
+            connection.send_packed_command([self.packed()])
+            for _ in range(len(self.commands) + 1):  # +OK, then +QUEUED per command
+                connection.read_response()
+            replies = connection.read_response()
+        except BaseException:
+            connection.disconnect()  # its protocol state is unknown
+            raise
+        finally:
+            pool.release(connection)
+        if replies is None:
+            return False  # a watched key changed
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+        return True
+
+    @staticmethod
+    def _call(connection, *args):
+        connection.send_command(*args)
+        return connection.read_response()
+
+
+class RedisStore(StateStore):
+    """Rows as sorted sets, local rows as msgpack strings, vectors as float32 strings; one
+    script call (or MGET/MSET) per table and batch.
+
+    ``cache_local_rows=N`` keeps up to ``N`` local rows (and local vectors) per table in
+    memory, absent ones included (least recently loaded or written evicted first), so the
+    worker that owns them reads them without a round trip; the owner calls
+    :meth:`forget_cached` when a commit fails or partitions move. Readers that do not own the
+    rows (serving) leave it at 0.
+
+    Every write sets its key's TTL afresh: ``local_ttl_s`` for local rows and vectors (state
+    of a user or session), ``shared_ttl_s`` for the rest (item-side state); 0 keeps keys
+    forever. Keys with a TTL are what Redis's ``volatile-lru`` policy may evict, coldest first,
+    when memory runs short (``infra/redis.conf``).
+
+    Keys: ``<prefix>:m:<namespace>:<table>:{<encoded key>}`` — each row is its own hash tag.
+    A batch call touches many rows in one script, so all of a store's keys must live on one
+    Redis primary (the exactly-once worker needs that anyway: see :mod:`stream.state`).
+    ``row_count`` uses SCAN with a fixed, code-built pattern (never user input).
+    """
+
+    def __init__(self, client, prefix: str = "sr", namespace: str = "default",
+                 cache_local_rows: int = 0, local_ttl_s: float = 0,
+                 shared_ttl_s: float = 0) -> None:
+        self.client = client
+        self.cache_local_rows = cache_local_rows
+        self.local_ttl_ms, self.shared_ttl_ms = int(local_ttl_s * 1000), int(shared_ttl_s * 1000)
+        self._local_cache: dict[str, dict] = {}
+        self._prefetched: dict[str, dict[str, bytes | None]] = {}
+        self._claimed: dict[tuple[str, str, str], float] = {}
+        self._key_names: dict[str, dict[str, str]] = {}
+        self.prefix = prefix
+        self.base = f"{prefix}:m:{encode_id(namespace)}"
+        self._deferred = None
+        self._incr = client.register_script(_WRITE_ROWS_LUA.replace("OP", "ZINCRBY"))
+        self._set = client.register_script(_WRITE_ROWS_LUA.replace("OP", "ZADD"))
+        self._read = client.register_script(_READ_ROWS_LUA)
+        self._claim = client.register_script(_CLAIM_LUA)
+        self._add_vectors = client.register_script(_ADD_VECTORS_LUA)
+        self._set_expiring = client.register_script(_SET_EXPIRING_LUA)
+
+    def key(self, table: str, key: str) -> str:
+        return self.keys(table, [key])[0]
+
+    def keys(self, table: str, keys) -> list[str]:
+        """:meth:`key` of each of ``keys`` (remembered: the worker names the same rows over
+        and over, and a lookup costs 40 % of building one)."""
+        known = self._key_names.get(table)
+        if known is None or len(known) > _KEY_NAMES_PER_TABLE:
+            known = self._key_names[table] = {}
+        head = f"{self.base}:{table}:{{"
+        names = []
+        for k in keys:
+            name = known.get(k)
+            if name is None:
+                name = known[k] = f"{head}{encode_id(k)}}}"
+            names.append(name)
+        return names
+
+    @contextmanager
+    def deferred(self, pipe):
+        """Queue writes on ``pipe`` (a MULTI/EXEC transaction or a :class:`WriteBatch`) instead
+        of executing them; reads still go to the server. Not thread-safe: one at a time."""
+        self._deferred = pipe
+        try:
+            yield self
+        finally:
+            self._deferred = None
+
+    def _run(self, script, keys: list[str], args: list) -> None:
+        if not keys:
+            return
+        if self._deferred is not None:
+            queue_script(self._deferred, script, keys, args)
+        else:
+            script(keys=keys, args=args)
+
+    def get_rows(self, table, keys):
+        if not keys:
+            return []
+        names = self.keys(table, keys)
+        try:  # the read-only variant: readers holding only read access may run it (ACLs)
+            raw = self.client.evalsha_ro(self._read.sha, len(names), *names)
+        except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
+            self.client.script_load(self._read.script)
+            raw = self.client.evalsha_ro(self._read.sha, len(names), *names)
+        return [{flat[i].decode(): float(flat[i + 1]) for i in range(0, len(flat), 2)}
+                for flat in raw]
+
+    def _write(self, script, table, rows, keep_top):
+        head = [-1, 0] if keep_top is None else [keep_top, slack(keep_top)]
+        self._run(script, self.keys(table, rows), [*head, _rows_blob(rows), self.shared_ttl_ms])
+
+    def incr_rows(self, table, deltas, keep_top=None):
+        self._write(self._incr, table, deltas, keep_top)
+
+    def set_rows(self, table, values, keep_top=None):
+        self._write(self._set, table, values, keep_top)
+
+    def get_local_rows(self, table, keys):
+        if not self.cache_local_rows:
+            return self._read_local(table, keys)
+        return self._cached(table, keys, self._read_local)
+
+    def prefetch_local_rows(self, table, keys):
+        if self.cache_local_rows:
+            self._cached(table, keys, self._read_local)
+
+    def _mget(self, table, keys) -> list[bytes | None]:
+        return self.client.mget(self.keys(table, keys)) if keys else []
+
+    def _read_local(self, table, keys):
+        return [_decode_row(value) if value is not None else {}
+                for value in self._mget(table, keys)]
+
+    def _read_vectors(self, table, keys):
+        """Raw vectors, absent ones as an empty array (cached: known to be absent)."""
+        return [np.frombuffer(value, np.float32).copy() if value is not None else _ABSENT
+                for value in self._mget(table, keys)]
+
+    def _cached(self, table, keys, read_missing) -> list:
+        """The cached values of ``keys``, reading (and caching) the missing ones."""
+        cache = self._local_cache.setdefault(table, {})
+        values = [cache.get(k) for k in keys]
+        missing = [n for n, value in enumerate(values) if value is None]
+        if missing:
+            for n, value in zip(missing, read_missing(table, [keys[n] for n in missing])):
+                values[n] = self._remember(cache, keys[n], value)
+        return values
+
+    def _remember(self, cache, key, value):
+        cache.pop(key, None)  # re-insert: eviction takes the least recently stored first
+        cache[key] = value
+        if len(cache) > self.cache_local_rows:
+            del cache[next(iter(cache))]
+        return value
+
+    def set_local_rows(self, table, rows):
+        if not rows:
+            return
+        target = self._deferred or self.client
+        names = list(zip(self.keys(table, rows), rows.values()))
+        present = {name: _msgpack(row) for name, row in names if row}
+        absent = [name for name, row in names if not row]
+        if present:
+            self._set_strings(present, self.local_ttl_ms)
+        if absent:
+            target.delete(*absent)
+        if self.cache_local_rows:
+            cache = self._local_cache.setdefault(table, {})
+            for key, row in rows.items():
+                self._remember(cache, key, row)
+
+    def get_local_vectors(self, table, keys, dim):
+        if not self.cache_local_rows:
+            return self.get_vectors(table, keys, dim)
+        values = self._cached(table, keys, self._read_vectors)
+        found = np.fromiter((value.size > 0 for value in values), bool, len(keys))
+        out = np.zeros((len(keys), dim), dtype=np.float32)
+        if found.any():
+            out[found] = np.stack([value for value in values if value.size])
+        return out, found
+
+    def prefetch_local_vectors(self, table, keys):
+        if self.cache_local_rows:
+            self._cached(table, keys, self._read_vectors)
+
+    def set_local_vectors(self, table, keys, vectors):
+        self._store_vectors(table, keys, vectors, self.local_ttl_ms)
+        if self.cache_local_rows:
+            cache = self._local_cache.setdefault(table, {})
+            for key, vector in zip(keys, np.asarray(vectors, dtype=np.float32)):
+                self._remember(cache, key, vector.copy())  # not a view pinning the batch
+
+    def forget_cached(self):
+        self._local_cache.clear()
+        self._prefetched.clear()
+        self._claimed.clear()
+
+    def claim(self, table, key, member, value):
+        cached = self._claimed.get((table, key, member))
+        if cached is None:
+            cached = float(self._claim(keys=[self.key(table, key)],
+                                       args=[member, repr(float(value)), self.shared_ttl_ms]))
+            self._claimed[(table, key, member)] = cached
+        return cached
+
+    def prefetch_vectors(self, table, keys):
+        self._prefetched[table] = dict(zip(keys, self._mget(table, keys)))
+
+    def get_vectors(self, table, keys, dim):
+        prefetched = self._prefetched.pop(table, None)
+        if prefetched is None:  # serving reads whole catalogues: no dict on the way
+            raw = self._mget(table, keys)
+        else:
+            missing = [k for k in keys if k not in prefetched]
+            prefetched.update(zip(missing, self._mget(table, missing)))
+            raw = [prefetched[k] for k in keys]
+        out = np.zeros((len(keys), dim), dtype=np.float32)
+        found = np.zeros(len(keys), dtype=bool)
+        for i, value in enumerate(raw):
+            if value is not None:
+                out[i], found[i] = np.frombuffer(value, dtype=np.float32), True
+        return out, found
+
+    def set_vectors(self, table, keys, vectors):
+        self._store_vectors(table, keys, vectors, self.shared_ttl_ms)
+
+    def _store_vectors(self, table, keys, vectors, ttl_ms: int) -> None:
+        if not len(keys):
+            return
+        vectors = np.asarray(vectors, dtype=np.float32)
+        self._set_strings(dict(zip(self.keys(table, keys), [v.tobytes() for v in vectors])),
+                          ttl_ms)
+
+    def _set_strings(self, mapping: dict[str, bytes], ttl_ms: int) -> None:
+        """MSET, or SET with PX per key (one script call) when keys expire."""
+        if ttl_ms:
+            self._run(self._set_expiring, list(mapping), [ttl_ms, *mapping.values()])
+        else:
+            (self._deferred or self.client).mset(mapping)
+
+    def add_vectors(self, table, keys, deltas, base):
+        deltas = np.ascontiguousarray(deltas, dtype=np.float32)
+        base = np.ascontiguousarray(base, dtype=np.float32)
+        if not len(keys) or deltas.shape[1] == 0:
+            return
+        self._run(self._add_vectors, self.keys(table, keys),
+                  [deltas.shape[1], deltas.tobytes(), base.tobytes(), self.shared_ttl_ms])
+
+    def sibling(self, namespace):
+        return RedisStore(self.client, self.prefix, namespace, self.cache_local_rows,
+                          self.local_ttl_ms / 1000, self.shared_ttl_ms / 1000)
+
+    def row_count(self, table):
+        pattern = f"{self.base}:{table}:{{*"
+        return sum(1 for _ in self.client.scan_iter(match=pattern, count=1000))
+
+
+def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int = 0,
+                   local_ttl_s: float = 0, shared_ttl_s: float = 0) -> dict[str, OnlineModel]:
+    """The named models, each bound to its own :class:`RedisStore` namespace on ``client``
+    (``cache_local_rows`` and the TTLs: only for the worker, which owns and writes state)."""
+    return {name: build(name).bind(RedisStore(client, prefix, name, cache_local_rows,
+                                              local_ttl_s, shared_ttl_s))
+            for name in names}
