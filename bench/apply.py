@@ -5,9 +5,12 @@ Applies ``--events`` simulated events (20k users / 50k items) in chunks of ``--c
 (pipelined: chunk N commits while N+1 is computed; ``--sequential``: one at a time), and
 prints events/s with redis-server's own CPU seconds and the busiest Redis commands (calls and
 microseconds) — where the end-to-end time goes. Last line: JSON.
-``--reader`` also times a front end's GET meanwhile; ``--data yoochoose`` applies the shared
+``--state write-back`` holds model state in the worker's memory with Redis as its read model
+(:mod:`state.write_back`: one writer, changes coalesced per chunk and written as overwrites in
+the chunk's transaction; ``write-back-strings``: each changed row as one msgpack string) instead of applying every increment in Redis. ``--reader`` also times a front end's GET meanwhile; ``--data yoochoose`` applies the shared
 YooChoose sample's events instead of simulated ones. Usage: ``python bench/apply.py
-[--events 40000] [--chunk 4000] [--models session,cooc,mf] [--reader] [--data yoochoose]``.
+[--events 40000] [--chunk 4000] [--models session,cooc,mf] [--state write-back] [--reader]
+[--data yoochoose]``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from bench.report import add_live_options, cpu_seconds, print_result, yoochoose_
 from infra.embedded import EmbeddedRedis  # noqa: E402
 from infra.redis_client import sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
-from state.redis_store import build_on_redis  # noqa: E402
+from online_models.registry import build  # noqa: E402
+from state.redis_store import RedisStore, build_on_redis  # noqa: E402
+from state.write_back import WriteBackStore  # noqa: E402
 from stream.pipeline import ApplyPipeline  # noqa: E402
 from stream.producer import partition_for  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
@@ -77,6 +82,10 @@ def main() -> None:
     parser.add_argument("--reader", action="store_true",
                         help="time a front end's GET every 2 ms meanwhile (what a feed read "
                              "waits behind the transactions; its CPU counts as the worker's)")
+    parser.add_argument("--state", choices=("redis", "write-back", "write-back-strings"),
+                        default="redis",
+                        help="models apply their increments in Redis (the worker today), or "
+                             "hold state in memory and write changed keys per chunk")
     parser.add_argument("--data", choices=("simulated", "yoochoose"), default="simulated",
                         help="simulated users, or the shared YooChoose sample's clicks and "
                              "buys in time order (its first --events)")
@@ -99,9 +108,15 @@ def main() -> None:
         client = sync_redis(server.url)
         settings = Settings()
         ttls = (0, 0) if args.no_ttl else (settings.user_state_ttl_s, settings.item_state_ttl_s)
-        models = list(build_on_redis([n for n in args.models.split(",") if n], client,
-                                     settings.key_prefix, settings.worker_cached_local_rows,
-                                     *ttls).values())
+        names = [n for n in args.models.split(",") if n]
+        if args.state.startswith("write-back"):
+            models = [build(n).bind(WriteBackStore(
+                RedisStore(client, settings.key_prefix, n, 0, *ttls,
+                           rows_as_strings=args.state == "write-back-strings"), complete=True))
+                for n in names]
+        else:
+            models = list(build_on_redis(names, client, settings.key_prefix,
+                                         settings.worker_cached_local_rows, *ttls).values())
         state = LiveState(settings, client, models)
         reader = FeedReader(server.url) if args.reader else None
         cpu0, started = cpu_seconds(server.proc.pid), time.perf_counter()
@@ -118,7 +133,7 @@ def main() -> None:
         reads = reader.stop() if reader else None
         stats = client.info("commandstats")
         result = {"events": len(events), "data": args.data, "models": args.models,
-                  "chunk_events": args.chunk, "redis_aof": args.redis_aof,
+                  "chunk_events": args.chunk, "state": args.state, "redis_aof": args.redis_aof,
                   "pipelined": not args.sequential,
                   "events_per_s": round(len(events) / wall), "wall_s": round(wall, 2),
                   "redis_cpu_s": round(cpu_seconds(server.proc.pid) - cpu0, 2),

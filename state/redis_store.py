@@ -47,6 +47,26 @@ end
 return 0
 """
 
+#: KEYS: the rows. ARGV: one msgpack blob — per key a {member: score} map where ``false``
+#: means "remove" — and the TTL in ms (0: none). Scores are absolute: the rows' one writer
+#: (:mod:`state.write_back`) sends what it holds.
+_OVERWRITE_ROWS_LUA = """
+local ttl = tonumber(ARGV[2])
+local rows = cmsgpack.unpack(ARGV[1])
+for k = 1, #KEYS do
+  local key = KEYS[k]
+  for member, value in pairs(rows[k]) do
+    if value == false then
+      redis.call('ZREM', key, member)
+    else
+      redis.call('ZADD', key, value, member)
+    end
+  end
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+return 0
+"""
+
 #: KEYS: string keys. ARGV: TTL in ms, then one value per key. SET with PX (MSET has none).
 _SET_EXPIRING_LUA = """
 local ttl = ARGV[1]
@@ -148,8 +168,14 @@ class WriteBatch:
     def sadd(self, key, *members) -> None:
         self._add("SADD", key, *members)
 
-    def set(self, key, value) -> None:
-        self._add("SET", key, value)
+    def set(self, key, value, px: int | None = None) -> None:
+        self._add("SET", key, value, *(("PX", px) if px else ()))
+
+    def pexpire(self, key, milliseconds: int) -> None:
+        self._add("PEXPIRE", key, milliseconds)
+
+    def zrem(self, key, *members) -> None:
+        self._add("ZREM", key, *members)
 
     def zadd(self, key, mapping: Mapping, nx: bool = False) -> None:
         pairs = chain.from_iterable((score, member) for member, score in mapping.items())
@@ -228,8 +254,9 @@ class RedisStore(StateStore):
 
     def __init__(self, client, prefix: str = "sr", namespace: str = "default",
                  cache_local_rows: int = 0, local_ttl_s: float = 0,
-                 shared_ttl_s: float = 0) -> None:
+                 shared_ttl_s: float = 0, rows_as_strings: bool = False) -> None:
         self.client = client
+        self.rows_as_strings = rows_as_strings
         self.cache_local_rows = cache_local_rows
         self.local_ttl_ms, self.shared_ttl_ms = int(local_ttl_s * 1000), int(shared_ttl_s * 1000)
         self._local_cache: dict[str, dict] = {}
@@ -241,6 +268,7 @@ class RedisStore(StateStore):
         self._deferred = None
         self._incr = client.register_script(_WRITE_ROWS_LUA.replace("OP", "ZINCRBY"))
         self._set = client.register_script(_WRITE_ROWS_LUA.replace("OP", "ZADD"))
+        self._overwrite = client.register_script(_OVERWRITE_ROWS_LUA)
         self._read = client.register_script(_READ_ROWS_LUA)
         self._claim = client.register_script(_CLAIM_LUA)
         self._add_vectors = client.register_script(_ADD_VECTORS_LUA)
@@ -285,6 +313,8 @@ class RedisStore(StateStore):
     def get_rows(self, table, keys):
         if not keys:
             return []
+        if self.rows_as_strings:
+            return self._read_local(table, keys)
         names = self.keys(table, keys)
         try:  # the read-only variant: readers holding only read access may run it (ACLs)
             raw = self.client.evalsha_ro(self._read.sha, len(names), *names)
@@ -303,6 +333,17 @@ class RedisStore(StateStore):
 
     def set_rows(self, table, values, keep_top=None):
         self._write(self._set, table, values, keep_top)
+
+    def overwrite_rows(self, table: str, rows: Mapping[str, Mapping[str, float | bool]]
+                       ) -> None:
+        """Set members' scores as given, removing members given as ``False`` (no trim: the
+        caller sends its rows' exact contents; see :mod:`state.write_back`)."""
+        self._run(self._overwrite, self.keys(table, rows), [_rows_blob(rows), self.shared_ttl_ms])
+
+    def replace_rows(self, table: str, rows: Rows) -> None:
+        """Write whole rows as msgpack strings (the layout of ``rows_as_strings``; an empty
+        row deletes its key): for rows with one writer, which holds them whole."""
+        self._write_string_rows(table, rows, self.shared_ttl_ms)
 
     def get_local_rows(self, table, keys):
         if not self.cache_local_rows:
@@ -345,18 +386,20 @@ class RedisStore(StateStore):
     def set_local_rows(self, table, rows):
         if not rows:
             return
-        target = self._deferred or self.client
-        names = list(zip(self.keys(table, rows), rows.values()))
-        present = {name: _msgpack(row) for name, row in names if row}
-        absent = [name for name, row in names if not row]
-        if present:
-            self._set_strings(present, self.local_ttl_ms)
-        if absent:
-            target.delete(*absent)
+        self._write_string_rows(table, rows, self.local_ttl_ms)
         if self.cache_local_rows:
             cache = self._local_cache.setdefault(table, {})
             for key, row in rows.items():
                 self._remember(cache, key, row)
+
+    def _write_string_rows(self, table, rows: Rows, ttl_ms: int) -> None:
+        names = list(zip(self.keys(table, rows), rows.values()))
+        present = {name: _msgpack(row) for name, row in names if row}
+        absent = [name for name, row in names if not row]
+        if present:
+            self._set_strings(present, ttl_ms)
+        if absent:
+            (self._deferred or self.client).delete(*absent)
 
     def get_local_vectors(self, table, keys, dim):
         if not self.cache_local_rows:
@@ -437,7 +480,8 @@ class RedisStore(StateStore):
 
     def sibling(self, namespace):
         return RedisStore(self.client, self.prefix, namespace, self.cache_local_rows,
-                          self.local_ttl_ms / 1000, self.shared_ttl_ms / 1000)
+                          self.local_ttl_ms / 1000, self.shared_ttl_ms / 1000,
+                          self.rows_as_strings)
 
     def row_count(self, table):
         pattern = f"{self.base}:{table}:{{*"

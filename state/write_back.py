@@ -1,0 +1,194 @@
+"""One writer's model state in memory, with Redis as its read model written as overwrites.
+
+:class:`WriteBackStore` learns exactly as :class:`online_models.store.MemoryStore` does (so its
+state equals a replay's) and remembers which rows, members and vectors changed. :meth:`flush`
+queues those changes — coalesced: a member changed by many events is written once — on a
+pipeline or :class:`state.redis_store.WriteBatch`, in :class:`state.redis_store.RedisStore`'s key
+layout and formats, so serving reads the result through a plain ``RedisStore`` and sees the
+same rows the writer holds (absolute scores: ZADD, not ZINCRBY; members the writer trimmed:
+ZREM). Redis work grows with what changed per flush, not with events.
+
+It is correct only where this store is the **only writer** of its keys (the state-redesign
+issue: item-side state owned by the item's partition). Keys the writer has not held yet are
+read from Redis on first use (``complete=True``: Redis holds none of them — a fresh start —
+and nothing is read). With a reader whose ``rows_as_strings`` is set, changed rows are written
+whole as msgpack strings (one SET per row instead of one ZADD per member: the layout only a
+single writer can use, since concurrent writers need Redis to add their increments).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from online_models.store import MemoryStore, slack, trim_row
+from state.redis_store import RedisStore
+
+
+class WriteBackStore(MemoryStore):
+    """Memory state + change tracking for one writer; see the module doc."""
+
+    def __init__(self, reader: RedisStore, complete: bool = False) -> None:
+        super().__init__()
+        self.reader = reader  # key names, formats, TTLs and reads of keys not held yet
+        self.complete = complete
+        self._row_changes: dict[str, dict[str, set[str]]] = {}  # table -> key -> members
+        self._local_changes: dict[str, set[str]] = {}
+        self._vector_changes: dict[str, tuple[set[str], bool]] = {}  # table -> (keys, local)
+        self._absent: dict[str, set[str]] = {}  # vector keys known not to be in Redis
+
+    # --- keys not held yet ----------------------------------------------------------------
+    def _hold_rows(self, table, keys, read) -> dict[str, dict[str, float]]:
+        rows = self.rows.setdefault(table, {})
+        if not self.complete:
+            missing = [k for k in dict.fromkeys(keys) if k not in rows]
+            if missing:
+                rows.update(zip(missing, (dict(row) for row in read(table, missing))))
+        return rows
+
+    def _hold_vectors(self, table, keys, dim, read) -> dict[str, np.ndarray]:
+        stored = self.vectors.setdefault(table, {})
+        if not self.complete:
+            missing = [k for k in dict.fromkeys(keys) if k not in stored and
+                       k not in self._absent.setdefault(table, set())]
+            if missing:
+                found_vectors, found = read(table, missing, dim)
+                for key, vector, ok in zip(missing, found_vectors, found):
+                    if ok:
+                        stored[key] = vector.copy()
+                    else:
+                        self._absent[table].add(key)
+        return stored
+
+    # --- reads ---------------------------------------------------------------------------
+    def get_rows(self, table, keys):
+        rows = self._hold_rows(table, keys, self.reader.get_rows)
+        empty: dict[str, float] = {}
+        return [rows.get(k) or empty for k in keys]
+
+    def get_local_rows(self, table, keys):
+        rows = self._hold_rows(table, keys, self.reader.get_local_rows)
+        empty: dict[str, float] = {}
+        return [rows.get(k) or empty for k in keys]
+
+    def get_vectors(self, table, keys, dim):
+        self._hold_vectors(table, keys, dim, self.reader.get_vectors)
+        return super().get_vectors(table, keys, dim)
+
+    def get_local_vectors(self, table, keys, dim):
+        self._hold_vectors(table, keys, dim, self.reader.get_local_vectors)
+        return super().get_vectors(table, keys, dim)
+
+    # --- writes --------------------------------------------------------------------------
+    def _write_rows(self, table, updates, keep_top, add: bool) -> None:
+        rows = self._hold_rows(table, updates, self.reader.get_rows)
+        changes = self._row_changes.setdefault(table, {})
+        limit = None if keep_top is None else keep_top + slack(keep_top)
+        for key, update in updates.items():
+            row = rows.get(key)
+            if row is None:
+                rows[key] = row = {}
+            if add:
+                get = row.get
+                for member, value in update.items():
+                    row[member] = get(member, 0.0) + value
+            else:
+                row.update(update)
+            changed = changes.get(key)
+            if changed is None:
+                changes[key] = changed = set()
+            changed.update(update)
+            if limit is not None and len(row) > limit:
+                before = set(row)
+                trim_row(row, keep_top)
+                changed |= before - row.keys()  # trimmed: removed from the read model too
+
+    def incr_rows(self, table, deltas, keep_top=None):
+        self._write_rows(table, deltas, keep_top, add=True)
+
+    def set_rows(self, table, values, keep_top=None):
+        self._write_rows(table, values, keep_top, add=False)
+
+    def set_local_rows(self, table, rows):
+        super().set_local_rows(table, rows)
+        for key, row in rows.items():
+            if not row:
+                self.rows[table][key] = {}  # held: known absent
+        self._local_changes.setdefault(table, set()).update(rows)
+
+    def claim(self, table, key, member, value):
+        self._hold_rows(table, [key], self.reader.get_rows)
+        row = self.rows[table].setdefault(key, {})
+        if member not in row:
+            row[member] = value
+            self._row_changes.setdefault(table, {}).setdefault(key, set()).add(member)
+        return row[member]
+
+    def _note_vectors(self, table, keys, local: bool) -> None:
+        changed, _ = self._vector_changes.get(table, (set(), local))
+        changed.update(keys)
+        self._vector_changes[table] = (changed, local)
+        self._absent.get(table, set()).difference_update(keys)
+
+    def set_vectors(self, table, keys, vectors):
+        super().set_vectors(table, keys, vectors)
+        self._note_vectors(table, keys, local=False)
+
+    def set_local_vectors(self, table, keys, vectors):
+        super().set_vectors(table, keys, vectors)
+        self._note_vectors(table, keys, local=True)
+
+    def add_vectors(self, table, keys, deltas, base):
+        self._hold_vectors(table, keys, np.shape(deltas)[1], self.reader.get_vectors)
+        super().add_vectors(table, keys, deltas, base)
+        self._note_vectors(table, keys, local=False)
+
+    # --- the read model --------------------------------------------------------------------
+    def pending(self) -> int:
+        """Keys changed since the last flush."""
+        return (sum(len(c) for c in self._row_changes.values())
+                + sum(len(c) for c in self._local_changes.values())
+                + sum(len(c) for c, _ in self._vector_changes.values()))
+
+    def flush(self, pipe) -> int:
+        """Queue every change since the last flush on ``pipe`` as overwrites (see the module
+        doc: one script call or MSET per table) and forget them; returns the number of keys
+        written. If ``pipe`` never reaches Redis, call :meth:`forget_cached`."""
+        written = 0
+        with self.reader.deferred(pipe) as reader:
+            for table, changes in self._row_changes.items():
+                rows = self.rows.get(table, {})
+                if reader.rows_as_strings:  # whole rows, one string each
+                    reader.replace_rows(table, {key: rows.get(key) or {} for key in changes})
+                    written += len(changes)
+                    continue
+                reader.overwrite_rows(table, {
+                    key: {m: row.get(m, False) for m in members}
+                    for key, members, row in ((k, c, rows.get(k, {})) for k, c in changes.items())})
+                written += len(changes)
+            for table, keys in self._local_changes.items():
+                rows = self.rows.get(table, {})
+                reader.set_local_rows(table, {key: rows.get(key) or {} for key in keys})
+                written += len(keys)
+            for table, (keys, local) in self._vector_changes.items():
+                stored, keys = self.vectors.get(table, {}), list(keys)
+                write = reader.set_local_vectors if local else reader.set_vectors
+                write(table, keys, np.stack([stored[key] for key in keys]))
+                written += len(keys)
+        self._row_changes, self._local_changes, self._vector_changes = {}, {}, {}
+        return written
+
+    @contextmanager
+    def deferred(self, pipe):
+        """Learn in memory, then queue the changes on ``pipe`` (as :meth:`RedisStore.deferred`
+        does, so the worker's exactly-once transaction carries them with its watermarks)."""
+        yield self
+        self.flush(pipe)
+
+    def forget_cached(self):
+        """Drop everything held (a commit failed: Redis holds the last committed state);
+        keys are read from Redis again on first use."""
+        self.rows, self.vectors, self._absent = {}, {}, {}
+        self._row_changes, self._local_changes, self._vector_changes = {}, {}, {}
+        self.complete = False
