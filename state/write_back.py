@@ -84,6 +84,11 @@ class WriteBackStore(MemoryStore):
     def _write_rows(self, table, updates, keep_top, add: bool) -> None:
         rows = self._hold_rows(table, updates, self.reader.get_rows)
         changes = self._row_changes.setdefault(table, {})
+        if self.reader.rows_as_strings:  # whole rows are written: which keys is enough
+            write = super().incr_rows if add else super().set_rows
+            write(table, updates, keep_top)
+            changes.update(dict.fromkeys(updates, ()))
+            return
         limit = None if keep_top is None else keep_top + slack(keep_top)
         for key, update in updates.items():
             row = rows.get(key)
