@@ -23,15 +23,15 @@ float range for ~1,000 days of stream time before a rebuild is needed.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import scipy.sparse as sp
 
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, row_chunks,
                                 top_k_dense)
+from online_models.kernels import (code_ids, cooc_pairs, sum_pairs, window_arrays,
+                                   window_rows)
 from online_models.signals import SignalBatch
-from online_models.store import trim_row
+from online_models.store import slack
 
 
 class CooccurrenceModel(OnlineModel):
@@ -87,24 +87,24 @@ class CooccurrenceModel(OnlineModel):
             factors = np.exp2((batch.timestamps - landmark) / self.half_life_s)
         owners = self._owners(batch).tolist()
         distinct = list(dict.fromkeys(owners))
-        windows = {s: dict(row) for s, row in
-                   zip(distinct, self.store.get_local_rows("win", distinct))}
-        counts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        mass: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        for session, item, ts, weight, factor in zip(
-                owners, batch.items.tolist(), batch.timestamps.tolist(),
-                batch.weights.tolist(), factors.tolist()):
-            window = windows[session]  # item -> time it was last seen in this session
-            contribution, row, max_gap = factor * weight, None, self.max_gap_s
-            for other, seen_ts in window.items():  # hot loop (user scope: whole histories)
-                if other != item and ts - seen_ts <= max_gap:
-                    if row is None:
-                        row = counts[item]
-                    row[other] += contribution
-                    counts[other][item] += contribution
-            mass[item]["n"] += contribution
-            window[item] = ts
-            trim_row(window, self.window)  # per event, so batching is invisible
+        stored = self.store.get_local_rows("win", distinct)
+        # the per-event loop runs compiled over integer codes (online_models.kernels)
+        ids, code = code_ids([*batch.items.tolist(), *(i for row in stored for i in row)])
+        owner_code = {owner: n for n, owner in enumerate(distinct)}
+        limit = self.window + slack(self.window)
+        win_items, win_ts, win_len = window_arrays(
+            stored, code, max([limit, *map(len, stored)]) + 1)
+        item_codes = np.fromiter((code[i] for i in batch.items.tolist()), np.int64, len(batch))
+        contributions = factors * batch.weights
+        a, b, amounts = cooc_pairs(
+            np.fromiter((owner_code[o] for o in owners), np.int64, len(owners)), item_codes,
+            batch.timestamps.astype(np.float64), contributions, win_items, win_ts, win_len,
+            self.window, limit, float(self.max_gap_s))
+        windows = dict(zip(distinct, window_rows(ids, win_items, win_ts, win_len)))
+        counts = sum_pairs(ids, a, b, amounts)
+        present = np.unique(item_codes)
+        mass = {ids[i]: {"n": n} for i, n in zip(
+            present.tolist(), np.bincount(item_codes, weights=contributions)[present].tolist())}
         self.store.set_local_rows("win", windows)  # sessions are partition-local
         self.store.incr_rows("cooc", counts, keep_top=self.neighbours)
         self.store.incr_rows("mass", mass)

@@ -27,10 +27,10 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import scipy.sparse as sp
 
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, row_chunks,
                                 top_k_dense)
+from online_models.kernels import mf_epochs
 from online_models.signals import SignalBatch
 from online_models.store import _trim_order
 
@@ -45,21 +45,10 @@ def seeded_vectors(ids: list[str], dim: int, scale: float, salt: str) -> np.ndar
 
 def factorize(values: np.ndarray) -> tuple[list, np.ndarray]:
     """(distinct values in first-seen order, code of each value): np.unique without sorting."""
-    index: dict = {}
-    codes = np.fromiter((index.setdefault(v, len(index)) for v in values.tolist()), np.int64,
-                        len(values))
-    return list(index), codes
-
-
-def scatter_mean(target: np.ndarray, rows: np.ndarray, updates: np.ndarray) -> None:
-    """``target[r] += mean of the updates aimed at r``: a row met many times in one batch takes
-    one averaged step, not the sum (which diverges for heavy users and popular items).
-    A sparse product, faster than ``np.add.at``."""
-    counts = np.bincount(rows, minlength=len(target)).astype(np.float32)
-    weights = (1.0 / counts)[rows]
-    onehot = sp.csr_matrix((weights, (rows, np.arange(len(rows)))),
-                           shape=(len(target), len(rows)))
-    target += onehot @ updates
+    values = values.tolist()
+    distinct = list(dict.fromkeys(values))
+    code = {v: n for n, v in enumerate(distinct)}
+    return distinct, np.fromiter(map(code.__getitem__, values), np.int64, len(values))
 
 
 class OnlineMF(OnlineModel):
@@ -132,12 +121,8 @@ class OnlineMF(OnlineModel):
         item_vecs = self._vectors("item", items)
         item_start = item_vecs.copy()
         lr, reg = self.learning_rate, self.regularisation
-        for _ in range(self.epochs):
-            pu, qi = user_vecs[rows_u], item_vecs[i_idx]
-            err = np.clip((targets - np.einsum("ij,ij->i", pu, qi)) * weights,
-                          -self.max_step_error, self.max_step_error)
-            scatter_mean(user_vecs, rows_u, lr * (err[:, None] * qi - reg * pu))
-            scatter_mean(item_vecs, i_idx, lr * (err[:, None] * pu - reg * qi))
+        mf_epochs(user_vecs, item_vecs, rows_u, i_idx, targets, weights, lr, reg,
+                  self.max_step_error, self.epochs)
         # users are partition-local: overwrite; items are shared by every worker: add the
         # batch's change, so concurrent workers' updates add up instead of overwriting
         self.store.set_local_vectors("user", users, user_vecs)

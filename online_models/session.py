@@ -33,15 +33,15 @@ Example
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import scipy.sparse as sp
 
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations,
                                 parallel_chunks, row_chunks, top_k_dense)
 from online_models.signals import SignalBatch
-from online_models.store import trim_row
+from online_models.kernels import (code_ids, session_steps, sum_pairs, window_arrays,
+                                   window_rows)
+from online_models.store import slack
 
 
 #: Up to this many local items the co-visit matrix is used dense (4 bytes × n², ≤ 144 MB).
@@ -79,35 +79,32 @@ class SessionModel(OnlineModel):
     def _learn(self, batch: SignalBatch) -> LearnReport:
         batch = self._visits(batch)
         sessions = list(dict.fromkeys(batch.sessions.tolist()))
-        rows = {s: dict(row) for s, row in
-                zip(sessions, self.store.get_local_rows("sess", sessions))}
-        new_sessions = sum(1 for s in sessions if not rows[s])
-        item_sessions: dict[str, dict[str, float]] = defaultdict(dict)
-        rules: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        new_in_session: dict[str, float] = defaultdict(float)
-        last_position = {s: max(row.values(), default=0.0) for s, row in rows.items()}
-        steps = self.steps
-        # per session, (item, position) of its last `steps` positions, oldest first: the only
-        # candidates for rules (a row holds each item's latest position)
-        recent = {s: sorted(((i, p) for i, p in row.items() if p > last_position[s] - steps),
-                            key=lambda pair: pair[1]) for s, row in rows.items()}
-        for session, item, ts in zip(batch.sessions.tolist(), batch.items.tolist(),
-                                     batch.timestamps.tolist()):
-            row = rows[session]
-            position = last_position[session] + 1.0
-            last_position[session] = position
-            window = recent[session]
-            for prev, prev_pos in window:
-                if prev != item and row.get(prev) == prev_pos:  # else seen again since
-                    rules[prev][item] += 1.0 / (position - prev_pos)
-            window.append((item, position))
-            if window[0][1] <= position - steps:
-                del window[0]
-            if item not in row:
-                new_in_session[item] += 1.0
-            row[item] = position
-            trim_row(row, self.max_session_items)  # per event, so batching is invisible
-            item_sessions[item][session] = ts
+        stored = self.store.get_local_rows("sess", sessions)
+        new_sessions = sum(1 for row in stored if not row)
+        items = batch.items.tolist()
+        # the per-event loop runs compiled over integer codes (online_models.kernels)
+        ids, code = code_ids([*items, *(i for row in stored for i in row)])
+        limit = self.max_session_items + slack(self.max_session_items)
+        row_items, row_pos, row_len = window_arrays(
+            stored, code, max([limit, *map(len, stored)]) + 1)
+        last_pos = np.array([max(row.values(), default=0.0) for row in stored], np.float64)
+        session_code = {s: n for n, s in enumerate(sessions)}
+        item_codes = np.fromiter((code[i] for i in items), np.int64, len(items))
+        a, b, amounts, is_new = session_steps(
+            np.fromiter((session_code[s] for s in batch.sessions.tolist()), np.int64,
+                        len(items)),
+            item_codes, row_items, row_pos, row_len, last_pos, self.steps,
+            self.max_session_items, limit)
+        rows = dict(zip(sessions, window_rows(ids, row_items, row_pos, row_len)))
+        rules = sum_pairs(ids, a, b, amounts)
+        new_items = np.bincount(item_codes[is_new], minlength=len(ids))
+        new_in_session = {ids[i]: float(new_items[i]) for i in np.flatnonzero(new_items).tolist()}
+        item_sessions: dict[str, dict[str, float]] = {}
+        for session, item, ts in zip(batch.sessions.tolist(), items, batch.timestamps.tolist()):
+            seen = item_sessions.get(item)
+            if seen is None:
+                item_sessions[item] = seen = {}
+            seen[session] = ts
         self.store.set_local_rows("sess", rows)  # sessions are partition-local
         self.store.set_rows("isess", item_sessions, keep_top=self.sessions_per_item)
         self.store.incr_rows("sr", rules, keep_top=self.rules_per_item)

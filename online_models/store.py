@@ -165,14 +165,16 @@ class MemoryStore(StateStore):
 
     def incr_rows(self, table, deltas, keep_top=None):
         rows = self.rows.setdefault(table, {})
+        limit = None if keep_top is None else keep_top + slack(keep_top)
         for key, delta in deltas.items():
             row = rows.get(key)
             if row is None:
-                rows[key] = row = {}
-            get = row.get
-            for member, value in delta.items():
-                row[member] = get(member, 0.0) + value
-            if keep_top is not None:
+                rows[key] = row = {member: 0.0 + value for member, value in delta.items()}
+            else:
+                get = row.get
+                row.update({member: get(member, 0.0) + value
+                            for member, value in delta.items()})
+            if limit is not None and len(row) > limit:
                 trim_row(row, keep_top)
 
     def set_rows(self, table, values, keep_top=None):
@@ -199,25 +201,26 @@ class MemoryStore(StateStore):
         return self.rows.setdefault(table, {}).setdefault(key, {}).setdefault(member, value)
 
     def get_vectors(self, table, keys, dim):
-        stored = self.vectors.get(table, {})
+        held = list(map(self.vectors.get(table, {}).get, keys))
+        found = np.fromiter((vec is not None for vec in held), bool, len(keys))
         out = np.zeros((len(keys), dim), dtype=np.float32)
-        found = np.zeros(len(keys), dtype=bool)
-        for i, key in enumerate(keys):
-            vec = stored.get(key)
-            if vec is not None:
-                out[i], found[i] = vec, True
+        if found.any():
+            out[found] = np.stack([vec for vec in held if vec is not None])
         return out, found
 
     def set_vectors(self, table, keys, vectors):
         stored = self.vectors.setdefault(table, {})
         for key, vec in zip(keys, np.asarray(vectors, dtype=np.float32)):
-            stored[key] = vec.copy()
+            stored[key] = vec.copy()  # not a view: it would keep the whole block alive
 
     def add_vectors(self, table, keys, deltas, base):
+        if not len(keys):
+            return
         stored = self.vectors.setdefault(table, {})
-        deltas = np.asarray(deltas, dtype=np.float32)
-        for key, delta, start in zip(keys, deltas, np.asarray(base, dtype=np.float32)):
-            stored[key] = _add_float32(stored.get(key, start), delta)
+        start = np.asarray(base, dtype=np.float32)
+        current = np.stack([stored.get(key, row) for key, row in zip(keys, start)])
+        summed = _add_float32(current, np.asarray(deltas, dtype=np.float32))
+        stored.update(zip(keys, map(np.copy, summed)))  # copies: a view keeps its block alive
 
     get_local_vectors = get_vectors
     set_local_vectors = set_vectors

@@ -7,7 +7,8 @@ import pytest
 
 from online_models.base import Query, top_k_dense
 from online_models.cooccurrence import CooccurrenceModel
-from online_models.mf import OnlineMF, factorize, scatter_mean, seeded_vectors
+from online_models.kernels import mf_epochs
+from online_models.mf import OnlineMF, factorize, seeded_vectors
 from online_models.popularity import PopularityModel
 from online_models.session import SessionModel
 from online_models.signals import SignalConfig, SignalMapper
@@ -206,12 +207,39 @@ def test_mf_skips_push_scores_down_and_changed_items_are_reported():
     assert score() < high
 
 
-def test_helpers_factorize_scatter_and_seeded_vectors():
+def _mf_epochs_reference(pu_all, qi_all, rows_u, rows_i, targets, weights, lr, reg, cap,
+                         epochs):
+    """The batch SGD step written as array maths (the kernel's definition)."""
+    for _ in range(epochs):
+        pu, qi = pu_all[rows_u], qi_all[rows_i]
+        err = np.clip((targets - (pu * qi).sum(1)) * weights, -cap, cap)[:, None]
+        for vecs, rows, step in ((pu_all, rows_u, err * qi - reg * pu),
+                                 (qi_all, rows_i, err * pu - reg * qi)):
+            counts = np.bincount(rows, minlength=len(vecs))[rows][:, None]
+            delta = np.zeros_like(vecs)
+            np.add.at(delta, rows, lr * step / counts)  # each row: the mean of its steps
+            vecs += delta
+
+
+def test_mf_kernel_takes_each_rows_mean_step():
+    rng = np.random.default_rng(0)
+    users, items = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(7, 8)).astype(
+        np.float32)
+    rows_u, rows_i = rng.integers(5, size=40), rng.integers(7, size=40)
+    targets = (rng.random(40) > 0.5).astype(np.float32)
+    weights = rng.random(40).astype(np.float32) * 3
+    expected_u, expected_i = users.copy(), items.copy()
+    _mf_epochs_reference(expected_u, expected_i, rows_u, rows_i, targets, weights, 0.5, 0.01,
+                         2.0, 3)
+    mf_epochs(users, items, rows_u, rows_i, targets, weights, 0.5, 0.01, 2.0, 3)
+    assert np.allclose(users, expected_u, atol=1e-5) and np.allclose(items, expected_i,
+                                                                      atol=1e-5)
+    assert not np.allclose(users, rng.normal(size=(5, 8)))
+
+
+def test_helpers_factorize_and_seeded_vectors():
     uniques, codes = factorize(np.array(["b", "a", "b"], dtype=object))
     assert uniques == ["b", "a"] and codes.tolist() == [0, 1, 0]
-    target = np.zeros((2, 2), np.float32)
-    scatter_mean(target, np.array([0, 1, 0]), np.array([[1, 1], [5, 5], [3, 3]], np.float32))
-    assert target.tolist() == [[2, 2], [5, 5]]
     v = seeded_vectors(["x", "x", "y"], 64, 0.1, "item")
     assert np.array_equal(v[0], v[1]) and not np.array_equal(v[0], v[2])
     assert abs(v.std() - 0.1) < 0.03

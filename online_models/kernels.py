@@ -1,0 +1,188 @@
+"""Compiled inner loops of the online models (numba), over integer-coded batches.
+
+The models keep their state and semantics; only the per-event loops that Python ran one
+event at a time run here, over arrays (ids coded by :func:`code_ids`). Compiled on first use
+and cached on disk beside this file (``cache=True``; where the folder is read-only numba
+compiles again at each start, a few seconds).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+def code_ids(values: list[str]) -> tuple[list[str], dict[str, int]]:
+    """Distinct ids sorted (code order = Python string order = Redis's member byte order, so
+    ties broken by code are broken as the stores break them) and each id's code."""
+    distinct = sorted(set(values))
+    return distinct, {v: n for n, v in enumerate(distinct)}
+
+
+@njit(cache=True, nogil=True)
+def mf_epochs(user_vecs, item_vecs, rows_u, rows_i, targets, weights, learning_rate,
+              regularisation, max_step_error, epochs):  # pragma: no cover (compiled)
+    """Batch SGD of :class:`online_models.mf.OnlineMF`, in place: per epoch, every sample's
+    clipped weighted error from the vectors as the epoch starts; each row then moves by the
+    mean of its samples' steps (float32 throughout)."""
+    n_users, dim = user_vecs.shape
+    n_items = item_vecs.shape[0]
+    inv_u = np.zeros(n_users, np.float32)
+    inv_i = np.zeros(n_items, np.float32)
+    for n in range(len(rows_u)):
+        inv_u[rows_u[n]] += 1.0
+        inv_i[rows_i[n]] += 1.0
+    for r in range(n_users):
+        if inv_u[r] > 0:
+            inv_u[r] = 1.0 / inv_u[r]
+    for r in range(n_items):
+        if inv_i[r] > 0:
+            inv_i[r] = 1.0 / inv_i[r]
+    lr = np.float32(learning_rate)
+    reg = np.float32(regularisation)
+    cap = np.float32(max_step_error)
+    step_u = np.zeros_like(user_vecs)
+    step_i = np.zeros_like(item_vecs)
+    for _ in range(epochs):
+        step_u[:] = 0.0
+        step_i[:] = 0.0
+        for n in range(len(rows_u)):
+            u, i = rows_u[n], rows_i[n]
+            dot = np.float32(0.0)
+            for k in range(dim):
+                dot += user_vecs[u, k] * item_vecs[i, k]
+            err = (targets[n] - dot) * weights[n]
+            err = min(max(err, -cap), cap)
+            su, si = lr * inv_u[u], lr * inv_i[i]
+            for k in range(dim):
+                p, q = user_vecs[u, k], item_vecs[i, k]
+                step_u[u, k] += su * (err * q - reg * p)
+                step_i[i, k] += si * (err * p - reg * q)
+        user_vecs += step_u
+        item_vecs += step_i
+
+
+@njit(cache=True, nogil=True)
+def _trim_window(items, stamps, length, keep):  # pragma: no cover (compiled)
+    """Drop the oldest entries (ties: lowest item code) until ``keep`` remain; the new length."""
+    while length > keep:
+        low = 0
+        for j in range(1, length):
+            if stamps[j] < stamps[low] or (stamps[j] == stamps[low] and items[j] < items[low]):
+                low = j
+        length -= 1
+        items[low], stamps[low] = items[length], stamps[length]
+    return length
+
+
+@njit(cache=True, nogil=True)
+def cooc_pairs(owner_of, item_of, ts_of, contribution_of, win_items, win_ts, win_len,
+               keep, limit, max_gap):  # pragma: no cover (compiled)
+    """The co-occurrence model's event loop. Each event pairs its item with every other item
+    of its owner's window seen within ``max_gap`` (both directions, in event order), then
+    enters the window, which is cut back to its ``keep`` newest once past ``limit``. Windows
+    (``win_*``, one row per owner) are updated in place; returns the pairs as (a, b, amount)."""
+    width = win_items.shape[1]
+    out_a = np.empty(2 * len(owner_of) * width, np.int64)
+    out_b = np.empty_like(out_a)
+    out_c = np.empty(len(out_a), np.float64)
+    m = 0
+    for e in range(len(owner_of)):
+        o, item, t, c = owner_of[e], item_of[e], ts_of[e], contribution_of[e]
+        length, found = win_len[o], -1
+        for j in range(length):
+            other = win_items[o, j]
+            if other == item:
+                found = j
+            elif t - win_ts[o, j] <= max_gap:
+                out_a[m], out_b[m], out_c[m] = item, other, c
+                out_a[m + 1], out_b[m + 1], out_c[m + 1] = other, item, c
+                m += 2
+        if found >= 0:
+            win_ts[o, found] = t
+        else:
+            win_items[o, length], win_ts[o, length] = item, t
+            length += 1
+        if length > limit:
+            length = _trim_window(win_items[o], win_ts[o], length, keep)
+        win_len[o] = length
+    return out_a[:m], out_b[:m], out_c[:m]
+
+
+def sum_pairs(ids: list[str], a: np.ndarray, b: np.ndarray, amounts: np.ndarray
+              ) -> dict[str, dict[str, float]]:
+    """``{ids[a]: {ids[b]: Σ amount}}`` over the pairs, each cell summed in pair order (as a
+    loop adding them one by one would: the same float result)."""
+    if not len(a):
+        return {}
+    cells, where = np.unique(a * len(ids) + b, return_inverse=True)
+    sums = np.bincount(where, weights=amounts, minlength=len(cells)).tolist()
+    row_of, col_of = np.divmod(cells, len(ids))  # cells are sorted: each row's are adjacent
+    starts = np.flatnonzero(np.diff(row_of, prepend=-1))
+    names = np.asarray(ids, dtype=object)
+    cols = names[col_of].tolist()
+    bounds = [*starts.tolist(), len(cells)]
+    return {row: dict(zip(cols[lo:hi], sums[lo:hi])) for row, lo, hi in
+            zip(names[row_of[starts]].tolist(), bounds, bounds[1:])}
+
+
+def window_arrays(rows: list[dict[str, float]], code: dict[str, int], width: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Owners' windows ({item: time}) as the kernels' arrays: codes, times, lengths."""
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+    items = np.zeros((len(rows), width), np.int64)
+    stamps = np.zeros((len(rows), width), np.float64)
+    filled = np.arange(width) < lengths[:, None]
+    total = int(lengths.sum())
+    items[filled] = np.fromiter((code[i] for row in rows for i in row), np.int64, total)
+    stamps[filled] = np.fromiter((t for row in rows for t in row.values()), np.float64, total)
+    return items, stamps, lengths
+
+
+def window_rows(ids: list[str], items: np.ndarray, stamps: np.ndarray, lengths: np.ndarray
+                ) -> list[dict[str, float]]:
+    """The kernels' window arrays back as rows ({item: time})."""
+    filled = np.arange(items.shape[1]) < lengths[:, None]
+    names = np.asarray(ids, dtype=object)[items[filled]].tolist()
+    times = stamps[filled].tolist()
+    bounds = [0, *np.cumsum(lengths).tolist()]
+    return [dict(zip(names[lo:hi], times[lo:hi])) for lo, hi in zip(bounds, bounds[1:])]
+
+
+@njit(cache=True, nogil=True)
+def session_steps(session_of, item_of, row_items, row_pos, row_len, last_pos, steps, keep,
+                  limit):  # pragma: no cover (compiled)
+    """The session model's event loop. Each event takes its session's next position; every
+    item whose latest position is within ``steps`` before it gains the rule ``item → this``
+    worth ``1 / gap`` (in event order); the event's item takes the new position, and the row
+    is cut back to its ``keep`` latest items once past ``limit``. Rows (``row_*``, one per
+    session: item codes and positions) and ``last_pos`` are updated in place. Returns the
+    rules as (a, b, amount) and, per event, whether its item was new to the row."""
+    width = row_items.shape[1]
+    out_a = np.empty(len(session_of) * min(steps, width), np.int64)
+    out_b = np.empty_like(out_a)
+    out_c = np.empty(len(out_a), np.float64)
+    is_new = np.zeros(len(session_of), np.bool_)
+    m = 0
+    for e in range(len(session_of)):
+        s, item = session_of[e], item_of[e]
+        position = last_pos[s] + 1.0
+        last_pos[s] = position
+        length, found = row_len[s], -1
+        for j in range(length):
+            other = row_items[s, j]
+            if other == item:
+                found = j
+            elif row_pos[s, j] >= position - steps:
+                out_a[m], out_b[m], out_c[m] = other, item, 1.0 / (position - row_pos[s, j])
+                m += 1
+        if found >= 0:
+            row_pos[s, found] = position
+        else:
+            is_new[e] = True
+            row_items[s, length], row_pos[s, length] = item, position
+            length += 1
+        if length > limit:
+            length = _trim_window(row_items[s], row_pos[s], length, keep)
+        row_len[s] = length
+    return out_a[:m], out_b[:m], out_c[:m], is_new

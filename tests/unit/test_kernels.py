@@ -1,0 +1,127 @@
+"""The compiled learning loops give exactly the state the plain Python loops gave."""
+
+from collections import defaultdict
+
+import msgspec
+import numpy as np
+import pytest
+
+from online_models.cooccurrence import CooccurrenceModel
+from online_models.session import SessionModel
+from online_models.signals import SignalBatch, SignalMapper
+from online_models.store import MemoryStore, trim_row
+from stream.simulator import UserSimulator
+
+
+class PythonLoopCooc(CooccurrenceModel):
+    """The co-occurrence model's learning as one Python loop per event (the reference)."""
+
+    def _learn(self, batch: SignalBatch):
+        batch = self._paired(batch)
+        if len(batch) == 0:
+            return None
+        factors = (np.ones(len(batch)) if self.half_life_s is None else np.exp2(
+            (batch.timestamps - self._landmark(float(batch.timestamps[0]))) / self.half_life_s))
+        owners = self._owners(batch).tolist()
+        distinct = list(dict.fromkeys(owners))
+        windows = {s: dict(row) for s, row in
+                   zip(distinct, self.store.get_local_rows("win", distinct))}
+        counts = defaultdict(lambda: defaultdict(float))
+        mass = defaultdict(lambda: defaultdict(float))
+        for session, item, ts, weight, factor in zip(
+                owners, batch.items.tolist(), batch.timestamps.tolist(),
+                batch.weights.tolist(), factors.tolist()):
+            window, contribution = windows[session], factor * weight
+            for other, seen_ts in window.items():
+                if other != item and ts - seen_ts <= self.max_gap_s:
+                    counts[item][other] += contribution
+                    counts[other][item] += contribution
+            mass[item]["n"] += contribution
+            window[item] = ts
+            trim_row(window, self.window)
+        self.store.set_local_rows("win", windows)
+        self.store.incr_rows("cooc", counts, keep_top=self.neighbours)
+        self.store.incr_rows("mass", mass)
+
+
+class PythonLoopSession(SessionModel):
+    """The session model's learning as one Python loop per event (the reference)."""
+
+    def _learn(self, batch: SignalBatch):
+        batch = self._visits(batch)
+        sessions = list(dict.fromkeys(batch.sessions.tolist()))
+        rows = {s: dict(row) for s, row in
+                zip(sessions, self.store.get_local_rows("sess", sessions))}
+        new_sessions = sum(1 for s in sessions if not rows[s])
+        item_sessions = defaultdict(dict)
+        rules = defaultdict(lambda: defaultdict(float))
+        new_in_session = defaultdict(float)
+        last_position = {s: max(row.values(), default=0.0) for s, row in rows.items()}
+        steps = self.steps
+        recent = {s: sorted(((i, p) for i, p in row.items() if p > last_position[s] - steps),
+                            key=lambda pair: pair[1]) for s, row in rows.items()}
+        for session, item, ts in zip(batch.sessions.tolist(), batch.items.tolist(),
+                                     batch.timestamps.tolist()):
+            row = rows[session]
+            position = last_position[session] + 1.0
+            last_position[session] = position
+            window = recent[session]
+            for prev, prev_pos in window:
+                if prev != item and row.get(prev) == prev_pos:
+                    rules[prev][item] += 1.0 / (position - prev_pos)
+            window.append((item, position))
+            if window[0][1] <= position - steps:
+                del window[0]
+            if item not in row:
+                new_in_session[item] += 1.0
+            row[item] = position
+            trim_row(row, self.max_session_items)
+            item_sessions[item][session] = ts
+        self.store.set_local_rows("sess", rows)
+        self.store.set_rows("isess", item_sessions, keep_top=self.sessions_per_item)
+        self.store.incr_rows("sr", rules, keep_top=self.rules_per_item)
+        self.store.incr_rows("df", {item: {"n": n} for item, n in new_in_session.items()})
+        if new_sessions:
+            self.store.incr_rows("meta", {"sessions": {"n": float(new_sessions)}})
+
+
+def _batches(seed: int, tied_times: bool):
+    events = list(UserSimulator(30, 40, seed=seed, impressions=True).events(3000, 1.7e9, 2.0))
+    if tied_times:  # many equal timestamps: trims break ties by item id
+        events = [msgspec.structs.replace(e, timestamp=float(int(e.timestamp) // 60 * 60))
+                  for e in events]
+    mapper = SignalMapper()
+    return [mapper.map(events[i:i + 250]) for i in range(0, len(events), 250)]
+
+
+@pytest.mark.parametrize("seed,tied,settings", [
+    (1, False, {}), (2, True, {}), (3, True, {"window": 3, "max_gap_s": 120.0}),
+    (4, False, {"scope": "user", "window": 12, "half_life_s": None}),
+])
+def test_compiled_cooc_equals_the_python_loop(seed, tied, settings):
+    compiled = CooccurrenceModel(**settings).bind(MemoryStore())
+    reference = PythonLoopCooc(**settings).bind(MemoryStore())
+    for batch in _batches(seed, tied):
+        compiled.learn(batch)
+        reference.learn(batch)
+    assert compiled.store.rows.keys() == reference.store.rows.keys()
+    for table, rows in reference.store.rows.items():
+        assert compiled.store.rows[table] == rows, table
+    assert len(compiled.store.rows["cooc"]) > 10
+
+
+@pytest.mark.parametrize("seed,tied,settings", [
+    (5, False, {}), (6, True, {"max_session_items": 6, "steps": 3}),
+    (7, False, {"max_session_items": 3, "steps": 5, "sessions_per_item": 4,
+                "rules_per_item": 5}),
+])
+def test_compiled_session_model_equals_the_python_loop(seed, tied, settings):
+    compiled = SessionModel(**settings).bind(MemoryStore())
+    reference = PythonLoopSession(**settings).bind(MemoryStore())
+    for batch in _batches(seed, tied):
+        compiled.learn(batch)
+        reference.learn(batch)
+    assert compiled.store.rows.keys() == reference.store.rows.keys()
+    for table, rows in reference.store.rows.items():
+        assert compiled.store.rows[table] == rows, table
+    assert len(compiled.store.rows["sr"]) > 10
