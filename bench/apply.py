@@ -30,6 +30,7 @@ from bench.report import add_live_options, cpu_seconds, print_result, yoochoose_
 from infra.embedded import EmbeddedRedis  # noqa: E402
 from infra.redis_client import sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
+from online_models import kernels  # noqa: E402
 from online_models.registry import build  # noqa: E402
 from state.redis_store import RedisStore, build_on_redis  # noqa: E402
 from state.write_back import WriteBackStore  # noqa: E402
@@ -118,6 +119,7 @@ def main() -> None:
             models = list(build_on_redis(names, client, settings.key_prefix,
                                          settings.worker_cached_local_rows, *ttls).values())
         state = LiveState(settings, client, models)
+        kernels.warm_up()  # as the worker does at start
         reader = FeedReader(server.url) if args.reader else None
         cpu0, started = cpu_seconds(server.proc.pid), time.perf_counter()
         process0 = time.process_time()

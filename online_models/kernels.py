@@ -186,3 +186,15 @@ def session_steps(session_of, item_of, row_items, row_pos, row_len, last_pos, st
             length = _trim_window(row_items[s], row_pos[s], length, keep)
         row_len[s] = length
     return out_a[:m], out_b[:m], out_c[:m], is_new
+
+
+def warm_up() -> None:
+    """Load (or compile) every kernel now, on tiny inputs, so that the first batch a worker
+    applies does not wait for it."""
+    one, zero = np.zeros(1, np.int64), np.zeros(1, np.float64)
+    mf_epochs(np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32), one, one,
+              np.zeros(1, np.float32), np.zeros(1, np.float32), 0.1, 0.1, 1.0, 1)
+    cooc_pairs(one, one, zero, zero, np.zeros((1, 3), np.int64), np.zeros((1, 3)), one.copy(),
+               1, 1, 1.0)
+    session_steps(one, one, np.zeros((1, 3), np.int64), np.zeros((1, 3)), one.copy(),
+                  zero.copy(), 1, 1, 1)

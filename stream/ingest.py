@@ -33,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
+from online_models import kernels
 from state.redis_store import build_on_redis
 from state.redis_store import RedisStore
 from schemas import dlq, vectors
@@ -433,6 +434,12 @@ async def report_consumer_lag() -> None:
             if high is not None and position is not None:
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
                     max(high - position - 1, 0))
+
+
+@app.task
+async def warm_up_kernels() -> None:
+    """Load the models' compiled loops at start (off the event loop), not in the first batch."""
+    await asyncio.get_running_loop().run_in_executor(None, kernels.warm_up)
 
 
 @app.task
