@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--freshness-s", type=float, default=20.0)
     parser.add_argument("--probes-per-s", type=float, default=10.0)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--state-writer", choices=("shared", "single"), default="shared",
+                        help="STREAMREC_STATE_WRITER of the worker (single: model state in "
+                             "its memory, rows written whole; one worker only)")
     add_live_options(parser)
     parser.add_argument("--vector-freshness", action="store_true",
                         help="also tail the item-vector topic into an ANN index in this process "
@@ -112,6 +115,7 @@ def main() -> None:
                "STREAMREC_TOPIC_DLQ": dlq, "STREAMREC_APP_ID": f"bench-{run_id}",
                "STREAMREC_TOPIC_ITEM_VECTORS": vectors_topic,
                "STREAMREC_LIVE_MODELS": args.models, "STREAMREC_WORKER_DATA_DIR": tmp,
+               "STREAMREC_STATE_WRITER": args.state_writer,
                "STREAMREC_WORKER_WEB_PORT": str(free_port()),
                "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "6",
                "STREAMREC_KAFKA_REBALANCE_TIMEOUT_S": "6"}
@@ -160,7 +164,8 @@ def main() -> None:
             client.close()
     result = {
         "events": len(events), "messages": messages, "partitions": args.partitions,
-        "models": args.models, "redis_aof": args.redis_aof, "events_per_s": round(worker_rate),
+        "models": args.models, "state_writer": args.state_writer, "redis_aof": args.redis_aof,
+        "events_per_s": round(worker_rate),
         "baseline_events_per_s": round(baseline_events / baseline_s),
         "ratio_to_baseline": round(worker_rate / (baseline_events / baseline_s), 3),
         # CPU per applied event while the worker drains the backlog: what 2 cores allow

@@ -127,6 +127,19 @@ class Settings(BaseSettings):
     feed_queue_max: int = Field(1_000_000, ge=1, description="Users waiting for a feed rebuild; "
                                 "beyond it, random ones are dropped (their next event queues "
                                 "them again; the API computes a missing feed on demand).")
+    state_writer: Literal["shared", "single"] = Field(
+        "shared", description="shared: every worker adds its increments to model state in "
+        "Redis (any number of workers). single: ONE worker owns the online models' state, "
+        "holds it in memory and writes changed rows whole (msgpack strings) in each batch's "
+        "transaction; Redis is the read model (~60 % less Redis CPU per event, "
+        "docs/benchmarks.md). A lease in Redis keeps a second worker from writing; serving "
+        "must run with the same value. Switching needs empty model state (docs/reliability.md).")
+    state_writer_lease_s: float = Field(10.0, ge=1, description="single: how long the writer's "
+                                        "lease lasts unrenewed (a restarted worker waits at "
+                                        "most this long for its predecessor's).")
+    state_writer_held_keys: int = Field(
+        1_000_000, ge=1000, description="single: model-state keys the writer keeps in memory "
+        "per table; past it, the oldest (already in Redis) are dropped and read again if met.")
     live_models: str = Field("session,cooc,mf", pattern=r"^[a-z_]*(,[a-z_]+)*$",
                              description="Online models the worker updates (comma-separated, "
                                          "names from online_models/registry.py; empty = none).")

@@ -113,6 +113,16 @@ class RedisKeys:
         return f"{self.prefix}:{{wm}}:{encode_id(topic)}:{int(partition)}"
 
     @property
+    def state_layout(self) -> str:
+        """String "shared" or "single": how the worker writes model state (STREAMREC_STATE_WRITER)."""
+        return f"{self.prefix}:{{wm}}:layout"
+
+    @property
+    def state_writer(self) -> str:
+        """String: the id of the worker holding the single-writer lease."""
+        return f"{self.prefix}:{{wm}}:writer"
+
+    @property
     def held_partitions(self) -> str:
         """Hash ``<topic>:<partition>`` → why the worker holds that partition back."""
         return f"{self.prefix}:{{wm}}:held"
@@ -175,6 +185,15 @@ class RedisKeys:
                     "stream worker", "one per source partition",
                     "Highest offset whose effects are in Redis; written in the same MULTI/EXEC "
                     "as those effects. Offsets at or below it are skipped on redelivery."),
+            KeySpec(f"{p}:{{wm}}:layout", "string: shared or single", "none", "stream worker",
+                    "one key", "How model state is laid out (STREAMREC_STATE_WRITER): shared "
+                    "= rows as sorted sets that every worker adds to; single = rows as msgpack "
+                    "strings written whole by the one worker that holds the lease. Set by the "
+                    "first worker; a worker or reader configured otherwise refuses to start."),
+            KeySpec(f"{p}:{{wm}}:writer", "string (worker id)",
+                    "STREAMREC_STATE_WRITER_LEASE_S, renewed by its holder", "stream worker "
+                    "(single writer)", "one key", "The lease of the worker that owns model "
+                    "state when STREAMREC_STATE_WRITER=single; every commit checks it."),
             KeySpec(f"{p}:{{wm}}:held", "hash <topic>:<partition> → reason", "none",
                     "stream worker", "one field per held partition",
                     "Partitions whose Redis progress does not fit the Kafka log (the log went "
@@ -187,8 +206,9 @@ class RedisKeys:
                     "Event ids already applied, bucketed by floor(event timestamp / "
                     "STREAMREC_DEDUP_TTL_S): a producer duplicate (same id and timestamp, new "
                     "offset) falls in the same bucket and is dropped."),
-            KeySpec(f"{p}:m:<model>:<table>:{{<key>}}", "sorted set (rows), msgpack map "
-                    "(partition-local rows) or string (float32 vector)",
+            KeySpec(f"{p}:m:<model>:<table>:{{<key>}}", "sorted set (rows; a msgpack map "
+                    "when STREAMREC_STATE_WRITER=single), msgpack map (partition-local rows) "
+                    "or string (float32 vector)",
                     "refreshed by each write: STREAMREC_USER_STATE_TTL_S (30 days) for "
                     "partition-local state, STREAMREC_ITEM_STATE_TTL_S (90 days) for the rest; "
                     "evictable (volatile-lru) at maxmemory",

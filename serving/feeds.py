@@ -116,7 +116,8 @@ class FeedBuilder:
         self.client = client
         self.impression_producer = impression_producer
         self.vector_tail = None
-        models = build_on_redis(settings.live_model_names, client, settings.key_prefix)
+        models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
+                                layout=settings.state_writer)
         if ann is None and "mf" in models:
             ann = AnnIndex(models["mf"].factors, max_items=settings.ann_max_items)
         self.ann = ann

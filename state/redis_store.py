@@ -21,7 +21,7 @@ from hiredis import pack_command
 from online_models.base import OnlineModel
 from online_models.registry import build
 from online_models.store import Rows, StateStore, slack
-from schemas.keys import encode_id
+from schemas.keys import RedisKeys, encode_id
 
 
 #: One call per table and batch. KEYS: the rows. ARGV: keep (-1: no trim), slack, one
@@ -488,10 +488,50 @@ class RedisStore(StateStore):
         return sum(1 for _ in self.client.scan_iter(match=pattern, count=1000))
 
 
+class StateLayoutError(RuntimeError):
+    """Redis's model state is laid out for another ``STREAMREC_STATE_WRITER``."""
+
+
+def check_layout(client, prefix: str, layout: str, claim: bool = False) -> None:
+    """Refuse to run against model state laid out otherwise (a reader would meet values of
+    the wrong type; writers would mix layouts). ``claim``: record ``layout`` if none is."""
+    key = RedisKeys(prefix).state_layout
+    if claim:
+        client.set(key, layout, nx=True)
+    stored = client.get(key)
+    if stored is not None and stored.decode() != layout:
+        raise StateLayoutError(
+            f"Redis holds model state written with STREAMREC_STATE_WRITER={stored.decode()}, "
+            f"this process runs with {layout}: run every role with the same value, or empty "
+            f"the model state first (docs/reliability.md)")
+
+
+def writes_alone(model: OnlineModel) -> bool:
+    """Whether the stream worker is the only writer of this model's state (models that learn
+    item descriptions are also written by the items agent): the models that
+    ``STREAMREC_STATE_WRITER=single`` lays out for one writer."""
+    return type(model).learn_items is OnlineModel.learn_items
+
+
 def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int = 0,
-                   local_ttl_s: float = 0, shared_ttl_s: float = 0) -> dict[str, OnlineModel]:
+                   local_ttl_s: float = 0, shared_ttl_s: float = 0, layout: str = "shared",
+                   writer: bool = False, held_keys: int = 1_000_000
+                   ) -> dict[str, OnlineModel]:
     """The named models, each bound to its own :class:`RedisStore` namespace on ``client``
-    (``cache_local_rows`` and the TTLs: only for the worker, which owns and writes state)."""
-    return {name: build(name).bind(RedisStore(client, prefix, name, cache_local_rows,
-                                              local_ttl_s, shared_ttl_s))
-            for name in names}
+    (``cache_local_rows`` and the TTLs: only for the worker, which owns and writes state).
+
+    ``layout="single"`` (STREAMREC_STATE_WRITER): models the worker alone writes keep rows as
+    whole msgpack strings, and for the ``writer`` their state is held in its memory
+    (:class:`state.write_back.WriteBackStore`, at most ``held_keys`` keys per table)."""
+    from state.write_back import WriteBackStore  # it builds on this module
+
+    check_layout(client, prefix, layout, claim=writer)
+    models = {}
+    for name in names:
+        model = build(name)
+        single = layout == "single" and writes_alone(model)
+        store = RedisStore(client, prefix, name, 0 if single else cache_local_rows,
+                           local_ttl_s, shared_ttl_s, rows_as_strings=single)
+        models[name] = model.bind(WriteBackStore(store, held_keys=held_keys)
+                                  if single and writer else store)
+    return models

@@ -29,10 +29,13 @@ from state.redis_store import RedisStore
 class WriteBackStore(MemoryStore):
     """Memory state + change tracking for one writer; see the module doc."""
 
-    def __init__(self, reader: RedisStore, complete: bool = False) -> None:
+    def __init__(self, reader: RedisStore, complete: bool = False,
+                 held_keys: int = 1_000_000) -> None:
         super().__init__()
         self.reader = reader  # key names, formats, TTLs and reads of keys not held yet
         self.complete = complete
+        self.held_keys = held_keys  # per table; past it the oldest clean keys are dropped
+        self._last_flush: dict[str, set[str]] = {}  # keys whose commit may still be in flight
         self._row_changes: dict[str, dict[str, set[str]]] = {}  # table -> key -> members
         self._local_changes: dict[str, set[str]] = {}
         self._vector_changes: dict[str, tuple[set[str], bool]] = {}  # table -> (keys, local)
@@ -181,8 +184,32 @@ class WriteBackStore(MemoryStore):
                 write = reader.set_local_vectors if local else reader.set_vectors
                 write(table, keys, np.stack([stored[key] for key in keys]))
                 written += len(keys)
+        flushed = {table: set(keys) for table, keys in self._row_changes.items()}
+        for table, keys in self._local_changes.items():
+            flushed.setdefault(table, set()).update(keys)
+        for table, (keys, _) in self._vector_changes.items():
+            flushed.setdefault(table, set()).update(keys)
         self._row_changes, self._local_changes, self._vector_changes = {}, {}, {}
+        self._drop_oldest(flushed)
+        self._last_flush = flushed
         return written
+
+    def _drop_oldest(self, flushed: dict[str, set[str]]) -> None:
+        """Past ``held_keys`` in a table, drop its oldest held keys (in Redis already), except
+        those of this flush and the one before (their commits may still be in flight: a read
+        from Redis could miss them)."""
+        for held in (self.rows, self.vectors):
+            for table, keyed in held.items():
+                if len(keyed) <= self.held_keys:
+                    continue
+                keep = flushed.get(table, set()) | self._last_flush.get(table, set())
+                excess = len(keyed) - int(self.held_keys * 0.9)
+                for key in [k for k in keyed if k not in keep][:excess]:
+                    del keyed[key]
+                self.complete = False  # dropped keys are read again when met
+        for table, absent in self._absent.items():
+            if len(absent) > self.held_keys:
+                absent.clear()
 
     @contextmanager
     def deferred(self, pipe):
@@ -194,6 +221,6 @@ class WriteBackStore(MemoryStore):
     def forget_cached(self):
         """Drop everything held (a commit failed: Redis holds the last committed state);
         keys are read from Redis again on first use."""
-        self.rows, self.vectors, self._absent = {}, {}, {}
+        self.rows, self.vectors, self._absent, self._last_flush = {}, {}, {}, {}
         self._row_changes, self._local_changes, self._vector_changes = {}, {}, {}
         self.complete = False

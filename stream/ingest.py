@@ -70,7 +70,8 @@ def live_state() -> LiveState:
         client = sync_redis(settings.redis_url)
         models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
                                 settings.worker_cached_local_rows, settings.user_state_ttl_s,
-                                settings.item_state_ttl_s)
+                                settings.item_state_ttl_s, layout=settings.state_writer,
+                                writer=True, held_keys=settings.state_writer_held_keys)
         _state = LiveState(settings, client, list(models.values()))
     return _state
 
@@ -434,6 +435,14 @@ async def report_consumer_lag() -> None:
             if high is not None and position is not None:
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
                     max(high - position - 1, 0))
+
+
+@app.timer(settings.state_writer_lease_s / 4)
+async def renew_writer_lease() -> None:
+    """Keep the single-writer lease while no batch comes (each commit renews it too)."""
+    lease = live_state().lease
+    if lease is not None and lease.held:
+        await asyncio.get_running_loop().run_in_executor(None, lease.renew)
 
 
 @app.task

@@ -32,6 +32,7 @@ retains them.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,6 +120,51 @@ return 0
 
 _WEIGHT_OF = dict(TRENDING_WEIGHTS)
 
+#: KEYS: the lease. ARGV: holder id, lease in ms. Renews it if this holder has it.
+RENEW_LEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+class WriterLeaseHeld(RuntimeError):
+    """Another worker holds the single-writer lease (STREAMREC_STATE_WRITER=single)."""
+
+
+class WriterLease:
+    """The lease that makes one worker the only writer of model state in the ``single``
+    layout: taken with SET NX PX, renewed by every commit and by :meth:`renew`, and checked
+    (WATCHed) by every commit, so a worker that lost it writes nothing."""
+
+    def __init__(self, client, key: str, lease_s: float) -> None:
+        self.client, self.key = client, key
+        self.lease_ms = int(lease_s * 1000)
+        self.holder = uuid.uuid4().hex
+        self.held = False
+        self._renew = client.register_script(RENEW_LEASE_LUA)
+
+    def acquire(self, wait_s: float) -> None:
+        """Take the lease, waiting up to ``wait_s`` for a holder's to lapse (a crashed worker's
+        lasts until it expires); raises :class:`WriterLeaseHeld` past that."""
+        deadline = time.monotonic() + wait_s
+        while not self.client.set(self.key, self.holder, nx=True, px=self.lease_ms):
+            if self.client.get(self.key) == self.holder.encode():
+                break
+            if time.monotonic() > deadline:
+                raise WriterLeaseHeld(
+                    f"another worker ({self.client.get(self.key)!r}) holds the single-writer "
+                    f"lease {self.key}: with STREAMREC_STATE_WRITER=single run one worker "
+                    f"(use shared for a worker group)")
+            time.sleep(0.2)
+        self.held = True
+
+    def renew(self) -> bool:
+        """Extend the lease if this worker holds it; False (and not held) if it was lost."""
+        self.held = bool(self._renew(keys=[self.key], args=[self.holder, self.lease_ms]))
+        return self.held
+
 
 @dataclass
 class SourceMessage:
@@ -178,6 +224,8 @@ class LiveState:
         self._clicks = client.register_script(CLICKS_LUA)
         self._reserved = frozenset(settings.exploration_positions)
         self._uncommitted: list[PreparedBatch] = []  # prepared, oldest first
+        self.lease = (WriterLease(client, self.keys.state_writer, settings.state_writer_lease_s)
+                      if settings.state_writer == "single" else None)
 
     def _queue(self, pipe, events: list[Interaction]) -> None:
         s, keys = self.settings, self.keys
@@ -263,6 +311,10 @@ class LiveState:
         watermarks and event ids) as if they were.
         """
         keys = self.keys
+        if self.lease is not None and not self.lease.held:
+            self.lease.acquire(wait_s=2 * self.settings.state_writer_lease_s)
+            for model in self.models:  # another writer may have written since we held it
+                model.store.forget_cached()
         earlier_batches = list(self._uncommitted)  # before reading: one may commit meanwhile
         partitions = sorted({(m.topic, m.partition) for m in messages})
         marks = [keys.watermark(t, p) for t, p in partitions]
@@ -330,6 +382,8 @@ class LiveState:
             writes.hincrby(keys.stats, "skipped_redelivered", result.redelivered_messages)
         if result.duplicate_events:
             writes.hincrby(keys.stats, "skipped_duplicates", result.duplicate_events)
+        if self.lease is not None:
+            writes.pexpire(self.lease.key, self.lease.lease_ms)  # renewed (the commit checks it)
         writes.packed()  # here, so the committing thread only sends bytes
         self._uncommitted.append(prepared)
         return prepared
@@ -341,7 +395,12 @@ class LiveState:
             expected = sorted(prepared.expected.items())
             watch = [self.keys.watermark(t, p) for (t, p), _ in expected]
             values = [str(mark).encode() if mark >= 0 else None for _, mark in expected]
+            if self.lease is not None:  # written only while this worker holds the lease
+                watch.append(self.lease.key)
+                values.append(self.lease.holder.encode())
             if not prepared.writes.commit(self.client, watch, values):
+                if self.lease is not None:
+                    self.lease.renew()  # lost? then the next read takes it again, afresh
                 return None
         self._uncommitted.remove(prepared)
         prepared.result.committed_at = time.time()

@@ -30,7 +30,9 @@ def _head(row: dict[str, float]) -> dict[str, float]:
 
 
 def assert_live_equals_replay(client, prefix: str, events, history_len: int,
-                              models=("session", "cooc")) -> None:
+                              models=("session", "cooc"), layout: str = "shared") -> None:
+    """``layout``: STREAMREC_STATE_WRITER of the worker (single: rows as msgpack strings)."""
+    as_strings = layout == "single"
     mapper = SignalMapper()
     replayed = {n: build(n).bind(MemoryStore()) for n in models}
     for start in range(0, len(events), 500):
@@ -38,7 +40,7 @@ def assert_live_equals_replay(client, prefix: str, events, history_len: int,
         for model in replayed.values():
             model.learn(signals)
     for name, model in replayed.items():
-        live = RedisStore(client, prefix, name)
+        live = RedisStore(client, prefix, name, rows_as_strings=as_strings)
         for table in TABLES[name]:
             rows = model.store.rows.get(table, {})
             if name == "cooc" and table == "mass":
@@ -54,7 +56,8 @@ def assert_live_equals_replay(client, prefix: str, events, history_len: int,
         # counts carry a forward-decay factor set by whichever event came first; the
         # normalised neighbours (what serving uses) do not
         items = sorted(replayed["cooc"].store.rows["cooc"])
-        live_cooc = build("cooc").bind(RedisStore(client, prefix, "cooc"))
+        live_cooc = build("cooc").bind(RedisStore(client, prefix, "cooc",
+                                                  rows_as_strings=as_strings))
         raw = replayed["cooc"].store.rows["cooc"]
         for item, got, want in zip(items, live_cooc.similar(items),
                                    replayed["cooc"].similar(items)):

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from schemas.keys import RedisKeys
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
 from tests.conftest import wait_for
@@ -17,10 +18,14 @@ log = logging.getLogger(__name__)
 TOTAL = 6000
 
 
-@pytest.mark.parametrize("kill_after", [300, 3000])
+@pytest.mark.parametrize("kill_after,layout", [(300, "shared"), (3000, "shared"),
+                                               (1500, "single")])
 def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, redis_client, spawn,
-                                                               kill_after):
-    s = settings.model_copy(update={"live_models": "session,cooc", "worker_batch_max": 20})
+                                                               kill_after, layout):
+    # single: the worker holds model state in memory, so the kill loses it all; the restarted
+    # worker waits out the dead one's lease (2 s here) and rebuilds from Redis + Kafka
+    s = settings.model_copy(update={"live_models": "session,cooc", "worker_batch_max": 20,
+                                    "state_writer": layout, "state_writer_lease_s": 2.0})
     events = list(UserSimulator(80, 200, seed=kill_after).events(TOTAL, time.time() - TOTAL))
     with InteractionProducer(s.kafka_bootstrap, s.topic_interactions,
                              max_batch_events=25) as producer:
@@ -40,4 +45,7 @@ def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, redis_c
     time.sleep(2)  # anything still redelivered must be skipped, not applied
     assert count() == TOTAL  # no loss, no double count
 
-    assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len)
+    assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len, layout=layout)
+    assert redis_client.get(RedisKeys(s.key_prefix).state_layout) == layout.encode()
+    row = next(redis_client.scan_iter(match=f"{s.key_prefix}:m:cooc:cooc:*", count=1000))
+    assert redis_client.type(row) == (b"string" if layout == "single" else b"zset")

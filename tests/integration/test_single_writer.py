@@ -1,0 +1,84 @@
+"""STREAMREC_STATE_WRITER=single: one worker holds model state in memory, Redis is its read
+model; a lease keeps any other worker from writing, and layouts are never mixed."""
+
+import threading
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+from online_models.registry import build
+from online_models.signals import SignalMapper
+from online_models.store import MemoryStore
+from state.redis_store import RedisStore, StateLayoutError, build_on_redis
+from state.write_back import WriteBackStore
+from stream.state import LiveState, WriterLeaseHeld
+from tests.integration.test_exactly_once import messages
+from tests.state_check import read_rows
+
+MODELS = ["session", "cooc", "mf"]
+
+
+def single(settings, client, lease_s=1.0):
+    s = settings.model_copy(update={"state_writer": "single", "state_writer_lease_s": lease_s})
+    models = build_on_redis(MODELS, client, s.key_prefix, 0, 60, 60, layout="single",
+                            writer=True)
+    assert all(isinstance(m.store, WriteBackStore) for m in models.values())
+    return LiveState(s, client, list(models.values()))
+
+
+def test_single_writer_state_equals_a_replay_and_serving_reads_it(settings, redis_client):
+    batch = messages()
+    state = single(settings, redis_client)
+    memory = {n: build(n).bind(MemoryStore()) for n in MODELS}
+    mapper = SignalMapper()
+    for start in range(0, len(batch), 4):
+        part = batch[start:start + 4]
+        state.apply_messages(part)
+        for model in memory.values():
+            model.learn(mapper.map([e for m in part for e in m.events]))
+    readers = build_on_redis(MODELS, redis_client, settings.key_prefix, layout="single")
+    for name, model in memory.items():
+        store = readers[name].store
+        assert isinstance(store, RedisStore) and store.rows_as_strings
+        for table, rows in model.store.rows.items():
+            keys = sorted(rows)
+            assert read_rows(store, model, table, keys) == [rows[k] for k in keys], (name, table)
+        for table, vectors in model.store.vectors.items():
+            keys = sorted(vectors)
+            got, found = store.get_vectors(table, keys, model.factors)
+            assert found.all() and np.array_equal(got, np.stack([vectors[k] for k in keys]))
+    assert redis_client.type(f"{settings.key_prefix}:m:cooc:cooc:{{i1}}") in (b"string", b"none")
+    with pytest.raises(StateLayoutError, match="STREAMREC_STATE_WRITER=single"):
+        build_on_redis(MODELS, redis_client, settings.key_prefix)  # a reader set to shared
+
+
+@contextmanager
+def renewing(lease):
+    """Renew ``lease`` every 0.2 s meanwhile, as the worker's timer does."""
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [lease.renew() for _ in iter(
+        lambda: stop.wait(0.2), True)])
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_the_lease_keeps_a_second_writer_out_until_the_first_is_gone(settings, redis_client):
+    batch = messages()
+    first, second = single(settings, redis_client), single(settings, redis_client)
+    first.apply_messages(batch[:3])
+    with renewing(first.lease):
+        with pytest.raises(WriterLeaseHeld, match="run one worker"):
+            second.apply_messages(batch[3:6])  # waits 2 × the lease, the first renews
+    # the first stops renewing (crashed or stalled): its lease lapses, the second takes over
+    second.apply_messages(batch[3:6])
+    with renewing(second.lease):
+        with pytest.raises(WriterLeaseHeld):
+            first.apply_messages(batch[6:9])  # its commit finds the lease gone, can't retake it
+    marks = {m.partition: m.offset for m in batch[:6]}
+    for partition, offset in marks.items():
+        assert int(redis_client.get(second.keys.watermark("interactions", partition))) == offset
