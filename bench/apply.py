@@ -110,10 +110,13 @@ def main() -> None:
         settings = Settings()
         ttls = (0, 0) if args.no_ttl else (settings.user_state_ttl_s, settings.item_state_ttl_s)
         names = [n for n in args.models.split(",") if n]
-        if args.state.startswith("write-back"):
+        if args.state == "write-back-strings":  # what STREAMREC_STATE_WRITER=single runs
+            settings = settings.model_copy(update={"state_writer": "single"})
+            models = list(build_on_redis(names, client, settings.key_prefix, 0, *ttls,
+                                         layout="single", writer=True).values())
+        elif args.state == "write-back":
             models = [build(n).bind(WriteBackStore(
-                RedisStore(client, settings.key_prefix, n, 0, *ttls,
-                           rows_as_strings=args.state == "write-back-strings"), complete=True))
+                RedisStore(client, settings.key_prefix, n, 0, *ttls)))
                 for n in names]
         else:
             models = list(build_on_redis(names, client, settings.key_prefix,
