@@ -5,9 +5,11 @@ Feeds are built for ``--users`` simulated users, then for ``--seconds`` each a l
 (raw HTTP/1.1 keep-alive on uvloop) runs three phases: ``GET /v1/users/<u>/feed`` closed loop
 (``--concurrency`` requests always in flight: the most it serves, latency = concurrency /
 throughput), the same open loop at ``--feed-rate`` requests/s (latency from when each was due),
-and ``GET /v1/users/<u>/recommendations`` closed loop. Baseline in the same run: one client
+and ``GET /v1/users/<u>/recommendations`` closed loop, then open loop at ``--on-demand-rate``.
+Baseline in the same run: one client
 doing the feed read's Redis GET directly, one at a time. Usage:
-``python bench/api.py [--workers 1] [--concurrency 50] [--feed-rate 5000]``. Last line: JSON.
+``python bench/api.py [--workers 1] [--concurrency 50] [--feed-rate 5000]
+[--on-demand-rate 1000]``. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ def main() -> None:
                         help="API process on a core of its own (one worker), the rest elsewhere")
     parser.add_argument("--feed-rate", type=float, default=5000.0,
                         help="requests/s offered in the open-loop stored-feed phase")
+    parser.add_argument("--on-demand-rate", type=float, default=1000.0,
+                        help="requests/s offered in the open-loop on-demand phase")
     args = parser.parse_args()
     from schemas.keys import RedisKeys
     from serving.feeds import FeedBuilder
@@ -185,6 +189,8 @@ def main() -> None:
                 load, url, users, feed, args.seconds, args.concurrency, args.feed_rate)))
             result.update(figures("on_demand", in_process(
                 load, url, users, lists, args.seconds, args.concurrency, 0)))
+            result.update(figures(f"on_demand_at_{args.on_demand_rate:g}", in_process(
+                load, url, users, lists, args.seconds, args.concurrency, args.on_demand_rate)))
         finally:
             terminate(api)
     print_result(result)

@@ -11,8 +11,10 @@ route needs the header ``X-API-Key``; without keys, lists computed on demand are
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import pathlib
+import queue
 import threading
 import time
 from typing import Annotated, Any
@@ -61,7 +63,8 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
     builder = FeedBuilder.live(settings, redis_client)
     keys = settings.api_key_set
 
-    def require_key(x_api_key: Annotated[str | None, Header()] = None) -> None:
+    async def require_key(x_api_key: Annotated[str | None, Header()] = None) -> None:
+        # async: a plain check, not worth a trip to the thread pool
         if keys and x_api_key not in keys:
             raise HTTPException(401, "missing or unknown X-API-Key",
                                 headers={"WWW-Authenticate": "X-API-Key"})
@@ -116,12 +119,15 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
     # without keys anyone may ask: bound the impression records they can make us write
     open_lists = None if keys else TokenBucket(settings.api_open_lists_per_s)
 
-    def on_demand(user_id: str, k: int | None, exclude: frozenset[str] = frozenset(),
-                  pins: tuple[tuple[int, str], ...] = ()):
+    def check_open_lists() -> None:
         if open_lists is not None and not open_lists.take():
             raise HTTPException(429, "too many on-demand lists without an API key (each is "
                                 "logged); set STREAMREC_API_KEYS or retry later",
                                 headers={"Retry-After": "1"})
+
+    def on_demand(user_id: str, k: int | None, exclude: frozenset[str] = frozenset(),
+                  pins: tuple[tuple[int, str], ...] = ()):
+        check_open_lists()
         return on_demand_batches.feed(user_id, k, exclude, pins)
 
     authed = [Depends(require_key)]
@@ -143,9 +149,9 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
 
     @api.get("/v1/users/{user_id:path}/recommendations", summary="Recommend now",
              response_model=None, dependencies=authed)
-    def recommend(user_id: UserId, k: Annotated[int, Query(ge=1, le=1000)] = 20,
-                  exclude: Annotated[list[str], Query(max_length=1000)] = (),
-                  pin: Annotated[list[str], Query(max_length=100)] = ()) -> Response:
+    async def recommend(user_id: UserId, k: Annotated[int, Query(ge=1, le=1000)] = 20,
+                        exclude: Annotated[list[str], Query(max_length=1000)] = (),
+                        pin: Annotated[list[str], Query(max_length=100)] = ()) -> Response:
         """A fresh list from the serving pipeline (candidates → rank → re-rank → explore),
         never containing ``exclude`` (repeat the parameter) or the user's recent items;
         ``pin=<position>:<item_id>`` (repeatable) fixes an item at a 0-based position."""
@@ -156,7 +162,9 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
             if not sep or not position.isdigit() or not 0 < len(item) <= MAX_ID_CHARS:
                 raise HTTPException(422, f"pin must be <position>:<item_id>, not {value!r}")
             pins.append((int(position), item))
-        return _json(on_demand(user_id, k, frozenset(exclude), tuple(pins)))
+        check_open_lists()  # the batch runs on threads: the event loop only awaits it
+        return _json(await on_demand_batches.feed_async(user_id, k, frozenset(exclude),
+                                                        tuple(pins)))
 
     @api.get("/v1/items/{item_id:path}/similar", summary="Similar items", response_model=None,
              dependencies=authed)
@@ -363,73 +371,78 @@ class StoredFeedReads:
             await self.redis.aclose()
 
 
-class _Waiting:
-    """One on-demand request waiting for its batch (or to lead the next one)."""
-
-    def __init__(self, key: tuple, user_id: str) -> None:
-        self.key, self.user_id = key, user_id
-        self.done = threading.Event()
-        self.lead = False
-        self.feed = None
-        self.error: BaseException | None = None
-
-
 class OnDemandBatches:
     """Concurrent on-demand lists share one pipeline pass and one impression-log flush (group
-    commit): the first request to arrive computes every request waiting at that moment (up to
-    ``max_batch``) with ``compute(users, k, exclude, pins)`` per distinct ``(k, exclude,
-    pins)``, logs them all with ``log(feeds)`` (a list is never served unlogged), then hands
-    the lead to the oldest request that arrived meanwhile. The pipeline is batch-first, so a
-    batch of 30 costs little more than one. Thread-safe (FastAPI runs sync routes on threads).
-    """
+    commit). Requests queue; a compute thread takes everything waiting (up to ``max_batch``)
+    and runs ``compute(users, k, exclude, pins)`` once per distinct ``(k, exclude, pins)``;
+    a log thread then logs the batch with ``log(feeds)`` and only then answers its requests
+    (a list is never served unlogged). The two threads overlap: batch N+1 is computed while
+    batch N waits for Kafka's acks. An error reaches every request of its batch. Thread-safe;
+    :meth:`feed` blocks, :meth:`feed_async` awaits (no thread held while waiting)."""
 
     def __init__(self, compute, log, max_batch: int = 64) -> None:
         self.compute, self.log, self.max_batch = compute, log, max_batch
-        self._lock = threading.Lock()
-        self._waiting: list[_Waiting] = []
-        self._leading = False
+        self._waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self._computed: queue.SimpleQueue = queue.SimpleQueue()
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    def submit(self, user_id: str, k: int | None, exclude: frozenset[str] = frozenset(),
+               pins: tuple[tuple[int, str], ...] = ()) -> concurrent.futures.Future:
+        """Queue a request; the future gets its feed (or the batch's error)."""
+        if not self._started:
+            with self._start_lock:
+                if not self._started:
+                    for target, name in ((self._compute_loop, "on-demand-compute"),
+                                         (self._log_loop, "on-demand-log")):
+                        threading.Thread(target=target, name=name, daemon=True).start()
+                    self._started = True
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._waiting.put(((k, exclude, pins), user_id, future))
+        return future
 
     def feed(self, user_id: str, k: int | None, exclude: frozenset[str] = frozenset(),
              pins: tuple[tuple[int, str], ...] = ()):
-        me = _Waiting((k, exclude, pins), user_id)
-        with self._lock:
-            self._waiting.append(me)
-            me.lead, self._leading = not self._leading, True
-        if not me.lead:
-            me.done.wait()
-        if me.lead:  # first to arrive, or handed the lead: compute what waits now
-            self._run_batch()
-        if me.error is not None:
-            raise me.error
-        return me.feed
+        return self.submit(user_id, k, exclude, pins).result()
 
-    def _run_batch(self) -> None:
-        with self._lock:
-            batch = self._waiting[:self.max_batch]
-            del self._waiting[:self.max_batch]
-        try:
-            groups: dict[tuple, list[_Waiting]] = {}
-            for waiting in batch:
-                groups.setdefault(waiting.key, []).append(waiting)
-            feeds = []
-            for (k, exclude, pins), members in groups.items():
-                computed = self.compute([m.user_id for m in members], k, exclude, pins)
-                for member, feed in zip(members, computed):
-                    member.feed = feed
-                feeds += computed
-            self.log(feeds)
-        except BaseException as exc:  # every request of the batch gets the error
-            for waiting in batch:
-                waiting.error = exc
-        with self._lock:
-            successor = self._waiting[0] if self._waiting else None
-            self._leading = successor is not None
-        if successor is not None:
-            successor.lead = True
-            successor.done.set()
-        for waiting in batch:
-            waiting.lead = False
-            waiting.done.set()
+    async def feed_async(self, user_id: str, k: int | None,
+                         exclude: frozenset[str] = frozenset(),
+                         pins: tuple[tuple[int, str], ...] = ()):
+        return await asyncio.wrap_future(self.submit(user_id, k, exclude, pins))
+
+    def _compute_loop(self) -> None:
+        while True:
+            batch = [self._waiting.get()]  # blocks until a request comes
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._waiting.get_nowait())
+                except queue.Empty:
+                    break
+            groups: dict[tuple, list] = {}
+            for request in batch:
+                groups.setdefault(request[0], []).append(request)
+            try:
+                feeds = []
+                for (k, exclude, pins), members in groups.items():
+                    computed = self.compute([m[1] for m in members], k, exclude, pins)
+                    feeds += zip((m[2] for m in members), computed)
+                self._computed.put((feeds, None))
+            except BaseException as exc:  # every request of the batch gets the error
+                self._computed.put(([(m[2], None) for m in batch], exc))
+
+    def _log_loop(self) -> None:
+        while True:
+            answers, error = self._computed.get()
+            if error is None:
+                try:
+                    self.log([feed for _, feed in answers])
+                except BaseException as exc:
+                    error = exc
+            for future, feed in answers:
+                if error is None:
+                    future.set_result(feed)
+                else:
+                    future.set_exception(error)
 
 
 class TokenBucket:

@@ -65,7 +65,8 @@ class EpsilonGreedy(_ReservedSlots):
 
     def _choose(self, position, shown, pool):
         ranked_item = shown[position]
-        options = [i for i in pool if i not in shown or i == ranked_item]
+        listed = set(shown)
+        options = [i for i in pool if i not in listed or i == ranked_item]
         if not options:
             return None
         share = self.epsilon / len(options)
@@ -109,7 +110,8 @@ class ThompsonSampling(_ReservedSlots):
         return np.bincount(samples.argmax(axis=1), minlength=len(a)) / self.draws
 
     def _choose(self, position, shown, pool):
-        options = [i for i in pool if i not in shown]
+        listed = set(shown)
+        options = [i for i in pool if i not in listed]
         if not options:
             return None
         a, b = self._params(options)  # one read of the counts per slot

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
 
 @dataclass
@@ -101,25 +102,9 @@ def rerank(candidates: list[Candidate], k: int, policy: RerankPolicy, *,
     scores /= max(scores.max(initial=0.0), 1e-12)
     is_head = np.array([c.item_id in head_items for c in pool], bool)
     similarity = _cosine_matrix(pool, vectors or {})
-    max_sim = np.zeros(len(pool))
-    available = np.ones(len(pool), bool)
-    chosen: list[Candidate] = []
-    while available.any() and len(chosen) < free:
-        eligible = available.copy()
-        tail_left = (available & ~is_head).any()
-        if tail_left and (head_count >= max_head or min_tail - tail_count >= free - len(chosen)):
-            eligible &= ~is_head  # without tail candidates the head cap is relaxed
-        if not eligible.any():
-            break
-        value = policy.mmr_lambda * scores - (1 - policy.mmr_lambda) * max_sim
-        best = int(np.flatnonzero(eligible)[np.argmax(value[eligible])])
-        available[best] = False
-        chosen.append(pool[best])
-        max_sim = np.maximum(max_sim, similarity[best])
-        if is_head[best]:
-            head_count += 1
-        else:
-            tail_count += 1
+    order = mmr_order(scores, is_head, similarity, policy.mmr_lambda, free, max_head,
+                      min_tail, head_count, tail_count)
+    chosen = [pool[n] for n in order.tolist()]
     out, rest = [], iter(chosen)
     for position in range(k):
         if position in pins:
@@ -130,6 +115,51 @@ def rerank(candidates: list[Candidate], k: int, policy: RerankPolicy, *,
                 continue
             out.append(nxt)
     return out
+
+
+@njit(cache=True, nogil=True)
+def mmr_order(scores, is_head, similarity, mmr_lambda, free, max_head, min_tail, head_count,
+              tail_count):  # pragma: no cover (compiled)
+    """Greedy MMR under the head/tail shares: the pool positions chosen, in order. Each step
+    takes the first best ``λ · score − (1 − λ) · max cos(chosen)`` among the eligible (only tail
+    items once the head cap is reached or the tail minimum needs every remaining slot, unless
+    no tail item is left)."""
+    n = len(scores)
+    max_sim = np.zeros(n)
+    available = np.ones(n, np.bool_)
+    order = np.empty(min(free, n), np.int64)
+    chosen = 0
+    while chosen < free:
+        tail_left = False
+        any_left = False
+        for i in range(n):
+            if available[i]:
+                any_left = True
+                if not is_head[i]:
+                    tail_left = True
+        if not any_left:
+            break
+        tail_only = tail_left and (head_count >= max_head
+                                   or min_tail - tail_count >= free - chosen)
+        best, best_value = -1, 0.0
+        for i in range(n):
+            if available[i] and not (tail_only and is_head[i]):
+                value = mmr_lambda * scores[i] - (1 - mmr_lambda) * max_sim[i]
+                if best < 0 or value > best_value:
+                    best, best_value = i, value
+        if best < 0:
+            break
+        available[best] = False
+        order[chosen] = best
+        chosen += 1
+        for i in range(n):
+            if similarity[best, i] > max_sim[i]:
+                max_sim[i] = similarity[best, i]
+        if is_head[best]:
+            head_count += 1
+        else:
+            tail_count += 1
+    return order[:chosen]
 
 
 def _cosine_matrix(pool: list[Candidate], vectors: dict[str, np.ndarray]) -> np.ndarray:

@@ -166,3 +166,41 @@ def test_an_on_demand_batch_failure_reaches_every_request_and_the_next_batch_run
     for t in threads:
         t.join(10)
     assert out == ["feed-x"] * 10
+
+
+def _mmr_reference(scores, is_head, similarity, lam, free, max_head, min_tail, head_count,
+                   tail_count):
+    """The greedy MMR step as array operations (the compiled loop's definition)."""
+    max_sim, available, chosen = np.zeros(len(scores)), np.ones(len(scores), bool), []
+    while available.any() and len(chosen) < free:
+        eligible = available.copy()
+        if (available & ~is_head).any() and (head_count >= max_head
+                                             or min_tail - tail_count >= free - len(chosen)):
+            eligible &= ~is_head
+        if not eligible.any():
+            break
+        value = lam * scores - (1 - lam) * max_sim
+        best = int(np.flatnonzero(eligible)[np.argmax(value[eligible])])
+        available[best] = False
+        chosen.append(best)
+        max_sim = np.maximum(max_sim, similarity[best])
+        head_count, tail_count = (head_count + 1, tail_count) if is_head[best] else (
+            head_count, tail_count + 1)
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_compiled_mmr_matches_the_array_definition(seed):
+    from serving.rerank import mmr_order
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 60))
+    scores = rng.random(n).round(1)  # ties: the first best wins in both
+    is_head = rng.random(n) < rng.random()
+    vectors = rng.normal(size=(n, 4)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    similarity = vectors @ vectors.T
+    args = (scores, is_head, similarity, float(rng.random()), int(rng.integers(0, 25)),
+            int(rng.integers(0, 15)), int(rng.integers(0, 8)), int(rng.integers(0, 3)),
+            int(rng.integers(0, 3)))
+    assert mmr_order(*args).tolist() == _mmr_reference(*args)
