@@ -3,7 +3,6 @@
 import threading
 
 import msgspec
-import numpy as np
 import pytest
 
 from online_models.registry import build
@@ -13,7 +12,7 @@ from state.redis_store import RedisStore
 from schemas.keys import RedisKeys
 from stream.simulator import UserSimulator
 from stream.state import LiveState, SourceMessage
-from tests.state_check import read_rows
+from tests.state_check import assert_store_holds
 
 MODELS = ("session", "cooc", "mf")
 
@@ -140,11 +139,4 @@ def test_live_model_state_equals_an_in_memory_replay_of_the_same_batches(setting
         for model in memory.values():
             model.learn(signals)
     for name, model in memory.items():
-        store = RedisStore(redis_client, settings.key_prefix, name)
-        for table, rows in model.store.rows.items():
-            keys = sorted(rows)
-            assert read_rows(store, model, table, keys) == [rows[k] for k in keys], (name, table)
-        for table, vectors in model.store.vectors.items():
-            keys = sorted(vectors)
-            got, found = store.get_vectors(table, keys, model.factors)
-            assert found.all() and np.array_equal(got, np.stack([vectors[k] for k in keys]))
+        assert_store_holds(RedisStore(redis_client, settings.key_prefix, name), model, model)

@@ -4,7 +4,6 @@ model; a lease keeps any other worker from writing, and layouts are never mixed.
 import threading
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 
 from online_models.registry import build
@@ -14,7 +13,7 @@ from state.redis_store import RedisStore, StateLayoutError, build_on_redis
 from state.write_back import WriteBackStore
 from stream.state import LiveState, WriterLeaseHeld
 from tests.integration.test_exactly_once import messages
-from tests.state_check import read_rows
+from tests.state_check import assert_store_holds
 
 MODELS = ["session", "cooc", "mf"]
 
@@ -41,13 +40,7 @@ def test_single_writer_state_equals_a_replay_and_serving_reads_it(settings, redi
     for name, model in memory.items():
         store = readers[name].store
         assert isinstance(store, RedisStore) and store.rows_as_strings
-        for table, rows in model.store.rows.items():
-            keys = sorted(rows)
-            assert read_rows(store, model, table, keys) == [rows[k] for k in keys], (name, table)
-        for table, vectors in model.store.vectors.items():
-            keys = sorted(vectors)
-            got, found = store.get_vectors(table, keys, model.factors)
-            assert found.all() and np.array_equal(got, np.stack([vectors[k] for k in keys]))
+        assert_store_holds(store, model, model)
     assert redis_client.type(f"{settings.key_prefix}:m:cooc:cooc:{{i1}}") in (b"string", b"none")
     with pytest.raises(StateLayoutError, match="STREAMREC_STATE_WRITER=single"):
         build_on_redis(MODELS, redis_client, settings.key_prefix)  # a reader set to shared

@@ -9,7 +9,7 @@ from online_models.store import MemoryStore
 from state.redis_store import RedisStore, WriteBatch
 from state.write_back import WriteBackStore
 from stream.simulator import UserSimulator
-from tests.state_check import read_rows
+from tests.state_check import assert_store_holds
 
 MODELS = ["session", "cooc", "mf", "popularity"]
 
@@ -20,13 +20,7 @@ def _events():
 
 def _assert_redis_equals(replayed, client, prefix, name, as_strings):
     live = build(name).bind(RedisStore(client, prefix, name, rows_as_strings=as_strings))
-    for table, rows in replayed.store.rows.items():
-        keys = sorted(rows)
-        assert read_rows(live.store, live, table, keys) == [rows[k] for k in keys], table
-    for table, vectors in replayed.store.vectors.items():
-        keys = sorted(vectors)
-        got, found = live.store.get_vectors(table, keys, len(next(iter(vectors.values()))))
-        assert found.all() and np.array_equal(got, np.stack([vectors[k] for k in keys])), table
+    assert_store_holds(live.store, live, replayed)
 
 
 @pytest.mark.parametrize("as_strings", [False, True], ids=["zsets", "strings"])

@@ -94,34 +94,26 @@ def _batches(seed: int, tied_times: bool):
     return [mapper.map(events[i:i + 250]) for i in range(0, len(events), 250)]
 
 
-@pytest.mark.parametrize("seed,tied,settings", [
-    (1, False, {}), (2, True, {}), (3, True, {"window": 3, "max_gap_s": 120.0}),
-    (4, False, {"scope": "user", "window": 12, "half_life_s": None}),
-])
-def test_compiled_cooc_equals_the_python_loop(seed, tied, settings):
-    compiled = CooccurrenceModel(**settings).bind(MemoryStore())
-    reference = PythonLoopCooc(**settings).bind(MemoryStore())
+@pytest.mark.parametrize("compiled_model,python_loop,seed,tied,settings", [
+    (CooccurrenceModel, PythonLoopCooc, 1, False, {}),
+    (CooccurrenceModel, PythonLoopCooc, 2, True, {}),
+    (CooccurrenceModel, PythonLoopCooc, 3, True, {"window": 3, "max_gap_s": 120.0}),
+    (CooccurrenceModel, PythonLoopCooc, 4, False,
+     {"scope": "user", "window": 12, "half_life_s": None}),
+    (SessionModel, PythonLoopSession, 5, False, {}),
+    (SessionModel, PythonLoopSession, 6, True, {"max_session_items": 6, "steps": 3}),
+    (SessionModel, PythonLoopSession, 7, False,
+     {"max_session_items": 3, "steps": 5, "sessions_per_item": 4, "rules_per_item": 5}),
+], ids=lambda v: v.__name__ if isinstance(v, type) else None)
+def test_compiled_loop_gives_the_python_loops_state(compiled_model, python_loop, seed, tied,
+                                                     settings):
+    compiled = compiled_model(**settings).bind(MemoryStore())
+    reference = python_loop(**settings).bind(MemoryStore())
     for batch in _batches(seed, tied):
         compiled.learn(batch)
         reference.learn(batch)
     assert compiled.store.rows.keys() == reference.store.rows.keys()
     for table, rows in reference.store.rows.items():
         assert compiled.store.rows[table] == rows, table
-    assert len(compiled.store.rows["cooc"]) > 10
-
-
-@pytest.mark.parametrize("seed,tied,settings", [
-    (5, False, {}), (6, True, {"max_session_items": 6, "steps": 3}),
-    (7, False, {"max_session_items": 3, "steps": 5, "sessions_per_item": 4,
-                "rules_per_item": 5}),
-])
-def test_compiled_session_model_equals_the_python_loop(seed, tied, settings):
-    compiled = SessionModel(**settings).bind(MemoryStore())
-    reference = PythonLoopSession(**settings).bind(MemoryStore())
-    for batch in _batches(seed, tied):
-        compiled.learn(batch)
-        reference.learn(batch)
-    assert compiled.store.rows.keys() == reference.store.rows.keys()
-    for table, rows in reference.store.rows.items():
-        assert compiled.store.rows[table] == rows, table
-    assert len(compiled.store.rows["sr"]) > 10
+    pairs = "cooc" if compiled_model is CooccurrenceModel else "sr"
+    assert len(compiled.store.rows[pairs]) > 10
