@@ -292,28 +292,38 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
             return _json({"status": "unavailable", "redis": repr(exc)}, 503)
         return _json({"status": "ready", "redis": "ok"})
 
-    front = StoredFeedReads(api, settings.redis_url, builder.keys.feed, keys)
+    async def plain_list(user_id: str, k: int) -> bytes:
+        return msgspec.json.encode(await on_demand_batches.feed_async(user_id, k))
+
+    front = StoredFeedReads(api, settings.redis_url, builder.keys.feed, keys, plain_list)
     return front
 
 
 class StoredFeedReads:
-    """ASGI front for the hottest request, ``GET /v1/users/<id>/feed`` with no query: the
-    stored bytes as they are, with no framework in between. Reads that arrive while one Redis
-    round trip is out are batched into the next (one MGET): Redis client cost, which dominates,
-    is paid per batch. Anything else, a missing feed, a bad or missing key and a Redis error go
-    to ``app`` (FastAPI), which answers as documented (on-demand list, 401, 422, 503)."""
+    """ASGI front for the hottest requests, with no framework in between:
+    ``GET /v1/users/<id>/feed`` with no query (the stored bytes as they are; reads that arrive
+    while one Redis round trip is out are batched into the next MGET, so Redis client cost is
+    paid per batch) and, with API keys configured, ``GET /v1/users/<id>/recommendations`` with
+    no query or only ``k`` (``plain_list(user_id, k)``: an on-demand list's JSON). Anything
+    else — other parameters, a missing feed, a bad or missing key, any error — goes to ``app``
+    (FastAPI), which validates and answers as documented (on-demand list, 401, 422, 429, 503)."""
 
-    PREFIX, SUFFIX = "/v1/users/", "/feed"
+    PREFIX, SUFFIX, LISTS = "/v1/users/", "/feed", "/recommendations"
 
-    def __init__(self, app: FastAPI, redis_url: str, feed_key, api_keys: frozenset[str]) -> None:
+    def __init__(self, app: FastAPI, redis_url: str, feed_key, api_keys: frozenset[str],
+                 plain_list=None) -> None:
         self.app, self.redis_url, self.feed_key = app, redis_url, feed_key
         self.api_keys = {key.encode() for key in api_keys}
+        self.plain_list = plain_list
         self.redis = None  # redis.asyncio client, made on the serving event loop
         self.waiting: list[tuple[str, asyncio.Future]] = []
         self.in_flight = False
 
     async def __call__(self, scope, receive, send) -> None:
-        raw = await self._stored_feed(scope) if scope["type"] == "http" else None
+        raw = None
+        if scope["type"] == "http" and scope["method"] == "GET":
+            raw = await (self._plain_list(scope) if scope["path"].endswith(self.LISTS)
+                         else self._stored_feed(scope))
         if raw is None:
             await self.app(scope, receive, send)
             return
@@ -321,16 +331,43 @@ class StoredFeedReads:
             (b"content-type", b"application/json"), (b"content-length", b"%d" % len(raw))]})
         await send({"type": "http.response.body", "body": raw})
 
-    async def _stored_feed(self, scope) -> bytes | None:
+    def _user(self, scope, suffix: str) -> str | None:
+        """The user id of ``/v1/users/<id><suffix>`` when the request may skip the framework
+        (valid id; the API key, where keys are configured), else None."""
         path = scope["path"]
-        if (scope["method"] != "GET" or scope["query_string"]
-                or not path.startswith(self.PREFIX) or not path.endswith(self.SUFFIX)):
+        if not path.startswith(self.PREFIX) or not path.endswith(suffix):
             return None
-        user_id = path[len(self.PREFIX):-len(self.SUFFIX)]
+        user_id = path[len(self.PREFIX):-len(suffix)]
         if not 0 < len(user_id) <= MAX_ID_CHARS:
             return None
         if self.api_keys and not any(name == b"x-api-key" and value in self.api_keys
                                      for name, value in scope["headers"]):
+            return None
+        return user_id
+
+    async def _plain_list(self, scope) -> bytes | None:
+        query = scope["query_string"]
+        k = 20
+        if query:
+            if not query.startswith(b"k=") or not query[2:].isdigit() or len(query) > 6:
+                return None
+            k = int(query[2:])
+        # without keys, open lists are rate-limited: FastAPI's route applies the limit
+        if self.plain_list is None or not self.api_keys or not 1 <= k <= 1000:
+            return None
+        user_id = self._user(scope, self.LISTS)
+        if user_id is None:
+            return None
+        try:
+            return await self.plain_list(user_id, k)
+        except Exception:  # noqa: BLE001 - FastAPI's route retries and answers the error
+            return None
+
+    async def _stored_feed(self, scope) -> bytes | None:
+        if scope["query_string"]:
+            return None
+        user_id = self._user(scope, self.SUFFIX)
+        if user_id is None:
             return None
         if self.redis is None:
             from infra.redis_client import async_redis

@@ -9,6 +9,7 @@ import pytest
 
 from infra.embedded import free_port
 from schemas.events import decode_message
+from schemas.impressions import decode as decode_impression
 from schemas.keys import RedisKeys
 from serving.feeds import FeedBuilder
 from stream.simulator import UserSimulator
@@ -245,6 +246,24 @@ def test_api_keys_guard_v1_routes_but_not_health(settings, spawn, redis_client):
     assert httpx.get(f"{url}{feed}", headers={"X-API-Key": "front-end-key-0001"}).json()[
         "user_id"] == events[0].user_id
     assert httpx.get(f"{url}/readyz").status_code == 200
+    # on-demand lists: plain ones (no query, or only k) take the ASGI front's fast path, the
+    # rest FastAPI's route; both validate alike and log every list they serve
+    lists, key = f"{url}/v1/users/{events[0].user_id}/recommendations", {"X-API-Key":
+                                                                        "worker-key-00002"}
+    assert httpx.get(lists).status_code == 401
+    assert httpx.get(lists, headers={"X-API-Key": "nope"}).status_code == 401
+    plain = httpx.get(lists, headers=key).json()
+    three = httpx.get(f"{lists}?k=3", headers=key).json()
+    assert 0 < len(plain["items"]) <= 20 and len(three["items"]) == 3
+    assert plain["source"] == three["source"] == "on_demand"
+    top = three["items"][0]["item_id"]
+    excluded = httpx.get(f"{lists}?k=3&exclude={top}", headers=key).json()
+    assert top not in [i["item_id"] for i in excluded["items"]]
+    for bad in ("?k=0", "?k=1001", "?k=x", "?k=99999"):
+        assert httpx.get(f"{lists}{bad}", headers=key).status_code == 422, bad
+    logged = read_topic(settings.kafka_bootstrap, settings.topic_impressions, 3)
+    assert {decode_impression(r.value).recommendation_id for r in logged} == {
+        plain["recommendation_id"], three["recommendation_id"], excluded["recommendation_id"]}
 
 
 def test_blank_api_keys_refuse_to_start_rather_than_serve_open(settings, spawn):

@@ -204,3 +204,46 @@ def test_compiled_mmr_matches_the_array_definition(seed):
             int(rng.integers(0, 15)), int(rng.integers(0, 8)), int(rng.integers(0, 3)),
             int(rng.integers(0, 3)))
     assert mmr_order(*args).tolist() == _mmr_reference(*args)
+
+
+def test_the_asgi_front_takes_plain_lists_itself_and_leaves_the_rest_to_the_app():
+    import asyncio
+
+    from serving.api import StoredFeedReads
+
+    app_calls, list_calls = [], []
+
+    async def app(scope, receive, send):
+        app_calls.append(scope["path"] + "?" + scope["query_string"].decode())
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b"app"})
+
+    async def plain_list(user_id, k):
+        list_calls.append((user_id, k))
+        if user_id == "broken":
+            raise RuntimeError("impression log down")
+        return b'{"list": true}'
+
+    front = StoredFeedReads(app, "redis://unused", lambda u: u, frozenset({"key-000000000001"}),
+                            plain_list)
+
+    def get(path, query=b"", key=b"key-000000000001"):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": path, "query_string": query,
+                 "headers": [(b"x-api-key", key)] if key else []}
+        asyncio.run(front(scope, None, send))
+        return sent[0]["status"], sent[1]["body"]
+
+    lists = "/v1/users/u%2F1/recommendations"
+    assert get(lists) == (200, b'{"list": true}')
+    assert get(lists, b"k=3") == (200, b'{"list": true}')
+    assert list_calls == [("u%2F1", 20), ("u%2F1", 3)]
+    for query in (b"k=3&exclude=x", b"k=0", b"k=1001", b"k=x", b"pin=0:a"):
+        assert get(lists, query) == (299, b"app"), query  # FastAPI validates and answers
+    assert get(lists, key=b"wrong-key-0000001")[0] == 299  # 401 comes from the app
+    assert get("/v1/users/broken/recommendations")[0] == 299  # errors: the app retries
+    assert len(list_calls) == 3
