@@ -177,9 +177,12 @@ class Recommender:
             ages = self.item_ages(sorted({i for per in sources for rows in per.values()
                                           for i, _, _ in rows}))
         for request, per_source in zip(requests, sources):
-            candidates = blend(per_source, cfg.policy, ages)
             blocked = self._blocked(request)
             pins = {p: Candidate(item, 0.0, "pinned") for p, item in request.pins}
+            # only as many as can reach the list: the re-rank pool (or k) past what is blocked
+            wanted = cfg.policy.pool_size(request.k) if cfg.rerank else request.k
+            candidates = blend(per_source, cfg.policy, ages,
+                               limit=wanted + len(blocked) + len(pins))
             if cfg.rerank:
                 vectors = self._vectors([c.item_id for c in candidates])
                 ranked = rerank(candidates, request.k, cfg.policy, seen=blocked, pins=pins,

@@ -24,6 +24,7 @@ relaxed rather than the list cut short). Pins take their positions first.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -45,7 +46,7 @@ class RerankPolicy:
     min_tail_share: float = 0.2
     freshness_weight: float = 0.0  # > 0 boosts new items (YooChoose validation: 0.05 cost HR)
     freshness_half_life_s: float = 86400.0
-    pool_per_slot: int = 5  # re-rank the best 5·k candidates (at least 50)
+    pool_per_slot: int = 5  # re-rank the best 5·k candidates (at least 50): pool_size
     #: chosen on a validation split of YooChoose (bench/tune_blend.py; docs/models.md)
     source_weights: dict[str, float] = field(default_factory=lambda: {
         "session": 1.0, "cooc": 0.1, "ann": 0.02, "trending": 0.01,
@@ -57,29 +58,47 @@ class RerankPolicy:
         # pipeline; gru4rec as in session_seq (validation split, bench/tune_session_seq.py)
         "ann_two_tower": 0.5, "gru4rec": 0.1})
 
+    def pool_size(self, k: int) -> int:
+        """How many candidates (after the seen-filter) re-ranking chooses a list of ``k`` from."""
+        return max(self.pool_per_slot * k, 50)
+
 
 def blend(sources: dict[str, list[tuple[str, float, str]]], policy: RerankPolicy,
-          item_age_s: dict[str, float] | None = None) -> list[Candidate]:
-    """``sources``: name → [(item, score, reason)]; returns candidates best first."""
+          item_age_s: dict[str, float] | None = None, limit: int | None = None
+          ) -> list[Candidate]:
+    """``sources``: name → [(item, score, reason)]; returns candidates best first (the best
+    ``limit`` of them, where given)."""
     total: dict[str, float] = {}
     best_part: dict[str, tuple[float, str]] = {}
     for name, rows in sources.items():
         if not rows:
             continue
-        top = max(score for _, score, _ in rows) or 1.0
+        top = max(rows, key=_score)[1] or 1.0
         weight = policy.source_weights.get(name, 0.0)
         for item, score, reason in rows:
             part = weight * score / top
             total[item] = total.get(item, 0.0) + part
-            if part > best_part.get(item, (-1.0, ""))[0]:
+            best = best_part.get(item)
+            if best is None or part > best[0]:
                 best_part[item] = (part, reason)
     ages = item_age_s or {}
     for item in total:
         if item in ages:
             total[item] += policy.freshness_weight * 2.0 ** (-ages[item]
                                                              / policy.freshness_half_life_s)
-    ranked = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))
+    if limit is not None and limit < len(total):
+        ranked = heapq.nsmallest(limit, total.items(), key=_rank_order)
+    else:
+        ranked = sorted(total.items(), key=_rank_order)
     return [Candidate(item, score, best_part[item][1]) for item, score in ranked]
+
+
+def _score(row: tuple[str, float, str]) -> float:
+    return row[1]
+
+
+def _rank_order(item_score: tuple[str, float]) -> tuple[float, str]:
+    return -item_score[1], item_score[0]
 
 
 def rerank(candidates: list[Candidate], k: int, policy: RerankPolicy, *,
@@ -91,7 +110,7 @@ def rerank(candidates: list[Candidate], k: int, policy: RerankPolicy, *,
     pinned_ids = {c.item_id for c in pins.values()}
     pool = [c for c in candidates
             if c.item_id not in seen and c.item_id not in exclude and c.item_id not in pinned_ids
-            ][:max(policy.pool_per_slot * k, 50)]
+            ][:policy.pool_size(k)]
     free = k - len(pins)
     max_head = math.floor(policy.max_head_share * k)
     tail_available = sum(1 for c in pool if c.item_id not in head_items)
