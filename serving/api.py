@@ -55,9 +55,9 @@ def require_ids(ids, what: str) -> None:
         raise HTTPException(422, f"{what} must have 1..{MAX_ID_CHARS} characters")
 
 
-def create_app(settings: Settings | None = None) -> "StoredFeedReads":
+def create_app(settings: Settings | None = None) -> "FastPaths":
     """Build the API for these settings (``Settings()`` reads ``STREAMREC_*``): the FastAPI
-    app behind :class:`StoredFeedReads`, which answers the hottest read itself."""
+    app behind :class:`FastPaths`, which answers the hottest read itself."""
     settings = settings or Settings()
     redis_client = sync_redis(settings.redis_url)
     builder = FeedBuilder.live(settings, redis_client)
@@ -295,11 +295,11 @@ def create_app(settings: Settings | None = None) -> "StoredFeedReads":
     async def plain_list(user_id: str, k: int) -> bytes:
         return msgspec.json.encode(await on_demand_batches.feed_async(user_id, k))
 
-    front = StoredFeedReads(api, settings.redis_url, builder.keys.feed, keys, plain_list)
+    front = FastPaths(api, settings.redis_url, builder.keys.feed, keys, plain_list)
     return front
 
 
-class StoredFeedReads:
+class FastPaths:
     """ASGI front for the hottest requests, with no framework in between:
     ``GET /v1/users/<id>/feed`` with no query (the stored bytes as they are; reads that arrive
     while one Redis round trip is out are batched into the next MGET, so Redis client cost is

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from operator import itemgetter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,7 +74,7 @@ def blend(sources: dict[str, list[tuple[str, float, str]]], policy: RerankPolicy
     for name, rows in sources.items():
         if not rows:
             continue
-        top = max(rows, key=_score)[1] or 1.0
+        top = max(rows, key=itemgetter(1))[1] or 1.0
         weight = policy.source_weights.get(name, 0.0)
         for item, score, reason in rows:
             part = weight * score / top
@@ -91,10 +92,6 @@ def blend(sources: dict[str, list[tuple[str, float, str]]], policy: RerankPolicy
     else:
         ranked = sorted(total.items(), key=_rank_order)
     return [Candidate(item, score, best_part[item][1]) for item, score in ranked]
-
-
-def _score(row: tuple[str, float, str]) -> float:
-    return row[1]
 
 
 def _rank_order(item_score: tuple[str, float]) -> tuple[float, str]:

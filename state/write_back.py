@@ -66,14 +66,12 @@ class WriteBackStore(MemoryStore):
 
     # --- reads ---------------------------------------------------------------------------
     def get_rows(self, table, keys):
-        rows = self._hold_rows(table, keys, self.reader.get_rows)
-        empty: dict[str, float] = {}
-        return [rows.get(k) or empty for k in keys]
+        self._hold_rows(table, keys, self.reader.get_rows)
+        return super().get_rows(table, keys)
 
     def get_local_rows(self, table, keys):
-        rows = self._hold_rows(table, keys, self.reader.get_local_rows)
-        empty: dict[str, float] = {}
-        return [rows.get(k) or empty for k in keys]
+        self._hold_rows(table, keys, self.reader.get_local_rows)
+        return super().get_rows(table, keys)
 
     def get_vectors(self, table, keys, dim):
         self._hold_vectors(table, keys, dim, self.reader.get_vectors)

@@ -75,13 +75,13 @@ def applied(client, prefix: str) -> int:
     return int(client.hget(RedisKeys(prefix).stats, "events_applied") or 0)
 
 
-def assert_store_holds(store, model, memory_model) -> None:
+def assert_store_holds(store, memory_model) -> None:
     """Every row and vector of ``memory_model``'s state is in ``store``, exactly."""
     import numpy as np
 
     for table, rows in memory_model.store.rows.items():
         keys = sorted(rows)
-        assert read_rows(store, model, table, keys) == [rows[k] for k in keys], table
+        assert read_rows(store, memory_model, table, keys) == [rows[k] for k in keys], table
     for table, vectors in memory_model.store.vectors.items():
         keys = sorted(vectors)
         got, found = store.get_vectors(table, keys, len(next(iter(vectors.values()))))

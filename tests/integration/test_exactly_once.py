@@ -127,10 +127,10 @@ def test_two_workers_applying_the_same_batch_concurrently_apply_it_once(settings
                 assert as_row(got) == pytest.approx(as_row(want), rel=1e-12), (name, table)
 
 
-def test_live_model_state_equals_an_in_memory_replay_of_the_same_batches(settings, redis_client):
-    batch = messages()
-    state = live(settings, redis_client)
-    memory = {n: build(n).bind(MemoryStore()) for n in MODELS}
+def apply_beside_a_replay(state: LiveState, batch: list[SourceMessage], names=MODELS) -> dict:
+    """Apply ``batch`` live, 4 messages at a time, while memory-store models learn the same
+    batches; returns those models (the replay)."""
+    memory = {n: build(n).bind(MemoryStore()) for n in names}
     mapper = SignalMapper()
     for start in range(0, len(batch), 4):
         part = batch[start:start + 4]
@@ -138,5 +138,10 @@ def test_live_model_state_equals_an_in_memory_replay_of_the_same_batches(setting
         signals = mapper.map([e for m in part for e in m.events])
         for model in memory.values():
             model.learn(signals)
+    return memory
+
+
+def test_live_model_state_equals_an_in_memory_replay_of_the_same_batches(settings, redis_client):
+    memory = apply_beside_a_replay(live(settings, redis_client), messages())
     for name, model in memory.items():
-        assert_store_holds(RedisStore(redis_client, settings.key_prefix, name), model, model)
+        assert_store_holds(RedisStore(redis_client, settings.key_prefix, name), model)

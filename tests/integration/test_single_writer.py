@@ -6,13 +6,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from online_models.registry import build
-from online_models.signals import SignalMapper
-from online_models.store import MemoryStore
 from state.redis_store import RedisStore, StateLayoutError, build_on_redis
 from state.write_back import WriteBackStore
 from stream.state import LiveState, WriterLeaseHeld
-from tests.integration.test_exactly_once import messages
+from tests.integration.test_exactly_once import apply_beside_a_replay, messages
 from tests.state_check import assert_store_holds
 
 MODELS = ["session", "cooc", "mf"]
@@ -27,20 +24,12 @@ def single(settings, client, lease_s=1.0):
 
 
 def test_single_writer_state_equals_a_replay_and_serving_reads_it(settings, redis_client):
-    batch = messages()
-    state = single(settings, redis_client)
-    memory = {n: build(n).bind(MemoryStore()) for n in MODELS}
-    mapper = SignalMapper()
-    for start in range(0, len(batch), 4):
-        part = batch[start:start + 4]
-        state.apply_messages(part)
-        for model in memory.values():
-            model.learn(mapper.map([e for m in part for e in m.events]))
+    memory = apply_beside_a_replay(single(settings, redis_client), messages(), MODELS)
     readers = build_on_redis(MODELS, redis_client, settings.key_prefix, layout="single")
     for name, model in memory.items():
         store = readers[name].store
         assert isinstance(store, RedisStore) and store.rows_as_strings
-        assert_store_holds(store, model, model)
+        assert_store_holds(store, model)
     assert redis_client.type(f"{settings.key_prefix}:m:cooc:cooc:{{i1}}") in (b"string", b"none")
     with pytest.raises(StateLayoutError, match="STREAMREC_STATE_WRITER=single"):
         build_on_redis(MODELS, redis_client, settings.key_prefix)  # a reader set to shared

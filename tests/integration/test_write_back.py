@@ -20,7 +20,7 @@ def _events():
 
 def _assert_redis_equals(replayed, client, prefix, name, as_strings):
     live = build(name).bind(RedisStore(client, prefix, name, rows_as_strings=as_strings))
-    assert_store_holds(live.store, live, replayed)
+    assert_store_holds(live.store, replayed)
 
 
 @pytest.mark.parametrize("as_strings", [False, True], ids=["zsets", "strings"])

@@ -209,7 +209,7 @@ def test_compiled_mmr_matches_the_array_definition(seed):
 def test_the_asgi_front_takes_plain_lists_itself_and_leaves_the_rest_to_the_app():
     import asyncio
 
-    from serving.api import StoredFeedReads
+    from serving.api import FastPaths
 
     app_calls, list_calls = [], []
 
@@ -224,7 +224,7 @@ def test_the_asgi_front_takes_plain_lists_itself_and_leaves_the_rest_to_the_app(
             raise RuntimeError("impression log down")
         return b'{"list": true}'
 
-    front = StoredFeedReads(app, "redis://unused", lambda u: u, frozenset({"key-000000000001"}),
+    front = FastPaths(app, "redis://unused", lambda u: u, frozenset({"key-000000000001"}),
                             plain_list)
 
     def get(path, query=b"", key=b"key-000000000001"):
