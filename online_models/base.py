@@ -53,12 +53,20 @@ class RetrainSchedule:
     min_examples: int
     since: int = 0
     version: int = 0
+    #: no version while set (a trainer rebuilding its window from the log)
+    paused: bool = False
 
     def add(self, examples: int) -> None:
         self.since += examples
 
     def due(self, held: int) -> bool:
-        return (self.since >= self.every or self.version == 0) and held >= self.min_examples
+        return (not self.paused and held >= self.min_examples
+                and (self.since >= self.every or self.version == 0))
+
+    def resume(self, after_version: int) -> None:
+        """Number the next version ``after_version + 1`` and make it due at once (a trainer
+        that restarted: its window is rebuilt, its kept versions are older)."""
+        self.version, self.since, self.paused = after_version, self.every, False
 
     def published(self) -> None:
         self.version += 1
@@ -170,6 +178,22 @@ class NearlineModel(OnlineModel):
     @property
     def version(self) -> int:
         return self.schedule.version
+
+    @property
+    @abstractmethod
+    def examples_held(self) -> int:
+        """Examples in the training window now (what :meth:`RetrainSchedule.due` weighs)."""
+
+    @abstractmethod
+    def train(self) -> None:
+        """Train on the window and publish the result as the next version."""
+
+    def train_if_due(self) -> bool:
+        """Train the next version now if the schedule says so; whether it did."""
+        if not self.schedule.due(self.examples_held):
+            return False
+        self.train()
+        return True
 
     @abstractmethod
     def export_version(self) -> tuple[dict, dict, list[str], np.ndarray] | None:

@@ -85,9 +85,12 @@ class GRU4RecModel(NearlineModel):
             _, dropped = self._sessions.popitem(last=False)
             self._events -= len(dropped)
         self.schedule.add(len(positive))
-        if self.schedule.due(self._events):
-            self.train()
+        self.train_if_due()
         return LearnReport(events=len(batch))
+
+    @property
+    def examples_held(self) -> int:
+        return self._events
 
     # --- training ---------------------------------------------------------------------------
     def _sequences(self, index: dict[str, int]) -> list[list[int]]:

@@ -104,9 +104,12 @@ class TwoTowerModel(NearlineModel):
             self.store.set_local_rows("history", {u: {i: float(n) for n, i in enumerate(r)}
                                                   for u, r in rows.items()})
             self.schedule.add(len(positive))
-        if self.schedule.due(len(self._examples)):
-            self.train()
+        self.train_if_due()
         return LearnReport(events=len(batch))
+
+    @property
+    def examples_held(self) -> int:
+        return len(self._examples)
 
     # --- training ---------------------------------------------------------------------------
     def train(self) -> None:

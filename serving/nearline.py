@@ -8,7 +8,9 @@
   the version knows (a softmax, no index needed).
 
 Each checks ``CURRENT`` at most every ``check_s``; a rollback (``streamrec trainer
---rollback``) is picked up the same way. No CURRENT yet: no candidates.
+--rollback``) is picked up the same way. A changed version loads on a background thread
+(weights, then the HNSW index of its items): requests keep the version they have until the
+new one is whole, and never wait for a load. No version loaded yet: no candidates.
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ class NearlineSource:
         self._model = self._index = None
         self._checked = 0.0
         self._lock = threading.Lock()
+        self._loader: threading.Thread | None = None
+        self._refresh_in_background()  # the version CURRENT names, loading from the start
 
     def refresh(self) -> None:
-        """Load CURRENT if it changed since the last look."""
+        """Load CURRENT now (on the calling thread) if it changed since the last look."""
         from online_models.registry import build
 
         with self._lock:
@@ -65,9 +69,22 @@ class NearlineSource:
             log.info("%s version %d loaded (%d items)", self.model_name, current,
                      len(meta["items"]))
 
+    def _refresh_in_background(self) -> None:
+        """Start :meth:`refresh` on a thread of its own unless one is running."""
+        self._checked = time.monotonic()
+        if self._loader is None or not self._loader.is_alive():
+            self._loader = threading.Thread(target=self.refresh, daemon=True,
+                                            name=f"load-{self.model_name}")
+            self._loader.start()
+
+    def wait_loaded(self, timeout_s: float = 60.0) -> None:
+        """Wait for a background load in progress (tests, a warm-up at start)."""
+        if self._loader is not None:
+            self._loader.join(timeout_s)
+
     def recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
         if time.monotonic() - self._checked >= self.check_s:
-            self.refresh()
+            self._refresh_in_background()
         model, index = self._model, self._index
         if model is None:
             return [Recommendations([], np.empty(0)) for _ in queries]

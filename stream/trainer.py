@@ -11,8 +11,13 @@ model publishes a version it
    (key = item id, the record carries model and version), for other consumers.
 
 ``streamrec trainer --rollback <version>`` points ``CURRENT`` back at a kept version and
-publishes its vectors again. On start the trainer rebuilds its window from the log's last
-``window`` events per partition share: the log is the window's source.
+publishes its vectors again.
+
+On start the trainer rebuilds its window from the log (the last ``window`` events, shared
+between the partitions, and every item description) with training paused, then trains one
+version on the whole window at once. Versions number on from the newest kept one, so a
+restart never reuses a number (serving tells versions apart by number) and never trains
+versions on a half-rebuilt window; CURRENT keeps serving until the new version is saved.
 """
 
 from __future__ import annotations
@@ -125,6 +130,7 @@ class Trainer:
         self.events = self.invalid = self.vectors_published = 0
         self.published: list[int] = []
         self._kafka = None  # (consumer, producer), made on the first run
+        self._rebuild_to: dict = {}  # partition → the log end the window rebuild reads to
         self._mapper = SignalMapper()
 
     def _consumer(self):
@@ -143,7 +149,15 @@ class Trainer:
         for tp in parts:  # item descriptions: all of them; events: the window's share
             start = starts[tp] if tp.topic == s.topic_items else max(starts[tp], ends[tp] - share)
             consumer.seek(tp, start)
+        self._rebuild_to = {tp: end for tp, end in ends.items() if end > 0}
+        self.model.schedule.paused = True  # until the window is rebuilt (module doc)
         return consumer
+
+    def _rebuilt(self, consumer) -> bool:
+        """Whether the window rebuild has read to the log ends seen at start."""
+        self._rebuild_to = {tp: end for tp, end in self._rebuild_to.items()
+                            if consumer.position(tp) < end}
+        return not self._rebuild_to
 
     def run(self, stop: threading.Event | None = None, until_version: int | None = None,
             learn_chunk: int = 1000) -> None:
@@ -178,8 +192,15 @@ class Trainer:
                 self.model.learn(self._mapper.map(chunk))
                 self.events += len(chunk)
                 if self.model.version != before:
-                    self.publish(producer, topic)
-                    consumer.commit()  # the group's lag shows how far behind the trainer is
+                    self._published_version(consumer, producer, topic)
+            if self.model.schedule.paused and self._rebuilt(consumer):
+                self.model.schedule.resume(max(self.checkpoints.versions(), default=0))
+                if self.model.train_if_due():
+                    self._published_version(consumer, producer, topic)
+
+    def _published_version(self, consumer, producer, topic: str) -> None:
+        self.publish(producer, topic)
+        consumer.commit()  # the group's lag shows how far behind the trainer is
 
     def close(self) -> None:
         if self._kafka is not None:

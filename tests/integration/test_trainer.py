@@ -93,6 +93,7 @@ def test_a_version_is_a_weights_only_checkpoint_and_vectors_with_model_and_versi
 def test_serving_loads_current_follows_new_versions_and_rollbacks(trained):
     s, trainer, events, sim = trained
     source = NearlineSource(s.trainer_dir, check_s=0.0)
+    source.wait_loaded()  # loads on its own thread from the start
     user = events[-1].user_id
     history = tuple(e.item_id for e in events if e.user_id == user)[-10:]
     [rec] = source.recommend([Query(user, history, exclude=frozenset(history[-1:]))], 20)
@@ -107,10 +108,13 @@ def test_serving_loads_current_follows_new_versions_and_rollbacks(trained):
     checkpoints = Checkpoints(s.trainer_dir, "two_tower")
     newest = trainer.model.version
     assert newest >= target and checkpoints.versions() == [newest - 1, newest]
-    source.recommend([Query(user, history)], 5)
+    [before] = source.recommend([Query(user, history)], 5)  # starts the load, never waits
+    assert source.version < newest and before.items
+    source.wait_loaded()
     assert source.version == newest
     republished = rollback(s, "two_tower", newest - 1)
     source.recommend([Query(user, history)], 5)
+    source.wait_loaded()
     assert checkpoints.current() == newest - 1 and source.version == newest - 1
     latest = {}
     for record in read_topic(s.kafka_bootstrap, vector_topic(s, "two_tower"),
@@ -128,6 +132,8 @@ def test_the_feed_builder_serves_the_current_version_as_a_source(trained, redis_
     LiveState(s, redis_client).apply_sync(events)
     builder = FeedBuilder(s, redis_client)
     try:
+        for source in builder.nearline:
+            source.wait_loaded()
         users = sorted({e.user_id for e in events})[:5]
         from serving.recommender import Request
 
@@ -138,6 +144,33 @@ def test_the_feed_builder_serves_the_current_version_as_a_source(trained, redis_
             {"for you (two-tower)"}
     finally:
         builder.close()
+
+
+def test_a_restarted_trainer_rebuilds_its_window_then_numbers_on_from_its_kept_versions(
+        trained):
+    s, first, events, sim = trained
+    # the first version was trained on the whole rebuilt window, not on its first chunk
+    assert first.published == [1]
+    assert Checkpoints(s.trainer_dir, "two_tower").meta(1)["events_seen"] == len(events)
+    source = NearlineSource(s.trainer_dir, check_s=0.0)
+    source.wait_loaded()
+    assert source.version == 1
+    first.close()
+
+    _publish(s, list(sim.events(300, time.time() - 500, events_per_s=1.0)))
+    restarted = Trainer(s, "two_tower", model=TwoTowerModel(retrain_every=400,
+                                                            min_examples=300, epochs=2))
+    try:
+        _run(restarted, 2)
+    finally:
+        restarted.close()
+    checkpoints = Checkpoints(s.trainer_dir, "two_tower")
+    assert restarted.published == [2] and checkpoints.versions() == [1, 2]
+    assert checkpoints.current() == 2  # the old version 1 is still there to roll back to
+    assert checkpoints.meta(2)["events_seen"] == len(events) + 300  # the window, rebuilt
+    source.recommend([Query(events[-1].user_id, (events[-1].item_id,))], 5)
+    source.wait_loaded()
+    assert source.version == 2
 
 
 def test_trainer_cli_refuses_without_a_checkpoint_folder_or_a_kept_version(settings,
@@ -168,6 +201,7 @@ def test_the_sequential_model_is_trained_and_served_the_same_as_where_it_trained
         trainer.close()
     assert Checkpoints(s.trainer_dir, "gru4rec").current() == model.version
     source = NearlineSource(s.trainer_dir, "gru4rec", check_s=0.0)
+    source.wait_loaded()
     sessions: dict[str, list[str]] = {}
     for e in events:
         sessions.setdefault(e.session_id or e.user_id, []).append(e.item_id)
