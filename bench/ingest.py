@@ -18,7 +18,8 @@ The last line is JSON with ``events_per_s``, ``baseline_events_per_s``, ``freshn
 and ``freshness_p99_ms``, and the CPU that the worker, redis-server and the broker each spent
 per event while the worker drained the backlog (the load generator is idle then), and the
 cores each process (and the load generator) kept busy during the steady-rate phase.
-Usage: ``python bench/ingest.py [--events 100000] [--rate 10000]``.
+Usage: ``python bench/ingest.py [--events 100000] [--rate 10000]``; ``--state-writer single
+--redis-cluster 3`` runs the same on a local Redis Cluster of 3 primaries.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from bench.report import add_live_options, cpu_seconds, print_result  # noqa: E402
-from infra.embedded import EmbeddedKafka, EmbeddedRedis, ensure_topics, free_port, terminate  # noqa: E402,E501
+from infra.embedded import (EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster,  # noqa: E402
+                            ensure_topics, free_port, terminate)
 from infra.redis_client import sync_redis  # noqa: E402
 from schemas.events import Interaction, split_message  # noqa: E402
 from schemas.keys import RedisKeys  # noqa: E402
@@ -51,9 +53,10 @@ from stream.producer import InteractionProducer  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
 
 
-def cpu_of(processes: dict[str, int]) -> dict[str, float]:
-    """CPU seconds so far of each named process."""
-    return {name: cpu_seconds(pid) for name, pid in processes.items()}
+def cpu_of(processes: dict[str, int | list[int]]) -> dict[str, float]:
+    """CPU seconds so far of each named process (or group of processes: a cluster's nodes)."""
+    return {name: sum(cpu_seconds(p) for p in (pids if isinstance(pids, list) else [pids]))
+            for name, pids in processes.items()}
 
 
 async def raw_consume(bootstrap: str, topic: str, messages: int) -> tuple[int, float]:
@@ -93,9 +96,16 @@ def main() -> None:
     parser.add_argument("--vector-freshness", action="store_true",
                         help="also tail the item-vector topic into an ANN index in this process "
                              "and time the probes' new items (costs CPU the worker shares)")
+    parser.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+                        help="run on a Redis Cluster of N primaries (needs --state-writer "
+                             "single); redis CPU is the nodes' sum")
     args = parser.parse_args()
+    if args.redis_cluster and args.state_writer != "single":
+        sys.exit("--redis-cluster needs --state-writer single")
     run_id = uuid.uuid4().hex[:8]
-    with EmbeddedRedis(appendonly=args.redis_aof) as redis_srv, EmbeddedKafka() as kafka, \
+    redis_service = (EmbeddedRedisCluster(args.redis_cluster, appendonly=args.redis_aof)
+                     if args.redis_cluster else EmbeddedRedis(appendonly=args.redis_aof))
+    with redis_service as redis_srv, EmbeddedKafka() as kafka, \
             tempfile.TemporaryDirectory() as tmp:
         topic, dlq = f"bench-{run_id}", f"bench-dlq-{run_id}"
         vectors_topic = f"bench-vectors-{run_id}"
@@ -135,8 +145,9 @@ def main() -> None:
                 time.sleep(0.01)
             first = time.perf_counter()
             start_count = applied()
-            processes = {"worker": worker.pid, "redis": redis_srv.proc.pid,
-                         "broker": kafka.proc.pid}
+            redis_pids = ([n.proc.pid for n in redis_srv.nodes] if args.redis_cluster
+                          else redis_srv.proc.pid)
+            processes = {"worker": worker.pid, "redis": redis_pids, "broker": kafka.proc.pid}
             cpu_start = cpu_of(processes)
             while applied() < len(events) and time.monotonic() < deadline + 600:
                 if worker.poll() is not None:
@@ -165,6 +176,7 @@ def main() -> None:
     result = {
         "events": len(events), "messages": messages, "partitions": args.partitions,
         "models": args.models, "state_writer": args.state_writer, "redis_aof": args.redis_aof,
+        "redis_cluster_primaries": args.redis_cluster,
         "events_per_s": round(worker_rate),
         "baseline_events_per_s": round(baseline_events / baseline_s),
         "ratio_to_baseline": round(worker_rate / (baseline_events / baseline_s), 3),

@@ -181,13 +181,16 @@ def cmd_replay(args: argparse.Namespace) -> None:
     items = [] if args.no_items else load_items(args.data, args.format)
     store_factory = None
     if args.store == "redis":
-        from infra.redis_client import sync_redis
+        from infra.redis_client import is_cluster, sync_redis
         from infra.settings import Settings
         from state.redis_store import RedisStore
 
         settings = Settings()
         settings.require_services()
         client = sync_redis(settings.redis_url)
+        if is_cluster(client):
+            raise SystemExit("replay --store redis needs one Redis server (its rows are added "
+                             "to in place), not a cluster: point STREAMREC_REDIS_URL at one")
         store_factory = lambda name: RedisStore(client, settings.key_prefix,  # noqa: E731
                                                 f"replay-{int(started)}-{name}")
     results = run(args.protocol, train, test, names, ks=tuple(sorted({10, 20, args.k})),

@@ -60,6 +60,10 @@ class RedisKeys:
     def feed(self, user_id: str) -> str:
         return f"{self.prefix}:{{u:{encode_id(user_id)}}}:feed"
 
+    def user_history_seq(self, user_id: str) -> str:
+        """The last commit applied to the user's history (Redis Cluster: see :meth:`redo`)."""
+        return f"{self.prefix}:{{u:{encode_id(user_id)}}}:hist:seq"
+
     def user_history_pattern(self, id_prefix: str) -> str:
         """SCAN pattern of the history keys of users whose id starts with ``id_prefix``
         (encoding is per character, so an encoded prefix is a prefix of the encoded id; the
@@ -104,6 +108,14 @@ class RedisKeys:
         return f"{self.prefix}:{{stats}}:counters"
 
     @property
+    def stats_seq(self) -> str:
+        return f"{self.prefix}:{{stats}}:seq"
+
+    @property
+    def bandit_seq(self) -> str:
+        return f"{self.prefix}:{{bandit}}:seq"
+
+    @property
     def worker_reports(self) -> str:
         """Hash worker id → JSON of that worker's live figures (freshness, events/s)."""
         return f"{self.prefix}:{{stats}}:workers"
@@ -121,6 +133,11 @@ class RedisKeys:
     def state_writer(self) -> str:
         """String: the id of the worker holding the single-writer lease."""
         return f"{self.prefix}:{{wm}}:writer"
+
+    @property
+    def redo(self) -> str:
+        """Hash {seq, commands}: the single writer's last commit on a Redis Cluster."""
+        return f"{self.prefix}:{{wm}}:redo"
 
     @property
     def held_partitions(self) -> str:
@@ -148,12 +165,18 @@ class RedisKeys:
                     "STREAMREC_HISTORY_TTL_S (7 days)", "stream worker",
                     "STREAMREC_HISTORY_LEN items",
                     "Recently interacted items; the feed's seen-filter."),
+            KeySpec(f"{p}:{{u:<user>}}:hist:seq", "string (integer)",
+                    "STREAMREC_HISTORY_TTL_S", "stream worker (Redis Cluster only)", "one key",
+                    "The last commit (`sr:{wm}:redo` seq) added to the user's history: a commit "
+                    "applied again adds nothing."),
             KeySpec(f"{p}:{{trend}}:z", "sorted set item → forward-decayed score", "none",
                     "stream worker", "STREAMREC_TRENDING_MAX_ITEMS members",
                     "Trending items. Score = Σ w·2^((t − landmark)/half_life); divide by "
                     "2^((now − landmark)/half_life) for the decayed value. Order is the ranking."),
-            KeySpec(f"{p}:{{trend}}:meta", "hash {landmark, half_life_s, last_ts}", "none",
-                    "stream worker", "2 fields", "Landmark of the trending scores; last_ts is the newest event time seen (the stream's clock)."),
+            KeySpec(f"{p}:{{trend}}:meta", "hash {landmark, half_life_s, last_ts, seq}", "none",
+                    "stream worker", "4 fields", "Landmark of the trending scores; last_ts is "
+                    "the newest event time seen (the stream's clock); seq (Redis Cluster only) "
+                    "the last commit added."),
             KeySpec(f"{p}:{{bandit}}:shows", "hash item → count", "none", "feed builder / API",
                     "items served at exploration positions",
                     "Times each item was shown at a reserved (exploration) position."),
@@ -161,6 +184,9 @@ class RedisKeys:
                     "items in shows (others are not counted)",
                     "Engagements (click, view, dwell, like, cart, purchase) carrying a "
                     "recommendation_id and a reserved position: Thompson sampling's successes."),
+            KeySpec(f"{p}:{{bandit}}:seq", "string (integer)", "none",
+                    "stream worker (Redis Cluster only)", "one key",
+                    "The last commit added to the clicks."),
             KeySpec(f"{p}:{{i:<item>}}:item", "string (JSON item description)", "none",
                     "stream worker (items topic)", "one per described item",
                     "The item's latest description, as sent (schemas/items.py: item_id, "
@@ -175,6 +201,9 @@ class RedisKeys:
             KeySpec(f"{p}:{{stats}}:counters", "hash", "none", "stream worker",
                     "a few fields", "events_applied, dlq_messages, dlq_events, batches, "
                     "skipped_redelivered (messages), skipped_duplicates (events)."),
+            KeySpec(f"{p}:{{stats}}:seq", "string (integer)", "none",
+                    "stream worker (Redis Cluster only)", "one key",
+                    "The last commit added to the counters."),
             KeySpec(f"{p}:{{stats}}:workers", "hash worker id → JSON", "none (fields "
                     "older than 1 hour are deleted by the next report)", "each stream worker "
                     "(its own field)", "one field per live worker",
@@ -194,6 +223,12 @@ class RedisKeys:
                     "STREAMREC_STATE_WRITER_LEASE_S, renewed by its holder", "stream worker "
                     "(single writer)", "one key", "The lease of the worker that owns model "
                     "state when STREAMREC_STATE_WRITER=single; every commit checks it."),
+            KeySpec(f"{p}:{{wm}}:redo", "hash {seq, commands}", "none",
+                    "stream worker (single writer on a Redis Cluster)", "one batch's writes",
+                    "The last commit: its number and its writes outside the {wm} slot "
+                    "(msgpack), written in one MULTI/EXEC with the watermarks, then applied; "
+                    "applied again after a crash or a failed write (every write in it is an "
+                    "overwrite or guarded by a seq key: applying twice changes nothing)."),
             KeySpec(f"{p}:{{wm}}:held", "hash <topic>:<partition> → reason", "none",
                     "stream worker", "one field per held partition",
                     "Partitions whose Redis progress does not fit the Kafka log (the log went "

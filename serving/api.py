@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
+from infra.redis_client import TRANSIENT_REDIS_ERRORS, is_cluster, mget_any, sync_redis
 from infra.settings import Settings
 from schemas import dlq
 from schemas.events import MAX_ID_CHARS, json_schema, split_message
@@ -263,7 +263,7 @@ def create_app(settings: Settings | None = None) -> "FastPaths":
         """The latest descriptions of up to 200 items (``id`` repeated): null where none
         arrived."""
         require_ids(ids, "ids")
-        raw = redis_client.mget([builder.keys.item_description(item) for item in ids])
+        raw = mget_any(redis_client, [builder.keys.item_description(item) for item in ids])
         return _json({"items": {item: msgspec.json.decode(value) if value else None
                                 for item, value in zip(ids, raw)}})
 
@@ -391,7 +391,9 @@ class FastPaths:
 
     async def _read_batch(self, batch: list[tuple[str, asyncio.Future]]) -> None:
         try:
-            values = await self.redis.mget([key for key, _ in batch])
+            keys = [key for key, _ in batch]
+            values = await (self.redis.mget_nonatomic(keys) if is_cluster(self.redis)
+                            else self.redis.mget(keys))  # feeds of many users: many slots
         except Exception as exc:  # noqa: BLE001 - every waiter gets the error
             values = [exc] * len(batch)
         for (_, future), value in zip(batch, values):

@@ -18,6 +18,7 @@ import numpy as np
 import redis
 from hiredis import pack_command
 
+from infra.redis_client import is_cluster, mget_any
 from online_models.base import OnlineModel
 from online_models.registry import build
 from online_models.store import Rows, StateStore, slack
@@ -225,10 +226,65 @@ class WriteBatch:
                 raise reply
         return True
 
+    def commit_with_redo(self, client, watch: list[str], expect: list[bytes | None],
+                         redo_key: str, seq: int, scripts) -> bool:
+        """:meth:`commit` for a Redis Cluster, where one transaction holds one slot: WATCH
+        ``watch`` (in ``redo_key``'s slot); if their values equal ``expect``, write in one
+        MULTI/EXEC the commands of that slot and the redo record ``redo_key`` = {seq, the
+        other commands}, then apply those (:func:`apply_commands`). False: nothing written.
+        If the apply fails the record stays, and the writer applies it again before its next
+        batch: every command in it must be an overwrite or guarded by ``seq``."""
+        slot = client.keyslot(redo_key)
+        local, remote = [], []
+        for command in self.commands:
+            (local if client.keyslot(_first_key(command)) == slot else remote).append(command)
+        try:
+            with client.pipeline(transaction=True) as tx:
+                tx.watch(*watch)
+                if [tx.get(key) for key in watch] != expect:  # MGET: blocked here
+                    tx.unwatch()
+                    return False
+                tx.multi()
+                tx.hset(redo_key, mapping={"seq": seq, "commands": _msgpack(remote)})
+                for command in local:
+                    tx.execute_command(*command)
+                tx.execute()
+        except redis.WatchError:
+            return False
+        apply_commands(client, remote, scripts)
+        return True
+
     @staticmethod
     def _call(connection, *args):
         connection.send_command(*args)
         return connection.read_response()
+
+
+def _first_key(command) -> str:
+    """The key a recorded command routes by (all its keys share one slot)."""
+    if command[0] == "EVALSHA":
+        return command[3]
+    if command[0] in ("MSET", "DEL") and len(command) > (3 if command[0] == "MSET" else 2):
+        raise ValueError(f"{command[0]} of several keys cannot be routed on a cluster")
+    return command[1]
+
+
+def apply_commands(client, commands: list, scripts) -> None:
+    """Send recorded commands to a Redis Cluster, pipelined per node (each routed by its key);
+    where a node lacks a script (restarted), load ``scripts`` everywhere and send them all
+    again — callers only send commands that may be applied twice."""
+    for attempt in range(2):
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                pipe.execute()
+            return
+        except redis.exceptions.NoScriptError:
+            if attempt:
+                raise
+            for script in scripts:
+                client.script_load(script.script)
 
 
 class RedisStore(StateStore):
@@ -247,8 +303,10 @@ class RedisStore(StateStore):
     when memory runs short (``infra/redis.conf``).
 
     Keys: ``<prefix>:m:<namespace>:<table>:{<encoded key>}`` — each row is its own hash tag.
-    A batch call touches many rows in one script, so all of a store's keys must live on one
-    Redis primary (the exactly-once worker needs that anyway: see :mod:`stream.state`).
+    On one server a batch call touches many rows in one script. On a Redis Cluster (a
+    :class:`redis.cluster.RedisCluster` client) reads are split by slot and string rows and
+    vectors are written one SET per key; the scripts that add to rows in place (the shared
+    layout) are refused there (:func:`check_layout`).
     ``row_count`` uses SCAN with a fixed, code-built pattern (never user input).
     """
 
@@ -256,6 +314,7 @@ class RedisStore(StateStore):
                  cache_local_rows: int = 0, local_ttl_s: float = 0,
                  shared_ttl_s: float = 0, rows_as_strings: bool = False) -> None:
         self.client = client
+        self.cluster = is_cluster(client)
         self.rows_as_strings = rows_as_strings
         self.cache_local_rows = cache_local_rows
         self.local_ttl_ms, self.shared_ttl_ms = int(local_ttl_s * 1000), int(shared_ttl_s * 1000)
@@ -316,6 +375,12 @@ class RedisStore(StateStore):
         if self.rows_as_strings:
             return self._read_local(table, keys)
         names = self.keys(table, keys)
+        if self.cluster:  # rows in many slots: one ZRANGE each
+            with self.client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.zrange(name, 0, -1, withscores=True)
+                return [{member.decode(): score for member, score in row}
+                        for row in pipe.execute()]
         try:  # the read-only variant: readers holding only read access may run it (ACLs)
             raw = self.client.evalsha_ro(self._read.sha, len(names), *names)
         except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
@@ -355,7 +420,7 @@ class RedisStore(StateStore):
             self._cached(table, keys, self._read_local)
 
     def _mget(self, table, keys) -> list[bytes | None]:
-        return self.client.mget(self.keys(table, keys)) if keys else []
+        return mget_any(self.client, self.keys(table, keys)) if keys else []
 
     def _read_local(self, table, keys):
         return [_decode_row(value) if value is not None else {}
@@ -399,7 +464,9 @@ class RedisStore(StateStore):
         if present:
             self._set_strings(present, ttl_ms)
         if absent:
-            (self._deferred or self.client).delete(*absent)
+            target = self._deferred or self.client
+            for names in ([n] for n in absent) if self.cluster else [absent]:
+                target.delete(*names)
 
     def get_local_vectors(self, table, keys, dim):
         if not self.cache_local_rows:
@@ -464,8 +531,13 @@ class RedisStore(StateStore):
                           ttl_ms)
 
     def _set_strings(self, mapping: dict[str, bytes], ttl_ms: int) -> None:
-        """MSET, or SET with PX per key (one script call) when keys expire."""
-        if ttl_ms:
+        """MSET, or SET with PX per key (one script call) when keys expire; on a cluster one
+        SET per key (keys in many slots)."""
+        if self.cluster:
+            target = self._deferred or self.client
+            for name, value in mapping.items():
+                target.set(name, value, px=ttl_ms or None)
+        elif ttl_ms:
             self._run(self._set_expiring, list(mapping), [ttl_ms, *mapping.values()])
         else:
             (self._deferred or self.client).mset(mapping)
@@ -495,6 +567,10 @@ class StateLayoutError(RuntimeError):
 def check_layout(client, prefix: str, layout: str, claim: bool = False) -> None:
     """Refuse to run against model state laid out otherwise (a reader would meet values of
     the wrong type; writers would mix layouts). ``claim``: record ``layout`` if none is."""
+    if is_cluster(client) and layout != "single":
+        raise StateLayoutError(
+            "on a Redis Cluster model state needs STREAMREC_STATE_WRITER=single (the shared "
+            "layout adds to rows of many slots in one transaction: one Redis primary only)")
     key = RedisKeys(prefix).state_layout
     if claim:
         client.set(key, layout, nx=True)
@@ -530,6 +606,10 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
     for name in names:
         model = build(name)
         single = layout == "single" and writes_alone(model)
+        if is_cluster(client) and not single:
+            raise StateLayoutError(
+                f"model {name!r} is also written by the items agent (rows added to in place): "
+                f"not on a Redis Cluster; leave it out of STREAMREC_LIVE_MODELS there")
         store = RedisStore(client, prefix, name, 0 if single else cache_local_rows,
                            local_ttl_s, shared_ttl_s, rows_as_strings=single)
         models[name] = model.bind(WriteBackStore(store, held_keys=held_keys)

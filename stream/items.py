@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import msgspec
 
-from infra.redis_client import sync_redis
+from infra.redis_client import mget_any, mset_any, sync_redis
 from online_models.base import OnlineModel
 from state.redis_store import build_on_redis
 from schemas.items import ItemRecord, latest_per_item, split_items
@@ -50,13 +50,13 @@ def apply_descriptions(client, keys: RedisKeys, models: list[OnlineModel],
     if not latest:
         return 0
     items = list(latest)
-    stored = client.mget([keys.item_description(i) for i in items])
+    stored = mget_any(client, [keys.item_description(i) for i in items])
     newer = {}
     for item, raw in zip(items, stored):
         if raw is None or msgspec.json.decode(raw).get("timestamp", 0) <= latest[item].timestamp:
             newer[keys.item_description(item)] = msgspec.json.encode(latest[item])
     if newer:
-        client.mset(newer)
+        mset_any(client, newer)
     for model in models:
         model.learn_items(list(latest.values()))
     return len(newer)

@@ -35,20 +35,28 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 
 from infra.settings import Settings
 from online_models.base import OnlineModel
 from online_models.signals import SignalBatch, SignalMapper
-from state.redis_store import WriteBatch, queue_script
+from infra.redis_client import is_cluster
+from state.redis_store import StateLayoutError, WriteBatch, apply_commands, queue_script
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TRENDING_WEIGHTS, batch_deltas
 from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
 
 #: KEYS: trending zset, meta hash. ARGV: half_life, reference_ts, max_items, rebase_after,
-#: then item, delta pairs. Rescales in place (ZUNIONSTORE with WEIGHTS) when the landmark is old:
-#: the step of :func:`online_models.trending.advance_landmark`, which replay's model takes.
+#: the commit's seq (0: none; else a seq at or below the meta's adds nothing), then item,
+#: delta pairs. Rescales in place (ZUNIONSTORE with WEIGHTS) when the landmark is old: the
+#: step of :func:`online_models.trending.advance_landmark`, which replay's model takes.
 TRENDING_LUA = """
+local seq = tonumber(ARGV[5])
+if seq > 0 then
+  if tonumber(redis.call('HGET', KEYS[2], 'seq') or '0') >= seq then return '' end
+  redis.call('HSET', KEYS[2], 'seq', ARGV[5])
+end
 local hl = tonumber(ARGV[1])
 local ref = tonumber(ARGV[2])
 local max_items = tonumber(ARGV[3])
@@ -73,7 +81,7 @@ if (not last) or ref > last then
   redis.call('HSET', KEYS[2], 'last_ts', ARGV[2])
 end
 local factor = 2 ^ age
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   redis.call('ZINCRBY', KEYS[1], tonumber(ARGV[i + 1]) * factor, ARGV[i])
 end
 local size = redis.call('ZCARD', KEYS[1])
@@ -98,6 +106,27 @@ end
 return 0
 """
 
+#: One user's history on a Redis Cluster. KEYS: the history list, its seq key. ARGV: the
+#: commit's seq (at or below the stored one: adds nothing), max length, TTL, then the items
+#: (oldest first).
+HISTORY_GUARDED_LUA = """
+if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[1]) then return 0 end
+redis.call('LPUSH', KEYS[1], unpack(ARGV, 4))
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+return 0
+"""
+
+#: Counters on a Redis Cluster. KEYS: the counters hash, its seq key. ARGV: the commit's seq,
+#: then field, amount pairs (added once per seq).
+COUNTERS_GUARDED_LUA = """
+if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[1]) then return 0 end
+for a = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[a], ARGV[a + 1]) end
+redis.call('SET', KEYS[2], ARGV[1])
+return 0
+"""
+
 #: KEYS: the feed queue set. ARGV: its cap, then users. Past the cap, random members go (the
 #: set must stay bounded when no feed builder drains it).
 FEED_QUEUE_LUA = """
@@ -107,10 +136,16 @@ if over > 0 then redis.call('SPOP', KEYS[1], over) end
 return 0
 """
 
-#: KEYS: bandit shows, bandit clicks. ARGV: item, count pairs. Only items that were shown at
-#: an exploration position count (made-up ids in events cannot grow the hash).
+#: KEYS: bandit shows, bandit clicks (and, with a seq, the clicks' seq key). ARGV: the
+#: commit's seq (0: none), then item, count pairs. Only items that were shown at an
+#: exploration position count (made-up ids in events cannot grow the hash).
 CLICKS_LUA = """
-for a = 1, #ARGV, 2 do
+local seq = tonumber(ARGV[1])
+if seq > 0 then
+  if tonumber(redis.call('GET', KEYS[3]) or '0') >= seq then return 0 end
+  redis.call('SET', KEYS[3], ARGV[1])
+end
+for a = 2, #ARGV, 2 do
   if redis.call('HEXISTS', KEYS[1], ARGV[a]) == 1 then
     redis.call('HINCRBY', KEYS[2], ARGV[a], ARGV[a + 1])
   end
@@ -203,6 +238,7 @@ class PreparedBatch:
     result: ApplyResult
     writes: WriteBatch = field(default_factory=WriteBatch)
     new_marks: dict[tuple[str, int], int] = field(default_factory=dict)
+    seq: int = 0  # the commit's number on a Redis Cluster (0: one server, not numbered)
 
 
 class LiveState:
@@ -226,8 +262,24 @@ class LiveState:
         self._uncommitted: list[PreparedBatch] = []  # prepared, oldest first
         self.lease = (WriterLease(client, self.keys.state_writer, settings.state_writer_lease_s)
                       if settings.state_writer == "single" else None)
+        self.cluster = is_cluster(client)
+        if self.cluster:  # commits go through the redo record (module doc)
+            if self.lease is None:
+                raise StateLayoutError(
+                    "on a Redis Cluster the worker needs STREAMREC_STATE_WRITER=single (one "
+                    "transaction cannot span the slots a shared commit adds to)")
+            self._history_guarded = client.register_script(HISTORY_GUARDED_LUA)
+            self._counters_guarded = client.register_script(COUNTERS_GUARDED_LUA)
+            self._scripts = [self._trending, self._history_guarded, self._counters_guarded,
+                             self._feed_queue, self._clicks]
+            for script in self._scripts:  # on every primary (the redo record names them)
+                client.script_load(script.script)
+        self._committed_seq = 0  # the last commit's number (cluster: the redo record's)
+        self._redo_pending = self.cluster  # apply the redo record before the next batch
 
-    def _queue(self, pipe, events: list[Interaction]) -> None:
+    def _queue(self, pipe, events: list[Interaction], seq: int = 0) -> None:
+        """Queue the events' skeleton writes (trending, first seen, histories, feed queue,
+        clicks). ``seq`` > 0 (a cluster commit): every write that adds is guarded by it."""
         s, keys = self.settings, self.keys
         items = np.array([e.item_id for e in events], dtype=object)
         timestamps = np.fromiter((e.timestamp for e in events), float, len(events))
@@ -236,7 +288,7 @@ class LiveState:
         uniq, deltas = batch_deltas(items, timestamps, weights, reference, s.trending_half_life_s)
         if len(uniq):
             args: list = [s.trending_half_life_s, reference, s.trending_max_items,
-                          REBASE_AFTER_HALF_LIVES]
+                          REBASE_AFTER_HALF_LIVES, seq]
             for item, delta in zip(uniq.tolist(), deltas.tolist()):
                 args += (item, delta)
             queue_script(pipe, self._trending, [keys.trending, keys.trending_meta], args)
@@ -254,19 +306,34 @@ class LiveState:
             if (e.recommendation_id is not None and e.position in self._reserved
                     and e.type in ENGAGEMENT_TYPES):
                 rewarded[e.item_id] = rewarded.get(e.item_id, 0) + 1
-        if histories:
+        if histories and seq:  # one slot per user: one guarded call each
+            for user, seen in histories.items():
+                queue_script(pipe, self._history_guarded,
+                             [keys.user_history(user), keys.user_history_seq(user)],
+                             [seq, s.history_len, s.history_ttl_s, *seen])
+        elif histories:
             args = [s.history_len, s.history_ttl_s]
             for seen in histories.values():
                 args.append(len(seen))
                 args += seen
             queue_script(pipe, self._history, [keys.user_history(u) for u in histories], args)
+        if histories:
             queue_script(pipe, self._feed_queue, [keys.feed_queue],
                          [s.feed_queue_max, *histories])
         if rewarded:
-            queue_script(pipe, self._clicks, [keys.bandit_shows, keys.bandit_clicks],
-                         [x for pair in rewarded.items() for x in pair])
-        pipe.hincrby(keys.stats, "events_applied", len(events))
-        pipe.hincrby(keys.stats, "batches", 1)
+            queue_script(pipe, self._clicks, [keys.bandit_shows, keys.bandit_clicks,
+                                              *([keys.bandit_seq] if seq else [])],
+                         [seq, *(x for pair in rewarded.items() for x in pair)])
+
+    def _count(self, pipe, counts: dict[str, int], seq: int = 0) -> None:
+        """Add to the counters (guarded by ``seq`` > 0 on a cluster)."""
+        counts = {name: n for name, n in counts.items() if n}
+        if seq:
+            queue_script(pipe, self._counters_guarded, [self.keys.stats, self.keys.stats_seq],
+                         [seq, *(x for pair in counts.items() for x in pair)])
+            return
+        for name, n in counts.items():
+            pipe.hincrby(self.keys.stats, name, n)
 
     def apply_sync(self, events: list[Interaction]) -> None:
         """Apply events without exactly-once bookkeeping (tools and tests; no models)."""
@@ -274,6 +341,7 @@ class LiveState:
             return
         with self.client.pipeline(transaction=False) as pipe:
             self._queue(pipe, events)
+            self._count(pipe, {"events_applied": len(events), "batches": 1})
             pipe.execute()
 
     def apply_messages(self, messages: list[SourceMessage]) -> ApplyResult:
@@ -296,8 +364,19 @@ class LiveState:
         """Forget prepared batches not committed and the models' cached partition-local state
         (both are read again from Redis). Call with no prepare or commit running."""
         self._uncommitted.clear()
+        self._redo_pending = self.cluster  # a commit may have stopped half applied
         for model in self.models:
             model.store.forget_cached()
+
+    def _apply_redo(self) -> None:
+        """Cluster: apply the last commit's redo record again (every write in it is an
+        overwrite or guarded by its seq, so what was applied already stays as it is)."""
+        record = self.client.hgetall(self.keys.redo)
+        if record:
+            apply_commands(self.client, msgspec.msgpack.decode(record[b"commands"]),
+                           self._scripts)
+        self._committed_seq = int(record.get(b"seq", 0))
+        self._redo_pending = False
 
     def prepare(self, messages: list[SourceMessage]) -> PreparedBatch:
         """Read what the batch needs and compute its state change (recorded, not written)."""
@@ -315,6 +394,9 @@ class LiveState:
             self.lease.acquire(wait_s=2 * self.settings.state_writer_lease_s)
             for model in self.models:  # another writer may have written since we held it
                 model.store.forget_cached()
+            self._redo_pending = self.cluster
+        if self._redo_pending and not self._uncommitted:
+            self._apply_redo()
         earlier_batches = list(self._uncommitted)  # before reading: one may commit meanwhile
         partitions = sorted({(m.topic, m.partition) for m in messages})
         marks = [keys.watermark(t, p) for t, p in partitions]
@@ -357,12 +439,16 @@ class LiveState:
         """Prepare, second half: the models learn and every write is recorded. Reads Redis
         only for partition-local state not cached (and what was not prefetched)."""
         keys, result, writes = self.keys, prepared.result, prepared.writes
+        if self.cluster:  # numbered after the batches still in flight
+            prepared.seq = (self._uncommitted[-1].seq if self._uncommitted
+                            else self._committed_seq) + 1
+        counts = {"events_applied": len(prepared.events), "batches": int(bool(prepared.events))}
         if prepared.events:
             for model in self.models:
                 with model.store.deferred(writes):
                     report = model.learn(prepared.signals)
                 result.changed_item_vectors += report.changed_item_vectors
-            self._queue(writes, prepared.events)
+            self._queue(writes, prepared.events, prepared.seq)
             for bucket, ids in prepared.buckets.items():
                 new_ids = [i for i in ids if i in prepared.event_ids]
                 if new_ids:
@@ -373,18 +459,16 @@ class LiveState:
             prepared.new_marks[tp] = max(prepared.new_marks.get(tp, -1), m.offset)
         for (topic, partition), offset in prepared.new_marks.items():
             writes.set(keys.watermark(topic, partition), offset)
-        dead = sum(m.invalid_events for m in prepared.fresh)
-        if dead:
-            writes.hincrby(keys.stats, "dlq_messages",
-                           sum(1 for m in prepared.fresh if m.invalid_events))
-            writes.hincrby(keys.stats, "dlq_events", dead)
-        if result.redelivered_messages:
-            writes.hincrby(keys.stats, "skipped_redelivered", result.redelivered_messages)
-        if result.duplicate_events:
-            writes.hincrby(keys.stats, "skipped_duplicates", result.duplicate_events)
+        counts["dlq_messages"] = sum(1 for m in prepared.fresh if m.invalid_events)
+        counts["dlq_events"] = sum(m.invalid_events for m in prepared.fresh)
+        counts["skipped_redelivered"] = result.redelivered_messages
+        counts["skipped_duplicates"] = result.duplicate_events
+        if any(counts.values()):
+            self._count(writes, counts, prepared.seq)
         if self.lease is not None:
             writes.pexpire(self.lease.key, self.lease.lease_ms)  # renewed (the commit checks it)
-        writes.packed()  # here, so the committing thread only sends bytes
+        if not self.cluster:
+            writes.packed()  # here, so the committing thread only sends bytes
         self._uncommitted.append(prepared)
         return prepared
 
@@ -398,10 +482,16 @@ class LiveState:
             if self.lease is not None:  # written only while this worker holds the lease
                 watch.append(self.lease.key)
                 values.append(self.lease.holder.encode())
-            if not prepared.writes.commit(self.client, watch, values):
+            if self.cluster:
+                written = prepared.writes.commit_with_redo(
+                    self.client, watch, values, self.keys.redo, prepared.seq, self._scripts)
+            else:
+                written = prepared.writes.commit(self.client, watch, values)
+            if not written:
                 if self.lease is not None:
                     self.lease.renew()  # lost? then the next read takes it again, afresh
                 return None
         self._uncommitted.remove(prepared)
+        self._committed_seq = max(self._committed_seq, prepared.seq)
         prepared.result.committed_at = time.time()
         return prepared.result

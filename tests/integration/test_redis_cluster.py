@@ -1,0 +1,163 @@
+"""On a real Redis Cluster (3 primaries: redis-server --cluster-enabled, redis-cli --cluster
+create): the single writer's commits spread over every node and equal a replay, a commit that
+stops half applied is completed from its redo record (nothing lost, nothing added twice), the
+shared layout is refused, and worker → feed builder → HTTP runs end to end."""
+
+import time
+
+import httpx
+import msgspec
+import pytest
+import redis
+
+import state.redis_store
+from infra.embedded import EmbeddedRedisCluster, free_port
+from infra.redis_client import sync_redis
+from state.redis_store import StateLayoutError, build_on_redis
+from stream.producer import InteractionProducer
+from stream.simulator import UserSimulator
+from stream.state import LiveState
+from tests.conftest import wait_for
+from tests.integration.test_exactly_once import apply_beside_a_replay, messages
+from tests.integration.test_pipeline_e2e import _get, counters
+from tests.state_check import assert_store_holds
+
+MODELS = ["session", "cooc", "mf"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with EmbeddedRedisCluster(primaries=3) as started:
+        yield started
+
+
+@pytest.fixture
+def cluster_settings(settings, cluster):
+    return settings.model_copy(update={"redis_url": cluster.url, "state_writer": "single",
+                                       "state_writer_lease_s": 1.0})
+
+
+@pytest.fixture
+def client(cluster):
+    connection = sync_redis(cluster.url)
+    yield connection
+    connection.close()
+
+
+def single_writer(s, client) -> LiveState:
+    models = build_on_redis(MODELS, client, s.key_prefix, 0, 60, 60, layout="single",
+                            writer=True)
+    return LiveState(s, client, list(models.values()))
+
+
+def node_keys(cluster, prefix: str) -> list[list[bytes]]:
+    """Each node's keys under ``prefix``."""
+    out = []
+    for node in cluster.nodes:
+        with redis.Redis(port=node.port) as one:
+            out.append(list(one.scan_iter(match=f"{prefix}:*", count=1000)))
+    return out
+
+
+def snapshot(cluster, prefix: str) -> dict[bytes, object]:
+    """Every key under ``prefix`` (renamed to drop the prefix) with its value, but the
+    bookkeeping (watermarks, seen ids, lease, redo record, seq keys, counters)."""
+    state = {}
+    for node, keys in zip(cluster.nodes, node_keys(cluster, prefix)):
+        with redis.Redis(port=node.port) as one:
+            for key in keys:
+                if b":{wm}:" in key or b"{stats}" in key or key.endswith(b":seq"):
+                    continue
+                kind = one.type(key)
+                value = (one.zrange(key, 0, -1, withscores=True) if kind == b"zset" else
+                         one.lrange(key, 0, -1) if kind == b"list" else
+                         one.hgetall(key) if kind == b"hash" else
+                         sorted(one.smembers(key)) if kind == b"set" else one.get(key))
+                if kind == b"hash":
+                    value.pop(b"seq", None)
+                state[key[len(prefix):]] = value
+    return state
+
+
+def test_the_single_writer_spreads_over_every_node_and_equals_a_replay(
+        cluster_settings, client, cluster):
+    s = cluster_settings
+    memory = apply_beside_a_replay(single_writer(s, client), messages(), MODELS)
+    readers = build_on_redis(MODELS, client, s.key_prefix, layout="single")
+    for name, model in memory.items():
+        assert_store_holds(readers[name].store, model)  # serving's reads, split by slot
+    assert all(len(keys) > 50 for keys in node_keys(cluster, s.key_prefix))
+    assert counters(client, LiveState(s, client).keys) == {"events_applied": 1200,
+                                                           "batches": 8}
+
+
+def test_a_commit_that_stops_half_applied_is_completed_from_its_redo_record(
+        cluster_settings, client, cluster, monkeypatch):
+    clean = cluster_settings.model_copy(update={"key_prefix": cluster_settings.key_prefix + "c"})
+    apply_beside_a_replay(single_writer(clean, client), messages(), MODELS)
+
+    s = cluster_settings
+    live, applied = single_writer(s, client), []
+    send = state.redis_store.apply_commands
+
+    def half_then_fail(client_, commands, scripts):
+        applied.append(len(commands))
+        if len(applied) in (3, 5):  # two commits: half their writes, then the link drops
+            send(client_, commands[:len(commands) // 2], scripts)
+            raise redis.ConnectionError("connection lost mid-commit")
+        send(client_, commands, scripts)
+
+    monkeypatch.setattr(state.redis_store, "apply_commands", half_then_fail)
+    batch = messages()
+    for start in range(0, len(batch), 4):
+        part = batch[start:start + 4]
+        try:
+            live.apply_messages(part)
+        except redis.ConnectionError:
+            if len(applied) == 5:  # a new worker (its models' memory is read from Redis)
+                live = LiveState(s, client, live.models)  # (same models: MF's sampling rng)
+            assert live.apply_messages(part).redelivered_messages == len(part)
+    monkeypatch.setattr(state.redis_store, "apply_commands", send)
+    assert snapshot(cluster, s.key_prefix) == snapshot(cluster, clean.key_prefix)
+    stats = counters(client, live.keys)
+    assert stats["events_applied"] == 1200 and stats["skipped_redelivered"] == 8
+
+
+def test_the_shared_layout_is_refused_on_a_cluster(cluster_settings, client):
+    with pytest.raises(StateLayoutError, match="STREAMREC_STATE_WRITER=single"):
+        build_on_redis(MODELS, client, cluster_settings.key_prefix)
+    with pytest.raises(StateLayoutError, match="STREAMREC_STATE_WRITER=single"):
+        LiveState(cluster_settings.model_copy(update={"state_writer": "shared"}), client)
+    with pytest.raises(StateLayoutError, match="items agent"):
+        build_on_redis(["content"], client, cluster_settings.key_prefix, layout="single")
+
+
+def test_worker_feed_builder_and_api_run_on_the_cluster(cluster_settings, client, spawn):
+    s = cluster_settings
+    keys = LiveState(s, client).keys
+    worker = spawn(["worker", "--loglevel", "warn"], s)
+    events = list(UserSimulator(60, 200, seed=5).events(1500, time.time() - 1500))
+    with InteractionProducer(s.kafka_bootstrap, s.topic_interactions,
+                             max_batch_events=100) as producer:
+        producer.send_many(events)
+        producer.flush()
+    wait_for(lambda: counters(client, keys).get("events_applied", 0) >= len(events), 90,
+             "the worker to apply every event", proc=worker)
+    assert counters(client, keys)["events_applied"] == len(events)
+    users = sorted({e.user_id for e in events})
+    for user in users[:10]:
+        mine = [e.item_id for e in events if e.user_id == user][::-1][:s.history_len]
+        assert [x.decode() for x in client.lrange(keys.user_history(user), 0, -1)] == mine
+
+    spawn(["feeds"], s)
+    wait_for(lambda: all(client.exists(keys.feed(u)) for u in users), 60, "feeds")
+    port = free_port()
+    api = spawn(["api", "--port", str(port), "--loglevel", "warning"], s)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _get(f"{url}/readyz"), 30, "API ready", proc=api)
+    for user in users[:10]:
+        stored = msgspec.json.decode(client.get(keys.feed(user)))
+        served = httpx.get(f"{url}/v1/users/{user}/feed").json()
+        assert served == stored and len(served["items"]) == s.feed_size
+    fresh = httpx.get(f"{url}/v1/users/{users[0]}/recommendations", params={"k": 5})
+    assert fresh.status_code == 200 and len(fresh.json()["items"]) == 5
