@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from operator import itemgetter
+
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+from hiredis import pack_command
+from redis._parsers.hiredis import NOT_ENOUGH_DATA
+from redis.crc import key_slot
 from prometheus_client import Counter
 
 #: Errors worth waiting out (server restarting, network blip, or at ``maxmemory``: a write
@@ -75,10 +81,86 @@ def async_redis(url: str, max_connections: int = 8) -> redis.asyncio.Redis:
 
 
 def mget_any(client, keys: list) -> list:
-    """MGET of keys in any slots: one command on one server, split by slot on a cluster."""
+    """MGET of keys in any slots: one command on one server, on a cluster one MGET per slot
+    pipelined per node (:func:`send_per_node`)."""
     if not keys:
         return []
-    return client.mget_nonatomic(keys) if is_cluster(client) else client.mget(keys)
+    if not is_cluster(client):
+        return client.mget(keys)
+    by_slot: dict[int, list[int]] = {}
+    for n, key in enumerate(keys):
+        by_slot.setdefault(slot_of(key), []).append(n)
+    try:
+        replies = send_per_node(client, [("MGET", *(keys[n] for n in positions))
+                                         for positions in by_slot.values()], key_of=itemgetter(1))
+    except (redis.exceptions.MovedError, redis.exceptions.AskError):  # slots moving
+        client.nodes_manager.initialize()
+        return client.mget_nonatomic(keys)  # redis-py follows the redirections
+    values = [None] * len(keys)
+    for positions, reply in zip(by_slot.values(), replies):
+        for n, value in zip(positions, reply):
+            values[n] = value
+    return values
+
+
+@lru_cache(maxsize=1 << 18)  # the worker names the same keys batch after batch
+def slot_of(key: str | bytes) -> int:
+    """The Redis Cluster hash slot of a key (its hash tag's, where it has one)."""
+    return key_slot(key.encode() if isinstance(key, str) else key)
+
+
+def _replies(connection, count: int):
+    """``count`` replies, error replies as exception objects (not raised). Straight from
+    hiredis's reader where redis-py parses with it: its per-reply wrapper costs ~4 µs."""
+    parser = getattr(connection, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    for _ in range(count):
+        if reader is None:
+            try:
+                yield connection.read_response()
+            except redis.ResponseError as exc:
+                yield exc
+            continue
+        reply = reader.gets()
+        while reply is NOT_ENOUGH_DATA:
+            parser.read_from_socket()
+            reply = reader.gets()
+        yield reply
+
+
+def send_per_node(client: redis.cluster.RedisCluster, commands: list, key_of) -> list:
+    """Send commands to a cluster as one packed write per primary (each command routed by the
+    slot of ``key_of(command)``), every write before any reply is read; the replies in
+    command order. Raises the first error reply once every reply is read (connections stay in
+    step). redis-py's cluster pipeline does the same at ~10× the CPU per command."""
+    slots, per_node = client.nodes_manager.slots_cache, {}
+    for n, command in enumerate(commands):
+        node = slots[slot_of(key_of(command))][0]
+        per_node.setdefault(node.name, (node, []))[1].append(n)
+    sent, error, replies = [], None, [None] * len(commands)
+    try:
+        for node, positions in per_node.values():
+            pool = client.get_redis_connection(node).connection_pool
+            sent.append((pool, pool.get_connection(), positions))
+            sent[-1][1].send_packed_command([b"".join(
+                pack_command(tuple(commands[n])) for n in positions)])
+        for _, connection, positions in sent:
+            for n, reply in zip(positions, _replies(connection, len(positions))):
+                if isinstance(reply, redis.ConnectionError):
+                    raise reply
+                if isinstance(reply, redis.ResponseError):
+                    error = error or reply
+                replies[n] = reply
+    except BaseException:
+        for _, connection, _ in sent:
+            connection.disconnect()  # its protocol state is unknown
+        raise
+    finally:
+        for pool, connection, _ in sent:
+            pool.release(connection)
+    if error is not None:
+        raise error
+    return replies
 
 
 def mset_any(client, mapping: dict) -> None:

@@ -9,6 +9,7 @@ Models never import this module: the worker and serving bind them to it
 
 from __future__ import annotations
 
+import zlib
 from contextlib import contextmanager
 from itertools import chain
 from typing import Mapping
@@ -18,7 +19,7 @@ import numpy as np
 import redis
 from hiredis import pack_command
 
-from infra.redis_client import is_cluster, mget_any
+from infra.redis_client import is_cluster, mget_any, send_per_node, slot_of
 from online_models.base import OnlineModel
 from online_models.registry import build
 from online_models.store import Rows, StateStore, slack
@@ -109,6 +110,14 @@ for k = 1, #KEYS do
 end
 return out
 """
+
+
+#: On a Redis Cluster, model keys carry one of this many hash tags (slots): enough to spread
+#: over hundreds of primaries, few enough that a batch's writes are a few calls per table.
+CLUSTER_KEY_BUCKETS = 256
+
+#: Scripts a cluster commit's redo record may name (besides the worker's own).
+CLUSTER_WRITE_SCRIPTS = (_SET_EXPIRING_LUA,)
 
 
 def _rows_blob(rows: Rows) -> bytes:
@@ -234,10 +243,10 @@ class WriteBatch:
         other commands}, then apply those (:func:`apply_commands`). False: nothing written.
         If the apply fails the record stays, and the writer applies it again before its next
         batch: every command in it must be an overwrite or guarded by ``seq``."""
-        slot = client.keyslot(redo_key)
+        slot = slot_of(redo_key)
         local, remote = [], []
         for command in self.commands:
-            (local if client.keyslot(_first_key(command)) == slot else remote).append(command)
+            (local if slot_of(_first_key(command)) == slot else remote).append(command)
         try:
             with client.pipeline(transaction=True) as tx:
                 tx.watch(*watch)
@@ -251,7 +260,7 @@ class WriteBatch:
                 tx.execute()
         except redis.WatchError:
             return False
-        apply_commands(client, remote, scripts)
+        apply_commands(client, remote, [*scripts, *(script.script for script in self.scripts)])
         return True
 
     @staticmethod
@@ -261,30 +270,39 @@ class WriteBatch:
 
 
 def _first_key(command) -> str:
-    """The key a recorded command routes by (all its keys share one slot)."""
-    if command[0] == "EVALSHA":
-        return command[3]
-    if command[0] in ("MSET", "DEL") and len(command) > (3 if command[0] == "MSET" else 2):
-        raise ValueError(f"{command[0]} of several keys cannot be routed on a cluster")
-    return command[1]
+    """The key a recorded command routes by (on a cluster all its keys share one slot)."""
+    return command[3] if command[0] == "EVALSHA" else command[1]
 
 
-def apply_commands(client, commands: list, scripts) -> None:
+def by_slot(names) -> list[list[str]]:
+    """Key names grouped by Redis Cluster slot (a multi-key command per group)."""
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        groups.setdefault(slot_of(name), []).append(name)
+    return list(groups.values())
+
+
+def apply_commands(client, commands: list, scripts: list[str]) -> None:
     """Send recorded commands to a Redis Cluster, pipelined per node (each routed by its key);
     where a node lacks a script (restarted), load ``scripts`` everywhere and send them all
-    again — callers only send commands that may be applied twice."""
+    again; where slots moved, through redis-py's cluster pipeline, which follows redirections.
+    Callers only send commands that may be applied twice."""
     for attempt in range(2):
         try:
-            with client.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                pipe.execute()
+            send_per_node(client, commands, key_of=_first_key)
             return
         except redis.exceptions.NoScriptError:
             if attempt:
                 raise
             for script in scripts:
-                client.script_load(script.script)
+                client.script_load(script)
+        except (redis.exceptions.MovedError, redis.exceptions.AskError):
+            client.nodes_manager.initialize()
+            with client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                pipe.execute()
+            return
 
 
 class RedisStore(StateStore):
@@ -304,9 +322,11 @@ class RedisStore(StateStore):
 
     Keys: ``<prefix>:m:<namespace>:<table>:{<encoded key>}`` — each row is its own hash tag.
     On one server a batch call touches many rows in one script. On a Redis Cluster (a
-    :class:`redis.cluster.RedisCluster` client) reads are split by slot and string rows and
-    vectors are written one SET per key; the scripts that add to rows in place (the shared
-    layout) are refused there (:func:`check_layout`).
+    :class:`redis.cluster.RedisCluster` client) keys are
+    ``<prefix>:m:<namespace>:<table>:{b<n>}:<encoded key>``, ``n`` = CRC-32 of the encoded key
+    mod :data:`CLUSTER_KEY_BUCKETS`: one MGET or one write call per bucket and batch instead of
+    one per key. The scripts that add to rows in place (the shared layout) are refused there
+    (:func:`check_layout`).
     ``row_count`` uses SCAN with a fixed, code-built pattern (never user input).
     """
 
@@ -347,7 +367,10 @@ class RedisStore(StateStore):
         for k in keys:
             name = known.get(k)
             if name is None:
-                name = known[k] = f"{head}{encode_id(k)}}}"
+                encoded = encode_id(k)
+                name = known[k] = (
+                    f"{head}{encoded}}}" if not self.cluster else
+                    f"{head}b{zlib.crc32(encoded.encode()) % CLUSTER_KEY_BUCKETS}}}:{encoded}")
             names.append(name)
         return names
 
@@ -465,7 +488,7 @@ class RedisStore(StateStore):
             self._set_strings(present, ttl_ms)
         if absent:
             target = self._deferred or self.client
-            for names in ([n] for n in absent) if self.cluster else [absent]:
+            for names in by_slot(absent) if self.cluster else [absent]:
                 target.delete(*names)
 
     def get_local_vectors(self, table, keys, dim):
@@ -533,11 +556,14 @@ class RedisStore(StateStore):
     def _set_strings(self, mapping: dict[str, bytes], ttl_ms: int) -> None:
         """MSET, or SET with PX per key (one script call) when keys expire; on a cluster one
         SET per key (keys in many slots)."""
-        if self.cluster:
-            target = self._deferred or self.client
-            for name, value in mapping.items():
-                target.set(name, value, px=ttl_ms or None)
-        elif ttl_ms:
+        if self.cluster:  # one call per slot (a bucket: CLUSTER_KEY_BUCKETS)
+            for names in by_slot(mapping):
+                self._set_strings_in_one_slot({n: mapping[n] for n in names}, ttl_ms)
+        else:
+            self._set_strings_in_one_slot(mapping, ttl_ms)
+
+    def _set_strings_in_one_slot(self, mapping: dict[str, bytes], ttl_ms: int) -> None:
+        if ttl_ms:
             self._run(self._set_expiring, list(mapping), [ttl_ms, *mapping.values()])
         else:
             (self._deferred or self.client).mset(mapping)

@@ -42,7 +42,8 @@ from infra.settings import Settings
 from online_models.base import OnlineModel
 from online_models.signals import SignalBatch, SignalMapper
 from infra.redis_client import is_cluster
-from state.redis_store import StateLayoutError, WriteBatch, apply_commands, queue_script
+from state.redis_store import (CLUSTER_WRITE_SCRIPTS, StateLayoutError, WriteBatch,
+                               apply_commands, queue_script)
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TRENDING_WEIGHTS, batch_deltas
 from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
@@ -270,10 +271,11 @@ class LiveState:
                     "transaction cannot span the slots a shared commit adds to)")
             self._history_guarded = client.register_script(HISTORY_GUARDED_LUA)
             self._counters_guarded = client.register_script(COUNTERS_GUARDED_LUA)
-            self._scripts = [self._trending, self._history_guarded, self._counters_guarded,
-                             self._feed_queue, self._clicks]
+            self._scripts = [*(script.script for script in (
+                self._trending, self._history_guarded, self._counters_guarded,
+                self._feed_queue, self._clicks)), *CLUSTER_WRITE_SCRIPTS]
             for script in self._scripts:  # on every primary (the redo record names them)
-                client.script_load(script.script)
+                client.script_load(script)
         self._committed_seq = 0  # the last commit's number (cluster: the redo record's)
         self._redo_pending = self.cluster  # apply the redo record before the next batch
 
