@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -96,12 +97,17 @@ def main() -> None:
     parser.add_argument("--vector-freshness", action="store_true",
                         help="also tail the item-vector topic into an ANN index in this process "
                              "and time the probes' new items (costs CPU the worker shares)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes in one group (shared layout); CPU is their sum, "
+                             "measured from the moment every one holds partitions")
     parser.add_argument("--redis-cluster", type=int, default=0, metavar="N",
                         help="run on a Redis Cluster of N primaries (needs --state-writer "
                              "single); redis CPU is the nodes' sum")
     args = parser.parse_args()
     if args.redis_cluster and args.state_writer != "single":
         sys.exit("--redis-cluster needs --state-writer single")
+    if args.workers > 1 and args.state_writer != "shared":
+        sys.exit("--workers > 1 needs --state-writer shared (one writer holds the lease)")
     run_id = uuid.uuid4().hex[:8]
     redis_service = (EmbeddedRedisCluster(args.redis_cluster, appendonly=args.redis_aof)
                      if args.redis_cluster else EmbeddedRedis(appendonly=args.redis_aof))
@@ -126,13 +132,16 @@ def main() -> None:
                "STREAMREC_TOPIC_ITEM_VECTORS": vectors_topic,
                "STREAMREC_LIVE_MODELS": args.models, "STREAMREC_WORKER_DATA_DIR": tmp,
                "STREAMREC_STATE_WRITER": args.state_writer,
-               "STREAMREC_WORKER_WEB_PORT": str(free_port()),
+               "STREAMREC_WORKER_REPORT_INTERVAL_S": "0.5",
                "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "6",
                "STREAMREC_KAFKA_REBALANCE_TIMEOUT_S": "6"}
         log = open(Path(tmp) / "worker.log", "wb")  # noqa: SIM115
-        worker = subprocess.Popen([sys.executable, "-m", "infra.cli", "worker", "--loglevel",
-                                   "warn"], env=env, cwd=ROOT, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        workers = [subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "worker", "--loglevel", "warn"],
+            env={**env, "STREAMREC_WORKER_WEB_PORT": str(free_port()),
+                 "STREAMREC_WORKER_DATA_DIR": str(Path(tmp) / f"worker-{n}")},
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            for n in range(args.workers)]
         client, keys = sync_redis(redis_srv.url), RedisKeys("sr")
 
         def applied() -> int:  # duplicates the simulator sends count as handled
@@ -143,14 +152,18 @@ def main() -> None:
             deadline = time.monotonic() + 120
             while applied() == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
+            while args.workers > 1 and not all_assigned(client, keys, args.workers) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.01)  # the group settles: measured from here
             first = time.perf_counter()
             start_count = applied()
             redis_pids = ([n.proc.pid for n in redis_srv.nodes] if args.redis_cluster
                           else redis_srv.proc.pid)
-            processes = {"worker": worker.pid, "redis": redis_pids, "broker": kafka.proc.pid}
+            processes = {"worker": [w.pid for w in workers], "redis": redis_pids,
+                         "broker": kafka.proc.pid}
             cpu_start = cpu_of(processes)
             while applied() < len(events) and time.monotonic() < deadline + 600:
-                if worker.poll() is not None:
+                if any(w.poll() is not None for w in workers):
                     sys.exit(f"worker exited: {(Path(tmp) / 'worker.log').read_text()[-2000:]}")
                 time.sleep(0.01)
             worker_s = time.perf_counter() - first
@@ -170,11 +183,13 @@ def main() -> None:
             steady_cores = {name: (cpu - cpu_start[name]) / steady_s
                             for name, cpu in cpu_of(processes).items()}
         finally:
-            terminate(worker)
+            for worker in workers:
+                terminate(worker)
             log.close()
             client.close()
     result = {
         "events": len(events), "messages": messages, "partitions": args.partitions,
+        "workers": args.workers, "events_measured": drained,
         "models": args.models, "state_writer": args.state_writer, "redis_aof": args.redis_aof,
         "redis_cluster_primaries": args.redis_cluster,
         "events_per_s": round(worker_rate),
@@ -198,6 +213,13 @@ def main() -> None:
         if vector_latencies else None,
     }
     print_result(result)
+
+
+def all_assigned(client, keys: RedisKeys, workers: int) -> bool:
+    """Whether ``workers`` live workers each report partitions of their own."""
+    reports = [json.loads(raw) for raw in client.hvals(keys.worker_reports)]
+    fresh = [r for r in reports if r.get("assigned") and time.time() - r["updated_at"] < 2]
+    return len(fresh) >= workers
 
 
 def freshness(bootstrap, topic, client, keys, events, args, vectors_topic: str
