@@ -25,8 +25,16 @@ def read_rows(store, model, table: str, keys: list[str]) -> list[dict[str, float
     return read(table, keys)
 
 
-def _head(row: dict[str, float]) -> dict[str, float]:
-    return dict(sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:HEAD])
+def _head(row: dict[str, float], size: int = HEAD) -> dict[str, float]:
+    return dict(sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:size])
+
+
+def assert_heads_agree(got: dict[str, float], want: dict[str, float], what) -> None:
+    """Each row's first HEAD / 2 members are among the other's first HEAD: a capped row's
+    counts may differ a little with the interleaving (CAPPED), so members near the HEAD-th
+    place may swap; the members serving ranks first may not."""
+    assert set(_head(got, HEAD // 2)) <= set(_head(want)), what
+    assert set(_head(want, HEAD // 2)) <= set(_head(got)), what
 
 
 def assert_live_equals_replay(client, prefix: str, events, history_len: int,
@@ -49,7 +57,7 @@ def assert_live_equals_replay(client, prefix: str, events, history_len: int,
             for key, got in zip(keys, read_rows(live, model, table, keys)):
                 if (name, table) in CAPPED and max(len(got), len(rows[key])) >= CAPPED[
                         (name, table)]:
-                    assert set(_head(got)) == set(_head(rows[key])), (table, key)
+                    assert_heads_agree(got, rows[key], (table, key))
                     continue
                 assert got == pytest.approx(rows[key], rel=1e-9), (name, table, key, got, rows[key])
     if "cooc" in replayed:
@@ -62,7 +70,7 @@ def assert_live_equals_replay(client, prefix: str, events, history_len: int,
         for item, got, want in zip(items, live_cooc.similar(items),
                                    replayed["cooc"].similar(items)):
             if len(raw[item]) >= replayed["cooc"].neighbours:  # capped: see CAPPED
-                assert set(_head(got)) == set(_head(want)), item
+                assert_heads_agree(got, want, item)
                 continue
             assert got == pytest.approx(want, rel=1e-6), (item, sorted(set(got) ^ set(want)))
     keys = RedisKeys(prefix)
