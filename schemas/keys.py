@@ -225,8 +225,10 @@ class RedisKeys:
                     "state when STREAMREC_STATE_WRITER=single; every commit checks it."),
             KeySpec(f"{p}:{{wm}}:redo", "hash {seq, commands}", "none",
                     "stream worker (single writer on a Redis Cluster)", "one batch's writes",
-                    "The last commit: its number and its writes outside the {wm} slot "
-                    "(msgpack), written in one MULTI/EXEC with the watermarks, then applied; "
+                    "The last commit: its number (growing; a writer taking over numbers on "
+                    "from it or from the clock in ms, whichever is larger) and its writes "
+                    "outside the {wm} slot (msgpack), written in one MULTI/EXEC with the "
+                    "watermarks, then applied; "
                     "applied again after a crash or a failed write (every write in it is an "
                     "overwrite or guarded by a seq key: applying twice changes nothing)."),
             KeySpec(f"{p}:{{wm}}:held", "hash <topic>:<partition> → reason", "none",

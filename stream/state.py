@@ -372,12 +372,14 @@ class LiveState:
 
     def _apply_redo(self) -> None:
         """Cluster: apply the last commit's redo record again (every write in it is an
-        overwrite or guarded by its seq, so what was applied already stays as it is)."""
+        overwrite or guarded by its seq, so what was applied already stays as it is). Later
+        commits are numbered past it and past the clock in ms, so the numbers keep growing
+        even if the record was lost (else the guards would skip every write)."""
         record = self.client.hgetall(self.keys.redo)
         if record:
             apply_commands(self.client, msgspec.msgpack.decode(record[b"commands"]),
                            self._scripts)
-        self._committed_seq = int(record.get(b"seq", 0))
+        self._committed_seq = max(int(record.get(b"seq", 0)), int(time.time() * 1000))
         self._redo_pending = False
 
     def prepare(self, messages: list[SourceMessage]) -> PreparedBatch:

@@ -190,3 +190,17 @@ def test_slots_moved_between_commits_are_followed(cluster_settings, client, clus
     assert not refused  # redis-py follows the moved slots: no commit had to be prepared again
     assert snapshot(cluster, s.key_prefix) == snapshot(cluster, clean.key_prefix)
     assert counters(client, live.keys) == {"events_applied": 1200, "batches": 8}
+
+
+def test_commits_after_a_lost_redo_record_are_still_applied(cluster_settings, client, cluster):
+    clean = cluster_settings.model_copy(update={"key_prefix": cluster_settings.key_prefix + "c"})
+    apply_beside_a_replay(single_writer(clean, client), messages(), MODELS)
+    s = cluster_settings
+    live, batch = single_writer(s, client), messages()
+    for start in range(0, len(batch), 4):
+        if start == 16:  # an operator emptied the {wm} bookkeeping's redo record
+            client.delete(live.keys.redo)
+            live.lease.held = False  # as a restarted worker: the record is read again
+        live.apply_messages(batch[start:start + 4])
+    assert snapshot(cluster, s.key_prefix) == snapshot(cluster, clean.key_prefix)
+    assert counters(client, live.keys) == {"events_applied": 1200, "batches": 8}
