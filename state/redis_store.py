@@ -398,12 +398,6 @@ class RedisStore(StateStore):
         if self.rows_as_strings:
             return self._read_local(table, keys)
         names = self.keys(table, keys)
-        if self.cluster:  # rows in many slots: one ZRANGE each
-            with self.client.pipeline(transaction=False) as pipe:
-                for name in names:
-                    pipe.zrange(name, 0, -1, withscores=True)
-                return [{member.decode(): score for member, score in row}
-                        for row in pipe.execute()]
         try:  # the read-only variant: readers holding only read access may run it (ACLs)
             raw = self.client.evalsha_ro(self._read.sha, len(names), *names)
         except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
@@ -555,7 +549,7 @@ class RedisStore(StateStore):
 
     def _set_strings(self, mapping: dict[str, bytes], ttl_ms: int) -> None:
         """MSET, or SET with PX per key (one script call) when keys expire; on a cluster one
-        SET per key (keys in many slots)."""
+        such call per slot."""
         if self.cluster:  # one call per slot (a bucket: CLUSTER_KEY_BUCKETS)
             for names in by_slot(mapping):
                 self._set_strings_in_one_slot({n: mapping[n] for n in names}, ttl_ms)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topics, free_port,
-                            terminate)
+from infra.embedded import (EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster,
+                            ensure_streamrec_topics, free_port, terminate)
 from infra.redis_client import sync_redis
 from infra.settings import Settings
 
@@ -34,6 +34,13 @@ def pytest_collection_modifyitems(items):
 def redis_server():
     with EmbeddedRedis() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A real Redis Cluster: 3 primaries (redis-server --cluster-enabled yes)."""
+    with EmbeddedRedisCluster(primaries=3) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

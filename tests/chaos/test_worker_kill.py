@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from infra.redis_client import sync_redis
 from schemas.keys import RedisKeys
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
@@ -19,13 +20,20 @@ TOTAL = 6000
 
 
 @pytest.mark.parametrize("kill_after,layout", [(300, "shared"), (3000, "shared"),
-                                               (1500, "single")])
-def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, redis_client, spawn,
+                                               (1500, "single"), (2000, "cluster")])
+def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, request, spawn,
                                                                kill_after, layout):
     # single: the worker holds model state in memory, so the kill loses it all; the restarted
-    # worker waits out the dead one's lease (2 s here) and rebuilds from Redis + Kafka
+    # worker waits out the dead one's lease (2 s here) and rebuilds from Redis + Kafka.
+    # cluster: the same on a 3-primary Redis Cluster, where a kill may also cut a commit
+    # between its redo record and its writes to the other nodes
     s = settings.model_copy(update={"live_models": "session,cooc", "worker_batch_max": 20,
-                                    "state_writer": layout, "state_writer_lease_s": 2.0})
+                                    "state_writer": "shared" if layout == "shared" else "single",
+                                    "state_writer_lease_s": 2.0})
+    if layout == "cluster":
+        s = s.model_copy(update={"redis_url": request.getfixturevalue("redis_cluster").url})
+    redis_client = sync_redis(s.redis_url)
+    request.addfinalizer(redis_client.close)
     events = list(UserSimulator(80, 200, seed=kill_after).events(TOTAL, time.time() - TOTAL))
     with InteractionProducer(s.kafka_bootstrap, s.topic_interactions,
                              max_batch_events=25) as producer:
@@ -45,7 +53,8 @@ def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, redis_c
     time.sleep(2)  # anything still redelivered must be skipped, not applied
     assert count() == TOTAL  # no loss, no double count
 
-    assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len, layout=layout)
-    assert redis_client.get(RedisKeys(s.key_prefix).state_layout) == layout.encode()
+    assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
+                              layout=s.state_writer)
+    assert redis_client.get(RedisKeys(s.key_prefix).state_layout) == s.state_writer.encode()
     row = next(redis_client.scan_iter(match=f"{s.key_prefix}:m:cooc:cooc:*", count=1000))
-    assert redis_client.type(row) == (b"string" if layout == "single" else b"zset")
+    assert redis_client.type(row) == (b"string" if s.state_writer == "single" else b"zset")

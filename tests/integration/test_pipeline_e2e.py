@@ -88,17 +88,26 @@ def test_every_valid_event_lands_and_every_malformed_one_is_dead_lettered(
     assert len({(r.source.partition, r.source.offset) for r in records}) == len(records)
 
     # Feeds are built for every active user and readable through Redis and HTTP.
+    assert_feeds_built_and_served(spawn, settings, redis_client,
+                                  sorted({e.user_id for e in events}))
+
+
+def assert_feeds_built_and_served(spawn, settings, client, users: list[str], timeout_s=30.0,
+                                  checked: int = 20) -> str:
+    """Start a feed builder and an API: every user gets a feed, and the API serves the
+    first ``checked`` users' feeds as stored. Returns the API's URL."""
+    keys = RedisKeys(settings.key_prefix)
     spawn(["feeds"], settings)
-    users = sorted({e.user_id for e in events})
-    wait_for(lambda: all(redis_client.exists(keys.feed(u)) for u in users), 30, "feeds")
+    wait_for(lambda: all(client.exists(keys.feed(u)) for u in users), timeout_s, "feeds")
     port = free_port()
     api = spawn(["api", "--port", str(port), "--loglevel", "warning"], settings)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: _get(f"{url}/readyz"), 30, "API ready", proc=api)
-    for user in users[:20]:
-        stored = msgspec.json.decode(redis_client.get(keys.feed(user)))
+    for user in users[:checked]:
+        stored = msgspec.json.decode(client.get(keys.feed(user)))
         served = httpx.get(f"{url}/v1/users/{user}/feed").json()
         assert served == stored and len(served["items"]) == settings.feed_size
+    return url
 
 
 def _get(url):

@@ -8,12 +8,10 @@ import subprocess
 import time
 
 import httpx
-import msgspec
 import pytest
 import redis
 
 import state.redis_store
-from infra.embedded import EmbeddedRedisCluster, free_port
 from infra.redis_client import sync_redis
 from state.redis_store import StateLayoutError, build_on_redis
 from stream.producer import InteractionProducer
@@ -21,16 +19,15 @@ from stream.simulator import UserSimulator
 from stream.state import LiveState
 from tests.conftest import wait_for
 from tests.integration.test_exactly_once import apply_beside_a_replay, messages
-from tests.integration.test_pipeline_e2e import _get, counters
+from tests.integration.test_pipeline_e2e import assert_feeds_built_and_served, counters
 from tests.state_check import assert_store_holds
 
 MODELS = ["session", "cooc", "mf"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with EmbeddedRedisCluster(primaries=3) as started:
-        yield started
+@pytest.fixture
+def cluster(redis_cluster):
+    return redis_cluster
 
 
 @pytest.fixture
@@ -151,16 +148,7 @@ def test_worker_feed_builder_and_api_run_on_the_cluster(cluster_settings, client
         mine = [e.item_id for e in events if e.user_id == user][::-1][:s.history_len]
         assert [x.decode() for x in client.lrange(keys.user_history(user), 0, -1)] == mine
 
-    spawn(["feeds"], s)
-    wait_for(lambda: all(client.exists(keys.feed(u)) for u in users), 60, "feeds")
-    port = free_port()
-    api = spawn(["api", "--port", str(port), "--loglevel", "warning"], s)
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _get(f"{url}/readyz"), 30, "API ready", proc=api)
-    for user in users[:10]:
-        stored = msgspec.json.decode(client.get(keys.feed(user)))
-        served = httpx.get(f"{url}/v1/users/{user}/feed").json()
-        assert served == stored and len(served["items"]) == s.feed_size
+    url = assert_feeds_built_and_served(spawn, s, client, users, timeout_s=60, checked=10)
     fresh = httpx.get(f"{url}/v1/users/{users[0]}/recommendations", params={"k": 5})
     assert fresh.status_code == 200 and len(fresh.json()["items"]) == 5
 
