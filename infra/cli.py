@@ -137,14 +137,19 @@ def cmd_produce(args: argparse.Namespace) -> None:
                       "events_per_s": round(len(events) / max(elapsed, 1e-9))}))
 
 
-def cmd_services(_args: argparse.Namespace) -> None:
-    """Start an embedded broker and redis-server and print the env vars that reach them."""
+def cmd_services(args: argparse.Namespace) -> None:
+    """Start an embedded broker and redis-server (or a local Redis Cluster) and print the env
+    vars that reach them."""
     import time
 
-    from infra.embedded import EmbeddedKafka, EmbeddedRedis
+    from infra.embedded import EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster
 
-    with EmbeddedRedis() as redis_srv, EmbeddedKafka() as kafka:
+    redis_service = (EmbeddedRedisCluster(args.redis_cluster) if args.redis_cluster
+                     else EmbeddedRedis())
+    with redis_service as redis_srv, EmbeddedKafka() as kafka:
         print(f"export STREAMREC_KAFKA_BOOTSTRAP={kafka.bootstrap}")
+        if args.redis_cluster:
+            print("export STREAMREC_STATE_WRITER=single")
         print(f"export STREAMREC_REDIS_URL={redis_srv.url}", flush=True)
         try:
             while True:
@@ -346,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="simulator seed [STREAMREC_SIM_SEED]")
     produce.set_defaults(func=cmd_produce)
 
-    sub.add_parser("services", help=cmd_services.__doc__).set_defaults(func=cmd_services)
+    services = sub.add_parser("services", help=cmd_services.__doc__)
+    services.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+                          help="a Redis Cluster of N primaries (redis-server --cluster-enabled) "
+                               "instead of one redis-server")
+    services.set_defaults(func=cmd_services)
 
     schema = sub.add_parser("schema", help=cmd_schema.__doc__)
     schema.add_argument("--out", default="", help="write to this file instead of stdout")
@@ -455,8 +464,9 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 
     from online_models.registry import UnknownModelError
     from replay.loaders import LogFormatError
+    from state.redis_store import StateLayoutError
 
-    return (LogFormatError, UnknownModelError, LogPositionError, ValidationError,
+    return (LogFormatError, UnknownModelError, LogPositionError, ValidationError, StateLayoutError,
             FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
             UnicodeDecodeError)
 

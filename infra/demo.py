@@ -26,7 +26,7 @@ import numpy as np
 from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topics, free_port,
                             terminate)
 from infra.progress import progress
-from infra.redis_client import sync_redis
+from infra.redis_client import cluster_seed, sync_redis
 from infra.settings import Settings
 from schemas.keys import RedisKeys
 from serving.feeds import FeedBuilder
@@ -88,8 +88,10 @@ def run_demo(args: argparse.Namespace) -> int:
         if not kafka_bootstrap:
             kafka_bootstrap = stack.enter_context(EmbeddedKafka()).bootstrap
         api_port = base.api_port if base.api_port and _free(base.api_port) else free_port()
-        # the content model (item descriptions) joins the configured ones unless set explicitly
+        # the content model (item descriptions) joins the configured ones unless set
+        # explicitly, or on a Redis Cluster (its rows are added to by two writers: refused)
         live_models = (base.live_models if "STREAMREC_LIVE_MODELS" in os.environ
+                       or cluster_seed(redis_url) is not None
                        else ",".join(dict.fromkeys([*base.live_model_names, "content"])))
         settings = base.model_copy(update={"kafka_bootstrap": kafka_bootstrap,
                                            "redis_url": redis_url, "api_port": api_port,

@@ -5,6 +5,7 @@ shared layout is refused, and worker → feed builder → HTTP runs end to end."
 
 import shutil
 import subprocess
+import sys
 import time
 
 import httpx
@@ -17,7 +18,7 @@ from state.redis_store import StateLayoutError, build_on_redis
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
 from stream.state import LiveState
-from tests.conftest import wait_for
+from tests.conftest import ROOT, settings_env, wait_for
 from tests.integration.test_exactly_once import apply_beside_a_replay, messages
 from tests.integration.test_pipeline_e2e import assert_feeds_built_and_served, counters
 from tests.state_check import assert_store_holds
@@ -192,3 +193,11 @@ def test_commits_after_a_lost_redo_record_are_still_applied(cluster_settings, cl
         live.apply_messages(batch[start:start + 4])
     assert snapshot(cluster, s.key_prefix) == snapshot(cluster, clean.key_prefix)
     assert counters(client, live.keys) == {"events_applied": 1200, "batches": 8}
+
+
+def test_a_role_set_to_the_shared_layout_on_a_cluster_stops_with_one_line(cluster_settings):
+    env = settings_env(cluster_settings.model_copy(update={"state_writer": "shared"}))
+    run = subprocess.run([sys.executable, "-m", "infra.cli", "feeds"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+    assert "STREAMREC_STATE_WRITER=single" in run.stderr
