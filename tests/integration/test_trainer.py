@@ -108,8 +108,9 @@ def test_serving_loads_current_follows_new_versions_and_rollbacks(trained):
     checkpoints = Checkpoints(s.trainer_dir, "two_tower")
     newest = trainer.model.version
     assert newest >= target and checkpoints.versions() == [newest - 1, newest]
-    [before] = source.recommend([Query(user, history)], 5)  # starts the load, never waits
-    assert source.version < newest and before.items
+    with source._lock:  # as while a load takes long: requests are answered meanwhile
+        [before] = source.recommend([Query(user, history)], 5)  # starts the load
+        assert source.version < newest and before.items  # from the version it holds
     source.wait_loaded()
     assert source.version == newest
     republished = rollback(s, "two_tower", newest - 1)
