@@ -162,6 +162,10 @@ class EmbeddedRedis(_Process):
             return False
 
 
+def redis_cli() -> str:
+    return shutil.which("redis-cli") or "/usr/bin/redis-cli"
+
+
 def _cluster_port() -> int:
     """A free port whose cluster bus port (+10000) is free too (so at most 55535)."""
     while True:
@@ -202,9 +206,8 @@ class EmbeddedRedisCluster:
         try:
             for node in self.nodes:
                 node.start(timeout_s)
-            cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
             create = subprocess.run(
-                [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                [redis_cli(), "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
                  "--cluster-replicas", "0", "--cluster-yes"],
                 capture_output=True, text=True, timeout=timeout_s)
             if create.returncode != 0:
@@ -222,10 +225,23 @@ class EmbeddedRedisCluster:
 
     @staticmethod
     def _ok(node: _ClusterNode) -> bool:
-        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
-        info = subprocess.run([cli, "-p", str(node.port), "cluster", "info"],
+        info = subprocess.run([redis_cli(), "-p", str(node.port), "cluster", "info"],
                               capture_output=True, text=True, timeout=5).stdout
         return "cluster_state:ok" in info
+
+    def move_slots(self, source: int, target: int, slots: int) -> None:
+        """Move ``slots`` hash slots, keys included, from node ``source`` to node ``target``
+        (indexes into ``nodes``) with ``redis-cli --cluster reshard``."""
+        ids = [subprocess.run([redis_cli(), "-p", str(self.nodes[n].port), "cluster", "myid"],
+                              capture_output=True, text=True, timeout=5).stdout.strip()
+               for n in (source, target)]
+        moved = subprocess.run(
+            [redis_cli(), "--cluster", "reshard", f"127.0.0.1:{self.nodes[0].port}",
+             "--cluster-from", ids[0], "--cluster-to", ids[1], "--cluster-slots", str(slots),
+             "--cluster-yes"], capture_output=True, text=True, timeout=120)
+        if moved.returncode != 0:
+            raise ServiceStartError(f"redis-cli --cluster reshard: {moved.stdout[-500:]}"
+                                    f"{moved.stderr[-500:]}")
 
     def close(self) -> None:
         for node in self.nodes:

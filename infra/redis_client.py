@@ -87,20 +87,24 @@ def mget_any(client, keys: list) -> list:
         return []
     if not is_cluster(client):
         return client.mget(keys)
-    by_slot: dict[int, list[int]] = {}
-    for n, key in enumerate(keys):
-        by_slot.setdefault(slot_of(key), []).append(n)
-    try:
-        replies = send_per_node(client, [("MGET", *(keys[n] for n in positions))
-                                         for positions in by_slot.values()], key_of=itemgetter(1))
-    except (redis.exceptions.MovedError, redis.exceptions.AskError):  # slots moving
-        client.nodes_manager.initialize()
-        return client.mget_nonatomic(keys)  # redis-py follows the redirections
-    values = [None] * len(keys)
-    for positions, reply in zip(by_slot.values(), replies):
-        for n, value in zip(positions, reply):
-            values[n] = value
-    return values
+    groups = by_slot(keys)
+    replies = send_per_node(client, [("MGET", *group) for group in groups], itemgetter(1))
+    found = {key: value for group, reply in zip(groups, replies)
+             for key, value in zip(group, reply)}
+    return [found[key] for key in keys]
+
+
+async def mget_any_async(client, keys: list) -> list:
+    """:func:`mget_any` on an asyncio client (redis-py's own split by slot on a cluster)."""
+    return await (client.mget_nonatomic(keys) if is_cluster(client) else client.mget(keys))
+
+
+def by_slot(keys) -> list[list]:
+    """Keys grouped by Redis Cluster slot (one multi-key command per group)."""
+    groups: dict[int, list] = {}
+    for key in keys:
+        groups.setdefault(slot_of(key), []).append(key)
+    return list(groups.values())
 
 
 @lru_cache(maxsize=1 << 18)  # the worker names the same keys batch after batch
@@ -128,11 +132,24 @@ def _replies(connection, count: int):
         yield reply
 
 
-def send_per_node(client: redis.cluster.RedisCluster, commands: list, key_of) -> list:
-    """Send commands to a cluster as one packed write per primary (each command routed by the
-    slot of ``key_of(command)``), every write before any reply is read; the replies in
-    command order. Raises the first error reply once every reply is read (connections stay in
-    step). redis-py's cluster pipeline does the same at ~10× the CPU per command."""
+def send_per_node(client: redis.cluster.RedisCluster, commands: list[tuple], key_of) -> list:
+    """Send commands (tuples) to a cluster as one packed write per primary, each routed by the
+    slot of ``key_of(command)``, every write before any reply is read; the replies in command
+    order. Raises the first error reply once every reply is read (connections stay in step).
+    redis-py's cluster pipeline does the same at ~10× the CPU per command; where slots moved
+    (MOVED, ASK) the commands go through it again, as it follows redirections, so callers
+    only send commands that may be applied twice."""
+    try:
+        return _send_packed(client, commands, key_of)
+    except (redis.exceptions.MovedError, redis.exceptions.AskError):
+        client.nodes_manager.initialize()
+        with client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return pipe.execute()
+
+
+def _send_packed(client, commands: list[tuple], key_of) -> list:
     slots, per_node = client.nodes_manager.slots_cache, {}
     for n, command in enumerate(commands):
         node = slots[slot_of(key_of(command))][0]
@@ -143,7 +160,7 @@ def send_per_node(client: redis.cluster.RedisCluster, commands: list, key_of) ->
             pool = client.get_redis_connection(node).connection_pool
             sent.append((pool, pool.get_connection(), positions))
             sent[-1][1].send_packed_command([b"".join(
-                pack_command(tuple(commands[n])) for n in positions)])
+                pack_command(commands[n]) for n in positions)])
         for _, connection, positions in sent:
             for n, reply in zip(positions, _replies(connection, len(positions))):
                 if isinstance(reply, redis.ConnectionError):
@@ -167,10 +184,8 @@ def mset_any(client, mapping: dict) -> None:
     """MSET of keys in any slots: one command on one server, one SET per key on a cluster."""
     if not mapping:
         return
-    if not is_cluster(client):
+    if is_cluster(client):
+        send_per_node(client, [("SET", key, value) for key, value in mapping.items()],
+                      itemgetter(1))
+    else:
         client.mset(mapping)
-        return
-    with client.pipeline(transaction=False) as pipe:
-        for key, value in mapping.items():
-            pipe.set(key, value)
-        pipe.execute()

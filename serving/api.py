@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from infra.redis_client import TRANSIENT_REDIS_ERRORS, is_cluster, mget_any, sync_redis
+from infra.redis_client import TRANSIENT_REDIS_ERRORS, mget_any, mget_any_async, sync_redis
 from infra.settings import Settings
 from schemas import dlq
 from schemas.events import MAX_ID_CHARS, json_schema, split_message
@@ -391,9 +391,7 @@ class FastPaths:
 
     async def _read_batch(self, batch: list[tuple[str, asyncio.Future]]) -> None:
         try:
-            keys = [key for key, _ in batch]
-            values = await (self.redis.mget_nonatomic(keys) if is_cluster(self.redis)
-                            else self.redis.mget(keys))  # feeds of many users: many slots
+            values = await mget_any_async(self.redis, [key for key, _ in batch])
         except Exception as exc:  # noqa: BLE001 - every waiter gets the error
             values = [exc] * len(batch)
         for (_, future), value in zip(batch, values):

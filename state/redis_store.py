@@ -19,7 +19,7 @@ import numpy as np
 import redis
 from hiredis import pack_command
 
-from infra.redis_client import is_cluster, mget_any, send_per_node, slot_of
+from infra.redis_client import by_slot, is_cluster, mget_any, send_per_node, slot_of
 from online_models.base import OnlineModel
 from online_models.registry import build
 from online_models.store import Rows, StateStore, slack
@@ -274,35 +274,17 @@ def _first_key(command) -> str:
     return command[3] if command[0] == "EVALSHA" else command[1]
 
 
-def by_slot(names) -> list[list[str]]:
-    """Key names grouped by Redis Cluster slot (a multi-key command per group)."""
-    groups: dict[int, list[str]] = {}
-    for name in names:
-        groups.setdefault(slot_of(name), []).append(name)
-    return list(groups.values())
-
-
-def apply_commands(client, commands: list, scripts: list[str]) -> None:
-    """Send recorded commands to a Redis Cluster, pipelined per node (each routed by its key);
-    where a node lacks a script (restarted), load ``scripts`` everywhere and send them all
-    again; where slots moved, through redis-py's cluster pipeline, which follows redirections.
-    Callers only send commands that may be applied twice."""
-    for attempt in range(2):
-        try:
-            send_per_node(client, commands, key_of=_first_key)
-            return
-        except redis.exceptions.NoScriptError:
-            if attempt:
-                raise
-            for script in scripts:
-                client.script_load(script)
-        except (redis.exceptions.MovedError, redis.exceptions.AskError):
-            client.nodes_manager.initialize()
-            with client.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                pipe.execute()
-            return
+def apply_commands(client, commands: list[tuple], scripts: list[str]) -> None:
+    """Send recorded commands to a Redis Cluster, pipelined per node (each routed by its key:
+    :func:`infra.redis_client.send_per_node`); where a node lacks a script (restarted), load
+    ``scripts`` everywhere and send them all again. Callers only send commands that may be
+    applied twice."""
+    try:
+        send_per_node(client, commands, key_of=_first_key)
+    except redis.exceptions.NoScriptError:
+        for script in scripts:
+            client.script_load(script)
+        send_per_node(client, commands, key_of=_first_key)
 
 
 class RedisStore(StateStore):
@@ -584,13 +566,19 @@ class StateLayoutError(RuntimeError):
     """Redis's model state is laid out for another ``STREAMREC_STATE_WRITER``."""
 
 
-def check_layout(client, prefix: str, layout: str, claim: bool = False) -> None:
-    """Refuse to run against model state laid out otherwise (a reader would meet values of
-    the wrong type; writers would mix layouts). ``claim``: record ``layout`` if none is."""
+def require_single_on_cluster(client, layout: str) -> None:
+    """Refuse the shared layout on a Redis Cluster (its commits add to rows of many slots in
+    one transaction: one Redis primary only)."""
     if is_cluster(client) and layout != "single":
         raise StateLayoutError(
             "on a Redis Cluster model state needs STREAMREC_STATE_WRITER=single (the shared "
             "layout adds to rows of many slots in one transaction: one Redis primary only)")
+
+
+def check_layout(client, prefix: str, layout: str, claim: bool = False) -> None:
+    """Refuse to run against model state laid out otherwise (a reader would meet values of
+    the wrong type; writers would mix layouts). ``claim``: record ``layout`` if none is."""
+    require_single_on_cluster(client, layout)
     key = RedisKeys(prefix).state_layout
     if claim:
         client.set(key, layout, nx=True)

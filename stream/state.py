@@ -42,8 +42,8 @@ from infra.settings import Settings
 from online_models.base import OnlineModel
 from online_models.signals import SignalBatch, SignalMapper
 from infra.redis_client import is_cluster
-from state.redis_store import (CLUSTER_WRITE_SCRIPTS, StateLayoutError, WriteBatch,
-                               apply_commands, queue_script)
+from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands, queue_script,
+                               require_single_on_cluster)
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TRENDING_WEIGHTS, batch_deltas
 from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
@@ -155,6 +155,7 @@ return 0
 """
 
 _WEIGHT_OF = dict(TRENDING_WEIGHTS)
+_decode_commands = msgspec.msgpack.Decoder(list[tuple]).decode  # a redo record's commands
 
 #: KEYS: the lease. ARGV: holder id, lease in ms. Renews it if this holder has it.
 RENEW_LEASE_LUA = """
@@ -263,12 +264,9 @@ class LiveState:
         self._uncommitted: list[PreparedBatch] = []  # prepared, oldest first
         self.lease = (WriterLease(client, self.keys.state_writer, settings.state_writer_lease_s)
                       if settings.state_writer == "single" else None)
+        require_single_on_cluster(client, settings.state_writer)
         self.cluster = is_cluster(client)
         if self.cluster:  # commits go through the redo record (module doc)
-            if self.lease is None:
-                raise StateLayoutError(
-                    "on a Redis Cluster the worker needs STREAMREC_STATE_WRITER=single (one "
-                    "transaction cannot span the slots a shared commit adds to)")
             self._history_guarded = client.register_script(HISTORY_GUARDED_LUA)
             self._counters_guarded = client.register_script(COUNTERS_GUARDED_LUA)
             self._scripts = [*(script.script for script in (
@@ -308,24 +306,30 @@ class LiveState:
             if (e.recommendation_id is not None and e.position in self._reserved
                     and e.type in ENGAGEMENT_TYPES):
                 rewarded[e.item_id] = rewarded.get(e.item_id, 0) + 1
-        if histories and seq:  # one slot per user: one guarded call each
-            for user, seen in histories.items():
-                queue_script(pipe, self._history_guarded,
-                             [keys.user_history(user), keys.user_history_seq(user)],
-                             [seq, s.history_len, s.history_ttl_s, *seen])
-        elif histories:
-            args = [s.history_len, s.history_ttl_s]
-            for seen in histories.values():
-                args.append(len(seen))
-                args += seen
-            queue_script(pipe, self._history, [keys.user_history(u) for u in histories], args)
         if histories:
+            self._queue_histories(pipe, histories, seq)
             queue_script(pipe, self._feed_queue, [keys.feed_queue],
                          [s.feed_queue_max, *histories])
         if rewarded:
             queue_script(pipe, self._clicks, [keys.bandit_shows, keys.bandit_clicks,
                                               *([keys.bandit_seq] if seq else [])],
                          [seq, *(x for pair in rewarded.items() for x in pair)])
+
+    def _queue_histories(self, pipe, histories: dict[str, list[str]], seq: int) -> None:
+        """One script call for every user on one server; on a cluster (``seq`` > 0) one
+        guarded call per user, as each user's history has a slot of its own."""
+        s, keys = self.settings, self.keys
+        if seq:
+            for user, seen in histories.items():
+                queue_script(pipe, self._history_guarded,
+                             [keys.user_history(user), keys.user_history_seq(user)],
+                             [seq, s.history_len, s.history_ttl_s, *seen])
+            return
+        args = [s.history_len, s.history_ttl_s]
+        for seen in histories.values():
+            args.append(len(seen))
+            args += seen
+        queue_script(pipe, self._history, [keys.user_history(u) for u in histories], args)
 
     def _count(self, pipe, counts: dict[str, int], seq: int = 0) -> None:
         """Add to the counters (guarded by ``seq`` > 0 on a cluster)."""
@@ -377,8 +381,7 @@ class LiveState:
         even if the record was lost (else the guards would skip every write)."""
         record = self.client.hgetall(self.keys.redo)
         if record:
-            apply_commands(self.client, msgspec.msgpack.decode(record[b"commands"]),
-                           self._scripts)
+            apply_commands(self.client, _decode_commands(record[b"commands"]), self._scripts)
         self._committed_seq = max(int(record.get(b"seq", 0)), int(time.time() * 1000))
         self._redo_pending = False
 

@@ -192,13 +192,13 @@ class Trainer:
                 self.model.learn(self._mapper.map(chunk))
                 self.events += len(chunk)
                 if self.model.version != before:
-                    self._published_version(consumer, producer, topic)
+                    self._publish_and_commit(consumer, producer, topic)
             if self.model.schedule.paused and self._rebuilt(consumer):
                 self.model.schedule.resume(max(self.checkpoints.versions(), default=0))
                 if self.model.train_if_due():
-                    self._published_version(consumer, producer, topic)
+                    self._publish_and_commit(consumer, producer, topic)
 
-    def _published_version(self, consumer, producer, topic: str) -> None:
+    def _publish_and_commit(self, consumer, producer, topic: str) -> None:
         self.publish(producer, topic)
         consumer.commit()  # the group's lag shows how far behind the trainer is
 
