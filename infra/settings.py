@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from online_models.trending import DEFAULT_HALF_LIFE_S, DEFAULT_MAX_ITEMS
+
 
 #: Shortest accepted API key (a guessable key is as good as none).
 MIN_API_KEY_CHARS = 16
@@ -115,8 +117,10 @@ class Settings(BaseSettings):
     worker_metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics.")
     worker_data_dir: str = Field("", description="Faust data dir (default: a temp dir).")
     redis_retry_max_s: float = Field(5.0, gt=0, description="Cap of the Redis retry backoff.")
-    trending_half_life_s: float = Field(3600.0, gt=0, description="Half-life of trending scores.")
-    trending_max_items: int = Field(10_000, ge=10, description="Trending items kept (top-N).")
+    trending_half_life_s: float = Field(DEFAULT_HALF_LIFE_S, gt=0,
+                                        description="Half-life of trending scores.")
+    trending_max_items: int = Field(DEFAULT_MAX_ITEMS, ge=10, description="Trending items kept "
+                                    "(top-N; first-seen times for 10 × as many).")
     history_len: int = Field(50, ge=1, le=10_000, description="Recent items kept per user.")
     history_ttl_s: int = Field(7 * 86400, ge=60, description="TTL of a user's history.")
     user_state_ttl_s: int = Field(30 * 86400, ge=0, description="TTL of model state owned by a "

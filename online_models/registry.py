@@ -13,6 +13,7 @@ from online_models.mixture import ContextualMixture, MixtureModel
 from online_models.popularity import PopularityModel, RandomModel
 from online_models.river_baseline import RiverBiasedMF
 from online_models.session import SessionModel
+from online_models.trending import TrendingModel
 
 MODELS: dict[str, Callable[[], OnlineModel]] = {
     "session": SessionModel,
@@ -34,7 +35,7 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     "user_blend": lambda: MixtureModel(USER_BLEND_PARTS),
     "user_blend_ctx": lambda: ContextualMixture(USER_CONTEXT_PARTS, USER_CONTEXT_WEIGHTS),
     "popularity": PopularityModel,
-    "trending": lambda: PopularityModel(half_life_s=86400.0),
+    "trending": TrendingModel,  # as live, at the live settings' defaults
     "random": RandomModel,
     "river_mf": RiverBiasedMF,
     # the serving pipeline (serving/blended.py), imported lazily: serving builds on this package

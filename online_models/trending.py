@@ -8,6 +8,11 @@ When ``(t − L)/h`` grows large the store rescales every score by ``2^(−(t �
 ``L`` to ``t`` (:func:`advance_landmark`, :data:`REBASE_AFTER_HALF_LIVES`) to stay far from
 float overflow, so logs spanning decades with a half-life of an hour stay finite.
 
+:class:`TrendingModel` is the one implementation of trending and of each item's first-seen time:
+replay learns it through a store, and the live worker writes the same model's
+:meth:`TrendingModel.step` with a script (``stream/state.py``) that applies it as
+:meth:`TrendingModel._learn` does (landmark step, add, trim).
+
 Example
 -------
 >>> import numpy as np
@@ -19,15 +24,29 @@ Example
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Mapping
 
 import numpy as np
+
+from online_models.base import LearnReport, OnlineModel, Query, Recommendations
+from online_models.popularity import recommend_row
+from online_models.signals import SignalBatch
 
 #: How much each event type adds to an item's trending score.
 TRENDING_WEIGHTS = MappingProxyType({
     "impression": 0.0, "click": 1.0, "view": 0.5, "dwell": 1.0, "skip": 0.0, "like": 2.0,
     "dislike": 0.0, "add_to_cart": 3.0, "purchase": 5.0,
 })
+
+#: Defaults of the live settings (``STREAMREC_TRENDING_HALF_LIFE_S``, ``…_MAX_ITEMS``) and replay.
+#: 6 h: best of 10 min … 7 days on the YooChoose validation split, session and prequential
+#: protocols alike (``bench/tune_trending.py``, docs/benchmarks.md).
+DEFAULT_HALF_LIFE_S = 6 * 3600.0
+DEFAULT_MAX_ITEMS = 10_000
+#: First-seen times are kept for this many times ``max_items`` items (the newest).
+FIRST_SEEN_PER_TRENDING_ITEM = 10
 
 #: Rescale scores and move the landmark once the newest event is this many half-lives past it.
 REBASE_AFTER_HALF_LIVES = 64.0
@@ -61,8 +80,8 @@ def advance_landmark(landmark: float | None, reference_ts: float, half_life_s: f
 
     >>> advance_landmark(None, 100.0, 10.0)
     (100.0, 1.0, 1.0)
-    >>> advance_landmark(0.0, 10_000.0, 10.0)[:2]
-    (10000.0, 0.0)
+    >>> advance_landmark(0.0, 100_000.0, 10.0)[:2]
+    (100000.0, 0.0)
     """
     if landmark is None:
         return reference_ts, 1.0, 1.0
@@ -77,3 +96,80 @@ def advance_landmark(landmark: float | None, reference_ts: float, half_life_s: f
 def decayed(score: float | np.ndarray, landmark: float, now: float, half_life_s: float):
     """Decayed value at ``now`` of a forward-decayed score kept against ``landmark``."""
     return score * np.exp2(-(now - landmark) / half_life_s)
+
+
+@dataclass(frozen=True)
+class TrendingStep:
+    """What one batch adds: forward-decayed deltas relative to ``reference`` (the batch's
+    newest event time) and each item's earliest time in the batch."""
+
+    reference: float
+    items: np.ndarray
+    deltas: np.ndarray
+    first_seen: dict[str, float]
+
+
+class TrendingModel(OnlineModel):
+    """Trending: forward-decayed popularity weighted by event type (``TRENDING_WEIGHTS``: a
+    purchase counts 5, a view 0.5, an impression 0), the same for everyone; and each item's
+    first-seen time (serving's freshness). Live and replay run this class; tables: ``pop``
+    (row ``all``: item → score against the landmark), ``meta`` (``landmark``), ``first``
+    (row ``all``: item → first event time, the newest ``10 · max_items`` kept)."""
+
+    name = "trending"
+
+    def __init__(self, half_life_s: float = DEFAULT_HALF_LIFE_S,
+                 max_items: int = DEFAULT_MAX_ITEMS,
+                 weights: Mapping[str, float] = TRENDING_WEIGHTS) -> None:
+        super().__init__()
+        self.half_life_s = half_life_s
+        self.max_items = max_items
+        self.weights = dict(weights)
+
+    def step(self, batch: SignalBatch) -> TrendingStep:
+        """The batch's update, independent of stored state (the live worker sends it)."""
+        weight_of = self.weights.get
+        weights = np.fromiter((weight_of(t, 0.0) for t in batch.types.tolist()), float,
+                              len(batch))
+        reference = float(batch.timestamps.max())
+        items, deltas = batch_deltas(batch.items, batch.timestamps, weights, reference,
+                                     self.half_life_s)
+        first_seen: dict[str, float] = {}
+        for item, ts in zip(batch.items.tolist(), batch.timestamps.tolist()):
+            if ts < first_seen.get(item, float("inf")):
+                first_seen[item] = ts
+        return TrendingStep(reference, items, deltas, first_seen)
+
+    def _learn(self, batch: SignalBatch) -> LearnReport:
+        step = self.step(batch)
+        stored = self.store.get_rows("meta", ["landmark"])[0].get("t")
+        landmark, rescale, factor = advance_landmark(stored, step.reference, self.half_life_s)
+        if rescale != 1.0:
+            row = self.store.get_rows("pop", ["all"])[0]
+            self.store.set_rows("pop", {"all": {item: score * rescale
+                                                for item, score in row.items()}})
+        if landmark != stored:
+            self.store.set_rows("meta", {"landmark": {"t": landmark}})
+        if factor and len(step.items):
+            self.store.incr_rows("pop", {"all": dict(zip(
+                step.items.tolist(), (step.deltas * factor).tolist()))},
+                keep_top=self.max_items)
+        known = self.store.get_rows("first", ["all"])[0]
+        new = {item: ts for item, ts in step.first_seen.items() if item not in known}
+        if new:
+            self.store.set_rows("first", {"all": new},
+                                keep_top=FIRST_SEEN_PER_TRENDING_ITEM * self.max_items)
+        return LearnReport(events=len(batch))
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        """The ``k`` highest stored scores (against the landmark), ties by item."""
+        row = self.store.get_rows("pop", ["all"])[0]
+        return sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+    def first_seen(self, items: list[str]) -> dict[str, float]:
+        """First event time of each of ``items`` that is known."""
+        row = self.store.get_rows("first", ["all"])[0]
+        return {item: row[item] for item in items if item in row}
+
+    def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
+        return recommend_row(self.store.get_rows("pop", ["all"])[0], queries, k)

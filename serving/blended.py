@@ -17,9 +17,9 @@ from online_models.base import LearnReport, Query, Recommendations
 from online_models.cooccurrence import CooccurrenceModel
 from online_models.mf import OnlineMF
 from online_models.mixture import CompositeModel
-from online_models.popularity import PopularityModel
 from online_models.session import SessionModel
 from online_models.signals import SignalBatch
+from online_models.trending import TrendingModel
 from serving.ann import AnnIndex
 from serving.recommender import PipelineConfig, Recommender, Request
 
@@ -29,29 +29,20 @@ class BlendedModel(CompositeModel):
 
     def __init__(self, rerank: bool = True) -> None:
         super().__init__({"session": SessionModel(), "cooc": CooccurrenceModel(),
-                          "mf": OnlineMF(), "trending": PopularityModel(half_life_s=86400.0)})
+                          "mf": OnlineMF(), "trending": TrendingModel()})
         self.ann = AnnIndex(self.parts["mf"].factors, capacity=10_000)
         self.recommender = Recommender(
-            trending=self._trending, session=self.parts["session"], cooc=self.parts["cooc"],
+            trending=self.parts["trending"].top, session=self.parts["session"], cooc=self.parts["cooc"],
             mf=self.parts["mf"], ann=self.ann,
             config=PipelineConfig(filter_seen=False, rerank=rerank,
                                   model_version="blend-v1" if rerank else "blend-raw-v1"),
             item_ages=self._item_ages)
-        self._first_seen: dict[str, float] = {}
         self._clock = 0.0
 
-    def _trending(self, k: int) -> list[tuple[str, float]]:
-        row = self.parts["trending"].store.get_rows("pop", ["all"])[0]
-        return sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-
     def _item_ages(self, items: list[str]) -> dict[str, float]:
-        seen = self._first_seen
-        return {i: self._clock - seen[i] for i in items if i in seen}
+        return {i: self._clock - t for i, t in self.parts["trending"].first_seen(items).items()}
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
-        for item, ts in zip(batch.items.tolist(), batch.timestamps.tolist()):
-            if ts < self._first_seen.get(item, float("inf")):
-                self._first_seen[item] = ts
         self._clock = max(self._clock, float(batch.timestamps.max()))
         report = super()._learn(batch)
         changed = report.changed_item_vectors

@@ -36,7 +36,6 @@ import uuid
 from dataclasses import dataclass, field
 
 import msgspec
-import numpy as np
 
 from infra.settings import Settings
 from online_models.base import OnlineModel
@@ -44,14 +43,15 @@ from online_models.signals import SignalBatch, SignalMapper
 from infra.redis_client import is_cluster
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands, queue_script,
                                require_single_on_cluster)
-from online_models.trending import REBASE_AFTER_HALF_LIVES, TRENDING_WEIGHTS, batch_deltas
+from online_models.trending import (FIRST_SEEN_PER_TRENDING_ITEM, REBASE_AFTER_HALF_LIVES,
+                                    TrendingModel)
 from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
 
 #: KEYS: trending zset, meta hash. ARGV: half_life, reference_ts, max_items, rebase_after,
 #: the commit's seq (0: none; else a seq at or below the meta's adds nothing), then item,
 #: delta pairs. Rescales in place (ZUNIONSTORE with WEIGHTS) when the landmark is old: the
-#: step of :func:`online_models.trending.advance_landmark`, which replay's model takes.
+#: step of :func:`online_models.trending.advance_landmark`, as ``TrendingModel._learn``.
 TRENDING_LUA = """
 local seq = tonumber(ARGV[5])
 if seq > 0 then
@@ -63,19 +63,19 @@ local ref = tonumber(ARGV[2])
 local max_items = tonumber(ARGV[3])
 local rebase_after = tonumber(ARGV[4])
 local landmark = tonumber(redis.call('HGET', KEYS[2], 'landmark'))
-if not landmark then
+if not landmark then  -- landmarks are kept as sent (tostring would round to 14 digits)
   landmark = ref
-  redis.call('HSET', KEYS[2], 'landmark', tostring(landmark), 'half_life_s', ARGV[1])
+  redis.call('HSET', KEYS[2], 'landmark', ARGV[2], 'half_life_s', ARGV[1])
 end
 local age = (ref - landmark) / hl
 if age < -rebase_after then
   return tostring(landmark)  -- events this old weigh < 2^-64 of current ones: nothing to add
 end
 if age > rebase_after then
-  redis.call('ZUNIONSTORE', KEYS[1], 1, KEYS[1], 'WEIGHTS', tostring(2 ^ (-age)))
+  redis.call('ZUNIONSTORE', KEYS[1], 1, KEYS[1], 'WEIGHTS', string.format('%.17g', 2 ^ (-age)))
   landmark = ref
   age = 0
-  redis.call('HSET', KEYS[2], 'landmark', tostring(landmark))
+  redis.call('HSET', KEYS[2], 'landmark', ARGV[2])
 end
 local last = tonumber(redis.call('HGET', KEYS[2], 'last_ts'))
 if (not last) or ref > last then
@@ -86,10 +86,24 @@ for i = 6, #ARGV, 2 do
   redis.call('ZINCRBY', KEYS[1], tonumber(ARGV[i + 1]) * factor, ARGV[i])
 end
 local size = redis.call('ZCARD', KEYS[1])
-if size > max_items * 1.1 then
+if size > max_items + math.max(1, math.floor(max_items / 10)) then  -- the stores' trim rule
   redis.call('ZREMRANGEBYRANK', KEYS[1], 0, size - max_items - 1)
 end
 return tostring(landmark)
+"""
+
+#: KEYS: first-seen zset. ARGV: how many to keep (the newest), then item, time pairs: a time
+#: is set only where the item has none; trimmed by the stores' rule (as ``TrendingModel``).
+FIRST_SEEN_LUA = """
+local keep = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], 'NX', ARGV[i + 1], ARGV[i])
+end
+local size = redis.call('ZCARD', KEYS[1])
+if size > keep + math.max(1, math.floor(keep / 10)) then
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, size - keep - 1)
+end
+return 0
 """
 
 #: KEYS: history lists. ARGV: max length, TTL, then per key its item count and items (oldest
@@ -154,7 +168,6 @@ end
 return 0
 """
 
-_WEIGHT_OF = dict(TRENDING_WEIGHTS)
 _decode_commands = msgspec.msgpack.Decoder(list[tuple]).decode  # a redo record's commands
 
 #: KEYS: the lease. ARGV: holder id, lease in ms. Renews it if this holder has it.
@@ -256,7 +269,9 @@ class LiveState:
         self.client = client
         self.models = list(models)
         self.mapper = SignalMapper()
+        self.trending = TrendingModel(settings.trending_half_life_s, settings.trending_max_items)
         self._trending = client.register_script(TRENDING_LUA)
+        self._first_seen = client.register_script(FIRST_SEEN_LUA)
         self._history = client.register_script(HISTORY_LUA)
         self._feed_queue = client.register_script(FEED_QUEUE_LUA)
         self._clicks = client.register_script(CLICKS_LUA)
@@ -270,34 +285,29 @@ class LiveState:
             self._history_guarded = client.register_script(HISTORY_GUARDED_LUA)
             self._counters_guarded = client.register_script(COUNTERS_GUARDED_LUA)
             self._scripts = [*(script.script for script in (
-                self._trending, self._history_guarded, self._counters_guarded,
+                self._trending, self._first_seen, self._history_guarded, self._counters_guarded,
                 self._feed_queue, self._clicks)), *CLUSTER_WRITE_SCRIPTS]
             for script in self._scripts:  # on every primary (the redo record names them)
                 client.script_load(script)
         self._committed_seq = 0  # the last commit's number (cluster: the redo record's)
         self._redo_pending = self.cluster  # apply the redo record before the next batch
 
-    def _queue(self, pipe, events: list[Interaction], seq: int = 0) -> None:
-        """Queue the events' skeleton writes (trending, first seen, histories, feed queue,
-        clicks). ``seq`` > 0 (a cluster commit): every write that adds is guarded by it."""
+    def _queue(self, pipe, events: list[Interaction], signals: SignalBatch,
+               seq: int = 0) -> None:
+        """Queue the events' skeleton writes (trending and first seen: the
+        :class:`TrendingModel`'s step; histories, feed queue, clicks). ``seq`` > 0 (a cluster
+        commit): every write that adds is guarded by it."""
         s, keys = self.settings, self.keys
-        items = np.array([e.item_id for e in events], dtype=object)
-        timestamps = np.fromiter((e.timestamp for e in events), float, len(events))
-        weights = np.fromiter((_WEIGHT_OF[e.type] for e in events), float, len(events))
-        reference = float(timestamps.max())
-        uniq, deltas = batch_deltas(items, timestamps, weights, reference, s.trending_half_life_s)
-        if len(uniq):
-            args: list = [s.trending_half_life_s, reference, s.trending_max_items,
+        step = self.trending.step(signals)
+        if len(step.items):
+            args: list = [s.trending_half_life_s, step.reference, s.trending_max_items,
                           REBASE_AFTER_HALF_LIVES, seq]
-            for item, delta in zip(uniq.tolist(), deltas.tolist()):
+            for item, delta in zip(step.items.tolist(), step.deltas.tolist()):
                 args += (item, delta)
             queue_script(pipe, self._trending, [keys.trending, keys.trending_meta], args)
-        first_seen: dict[str, float] = {}
-        for item, ts in zip(items.tolist(), timestamps.tolist()):
-            if ts < first_seen.get(item, float("inf")):
-                first_seen[item] = ts
-        pipe.zadd(keys.item_first_seen, first_seen, nx=True)
-        pipe.zremrangebyrank(keys.item_first_seen, 0, -(10 * s.trending_max_items) - 1)
+        queue_script(pipe, self._first_seen, [keys.item_first_seen],
+                     [FIRST_SEEN_PER_TRENDING_ITEM * s.trending_max_items,
+                      *(x for pair in step.first_seen.items() for x in pair)])
         histories: dict[str, list[str]] = {}
         rewarded: dict[str, int] = {}  # engagements at exploration positions, per item
         for e in events:  # stream order: Kafka keeps each user's events in order
@@ -346,7 +356,7 @@ class LiveState:
         if not events:
             return
         with self.client.pipeline(transaction=False) as pipe:
-            self._queue(pipe, events)
+            self._queue(pipe, events, self.mapper.map(events))
             self._count(pipe, {"events_applied": len(events), "batches": 1})
             pipe.execute()
 
@@ -455,7 +465,7 @@ class LiveState:
                 with model.store.deferred(writes):
                     report = model.learn(prepared.signals)
                 result.changed_item_vectors += report.changed_item_vectors
-            self._queue(writes, prepared.events, prepared.seq)
+            self._queue(writes, prepared.events, prepared.signals, prepared.seq)
             for bucket, ids in prepared.buckets.items():
                 new_ids = [i for i in ids if i in prepared.event_ids]
                 if new_ids:

@@ -68,6 +68,35 @@ def test_landmark_rebase_keeps_decayed_scores(settings, redis_client):
         assert got[item] == pytest.approx(expected[item], rel=1e-9)
 
 
+@pytest.mark.parametrize("half_life, span_s", [(600.0, 2000.0), (10.0, 4000.0)])
+def test_live_trending_and_first_seen_equal_the_replayed_model(settings, redis_client,
+                                                               half_life, span_s):
+    """The worker writes the same TrendingModel that replay learns: after the same batches,
+    Redis's trending scores, landmark and first-seen times equal the model's rows (the second
+    case rebases the landmark many times; both trim at 60 items and 600 first-seen times)."""
+    from online_models.signals import SignalMapper
+    from online_models.trending import TrendingModel
+
+    s = settings.model_copy(update={"trending_half_life_s": half_life,
+                                    "trending_max_items": 60})
+    state, keys = LiveState(s, redis_client), RedisKeys(s.key_prefix)
+    model, mapper = TrendingModel(half_life, 60), SignalMapper()
+    events = list(UserSimulator(40, 5000, seed=9).events(3000, 1.7e9,
+                                                       events_per_s=3000 / span_s))
+    for start in range(0, len(events), 200):
+        state.apply_sync(events[start:start + 200])
+        model.learn(mapper.map(events[start:start + 200]))
+    meta = redis_client.hgetall(keys.trending_meta)
+    assert float(meta[b"landmark"]) == model.store.get_rows("meta", ["landmark"])[0]["t"]
+    live = {k.decode(): v for k, v in redis_client.zrange(keys.trending, 0, -1, withscores=True)}
+    replayed = model.store.get_rows("pop", ["all"])[0]
+    assert 60 <= len(live) <= 66 and set(live) == set(replayed)
+    assert live == pytest.approx(replayed, rel=1e-9)
+    first = {k.decode(): v for k, v in
+             redis_client.zrange(keys.item_first_seen, 0, -1, withscores=True)}
+    assert 600 <= len(first) <= 660 and first == model.store.get_rows("first", ["all"])[0]
+
+
 def test_trending_is_trimmed_to_its_bound(settings, redis_client):
     s = settings.model_copy(update={"trending_max_items": 50})
     state, keys = LiveState(s, redis_client), RedisKeys(s.key_prefix)

@@ -364,11 +364,12 @@ def test_als_known_answer_two_taste_groups_and_fold_in():
 
 def test_contextual_mixture_weighs_parts_by_how_much_history_the_user_has():
     from online_models.mixture import ContextualMixture, context_bucket
+    from online_models.trending import TrendingModel
 
     assert [context_bucket(n) for n in (0, 9, 10, 49, 50, 199, 200)] == [0, 0, 1, 1, 2, 2, 3]
     model = ContextualMixture(
         {"plain": (PopularityModel, 1.0),
-         "recent": (lambda: PopularityModel(half_life_s=1.0), 1.0)},
+         "recent": (lambda: TrendingModel(half_life_s=1.0), 1.0)},
         {0: {"plain": 1.0, "recent": 0.0}, 1: {"plain": 0.0, "recent": 1.0}})
     likes = [("fan", "old", n) for n in range(5)]
     likes += [("veteran", f"v{n}", 10 + n) for n in range(10)]

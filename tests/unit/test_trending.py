@@ -45,13 +45,13 @@ def test_zero_weight_events_dropped_and_weights_ordered():
         TRENDING_WEIGHTS["click"] > TRENDING_WEIGHTS["impression"] == 0
 
 
-def test_replay_popularity_rebases_over_decades_like_live():
+def test_trending_rebases_over_decades_like_live():
     """22 years of events with a 1-hour half-life: finite scores, newest activity first (the
     landmark is rebased, as the live trending script does), and no overflow warning."""
     import warnings
 
     from online_models.base import Query
-    from online_models.popularity import PopularityModel
+    from online_models.trending import TrendingModel
     from online_models.signals import SignalMapper
     from schemas.events import validate_event
 
@@ -65,7 +65,7 @@ def test_replay_popularity_rebases_over_decades_like_live():
     events += [validate_event({"event_id": f"n{k}", "user_id": "u", "item_id": "new",
                                "type": "click", "timestamp": last + hour * (k / 40)})
                for k in range(40)]
-    model = PopularityModel(half_life_s=hour)
+    model = TrendingModel(half_life_s=hour)
     mapper = SignalMapper()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an overflow in exp2 would raise here
