@@ -73,8 +73,15 @@ class CooccurrenceModel(OnlineModel):
         return batch.select(batch.positive)  # only positive events co-occur
 
     def prefetch(self, batch: SignalBatch) -> None:
-        owners = self._owners(self._paired(batch)).tolist()
-        self.store.prefetch_local_rows("win", list(dict.fromkeys(owners)))
+        paired = self._paired(batch)
+        owners = list(dict.fromkeys(self._owners(paired).tolist()))
+        self.store.prefetch_local_rows("win", owners)
+        if self.store.writes_read_rows:  # the rows learning writes: both ends of every pair
+            items = list(dict.fromkeys(paired.items.tolist()))
+            earlier = [i for row in self.store.get_local_rows("win", owners) for i in row]
+            self.store.prefetch_rows("cooc", list(dict.fromkeys([*items, *earlier])))
+            self.store.prefetch_rows("mass", items)
+            self.store.prefetch_rows("meta", ["landmark"])
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
         batch = self._paired(batch)

@@ -96,6 +96,7 @@ class OnlineMF(OnlineModel):
         batch = self._learnt(batch)
         self.store.prefetch_vectors("item", list(dict.fromkeys(batch.items.tolist())))
         self.store.prefetch_local_vectors("user", list(dict.fromkeys(batch.users.tolist())))
+        self.store.prefetch_rows("catalog", ["all"])
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
         batch = self._learnt(batch)

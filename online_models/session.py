@@ -73,8 +73,16 @@ class SessionModel(OnlineModel):
         return batch.select(batch.types != "impression")
 
     def prefetch(self, batch: SignalBatch) -> None:
-        sessions = self._visits(batch).sessions.tolist()
-        self.store.prefetch_local_rows("sess", list(dict.fromkeys(sessions)))
+        visits = self._visits(batch)
+        sessions = list(dict.fromkeys(visits.sessions.tolist()))
+        self.store.prefetch_local_rows("sess", sessions)
+        if self.store.writes_read_rows:  # the rows learning writes: items and rules' sources
+            items = list(dict.fromkeys(visits.items.tolist()))
+            earlier = [i for row in self.store.get_local_rows("sess", sessions) for i in row]
+            self.store.prefetch_rows("sr", list(dict.fromkeys([*items, *earlier])))
+            for table in ("isess", "df"):
+                self.store.prefetch_rows(table, items)
+            self.store.prefetch_rows("meta", ["sessions"])
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
         batch = self._visits(batch)

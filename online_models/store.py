@@ -87,6 +87,13 @@ class StateStore(ABC):
         """Read these vectors now; the next :meth:`get_vectors` of ``table`` takes them from
         here (a worker reads before starting the previous batch's commit, computes after)."""
 
+    #: True where writing a row reads it first (a writer holding state in memory with Redis
+    #: as its read model): models then prefetch the rows a batch will write
+    writes_read_rows = False
+
+    def prefetch_rows(self, table: str, keys: Sequence[str]) -> None:
+        """Read these rows now if writing them reads them (:attr:`writes_read_rows`)."""
+
     def prefetch_local_rows(self, table: str, keys: Sequence[str]) -> None:
         """Read the uncached ones of these local rows into the cache now (if caching)."""
 

@@ -425,8 +425,8 @@ class RedisStore(StateStore):
         return [_decode_row(value) if value is not None else {}
                 for value in self._mget(table, keys)]
 
-    def _read_vectors(self, table, keys):
-        """Raw vectors, absent ones as an empty array (cached: known to be absent)."""
+    def read_vectors(self, table, keys) -> list[np.ndarray]:
+        """Stored vectors as read (any length), absent ones as an empty array."""
         return [np.frombuffer(value, np.float32).copy() if value is not None else _ABSENT
                 for value in self._mget(table, keys)]
 
@@ -470,7 +470,7 @@ class RedisStore(StateStore):
     def get_local_vectors(self, table, keys, dim):
         if not self.cache_local_rows:
             return self.get_vectors(table, keys, dim)
-        values = self._cached(table, keys, self._read_vectors)
+        values = self._cached(table, keys, self.read_vectors)
         found = np.fromiter((value.size > 0 for value in values), bool, len(keys))
         out = np.zeros((len(keys), dim), dtype=np.float32)
         if found.any():
@@ -479,7 +479,7 @@ class RedisStore(StateStore):
 
     def prefetch_local_vectors(self, table, keys):
         if self.cache_local_rows:
-            self._cached(table, keys, self._read_vectors)
+            self._cached(table, keys, self.read_vectors)
 
     def set_local_vectors(self, table, keys, vectors):
         self._store_vectors(table, keys, vectors, self.local_ttl_ms)

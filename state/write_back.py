@@ -64,6 +64,28 @@ class WriteBackStore(MemoryStore):
                         self._absent[table].add(key)
         return stored
 
+    # --- prefetch: a worker calls these before the previous batch's commit starts ---------
+    writes_read_rows = True
+
+    def prefetch_rows(self, table, keys):
+        self._hold_rows(table, keys, self.reader.get_rows)
+
+    def prefetch_local_rows(self, table, keys):
+        self._hold_rows(table, keys, self.reader.get_local_rows)
+
+    def prefetch_vectors(self, table, keys):
+        stored = self.vectors.setdefault(table, {})
+        absent = self._absent.setdefault(table, set())
+        missing = [k for k in dict.fromkeys(keys) if k not in stored and k not in absent]
+        if not self.complete and missing:
+            for key, vector in zip(missing, self.reader.read_vectors(table, missing)):
+                if vector.size:
+                    stored[key] = vector
+                else:
+                    absent.add(key)
+
+    prefetch_local_vectors = prefetch_vectors  # the same keys and format, other TTLs
+
     # --- reads ---------------------------------------------------------------------------
     def get_rows(self, table, keys):
         self._hold_rows(table, keys, self.reader.get_rows)

@@ -439,10 +439,11 @@ async def report_consumer_lag() -> None:
 
 @app.timer(settings.state_writer_lease_s / 4)
 async def renew_writer_lease() -> None:
-    """Keep the single-writer lease while no batch comes (each commit renews it too)."""
+    """Keep the single-writer lease while no batch comes (each commit renews it too),
+    between commits: every commit WATCHes the lease."""
     lease = live_state().lease
     if lease is not None and lease.held:
-        await asyncio.get_running_loop().run_in_executor(None, lease.renew)
+        await apply_pipeline().between_commits(lease.renew)
 
 
 @app.task

@@ -62,6 +62,13 @@ class ApplyPipeline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
 
+    async def between_commits(self, function, *args):
+        """``function(*args)`` on the commit thread, so never inside a commit's WATCH … EXEC:
+        a write to a watched key there (renewing the single-writer lease: its PEXPIRE) would
+        void the commit, and the pipeline would drop its cached state and apply it again."""
+        return await asyncio.get_running_loop().run_in_executor(self._commit_thread, function,
+                                                                *args)
+
     async def apply(self, chunk: list[SourceMessage]) -> None:
         """Read ``chunk``, start committing the chunk computed before it, compute ``chunk``.
         Its own commit starts with the next :meth:`apply` or :meth:`start_commit`."""
