@@ -182,6 +182,9 @@ def main() -> None:
             steady_s = time.perf_counter() - steady_start
             steady_cores = {name: (cpu - cpu_start[name]) / steady_s
                             for name, cpu in cpu_of(processes).items()}
+            time.sleep(0.6)  # one more report interval
+            redone = sum(json.loads(raw).get("chunks_redone", 0)
+                         for raw in client.hvals(keys.worker_reports))
         finally:
             for worker in workers:
                 terminate(worker)
@@ -193,6 +196,7 @@ def main() -> None:
         "models": args.models, "state_writer": args.state_writer, "redis_aof": args.redis_aof,
         "redis_cluster_primaries": args.redis_cluster,
         "events_per_s": round(worker_rate),
+        "chunks_redone": redone,  # commits voided or failed (each re-prepares its chunk)
         "baseline_events_per_s": round(baseline_events / baseline_s),
         "ratio_to_baseline": round(worker_rate / (baseline_events / baseline_s), 3),
         # CPU per applied event while the worker drains the backlog: what 2 cores allow

@@ -93,6 +93,7 @@ def apply_pipeline() -> ApplyPipeline:
     if _pipeline is None:
         _pipeline = ApplyPipeline(live_state(), _record_applied, settings.redis_retry_max_s,
                                   on_retry=_stall_watch.note_activity)
+        metrics.CHUNKS_REDONE.set_function(lambda: _pipeline.redone_chunks)
     return _pipeline
 
 
@@ -321,7 +322,8 @@ def report_figures(stop: threading.Event) -> None:
     keys, client = RedisKeys(settings.key_prefix), None
     while not stop.wait(settings.worker_report_interval_s):
         now = time.time()
-        report = {**_live_figures.snapshot(now), "assigned": sorted(_assigned_numbers())}
+        report = {**_live_figures.snapshot(now), "assigned": sorted(_assigned_numbers()),
+                  "chunks_redone": _pipeline.redone_chunks if _pipeline else 0}
         try:
             client = client or sync_redis(settings.redis_url)
             publish_report(client, keys, worker_id, report, now)

@@ -41,3 +41,7 @@ STALLED_SECONDS = Gauge("streamrec_worker_stalled_seconds",
 HELD_MESSAGES = Counter("streamrec_held_messages_total",
                         "Messages of held partitions consumed and not applied (read again "
                         "once an operator chooses where the partition resumes)")
+CHUNKS_REDONE = Gauge("streamrec_chunks_redone",
+                      "Chunks applied again since start because their commit was voided or "
+                      "failed (a rebalance, a lost lease, a Redis error): each drops the "
+                      "cached state; a steady rise needs a look")

@@ -48,6 +48,9 @@ class ApplyPipeline:
         # (chunk, when its prepare started, the computed batch / its commit)
         self._computed: tuple[list[SourceMessage], float, PreparedBatch] | None = None
         self._in_flight: tuple[list[SourceMessage], float, asyncio.Future] | None = None
+        #: chunks applied again because a commit was voided or failed (a rebalance, a lost
+        #: lease, a Redis error): each costs a second prepare and the dropped cached state
+        self.redone_chunks = 0
 
     async def run(self, what: str, function, *args):
         """``function(*args)`` on the prepare thread; transient Redis errors back off and
@@ -135,6 +138,7 @@ class ApplyPipeline:
             redo.append(self._computed[:2])
             self._computed = None
         await self.run("abandon", self.state.abandon_uncommitted)
+        self.redone_chunks += len(redo)
         for chunk, started in redo:
             result = await self.run("apply", self.state.apply_messages, chunk)
             self.on_applied(result, time.perf_counter() - started)
