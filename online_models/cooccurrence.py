@@ -113,7 +113,7 @@ class CooccurrenceModel(OnlineModel):
         mass = {ids[i]: {"n": n} for i, n in zip(
             present.tolist(), np.bincount(item_codes, weights=contributions)[present].tolist())}
         self.store.set_local_rows("win", windows)  # sessions are partition-local
-        self.store.incr_rows("cooc", counts, keep_top=self.neighbours)
+        self.store.incr_pair_sums("cooc", counts, keep_top=self.neighbours)
         self.store.incr_rows("mass", mass)
         return LearnReport(events=len(batch))
 

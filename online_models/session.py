@@ -115,7 +115,7 @@ class SessionModel(OnlineModel):
             seen[session] = ts
         self.store.set_local_rows("sess", rows)  # sessions are partition-local
         self.store.set_rows("isess", item_sessions, keep_top=self.sessions_per_item)
-        self.store.incr_rows("sr", rules, keep_top=self.rules_per_item)
+        self.store.incr_pair_sums("sr", rules, keep_top=self.rules_per_item)
         self.store.incr_rows("df", {item: {"n": n} for item, n in new_in_session.items()})
         if new_sessions:
             self.store.incr_rows("meta", {"sessions": {"n": float(new_sessions)}})

@@ -52,6 +52,10 @@ class StateStore(ABC):
     def incr_rows(self, table: str, deltas: Rows, keep_top: int | None = None) -> None:
         """Add deltas to rows, then trim rows to ``keep_top`` (see module doc)."""
 
+    def incr_pair_sums(self, table: str, sums, keep_top: int | None = None) -> None:
+        """:meth:`incr_rows` of a :class:`online_models.kernels.PairSums` (rows held flat)."""
+        self.incr_rows(table, sums.rows(), keep_top)
+
     @abstractmethod
     def set_rows(self, table: str, values: Rows, keep_top: int | None = None) -> None:
         """Overwrite members' scores, then trim."""
@@ -157,6 +161,9 @@ def _add_float32(current: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return (current.astype(np.float64) + delta.astype(np.float64)).astype(np.float32)
 
 
+_ZERO = 0.0  # a new member starts at 0.0, as in Redis (-0.0 + 0.0 is 0.0)
+
+
 class MemoryStore(StateStore):
     """Dict-backed store for replay and tests. Not thread-safe."""
 
@@ -181,6 +188,22 @@ class MemoryStore(StateStore):
                 get = row.get
                 row.update({member: get(member, 0.0) + value
                             for member, value in delta.items()})
+            if limit is not None and len(row) > limit:
+                trim_row(row, keep_top)
+
+    def incr_pair_sums(self, table, sums, keep_top=None):
+        # incr_rows without a dict per row: the hot path of replay (rules, co-occurrences)
+        rows = self.rows.setdefault(table, {})
+        limit = None if keep_top is None else keep_top + slack(keep_top)
+        bounds, members, values = sums.bounds, sums.members, sums.sums
+        for key, lo, hi in zip(sums.keys, bounds, bounds[1:]):
+            row = rows.get(key)
+            if row is None:
+                rows[key] = row = dict(zip(members[lo:hi], map(_ZERO.__add__, values[lo:hi])))
+            else:
+                get = row.get
+                for member, value in zip(members[lo:hi], values[lo:hi]):
+                    row[member] = get(member, 0.0) + value
             if limit is not None and len(row) > limit:
                 trim_row(row, keep_top)
 

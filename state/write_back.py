@@ -135,6 +135,13 @@ class WriteBackStore(MemoryStore):
     def incr_rows(self, table, deltas, keep_top=None):
         self._write_rows(table, deltas, keep_top, add=True)
 
+    def incr_pair_sums(self, table, sums, keep_top=None):
+        if not self.reader.rows_as_strings:  # member-level changes: through incr_rows
+            return self.incr_rows(table, sums.rows(), keep_top)
+        self._hold_rows(table, sums.keys, self.reader.get_rows)
+        MemoryStore.incr_pair_sums(self, table, sums, keep_top)
+        self._row_changes.setdefault(table, {}).update(dict.fromkeys(sums.keys, ()))
+
     def set_rows(self, table, values, keep_top=None):
         self._write_rows(table, values, keep_top, add=False)
 
