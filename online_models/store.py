@@ -30,6 +30,7 @@ Example
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import MutableMapping
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -164,12 +165,93 @@ def _add_float32(current: np.ndarray, delta: np.ndarray) -> np.ndarray:
 _ZERO = 0.0  # a new member starts at 0.0, as in Redis (-0.0 + 0.0 is 0.0)
 
 
+class VectorTable(MutableMapping):
+    """One table's vectors (key → float32[dim]) as rows of one growing matrix, so a batch's
+    vectors are gathered and scattered at once, with no Python object per vector. As a
+    mapping, ``table[key]`` is a view of the key's row (copy it to keep it)."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.matrix = np.empty((0, 0), np.float32)
+        self._free: list[int] = []
+
+    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
+        """Each key's row, -1 where absent."""
+        get = self.index.get
+        return np.fromiter((get(k, -1) for k in keys), np.int64, len(keys))
+
+    def gather(self, keys: Sequence[str], dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, found): a copy, zeros where absent."""
+        rows = self.rows_of(keys)
+        found = rows >= 0
+        out = np.zeros((len(keys), dim), np.float32)
+        if found.any():
+            out[found] = self.matrix[rows[found]]
+        return out, found
+
+    def scatter(self, keys: Sequence[str], vectors: np.ndarray) -> None:
+        """Store each key's vector (copied in); a key given twice keeps its last one."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(set(keys)) != len(keys):
+            last = {key: n for n, key in enumerate(keys)}
+            keys, vectors = list(last), vectors[list(last.values())]
+        if not len(keys):
+            return
+        self._fit(vectors.shape[1])
+        rows = self.rows_of(keys)
+        for n in np.flatnonzero(rows < 0).tolist():
+            rows[n] = self._new_row(keys[n])
+        self.matrix[rows] = vectors
+
+    def _fit(self, dim: int) -> None:
+        if self.matrix.shape[1] != dim:
+            if self.index:
+                raise ValueError(f"vectors of {dim} dimensions in a table of "
+                                 f"{self.matrix.shape[1]}")
+            self.matrix = np.empty((0, dim), np.float32)
+
+    def _new_row(self, key: str) -> int:
+        if self._free:
+            row = self._free.pop()
+        else:
+            row = len(self.index)
+            if row >= len(self.matrix):
+                grown = np.empty((max(64, 2 * len(self.matrix)), self.matrix.shape[1]),
+                                 np.float32)
+                grown[:len(self.matrix)] = self.matrix
+                self.matrix = grown
+        self.index[key] = row
+        return row
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.matrix[self.index[key]]
+
+    def __setitem__(self, key: str, vector) -> None:
+        self.scatter([key], np.asarray(vector, dtype=np.float32)[None, :])
+
+    def __delitem__(self, key: str) -> None:
+        self._free.append(self.index.pop(key))
+
+    def __contains__(self, key) -> bool:
+        return key in self.index
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def copy(self) -> dict[str, np.ndarray]:
+        """A plain dict of copies."""
+        return {key: self.matrix[row].copy() for key, row in self.index.items()}
+
+
 class MemoryStore(StateStore):
     """Dict-backed store for replay and tests. Not thread-safe."""
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, dict[str, float]]] = {}
-        self.vectors: dict[str, dict[str, np.ndarray]] = {}
+        self.vectors: dict[str, VectorTable] = {}
 
     def get_rows(self, table, keys):
         # The live dicts, not copies (replay speed): callers must treat rows as read-only.
@@ -230,27 +312,28 @@ class MemoryStore(StateStore):
     def claim(self, table, key, member, value):
         return self.rows.setdefault(table, {}).setdefault(key, {}).setdefault(member, value)
 
+    def vector_table(self, table: str) -> VectorTable:
+        stored = self.vectors.get(table)
+        if stored is None:
+            self.vectors[table] = stored = VectorTable()
+        return stored
+
     def get_vectors(self, table, keys, dim):
-        held = list(map(self.vectors.get(table, {}).get, keys))
-        found = np.fromiter((vec is not None for vec in held), bool, len(keys))
-        out = np.zeros((len(keys), dim), dtype=np.float32)
-        if found.any():
-            out[found] = np.stack([vec for vec in held if vec is not None])
-        return out, found
+        stored = self.vectors.get(table)
+        if stored is None:
+            return np.zeros((len(keys), dim), np.float32), np.zeros(len(keys), bool)
+        return stored.gather(keys, dim)
 
     def set_vectors(self, table, keys, vectors):
-        stored = self.vectors.setdefault(table, {})
-        for key, vec in zip(keys, np.asarray(vectors, dtype=np.float32)):
-            stored[key] = vec.copy()  # not a view: it would keep the whole block alive
+        self.vector_table(table).scatter(keys, vectors)
 
     def add_vectors(self, table, keys, deltas, base):
         if not len(keys):
             return
-        stored = self.vectors.setdefault(table, {})
-        start = np.asarray(base, dtype=np.float32)
-        current = np.stack([stored.get(key, row) for key, row in zip(keys, start)])
-        summed = _add_float32(current, np.asarray(deltas, dtype=np.float32))
-        stored.update(zip(keys, map(np.copy, summed)))  # copies: a view keeps its block alive
+        stored = self.vector_table(table)
+        current, found = stored.gather(keys, np.shape(deltas)[1])
+        current[~found] = np.asarray(base, dtype=np.float32)[~found]
+        stored.scatter(keys, _add_float32(current, np.asarray(deltas, dtype=np.float32)))
 
     get_local_vectors = get_vectors
     set_local_vectors = set_vectors

@@ -51,7 +51,7 @@ class WriteBackStore(MemoryStore):
         return rows
 
     def _hold_vectors(self, table, keys, dim, read) -> dict[str, np.ndarray]:
-        stored = self.vectors.setdefault(table, {})
+        stored = self.vector_table(table)
         if not self.complete:
             missing = [k for k in dict.fromkeys(keys) if k not in stored and
                        k not in self._absent.setdefault(table, set())]
@@ -74,7 +74,7 @@ class WriteBackStore(MemoryStore):
         self._hold_rows(table, keys, self.reader.get_local_rows)
 
     def prefetch_vectors(self, table, keys):
-        stored = self.vectors.setdefault(table, {})
+        stored = self.vector_table(table)
         absent = self._absent.setdefault(table, set())
         missing = [k for k in dict.fromkeys(keys) if k not in stored and k not in absent]
         if not self.complete and missing:

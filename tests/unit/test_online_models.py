@@ -380,3 +380,27 @@ def test_contextual_mixture_weighs_parts_by_how_much_history_the_user_has():
     newbie, veteran = model.recommend([Query("newbie"), Query("veteran")], k=1)
     assert newbie.items == ["old"]  # no history: the plain counts
     assert veteran.items == ["new"]  # ten events: what is hot now
+
+
+def test_vector_table_holds_vectors_as_rows_of_one_matrix():
+    from online_models.store import MemoryStore, VectorTable
+
+    table = VectorTable()
+    table.scatter(["a", "b", "a"], np.array([[1, 1], [2, 2], [3, 3]], np.float32))
+    assert sorted(table) == ["a", "b"] and table["a"].tolist() == [3, 3]  # the last one wins
+    got, found = table.gather(["b", "zz", "a"], 2)
+    assert found.tolist() == [True, False, True] and got.tolist() == [[2, 2], [0, 0], [3, 3]]
+    del table["a"]
+    table.scatter([f"k{i}" for i in range(200)], np.arange(400, dtype=np.float32).reshape(200, 2))
+    assert len(table) == 201 and table["k199"].tolist() == [398, 399] and "a" not in table
+    assert table["b"].tolist() == [2, 2]  # kept through the matrix growing
+    copied = table.copy()
+    table["b"] = [9, 9]
+    assert copied["b"].tolist() == [2, 2] and table["b"].tolist() == [9, 9]
+    with pytest.raises(ValueError, match="3 dimensions"):
+        table.scatter(["c"], np.zeros((1, 3)))
+    # add_vectors: absent keys start from their base row, a repeated key keeps its last sum
+    store = MemoryStore()
+    store.set_vectors("t", ["x"], np.ones((1, 2)))
+    store.add_vectors("t", ["x", "y", "x"], np.full((3, 2), 0.5), np.full((3, 2), 10.0))
+    assert store.get_vectors("t", ["x", "y"], 2)[0].tolist() == [[1.5, 1.5], [10.5, 10.5]]
