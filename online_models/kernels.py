@@ -135,6 +135,11 @@ class PairSums:
                  sums: list[float]) -> None:
         self.keys, self.bounds, self.members, self.sums = keys, bounds, members, sums
 
+    @classmethod
+    def column(cls, keys: list[str], member: str, sums: list[float]) -> "PairSums":
+        """One member per row (counts kept as ``{member: n}`` rows)."""
+        return cls(keys, list(range(len(keys) + 1)), [member] * len(keys), sums)
+
     def rows(self) -> dict[str, dict[str, float]]:
         """As ``{key: {member: sum}}``."""
         b, members, sums = self.bounds, self.members, self.sums

@@ -39,8 +39,8 @@ import scipy.sparse as sp
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations,
                                 parallel_chunks, row_chunks, top_k_dense)
 from online_models.signals import SignalBatch
-from online_models.kernels import (code_ids, session_steps, sum_pairs, window_arrays,
-                                   window_rows)
+from online_models.kernels import (PairSums, code_ids, session_steps, sum_pairs,
+                                   window_arrays, window_rows)
 from online_models.store import slack
 
 
@@ -106,7 +106,9 @@ class SessionModel(OnlineModel):
         rows = dict(zip(sessions, window_rows(ids, row_items, row_pos, row_len)))
         rules = sum_pairs(ids, a, b, amounts)
         new_items = np.bincount(item_codes[is_new], minlength=len(ids))
-        new_in_session = {ids[i]: float(new_items[i]) for i in np.flatnonzero(new_items).tolist()}
+        first_visits = np.flatnonzero(new_items)
+        new_in_session = PairSums.column(np.asarray(ids, dtype=object)[first_visits].tolist(),
+                                         "n", new_items[first_visits].astype(float).tolist())
         item_sessions: dict[str, dict[str, float]] = {}
         for session, item, ts in zip(batch.sessions.tolist(), items, batch.timestamps.tolist()):
             seen = item_sessions.get(item)
@@ -116,7 +118,7 @@ class SessionModel(OnlineModel):
         self.store.set_local_rows("sess", rows)  # sessions are partition-local
         self.store.set_rows("isess", item_sessions, keep_top=self.sessions_per_item)
         self.store.incr_pair_sums("sr", rules, keep_top=self.rules_per_item)
-        self.store.incr_rows("df", {item: {"n": n} for item, n in new_in_session.items()})
+        self.store.incr_pair_sums("df", new_in_session)
         if new_sessions:
             self.store.incr_rows("meta", {"sessions": {"n": float(new_sessions)}})
         return LearnReport(events=len(batch))
