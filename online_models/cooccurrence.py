@@ -28,10 +28,10 @@ import scipy.sparse as sp
 
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, row_chunks,
                                 top_k_dense)
-from online_models.kernels import (PairSums, code_ids, cooc_pairs, sum_pairs,
+from online_models.kernels import (code_ids, cooc_pairs, sum_pairs,
                                    window_arrays, window_rows)
 from online_models.signals import SignalBatch
-from online_models.store import slack
+from online_models.store import FlatRows, slack
 
 
 class CooccurrenceModel(OnlineModel):
@@ -110,11 +110,11 @@ class CooccurrenceModel(OnlineModel):
         windows = dict(zip(distinct, window_rows(ids, win_items, win_ts, win_len)))
         counts = sum_pairs(ids, a, b, amounts)
         present = np.unique(item_codes)
-        mass = PairSums.column(np.asarray(ids, dtype=object)[present].tolist(), "n",
+        mass = FlatRows.column(np.asarray(ids, dtype=object)[present].tolist(), "n",
                                np.bincount(item_codes, weights=contributions)[present].tolist())
         self.store.set_local_rows("win", windows)  # sessions are partition-local
-        self.store.incr_pair_sums("cooc", counts, keep_top=self.neighbours)
-        self.store.incr_pair_sums("mass", mass)
+        self.store.incr_flat_rows("cooc", counts, keep_top=self.neighbours)
+        self.store.incr_flat_rows("mass", mass)
         return LearnReport(events=len(batch))
 
     def similar(self, items: list[str]) -> list[dict[str, float]]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from online_models.store import FlatRows
+
 
 def code_ids(values: list[str]) -> tuple[list[str], dict[str, int]]:
     """Distinct ids sorted (code order = Python string order = Redis's member byte order, so
@@ -110,41 +112,18 @@ def cooc_pairs(owner_of, item_of, ts_of, contribution_of, win_items, win_ts, win
 
 
 def sum_pairs(ids: list[str], a: np.ndarray, b: np.ndarray, amounts: np.ndarray
-              ) -> PairSums:
+              ) -> FlatRows:
     """``ids[a] → ids[b] → Σ amount`` over the pairs, each cell summed in pair order (as a
     loop adding them one by one would: the same float result)."""
     if not len(a):
-        return PairSums([], [0], [], [])
+        return FlatRows([], [0], [], [])
     cells, where = np.unique(a * len(ids) + b, return_inverse=True)
     sums = np.bincount(where, weights=amounts, minlength=len(cells)).tolist()
     row_of, col_of = np.divmod(cells, len(ids))  # cells are sorted: each row's are adjacent
     starts = np.flatnonzero(np.diff(row_of, prepend=-1))
     names = np.asarray(ids, dtype=object)
-    return PairSums(names[row_of[starts]].tolist(), [*starts.tolist(), len(cells)],
+    return FlatRows(names[row_of[starts]].tolist(), [*starts.tolist(), len(cells)],
                     names[col_of].tolist(), sums)
-
-
-class PairSums:
-    """Rows of summed pairs, flat: row ``keys[r]`` holds ``members[bounds[r]:bounds[r+1]]``
-    with ``sums`` alike (what :meth:`online_models.store.StateStore.incr_pair_sums` adds
-    without building a dict per row)."""
-
-    __slots__ = ("keys", "bounds", "members", "sums")
-
-    def __init__(self, keys: list[str], bounds: list[int], members: list[str],
-                 sums: list[float]) -> None:
-        self.keys, self.bounds, self.members, self.sums = keys, bounds, members, sums
-
-    @classmethod
-    def column(cls, keys: list[str], member: str, sums: list[float]) -> "PairSums":
-        """One member per row (counts kept as ``{member: n}`` rows)."""
-        return cls(keys, list(range(len(keys) + 1)), [member] * len(keys), sums)
-
-    def rows(self) -> dict[str, dict[str, float]]:
-        """As ``{key: {member: sum}}``."""
-        b, members, sums = self.bounds, self.members, self.sums
-        return {key: dict(zip(members[lo:hi], sums[lo:hi]))
-                for key, lo, hi in zip(self.keys, b, b[1:])}
 
 
 def window_arrays(rows: list[dict[str, float]], code: dict[str, int], width: int

@@ -39,9 +39,9 @@ import scipy.sparse as sp
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations,
                                 parallel_chunks, row_chunks, top_k_dense)
 from online_models.signals import SignalBatch
-from online_models.kernels import (PairSums, code_ids, session_steps, sum_pairs,
+from online_models.kernels import (code_ids, session_steps, sum_pairs,
                                    window_arrays, window_rows)
-from online_models.store import slack
+from online_models.store import FlatRows, slack
 
 
 #: Up to this many local items the co-visit matrix is used dense (4 bytes × n², ≤ 144 MB).
@@ -105,20 +105,22 @@ class SessionModel(OnlineModel):
             self.max_session_items, limit)
         rows = dict(zip(sessions, window_rows(ids, row_items, row_pos, row_len)))
         rules = sum_pairs(ids, a, b, amounts)
+        names = np.asarray(ids, dtype=object)
         new_items = np.bincount(item_codes[is_new], minlength=len(ids))
         first_visits = np.flatnonzero(new_items)
-        new_in_session = PairSums.column(np.asarray(ids, dtype=object)[first_visits].tolist(),
-                                         "n", new_items[first_visits].astype(float).tolist())
-        item_sessions: dict[str, dict[str, float]] = {}
-        for session, item, ts in zip(batch.sessions.tolist(), items, batch.timestamps.tolist()):
-            seen = item_sessions.get(item)
-            if seen is None:
-                item_sessions[item] = seen = {}
-            seen[session] = ts
+        new_in_session = FlatRows.column(names[first_visits].tolist(), "n",
+                                         new_items[first_visits].astype(float).tolist())
+        # each item's sessions with their latest time: events grouped by item, in stream order
+        by_item = np.argsort(item_codes, kind="stable")
+        grouped = item_codes[by_item]
+        starts = np.flatnonzero(np.diff(grouped, prepend=-1))
+        item_sessions = FlatRows(names[grouped[starts]].tolist(), [*starts.tolist(), len(grouped)],
+                                 batch.sessions[by_item].tolist(),
+                                 batch.timestamps[by_item].tolist())
         self.store.set_local_rows("sess", rows)  # sessions are partition-local
-        self.store.set_rows("isess", item_sessions, keep_top=self.sessions_per_item)
-        self.store.incr_pair_sums("sr", rules, keep_top=self.rules_per_item)
-        self.store.incr_pair_sums("df", new_in_session)
+        self.store.set_flat_rows("isess", item_sessions, keep_top=self.sessions_per_item)
+        self.store.incr_flat_rows("sr", rules, keep_top=self.rules_per_item)
+        self.store.incr_flat_rows("df", new_in_session)
         if new_sessions:
             self.store.incr_rows("meta", {"sessions": {"n": float(new_sessions)}})
         return LearnReport(events=len(batch))

@@ -42,6 +42,30 @@ def slack(keep_top: int) -> int:
     return max(1, keep_top // 10)
 
 
+class FlatRows:
+    """Rows held flat: row ``keys[r]`` is ``members[bounds[r]:bounds[r+1]]`` with ``values``
+    alike: what batch maths produce, written without a dict per row. Keys are distinct; so
+    are a row's members where the rows are added (:meth:`StateStore.incr_flat_rows`); where
+    they are set, a later member overwrites an earlier one, as in a dict."""
+
+    __slots__ = ("keys", "bounds", "members", "values")
+
+    def __init__(self, keys: list[str], bounds: list[int], members: list[str],
+                 values: list[float]) -> None:
+        self.keys, self.bounds, self.members, self.values = keys, bounds, members, values
+
+    @classmethod
+    def column(cls, keys: list[str], member: str, values: list[float]) -> "FlatRows":
+        """One member per row (counts kept as ``{member: n}`` rows)."""
+        return cls(keys, list(range(len(keys) + 1)), [member] * len(keys), values)
+
+    def as_dicts(self) -> dict[str, dict[str, float]]:
+        """As ``{key: {member: value}}`` (a later member overwriting an earlier one)."""
+        b, members, values = self.bounds, self.members, self.values
+        return {key: dict(zip(members[lo:hi], values[lo:hi]))
+                for key, lo, hi in zip(self.keys, b, b[1:])}
+
+
 class StateStore(ABC):
     """Sparse rows and dense vectors by table and key."""
 
@@ -53,9 +77,13 @@ class StateStore(ABC):
     def incr_rows(self, table: str, deltas: Rows, keep_top: int | None = None) -> None:
         """Add deltas to rows, then trim rows to ``keep_top`` (see module doc)."""
 
-    def incr_pair_sums(self, table: str, sums, keep_top: int | None = None) -> None:
-        """:meth:`incr_rows` of a :class:`online_models.kernels.PairSums` (rows held flat)."""
-        self.incr_rows(table, sums.rows(), keep_top)
+    def incr_flat_rows(self, table: str, rows: FlatRows, keep_top: int | None = None) -> None:
+        """:meth:`incr_rows` of rows held flat (members distinct within a row)."""
+        self.incr_rows(table, rows.as_dicts(), keep_top)
+
+    def set_flat_rows(self, table: str, rows: FlatRows, keep_top: int | None = None) -> None:
+        """:meth:`set_rows` of rows held flat (a later member overwrites an earlier one)."""
+        self.set_rows(table, rows.as_dicts(), keep_top)
 
     @abstractmethod
     def set_rows(self, table: str, values: Rows, keep_top: int | None = None) -> None:
@@ -273,20 +301,31 @@ class MemoryStore(StateStore):
             if limit is not None and len(row) > limit:
                 trim_row(row, keep_top)
 
-    def incr_pair_sums(self, table, sums, keep_top=None):
+    def incr_flat_rows(self, table, rows, keep_top=None):
         # incr_rows without a dict per row: the hot path of replay (rules, co-occurrences)
-        rows = self.rows.setdefault(table, {})
+        stored = self.rows.setdefault(table, {})
         limit = None if keep_top is None else keep_top + slack(keep_top)
-        bounds, members, values = sums.bounds, sums.members, sums.sums
-        for key, lo, hi in zip(sums.keys, bounds, bounds[1:]):
-            row = rows.get(key)
+        bounds, members, values = rows.bounds, rows.members, rows.values
+        for key, lo, hi in zip(rows.keys, bounds, bounds[1:]):
+            row = stored.get(key)
             if row is None:
-                rows[key] = row = dict(zip(members[lo:hi], map(_ZERO.__add__, values[lo:hi])))
+                stored[key] = row = dict(zip(members[lo:hi], map(_ZERO.__add__, values[lo:hi])))
             else:
                 get = row.get
                 for member, value in zip(members[lo:hi], values[lo:hi]):
                     row[member] = get(member, 0.0) + value
             if limit is not None and len(row) > limit:
+                trim_row(row, keep_top)
+
+    def set_flat_rows(self, table, rows, keep_top=None):
+        stored = self.rows.setdefault(table, {})
+        bounds, members, values = rows.bounds, rows.members, rows.values
+        for key, lo, hi in zip(rows.keys, bounds, bounds[1:]):
+            row = stored.get(key)
+            if row is None:
+                stored[key] = row = {}
+            row.update(zip(members[lo:hi], values[lo:hi]))
+            if keep_top is not None:
                 trim_row(row, keep_top)
 
     def set_rows(self, table, values, keep_top=None):

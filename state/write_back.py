@@ -135,12 +135,19 @@ class WriteBackStore(MemoryStore):
     def incr_rows(self, table, deltas, keep_top=None):
         self._write_rows(table, deltas, keep_top, add=True)
 
-    def incr_pair_sums(self, table, sums, keep_top=None):
-        if not self.reader.rows_as_strings:  # member-level changes: through incr_rows
-            return self.incr_rows(table, sums.rows(), keep_top)
-        self._hold_rows(table, sums.keys, self.reader.get_rows)
-        MemoryStore.incr_pair_sums(self, table, sums, keep_top)
-        self._row_changes.setdefault(table, {}).update(dict.fromkeys(sums.keys, ()))
+    def incr_flat_rows(self, table, rows, keep_top=None):
+        self._write_flat_rows(table, rows, keep_top, MemoryStore.incr_flat_rows, self.incr_rows)
+
+    def set_flat_rows(self, table, rows, keep_top=None):
+        self._write_flat_rows(table, rows, keep_top, MemoryStore.set_flat_rows, self.set_rows)
+
+    def _write_flat_rows(self, table, rows, keep_top, write_flat, write_dicts) -> None:
+        if not self.reader.rows_as_strings:  # member-level changes: through the dict path
+            write_dicts(table, rows.as_dicts(), keep_top)
+            return
+        self._hold_rows(table, rows.keys, self.reader.get_rows)
+        write_flat(self, table, rows, keep_top)
+        self._row_changes.setdefault(table, {}).update(dict.fromkeys(rows.keys, ()))
 
     def set_rows(self, table, values, keep_top=None):
         self._write_rows(table, values, keep_top, add=False)

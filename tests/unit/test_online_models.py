@@ -404,3 +404,29 @@ def test_vector_table_holds_vectors_as_rows_of_one_matrix():
     store.set_vectors("t", ["x"], np.ones((1, 2)))
     store.add_vectors("t", ["x", "y", "x"], np.full((3, 2), 0.5), np.full((3, 2), 10.0))
     assert store.get_vectors("t", ["x", "y"], 2)[0].tolist() == [[1.5, 1.5], [10.5, 10.5]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flat_rows_write_what_their_dicts_write(seed):
+    """Rows held flat (what batch maths produce) are added and set exactly as the same rows
+    as dicts: sums in order, a later member set over an earlier one, trims included."""
+    from online_models.store import FlatRows, MemoryStore
+
+    rng = np.random.default_rng(seed)
+    flat, dicts = MemoryStore(), MemoryStore()
+    for _ in range(30):
+        keys = sorted({f"k{i}" for i in rng.integers(0, 8, 5)})
+        bounds, members, values, set_members = [0], [], [], []
+        for _key in keys:
+            chosen = [f"m{i}" for i in rng.choice(40, int(rng.integers(1, 12)), replace=False)]
+            members += chosen
+            set_members += [f"m{i}" for i in rng.integers(0, 40, len(chosen))]  # repeats
+            values += rng.normal(size=len(chosen)).round(3).tolist()
+            bounds.append(len(members))
+        added, set_ = FlatRows(keys, bounds, members, values), FlatRows(keys, bounds,
+                                                                        set_members, values)
+        flat.incr_flat_rows("a", added, keep_top=10)
+        dicts.incr_rows("a", added.as_dicts(), keep_top=10)
+        flat.set_flat_rows("s", set_, keep_top=10)
+        dicts.set_rows("s", set_.as_dicts(), keep_top=10)
+    assert flat.rows == dicts.rows and len(flat.rows["a"]) > 3
