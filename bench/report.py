@@ -20,6 +20,21 @@ def add_live_options(parser: argparse.ArgumentParser) -> None:
                         help="run redis-server with AOF (everysec), as infra/redis.conf does")
 
 
+def add_validation_options(parser: argparse.ArgumentParser) -> None:
+    """``--data`` (a training log), ``--format`` and ``--test-days``: the tuning benches."""
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--format", default="yoochoose")
+    parser.add_argument("--test-days", type=float, default=1.0)
+
+
+def validation_split(args: argparse.Namespace):
+    """(train, validation): the last ``--test-days`` of the training log (never the test
+    split, which the tuning benches do not read)."""
+    from replay.loaders import load_split
+
+    return load_split(args.data, args.format, args.test_days)
+
+
 def yoochoose_split():
     """(train, test) events of the shared YooChoose sample; exits clearly where it is absent."""
     from replay.loaders import load_split

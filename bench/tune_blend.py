@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from online_models.registry import MODELS  # noqa: E402
-from replay.loaders import load_split  # noqa: E402
+from bench.report import add_validation_options, validation_split  # noqa: E402
 from replay.protocols import run  # noqa: E402
 from serving.blended import BlendedModel  # noqa: E402
 from serving.rerank import RerankPolicy  # noqa: E402
@@ -23,11 +23,9 @@ from serving.rerank import RerankPolicy  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--format", default="yoochoose")
-    parser.add_argument("--test-days", type=float, default=1.0)
+    add_validation_options(parser)
     args = parser.parse_args()
-    train, valid = load_split(args.data, args.format, args.test_days)
+    train, valid = validation_split(args)
     grid = {}
     for cooc, ann, trend, fresh in itertools.product((0.0, 0.1), (0.0, 0.02), (0.0, 0.01),
                                                      (0.0, 0.05)):

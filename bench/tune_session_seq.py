@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from online_models.mixture import mix, normalised  # noqa: E402
 from online_models.registry import build  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
-from replay.loaders import load_split  # noqa: E402
+from bench.report import add_validation_options, validation_split  # noqa: E402
 from replay.metrics import ranking_metrics  # noqa: E402
 from replay.protocols import session_queries  # noqa: E402
 
@@ -28,9 +28,7 @@ WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--format", default="yoochoose")
-    parser.add_argument("--test-days", type=float, default=1.0)
+    add_validation_options(parser)
     parser.add_argument("--sequential", default="gru4rec")
     parser.add_argument("--hidden", type=int, default=None, help="GRU units (default: the "
                         "model's, the authors' 480)")
@@ -38,7 +36,7 @@ def main() -> None:
                         help="train one more version on the whole training part first (a "
                              "trainer that caught up before the validation day)")
     args = parser.parse_args()
-    train, valid = load_split(args.data, args.format, args.test_days)
+    train, valid = validation_split(args)
     predictions = session_queries(valid)
     queries = [p.query for p in predictions]
     candidates = {}

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from online_models.registry import MODELS  # noqa: E402
 from online_models.trending import TrendingModel  # noqa: E402
-from replay.loaders import load_split  # noqa: E402
+from bench.report import add_validation_options, validation_split  # noqa: E402
 from replay.protocols import run  # noqa: E402
 
 HALF_LIVES_S = (600.0, 3600.0, 6 * 3600.0, 86400.0, 3 * 86400.0, 7 * 86400.0)
@@ -24,11 +24,9 @@ HALF_LIVES_S = (600.0, 3600.0, 6 * 3600.0, 86400.0, 3 * 86400.0, 7 * 86400.0)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--format", default="yoochoose")
-    parser.add_argument("--test-days", type=float, default=1.0)
+    add_validation_options(parser)
     args = parser.parse_args()
-    train, valid = load_split(args.data, args.format, args.test_days)
+    train, valid = validation_split(args)
     names = []
     for half_life in HALF_LIVES_S:
         MODELS[name := f"trending_{half_life:g}s"] = lambda h=half_life: TrendingModel(h)
