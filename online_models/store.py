@@ -275,7 +275,8 @@ class VectorTable(MutableMapping):
 
 
 class MemoryStore(StateStore):
-    """Dict-backed store for replay and tests. Not thread-safe."""
+    """In-memory store for replay and tests (rows as dicts, each vector table one matrix).
+    Not thread-safe."""
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, dict[str, float]]] = {}

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from online_models.store import MemoryStore, slack, trim_row
+from online_models.store import MemoryStore, VectorTable, slack, trim_row
 from state.redis_store import RedisStore
 
 
@@ -50,7 +50,7 @@ class WriteBackStore(MemoryStore):
                 rows.update(zip(missing, (dict(row) for row in read(table, missing))))
         return rows
 
-    def _hold_vectors(self, table, keys, dim, read) -> dict[str, np.ndarray]:
+    def _hold_vectors(self, table, keys, dim, read) -> VectorTable:
         stored = self.vector_table(table)
         if not self.complete:
             missing = [k for k in dict.fromkeys(keys) if k not in stored and
@@ -214,9 +214,9 @@ class WriteBackStore(MemoryStore):
                 reader.set_local_rows(table, {key: rows.get(key) or {} for key in keys})
                 written += len(keys)
             for table, (keys, local) in self._vector_changes.items():
-                stored, keys = self.vectors.get(table, {}), list(keys)
+                stored, keys = self.vector_table(table), list(keys)
                 write = reader.set_local_vectors if local else reader.set_vectors
-                write(table, keys, np.stack([stored[key] for key in keys]))
+                write(table, keys, stored.gather(keys, stored.matrix.shape[1])[0])
                 written += len(keys)
         flushed = {table: set(keys) for table, keys in self._row_changes.items()}
         for table, keys in self._local_changes.items():
