@@ -170,8 +170,10 @@ class RedisKeys:
                     "The last commit (`sr:{wm}:redo` seq) added to the user's history: a commit "
                     "applied again adds nothing."),
             KeySpec(f"{p}:{{trend}}:z", "sorted set item → forward-decayed score", "none",
-                    "stream worker", "STREAMREC_TRENDING_MAX_ITEMS members",
-                    "Trending items. Score = Σ w·2^((t − landmark)/half_life); divide by "
+                    "stream worker", "STREAMREC_TRENDING_MAX_ITEMS members (+ up to 10 %)",
+                    "Trending items (`online_models.trending.TrendingModel`: w by event type, "
+                    "half-life STREAMREC_TRENDING_HALF_LIFE_S). Score = Σ w·2^((t − "
+                    "landmark)/half_life); divide by "
                     "2^((now − landmark)/half_life) for the decayed value. Order is the ranking."),
             KeySpec(f"{p}:{{trend}}:meta", "hash {landmark, half_life_s, last_ts, seq}", "none",
                     "stream worker", "4 fields", "Landmark of the trending scores; last_ts is "
@@ -193,7 +195,8 @@ class RedisKeys:
                     "timestamp, categories, tags, title, published_at, available): what front "
                     "ends show and explanations name."),
             KeySpec(f"{p}:{{items}}:first_seen", "sorted set item → first event time", "none",
-                    "stream worker", "10 × STREAMREC_TRENDING_MAX_ITEMS members (oldest dropped)",
+                    "stream worker", "10 × STREAMREC_TRENDING_MAX_ITEMS members (the oldest "
+                    "dropped once 10 % more are held)",
                     "When each item was first seen: serving's freshness boost."),
             KeySpec(f"{p}:{{feedq}}:dirty", "set of user ids", "none", "stream worker (add), "
                     "feed builder (pop)", "STREAMREC_FEED_QUEUE_MAX users (random ones dropped past it)",
