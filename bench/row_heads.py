@@ -29,6 +29,11 @@ from replay.protocols import run  # noqa: E402
 SHARED_ROWS = {"session": ("sr", "isess"), "cooc": ("cooc",)}
 
 
+def head(row: dict[str, float], k: int) -> dict[str, float]:
+    """The row's ``k`` largest members (the whole row when it is no longer)."""
+    return row if len(row) <= k else dict(heapq.nlargest(k, row.items(), key=itemgetter(1)))
+
+
 class ChangeTracking(MemoryStore):
     """A memory store that remembers which rows of ``tables`` each batch changed."""
 
@@ -61,9 +66,7 @@ class HeadReads(MemoryStore):
         rows = super().get_rows(table, keys)
         if table not in self.tables:
             return rows
-        return [row if len(row) <= self.k else dict(heapq.nlargest(self.k, row.items(),
-                                                                   key=itemgetter(1)))
-                for row in rows]
+        return [head(row, self.k) for row in rows]
 
 
 def main() -> None:
@@ -95,8 +98,7 @@ def main() -> None:
                 for row in model.store.get_rows(table, sorted(keys)):
                     written["whole"] += len(encode(row))
                     for k in heads:
-                        written[k] += len(encode(row if len(row) <= k else dict(
-                            heapq.nlargest(k, row.items(), key=itemgetter(1)))))
+                        written[k] += len(encode(head(row, k)))
         result[f"{name}_bytes_per_event_whole_rows"] = round(written["whole"] / len(events))
         for k in heads:
             result[f"{name}_bytes_per_event_head{k}"] = round(written[k] / len(events))

@@ -28,10 +28,10 @@ import scipy.sparse as sp
 
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, row_chunks,
                                 top_k_dense)
-from online_models.kernels import (code_ids, cooc_pairs, sum_pairs,
+from online_models.kernels import (code_ids, code_sums, cooc_pairs, sum_pairs,
                                    window_arrays, window_rows)
 from online_models.signals import SignalBatch
-from online_models.store import FlatRows, slack
+from online_models.store import slack
 
 
 class CooccurrenceModel(OnlineModel):
@@ -109,9 +109,7 @@ class CooccurrenceModel(OnlineModel):
             self.window, limit, float(self.max_gap_s))
         windows = dict(zip(distinct, window_rows(ids, win_items, win_ts, win_len)))
         counts = sum_pairs(ids, a, b, amounts)
-        present = np.unique(item_codes)
-        mass = FlatRows.column(np.asarray(ids, dtype=object)[present].tolist(), "n",
-                               np.bincount(item_codes, weights=contributions)[present].tolist())
+        mass = code_sums(ids, item_codes, contributions)
         self.store.set_local_rows("win", windows)  # sessions are partition-local
         self.store.incr_flat_rows("cooc", counts, keep_top=self.neighbours)
         self.store.incr_flat_rows("mass", mass)

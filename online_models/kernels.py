@@ -126,6 +126,16 @@ def sum_pairs(ids: list[str], a: np.ndarray, b: np.ndarray, amounts: np.ndarray
                     names[col_of].tolist(), sums)
 
 
+def code_sums(ids: list[str], codes: np.ndarray, weights: np.ndarray | None = None
+              ) -> FlatRows:
+    """``{"n": Σ weight}`` (a count without weights) for each id among ``codes``, as
+    one-member rows."""
+    present = np.unique(codes)
+    sums = np.bincount(codes, weights=weights, minlength=len(ids))[present]
+    return FlatRows.column(np.asarray(ids, dtype=object)[present].tolist(), "n",
+                           sums.astype(float).tolist())
+
+
 def window_arrays(rows: list[dict[str, float]], code: dict[str, int], width: int
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Owners' windows ({item: time}) as the kernels' arrays: codes, times, lengths."""

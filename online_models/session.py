@@ -39,7 +39,7 @@ import scipy.sparse as sp
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations,
                                 parallel_chunks, row_chunks, top_k_dense)
 from online_models.signals import SignalBatch
-from online_models.kernels import (code_ids, session_steps, sum_pairs,
+from online_models.kernels import (code_ids, code_sums, session_steps, sum_pairs,
                                    window_arrays, window_rows)
 from online_models.store import FlatRows, slack
 
@@ -106,10 +106,7 @@ class SessionModel(OnlineModel):
         rows = dict(zip(sessions, window_rows(ids, row_items, row_pos, row_len)))
         rules = sum_pairs(ids, a, b, amounts)
         names = np.asarray(ids, dtype=object)
-        new_items = np.bincount(item_codes[is_new], minlength=len(ids))
-        first_visits = np.flatnonzero(new_items)
-        new_in_session = FlatRows.column(names[first_visits].tolist(), "n",
-                                         new_items[first_visits].astype(float).tolist())
+        new_in_session = code_sums(ids, item_codes[is_new])
         # each item's sessions with their latest time: events grouped by item, in stream order
         by_item = np.argsort(item_codes, kind="stable")
         grouped = item_codes[by_item]

@@ -134,11 +134,16 @@ class TrendingModel(OnlineModel):
         reference = float(batch.timestamps.max())
         items, deltas = batch_deltas(batch.items, batch.timestamps, weights, reference,
                                      self.half_life_s)
-        first_seen: dict[str, float] = {}
-        for item, ts in zip(batch.items.tolist(), batch.timestamps.tolist()):
-            if ts < first_seen.get(item, float("inf")):
-                first_seen[item] = ts
-        return TrendingStep(reference, items, deltas, first_seen)
+        seen, where = np.unique(batch.items, return_inverse=True)
+        earliest = np.full(len(seen), np.inf)
+        np.minimum.at(earliest, where, batch.timestamps)
+        return TrendingStep(reference, items, deltas,
+                            dict(zip(seen.tolist(), earliest.tolist())))
+
+    @property
+    def first_seen_kept(self) -> int:
+        """How many items' first-seen times are kept (the newest)."""
+        return FIRST_SEEN_PER_TRENDING_ITEM * self.max_items
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
         step = self.step(batch)
@@ -157,8 +162,7 @@ class TrendingModel(OnlineModel):
         known = self.store.get_rows("first", ["all"])[0]
         new = {item: ts for item, ts in step.first_seen.items() if item not in known}
         if new:
-            self.store.set_rows("first", {"all": new},
-                                keep_top=FIRST_SEEN_PER_TRENDING_ITEM * self.max_items)
+            self.store.set_rows("first", {"all": new}, keep_top=self.first_seen_kept)
         return LearnReport(events=len(batch))
 
     def top(self, k: int) -> list[tuple[str, float]]:

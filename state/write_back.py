@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import numpy as np
 
 from online_models.store import MemoryStore, VectorTable, slack, trim_row
 from state.redis_store import RedisStore
@@ -50,18 +49,17 @@ class WriteBackStore(MemoryStore):
                 rows.update(zip(missing, (dict(row) for row in read(table, missing))))
         return rows
 
-    def _hold_vectors(self, table, keys, dim, read) -> VectorTable:
+    def _hold_vectors(self, table, keys) -> VectorTable:
         stored = self.vector_table(table)
         if not self.complete:
-            missing = [k for k in dict.fromkeys(keys) if k not in stored and
-                       k not in self._absent.setdefault(table, set())]
-            if missing:
-                found_vectors, found = read(table, missing, dim)
-                for key, vector, ok in zip(missing, found_vectors, found):
-                    if ok:
-                        stored[key] = vector.copy()
+            absent = self._absent.setdefault(table, set())
+            missing = [k for k in dict.fromkeys(keys) if k not in stored and k not in absent]
+            if missing:  # local and shared vectors share keys and format (TTLs differ)
+                for key, vector in zip(missing, self.reader.read_vectors(table, missing)):
+                    if vector.size:
+                        stored[key] = vector
                     else:
-                        self._absent[table].add(key)
+                        absent.add(key)
         return stored
 
     # --- prefetch: a worker calls these before the previous batch's commit starts ---------
@@ -74,17 +72,9 @@ class WriteBackStore(MemoryStore):
         self._hold_rows(table, keys, self.reader.get_local_rows)
 
     def prefetch_vectors(self, table, keys):
-        stored = self.vector_table(table)
-        absent = self._absent.setdefault(table, set())
-        missing = [k for k in dict.fromkeys(keys) if k not in stored and k not in absent]
-        if not self.complete and missing:
-            for key, vector in zip(missing, self.reader.read_vectors(table, missing)):
-                if vector.size:
-                    stored[key] = vector
-                else:
-                    absent.add(key)
+        self._hold_vectors(table, keys)
 
-    prefetch_local_vectors = prefetch_vectors  # the same keys and format, other TTLs
+    prefetch_local_vectors = prefetch_vectors
 
     # --- reads ---------------------------------------------------------------------------
     def get_rows(self, table, keys):
@@ -96,22 +86,28 @@ class WriteBackStore(MemoryStore):
         return super().get_rows(table, keys)
 
     def get_vectors(self, table, keys, dim):
-        self._hold_vectors(table, keys, dim, self.reader.get_vectors)
+        self._hold_vectors(table, keys)
         return super().get_vectors(table, keys, dim)
 
     def get_local_vectors(self, table, keys, dim):
-        self._hold_vectors(table, keys, dim, self.reader.get_local_vectors)
+        self._hold_vectors(table, keys)
         return super().get_vectors(table, keys, dim)
 
     # --- writes --------------------------------------------------------------------------
+    def _write_whole(self, table, keys, write, rows, keep_top) -> None:
+        """Rows the read model takes whole (``rows_as_strings``): hold them, ``write`` them
+        in memory (a :class:`MemoryStore` method), note which keys changed."""
+        self._hold_rows(table, keys, self.reader.get_rows)
+        write(self, table, rows, keep_top)
+        self._row_changes.setdefault(table, {}).update(dict.fromkeys(keys, ()))
+
     def _write_rows(self, table, updates, keep_top, add: bool) -> None:
+        if self.reader.rows_as_strings:
+            self._write_whole(table, updates, MemoryStore.incr_rows if add
+                              else MemoryStore.set_rows, updates, keep_top)
+            return
         rows = self._hold_rows(table, updates, self.reader.get_rows)
         changes = self._row_changes.setdefault(table, {})
-        if self.reader.rows_as_strings:  # whole rows are written: which keys is enough
-            write = super().incr_rows if add else super().set_rows
-            write(table, updates, keep_top)
-            changes.update(dict.fromkeys(updates, ()))
-            return
         limit = None if keep_top is None else keep_top + slack(keep_top)
         for key, update in updates.items():
             row = rows.get(key)
@@ -136,18 +132,16 @@ class WriteBackStore(MemoryStore):
         self._write_rows(table, deltas, keep_top, add=True)
 
     def incr_flat_rows(self, table, rows, keep_top=None):
-        self._write_flat_rows(table, rows, keep_top, MemoryStore.incr_flat_rows, self.incr_rows)
+        if self.reader.rows_as_strings:
+            self._write_whole(table, rows.keys, MemoryStore.incr_flat_rows, rows, keep_top)
+        else:  # member-level changes: through the dict path
+            self.incr_rows(table, rows.as_dicts(), keep_top)
 
     def set_flat_rows(self, table, rows, keep_top=None):
-        self._write_flat_rows(table, rows, keep_top, MemoryStore.set_flat_rows, self.set_rows)
-
-    def _write_flat_rows(self, table, rows, keep_top, write_flat, write_dicts) -> None:
-        if not self.reader.rows_as_strings:  # member-level changes: through the dict path
-            write_dicts(table, rows.as_dicts(), keep_top)
-            return
-        self._hold_rows(table, rows.keys, self.reader.get_rows)
-        write_flat(self, table, rows, keep_top)
-        self._row_changes.setdefault(table, {}).update(dict.fromkeys(rows.keys, ()))
+        if self.reader.rows_as_strings:
+            self._write_whole(table, rows.keys, MemoryStore.set_flat_rows, rows, keep_top)
+        else:
+            self.set_rows(table, rows.as_dicts(), keep_top)
 
     def set_rows(self, table, values, keep_top=None):
         self._write_rows(table, values, keep_top, add=False)
@@ -182,7 +176,7 @@ class WriteBackStore(MemoryStore):
         self._note_vectors(table, keys, local=True)
 
     def add_vectors(self, table, keys, deltas, base):
-        self._hold_vectors(table, keys, np.shape(deltas)[1], self.reader.get_vectors)
+        self._hold_vectors(table, keys)
         super().add_vectors(table, keys, deltas, base)
         self._note_vectors(table, keys, local=False)
 

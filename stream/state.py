@@ -43,8 +43,7 @@ from online_models.signals import SignalBatch, SignalMapper
 from infra.redis_client import is_cluster
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands, queue_script,
                                require_single_on_cluster)
-from online_models.trending import (FIRST_SEEN_PER_TRENDING_ITEM, REBASE_AFTER_HALF_LIVES,
-                                    TrendingModel)
+from online_models.trending import REBASE_AFTER_HALF_LIVES, TrendingModel
 from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
 
@@ -297,16 +296,16 @@ class LiveState:
         """Queue the events' skeleton writes (trending and first seen: the
         :class:`TrendingModel`'s step; histories, feed queue, clicks). ``seq`` > 0 (a cluster
         commit): every write that adds is guarded by it."""
-        s, keys = self.settings, self.keys
-        step = self.trending.step(signals)
+        s, keys, trending = self.settings, self.keys, self.trending
+        step = trending.step(signals)
         if len(step.items):
-            args: list = [s.trending_half_life_s, step.reference, s.trending_max_items,
+            args: list = [trending.half_life_s, step.reference, trending.max_items,
                           REBASE_AFTER_HALF_LIVES, seq]
             for item, delta in zip(step.items.tolist(), step.deltas.tolist()):
                 args += (item, delta)
             queue_script(pipe, self._trending, [keys.trending, keys.trending_meta], args)
         queue_script(pipe, self._first_seen, [keys.item_first_seen],
-                     [FIRST_SEEN_PER_TRENDING_ITEM * s.trending_max_items,
+                     [trending.first_seen_kept,
                       *(x for pair in step.first_seen.items() for x in pair)])
         histories: dict[str, list[str]] = {}
         rewarded: dict[str, int] = {}  # engagements at exploration positions, per item
