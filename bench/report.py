@@ -10,12 +10,15 @@ import os
 import sys
 from pathlib import Path
 
+from infra.settings import Settings
+
 YOOCHOOSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "yoochoose-rsc15-100k"
 
 
 def add_live_options(parser: argparse.ArgumentParser) -> None:
     """``--models`` and ``--redis-aof``, for the benches that run the worker's apply path."""
-    parser.add_argument("--models", default="session,cooc,mf")
+    parser.add_argument("--models", default=Settings.model_fields["live_models"].default,
+                        help="live models (default: STREAMREC_LIVE_MODELS's default)")
     parser.add_argument("--redis-aof", action="store_true",
                         help="run redis-server with AOF (everysec), as infra/redis.conf does")
 

@@ -146,9 +146,11 @@ class Settings(BaseSettings):
     state_writer_held_keys: int = Field(
         1_000_000, ge=1000, description="single: model-state keys the writer keeps in memory "
         "per table; past it, the oldest (already in Redis) are dropped and read again if met.")
-    live_models: str = Field("session,cooc,mf", pattern=r"^[a-z_]*(,[a-z_]+)*$",
+    live_models: str = Field("session,mf", pattern=r"^[a-z_]*(,[a-z_]+)*$",
                              description="Online models the worker updates (comma-separated, "
-                                         "names from online_models/registry.py; empty = none).")
+                                         "names from online_models/registry.py; empty = none). "
+                                         "Without cooc, co-occurrence neighbours are scored at "
+                                         "read time from the session model's state.")
     dedup_ttl_s: int = Field(600, ge=1, description="How long applied event ids are remembered "
                                                     "to drop producer duplicates (memory: ~70 B "
                                                     "× events/s × 2 × this).")

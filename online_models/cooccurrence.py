@@ -155,33 +155,41 @@ class CooccurrenceModel(OnlineModel):
         return out
 
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
-        query_items = self._query_items(queries)
-        q_items = sorted({i for items in query_items for i in items})
-        if not q_items:
-            return [Recommendations([], np.empty(0)) for _ in queries]
-        sims = self.similar(q_items)
-        vocab: dict[str, int] = {}
-        for row in sims:
-            for item in row:
-                vocab.setdefault(item, len(vocab))
-        if not vocab:
-            return [Recommendations([], np.empty(0)) for _ in queries]
-        row_of = {item: r for r, item in enumerate(q_items)}
-        lengths = [len(row) for row in sims]
-        neighbours = sp.csr_matrix(
-            (np.fromiter((v for row in sims for v in row.values()), np.float32, sum(lengths)),
-             np.fromiter((vocab[i] for row in sims for i in row), np.int64, sum(lengths)),
-             np.concatenate(([0], np.cumsum(lengths)))), shape=(len(q_items), len(vocab)))
-        qr, qc, qv = [], [], []
-        for row_no, items in enumerate(query_items):
-            length = len(items)
-            for p, item in enumerate(items):
-                qr.append(row_no), qc.append(row_of[item])
-                qv.append(self.recency ** (length - 1 - p))
-        weights = sp.csr_matrix((np.asarray(qv, np.float32), (qr, qc)),
-                                shape=(len(queries), len(q_items)))
-        ids = np.array(list(vocab), dtype=object)
-        out: list[Recommendations] = []
-        for a, b in row_chunks(len(queries), len(ids)):
-            out += top_k_dense(ids, (weights[a:b] @ neighbours).toarray(), k, queries[a:b])
-        return out
+        return recommend_neighbours(queries, self._query_items(queries), self.similar,
+                                    self.recency, k)
+
+
+def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]], similar,
+                         recency: float, k: int) -> list[Recommendations]:
+    """Each query scores ``Σ_a recency^(L − p) · sim(a, ·)`` over its items (oldest first);
+    ``similar(items)`` gives each item's {neighbour: similarity} (written-time rows here,
+    read-time ones in :meth:`online_models.session.SessionModel.similar`)."""
+    q_items = sorted({i for items in query_items for i in items})
+    if not q_items:
+        return [Recommendations([], np.empty(0)) for _ in queries]
+    sims = similar(q_items)
+    vocab: dict[str, int] = {}
+    for row in sims:
+        for item in row:
+            vocab.setdefault(item, len(vocab))
+    if not vocab:
+        return [Recommendations([], np.empty(0)) for _ in queries]
+    row_of = {item: r for r, item in enumerate(q_items)}
+    lengths = [len(row) for row in sims]
+    neighbours = sp.csr_matrix(
+        (np.fromiter((v for row in sims for v in row.values()), np.float32, sum(lengths)),
+         np.fromiter((vocab[i] for row in sims for i in row), np.int64, sum(lengths)),
+         np.concatenate(([0], np.cumsum(lengths)))), shape=(len(q_items), len(vocab)))
+    qr, qc, qv = [], [], []
+    for row_no, items in enumerate(query_items):
+        length = len(items)
+        for p, item in enumerate(items):
+            qr.append(row_no), qc.append(row_of[item])
+            qv.append(recency ** (length - 1 - p))
+    weights = sp.csr_matrix((np.asarray(qv, np.float32), (qr, qc)),
+                            shape=(len(queries), len(q_items)))
+    ids = np.array(list(vocab), dtype=object)
+    out: list[Recommendations] = []
+    for a, b in row_chunks(len(queries), len(ids)):
+        out += top_k_dense(ids, (weights[a:b] @ neighbours).toarray(), k, queries[a:b])
+    return out

@@ -12,12 +12,14 @@ from online_models.mf import OnlineMF
 from online_models.mixture import ContextualMixture, MixtureModel
 from online_models.popularity import PopularityModel, RandomModel
 from online_models.river_baseline import RiverBiasedMF
-from online_models.session import SessionModel
+from online_models.session import SessionCooccurrence, SessionModel
 from online_models.trending import TrendingModel
 
 MODELS: dict[str, Callable[[], OnlineModel]] = {
     "session": SessionModel,
     "cooc": CooccurrenceModel,
+    # co-occurrence scored at read time from the session model's state (nothing per pair)
+    "cooc_read": SessionCooccurrence,
     "mf": OnlineMF,
     # returning users: neighbours over each user's history (scope="user")
     "itemknn": lambda: user_knn(recency=1.0),  # reference peer: last 20 positives, flat

@@ -38,6 +38,7 @@ import scipy.sparse as sp
 
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations,
                                 parallel_chunks, row_chunks, top_k_dense)
+from online_models.cooccurrence import recommend_neighbours
 from online_models.signals import SignalBatch
 from online_models.kernels import (code_ids, code_sums, session_steps, sum_pairs,
                                    window_arrays, window_rows)
@@ -55,8 +56,9 @@ class SessionModel(OnlineModel):
     def __init__(self, sessions_per_item: int = 300, steps: int = 5,
                  rules_per_item: int = 200, max_session_items: int = 50,
                  sr_weight: float = 0.25, repeat_weight: float = 3.0,
-                 use_idf: bool = True) -> None:
+                 use_idf: bool = True, neighbours: int = 200) -> None:
         super().__init__()
+        self.neighbours = neighbours  # per item, for similar()
         self.sessions_per_item = sessions_per_item
         self.steps = steps
         self.rules_per_item = rules_per_item
@@ -184,10 +186,76 @@ class SessionModel(OnlineModel):
 
         return parallel_chunks(chunk, row_chunks(len(queries), len(ids), max_cells=1_000_000))
 
+    def similar(self, items: list[str]) -> list[dict[str, float]]:
+        """Item neighbours scored at read time from the session ↔ item adjacency this model
+        keeps anyway (GraphJet's approach: nothing is counted per pair while learning).
+
+        ``c(a, b)``: how many of ``a``'s recent sessions (``isess``, at most
+        ``sessions_per_item``) hold ``b`` (``sess``), scaled from that sample to all of
+        ``a``'s sessions (``df``); similarity is Jaccard, ``c / (df_a + df_b − c)``, and each
+        item keeps its ``neighbours`` best. Reads one row per item and per sampled session."""
+        store = self.store
+        sampled = store.get_rows("isess", items)
+        sessions = sorted({s for row in sampled for s in row})
+        if not sessions:
+            return [{} for _ in items]
+        session_items = store.get_local_rows("sess", sessions)
+        vocab: dict[str, int] = {}
+        for row in session_items:
+            for item in row:
+                vocab.setdefault(item, len(vocab))
+        if not vocab:
+            return [{} for _ in items]
+        counts = (_rows_matrix(sampled, {s: n for n, s in enumerate(sessions)}, binary=True)
+                  @ _rows_matrix(session_items, vocab, binary=True)).tocsr()
+        ids = np.array(list(vocab), dtype=object)
+        df_of = self._session_counts(store, ids)
+        df_items = self._session_counts(store, np.array(items, dtype=object))
+        out = []
+        for r, item in enumerate(items):
+            if not sampled[r]:
+                out.append({})
+                continue
+            lo, hi = counts.indptr[r], counts.indptr[r + 1]
+            cols, c = counts.indices[lo:hi], counts.data[lo:hi]
+            keep = cols != vocab.get(item, -1)
+            cols, c = cols[keep], c[keep]
+            n_a = max(df_items[r], float(len(sampled[r])))
+            n_b = np.maximum(df_of[cols], c)
+            est = np.minimum(c * (n_a / len(sampled[r])), np.minimum(n_a, n_b))
+            sims = est / np.maximum(n_a + n_b - est, 1e-12)
+            if len(sims) > self.neighbours:
+                best = np.argpartition(-sims, self.neighbours - 1)[:self.neighbours]
+                cols, sims = cols[best], sims[best]
+            out.append(dict(zip(ids[cols].tolist(), sims.tolist())))
+        return out
+
+    @staticmethod
+    def _session_counts(store, ids: np.ndarray) -> np.ndarray:
+        """Each item's number of sessions (``df``), 0 where unknown."""
+        return np.array([row.get("n", 0.0) for row in store.get_rows("df", ids.tolist())],
+                        np.float64)
+
     def _idf(self, store, ids: np.ndarray) -> np.ndarray:
         total = store.get_rows("meta", ["sessions"])[0].get("n", 1.0)
-        df = np.array([row.get("n", 1.0) for row in store.get_rows("df", ids.tolist())])
+        df = self._session_counts(store, ids)
         return np.log(max(total, 2.0) / np.maximum(df, 1.0)) + 1e-3
+
+
+class SessionCooccurrence(SessionModel):
+    """Co-occurrence neighbours of the query's items (as :class:`CooccurrenceModel` scores
+    them), with similarities read at query time from the session model's state
+    (:meth:`SessionModel.similar`) instead of pair counts written per event."""
+
+    name = "cooc_read"
+
+    def __init__(self, recency: float = 0.5, **options) -> None:
+        super().__init__(**options)
+        self.recency = recency
+
+    def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
+        return recommend_neighbours(queries, [q.session_items for q in queries], self.similar,
+                                    self.recency, k)
 
 
 def _rows_matrix(rows: list[dict[str, float]], vocab: dict[str, int],

@@ -1,7 +1,9 @@
 """The serving pipeline as an :class:`OnlineModel`, so ``streamrec replay`` evaluates exactly the
 code that builds live feeds (``--models blend,blend_raw``).
 
-It learns its four sources (session, cooc, mf, trending) from the same batches, keeps an HNSW
+It learns its sources (session, mf, trending; cooc too where its pairs are counted per event,
+``cooc="written"``; by default, as live, co-occurrence is read from the session model's state)
+from the same batches, keeps an HNSW
 index in step with the MF item vectors each batch changed (live, the index tails the
 item-vector topic instead), and recommends through :class:`serving.recommender.Recommender`.
 ``blend`` re-ranks (MMR, exposure fairness); ``blend_raw`` is the blend before re-ranking, so
@@ -27,12 +29,21 @@ from serving.recommender import PipelineConfig, Recommender, Request
 class BlendedModel(CompositeModel):
     name = "blend"
 
-    def __init__(self, rerank: bool = True) -> None:
-        super().__init__({"session": SessionModel(), "cooc": CooccurrenceModel(),
-                          "mf": OnlineMF(), "trending": TrendingModel()})
+    def __init__(self, rerank: bool = True, cooc: str = "read") -> None:
+        """``cooc``: the co-occurrence source's neighbours — ``"read"`` (scored at read time
+        from the session model's state, :meth:`SessionModel.similar`: what the live default
+        serves), ``"written"`` (pair counts learnt per event, :class:`CooccurrenceModel`) or
+        ``"none"``."""
+        if cooc not in ("written", "read", "none"):
+            raise ValueError(f"cooc must be written, read or none, not {cooc!r}")
+        parts = {"session": SessionModel(), "mf": OnlineMF(), "trending": TrendingModel()}
+        if cooc == "written":
+            parts["cooc"] = CooccurrenceModel()
+        super().__init__(parts)
         self.ann = AnnIndex(self.parts["mf"].factors, capacity=10_000)
         self.recommender = Recommender(
-            trending=self.parts["trending"].top, session=self.parts["session"], cooc=self.parts["cooc"],
+            trending=self.parts["trending"].top, session=self.parts["session"],
+            cooc={"written": parts.get("cooc"), "read": parts["session"], "none": None}[cooc],
             mf=self.parts["mf"], ann=self.ann,
             config=PipelineConfig(filter_seen=False, rerank=rerank,
                                   model_version="blend-v1" if rerank else "blend-raw-v1"),

@@ -131,7 +131,10 @@ class FeedBuilder:
                 sources[source] = NearlineSource(settings.trainer_dir, model)
                 self.nearline.append(sources[source])
         self.recommender = Recommender(
-            trending=self.trending, session=models.get("session"), cooc=models.get("cooc"),
+            trending=self.trending, session=models.get("session"),
+            # co-occurrence: pairs counted per event where that model is live, else scored at
+            # read time from the session model's state (SessionModel.similar)
+            cooc=models.get("cooc") or models.get("session"),
             mf=models.get("mf"), ann=ann, content=models.get("content"),
             model_sources=sources,
             explorer=explorer_for(settings, counts=self.bandit_counts),

@@ -210,20 +210,31 @@ def test_recommendations_are_logged_with_propensities_and_respect_exclusions(api
                      params={"pin": "first:x"}).status_code == 422
 
 
-def test_similar_items_and_unknown_ids(api, settings, redis_client):
+@pytest.mark.parametrize("live_models, neighbours_from", [
+    ("session,mf", "session"),  # the default: co-occurrence scored at read time
+    ("session,cooc,mf", "cooc"),  # pairs counted per event
+])
+def test_similar_items_and_unknown_ids(live_models, neighbours_from, settings, spawn,
+                                       redis_client):
     from online_models.registry import build
     from online_models.signals import SignalMapper
     from state.redis_store import RedisStore
 
     events = list(UserSimulator(20, 40, seed=6).events(800, time.time() - 800))
-    cooc = build("cooc").bind(RedisStore(redis_client, settings.key_prefix, "cooc"))
-    cooc.learn(SignalMapper().map(events))
+    model = build(neighbours_from).bind(
+        RedisStore(redis_client, settings.key_prefix, neighbours_from))
+    model.learn(SignalMapper().map(events))
+    port = free_port()
+    proc = spawn(["api", "--port", str(port), "--loglevel", "warning"],
+                 settings.model_copy(update={"live_models": live_models}))
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _up(f"{url}/healthz"), 30, "API up", proc=proc)
     item = events[0].item_id
-    body = httpx.get(f"{api}/v1/items/{item}/similar", params={"k": 5}).json()
-    expected = sorted(cooc.similar([item])[0].items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-    assert [i["item_id"] for i in body["items"]] == [i for i, _ in expected]
+    body = httpx.get(f"{url}/v1/items/{item}/similar", params={"k": 5}).json()
+    expected = sorted(model.similar([item])[0].items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    assert len(expected) == 5 and [i["item_id"] for i in body["items"]] == [i for i, _ in expected]
     assert all(i["reason"] == f"viewed together with {item}" for i in body["items"])
-    assert httpx.get(f"{api}/v1/items/nobody-knows/similar").json()["items"] == []
+    assert httpx.get(f"{url}/v1/items/nobody-knows/similar").json()["items"] == []
 
 
 def test_api_keys_guard_v1_routes_but_not_health(settings, spawn, redis_client):

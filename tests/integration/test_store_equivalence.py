@@ -11,7 +11,7 @@ from state.redis_store import RedisStore
 from stream.simulator import UserSimulator
 from tests.state_check import read_rows
 
-STORE_BACKED = ["session", "cooc", "mf", "als", "popularity", "trending", "random", "content"]
+STORE_BACKED = ["session", "cooc", "cooc_read", "mf", "als", "popularity", "trending", "random", "content"]
 
 
 @pytest.mark.parametrize("name", STORE_BACKED)

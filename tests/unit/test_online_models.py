@@ -153,6 +153,36 @@ def test_cooccurrence_normalisations(normalisation):
         assert sims[j] == pytest.approx(expected(j))
 
 
+def test_read_time_similarity_is_jaccard_over_sessions_counted_from_scratch():
+    evs = random_sessions(seed=3, n_sessions=60, n_items=12)
+    model = learn_in_batches(SessionModel(sessions_per_item=1000), evs, 37)
+    sessions: dict[str, set[str]] = defaultdict(set)
+    for e in evs:
+        sessions[e.session_id].add(e.item_id)
+    items = sorted({e.item_id for e in evs})
+    df = {i: sum(i in s for s in sessions.values()) for i in items}
+    for item, sims in zip([*items, "unknown"], model.similar([*items, "unknown"])):
+        expected = {}
+        for other in items:
+            c = sum(item in s and other in s for s in sessions.values())
+            if other != item and c:
+                expected[other] = c / (df[item] + df[other] - c)
+        assert sims.keys() == expected.keys()
+        assert all(sims[j] == pytest.approx(v) for j, v in expected.items())
+
+
+def test_read_time_similarity_scales_the_recent_sessions_sample_and_keeps_the_best():
+    evs = [click("s1", "a", 0), click("s1", "b", 1), click("s2", "a", 2), click("s2", "c", 3),
+           click("s3", "a", 4), click("s3", "b", 5), click("s4", "a", 6), click("s4", "c", 7),
+           click("s5", "b", 8)]
+    # a's sample: its 2 most recent sessions (s3, s4) of 4, so each count is doubled;
+    # df: a 4, b 3, c 2
+    sims = learn_in_batches(SessionModel(sessions_per_item=2), evs, 3).similar(["a"])[0]
+    assert sims == {"b": pytest.approx(2 / (4 + 3 - 2)), "c": pytest.approx(2 / (4 + 2 - 2))}
+    top = learn_in_batches(SessionModel(neighbours=1), evs, 3).similar(["a"])[0]
+    assert top == {"c": pytest.approx(2 / (4 + 2 - 2))}  # all sessions: b 2/5, c 2/4
+
+
 # --- popularity ----------------------------------------------------------------------------------
 def test_popularity_counts_positive_events_only():
     evs = [click("s", "a", 0), click("s", "a", 1), click("s", "b", 2),
