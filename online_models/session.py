@@ -15,7 +15,8 @@ Three signals over the current session ``q = (i_1 … i_L)`` are normalised per 
 
 State (all in the store, all bounded): ``sess`` session → {item: position} (last
 ``max_session_items``); ``isess`` item → {session: time} (most recent ``sessions_per_item``);
-``sr`` item → {next item: weight} (top ``rules_per_item``); ``df`` item → {"n": sessions}.
+``sr`` item → {next item: weight} (top ``rules_per_item``; only with ``rules="written"``:
+``"read"`` scores rules at query time from ``isess`` and ``sess``); ``df`` item → {"n": sessions}.
 
 Example
 -------
@@ -56,9 +57,13 @@ class SessionModel(OnlineModel):
     def __init__(self, sessions_per_item: int = 300, steps: int = 5,
                  rules_per_item: int = 200, max_session_items: int = 50,
                  sr_weight: float = 0.25, repeat_weight: float = 3.0,
-                 use_idf: bool = True, neighbours: int = 200) -> None:
+                 use_idf: bool = True, neighbours: int = 200, rules: str = "written"
+                 ) -> None:
         super().__init__()
+        if rules not in ("written", "read"):
+            raise ValueError(f"rules must be written or read, not {rules!r}")
         self.neighbours = neighbours  # per item, for similar()
+        self.rules = rules
         self.sessions_per_item = sessions_per_item
         self.steps = steps
         self.rules_per_item = rules_per_item
@@ -81,7 +86,8 @@ class SessionModel(OnlineModel):
         if self.store.writes_read_rows:  # the rows learning writes: items and rules' sources
             items = list(dict.fromkeys(visits.items.tolist()))
             earlier = [i for row in self.store.get_local_rows("sess", sessions) for i in row]
-            self.store.prefetch_rows("sr", list(dict.fromkeys([*items, *earlier])))
+            if self.rules == "written":
+                self.store.prefetch_rows("sr", list(dict.fromkeys([*items, *earlier])))
             for table in ("isess", "df"):
                 self.store.prefetch_rows(table, items)
             self.store.prefetch_rows("meta", ["sessions"])
@@ -106,7 +112,6 @@ class SessionModel(OnlineModel):
             item_codes, row_items, row_pos, row_len, last_pos, self.steps,
             self.max_session_items, limit)
         rows = dict(zip(sessions, window_rows(ids, row_items, row_pos, row_len)))
-        rules = sum_pairs(ids, a, b, amounts)
         names = np.asarray(ids, dtype=object)
         new_in_session = code_sums(ids, item_codes[is_new])
         # each item's sessions with their latest time: events grouped by item, in stream order
@@ -118,7 +123,9 @@ class SessionModel(OnlineModel):
                                  batch.timestamps[by_item].tolist())
         self.store.set_local_rows("sess", rows)  # sessions are partition-local
         self.store.set_flat_rows("isess", item_sessions, keep_top=self.sessions_per_item)
-        self.store.incr_flat_rows("sr", rules, keep_top=self.rules_per_item)
+        if self.rules == "written":
+            self.store.incr_flat_rows("sr", sum_pairs(ids, a, b, amounts),
+                                      keep_top=self.rules_per_item)
         self.store.incr_flat_rows("df", new_in_session)
         if new_sessions:
             self.store.incr_rows("meta", {"sessions": {"n": float(new_sessions)}})
@@ -131,10 +138,13 @@ class SessionModel(OnlineModel):
         if not q_items:
             return [Recommendations([], np.empty(0)) for _ in queries]
         # hop 1: recent sessions of every query item; hop 2: those sessions' items
-        sessions = sorted({s for row in store.get_rows("isess", q_items) for s in row})
+        item_sessions = dict(zip(q_items, store.get_rows("isess", q_items)))
+        sessions = sorted({s for row in item_sessions.values() for s in row})
         sess_rows = store.get_local_rows("sess", sessions)
         last_items = sorted({q.session_items[-1] for q in queries if q.session_items})
-        rules = dict(zip(last_items, store.get_rows("sr", last_items)))
+        rules = dict(zip(last_items, store.get_rows("sr", last_items) if self.rules == "written"
+                         else self._rules_at_read(last_items, item_sessions,
+                                                  dict(zip(sessions, sess_rows)))))
         vocab: dict[str, int] = {}
         for rows in (sess_rows, [dict.fromkeys(q_items)], rules.values()):
             for row in rows:
@@ -185,6 +195,29 @@ class SessionModel(OnlineModel):
             return top_k_dense(ids, scores, k, queries[a:b])
 
         return parallel_chunks(chunk, row_chunks(len(queries), len(ids), max_cells=1_000_000))
+
+    def _rules_at_read(self, items: list[str], item_sessions: dict[str, dict[str, float]],
+                       session_rows: dict[str, dict[str, float]]) -> list[dict[str, float]]:
+        """Sequential rules scored at read time (``rules="read"``): in each of ``a``'s
+        recent sessions, an item ``b`` at most ``steps`` positions after ``a`` adds
+        ``1 / gap`` to ``a → b`` (from the rows' latest positions: where ``a`` or ``b``
+        repeats, only its last visit counts, unlike the rules written per event)."""
+        out = []
+        steps = self.steps
+        for a in items:
+            rule: dict[str, float] = {}
+            get = rule.get
+            for session in item_sessions[a]:
+                row = session_rows[session]
+                at = row.get(a)
+                if at is None:  # a left the session's window of latest items
+                    continue
+                for b, position in row.items():
+                    gap = position - at
+                    if 0 < gap <= steps:
+                        rule[b] = get(b, 0.0) + 1.0 / gap
+            out.append(rule)
+        return out
 
     def similar(self, items: list[str]) -> list[dict[str, float]]:
         """Item neighbours scored at read time from the session ↔ item adjacency this model

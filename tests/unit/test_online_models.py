@@ -183,6 +183,30 @@ def test_read_time_similarity_scales_the_recent_sessions_sample_and_keeps_the_be
     assert top == {"c": pytest.approx(2 / (4 + 2 - 2))}  # all sessions: b 2/5, c 2/4
 
 
+def test_rules_read_at_query_time_equal_the_rules_written_when_no_item_repeats():
+    rng = np.random.default_rng(4)
+    evs, t = [], 0
+    for s in range(50):  # sessions of distinct items: where items repeat, the two differ
+        for item in rng.permutation(14)[:rng.integers(1, 9)]:
+            t += 1
+            evs.append(click(f"s{s}", f"i{item}", t))
+    written = learn_in_batches(SessionModel(rules_per_item=1000), evs, 23)
+    read = learn_in_batches(SessionModel(rules="read", sessions_per_item=1000), evs, 23)
+    assert not read.store.rows.get("sr")  # nothing counted per pair while learning
+    items = sorted({e.item_id for e in evs})
+    sessions = sorted({e.session_id for e in evs})
+    rules = read._rules_at_read(
+        items, dict(zip(items, read.store.get_rows("isess", items))),
+        dict(zip(sessions, read.store.get_local_rows("sess", sessions))))
+    for item, rule in zip(items, rules):
+        stored = written.store.get_rows("sr", [item])[0]
+        assert rule.keys() == stored.keys() and all(
+            rule[b] == pytest.approx(stored[b]) for b in rule), item
+    queries = [Query("u", tuple(e.item_id for e in evs[i:i + 3])) for i in range(0, 60, 5)]
+    assert ([r.items for r in read.recommend(queries, 5)]
+            == [r.items for r in written.recommend(queries, 5)])
+
+
 # --- popularity ----------------------------------------------------------------------------------
 def test_popularity_counts_positive_events_only():
     evs = [click("s", "a", 0), click("s", "a", 1), click("s", "b", 2),
