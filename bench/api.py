@@ -1,7 +1,10 @@
 """HTTP API under load: stored-feed reads and on-demand lists, the load generator in its own
 process, against a real API (uvicorn), redis-server and broker on this machine.
 
-Feeds are built for ``--users`` simulated users, then for ``--seconds`` each a load process
+The live models (``STREAMREC_LIVE_MODELS``) learn ``20 × --users`` simulated events, so lists
+draw on their candidates as in production (item vectors reach the API's index only through the
+item-vector topic, which no worker feeds here: no ANN candidates). Feeds are built for
+``--users`` simulated users, then for ``--seconds`` each a load process
 (raw HTTP/1.1 keep-alive on uvloop) runs three phases: ``GET /v1/users/<u>/feed`` closed loop
 (``--concurrency`` requests always in flight: the most it serves, latency = concurrency /
 throughput), the same open loop at ``--feed-rate`` requests/s (latency from when each was due),
@@ -140,8 +143,10 @@ def main() -> None:
     parser.add_argument("--on-demand-rate", type=float, default=1000.0,
                         help="requests/s offered in the open-loop on-demand phase")
     args = parser.parse_args()
+    from online_models.signals import SignalMapper
     from schemas.keys import RedisKeys
     from serving.feeds import FeedBuilder
+    from state.redis_store import build_on_redis
     from stream.simulator import UserSimulator
     from stream.state import LiveState
 
@@ -151,7 +156,12 @@ def main() -> None:
         client = sync_redis(redis_srv.url)
         events = list(UserSimulator(args.users, 5000, seed=1).events(20 * args.users,
                                                                      time.time() - 3600))
-        LiveState(settings, client).apply_sync(events)
+        LiveState(settings, client).apply_sync(events)  # histories, trending
+        models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
+                                layout=settings.state_writer)
+        for start in range(0, len(events), 2000):  # the live models' state, as a worker's
+            for model in models.values():
+                model.learn(SignalMapper().map(events[start:start + 2000]))
         users = sorted({e.user_id for e in events})
         builder = FeedBuilder(settings, client)
         while builder.refresh_round():

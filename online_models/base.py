@@ -79,6 +79,10 @@ class OnlineModel(ABC):
     name = "model"
     #: tables of partition-local rows (``StateStore.get_local_rows``): one writer each
     local_tables: tuple[str, ...] = ()
+    #: tables of a few very long rows (a catalogue: up to ``max_items`` members): kept as
+    #: sorted sets and written member by member even by a single writer, which writes other
+    #: rows whole (a catalogue rewritten per commit would be megabytes)
+    sorted_set_tables: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.store: StateStore = MemoryStore()

@@ -53,6 +53,7 @@ def factorize(values: np.ndarray) -> tuple[list, np.ndarray]:
 
 class OnlineMF(OnlineModel):
     name = "mf"
+    sorted_set_tables = ("catalog",)
 
     def __init__(self, factors: int = 32, learning_rate: float = 1.0,
                  regularisation: float = 0.01, negatives: int = 4, negative_weight: float = 1.0,

@@ -33,6 +33,8 @@ class CompositeModel(OnlineModel):
         super().__init__()
         self.parts = parts
         self.local_tables = tuple(t for part in parts.values() for t in part.local_tables)
+        self.sorted_set_tables = tuple(dict.fromkeys(
+            t for part in parts.values() for t in part.sorted_set_tables))
 
     def bind(self, store: StateStore) -> "CompositeModel":
         for name, part in self.parts.items():

@@ -14,6 +14,7 @@ class PopularityModel(OnlineModel):
     decayed and weighted by event type, is :class:`online_models.trending.TrendingModel`.)"""
 
     name = "popularity"
+    sorted_set_tables = ("pop",)
 
     def __init__(self, max_items: int = 10_000) -> None:
         super().__init__()
@@ -47,6 +48,7 @@ class RandomModel(OnlineModel):
     """Uniformly random items among those seen so far (seeded)."""
 
     name = "random"
+    sorted_set_tables = ("catalog",)
 
     def __init__(self, seed: int = 0, max_items: int = 100_000) -> None:
         super().__init__()

@@ -117,6 +117,7 @@ class TrendingModel(OnlineModel):
     (row ``all``: item → first event time, the newest ``10 · max_items`` kept)."""
 
     name = "trending"
+    sorted_set_tables = ("pop", "first")
 
     def __init__(self, half_life_s: float = DEFAULT_HALF_LIFE_S,
                  max_items: int = DEFAULT_MAX_ITEMS,

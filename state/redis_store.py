@@ -116,7 +116,7 @@ return out
 CLUSTER_KEY_BUCKETS = 256
 
 #: Scripts a cluster commit's redo record may name (besides the worker's own).
-CLUSTER_WRITE_SCRIPTS = (_SET_EXPIRING_LUA,)
+CLUSTER_WRITE_SCRIPTS = (_SET_EXPIRING_LUA, _OVERWRITE_ROWS_LUA)
 
 
 def _rows_blob(rows: Rows) -> bytes:
@@ -313,10 +313,12 @@ class RedisStore(StateStore):
 
     def __init__(self, client, prefix: str = "sr", namespace: str = "default",
                  cache_local_rows: int = 0, local_ttl_s: float = 0,
-                 shared_ttl_s: float = 0, rows_as_strings: bool = False) -> None:
+                 shared_ttl_s: float = 0, rows_as_strings: bool = False,
+                 sorted_set_tables: tuple[str, ...] = ()) -> None:
         self.client = client
         self.cluster = is_cluster(client)
         self.rows_as_strings = rows_as_strings
+        self.sorted_set_tables = tuple(sorted_set_tables)
         self.cache_local_rows = cache_local_rows
         self.local_ttl_ms, self.shared_ttl_ms = int(local_ttl_s * 1000), int(shared_ttl_s * 1000)
         self._local_cache: dict[str, dict] = {}
@@ -333,6 +335,11 @@ class RedisStore(StateStore):
         self._claim = client.register_script(_CLAIM_LUA)
         self._add_vectors = client.register_script(_ADD_VECTORS_LUA)
         self._set_expiring = client.register_script(_SET_EXPIRING_LUA)
+
+    def whole_rows(self, table: str) -> bool:
+        """Whether ``table``'s rows are whole msgpack strings (``rows_as_strings``, except
+        the model's ``sorted_set_tables``) rather than sorted sets."""
+        return self.rows_as_strings and table not in self.sorted_set_tables
 
     def key(self, table: str, key: str) -> str:
         return self.keys(table, [key])[0]
@@ -376,7 +383,7 @@ class RedisStore(StateStore):
     def get_rows(self, table, keys):
         if not keys:
             return []
-        if self.rows_as_strings:
+        if self.whole_rows(table):
             return self._read_local(table, keys)
         names = self.keys(table, keys)
         try:  # the read-only variant: readers holding only read access may run it (ACLs)
@@ -400,8 +407,12 @@ class RedisStore(StateStore):
     def overwrite_rows(self, table: str, rows: Mapping[str, Mapping[str, float | bool]]
                        ) -> None:
         """Set members' scores as given, removing members given as ``False`` (no trim: the
-        caller sends its rows' exact contents; see :mod:`state.write_back`)."""
-        self._run(self._overwrite, self.keys(table, rows), [_rows_blob(rows), self.shared_ttl_ms])
+        caller sends its rows' exact contents; see :mod:`state.write_back`). On a cluster, one
+        call per slot. Idempotent: a redo record may apply it again."""
+        named = dict(zip(self.keys(table, rows), rows.values()))
+        for names in by_slot(named) if self.cluster else [list(named)]:
+            self._run(self._overwrite, names, [_msgpack([named[n] for n in names]),
+                                               self.shared_ttl_ms])
 
     def replace_rows(self, table: str, rows: Rows) -> None:
         """Write whole rows as msgpack strings (the layout of ``rows_as_strings``; an empty
@@ -554,7 +565,7 @@ class RedisStore(StateStore):
     def sibling(self, namespace):
         return RedisStore(self.client, self.prefix, namespace, self.cache_local_rows,
                           self.local_ttl_ms / 1000, self.shared_ttl_ms / 1000,
-                          self.rows_as_strings)
+                          self.rows_as_strings, self.sorted_set_tables)
 
     def row_count(self, table):
         pattern = f"{self.base}:{table}:{{*"
@@ -618,7 +629,8 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
                 f"model {name!r} is also written by the items agent (rows added to in place): "
                 f"not on a Redis Cluster; leave it out of STREAMREC_LIVE_MODELS there")
         store = RedisStore(client, prefix, name, 0 if single else cache_local_rows,
-                           local_ttl_s, shared_ttl_s, rows_as_strings=single)
+                           local_ttl_s, shared_ttl_s, rows_as_strings=single,
+                           sorted_set_tables=model.sorted_set_tables)
         models[name] = model.bind(WriteBackStore(store, held_keys=held_keys)
                                   if single and writer else store)
     return models

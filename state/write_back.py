@@ -13,7 +13,9 @@ issue: item-side state owned by the item's partition). Keys the writer has not h
 read from Redis on first use (``complete=True``: Redis holds none of them — a fresh start —
 and nothing is read). With a reader whose ``rows_as_strings`` is set, changed rows are written
 whole as msgpack strings (one SET per row instead of one ZADD per member: the layout only a
-single writer can use, since concurrent writers need Redis to add their increments).
+single writer can use, since concurrent writers need Redis to add their increments), except
+the model's ``sorted_set_tables`` (a catalogue: one row of up to ``max_items`` members, whose
+changed members are written instead).
 """
 
 from __future__ import annotations
@@ -95,14 +97,14 @@ class WriteBackStore(MemoryStore):
 
     # --- writes --------------------------------------------------------------------------
     def _write_whole(self, table, keys, write, rows, keep_top) -> None:
-        """Rows the read model takes whole (``rows_as_strings``): hold them, ``write`` them
+        """Rows the read model takes whole (``whole_rows``): hold them, ``write`` them
         in memory (a :class:`MemoryStore` method), note which keys changed."""
         self._hold_rows(table, keys, self.reader.get_rows)
         write(self, table, rows, keep_top)
         self._row_changes.setdefault(table, {}).update(dict.fromkeys(keys, ()))
 
     def _write_rows(self, table, updates, keep_top, add: bool) -> None:
-        if self.reader.rows_as_strings:
+        if self.reader.whole_rows(table):
             self._write_whole(table, updates, MemoryStore.incr_rows if add
                               else MemoryStore.set_rows, updates, keep_top)
             return
@@ -132,13 +134,13 @@ class WriteBackStore(MemoryStore):
         self._write_rows(table, deltas, keep_top, add=True)
 
     def incr_flat_rows(self, table, rows, keep_top=None):
-        if self.reader.rows_as_strings:
+        if self.reader.whole_rows(table):
             self._write_whole(table, rows.keys, MemoryStore.incr_flat_rows, rows, keep_top)
         else:  # member-level changes: through the dict path
             self.incr_rows(table, rows.as_dicts(), keep_top)
 
     def set_flat_rows(self, table, rows, keep_top=None):
-        if self.reader.rows_as_strings:
+        if self.reader.whole_rows(table):
             self._write_whole(table, rows.keys, MemoryStore.set_flat_rows, rows, keep_top)
         else:
             self.set_rows(table, rows.as_dicts(), keep_top)
@@ -195,7 +197,7 @@ class WriteBackStore(MemoryStore):
         with self.reader.deferred(pipe) as reader:
             for table, changes in self._row_changes.items():
                 rows = self.rows.get(table, {})
-                if reader.rows_as_strings:  # whole rows, one string each
+                if reader.whole_rows(table):  # whole rows, one string each
                     reader.replace_rows(table, {key: rows.get(key) or {} for key in changes})
                     written += len(changes)
                     continue

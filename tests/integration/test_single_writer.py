@@ -33,6 +33,10 @@ def test_single_writer_state_equals_a_replay_and_serving_reads_it(settings, redi
         assert isinstance(store, RedisStore) and store.rows_as_strings
         assert_store_holds(store, model)
     assert redis_client.type(f"{settings.key_prefix}:m:cooc:cooc:{{i1}}") in (b"string", b"none")
+    # a catalogue (up to max_items members) stays a sorted set, written member by member
+    catalogue = readers["mf"].store.key("catalog", "all")
+    assert redis_client.type(catalogue) == b"zset"
+    assert redis_client.zcard(catalogue) == len(memory["mf"].store.rows["catalog"]["all"]) > 0
     with pytest.raises(StateLayoutError, match="STREAMREC_STATE_WRITER=single"):
         build_on_redis(MODELS, redis_client, settings.key_prefix)  # a reader set to shared
 
