@@ -7,7 +7,8 @@ Three signals over the current session ``q = (i_1 … i_L)`` are normalised per 
    ``w_pos(i_p) = p / L``; the ``sessions_per_item`` most recent sessions of each item of
    ``q`` vote for their items, weighted by similarity and ``idf = log(N / df)``. (Keeping
    only the top-500 neighbours, as V-SKNN does, changed no metric on YooChoose: sessions are
-   short, so we skip that per-query sort.)
+   short, so we skip that per-query sort. 50 sessions per item, not 300, on the validation
+   split: HR@20 0.6471 against 0.6472, and a sixth of the rows written and read.)
 2. **Sequential rules** (SR): item ``a`` seen ``g ≤ steps`` positions before ``b`` in a session
    adds ``1/g`` to rule ``a → b``; the last item's rules score the next item.
 3. **Repeat consumption**: items of ``q`` itself, weight ``0.5^(L − p)`` (the last item 1).
@@ -54,7 +55,7 @@ class SessionModel(OnlineModel):
     name = "session"
     local_tables = ("sess",)
 
-    def __init__(self, sessions_per_item: int = 300, steps: int = 5,
+    def __init__(self, sessions_per_item: int = 50, steps: int = 5,
                  rules_per_item: int = 200, max_session_items: int = 50,
                  sr_weight: float = 0.25, repeat_weight: float = 3.0,
                  use_idf: bool = True, neighbours: int = 200, rules: str = "written"

@@ -69,7 +69,7 @@ def test_state_stays_bounded_under_hostile_ids(name):
             if table in ("sess", "win", "sr", "cooc", "isess", "pop", "catalog", "history",
                          "raters"):
                 cap = {"sess": 50, "win": getattr(model, "window", 5), "sr": 200,
-                       "cooc": getattr(model, "neighbours", 200), "isess": 300,
+                       "cooc": getattr(model, "neighbours", 200), "isess": getattr(model, "sessions_per_item", 50),
                        "pop": 10_000, "catalog": 100_000, "history": getattr(model, "history", 0),
                        "raters": getattr(model, "raters", 0)}[table]
                 assert len(row) <= cap + max(1, cap // 10), (table, key, len(row))
