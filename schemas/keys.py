@@ -247,7 +247,8 @@ class RedisKeys:
                     "STREAMREC_DEDUP_TTL_S): a producer duplicate (same id and timestamp, new "
                     "offset) falls in the same bucket and is dropped."),
             KeySpec(f"{p}:m:<model>:<table>:{{<key>}}", "sorted set (rows; a msgpack map "
-                    "when STREAMREC_STATE_WRITER=single), msgpack map (partition-local rows) "
+                    "when STREAMREC_STATE_WRITER=single, except catalogue tables such as "
+                    "mf:catalog, which stay sorted sets), msgpack map (partition-local rows) "
                     "or string (float32 vector)",
                     "refreshed by each write: STREAMREC_USER_STATE_TTL_S (30 days) for "
                     "partition-local state, STREAMREC_ITEM_STATE_TTL_S (90 days) for the rest; "
