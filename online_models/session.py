@@ -284,7 +284,7 @@ class SessionCooccurrence(SessionModel):
     name = "cooc_read"
 
     def __init__(self, recency: float = 0.5, **options) -> None:
-        super().__init__(**options)
+        super().__init__(**{"rules": "read", **options})  # its queries use no rules
         self.recency = recency
 
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:

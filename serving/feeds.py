@@ -134,7 +134,7 @@ class FeedBuilder:
             trending=self.trending, session=models.get("session"),
             # co-occurrence: pairs counted per event where that model is live, else scored at
             # read time from the session model's state (SessionModel.similar)
-            cooc=models.get("cooc") or models.get("session"),
+            cooc=models["cooc"] if "cooc" in models else models.get("session"),
             mf=models.get("mf"), ann=ann, content=models.get("content"),
             model_sources=sources,
             explorer=explorer_for(settings, counts=self.bandit_counts),
