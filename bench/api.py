@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.report import print_result  # noqa: E402
+from bench.report import learn_events, print_result  # noqa: E402
 from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topics,  # noqa: E402
                             free_port, terminate)
 from infra.redis_client import sync_redis  # noqa: E402
@@ -143,7 +143,6 @@ def main() -> None:
     parser.add_argument("--on-demand-rate", type=float, default=1000.0,
                         help="requests/s offered in the open-loop on-demand phase")
     args = parser.parse_args()
-    from online_models.signals import SignalMapper
     from schemas.keys import RedisKeys
     from serving.feeds import FeedBuilder
     from state.redis_store import build_on_redis
@@ -159,9 +158,7 @@ def main() -> None:
         LiveState(settings, client).apply_sync(events)  # histories, trending
         models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
                                 layout=settings.state_writer)
-        for start in range(0, len(events), 2000):  # the live models' state, as a worker's
-            for model in models.values():
-                model.learn(SignalMapper().map(events[start:start + 2000]))
+        learn_events(models.values(), events, 2000)  # the live models' state, as a worker's
         users = sorted({e.user_id for e in events})
         builder = FeedBuilder(settings, client)
         while builder.refresh_round():

@@ -32,12 +32,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import add_validation_options, print_result, validation_split  # noqa: E402
+from bench.report import (add_validation_options, learn_events, print_result,  # noqa: E402
+                          validation_split)
 from infra.embedded import EmbeddedRedis  # noqa: E402
 from infra.redis_client import sync_redis  # noqa: E402
 from online_models.registry import MODELS, build  # noqa: E402
 from online_models.session import SessionModel  # noqa: E402
-from online_models.signals import SignalMapper  # noqa: E402
 from replay.protocols import run, session_queries  # noqa: E402
 from serving.blended import BlendedModel  # noqa: E402
 from serving.recommender import Recommender, Request  # noqa: E402
@@ -75,10 +75,7 @@ def request_costs(train, valid, requests: int) -> dict[str, float]:
         models = {name: model.bind(RedisStore(client, "bench", name)) for name, model in (
             ("session", SessionModel()), ("cooc", build("cooc")),
             ("session_read", SessionModel(rules="read")))}
-        for start in range(0, len(train), 1000):
-            batch = train[start:start + 1000]
-            for model in models.values():
-                model.learn(SignalMapper().map(batch))
+        learn_events(models.values(), train, 1000)
         out = {}
         for how, session, cooc in (("counted", models["session"], models["cooc"]),
                                    ("read", models["session_read"], models["session_read"])):

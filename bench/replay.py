@@ -1,11 +1,10 @@
 """Replay speed and memory of the online models, beside river's BiasedMF on the same events.
 
 Reads the shared YooChoose sample (train_full then test, 83,846 events), maps signals once,
-and times ``learn`` over batches of ``--batch`` events per model, session + cooc + mf together,
-session + mf together (the live default: co-occurrence read at query time from the session
-model's state, ``cooc_read``),
-all three live models
-together (session + co-occurrence + trending, as a worker would run them, mapping included),
+and times ``learn`` over batches of ``--batch`` events per model; session + cooc + mf
+together; session + mf together (what the live default learns: co-occurrence is read at query
+time from the session model's state, ``cooc_read``); session + co-occurrence + trending with
+the mapping included, as a worker would run them;
 and ``river.reco.BiasedMF.learn_one`` over the same events. Then times the session model's
 predictions for the 10,152 next-item queries of the test split, and measures memory per item
 and per user (tracemalloc, memory store). Prediction speed is the median of three timed calls

@@ -38,6 +38,16 @@ def validation_split(args: argparse.Namespace):
     return load_split(args.data, args.format, args.test_days)
 
 
+def learn_events(models, events, batch: int) -> None:
+    """Every model learns ``events`` in batches of ``batch``, each with its own signal mapper
+    per batch, as a worker maps them."""
+    from online_models.signals import SignalMapper
+
+    for start in range(0, len(events), batch):
+        for model in models:
+            model.learn(SignalMapper().map(events[start:start + batch]))
+
+
 def yoochoose_split():
     """(train, test) events of the shared YooChoose sample; exits clearly where it is absent."""
     from replay.loaders import load_split

@@ -123,6 +123,16 @@ class OnlineModel(ABC):
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]: ...
 
 
+def vocabulary(*row_groups) -> dict[str, int]:
+    """A column per distinct member of the rows (``{member: column}``, first seen first)."""
+    vocab: dict[str, int] = {}
+    for rows in row_groups:
+        for row in rows:
+            for member in row:
+                vocab.setdefault(member, len(vocab))
+    return vocab
+
+
 def top_k_dense(item_ids: np.ndarray, block: np.ndarray, k: int,
                 queries: Sequence[Query]) -> list[Recommendations]:
     """Top-``k`` positive scores of each row of a dense block (one query per row), vectorised.

@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, row_chunks,
-                                top_k_dense)
+                                top_k_dense, vocabulary)
 from online_models.kernels import (code_ids, code_sums, cooc_pairs, sum_pairs,
                                    window_arrays, window_rows)
 from online_models.signals import SignalBatch
@@ -168,10 +168,7 @@ def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]
     if not q_items:
         return [Recommendations([], np.empty(0)) for _ in queries]
     sims = similar(q_items)
-    vocab: dict[str, int] = {}
-    for row in sims:
-        for item in row:
-            vocab.setdefault(item, len(vocab))
+    vocab = vocabulary(sims)
     if not vocab:
         return [Recommendations([], np.empty(0)) for _ in queries]
     row_of = {item: r for r, item in enumerate(q_items)}

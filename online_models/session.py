@@ -39,7 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations,
-                                parallel_chunks, row_chunks, top_k_dense)
+                                parallel_chunks, row_chunks, top_k_dense, vocabulary)
 from online_models.cooccurrence import recommend_neighbours
 from online_models.signals import SignalBatch
 from online_models.kernels import (code_ids, code_sums, session_steps, sum_pairs,
@@ -146,11 +146,7 @@ class SessionModel(OnlineModel):
         rules = dict(zip(last_items, store.get_rows("sr", last_items) if self.rules == "written"
                          else self._rules_at_read(last_items, item_sessions,
                                                   dict(zip(sessions, sess_rows)))))
-        vocab: dict[str, int] = {}
-        for rows in (sess_rows, [dict.fromkeys(q_items)], rules.values()):
-            for row in rows:
-                for item in row:
-                    vocab.setdefault(item, len(vocab))
+        vocab = vocabulary(sess_rows, [q_items], rules.values())
         ids = np.array(list(vocab), dtype=object)
         shape = (len(queries), len(vocab))
         incidence = _rows_matrix(sess_rows, vocab, binary=True)
@@ -234,17 +230,18 @@ class SessionModel(OnlineModel):
         if not sessions:
             return [{} for _ in items]
         session_items = store.get_local_rows("sess", sessions)
-        vocab: dict[str, int] = {}
-        for row in session_items:
-            for item in row:
-                vocab.setdefault(item, len(vocab))
+        vocab = vocabulary(session_items)
         if not vocab:
             return [{} for _ in items]
         counts = (_rows_matrix(sampled, {s: n for n, s in enumerate(sessions)}, binary=True)
                   @ _rows_matrix(session_items, vocab, binary=True)).tocsr()
         ids = np.array(list(vocab), dtype=object)
-        df_of = self._session_counts(store, ids)
-        df_items = self._session_counts(store, np.array(items, dtype=object))
+        # one read of the session counts: the vocabulary's, then the asked items' not in it
+        outside = [i for i in dict.fromkeys(items) if i not in vocab]
+        counts_read = self._session_counts(store, [*vocab, *outside])
+        df_of = counts_read[:len(vocab)]
+        df_outside = dict(zip(outside, counts_read[len(vocab):].tolist()))
+        df_items = [df_of[vocab[i]] if i in vocab else df_outside[i] for i in items]
         out = []
         for r, item in enumerate(items):
             if not sampled[r]:
@@ -265,14 +262,14 @@ class SessionModel(OnlineModel):
         return out
 
     @staticmethod
-    def _session_counts(store, ids: np.ndarray) -> np.ndarray:
+    def _session_counts(store, ids: list[str]) -> np.ndarray:
         """Each item's number of sessions (``df``), 0 where unknown."""
-        return np.array([row.get("n", 0.0) for row in store.get_rows("df", ids.tolist())],
+        return np.array([row.get("n", 0.0) for row in store.get_rows("df", ids)],
                         np.float64)
 
     def _idf(self, store, ids: np.ndarray) -> np.ndarray:
         total = store.get_rows("meta", ["sessions"])[0].get("n", 1.0)
-        df = self._session_counts(store, ids)
+        df = self._session_counts(store, ids.tolist())
         return np.log(max(total, 2.0) / np.maximum(df, 1.0)) + 1e-3
 
 

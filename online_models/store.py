@@ -30,6 +30,8 @@ Example
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from itertools import repeat
+from operator import add
 from collections.abc import MutableMapping
 from typing import Mapping, Sequence
 
@@ -58,6 +60,18 @@ class FlatRows:
     def column(cls, keys: list[str], member: str, values: list[float]) -> "FlatRows":
         """One member per row (counts kept as ``{member: n}`` rows)."""
         return cls(keys, list(range(len(keys) + 1)), [member] * len(keys), values)
+
+    @classmethod
+    def from_dicts(cls, rows: Mapping[str, Mapping[str, float]]) -> "FlatRows":
+        """``{key: {member: value}}`` held flat."""
+        bounds = [0]
+        members: list[str] = []
+        values: list[float] = []
+        for row in rows.values():
+            members += row.keys()
+            values += row.values()
+            bounds.append(len(members))
+        return cls(list(rows), bounds, members, values)
 
     def as_dicts(self) -> dict[str, dict[str, float]]:
         """As ``{key: {member: value}}`` (a later member overwriting an earlier one)."""
@@ -289,28 +303,18 @@ class MemoryStore(StateStore):
         return [rows.get(k, empty) for k in keys]
 
     def incr_rows(self, table, deltas, keep_top=None):
-        rows = self.rows.setdefault(table, {})
-        limit = None if keep_top is None else keep_top + slack(keep_top)
-        for key, delta in deltas.items():
-            row = rows.get(key)
-            if row is None:
-                rows[key] = row = {member: 0.0 + value for member, value in delta.items()}
-            else:
-                get = row.get
-                row.update({member: get(member, 0.0) + value
-                            for member, value in delta.items()})
-            if limit is not None and len(row) > limit:
-                trim_row(row, keep_top)
+        self.incr_flat_rows(table, FlatRows.from_dicts(deltas), keep_top)
 
     def incr_flat_rows(self, table, rows, keep_top=None):
-        # incr_rows without a dict per row: the hot path of replay (rules, co-occurrences)
+        # the one add-and-trim loop; flat: the kernels' sums need no dict per row
         stored = self.rows.setdefault(table, {})
         limit = None if keep_top is None else keep_top + slack(keep_top)
         bounds, members, values = rows.bounds, rows.members, rows.values
         for key, lo, hi in zip(rows.keys, bounds, bounds[1:]):
             row = stored.get(key)
             if row is None:
-                stored[key] = row = dict(zip(members[lo:hi], map(_ZERO.__add__, values[lo:hi])))
+                stored[key] = row = dict(zip(members[lo:hi],
+                                             map(add, repeat(_ZERO), values[lo:hi])))
             else:
                 get = row.get
                 for member, value in zip(members[lo:hi], values[lo:hi]):
@@ -330,14 +334,7 @@ class MemoryStore(StateStore):
                 trim_row(row, keep_top)
 
     def set_rows(self, table, values, keep_top=None):
-        rows = self.rows.setdefault(table, {})
-        for key, update in values.items():
-            row = rows.get(key)
-            if row is None:
-                rows[key] = row = {}
-            row.update(update)
-            if keep_top is not None:
-                trim_row(row, keep_top)
+        self.set_flat_rows(table, FlatRows.from_dicts(values), keep_top)
 
     get_local_rows = get_rows
 

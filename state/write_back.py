@@ -23,7 +23,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 
-from online_models.store import MemoryStore, VectorTable, slack, trim_row
+from online_models.store import FlatRows, MemoryStore, VectorTable, slack, trim_row
 from state.redis_store import RedisStore
 
 
@@ -91,9 +91,7 @@ class WriteBackStore(MemoryStore):
         self._hold_vectors(table, keys)
         return super().get_vectors(table, keys, dim)
 
-    def get_local_vectors(self, table, keys, dim):
-        self._hold_vectors(table, keys)
-        return super().get_vectors(table, keys, dim)
+    get_local_vectors = get_vectors  # local and shared vectors are held alike
 
     # --- writes --------------------------------------------------------------------------
     def _write_whole(self, table, keys, write, rows, keep_top) -> None:
@@ -105,8 +103,8 @@ class WriteBackStore(MemoryStore):
 
     def _write_rows(self, table, updates, keep_top, add: bool) -> None:
         if self.reader.whole_rows(table):
-            self._write_whole(table, updates, MemoryStore.incr_rows if add
-                              else MemoryStore.set_rows, updates, keep_top)
+            write = self.incr_flat_rows if add else self.set_flat_rows
+            write(table, FlatRows.from_dicts(updates), keep_top)
             return
         rows = self._hold_rows(table, updates, self.reader.get_rows)
         changes = self._row_changes.setdefault(table, {})
