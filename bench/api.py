@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.report import learn_events, print_result  # noqa: E402
+from bench.report import learn_live_state, print_result  # noqa: E402
 from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topics,  # noqa: E402
                             free_port, terminate)
 from infra.redis_client import sync_redis  # noqa: E402
@@ -145,7 +145,6 @@ def main() -> None:
     args = parser.parse_args()
     from schemas.keys import RedisKeys
     from serving.feeds import FeedBuilder
-    from state.redis_store import build_on_redis
     from stream.simulator import UserSimulator
     from stream.state import LiveState
 
@@ -156,9 +155,7 @@ def main() -> None:
         events = list(UserSimulator(args.users, 5000, seed=1).events(20 * args.users,
                                                                      time.time() - 3600))
         LiveState(settings, client).apply_sync(events)  # histories, trending
-        models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
-                                layout=settings.state_writer)
-        learn_events(models.values(), events, 2000)  # the live models' state, as a worker's
+        learn_live_state(settings, client, events)
         users = sorted({e.user_id for e in events})
         builder = FeedBuilder(settings, client)
         while builder.refresh_round():

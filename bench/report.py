@@ -48,6 +48,22 @@ def learn_events(models, events, batch: int) -> None:
             model.learn(SignalMapper().map(events[start:start + batch]))
 
 
+def learn_live_state(settings: Settings, client, events, batch: int = 2000) -> None:
+    """The live models' state (``STREAMREC_LIVE_MODELS``) in Redis, in the configured layout
+    (``STREAMREC_STATE_WRITER``), as a worker leaves it after learning ``events``: under
+    ``single`` the writer holds rows in memory and writes them out whole at the end."""
+    from state.redis_store import build_on_redis
+
+    models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
+                            layout=settings.state_writer, writer=True)
+    learn_events(models.values(), events, batch)
+    with client.pipeline(transaction=True) as pipe:
+        for model in models.values():
+            if hasattr(model.store, "flush"):  # a single writer's held state
+                model.store.flush(pipe)
+        pipe.execute()
+
+
 def yoochoose_split():
     """(train, test) events of the shared YooChoose sample; exits clearly where it is absent."""
     from replay.loaders import load_split

@@ -8,6 +8,7 @@ store in :meth:`OnlineModel.bind` (memory for replay, Redis live); randomness on
 from __future__ import annotations
 
 import os
+from itertools import chain
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ class Query:
 class Recommendations:
     items: list[str]
     scores: np.ndarray
+    #: per item, the query item that contributed most, where the model explains (else None)
+    sources: list[str] | None = None
 
 
 @dataclass
@@ -125,12 +128,8 @@ class OnlineModel(ABC):
 
 def vocabulary(*row_groups) -> dict[str, int]:
     """A column per distinct member of the rows (``{member: column}``, first seen first)."""
-    vocab: dict[str, int] = {}
-    for rows in row_groups:
-        for row in rows:
-            for member in row:
-                vocab.setdefault(member, len(vocab))
-    return vocab
+    members = dict.fromkeys(chain.from_iterable(chain.from_iterable(row_groups)))
+    return dict(zip(members, range(len(members))))
 
 
 def top_k_dense(item_ids: np.ndarray, block: np.ndarray, k: int,

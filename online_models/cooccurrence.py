@@ -160,10 +160,13 @@ class CooccurrenceModel(OnlineModel):
 
 
 def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]], similar,
-                         recency: float, k: int) -> list[Recommendations]:
+                         recency: float, k: int, explain: bool = False
+                         ) -> list[Recommendations]:
     """Each query scores ``Σ_a recency^(L − p) · sim(a, ·)`` over its items (oldest first);
     ``similar(items)`` gives each item's {neighbour: similarity} (written-time rows here,
-    read-time ones in :meth:`online_models.session.SessionModel.similar`)."""
+    read-time ones in :meth:`online_models.session.SessionModel.similar`). ``explain``: each
+    recommendation's ``sources`` names the query item whose term was largest (the earliest
+    on a tie)."""
     q_items = sorted({i for items in query_items for i in items})
     if not q_items:
         return [Recommendations([], np.empty(0)) for _ in queries]
@@ -177,6 +180,7 @@ def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]
         (np.fromiter((v for row in sims for v in row.values()), np.float32, sum(lengths)),
          np.fromiter((vocab[i] for row in sims for i in row), np.int64, sum(lengths)),
          np.concatenate(([0], np.cumsum(lengths)))), shape=(len(q_items), len(vocab)))
+    neighbours.sort_indices()
     qr, qc, qv = [], [], []
     for row_no, items in enumerate(query_items):
         length = len(items)
@@ -189,4 +193,26 @@ def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]
     out: list[Recommendations] = []
     for a, b in row_chunks(len(queries), len(ids)):
         out += top_k_dense(ids, (weights[a:b] @ neighbours).toarray(), k, queries[a:b])
+    if explain:
+        for rec, items in zip(out, query_items):
+            if rec.items:
+                rec.sources = _strongest_sources(neighbours, [row_of[i] for i in items], items,
+                                                 [vocab[i] for i in rec.items], recency)
     return out
+
+
+def _strongest_sources(neighbours: sp.csr_matrix, rows: list[int], items: tuple[str, ...],
+                       cols: list[int], recency: float) -> list[str]:
+    """For each column, the item of ``items`` (matrix rows ``rows``, oldest first) whose
+    term ``recency^(L − p) · sim`` is largest, the earliest on a tie (rows' indices sorted)."""
+    cols = np.asarray(cols)
+    terms = np.zeros((len(rows), len(cols)), np.float32)
+    for p, r in enumerate(rows):
+        lo, hi = neighbours.indptr[r], neighbours.indptr[r + 1]
+        if lo == hi:
+            continue
+        members = neighbours.indices[lo:hi]
+        at = np.minimum(np.searchsorted(members, cols), hi - lo - 1)
+        hit = members[at] == cols
+        terms[p, hit] = neighbours.data[lo:hi][at[hit]] * recency ** (len(rows) - 1 - p)
+    return [items[p] for p in terms.argmax(axis=0).tolist()]

@@ -35,6 +35,8 @@ Example
 
 from __future__ import annotations
 
+from itertools import chain
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -294,9 +296,9 @@ def _rows_matrix(rows: list[dict[str, float]], vocab: dict[str, int],
     """CSR matrix with one row per dict (columns from ``vocab``)."""
     lengths = [len(row) for row in rows]
     nnz = sum(lengths)
-    cols = np.fromiter((vocab[m] for row in rows for m in row), np.int64, nnz)
+    cols = np.fromiter(map(vocab.__getitem__, chain.from_iterable(rows)), np.int64, nnz)
     vals = (np.ones(nnz) if binary
-            else np.fromiter((v for row in rows for v in row.values()), float, nnz))
+            else np.fromiter(chain.from_iterable(row.values() for row in rows), float, nnz))
     return sp.csr_matrix((vals, cols, np.concatenate(([0], np.cumsum(lengths)))),
                          shape=(len(rows), len(vocab)))
 

@@ -30,6 +30,7 @@ Example
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from itertools import repeat
 from operator import add
 from collections.abc import MutableMapping
@@ -123,6 +124,13 @@ class StateStore(ABC):
 
     def forget_cached(self) -> None:
         """Drop cached local rows and vectors (after a failed commit or when partitions move)."""
+
+    @contextmanager
+    def shared_reads(self):
+        """Within, on this thread, each row is read from the backing store at most once, so
+        the sources of one serving pass that read the same rows share one read (a reader's
+        scope: rows written meanwhile are not seen). Nothing to share in memory."""
+        yield self
 
     @abstractmethod
     def claim(self, table: str, key: str, member: str, value: float) -> float:

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
-from online_models.base import Query
+from online_models.base import OnlineModel, Query
 from online_models.content import feature_label, is_category
+from online_models.cooccurrence import recommend_neighbours
 from schemas.feeds import Feed, FeedItem
 from serving.ann import AnnIndex
 from serving.explore import EpsilonGreedy, ThompsonSampling
@@ -42,6 +44,8 @@ TrendingSource = Callable[[int], list[tuple[str, float]]]
 SOURCE_REASONS = {"als": "for you", "history": "from your favourites",
                   "two_tower": "for you", "ann_two_tower": "for you (two-tower)",
                   "gru4rec": "next in your session (sequential)"}
+#: The co-occurrence source's weight of the p-th recent item of L: ``COOC_RECENCY^(L − 1 − p)``.
+COOC_RECENCY = 0.5
 #: items → {item: seconds since first seen, on the stream's clock} (unknown items left out)
 ItemAges = Callable[[list[str]], dict[str, float]]
 
@@ -88,7 +92,17 @@ class Recommender:
                    trending: list[tuple[str, float]] | None = None) -> list[dict[str, list]]:
         """Per request: source name → [(item, score, reason)]. ``trending``: the trending top,
         when the caller already read it (it must hold ``candidates_per_source`` plus the
-        longest blocked set)."""
+        longest blocked set). Sources that read the same rows (session and read-time
+        co-occurrence: sessions of the recent items) share one read."""
+        with ExitStack() as scope:
+            for store in {id(m.store): m.store for m in (
+                    self.session, self.cooc, self.mf, self.content,
+                    *self.model_sources.values()) if isinstance(m, OnlineModel)}.values():
+                scope.enter_context(store.shared_reads())
+            return self._candidates(requests, trending)
+
+    def _candidates(self, requests: Sequence[Request],
+                    trending: list[tuple[str, float]] | None) -> list[dict[str, list]]:
         cfg, n = self.config, self.config.candidates_per_source
         recent = [r.history[-cfg.session_items:] for r in requests]
         blocked = [self._blocked(r) for r in requests]
@@ -100,7 +114,7 @@ class Recommender:
                 row["session"] = [(i, float(s), "next in your session")
                                   for i, s in zip(rec.items, rec.scores)]
         if self.cooc is not None:
-            self._cooc_candidates(out, recent, blocked, n)
+            self._cooc_candidates(out, queries, n)
         if self.mf is not None and self.ann is not None:
             vectors = self.mf.query_vectors(queries)
             for row, vec, b in zip(out, vectors, blocked):
@@ -141,23 +155,12 @@ class Recommender:
         seen = frozenset(request.history) if self.config.filter_seen else frozenset()
         return seen | request.exclude
 
-    def _cooc_candidates(self, out, recent, blocked, n) -> None:
-        items = sorted({i for r in recent for i in r})
-        sims = dict(zip(items, self.cooc.similar(items))) if items else {}
-        for row, session, b in zip(out, recent, blocked):
-            score: dict[str, float] = {}
-            because: dict[str, tuple[float, str]] = {}
-            for p, source in enumerate(session):
-                weight = 0.5 ** (len(session) - 1 - p)
-                for item, sim in sims[source].items():
-                    if item in b:
-                        continue
-                    part = weight * sim
-                    score[item] = score.get(item, 0.0) + part
-                    if part > because.get(item, (-1.0, ""))[0]:
-                        because[item] = (part, source)
-            best = sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
-            row["cooc"] = [(i, s, f"because you viewed {because[i][1]}") for i, s in best]
+    def _cooc_candidates(self, out, queries: list[Query], n: int) -> None:
+        for row, rec in zip(out, recommend_neighbours(queries, [q.session_items for q in queries],
+                                                      self.cooc.similar, COOC_RECENCY, n,
+                                                      explain=True)):
+            row["cooc"] = [(i, float(s), f"because you viewed {source}")
+                           for i, s, source in zip(rec.items, rec.scores, rec.sources or ())]
 
     # --- the pipeline ----------------------------------------------------------------------
     def recommend(self, requests: Sequence[Request], source: str = "pipeline") -> list[Feed]:

@@ -9,6 +9,7 @@ Models never import this module: the worker and serving bind them to it
 
 from __future__ import annotations
 
+import threading
 import zlib
 from contextlib import contextmanager
 from itertools import chain
@@ -328,6 +329,7 @@ class RedisStore(StateStore):
         self.prefix = prefix
         self.base = f"{prefix}:m:{encode_id(namespace)}"
         self._deferred = None
+        self._scope = threading.local()  # .rows: table → {key: row} within shared_reads()
         self._incr = client.register_script(_WRITE_ROWS_LUA.replace("OP", "ZINCRBY"))
         self._set = client.register_script(_WRITE_ROWS_LUA.replace("OP", "ZADD"))
         self._overwrite = client.register_script(_OVERWRITE_ROWS_LUA)
@@ -380,7 +382,32 @@ class RedisStore(StateStore):
         else:
             script(keys=keys, args=args)
 
+    @contextmanager
+    def shared_reads(self):
+        outer = getattr(self._scope, "rows", None)
+        if outer is None:
+            self._scope.rows = {}
+        try:
+            yield self
+        finally:
+            if outer is None:
+                self._scope.rows = None
+
+    def _scoped(self, table, keys, read):
+        """``read(table, keys)``, through this thread's :meth:`shared_reads` scope if open."""
+        scope = getattr(self._scope, "rows", None)
+        if scope is None:
+            return read(table, keys)
+        known = scope.setdefault(table, {})
+        missing = list(dict.fromkeys(k for k in keys if k not in known))
+        if missing:
+            known.update(zip(missing, read(table, missing)))
+        return [known[k] for k in keys]
+
     def get_rows(self, table, keys):
+        return self._scoped(table, keys, self._read_rows)
+
+    def _read_rows(self, table, keys):
         if not keys:
             return []
         if self.whole_rows(table):
@@ -421,7 +448,7 @@ class RedisStore(StateStore):
 
     def get_local_rows(self, table, keys):
         if not self.cache_local_rows:
-            return self._read_local(table, keys)
+            return self._scoped(table, keys, self._read_local)
         return self._cached(table, keys, self._read_local)
 
     def prefetch_local_rows(self, table, keys):

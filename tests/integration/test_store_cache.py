@@ -115,3 +115,58 @@ def test_prefetched_local_state_is_cached_absent_included(redis_client, unique):
     got, found = store.get_local_vectors("user", ["u", "nobody"], 2)
     assert found.tolist() == [True, False] and got.tolist() == [[1, 1], [0, 0]]
     assert store.get_local_rows("sess", ["s", "new"]) == [{"a": 1.0}, {}]
+
+
+def test_shared_reads_read_each_row_once_per_scope_and_thread(redis_client, unique):
+    import threading
+
+    writer = RedisStore(redis_client, f"t{unique}", "session")
+    reader = RedisStore(redis_client, f"t{unique}", "session")
+    writer.incr_rows("isess", {"a": {"s1": 1.0}})
+    writer.set_local_rows("sess", {"s1": {"a": 1.0}})
+    with reader.shared_reads():
+        assert reader.get_rows("isess", ["a", "b"]) == [{"s1": 1.0}, {}]
+        writer.incr_rows("isess", {"a": {"s2": 1.0}, "b": {"s2": 1.0}})
+        writer.set_local_rows("sess", {"s1": {"a": 2.0}})
+        assert reader.get_local_rows("sess", ["s1"]) == [{"a": 2.0}]  # first read: Redis
+        writer.set_local_rows("sess", {"s1": {"a": 3.0}})
+        # read once: the scope answers as it first read, absent rows included
+        assert reader.get_rows("isess", ["b", "a", "a"]) == [{}, {"s1": 1.0}, {"s1": 1.0}]
+        assert reader.get_local_rows("sess", ["s1"]) == [{"a": 2.0}]
+        with reader.shared_reads():  # nested: the same scope
+            assert reader.get_rows("isess", ["a"]) == [{"s1": 1.0}]
+        assert reader.get_rows("isess", ["a"]) == [{"s1": 1.0}]
+        seen = []  # another thread is outside this scope
+        thread = threading.Thread(target=lambda: seen.append(reader.get_rows("isess", ["a"])))
+        thread.start(), thread.join()
+        assert seen == [[{"s1": 1.0, "s2": 1.0}]]
+    assert reader.get_rows("isess", ["a", "b"]) == [{"s1": 1.0, "s2": 1.0}, {"s2": 1.0}]
+    assert reader.get_local_rows("sess", ["s1"]) == [{"a": 3.0}]
+
+
+def test_a_serving_pass_reads_the_rows_its_sources_share_once(redis_client, unique):
+    from collections import Counter
+
+    from online_models.session import SessionModel
+    from online_models.signals import SignalMapper
+    from schemas.events import Interaction
+    from serving.recommender import Recommender, Request
+
+    model = SessionModel().bind(RedisStore(redis_client, f"t{unique}", "session"))
+    clicks = [Interaction(event_id=f"e{n}", user_id=s, item_id=i, type="click",
+                          timestamp=1e9 + n, session_id=s)
+              for n, (s, i) in enumerate([("s1", "a"), ("s1", "b"), ("s2", "b"), ("s2", "c"),
+                                          ("s3", "a"), ("s3", "c")])]
+    model.learn(SignalMapper().map(clicks))
+    reads = Counter()
+    for name in ("_read_rows", "_read_local"):
+        def counted(table, keys, read=getattr(model.store, name)):
+            reads.update((table, key) for key in keys)
+            return read(table, keys)
+        setattr(model.store, name, counted)
+    # session candidates and read-time co-occurrence both read the sessions of a and b
+    [row] = Recommender(trending=lambda n: [], session=model, cooc=model).candidates(
+        [Request("u", ("a", "b"))])
+    assert row["session"] and row["cooc"]
+    assert {("isess", "a"), ("sess", "s1"), ("df", "c")} <= set(reads)
+    assert max(reads.values()) == 1

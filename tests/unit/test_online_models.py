@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from online_models.base import Query, top_k_dense
-from online_models.cooccurrence import CooccurrenceModel
+from online_models.cooccurrence import CooccurrenceModel, recommend_neighbours
 from online_models.kernels import mf_epochs
 from online_models.mf import OnlineMF, factorize, seeded_vectors
 from online_models.popularity import PopularityModel
@@ -484,3 +484,29 @@ def test_flat_rows_write_what_their_dicts_write(seed):
         flat.set_flat_rows("s", set_, keep_top=10)
         dicts.set_rows("s", set_.as_dicts(), keep_top=10)
     assert flat.rows == dicts.rows and len(flat.rows["a"]) > 3
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_neighbour_scores_and_explanations_equal_the_sum_computed_by_hand(seed):
+    rng = np.random.default_rng(seed)
+    items = [f"i{n}" for n in range(12)]
+    # similarities in quarters, so equal terms (ties) happen and the earliest item must win
+    sims = {a: {b: float(rng.integers(1, 4)) / 4 for b in rng.choice(items, 6) if b != a}
+            for a in items}
+    sessions = [tuple(rng.choice(items, rng.integers(1, 6))) for _ in range(8)]
+    queries = [Query(f"u{n}", s, exclude=frozenset(s[-1:])) for n, s in enumerate(sessions)]
+    recs = recommend_neighbours(queries, sessions, lambda keys: [sims[k] for k in keys], 0.5,
+                                k=100, explain=True)
+    for query, session, rec in zip(queries, sessions, recs):
+        terms = defaultdict(list)  # item -> [(term, position)]
+        for p, a in enumerate(session):
+            for b, sim in sims[a].items():
+                terms[b].append((0.5 ** (len(session) - 1 - p) * sim, p))
+        expected = {b: sum(t for t, _ in ts) for b, ts in terms.items()
+                    if b not in query.exclude}
+        assert set(rec.items) == set(expected)
+        assert np.allclose(rec.scores, [expected[b] for b in rec.items])
+        assert list(rec.scores) == sorted(rec.scores, reverse=True)
+        for b, source in zip(rec.items, rec.sources):
+            best = max(t for t, _ in terms[b])
+            assert source == session[min(p for t, p in terms[b] if t == best)]
