@@ -9,7 +9,8 @@ item-vector topic, which no worker feeds here: no ANN candidates). Feeds are bui
 (``--concurrency`` requests always in flight: the most it serves, latency = concurrency /
 throughput), the same open loop at ``--feed-rate`` requests/s (latency from when each was due),
 and ``GET /v1/users/<u>/recommendations`` closed loop, then open loop at ``--on-demand-rate``.
-Baseline in the same run: one client
+Each phase also reports the API's (all its processes) and Redis's CPU milliseconds per request:
+what a process with a core of its own could serve. Baseline in the same run: one client
 doing the feed read's Redis GET directly, one at a time. Usage:
 ``python bench/api.py [--workers 1] [--concurrency 50] [--feed-rate 5000]
 [--on-demand-rate 1000]``. Last line: JSON.
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.report import learn_live_state, print_result  # noqa: E402
+from bench.report import cpu_seconds, learn_live_state, print_result  # noqa: E402
 from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topics,  # noqa: E402
                             free_port, terminate)
 from infra.redis_client import sync_redis  # noqa: E402
@@ -122,12 +123,35 @@ def in_process(target, *args):
     return result
 
 
-def figures(name: str, result) -> dict:
+def figures(name: str, result, cpu_ms: dict[str, float] | None = None) -> dict:
+    """Throughput, p50/p99 and errors; ``cpu_ms``: CPU milliseconds each process spent in the
+    phase (API, Redis), reported per request."""
     latencies, errors, elapsed = result
     ms = np.array(latencies) * 1000
-    return {f"{name}_rps": round(len(ms) / elapsed), f"{name}_p50_ms": round(float(
+    out = {f"{name}_rps": round(len(ms) / elapsed), f"{name}_p50_ms": round(float(
         np.percentile(ms, 50)), 2), f"{name}_p99_ms": round(float(np.percentile(ms, 99)), 2),
         f"{name}_errors": errors}
+    for process, spent in (cpu_ms or {}).items():
+        out[f"{name}_{process}_cpu_ms_per_request"] = round(spent / max(len(ms), 1), 3)
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its descendants (API worker processes), Linux /proc."""
+    total = cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += tree_cpu_seconds(int(child))
+    return total
+
+
+def phase(name: str, api_pid: int, redis_pid: int, target, *args) -> dict:
+    """One load phase's figures, with the API's and Redis's CPU per request."""
+    before = tree_cpu_seconds(api_pid), cpu_seconds(redis_pid)
+    result = in_process(target, *args)
+    spent = {"api": 1000 * (tree_cpu_seconds(api_pid) - before[0]),
+             "redis": 1000 * (cpu_seconds(redis_pid) - before[1])}
+    return figures(name, result, spent)
 
 
 def main() -> None:
@@ -187,14 +211,14 @@ def main() -> None:
             result.update(figures("redis_get_floor", in_process(
                 redis_floor, redis_srv.url, [keys.feed(u) for u in users], args.seconds)))
             feed, lists = "/v1/users/{user}/feed", "/v1/users/{user}/recommendations?k=20"
-            result.update(figures("feed_read", in_process(
-                load, url, users, feed, args.seconds, args.concurrency, 0)))
-            result.update(figures(f"feed_read_at_{args.feed_rate:g}", in_process(
-                load, url, users, feed, args.seconds, args.concurrency, args.feed_rate)))
-            result.update(figures("on_demand", in_process(
-                load, url, users, lists, args.seconds, args.concurrency, 0)))
-            result.update(figures(f"on_demand_at_{args.on_demand_rate:g}", in_process(
-                load, url, users, lists, args.seconds, args.concurrency, args.on_demand_rate)))
+            pids = api.pid, redis_srv.proc.pid
+            for name, path, rate in (
+                    ("feed_read", feed, 0), (f"feed_read_at_{args.feed_rate:g}", feed,
+                                             args.feed_rate),
+                    ("on_demand", lists, 0), (f"on_demand_at_{args.on_demand_rate:g}", lists,
+                                              args.on_demand_rate)):
+                result.update(phase(name, *pids, load, url, users, path, args.seconds,
+                                    args.concurrency, rate))
         finally:
             terminate(api)
     print_result(result)

@@ -118,6 +118,8 @@ class FeedBuilder:
         self.vector_tail = None
         models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
                                 layout=settings.state_writer)
+        if "session" in models:  # popular items' neighbour rows: once per interval
+            models["session"].cache_rows(settings.serving_rows_max_age_s)
         if ann is None and "mf" in models:
             ann = AnnIndex(models["mf"].factors, max_items=settings.ann_max_items)
         self.ann = ann

@@ -111,8 +111,8 @@ class Recommender:
         out: list[dict[str, list]] = [{} for _ in requests]
         if self.session is not None:
             for row, rec in zip(out, self.session.recommend(queries, n)):
-                row["session"] = [(i, float(s), "next in your session")
-                                  for i, s in zip(rec.items, rec.scores)]
+                row["session"] = [(i, s, "next in your session")
+                                  for i, s in zip(rec.items, rec.scores.tolist())]
         if self.cooc is not None:
             self._cooc_candidates(out, queries, n)
         if self.mf is not None and self.ann is not None:
@@ -122,11 +122,12 @@ class Recommender:
                     items, scores = self.ann.search(vec, n, exclude=b)
                     if items:
                         shifted = scores - scores.min() + 1e-6
-                        row["ann"] = [(i, float(s), "for you") for i, s in zip(items, shifted)]
+                        row["ann"] = [(i, s, "for you")
+                                      for i, s in zip(items, shifted.tolist())]
         for name, model in self.model_sources.items():
             reason = SOURCE_REASONS.get(name, "for you")
             for row, rec in zip(out, model.recommend(queries, n)):
-                row[name] = [(i, float(s), reason) for i, s in zip(rec.items, rec.scores)]
+                row[name] = [(i, s, reason) for i, s in zip(rec.items, rec.scores.tolist())]
         top = trending if trending is not None else self.trending(self._trending_depth(blocked))
         for row, b in zip(out, blocked):
             row["trending"] = [(i, s, "trending") for i, s in top if i not in b][:n]
@@ -142,9 +143,9 @@ class Recommender:
                                                   for rec, row in zip(recs, out)])
         for row, rec, shared in zip(out, recs, features):
             mine, theirs = shared[:len(rec.items)], shared[len(rec.items):]
-            row["content"] = [(i, float(s), f"because you like {feature_label(f)}" if f
+            row["content"] = [(i, s, f"because you like {feature_label(f)}" if f
                                else "like what you liked")
-                              for i, s, f in zip(rec.items, rec.scores, mine)]
+                              for i, s, f in zip(rec.items, rec.scores.tolist(), mine)]
             row["trending"] = [(i, s, f"popular in {feature_label(f)}" if is_category(f)
                                 else why) for (i, s, why), f in zip(row["trending"], theirs)]
 
@@ -159,8 +160,9 @@ class Recommender:
         for row, rec in zip(out, recommend_neighbours(queries, [q.session_items for q in queries],
                                                       self.cooc.similar, COOC_RECENCY, n,
                                                       explain=True)):
-            row["cooc"] = [(i, float(s), f"because you viewed {source}")
-                           for i, s, source in zip(rec.items, rec.scores, rec.sources or ())]
+            row["cooc"] = [(i, s, f"because you viewed {source}")
+                           for i, s, source in zip(rec.items, rec.scores.tolist(),
+                                                   rec.sources or ())]
 
     # --- the pipeline ----------------------------------------------------------------------
     def recommend(self, requests: Sequence[Request], source: str = "pipeline") -> list[Feed]:

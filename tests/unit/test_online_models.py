@@ -171,6 +171,44 @@ def test_read_time_similarity_is_jaccard_over_sessions_counted_from_scratch():
         assert all(sims[j] == pytest.approx(v) for j, v in expected.items())
 
 
+def test_session_knn_rows_count_each_items_sessions_weighted_by_idf():
+    evs = random_sessions(seed=5, n_sessions=40, n_items=10)
+    model = learn_in_batches(SessionModel(sessions_per_item=1000), evs, 29)
+    sessions: dict[str, set[str]] = defaultdict(set)
+    for e in evs:
+        sessions[e.session_id].add(e.item_id)
+    items = sorted({e.item_id for e in evs})
+    idf = {j: np.log(len(sessions) / sum(j in s for s in sessions.values())) + 1e-3
+           for j in items}
+    for item, row in zip([*items, "unknown"], model.knn_rows([*items, "unknown"])):
+        expected = {j: c * idf[j] for j in items
+                    if (c := sum(item in s and j in s for s in sessions.values()))}
+        assert row.keys() == expected.keys()  # the item itself included: c(i, i) = df(i)
+        assert all(row[j] == pytest.approx(v, rel=1e-6) for j, v in expected.items())
+
+
+def test_kept_neighbour_rows_are_reused_until_too_old_and_bounded(monkeypatch):
+    import online_models.store as store_module
+
+    clock = [100.0]
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: clock[0])
+    evs = [click("s1", "a", 0), click("s1", "b", 1)]
+    model = learn_in_batches(SessionModel(), evs, 2)
+    model.cache_rows(max_age_s=1.0, max_rows=2)
+    assert model.knn_rows(["a"])[0].keys() == {"a", "b"}
+    model.learn(SignalMapper().map([click("s1", "c", 2)]))
+    assert model.knn_rows(["a"])[0].keys() == {"a", "b"}  # kept: at most 1 s old
+    assert model.similar(["a"])[0].keys() == {"b", "c"}  # another kind: computed now
+    clock[0] += 1.5
+    assert model.knn_rows(["a", "b"])[0].keys() == {"a", "b", "c"}
+    model.learn(SignalMapper().map([click("s1", "d", 3)]))
+    assert model.knn_rows(["c"])[0].keys() == {"a", "b", "c", "d"}  # evicts the oldest
+    assert model.knn_rows(["a"])[0].keys() == {"a", "b", "c", "d"}
+    model.cache_rows(0)
+    model.learn(SignalMapper().map([click("s1", "e", 4)]))
+    assert "e" in model.knn_rows(["a"])[0]
+
+
 def test_read_time_similarity_scales_the_recent_sessions_sample_and_keeps_the_best():
     evs = [click("s1", "a", 0), click("s1", "b", 1), click("s2", "a", 2), click("s2", "c", 3),
            click("s3", "a", 4), click("s3", "b", 5), click("s4", "a", 6), click("s4", "c", 7),
@@ -195,9 +233,7 @@ def test_rules_read_at_query_time_equal_the_rules_written_when_no_item_repeats()
     assert not read.store.rows.get("sr")  # nothing counted per pair while learning
     items = sorted({e.item_id for e in evs})
     sessions = sorted({e.session_id for e in evs})
-    rules = read._rules_at_read(
-        items, dict(zip(items, read.store.get_rows("isess", items))),
-        dict(zip(sessions, read.store.get_local_rows("sess", sessions))))
+    rules = read._rules_at_read(items)
     for item, rule in zip(items, rules):
         stored = written.store.get_rows("sr", [item])[0]
         assert rule.keys() == stored.keys() and all(
