@@ -147,7 +147,7 @@ class SessionModel(OnlineModel):
 
     # --- scoring ---------------------------------------------------------------------------
     def cache_rows(self, max_age_s: float, max_rows: int = 100_000) -> None:
-        """Keep each item's neighbour rows (:meth:`knn_rows`, :meth:`similar`) up to
+        """Keep each item's neighbour rows (:meth:`knn_rows` and :meth:`similar`) up to
         ``max_age_s`` seconds for later queries (serving: popular items' rows are computed
         once per interval, not per request; a query's own items are always its own). 0: off
         (replay, where state changes between queries)."""
@@ -163,60 +163,69 @@ class SessionModel(OnlineModel):
                          if self.rules == "written" else self._rules_at_read(last_items)))
         vocab = vocabulary(knn_rows, [q_items], rules.values())
         ids = np.array(list(vocab), dtype=object)
-        # per query: linear position weights over its items' kNN rows, recency (repeat), and
-        # its last item's rules
+        # per query: its items' kNN rows with linear position weights, its last item's rules,
+        # and its own items with recency weights (repeat), added into one dense block
         lengths = np.fromiter((len(q.session_items) for q in queries), np.int64, len(queries))
-        n = int(lengths.sum())
+        ends = np.cumsum(lengths)
+        n = int(ends[-1])
         qr = np.repeat(np.arange(len(queries)), lengths)
-        length_of = np.repeat(lengths, lengths).astype(np.float32)
-        p = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        length_of = np.repeat(lengths, lengths).astype(np.float64)
+        p = np.arange(n) - np.repeat(ends - lengths, lengths)
         row_of = {item: r for r, item in enumerate(q_items)}
         q_rows = np.fromiter((row_of[i] for q in queries for i in q.session_items), np.int64, n)
         q_cols = np.fromiter((vocab[i] for q in queries for i in q.session_items), np.int64, n)
-        # duplicates (repeated items in a session) add up, as repeated evidence should
-        q_pos = sp.csr_matrix((((p + 1) / length_of).astype(np.float32), (qr, q_rows)),
-                              shape=(len(queries), len(q_items)))
-        repeat = sp.csr_matrix((np.exp2(p - length_of + 1).astype(np.float32), (qr, q_cols)),
-                               shape=(len(queries), len(vocab)))
+        position_weight = (p + 1) / length_of
+        repeat_weight = np.exp2(p - length_of + 1) * self.repeat_weight
+        knn = _RowArrays.of(knn_rows, vocab)
+        rule_rows = _RowArrays.of([rules[i] for i in last_items], vocab).scaled_to_peak()
         last_row = {item: r for r, item in enumerate(last_items)}
-        has_items = np.flatnonzero(lengths)
-        last = sp.csr_matrix((np.ones(len(has_items), np.float32), (has_items, [
-            last_row[queries[r].session_items[-1]] for r in has_items.tolist()])),
-            shape=(len(queries), len(last_items)))
-        knn = (q_pos @ _rows_matrix(knn_rows, vocab).astype(np.float32)).tocsr()
-        rules_matrix = _rows_matrix([rules[i] for i in last_items], vocab).astype(np.float32)
-        # rules and repeat are sparse: scale and add them sparsely into the dense kNN block
-        sparse_terms = (_sparse_row_normalise((last @ rules_matrix).tocsr()) * self.sr_weight
-                        + repeat * self.repeat_weight).tocsr()
-        sparse_terms.sum_duplicates()
+        last_of = np.array([last_row[q.session_items[-1]] if q.session_items else -1
+                            for q in queries], np.int64)
+        width = len(ids)
 
         def chunk(bounds: tuple[int, int]) -> list[Recommendations]:
             a, b = bounds
-            scores = _row_normalise(knn[a:b].toarray())
-            extra = sparse_terms[a:b].tocoo()
-            scores[extra.row, extra.col] += extra.data  # (row, col) pairs are unique
+            at = slice(int(ends[a] - lengths[a]), int(ends[b - 1]))
+            # duplicates (repeated items in a session) add up, as repeated evidence should
+            owner, cols, values = knn.gather(q_rows[at], position_weight[at])
+            scores = np.bincount((qr[at][owner] - a) * width + cols, values,
+                                 minlength=(b - a) * width).reshape(b - a, width)
+            scores = scores.astype(np.float64, copy=False)  # no entries: bincount gives ints
+            _row_normalise(scores)
+            with_items = np.flatnonzero(last_of[a:b] >= 0)
+            owner, cols, values = rule_rows.gather(last_of[a:b][with_items], self.sr_weight)
+            scores[with_items[owner], cols] += values  # one rule row per query: no repeats
+            np.add.at(scores, (qr[at] - a, q_cols[at]), repeat_weight[at])
             return top_k_dense(ids, scores, k, queries[a:b])
 
-        return parallel_chunks(chunk, row_chunks(len(queries), len(ids), max_cells=1_000_000))
+        return parallel_chunks(chunk, row_chunks(len(queries), width, max_cells=1_000_000))
 
     def knn_rows(self, items: list[str]) -> list[dict[str, float]]:
         """Each item's session-kNN row, ``c(i, j) · idf(j)``: ``c`` counts ``i``'s recent
         sessions (``isess``) holding ``j`` (``sess``), ``idf = log(N / df)``. A query sums its
         items' rows with position weights: ``q · (Sᵀ S)`` over each item's sessions, the
         session-kNN vote of V-SKNN (``j = i`` included, as a session votes for all its items)."""
-        return self._row_cache.rows("knn", items, self._knn_rows)
+        return [knn for knn, _ in self._neighbour_rows(items)]
 
-    def _knn_rows(self, items: list[str]) -> list[dict[str, float]]:
+    def _neighbour_rows(self, items: list[str]) -> list[tuple[dict, dict]]:
+        """Each item's (:meth:`knn_rows` row, :meth:`similar` row), kept as
+        :meth:`cache_rows` says: both come from one count of the item's sessions."""
+        return self._row_cache.rows(items, self._count_neighbour_rows)
+
+    def _count_neighbour_rows(self, items: list[str]) -> list[tuple[dict, dict]]:
         found = self._item_counts(items)
         if found is None:
-            return [{} for _ in items]
+            return [({}, {}) for _ in items]
+        return list(zip(self._knn_rows(found), self._similar_rows(found, items)))
+
+    def _knn_rows(self, found: ItemCounts) -> list[dict[str, float]]:
         ids, counts = found.ids, found.counts
         weights = np.ones(len(ids))
         if self.use_idf:
             total = self.store.get_rows("meta", ["sessions"])[0].get("n", 1.0)
             weights = np.log(max(total, 2.0) / np.maximum(found.df, 1.0)) + 1e-3
         out = []
-        for r in range(len(items)):
+        for r in range(counts.shape[0]):
             lo, hi = counts.indptr[r], counts.indptr[r + 1]
             cols = counts.indices[lo:hi]
             out.append(dict(zip(ids[cols].tolist(), (counts.data[lo:hi] * weights[cols]).tolist())))
@@ -275,12 +284,9 @@ class SessionModel(OnlineModel):
         ``c(a, b)`` (as in :meth:`knn_rows`) is scaled from ``a``'s sample of recent sessions
         to all of ``a``'s sessions (``df``); similarity is Jaccard, ``c / (df_a + df_b − c)``,
         and each item keeps its ``neighbours`` best."""
-        return self._row_cache.rows("similar", items, self._similar)
+        return [similar for _, similar in self._neighbour_rows(items)]
 
-    def _similar(self, items: list[str]) -> list[dict[str, float]]:
-        found = self._item_counts(items)
-        if found is None:
-            return [{} for _ in items]
+    def _similar_rows(self, found: ItemCounts, items: list[str]) -> list[dict[str, float]]:
         ids, counts, df_of = found.ids, found.counts, found.df
         out = []
         for r, item in enumerate(items):
@@ -331,10 +337,40 @@ def _rows_matrix(rows: list[dict[str, float]], vocab: dict[str, int],
                          shape=(len(rows), len(vocab)))
 
 
-def _sparse_row_normalise(matrix: sp.csr_matrix) -> sp.csr_matrix:
-    """Sparse rows scaled so each row's largest entry is 1."""
-    peak = matrix.max(axis=1).toarray().ravel()
-    return sp.diags(1.0 / np.where(peak > 0, peak, 1.0)).astype(np.float32) @ matrix
+class _RowArrays(NamedTuple):
+    """Rows over a vocabulary as flat arrays (CSR without the matrix: a query's few rows are
+    gathered and summed with numpy, with no sparse-matrix set-up per call)."""
+
+    starts: np.ndarray  # row r's entries: starts[r] .. starts[r + 1]
+    cols: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, rows: list[dict[str, float]], vocab: dict[str, int]) -> "_RowArrays":
+        lengths = [len(row) for row in rows]
+        nnz = sum(lengths)
+        return cls(np.concatenate(([0], np.cumsum(lengths))).astype(np.int64),
+                   np.fromiter(map(vocab.__getitem__, chain.from_iterable(rows)), np.int64, nnz),
+                   np.fromiter(chain.from_iterable(row.values() for row in rows), float, nnz))
+
+    def scaled_to_peak(self) -> "_RowArrays":
+        """Each row divided by its largest value (so its peak is 1)."""
+        lengths = np.diff(self.starts)
+        peaks = np.zeros(len(lengths))
+        full = np.flatnonzero(lengths)
+        peaks[full] = np.maximum.reduceat(self.values, self.starts[full])
+        return self._replace(values=self.values / np.repeat(np.where(peaks > 0, peaks, 1.0),
+                                                            lengths))
+
+    def gather(self, rows: np.ndarray, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The entries of ``rows`` (repeats allowed): (index into ``rows`` of each entry's
+        row, column, value × that row's weight)."""
+        starts = self.starts[rows]
+        counts = self.starts[rows + 1] - starts
+        owner = np.repeat(np.arange(len(rows)), counts)
+        at = np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
+        weights = np.broadcast_to(np.asarray(weights, np.float64), (len(rows),))
+        return owner, self.cols[at], self.values[at] * weights[owner]
 
 
 def _row_normalise(matrix: np.ndarray) -> np.ndarray:

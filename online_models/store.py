@@ -182,22 +182,22 @@ class StateStore(ABC):
 
 
 class RowCache:
-    """Rows computed from model state, each kept up to ``max_age_s`` seconds (monotonic
-    clock; 0: nothing kept) and at most ``max_rows`` of them (the oldest dropped first).
-    Thread-safe; rows are shared: read-only."""
+    """Values computed per key from model state (rows), each kept up to ``max_age_s`` seconds
+    (monotonic clock; 0: nothing kept) and at most ``max_rows`` of them (the oldest dropped
+    first). Thread-safe; values are shared: read-only."""
 
     def __init__(self, max_age_s: float, max_rows: int = 100_000) -> None:
         self.max_age_s, self.max_rows = max_age_s, max_rows
-        self._rows: dict[tuple[str, str], tuple[float, dict[str, float]]] = {}
+        self._rows: dict[str, tuple[float, object]] = {}
         self._lock = threading.Lock()
 
-    def rows(self, kind: str, keys: Sequence[str], compute) -> list[dict[str, float]]:
-        """``compute(keys)``'s rows, computed only for the keys not kept (or kept too long)."""
+    def rows(self, keys: Sequence[str], compute) -> list:
+        """``compute(keys)``'s values, computed only for the keys not kept (or kept too long)."""
         if not self.max_age_s:
             return compute(keys)
         now = time.monotonic()
         with self._lock:
-            kept = [self._rows.get((kind, key)) for key in keys]
+            kept = [self._rows.get(key) for key in keys]
         missing = list(dict.fromkeys(key for key, entry in zip(keys, kept)
                                      if entry is None or now - entry[0] > self.max_age_s))
         if not missing:
@@ -205,8 +205,8 @@ class RowCache:
         fresh = dict(zip(missing, compute(missing)))
         with self._lock:
             for key, row in fresh.items():
-                self._rows.pop((kind, key), None)  # re-insert: the oldest first in order
-                self._rows[(kind, key)] = (now, row)
+                self._rows.pop(key, None)  # re-insert: the oldest first in order
+                self._rows[key] = (now, row)
             for _ in range(len(self._rows) - self.max_rows):
                 del self._rows[next(iter(self._rows))]
         return [fresh[key] if key in fresh else entry[1] for key, entry in zip(keys, kept)]

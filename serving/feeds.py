@@ -23,6 +23,7 @@ import numpy as np
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error
 from infra.settings import Settings
 from online_models.registry import build
+from online_models.store import RowCache
 from state.redis_store import build_on_redis
 from online_models.trending import decayed
 from schemas import impressions
@@ -116,6 +117,7 @@ class FeedBuilder:
         self.client = client
         self.impression_producer = impression_producer
         self.vector_tail = None
+        self._trending_reads = RowCache(settings.serving_rows_max_age_s, max_rows=100)
         models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
                                 layout=settings.state_writer)
         if "session" in models:  # popular items' neighbour rows: once per interval
@@ -171,7 +173,11 @@ class FeedBuilder:
             self.impression_producer.close(timeout=10)
 
     def trending(self, k: int) -> list[tuple[str, float]]:
-        """Top-k trending items with scores decayed to the newest event time."""
+        """Top-k trending items with scores decayed to the newest event time (as read up to
+        ``serving_rows_max_age_s`` ago: one read per interval, not per request)."""
+        return self._trending_reads.rows([str(k)], lambda ks: [self._read_trending(k)])[0]
+
+    def _read_trending(self, k: int) -> list[tuple[str, float]]:
         with self.client.pipeline(transaction=False) as pipe:
             pipe.zrevrange(self.keys.trending, 0, k - 1, withscores=True)
             pipe.hmget(self.keys.trending_meta, "landmark", "last_ts", "half_life_s")

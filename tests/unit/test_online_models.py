@@ -198,7 +198,8 @@ def test_kept_neighbour_rows_are_reused_until_too_old_and_bounded(monkeypatch):
     assert model.knn_rows(["a"])[0].keys() == {"a", "b"}
     model.learn(SignalMapper().map([click("s1", "c", 2)]))
     assert model.knn_rows(["a"])[0].keys() == {"a", "b"}  # kept: at most 1 s old
-    assert model.similar(["a"])[0].keys() == {"b", "c"}  # another kind: computed now
+    assert model.similar(["a"])[0].keys() == {"b"}  # counted with the kNN row
+    assert model.similar(["c"])[0].keys() == {"a", "b"}  # not kept yet: counted now
     clock[0] += 1.5
     assert model.knn_rows(["a", "b"])[0].keys() == {"a", "b", "c"}
     model.learn(SignalMapper().map([click("s1", "d", 3)]))
@@ -546,3 +547,9 @@ def test_neighbour_scores_and_explanations_equal_the_sum_computed_by_hand(seed):
         for b, source in zip(rec.items, rec.sources):
             best = max(t for t, _ in terms[b])
             assert source == session[min(p for t, p in terms[b] if t == best)]
+
+
+def test_session_queries_whose_items_have_no_sessions_get_their_repeats_only():
+    model = learn_in_batches(SessionModel(), [click("s1", "a", 0)], 1)
+    [rec] = model.recommend([Query("u", ("x", "y"))], k=5)  # items nobody has visited
+    assert rec.items == ["y", "x"]  # the newest first
