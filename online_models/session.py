@@ -327,14 +327,9 @@ class SessionCooccurrence(SessionModel):
 
 def _rows_matrix(rows: list[dict[str, float]], vocab: dict[str, int],
                  binary: bool = False) -> sp.csr_matrix:
-    """CSR matrix with one row per dict (columns from ``vocab``)."""
-    lengths = [len(row) for row in rows]
-    nnz = sum(lengths)
-    cols = np.fromiter(map(vocab.__getitem__, chain.from_iterable(rows)), np.int64, nnz)
-    vals = (np.ones(nnz) if binary
-            else np.fromiter(chain.from_iterable(row.values() for row in rows), float, nnz))
-    return sp.csr_matrix((vals, cols, np.concatenate(([0], np.cumsum(lengths)))),
-                         shape=(len(rows), len(vocab)))
+    """CSR matrix with one row per dict (columns from ``vocab``; ``binary``: values 1)."""
+    flat = _RowArrays.of(rows, vocab, binary)
+    return sp.csr_matrix((flat.values, flat.cols, flat.starts), shape=(len(rows), len(vocab)))
 
 
 class _RowArrays(NamedTuple):
@@ -346,11 +341,14 @@ class _RowArrays(NamedTuple):
     values: np.ndarray
 
     @classmethod
-    def of(cls, rows: list[dict[str, float]], vocab: dict[str, int]) -> "_RowArrays":
+    def of(cls, rows: list[dict[str, float]], vocab: dict[str, int],
+           binary: bool = False) -> "_RowArrays":
+        """The rows' members as columns of ``vocab``, with their values (``binary``: 1)."""
         lengths = [len(row) for row in rows]
         nnz = sum(lengths)
         return cls(np.concatenate(([0], np.cumsum(lengths))).astype(np.int64),
                    np.fromiter(map(vocab.__getitem__, chain.from_iterable(rows)), np.int64, nnz),
+                   np.ones(nnz) if binary else
                    np.fromiter(chain.from_iterable(row.values() for row in rows), float, nnz))
 
     def scaled_to_peak(self) -> "_RowArrays":

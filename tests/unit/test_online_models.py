@@ -153,18 +153,24 @@ def test_cooccurrence_normalisations(normalisation):
         assert sims[j] == pytest.approx(expected(j))
 
 
-def test_read_time_similarity_is_jaccard_over_sessions_counted_from_scratch():
-    evs = random_sessions(seed=3, n_sessions=60, n_items=12)
-    model = learn_in_batches(SessionModel(sessions_per_item=1000), evs, 37)
+def session_model_and_sessions(seed: int, n_sessions: int, n_items: int, batch: int):
+    """A session model keeping every session of random ones, the sessions' item sets, and
+    the items."""
+    evs = random_sessions(seed=seed, n_sessions=n_sessions, n_items=n_items)
+    model = learn_in_batches(SessionModel(sessions_per_item=1000), evs, batch)
     sessions: dict[str, set[str]] = defaultdict(set)
     for e in evs:
         sessions[e.session_id].add(e.item_id)
-    items = sorted({e.item_id for e in evs})
-    df = {i: sum(i in s for s in sessions.values()) for i in items}
+    return model, list(sessions.values()), sorted({e.item_id for e in evs})
+
+
+def test_read_time_similarity_is_jaccard_over_sessions_counted_from_scratch():
+    model, sessions, items = session_model_and_sessions(3, 60, 12, 37)
+    df = {i: sum(i in s for s in sessions) for i in items}
     for item, sims in zip([*items, "unknown"], model.similar([*items, "unknown"])):
         expected = {}
         for other in items:
-            c = sum(item in s and other in s for s in sessions.values())
+            c = sum(item in s and other in s for s in sessions)
             if other != item and c:
                 expected[other] = c / (df[item] + df[other] - c)
         assert sims.keys() == expected.keys()
@@ -172,17 +178,11 @@ def test_read_time_similarity_is_jaccard_over_sessions_counted_from_scratch():
 
 
 def test_session_knn_rows_count_each_items_sessions_weighted_by_idf():
-    evs = random_sessions(seed=5, n_sessions=40, n_items=10)
-    model = learn_in_batches(SessionModel(sessions_per_item=1000), evs, 29)
-    sessions: dict[str, set[str]] = defaultdict(set)
-    for e in evs:
-        sessions[e.session_id].add(e.item_id)
-    items = sorted({e.item_id for e in evs})
-    idf = {j: np.log(len(sessions) / sum(j in s for s in sessions.values())) + 1e-3
-           for j in items}
+    model, sessions, items = session_model_and_sessions(5, 40, 10, 29)
+    idf = {j: np.log(len(sessions) / sum(j in s for s in sessions)) + 1e-3 for j in items}
     for item, row in zip([*items, "unknown"], model.knn_rows([*items, "unknown"])):
         expected = {j: c * idf[j] for j in items
-                    if (c := sum(item in s and j in s for s in sessions.values()))}
+                    if (c := sum(item in s and j in s for s in sessions))}
         assert row.keys() == expected.keys()  # the item itself included: c(i, i) = df(i)
         assert all(row[j] == pytest.approx(v, rel=1e-6) for j, v in expected.items())
 
