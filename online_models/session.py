@@ -84,7 +84,7 @@ class SessionModel(OnlineModel):
         self.sr_weight = sr_weight
         self.repeat_weight = repeat_weight
         self.use_idf = use_idf
-        self._row_cache = RowCache(0.0)
+        self._row_cache = self._count_cache = RowCache(0.0)
 
     # --- learning --------------------------------------------------------------------------
     @staticmethod
@@ -147,11 +147,12 @@ class SessionModel(OnlineModel):
 
     # --- scoring ---------------------------------------------------------------------------
     def cache_rows(self, max_age_s: float, max_rows: int = 100_000) -> None:
-        """Keep each item's neighbour rows (:meth:`knn_rows` and :meth:`similar`) up to
-        ``max_age_s`` seconds for later queries (serving: popular items' rows are computed
+        """Keep each item's neighbour rows (:meth:`knn_rows` and :meth:`similar`) and session
+        count up to ``max_age_s`` seconds for later queries (serving: popular items' rows are computed
         once per interval, not per request; a query's own items are always its own). 0: off
         (replay, where state changes between queries)."""
         self._row_cache = RowCache(max_age_s, max_rows)
+        self._count_cache = RowCache(max_age_s, max_rows)
 
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
         q_items = sorted({i for q in queries for i in q.session_items})
@@ -244,13 +245,17 @@ class SessionModel(OnlineModel):
         counts = (_rows_matrix(sampled, {s: n for n, s in enumerate(sessions)}, binary=True)
                   @ _rows_matrix(session_items, vocab, binary=True)).tocsr()
         outside = [i for i in dict.fromkeys(items) if i not in vocab]
-        df_read = np.array([row.get("n", 0.0) for row in store.get_rows("df", [*vocab, *outside])],
+        df_read = np.array(self._count_cache.rows([*vocab, *outside], self._session_counts),
                            np.float64)
         df_vocab = df_read[:len(vocab)]
         df_outside = dict(zip(outside, df_read[len(vocab):].tolist()))
         df_items = [df_vocab[vocab[i]] if i in vocab else df_outside[i] for i in items]
         return ItemCounts(np.array(list(vocab), dtype=object), counts, df_vocab, df_items,
                           [len(row) for row in sampled])
+
+    def _session_counts(self, items: list[str]) -> list[float]:
+        """Each item's number of sessions (``df``), 0 where unknown."""
+        return [row.get("n", 0.0) for row in self.store.get_rows("df", items)]
 
     def _rules_at_read(self, items: list[str]) -> list[dict[str, float]]:
         """Sequential rules scored at read time (``rules="read"``): in each of ``a``'s

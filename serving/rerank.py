@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit
 
 
-@dataclass
+@dataclass(slots=True)
 class Candidate:
     item_id: str
     score: float
@@ -78,10 +78,14 @@ def blend(sources: dict[str, list[tuple[str, float, str]]], policy: RerankPolicy
         weight = policy.source_weights.get(name, 0.0)
         for item, score, reason in rows:
             part = weight * score / top
-            total[item] = total.get(item, 0.0) + part
             best = best_part.get(item)
-            if best is None or part > best[0]:
+            if best is None:  # one lookup per candidate: this loop runs for every list
+                total[item] = part
                 best_part[item] = (part, reason)
+            else:
+                total[item] += part
+                if part > best[0]:
+                    best_part[item] = (part, reason)
     ages = item_age_s or {}
     for item in total:
         if item in ages:
