@@ -160,9 +160,10 @@ class Recommender:
         for row, rec in zip(out, recommend_neighbours(queries, [q.session_items for q in queries],
                                                       self.cooc.similar, COOC_RECENCY, n,
                                                       explain=True)):
-            row["cooc"] = [(i, s, f"because you viewed {source}")
-                           for i, s, source in zip(rec.items, rec.scores.tolist(),
-                                                   rec.sources or ())]
+            because = {source: f"because you viewed {source}"  # one string per source item
+                       for source in dict.fromkeys(rec.sources or ())}
+            row["cooc"] = [(i, s, because[source]) for i, s, source in zip(
+                rec.items, rec.scores.tolist(), rec.sources or ())]
 
     # --- the pipeline ----------------------------------------------------------------------
     def recommend(self, requests: Sequence[Request], source: str = "pipeline") -> list[Feed]:

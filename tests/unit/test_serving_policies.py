@@ -247,3 +247,21 @@ def test_the_asgi_front_takes_plain_lists_itself_and_leaves_the_rest_to_the_app(
     assert get(lists, key=b"wrong-key-0000001")[0] == 299  # 401 comes from the app
     assert get("/v1/users/broken/recommendations")[0] == 299  # errors: the app retries
     assert len(list_calls) == 3
+
+
+def test_cooccurrence_candidates_say_which_recent_item_they_come_from():
+    from online_models.session import SessionModel
+    from online_models.signals import SignalMapper
+    from schemas.events import Interaction
+    from serving.recommender import Recommender, Request
+
+    visits = [("s1", "a"), ("s1", "x"), ("s2", "a"), ("s2", "x"), ("s3", "b"), ("s3", "y"),
+              ("s4", "b"), ("s4", "x")]
+    model = SessionModel()
+    model.learn(SignalMapper().map([
+        Interaction(event_id=f"e{n}", user_id=s, item_id=i, type="click", timestamp=1e9 + n,
+                    session_id=s) for n, (s, i) in enumerate(visits)]))
+    [row] = Recommender(trending=lambda n: [], cooc=model).candidates([Request("u", ("a", "b"))])
+    reasons = {item: reason for item, _, reason in row["cooc"]}
+    # x: Jaccard(a, x) = 2/3 weighted 0.5 (a is older) against Jaccard(b, x) = 1/4 weighted 1
+    assert reasons == {"x": "because you viewed a", "y": "because you viewed b"}
