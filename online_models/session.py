@@ -148,9 +148,9 @@ class SessionModel(OnlineModel):
     # --- scoring ---------------------------------------------------------------------------
     def cache_rows(self, max_age_s: float, max_rows: int = 100_000) -> None:
         """Keep each item's neighbour rows (:meth:`knn_rows` and :meth:`similar`) and session
-        count up to ``max_age_s`` seconds for later queries (serving: popular items' rows are computed
-        once per interval, not per request; a query's own items are always its own). 0: off
-        (replay, where state changes between queries)."""
+        count up to ``max_age_s`` seconds for later queries (serving: popular items' rows are
+        computed once per interval, not per request; a query's own items are always its own).
+        0: off (replay, where state changes between queries)."""
         self._row_cache = RowCache(max_age_s, max_rows)
         self._count_cache = RowCache(max_age_s, max_rows)
 
