@@ -147,8 +147,8 @@ class SessionModel(OnlineModel):
 
     # --- scoring ---------------------------------------------------------------------------
     def cache_rows(self, max_age_s: float, max_rows: int = 100_000) -> None:
-        """Keep each item's neighbour rows (:meth:`knn_rows` and :meth:`similar`) and session
-        count up to ``max_age_s`` seconds for later queries (serving: popular items' rows are
+        """Keep each item's neighbourhood (what :meth:`knn_rows` and :meth:`similar` are made
+        from) and session count up to ``max_age_s`` seconds for later queries (serving: popular items' rows are
         computed once per interval, not per request; a query's own items are always its own).
         0: off (replay, where state changes between queries)."""
         self._row_cache = RowCache(max_age_s, max_rows)
@@ -206,30 +206,29 @@ class SessionModel(OnlineModel):
         sessions (``isess``) holding ``j`` (``sess``), ``idf = log(N / df)``. A query sums its
         items' rows with position weights: ``q · (Sᵀ S)`` over each item's sessions, the
         session-kNN vote of V-SKNN (``j = i`` included, as a session votes for all its items)."""
-        return [knn for knn, _ in self._neighbour_rows(items)]
+        return [hood.knn() for hood in self._neighbourhoods(items)]
 
-    def _neighbour_rows(self, items: list[str]) -> list[tuple[dict, dict]]:
-        """Each item's (:meth:`knn_rows` row, :meth:`similar` row), kept as
-        :meth:`cache_rows` says: both come from one count of the item's sessions."""
-        return self._row_cache.rows(items, self._count_neighbour_rows)
+    def _neighbourhoods(self, items: list[str]) -> list["_Neighbourhood"]:
+        """Each item's counts over its recent sessions, kept as :meth:`cache_rows` says; the
+        kNN and similarity rows are made from them on first use."""
+        return self._row_cache.rows(items, self._count_neighbourhoods)
 
-    def _count_neighbour_rows(self, items: list[str]) -> list[tuple[dict, dict]]:
+    def _count_neighbourhoods(self, items: list[str]) -> list["_Neighbourhood"]:
         found = self._item_counts(items)
         if found is None:
-            return [({}, {}) for _ in items]
-        return list(zip(self._knn_rows(found), self._similar_rows(found, items)))
-
-    def _knn_rows(self, found: ItemCounts) -> list[dict[str, float]]:
-        ids, counts = found.ids, found.counts
-        weights = np.ones(len(ids))
+            return [_Neighbourhood(item) for item in items]
+        counts = found.counts
+        idf = np.ones(len(found.ids))
         if self.use_idf:
             total = self.store.get_rows("meta", ["sessions"])[0].get("n", 1.0)
-            weights = np.log(max(total, 2.0) / np.maximum(found.df, 1.0)) + 1e-3
+            idf = np.log(max(total, 2.0) / np.maximum(found.df, 1.0)) + 1e-3
+        knn_values = counts.data * idf[counts.indices]
         out = []
-        for r in range(counts.shape[0]):
-            lo, hi = counts.indptr[r], counts.indptr[r + 1]
-            cols = counts.indices[lo:hi]
-            out.append(dict(zip(ids[cols].tolist(), (counts.data[lo:hi] * weights[cols]).tolist())))
+        for r, item in enumerate(items):
+            at = slice(counts.indptr[r], counts.indptr[r + 1])
+            cols = counts.indices[at]
+            out.append(_Neighbourhood(item, found.ids[cols], knn_values[at], counts.data[at],
+                                      found.df[cols], found.df_items[r], found.sampled[r]))
         return out
 
     def _item_counts(self, items: list[str]) -> ItemCounts | None:
@@ -289,29 +288,47 @@ class SessionModel(OnlineModel):
         ``c(a, b)`` (as in :meth:`knn_rows`) is scaled from ``a``'s sample of recent sessions
         to all of ``a``'s sessions (``df``); similarity is Jaccard, ``c / (df_a + df_b − c)``,
         and each item keeps its ``neighbours`` best."""
-        return [similar for _, similar in self._neighbour_rows(items)]
+        return [hood.similar(self.neighbours) for hood in self._neighbourhoods(items)]
 
-    def _similar_rows(self, found: ItemCounts, items: list[str]) -> list[dict[str, float]]:
-        ids, counts, df_of = found.ids, found.counts, found.df
-        out = []
-        for r, item in enumerate(items):
-            sampled = found.sampled[r]
-            if not sampled:
-                out.append({})
-                continue
-            lo, hi = counts.indptr[r], counts.indptr[r + 1]
-            cols, c = counts.indices[lo:hi], counts.data[lo:hi]
-            keep = ids[cols] != item
-            cols, c = cols[keep], c[keep]
-            n_a = max(found.df_items[r], float(sampled))
-            n_b = np.maximum(df_of[cols], c)
-            est = np.minimum(c * (n_a / sampled), np.minimum(n_a, n_b))
-            sims = est / np.maximum(n_a + n_b - est, 1e-12)
-            if len(sims) > self.neighbours:
-                best = np.argpartition(-sims, self.neighbours - 1)[:self.neighbours]
-                cols, sims = cols[best], sims[best]
-            out.append(dict(zip(ids[cols].tolist(), sims.tolist())))
-        return out
+
+class _Neighbourhood:
+    """One item's counts ``c(i, j)`` over its recent sessions (``names``: the ``j``), with the
+    ``j``'s session counts; its kNN row (``c · idf``) and Jaccard row are made on first use."""
+
+    __slots__ = ("item", "names", "knn_values", "counts", "df", "df_item", "sampled", "_knn",
+                 "_similar")
+
+    def __init__(self, item: str, names: np.ndarray = np.empty(0, object),
+                 knn_values: np.ndarray = np.empty(0), counts: np.ndarray = np.empty(0),
+                 df: np.ndarray = np.empty(0), df_item: float = 0.0, sampled: int = 0) -> None:
+        self.item, self.names, self.knn_values = item, names, knn_values
+        self.counts, self.df, self.df_item, self.sampled = counts, df, df_item, sampled
+        self._knn = self._similar = None
+
+    def knn(self) -> dict[str, float]:
+        if self._knn is None:
+            self._knn = dict(zip(self.names.tolist(), self.knn_values.tolist()))
+        return self._knn
+
+    def similar(self, neighbours: int) -> dict[str, float]:
+        """Jaccard ``c / (df_a + df_b − c)``, ``c`` scaled from the sample to all of the
+        item's sessions; the ``neighbours`` best, the item itself left out."""
+        if self._similar is not None:
+            return self._similar
+        if not self.sampled:
+            self._similar = {}
+            return self._similar
+        keep = self.names != self.item
+        names, c, df_b = self.names[keep], self.counts[keep], self.df[keep]
+        n_a = max(self.df_item, float(self.sampled))
+        n_b = np.maximum(df_b, c)
+        est = np.minimum(c * (n_a / self.sampled), np.minimum(n_a, n_b))
+        sims = est / np.maximum(n_a + n_b - est, 1e-12)
+        if len(sims) > neighbours:
+            best = np.argpartition(-sims, neighbours - 1)[:neighbours]
+            names, sims = names[best], sims[best]
+        self._similar = dict(zip(names.tolist(), sims.tolist()))
+        return self._similar
 
 
 class SessionCooccurrence(SessionModel):
