@@ -12,9 +12,10 @@ from itertools import chain
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
+import scipy.sparse as sp
 
 from online_models.signals import SignalBatch
 from online_models.store import MemoryStore, StateStore
@@ -130,6 +131,52 @@ def vocabulary(*row_groups) -> dict[str, int]:
     """A column per distinct member of the rows (``{member: column}``, first seen first)."""
     members = dict.fromkeys(chain.from_iterable(chain.from_iterable(row_groups)))
     return dict(zip(members, range(len(members))))
+
+
+class RowArrays(NamedTuple):
+    """Rows over a vocabulary as flat arrays (CSR without the matrix: a query's few rows are
+    gathered and summed with numpy, with no sparse-matrix set-up per call)."""
+
+    starts: np.ndarray  # row r's entries: starts[r] .. starts[r + 1]
+    cols: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, rows: list[dict[str, float]], vocab: dict[str, int],
+           binary: bool = False) -> "RowArrays":
+        """The rows' members as columns of ``vocab``, with their values (``binary``: 1)."""
+        lengths = [len(row) for row in rows]
+        nnz = sum(lengths)
+        return cls(np.concatenate(([0], np.cumsum(lengths))).astype(np.int64),
+                   np.fromiter(map(vocab.__getitem__, chain.from_iterable(rows)), np.int64, nnz),
+                   np.ones(nnz) if binary else
+                   np.fromiter(chain.from_iterable(row.values() for row in rows), float, nnz))
+
+    def scaled_to_peak(self) -> "RowArrays":
+        """Each row divided by its largest value (so its peak is 1)."""
+        lengths = np.diff(self.starts)
+        peaks = np.zeros(len(lengths))
+        full = np.flatnonzero(lengths)
+        peaks[full] = np.maximum.reduceat(self.values, self.starts[full])
+        return self._replace(values=self.values / np.repeat(np.where(peaks > 0, peaks, 1.0),
+                                                            lengths))
+
+    def gather(self, rows: np.ndarray, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The entries of ``rows`` (repeats allowed): (index into ``rows`` of each entry's
+        row, column, value × that row's weight)."""
+        starts = self.starts[rows]
+        counts = self.starts[rows + 1] - starts
+        owner = np.repeat(np.arange(len(rows)), counts)
+        at = np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
+        weights = np.broadcast_to(np.asarray(weights, np.float64), (len(rows),))
+        return owner, self.cols[at], self.values[at] * weights[owner]
+
+
+def rows_matrix(rows: list[dict[str, float]], vocab: dict[str, int],
+                binary: bool = False) -> sp.csr_matrix:
+    """CSR matrix with one row per dict (columns from ``vocab``; ``binary``: values 1)."""
+    flat = RowArrays.of(rows, vocab, binary)
+    return sp.csr_matrix((flat.values, flat.cols, flat.starts), shape=(len(rows), len(vocab)))
 
 
 def top_k_dense(item_ids: np.ndarray, block: np.ndarray, k: int,

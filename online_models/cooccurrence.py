@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, row_chunks,
-                                top_k_dense, vocabulary)
+                                rows_matrix, top_k_dense, vocabulary)
 from online_models.kernels import (code_ids, code_sums, cooc_pairs, sum_pairs,
                                    window_arrays, window_rows)
 from online_models.signals import SignalBatch
@@ -175,11 +175,7 @@ def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]
     if not vocab:
         return [Recommendations([], np.empty(0)) for _ in queries]
     row_of = {item: r for r, item in enumerate(q_items)}
-    lengths = [len(row) for row in sims]
-    neighbours = sp.csr_matrix(
-        (np.fromiter((v for row in sims for v in row.values()), np.float32, sum(lengths)),
-         np.fromiter((vocab[i] for row in sims for i in row), np.int64, sum(lengths)),
-         np.concatenate(([0], np.cumsum(lengths)))), shape=(len(q_items), len(vocab)))
+    neighbours = rows_matrix(sims, vocab).astype(np.float32)
     neighbours.sort_indices()
     qr, qc, qv = [], [], []
     for row_no, items in enumerate(query_items):

@@ -38,14 +38,14 @@ Example
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 
-from online_models.base import (LearnReport, OnlineModel, Query, Recommendations,
-                                parallel_chunks, row_chunks, top_k_dense, vocabulary)
+from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, RowArrays,
+                                parallel_chunks, row_chunks, rows_matrix, top_k_dense,
+                                vocabulary)
 from online_models.cooccurrence import recommend_neighbours
 from online_models.signals import SignalBatch
 from online_models.kernels import (code_ids, code_sums, session_steps, sum_pairs,
@@ -148,9 +148,9 @@ class SessionModel(OnlineModel):
     # --- scoring ---------------------------------------------------------------------------
     def cache_rows(self, max_age_s: float, max_rows: int = 100_000) -> None:
         """Keep each item's neighbourhood (what :meth:`knn_rows` and :meth:`similar` are made
-        from) and session count up to ``max_age_s`` seconds for later queries (serving: popular items' rows are
-        computed once per interval, not per request; a query's own items are always its own).
-        0: off (replay, where state changes between queries)."""
+        from) and session count up to ``max_age_s`` seconds for later queries (serving:
+        popular items' rows are computed once per interval, not per request; a query's own
+        items are always its own). 0: off (replay, where state changes between queries)."""
         self._row_cache = RowCache(max_age_s, max_rows)
         self._count_cache = RowCache(max_age_s, max_rows)
 
@@ -177,8 +177,8 @@ class SessionModel(OnlineModel):
         q_cols = np.fromiter((vocab[i] for q in queries for i in q.session_items), np.int64, n)
         position_weight = (p + 1) / length_of
         repeat_weight = np.exp2(p - length_of + 1) * self.repeat_weight
-        knn = _RowArrays.of(knn_rows, vocab)
-        rule_rows = _RowArrays.of([rules[i] for i in last_items], vocab).scaled_to_peak()
+        knn = RowArrays.of(knn_rows, vocab)
+        rule_rows = RowArrays.of([rules[i] for i in last_items], vocab).scaled_to_peak()
         last_row = {item: r for r, item in enumerate(last_items)}
         last_of = np.array([last_row[q.session_items[-1]] if q.session_items else -1
                             for q in queries], np.int64)
@@ -241,8 +241,8 @@ class SessionModel(OnlineModel):
         vocab = vocabulary(session_items)
         if not vocab:
             return None
-        counts = (_rows_matrix(sampled, {s: n for n, s in enumerate(sessions)}, binary=True)
-                  @ _rows_matrix(session_items, vocab, binary=True)).tocsr()
+        counts = (rows_matrix(sampled, {s: n for n, s in enumerate(sessions)}, binary=True)
+                  @ rows_matrix(session_items, vocab, binary=True)).tocsr()
         outside = [i for i in dict.fromkeys(items) if i not in vocab]
         df_read = np.array(self._count_cache.rows([*vocab, *outside], self._session_counts),
                            np.float64)
@@ -345,52 +345,6 @@ class SessionCooccurrence(SessionModel):
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
         return recommend_neighbours(queries, [q.session_items for q in queries], self.similar,
                                     self.recency, k)
-
-
-def _rows_matrix(rows: list[dict[str, float]], vocab: dict[str, int],
-                 binary: bool = False) -> sp.csr_matrix:
-    """CSR matrix with one row per dict (columns from ``vocab``; ``binary``: values 1)."""
-    flat = _RowArrays.of(rows, vocab, binary)
-    return sp.csr_matrix((flat.values, flat.cols, flat.starts), shape=(len(rows), len(vocab)))
-
-
-class _RowArrays(NamedTuple):
-    """Rows over a vocabulary as flat arrays (CSR without the matrix: a query's few rows are
-    gathered and summed with numpy, with no sparse-matrix set-up per call)."""
-
-    starts: np.ndarray  # row r's entries: starts[r] .. starts[r + 1]
-    cols: np.ndarray
-    values: np.ndarray
-
-    @classmethod
-    def of(cls, rows: list[dict[str, float]], vocab: dict[str, int],
-           binary: bool = False) -> "_RowArrays":
-        """The rows' members as columns of ``vocab``, with their values (``binary``: 1)."""
-        lengths = [len(row) for row in rows]
-        nnz = sum(lengths)
-        return cls(np.concatenate(([0], np.cumsum(lengths))).astype(np.int64),
-                   np.fromiter(map(vocab.__getitem__, chain.from_iterable(rows)), np.int64, nnz),
-                   np.ones(nnz) if binary else
-                   np.fromiter(chain.from_iterable(row.values() for row in rows), float, nnz))
-
-    def scaled_to_peak(self) -> "_RowArrays":
-        """Each row divided by its largest value (so its peak is 1)."""
-        lengths = np.diff(self.starts)
-        peaks = np.zeros(len(lengths))
-        full = np.flatnonzero(lengths)
-        peaks[full] = np.maximum.reduceat(self.values, self.starts[full])
-        return self._replace(values=self.values / np.repeat(np.where(peaks > 0, peaks, 1.0),
-                                                            lengths))
-
-    def gather(self, rows: np.ndarray, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The entries of ``rows`` (repeats allowed): (index into ``rows`` of each entry's
-        row, column, value × that row's weight)."""
-        starts = self.starts[rows]
-        counts = self.starts[rows + 1] - starts
-        owner = np.repeat(np.arange(len(rows)), counts)
-        at = np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
-        weights = np.broadcast_to(np.asarray(weights, np.float64), (len(rows),))
-        return owner, self.cols[at], self.values[at] * weights[owner]
 
 
 def _row_normalise(matrix: np.ndarray) -> np.ndarray:
