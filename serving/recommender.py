@@ -37,7 +37,7 @@ from online_models.cooccurrence import recommend_neighbours
 from schemas.feeds import Feed, FeedItem
 from serving.ann import AnnIndex
 from serving.explore import EpsilonGreedy, ThompsonSampling
-from serving.rerank import Candidate, RerankPolicy, blend, rerank
+from serving.rerank import Candidate, RerankPolicy, SourceList, blend, rerank
 
 TrendingSource = Callable[[int], list[tuple[str, float]]]
 #: How a long-term model's candidates are explained (others: "for you").
@@ -89,11 +89,13 @@ class Recommender:
 
     # --- candidate sources -----------------------------------------------------------------
     def candidates(self, requests: Sequence[Request],
-                   trending: list[tuple[str, float]] | None = None) -> list[dict[str, list]]:
-        """Per request: source name → [(item, score, reason)]. ``trending``: the trending top,
-        when the caller already read it (it must hold ``candidates_per_source`` plus the
-        longest blocked set). Sources that read the same rows (session and read-time
-        co-occurrence: sessions of the recent items) share one read."""
+                   trending: list[tuple[str, float]] | None = None
+                   ) -> list[dict[str, SourceList]]:
+        """Per request: source name → its list (iterates as ``(item, score, reason)``).
+        ``trending``: the trending top, when the caller already read it (it must hold
+        ``candidates_per_source`` plus the longest blocked set). Sources that read the same
+        rows (session and read-time co-occurrence: sessions of the recent items) share one
+        read."""
         with ExitStack() as scope:
             for store in {id(m.store): m.store for m in (
                     self.session, self.cooc, self.mf, self.content,
@@ -102,17 +104,16 @@ class Recommender:
             return self._candidates(requests, trending)
 
     def _candidates(self, requests: Sequence[Request],
-                    trending: list[tuple[str, float]] | None) -> list[dict[str, list]]:
+                    trending: list[tuple[str, float]] | None) -> list[dict[str, SourceList]]:
         cfg, n = self.config, self.config.candidates_per_source
         recent = [r.history[-cfg.session_items:] for r in requests]
         blocked = [self._blocked(r) for r in requests]
         queries = [Query(r.user_id, items, exclude=b)
                    for r, items, b in zip(requests, recent, blocked)]
-        out: list[dict[str, list]] = [{} for _ in requests]
+        out: list[dict[str, SourceList]] = [{} for _ in requests]
         if self.session is not None:
             for row, rec in zip(out, self.session.recommend(queries, n)):
-                row["session"] = [(i, s, "next in your session")
-                                  for i, s in zip(rec.items, rec.scores.tolist())]
+                row["session"] = SourceList(rec.items, rec.scores, "next in your session")
         if self.cooc is not None:
             self._cooc_candidates(out, queries, n)
         if self.mf is not None and self.ann is not None:
@@ -122,15 +123,20 @@ class Recommender:
                     items, scores = self.ann.search(vec, n, exclude=b)
                     if items:
                         shifted = scores - scores.min() + 1e-6
-                        row["ann"] = [(i, s, "for you")
-                                      for i, s in zip(items, shifted.tolist())]
+                        row["ann"] = SourceList(items, shifted, "for you")
         for name, model in self.model_sources.items():
             reason = SOURCE_REASONS.get(name, "for you")
             for row, rec in zip(out, model.recommend(queries, n)):
-                row[name] = [(i, s, reason) for i, s in zip(rec.items, rec.scores.tolist())]
+                row[name] = SourceList(rec.items, rec.scores, reason)
         top = trending if trending is not None else self.trending(self._trending_depth(blocked))
+        top_items, top_scores = [i for i, _ in top], np.array([s for _, s in top], np.float64)
         for row, b in zip(out, blocked):
-            row["trending"] = [(i, s, "trending") for i, s in top if i not in b][:n]
+            if b.isdisjoint(top_items[:n]):  # most requests: the top as it is
+                row["trending"] = SourceList(top_items[:n], top_scores[:n], "trending")
+            else:
+                kept = [p for p, i in enumerate(top_items) if i not in b][:n]
+                row["trending"] = SourceList([top_items[p] for p in kept], top_scores[kept],
+                                             "trending")
         if self.content is not None:
             self._content_candidates(out, queries, n)
         return out
@@ -139,15 +145,16 @@ class Recommender:
         """The content source, and "popular in <category>" for trending items that share a
         category with the user's likes: one explanation pass over both lists."""
         recs = self.content.recommend(queries, n)
-        features = self.content.explain(queries, [rec.items + [i for i, _, _ in row["trending"]]
+        features = self.content.explain(queries, [rec.items + row["trending"].items
                                                   for rec, row in zip(recs, out)])
         for row, rec, shared in zip(out, recs, features):
             mine, theirs = shared[:len(rec.items)], shared[len(rec.items):]
-            row["content"] = [(i, s, f"because you like {feature_label(f)}" if f
-                               else "like what you liked")
-                              for i, s, f in zip(rec.items, rec.scores.tolist(), mine)]
-            row["trending"] = [(i, s, f"popular in {feature_label(f)}" if is_category(f)
-                                else why) for (i, s, why), f in zip(row["trending"], theirs)]
+            row["content"] = SourceList(rec.items, rec.scores, [
+                f"because you like {feature_label(f)}" if f else "like what you liked"
+                for f in mine])
+            trending = row["trending"]
+            trending.reasons = [f"popular in {feature_label(f)}" if is_category(f) else why
+                                for why, f in zip(trending.all_reasons(), theirs)]
 
     def _trending_depth(self, blocked: list[frozenset[str]]) -> int:
         return self.config.candidates_per_source + max((len(b) for b in blocked), default=0)
@@ -162,8 +169,8 @@ class Recommender:
                                                       explain=True)):
             because = {source: f"because you viewed {source}"  # one string per source item
                        for source in dict.fromkeys(rec.sources or ())}
-            row["cooc"] = [(i, s, because[source]) for i, s, source in zip(
-                rec.items, rec.scores.tolist(), rec.sources or ())]
+            row["cooc"] = SourceList(rec.items, rec.scores,
+                                     list(map(because.__getitem__, rec.sources or ())))
 
     # --- the pipeline ----------------------------------------------------------------------
     def recommend(self, requests: Sequence[Request], source: str = "pipeline") -> list[Feed]:
@@ -181,7 +188,7 @@ class Recommender:
         ages: dict[str, float] = {}
         if self.item_ages is not None and cfg.policy.freshness_weight:
             ages = self.item_ages(sorted({i for per in sources for rows in per.values()
-                                          for i, _, _ in rows}))
+                                          for i in rows.items}))
         for request, per_source in zip(requests, sources):
             blocked = self._blocked(request)
             pins = {p: Candidate(item, 0.0, "pinned") for p, item in request.pins}

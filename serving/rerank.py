@@ -24,10 +24,9 @@ relaxed rather than the list cut short). Pins take their positions first.
 
 from __future__ import annotations
 
-import heapq
 import math
-from operator import itemgetter
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 from numba import njit
@@ -64,42 +63,63 @@ class RerankPolicy:
         return max(self.pool_per_slot * k, 50)
 
 
-def blend(sources: dict[str, list[tuple[str, float, str]]], policy: RerankPolicy,
+@dataclass(slots=True)
+class SourceList:
+    """One source's candidates for one request: items best first, their scores, and why —
+    one reason for all of them or one per item. Iterates as ``(item, score, reason)``."""
+
+    items: list[str]
+    scores: np.ndarray
+    reasons: str | list[str]
+
+    @classmethod
+    def of(cls, rows: list[tuple[str, float, str]]) -> "SourceList":
+        return cls([i for i, _, _ in rows], np.array([s for _, s, _ in rows], np.float64),
+                   [r for _, _, r in rows])
+
+    def all_reasons(self) -> list[str]:
+        """One reason per item."""
+        return [self.reasons] * len(self.items) if isinstance(self.reasons, str) \
+            else self.reasons
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return zip(self.items, self.scores.tolist(), self.all_reasons())
+
+
+def blend(sources: dict[str, SourceList], policy: RerankPolicy,
           item_age_s: dict[str, float] | None = None, limit: int | None = None
           ) -> list[Candidate]:
-    """``sources``: name → [(item, score, reason)]; returns candidates best first (the best
-    ``limit`` of them, where given)."""
-    total: dict[str, float] = {}
-    best_part: dict[str, tuple[float, str]] = {}
-    for name, rows in sources.items():
-        if not rows:
-            continue
-        top = max(rows, key=itemgetter(1))[1] or 1.0
-        weight = policy.source_weights.get(name, 0.0)
-        for item, score, reason in rows:
-            part = weight * score / top
-            best = best_part.get(item)
-            if best is None:  # one lookup per candidate: this loop runs for every list
-                total[item] = part
-                best_part[item] = (part, reason)
-            else:
-                total[item] += part
-                if part > best[0]:
-                    best_part[item] = (part, reason)
-    ages = item_age_s or {}
-    for item in total:
-        if item in ages:
-            total[item] += policy.freshness_weight * 2.0 ** (-ages[item]
-                                                             / policy.freshness_half_life_s)
-    if limit is not None and limit < len(total):
-        ranked = heapq.nsmallest(limit, total.items(), key=_rank_order)
-    else:
-        ranked = sorted(total.items(), key=_rank_order)
-    return [Candidate(item, score, best_part[item][1]) for item, score in ranked]
-
-
-def _rank_order(item_score: tuple[str, float]) -> tuple[float, str]:
-    return -item_score[1], item_score[0]
+    """``sources``: name → its list; returns candidates best first (the best ``limit`` of
+    them, where given), each with the reason of its largest term (the first on a tie)."""
+    lists = [(policy.source_weights.get(name, 0.0), rows) for name, rows in sources.items()
+             if len(rows)]
+    if not lists:
+        return []
+    flat = list(chain.from_iterable(rows.items for _, rows in lists))
+    unique = list(dict.fromkeys(flat))  # one number per item, first seen first
+    number = dict(zip(unique, range(len(unique))))
+    ids = np.fromiter(map(number.__getitem__, flat), np.intp, len(flat))
+    parts = np.concatenate([weight * np.asarray(rows.scores, np.float64)
+                            / (float(np.max(rows.scores)) or 1.0) for weight, rows in lists])
+    totals = np.bincount(ids, parts, len(unique))  # summed in source, then list order
+    if item_age_s:
+        for n, item in enumerate(unique):
+            if item in item_age_s:
+                totals[n] += policy.freshness_weight * 2.0 ** (
+                    -item_age_s[item] / policy.freshness_half_life_s)
+    chosen = np.arange(len(unique))
+    if limit is not None and limit < len(unique):  # the best `limit`, ties at the cut kept
+        chosen = np.flatnonzero(totals >= -np.partition(-totals, limit - 1)[limit - 1])
+    ranked = sorted(zip((-totals[chosen]).tolist(), [unique[n] for n in chosen.tolist()],
+                        chosen.tolist()))[:limit]
+    by_item = np.lexsort((-parts, ids))  # each item's terms, largest first (stable)
+    strongest = by_item[np.r_[True, ids[by_item][1:] != ids[by_item][:-1]]]  # by number
+    reasons = list(chain.from_iterable(rows.all_reasons() for _, rows in lists))
+    return [Candidate(item, -negative, reasons[term]) for (negative, item, _), term in
+            zip(ranked, strongest[[n for _, _, n in ranked]].tolist())]
 
 
 def rerank(candidates: list[Candidate], k: int, policy: RerankPolicy, *,

@@ -5,7 +5,7 @@ import pytest
 
 from replay.ope import dr, ips, snips
 from serving.explore import EpsilonGreedy, ThompsonSampling
-from serving.rerank import Candidate, RerankPolicy, blend, rerank
+from serving.rerank import Candidate, RerankPolicy, SourceList, blend, rerank
 
 
 def random_candidates(rng, n=60):
@@ -41,12 +41,45 @@ def test_mmr_prefers_a_diverse_item_over_a_near_duplicate():
 
 
 def test_blend_normalises_sources_and_keeps_the_strongest_reason():
-    out = blend({"session": [("x", 10.0, "next in session"), ("y", 5.0, "next in session")],
-                 "trending": [("y", 100.0, "trending")]},
+    out = blend({"session": SourceList.of([("x", 10.0, "next in session"),
+                                           ("y", 5.0, "next in session")]),
+                 "trending": SourceList(["y"], np.array([100.0]), "trending")},
                 RerankPolicy(source_weights={"session": 1.0, "trending": 0.6},
                              freshness_weight=0.0))
     assert [(c.item_id, round(c.score, 6), c.reason) for c in out] == [
         ("y", 1.1, "trending"), ("x", 1.0, "next in session")]
+
+
+def blend_by_hand(sources, weights, limit):
+    """The documented blend, one candidate at a time: (item, score, reason) best first."""
+    total, best = {}, {}
+    for name, rows in sources.items():
+        top = max((s for _, s, _ in rows), default=1.0) or 1.0
+        for item, score, reason in rows:
+            part = weights.get(name, 0.0) * score / top
+            total[item] = total.get(item, 0.0) + part
+            if item not in best or part > best[item][0]:
+                best[item] = (part, reason)
+    ranked = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+    return [(item, score, best[item][1]) for item, score in ranked]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_blend_equals_the_documented_sum_with_ties_and_a_cut(seed):
+    rng = np.random.default_rng(seed)
+    items = [f"i{n}" for n in range(12)]
+    sources, weights = {}, {}
+    for name in ("session", "cooc", "trending", "unweighted"):
+        chosen = rng.choice(items, int(rng.integers(0, 9)), replace=False).tolist()
+        scores = rng.integers(0, 4, len(chosen)).astype(float)  # ties, and all-zero lists
+        reasons = [f"{name} {n}" for n in range(len(chosen))]
+        sources[name] = SourceList(chosen, scores, reasons if seed % 2 else name)
+        if name != "unweighted":
+            weights[name] = float(rng.choice([0.5, 1.0, 0.1]))
+    limit = int(rng.integers(1, 14))
+    out = blend(sources, RerankPolicy(source_weights=weights), limit=limit)
+    assert [(c.item_id, c.score, c.reason) for c in out] == blend_by_hand(
+        {name: list(rows) for name, rows in sources.items()}, weights, limit)
 
 
 def test_epsilon_greedy_propensities_match_observed_frequencies():
@@ -265,3 +298,15 @@ def test_cooccurrence_candidates_say_which_recent_item_they_come_from():
     reasons = {item: reason for item, _, reason in row["cooc"]}
     # x: Jaccard(a, x) = 2/3 weighted 0.5 (a is older) against Jaccard(b, x) = 1/4 weighted 1
     assert reasons == {"x": "because you viewed a", "y": "because you viewed b"}
+
+
+def test_trending_candidates_skip_what_a_request_blocks_and_keep_their_length():
+    from serving.recommender import PipelineConfig, Recommender, Request
+
+    top = [(f"t{n}", 100.0 - n) for n in range(30)]
+    recommender = Recommender(trending=lambda n: top[:n],
+                              config=PipelineConfig(candidates_per_source=5))
+    blocked, fresh = recommender.candidates([
+        Request("u", ("t1",), exclude=frozenset({"t3"})), Request("v", ("x",))])
+    assert list(blocked["trending"]) == [(f"t{n}", 100.0 - n, "trending") for n in (0, 2, 4, 5, 6)]
+    assert list(fresh["trending"]) == [(f"t{n}", 100.0 - n, "trending") for n in range(5)]
