@@ -164,8 +164,9 @@ class Settings(BaseSettings):
                                     "ranking: weight · 2^(−age/1 day) (0 = off).")
     serving_rows_max_age_s: float = Field(
         1.0, ge=0, description="Serving: how long an item's neighbour rows (session-kNN and "
-        "read-time co-occurrence, computed from its recent sessions) are reused for other "
-        "requests; 0 computes them per request. A request's own items are always its own.")
+        "read-time co-occurrence, computed from its recent sessions) and next-item rules are "
+        "reused for other requests; 0 computes them per request. A request's own items are "
+        "always its own.")
     ann_max_items: int = Field(200_000, ge=1, description="Items the serving ANN index holds; the "
                                "least recently updated are evicted beyond it.")
     ann_snapshot_dir: str = Field("", description="Where a serving process snapshots its ANN "

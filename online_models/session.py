@@ -43,9 +43,9 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, RowArrays,
-                                parallel_chunks, row_chunks, rows_matrix, top_k_dense,
-                                vocabulary)
+from online_models.base import (ItemCodes, LearnReport, OnlineModel, Query, Recommendations,
+                                RowArrays, joined_columns, parallel_chunks, row_chunks,
+                                rows_matrix, top_k_dense, vocabulary)
 from online_models.cooccurrence import recommend_neighbours
 from online_models.signals import SignalBatch
 from online_models.kernels import (code_ids, code_sums, session_steps, sum_pairs,
@@ -61,6 +61,33 @@ class ItemCounts(NamedTuple):
     df: np.ndarray  # the vocabulary's session counts
     df_items: list[float]  # the items' session counts
     sampled: list[int]  # how many recent sessions of each item were read
+
+
+class CodedRow(NamedTuple):
+    """A row with its members as :class:`ItemCodes` codes."""
+
+    codes: np.ndarray
+    values: np.ndarray
+
+
+class KeptRows(NamedTuple):
+    """What scoring keeps between queries (:meth:`SessionModel.cache_rows`): the item codes,
+    and the rows coded with them (each item's neighbourhood, session count and rules)."""
+
+    codes: ItemCodes
+    neighbourhoods: RowCache
+    counts: RowCache
+    rules: RowCache
+
+    @classmethod
+    def new(cls, max_age_s: float, max_rows: int) -> "KeptRows":
+        return cls(ItemCodes(), RowCache(max_age_s, max_rows), RowCache(max_age_s, max_rows),
+                   RowCache(max_age_s, max_rows))
+
+
+#: Past this many item codes, scoring starts afresh (new codes, nothing kept): codes of items
+#: that left the catalogue must not accumulate in a serving process.
+MAX_ITEM_CODES = 1_000_000
 
 
 class SessionModel(OnlineModel):
@@ -84,7 +111,7 @@ class SessionModel(OnlineModel):
         self.sr_weight = sr_weight
         self.repeat_weight = repeat_weight
         self.use_idf = use_idf
-        self._row_cache = self._count_cache = RowCache(0.0)
+        self._kept = KeptRows.new(0.0, 0)
 
     # --- learning --------------------------------------------------------------------------
     @staticmethod
@@ -148,22 +175,37 @@ class SessionModel(OnlineModel):
     # --- scoring ---------------------------------------------------------------------------
     def cache_rows(self, max_age_s: float, max_rows: int = 100_000) -> None:
         """Keep each item's neighbourhood (what :meth:`knn_rows` and :meth:`similar` are made
-        from) and session count up to ``max_age_s`` seconds for later queries (serving:
+        from), session count and rules up to ``max_age_s`` seconds for later queries (serving:
         popular items' rows are computed once per interval, not per request; a query's own
         items are always its own). 0: off (replay, where state changes between queries)."""
-        self._row_cache = RowCache(max_age_s, max_rows)
-        self._count_cache = RowCache(max_age_s, max_rows)
+        self._kept = KeptRows.new(max_age_s, max_rows)
+
+    def _kept_rows(self) -> KeptRows:
+        """The rows kept now (a query uses one snapshot throughout: a reset does not mix
+        codes), started afresh once the codes outgrow :data:`MAX_ITEM_CODES`."""
+        kept = self._kept
+        if len(kept.codes) > MAX_ITEM_CODES:
+            self._kept = kept = KeptRows.new(kept.rules.max_age_s, kept.rules.max_rows)
+        return kept
 
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
         q_items = sorted({i for q in queries for i in q.session_items})
         if not q_items:
             return [Recommendations([], np.empty(0)) for _ in queries]
-        knn_rows = self.knn_rows(q_items)
+        kept = self._kept_rows()
+        hoods = self._neighbourhoods(q_items, kept)
         last_items = sorted({q.session_items[-1] for q in queries if q.session_items})
-        rules = dict(zip(last_items, self.store.get_rows("sr", last_items)
-                         if self.rules == "written" else self._rules_at_read(last_items)))
-        vocab = vocabulary(knn_rows, [q_items], rules.values())
-        ids = np.array(list(vocab), dtype=object)
+        rules = kept.rules.rows(last_items, lambda items: self._coded_rules(items, kept.codes))
+        # one column per distinct item, numbered as a vocabulary of the names would be
+        distinct, columns = joined_columns(np.concatenate([
+            *(hood.codes for hood in hoods), kept.codes.codes(q_items),
+            *(rule.codes for rule in rules)]))
+        ids = kept.codes.names(distinct)
+        knn = _coded_arrays([hood.codes for hood in hoods], [hood.knn_values for hood in hoods],
+                            columns)
+        q_item_cols = columns[len(knn.cols):len(knn.cols) + len(q_items)]
+        rule_rows = _coded_arrays([rule.codes for rule in rules], [rule.values for rule in rules],
+                                  columns[len(knn.cols) + len(q_items):]).scaled_to_peak()
         # per query: its items' kNN rows with linear position weights, its last item's rules,
         # and its own items with recency weights (repeat), added into one dense block
         lengths = np.fromiter((len(q.session_items) for q in queries), np.int64, len(queries))
@@ -174,11 +216,9 @@ class SessionModel(OnlineModel):
         p = np.arange(n) - np.repeat(ends - lengths, lengths)
         row_of = {item: r for r, item in enumerate(q_items)}
         q_rows = np.fromiter((row_of[i] for q in queries for i in q.session_items), np.int64, n)
-        q_cols = np.fromiter((vocab[i] for q in queries for i in q.session_items), np.int64, n)
+        q_cols = q_item_cols[q_rows]
         position_weight = (p + 1) / length_of
         repeat_weight = np.exp2(p - length_of + 1) * self.repeat_weight
-        knn = RowArrays.of(knn_rows, vocab)
-        rule_rows = RowArrays.of([rules[i] for i in last_items], vocab).scaled_to_peak()
         last_row = {item: r for r, item in enumerate(last_items)}
         last_of = np.array([last_row[q.session_items[-1]] if q.session_items else -1
                             for q in queries], np.int64)
@@ -208,15 +248,20 @@ class SessionModel(OnlineModel):
         session-kNN vote of V-SKNN (``j = i`` included, as a session votes for all its items)."""
         return [hood.knn() for hood in self._neighbourhoods(items)]
 
-    def _neighbourhoods(self, items: list[str]) -> list["_Neighbourhood"]:
+    def _neighbourhoods(self, items: list[str], kept: KeptRows | None = None
+                        ) -> list["_Neighbourhood"]:
         """Each item's counts over its recent sessions, kept as :meth:`cache_rows` says; the
         kNN and similarity rows are made from them on first use."""
-        return self._row_cache.rows(items, self._count_neighbourhoods)
+        kept = kept or self._kept_rows()
+        return kept.neighbourhoods.rows(
+            items, lambda missing: self._count_neighbourhoods(missing, kept))
 
-    def _count_neighbourhoods(self, items: list[str]) -> list["_Neighbourhood"]:
-        found = self._item_counts(items)
+    def _count_neighbourhoods(self, items: list[str], kept: KeptRows
+                              ) -> list["_Neighbourhood"]:
+        found = self._item_counts(items, kept.counts)
         if found is None:
             return [_Neighbourhood(item) for item in items]
+        codes = kept.codes.codes(found.ids.tolist())
         counts = found.counts
         idf = np.ones(len(found.ids))
         if self.use_idf:
@@ -227,11 +272,12 @@ class SessionModel(OnlineModel):
         for r, item in enumerate(items):
             at = slice(counts.indptr[r], counts.indptr[r + 1])
             cols = counts.indices[at]
-            out.append(_Neighbourhood(item, found.ids[cols], knn_values[at], counts.data[at],
-                                      found.df[cols], found.df_items[r], found.sampled[r]))
+            out.append(_Neighbourhood(item, found.ids[cols], codes[cols], knn_values[at],
+                                      counts.data[at], found.df[cols], found.df_items[r],
+                                      found.sampled[r]))
         return out
 
-    def _item_counts(self, items: list[str]) -> ItemCounts | None:
+    def _item_counts(self, items: list[str], kept_counts: RowCache) -> ItemCounts | None:
         """``c(i, j)`` of these items over their recent sessions (None where none has any):
         one row read per item and per sampled session, and the session counts once."""
         store = self.store
@@ -244,7 +290,7 @@ class SessionModel(OnlineModel):
         counts = (rows_matrix(sampled, {s: n for n, s in enumerate(sessions)}, binary=True)
                   @ rows_matrix(session_items, vocab, binary=True)).tocsr()
         outside = [i for i in dict.fromkeys(items) if i not in vocab]
-        df_read = np.array(self._count_cache.rows([*vocab, *outside], self._session_counts),
+        df_read = np.array(kept_counts.rows([*vocab, *outside], self._session_counts),
                            np.float64)
         df_vocab = df_read[:len(vocab)]
         df_outside = dict(zip(outside, df_read[len(vocab):].tolist()))
@@ -255,6 +301,13 @@ class SessionModel(OnlineModel):
     def _session_counts(self, items: list[str]) -> list[float]:
         """Each item's number of sessions (``df``), 0 where unknown."""
         return [row.get("n", 0.0) for row in self.store.get_rows("df", items)]
+
+    def _coded_rules(self, items: list[str], codes: ItemCodes) -> list[CodedRow]:
+        """The last items' rules (``sr`` rows, or scored at read time), coded."""
+        rows = (self.store.get_rows("sr", items) if self.rules == "written"
+                else self._rules_at_read(items))
+        return [CodedRow(codes.codes(list(row)), np.fromiter(row.values(), float, len(row)))
+                for row in rows]
 
     def _rules_at_read(self, items: list[str]) -> list[dict[str, float]]:
         """Sequential rules scored at read time (``rules="read"``): in each of ``a``'s
@@ -295,13 +348,14 @@ class _Neighbourhood:
     """One item's counts ``c(i, j)`` over its recent sessions (``names``: the ``j``), with the
     ``j``'s session counts; its kNN row (``c · idf``) and Jaccard row are made on first use."""
 
-    __slots__ = ("item", "names", "knn_values", "counts", "df", "df_item", "sampled", "_knn",
-                 "_similar")
+    __slots__ = ("item", "names", "codes", "knn_values", "counts", "df", "df_item", "sampled",
+                 "_knn", "_similar")
 
     def __init__(self, item: str, names: np.ndarray = np.empty(0, object),
-                 knn_values: np.ndarray = np.empty(0), counts: np.ndarray = np.empty(0),
-                 df: np.ndarray = np.empty(0), df_item: float = 0.0, sampled: int = 0) -> None:
-        self.item, self.names, self.knn_values = item, names, knn_values
+                 codes: np.ndarray = np.empty(0, np.int64), knn_values: np.ndarray = np.empty(0),
+                 counts: np.ndarray = np.empty(0), df: np.ndarray = np.empty(0),
+                 df_item: float = 0.0, sampled: int = 0) -> None:
+        self.item, self.names, self.codes, self.knn_values = item, names, codes, knn_values
         self.counts, self.df, self.df_item, self.sampled = counts, df, df_item, sampled
         self._knn = self._similar = None
 
@@ -345,6 +399,15 @@ class SessionCooccurrence(SessionModel):
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
         return recommend_neighbours(queries, [q.session_items for q in queries], self.similar,
                                     self.recency, k)
+
+
+def _coded_arrays(codes: list[np.ndarray], values: list[np.ndarray],
+                  columns: np.ndarray) -> RowArrays:
+    """Rows given as codes and values, as :class:`RowArrays` whose columns are the first
+    entries of ``columns`` (the rows' codes joined, in order)."""
+    lengths = np.fromiter(map(len, codes), np.int64, len(codes))
+    starts = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    return RowArrays(starts, columns[:starts[-1]], np.concatenate([np.empty(0), *values]))
 
 
 def _row_normalise(matrix: np.ndarray) -> np.ndarray:

@@ -210,6 +210,38 @@ def test_kept_neighbour_rows_are_reused_until_too_old_and_bounded(monkeypatch):
     assert "e" in model.knn_rows(["a"])[0]
 
 
+def test_item_codes_join_rows_into_the_columns_a_vocabulary_gives():
+    from online_models.base import ItemCodes, joined_columns, vocabulary
+
+    rng = np.random.default_rng(2)
+    rows = [list(dict.fromkeys(f"i{n}" for n in rng.integers(0, 30, rng.integers(0, 12))))
+            for _ in range(20)]
+    codes = ItemCodes()
+    codes.codes([f"i{n}" for n in rng.permutation(30)[:10]])  # codes in another order first
+    distinct, columns = joined_columns(np.concatenate([codes.codes(r) for r in rows]))
+    vocab = vocabulary(rows)
+    assert codes.names(distinct).tolist() == list(vocab)
+    assert columns.tolist() == [vocab[i] for r in rows for i in r]
+
+
+def test_kept_rows_score_as_rows_read_afresh_across_a_reset_of_the_codes(monkeypatch):
+    import online_models.session as session_module
+
+    model, _, items = session_model_and_sessions(6, 80, 25, 31)
+    queries = [Query(f"u{n}", tuple(items[n:n + 1 + n % 4]), exclude=frozenset(items[n:n + 1]))
+               for n in range(20)]
+    afresh = model.recommend(queries, 10)
+    model.cache_rows(max_age_s=60.0)
+    monkeypatch.setattr(session_module, "MAX_ITEM_CODES", 12)
+    generations = []
+    for _ in range(3):  # the first pass codes more than 12 items: the next ones start over
+        kept = model.recommend(queries, 10)
+        assert [r.items for r in kept] == [r.items for r in afresh]
+        assert all(np.array_equal(k.scores, a.scores) for k, a in zip(kept, afresh))
+        generations.append(model._kept)
+    assert generations[0] is not generations[1]
+
+
 def test_read_time_similarity_scales_the_recent_sessions_sample_and_keeps_the_best():
     evs = [click("s1", "a", 0), click("s1", "b", 1), click("s2", "a", 2), click("s2", "c", 3),
            click("s3", "a", 4), click("s3", "b", 5), click("s4", "a", 6), click("s4", "c", 7),
