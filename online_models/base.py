@@ -166,6 +166,12 @@ class ItemCodes:
         return self._names[codes]
 
 
+def named_rows(rows: list[dict[str, float]]) -> tuple[np.ndarray, "RowArrays"]:
+    """(the rows' members, first seen first; the rows over them as :class:`RowArrays`)."""
+    vocab = vocabulary(rows)
+    return np.array(list(vocab), dtype=object), RowArrays.of(rows, vocab)
+
+
 def joined_columns(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct codes, each entry's column): the columns number the distinct codes in order
     of first appearance, as :func:`vocabulary` numbers names (so ties break alike)."""
@@ -223,11 +229,13 @@ def rows_matrix(rows: list[dict[str, float]], vocab: dict[str, int],
 
 
 def top_k_dense(item_ids: np.ndarray, block: np.ndarray, k: int,
-                queries: Sequence[Query]) -> list[Recommendations]:
+                queries: Sequence[Query], columns: list | None = None
+                ) -> list[Recommendations]:
     """Top-``k`` positive scores of each row of a dense block (one query per row), vectorised.
 
     Ties are broken by column order; a query's ``exclude`` items are never returned. The block
-    is modified in place (excluded cells zeroed).
+    is modified in place (excluded cells zeroed). ``columns``: a list each row's chosen
+    columns are appended to.
     """
     column_of = None
     for row, query in enumerate(queries):
@@ -236,6 +244,8 @@ def top_k_dense(item_ids: np.ndarray, block: np.ndarray, k: int,
             block[row, [column_of[i] for i in query.exclude if i in column_of]] = 0.0
     kk = min(k, block.shape[1])
     if kk == 0:
+        if columns is not None:
+            columns += [np.empty(0, np.int64)] * len(queries)
         return [Recommendations([], np.empty(0)) for _ in queries]
     # measured: introselect is fastest when non-candidates share one extreme value
     block[block <= 0] = -np.inf
@@ -246,6 +256,8 @@ def top_k_dense(item_ids: np.ndarray, block: np.ndarray, k: int,
     best_scores = np.take_along_axis(part_scores, order, axis=1)
     names = item_ids[best]
     counts = (best_scores > -np.inf).sum(axis=1)  # real scores come first in each row
+    if columns is not None:
+        columns += [best[r, :n] for r, n in enumerate(counts.tolist())]
     return [Recommendations(names[r, :n].tolist(), best_scores[r, :n])
             for r, n in enumerate(counts.tolist())]
 

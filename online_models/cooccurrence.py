@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, row_chunks,
-                                rows_matrix, top_k_dense, vocabulary)
+from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, RowArrays,
+                                named_rows, row_chunks, top_k_dense)
 from online_models.kernels import (code_ids, code_sums, cooc_pairs, sum_pairs,
                                    window_arrays, window_rows)
 from online_models.signals import SignalBatch
@@ -140,6 +140,10 @@ class CooccurrenceModel(OnlineModel):
             out.append(sims)
         return out
 
+    def similar_rows(self, items: list[str]) -> tuple[np.ndarray, RowArrays]:
+        """:meth:`similar` as arrays (:func:`recommend_neighbours`' input)."""
+        return named_rows(self.similar(items))
+
     def _query_items(self, queries: list[Query]) -> list[tuple[str, ...]]:
         """Each query's items, oldest first: its session, after the user's stored history."""
         if self.query == "session":
@@ -155,27 +159,28 @@ class CooccurrenceModel(OnlineModel):
         return out
 
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
-        return recommend_neighbours(queries, self._query_items(queries), self.similar,
+        return recommend_neighbours(queries, self._query_items(queries), self.similar_rows,
                                     self.recency, k)
 
 
-def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]], similar,
-                         recency: float, k: int, explain: bool = False
+def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]],
+                         similar_rows, recency: float, k: int, explain: bool = False
                          ) -> list[Recommendations]:
     """Each query scores ``Σ_a recency^(L − p) · sim(a, ·)`` over its items (oldest first);
-    ``similar(items)`` gives each item's {neighbour: similarity} (written-time rows here,
-    read-time ones in :meth:`online_models.session.SessionModel.similar`). ``explain``: each
+    ``similar_rows(items)`` gives (neighbours, each item's similarities to them as
+    :class:`RowArrays`): written-time rows here, read-time ones in
+    :meth:`online_models.session.SessionModel.similar_rows`. ``explain``: each
     recommendation's ``sources`` names the query item whose term was largest (the earliest
     on a tie)."""
     q_items = sorted({i for items in query_items for i in items})
     if not q_items:
         return [Recommendations([], np.empty(0)) for _ in queries]
-    sims = similar(q_items)
-    vocab = vocabulary(sims)
-    if not vocab:
+    ids, rows = similar_rows(q_items)
+    if not len(ids):
         return [Recommendations([], np.empty(0)) for _ in queries]
     row_of = {item: r for r, item in enumerate(q_items)}
-    neighbours = rows_matrix(sims, vocab).astype(np.float32)
+    neighbours = sp.csr_matrix((rows.values, rows.cols, rows.starts),
+                               shape=(len(q_items), len(ids))).astype(np.float32)
     neighbours.sort_indices()
     qr, qc, qv = [], [], []
     for row_no, items in enumerate(query_items):
@@ -185,20 +190,21 @@ def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]
             qv.append(recency ** (length - 1 - p))
     weights = sp.csr_matrix((np.asarray(qv, np.float32), (qr, qc)),
                             shape=(len(queries), len(q_items)))
-    ids = np.array(list(vocab), dtype=object)
     out: list[Recommendations] = []
+    columns: list[np.ndarray] = []
     for a, b in row_chunks(len(queries), len(ids)):
-        out += top_k_dense(ids, (weights[a:b] @ neighbours).toarray(), k, queries[a:b])
+        out += top_k_dense(ids, (weights[a:b] @ neighbours).toarray(), k, queries[a:b],
+                           columns if explain else None)
     if explain:
-        for rec, items in zip(out, query_items):
+        for rec, items, cols in zip(out, query_items, columns):
             if rec.items:
                 rec.sources = _strongest_sources(neighbours, [row_of[i] for i in items], items,
-                                                 [vocab[i] for i in rec.items], recency)
+                                                 cols, recency)
     return out
 
 
 def _strongest_sources(neighbours: sp.csr_matrix, rows: list[int], items: tuple[str, ...],
-                       cols: list[int], recency: float) -> list[str]:
+                       cols: np.ndarray, recency: float) -> list[str]:
     """For each column, the item of ``items`` (matrix rows ``rows``, oldest first) whose
     term ``recency^(L − p) · sim`` is largest, the earliest on a tie (rows' indices sorted)."""
     cols = np.asarray(cols)

@@ -343,13 +343,23 @@ class SessionModel(OnlineModel):
         and each item keeps its ``neighbours`` best."""
         return [hood.similar(self.neighbours) for hood in self._neighbourhoods(items)]
 
+    def similar_rows(self, items: list[str]) -> tuple[np.ndarray, RowArrays]:
+        """:meth:`similar` as arrays (:func:`recommend_neighbours`' input), joined by code."""
+        kept = self._kept_rows()
+        rows = [hood.similar_coded(self.neighbours)
+                for hood in self._neighbourhoods(items, kept)]
+        distinct, columns = joined_columns(np.concatenate(
+            [np.empty(0, np.int64), *(row.codes for row in rows)]))
+        return kept.codes.names(distinct), _coded_arrays(
+            [row.codes for row in rows], [row.values for row in rows], columns)
+
 
 class _Neighbourhood:
     """One item's counts ``c(i, j)`` over its recent sessions (``names``: the ``j``), with the
     ``j``'s session counts; its kNN row (``c · idf``) and Jaccard row are made on first use."""
 
     __slots__ = ("item", "names", "codes", "knn_values", "counts", "df", "df_item", "sampled",
-                 "_knn", "_similar")
+                 "_knn", "_similar", "_similar_coded")
 
     def __init__(self, item: str, names: np.ndarray = np.empty(0, object),
                  codes: np.ndarray = np.empty(0, np.int64), knn_values: np.ndarray = np.empty(0),
@@ -357,7 +367,7 @@ class _Neighbourhood:
                  df_item: float = 0.0, sampled: int = 0) -> None:
         self.item, self.names, self.codes, self.knn_values = item, names, codes, knn_values
         self.counts, self.df, self.df_item, self.sampled = counts, df, df_item, sampled
-        self._knn = self._similar = None
+        self._knn = self._similar = self._similar_coded = None
 
     def knn(self) -> dict[str, float]:
         if self._knn is None:
@@ -367,13 +377,25 @@ class _Neighbourhood:
     def similar(self, neighbours: int) -> dict[str, float]:
         """Jaccard ``c / (df_a + df_b − c)``, ``c`` scaled from the sample to all of the
         item's sessions; the ``neighbours`` best, the item itself left out."""
-        if self._similar is not None:
-            return self._similar
+        if self._similar is None:
+            names, sims = self._jaccard(neighbours)
+            self._similar = dict(zip(names.tolist(), sims.tolist()))
+        return self._similar
+
+    def similar_coded(self, neighbours: int) -> CodedRow:
+        """:meth:`similar` with members as codes."""
+        if self._similar_coded is None:
+            self._similar_coded = CodedRow(*self._jaccard(neighbours, self.codes))
+        return self._similar_coded
+
+    def _jaccard(self, neighbours: int, members: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(members — ``names``, or ``members`` given in their order — and similarities)."""
+        members = self.names if members is None else members
         if not self.sampled:
-            self._similar = {}
-            return self._similar
+            return members[:0], np.empty(0)
         keep = self.names != self.item
-        names, c, df_b = self.names[keep], self.counts[keep], self.df[keep]
+        names, c, df_b = members[keep], self.counts[keep], self.df[keep]
         n_a = max(self.df_item, float(self.sampled))
         n_b = np.maximum(df_b, c)
         est = np.minimum(c * (n_a / self.sampled), np.minimum(n_a, n_b))
@@ -381,8 +403,7 @@ class _Neighbourhood:
         if len(sims) > neighbours:
             best = np.argpartition(-sims, neighbours - 1)[:neighbours]
             names, sims = names[best], sims[best]
-        self._similar = dict(zip(names.tolist(), sims.tolist()))
-        return self._similar
+        return names, sims
 
 
 class SessionCooccurrence(SessionModel):
@@ -397,8 +418,8 @@ class SessionCooccurrence(SessionModel):
         self.recency = recency
 
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
-        return recommend_neighbours(queries, [q.session_items for q in queries], self.similar,
-                                    self.recency, k)
+        return recommend_neighbours(queries, [q.session_items for q in queries],
+                                    self.similar_rows, self.recency, k)
 
 
 def _coded_arrays(codes: list[np.ndarray], values: list[np.ndarray],

@@ -165,7 +165,7 @@ class Recommender:
 
     def _cooc_candidates(self, out, queries: list[Query], n: int) -> None:
         for row, rec in zip(out, recommend_neighbours(queries, [q.session_items for q in queries],
-                                                      self.cooc.similar, COOC_RECENCY, n,
+                                                      self.cooc.similar_rows, COOC_RECENCY, n,
                                                       explain=True)):
             because = {source: f"because you viewed {source}"  # one string per source item
                        for source in dict.fromkeys(rec.sources or ())}

@@ -5,7 +5,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from online_models.base import Query, top_k_dense
+from online_models.base import Query, named_rows, top_k_dense
 from online_models.cooccurrence import CooccurrenceModel, recommend_neighbours
 from online_models.kernels import mf_epochs
 from online_models.mf import OnlineMF, factorize, seeded_vectors
@@ -564,7 +564,8 @@ def test_neighbour_scores_and_explanations_equal_the_sum_computed_by_hand(seed):
             for a in items}
     sessions = [tuple(rng.choice(items, rng.integers(1, 6))) for _ in range(8)]
     queries = [Query(f"u{n}", s, exclude=frozenset(s[-1:])) for n, s in enumerate(sessions)]
-    recs = recommend_neighbours(queries, sessions, lambda keys: [sims[k] for k in keys], 0.5,
+    recs = recommend_neighbours(queries, sessions,
+                                lambda keys: named_rows([sims[k] for k in keys]), 0.5,
                                 k=100, explain=True)
     for query, session, rec in zip(queries, sessions, recs):
         terms = defaultdict(list)  # item -> [(term, position)]
