@@ -187,16 +187,19 @@ class _ClusterNode(EmbeddedRedis):
 
     def command(self) -> list[str]:
         return [*super().command(), "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]
+                "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+                "--repl-diskless-sync-delay", "0"]  # replicas in sync at once
 
 
 class EmbeddedRedisCluster:
-    """A real Redis Cluster of ``primaries`` ``redis-server`` nodes (cluster mode, no
-    replicas) on free loopback ports, its slots assigned by ``redis-cli --cluster create``.
-    ``url`` is ``redis+cluster://`` with the first node as the seed."""
+    """A real Redis Cluster of ``primaries`` ``redis-server`` nodes (cluster mode), each with
+    ``replicas`` replicas, on free loopback ports, its slots assigned by ``redis-cli --cluster
+    create``. ``url`` is ``redis+cluster://`` with the first node as the seed."""
 
-    def __init__(self, primaries: int = 3, appendonly: bool = True) -> None:
-        self.nodes = [_ClusterNode(appendonly=appendonly) for _ in range(primaries)]
+    def __init__(self, primaries: int = 3, appendonly: bool = True, replicas: int = 0) -> None:
+        self.replicas = replicas
+        self.nodes = [_ClusterNode(appendonly=appendonly)
+                      for _ in range(primaries * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -208,26 +211,41 @@ class EmbeddedRedisCluster:
                 node.start(timeout_s)
             create = subprocess.run(
                 [redis_cli(), "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                 "--cluster-replicas", "0", "--cluster-yes"],
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                 capture_output=True, text=True, timeout=timeout_s)
             if create.returncode != 0:
                 raise ServiceStartError(f"redis-cli --cluster create: {create.stdout[-500:]}"
                                         f"{create.stderr[-500:]}")
-            deadline = time.monotonic() + timeout_s
-            while not all(self._ok(node) for node in self.nodes):
-                if time.monotonic() > deadline:
-                    raise ServiceStartError("the Redis Cluster did not reach cluster_state:ok")
-                time.sleep(0.1)
+            self.wait_ok(timeout_s)
         except BaseException:
             self.close()
             raise
         return self
 
+    def wait_ok(self, timeout_s: float) -> None:
+        """Until every running node reports ``cluster_state:ok`` (after a failover too) and
+        every replica's link to its primary is up."""
+        deadline = time.monotonic() + timeout_s
+        while not all(self._ok(node) for node in self.nodes
+                      if node.proc is not None and node.proc.poll() is None):
+            if time.monotonic() > deadline:
+                raise ServiceStartError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+
+    def primaries(self) -> list[_ClusterNode]:
+        """The running nodes that are primaries now (roles change on a failover)."""
+        return [node for node in self.nodes if node.proc is not None and node.proc.poll() is None
+                and subprocess.run([redis_cli(), "-p", str(node.port), "role"],
+                                   capture_output=True, text=True, timeout=5
+                                   ).stdout.startswith("master")]
+
     @staticmethod
     def _ok(node: _ClusterNode) -> bool:
         info = subprocess.run([redis_cli(), "-p", str(node.port), "cluster", "info"],
                               capture_output=True, text=True, timeout=5).stdout
-        return "cluster_state:ok" in info
+        replication = subprocess.run([redis_cli(), "-p", str(node.port), "info", "replication"],
+                                     capture_output=True, text=True, timeout=5).stdout
+        return "cluster_state:ok" in info and "master_link_status:down" not in replication
 
     def move_slots(self, source: int, target: int, slots: int) -> None:
         """Move ``slots`` hash slots, keys included, from node ``source`` to node ``target``

@@ -138,7 +138,9 @@ def send_per_node(client: redis.cluster.RedisCluster, commands: list[tuple], key
     order. Raises the first error reply once every reply is read (connections stay in step).
     redis-py's cluster pipeline does the same at ~10× the CPU per command; where slots moved
     (MOVED, ASK) the commands go through it again, as it follows redirections, so callers
-    only send commands that may be applied twice."""
+    only send commands that may be applied twice. Where a node cannot be reached (it died, and
+    a replica may be taking over its slots), the slot map is read again before the error is
+    raised, so the caller's retry goes to whichever node holds the slots then."""
     try:
         return _send_packed(client, commands, key_of)
     except (redis.exceptions.MovedError, redis.exceptions.AskError):
@@ -147,6 +149,18 @@ def send_per_node(client: redis.cluster.RedisCluster, commands: list[tuple], key
             for command in commands:
                 pipe.execute_command(*command)
             return pipe.execute()
+    except (redis.ConnectionError, redis.TimeoutError):
+        refresh_slots(client)
+        raise
+
+
+def refresh_slots(client: redis.cluster.RedisCluster) -> None:
+    """Read the cluster's slot map again from any reachable node (after a failover); where
+    none answers, the map stays as it was."""
+    try:
+        client.nodes_manager.initialize()
+    except (redis.RedisError, OSError):
+        pass
 
 
 def pack(command: tuple) -> bytes:

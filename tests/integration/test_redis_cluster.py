@@ -1,19 +1,25 @@
 """On a real Redis Cluster (3 primaries: redis-server --cluster-enabled, redis-cli --cluster
 create): the single writer's commits spread over every node and equal a replay, a commit that
 stops half applied is completed from its redo record (nothing lost, nothing added twice), the
-shared layout is refused, and worker → feed builder → HTTP runs end to end."""
+shared layout is refused, worker → feed builder → HTTP runs end to end, and the single
+writer rides out a primary's failover to its replica."""
 
+import asyncio
+import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import redis
 
 import state.redis_store
-from infra.redis_client import sync_redis
+from infra.embedded import EmbeddedRedisCluster
+from infra.redis_client import mget_any, mset_any, sync_redis
 from state.redis_store import StateLayoutError, build_on_redis
+from stream.pipeline import ApplyPipeline
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
 from stream.state import LiveState
@@ -43,8 +49,8 @@ def client(cluster):
     connection.close()
 
 
-def single_writer(s, client) -> LiveState:
-    models = build_on_redis(MODELS, client, s.key_prefix, 0, 60, 60, layout="single",
+def single_writer(s, client, names=MODELS) -> LiveState:
+    models = build_on_redis(names, client, s.key_prefix, 0, 60, 60, layout="single",
                             writer=True)
     return LiveState(s, client, list(models.values()))
 
@@ -197,3 +203,60 @@ def test_a_role_set_to_the_shared_layout_on_a_cluster_stops_with_one_line(cluste
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
     assert "STREAMREC_STATE_WRITER=single" in run.stderr
+
+
+def test_the_single_writer_rides_out_a_primary_failover(settings):
+    """kill -9 of a primary while the worker's pipeline applies chunks: a replica takes over
+    its slots, the pipeline's retries reach it once the slot map is read again, and the state
+    equals a run without the failover (nothing lost, nothing applied twice). Batch-invariant
+    models only: a chunk applied again draws MF's negative samples again."""
+    names = ["session", "cooc"]
+    with EmbeddedRedisCluster(primaries=3, replicas=1) as cluster:
+        s = settings.model_copy(update={"redis_url": cluster.url, "state_writer": "single",
+                                        "state_writer_lease_s": 1.0})
+        client = sync_redis(cluster.url)
+        clean = s.model_copy(update={"key_prefix": s.key_prefix + "c"})
+        apply_beside_a_replay(single_writer(clean, client, names), messages(), names)
+        for node in cluster.primaries():  # the clean run is on the replicas before the kill
+            with redis.Redis(port=node.port) as one:
+                assert one.wait(1, 5000) == 1
+        pipeline = ApplyPipeline(single_writer(s, client, names), lambda result, _: None,
+                                 retry_max_s=0.5)
+        batch = messages()
+        victim = cluster.primaries()[0]
+
+        async def apply_all():
+            for n, start in enumerate(range(0, len(batch), 4)):
+                if n == 3:  # a commit is in flight now
+                    victim.proc.send_signal(signal.SIGKILL)
+                await pipeline.apply(batch[start:start + 4])
+            await pipeline.flush()
+
+        asyncio.run(asyncio.wait_for(apply_all(), timeout=60))
+        cluster.wait_ok(30)
+        primaries = cluster.primaries()
+        assert len(primaries) == 3 and victim not in primaries  # a replica took over
+        now = SimpleNamespace(nodes=primaries)
+        assert snapshot(now, s.key_prefix) == snapshot(now, clean.key_prefix)
+        assert counters(client, LiveState(s, client).keys)["events_applied"] == 1200
+        client.close()
+
+
+def test_packed_reads_follow_the_slots_to_the_promoted_replica():
+    """:func:`infra.redis_client.send_per_node` routes by its own copy of the slot map: after a
+    failover, the error it raises reads the map again, so the caller's retry succeeds."""
+    with EmbeddedRedisCluster(primaries=3, replicas=1) as cluster:
+        client = sync_redis(cluster.url)
+        keys = [f"k{n}" for n in range(200)]
+        mset_any(client, {key: key for key in keys})
+        for node in cluster.primaries():
+            with redis.Redis(port=node.port) as one:
+                assert one.wait(1, 5000) == 1
+        victim = cluster.primaries()[0]
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait()
+        cluster.wait_ok(30)
+        with pytest.raises(redis.ConnectionError):
+            mget_any(client, keys)  # the map still names the dead node
+        assert mget_any(client, keys) == [key.encode() for key in keys]
+        client.close()
