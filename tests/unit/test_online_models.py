@@ -265,7 +265,6 @@ def test_rules_read_at_query_time_equal_the_rules_written_when_no_item_repeats()
     read = learn_in_batches(SessionModel(rules="read", sessions_per_item=1000), evs, 23)
     assert not read.store.rows.get("sr")  # nothing counted per pair while learning
     items = sorted({e.item_id for e in evs})
-    sessions = sorted({e.session_id for e in evs})
     rules = read._rules_at_read(items)
     for item, rule in zip(items, rules):
         stored = written.store.get_rows("sr", [item])[0]
