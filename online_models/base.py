@@ -166,6 +166,13 @@ class ItemCodes:
         return self._names[codes]
 
 
+class CodedRow(NamedTuple):
+    """A row with its members as :class:`ItemCodes` codes."""
+
+    codes: np.ndarray
+    values: np.ndarray
+
+
 def named_rows(rows: list[dict[str, float]]) -> tuple[np.ndarray, "RowArrays"]:
     """(the rows' members, first seen first; the rows over them as :class:`RowArrays`)."""
     vocab = vocabulary(rows)
@@ -180,6 +187,23 @@ def joined_columns(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     column = np.empty(len(order), np.int64)
     column[order] = np.arange(len(order))
     return distinct[order], column[inverse.ravel()]
+
+
+def joined_rows(item_codes: ItemCodes, *groups: Sequence[CodedRow]
+                ) -> tuple[np.ndarray, list["RowArrays"]]:
+    """(the members of all the groups' rows, first seen first; each group as
+    :class:`RowArrays` over them): :func:`named_rows` for rows kept as codes."""
+    distinct, columns = joined_columns(np.concatenate(
+        [np.empty(0, np.int64), *(row.codes for group in groups for row in group)]))
+    out, entry = [], 0
+    for group in groups:
+        starts = np.concatenate(([0], np.cumsum([len(row.codes) for row in group]))
+                                ).astype(np.int64)
+        end = entry + int(starts[-1])
+        out.append(RowArrays(starts, columns[entry:end],
+                             np.concatenate([np.empty(0), *(row.values for row in group)])))
+        entry = end
+    return item_codes.names(distinct), out
 
 
 class RowArrays(NamedTuple):

@@ -43,9 +43,9 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from online_models.base import (ItemCodes, LearnReport, OnlineModel, Query, Recommendations,
-                                RowArrays, joined_columns, parallel_chunks, row_chunks,
-                                rows_matrix, top_k_dense, vocabulary)
+from online_models.base import (CodedRow, ItemCodes, LearnReport, OnlineModel, Query,
+                                Recommendations, RowArrays, joined_rows, parallel_chunks,
+                                row_chunks, rows_matrix, top_k_dense, vocabulary)
 from online_models.cooccurrence import recommend_neighbours
 from online_models.signals import SignalBatch
 from online_models.kernels import (code_ids, code_sums, session_steps, sum_pairs,
@@ -61,13 +61,6 @@ class ItemCounts(NamedTuple):
     df: np.ndarray  # the vocabulary's session counts
     df_items: list[float]  # the items' session counts
     sampled: list[int]  # how many recent sessions of each item were read
-
-
-class CodedRow(NamedTuple):
-    """A row with its members as :class:`ItemCodes` codes."""
-
-    codes: np.ndarray
-    values: np.ndarray
 
 
 class KeptRows(NamedTuple):
@@ -197,15 +190,10 @@ class SessionModel(OnlineModel):
         last_items = sorted({q.session_items[-1] for q in queries if q.session_items})
         rules = kept.rules.rows(last_items, lambda items: self._coded_rules(items, kept.codes))
         # one column per distinct item, numbered as a vocabulary of the names would be
-        distinct, columns = joined_columns(np.concatenate([
-            *(hood.codes for hood in hoods), kept.codes.codes(q_items),
-            *(rule.codes for rule in rules)]))
-        ids = kept.codes.names(distinct)
-        knn = _coded_arrays([hood.codes for hood in hoods], [hood.knn_values for hood in hoods],
-                            columns)
-        q_item_cols = columns[len(knn.cols):len(knn.cols) + len(q_items)]
-        rule_rows = _coded_arrays([rule.codes for rule in rules], [rule.values for rule in rules],
-                                  columns[len(knn.cols) + len(q_items):]).scaled_to_peak()
+        ids, (knn, queried, rule_rows) = joined_rows(
+            kept.codes, [CodedRow(hood.codes, hood.knn_values) for hood in hoods],
+            [CodedRow(kept.codes.codes(q_items), np.ones(len(q_items)))], rules)
+        rule_rows = rule_rows.scaled_to_peak()
         # per query: its items' kNN rows with linear position weights, its last item's rules,
         # and its own items with recency weights (repeat), added into one dense block
         lengths = np.fromiter((len(q.session_items) for q in queries), np.int64, len(queries))
@@ -216,7 +204,7 @@ class SessionModel(OnlineModel):
         p = np.arange(n) - np.repeat(ends - lengths, lengths)
         row_of = {item: r for r, item in enumerate(q_items)}
         q_rows = np.fromiter((row_of[i] for q in queries for i in q.session_items), np.int64, n)
-        q_cols = q_item_cols[q_rows]
+        q_cols = queried.cols[q_rows]
         position_weight = (p + 1) / length_of
         repeat_weight = np.exp2(p - length_of + 1) * self.repeat_weight
         last_row = {item: r for r, item in enumerate(last_items)}
@@ -346,12 +334,9 @@ class SessionModel(OnlineModel):
     def similar_rows(self, items: list[str]) -> tuple[np.ndarray, RowArrays]:
         """:meth:`similar` as arrays (:func:`recommend_neighbours`' input), joined by code."""
         kept = self._kept_rows()
-        rows = [hood.similar_coded(self.neighbours)
-                for hood in self._neighbourhoods(items, kept)]
-        distinct, columns = joined_columns(np.concatenate(
-            [np.empty(0, np.int64), *(row.codes for row in rows)]))
-        return kept.codes.names(distinct), _coded_arrays(
-            [row.codes for row in rows], [row.values for row in rows], columns)
+        ids, (rows,) = joined_rows(kept.codes, [hood.similar_coded(self.neighbours)
+                                                for hood in self._neighbourhoods(items, kept)])
+        return ids, rows
 
 
 class _Neighbourhood:
@@ -359,7 +344,7 @@ class _Neighbourhood:
     ``j``'s session counts; its kNN row (``c · idf``) and Jaccard row are made on first use."""
 
     __slots__ = ("item", "names", "codes", "knn_values", "counts", "df", "df_item", "sampled",
-                 "_knn", "_similar", "_similar_coded")
+                 "_knn", "_jaccard", "_similar")
 
     def __init__(self, item: str, names: np.ndarray = np.empty(0, object),
                  codes: np.ndarray = np.empty(0, np.int64), knn_values: np.ndarray = np.empty(0),
@@ -367,7 +352,7 @@ class _Neighbourhood:
                  df_item: float = 0.0, sampled: int = 0) -> None:
         self.item, self.names, self.codes, self.knn_values = item, names, codes, knn_values
         self.counts, self.df, self.df_item, self.sampled = counts, df, df_item, sampled
-        self._knn = self._similar = self._similar_coded = None
+        self._knn = self._jaccard = self._similar = None
 
     def knn(self) -> dict[str, float]:
         if self._knn is None:
@@ -378,32 +363,30 @@ class _Neighbourhood:
         """Jaccard ``c / (df_a + df_b − c)``, ``c`` scaled from the sample to all of the
         item's sessions; the ``neighbours`` best, the item itself left out."""
         if self._similar is None:
-            names, sims = self._jaccard(neighbours)
-            self._similar = dict(zip(names.tolist(), sims.tolist()))
+            at, coded = self._best_jaccard(neighbours)
+            self._similar = dict(zip(self.names[at].tolist(), coded.values.tolist()))
         return self._similar
 
     def similar_coded(self, neighbours: int) -> CodedRow:
         """:meth:`similar` with members as codes."""
-        if self._similar_coded is None:
-            self._similar_coded = CodedRow(*self._jaccard(neighbours, self.codes))
-        return self._similar_coded
+        return self._best_jaccard(neighbours)[1]
 
-    def _jaccard(self, neighbours: int, members: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-        """(members — ``names``, or ``members`` given in their order — and similarities)."""
-        members = self.names if members is None else members
-        if not self.sampled:
-            return members[:0], np.empty(0)
-        keep = self.names != self.item
-        names, c, df_b = members[keep], self.counts[keep], self.df[keep]
-        n_a = max(self.df_item, float(self.sampled))
-        n_b = np.maximum(df_b, c)
-        est = np.minimum(c * (n_a / self.sampled), np.minimum(n_a, n_b))
-        sims = est / np.maximum(n_a + n_b - est, 1e-12)
-        if len(sims) > neighbours:
-            best = np.argpartition(-sims, neighbours - 1)[:neighbours]
-            names, sims = names[best], sims[best]
-        return names, sims
+    def _best_jaccard(self, neighbours: int) -> tuple[np.ndarray, CodedRow]:
+        """(positions of the ``neighbours`` best members, the coded row), computed once."""
+        if self._jaccard is None:
+            at, sims = np.empty(0, np.int64), np.empty(0)
+            if self.sampled:
+                at = np.flatnonzero(self.names != self.item)
+                c, df_b = self.counts[at], self.df[at]
+                n_a = max(self.df_item, float(self.sampled))
+                n_b = np.maximum(df_b, c)
+                est = np.minimum(c * (n_a / self.sampled), np.minimum(n_a, n_b))
+                sims = est / np.maximum(n_a + n_b - est, 1e-12)
+                if len(sims) > neighbours:
+                    best = np.argpartition(-sims, neighbours - 1)[:neighbours]
+                    at, sims = at[best], sims[best]
+            self._jaccard = at, CodedRow(self.codes[at], sims)
+        return self._jaccard
 
 
 class SessionCooccurrence(SessionModel):
@@ -420,15 +403,6 @@ class SessionCooccurrence(SessionModel):
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
         return recommend_neighbours(queries, [q.session_items for q in queries],
                                     self.similar_rows, self.recency, k)
-
-
-def _coded_arrays(codes: list[np.ndarray], values: list[np.ndarray],
-                  columns: np.ndarray) -> RowArrays:
-    """Rows given as codes and values, as :class:`RowArrays` whose columns are the first
-    entries of ``columns`` (the rows' codes joined, in order)."""
-    lengths = np.fromiter(map(len, codes), np.int64, len(codes))
-    starts = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
-    return RowArrays(starts, columns[:starts[-1]], np.concatenate([np.empty(0), *values]))
 
 
 def _row_normalise(matrix: np.ndarray) -> np.ndarray:

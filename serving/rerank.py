@@ -72,11 +72,6 @@ class SourceList:
     scores: np.ndarray
     reasons: str | list[str]
 
-    @classmethod
-    def of(cls, rows: list[tuple[str, float, str]]) -> "SourceList":
-        return cls([i for i, _, _ in rows], np.array([s for _, s, _ in rows], np.float64),
-                   [r for _, _, r in rows])
-
     def all_reasons(self) -> list[str]:
         """One reason per item."""
         return [self.reasons] * len(self.items) if isinstance(self.reasons, str) \

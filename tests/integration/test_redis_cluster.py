@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -55,20 +54,20 @@ def single_writer(s, client, names=MODELS) -> LiveState:
     return LiveState(s, client, list(models.values()))
 
 
-def node_keys(cluster, prefix: str) -> list[list[bytes]]:
+def node_keys(nodes, prefix: str) -> list[list[bytes]]:
     """Each node's keys under ``prefix``."""
     out = []
-    for node in cluster.nodes:
+    for node in nodes:
         with redis.Redis(port=node.port) as one:
             out.append(list(one.scan_iter(match=f"{prefix}:*", count=1000)))
     return out
 
 
-def snapshot(cluster, prefix: str) -> dict[bytes, object]:
+def snapshot(nodes, prefix: str) -> dict[bytes, object]:
     """Every key under ``prefix`` (renamed to drop the prefix) with its value, but the
     bookkeeping (watermarks, seen ids, lease, redo record, seq keys, counters)."""
     state = {}
-    for node, keys in zip(cluster.nodes, node_keys(cluster, prefix)):
+    for node, keys in zip(nodes, node_keys(nodes, prefix)):
         with redis.Redis(port=node.port) as one:
             for key in keys:
                 if b":{wm}:" in key or b"{stats}" in key or key.endswith(b":seq"):
@@ -91,7 +90,7 @@ def test_the_single_writer_spreads_over_every_node_and_equals_a_replay(
     readers = build_on_redis(MODELS, client, s.key_prefix, layout="single")
     for name, model in memory.items():
         assert_store_holds(readers[name].store, model)  # serving's reads, split by slot
-    assert all(len(keys) > 50 for keys in node_keys(cluster, s.key_prefix))
+    assert all(len(keys) > 50 for keys in node_keys(cluster.nodes, s.key_prefix))
     assert counters(client, LiveState(s, client).keys) == {"events_applied": 1200,
                                                            "batches": 8}
 
@@ -123,7 +122,7 @@ def test_a_commit_that_stops_half_applied_is_completed_from_its_redo_record(
                 live = LiveState(s, client, live.models)  # (same models: MF's sampling rng)
             assert live.apply_messages(part).redelivered_messages == len(part)
     monkeypatch.setattr(state.redis_store, "apply_commands", send)
-    assert snapshot(cluster, s.key_prefix) == snapshot(cluster, clean.key_prefix)
+    assert snapshot(cluster.nodes, s.key_prefix) == snapshot(cluster.nodes, clean.key_prefix)
     stats = counters(client, live.keys)
     assert stats["events_applied"] == 1200 and stats["skipped_redelivered"] == 8
 
@@ -179,7 +178,7 @@ def test_slots_moved_between_commits_are_followed(cluster_settings, client, clus
             cluster.move_slots(*((0, 1) if start == 8 else (1, 0)), slots=2000)
         live.apply_messages(batch[start:start + 4])
     assert not refused  # redis-py follows the moved slots: no commit had to be prepared again
-    assert snapshot(cluster, s.key_prefix) == snapshot(cluster, clean.key_prefix)
+    assert snapshot(cluster.nodes, s.key_prefix) == snapshot(cluster.nodes, clean.key_prefix)
     assert counters(client, live.keys) == {"events_applied": 1200, "batches": 8}
 
 
@@ -193,7 +192,7 @@ def test_commits_after_a_lost_redo_record_are_still_applied(cluster_settings, cl
             client.delete(live.keys.redo)
             live.lease.held = False  # as a restarted worker: the record is read again
         live.apply_messages(batch[start:start + 4])
-    assert snapshot(cluster, s.key_prefix) == snapshot(cluster, clean.key_prefix)
+    assert snapshot(cluster.nodes, s.key_prefix) == snapshot(cluster.nodes, clean.key_prefix)
     assert counters(client, live.keys) == {"events_applied": 1200, "batches": 8}
 
 
@@ -203,6 +202,13 @@ def test_a_role_set_to_the_shared_layout_on_a_cluster_stops_with_one_line(cluste
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
     assert "STREAMREC_STATE_WRITER=single" in run.stderr
+
+
+def assert_replicated(cluster) -> None:
+    """Every primary's writes so far are on its replica (WAIT)."""
+    for node in cluster.primaries():
+        with redis.Redis(port=node.port) as one:
+            assert one.wait(1, 5000) == 1
 
 
 def test_the_single_writer_rides_out_a_primary_failover(settings):
@@ -217,9 +223,7 @@ def test_the_single_writer_rides_out_a_primary_failover(settings):
         client = sync_redis(cluster.url)
         clean = s.model_copy(update={"key_prefix": s.key_prefix + "c"})
         apply_beside_a_replay(single_writer(clean, client, names), messages(), names)
-        for node in cluster.primaries():  # the clean run is on the replicas before the kill
-            with redis.Redis(port=node.port) as one:
-                assert one.wait(1, 5000) == 1
+        assert_replicated(cluster)  # the clean run is on the replicas before the kill
         pipeline = ApplyPipeline(single_writer(s, client, names), lambda result, _: None,
                                  retry_max_s=0.5)
         batch = messages()
@@ -235,8 +239,7 @@ def test_the_single_writer_rides_out_a_primary_failover(settings):
         asyncio.run(asyncio.wait_for(apply_all(), timeout=60))
         primaries = cluster.primaries()
         assert len(primaries) == 3 and victim not in primaries  # a replica took over
-        now = SimpleNamespace(nodes=primaries)
-        assert snapshot(now, s.key_prefix) == snapshot(now, clean.key_prefix)
+        assert snapshot(primaries, s.key_prefix) == snapshot(primaries, clean.key_prefix)
         assert counters(client, LiveState(s, client).keys)["events_applied"] == 1200
         client.close()
 
@@ -248,9 +251,7 @@ def test_packed_reads_follow_the_slots_to_the_promoted_replica():
         client = sync_redis(cluster.url)
         keys = [f"k{n}" for n in range(200)]
         mset_any(client, {key: key for key in keys})
-        for node in cluster.primaries():
-            with redis.Redis(port=node.port) as one:
-                assert one.wait(1, 5000) == 1
+        assert_replicated(cluster)
         victim = cluster.primaries()[0]
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait()

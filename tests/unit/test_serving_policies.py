@@ -41,8 +41,7 @@ def test_mmr_prefers_a_diverse_item_over_a_near_duplicate():
 
 
 def test_blend_normalises_sources_and_keeps_the_strongest_reason():
-    out = blend({"session": SourceList.of([("x", 10.0, "next in session"),
-                                           ("y", 5.0, "next in session")]),
+    out = blend({"session": SourceList(["x", "y"], np.array([10.0, 5.0]), "next in session"),
                  "trending": SourceList(["y"], np.array([100.0]), "trending")},
                 RerankPolicy(source_weights={"session": 1.0, "trending": 0.6},
                              freshness_weight=0.0))
