@@ -226,18 +226,20 @@ class EmbeddedRedisCluster:
         """Until every running node reports ``cluster_state:ok`` (after a failover too) and
         every replica's link to its primary is up."""
         deadline = time.monotonic() + timeout_s
-        while not all(self._ok(node) for node in self.nodes
-                      if node.proc is not None and node.proc.poll() is None):
+        while not all(self._ok(node) for node in self._running()):
             if time.monotonic() > deadline:
                 raise ServiceStartError("the Redis Cluster did not reach cluster_state:ok")
             time.sleep(0.1)
 
     def primaries(self) -> list[_ClusterNode]:
         """The running nodes that are primaries now (roles change on a failover)."""
-        return [node for node in self.nodes if node.proc is not None and node.proc.poll() is None
-                and subprocess.run([redis_cli(), "-p", str(node.port), "role"],
-                                   capture_output=True, text=True, timeout=5
-                                   ).stdout.startswith("master")]
+        return [node for node in self._running()
+                if subprocess.run([redis_cli(), "-p", str(node.port), "role"],
+                                  capture_output=True, text=True, timeout=5
+                                  ).stdout.startswith("master")]
+
+    def _running(self) -> list[_ClusterNode]:
+        return [node for node in self.nodes if node.proc is not None and node.proc.poll() is None]
 
     @staticmethod
     def _ok(node: _ClusterNode) -> bool:

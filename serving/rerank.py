@@ -31,6 +31,8 @@ from itertools import chain
 import numpy as np
 from numba import njit
 
+from online_models.base import vocabulary
+
 
 @dataclass(slots=True)
 class Candidate:
@@ -94,8 +96,8 @@ def blend(sources: dict[str, SourceList], policy: RerankPolicy,
     if not lists:
         return []
     flat = list(chain.from_iterable(rows.items for _, rows in lists))
-    unique = list(dict.fromkeys(flat))  # one number per item, first seen first
-    number = dict(zip(unique, range(len(unique))))
+    number = vocabulary([flat])  # one number per item, first seen first
+    unique = list(number)
     ids = np.fromiter(map(number.__getitem__, flat), np.intp, len(flat))
     parts = np.concatenate([weight * np.asarray(rows.scores, np.float64)
                             / (float(np.max(rows.scores)) or 1.0) for weight, rows in lists])
