@@ -145,7 +145,9 @@ class Settings(BaseSettings):
                                         "most this long for its predecessor's).")
     state_writer_held_keys: int = Field(
         1_000_000, ge=1000, description="single: model-state keys the writer keeps in memory "
-        "per table; past it, the oldest (already in Redis) are dropped and read again if met.")
+        "per table; past it, the oldest (already in Redis) are dropped and read again if met. "
+        "Also the keys per table it writes without a Redis TTL and expires itself (cheaper "
+        "for Redis, but not evictable): past it, the oldest written get a TTL.")
     live_models: str = Field("session,mf", pattern=r"^[a-z_]*(,[a-z_]+)*$",
                              description="Online models the worker updates (comma-separated, "
                                          "names from online_models/registry.py; empty = none). "

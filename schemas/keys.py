@@ -252,11 +252,20 @@ class RedisKeys:
                     "or string (float32 vector)",
                     "refreshed by each write: STREAMREC_USER_STATE_TTL_S (30 days) for "
                     "partition-local state, STREAMREC_ITEM_STATE_TTL_S (90 days) for the rest; "
-                    "evictable (volatile-lru) at maxmemory",
+                    "evictable (volatile-lru) at maxmemory. STREAMREC_STATE_WRITER=single: "
+                    "strings (rows, vectors) carry no TTL while the writer tracks them (up to "
+                    "STREAMREC_STATE_WRITER_HELD_KEYS per table, not evictable); it deletes "
+                    "one idle past its TTL at its next commit, gives the ones it stops "
+                    "tracking a TTL, and at start gives every one without a TTL its table's",
                     "stream worker (online models)", "per-table caps (docs/models.md, models table)",
                     "Online model state (state/redis_store.py RedisStore): e.g. "
                     "session:sr:{item} = next-item rules, session:sess:{session} = a session's "
                     "items and positions (msgpack), mf:item:{item} = factors. On a Redis "
                     "Cluster: `sr:m:<model>:<table>:{b<n>}:<key>`, n = CRC-32 of the "
                     "encoded key mod 256 (a batch's reads and writes: one call per bucket)."),
+            KeySpec(f"{p}:m:<model>:expiry", "hash <table> → TTL in ms", "none",
+                    "stream worker (single writer)", "one field per table",
+                    "The TTL of each table whose keys the single writer writes without one "
+                    "and expires itself; a writer taking over gives that TTL to every key of "
+                    "the table that has none (state/redis_store.py give_untimed_keys_ttls)."),
         ]

@@ -172,6 +172,9 @@ class WriteBatch:
     def hincrby(self, key, field, amount: int = 1) -> None:
         self._add("HINCRBY", key, field, amount)
 
+    def hset(self, key, mapping: Mapping) -> None:
+        self._add("HSET", key, *chain.from_iterable(mapping.items()))
+
     def mset(self, mapping: Mapping) -> None:
         self._add("MSET", *chain.from_iterable(mapping.items()))
 
@@ -183,6 +186,9 @@ class WriteBatch:
 
     def pexpire(self, key, milliseconds: int) -> None:
         self._add("PEXPIRE", key, milliseconds)
+
+    def pexpireat(self, key, when_ms: int) -> None:
+        self._add("PEXPIREAT", key, when_ms)
 
     def zrem(self, key, *members) -> None:
         self._add("ZREM", key, *members)
@@ -300,7 +306,10 @@ class RedisStore(StateStore):
     Every write sets its key's TTL afresh: ``local_ttl_s`` for local rows and vectors (state
     of a user or session), ``shared_ttl_s`` for the rest (item-side state); 0 keeps keys
     forever. Keys with a TTL are what Redis's ``volatile-lru`` policy may evict, coldest first,
-    when memory runs short (``infra/redis.conf``).
+    when memory runs short (``infra/redis.conf``). ``expires_by_writer``: rows written whole
+    and vectors are written with one MSET and no TTL, and their one writer
+    (:class:`state.write_back.WriteBackStore`) deletes them once idle past their TTL
+    (:meth:`delete_names`, :meth:`expire_at`; a TTL costs Redis ~2 µs per key written).
 
     Keys: ``<prefix>:m:<namespace>:<table>:{<encoded key>}`` — each row is its own hash tag.
     On one server a batch call touches many rows in one script. On a Redis Cluster (a
@@ -315,8 +324,10 @@ class RedisStore(StateStore):
     def __init__(self, client, prefix: str = "sr", namespace: str = "default",
                  cache_local_rows: int = 0, local_ttl_s: float = 0,
                  shared_ttl_s: float = 0, rows_as_strings: bool = False,
-                 sorted_set_tables: tuple[str, ...] = ()) -> None:
+                 sorted_set_tables: tuple[str, ...] = (), expires_by_writer: bool = False
+                 ) -> None:
         self.client = client
+        self.expires_by_writer = expires_by_writer
         self.cluster = is_cluster(client)
         self.rows_as_strings = rows_as_strings
         self.sorted_set_tables = tuple(sorted_set_tables)
@@ -500,9 +511,30 @@ class RedisStore(StateStore):
         if present:
             self._set_strings(present, ttl_ms)
         if absent:
-            target = self._deferred or self.client
-            for names in by_slot(absent) if self.cluster else [absent]:
-                target.delete(*names)
+            self.delete_names(absent)
+
+    def delete_names(self, names: list[str]) -> None:
+        """DEL keys by name (one command per slot on a cluster)."""
+        target = self._deferred or self.client
+        for group in by_slot(names) if self.cluster else [names]:
+            target.delete(*group)
+
+    def expire_at(self, deadlines: Mapping[str, int]) -> None:
+        """PEXPIREAT each named key at its deadline (Unix ms): keys a writer that deletes
+        idle keys itself hands over to Redis (an overwrite: applying it twice changes
+        nothing)."""
+        target = self._deferred or self.client
+        for name, deadline in deadlines.items():
+            target.pexpireat(name, deadline)
+
+    @property
+    def expiry_key(self) -> str:
+        """Hash table → TTL in ms of the tables whose keys the writer expires itself
+        (``expires_by_writer``): what :func:`give_untimed_keys_ttls` gives keys it finds."""
+        return f"{self.base}:expiry"
+
+    def note_expiry(self, ttl_ms_by_table: Mapping[str, int]) -> None:
+        (self._deferred or self.client).hset(self.expiry_key, mapping=dict(ttl_ms_by_table))
 
     def get_local_vectors(self, table, keys, dim):
         if not self.cache_local_rows:
@@ -576,7 +608,7 @@ class RedisStore(StateStore):
             self._set_strings_in_one_slot(mapping, ttl_ms)
 
     def _set_strings_in_one_slot(self, mapping: dict[str, bytes], ttl_ms: int) -> None:
-        if ttl_ms:
+        if ttl_ms and not self.expires_by_writer:
             self._run(self._set_expiring, list(mapping), [ttl_ms, *mapping.values()])
         else:
             (self._deferred or self.client).mset(mapping)
@@ -592,7 +624,8 @@ class RedisStore(StateStore):
     def sibling(self, namespace):
         return RedisStore(self.client, self.prefix, namespace, self.cache_local_rows,
                           self.local_ttl_ms / 1000, self.shared_ttl_ms / 1000,
-                          self.rows_as_strings, self.sorted_set_tables)
+                          self.rows_as_strings, self.sorted_set_tables,
+                          self.expires_by_writer)
 
     def row_count(self, table):
         pattern = f"{self.base}:{table}:{{*"
@@ -643,7 +676,8 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
 
     ``layout="single"`` (STREAMREC_STATE_WRITER): models the worker alone writes keep rows as
     whole msgpack strings, and for the ``writer`` their state is held in its memory
-    (:class:`state.write_back.WriteBackStore`, at most ``held_keys`` keys per table)."""
+    (:class:`state.write_back.WriteBackStore`, at most ``held_keys`` keys per table), which
+    writes those strings without TTLs and expires them itself (``expires_by_writer``)."""
     from state.write_back import WriteBackStore  # it builds on this module
 
     check_layout(client, prefix, layout, claim=writer)
@@ -657,7 +691,39 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
                 f"not on a Redis Cluster; leave it out of STREAMREC_LIVE_MODELS there")
         store = RedisStore(client, prefix, name, 0 if single else cache_local_rows,
                            local_ttl_s, shared_ttl_s, rows_as_strings=single,
-                           sorted_set_tables=model.sorted_set_tables)
+                           sorted_set_tables=model.sorted_set_tables,
+                           expires_by_writer=single and writer)
         models[name] = model.bind(WriteBackStore(store, held_keys=held_keys)
                                   if single and writer else store)
     return models
+
+
+def give_untimed_keys_ttls(store: RedisStore, batch: int = 1000) -> int:
+    """Give each key of ``store``'s tables listed in its :attr:`RedisStore.expiry_key` that has
+    no TTL its table's TTL (PEXPIRE … NX: keys with a TTL keep theirs); returns how many got
+    one. A writer that expires keys itself (``expires_by_writer``) runs this when it starts:
+    the keys its predecessor wrote and no longer names would otherwise never expire. SCAN
+    with code-built patterns; the writer may write meanwhile (its next write of a key clears
+    the TTL given here, and it deletes idle keys before that TTL passes)."""
+    client, given = store.client, 0
+    for table, ttl_ms in client.hgetall(store.expiry_key).items():
+        pattern, names = f"{store.base}:{table.decode()}:*", []
+        for name in client.scan_iter(match=pattern, count=batch, _type="string"):
+            names.append(name)
+            if len(names) == batch:
+                given += _pexpire_absent(client, names, int(ttl_ms))
+                names = []
+        given += _pexpire_absent(client, names, int(ttl_ms))
+    return given
+
+
+def _pexpire_absent(client, names: list, ttl_ms: int) -> int:
+    commands = [("PEXPIRE", name, ttl_ms, "NX") for name in names]
+    if not commands:
+        return 0
+    if is_cluster(client):
+        return sum(send_per_node(client, commands, key_of=_first_key))
+    with client.pipeline(transaction=False) as pipe:
+        for command in commands:
+            pipe.execute_command(*command)
+        return sum(pipe.execute())

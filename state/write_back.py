@@ -20,22 +20,86 @@ changed members are written instead).
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from contextlib import contextmanager
 
+import numpy as np
+import redis
 
 from online_models.store import FlatRows, MemoryStore, VectorTable, slack, trim_row
-from state.redis_store import RedisStore
+from state.redis_store import RedisStore, give_untimed_keys_ttls
+
+log = logging.getLogger(__name__)
+
+
+class WrittenKeys:
+    """When this writer last wrote each key it writes without a Redis TTL, per table, and
+    each table's TTL: :meth:`idle` hands back keys idle past their TTL (to delete),
+    :meth:`overflow` the oldest past ``capacity`` keys per table (to hand over to Redis TTLs),
+    so the keys without a TTL — which Redis's ``volatile-lru`` cannot evict — stay bounded."""
+
+    def __init__(self, capacity: int, check_every_s: float = 60.0) -> None:
+        self.capacity = capacity
+        self.check_every_s = check_every_s
+        self.last_written: dict[str, dict[str, float]] = {}
+        self.ttl_s: dict[str, float] = {}
+        self._next_check = 0.0
+
+    def note(self, table: str, keys, ttl_s: float, now: float) -> bool:
+        """Record a write of ``keys`` at ``now``; True the first time ``table`` is met."""
+        written = self.last_written.get(table)
+        new = written is None
+        if new:
+            written = self.last_written[table] = {}
+            self.ttl_s[table] = ttl_s
+        written.update(dict.fromkeys(keys, now))
+        return new
+
+    def idle(self, now: float) -> dict[str, list[str]]:
+        """Keys last written a TTL or more before ``now``, forgotten here; looked for at most
+        every ``check_every_s`` (or a tenth of the shortest TTL)."""
+        if now < self._next_check:
+            return {}
+        self._next_check = now + min([self.check_every_s, *(t / 10 for t in self.ttl_s.values())])
+        found = {}
+        for table, written in self.last_written.items():
+            cutoff = now - self.ttl_s[table]
+            idle = [key for key, at in written.items() if at <= cutoff]
+            for key in idle:
+                del written[key]
+            if idle:
+                found[table] = idle
+        return found
+
+    def overflow(self) -> dict[str, dict[str, float]]:
+        """Past ``capacity`` keys in a table, the oldest written (down to 90 % of it),
+        forgotten here: key → when its TTL would end (Unix seconds)."""
+        found = {}
+        for table, written in self.last_written.items():
+            if len(written) <= self.capacity:
+                continue
+            excess = len(written) - int(self.capacity * 0.9)
+            times = np.fromiter(written.values(), float, len(written))
+            cutoff = np.partition(times, excess - 1)[excess - 1]
+            oldest = [key for key, at in written.items() if at <= cutoff][:excess]
+            found[table] = {key: written.pop(key) + self.ttl_s[table] for key in oldest}
+        return found
 
 
 class WriteBackStore(MemoryStore):
     """Memory state + change tracking for one writer; see the module doc."""
 
     def __init__(self, reader: RedisStore, complete: bool = False,
-                 held_keys: int = 1_000_000) -> None:
+                 held_keys: int = 1_000_000, clock=time.time) -> None:
         super().__init__()
         self.reader = reader  # key names, formats, TTLs and reads of keys not held yet
         self.complete = complete
         self.held_keys = held_keys  # per table; past it the oldest clean keys are dropped
+        self.clock = clock
+        # keys written without a TTL (reader.expires_by_writer): this writer expires them
+        self.written = WrittenKeys(held_keys)
         self._last_flush: dict[str, set[str]] = {}  # keys whose commit may still be in flight
         self._row_changes: dict[str, dict[str, set[str]]] = {}  # table -> key -> members
         self._local_changes: dict[str, set[str]] = {}
@@ -192,11 +256,13 @@ class WriteBackStore(MemoryStore):
         doc: one script call or MSET per table) and forget them; returns the number of keys
         written. If ``pipe`` never reaches Redis, call :meth:`forget_cached`."""
         written = 0
+        strings = []  # (table, keys, TTL in ms) of the keys written as strings
         with self.reader.deferred(pipe) as reader:
             for table, changes in self._row_changes.items():
                 rows = self.rows.get(table, {})
                 if reader.whole_rows(table):  # whole rows, one string each
                     reader.replace_rows(table, {key: rows.get(key) or {} for key in changes})
+                    strings.append((table, changes, reader.shared_ttl_ms))
                     written += len(changes)
                     continue
                 reader.overwrite_rows(table, {
@@ -206,12 +272,17 @@ class WriteBackStore(MemoryStore):
             for table, keys in self._local_changes.items():
                 rows = self.rows.get(table, {})
                 reader.set_local_rows(table, {key: rows.get(key) or {} for key in keys})
+                strings.append((table, keys, reader.local_ttl_ms))
                 written += len(keys)
             for table, (keys, local) in self._vector_changes.items():
                 stored, keys = self.vector_table(table), list(keys)
                 write = reader.set_local_vectors if local else reader.set_vectors
                 write(table, keys, stored.gather(keys, stored.matrix.shape[1])[0])
+                strings.append((table, keys, reader.local_ttl_ms if local else
+                                reader.shared_ttl_ms))
                 written += len(keys)
+            if reader.expires_by_writer:
+                self._expire(reader, [s for s in strings if s[2]])
         flushed = {table: set(keys) for table, keys in self._row_changes.items()}
         for table, keys in self._local_changes.items():
             flushed.setdefault(table, set()).update(keys)
@@ -221,6 +292,30 @@ class WriteBackStore(MemoryStore):
         self._drop_oldest(flushed)
         self._last_flush = flushed
         return written
+
+    def _expire(self, reader: RedisStore, strings: list[tuple[str, object, int]]) -> None:
+        """Expiry of the keys written without a TTL: note this flush's (and each table's TTL
+        in ``reader.expiry_key``, for :func:`state.redis_store.give_untimed_keys_ttls`); queue
+        a DEL of keys idle past their TTL (known absent from now on: a batch computed before
+        this commit lands must not read them back) and a PEXPIREAT of those past
+        ``held_keys`` per table, which Redis expires (and may evict) from then on."""
+        now = self.clock()
+        for table, keys, ttl_ms in strings:
+            self.written.note(table, keys, ttl_ms / 1000, now)
+        if strings:
+            reader.note_expiry({table: ttl_ms for table, _, ttl_ms in strings})
+        for table, keys in self.written.idle(now).items():
+            reader.delete_names(reader.keys(table, keys))
+            if table in self.vectors:
+                stored, absent = self.vectors[table], self._absent.setdefault(table, set())
+                for key in keys:
+                    stored.pop(key, None)
+                    absent.add(key)
+            else:
+                self.rows.setdefault(table, {}).update((key, {}) for key in keys)
+        for table, deadlines in self.written.overflow().items():
+            reader.expire_at(dict(zip(reader.keys(table, deadlines),
+                                      (int(at * 1000) for at in deadlines.values()))))
 
     def _drop_oldest(self, flushed: dict[str, set[str]]) -> None:
         """Past ``held_keys`` in a table, drop its oldest held keys (in Redis already), except
@@ -245,6 +340,28 @@ class WriteBackStore(MemoryStore):
         does, so the worker's exactly-once transaction carries them with its watermarks)."""
         yield self
         self.flush(pipe)
+
+    def take_over(self) -> threading.Thread | None:
+        """This writer holds the lease (again): forget what it held and wrote (another writer
+        may have written since) and, where it writes keys without TTLs, give those of its
+        tables that have none their TTL (:func:`give_untimed_keys_ttls`) in a thread of its
+        own, returned."""
+        self.forget_cached()
+        self.written = WrittenKeys(self.held_keys)
+        if not self.reader.expires_by_writer:
+            return None
+        thread = threading.Thread(target=self._give_untimed_keys_ttls, daemon=True,
+                                  name=f"expiry-sweep-{self.reader.base}")
+        thread.start()
+        return thread
+
+    def _give_untimed_keys_ttls(self) -> None:
+        try:
+            given = give_untimed_keys_ttls(self.reader)
+        except redis.RedisError as exc:  # the next take-over sweeps again
+            log.warning("giving TTLs to %s keys without one failed: %r", self.reader.base, exc)
+            return
+        log.info("gave %d keys of %s without a TTL their table's TTL", given, self.reader.base)
 
     def forget_cached(self):
         """Drop everything held (a commit failed: Redis holds the last committed state);

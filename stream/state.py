@@ -43,6 +43,7 @@ from online_models.signals import SignalBatch, SignalMapper
 from infra.redis_client import is_cluster
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands, queue_script,
                                require_single_on_cluster)
+from state.write_back import WriteBackStore
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TrendingModel
 from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
@@ -409,7 +410,10 @@ class LiveState:
         if self.lease is not None and not self.lease.held:
             self.lease.acquire(wait_s=2 * self.settings.state_writer_lease_s)
             for model in self.models:  # another writer may have written since we held it
-                model.store.forget_cached()
+                if isinstance(model.store, WriteBackStore):
+                    model.store.take_over()
+                else:
+                    model.store.forget_cached()
             self._redo_pending = self.cluster
         if self._redo_pending and not self._uncommitted:
             self._apply_redo()

@@ -2,6 +2,7 @@
 model; a lease keeps any other worker from writing, and layouts are never mixed."""
 
 import threading
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -144,3 +145,22 @@ def test_a_restarted_writer_reads_what_a_batch_needs_before_computing_it(setting
     readers = build_on_redis(MODELS, redis_client, settings.key_prefix, layout="single")
     for name, model in replayed.items():
         assert_store_holds(readers[name].store, model)
+
+
+def test_model_keys_have_no_ttl_while_their_writer_holds_them_and_one_once_it_is_gone(
+        settings, redis_client):
+    """The single writer writes model state without TTLs and expires it itself; the writer
+    that takes over gives what its predecessor wrote the TTL of its table."""
+    batch = messages(n_events=600)
+    first = single(settings, redis_client, lease_s=0.5)
+    first.apply_messages(batch)
+    pattern = f"{settings.key_prefix}:m:*"
+    strings = list(redis_client.scan_iter(match=pattern, count=1000, _type="string"))
+    assert len(strings) > 100 and all(redis_client.pttl(k) == -1 for k in strings)
+    first.lease.client.delete(first.lease.key)  # it stopped: a new writer takes over
+    second = single(settings, redis_client)
+    second.apply_messages(batch)  # all applied already: nothing written again
+    deadline = time.monotonic() + 30
+    while any(redis_client.pttl(k) == -1 for k in strings) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(0 < redis_client.pttl(k) <= 60_000 for k in strings)

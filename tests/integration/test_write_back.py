@@ -1,5 +1,7 @@
 """One writer's state in memory, Redis as its read model: Redis ends equal to a replay."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -85,3 +87,83 @@ def test_coalescing_writes_a_member_once_per_flush(redis_client, unique):
         store.incr_rows("cooc", {"a": {"c": 0.5}}, keep_top=1)
     assert batch.commit(redis_client, [f"t{unique}:w"], [None])
     assert reader.get_rows("cooc", ["a"]) == [{"b": 50.0, "c": 0.5}]  # the writer's row wins
+
+
+def _expiring_writer(client, prefix, clock, held_keys=1_000_000):
+    reader = RedisStore(client, prefix, "x", local_ttl_s=100, shared_ttl_s=1000,
+                        rows_as_strings=True, expires_by_writer=True)
+    return WriteBackStore(reader, complete=True, held_keys=held_keys, clock=lambda: clock[0])
+
+
+def _commit(store, client, prefix):
+    batch = WriteBatch()
+    store.flush(batch)
+    assert batch.commit(client, [f"{prefix}:w"], [None])
+
+
+def test_a_writer_that_expires_keys_itself_deletes_them_once_idle_past_their_ttl(
+        redis_client, unique):
+    prefix, clock = f"t{unique}", [1000.0]
+    store = _expiring_writer(redis_client, prefix, clock)
+    store.set_local_rows("sess", {"s1": {"a": 1.0}, "s2": {"b": 1.0}})  # user side: 100 s
+    store.set_rows("nb", {"i1": {"i2": 0.5}})  # item side: 1000 s
+    store.set_local_vectors("user", ["u1"], np.ones((1, 4)))
+    store.set_vectors("item", ["i1"], np.ones((1, 4)))
+    _commit(store, redis_client, prefix)
+    names = [store.reader.key(table, key) for table, key in (
+        ("sess", "s1"), ("sess", "s2"), ("nb", "i1"), ("user", "u1"), ("item", "i1"))]
+    assert [redis_client.pttl(n) for n in names] == [-1] * 5  # no TTL: MSET
+    assert redis_client.hgetall(store.reader.expiry_key) == {
+        b"sess": b"100000", b"nb": b"1000000", b"user": b"100000", b"item": b"1000000"}
+    clock[0] = 1050.0
+    store.set_local_rows("sess", {"s2": {"b": 2.0}})
+    _commit(store, redis_client, prefix)
+    clock[0] = 1100.0  # s1 and u1 idle 100 s: deleted at this commit; s2 written 50 s ago
+    store.set_local_rows("sess", {"s3": {"c": 1.0}})
+    _commit(store, redis_client, prefix)
+    assert [bool(redis_client.exists(n)) for n in names] == [False, True, True, False,
+                                                                      True]
+    assert store.get_local_rows("sess", ["s1", "s2"]) == [{}, {"b": 2.0}]  # gone in memory too
+    assert not store.get_local_vectors("user", ["u1"], 4)[1][0]
+    clock[0] = 2050.0  # the item side's 1000 s have passed too
+    store.set_local_rows("sess", {"s4": {"d": 1.0}})
+    _commit(store, redis_client, prefix)
+    assert not any(redis_client.exists(n) for n in names)
+    assert redis_client.exists(store.reader.key("sess", "s4"))
+
+
+def test_keys_past_the_writers_capacity_are_handed_to_redis_ttls(redis_client, unique):
+    prefix, started = f"t{unique}", time.time()
+    clock = [started]
+    store = _expiring_writer(redis_client, prefix, clock, held_keys=4)
+    for n in range(8):  # one key per commit, a second apart
+        clock[0] = started + n
+        store.set_local_rows("sess", {f"s{n}": {"a": float(n)}})
+        _commit(store, redis_client, prefix)
+    ttls = [redis_client.pttl(store.reader.key("sess", f"s{n}")) for n in range(8)]
+    # at 5 keys (> 4) the 2 oldest get PEXPIREAT written + 100 s, again at the 7th key
+    assert all(ttl == -1 for ttl in ttls[4:]), ttls
+    for n, ttl in enumerate(ttls[:4]):
+        assert (n + 100) * 1000 - 2000 < ttl <= (n + 100) * 1000, (n, ttls)
+    assert list(store.written.last_written["sess"]) == ["s4", "s5", "s6", "s7"]
+
+
+def test_a_writer_taking_over_gives_keys_without_a_ttl_their_tables_ttl(redis_client,
+                                                                        unique):
+    prefix, clock = f"t{unique}", [time.time()]
+    first = _expiring_writer(redis_client, prefix, clock)
+    first.set_local_rows("sess", {f"s{n}": {"a": 1.0} for n in range(2500)})
+    first.set_vectors("item", ["i1"], np.ones((1, 4)))
+    _commit(first, redis_client, prefix)
+    timed = first.reader.key("sess", "timed")
+    redis_client.set(timed, b"x", px=5000)  # a key with a TTL keeps it
+    other = RedisStore(redis_client, prefix, "y").key("sess", "s1")
+    redis_client.set(other, b"x")  # another model's key: not this writer's
+    # the first writer is gone; the next one takes over what it wrote
+    second = _expiring_writer(redis_client, prefix, clock)
+    second.take_over().join(timeout=30)
+    ttls = [redis_client.pttl(first.reader.key("sess", f"s{n}")) for n in range(2500)]
+    assert all(90_000 < ttl <= 100_000 for ttl in ttls)
+    assert 990_000 < redis_client.pttl(first.reader.key("item", "i1")) <= 1_000_000
+    assert 0 < redis_client.pttl(timed) <= 5000
+    assert redis_client.pttl(other) == -1
