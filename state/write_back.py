@@ -341,13 +341,17 @@ class WriteBackStore(MemoryStore):
         yield self
         self.flush(pipe)
 
-    def take_over(self) -> threading.Thread | None:
+    def take_over(self) -> None:
         """This writer holds the lease (again): forget what it held and wrote (another writer
-        may have written since) and, where it writes keys without TTLs, give those of its
-        tables that have none their TTL (:func:`give_untimed_keys_ttls`) in a thread of its
-        own, returned."""
+        may have written since). Then, once the predecessor's last writes are all applied,
+        call :meth:`give_untimed_keys_ttls`."""
         self.forget_cached()
         self.written = WrittenKeys(self.held_keys)
+
+    def give_untimed_keys_ttls(self) -> threading.Thread | None:
+        """Where this store writes keys without TTLs, give those of its tables that have none
+        (the predecessor's) their table's TTL (:func:`give_untimed_keys_ttls`) in a thread of
+        its own, returned."""
         if not self.reader.expires_by_writer:
             return None
         thread = threading.Thread(target=self._give_untimed_keys_ttls, daemon=True,

@@ -291,6 +291,7 @@ class LiveState:
                 client.script_load(script)
         self._committed_seq = 0  # the last commit's number (cluster: the redo record's)
         self._redo_pending = self.cluster  # apply the redo record before the next batch
+        self._untimed_keys_pending = False  # single writer: sweep once it holds the lease
 
     def _queue(self, pipe, events: list[Interaction], signals: SignalBatch,
                seq: int = 0) -> None:
@@ -415,8 +416,14 @@ class LiveState:
                 else:
                     model.store.forget_cached()
             self._redo_pending = self.cluster
+            self._untimed_keys_pending = True
         if self._redo_pending and not self._uncommitted:
             self._apply_redo()
+        if self._untimed_keys_pending and not self._redo_pending:  # redo writes have no TTL
+            self._untimed_keys_pending = False
+            for model in self.models:
+                if isinstance(model.store, WriteBackStore):
+                    model.store.give_untimed_keys_ttls()
         earlier_batches = list(self._uncommitted)  # before reading: one may commit meanwhile
         partitions = sorted({(m.topic, m.partition) for m in messages})
         marks = [keys.watermark(t, p) for t, p in partitions]

@@ -261,3 +261,18 @@ def test_packed_reads_follow_the_slots_to_the_promoted_replica():
             mget_any(client, keys)  # the map still names the dead node
         assert mget_any(client, keys) == [key.encode() for key in keys]
         client.close()
+
+
+def test_a_writer_taking_over_gives_untimed_model_keys_a_ttl_on_every_node(
+        cluster_settings, client, cluster):
+    s, batch = cluster_settings, messages(n_events=600)
+    first = single_writer(s, client)
+    first.apply_messages(batch)
+    pattern = f"{s.key_prefix}:m:*"
+    strings = list(client.scan_iter(match=pattern, count=1000, _type="string"))
+    assert all(client.pttl(k) == -1 for k in strings)  # the writer expires them itself
+    assert all(any(b":m:" in k for k in keys) for keys in node_keys(cluster.nodes, s.key_prefix))
+    client.delete(first.lease.key)  # it stopped: a new writer takes over
+    single_writer(s, client).apply_messages(batch)  # applied already: nothing written again
+    wait_for(lambda: all(0 < client.pttl(k) <= 60_000 for k in strings), 30,
+             "every model key of the first writer given a TTL")

@@ -161,7 +161,8 @@ def test_a_writer_taking_over_gives_keys_without_a_ttl_their_tables_ttl(redis_cl
     redis_client.set(other, b"x")  # another model's key: not this writer's
     # the first writer is gone; the next one takes over what it wrote
     second = _expiring_writer(redis_client, prefix, clock)
-    second.take_over().join(timeout=30)
+    second.take_over()
+    second.give_untimed_keys_ttls().join(timeout=30)
     ttls = [redis_client.pttl(first.reader.key("sess", f"s{n}")) for n in range(2500)]
     assert all(90_000 < ttl <= 100_000 for ttl in ttls)
     assert 990_000 < redis_client.pttl(first.reader.key("item", "i1")) <= 1_000_000
