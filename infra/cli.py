@@ -295,6 +295,24 @@ def cmd_offsets(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def cmd_expire_untimed(args: argparse.Namespace) -> None:
+    """Give each live model's state keys that have no TTL their table's TTL (the single writer
+    writes them without one and expires them itself; run this after retiring it for good:
+    a writer that starts does the same)."""
+    from infra.redis_client import sync_redis
+    from infra.settings import Settings
+    from state.redis_store import build_on_redis, give_untimed_keys_ttls
+
+    settings = Settings()
+    if not settings.redis_url:
+        raise SystemExit("STREAMREC_REDIS_URL not set: point it at the Redis holding the state")
+    client = sync_redis(settings.redis_url)
+    models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
+                            layout=settings.state_writer)
+    for name, model in models.items():
+        print(json.dumps({"model": name, "keys_given_a_ttl": give_untimed_keys_ttls(model.store)}))
+
+
 class LogPositionError(ValueError):
     """A bad ``streamrec offsets`` request (unknown partition, offset outside the log)."""
 
@@ -416,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="partition to show or reset (repeat; default: all)")
     offsets.set_defaults(func=cmd_offsets)
 
+    expire = sub.add_parser("expire-untimed", help=cmd_expire_untimed.__doc__)
+    expire.set_defaults(func=cmd_expire_untimed)
+
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
     demo.add_argument("--duration", type=float, default=_env("STREAMREC_DEMO_DURATION", 0.0),
                       help="seconds of traffic, then summary and exit 0; 0 = traffic for "
@@ -459,8 +480,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean the input is wrong, not the program: one line and exit status 2."""
+    """Errors that mean the input is wrong, not the program (a Redis the settings name that
+    cannot be reached counts): one line and exit status 2."""
     from pydantic import ValidationError
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     from online_models.registry import UnknownModelError
     from replay.loaders import LogFormatError
@@ -468,7 +491,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 
     return (LogFormatError, UnknownModelError, LogPositionError, ValidationError, StateLayoutError,
             FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-            UnicodeDecodeError)
+            UnicodeDecodeError, RedisConnectionError)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,6 +1,9 @@
 """STREAMREC_STATE_WRITER=single: one worker holds model state in memory, Redis is its read
 model; a lease keeps any other worker from writing, and layouts are never mixed."""
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -13,6 +16,7 @@ from state.redis_store import RedisStore, StateLayoutError, build_on_redis
 from state.write_back import WriteBackStore
 from stream.state import LiveState, WriterLeaseHeld
 from tests.integration.test_exactly_once import apply_beside_a_replay, messages
+from tests.conftest import ROOT, settings_env
 from tests.state_check import assert_store_holds
 
 MODELS = ["session", "cooc", "mf"]
@@ -164,3 +168,30 @@ def test_model_keys_have_no_ttl_while_their_writer_holds_them_and_one_once_it_is
     while any(redis_client.pttl(k) == -1 for k in strings) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(0 < redis_client.pttl(k) <= 60_000 for k in strings)
+
+
+def test_expire_untimed_gives_a_retired_writers_keys_their_ttl(settings, redis_client):
+    """An operator retiring the single writer for good runs `streamrec expire-untimed`."""
+    first = single(settings, redis_client)
+    first.apply_messages(messages(n_events=600))
+    strings = list(redis_client.scan_iter(match=f"{settings.key_prefix}:m:*", count=1000,
+                                          _type="string"))
+    assert strings and all(redis_client.pttl(k) == -1 for k in strings)
+    env = settings_env(settings.model_copy(update={"state_writer": "single",
+                                                   "live_models": ",".join(MODELS)}))
+    done = subprocess.run([sys.executable, "-m", "infra.cli", "expire-untimed"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    given = {line["model"]: line["keys_given_a_ttl"]
+             for line in map(json.loads, done.stdout.splitlines())}
+    assert set(given) == set(MODELS) and sum(given.values()) == len(strings)
+    assert all(0 < redis_client.pttl(k) <= 60_000 for k in strings)
+    wrong = subprocess.run([sys.executable, "-m", "infra.cli", "expire-untimed"], cwd=ROOT,
+                           env={**env, "STREAMREC_STATE_WRITER": "shared"},
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "STREAMREC_STATE_WRITER=single" in wrong.stderr
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "infra.cli", "expire-untimed"], cwd=ROOT, capture_output=True,
+        env={**env, "STREAMREC_REDIS_URL": "redis://127.0.0.1:1"}, text=True, timeout=60)
+    assert unreachable.returncode == 2
+    assert unreachable.stderr.count("\n") == 1 and "127.0.0.1:1" in unreachable.stderr
