@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
+from itertools import repeat
 
 import numpy as np
 import redis
@@ -40,7 +41,7 @@ class WrittenKeys:
     :meth:`overflow` the oldest past ``capacity`` keys per table (to hand over to Redis TTLs),
     so the keys without a TTL — which Redis's ``volatile-lru`` cannot evict — stay bounded."""
 
-    def __init__(self, capacity: int, check_every_s: float = 60.0) -> None:
+    def __init__(self, capacity: int, check_every_s: float = 3600.0) -> None:
         self.capacity = capacity
         self.check_every_s = check_every_s
         self.last_written: dict[str, dict[str, float]] = {}
@@ -54,12 +55,13 @@ class WrittenKeys:
         if new:
             written = self.last_written[table] = {}
             self.ttl_s[table] = ttl_s
-        written.update(dict.fromkeys(keys, now))
+        written.update(zip(keys, repeat(now)))
         return new
 
     def idle(self, now: float) -> dict[str, list[str]]:
         """Keys last written a TTL or more before ``now``, forgotten here; looked for at most
-        every ``check_every_s`` (or a tenth of the shortest TTL)."""
+        every ``check_every_s`` (or a tenth of the shortest TTL): a look scans every key noted
+        (~40 ms per million)."""
         if now < self._next_check:
             return {}
         self._next_check = now + min([self.check_every_s, *(t / 10 for t in self.ttl_s.values())])
