@@ -121,6 +121,9 @@ def main() -> int:
                         help="TTL of model state (user and item side) and of the dedup "
                              "sets: short, so that memory reaches its steady state within "
                              "the run")
+    parser.add_argument("--state-writer", choices=("shared", "single"), default="shared",
+                        help="STREAMREC_STATE_WRITER of the worker (single: it holds model "
+                             "state and expires the keys it writes itself)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="streamrec-soak-"))
     redis_srv = EmbeddedRedis(workdir=str(work / "redis"))
@@ -137,6 +140,7 @@ def main() -> int:
                "STREAMREC_ITEM_STATE_TTL_S": str(args.state_ttl_s),
                "STREAMREC_WORKER_STALL_TIMEOUT_S": str(args.stall_timeout_s),
                "STREAMREC_WORKER_WEB_PORT": str(free_port()),
+               "STREAMREC_STATE_WRITER": args.state_writer,
                "STREAMREC_WORKER_DATA_DIR": str(work / "worker-data")}
         worker = Worker(env, work / "worker.log")
         worker.start()
@@ -178,7 +182,8 @@ def main() -> int:
     steady = next((s for s in samples if s["t"] >= args.minutes * 30 and s["redis_mb"] > 0),
                   samples[-1])
     result = {
-        "minutes": args.minutes, "rate": args.rate, "produced": producer.produced,
+        "minutes": args.minutes, "rate": args.rate, "state_writer": args.state_writer,
+        "produced": producer.produced,
         "resent_after_failed_sends": producer.resent, "applied": applied_n,
         "lost": max(producer.produced - applied_n, 0),
         "doubled": max(applied_n - producer.produced, 0),

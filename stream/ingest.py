@@ -32,7 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from infra.redis_client import TRANSIENT_REDIS_ERRORS, sync_redis
+from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error, sync_redis
 from online_models import kernels
 from state.redis_store import build_on_redis
 from state.redis_store import RedisStore
@@ -445,7 +445,11 @@ async def renew_writer_lease() -> None:
     between commits: every commit WATCHes the lease."""
     lease = live_state().lease
     if lease is not None and lease.held:
-        await apply_pipeline().between_commits(lease.renew)
+        try:
+            await apply_pipeline().between_commits(lease.renew)
+        except TRANSIENT_REDIS_ERRORS as exc:  # the next tick tries again; a commit that
+            # finds the lease lapsed meanwhile takes it again before writing
+            note_redis_error(log, "renewing the writer lease", exc)
 
 
 @app.task

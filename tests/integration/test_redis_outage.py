@@ -2,6 +2,8 @@
 
 import time
 
+import pytest
+
 from infra.embedded import EmbeddedRedis
 from infra.redis_client import sync_redis
 from schemas.keys import RedisKeys
@@ -27,11 +29,14 @@ def send_until_applied(producer, events, client, keys, worker) -> None:
              60, f"{len(events)} events applied", proc=worker)
 
 
-def test_worker_rides_out_a_redis_restart_without_losing_events(settings, spawn, tmp_path):
+@pytest.mark.parametrize("writer", [{}, {"state_writer": "single", "state_writer_lease_s": 1.0}],
+                         ids=["shared", "single"])  # single: the lease is renewed in the outage
+def test_worker_rides_out_a_redis_restart_without_losing_events(settings, spawn, tmp_path,
+                                                                writer):
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()
     server = EmbeddedRedis(workdir=str(redis_dir)).start()
-    s, keys, client, worker = start_worker(server, settings, spawn)
+    s, keys, client, worker = start_worker(server, settings, spawn, **writer)
     events = list(UserSimulator(60, 200, seed=21).events(4000, time.time() - 4000))
     first, second = events[:2000], events[2000:]
     try:
