@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from online_models.base import LearnReport, Query
-from online_models.mf import OnlineMF, factorize
+from online_models.base import LearnReport, Query, factorize
+from online_models.mf import OnlineMF
 from online_models.signals import SignalBatch
 from online_models.store import trim_row
 

@@ -134,6 +134,15 @@ def vocabulary(*row_groups) -> dict[str, int]:
     return dict(zip(members, range(len(members))))
 
 
+def factorize(values: np.ndarray) -> tuple[list, np.ndarray]:
+    """(distinct values in first-seen order, code of each value): np.unique without sorting
+    (a third of its time on arrays of str)."""
+    values = values.tolist()
+    distinct = list(dict.fromkeys(values))
+    code = {v: n for n, v in enumerate(distinct)}
+    return distinct, np.fromiter(map(code.__getitem__, values), np.int64, len(values))
+
+
 class ItemCodes:
     """Item names as dense integer codes, fixed for this object's life: rows kept between
     queries carry codes, and a query joins them with numpy instead of hashing every member

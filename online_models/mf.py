@@ -28,8 +28,8 @@ import hashlib
 
 import numpy as np
 
-from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, row_chunks,
-                                top_k_dense)
+from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, factorize,
+                                row_chunks, top_k_dense)
 from online_models.kernels import mf_epochs
 from online_models.signals import SignalBatch
 from online_models.store import _trim_order
@@ -41,14 +41,6 @@ def seeded_vectors(ids: list[str], dim: int, scale: float, salt: str) -> np.ndar
     raw = b"".join(hashlib.shake_256(f"{salt}:{key}".encode()).digest(4 * dim) for key in ids)
     uniform = np.frombuffer(raw, dtype=np.uint32).reshape(len(ids), dim) / 2.0 ** 32
     return ((uniform - 0.5) * (scale * np.sqrt(12.0))).astype(np.float32)
-
-
-def factorize(values: np.ndarray) -> tuple[list, np.ndarray]:
-    """(distinct values in first-seen order, code of each value): np.unique without sorting."""
-    values = values.tolist()
-    distinct = list(dict.fromkeys(values))
-    code = {v: n for n, v in enumerate(distinct)}
-    return distinct, np.fromiter(map(code.__getitem__, values), np.int64, len(values))
 
 
 class OnlineMF(OnlineModel):

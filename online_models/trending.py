@@ -30,7 +30,7 @@ from typing import Mapping
 
 import numpy as np
 
-from online_models.base import LearnReport, OnlineModel, Query, Recommendations
+from online_models.base import LearnReport, OnlineModel, Query, Recommendations, factorize
 from online_models.popularity import recommend_row
 from online_models.signals import SignalBatch
 
@@ -54,7 +54,8 @@ REBASE_AFTER_HALF_LIVES = 64.0
 
 def batch_deltas(items: np.ndarray, timestamps: np.ndarray, weights: np.ndarray,
                  reference_ts: float, half_life_s: float) -> tuple[np.ndarray, np.ndarray]:
-    """Aggregate a batch into one delta per distinct item, relative to ``reference_ts``.
+    """Aggregate a batch into one delta per distinct item (first seen first), relative to
+    ``reference_ts``.
 
     The store multiplies each delta by ``2^((reference_ts − L)/h)`` for its landmark ``L``.
     Events of weight 0 are dropped.
@@ -62,9 +63,10 @@ def batch_deltas(items: np.ndarray, timestamps: np.ndarray, weights: np.ndarray,
     keep = weights != 0
     if not keep.any():
         return np.empty(0, dtype=items.dtype), np.empty(0)
-    uniq, inverse = np.unique(items[keep], return_inverse=True)
+    distinct, inverse = factorize(items[keep])
     contributions = weights[keep] * np.exp2((timestamps[keep] - reference_ts) / half_life_s)
-    return uniq, np.bincount(inverse, weights=contributions, minlength=len(uniq))
+    return (np.asarray(distinct, dtype=items.dtype),
+            np.bincount(inverse, weights=contributions, minlength=len(distinct)))
 
 
 def advance_landmark(landmark: float | None, reference_ts: float, half_life_s: float
@@ -135,11 +137,10 @@ class TrendingModel(OnlineModel):
         reference = float(batch.timestamps.max())
         items, deltas = batch_deltas(batch.items, batch.timestamps, weights, reference,
                                      self.half_life_s)
-        seen, where = np.unique(batch.items, return_inverse=True)
+        seen, where = factorize(batch.items)
         earliest = np.full(len(seen), np.inf)
         np.minimum.at(earliest, where, batch.timestamps)
-        return TrendingStep(reference, items, deltas,
-                            dict(zip(seen.tolist(), earliest.tolist())))
+        return TrendingStep(reference, items, deltas, dict(zip(seen, earliest.tolist())))
 
     @property
     def first_seen_kept(self) -> int:

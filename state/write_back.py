@@ -48,15 +48,13 @@ class WrittenKeys:
         self.ttl_s: dict[str, float] = {}
         self._next_check = 0.0
 
-    def note(self, table: str, keys, ttl_s: float, now: float) -> bool:
-        """Record a write of ``keys`` at ``now``; True the first time ``table`` is met."""
+    def note(self, table: str, keys, ttl_s: float, now: float) -> None:
+        """Record a write of ``keys`` at ``now``."""
         written = self.last_written.get(table)
-        new = written is None
-        if new:
+        if written is None:
             written = self.last_written[table] = {}
             self.ttl_s[table] = ttl_s
         written.update(zip(keys, repeat(now)))
-        return new
 
     def idle(self, now: float) -> dict[str, list[str]]:
         """Keys last written a TTL or more before ``now``, forgotten here; looked for at most
@@ -121,7 +119,8 @@ class WriteBackStore(MemoryStore):
         stored = self.vector_table(table)
         if not self.complete:
             absent = self._absent.setdefault(table, set())
-            missing = [k for k in dict.fromkeys(keys) if k not in stored and k not in absent]
+            held = stored.index  # its dict: VectorTable.__contains__ is a Python call
+            missing = [k for k in dict.fromkeys(keys) if k not in held and k not in absent]
             if missing:  # local and shared vectors share keys and format (TTLs differ)
                 for key, vector in zip(missing, self.reader.read_vectors(table, missing)):
                     if vector.size:
@@ -283,9 +282,11 @@ class WriteBackStore(MemoryStore):
                 strings.append((table, keys, reader.local_ttl_ms if local else
                                 reader.shared_ttl_ms))
                 written += len(keys)
-            if reader.expires_by_writer:
-                self._expire(reader, [s for s in strings if s[2]])
+            deleted = (self._expire(reader, [s for s in strings if s[2]])
+                       if reader.expires_by_writer else {})
         flushed = {table: set(keys) for table, keys in self._row_changes.items()}
+        for table, keys in deleted.items():  # held as absent until the DEL has landed
+            flushed.setdefault(table, set()).update(keys)
         for table, keys in self._local_changes.items():
             flushed.setdefault(table, set()).update(keys)
         for table, (keys, _) in self._vector_changes.items():
@@ -295,18 +296,21 @@ class WriteBackStore(MemoryStore):
         self._last_flush = flushed
         return written
 
-    def _expire(self, reader: RedisStore, strings: list[tuple[str, object, int]]) -> None:
+    def _expire(self, reader: RedisStore, strings: list[tuple[str, object, int]]
+                ) -> dict[str, list[str]]:
         """Expiry of the keys written without a TTL: note this flush's (and each table's TTL
         in ``reader.expiry_key``, for :func:`state.redis_store.give_untimed_keys_ttls`); queue
         a DEL of keys idle past their TTL (known absent from now on: a batch computed before
         this commit lands must not read them back) and a PEXPIREAT of those past
-        ``held_keys`` per table, which Redis expires (and may evict) from then on."""
+        ``held_keys`` per table, which Redis expires (and may evict) from then on. Returns
+        the keys deleted, by table."""
         now = self.clock()
         for table, keys, ttl_ms in strings:
             self.written.note(table, keys, ttl_ms / 1000, now)
         if strings:
             reader.note_expiry({table: ttl_ms for table, _, ttl_ms in strings})
-        for table, keys in self.written.idle(now).items():
+        deleted = self.written.idle(now)
+        for table, keys in deleted.items():
             reader.delete_names(reader.keys(table, keys))
             if table in self.vectors:
                 stored, absent = self.vectors[table], self._absent.setdefault(table, set())
@@ -318,6 +322,7 @@ class WriteBackStore(MemoryStore):
         for table, deadlines in self.written.overflow().items():
             reader.expire_at(dict(zip(reader.keys(table, deadlines),
                                       (int(at * 1000) for at in deadlines.values()))))
+        return deleted
 
     def _drop_oldest(self, flushed: dict[str, set[str]]) -> None:
         """Past ``held_keys`` in a table, drop its oldest held keys (in Redis already), except

@@ -5,10 +5,10 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from online_models.base import Query, named_rows, top_k_dense
+from online_models.base import Query, factorize, named_rows, top_k_dense
 from online_models.cooccurrence import CooccurrenceModel, recommend_neighbours
 from online_models.kernels import mf_epochs
-from online_models.mf import OnlineMF, factorize, seeded_vectors
+from online_models.mf import OnlineMF, seeded_vectors
 from online_models.popularity import PopularityModel
 from online_models.session import SessionModel
 from online_models.signals import SignalConfig, SignalMapper

@@ -14,6 +14,9 @@ from infra.redis_client import pack
     ("EVALSHA", "f" * 40, 100, *[f"sr:m:cooc:cooc:é{i}" for i in range(100)], 60_000,
      *[msgspec.msgpack.encode({f"m{j}": j / 3 for j in range(i)}) for i in range(100)]),
     ("MSET", *[x for i in range(40) for x in (f"k{i}", bytes(range(i % 7)) * 300)]),
+    ("MSET", *[x for i in range(40) for x in (f"sr:m:é:{{{i}}}", b"v" * i)]),  # names: UTF-8
+    ("MSET", *[x for i in range(40) for x in (b"k%d" % i, b"v")]),  # bytes names: general path
+    ("MSET", *[x for i in range(40) for x in (f"k{i}", 1.5 if i == 3 else b"v")]),  # a float
 ])
 def test_pack_is_byte_identical_to_hiredis(command):
     assert pack(command) == pack_command(command)
