@@ -44,14 +44,15 @@ from stream.app import app, settings
 from stream.log_positions import (LogEndProbe, LogMismatch, StallWatch, find_mismatches,
                                   hold, read_watermarks)
 from stream.pipeline import ApplyPipeline
-from stream.state import ApplyResult, LiveState, SourceMessage
+from stream.state import ApplyResult, LiveState, RedisLostWrites, SourceMessage
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
 from stream.vector_changes import MovedVectors, PendingVectors
 from stream.worker_report import LiveFigures, publish_report
 
 log = logging.getLogger("streamrec.ingest")
 EXIT_ON_BUG = 70
-#: Exit status after an operator released a held partition: the supervisor restarts the worker.
+#: Exit status to resume from Redis's watermarks (an operator released a held partition, a
+#: stall, Redis lost writes under the worker): the supervisor restarts the worker.
 EXIT_TO_RESUME = 75
 _state: LiveState | None = None
 _pipeline: ApplyPipeline | None = None
@@ -476,6 +477,10 @@ async def consume_batches(stream, handle, what: str) -> None:
             await handle(messages)
         except asyncio.CancelledError:
             raise
+        except RedisLostWrites as exc:
+            log.error("%s; restarting to consume the lost offsets again from Kafka", exc)
+            logging.shutdown()
+            os._exit(EXIT_TO_RESUME)
         except Exception:
             log.critical("%s bug; exiting so the batch is redelivered", what, exc_info=True)
             logging.shutdown()

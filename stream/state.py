@@ -26,7 +26,8 @@ Limits (documented in docs/reliability.md): one Redis primary — MULTI cannot s
 Redis itself can lose up to ~1 s of writes on power loss with AOF ``everysec``, in which case
 the watermark and the state it covers are lost together; the worker re-consumes those offsets
 from Kafka at its next partition assignment (:mod:`stream.ingest`), as long as Kafka still
-retains them.
+retains them. A running worker notices such a loss itself: a watermark below one it committed
+raises :class:`RedisLostWrites` (the worker then restarts to resume from Redis's watermarks).
 """
 
 from __future__ import annotations
@@ -179,6 +180,13 @@ return 0
 """
 
 
+class RedisLostWrites(RuntimeError):
+    """A partition's watermark in Redis is below one this process committed: Redis lost
+    writes under a running worker (a restart from an older snapshot or without persistence,
+    a failover to a lagging replica, a flush), or an operator moved it back. The offsets in
+    between must be consumed again: resume from Redis's watermarks."""
+
+
 class WriterLeaseHeld(RuntimeError):
     """Another worker holds the single-writer lease (STREAMREC_STATE_WRITER=single)."""
 
@@ -289,6 +297,7 @@ class LiveState:
                 self._feed_queue, self._clicks)), *CLUSTER_WRITE_SCRIPTS]
             for script in self._scripts:  # on every primary (the redo record names them)
                 client.script_load(script)
+        self._committed_marks: dict[tuple[str, int], int] = {}  # the highest this committed
         self._committed_seq = 0  # the last commit's number (cluster: the redo record's)
         self._redo_pending = self.cluster  # apply the redo record before the next batch
         self._untimed_keys_pending = False  # single writer: sweep once it holds the lease
@@ -429,6 +438,12 @@ class LiveState:
         marks = [keys.watermark(t, p) for t, p in partitions]
         expected = {tp: int(v) if v is not None else -1
                     for tp, v in zip(partitions, self.client.mget(marks))}
+        behind = [f"{t}[{p}]: watermark {expected[(t, p)]}, this worker committed "
+                  f"{self._committed_marks[(t, p)]}" for t, p in partitions
+                  if expected[(t, p)] < self._committed_marks.get((t, p), -1)]
+        if behind:
+            raise RedisLostWrites("Redis's progress went back under a running worker ("
+                                  + "; ".join(behind) + ")")
         seen: set[str] = set()
         for earlier in earlier_batches:
             seen |= earlier.event_ids
@@ -519,6 +534,8 @@ class LiveState:
                     self.lease.renew()  # lost? then the next read takes it again, afresh
                 return None
         self._uncommitted.remove(prepared)
+        for tp, mark in prepared.new_marks.items():
+            self._committed_marks[tp] = max(self._committed_marks.get(tp, -1), mark)
         self._committed_seq = max(self._committed_seq, prepared.seq)
         prepared.result.committed_at = time.time()
         return prepared.result

@@ -73,6 +73,39 @@ def test_worker_resumes_from_redis_watermarks_when_redis_lost_writes(settings, r
     assert "resuming from Redis watermarks" in restarted.log()
 
 
+@pytest.mark.parametrize("layout", ["shared", "single"])
+def test_redis_losing_writes_under_a_running_worker_is_noticed_and_nothing_is_lost(
+        settings, redis_client, spawn, layout):
+    """Redis goes back to an older snapshot while the worker runs (a restart from an old
+    snapshot, a failover to a lagging replica): the worker sees a watermark below one it
+    committed, exits 75, and the restarted worker consumes the lost offsets again."""
+    s = settings.model_copy(update={"live_models": "session,cooc", "state_writer": layout,
+                                    "state_writer_lease_s": 1.0})
+    events = list(UserSimulator(60, 150, seed=9).events(3000, time.time() - 3000))
+    worker = spawn(["worker", "--loglevel", "warn"], s)
+    produce(s, events[:1000])
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= 1000, 60, "first third",
+             proc=worker)
+    names = list(redis_client.scan_iter(match=f"{s.key_prefix}:*", count=1000))
+    snapshot = {name: (redis_client.dump(name), redis_client.pttl(name)) for name in names}
+    produce(s, events[1000:2000])
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= 2000, 60, "second third",
+             proc=worker)
+    redis_client.delete(*redis_client.scan_iter(match=f"{s.key_prefix}:*", count=1000))
+    for name, (value, ttl) in snapshot.items():  # Redis as it was after the first third
+        redis_client.restore(name, max(ttl, 0), value, replace=True)
+    produce(s, events[2000:])
+    assert worker.proc.wait(timeout=60) == 75
+    assert "went back under a running worker" in worker.log()
+    restarted = spawn(["worker", "--loglevel", "info"], s)
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= 3000, 90, "everything",
+             proc=restarted)
+    time.sleep(2)
+    assert applied(redis_client, s.key_prefix) == 3000
+    assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
+                              layout=s.state_writer)
+
+
 def test_changed_item_vectors_reach_the_compacted_topic_and_metrics_count(settings,
                                                                           redis_client, spawn,
                                                                           tmp_path):
