@@ -133,7 +133,7 @@ def _plain_number(value):
 
 
 _msgpack = msgspec.msgpack.Encoder(enc_hook=_plain_number).encode
-_KEY_NAMES_PER_TABLE = 1 << 17  # key names remembered per table and generation (two)
+_KEY_NAMES_PER_TABLE = 1 << 18  # a table's remembered key names are dropped past this
 _ABSENT = np.empty(0, np.float32)  # a cached vector known not to exist
 _decode_row = msgspec.msgpack.Decoder(dict[str, float]).decode
 
@@ -336,7 +336,7 @@ class RedisStore(StateStore):
         self._local_cache: dict[str, dict] = {}
         self._prefetched: dict[str, dict[str, bytes | None]] = {}
         self._claimed: dict[tuple[str, str, str], float] = {}
-        self._key_names: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
+        self._key_names: dict[str, dict[str, str]] = {}
         self.prefix = prefix
         self.base = f"{prefix}:m:{encode_id(namespace)}"
         self._deferred = None
@@ -359,30 +359,20 @@ class RedisStore(StateStore):
 
     def keys(self, table: str, keys) -> list[str]:
         """:meth:`key` of each of ``keys`` (remembered: the worker names the same rows over
-        and over, and a lookup costs 40 % of building one). Two generations per table: past
-        :data:`_KEY_NAMES_PER_TABLE` new names the older is dropped, and a name met again is
-        carried into the newer, so hot rows stay named."""
-        generations = self._key_names.get(table)
-        if generations is None:
-            generations = self._key_names[table] = ({}, {})
-        current, older = generations
-        if not isinstance(keys, (list, tuple)):
-            keys = list(keys)  # iterated twice below
-        names = list(map(current.get, keys))
-        if None not in names:
-            return names
+        and over, and a lookup costs 40 % of building one)."""
+        known = self._key_names.get(table)
+        if known is None or len(known) > _KEY_NAMES_PER_TABLE:
+            known = self._key_names[table] = {}
         head = f"{self.base}:{table}:{{"
-        for n, (k, name) in enumerate(zip(keys, names)):
+        names = []
+        for k in keys:
+            name = known.get(k)
             if name is None:
-                name = older.get(k)
-                if name is None:
-                    encoded = encode_id(k)
-                    name = (f"{head}{encoded}}}" if not self.cluster else
-                            f"{head}b{zlib.crc32(encoded.encode()) % CLUSTER_KEY_BUCKETS}}}:"
-                            f"{encoded}")
-                current[k] = names[n] = name
-        if len(current) > _KEY_NAMES_PER_TABLE:
-            self._key_names[table] = ({}, current)
+                encoded = encode_id(k)
+                name = known[k] = (
+                    f"{head}{encoded}}}" if not self.cluster else
+                    f"{head}b{zlib.crc32(encoded.encode()) % CLUSTER_KEY_BUCKETS}}}:{encoded}")
+            names.append(name)
         return names
 
     @contextmanager

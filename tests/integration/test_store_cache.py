@@ -170,29 +170,3 @@ def test_a_serving_pass_reads_the_rows_its_sources_share_once(redis_client, uniq
     assert row["session"] and row["cooc"]
     assert {("isess", "a"), ("sess", "s1"), ("df", "c")} <= set(reads)
     assert max(reads.values()) == 1
-
-
-def test_key_names_are_remembered_in_two_bounded_generations(redis_client, unique,
-                                                             monkeypatch):
-    import state.redis_store
-
-    monkeypatch.setattr(state.redis_store, "_KEY_NAMES_PER_TABLE", 8)
-    encoded = []
-    encode = state.redis_store.encode_id
-    monkeypatch.setattr(state.redis_store, "encode_id",
-                        lambda key: encoded.append(key) or encode(key))
-    store = RedisStore(redis_client, f"t{unique}", "session")
-    fresh = RedisStore(redis_client, f"t{unique}", "session")
-
-    def name(key: str) -> str:
-        fresh._key_names.clear()
-        return fresh.key("sess", key)
-
-    hot = ["h1", "h2"]
-    for n in range(40):  # new keys stream past the hot ones
-        batch = [*hot, f"k{n}", f"k{n} é/{{x}}"]
-        assert store.keys("sess", dict.fromkeys(batch)) == [name(k) for k in batch]
-        current, older = store._key_names["sess"]
-        assert len(current) <= 8 + len(batch) and len(older) <= 8 + len(batch)
-    assert [encoded.count(k) for k in hot] == [1 + 40, 1 + 40]  # built once, + name()
-    assert store.keys("sess", iter(["k0"])) == [name("k0")]  # an iterator, read once
