@@ -168,3 +168,25 @@ def test_a_writer_taking_over_gives_keys_without_a_ttl_their_tables_ttl(redis_cl
     assert 990_000 < redis_client.pttl(first.reader.key("item", "i1")) <= 1_000_000
     assert 0 < redis_client.pttl(timed) <= 5000
     assert redis_client.pttl(other) == -1
+
+
+def test_keys_deleted_as_idle_stay_absent_while_the_delete_is_in_flight(redis_client, unique):
+    """The commit that deletes idle keys may still be in flight when the next batch is
+    computed: the writer must not read the old rows back from Redis meanwhile, even when its
+    table is over ``held_keys`` and drops its oldest held keys."""
+    prefix, clock = f"t{unique}", [time.time()]
+    reader = RedisStore(redis_client, prefix, "x", local_ttl_s=100, rows_as_strings=True,
+                        expires_by_writer=True)
+    store = WriteBackStore(reader, held_keys=3, clock=lambda: clock[0])
+    for n in range(1, 4):  # s1, s2, s3: one commit each
+        clock[0] += 1
+        store.set_local_rows("sess", {f"s{n}": {"a": float(n)}})
+        _commit(store, redis_client, prefix)
+    clock[0] += 150  # all three idle now
+    store.set_local_rows("sess", {"s4": {"a": 4.0}})
+    in_flight = WriteBatch()
+    store.flush(in_flight)  # queues the DEL of s1..s3; not committed yet
+    assert redis_client.exists(reader.key("sess", "s1"))
+    assert store.get_local_rows("sess", ["s1", "s2", "s3"]) == [{}, {}, {}]
+    assert in_flight.commit(redis_client, [f"{prefix}:w"], [None])
+    assert not any(redis_client.exists(reader.key("sess", f"s{n}")) for n in range(1, 4))
