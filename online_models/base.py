@@ -138,9 +138,8 @@ def factorize(values: np.ndarray) -> tuple[list, np.ndarray]:
     """(distinct values in first-seen order, code of each value): np.unique without sorting
     (about half its time on arrays of str)."""
     values = values.tolist()
-    distinct = list(dict.fromkeys(values))
-    code = {v: n for n, v in enumerate(distinct)}
-    return distinct, np.fromiter(map(code.__getitem__, values), np.int64, len(values))
+    code = vocabulary([values])
+    return list(code), np.fromiter(map(code.__getitem__, values), np.int64, len(values))
 
 
 class ItemCodes:

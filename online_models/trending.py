@@ -60,13 +60,22 @@ def batch_deltas(items: np.ndarray, timestamps: np.ndarray, weights: np.ndarray,
     The store multiplies each delta by ``2^((reference_ts − L)/h)`` for its landmark ``L``.
     Events of weight 0 are dropped.
     """
+    distinct, codes = factorize(items)
+    return _coded_deltas(np.asarray(distinct, dtype=items.dtype), codes, timestamps, weights,
+                         reference_ts, half_life_s)
+
+
+def _coded_deltas(distinct: np.ndarray, codes: np.ndarray, timestamps: np.ndarray,
+                  weights: np.ndarray, reference_ts: float, half_life_s: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`batch_deltas` of items given as ``distinct[codes]`` (numbered once per batch)."""
     keep = weights != 0
     if not keep.any():
-        return np.empty(0, dtype=items.dtype), np.empty(0)
-    distinct, inverse = factorize(items[keep])
+        return distinct[:0], np.empty(0)
     contributions = weights[keep] * np.exp2((timestamps[keep] - reference_ts) / half_life_s)
-    return (np.asarray(distinct, dtype=items.dtype),
-            np.bincount(inverse, weights=contributions, minlength=len(distinct)))
+    present = np.unique(codes[keep])
+    return distinct[present], np.bincount(codes[keep], weights=contributions,
+                                          minlength=len(distinct))[present]
 
 
 def advance_landmark(landmark: float | None, reference_ts: float, half_life_s: float
@@ -135,9 +144,9 @@ class TrendingModel(OnlineModel):
         weights = np.fromiter((weight_of(t, 0.0) for t in batch.types.tolist()), float,
                               len(batch))
         reference = float(batch.timestamps.max())
-        items, deltas = batch_deltas(batch.items, batch.timestamps, weights, reference,
-                                     self.half_life_s)
         seen, where = factorize(batch.items)
+        items, deltas = _coded_deltas(np.asarray(seen, dtype=batch.items.dtype), where,
+                                      batch.timestamps, weights, reference, self.half_life_s)
         earliest = np.full(len(seen), np.inf)
         np.minimum.at(earliest, where, batch.timestamps)
         return TrendingStep(reference, items, deltas, dict(zip(seen, earliest.tolist())))
