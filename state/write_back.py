@@ -100,6 +100,7 @@ class WriteBackStore(MemoryStore):
         self.clock = clock
         # keys written without a TTL (reader.expires_by_writer): this writer expires them
         self.written = WrittenKeys(held_keys)
+        self._expiry_recorded: set[str] = set()  # tables whose TTL is in reader.expiry_key
         self._last_flush: dict[str, set[str]] = {}  # keys whose commit may still be in flight
         self._row_changes: dict[str, dict[str, set[str]]] = {}  # table -> key -> members
         self._local_changes: dict[str, set[str]] = {}
@@ -307,8 +308,11 @@ class WriteBackStore(MemoryStore):
         now = self.clock()
         for table, keys, ttl_ms in strings:
             self.written.note(table, keys, ttl_ms / 1000, now)
-        if strings:
-            reader.note_expiry({table: ttl_ms for table, _, ttl_ms in strings})
+        unrecorded = {table: ttl_ms for table, _, ttl_ms in strings
+                      if table not in self._expiry_recorded}
+        if unrecorded:  # once per table, again after a failed commit (forget_cached)
+            reader.note_expiry(unrecorded)
+            self._expiry_recorded.update(unrecorded)
         deleted = self.written.idle(now)
         for table, keys in deleted.items():
             reader.delete_names(reader.keys(table, keys))
@@ -378,5 +382,6 @@ class WriteBackStore(MemoryStore):
         """Drop everything held (a commit failed: Redis holds the last committed state);
         keys are read from Redis again on first use."""
         self.rows, self.vectors, self._absent, self._last_flush = {}, {}, {}, {}
+        self._expiry_recorded = set()
         self._row_changes, self._local_changes, self._vector_changes = {}, {}, {}
         self.complete = False

@@ -89,10 +89,11 @@ def test_coalescing_writes_a_member_once_per_flush(redis_client, unique):
     assert reader.get_rows("cooc", ["a"]) == [{"b": 50.0, "c": 0.5}]  # the writer's row wins
 
 
-def _expiring_writer(client, prefix, clock, held_keys=1_000_000):
+def _expiring_writer(client, prefix, clock, held_keys=1_000_000, complete=True):
     reader = RedisStore(client, prefix, "x", local_ttl_s=100, shared_ttl_s=1000,
                         rows_as_strings=True, expires_by_writer=True)
-    return WriteBackStore(reader, complete=True, held_keys=held_keys, clock=lambda: clock[0])
+    return WriteBackStore(reader, complete=complete, held_keys=held_keys,
+                          clock=lambda: clock[0])
 
 
 def _commit(store, client, prefix):
@@ -175,9 +176,8 @@ def test_keys_deleted_as_idle_stay_absent_while_the_delete_is_in_flight(redis_cl
     computed: the writer must not read the old rows back from Redis meanwhile, even when its
     table is over ``held_keys`` and drops its oldest held keys."""
     prefix, clock = f"t{unique}", [time.time()]
-    reader = RedisStore(redis_client, prefix, "x", local_ttl_s=100, rows_as_strings=True,
-                        expires_by_writer=True)
-    store = WriteBackStore(reader, held_keys=3, clock=lambda: clock[0])
+    store = _expiring_writer(redis_client, prefix, clock, held_keys=3, complete=False)
+    reader = store.reader
     for n in range(1, 4):  # s1, s2, s3: one commit each
         clock[0] += 1
         store.set_local_rows("sess", {f"s{n}": {"a": float(n)}})
