@@ -11,7 +11,7 @@ the session protocol on the last ``--test-days`` of a training log (never the te
   recent sessions), and the blend before re-ranking with co-occurrence counted, read, or left
   out;
 - ``session`` with rules counted against ``session_rules_read`` (rules from each last item's
-  recent sessions, :meth:`SessionModel._rules_at_read`).
+  recent sessions, :func:`online_models.session.read_time_rules`).
 
 Then what a request costs: session + co-occurrence learn the training log into a private
 redis-server, and the serving pipeline's candidates are computed for ``--requests`` validation

@@ -127,7 +127,7 @@ class Settings(BaseSettings):
                                   "user or session (session items, co-occurrence windows, user "
                                   "factors), refreshed by every write (0 = none).")
     item_state_ttl_s: int = Field(90 * 86400, ge=0, description="TTL of item-side model state "
-                                  "(next-item rules, neighbours, item factors), refreshed by "
+                                  "(items' recent sessions and counts, item factors), refreshed by "
                                   "every write (0 = none). Under memory pressure Redis evicts "
                                   "the least recently used of these keys first (volatile-lru).")
     feed_queue_max: int = Field(1_000_000, ge=1, description="Users waiting for a feed rebuild; "

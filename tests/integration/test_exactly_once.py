@@ -119,7 +119,7 @@ def test_two_workers_applying_the_same_batch_concurrently_apply_it_once(settings
     for name in ("session", "cooc"):  # batch-invariant models: identical to one clean pass
         a = RedisStore(redis_client, settings.key_prefix, name)
         b = RedisStore(redis_client, reference_settings.key_prefix, name)
-        for table in ("sr", "sess", "df") if name == "session" else ("cooc", "mass", "win"):
+        for table in ("isess", "sess", "df") if name == "session" else ("cooc", "mass", "win"):
             rows_b = snapshot(redis_client, b.base + f":{table}")
             rows_a = snapshot(redis_client, a.base + f":{table}")
             assert len(rows_a) == len(rows_b) > 0

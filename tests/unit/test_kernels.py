@@ -100,10 +100,12 @@ def _batches(seed: int, tied_times: bool):
     (CooccurrenceModel, PythonLoopCooc, 3, True, {"window": 3, "max_gap_s": 120.0}),
     (CooccurrenceModel, PythonLoopCooc, 4, False,
      {"scope": "user", "window": 12, "half_life_s": None}),
-    (SessionModel, PythonLoopSession, 5, False, {}),
-    (SessionModel, PythonLoopSession, 6, True, {"max_session_items": 6, "steps": 3}),
-    (SessionModel, PythonLoopSession, 7, False,
-     {"max_session_items": 3, "steps": 5, "sessions_per_item": 4, "rules_per_item": 5}),
+    (SessionModel, PythonLoopSession, 5, False, {"rules": "written"}),
+    (SessionModel, PythonLoopSession, 6, True,
+     {"rules": "written", "max_session_items": 6, "steps": 3}),
+    (SessionModel, PythonLoopSession, 7, False, {"rules": "written", "max_session_items": 3,
+                                                 "steps": 5, "sessions_per_item": 4,
+                                                 "rules_per_item": 5}),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else None)
 def test_compiled_loop_gives_the_python_loops_state(compiled_model, python_loop, seed, tied,
                                                      settings):

@@ -75,8 +75,8 @@ def brute_force_session_state(evs, steps, max_items):
 @pytest.mark.parametrize("batch", [1, 7, 1000])
 def test_session_model_state_equals_from_scratch(batch):
     evs = random_sessions()
-    model = learn_in_batches(SessionModel(steps=3, rules_per_item=10_000, max_session_items=4),
-                             evs, batch)
+    model = learn_in_batches(SessionModel(steps=3, rules="written", rules_per_item=10_000,
+                                          max_session_items=4), evs, batch)
     rules, sessions = brute_force_session_state(evs, 3, 4)
     store = model.store
     for item, row in rules.items():
@@ -261,18 +261,44 @@ def test_rules_read_at_query_time_equal_the_rules_written_when_no_item_repeats()
         for item in rng.permutation(14)[:rng.integers(1, 9)]:
             t += 1
             evs.append(click(f"s{s}", f"i{item}", t))
-    written = learn_in_batches(SessionModel(rules_per_item=1000), evs, 23)
+    written = learn_in_batches(SessionModel(rules="written", rules_per_item=1000), evs, 23)
     read = learn_in_batches(SessionModel(rules="read", sessions_per_item=1000), evs, 23)
     assert not read.store.rows.get("sr")  # nothing counted per pair while learning
     items = sorted({e.item_id for e in evs})
-    rules = read._rules_at_read(items)
+    rules = read.rule_rows(items)
     for item, rule in zip(items, rules):
-        stored = written.store.get_rows("sr", [item])[0]
+        stored = written.rule_rows([item])[0]
+        assert stored == written.store.get_rows("sr", [item])[0]
         assert rule.keys() == stored.keys() and all(
             rule[b] == pytest.approx(stored[b]) for b in rule), item
     queries = [Query("u", tuple(e.item_id for e in evs[i:i + 3])) for i in range(0, 60, 5)]
     assert ([r.items for r in read.recommend(queries, 5)]
             == [r.items for r in written.recommend(queries, 5)])
+
+
+def test_rules_read_at_query_time_score_each_session_by_its_latest_positions():
+    rng = np.random.default_rng(7)
+    evs, t = [], 0
+    for s in range(60):  # items repeat within sessions; sessions longer than the window
+        for item in rng.integers(0, 12, rng.integers(1, 70)):
+            t += 1
+            evs.append(click(f"s{s}", f"i{item}", t))
+    model = learn_in_batches(SessionModel(rules="read", sessions_per_item=20, steps=3), evs, 31)
+    items = sorted({e.item_id for e in evs}) + ["never-seen"]
+    expected = []  # by hand: a's recent sessions, each session's latest positions
+    for item, sessions in zip(items, model.store.get_rows("isess", items)):
+        rule: dict[str, float] = {}
+        for row in model.store.get_local_rows("sess", list(sessions)):
+            if item in row:
+                for other, at in row.items():
+                    if 0 < at - row[item] <= 3:
+                        rule[other] = rule.get(other, 0.0) + 1.0 / (at - row[item])
+        expected.append(rule)
+    got = model.rule_rows(items)
+    assert any(expected) and not expected[-1]
+    for item, rule, want in zip(items, got, expected):
+        assert rule.keys() == want.keys() and all(
+            rule[b] == pytest.approx(want[b]) for b in rule), item
 
 
 # --- popularity ----------------------------------------------------------------------------------
