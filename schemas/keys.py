@@ -259,7 +259,8 @@ class RedisKeys:
                     "tracking a TTL, and at start gives every one without a TTL its table's",
                     "stream worker (online models)", "per-table caps (docs/models.md, models table)",
                     "Online model state (state/redis_store.py RedisStore): e.g. "
-                    "session:isess:{item} = the item's recent sessions, session:sess:{session} = a session's "
+                    "session:isess:{item} = the item's recent sessions, "
+                    "session:sess:{session} = a session's "
                     "items and positions (msgpack), mf:item:{item} = factors. On a Redis "
                     "Cluster: `sr:m:<model>:<table>:{b<n>}:<key>`, n = CRC-32 of the "
                     "encoded key mod 256 (a batch's reads and writes: one call per bucket)."),
