@@ -193,7 +193,11 @@ class SessionModel(OnlineModel):
         kept = self._kept_rows()
         hoods = self._neighbourhoods(q_items, kept)
         last_items = sorted({q.session_items[-1] for q in queries if q.session_items})
-        rules = kept.rules.rows(last_items, lambda items: self._coded_rules(items, kept))
+        if self.rules == "read":  # scored with the neighbourhoods just counted
+            hood_of = dict(zip(q_items, hoods))
+            rules = [hood_of[item].rules for item in last_items]
+        else:
+            rules = kept.rules.rows(last_items, lambda items: self._coded_rules(items, kept))
         # one column per distinct item, numbered as a vocabulary of the names would be
         ids, (knn, queried, rule_rows) = joined_rows(
             kept.codes, [CodedRow(hood.codes, hood.knn_values) for hood in hoods],
