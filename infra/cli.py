@@ -308,7 +308,7 @@ def cmd_expire_untimed(args: argparse.Namespace) -> None:
         raise SystemExit("STREAMREC_REDIS_URL not set: point it at the Redis holding the state")
     client = sync_redis(settings.redis_url)
     models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
-                            layout=settings.state_writer)
+                            layout=settings.state_writer, options=settings.model_options)
     for name, model in models.items():
         print(json.dumps({"model": name, "keys_given_a_ttl": give_untimed_keys_ttls(model.store)}))
 

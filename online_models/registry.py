@@ -106,9 +106,10 @@ def _blended(rerank: bool) -> OnlineModel:
     return BlendedModel(rerank=rerank)
 
 
-def build(name: str) -> OnlineModel:
+def build(name: str, **options) -> OnlineModel:
+    """The named model, built with ``options`` (its constructor's keyword arguments)."""
     try:
-        model = MODELS[name]()
+        model = MODELS[name](**options)
     except KeyError:
         raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
     model.name = name

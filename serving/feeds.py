@@ -119,7 +119,7 @@ class FeedBuilder:
         self.vector_tail = None
         self._trending_reads = RowCache(settings.serving_rows_max_age_s, max_rows=100)
         models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
-                                layout=settings.state_writer)
+                                layout=settings.state_writer, options=settings.model_options)
         if "session" in models:  # popular items' neighbour rows: once per interval
             models["session"].cache_rows(settings.serving_rows_max_age_s)
         if ann is None and "mf" in models:

@@ -669,21 +669,22 @@ def writes_alone(model: OnlineModel) -> bool:
 
 def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int = 0,
                    local_ttl_s: float = 0, shared_ttl_s: float = 0, layout: str = "shared",
-                   writer: bool = False, held_keys: int = 1_000_000
-                   ) -> dict[str, OnlineModel]:
+                   writer: bool = False, held_keys: int = 1_000_000,
+                   options: Mapping[str, dict] | None = None) -> dict[str, OnlineModel]:
     """The named models, each bound to its own :class:`RedisStore` namespace on ``client``
     (``cache_local_rows`` and the TTLs: only for the worker, which owns and writes state).
 
     ``layout="single"`` (STREAMREC_STATE_WRITER): models the worker alone writes keep rows as
     whole msgpack strings, and for the ``writer`` their state is held in its memory
     (:class:`state.write_back.WriteBackStore`, at most ``held_keys`` keys per table), which
-    writes those strings without TTLs and expires them itself (``expires_by_writer``)."""
+    writes those strings without TTLs and expires them itself (``expires_by_writer``).
+    ``options``: constructor options by model name (``Settings.model_options``)."""
     from state.write_back import WriteBackStore  # it builds on this module
 
     check_layout(client, prefix, layout, claim=writer)
     models = {}
     for name in names:
-        model = build(name)
+        model = build(name, **(options or {}).get(name, {}))
         single = layout == "single" and writes_alone(model)
         if is_cluster(client) and not single:
             raise StateLayoutError(

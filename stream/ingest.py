@@ -34,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error, sync_redis
 from online_models import kernels
-from state.redis_store import build_on_redis
 from state.redis_store import RedisStore
 from schemas import dlq, vectors
 from schemas.events import split_message
@@ -68,12 +67,7 @@ _live_figures = LiveFigures()
 def live_state() -> LiveState:
     global _state
     if _state is None:
-        client = sync_redis(settings.redis_url)
-        models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
-                                settings.worker_cached_local_rows, settings.user_state_ttl_s,
-                                settings.item_state_ttl_s, layout=settings.state_writer,
-                                writer=True, held_keys=settings.state_writer_held_keys)
-        _state = LiveState(settings, client, list(models.values()))
+        _state = LiveState.for_worker(settings)
     return _state
 
 

@@ -36,7 +36,7 @@ def _content_models() -> list[OnlineModel]:
     if _models is None:
         _client = sync_redis(settings.redis_url)
         built = build_on_redis(settings.live_model_names, _client, settings.key_prefix,
-                               layout=settings.state_writer)
+                               layout=settings.state_writer, options=settings.model_options)
         _models = [m for m in built.values()
                    if type(m).learn_items is not OnlineModel.learn_items]
     return _models

@@ -17,6 +17,15 @@ def test_invalid_values_are_refused_clearly(monkeypatch):
         Settings()
 
 
+def test_session_rules_setting_is_checked_and_reaches_the_session_model(monkeypatch):
+    assert Settings().model_options == {"session": {"rules": "read"}}
+    monkeypatch.setenv("STREAMREC_SESSION_RULES", "written")
+    assert Settings().model_options == {"session": {"rules": "written"}}
+    monkeypatch.setenv("STREAMREC_SESSION_RULES", "counted")
+    with pytest.raises(ValidationError, match="session_rules"):
+        Settings()
+
+
 def test_sasl_options_passed_through():
     s = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="PLAIN",
                  kafka_sasl_username="u", kafka_sasl_password="p")
