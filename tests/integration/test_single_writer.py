@@ -195,3 +195,26 @@ def test_expire_untimed_gives_a_retired_writers_keys_their_ttl(settings, redis_c
         env={**env, "STREAMREC_REDIS_URL": "redis://127.0.0.1:1"}, text=True, timeout=60)
     assert unreachable.returncode == 2
     assert unreachable.stderr.count("\n") == 1 and "127.0.0.1:1" in unreachable.stderr
+
+
+def test_rules_counted_by_a_writer_get_their_ttl_once_a_writer_that_reads_them_takes_over(
+        settings, redis_client):
+    """Switching STREAMREC_SESSION_RULES from written to read: the next writer writes no
+    `sr` row, and gives the rows its predecessor counted their table's TTL."""
+    def writer(rules: str) -> LiveState:
+        return LiveState.for_worker(settings.model_copy(update={
+            "state_writer": "single", "state_writer_lease_s": 0.5, "live_models": "session",
+            "session_rules": rules, "user_state_ttl_s": 60, "item_state_ttl_s": 60}))
+
+    batch = messages(n_events=600)
+    first = writer("written")
+    first.apply_messages(batch)
+    rules = list(redis_client.scan_iter(match=f"{settings.key_prefix}:m:session:sr:*",
+                                        count=1000))
+    assert len(rules) > 10 and all(redis_client.pttl(k) == -1 for k in rules)
+    first.lease.client.delete(first.lease.key)  # it stopped: a new writer takes over
+    writer("read").apply_messages(batch)
+    deadline = time.monotonic() + 30
+    while any(redis_client.pttl(k) == -1 for k in rules) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(0 < redis_client.pttl(k) <= 60_000 for k in rules)
