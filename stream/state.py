@@ -174,6 +174,7 @@ end
 return 0
 """
 
+
 def doubles(values) -> bytes:
     """Numbers as little-endian doubles, exact, for a script to read with ``struct.unpack``:
     one argument instead of one per number (packing a float argument costs ~400 ns)."""
