@@ -301,14 +301,13 @@ def cmd_expire_untimed(args: argparse.Namespace) -> None:
     a writer that starts does the same)."""
     from infra.redis_client import sync_redis
     from infra.settings import Settings
-    from state.redis_store import build_on_redis, give_untimed_keys_ttls
+    from state.redis_store import build_live_models, give_untimed_keys_ttls
 
     settings = Settings()
     if not settings.redis_url:
         raise SystemExit("STREAMREC_REDIS_URL not set: point it at the Redis holding the state")
     client = sync_redis(settings.redis_url)
-    models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
-                            layout=settings.state_writer, options=settings.model_options)
+    models = build_live_models(settings, client)
     for name, model in models.items():
         print(json.dumps({"model": name, "keys_given_a_ttl": give_untimed_keys_ttls(model.store)}))
 

@@ -24,7 +24,7 @@ from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error
 from infra.settings import Settings
 from online_models.registry import build
 from online_models.store import RowCache
-from state.redis_store import build_on_redis
+from state.redis_store import build_live_models
 from online_models.trending import decayed
 from schemas import impressions
 from schemas.feeds import Feed
@@ -118,8 +118,7 @@ class FeedBuilder:
         self.impression_producer = impression_producer
         self.vector_tail = None
         self._trending_reads = RowCache(settings.serving_rows_max_age_s, max_rows=100)
-        models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
-                                layout=settings.state_writer, options=settings.model_options)
+        models = build_live_models(settings, client)
         if "session" in models:  # popular items' neighbour rows: once per interval
             models["session"].cache_rows(settings.serving_rows_max_age_s)
         if ann is None and "mf" in models:

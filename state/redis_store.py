@@ -699,6 +699,18 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
     return models
 
 
+def build_live_models(settings, client, writer: bool = False) -> dict[str, OnlineModel]:
+    """The live models as ``settings`` (an :class:`infra.settings.Settings`) name, configure
+    and lay them out, on ``client``: as serving, the items agent and the CLI read them, or
+    (``writer``) as the stream worker writes them (its row cache, TTLs and held keys)."""
+    worker = dict(cache_local_rows=settings.worker_cached_local_rows,
+                  local_ttl_s=settings.user_state_ttl_s, shared_ttl_s=settings.item_state_ttl_s,
+                  held_keys=settings.state_writer_held_keys) if writer else {}
+    return build_on_redis(settings.live_model_names, client, settings.key_prefix,
+                          layout=settings.state_writer, writer=writer,
+                          options=settings.model_options, **worker)
+
+
 def give_untimed_keys_ttls(store: RedisStore, batch: int = 1000) -> int:
     """Give each key of ``store``'s tables listed in its :attr:`RedisStore.expiry_key` that has
     no TTL its table's TTL (PEXPIRE … NX: keys with a TTL keep theirs); returns how many got

@@ -17,7 +17,7 @@ import msgspec
 
 from infra.redis_client import mget_any, mset_any, sync_redis
 from online_models.base import OnlineModel
-from state.redis_store import build_on_redis
+from state.redis_store import build_live_models
 from schemas.items import ItemRecord, latest_per_item, split_items
 from schemas.keys import RedisKeys
 from stream import metrics
@@ -35,8 +35,7 @@ def _content_models() -> list[OnlineModel]:
     global _models, _client
     if _models is None:
         _client = sync_redis(settings.redis_url)
-        built = build_on_redis(settings.live_model_names, _client, settings.key_prefix,
-                               layout=settings.state_writer, options=settings.model_options)
+        built = build_live_models(settings, _client)
         _models = [m for m in built.values()
                    if type(m).learn_items is not OnlineModel.learn_items]
     return _models

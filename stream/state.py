@@ -44,7 +44,7 @@ from online_models.base import OnlineModel
 from online_models.signals import SignalBatch, SignalMapper
 from infra.redis_client import is_cluster, sync_redis
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
-                               build_on_redis, queue_script, require_single_on_cluster)
+                               build_live_models, queue_script, require_single_on_cluster)
 from state.write_back import WriteBackStore
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TrendingModel
 from schemas.events import ENGAGEMENT_TYPES, Interaction
@@ -319,11 +319,7 @@ class LiveState:
         """The stream worker's state: its live models (``settings``: names, options, TTLs,
         layout) on its own Redis connection, as their writer."""
         client = sync_redis(settings.redis_url)
-        models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
-                                settings.worker_cached_local_rows, settings.user_state_ttl_s,
-                                settings.item_state_ttl_s, layout=settings.state_writer,
-                                writer=True, held_keys=settings.state_writer_held_keys,
-                                options=settings.model_options)
+        models = build_live_models(settings, client, writer=True)
         return cls(settings, client, list(models.values()))
 
     def _queue(self, pipe, events: list[Interaction], signals: SignalBatch,
