@@ -1,15 +1,24 @@
-"""Choose the weight of the sequential model (``gru4rec``) beside ``session`` on a validation
-split (never the test split): the last ``--test-days`` of the training log.
+"""Choose the sequential model's settings (``gru4rec``) and its weight beside ``session`` on a
+validation split (never the test split): the last ``--test-days`` of the training log.
 
-Both models learn the validation split's training part once; every weighting then mixes the
-same per-part candidate lists (``online_models.mixture.mix``, scores divided by each part's
-best), so trying a weight costs no retraining. Prints HR@20 and MRR@20 per weight.
-Usage: ``python bench/tune_session_seq.py --data ../shared/data/yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.txt``
+``session`` learns the validation split's training part once. Each setting of ``--grid``
+(``"hidden=100,200;epochs=10,20"``: every combination; ``|`` between alternatives; empty:
+the model's defaults) builds a
+fresh sequential model on ``--device``, learns the same part and recommends for every
+validation query; settings run in ``--processes`` processes at once. Every weighting then mixes
+the same per-part candidate lists (``online_models.mixture.mix``, scores divided by each
+part's best), so trying a weight costs no retraining. Prints HR@20 and MRR@20 per setting:
+alone, and at each weight beside session 1.0.
+Usage: ``python bench/tune_session_seq.py --data
+../shared/data/yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.txt``
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -19,51 +28,104 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from online_models.mixture import mix, normalised  # noqa: E402
 from online_models.registry import build  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
-from bench.report import add_validation_options, validation_split  # noqa: E402
+from replay.loaders import load_split  # noqa: E402
 from replay.metrics import ranking_metrics  # noqa: E402
 from replay.protocols import session_queries  # noqa: E402
 
-WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+def parse_grid(text: str) -> list[dict]:
+    """``"a=1,2;b=x"`` → every combination as keyword options (numbers parsed as numbers);
+    ``"a=1,2 | b=3"``: the settings of each alternative, one after the other."""
+    if "|" in text:
+        return [options for part in text.split("|") for options in parse_grid(part)]
+    axes = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, values = part.partition("=")
+        if not sep or not values:
+            raise SystemExit(f"--grid: {part!r} is not key=value[,value...]")
+        axes.append([(key.strip(), json.loads(v) if v.strip()[0].isdigit() or v.strip()[0]
+                      in "-." else v.strip()) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)] or [{}]
+
+
+def candidate_lists(name: str, options: dict, train, queries, train_at_end: bool,
+                    threads: int) -> tuple[list[dict], float]:
+    """(normalised top-100 per query, seconds) of model ``name`` built with ``options`` after
+    learning ``train`` in chunks of 1,000 events (one more version at the end if asked)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model, mapper = build(name, **options), SignalMapper()
+    started = time.perf_counter()
+    for start in range(0, len(train), 1000):
+        model.learn(mapper.map(train[start:start + 1000]))
+    if train_at_end and hasattr(model, "train"):
+        model.train()
+    lists = [normalised(r) for r in model.recommend(queries, 100)]
+    return lists, time.perf_counter() - started
+
+
+def scores(predictions, candidates: dict[str, list[dict]], weights: dict[str, float]
+           ) -> tuple[float, float]:
+    hr = mrr = 0.0
+    for n, prediction in enumerate(predictions):
+        ranked = [i for i, _ in mix({k: v[n] for k, v in candidates.items()}, weights, 20)]
+        metrics = ranking_metrics(ranked, {prediction.target}, 20)
+        hr, mrr = hr + metrics["HR"], mrr + metrics["MRR"]
+    return hr / len(predictions), mrr / len(predictions)
+
+
+def _run_setting(job):
+    args, options = job
+    train, valid = load_split(args.data, args.format, args.test_days)
+    queries = [p.query for p in session_queries(valid)]
+    return candidate_lists(args.sequential, {**options, "device": args.device}, train, queries,
+                           args.train_at_end, args.threads)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_validation_options(parser)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a training log (never the test split)")
+    parser.add_argument("--format", default="yoochoose")
+    parser.add_argument("--test-days", type=float, default=1.0)
     parser.add_argument("--sequential", default="gru4rec")
-    parser.add_argument("--hidden", type=int, default=None, help="GRU units (default: the "
-                        "model's, the authors' 480)")
+    parser.add_argument("--grid", default="", help='e.g. "hidden=100,200;epochs=10,20"')
+    parser.add_argument("--fixed", default="", help='options every setting shares, e.g. '
+                        '"retrain_every=1000000" (with --train-at-end: one version, at the end)')
+    parser.add_argument("--device", default="cpu", help="where each setting trains (cpu, cuda)")
+    parser.add_argument("--processes", type=int, default=1, help="settings run at once")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
     parser.add_argument("--train-at-end", action="store_true",
                         help="train one more version on the whole training part first (a "
                              "trainer that caught up before the validation day)")
     args = parser.parse_args()
-    train, valid = validation_split(args)
+    fixed = parse_grid(args.fixed)
+    if len(fixed) != 1:
+        raise SystemExit("--fixed: one value per option")
+    grid = [{**fixed[0], **options} for options in parse_grid(args.grid)]
+    train, valid = load_split(args.data, args.format, args.test_days)
     predictions = session_queries(valid)
     queries = [p.query for p in predictions]
-    candidates = {}
-    for name in ("session", args.sequential):
-        model, mapper = build(name), SignalMapper()
-        if name != "session" and args.hidden:
-            model.hidden = args.hidden
-        started = time.perf_counter()
-        for start in range(0, len(train), 1000):
-            model.learn(mapper.map(train[start:start + 1000]))
-        if name != "session" and args.train_at_end:
-            model.train()
-        candidates[name] = [normalised(r) for r in model.recommend(queries, 100)]
-        print(f"{name}: learned and recommended in {time.perf_counter() - started:.0f} s",
-              flush=True)
-    print(f"validation: {len(train)} train events, {len(predictions)} validation queries")
-    print("weight of", args.sequential, "beside session 1.0 | HR@20 | MRR@20")
-    for weight in (*WEIGHTS, float("inf")):
-        weights = ({args.sequential: 1.0} if weight == float("inf")
-                   else {"session": 1.0, args.sequential: weight})
-        hr = mrr = 0.0
-        for n, prediction in enumerate(predictions):
-            ranked = [i for i, _ in mix({k: v[n] for k, v in candidates.items()}, weights, 20)]
-            metrics = ranking_metrics(ranked, {prediction.target}, 20)
-            hr, mrr = hr + metrics["HR"], mrr + metrics["MRR"]
-        label = "alone" if weight == float("inf") else f"{weight:g}"
-        print(f"{label:>6} | {hr / len(predictions):.4f} | {mrr / len(predictions):.4f}")
+    print(f"validation: {len(train)} train events, {len(predictions)} validation queries; "
+          f"{len(grid)} settings on {args.device}", flush=True)
+    session, seconds = candidate_lists("session", {}, train, queries, False, args.threads)
+    hr, mrr = scores(predictions, {"session": session}, {"session": 1.0})
+    print(f"session alone: HR@20 {hr:.4f} MRR@20 {mrr:.4f} ({seconds:.0f} s)", flush=True)
+    jobs = [(args, options) for options in grid]
+    context = multiprocessing.get_context("spawn")  # CUDA cannot follow a fork
+    with context.Pool(min(args.processes, len(jobs))) as pool:
+        for options, (lists, seconds) in zip(grid, pool.imap(_run_setting, jobs)):
+            row = {"setting": options, "seconds": round(seconds)}
+            candidates = {"session": session, args.sequential: lists}
+            hr, mrr = scores(predictions, candidates, {args.sequential: 1.0})
+            row["alone"] = [round(hr, 4), round(mrr, 4)]
+            for weight in WEIGHTS:
+                hr, mrr = scores(predictions, candidates,
+                                 {"session": 1.0, args.sequential: weight})
+                row[f"w{weight:g}"] = [round(hr, 4), round(mrr, 4)]
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

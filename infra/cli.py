@@ -99,7 +99,10 @@ def cmd_trainer(args: argparse.Namespace) -> None:
               "published again")
         return
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(name)s %(message)s")
-    trainer = Trainer(settings, args.model)
+    try:
+        trainer = Trainer(settings, args.model)
+    except ValueError as exc:
+        raise SystemExit(f"streamrec trainer: {exc}") from None
     try:
         trainer.run()
     finally:

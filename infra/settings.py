@@ -107,6 +107,10 @@ class Settings(BaseSettings):
                              "no nearline source.")
     trainer_keep: int = Field(5, ge=1, description="Checkpoint versions the trainer keeps "
                               "(what --rollback can go back to).")
+    trainer_device: str = Field(
+        "cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="Where the trainer trains its "
+        "PyTorch model: cpu, cuda (or cuda:N: refused at start when torch sees no GPU) or auto "
+        "(a GPU where one is visible). Versions are served on the CPU either way.")
     worker_report_interval_s: float = Field(
         2.0, ge=0, description="How often each worker writes its live figures (events/s, "
         "freshness p50/p99 over the last minute) to Redis for GET /v1/stats; 0 = never.")

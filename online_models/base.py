@@ -315,12 +315,37 @@ def parallel_chunks(work, chunks: list[tuple[int, int]]) -> list[Recommendations
     return [rec for part in _POOL.map(work, chunks) for rec in part]
 
 
+def torch_device(name: str):
+    """The ``torch.device`` a nearline model trains on: ``cpu``, ``cuda`` (or ``cuda:N``), or
+    ``auto`` (CUDA where a GPU is visible, else the CPU). ValueError if CUDA is asked for and
+    none is visible: training never falls back silently."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device {name!r}: {exc}") from None
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= visible:
+            raise ValueError(f"device {name!r}: torch {torch.__version__} sees "
+                             f"{visible} CUDA GPU(s) (use cpu or auto)")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r}: only cpu, cuda[:N] or auto")
+    return device
+
+
 class NearlineModel(OnlineModel):
     """A model trained in versions on a window of its own (:class:`RetrainSchedule`), by the
     trainer process live and in event time by the replay; a version exports as tensors plus
-    JSON-able metadata (a checkpoint) and loads back to give the same answers."""
+    JSON-able metadata (a checkpoint) and loads back to give the same answers. Training runs
+    on ``device`` (:func:`torch_device`); a published version always lives on the CPU, where
+    serving runs it."""
 
     schedule: RetrainSchedule
+    device: str = "cpu"
 
     @property
     def version(self) -> int:

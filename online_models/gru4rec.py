@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from online_models.base import (LearnReport, NearlineModel, Query, Recommendations,
-                                RetrainSchedule, top_k_dense)
+                                RetrainSchedule, top_k_dense, torch_device)
 from online_models.signals import SignalBatch
 
 
@@ -58,8 +58,10 @@ class GRU4RecModel(NearlineModel):
                  learning_rate: float = 0.07, epochs: int = 10, batch_sessions: int = 16,
                  n_sample: int = 2048, sample_alpha: float = 0.2, logq: float = 1.0,
                  max_length: int = 20, window: int = 100_000, retrain_every: int = 20_000,
-                 min_examples: int = 1_000, max_session_items: int = 200, seed: int = 0) -> None:
+                 min_examples: int = 1_000, max_session_items: int = 200, seed: int = 0,
+                 device: str = "cpu") -> None:
         super().__init__()
+        self.device = device
         self.hidden, self.dropout_hidden, self.learning_rate = hidden, dropout_hidden, learning_rate
         self.epochs, self.batch_sessions = epochs, batch_sessions
         self.n_sample, self.sample_alpha, self.logq = n_sample, sample_alpha, logq
@@ -118,16 +120,19 @@ class GRU4RecModel(NearlineModel):
         return [batches[n] for n in rng.permutation(len(batches))]
 
     def train(self) -> None:
-        """Train a fresh network on the window and publish it as the next version."""
+        """Train a fresh network on the window (on ``device``) and publish it as the next
+        version (on the CPU)."""
+        device = torch_device(self.device)
         torch.manual_seed(self.seed + self.version)
         rng = np.random.default_rng(self.seed + self.version)
         items = sorted({i for s in self._sessions.values() for i in s})
         index = {item: n + 1 for n, item in enumerate(items)}
         sequences = self._sequences(index)
-        net = _GRU4Rec(len(items), self.hidden, self.dropout_hidden)
+        net = _GRU4Rec(len(items), self.hidden, self.dropout_hidden).to(device)
         optimiser = torch.optim.Adagrad(net.parameters(), lr=self.learning_rate)
         support = np.bincount([i for s in sequences for i in s[1:]], minlength=len(items) + 1)
-        log_pop = torch.log(torch.tensor(support / max(support.sum(), 1))).float().clamp(min=-30)
+        log_pop = torch.log(torch.tensor(support / max(support.sum(), 1))).float().clamp(
+            min=-30).to(device)
         sampling = support ** self.sample_alpha
         sampling = sampling / sampling.sum() if sampling.sum() else None
         net.train()
@@ -135,25 +140,26 @@ class GRU4RecModel(NearlineModel):
         torch.sparse.check_sparse_tensor_invariants.disable()
         for _ in range(self.epochs):
             for batch in self._batches(sequences, rng):
-                inputs, targets = _padded(batch)
+                inputs, targets = (t.to(device) for t in _padded(batch))
                 mask = targets > 0
                 states = net.states(inputs)[mask]
                 positives = targets[mask]
                 candidates = positives
                 if sampling is not None and self.n_sample:
                     sampled = torch.from_numpy(rng.choice(len(sampling), self.n_sample,
-                                                          p=sampling))
+                                                          p=sampling)).to(device)
                     candidates = torch.cat([positives, sampled])
                 logits = net.logits(states, candidates) - self.logq * log_pop[candidates][None]
                 # another position's target equal to this one's is not its negative
                 same = positives[:, None] == candidates[None, :]
-                same[torch.arange(len(positives)), torch.arange(len(positives))] = False
+                diagonal = torch.arange(len(positives), device=device)
+                same[diagonal, diagonal] = False
                 logits = logits.masked_fill(same, float("-inf"))
-                loss = nn.functional.cross_entropy(logits, torch.arange(len(positives)))
+                loss = nn.functional.cross_entropy(logits, diagonal)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
-        net.eval()
+        net.cpu().eval()
         self._published = _Published(net, items, index)
         self.schedule.published()
 

@@ -29,8 +29,8 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     "als": OnlineALS,
     "content": ContentModel,  # item descriptions (the items topic): reaches items nobody touched
     # PyTorch, trained nearline on a rolling window (imported lazily: torch loads in ~1 s)
-    "two_tower": lambda: _torch_model("two_tower"),
-    "gru4rec": lambda: _torch_model("gru4rec"),  # sequential, nearline versions (PyTorch)
+    "two_tower": lambda **options: _torch_model("two_tower", **options),
+    "gru4rec": lambda **options: _torch_model("gru4rec", **options),  # sequential, nearline versions (PyTorch)
     # session + the sequential model, weight chosen on the validation split
     "session_seq": lambda: MixtureModel({"session": (SessionModel, 1.0),
                                          "gru4rec": (lambda: _torch_model("gru4rec"), 0.1)}),
@@ -90,14 +90,14 @@ def resolve_names(spec: str) -> list[str]:
     return list(dict.fromkeys(names + list(BASELINES)))
 
 
-def _torch_model(name: str) -> OnlineModel:
+def _torch_model(name: str, **options) -> OnlineModel:
     if name == "gru4rec":
         from online_models.gru4rec import GRU4RecModel
 
-        return GRU4RecModel()
+        return GRU4RecModel(**options)
     from online_models.two_tower import TwoTowerModel
 
-    return TwoTowerModel()
+    return TwoTowerModel(**options)
 
 
 def _blended(rerank: bool) -> OnlineModel:

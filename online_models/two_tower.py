@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from online_models.base import (LearnReport, NearlineModel, Query, Recommendations,
-                                RetrainSchedule, top_k_dense)
+                                RetrainSchedule, top_k_dense, torch_device)
 from online_models.content import item_features
 from online_models.signals import SignalBatch
 from schemas.items import latest_per_item
@@ -66,8 +66,9 @@ class TwoTowerModel(NearlineModel):
                  window: int = 60_000, retrain_every: int = 10_000, min_examples: int = 1_000,
                  epochs: int = 4, batch_size: int = 512, learning_rate: float = 0.005,
                  temperature: float = 0.07, id_dropout: float = 0.3,
-                 title_weight: float = 1.0, seed: int = 0) -> None:
+                 title_weight: float = 1.0, seed: int = 0, device: str = "cpu") -> None:
         super().__init__()
+        self.device = device
         self.dim, self.history, self.recency = dim, history, recency
         self.window, self.retrain_every, self.min_examples = window, retrain_every, min_examples
         self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
@@ -113,42 +114,46 @@ class TwoTowerModel(NearlineModel):
 
     # --- training ---------------------------------------------------------------------------
     def train(self) -> None:
-        """Train a fresh model on the window and publish it as the next version."""
+        """Train a fresh model on the window (on ``device``) and publish it as the next
+        version (on the CPU)."""
+        device = torch_device(self.device)
         torch.manual_seed(self.seed + self.version)
         rng = np.random.default_rng(self.seed + self.version)
         examples = list(self._examples)
         items = sorted({i for h, t in examples for i in (*h, t)} | set(self._features))
         vocab = _Vocabulary(items, self._features)
-        net = _Towers(len(items), len(vocab.feature_index), self.dim)
+        net = _Towers(len(items), len(vocab.feature_index), self.dim).to(device)
         optimiser = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
-        targets = torch.tensor([vocab.index[t] for _, t in examples])
-        histories, weights = vocab.histories([h for h, _ in examples], self.history,
-                                             self.recency)
+        targets = torch.tensor([vocab.index[t] for _, t in examples], device=device)
+        histories, weights = (t.to(device) for t in vocab.histories(
+            [h for h, _ in examples], self.history, self.recency))
         counts = torch.bincount(targets, minlength=len(items) + 1).float()
         log_q = torch.log(counts / counts.sum()).clamp(min=-30)
-        feats = vocab.feature_rows()
+        feats = vocab.feature_rows()  # kept on the CPU for the published version
+        train_feats = feats.to(device)
         for _ in range(self.epochs):
-            order = torch.from_numpy(rng.permutation(len(examples)))
+            order = torch.from_numpy(rng.permutation(len(examples))).to(device)
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
                 batch_targets = targets[rows]
-                keep = (torch.rand(len(rows)) >= self.id_dropout).float()
+                keep = (torch.rand(len(rows), device=device) >= self.id_dropout).float()
                 target_vecs = nn.functional.normalize(
-                    net.items(batch_targets, feats[batch_targets], keep), dim=-1)
+                    net.items(batch_targets, train_feats[batch_targets], keep), dim=-1)
                 hist = histories[rows]
-                hist_vecs = net.items(hist.reshape(-1), feats[hist.reshape(-1)]).reshape(
+                hist_vecs = net.items(hist.reshape(-1), train_feats[hist.reshape(-1)]).reshape(
                     *hist.shape, self.dim)
                 users = net.users(hist_vecs, weights[rows])
                 logits = users @ target_vecs.T / self.temperature - log_q[batch_targets][None]
                 # the same item twice in a batch is not its own negative
                 same = batch_targets[None, :] == batch_targets[:, None]
-                logits = logits.masked_fill(same & ~torch.eye(len(rows), dtype=torch.bool),
-                                            float("-inf"))
-                loss = nn.functional.cross_entropy(logits, torch.arange(len(rows)))
+                diagonal = torch.eye(len(rows), dtype=torch.bool, device=device)
+                logits = logits.masked_fill(same & ~diagonal, float("-inf"))
+                loss = nn.functional.cross_entropy(
+                    logits, torch.arange(len(rows), device=device))
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
-        net.eval()
+        net.cpu().eval()
         with torch.no_grad():
             ids = torch.arange(1, len(items) + 1)
             vectors = nn.functional.normalize(net.items(ids, feats[ids]), dim=-1)

@@ -13,6 +13,9 @@ model publishes a version it
 ``streamrec trainer --rollback <version>`` points ``CURRENT`` back at a kept version and
 publishes its vectors again.
 
+``STREAMREC_TRAINER_DEVICE`` (cpu, cuda[:N], auto) is where versions train; a device torch
+cannot use stops the trainer at start. Versions are saved and served from the CPU either way.
+
 On start the trainer rebuilds its window from the log (the last ``window`` events, shared
 between the partitions, and every item description) with training paused, then trains one
 version on the whole window at once. Versions number on from the newest kept one, so a
@@ -33,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from infra.settings import Settings
-from online_models.base import NearlineModel
+from online_models.base import NearlineModel, torch_device
 from online_models.registry import build
 from online_models.signals import SignalMapper
 from schemas import vectors
@@ -126,6 +129,9 @@ class Trainer:
         self.model = model if model is not None else build(model_name)
         if not isinstance(self.model, NearlineModel):
             raise ValueError(f"{model_name} is not a nearline model (no versions to export)")
+        if model is None:
+            self.model.device = settings.trainer_device
+        torch_device(self.model.device)  # ValueError now, not at the first training
         self.checkpoints = Checkpoints(settings.trainer_dir, model_name, settings.trainer_keep)
         self.events = self.invalid = self.vectors_published = 0
         self.published: list[int] = []

@@ -174,8 +174,8 @@ def test_a_restarted_trainer_rebuilds_its_window_then_numbers_on_from_its_kept_v
     assert source.version == 2
 
 
-def test_trainer_cli_refuses_without_a_checkpoint_folder_or_a_kept_version(settings,
-                                                                          tmp_path):
+def test_trainer_cli_refuses_without_a_checkpoint_folder_a_kept_version_or_a_device(settings,
+                                                                                   tmp_path):
     env = settings_env(settings)
     run = subprocess.run([sys.executable, "-m", "infra.cli", "trainer"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
@@ -184,6 +184,11 @@ def test_trainer_cli_refuses_without_a_checkpoint_folder_or_a_kept_version(setti
     run = subprocess.run([sys.executable, "-m", "infra.cli", "trainer", "--rollback", "4"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "no kept version 4" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    env["STREAMREC_TRAINER_DEVICE"] = "cuda:99"
+    run = subprocess.run([sys.executable, "-m", "infra.cli", "trainer"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "CUDA GPU" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
 
 
