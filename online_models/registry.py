@@ -30,7 +30,8 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     "content": ContentModel,  # item descriptions (the items topic): reaches items nobody touched
     # PyTorch, trained nearline on a rolling window (imported lazily: torch loads in ~1 s)
     "two_tower": lambda **options: _torch_model("two_tower", **options),
-    "gru4rec": lambda **options: _torch_model("gru4rec", **options),  # sequential, nearline versions (PyTorch)
+    # sequential, nearline versions (PyTorch)
+    "gru4rec": lambda **options: _torch_model("gru4rec", **options),
     # session + the sequential model, weight chosen on the validation split
     "session_seq": lambda: MixtureModel({"session": (SessionModel, 1.0),
                                          "gru4rec": (lambda: _torch_model("gru4rec"), 0.1)}),

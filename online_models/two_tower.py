@@ -146,8 +146,8 @@ class TwoTowerModel(NearlineModel):
                 logits = users @ target_vecs.T / self.temperature - log_q[batch_targets][None]
                 # the same item twice in a batch is not its own negative
                 same = batch_targets[None, :] == batch_targets[:, None]
-                diagonal = torch.eye(len(rows), dtype=torch.bool, device=device)
-                logits = logits.masked_fill(same & ~diagonal, float("-inf"))
+                itself = torch.eye(len(rows), dtype=torch.bool, device=device)
+                logits = logits.masked_fill(same & ~itself, float("-inf"))
                 loss = nn.functional.cross_entropy(
                     logits, torch.arange(len(rows), device=device))
                 optimiser.zero_grad()
