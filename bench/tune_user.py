@@ -31,7 +31,7 @@ from online_models.signals import SignalMapper  # noqa: E402
 from replay.loaders import load_items, load_log  # noqa: E402
 from replay.protocols import ItemTimeline, by_chunk, user_queries  # noqa: E402
 
-PARTS = ("session", "history", "als", "popularity", "content")
+PARTS = ("session", "history", "als", "popularity", "content", "two_tower")
 #: measured before (validation HR@10): the best of history (0–1.5) × als (0–2) × popularity
 #: (0, 0.05) was history 1, als 0.75, popularity 0.05 (0.1006); with content, history
 #: (0.75–1.25) × als (0.5–1) × popularity (0, 0.05) × content (0–0.35): history 0.75, als 0.5,
@@ -45,7 +45,8 @@ CONTEXT_GRID = {"history": (0.25, 0.75, 1.5), "als": (0.25, 0.5, 1.0),
 GRID = {"history": (0.75, 1.0),
         "als": (0.75, 1.0),
         "popularity": (0.0, 0.05),
-        "content": (1.0, 1.5, 2.0)}
+        "content": (1.0, 1.5, 2.0),
+        "two_tower": (0.0, 0.5, 1.0, 2.0)}
 #: variants of the ALS part (``--als-variants``), each learned afresh; measured alone on the
 #: validation split (HR@10): λ=1, w0=0.05, α=4, k=64, no recency 0.038; λ=10 0.051; w0=0.2
 #: 0.048; recency 0.8 0.058; α=1 0.057; then with α=1, recency 0.8: λ=10 w0=0.2 0.068,
@@ -174,9 +175,11 @@ def main() -> None:
         tune_by_context(preds, lists, context_buckets(validation, preds, args.chunk))
     singles = {name: hit_rate(preds, lists, {name: 1.0}) for name in PARTS}
     rows = []
-    for wh, wa, wp, wc in itertools.product(GRID["history"], GRID["als"], GRID["popularity"],
-                                            GRID["content"]):
-        weights = {"session": 1.0, "history": wh, "als": wa, "popularity": wp, "content": wc}
+    for wh, wa, wp, wc, wt in itertools.product(GRID["history"], GRID["als"],
+                                                GRID["popularity"], GRID["content"],
+                                                GRID["two_tower"]):
+        weights = {"session": 1.0, "history": wh, "als": wa, "popularity": wp, "content": wc,
+                   "two_tower": wt}
         rows.append({"history": "registry", "weights": weights,
                      "HR@10": hit_rate(preds, lists, weights)})
     if args.als_variants:

@@ -48,20 +48,25 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
 BASELINES = ("random", "popularity")
 
 #: Returning users: the recent session's next-item scores, the user's history neighbours, the
-#: user's ALS factors and the content model, weights chosen on the validation split of
-#: ``bench/tune_user.py`` (validation HR@10 0.1098; without content 0.1006, without ALS 0.0957;
-#: popularity's best weight became 0 once content joined).
+#: user's ALS factors, the content model and the two-tower versions, weights chosen on the
+#: validation split of ``bench/tune_user.py`` (validation HR@10 0.1098; without content 0.1006,
+#: without ALS 0.0957; popularity's best weight became 0 once content joined). Session 18,
+#: with the two-tower's fresher defaults: these four parts 0.1048, with two-tower at 1.0 0.1123
+#: (the grid's best, 0.1133, moves three other weights for +0.001: not taken).
 USER_BLEND_PARTS = {
     "session": (SessionModel, 1.0),
     "history": (lambda: build("history"), 0.75),
     "als": (OnlineALS, 1.0),
     "content": (ContentModel, 1.5),
+    "two_tower": (lambda: build("two_tower"), 1.0),
 }
 #: The same parts (and popularity) weighted per context bucket, the user's learned events
 #: (< 10, < 50, < 200, more: ``online_models.mixture.context_bucket``), chosen per bucket by
 #: ``bench/tune_user.py --by-context``: validation HR@10 0.1103 against the global weights'
 #: 0.1098 — the best weights barely depend on how long the history is, on this log.
-USER_CONTEXT_PARTS = {**USER_BLEND_PARTS, "popularity": (PopularityModel, 0.0)}
+#: (Tuned before two-tower joined ``user_blend``: its parts stay the four it was tuned with.)
+USER_CONTEXT_PARTS = {**{name: part for name, part in USER_BLEND_PARTS.items()
+                         if name != "two_tower"}, "popularity": (PopularityModel, 0.0)}
 _LONG_TERM = {"session": 1.0, "history": 0.75, "als": 1.0, "content": 1.5}
 USER_CONTEXT_WEIGHTS = {0: {**_LONG_TERM, "popularity": 0.05}, 1: {**_LONG_TERM},
                         2: {**_LONG_TERM}, 3: {**_LONG_TERM}}
