@@ -2,9 +2,9 @@
 
 An embedded broker; simulated traffic at ``--rate`` events/s; every ``--new-every`` seconds a
 brand-new item is described (categories of an existing one, never clicked). The trainer
-(``stream/trainer.py``, two-tower, a version every ``--retrain-every`` positives) consumes it
-all; serving's ``ann_two_tower`` source (``serving/nearline.py``) checks CURRENT every 0.5 s.
-Measured per new item: description sent → the item found in the serving index; and per
+(``stream/trainer.py``, two-tower, a version every ``--retrain-every`` positives, by default
+the model's) consumes it all; serving's ``ann_two_tower`` source (``serving/nearline.py``)
+checks CURRENT every 0.5 s. Measured per new item: description sent → the item found in the serving index; and per
 version: the interval between versions and the time to save + publish one. The baseline in
 the same run is the publish interval itself: a latency at or under one interval (+ one
 training) is the design's best.
@@ -39,7 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--rate", type=float, default=500.0, help="events per second")
-    parser.add_argument("--retrain-every", type=int, default=5000, help="positives per version")
+    parser.add_argument("--retrain-every", type=int, default=None,
+                        help="positives per version (default: the model's)")
     parser.add_argument("--new-every", type=float, default=5.0, help="seconds between new items")
     args = parser.parse_args()
     with EmbeddedKafka() as kafka, tempfile.TemporaryDirectory() as folder:
@@ -52,7 +53,8 @@ def main() -> None:
             publisher.send_many(descriptions)
             publisher.flush()
         trainer = Trainer(settings, "two_tower",
-                          model=TwoTowerModel(retrain_every=args.retrain_every))
+                          model=TwoTowerModel(**({"retrain_every": args.retrain_every}
+                                                 if args.retrain_every else {})))
         stop = threading.Event()
         training = threading.Thread(target=trainer.run, args=(stop,), daemon=True)
         training.start()
@@ -95,7 +97,8 @@ def main() -> None:
         source.close()
     latencies = [found[i] - sent[i] for i in found]
     intervals = np.diff([t for t, _ in versions]).tolist()
-    result = {"seconds": args.seconds, "rate": args.rate, "retrain_every": args.retrain_every,
+    result = {"seconds": args.seconds, "rate": args.rate,
+              "retrain_every": trainer.model.schedule.every,
               "versions": len(versions), "events_learned": trainer.events,
               "new_items_sent": len(sent), "new_items_found": len(found),
               "version_interval_s_p50": round(float(np.median(intervals)), 2) if intervals else None,
