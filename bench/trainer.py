@@ -6,9 +6,8 @@ brand-new item is described (categories of an existing one, never clicked). The 
 the model's) consumes it all; serving's ``ann_two_tower`` source (``serving/nearline.py``)
 checks CURRENT every 0.5 s. Measured per new item: description sent → the item found in the
 serving index; and per version: the interval between versions and the time to save + publish
-one. The baseline in
-the same run is the publish interval itself: a latency at or under one interval (+ one
-training) is the design's best.
+one. The baseline in the same run is the publish interval itself: a latency at or under one
+interval (+ one training) is the design's best.
 Usage: ``python bench/trainer.py``; the last line is JSON.
 """
 
