@@ -156,7 +156,10 @@ class Settings(BaseSettings):
                              description="Online models the worker updates (comma-separated, "
                                          "names from online_models/registry.py; empty = none). "
                                          "Without cooc, co-occurrence neighbours are scored at "
-                                         "read time from the session model's state.")
+                                         "read time from the session model's state. Models "
+                                         "trained in versions (two_tower, gru4rec, and the "
+                                         "mixtures holding them: user_blend, session_seq) are "
+                                         "refused at start: `streamrec trainer` runs them.")
     session_rules: Literal["read", "written"] = Field(
         "read", description="How the session model scores next-item rules: read (at query time "
         "from each item's recent sessions: the worker counts no pairs) or written (counted per "

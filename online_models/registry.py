@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from online_models.als import OnlineALS
-from online_models.base import OnlineModel
+from online_models.base import NearlineModel, OnlineModel
 from online_models.content import ContentModel
 from online_models.cooccurrence import CooccurrenceModel
 from online_models.mf import OnlineMF
@@ -82,6 +82,29 @@ def user_knn(**options) -> CooccurrenceModel:
 
 class UnknownModelError(ValueError):
     """A model name that is not in :data:`MODELS`."""
+
+
+class NotALiveModelError(UnknownModelError):
+    """A model that trains in versions (PyTorch), named where per-event models go."""
+
+
+def nearline_parts(model: OnlineModel) -> list[str]:
+    """The parts of ``model`` (itself, or a mixture's parts) that train in versions."""
+    if isinstance(model, NearlineModel):
+        return [model.name]
+    return [name for part in getattr(model, "parts", {}).values()
+            for name in nearline_parts(part)]
+
+
+def check_live(name: str, model: OnlineModel) -> OnlineModel:
+    """``model`` if it can learn per event in a worker; else NotALiveModelError."""
+    parts = nearline_parts(model)
+    if parts:
+        raise NotALiveModelError(
+            f"STREAMREC_LIVE_MODELS: {name!r} holds {' and '.join(parts)}, trained in "
+            f"versions by `streamrec trainer` (serving reads the CURRENT version), not learnt "
+            f"per event by the worker")
+    return model
 
 
 def resolve_names(spec: str) -> list[str]:

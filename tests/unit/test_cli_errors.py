@@ -74,3 +74,21 @@ def test_models_all_is_every_registered_model():
     assert resolve_names("mf, session,mf") == ["mf", "session", *BASELINES]
     with pytest.raises(UnknownModelError, match="known: session"):
         resolve_names("all,nope")
+
+
+@pytest.mark.parametrize("name,parts", [("two_tower", "two_tower"), ("user_blend", "two_tower"),
+                                        ("session_seq", "gru4rec")])
+def test_the_worker_refuses_a_model_trained_in_versions(monkeypatch, capsys, name, parts):
+    monkeypatch.setenv("STREAMREC_KAFKA_BOOTSTRAP", "unused:9092")  # never reached
+    monkeypatch.setenv("STREAMREC_REDIS_URL", "redis://unused:6379")
+    monkeypatch.setenv("STREAMREC_LIVE_MODELS", f"session,{name}")
+    code, err = run_cli(capsys, "worker")
+    assert code == 2 and f"{name!r} holds {parts}, trained in versions" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_live_models_learn_per_event_and_mixtures_of_them_pass():
+    from online_models.registry import build, check_live, nearline_parts
+
+    for name in ("session", "mf", "cooc", "als", "content", "user_blend_ctx"):
+        assert check_live(name, build(name)) is not None and not nearline_parts(build(name))
