@@ -9,14 +9,18 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from infra.settings import Settings
+if TYPE_CHECKING:  # imported where used: the tuning benches run without pydantic
+    from infra.settings import Settings
 
 YOOCHOOSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "yoochoose-rsc15-100k"
 
 
 def add_live_options(parser: argparse.ArgumentParser) -> None:
     """``--models`` and ``--redis-aof``, for the benches that run the worker's apply path."""
+    from infra.settings import Settings
+
     parser.add_argument("--models", default=Settings.model_fields["live_models"].default,
                         help="live models (default: STREAMREC_LIVE_MODELS's default)")
     parser.add_argument("--redis-aof", action="store_true",

@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import add_validation_options, validation_split  # noqa: E402
 from online_models.mixture import mix, normalised  # noqa: E402
 from online_models.registry import build  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
-from replay.loaders import load_split  # noqa: E402
 from replay.metrics import ranking_metrics  # noqa: E402
 from replay.protocols import session_queries  # noqa: E402
 
@@ -77,19 +77,24 @@ def scores(predictions, candidates: dict[str, list[dict]], weights: dict[str, fl
     return hr / len(predictions), mrr / len(predictions)
 
 
-def _run_setting(job):
-    args, options = job
-    train, valid = load_split(args.data, args.format, args.test_days)
-    queries = [p.query for p in session_queries(valid)]
+_split: tuple = ()  # a settings process's (args, train events, queries), loaded once
+
+
+def _load_split(args) -> None:
+    global _split
+    train, valid = validation_split(args)
+    _split = (args, train, [p.query for p in session_queries(valid)])
+
+
+def _run_setting(options: dict):
+    args, train, queries = _split
     return candidate_lists(args.sequential, {**options, "device": args.device}, train, queries,
                            args.train_at_end, args.threads)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="a training log (never the test split)")
-    parser.add_argument("--format", default="yoochoose")
-    parser.add_argument("--test-days", type=float, default=1.0)
+    add_validation_options(parser)
     parser.add_argument("--sequential", default="gru4rec")
     parser.add_argument("--grid", default="", help='e.g. "hidden=100,200;epochs=10,20"')
     parser.add_argument("--fixed", default="", help='options every setting shares, e.g. '
@@ -105,7 +110,7 @@ def main() -> None:
     if len(fixed) != 1:
         raise SystemExit("--fixed: one value per option")
     grid = [{**fixed[0], **options} for options in parse_grid(args.grid)]
-    train, valid = load_split(args.data, args.format, args.test_days)
+    train, valid = validation_split(args)
     predictions = session_queries(valid)
     queries = [p.query for p in predictions]
     print(f"validation: {len(train)} train events, {len(predictions)} validation queries; "
@@ -113,10 +118,9 @@ def main() -> None:
     session, seconds = candidate_lists("session", {}, train, queries, False, args.threads)
     hr, mrr = scores(predictions, {"session": session}, {"session": 1.0})
     print(f"session alone: HR@20 {hr:.4f} MRR@20 {mrr:.4f} ({seconds:.0f} s)", flush=True)
-    jobs = [(args, options) for options in grid]
     context = multiprocessing.get_context("spawn")  # CUDA cannot follow a fork
-    with context.Pool(min(args.processes, len(jobs))) as pool:
-        for options, (lists, seconds) in zip(grid, pool.imap(_run_setting, jobs)):
+    with context.Pool(min(args.processes, len(grid)), _load_split, (args,)) as pool:
+        for options, (lists, seconds) in zip(grid, pool.imap(_run_setting, grid)):
             row = {"setting": options, "seconds": round(seconds)}
             candidates = {"session": session, args.sequential: lists}
             hr, mrr = scores(predictions, candidates, {args.sequential: 1.0})
