@@ -29,13 +29,12 @@ def cmd_worker(args: argparse.Namespace) -> None:
     """Run the Faust worker (ingest and items agents)."""
     from infra.embedded import ensure_streamrec_topics
     from infra.settings import Settings
-
-    from online_models.registry import build, check_live
+    from online_models.registry import build_live
 
     settings = Settings()
     settings.require_services()
     for name in settings.live_model_names:  # a wrong name fails here, in one line
-        check_live(name, build(name, **settings.model_options.get(name, {})))
+        build_live(name, **settings.model_options.get(name, {}))
     ensure_streamrec_topics(settings)
     import stream.items  # noqa: F401 - registers the items agent
     from stream.ingest import app  # registers the ingest agent and tasks

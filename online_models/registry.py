@@ -96,8 +96,10 @@ def nearline_parts(model: OnlineModel) -> list[str]:
             for name in nearline_parts(part)]
 
 
-def check_live(name: str, model: OnlineModel) -> OnlineModel:
-    """``model`` if it can learn per event in a worker; else NotALiveModelError."""
+def build_live(name: str, **options) -> OnlineModel:
+    """The named model (:func:`build`) if it can learn per event in a worker; else
+    NotALiveModelError (UnknownModelError for a name not known)."""
+    model = build(name, **options)
     parts = nearline_parts(model)
     if parts:
         raise NotALiveModelError(

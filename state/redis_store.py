@@ -21,7 +21,7 @@ import redis
 
 from infra.redis_client import by_slot, is_cluster, mget_any, pack, send_per_node, slot_of
 from online_models.base import OnlineModel
-from online_models.registry import build, check_live
+from online_models.registry import build_live
 from online_models.store import Rows, StateStore, slack
 from schemas.keys import RedisKeys, encode_id
 
@@ -684,7 +684,7 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
     check_layout(client, prefix, layout, claim=writer)
     models = {}
     for name in names:
-        model = check_live(name, build(name, **(options or {}).get(name, {})))
+        model = build_live(name, **(options or {}).get(name, {}))
         single = layout == "single" and writes_alone(model)
         if is_cluster(client) and not single:
             raise StateLayoutError(

@@ -88,7 +88,7 @@ def test_the_worker_refuses_a_model_trained_in_versions(monkeypatch, capsys, nam
 
 
 def test_live_models_learn_per_event_and_mixtures_of_them_pass():
-    from online_models.registry import build, check_live, nearline_parts
+    from online_models.registry import build, build_live, nearline_parts
 
     for name in ("session", "mf", "cooc", "als", "content", "user_blend_ctx"):
-        assert check_live(name, build(name)) is not None and not nearline_parts(build(name))
+        assert build_live(name) is not None and not nearline_parts(build(name))
