@@ -115,7 +115,9 @@ def slot_of(key: str | bytes) -> int:
 
 def _replies(connection, count: int):
     """``count`` replies, error replies as exception objects (not raised). Straight from
-    hiredis's reader where redis-py parses with it: its per-reply wrapper costs ~4 µs."""
+    hiredis's reader where redis-py parses with it: its per-reply wrapper costs ~4 µs. A
+    socket error (a node killed mid-reply) is raised as redis's ConnectionError, as redis-py's
+    own read raises it, so callers treat it as the transient error it is."""
     parser = getattr(connection, "_parser", None)
     reader = getattr(parser, "_reader", None)
     for _ in range(count):
@@ -127,7 +129,10 @@ def _replies(connection, count: int):
             continue
         reply = reader.gets()
         while reply is NOT_ENOUGH_DATA:
-            parser.read_from_socket()
+            try:
+                parser.read_from_socket()
+            except OSError as exc:
+                raise redis.ConnectionError(f"Error while reading from Redis: {exc}") from exc
             reply = reader.gets()
         yield reply
 

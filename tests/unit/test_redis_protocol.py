@@ -20,3 +20,24 @@ from infra.redis_client import pack
 ])
 def test_pack_is_byte_identical_to_hiredis(command):
     assert pack(command) == pack_command(command)
+
+
+def test_a_reset_socket_while_reading_replies_is_redis_connection_error():
+    """A node killed mid-reply resets the socket: the fast reply reader must raise redis's
+    ConnectionError (what every caller retries as transient), not the raw OSError."""
+    import hiredis
+    import redis
+
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA
+
+    from infra.redis_client import _replies
+
+    class ResetParser:  # as redis-py's hiredis parser builds its reader
+        _reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
+
+        def read_from_socket(self):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    connection = type("Connection", (), {"_parser": ResetParser()})()
+    with pytest.raises(redis.ConnectionError, match="reset by peer"):
+        list(_replies(connection, 1))
