@@ -9,6 +9,7 @@ Example
 
 from __future__ import annotations
 
+import ssl
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -241,7 +242,7 @@ class Settings(BaseSettings):
         return tuple(int(p) for p in self.explore_positions.split(",") if p)
 
     def kafka_client_options(self) -> dict[str, str]:
-        """Security options in the form kafka-python and aiokafka both accept."""
+        """Security options in the form kafka-python takes."""
         options: dict[str, str] = {"security_protocol": self.kafka_security_protocol}
         for name in ("cafile", "certfile", "keyfile"):
             if getattr(self, f"kafka_ssl_{name}"):
@@ -250,6 +251,22 @@ class Settings(BaseSettings):
             options["sasl_mechanism"] = self.kafka_sasl_mechanism
             options["sasl_plain_username"] = self.kafka_sasl_username
             options["sasl_plain_password"] = self.kafka_sasl_password
+        return options
+
+    def kafka_ssl_context(self) -> ssl.SSLContext:
+        """TLS for aiokafka clients (the worker's, the impression log's): the CA bundle, and a
+        client certificate if set."""
+        context = ssl.create_default_context(cafile=self.kafka_ssl_cafile or None)
+        if self.kafka_ssl_certfile:
+            context.load_cert_chain(self.kafka_ssl_certfile, self.kafka_ssl_keyfile or None)
+        return context
+
+    def aiokafka_client_options(self) -> dict:
+        """:meth:`kafka_client_options` in the form aiokafka takes (TLS as an SSLContext)."""
+        options: dict = {k: v for k, v in self.kafka_client_options().items()
+                         if not k.startswith("ssl_")}
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = self.kafka_ssl_context()
         return options
 
     def require_services(self) -> None:

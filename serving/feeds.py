@@ -14,11 +14,14 @@ Example
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 
 import numpy as np
+from aiokafka.errors import KafkaError
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error
 from infra.settings import Settings
@@ -54,47 +57,82 @@ class ImpressionLogUnavailable(RuntimeError):
 
 
 class ImpressionLogger:
-    """Sends impression records and waits for Kafka's acks. The producer is created on first
-    use (a serving process starts, and serves stored feeds, while Kafka is down); thread-safe."""
+    """Sends impression records and waits for Kafka's acks, within ``kafka_ack_timeout_s`` in
+    all (connecting included). An aiokafka producer on an event loop thread of its own: its
+    record batches are built in compiled code, ~30 µs of CPU per record against ~100 µs for
+    kafka-python's (``docs/benchmarks.md``). The producer starts on first use (a serving
+    process starts, and serves stored feeds, while Kafka is down); thread-safe."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._producer = None
+        self._producer = None  # touched on the loop thread only
+        self._starting: asyncio.Lock | None = None  # one producer, however many lists wait
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def log(self, records: list[tuple[str, impressions.ImpressionLog]]) -> None:
-        from kafka.errors import KafkaError
-
-        budget = self.settings.kafka_ack_timeout_s  # the whole wait, connecting included
-        started = time.monotonic()
+        budget = self.settings.kafka_ack_timeout_s
+        sent = asyncio.run_coroutine_threadsafe(self._send(records), self._get_loop())
         try:
-            producer = self._get()
-            sent = [producer.send(self.settings.topic_impressions, key=user.encode(),
-                                  value=impressions.encode(record)) for user, record in records]
-            producer.flush(timeout=max(0.1, budget - (time.monotonic() - started)))
-            for future in sent:
-                future.get(timeout=0)  # raises the send's error, if any
+            sent.result(timeout=budget)
+        except concurrent.futures.TimeoutError as exc:
+            sent.cancel()
+            raise ImpressionLogUnavailable(
+                f"impression log unavailable: no ack from Kafka within {budget:g} s") from exc
         except KafkaError as exc:
             raise ImpressionLogUnavailable(f"impression log unavailable: {exc!r}") from exc
 
-    def _get(self):
-        from kafka import KafkaProducer
-
-        with self._lock:
+    async def _send(self, records: list[tuple[str, impressions.ImpressionLog]]) -> None:
+        async with self._starting:
             if self._producer is None:
-                self._producer = KafkaProducer(
-                    bootstrap_servers=self.settings.kafka_bootstrap, acks="all", linger_ms=5,
-                    max_request_size=self.settings.max_message_bytes,
-                    max_block_ms=int(1000 * self.settings.kafka_ack_timeout_s),
-                    bootstrap_timeout_ms=int(1000 * self.settings.kafka_ack_timeout_s),
-                    **self.settings.kafka_client_options())
-            return self._producer
+                self._producer = await self._start()
+        producer = self._producer
+        topic = self.settings.topic_impressions
+        acks = [await producer.send(topic, key=user.encode(), value=impressions.encode(record))
+                for user, record in records]
+        await asyncio.gather(*acks)
+
+    async def _start(self):
+        from aiokafka import AIOKafkaProducer
+
+        timeout_ms = int(1000 * self.settings.kafka_ack_timeout_s)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
+            max_request_size=self.settings.max_message_bytes, request_timeout_ms=timeout_ms,
+            **self.settings.aiokafka_client_options())
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop, self._starting = asyncio.new_event_loop(), asyncio.Lock()
+                self._thread = threading.Thread(target=self._loop.run_forever,
+                                                 name="impression-log", daemon=True)
+                self._thread.start()
+            return self._loop
 
     def close(self, timeout: float = 10) -> None:
         with self._lock:
-            if self._producer is not None:
-                self._producer.close(timeout=timeout)
-                self._producer = None
+            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is None:
+            return
+        if self._producer is not None:
+            stopped = asyncio.run_coroutine_threadsafe(self._producer.stop(), loop)
+            try:
+                stopped.result(timeout=timeout)
+            except (concurrent.futures.TimeoutError, KafkaError):
+                log.warning("the impression log's producer did not stop within %g s", timeout)
+            self._producer = None
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=timeout)
+        if not thread.is_alive():
+            loop.close()
 
 
 #: Live models with a candidate source of their own in the pipeline; every other live model

@@ -7,7 +7,6 @@ pickle codec is never used. Faust's web server binds to 127.0.0.1.
 from __future__ import annotations
 
 import os
-import ssl
 import tempfile
 
 import faust
@@ -34,22 +33,14 @@ faust_aiokafka.Consumer._new_consumer_thread = (  # the driver's documented fact
     lambda self: _ConsumerThread(self, loop=self.loop, beacon=self.beacon))
 
 
-def ssl_context(s: Settings) -> ssl.SSLContext:
-    """TLS for the worker's Kafka clients: the CA bundle, and a client certificate if set."""
-    context = ssl.create_default_context(cafile=s.kafka_ssl_cafile or None)
-    if s.kafka_ssl_certfile:
-        context.load_cert_chain(s.kafka_ssl_certfile, s.kafka_ssl_keyfile or None)
-    return context
-
-
 def _broker_credentials(s: Settings):
     if s.kafka_sasl_mechanism:
-        context = ssl_context(s) if s.kafka_security_protocol == "SASL_SSL" else None
+        context = s.kafka_ssl_context() if s.kafka_security_protocol == "SASL_SSL" else None
         return faust.SASLCredentials(username=s.kafka_sasl_username,
                                      password=s.kafka_sasl_password,
                                      mechanism=s.kafka_sasl_mechanism, ssl_context=context)
     if s.kafka_security_protocol == "SSL":
-        return faust.SSLCredentials(ssl_context(s))
+        return faust.SSLCredentials(s.kafka_ssl_context())
     return None
 
 

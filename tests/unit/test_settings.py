@@ -46,6 +46,23 @@ def test_tls_files_reach_every_kafka_python_client():
                                         "ssl_keyfile": "/etc/client.key"}
 
 
+def test_tls_reaches_aiokafka_clients_as_a_context_with_the_ca_bundle():
+    import ssl
+
+    import certifi
+
+    s = Settings(kafka_security_protocol="SSL", kafka_ssl_cafile=certifi.where())
+    options = s.aiokafka_client_options()
+    assert set(options) == {"security_protocol", "ssl_context"}  # no file names: aiokafka
+    context = options["ssl_context"]
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.cert_store_stats()["x509_ca"] > 0  # the bundle given, loaded
+    assert Settings().aiokafka_client_options() == {"security_protocol": "PLAINTEXT"}
+    with pytest.raises(FileNotFoundError):
+        Settings(kafka_security_protocol="SSL",
+                 kafka_ssl_cafile="/nonexistent/ca.pem").aiokafka_client_options()
+
+
 @pytest.mark.parametrize("value", [" , ", ",", "   ", "short", "a-long-enough-key-1,",
                                    "a-long-enough key-2"])
 def test_api_keys_fail_closed(value):
