@@ -222,6 +222,8 @@ def test_item_codes_join_rows_into_the_columns_a_vocabulary_gives():
     vocab = vocabulary(rows)
     assert codes.names(distinct).tolist() == list(vocab)
     assert columns.tolist() == [vocab[i] for r in rows for i in r]
+    empty, none = joined_columns(np.empty(0, np.int64))
+    assert len(empty) == len(none) == 0
 
 
 def test_kept_rows_score_as_rows_read_afresh_across_a_reset_of_the_codes(monkeypatch):
