@@ -196,25 +196,40 @@ def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]
         out += top_k_dense(ids, (weights[a:b] @ neighbours).toarray(), k, queries[a:b],
                            columns if explain else None)
     if explain:
-        for rec, items, cols in zip(out, query_items, columns):
-            if rec.items:
-                rec.sources = _strongest_sources(neighbours, [row_of[i] for i in items], items,
-                                                 cols, recency)
+        explained = [n for n, rec in enumerate(out) if rec.items]
+        sources = _strongest_sources(neighbours, [[row_of[i] for i in query_items[n]]
+                                                  for n in explained],
+                                     [columns[n] for n in explained], recency)
+        for n, strongest in zip(explained, sources):
+            out[n].sources = [query_items[n][p] for p in strongest]
     return out
 
 
-def _strongest_sources(neighbours: sp.csr_matrix, rows: list[int], items: tuple[str, ...],
-                       cols: np.ndarray, recency: float) -> list[str]:
-    """For each column, the item of ``items`` (matrix rows ``rows``, oldest first) whose
-    term ``recency^(L − p) · sim`` is largest, the earliest on a tie (rows' indices sorted)."""
-    cols = np.asarray(cols)
-    terms = np.zeros((len(rows), len(cols)), np.float32)
-    for p, r in enumerate(rows):
-        lo, hi = neighbours.indptr[r], neighbours.indptr[r + 1]
-        if lo == hi:
-            continue
-        members = neighbours.indices[lo:hi]
-        at = np.minimum(np.searchsorted(members, cols), hi - lo - 1)
-        hit = members[at] == cols
-        terms[p, hit] = neighbours.data[lo:hi][at[hit]] * recency ** (len(rows) - 1 - p)
-    return [items[p] for p in terms.argmax(axis=0).tolist()]
+def _strongest_sources(neighbours: sp.csr_matrix, rows: list[list[int]],
+                       columns: list[np.ndarray], recency: float) -> list[list[int]]:
+    """For each query (its items' matrix rows ``rows``, oldest first; its recommended
+    ``columns``), per column the position of the item whose term ``recency^(L − p) · sim``
+    is largest, the earliest on a tie. All queries at once: one sorted lookup of every
+    (item, column) pair in the matrix (its indices sorted), as float32 as the scores."""
+    if not neighbours.nnz:  # no term anywhere: the first item, as on any tie
+        return [[0] * len(query_cols) for query_cols in columns]
+    longest, widest = max(map(len, rows)), max(map(len, columns))
+    item_rows = np.full((len(rows), longest), -1, np.int64)
+    weights = np.full((len(rows), longest), -np.inf, np.float32)  # padding never wins
+    cols = np.full((len(rows), widest), -1, np.int64)
+    for q, (query_rows, query_cols) in enumerate(zip(rows, columns)):
+        item_rows[q, :len(query_rows)] = query_rows
+        weights[q, :len(query_rows)] = [recency ** (len(query_rows) - 1 - p)
+                                        for p in range(len(query_rows))]
+        cols[q, :len(query_cols)] = query_cols
+    width = neighbours.shape[1]
+    entry_keys = np.repeat(np.arange(neighbours.shape[0], dtype=np.int64),
+                           np.diff(neighbours.indptr)) * width + neighbours.indices
+    wanted = item_rows[:, :, None] * width + cols[:, None, :]  # queries × items × columns
+    at = np.minimum(np.searchsorted(entry_keys, wanted), len(entry_keys) - 1)
+    found = (entry_keys[at] == wanted) & (item_rows[:, :, None] >= 0) & (cols[:, None, :] >= 0)
+    terms = np.where(found, neighbours.data[at] * weights[:, :, None],
+                     np.where(item_rows >= 0, np.float32(0), -np.inf)[:, :, None]
+                     ).astype(np.float32, copy=False)
+    best = terms.argmax(axis=1)  # queries × columns
+    return [best[q, :len(query_cols)].tolist() for q, query_cols in enumerate(columns)]
