@@ -275,11 +275,12 @@ def top_k_dense(item_ids: np.ndarray, block: np.ndarray, k: int,
     is modified in place (excluded cells zeroed). ``columns``: a list each row's chosen
     columns are appended to.
     """
-    column_of = None
-    for row, query in enumerate(queries):
-        if query.exclude:
-            column_of = column_of or {item: c for c, item in enumerate(item_ids.tolist())}
-            block[row, [column_of[i] for i in query.exclude if i in column_of]] = 0.0
+    excluded = [(row, item) for row, query in enumerate(queries) for item in query.exclude]
+    if excluded:
+        column_of = dict(zip(item_ids.tolist(), range(len(item_ids))))
+        cells = [(row, column_of[item]) for row, item in excluded if item in column_of]
+        if cells:
+            block[tuple(np.array(cells, np.int64).T)] = 0.0
     kk = min(k, block.shape[1])
     if kk == 0:
         if columns is not None:

@@ -110,13 +110,32 @@ def blend(sources: dict[str, SourceList], policy: RerankPolicy,
     chosen = np.arange(len(unique))
     if limit is not None and limit < len(unique):  # the best `limit`, ties at the cut kept
         chosen = np.flatnonzero(totals >= -np.partition(-totals, limit - 1)[limit - 1])
-    ranked = sorted(zip((-totals[chosen]).tolist(), [unique[n] for n in chosen.tolist()],
-                        chosen.tolist()))[:limit]
-    by_item = np.lexsort((-parts, ids))  # each item's terms, largest first (stable)
-    strongest = by_item[np.r_[True, ids[by_item][1:] != ids[by_item][:-1]]]  # by number
+    ranked = _ties_by_name(chosen[np.argsort(-totals[chosen], kind="stable")], totals,
+                           unique)[:limit]
+    # each item's reason: its largest term, the first on a tie
+    largest = np.full(len(unique), -np.inf)
+    np.maximum.at(largest, ids, parts)
+    terms = np.flatnonzero(parts == largest[ids])
+    strongest = np.full(len(unique), len(ids))
+    np.minimum.at(strongest, ids[terms], terms)
     reasons = list(chain.from_iterable(rows.all_reasons() for _, rows in lists))
-    return [Candidate(item, -negative, reasons[term]) for (negative, item, _), term in
-            zip(ranked, strongest[[n for _, _, n in ranked]].tolist())]
+    return [Candidate(unique[n], total, reasons[term]) for n, total, term in
+            zip(ranked.tolist(), totals[ranked].tolist(), strongest[ranked].tolist())]
+
+
+def _ties_by_name(order: np.ndarray, totals: np.ndarray, names: list[str]) -> np.ndarray:
+    """``order`` (item numbers by falling total) with each run of equal totals put in name
+    order, so equal scores rank alike whichever source listed an item first."""
+    values = totals[order]
+    tied = np.flatnonzero(values[1:] == values[:-1])  # order[i] ties with order[i + 1]
+    if not len(tied):
+        return order
+    breaks = np.flatnonzero(np.diff(tied) > 1)
+    order = order.tolist()
+    for start, end in zip(np.r_[tied[0], tied[breaks + 1]].tolist(),
+                          (np.r_[tied[breaks], tied[-1]] + 2).tolist()):
+        order[start:end] = sorted(order[start:end], key=names.__getitem__)
+    return np.array(order, np.int64)
 
 
 def rerank(candidates: list[Candidate], k: int, policy: RerankPolicy, *,
