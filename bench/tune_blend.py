@@ -1,8 +1,15 @@
 """Choose the blend's source weights on a validation split (never the test split).
 
-Validation = the last ``--test-days`` of the training log (``load_split`` on the train file
-alone); each candidate weighting is replayed with the session protocol and ranked by HR@20.
-Usage: ``python bench/tune_blend.py --data ../shared/data/yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.txt``
+Session protocol (YooChoose, the default): validation = the last ``--test-days`` of the
+training log (``load_split`` on the train file alone); a grid of the short-term sources'
+weights, ranked by HR@20. User protocol (``--protocol user``, MovieLens): validation = the
+log's first ``--share`` by time, replayed through the pipeline with the returning users'
+sources (``blend_user_raw``), ranked by HR@10. ``--grid "ann_two_tower=0,0.5,1 | als=1"``
+tries those weights (the others as live: ``RerankPolicy.source_weights``). Usage::
+
+    python bench/tune_blend.py --data ../shared/data/yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.txt
+    python bench/tune_blend.py --protocol user --data ../shared/data/movielens-latest-small \\
+        --format movielens --grid "ann_two_tower=0,0.5,1"
 """
 
 from __future__ import annotations
@@ -20,31 +27,63 @@ from replay.protocols import run  # noqa: E402
 from serving.blended import BlendedModel  # noqa: E402
 from serving.rerank import RerankPolicy  # noqa: E402
 
+#: The session protocol's default grid: the short-term sources and the freshness boost.
+SESSION_GRID = "cooc=0,0.1 | ann=0,0.02 | trending=0,0.01 | freshness=0,0.05"
+
+
+def parse_grid(text: str) -> list[dict[str, float]]:
+    """``"a=1,2 | b=3"`` → every combination, as {source: weight}."""
+    axes = []
+    for part in filter(None, (p.strip() for p in text.split("|"))):
+        name, _, values = part.partition("=")
+        if not values:
+            raise SystemExit(f"--grid: {part!r} is not name=value[,value...]")
+        axes.append([(name.strip(), float(v)) for v in values.split(",")])
+    return [dict(combination) for combination in itertools.product(*axes)]
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_validation_options(parser)
+    parser.add_argument("--protocol", choices=("session", "user"), default="session")
+    parser.add_argument("--share", type=float, default=0.6,
+                        help="user protocol: validation is the log's first share (by time)")
+    parser.add_argument("--grid", default="", help="weights to try (default, session: "
+                        f"{SESSION_GRID!r}; user: the live weights alone)")
     args = parser.parse_args()
-    train, valid = validation_split(args)
+    user = args.protocol == "user"
+    if user:
+        from replay.loaders import load_items, load_log
+
+        if not Path(args.data).exists():
+            sys.exit(f"{args.data}: not found (the shared data folder is needed)")
+        events = load_log(args.data, args.format)
+        train, valid = [], events[:int(len(events) * args.share)]
+        items = load_items(args.data, args.format)
+    else:
+        train, valid = validation_split(args)
+        items = []
+    live = RerankPolicy().source_weights
+    base = live if user else {"session": 1.0, "cooc": 0.0, "ann": 0.0, "trending": 0.0}
     grid = {}
-    for cooc, ann, trend, fresh in itertools.product((0.0, 0.1), (0.0, 0.02), (0.0, 0.01),
-                                                     (0.0, 0.05)):
-        name = f"w_c{cooc}_a{ann}_t{trend}_f{fresh}"
-        weights = {"session": 1.0, "cooc": cooc, "ann": ann, "trending": trend}
+    for n, setting in enumerate(parse_grid(args.grid or ("" if user else SESSION_GRID)) or [{}]):
+        fresh = setting.pop("freshness", 0.0)
+        weights = {**base, **setting}
+        name = f"tune_blend_{n}"
 
         def factory(weights=weights, fresh=fresh):
-            model = BlendedModel(rerank=False)
-            model.recommender.config.policy = RerankPolicy(source_weights=weights,
-                                                           freshness_weight=fresh)
-            return model
+            return BlendedModel(rerank=False, long_term=user, policy=RerankPolicy(
+                source_weights=weights, freshness_weight=fresh))
         MODELS[name] = factory
-        grid[name] = {**weights, "freshness": fresh}
-    results = run("session", train, valid, list(grid), progress=False)
-    rows = sorted(((r.metrics.get("HR@20", 0.0), r.name) for r in results if r.name in grid),
+        grid[name] = {**setting, "freshness": fresh}
+    metric = "HR@10" if user else "HR@20"
+    results = run(args.protocol, train, valid, list(grid), progress=False, items=items,
+                  **({"chunk": 100, "ks": (10,)} if user else {}))
+    rows = sorted(((r.metrics.get(metric, 0.0), r.name) for r in results if r.name in grid),
                   reverse=True)
     print(f"validation: {len(train)} train events, {len(valid)} validation events")
-    for hr, name in rows:
-        print(f"{hr:.4f}  {grid[name]}")
+    for score, name in rows:
+        print(f"{metric} {score:.4f}  {grid[name]}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     # the serving pipeline (serving/blended.py), imported lazily: serving builds on this package
     "blend": lambda: _blended(rerank=True),
     "blend_raw": lambda: _blended(rerank=False),
+    # the same with the returning users' sources (history, als, content, two-tower versions)
+    "blend_user": lambda: _blended(rerank=True, long_term=True),
+    "blend_user_raw": lambda: _blended(rerank=False, long_term=True),
 }
 BASELINES = ("random", "popularity")
 
@@ -131,10 +134,10 @@ def _torch_model(name: str, **options) -> OnlineModel:
     return TwoTowerModel(**options)
 
 
-def _blended(rerank: bool) -> OnlineModel:
+def _blended(rerank: bool, long_term: bool = False) -> OnlineModel:
     from serving.blended import BlendedModel
 
-    return BlendedModel(rerank=rerank)
+    return BlendedModel(rerank=rerank, long_term=long_term)
 
 
 def build(name: str, **options) -> OnlineModel:

@@ -24,28 +24,46 @@ from online_models.signals import SignalBatch
 from online_models.trending import TrendingModel
 from serving.ann import AnnIndex
 from serving.recommender import PipelineConfig, Recommender, Request
+from serving.rerank import RerankPolicy
+
+
+#: ``long_term=True``: the sources a deployment for returning users adds — the worker's long-term
+#: models (``STREAMREC_LIVE_MODELS=session,mf,history,als,content``) and the trainer's
+#: two-tower versions, named as the live pipeline names their sources (so the same weights
+#: apply: ``RerankPolicy.source_weights``).
+LONG_TERM_SOURCES = {"history": "history", "als": "als", "ann_two_tower": "two_tower"}
 
 
 class BlendedModel(CompositeModel):
     name = "blend"
 
-    def __init__(self, rerank: bool = True, cooc: str = "read") -> None:
+    def __init__(self, rerank: bool = True, cooc: str = "read", long_term: bool = False,
+                 policy: RerankPolicy | None = None) -> None:
         """``cooc``: the co-occurrence source's neighbours — ``"read"`` (scored at read time
         from the session model's state, :meth:`SessionModel.similar`: what the live default
         serves), ``"written"`` (pair counts learnt per event, :class:`CooccurrenceModel`) or
-        ``"none"``."""
+        ``"none"``. ``long_term``: the returning users' sources too (:data:`LONG_TERM_SOURCES`
+        and ``content``). ``policy``: the blend's weights and re-ranking (default: live's)."""
         if cooc not in ("written", "read", "none"):
             raise ValueError(f"cooc must be written, read or none, not {cooc!r}")
         parts = {"session": SessionModel(), "mf": OnlineMF(), "trending": TrendingModel()}
         if cooc == "written":
             parts["cooc"] = CooccurrenceModel()
+        if long_term:
+            from online_models.registry import build
+
+            parts.update({part: build(part) for part in (*LONG_TERM_SOURCES.values(),
+                                                         "content")})
         super().__init__(parts)
         self.ann = AnnIndex(self.parts["mf"].factors, capacity=10_000)
         self.recommender = Recommender(
             trending=self.parts["trending"].top, session=self.parts["session"],
             cooc={"written": parts.get("cooc"), "read": parts["session"], "none": None}[cooc],
-            mf=self.parts["mf"], ann=self.ann,
+            mf=self.parts["mf"], ann=self.ann, content=parts.get("content"),
+            model_sources={source: parts[part] for source, part in LONG_TERM_SOURCES.items()
+                           if part in parts},
             config=PipelineConfig(filter_seen=False, rerank=rerank,
+                                  policy=policy or RerankPolicy(),
                                   model_version="blend-v1" if rerank else "blend-raw-v1"),
             item_ages=self._item_ages)
         self._clock = 0.0
@@ -55,13 +73,16 @@ class BlendedModel(CompositeModel):
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
         self._clock = max(self._clock, float(batch.timestamps.max()))
-        report = super()._learn(batch)
-        changed = report.changed_item_vectors
+        changed: list[str] = []
+        for name, part in self.parts.items():
+            learnt = part.learn(batch)
+            if name == "mf":  # the index holds MF's item vectors (not ALS's)
+                changed = learnt.changed_item_vectors
         if changed:
             mf = self.parts["mf"]
             vectors, found = mf.store.get_vectors("item", changed, mf.factors)
             self.ann.upsert([i for i, ok in zip(changed, found) if ok], vectors[found])
-        return report
+        return LearnReport(events=len(batch), changed_item_vectors=changed)
 
     def close(self) -> None:
         super().close()

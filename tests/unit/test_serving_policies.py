@@ -309,3 +309,29 @@ def test_trending_candidates_skip_what_a_request_blocks_and_keep_their_length():
         Request("u", ("t1",), exclude=frozenset({"t3"})), Request("v", ("x",))])
     assert list(blocked["trending"]) == [(f"t{n}", 100.0 - n, "trending") for n in (0, 2, 4, 5, 6)]
     assert list(fresh["trending"]) == [(f"t{n}", 100.0 - n, "trending") for n in range(5)]
+
+
+def test_the_user_pipeline_replays_the_returning_users_sources_under_their_live_names():
+    import time
+
+    from online_models.signals import SignalMapper
+    from serving.blended import BlendedModel
+    from serving.recommender import Request
+    from stream.simulator import UserSimulator
+
+    model = BlendedModel(long_term=True)
+    assert set(model.recommender.model_sources) == {"history", "als", "ann_two_tower"}
+    assert model.recommender.content is model.parts["content"]
+    assert set(model.recommender.model_sources) <= set(RerankPolicy().source_weights)
+    events = list(UserSimulator(40, 200, seed=3).events(1500, time.time() - 1500))
+    for start in range(0, len(events), 500):
+        model.learn(SignalMapper().map(events[start:start + 500]))
+    assert model.parts["two_tower"].version >= 1  # the trainer's schedule, in event time
+    user = events[-1].user_id
+    history = tuple(e.item_id for e in events if e.user_id == user)[-10:]
+    [row] = model.recommender.candidates([Request(user, history)])
+    assert {"session", "history", "als", "ann_two_tower", "trending"} <= set(row)
+    assert all(len(row[name]) for name in ("history", "als", "ann_two_tower"))
+    [feed] = model.recommender.recommend([Request(user, history, k=10)])
+    assert len(feed.items) == 10
+    model.close()
