@@ -179,7 +179,8 @@ class Recommender:
         requests = list(requests)
         if not requests:
             return []
-        depth = self._trending_depth([self._blocked(r) for r in requests])
+        blocked_of = [self._blocked(r) for r in requests]
+        depth = self._trending_depth(blocked_of)
         top = self.trending(max(depth, cfg.exploration_pool, cfg.head_size))  # one read
         sources = self.candidates(requests, top)
         trending_top = [i for i, _ in top[:max(cfg.exploration_pool, cfg.head_size)]]
@@ -189,15 +190,17 @@ class Recommender:
         if self.item_ages is not None and cfg.policy.freshness_weight:
             ages = self.item_ages(sorted({i for per in sources for rows in per.values()
                                           for i in rows.items}))
-        for request, per_source in zip(requests, sources):
-            blocked = self._blocked(request)
-            pins = {p: Candidate(item, 0.0, "pinned") for p, item in request.pins}
+        blended = [
             # only as many as can reach the list: the re-rank pool (or k) past what is blocked
-            wanted = cfg.policy.pool_size(request.k) if cfg.rerank else request.k
-            candidates = blend(per_source, cfg.policy, ages,
-                               limit=wanted + len(blocked) + len(pins))
+            blend(per_source, cfg.policy, ages, limit=(
+                cfg.policy.pool_size(request.k) if cfg.rerank else request.k)
+                + len(blocked) + len(request.pins))
+            for request, per_source, blocked in zip(requests, sources, blocked_of)]
+        vectors = self._vectors(list({c.item_id: None for candidates in blended
+                                      for c in candidates})) if cfg.rerank else {}
+        for request, candidates, blocked in zip(requests, blended, blocked_of):
+            pins = {p: Candidate(item, 0.0, "pinned") for p, item in request.pins}
             if cfg.rerank:
-                vectors = self._vectors([c.item_id for c in candidates])
                 ranked = rerank(candidates, request.k, cfg.policy, seen=blocked, pins=pins,
                                 head_items=head, vectors=vectors)
             else:
