@@ -215,7 +215,7 @@ def _strongest_sources(neighbours: sp.csr_matrix, rows: list[list[int]],
         return [[0] * len(query_cols) for query_cols in columns]
     longest, widest = max(map(len, rows)), max(map(len, columns))
     item_rows = np.full((len(rows), longest), -1, np.int64)
-    weights = np.full((len(rows), longest), -np.inf, np.float32)  # padding never wins
+    weights = np.zeros((len(rows), longest), np.float32)
     cols = np.full((len(rows), widest), -1, np.int64)
     for q, (query_rows, query_cols) in enumerate(zip(rows, columns)):
         item_rows[q, :len(query_rows)] = query_rows
@@ -228,7 +228,7 @@ def _strongest_sources(neighbours: sp.csr_matrix, rows: list[list[int]],
     wanted = item_rows[:, :, None] * width + cols[:, None, :]  # queries × items × columns
     at = np.minimum(np.searchsorted(entry_keys, wanted), len(entry_keys) - 1)
     found = (entry_keys[at] == wanted) & (item_rows[:, :, None] >= 0) & (cols[:, None, :] >= 0)
-    terms = np.where(found, neighbours.data[at] * weights[:, :, None],
+    terms = np.where(found, neighbours.data[at] * weights[:, :, None],  # padding never wins:
                      np.where(item_rows >= 0, np.float32(0), -np.inf)[:, :, None]
                      ).astype(np.float32, copy=False)
     best = terms.argmax(axis=1)  # queries × columns

@@ -108,6 +108,11 @@ class ImpressionLogger:
             raise
         return producer
 
+    async def _stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()  # sends what is buffered first
+
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
@@ -122,13 +127,11 @@ class ImpressionLogger:
             loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
         if loop is None:
             return
-        if self._producer is not None:
-            stopped = asyncio.run_coroutine_threadsafe(self._producer.stop(), loop)
-            try:
-                stopped.result(timeout=timeout)
-            except (concurrent.futures.TimeoutError, KafkaError):
-                log.warning("the impression log's producer did not stop within %g s", timeout)
-            self._producer = None
+        stopped = asyncio.run_coroutine_threadsafe(self._stop(), loop)
+        try:
+            stopped.result(timeout=timeout)
+        except (concurrent.futures.TimeoutError, KafkaError):
+            log.warning("the impression log's producer did not stop within %g s", timeout)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=timeout)
         if not thread.is_alive():
