@@ -9,7 +9,7 @@ events as the replay does (versions trained on that device as their schedule fal
 to the first version and the whole pass), then the last version's training is timed alone.
 Versions are served on the CPU whatever trained them, so requests are timed once, one by one
 with ``torch.set_num_threads(1)``. Usage: ``python bench/nearline.py --model gru4rec
---devices cpu,cuda``; the last line is JSON.
+--devices cpu,cuda [--set batch_sessions=256]``; the last line is JSON.
 """
 
 from __future__ import annotations
@@ -100,7 +100,16 @@ def main() -> None:
                         help="first share of the log learned (default: 0.6 of MovieLens, all "
                              "of the YooChoose training file)")
     parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                        help="a model option (repeatable), e.g. --set batch_sessions=256")
     args = parser.parse_args()
+    options = {}
+    for setting in args.set:
+        name, _, value = setting.partition("=")
+        try:
+            options[name] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            sys.exit(f"--set {setting!r}: expected OPTION=NUMBER")
     default_data, fmt, baseline_name = SETUPS[args.model]
     data = args.data or default_data
     if not Path(data).exists():
@@ -116,10 +125,13 @@ def main() -> None:
     events = events[:int(len(events) * share)]
     items = load_items(data, fmt)
     result: dict = {"model": args.model, "events": len(events), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "devices": {}}
+                    "torch": torch.__version__, "options": options, "devices": {}}
     model = None
     for device in devices:
-        model = build(args.model, device=device)
+        try:
+            model = build(args.model, device=device, **options)
+        except TypeError as exc:
+            sys.exit(f"--set: {exc}")
         figures = learn(model, events, items)
         figures.update(timed_training(model))
         if device.startswith("cuda"):

@@ -5,6 +5,7 @@ same figures as one JSON line (the last line of output, for machines)."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -32,6 +33,21 @@ def add_validation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--format", default="yoochoose")
     parser.add_argument("--test-days", type=float, default=1.0)
+
+
+def parse_grid(text: str) -> list[dict]:
+    """``"a=1,2;b=x"`` → every combination as keyword options (numbers parsed as numbers);
+    ``"a=1,2 | b=3"``: the settings of each alternative, one after the other."""
+    if "|" in text:
+        return [options for part in text.split("|") for options in parse_grid(part)]
+    axes = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, values = part.partition("=")
+        if not sep or not values:
+            raise SystemExit(f"--grid: {part!r} is not key=value[,value...]")
+        axes.append([(key.strip(), json.loads(v) if v.strip()[0].isdigit() or v.strip()[0]
+                      in "-." else v.strip()) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)] or [{}]
 
 
 def validation_split(args: argparse.Namespace):

@@ -4,42 +4,31 @@ Session protocol (YooChoose, the default): validation = the last ``--test-days``
 training log (``load_split`` on the train file alone); a grid of the short-term sources'
 weights, ranked by HR@20. User protocol (``--protocol user``, MovieLens): validation = the
 log's first ``--share`` by time, replayed through the pipeline with the returning users'
-sources (``blend_user_raw``), ranked by HR@10. ``--grid "ann_two_tower=0,0.5,1 | als=1"``
-tries those weights (the others as live: ``RerankPolicy.source_weights``). Usage::
+sources (``blend_user_raw``), ranked by HR@10. ``--grid "ann_two_tower=0,0.5,1;als=1"`` (the
+tuning benches' syntax: ``bench.report.parse_grid``) tries those weights, the others as live
+(``RerankPolicy.source_weights``). Usage::
 
     python bench/tune_blend.py --data ../shared/data/yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.txt
     python bench/tune_blend.py --protocol user --data ../shared/data/movielens-latest-small \\
-        --format movielens --grid "ann_two_tower=0,0.5,1"
+        --format movielens --grid "ann_two_tower=0.5,1;content=0.1,1.5"
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from online_models.registry import MODELS  # noqa: E402
-from bench.report import add_validation_options, validation_split  # noqa: E402
+from bench.report import add_validation_options, parse_grid, validation_split  # noqa: E402
 from replay.protocols import run  # noqa: E402
 from serving.blended import BlendedModel  # noqa: E402
 from serving.rerank import RerankPolicy  # noqa: E402
 
 #: The session protocol's default grid: the short-term sources and the freshness boost.
-SESSION_GRID = "cooc=0,0.1 | ann=0,0.02 | trending=0,0.01 | freshness=0,0.05"
-
-
-def parse_grid(text: str) -> list[dict[str, float]]:
-    """``"a=1,2 | b=3"`` → every combination, as {source: weight}."""
-    axes = []
-    for part in filter(None, (p.strip() for p in text.split("|"))):
-        name, _, values = part.partition("=")
-        if not values:
-            raise SystemExit(f"--grid: {part!r} is not name=value[,value...]")
-        axes.append([(name.strip(), float(v)) for v in values.split(",")])
-    return [dict(combination) for combination in itertools.product(*axes)]
+SESSION_GRID = "cooc=0,0.1;ann=0,0.02;trending=0,0.01;freshness=0,0.05"
 
 
 def main() -> None:
@@ -66,7 +55,7 @@ def main() -> None:
     live = RerankPolicy().source_weights
     base = live if user else {"session": 1.0, "cooc": 0.0, "ann": 0.0, "trending": 0.0}
     grid = {}
-    for n, setting in enumerate(parse_grid(args.grid or ("" if user else SESSION_GRID)) or [{}]):
+    for n, setting in enumerate(parse_grid(args.grid or ("" if user else SESSION_GRID))):
         fresh = setting.pop("freshness", 0.0)
         weights = {**base, **setting}
         name = f"tune_blend_{n}"

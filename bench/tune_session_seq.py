@@ -16,7 +16,6 @@ Usage: ``python bench/tune_session_seq.py --data
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import multiprocessing
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import add_validation_options, validation_split  # noqa: E402
+from bench.report import add_validation_options, parse_grid, validation_split  # noqa: E402
 from online_models.mixture import mix, normalised  # noqa: E402
 from online_models.registry import build  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
@@ -33,21 +32,6 @@ from replay.metrics import ranking_metrics  # noqa: E402
 from replay.protocols import session_queries  # noqa: E402
 
 WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0)
-
-
-def parse_grid(text: str) -> list[dict]:
-    """``"a=1,2;b=x"`` → every combination as keyword options (numbers parsed as numbers);
-    ``"a=1,2 | b=3"``: the settings of each alternative, one after the other."""
-    if "|" in text:
-        return [options for part in text.split("|") for options in parse_grid(part)]
-    axes = []
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        key, sep, values = part.partition("=")
-        if not sep or not values:
-            raise SystemExit(f"--grid: {part!r} is not key=value[,value...]")
-        axes.append([(key.strip(), json.loads(v) if v.strip()[0].isdigit() or v.strip()[0]
-                      in "-." else v.strip()) for v in values.split(",")])
-    return [dict(combo) for combo in itertools.product(*axes)] or [{}]
 
 
 def candidate_lists(name: str, options: dict, train, queries, train_at_end: bool,
