@@ -10,8 +10,8 @@ with ``age`` the time since the item was first seen. Default weights: session 1.
 ann 0.02, trending 0.01 — chosen on a validation split (``bench/tune_blend.py``), where larger
 weights for the weaker sources cost HR@20; the others mostly order what session-kNN cannot
 score (users between sessions, new items). Long-term sources (``als`` 1.0, ``history`` 0.75)
-take ``user_blend``'s weights from MovieLens; ``content`` (1.5) and ``ann_two_tower`` (1.0) were
-chosen for this pipeline on MovieLens's validation part (``blend_user``).
+take ``user_blend``'s weights from MovieLens; ``ann_two_tower`` (1.0) was chosen for this
+pipeline on MovieLens's validation part (``blend_user``); ``content`` stays 0.1 (see below).
 
 The explanation is the source contributing most ("because you viewed X" for co-occurrence with
 the session item it came from, "trending", ...).
@@ -54,11 +54,13 @@ class RerankPolicy:
     source_weights: dict[str, float] = field(default_factory=lambda: {
         "session": 1.0, "cooc": 0.1, "ann": 0.02, "trending": 0.01,
         # returning users, when the worker runs these models: user_blend's weights relative
-        # to session (bench/tune_user.py, MovieLens); content and the trainer's two-tower
-        # versions (STREAMREC_TRAINER_DIR) chosen for this pipeline on MovieLens's validation
-        # part (bench/tune_blend.py --protocol user: HR@10 0.1144 against 0.1055 at content
-        # 0.1, ann_two_tower 0.5); gru4rec as in session_seq (bench/tune_session_seq.py)
-        "als": 1.0, "history": 0.75, "content": 1.5, "ann_two_tower": 1.0, "gru4rec": 0.1})
+        # to session (bench/tune_user.py, MovieLens); the trainer's two-tower versions
+        # (STREAMREC_TRAINER_DIR) chosen for this pipeline on MovieLens's validation part
+        # (bench/tune_blend.py --protocol user: 1.0 over 0.5). Content won there at 1.5 too
+        # (HR@10 0.1144 against 0.1086 at 0.1), but where many items tie at its top score (the
+        # simulator's descriptions) 1.5 hands every feed to it: 0.1 until it is set per
+        # deployment. gru4rec as in session_seq (bench/tune_session_seq.py)
+        "als": 1.0, "history": 0.75, "content": 0.1, "ann_two_tower": 1.0, "gru4rec": 0.1})
 
     def pool_size(self, k: int) -> int:
         """How many candidates (after the seen-filter) re-ranking chooses a list of ``k`` from."""
