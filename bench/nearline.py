@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.report import parse_options  # noqa: E402
 from online_models.base import Query, torch_device  # noqa: E402
 from online_models.registry import build  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
@@ -103,13 +104,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                         help="a model option (repeatable), e.g. --set batch_sessions=256")
     args = parser.parse_args()
-    options = {}
-    for setting in args.set:
-        name, _, value = setting.partition("=")
-        try:
-            options[name] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            sys.exit(f"--set {setting!r}: expected OPTION=NUMBER")
+    options = parse_options(";".join(args.set), "--set")
     default_data, fmt, baseline_name = SETUPS[args.model]
     data = args.data or default_data
     if not Path(data).exists():

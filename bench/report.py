@@ -35,19 +35,38 @@ def add_validation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-days", type=float, default=1.0)
 
 
-def parse_grid(text: str) -> list[dict]:
+def parse_grid(text: str, flag: str = "--grid") -> list[dict]:
     """``"a=1,2;b=x"`` → every combination as keyword options (numbers parsed as numbers);
     ``"a=1,2 | b=3"``: the settings of each alternative, one after the other."""
     if "|" in text:
-        return [options for part in text.split("|") for options in parse_grid(part)]
+        return [options for part in text.split("|") for options in parse_grid(part, flag)]
     axes = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         key, sep, values = part.partition("=")
         if not sep or not values:
-            raise SystemExit(f"--grid: {part!r} is not key=value[,value...]")
+            raise SystemExit(f"{flag}: {part!r} is not key=value[,value...]")
         axes.append([(key.strip(), json.loads(v) if v.strip()[0].isdigit() or v.strip()[0]
                       in "-." else v.strip()) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)] or [{}]
+
+
+def parse_options(text: str, flag: str) -> dict:
+    """``"a=1;b=x"`` → one set of keyword options (:func:`parse_grid` with one value each)."""
+    options = parse_grid(text, flag)
+    if len(options) != 1:
+        raise SystemExit(f"{flag}: one value per option")
+    return options[0]
+
+
+def first_share(data: str, fmt: str, share: float):
+    """(the log's first ``share`` by time, the item descriptions beside it): the user
+    protocol's validation part; exits clearly where the log is absent."""
+    from replay.loaders import load_items, load_log
+
+    if not Path(data).exists():
+        sys.exit(f"{data}: not found (the shared data folder is needed)")
+    events = load_log(data, fmt)
+    return events[:int(len(events) * share)], load_items(data, fmt)
 
 
 def validation_split(args: argparse.Namespace):

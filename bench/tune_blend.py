@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from online_models.registry import MODELS  # noqa: E402
-from bench.report import add_validation_options, parse_grid, validation_split  # noqa: E402
+from bench.report import (add_validation_options, first_share, parse_grid,  # noqa: E402
+                          validation_split)
 from replay.protocols import run  # noqa: E402
 from serving.blended import BlendedModel  # noqa: E402
 from serving.rerank import RerankPolicy  # noqa: E402
@@ -42,13 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     user = args.protocol == "user"
     if user:
-        from replay.loaders import load_items, load_log
-
-        if not Path(args.data).exists():
-            sys.exit(f"{args.data}: not found (the shared data folder is needed)")
-        events = load_log(args.data, args.format)
-        train, valid = [], events[:int(len(events) * args.share)]
-        items = load_items(args.data, args.format)
+        train, (valid, items) = [], first_share(args.data, args.format, args.share)
     else:
         train, valid = validation_split(args)
         items = []

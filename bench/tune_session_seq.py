@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import add_validation_options, parse_grid, validation_split  # noqa: E402
+from bench.report import (add_validation_options, parse_grid, parse_options,  # noqa: E402
+                          validation_split)
 from online_models.mixture import mix, normalised  # noqa: E402
 from online_models.registry import build  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
@@ -90,10 +91,8 @@ def main() -> None:
                         help="train one more version on the whole training part first (a "
                              "trainer that caught up before the validation day)")
     args = parser.parse_args()
-    fixed = parse_grid(args.fixed)
-    if len(fixed) != 1:
-        raise SystemExit("--fixed: one value per option")
-    grid = [{**fixed[0], **options} for options in parse_grid(args.grid)]
+    fixed = parse_options(args.fixed, "--fixed")
+    grid = [{**fixed, **options} for options in parse_grid(args.grid)]
     train, valid = validation_split(args)
     predictions = session_queries(valid)
     queries = [p.query for p in predictions]

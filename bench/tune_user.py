@@ -28,7 +28,7 @@ from online_models.mixture import context_bucket, mix, normalised  # noqa: E402
 from online_models.als import OnlineALS  # noqa: E402
 from online_models.registry import build, user_knn  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
-from replay.loaders import load_items, load_log  # noqa: E402
+from bench.report import first_share  # noqa: E402
 from replay.protocols import ItemTimeline, by_chunk, user_queries  # noqa: E402
 
 PARTS = ("session", "history", "als", "popularity", "content", "two_tower")
@@ -149,12 +149,8 @@ def main() -> None:
     parser.add_argument("--cache", default="",
                         help="pickle the candidate lists here, and read them back if there")
     args = parser.parse_args()
-    if not Path(args.data).exists():
-        sys.exit(f"{args.data}: not found (the shared data folder is needed)")
-    events = load_log(args.data, args.format)
-    validation = events[:int(len(events) * args.share)]
+    validation, items = first_share(args.data, args.format, args.share)
     started = time.perf_counter()
-    items = load_items(args.data, args.format)
     if args.two_tower_variants:
         from online_models.two_tower import TwoTowerModel
 
