@@ -47,10 +47,13 @@ class CompositeModel(OnlineModel):
             part.prefetch(batch)
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
-        changed: list[str] = []
-        for part in self.parts.values():
-            changed += part.learn(batch).changed_item_vectors
+        changed = [item for report in self.learn_parts(batch).values()
+                   for item in report.changed_item_vectors]
         return LearnReport(events=len(batch), changed_item_vectors=changed)
+
+    def learn_parts(self, batch: SignalBatch) -> dict[str, LearnReport]:
+        """Every part learns ``batch``; each part's report, by name."""
+        return {name: part.learn(batch) for name, part in self.parts.items()}
 
     def learn_items(self, records) -> int:
         return sum(part.learn_items(records) for part in self.parts.values())

@@ -73,11 +73,8 @@ class BlendedModel(CompositeModel):
 
     def _learn(self, batch: SignalBatch) -> LearnReport:
         self._clock = max(self._clock, float(batch.timestamps.max()))
-        changed: list[str] = []
-        for name, part in self.parts.items():
-            learnt = part.learn(batch)
-            if name == "mf":  # the index holds MF's item vectors (not ALS's)
-                changed = learnt.changed_item_vectors
+        # the index holds MF's item vectors (not ALS's)
+        changed = self.learn_parts(batch)["mf"].changed_item_vectors
         if changed:
             mf = self.parts["mf"]
             vectors, found = mf.store.get_vectors("item", changed, mf.factors)
