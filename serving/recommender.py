@@ -194,7 +194,7 @@ class Recommender:
             # only as many as can reach the list: the re-rank pool (or k) past what is blocked
             blend(per_source, cfg.policy, ages, limit=(
                 cfg.policy.pool_size(request.k) if cfg.rerank else request.k)
-                + len(blocked) + len(request.pins))
+                + len(blocked) + len(dict(request.pins)))  # one pin per position
             for request, per_source, blocked in zip(requests, sources, blocked_of)]
         vectors = self._vectors(list({c.item_id: None for candidates in blended
                                       for c in candidates})) if cfg.rerank else {}
