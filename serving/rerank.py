@@ -58,8 +58,8 @@ class RerankPolicy:
         # (STREAMREC_TRAINER_DIR) chosen for this pipeline on MovieLens's validation part
         # (bench/tune_blend.py --protocol user: 1.0 over 0.5). Content won there at 1.5 too
         # (HR@10 0.1144 against 0.1086 at 0.1), but where many items tie at its top score (the
-        # simulator's descriptions) 1.5 hands every feed to it: 0.1 until it is set per
-        # deployment. gru4rec as in session_seq (bench/tune_session_seq.py)
+        # simulator's descriptions) 1.5 hands every feed to it: 0.1 unless a deployment sets it
+        # (STREAMREC_SOURCE_WEIGHTS). gru4rec as in session_seq (bench/tune_session_seq.py)
         "als": 1.0, "history": 0.75, "content": 0.1, "ann_two_tower": 1.0, "gru4rec": 0.1})
 
     def pool_size(self, k: int) -> int:

@@ -74,3 +74,14 @@ def test_api_keys_parsed():
     assert Settings(api_keys="").api_key_set == frozenset()
     assert Settings(api_keys=" key-number-one-16 ,key-number-two-16").api_key_set == {
         "key-number-one-16", "key-number-two-16"}
+
+
+def test_source_weights_are_parsed_and_unknown_or_malformed_ones_refused():
+    assert Settings().source_weight_overrides == {}
+    assert Settings(source_weights="content=1.5,ann=0").source_weight_overrides == \
+        {"content": 1.5, "ann": 0.0}
+    with pytest.raises(ValidationError, match="unknown source.*contnet; known: session"):
+        Settings(source_weights="contnet=1.5")
+    for malformed in ("content=-1", "content", "content=1.5,", "content=x"):
+        with pytest.raises(ValidationError, match="source_weights"):
+            Settings(source_weights=malformed)
