@@ -10,7 +10,9 @@ sample 100 units reach HR@20 0.562 alone against 0.496 (``bench/tune_session_seq
 authors tuned on millions of events). One more change: instead of session-parallel
 mini-batches carrying the hidden state across batch steps, each batch is ``batch_sessions``
 whole sessions of similar lengths (right-padded, ≤ ``max_length`` steps), every step a
-training position: the same loss on short sessions.
+training position: the same loss on short sessions. 256 sessions a batch, not 16: better on
+the validation split (HR@20 alone 0.5715 against 0.5631, no worse beside session), on the
+test split (0.643 against 0.626) and 1.8× faster to train on 2 cores (8× on a GPU).
 
 Schedule: like the two-tower model, a new version every ``retrain_every`` events on the last
 ``window`` events' sessions, queries always scored by the last published version (event time:
@@ -55,7 +57,7 @@ class GRU4RecModel(NearlineModel):
     name = "gru4rec"
 
     def __init__(self, hidden: int = 100, dropout_hidden: float = 0.2,
-                 learning_rate: float = 0.07, epochs: int = 10, batch_sessions: int = 16,
+                 learning_rate: float = 0.07, epochs: int = 10, batch_sessions: int = 256,
                  n_sample: int = 2048, sample_alpha: float = 0.2, logq: float = 1.0,
                  max_length: int = 20, window: int = 100_000, retrain_every: int = 20_000,
                  min_examples: int = 1_000, max_session_items: int = 200, seed: int = 0,
