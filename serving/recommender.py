@@ -27,6 +27,7 @@ import time
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from typing import Callable, Sequence
 
 import numpy as np
@@ -196,15 +197,16 @@ class Recommender:
                 cfg.policy.pool_size(request.k) if cfg.rerank else request.k)
                 + len(blocked) + len(dict(request.pins)))  # one pin per position
             for request, per_source, blocked in zip(requests, sources, blocked_of)]
-        vectors = self._vectors(list({c.item_id: None for candidates in blended
-                                      for c in candidates})) if cfg.rerank else {}
+        vectors = self._vectors(list(dict.fromkeys(chain.from_iterable(
+            candidates.items for candidates in blended)))) if cfg.rerank else {}
         for request, candidates, blocked in zip(requests, blended, blocked_of):
             pins = {p: Candidate(item, 0.0, "pinned") for p, item in request.pins}
             if cfg.rerank:
                 ranked = rerank(candidates, request.k, cfg.policy, seen=blocked, pins=pins,
                                 head_items=head, vectors=vectors)
             else:
-                ranked = [c for c in candidates if c.item_id not in blocked][:request.k]
+                ranked = [Candidate(*c) for c in islice(
+                    (c for c in candidates if c[0] not in blocked), request.k)]
             items = [FeedItem(c.item_id, round(c.score, 6), c.reason, p)
                      for p, c in enumerate(ranked)]
             policy = "greedy"

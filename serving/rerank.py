@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, islice
 
 import numpy as np
 from numba import njit
@@ -90,13 +90,14 @@ class SourceList:
 
 def blend(sources: dict[str, SourceList], policy: RerankPolicy,
           item_age_s: dict[str, float] | None = None, limit: int | None = None
-          ) -> list[Candidate]:
-    """``sources``: name → its list; returns candidates best first (the best ``limit`` of
-    them, where given), each with the reason of its largest term (the first on a tie)."""
+          ) -> SourceList:
+    """``sources``: name → its list; returns the blended list best first (the best ``limit``
+    items, where given), each item with the reason of its largest term (the first on a tie).
+    Columns, not one object per candidate: most never reach the list (:func:`rerank`)."""
     lists = [(policy.source_weights.get(name, 0.0), rows) for name, rows in sources.items()
              if len(rows)]
     if not lists:
-        return []
+        return SourceList([], np.empty(0), [])
     flat = list(chain.from_iterable(rows.items for _, rows in lists))
     number = vocabulary([flat])  # one number per item, first seen first
     unique = list(number)
@@ -121,8 +122,8 @@ def blend(sources: dict[str, SourceList], policy: RerankPolicy,
     strongest = np.full(len(unique), len(ids))
     np.minimum.at(strongest, ids[terms], terms)
     reasons = list(chain.from_iterable(rows.all_reasons() for _, rows in lists))
-    return [Candidate(unique[n], total, reasons[term]) for n, total, term in
-            zip(ranked.tolist(), totals[ranked].tolist(), strongest[ranked].tolist())]
+    return SourceList([unique[n] for n in ranked.tolist()], totals[ranked],
+                      [reasons[term] for term in strongest[ranked].tolist()])
 
 
 def _ties_by_name(order: np.ndarray, totals: np.ndarray, names: list[str]) -> np.ndarray:
@@ -140,29 +141,31 @@ def _ties_by_name(order: np.ndarray, totals: np.ndarray, names: list[str]) -> np
     return np.array(order, np.int64)
 
 
-def rerank(candidates: list[Candidate], k: int, policy: RerankPolicy, *,
+def rerank(candidates: SourceList, k: int, policy: RerankPolicy, *,
            seen: frozenset[str] = frozenset(), exclude: frozenset[str] = frozenset(),
            pins: dict[int, Candidate] | None = None, head_items: frozenset[str] = frozenset(),
            vectors: dict[str, np.ndarray] | None = None) -> list[Candidate]:
-    """The final list of at most ``k`` items (see module doc)."""
+    """The final list of at most ``k`` items from ``candidates`` (best first: :func:`blend`'s
+    list); see the module doc."""
     pins = {p: c for p, c in (pins or {}).items() if 0 <= p < k}
     pinned_ids = {c.item_id for c in pins.values()}
-    pool = [c for c in candidates
-            if c.item_id not in seen and c.item_id not in exclude and c.item_id not in pinned_ids
-            ][:policy.pool_size(k)]
+    pool = list(islice((n for n, item in enumerate(candidates.items) if item not in seen
+                        and item not in exclude and item not in pinned_ids), policy.pool_size(k)))
+    items = [candidates.items[n] for n in pool]
     free = k - len(pins)
     max_head = math.floor(policy.max_head_share * k)
-    tail_available = sum(1 for c in pool if c.item_id not in head_items)
-    min_tail = min(math.ceil(policy.min_tail_share * k), tail_available)
+    is_head = np.fromiter((item in head_items for item in items), bool, len(items))
+    min_tail = min(math.ceil(policy.min_tail_share * k), len(items) - int(is_head.sum()))
     head_count = sum(1 for c in pins.values() if c.item_id in head_items)
     tail_count = len(pins) - head_count
-    scores = np.array([c.score for c in pool], np.float64)
-    scores /= max(scores.max(initial=0.0), 1e-12)
-    is_head = np.array([c.item_id in head_items for c in pool], bool)
-    similarity = _cosine_matrix(pool, vectors or {})
-    order = mmr_order(scores, is_head, similarity, policy.mmr_lambda, free, max_head,
-                      min_tail, head_count, tail_count)
-    chosen = [pool[n] for n in order.tolist()]
+    scores = np.asarray(candidates.scores, np.float64)[pool]
+    normalised = scores / max(scores.max(initial=0.0), 1e-12)
+    similarity = _cosine_matrix(items, vectors or {})
+    order = mmr_order(normalised, is_head, similarity, policy.mmr_lambda, free, max_head,
+                      min_tail, head_count, tail_count).tolist()
+    reasons = candidates.all_reasons()
+    chosen = [Candidate(items[n], score, reasons[pool[n]])
+              for n, score in zip(order, scores[order].tolist())]
     out, rest = [], iter(chosen)
     for position in range(k):
         if position in pins:
@@ -220,9 +223,9 @@ def mmr_order(scores, is_head, similarity, mmr_lambda, free, max_head, min_tail,
     return order[:chosen]
 
 
-def _cosine_matrix(pool: list[Candidate], vectors: dict[str, np.ndarray]) -> np.ndarray:
+def _cosine_matrix(pool: list[str], vectors: dict[str, np.ndarray]) -> np.ndarray:
     """Pairwise cosine similarity of the pool's vectors (0 where a vector is missing)."""
-    rows = [(n, vectors[c.item_id]) for n, c in enumerate(pool) if c.item_id in vectors]
+    rows = [(n, vectors[item]) for n, item in enumerate(pool) if item in vectors]
     if not rows:
         return np.zeros((len(pool), len(pool)), np.float32)
     matrix = np.zeros((len(pool), len(rows[0][1])), np.float32)
