@@ -54,13 +54,14 @@ from online_models.cooccurrence import recommend_neighbours
 from online_models.signals import SignalBatch
 from online_models.kernels import (code_ids, code_sums, session_steps, sum_pairs,
                                    window_arrays, window_rows)
-from online_models.store import FlatRows, RowCache, slack
+from online_models.store import CodedValueCache, FlatRows, RowCache, slack
 
 
 class ItemCounts(NamedTuple):
     """How often each of some items' recent sessions holds each other item."""
 
     ids: np.ndarray  # the vocabulary: every item of the sampled sessions
+    codes: np.ndarray  # its ItemCodes codes
     counts: sp.csr_matrix  # items × vocabulary: c(i, j)
     df: np.ndarray  # the vocabulary's session counts
     df_items: list[float]  # the items' session counts
@@ -70,16 +71,16 @@ class ItemCounts(NamedTuple):
 
 class KeptRows(NamedTuple):
     """What scoring keeps between queries (:meth:`SessionModel.cache_rows`): the item codes,
-    and the rows coded with them (each item's neighbourhood, session count and rules)."""
+    and what is kept by code (each item's neighbourhood, session count and rules)."""
 
     codes: ItemCodes
     neighbourhoods: RowCache
-    counts: RowCache
+    session_counts: CodedValueCache
     rules: RowCache
 
     @classmethod
     def new(cls, max_age_s: float, max_rows: int) -> "KeptRows":
-        return cls(ItemCodes(), RowCache(max_age_s, max_rows), RowCache(max_age_s, max_rows),
+        return cls(ItemCodes(), RowCache(max_age_s, max_rows), CodedValueCache(max_age_s),
                    RowCache(max_age_s, max_rows))
 
 
@@ -255,11 +256,10 @@ class SessionModel(OnlineModel):
 
     def _count_neighbourhoods(self, items: list[str], kept: KeptRows
                               ) -> list["_Neighbourhood"]:
-        found = self._item_counts(items, kept.counts)
+        found = self._item_counts(items, kept)
         if found is None:
             return [_Neighbourhood(item) for item in items]
-        codes = kept.codes.codes(found.ids.tolist())
-        counts = found.counts
+        codes, counts = found.codes, found.counts
         idf = np.ones(len(found.ids))
         if self.use_idf:
             total = self.store.get_rows("meta", ["sessions"])[0].get("n", 1.0)
@@ -279,7 +279,7 @@ class SessionModel(OnlineModel):
             out.append(hood)
         return out
 
-    def _item_counts(self, items: list[str], kept_counts: RowCache) -> ItemCounts | None:
+    def _item_counts(self, items: list[str], kept: KeptRows) -> ItemCounts | None:
         """``c(i, j)`` of these items over their recent sessions (None where none has any):
         one row read per item and per sampled session, and the session counts once."""
         store = self.store
@@ -299,13 +299,14 @@ class SessionModel(OnlineModel):
             item_cols = np.fromiter((vocab.get(i, -1) for i in items), np.int64, len(items))
             rules = read_time_rules(in_sessions, positions, item_cols, self.steps)
         outside = [i for i in dict.fromkeys(items) if i not in vocab]
-        df_read = np.array(kept_counts.rows([*vocab, *outside], self._session_counts),
-                           np.float64)
+        codes = kept.codes.codes([*vocab, *outside])
+        df_read = kept.session_counts.values(codes, lambda stale: self._session_counts(
+            kept.codes.names(stale).tolist()))
         df_vocab = df_read[:len(vocab)]
         df_outside = dict(zip(outside, df_read[len(vocab):].tolist()))
         df_items = [df_vocab[vocab[i]] if i in vocab else df_outside[i] for i in items]
-        return ItemCounts(np.array(list(vocab), dtype=object), counts, df_vocab, df_items,
-                          [len(row) for row in sampled], rules)
+        return ItemCounts(np.array(list(vocab), dtype=object), codes[:len(vocab)], counts,
+                          df_vocab, df_items, [len(row) for row in sampled], rules)
 
     def _session_counts(self, items: list[str]) -> list[float]:
         """Each item's number of sessions (``df``), 0 where unknown."""

@@ -210,6 +210,32 @@ def test_kept_neighbour_rows_are_reused_until_too_old_and_bounded(monkeypatch):
     assert "e" in model.knn_rows(["a"])[0]
 
 
+def test_coded_values_are_read_once_per_age_and_grow_with_the_codes(monkeypatch):
+    import online_models.store as store_module
+    from online_models.store import CodedValueCache
+
+    clock, reads = [100.0], []
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: clock[0])
+
+    def read(codes):
+        reads.append(codes.tolist())
+        return codes * 10.0 + clock[0]
+
+    kept = CodedValueCache(max_age_s=1.0)
+    assert kept.values(np.array([3, 1]), read).tolist() == [130.0, 110.0]
+    clock[0] += 0.5
+    assert kept.values(np.array([1, 7, 3]), read).tolist() == [110.0, 170.5, 130.0]
+    assert reads == [[3, 1], [7]]  # only the code not kept yet
+    clock[0] += 0.8  # 3 and 1 are 1.3 s old now, 7 is 0.8 s old
+    assert kept.values(np.array([7, 3, 1000]), read).tolist() == [170.5, 131.3, 10101.3]
+    assert reads[-1] == [3, 1000]
+    assert kept.values(np.empty(0, np.int64), read).tolist() == []
+    always = CodedValueCache(0.0)  # 0: nothing kept
+    always.values(np.array([2]), read)
+    always.values(np.array([2]), read)
+    assert reads[-2:] == [[2], [2]]
+
+
 def test_item_codes_join_rows_into_the_columns_a_vocabulary_gives():
     from online_models.base import ItemCodes, joined_columns, vocabulary
 
