@@ -69,8 +69,9 @@ class RerankPolicy:
 
 @dataclass(slots=True)
 class SourceList:
-    """One source's candidates for one request: items best first, their scores, and why —
-    one reason for all of them or one per item. Iterates as ``(item, score, reason)``."""
+    """One source's candidates for one request (or :func:`blend`'s list of them all): items
+    best first, their scores, and why — one reason for all of them or one per item. Iterates
+    as ``(item, score, reason)``."""
 
     items: list[str]
     scores: np.ndarray
