@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.report import cpu_seconds, learn_live_state, print_result  # noqa: E402
+from bench.report import cpu_seconds, print_result, simulated_serving_state  # noqa: E402
 from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topics,  # noqa: E402
                             free_port, terminate)
 from infra.redis_client import sync_redis  # noqa: E402
@@ -169,18 +169,12 @@ def main() -> None:
     args = parser.parse_args()
     from schemas.keys import RedisKeys
     from serving.feeds import FeedBuilder
-    from stream.simulator import UserSimulator
-    from stream.state import LiveState
 
     with EmbeddedRedis() as redis_srv, EmbeddedKafka() as kafka:
         settings = Settings(kafka_bootstrap=kafka.bootstrap, redis_url=redis_srv.url)
         ensure_streamrec_topics(settings)
         client = sync_redis(redis_srv.url)
-        events = list(UserSimulator(args.users, 5000, seed=1).events(20 * args.users,
-                                                                     time.time() - 3600))
-        LiveState(settings, client).apply_sync(events)  # histories, trending
-        learn_live_state(settings, client, events)
-        users = sorted({e.user_id for e in events})
+        users = simulated_serving_state(settings, client, args.users)
         builder = FeedBuilder(settings, client)
         while builder.refresh_round():
             pass

@@ -103,6 +103,21 @@ def learn_live_state(settings: Settings, client, events, batch: int = 2000) -> N
         pipe.execute()
 
 
+def simulated_serving_state(settings: Settings, client, users: int) -> list[str]:
+    """What the serving benches draw on: ``20 × users`` simulated events of ``users`` users
+    over 5,000 items in the last hour, applied (histories, trending) and learnt by the live
+    models; returns the users."""
+    import time
+
+    from stream.simulator import UserSimulator
+    from stream.state import LiveState
+
+    events = list(UserSimulator(users, 5000, seed=1).events(20 * users, time.time() - 3600))
+    LiveState(settings, client).apply_sync(events)
+    learn_live_state(settings, client, events)
+    return sorted({e.user_id for e in events})
+
+
 def yoochoose_split():
     """(train, test) events of the shared YooChoose sample; exits clearly where it is absent."""
     from replay.loaders import load_split

@@ -175,6 +175,24 @@ def test_health_readiness_and_openapi(api):
     assert "Interaction" in schema["schema"]["$defs"]
 
 
+def test_what_the_api_built_before_serving_is_kept_out_of_full_collections(settings):
+    """gc.freeze at start: a full collection then skips imports, models and the index (its
+    pauses had been the on-demand lists' slowest passes)."""
+    import gc
+
+    from starlette.testclient import TestClient
+
+    from serving.api import create_app
+
+    gc.unfreeze()
+    try:
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/healthz").status_code == 200
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+
+
 def test_recommendations_are_logged_with_propensities_and_respect_exclusions(api, settings,
                                                                              redis_client):
     from schemas import impressions
