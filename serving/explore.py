@@ -23,12 +23,34 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass
+@dataclass(slots=True)
 class Slot:
     item_id: str
     position: int
     propensity: float
     explored: bool
+
+
+class ExplorationPool:
+    """What exploration may show in one list: ``top`` (the trending top, in its order) less
+    ``blocked``. Counted and tested from sets, in order only when an item must be drawn:
+    most reserved positions keep their ranked item. Iterates as the list would."""
+
+    def __init__(self, top: list[str], top_set: frozenset[str],
+                 blocked: frozenset[str]) -> None:
+        self.top, self.top_set, self.blocked = top, top_set, blocked
+        self._items: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.top) - len(self.blocked & self.top_set)
+
+    def __contains__(self, item: str) -> bool:
+        return item in self.top_set and item not in self.blocked
+
+    def __iter__(self):
+        if self._items is None:
+            self._items = [i for i in self.top if i not in self.blocked]
+        return iter(self._items)
 
 
 class _ReservedSlots:
@@ -66,15 +88,17 @@ class EpsilonGreedy(_ReservedSlots):
     def _choose(self, position, shown, pool):
         ranked_item = shown[position]
         listed = set(shown)
-        options = [i for i in pool if i not in listed or i == ranked_item]
-        if not options:
+        # the options: the pool's items not listed, and the ranked item where the pool has it
+        n_options = len(pool) - sum(1 for i in listed if i != ranked_item and i in pool)
+        if not n_options:
             return None
-        share = self.epsilon / len(options)
+        share = self.epsilon / n_options
         if self.rng.random() < self.epsilon:
-            pick = options[self.rng.integers(len(options))]
+            options = [i for i in pool if i not in listed or i == ranked_item]
+            pick = options[self.rng.integers(n_options)]
             p = share + ((1 - self.epsilon) if pick == ranked_item else 0.0)
             return Slot(pick, position, p, pick != ranked_item)
-        p = (1 - self.epsilon) + (share if ranked_item in options else 0.0)
+        p = (1 - self.epsilon) + (share if ranked_item in pool else 0.0)
         return Slot(ranked_item, position, p, False)
 
 

@@ -37,7 +37,7 @@ from online_models.content import feature_label, is_category
 from online_models.cooccurrence import recommend_neighbours
 from schemas.feeds import Feed, FeedItem
 from serving.ann import AnnIndex
-from serving.explore import EpsilonGreedy, ThompsonSampling
+from serving.explore import EpsilonGreedy, ExplorationPool, ThompsonSampling
 from serving.rerank import Candidate, RerankPolicy, SourceList, blend, rerank
 
 TrendingSource = Callable[[int], list[tuple[str, float]]]
@@ -185,7 +185,7 @@ class Recommender:
         top = self.trending(max(depth, cfg.exploration_pool, cfg.head_size))  # one read
         sources = self.candidates(requests, top)
         trending_top = [i for i, _ in top[:max(cfg.exploration_pool, cfg.head_size)]]
-        head = frozenset(trending_top[:cfg.head_size])
+        head, trending_set = frozenset(trending_top[:cfg.head_size]), frozenset(trending_top)
         served = []
         ages: dict[str, float] = {}
         if self.item_ages is not None and cfg.policy.freshness_weight:
@@ -211,7 +211,7 @@ class Recommender:
                      for p, c in enumerate(ranked)]
             policy = "greedy"
             if self.explorer is not None:
-                pool = [i for i in trending_top if i not in blocked]
+                pool = ExplorationPool(trending_top, trending_set, blocked)
                 pinned = frozenset(p for p, c in enumerate(ranked) if c.reason == "pinned")
                 slots = self.explorer.apply([c.item_id for c in ranked], pool, pinned)
                 policy = self.explorer.name

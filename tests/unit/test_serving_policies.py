@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from replay.ope import dr, ips, snips
-from serving.explore import EpsilonGreedy, ThompsonSampling
+from serving.explore import EpsilonGreedy, ExplorationPool, ThompsonSampling
 from serving.rerank import Candidate, RerankPolicy, SourceList, blend, rerank
 
 
@@ -102,6 +102,40 @@ def test_epsilon_greedy_propensities_match_observed_frequencies():
     always = EpsilonGreedy(epsilon=1.0, reserved=(1,), seed=0)
     assert always.apply(ranked, pool, fixed=frozenset({1}))[1] == \
         EpsilonGreedy(0.0).apply(ranked, pool)[1]  # a pinned position is never explored
+
+
+@pytest.mark.parametrize("policy", [EpsilonGreedy, ThompsonSampling])
+def test_a_pool_counted_from_sets_explores_as_its_list_does(policy):
+    rng = np.random.default_rng(3)
+    top = [f"t{n}" for n in range(40)]
+    for _ in range(300):
+        blocked = frozenset(rng.choice(top, int(rng.integers(0, 40)), replace=False).tolist())
+        pool = ExplorationPool(top, frozenset(top), blocked)
+        as_list = [i for i in top if i not in blocked]
+        assert len(pool) == len(as_list) and list(pool) == as_list
+        assert all((i in pool) == (i in as_list) for i in [*top, "elsewhere"])
+    ranked = ["t1", "a", "t5", "t7", "b", "t9"]  # ranked items in the pool and outside it
+    explorer = policy(reserved=(0, 1, 3, 4), seed=7)
+    for n in range(500):
+        blocked = frozenset(rng.choice(top, int(rng.integers(0, 40)), replace=False).tolist())
+        state = explorer.rng.bit_generator.state
+        slots = explorer.apply(ranked, ExplorationPool(top, frozenset(top), blocked))
+        explorer.rng.bit_generator.state = state  # the same draws, on the pool as a list
+        assert slots == explorer.apply(ranked, [i for i in top if i not in blocked]), n
+        if policy is EpsilonGreedy:  # the documented propensities, options listed by hand
+            shown = list(ranked)
+            for position in explorer.reserved:
+                slot = slots[position]
+                options = [i for i in top if i not in blocked and (
+                    i not in shown or i == shown[position])]
+                if not options:  # nothing to explore with: the ranked item, as ranked
+                    assert (slot.propensity, slot.explored) == (1.0, False)
+                    continue
+                share = explorer.epsilon / len(options)
+                kept = shown[position] in options
+                assert slot.propensity == pytest.approx(
+                    share if slot.explored else (1 - explorer.epsilon) + share * kept)
+                shown[position] = slot.item_id
 
 
 def test_thompson_propensities_sum_to_one_and_match_the_policy():
