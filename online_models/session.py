@@ -71,17 +71,19 @@ class ItemCounts(NamedTuple):
 
 class KeptRows(NamedTuple):
     """What scoring keeps between queries (:meth:`SessionModel.cache_rows`): the item codes,
-    and what is kept by code (each item's neighbourhood, session count and rules)."""
+    what is kept by code (each item's neighbourhood, session count and rules), and the number
+    of sessions (idf's N)."""
 
     codes: ItemCodes
     neighbourhoods: RowCache
     session_counts: CodedValueCache
     rules: RowCache
+    totals: RowCache
 
     @classmethod
     def new(cls, max_age_s: float, max_rows: int) -> "KeptRows":
         return cls(ItemCodes(), RowCache(max_age_s, max_rows), CodedValueCache(max_age_s),
-                   RowCache(max_age_s, max_rows))
+                   RowCache(max_age_s, max_rows), RowCache(max_age_s, 1))
 
 
 #: Past this many item codes, scoring starts afresh (new codes, nothing kept): codes of items
@@ -262,7 +264,8 @@ class SessionModel(OnlineModel):
         codes, counts = found.codes, found.counts
         idf = np.ones(len(found.ids))
         if self.use_idf:
-            total = self.store.get_rows("meta", ["sessions"])[0].get("n", 1.0)
+            [total] = kept.totals.rows(["sessions"], lambda names: [
+                row.get("n", 1.0) for row in self.store.get_rows("meta", names)])
             idf = np.log(max(total, 2.0) / np.maximum(found.df, 1.0)) + 1e-3
         knn_values = counts.data * idf[counts.indices]
         out = []

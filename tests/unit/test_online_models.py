@@ -210,6 +210,25 @@ def test_kept_neighbour_rows_are_reused_until_too_old_and_bounded(monkeypatch):
     assert "e" in model.knn_rows(["a"])[0]
 
 
+def test_the_number_of_sessions_is_read_once_per_age_with_the_kept_rows(monkeypatch):
+    import online_models.store as store_module
+
+    clock = [100.0]
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: clock[0])
+    model = learn_in_batches(SessionModel(), [click("s1", "a", 0), click("s1", "b", 1),
+                                              click("s2", "c", 2), click("s2", "a", 3)], 2)
+    reads = []
+    get_rows = model.store.get_rows
+    monkeypatch.setattr(model.store, "get_rows", lambda table, keys: (
+        reads.append(table), get_rows(table, keys))[1])
+    model.cache_rows(max_age_s=1.0)
+    first = model.knn_rows(["a"])[0]
+    model.knn_rows(["b"])
+    assert reads.count("meta") == 1  # two counts, one read of N
+    clock[0] += 1.5
+    assert model.knn_rows(["a"])[0] == first and reads.count("meta") == 2
+
+
 def test_coded_values_are_read_once_per_age_and_grow_with_the_codes(monkeypatch):
     import online_models.store as store_module
     from online_models.store import CodedValueCache
