@@ -22,6 +22,12 @@ from online_models.trending import DEFAULT_HALF_LIFE_S, DEFAULT_MAX_ITEMS
 MIN_API_KEY_CHARS = 16
 
 
+def _weight_pairs(text: str) -> dict[str, float]:
+    """``name=weight,...`` (already checked against the setting's pattern) as a dict."""
+    return {name: float(weight) for name, weight in
+            (pair.split("=") for pair in text.split(",") if pair)}
+
+
 class Settings(BaseSettings):
     """Runtime configuration shared by every process role (worker, API, feed builder, producer).
 
@@ -239,7 +245,7 @@ class Settings(BaseSettings):
             from serving.rerank import RerankPolicy
 
             known = RerankPolicy().source_weights
-            unknown = sorted({pair.split("=")[0] for pair in value.split(",")} - set(known))
+            unknown = sorted(set(_weight_pairs(value)) - set(known))
             if unknown:
                 raise ValueError(f"STREAMREC_SOURCE_WEIGHTS: unknown source(s) "
                                  f"{', '.join(unknown)}; known: {', '.join(known)}")
@@ -248,8 +254,7 @@ class Settings(BaseSettings):
     @property
     def source_weight_overrides(self) -> dict[str, float]:
         """:attr:`source_weights` parsed: the deployment's weight per source it names."""
-        return {name: float(weight) for name, weight in
-                (pair.split("=") for pair in self.source_weights.split(",") if pair)}
+        return _weight_pairs(self.source_weights)
 
     @property
     def api_key_set(self) -> frozenset[str]:
