@@ -33,8 +33,9 @@ class Slot:
 
 class ExplorationPool:
     """What exploration may show in one list: ``top`` (the trending top: distinct items, in
-    order; ``top_set`` the same as a set, shared by a pass's lists) less ``blocked``. Counted and tested from sets, in order only when an item must be drawn:
-    most reserved positions keep their ranked item. Iterates as the list would."""
+    order; ``top_set`` the same as a set, shared by a pass's lists) less ``blocked``. Counted
+    and tested from sets, listed in order only when an item must be drawn: most reserved
+    positions keep their ranked item. Iterates as the list would."""
 
     def __init__(self, top: list[str], top_set: frozenset[str],
                  blocked: frozenset[str]) -> None:
