@@ -230,11 +230,10 @@ class CodedValueCache:
         now = time.monotonic()
         with self._lock:
             size = int(codes.max(initial=-1)) + 1
-            if size > len(self._values):
-                grown = max(size, 2 * len(self._values))
-                self._values = np.resize(self._values, grown)
-                self._read_at = np.concatenate((self._read_at,
-                                                np.full(grown - len(self._read_at), -np.inf)))
+            if size > len(self._values):  # new codes: never read
+                more = max(size, 2 * len(self._values)) - len(self._values)
+                self._values = np.concatenate((self._values, np.zeros(more)))
+                self._read_at = np.concatenate((self._read_at, np.full(more, -np.inf)))
             stale = codes[now - self._read_at[codes] > self.max_age_s] if self.max_age_s \
                 else codes
         if len(stale):
