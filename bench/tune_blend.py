@@ -6,7 +6,7 @@ weights, ranked by HR@20. User protocol (``--protocol user``, MovieLens): valida
 log's first ``--share`` by time, replayed through the pipeline with the returning users'
 sources (``blend_user_raw``), ranked by HR@10. ``--grid "ann_two_tower=0,0.5,1;als=1"`` (the
 tuning benches' syntax: ``bench.report.parse_grid``) tries those weights, the others as live
-(``RerankPolicy.source_weights``). Usage::
+(``serving.rerank.SOURCE_WEIGHTS``). Usage::
 
     python bench/tune_blend.py --data ../shared/data/yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.txt
     python bench/tune_blend.py --protocol user --data ../shared/data/movielens-latest-small \\
@@ -26,7 +26,7 @@ from bench.report import (add_validation_options, first_share, parse_grid,  # no
                           validation_split)
 from replay.protocols import run  # noqa: E402
 from serving.blended import BlendedModel  # noqa: E402
-from serving.rerank import RerankPolicy  # noqa: E402
+from serving.rerank import SOURCE_WEIGHTS, RerankPolicy  # noqa: E402
 
 #: The session protocol's default grid: the short-term sources and the freshness boost.
 SESSION_GRID = "cooc=0,0.1;ann=0,0.02;trending=0,0.01;freshness=0,0.05"
@@ -47,8 +47,7 @@ def main() -> None:
     else:
         train, valid = validation_split(args)
         items = []
-    live = RerankPolicy().source_weights
-    base = live if user else {"session": 1.0, "cooc": 0.0, "ann": 0.0, "trending": 0.0}
+    base = SOURCE_WEIGHTS if user else {"session": 1.0, "cooc": 0.0, "ann": 0.0, "trending": 0.0}
     grid = {}
     for n, setting in enumerate(parse_grid(args.grid or ("" if user else SESSION_GRID))):
         fresh = setting.pop("freshness", 0.0)

@@ -191,7 +191,7 @@ class Settings(BaseSettings):
     source_weights: str = Field(
         "", pattern=r"^$|^[a-z_0-9]+=\d+(\.\d+)?(,[a-z_0-9]+=\d+(\.\d+)?)*$",
         description="Serving: weights of candidate sources for this deployment, over the "
-        "defaults (RerankPolicy.source_weights in serving/rerank.py), as name=weight,...; 0 "
+        "defaults (SOURCE_WEIGHTS in serving/rerank.py), as name=weight,...; 0 "
         "turns a source off. Example: content=1.5 where items carry descriptive attributes "
         "(MovieLens validation HR@10 0.1144 against 0.1086 at the default 0.1); keep 0.1 where "
         "many items share their top content score, or content takes every list.")
@@ -242,13 +242,12 @@ class Settings(BaseSettings):
     def _known_sources(cls, value: str) -> str:
         """Only sources the serving pipeline blends: a misspelt name must not be ignored."""
         if value:
-            from serving.rerank import RerankPolicy
+            from serving.rerank import SOURCE_WEIGHTS
 
-            known = RerankPolicy().source_weights
-            unknown = sorted(set(_weight_pairs(value)) - set(known))
+            unknown = sorted(set(_weight_pairs(value)) - set(SOURCE_WEIGHTS))
             if unknown:
                 raise ValueError(f"STREAMREC_SOURCE_WEIGHTS: unknown source(s) "
-                                 f"{', '.join(unknown)}; known: {', '.join(known)}")
+                                 f"{', '.join(unknown)}; known: {', '.join(SOURCE_WEIGHTS)}")
         return value
 
     @property

@@ -30,7 +30,7 @@ from serving.rerank import RerankPolicy
 #: ``long_term=True``: the sources a deployment for returning users adds — the worker's long-term
 #: models (``STREAMREC_LIVE_MODELS=session,mf,history,als,content``) and the trainer's
 #: two-tower versions, named as the live pipeline names their sources (so the same weights
-#: apply: ``RerankPolicy.source_weights``).
+#: apply: ``serving.rerank.SOURCE_WEIGHTS``).
 LONG_TERM_SOURCES = {"history": "history", "als": "als", "ann_two_tower": "two_tower"}
 
 

@@ -37,7 +37,7 @@ from schemas.keys import RedisKeys
 from serving.ann import AnnIndex
 from serving.explore import EpsilonGreedy, ThompsonSampling
 from serving.recommender import PipelineConfig, Recommender, Request
-from serving.rerank import RerankPolicy
+from serving.rerank import SOURCE_WEIGHTS, RerankPolicy
 
 
 log = logging.getLogger("streamrec.feeds")
@@ -184,8 +184,7 @@ class FeedBuilder:
             explorer=explorer_for(settings, counts=self.bandit_counts),
             config=PipelineConfig(policy=RerankPolicy(
                 freshness_weight=settings.freshness_weight,
-                source_weights={**RerankPolicy().source_weights,
-                                **settings.source_weight_overrides})),
+                source_weights={**SOURCE_WEIGHTS, **settings.source_weight_overrides})),
             item_ages=self.item_ages)
 
     @classmethod

@@ -42,6 +42,21 @@ class Candidate:
     reason: str
 
 
+#: Each candidate source's weight in the blend, as live serving uses them unless a deployment
+#: sets its own (``STREAMREC_SOURCE_WEIGHTS``). Chosen on a validation split of YooChoose
+#: (bench/tune_blend.py; docs/models.md).
+SOURCE_WEIGHTS: dict[str, float] = {
+    "session": 1.0, "cooc": 0.1, "ann": 0.02, "trending": 0.01,
+    # returning users, when the worker runs these models: user_blend's weights relative to
+    # session (bench/tune_user.py, MovieLens); the trainer's two-tower versions
+    # (STREAMREC_TRAINER_DIR) chosen for this pipeline on MovieLens's validation part
+    # (bench/tune_blend.py --protocol user: 1.0 over 0.5). Content won there at 1.5 too (HR@10
+    # 0.1144 against 0.1086 at 0.1), but where many items tie at its top score (the
+    # simulator's descriptions) 1.5 hands every feed to it: 0.1 unless a deployment sets it.
+    # gru4rec as in session_seq (bench/tune_session_seq.py)
+    "als": 1.0, "history": 0.75, "content": 0.1, "ann_two_tower": 1.0, "gru4rec": 0.1}
+
+
 @dataclass(frozen=True)
 class RerankPolicy:
     mmr_lambda: float = 0.8
@@ -50,17 +65,7 @@ class RerankPolicy:
     freshness_weight: float = 0.0  # > 0 boosts new items (YooChoose validation: 0.05 cost HR)
     freshness_half_life_s: float = 86400.0
     pool_per_slot: int = 5  # re-rank the best 5·k candidates (at least 50): pool_size
-    #: chosen on a validation split of YooChoose (bench/tune_blend.py; docs/models.md)
-    source_weights: dict[str, float] = field(default_factory=lambda: {
-        "session": 1.0, "cooc": 0.1, "ann": 0.02, "trending": 0.01,
-        # returning users, when the worker runs these models: user_blend's weights relative
-        # to session (bench/tune_user.py, MovieLens); the trainer's two-tower versions
-        # (STREAMREC_TRAINER_DIR) chosen for this pipeline on MovieLens's validation part
-        # (bench/tune_blend.py --protocol user: 1.0 over 0.5). Content won there at 1.5 too
-        # (HR@10 0.1144 against 0.1086 at 0.1), but where many items tie at its top score (the
-        # simulator's descriptions) 1.5 hands every feed to it: 0.1 unless a deployment sets it
-        # (STREAMREC_SOURCE_WEIGHTS). gru4rec as in session_seq (bench/tune_session_seq.py)
-        "als": 1.0, "history": 0.75, "content": 0.1, "ann_two_tower": 1.0, "gru4rec": 0.1})
+    source_weights: dict[str, float] = field(default_factory=lambda: dict(SOURCE_WEIGHTS))
 
     def pool_size(self, k: int) -> int:
         """How many candidates (after the seen-filter) re-ranking chooses a list of ``k`` from."""
