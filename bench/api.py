@@ -9,8 +9,11 @@ item-vector topic, which no worker feeds here: no ANN candidates). Feeds are bui
 (``--concurrency`` requests always in flight: the most it serves, latency = concurrency /
 throughput), the same open loop at ``--feed-rate`` requests/s (latency from when each was due),
 and ``GET /v1/users/<u>/recommendations`` closed loop, then open loop at ``--on-demand-rate``.
-Each phase also reports the API's (all its processes) and Redis's CPU milliseconds per request:
-what a process with a core of its own could serve. Baseline in the same run: one client
+Each phase also reports the API's (all its processes), Redis's and the feed builder's CPU
+milliseconds per request: what a process with a core of its own could serve. The feed builder
+role runs beside the API, as deployed, publishing the item neighbourhoods the API reads
+(``serving/neighbour_rows.py``); ``--neighbourhoods counted`` leaves it out and each API
+process counts its own, as before. Baseline in the same run: one client
 doing the feed read's Redis GET directly, one at a time. Usage:
 ``python bench/api.py [--workers 1] [--concurrency 50] [--feed-rate 5000]
 [--on-demand-rate 1000]``. Last line: JSON.
@@ -145,12 +148,13 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def phase(name: str, api_pid: int, redis_pid: int, target, *args) -> dict:
-    """One load phase's figures, with the API's and Redis's CPU per request."""
-    before = tree_cpu_seconds(api_pid), cpu_seconds(redis_pid)
+def phase(name: str, pids: dict[str, int], target, *args) -> dict:
+    """One load phase's figures, with each process's CPU per request (``pids``: name → pid;
+    the API's with its worker processes)."""
+    before = {process: tree_cpu_seconds(pid) for process, pid in pids.items()}
     result = in_process(target, *args)
-    spent = {"api": 1000 * (tree_cpu_seconds(api_pid) - before[0]),
-             "redis": 1000 * (cpu_seconds(redis_pid) - before[1])}
+    spent = {process: 1000 * (tree_cpu_seconds(pid) - before[process])
+             for process, pid in pids.items()}
     return figures(name, result, spent)
 
 
@@ -166,6 +170,10 @@ def main() -> None:
                         help="requests/s offered in the open-loop stored-feed phase")
     parser.add_argument("--on-demand-rate", type=float, default=1000.0,
                         help="requests/s offered in the open-loop on-demand phase")
+    parser.add_argument("--neighbourhoods", choices=("published", "counted"),
+                        default="published", help="published: the feed builder role runs "
+                        "beside the API (off the API's core with --pin) and publishes item "
+                        "neighbourhoods, as deployed; counted: each API process counts its own")
     args = parser.parse_args()
     from schemas.keys import RedisKeys
     from serving.feeds import FeedBuilder
@@ -181,15 +189,23 @@ def main() -> None:
         keys = RedisKeys(settings.key_prefix)
         port = free_port()
         env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka.bootstrap,
-               "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_API_KEYS": BENCH_KEY}
+               "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_API_KEYS": BENCH_KEY,
+               "STREAMREC_NEIGHBOURHOODS_INTERVAL_S": "1.0" if args.neighbourhoods
+               == "published" else "0"}
         api = subprocess.Popen([sys.executable, "-m", "infra.cli", "api", "--port", str(port),
                                 "--loglevel", "warning", "--workers", str(args.workers)],
                                env=env, cwd=ROOT)
+        pids = {"api": api.pid, "redis": redis_srv.proc.pid}
+        feeds = None
+        if args.neighbourhoods == "published":
+            feeds = subprocess.Popen([sys.executable, "-m", "infra.cli", "feeds"], env=env,
+                                     cwd=ROOT)
+            pids["feed_builder"] = feeds.pid
         if args.pin:  # the API on the last core; everything else (load, Redis) on the rest
             cores = sorted(os.sched_getaffinity(0))
             os.sched_setaffinity(api.pid, cores[-1:])
-            os.sched_setaffinity(redis_srv.proc.pid, cores[:-1])
-            os.sched_setaffinity(0, cores[:-1])
+            for pid in (redis_srv.proc.pid, *([feeds.pid] if feeds else []), 0):
+                os.sched_setaffinity(pid, cores[:-1])
         url = f"http://127.0.0.1:{port}"
         try:
             import httpx
@@ -201,20 +217,21 @@ def main() -> None:
                 except httpx.HTTPError:
                     time.sleep(0.2)
             result = {"workers": args.workers, "concurrency": args.concurrency,
-                      "users": len(users)}
+                      "users": len(users), "neighbourhoods": args.neighbourhoods}
             result.update(figures("redis_get_floor", in_process(
                 redis_floor, redis_srv.url, [keys.feed(u) for u in users], args.seconds)))
             feed, lists = "/v1/users/{user}/feed", "/v1/users/{user}/recommendations?k=20"
-            pids = api.pid, redis_srv.proc.pid
             for name, path, rate in (
                     ("feed_read", feed, 0), (f"feed_read_at_{args.feed_rate:g}", feed,
                                              args.feed_rate),
                     ("on_demand", lists, 0), (f"on_demand_at_{args.on_demand_rate:g}", lists,
                                               args.on_demand_rate)):
-                result.update(phase(name, *pids, load, url, users, path, args.seconds,
+                result.update(phase(name, pids, load, url, users, path, args.seconds,
                                     args.concurrency, rate))
         finally:
             terminate(api)
+            if feeds is not None:
+                terminate(feeds)
     print_result(result)
     print(json.dumps(result), file=sys.stderr)
 

@@ -8,14 +8,16 @@ turn, ``--rounds`` times: the collector as Python leaves it (baseline), then wit
 built before serving frozen out of its passes (``gc.freeze``, as the API does at start).
 Per phase: lists/s, CPU per list, pass time p50/p99/max, the full collections that came
 (count, longest), and one more timed at its end (``gc.collect()``: the pause any full
-collection adds to every list in flight). Usage: ``python bench/on_demand.py [--rate 600]
-[--pass-size 6]``. Last line: JSON.
+collection adds to every list in flight). Item neighbourhoods come from a publisher process,
+as the feed builder publishes them deployed (``--neighbourhoods counted``: counted here, as
+before). Usage: ``python bench/on_demand.py [--rate 600] [--pass-size 6]``. Last line: JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import random
 import sys
 import time
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.report import print_result, simulated_serving_state  # noqa: E402
+from bench.report import cpu_seconds, print_result, simulated_serving_state  # noqa: E402
 from infra.embedded import EmbeddedRedis  # noqa: E402
 from infra.redis_client import sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
@@ -65,7 +67,8 @@ def phase(builder, users: list[str], args, rng: random.Random) -> dict:
     t = time.perf_counter()
     gc.collect()  # what any full collection costs now (they come every ~20-60 s under load)
     collect_ms = 1000 * (time.perf_counter() - t)
-    return {"lists_per_s": round(lists / wall), "cpu_ms_per_list": round(1000 * cpu / lists, 3),
+    return {"lists": lists, "lists_per_s": round(lists / wall),
+            "cpu_ms_per_list": round(1000 * cpu / lists, 3),
             "pass_p50_ms": round(float(np.percentile(passes, 50)), 1),
             "pass_p99_ms": round(float(np.percentile(passes, 99)), 1),
             "pass_max_ms": round(max(passes), 1), "full_collections": len(pauses.full_ms),
@@ -80,25 +83,60 @@ def main() -> None:
     parser.add_argument("--pass-size", type=int, default=6, help="lists per pass")
     parser.add_argument("--seconds", type=float, default=30.0, help="per phase")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--neighbourhoods", choices=("published", "counted"),
+                        default="published", help="published: a publisher process counts the "
+                        "item neighbourhoods asked for, as the feed builder does deployed "
+                        "(its CPU reported apart); counted: this process counts its own")
     args = parser.parse_args()
     from serving.feeds import FeedBuilder
 
     with EmbeddedRedis() as redis_srv:
-        settings = Settings(redis_url=redis_srv.url)
+        interval = 1.0 if args.neighbourhoods == "published" else 0.0
+        settings = Settings(redis_url=redis_srv.url, neighbourhoods_interval_s=interval)
         client = sync_redis(redis_srv.url)
         users = simulated_serving_state(settings, client, args.users)
         builder = FeedBuilder(settings, client)  # no impression log: compute only
         rng = random.Random(0)
-        result: dict = {"rate": args.rate, "pass_size": args.pass_size}
-        for n in range(args.rounds):
+        result: dict = {"rate": args.rate, "pass_size": args.pass_size,
+                        "neighbourhoods": args.neighbourhoods}
+        publisher, stop = None, multiprocessing.Event()
+        if interval:
+            builder.compute(users, 20, source="on_demand")  # what serving asks for: wanted
+            publisher = multiprocessing.Process(target=publish, args=(settings, stop))
+            publisher.start()
+            time.sleep(3)  # its first rounds
+        publisher_cpu = cpu_seconds(publisher.pid) if publisher else 0.0
+        lists = 0
+        try:
+            for n in range(args.rounds):
+                gc.unfreeze()
+                for name, freeze in (("baseline", False), ("frozen", True)):
+                    if freeze:
+                        gc.freeze()
+                    figures = phase(builder, users, args, rng)
+                    lists += figures.pop("lists")
+                    result.update({f"{name}_{n + 1}_{key}": value
+                                   for key, value in figures.items()})
             gc.unfreeze()
-            for name, freeze in (("baseline", False), ("frozen", True)):
-                if freeze:
-                    gc.freeze()
-                figures = phase(builder, users, args, rng)
-                result.update({f"{name}_{n + 1}_{key}": value for key, value in figures.items()})
-        gc.unfreeze()
+            if publisher:
+                result["publisher_cpu_ms_per_list"] = round(
+                    1000 * (cpu_seconds(publisher.pid) - publisher_cpu) / lists, 3)
+        finally:
+            stop.set()
+            if publisher:
+                publisher.join(10)
     print_result(result)
+
+
+def publish(settings: Settings, stop) -> None:
+    """The feed builder's neighbourhood rounds, in a process of their own, until ``stop``."""
+    from serving.neighbour_rows import NeighbourhoodPublisher
+
+    publisher = NeighbourhoodPublisher.for_settings(settings, sync_redis(settings.redis_url))
+    while not stop.is_set():
+        if publisher.due():
+            publisher.publish()
+        stop.wait(0.05)
 
 
 if __name__ == "__main__":

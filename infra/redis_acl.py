@@ -7,7 +7,8 @@ off: every client logs in with its role's password (``redis://<role>:<password>@
 * ``worker``: reads and writes every key under the prefix; no server administration
   (``-@dangerous``: no CONFIG, FLUSHALL, KEYS, DEBUG...).
 * ``serving`` (feed builder, API): reads every key under the prefix; writes only feeds, the
-  feed queue and the bandit's show counts; runs scripts (each command inside is checked).
+  feed queue, the bandit's show counts and the published item neighbourhoods (and which are
+  wanted); runs scripts (each command inside is checked).
 * ``frontend``: GET/MGET of feed keys, nothing else.
 """
 
@@ -22,9 +23,10 @@ def role_rules(prefix: str = "sr") -> dict[str, str]:
         "worker": f"~{prefix}:* +@all -@dangerous",
         # one pattern must grant every access a command needs: read-modify-write keys
         # (SPOP, HINCRBY) get ~, write-only ones (SET of a feed) %W~
-        "serving": (f"%R~{prefix}:* %W~{prefix}:{{u:*}}:feed ~{prefix}:{{feedq}}:* "
-                    f"~{prefix}:{{bandit}}:shows +@read +@connection +@scripting "
-                    "+set +sadd +spop +hincrby -@dangerous"),
+        "serving": (f"%R~{prefix}:* %W~{prefix}:{{u:*}}:feed %W~{prefix}:{{i:*}}:hood "
+                    f"~{prefix}:{{feedq}}:* ~{prefix}:{{bandit}}:shows ~{prefix}:{{hood}}:* "
+                    "+@read +@connection +@scripting +set +sadd +spop +hincrby +zadd "
+                    "+zremrangebyscore +zremrangebyrank -@dangerous"),
         "frontend": f"%R~{prefix}:{{u:*}}:feed +get +mget +ping +hello +auth",
     }
 

@@ -188,6 +188,16 @@ class Settings(BaseSettings):
         "read-time co-occurrence, computed from its recent sessions) and next-item rules are "
         "reused for other requests; 0 computes them per request. A request's own items are "
         "always its own.")
+    neighbourhoods_interval_s: float = Field(
+        1.0, ge=0, description="Serving: how often the feed builder counts the item "
+        "neighbourhoods serving asked for and publishes them for every API process "
+        "(serving/neighbour_rows.py); 0: off, each API process counts its own.")
+    neighbourhoods_wanted_s: float = Field(
+        60.0, gt=0, description="Serving: an item's neighbourhood is published while some "
+        "serving process asked for it within this long.")
+    neighbourhoods_max_items: int = Field(
+        100_000, ge=1, description="Serving: at most this many (the most recently asked "
+        "for) neighbourhoods are published.")
     source_weights: str = Field(
         "", pattern=r"^$|^[a-z_0-9]+=\d+(\.\d+)?(,[a-z_0-9]+=\d+(\.\d+)?)*$",
         description="Serving: weights of candidate sources for this deployment, over the "

@@ -42,14 +42,16 @@ Example
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
+import msgspec
 import numpy as np
 import scipy.sparse as sp
 
-from online_models.base import (CodedRow, ItemCodes, LearnReport, OnlineModel, Query,
-                                Recommendations, RowArrays, joined_rows, parallel_chunks,
-                                row_chunks, rows_matrix, top_k_dense, vocabulary)
+from online_models.base import (CodedRow, ItemCodes, ItemHashes, LearnReport, OnlineModel,
+                                Query, Recommendations, RowArrays, joined_rows,
+                                parallel_chunks, row_chunks, rows_matrix, top_k_dense,
+                                vocabulary)
 from online_models.cooccurrence import recommend_neighbours
 from online_models.signals import SignalBatch
 from online_models.kernels import (code_ids, code_sums, session_steps, sum_pairs,
@@ -70,11 +72,12 @@ class ItemCounts(NamedTuple):
 
 
 class KeptRows(NamedTuple):
-    """What scoring keeps between queries (:meth:`SessionModel.cache_rows`): the item codes,
-    what is kept by code (each item's neighbourhood, session count and rules), and the number
-    of sessions (idf's N)."""
+    """What scoring keeps between queries (:meth:`SessionModel.cache_rows`): the item codes
+    (and their hashes, for rows other processes publish), what is kept by code (each item's
+    neighbourhood, session count and rules), and the number of sessions (idf's N)."""
 
     codes: ItemCodes
+    hashes: ItemHashes
     neighbourhoods: RowCache
     session_counts: CodedValueCache
     rules: RowCache
@@ -82,8 +85,17 @@ class KeptRows(NamedTuple):
 
     @classmethod
     def new(cls, max_age_s: float, max_rows: int) -> "KeptRows":
-        return cls(ItemCodes(), RowCache(max_age_s, max_rows), CodedValueCache(max_age_s),
-                   RowCache(max_age_s, max_rows), RowCache(max_age_s, 1))
+        codes = ItemCodes()
+        return cls(codes, ItemHashes(codes), RowCache(max_age_s, max_rows),
+                   CodedValueCache(max_age_s), RowCache(max_age_s, max_rows),
+                   RowCache(max_age_s, 1))
+
+
+#: Reads neighbourhoods another process published: each item's packed rows
+#: (:meth:`SessionModel.published_rows`), None where there are none.
+PublishedReader = Callable[[Sequence[str]], Sequence[bytes | None]]
+#: The format of published neighbourhoods; rows of another format are counted again, not read.
+PUBLISHED_FORMAT = 1
 
 
 #: Past this many item codes, scoring starts afresh (new codes, nothing kept): codes of items
@@ -113,6 +125,7 @@ class SessionModel(OnlineModel):
         self.repeat_weight = repeat_weight
         self.use_idf = use_idf
         self._kept = KeptRows.new(0.0, 0)
+        self._read_published: PublishedReader | None = None
 
     # --- learning --------------------------------------------------------------------------
     @staticmethod
@@ -189,6 +202,22 @@ class SessionModel(OnlineModel):
             self._kept = kept = KeptRows.new(kept.rules.max_age_s, kept.rules.max_rows)
         return kept
 
+    def read_published_rows(self, read: PublishedReader | None) -> None:
+        """Take the neighbourhoods another process published (``read``) before counting
+        any: the API's processes read what one nearline process counts for all of them
+        (:mod:`serving.neighbour_rows`). Items with none published are counted here."""
+        self._read_published = read
+
+    def published_rows(self, items: list[str]) -> list[bytes]:
+        """Each item's neighbourhood counted now (never read from another process), packed
+        for others to read: members as 64-bit name hashes (:func:`online_models.base.item_hash`)
+        with their names, counts, session counts, rules and idf's N (format
+        :data:`PUBLISHED_FORMAT`, msgpack)."""
+        kept = self._kept_rows()
+        total = self._sessions_total(kept) if self.use_idf else None
+        return [hood.pack(kept.hashes, total) for hood in self._count_neighbourhoods(
+            items, kept, total)]
+
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
         q_items = sorted({i for q in queries for i in q.session_items})
         if not q_items:
@@ -254,20 +283,38 @@ class SessionModel(OnlineModel):
         kNN and similarity rows are made from them on first use."""
         kept = kept or self._kept_rows()
         return kept.neighbourhoods.rows(
-            items, lambda missing: self._count_neighbourhoods(missing, kept))
+            items, lambda missing: self._published_or_counted(missing, kept))
 
-    def _count_neighbourhoods(self, items: list[str], kept: KeptRows
+    def _published_or_counted(self, items: list[str], kept: KeptRows
                               ) -> list["_Neighbourhood"]:
+        """The items' published neighbourhoods (:meth:`read_published_rows`), the others
+        counted."""
+        if self._read_published is None:
+            return self._count_neighbourhoods(items, kept)
+        hoods = [None if packed is None else _Neighbourhood.unpack(item, packed, kept)
+                 for item, packed in zip(items, self._read_published(items))]
+        missing = [item for item, hood in zip(items, hoods) if hood is None]
+        if missing:
+            counted = iter(self._count_neighbourhoods(missing, kept))
+            hoods = [next(counted) if hood is None else hood for hood in hoods]
+        return hoods
+
+    def _sessions_total(self, kept: KeptRows) -> float:
+        """The number of sessions (idf's N), kept as the rows are."""
+        [total] = kept.totals.rows(["sessions"], lambda names: [
+            row.get("n", 1.0) for row in self.store.get_rows("meta", names)])
+        return total
+
+    def _count_neighbourhoods(self, items: list[str], kept: KeptRows,
+                              total: float | None = None) -> list["_Neighbourhood"]:
+        """Count the items' neighbourhoods now (``total``: idf's N, read where not given)."""
         found = self._item_counts(items, kept)
         if found is None:
             return [_Neighbourhood(item) for item in items]
         codes, counts = found.codes, found.counts
-        idf = np.ones(len(found.ids))
-        if self.use_idf:
-            [total] = kept.totals.rows(["sessions"], lambda names: [
-                row.get("n", 1.0) for row in self.store.get_rows("meta", names)])
-            idf = np.log(max(total, 2.0) / np.maximum(found.df, 1.0)) + 1e-3
-        knn_values = counts.data * idf[counts.indices]
+        if self.use_idf and total is None:
+            total = self._sessions_total(kept)
+        knn_values = counts.data * _idf(found.df, total)[counts.indices]
         out = []
         rules = found.rules
         for r, item in enumerate(items):
@@ -365,6 +412,53 @@ class _Neighbourhood:
         self.rules = _NO_RULES  # scored at read time (rules="read"), else unused
         self._knn = self._jaccard = self._similar = None
 
+    def pack(self, hashes: ItemHashes, total: float | None) -> bytes:
+        """This neighbourhood for another process (:meth:`SessionModel.published_rows`);
+        ``total``: the idf's N it was counted with (None: idf off)."""
+        names = [name.encode() for name in self.names.tolist()]
+        return msgspec.msgpack.encode((
+            PUBLISHED_FORMAT, total, float(self.df_item), int(self.sampled),
+            hashes.of_codes(self.codes).tobytes(), self.counts.astype(np.float32).tobytes(),
+            self.df.astype(np.float64).tobytes(),
+            np.cumsum([len(name) for name in names], dtype=np.uint32).tobytes(), b"".join(names),
+            self._rule_positions().tobytes(), self.rules.values.astype(np.float64).tobytes()))
+
+    def _rule_positions(self) -> np.ndarray:
+        """Where each rule's item is among the members (a rule's item is always one: it
+        follows the item in one of the sessions counted)."""
+        position = {code: n for n, code in enumerate(self.codes.tolist())}
+        return np.fromiter(map(position.__getitem__, self.rules.codes.tolist()), np.uint32,
+                           len(self.rules.codes))
+
+    @classmethod
+    def unpack(cls, item: str, packed: bytes, kept: KeptRows) -> "_Neighbourhood | None":
+        """:meth:`pack`'s neighbourhood, coded for ``kept`` (None: another format)."""
+        try:
+            fields = msgspec.msgpack.decode(packed)
+        except msgspec.DecodeError:
+            return None
+        if not isinstance(fields, list) or len(fields) != 11 or fields[0] != PUBLISHED_FORMAT:
+            return None
+        (_, total, df_item, sampled, hashes, counts, df, name_ends, names, rule_positions,
+         rule_values) = fields
+        hashes = np.frombuffer(hashes, np.uint64)
+        codes = kept.hashes.codes_of(hashes)
+        unseen = np.flatnonzero(codes < 0)
+        if len(unseen):  # names never seen in this process: coded (and hashed) now
+            ends = np.frombuffer(name_ends, np.uint32).astype(np.int64)
+            starts = ends - np.diff(ends, prepend=0)
+            codes[unseen] = kept.codes.codes([names[starts[n]:ends[n]].decode()
+                                              for n in unseen.tolist()])
+            kept.hashes.of_codes(codes[unseen])
+        counts = np.frombuffer(counts, np.float32).astype(np.float64)
+        df = np.frombuffer(df, np.float64)
+        hood = cls(item, kept.codes.names(codes), codes, counts * _idf(df, total), counts, df,
+                   df_item, sampled)
+        if rule_positions:
+            hood.rules = CodedRow(codes[np.frombuffer(rule_positions, np.uint32)],
+                                  np.frombuffer(rule_values, np.float64))
+        return hood
+
     def knn(self) -> dict[str, float]:
         if self._knn is None:
             self._knn = dict(zip(self.names.tolist(), self.knn_values.tolist()))
@@ -444,6 +538,14 @@ def read_time_rules(in_sessions: sp.csr_matrix, positions: sp.csr_matrix,
                           shape=(n_items, width))
     rules.sum_duplicates()
     return rules
+
+
+def _idf(df: np.ndarray, total: float | None) -> np.ndarray:
+    """``log(N / df)`` (+10⁻³: every item keeps a weight) of session counts ``df``; all ones
+    where ``total`` (N) is None (idf off)."""
+    if total is None:
+        return np.ones(len(df))
+    return np.log(max(total, 2.0) / np.maximum(df, 1.0)) + 1e-3
 
 
 def _row_normalise(matrix: np.ndarray) -> np.ndarray:

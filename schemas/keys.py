@@ -78,7 +78,16 @@ class RedisKeys:
     def item_description(self, item_id: str) -> str:
         return f"{self.prefix}:{{i:{encode_id(item_id)}}}:item"
 
+    def neighbourhood(self, item_id: str) -> str:
+        """String: the item's neighbourhood as the feed builder last counted it."""
+        return f"{self.prefix}:{{i:{encode_id(item_id)}}}:hood"
+
     # --- shared ----------------------------------------------------------------------------
+    @property
+    def neighbourhoods_wanted(self) -> str:
+        """Sorted set item → when serving last asked for its neighbourhood."""
+        return f"{self.prefix}:{{hood}}:wanted"
+
     @property
     def trending(self) -> str:
         return f"{self.prefix}:{{trend}}:z"
@@ -194,6 +203,18 @@ class RedisKeys:
                     "The item's latest description, as sent (schemas/items.py: item_id, "
                     "timestamp, categories, tags, title, published_at, available): what front "
                     "ends show and explanations name."),
+            KeySpec(f"{p}:{{i:<item>}}:hood", "string (msgpack, format 1 of "
+                    "online_models.session)", "3 × STREAMREC_NEIGHBOURHOODS_INTERVAL_S (or 3 "
+                    "rounds, when longer)", "feed builder (serving/neighbour_rows.py)",
+                    "one per wanted item", "The item's neighbourhood (the items of its recent "
+                    "sessions, their counts and session counts, its next-item rules), counted "
+                    "once for every API process; an API process counts the ones absent itself."),
+            KeySpec(f"{p}:{{hood}}:wanted", "sorted set item → time (s)", "none (members "
+                    "older than STREAMREC_NEIGHBOURHOODS_WANTED_S deleted every round)",
+                    "serving (ZADD), feed builder (trims)",
+                    "STREAMREC_NEIGHBOURHOODS_MAX_ITEMS members",
+                    "Items whose neighbourhoods serving asked for, and when: what the feed "
+                    "builder counts and publishes."),
             KeySpec(f"{p}:{{items}}:first_seen", "sorted set item → first event time", "none",
                     "stream worker", "10 × STREAMREC_TRENDING_MAX_ITEMS members (the oldest "
                     "dropped once 10 % more are held)",

@@ -36,6 +36,7 @@ from schemas.feeds import encode as encode_feed
 from schemas.keys import RedisKeys
 from serving.ann import AnnIndex
 from serving.explore import EpsilonGreedy, ThompsonSampling
+from serving.neighbour_rows import NeighbourhoodPublisher, PublishedNeighbourhoods
 from serving.recommender import PipelineConfig, Recommender, Request
 from serving.rerank import SOURCE_WEIGHTS, RerankPolicy
 
@@ -162,6 +163,9 @@ class FeedBuilder:
         models = build_live_models(settings, client)
         if "session" in models:  # popular items' neighbour rows: once per interval
             models["session"].cache_rows(settings.serving_rows_max_age_s)
+            if settings.neighbourhoods_interval_s:  # counted by the feed builder for all
+                models["session"].read_published_rows(PublishedNeighbourhoods(
+                    client, self.keys, settings.neighbourhoods_wanted_s))
         if ann is None and "mf" in models:
             ann = AnnIndex(models["mf"].factors, max_items=settings.ann_max_items)
         self.ann = ann
@@ -344,9 +348,13 @@ class FeedBuilder:
 
     def run(self, stop_event=None) -> None:
         """Refresh until ``stop_event`` is set (a ``threading.Event``); rides out Redis and
-        Kafka blips (the users of a failed round are queued again)."""
+        Kafka blips (the users of a failed round are queued again). Publishes the item
+        neighbourhoods serving asks for (:mod:`serving.neighbour_rows`) between rounds."""
+        publisher = NeighbourhoodPublisher.for_settings(self.settings, self.client)
         while stop_event is None or not stop_event.is_set():
             try:
+                if publisher is not None and publisher.due():
+                    publisher.publish()
                 full = self.refresh_round() >= self.settings.feed_refresh_batch
             except TRANSIENT_REDIS_ERRORS as exc:
                 note_redis_error(log, "a feed round", exc)

@@ -15,6 +15,7 @@ from infra.settings import Settings
 from state.redis_store import build_on_redis
 from schemas.keys import RedisKeys
 from serving.feeds import FeedBuilder
+from serving.neighbour_rows import NeighbourhoodPublisher
 from stream.simulator import UserSimulator
 from stream.state import LiveState, SourceMessage
 
@@ -45,6 +46,9 @@ def test_each_role_does_its_job_and_nothing_more(acl_redis):
     assert FeedBuilder(settings, serving).refresh_round() > 0  # reads models, writes feeds
     user = events[0].user_id
     assert serving.get(keys.feed(user))
+    # the feed round asked for item neighbourhoods: the feed builder publishes them
+    assert NeighbourhoodPublisher.for_settings(settings, serving).publish() > 0
+    assert serving.exists(keys.neighbourhood(events[0].item_id))
     model_key = next(worker.scan_iter(match="sr:m:*", count=1000))
     with pytest.raises(redis.exceptions.NoPermissionError):
         serving.delete(model_key)  # serving never writes model state

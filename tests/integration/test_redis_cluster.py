@@ -156,6 +156,11 @@ def test_worker_feed_builder_and_api_run_on_the_cluster(cluster_settings, client
     url = assert_feeds_built_and_served(spawn, s, client, users, timeout_s=60, checked=10)
     fresh = httpx.get(f"{url}/v1/users/{users[0]}/recommendations", params={"k": 5})
     assert fresh.status_code == 200 and len(fresh.json()["items"]) == 5
+    # the item neighbourhoods serving asked for are published, on whichever node holds each
+    wanted = [m.decode() for m in client.zrange(keys.neighbourhoods_wanted, 0, -1)]
+    assert len(wanted) > 20
+    wait_for(lambda: all(client.exists(keys.neighbourhood(i)) for i in wanted), 30,
+             "the feed builder to publish the wanted neighbourhoods")
 
 
 def test_slots_moved_between_commits_are_followed(cluster_settings, client, cluster):

@@ -210,6 +210,63 @@ def test_kept_neighbour_rows_are_reused_until_too_old_and_bounded(monkeypatch):
     assert "e" in model.knn_rows(["a"])[0]
 
 
+@pytest.mark.parametrize("rules", ["read", "written"])
+def test_published_neighbourhoods_read_elsewhere_equal_the_ones_counted(rules):
+    """What one process publishes (names as hashes), another process (other codes) reads:
+    the same kNN, similarity and rule rows, and the same recommendations, counting nothing."""
+    evs = random_sessions(seed=3, n_sessions=60, n_items=25)
+    publisher = learn_in_batches(SessionModel(rules=rules), evs, 50)
+    items = [f"i{n}" for n in range(27)]  # two never seen: published empty
+    published = dict(zip(items, publisher.published_rows(items)))
+
+    reader = SessionModel(rules=rules)
+    reader.store = publisher.store  # the same state, but codes of its own
+    reader.cache_rows(max_age_s=60.0)
+    reader.knn_rows(["i9", "zz"])  # other codes first
+    asked = []
+    reader.read_published_rows(lambda wanted: asked.extend(wanted) or [
+        published.get(item) for item in wanted])
+    reader._item_counts = None  # counting would fail: everything comes published
+    queries = [Query("u", tuple(f"i{n}" for n in range(k, k + 4)), exclude=frozenset({"i3"}))
+               for k in range(20)]
+    got = reader.recommend(queries, k=10)
+    # each item asked for once; i9 was kept (counted above)
+    assert sorted(asked) == sorted({i for q in queries for i in q.session_items} - {"i9"})
+    expected = publisher.recommend(queries, k=10)
+    assert [r.items for r in got] == [r.items for r in expected]
+    assert all(np.array_equal(a.scores, b.scores) for a, b in zip(got, expected))
+    assert reader.knn_rows(items[:20]) == publisher.knn_rows(items[:20])
+    assert reader.similar(items[:20]) == publisher.similar(items[:20])
+    if rules == "read":
+        assert reader.rule_rows(items[:20]) == publisher.rule_rows(items[:20])
+    assert reader.knn_rows(["i25"]) == [{}]
+
+
+def test_a_published_neighbourhood_of_another_format_or_broken_is_counted_again():
+    evs = random_sessions(seed=4)
+    model = learn_in_batches(SessionModel(), evs, 50)
+    expected = model.knn_rows(["i1", "i2", "i3"])
+    [good] = model.published_rows(["i3"])
+    model.read_published_rows(lambda items: [b"\x93\x02\x00\x00", b"not msgpack \xc1",
+                                             good][-len(items):])
+    assert model.knn_rows(["i1", "i2", "i3"]) == expected
+
+
+def test_item_hashes_find_the_codes_of_names_hashed_before():
+    from online_models.base import ItemCodes, ItemHashes, item_hash
+
+    codes = ItemCodes()
+    hashes = ItemHashes(codes)
+    a_b = codes.codes(["a", "b"])
+    assert hashes.of_codes(a_b).tolist() == [item_hash("a"), item_hash("b")]
+    c = codes.codes(["c"])
+    lookup = np.array([item_hash("b"), item_hash("c"), item_hash("a")], np.uint64)
+    assert hashes.codes_of(lookup).tolist() == [a_b[1], -1, a_b[0]]  # c not hashed yet
+    hashes.of_codes(np.concatenate((c, a_b)))
+    assert hashes.codes_of(lookup).tolist() == [a_b[1], c[0], a_b[0]]
+    assert item_hash("a") != item_hash("b") and item_hash("é") == item_hash("é")
+
+
 def test_the_number_of_sessions_is_read_once_per_age_with_the_kept_rows(monkeypatch):
     import online_models.store as store_module
 

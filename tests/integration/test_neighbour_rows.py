@@ -1,0 +1,91 @@
+"""Item neighbourhoods published by the feed builder (serving/neighbour_rows.py) on a real
+Redis: serving reads them instead of counting, lists stay the same, only what serving asked
+for is published, and it expires."""
+
+import threading
+import time
+
+import pytest
+
+from online_models.session import SessionModel
+from schemas.keys import RedisKeys
+from serving.feeds import FeedBuilder
+from serving.neighbour_rows import NeighbourhoodPublisher
+from stream.simulator import UserSimulator
+from stream.state import LiveState, SourceMessage
+
+
+@pytest.fixture
+def state(settings, redis_client):
+    settings = settings.model_copy(update={"explore_policy": "none"})
+    events = list(UserSimulator(60, 80, seed=5).events(1200, time.time() - 600))
+    LiveState.for_worker(settings).apply_messages([SourceMessage("interactions", 0, 0, events)])
+    return settings, sorted({e.user_id for e in events})
+
+
+def lists(feeds):
+    return [[(i.item_id, i.score, i.reason) for i in feed.items] for feed in feeds]
+
+
+def test_serving_reads_published_neighbourhoods_and_lists_stay_the_same(state, redis_client,
+                                                                       monkeypatch):
+    settings, users = state
+    keys = RedisKeys(settings.key_prefix)
+    counted = lists(FeedBuilder(settings.model_copy(update={"neighbourhoods_interval_s": 0}),
+                                redis_client).compute(users, 10, source="on_demand"))
+    assert not redis_client.exists(keys.neighbourhoods_wanted)  # off: nothing asked for
+
+    # nothing published yet: the lists are counted here, and their items marked wanted
+    assert lists(FeedBuilder(settings, redis_client).compute(users, 10, source="on_demand")
+                 ) == counted
+    wanted = {m.decode() for m in redis_client.zrange(keys.neighbourhoods_wanted, 0, -1)}
+    publisher = NeighbourhoodPublisher.for_settings(settings, redis_client)
+    assert publisher.publish() == len(wanted) > 20
+    assert all(redis_client.exists(keys.neighbourhood(item)) for item in wanted)
+
+    counting = []
+    original = SessionModel._count_neighbourhoods
+    monkeypatch.setattr(SessionModel, "_count_neighbourhoods", lambda model, items, *rest: (
+        counting.extend(items) or original(model, items, *rest)))
+    assert lists(FeedBuilder(settings, redis_client).compute(users, 10, source="on_demand")
+                 ) == counted
+    assert counting == []  # every neighbourhood came published
+
+
+def test_only_wanted_items_are_published_for_a_few_intervals(state, redis_client):
+    settings, _ = state
+    settings = settings.model_copy(update={"neighbourhoods_interval_s": 0.5,
+                                           "neighbourhoods_wanted_s": 30,
+                                           "neighbourhoods_max_items": 3})
+    keys = RedisKeys(settings.key_prefix)
+    publisher = NeighbourhoodPublisher.for_settings(settings, redis_client)
+    assert publisher.publish() == 0  # nobody asked
+    now = time.time()
+    redis_client.zadd(keys.neighbourhoods_wanted, {"i1": now - 40, "i2": now - 3, "i3": now - 2,
+                                                   "i4": now - 1, "i5": now})
+    assert publisher.wanted() == ["i5", "i4", "i3"]  # too old (i1) and past the cap (i2) go
+    assert publisher.publish() == 3
+    assert not redis_client.exists(keys.neighbourhood("i1"), keys.neighbourhood("i2"))
+    assert 0 < redis_client.pttl(keys.neighbourhood("i5")) <= 1500  # three intervals
+    assert redis_client.zcard(keys.neighbourhoods_wanted) == 3
+
+
+def test_the_feed_builder_publishes_what_serving_asked_for(state, redis_client):
+    settings, users = state
+    settings = settings.model_copy(update={"neighbourhoods_interval_s": 0.2})
+    keys = RedisKeys(settings.key_prefix)
+    FeedBuilder(settings, redis_client).compute(users[:5], 10, source="on_demand")
+    wanted = [m.decode() for m in redis_client.zrange(keys.neighbourhoods_wanted, 0, -1)]
+    assert wanted
+    builder, stop = FeedBuilder(settings, redis_client), threading.Event()
+    runner = threading.Thread(target=builder.run, args=(stop,))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (not all(redis_client.exists(keys.neighbourhood(i)) for i in wanted)
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert all(redis_client.exists(keys.neighbourhood(i)) for i in wanted)
+    finally:
+        stop.set()
+        runner.join(10)
