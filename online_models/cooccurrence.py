@@ -206,14 +206,30 @@ def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]
 
 
 def _strongest_sources(neighbours: sp.csr_matrix, rows: list[list[int]],
-                       columns: list[np.ndarray], recency: float) -> list[list[int]]:
+                       columns: list[np.ndarray], recency: float,
+                       max_cells: int = 2_000_000) -> list[list[int]]:
     """For each query (its items' matrix rows ``rows``, oldest first; its recommended
     ``columns``), per column the position of the item whose term ``recency^(L − p) · sim``
-    is largest, the earliest on a tie. All queries at once: one sorted lookup of every
-    (item, column) pair in the matrix (its indices sorted), as float32 as the scores."""
+    is largest, the earliest on a tie, as float32 as the scores. Queries in chunks: each
+    chunk's items × chosen columns of the matrix copied into a dense table (at most
+    ``max_cells``), then every (query, item, column) term gathered from it."""
     if not neighbours.nnz:  # no term anywhere: the first item, as on any tie
         return [[0] * len(query_cols) for query_cols in columns]
-    longest, widest = max(map(len, rows)), max(map(len, columns))
+    longest, widest = max(map(len, rows)), max(max(map(len, columns)), 1)
+    step = max(1, int((max_cells / (longest * widest)) ** 0.5))
+    entry_rows = np.repeat(np.arange(neighbours.shape[0], dtype=np.int64),
+                           np.diff(neighbours.indptr))
+    out: list[list[int]] = []
+    for a in range(0, len(rows), step):
+        out += _strongest_in_chunk(neighbours, entry_rows, rows[a:a + step],
+                                   columns[a:a + step], recency, longest, widest)
+    return out
+
+
+def _strongest_in_chunk(neighbours: sp.csr_matrix, entry_rows: np.ndarray,
+                        rows: list[list[int]], columns: list[np.ndarray], recency: float,
+                        longest: int, widest: int) -> list[list[int]]:
+    """:func:`_strongest_sources` for a few queries (``entry_rows``: each matrix entry's row)."""
     item_rows = np.full((len(rows), longest), -1, np.int64)
     weights = np.zeros((len(rows), longest), np.float32)
     cols = np.full((len(rows), widest), -1, np.int64)
@@ -222,14 +238,26 @@ def _strongest_sources(neighbours: sp.csr_matrix, rows: list[list[int]],
         weights[q, :len(query_rows)] = [recency ** (len(query_rows) - 1 - p)
                                         for p in range(len(query_rows))]
         cols[q, :len(query_cols)] = query_cols
-    width = neighbours.shape[1]
-    entry_keys = np.repeat(np.arange(neighbours.shape[0], dtype=np.int64),
-                           np.diff(neighbours.indptr)) * width + neighbours.indices
-    wanted = item_rows[:, :, None] * width + cols[:, None, :]  # queries × items × columns
-    at = np.minimum(np.searchsorted(entry_keys, wanted), len(entry_keys) - 1)
-    found = (entry_keys[at] == wanted) & (item_rows[:, :, None] >= 0) & (cols[:, None, :] >= 0)
-    terms = np.where(found, neighbours.data[at] * weights[:, :, None],  # padding never wins:
-                     np.where(item_rows >= 0, np.float32(0), -np.inf)[:, :, None]
-                     ).astype(np.float32, copy=False)
+    # the chunk's rows and chosen columns numbered densely (padding, -1, maps to the last);
+    # no boolean indexing: with random masks it costs ~10 ns an element in branch misses
+    row_of, used_rows = _dense_numbers(item_rows, neighbours.shape[0])
+    col_of, used_cols = _dense_numbers(cols, neighbours.shape[1])
+    table = np.zeros((used_rows + 1, used_cols + 1), np.float32)
+    r, c = row_of[entry_rows], col_of[neighbours.indices]
+    kept = np.flatnonzero((r < used_rows) & (c < used_cols))
+    table[r[kept], c[kept]] = neighbours.data[kept]
+    terms = table[row_of[item_rows][:, :, None], col_of[cols][:, None, :]] * weights[:, :, None]
+    terms[item_rows < 0] = -np.inf  # padding never wins
     best = terms.argmax(axis=1)  # queries × columns
     return [best[q, :len(query_cols)].tolist() for q, query_cols in enumerate(columns)]
+
+
+def _dense_numbers(values: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+    """(a map of each number in ``range(size)`` to its rank among the distinct ``values``
+    ≥ 0, numbers not among them (and -1, at the end) to that count; the count)."""
+    present = np.zeros(size + 1, bool)
+    present[values] = True  # -1 marks the extra last slot
+    used = np.flatnonzero(present[:size])
+    number = np.full(size + 1, len(used), np.int64)
+    number[used] = np.arange(len(used))
+    return number, len(used)

@@ -715,3 +715,25 @@ def test_session_queries_whose_items_have_no_sessions_get_their_repeats_only():
     model = learn_in_batches(SessionModel(), [click("s1", "a", 0)], 1)
     [rec] = model.recommend([Query("u", ("x", "y"))], k=5)  # items nobody has visited
     assert rec.items == ["y", "x"]  # the newest first
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_strongest_source_of_each_column_is_the_largest_term_in_any_chunking(seed):
+    import scipy.sparse as sp
+
+    from online_models.cooccurrence import _strongest_sources
+
+    rng = np.random.default_rng(seed)
+    matrix = sp.random(30, 200, density=0.2, random_state=seed, dtype=np.float32, format="csr")
+    matrix.data = np.round(matrix.data * 4) / 4  # ties
+    matrix.sort_indices()
+    dense = matrix.toarray()
+    rows = [list(rng.integers(0, 30, rng.integers(1, 9))) for _ in range(25)]
+    columns = [rng.choice(200, rng.integers(0, 40), replace=False) for _ in range(25)]
+    expected = []
+    for items, cols in zip(rows, columns):
+        weights = [np.float32(0.5 ** (len(items) - 1 - p)) for p in range(len(items))]
+        expected.append([max(range(len(items)), key=lambda p: (dense[items[p], c] * weights[p],
+                                                                 -p)) for c in cols])
+    assert _strongest_sources(matrix, rows, columns, 0.5) == expected
+    assert _strongest_sources(matrix, rows, columns, 0.5, max_cells=60) == expected
