@@ -136,13 +136,13 @@ def _ties_by_name(order: np.ndarray, totals: np.ndarray, names: list[str]) -> np
     """``order`` (item numbers by falling total) with each run of equal totals put in name
     order, so equal scores rank alike whichever source listed an item first."""
     values = totals[order]
-    tied = np.flatnonzero(values[1:] == values[:-1])  # order[i] ties with order[i + 1]
-    if not len(tied):
+    tied = values[1:] == values[:-1]  # order[i] ties with order[i + 1]
+    if not tied.any():
         return order
-    breaks = np.flatnonzero(np.diff(tied) > 1)
+    # each run of ties: where `tied` turns on (its first item) and off (one past its last)
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], tied, [False])).view(np.int8)))
     order = order.tolist()
-    for start, end in zip(np.r_[tied[0], tied[breaks + 1]].tolist(),
-                          (np.r_[tied[breaks], tied[-1]] + 2).tolist()):
+    for start, end in zip(edges[::2].tolist(), (edges[1::2] + 1).tolist()):
         order[start:end] = sorted(order[start:end], key=names.__getitem__)
     return np.array(order, np.int64)
 
