@@ -134,9 +134,8 @@ def publish(settings: Settings, stop) -> None:
 
     publisher = NeighbourhoodPublisher.for_settings(settings, sync_redis(settings.redis_url))
     while not stop.is_set():
-        if publisher.due():
-            publisher.publish()
-        stop.wait(0.05)
+        if not publisher.step():
+            stop.wait(publisher.until_due())
 
 
 if __name__ == "__main__":

@@ -352,9 +352,9 @@ class FeedBuilder:
         neighbourhoods serving asks for (:mod:`serving.neighbour_rows`) between rounds."""
         publisher = NeighbourhoodPublisher.for_settings(self.settings, self.client)
         while stop_event is None or not stop_event.is_set():
-            try:
-                if publisher is not None and publisher.due():
-                    publisher.publish()
+            publishing = False
+            try:  # a chunk of neighbourhoods, then a feed round: neither waits on the other
+                publishing = publisher is not None and publisher.step()
                 full = self.refresh_round() >= self.settings.feed_refresh_batch
             except TRANSIENT_REDIS_ERRORS as exc:
                 note_redis_error(log, "a feed round", exc)
@@ -362,5 +362,6 @@ class FeedBuilder:
             except ImpressionLogUnavailable as exc:
                 log.warning("%s; feeds wait", exc)
                 full = False
-            if not full:
-                time.sleep(self.settings.feed_refresh_interval_s)
+            if not full and not publishing:
+                time.sleep(min(self.settings.feed_refresh_interval_s, float("inf")
+                               if publisher is None else publisher.until_due() + 0.01))

@@ -67,8 +67,9 @@ class PublishedNeighbourhoods:
 
 class NeighbourhoodPublisher:
     """Counts the neighbourhoods serving asked for within ``wanted_s`` (the most recently
-    wanted ``max_items``) and writes them; call :meth:`publish` every ``interval_s``
-    (:meth:`due` says when)."""
+    wanted ``max_items``) and writes them, a round every ``interval_s``. :meth:`step` does a
+    chunk at a time, so a caller (the feed builder) interleaves its own work; :meth:`publish`
+    does a whole round."""
 
     def __init__(self, model, client, keys: RedisKeys, interval_s: float, wanted_s: float,
                  max_items: int, chunk: int = 500) -> None:
@@ -77,7 +78,10 @@ class NeighbourhoodPublisher:
         self.interval_s, self.wanted_s, self.max_items = interval_s, wanted_s, max_items
         self.chunk = chunk
         self.round_s = 0.0  # the last round's duration
-        self._last = self._warned = -float("inf")
+        self._started = self._warned = -float("inf")  # the current (or last) round's start
+        self._pending: list[str] = []  # the current round's items not written yet
+        self._round_items = 0
+        self._ttl_ms = 0
 
     @classmethod
     def for_settings(cls, settings, client) -> "NeighbourhoodPublisher | None":
@@ -93,8 +97,11 @@ class NeighbourhoodPublisher:
                    settings.neighbourhoods_interval_s, settings.neighbourhoods_wanted_s,
                    settings.neighbourhoods_max_items)
 
-    def due(self) -> bool:
-        return time.monotonic() - self._last >= self.interval_s
+    def until_due(self) -> float:
+        """Seconds until the next round may start (0: now, or one is in progress)."""
+        if self._pending:
+            return 0.0
+        return max(0.0, self._started + self.interval_s - time.monotonic())
 
     def wanted(self) -> list[str]:
         """The items wanted within ``wanted_s``, most recently wanted first; older marks (and
@@ -107,20 +114,37 @@ class NeighbourhoodPublisher:
             *_, items = pipe.execute()
         return [item.decode() for item in items]
 
-    def publish(self) -> int:
-        """One round: count every wanted item's neighbourhood and write it; returns how many."""
-        started = self._last = time.monotonic()
-        items = self.wanted()
-        ttl_ms = int(3000 * max(self.interval_s, self.round_s))
-        for at in range(0, len(items), self.chunk):
-            chunk = items[at:at + self.chunk]
+    def step(self) -> bool:
+        """Start a round where one is due, and write its next chunk; True while the round has
+        chunks left."""
+        if not self._pending:
+            if self.until_due():
+                return False
+            self._started = time.monotonic()
+            self._pending = self.wanted()
+            self._round_items = len(self._pending)
+            # written rows outlive three rounds: serving never finds them gone between two
+            self._ttl_ms = int(3000 * max(self.interval_s, self.round_s))
+        chunk, self._pending = self._pending[:self.chunk], self._pending[self.chunk:]
+        if chunk:
             with self.client.pipeline(transaction=False) as pipe:
                 for item, packed in zip(chunk, self.model.published_rows(chunk)):
-                    pipe.set(self.keys.neighbourhood(item), packed, px=ttl_ms)
+                    pipe.set(self.keys.neighbourhood(item), packed, px=self._ttl_ms)
                 pipe.execute()
-        self.round_s = time.monotonic() - started
-        if self.round_s > self.interval_s and started - self._warned >= 60:
-            self._warned = started
+        if not self._pending:
+            self._round_done()
+        return bool(self._pending)
+
+    def publish(self) -> int:
+        """A whole round now; returns how many neighbourhoods it wrote."""
+        self._started = -float("inf")
+        while self.step():
+            pass
+        return self._round_items
+
+    def _round_done(self) -> None:
+        self.round_s = time.monotonic() - self._started
+        if self.round_s > self.interval_s and self._started - self._warned >= 60:
+            self._warned = self._started
             log.warning("a round of %d neighbourhoods took %.2f s, over the %.2f s interval",
-                        len(items), self.round_s, self.interval_s)
-        return len(items)
+                        self._round_items, self.round_s, self.interval_s)

@@ -89,3 +89,20 @@ def test_the_feed_builder_publishes_what_serving_asked_for(state, redis_client):
     finally:
         stop.set()
         runner.join(10)
+
+
+def test_a_round_goes_a_chunk_a_step_so_feed_rounds_interleave(state, redis_client):
+    settings, _ = state
+    settings = settings.model_copy(update={"neighbourhoods_interval_s": 60})
+    keys = RedisKeys(settings.key_prefix)
+    publisher = NeighbourhoodPublisher.for_settings(settings, redis_client)
+    publisher.chunk = 2
+    redis_client.zadd(keys.neighbourhoods_wanted, {f"i{n}": time.time() for n in range(5)})
+    written = []
+    for _ in range(3):
+        assert publisher.until_due() == 0
+        more = publisher.step()
+        written.append(sum(redis_client.exists(keys.neighbourhood(f"i{n}")) for n in range(5)))
+    assert written == [2, 4, 5] and not more
+    assert publisher.until_due() > 50  # the next round in an interval
+    assert publisher.step() is False and publisher.publish() == 5  # a whole round on demand
