@@ -245,12 +245,27 @@ def joined_columns(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not len(codes):
         return codes, np.empty(0, np.int64)
     positions = np.arange(len(codes))
-    first = np.full(int(codes.max()) + 1, len(codes), np.int64)
+    first = _scratch_by_code(int(codes.max()) + 1)
     np.minimum.at(first, codes, positions)  # each code's first position
-    distinct = codes[first[codes] == positions]  # in order of first appearance
-    column = first  # reused: a column per distinct code
-    column[distinct] = np.arange(len(distinct))
-    return distinct, column[codes]
+    distinct = codes[np.flatnonzero(first[codes] == positions)]  # in order of first appearance
+    first[distinct] = np.arange(len(distinct))  # reused: a column per distinct code
+    columns = first[codes]
+    first[distinct] = _UNSET  # left as found: the next call touches only its own codes
+    return distinct, columns
+
+
+_UNSET = np.iinfo(np.int64).max
+_SCRATCH = threading.local()
+
+
+def _scratch_by_code(size: int) -> np.ndarray:
+    """This thread's array of at least ``size`` entries, every one :data:`_UNSET`: kept
+    between calls (codes reach a million in a long-lived process, and allocating 8 MB a call
+    cost more than the join)."""
+    scratch = getattr(_SCRATCH, "array", np.empty(0, np.int64))
+    if len(scratch) < size:
+        scratch = _SCRATCH.array = np.full(max(size, 2 * len(scratch)), _UNSET, np.int64)
+    return scratch
 
 
 def joined_rows(item_codes: ItemCodes, *groups: Sequence[CodedRow]

@@ -328,6 +328,20 @@ def test_item_codes_join_rows_into_the_columns_a_vocabulary_gives():
     assert len(empty) == len(none) == 0
 
 
+def test_joins_one_after_another_each_number_only_their_own_codes():
+    """The join's scratch array is kept between calls (and grows): each call must find it
+    as new, whatever earlier calls held."""
+    from online_models.base import joined_columns
+
+    rng = np.random.default_rng(5)
+    for top in (10, 3, 50_000, 40, 7):
+        codes = rng.integers(0, top, 200)
+        distinct, columns = joined_columns(codes)
+        first_seen = list(dict.fromkeys(codes.tolist()))
+        assert distinct.tolist() == first_seen
+        assert columns.tolist() == [first_seen.index(c) for c in codes.tolist()]
+
+
 def test_kept_rows_score_as_rows_read_afresh_across_a_reset_of_the_codes(monkeypatch):
     import online_models.session as session_module
 
