@@ -42,6 +42,7 @@ Example
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, NamedTuple, Sequence
 
 import msgspec
@@ -96,6 +97,8 @@ class KeptRows(NamedTuple):
 PublishedReader = Callable[[Sequence[str]], Sequence[bytes | None]]
 #: The format of published neighbourhoods; rows of another format are counted again, not read.
 PUBLISHED_FORMAT = 1
+
+log = logging.getLogger("streamrec.session")
 
 
 #: Past this many item codes, scoring starts afresh (new codes, nothing kept): codes of items
@@ -215,8 +218,13 @@ class SessionModel(OnlineModel):
         :data:`PUBLISHED_FORMAT`, msgpack)."""
         kept = self._kept_rows()
         total = self._sessions_total(kept) if self.use_idf else None
-        return [hood.pack(kept.hashes, total) for hood in self._count_neighbourhoods(
-            items, kept, total)]
+        return [hood.pack(kept.hashes, total, self._counted_as())
+                for hood in self._count_neighbourhoods(items, kept, total)]
+
+    def _counted_as(self) -> str:
+        """The options that shape a counted neighbourhood: a published one counted with
+        others (a role configured apart) is counted again here, not read."""
+        return f"rules={self.rules},steps={self.steps},idf={self.use_idf}"
 
     def _recommend(self, queries: list[Query], k: int) -> list[Recommendations]:
         q_items = sorted({i for q in queries for i in q.session_items})
@@ -291,7 +299,9 @@ class SessionModel(OnlineModel):
         counted."""
         if self._read_published is None:
             return self._count_neighbourhoods(items, kept)
-        hoods = [None if packed is None else _Neighbourhood.unpack(item, packed, kept)
+        counted_as = self._counted_as()
+        hoods = [None if packed is None else _Neighbourhood.unpack(item, packed, kept,
+                                                                   counted_as)
                  for item, packed in zip(items, self._read_published(items))]
         missing = [item for item, hood in zip(items, hoods) if hood is None]
         if missing:
@@ -412,12 +422,13 @@ class _Neighbourhood:
         self.rules = _NO_RULES  # scored at read time (rules="read"), else unused
         self._knn = self._jaccard = self._similar = None
 
-    def pack(self, hashes: ItemHashes, total: float | None) -> bytes:
+    def pack(self, hashes: ItemHashes, total: float | None, counted_as: str) -> bytes:
         """This neighbourhood for another process (:meth:`SessionModel.published_rows`);
-        ``total``: the idf's N it was counted with (None: idf off)."""
+        ``total``: the idf's N it was counted with (None: idf off); ``counted_as``: the
+        counting options."""
         names = [name.encode() for name in self.names.tolist()]
         return msgspec.msgpack.encode((
-            PUBLISHED_FORMAT, total, float(self.df_item), int(self.sampled),
+            PUBLISHED_FORMAT, counted_as, total, float(self.df_item), int(self.sampled),
             hashes.of_codes(self.codes).tobytes(), self.counts.astype(np.float32).tobytes(),
             self.df.astype(np.float64).tobytes(),
             np.cumsum([len(name) for name in names], dtype=np.uint32).tobytes(), b"".join(names),
@@ -431,15 +442,20 @@ class _Neighbourhood:
                            len(self.rules.codes))
 
     @classmethod
-    def unpack(cls, item: str, packed: bytes, kept: KeptRows) -> "_Neighbourhood | None":
-        """:meth:`pack`'s neighbourhood, coded for ``kept`` (None: another format)."""
+    def unpack(cls, item: str, packed: bytes, kept: KeptRows, counted_as: str
+               ) -> "_Neighbourhood | None":
+        """:meth:`pack`'s neighbourhood, coded for ``kept`` (None: another format, or
+        counted with other options than ``counted_as``)."""
         try:
             fields = msgspec.msgpack.decode(packed)
         except msgspec.DecodeError:
             return None
-        if not isinstance(fields, list) or len(fields) != 11 or fields[0] != PUBLISHED_FORMAT:
+        if not isinstance(fields, list) or len(fields) != 12 or fields[0] != PUBLISHED_FORMAT:
             return None
-        (_, total, df_item, sampled, hashes, counts, df, name_ends, names, rule_positions,
+        if fields[1] != counted_as:
+            _warn_counted_apart(fields[1], counted_as)
+            return None
+        (_, _, total, df_item, sampled, hashes, counts, df, name_ends, names, rule_positions,
          rule_values) = fields
         hashes = np.frombuffer(hashes, np.uint64)
         codes = kept.hashes.codes_of(hashes)
@@ -538,6 +554,19 @@ def read_time_rules(in_sessions: sp.csr_matrix, positions: sp.csr_matrix,
                           shape=(n_items, width))
     rules.sum_duplicates()
     return rules
+
+
+def _warn_counted_apart(theirs: object, ours: str) -> None:
+    """Say once per process that published neighbourhoods are ignored, and why."""
+    global _WARNED_APART
+    if not _WARNED_APART:
+        _WARNED_APART = True
+        log.warning("published neighbourhoods were counted with %r, this process counts with "
+                    "%r: it counts its own (set the session model's options alike in every "
+                    "role)", theirs, ours)
+
+
+_WARNED_APART = False
 
 
 def _idf(df: np.ndarray, total: float | None) -> np.ndarray:

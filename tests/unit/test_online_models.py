@@ -252,6 +252,23 @@ def test_a_published_neighbourhood_of_another_format_or_broken_is_counted_again(
     assert model.knn_rows(["i1", "i2", "i3"]) == expected
 
 
+def test_neighbourhoods_published_with_other_counting_options_are_counted_again(caplog,
+                                                                              monkeypatch):
+    import online_models.session as session_module
+
+    monkeypatch.setattr(session_module, "_WARNED_APART", False)  # warned once per process
+    evs = random_sessions(seed=6)
+    publisher = learn_in_batches(SessionModel(steps=2), evs, 50)
+    reader = SessionModel(steps=5)
+    reader.store = publisher.store
+    expected = reader.rule_rows(["i1", "i2"])
+    published = dict(zip(["i1", "i2"], publisher.published_rows(["i1", "i2"])))
+    assert publisher.rule_rows(["i1", "i2"]) != expected  # the options change the rows
+    reader.read_published_rows(lambda items: [published[i] for i in items])
+    assert reader.rule_rows(["i1", "i2"]) == expected
+    assert "counted with 'rules=read,steps=2" in caplog.text
+
+
 def test_item_hashes_find_the_codes_of_names_hashed_before():
     from online_models.base import ItemCodes, ItemHashes, item_hash
 
