@@ -17,10 +17,13 @@ Here the feed builder's process counts them for all of them:
   items' neighbourhoods every ``STREAMREC_NEIGHBOURHOODS_INTERVAL_S`` and writes them,
   packed (``SessionModel.published_rows``), with a TTL of three intervals (or three rounds,
   when a round takes longer): if it stops, serving falls back to counting within seconds.
+  A round goes 500 items at a time between feed rounds. It recounts every wanted item each
+  round, changed or not: its cost grows with the items serving asks for, not with the API
+  processes that read them.
 
 A published neighbourhood is at most one interval plus one round old when it is read, then
 kept ``STREAMREC_SERVING_ROWS_MAX_AGE_S`` as before. With the state unchanged, lists are the
-same as those counted in the process (``tests/test_neighbour_rows.py``).
+same as those counted in the process (``tests/integration/test_neighbour_rows.py``).
 """
 
 from __future__ import annotations
