@@ -32,7 +32,9 @@ import logging
 import time
 from typing import Sequence
 
-from infra.redis_client import mget_any
+import redis
+
+from infra.redis_client import REDIS_OOM, mget_any, note_redis_error
 from schemas.keys import RedisKeys
 
 log = logging.getLogger("streamrec.neighbourhoods")
@@ -49,6 +51,7 @@ class PublishedNeighbourhoods:
         self.client, self.keys = client, keys
         self.mark_every_s = wanted_s / 4
         self._marked: dict[str, float] = {}  # item → when this process last marked it
+        self._oom_noted = -float("inf")
 
     def __call__(self, items: Sequence[str]) -> list[bytes | None]:
         now = time.time()
@@ -56,8 +59,16 @@ class PublishedNeighbourhoods:
                if now - self._marked.get(item, -self.mark_every_s) >= self.mark_every_s]
         packed = mget_any(self.client, [self.keys.neighbourhood(item) for item in items])
         if due:
-            self.client.zadd(self.keys.neighbourhoods_wanted, dict.fromkeys(due, now))
-            self._remember(due, now)
+            try:
+                self.client.zadd(self.keys.neighbourhoods_wanted, dict.fromkeys(due, now))
+            except redis.exceptions.OutOfMemoryError as exc:  # reads go on: marked next time
+                if now - self._oom_noted >= 60:  # counted each time, logged once a minute
+                    self._oom_noted = now
+                    note_redis_error(log, "marking wanted neighbourhoods", exc)
+                else:
+                    REDIS_OOM.inc()
+            else:
+                self._remember(due, now)
         return packed
 
     def _remember(self, items: list[str], now: float) -> None:

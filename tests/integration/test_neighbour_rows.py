@@ -106,3 +106,28 @@ def test_a_round_goes_a_chunk_a_step_so_feed_rounds_interleave(state, redis_clie
     assert written == [2, 4, 5] and not more
     assert publisher.until_due() > 50  # the next round in an interval
     assert publisher.step() is False and publisher.publish() == 5  # a whole round on demand
+
+
+def test_lists_are_served_while_redis_refuses_the_wanted_marks():
+    """Redis at maxmemory refuses writes: marking what serving wants is one, and must not
+    fail the read path (lists are computed, the refusal counted)."""
+    from infra.embedded import EmbeddedRedis
+    from infra.redis_client import REDIS_OOM, sync_redis
+    from infra.settings import Settings
+
+    with EmbeddedRedis(appendonly=False) as server:
+        settings = Settings(redis_url=server.url, explore_policy="none")
+        client = sync_redis(server.url)
+        events = list(UserSimulator(30, 60, seed=2).events(400, time.time() - 600))
+        LiveState.for_worker(settings).apply_messages(
+            [SourceMessage("interactions", 0, 0, events)])
+        users = sorted({e.user_id for e in events})
+        counted = lists(FeedBuilder(settings.model_copy(
+            update={"neighbourhoods_interval_s": 0}), client).compute(users, 10))
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", client.info("memory")["used_memory"])
+        refused = REDIS_OOM._value.get()
+        assert lists(FeedBuilder(settings, client).compute(users, 10)) == counted
+        assert REDIS_OOM._value.get() > refused
+        assert not client.exists(RedisKeys(settings.key_prefix).neighbourhoods_wanted)
+        client.close()
