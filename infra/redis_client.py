@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from operator import itemgetter
 
@@ -37,6 +38,23 @@ def note_redis_error(log, what: str, exc: Exception, retry_in_s: float | None = 
                   "maxmemory or shorten TTLs (docs/redis-keys.md)%s", what, exc, retry)
     else:
         log.warning("redis unavailable during %s (%r)%s", what, exc, retry)
+
+class SkippedWrites:
+    """A write serving may skip while Redis is at ``maxmemory`` (its reads go on): each
+    refusal counted in ``streamrec_redis_oom_total``, logged at most once a minute."""
+
+    def __init__(self, log, what: str) -> None:
+        self.log, self.what = log, what
+        self._logged = -float("inf")
+
+    def note(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._logged >= 60:
+            self._logged = now
+            note_redis_error(self.log, self.what, exc)  # counts it too
+        else:
+            REDIS_OOM.inc()
+
 
 _OPTIONS = dict(socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=30,
                 decode_responses=False)

@@ -21,9 +21,10 @@ import threading
 import time
 
 import numpy as np
+import redis
 from aiokafka.errors import KafkaError
 
-from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error
+from infra.redis_client import TRANSIENT_REDIS_ERRORS, SkippedWrites, note_redis_error
 from infra.settings import Settings
 from online_models.registry import build
 from online_models.store import RowCache
@@ -157,6 +158,7 @@ class FeedBuilder:
         self.settings = settings
         self.keys = RedisKeys(settings.key_prefix)
         self.client = client
+        self._skipped_shows = SkippedWrites(log, "counting exploration shows")
         self.impression_producer = impression_producer
         self.vector_tail = None
         self._trending_reads = RowCache(settings.serving_rows_max_age_s, max_rows=100)
@@ -299,10 +301,13 @@ class FeedBuilder:
                 if item.position in reserved:
                     shows[item.item_id] = shows.get(item.item_id, 0) + 1
         if shows:
-            with self.client.pipeline(transaction=False) as pipe:
-                for item, count in shows.items():
-                    pipe.hincrby(self.keys.bandit_shows, item, count)
-                pipe.execute()
+            try:
+                with self.client.pipeline(transaction=False) as pipe:
+                    for item, count in shows.items():
+                        pipe.hincrby(self.keys.bandit_shows, item, count)
+                    pipe.execute()
+            except redis.exceptions.OutOfMemoryError as exc:  # the lists are logged: serve them
+                self._skipped_shows.note(exc)
 
     def _log_impressions(self, feeds: list[Feed]) -> None:
         if self.impression_producer is None:

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import redis
 
-from infra.redis_client import REDIS_OOM, mget_any, note_redis_error
+from infra.redis_client import SkippedWrites, mget_any
 from schemas.keys import RedisKeys
 
 log = logging.getLogger("streamrec.neighbourhoods")
@@ -51,7 +51,7 @@ class PublishedNeighbourhoods:
         self.client, self.keys = client, keys
         self.mark_every_s = wanted_s / 4
         self._marked: dict[str, float] = {}  # item → when this process last marked it
-        self._oom_noted = -float("inf")
+        self._refused = SkippedWrites(log, "marking wanted neighbourhoods")
 
     def __call__(self, items: Sequence[str]) -> list[bytes | None]:
         now = time.time()
@@ -62,11 +62,7 @@ class PublishedNeighbourhoods:
             try:
                 self.client.zadd(self.keys.neighbourhoods_wanted, dict.fromkeys(due, now))
             except redis.exceptions.OutOfMemoryError as exc:  # reads go on: marked next time
-                if now - self._oom_noted >= 60:  # counted each time, logged once a minute
-                    self._oom_noted = now
-                    note_redis_error(log, "marking wanted neighbourhoods", exc)
-                else:
-                    REDIS_OOM.inc()
+                self._refused.note(exc)
             else:
                 self._remember(due, now)
         return packed

@@ -108,9 +108,10 @@ def test_a_round_goes_a_chunk_a_step_so_feed_rounds_interleave(state, redis_clie
     assert publisher.step() is False and publisher.publish() == 5  # a whole round on demand
 
 
-def test_lists_are_served_while_redis_refuses_the_wanted_marks():
-    """Redis at maxmemory refuses writes: marking what serving wants is one, and must not
-    fail the read path (lists are computed, the refusal counted)."""
+def test_lists_are_served_while_redis_refuses_serving_writes():
+    """Redis at maxmemory refuses writes: serving's two on its list path (marking the
+    neighbourhoods it wants, counting exploration's shows) must not fail it (lists are
+    computed and logged, each refusal counted)."""
     from infra.embedded import EmbeddedRedis
     from infra.redis_client import REDIS_OOM, sync_redis
     from infra.settings import Settings
@@ -127,7 +128,17 @@ def test_lists_are_served_while_redis_refuses_the_wanted_marks():
         client.config_set("maxmemory-policy", "noeviction")
         client.config_set("maxmemory", client.info("memory")["used_memory"])
         refused = REDIS_OOM._value.get()
-        assert lists(FeedBuilder(settings, client).compute(users, 10)) == counted
+        builder = FeedBuilder(settings, client)
+        assert lists(builder.compute(users, 10)) == counted
         assert REDIS_OOM._value.get() > refused
         assert not client.exists(RedisKeys(settings.key_prefix).neighbourhoods_wanted)
+        # exploration's show counts are skipped the same way: the lists, logged, are served
+        explored = FeedBuilder(settings.model_copy(update={"explore_policy": "epsilon-greedy",
+                                                           "explore_epsilon": 1.0}), client)
+        feeds = explored.compute(users, 10)
+        assert any(item.reason == "exploring" for feed in feeds for item in feed.items)
+        refused = REDIS_OOM._value.get()
+        explored.log_served(feeds)
+        assert REDIS_OOM._value.get() > refused
+        assert not client.exists(RedisKeys(settings.key_prefix).bandit_shows)
         client.close()
