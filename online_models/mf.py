@@ -127,9 +127,10 @@ class OnlineMF(OnlineModel):
         """One vector per query: the user's factors plus the mean of the session items' factors
         (fold-in: the session says what the user wants now); zero when neither is known."""
         users = sorted({q.user_id for q in queries})
+        session_items = sorted({i for q in queries for i in q.session_items})
+        self.store.prefetch_vector_tables({"user": users, "item": session_items})
         user_vecs, found = self.store.get_vectors("user", users, self.factors)
         user_row = {u: r for r, u in enumerate(users)}
-        session_items = sorted({i for q in queries for i in q.session_items})
         s_vecs, s_found = self.store.get_vectors("item", session_items, self.factors)
         s_row = {i: r for r, i in enumerate(session_items)}
         query_vecs = np.zeros((len(queries), self.factors), np.float32)

@@ -144,6 +144,12 @@ class StateStore(ABC):
         """Read these vectors now; the next :meth:`get_vectors` of ``table`` takes them from
         here (a worker reads before starting the previous batch's commit, computes after)."""
 
+    def prefetch_vector_tables(self, reads: Mapping[str, Sequence[str]]) -> None:
+        """:meth:`prefetch_vectors` of several tables (``{table: keys}``) at once: one round
+        trip where the store has a server (serving reads users' and items' vectors per pass)."""
+        for table, keys in reads.items():
+            self.prefetch_vectors(table, keys)
+
     #: True where writing a row reads it first (a writer holding state in memory with Redis
     #: as its read model): models then prefetch the rows a batch will write
     writes_read_rows = False

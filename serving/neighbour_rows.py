@@ -17,7 +17,7 @@ Here the feed builder's process counts them for all of them:
   items' neighbourhoods every ``STREAMREC_NEIGHBOURHOODS_INTERVAL_S`` and writes them,
   packed (``SessionModel.published_rows``), with a TTL of three intervals (or three rounds,
   when a round takes longer): if it stops, serving falls back to counting within seconds.
-  A round goes 500 items at a time between feed rounds. It recounts every wanted item each
+  A round goes 100 items at a time between feed rounds. It recounts every wanted item each
   round, changed or not: its cost grows with the items serving asks for, not with the API
   processes that read them.
 
@@ -82,10 +82,13 @@ class NeighbourhoodPublisher:
     does a whole round."""
 
     def __init__(self, model, client, keys: RedisKeys, interval_s: float, wanted_s: float,
-                 max_items: int, chunk: int = 500) -> None:
+                 max_items: int, chunk: int = 100) -> None:
         self.model = model  # a SessionModel of its own: it counts, never reads published rows
         self.client, self.keys = client, keys
         self.interval_s, self.wanted_s, self.max_items = interval_s, wanted_s, max_items
+        # items counted per step: Redis runs a chunk's reads as one script each, serving no
+        # one else meanwhile (500 items: 3.2 ms a script on average; 100: 1.0 ms; 50: 0.6 ms
+        # but 15 % more Redis CPU in all)
         self.chunk = chunk
         self.round_s = 0.0  # the last round's duration
         self._started = self._warned = -float("inf")  # the current (or last) round's start

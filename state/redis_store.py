@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import zlib
 from contextlib import contextmanager
-from itertools import chain
+from itertools import chain, islice
 from typing import Mapping
 
 import msgspec
@@ -572,6 +572,13 @@ class RedisStore(StateStore):
 
     def prefetch_vectors(self, table, keys):
         self._prefetched[table] = dict(zip(keys, self._mget(table, keys)))
+
+    def prefetch_vector_tables(self, reads):
+        reads = {table: list(keys) for table, keys in reads.items()}
+        values = iter(mget_any(self.client, [name for table, keys in reads.items()
+                                             for name in self.keys(table, keys)]))
+        for table, keys in reads.items():
+            self._prefetched[table] = dict(zip(keys, islice(values, len(keys))))
 
     def get_vectors(self, table, keys, dim):
         prefetched = self._prefetched.pop(table, None)

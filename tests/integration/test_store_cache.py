@@ -58,6 +58,21 @@ def test_prefetched_vectors_are_used_once(redis_client, unique):
     np.testing.assert_array_equal(got, [[5, 5]])
 
 
+def test_vectors_of_several_tables_are_prefetched_in_one_read(redis_client, unique):
+    store = RedisStore(redis_client, f"t{unique}", "mf")
+    store.set_vectors("user", ["u"], np.full((1, 2), 2, np.float32))
+    store.set_vectors("item", ["a", "b"], np.ones((2, 2), np.float32))
+    reads = redis_client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
+    store.prefetch_vector_tables({"user": ["u", "nobody"], "item": ["b", "a"]})
+    assert redis_client.info("commandstats")["cmdstat_mget"]["calls"] == reads + 1
+    store.set_vectors("item", ["a"], np.full((1, 2), 5, np.float32))  # after the read
+    users, found = store.get_vectors("user", ["u", "nobody"], 2)
+    items, _ = store.get_vectors("item", ["a", "b"], 2)
+    np.testing.assert_array_equal(users, [[2, 2], [0, 0]])
+    assert found.tolist() == [True, False]
+    np.testing.assert_array_equal(items, [[1, 1], [1, 1]])  # as prefetched
+
+
 def test_claims_are_remembered_until_forgotten(redis_client, unique):
     store = RedisStore(redis_client, f"t{unique}", "cooc")
     assert store.claim("meta", "landmark", "t", 10.0) == 10.0
