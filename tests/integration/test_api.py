@@ -228,6 +228,36 @@ def test_recommendations_are_logged_with_propensities_and_respect_exclusions(api
                      params={"pin": "first:x"}).status_code == 422
 
 
+def test_impression_records_land_on_their_users_partitions_in_order(settings):
+    """Records go out in one batch per partition: each on the partition Kafka's default
+    partitioner gives its key (kafka-python's murmur2 here, an implementation of its own), a
+    user's records in the order logged."""
+    from kafka.partitioner.default import murmur2
+
+    from schemas import impressions
+    from serving.feeds import ImpressionLogger
+
+    logger = ImpressionLogger(settings)
+    try:
+        records = [(f"user-{n % 13}", impressions.ImpressionLog(
+            f"r{n}", f"user-{n % 13}", "none", "v", 1.7e9 + n,
+            [impressions.LoggedItem(f"i{n}", 0, 1.0, 1.0, "trending")])) for n in range(60)]
+        logger.log(records[:35])
+        logger.log(records[35:])
+    finally:
+        logger.close()
+    got = read_topic(settings.kafka_bootstrap, settings.topic_impressions, 60)
+    assert sorted(decode_impression(r.value).recommendation_id for r in got) == sorted(
+        f"r{n}" for n in range(60))
+    for r in got:  # Kafka's default placement of a keyed record
+        assert r.partition == (murmur2(r.key) & 0x7FFFFFFF) % settings.topic_partitions
+        assert decode_impression(r.value).user_id == r.key.decode()
+    for user in {u for u, _ in records}:
+        in_log = [decode_impression(r.value).recommendation_id
+                  for r in sorted(got, key=lambda r: r.offset) if r.key.decode() == user]
+        assert in_log == [rec.recommendation_id for u, rec in records if u == user]
+
+
 @pytest.mark.parametrize("live_models, neighbours_from", [
     ("session,mf", "session"),  # the default: co-occurrence scored at read time
     ("session,cooc,mf", "cooc"),  # pairs counted per event
