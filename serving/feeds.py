@@ -72,8 +72,9 @@ class ImpressionLogger:
     all (connecting included). An aiokafka producer on an event loop thread of its own: its
     record batches are built in compiled code, one per partition per call (~28 µs of CPU a
     record in passes of 25, most of it the per-call hand-off; 34–40 µs through ``send`` per
-    record; ~100 µs with kafka-python's: ``docs/benchmarks.md``). The producer starts on first use (a serving
-    process starts, and serves stored feeds, while Kafka is down); thread-safe."""
+    record; ~100 µs with kafka-python's: ``docs/benchmarks.md``). The producer starts on
+    first use (a serving process starts, and serves stored feeds, while Kafka is down);
+    thread-safe."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
