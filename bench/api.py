@@ -189,9 +189,9 @@ def main() -> None:
         keys = RedisKeys(settings.key_prefix)
         port = free_port()
         env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka.bootstrap,
-               "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_API_KEYS": BENCH_KEY,
-               "STREAMREC_NEIGHBOURHOODS_INTERVAL_S": "1.0" if args.neighbourhoods
-               == "published" else "0"}
+               "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_API_KEYS": BENCH_KEY}
+        if args.neighbourhoods == "counted":
+            env["STREAMREC_NEIGHBOURHOODS_INTERVAL_S"] = "0"  # off: the API counts its own
         api = subprocess.Popen([sys.executable, "-m", "infra.cli", "api", "--port", str(port),
                                 "--loglevel", "warning", "--workers", str(args.workers)],
                                env=env, cwd=ROOT)

@@ -91,8 +91,9 @@ def main() -> None:
     from serving.feeds import FeedBuilder
 
     with EmbeddedRedis() as redis_srv:
-        interval = 1.0 if args.neighbourhoods == "published" else 0.0
-        settings = Settings(redis_url=redis_srv.url, neighbourhoods_interval_s=interval)
+        settings = Settings(redis_url=redis_srv.url)
+        if args.neighbourhoods == "counted":  # off: this process counts its own
+            settings = settings.model_copy(update={"neighbourhoods_interval_s": 0.0})
         client = sync_redis(redis_srv.url)
         users = simulated_serving_state(settings, client, args.users)
         builder = FeedBuilder(settings, client)  # no impression log: compute only
@@ -100,7 +101,7 @@ def main() -> None:
         result: dict = {"rate": args.rate, "pass_size": args.pass_size,
                         "neighbourhoods": args.neighbourhoods}
         publisher, stop = None, multiprocessing.Event()
-        if interval:
+        if settings.neighbourhoods_interval_s:
             builder.compute(users, 20, source="on_demand")  # what serving asks for: wanted
             publisher = multiprocessing.Process(target=publish, args=(settings, stop))
             publisher.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -30,3 +31,19 @@ def logging_config(level: str = "INFO") -> dict:
             "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
                                     "stream": "ext://sys.stderr"}},
             "root": {"level": level.upper(), "handlers": ["stderr"]}}
+
+
+class Every:
+    """:meth:`due` is true at most once per ``seconds`` (monotonic clock): for a message that
+    would otherwise repeat on every pass."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._last = -float("inf")
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.seconds:
+            return False
+        self._last = now
+        return True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from functools import lru_cache
 from operator import itemgetter
 
@@ -14,6 +13,8 @@ from hiredis import pack_command
 from redis._parsers.hiredis import NOT_ENOUGH_DATA
 from redis.crc import key_slot
 from prometheus_client import Counter
+
+from infra.logs import Every
 
 #: Errors worth waiting out (server restarting, network blip, or at ``maxmemory``: a write
 #: refused by OOM changed nothing, as a MULTI with a refused command is discarded whole);
@@ -40,20 +41,25 @@ def note_redis_error(log, what: str, exc: Exception, retry_in_s: float | None = 
         log.warning("redis unavailable during %s (%r)%s", what, exc, retry)
 
 class SkippedWrites:
-    """A write serving may skip while Redis is at ``maxmemory`` (its reads go on): each
-    refusal counted in ``streamrec_redis_oom_total``, logged at most once a minute."""
+    """Around a write serving may skip while Redis is at ``maxmemory`` (its reads go on):
+    ``with skipped: ...`` swallows the refusal, counts it in ``streamrec_redis_oom_total``
+    and logs it at most once a minute."""
 
     def __init__(self, log, what: str) -> None:
         self.log, self.what = log, what
-        self._logged = -float("inf")
+        self._logging = Every(60)
 
-    def note(self, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._logged >= 60:
-            self._logged = now
+    def __enter__(self) -> "SkippedWrites":
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if not isinstance(exc, redis.exceptions.OutOfMemoryError):
+            return False
+        if self._logging.due():
             note_redis_error(self.log, self.what, exc)  # counts it too
         else:
             REDIS_OOM.inc()
+        return True
 
 
 _OPTIONS = dict(socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=30,

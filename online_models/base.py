@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from online_models.signals import SignalBatch
-from online_models.store import MemoryStore, StateStore
+from online_models.store import MemoryStore, StateStore, grown
 
 if TYPE_CHECKING:
     from schemas.items import ItemRecord
@@ -164,8 +164,7 @@ class ItemCodes:
                 for name in new:
                     if name not in code:
                         n = len(code)
-                        if n == len(self._names):
-                            self._names = np.concatenate((self._names, np.empty(n, object)))
+                        self._names = grown(self._names, n + 1, None)
                         self._names[n] = name
                         code[name] = n
         return np.fromiter(map(code.__getitem__, names), np.int64, len(names))
@@ -198,12 +197,9 @@ class ItemHashes:
     def of_codes(self, codes: np.ndarray) -> np.ndarray:
         """The hashes of ``codes`` (uint64)."""
         with self._lock:
-            if len(codes) and int(codes.max()) >= len(self._of_code):
-                size = max(int(codes.max()) + 1, 2 * len(self._of_code))
-                self._of_code = np.concatenate(
-                    (self._of_code, np.zeros(size - len(self._of_code), np.uint64)))
-                self._hashed = np.concatenate(
-                    (self._hashed, np.zeros(size - len(self._hashed), bool)))
+            size = int(codes.max(initial=-1)) + 1
+            self._of_code, self._hashed = grown(self._of_code, size, 0), grown(
+                self._hashed, size, False)
             new = np.unique(codes[~self._hashed[codes]])
             if len(new):
                 hashes = np.fromiter(map(item_hash, self.item_codes.names(new)), np.uint64,
@@ -262,10 +258,8 @@ def _scratch_by_code(size: int) -> np.ndarray:
     """This thread's array of at least ``size`` entries, every one :data:`_UNSET`: kept
     between calls (codes reach a million in a long-lived process, and allocating 8 MB a call
     cost more than the join)."""
-    scratch = getattr(_SCRATCH, "array", np.empty(0, np.int64))
-    if len(scratch) < size:
-        scratch = _SCRATCH.array = np.full(max(size, 2 * len(scratch)), _UNSET, np.int64)
-    return scratch
+    _SCRATCH.array = grown(getattr(_SCRATCH, "array", np.empty(0, np.int64)), size, _UNSET)
+    return _SCRATCH.array
 
 
 def joined_rows(item_codes: ItemCodes, *groups: Sequence[CodedRow]

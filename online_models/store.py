@@ -47,6 +47,15 @@ def slack(keep_top: int) -> int:
     return max(1, keep_top // 10)
 
 
+def grown(array: np.ndarray, size: int, fill) -> np.ndarray:
+    """``array`` if it holds ``size`` entries, else a copy at least twice as long, the new
+    entries ``fill``: arrays indexed by item code grow with the codes."""
+    if size <= len(array):
+        return array
+    more = np.full(max(size, 2 * len(array)) - len(array), fill, array.dtype)
+    return np.concatenate((array, more))
+
+
 class FlatRows:
     """Rows held flat: row ``keys[r]`` is ``members[bounds[r]:bounds[r+1]]`` with ``values``
     alike: what batch maths produce, written without a dict per row. Keys are distinct; so
@@ -235,11 +244,9 @@ class CodedValueCache:
         too long), one number per code."""
         now = time.monotonic()
         with self._lock:
-            size = int(codes.max(initial=-1)) + 1
-            if size > len(self._values):  # new codes: never read
-                more = max(size, 2 * len(self._values)) - len(self._values)
-                self._values = np.concatenate((self._values, np.zeros(more)))
-                self._read_at = np.concatenate((self._read_at, np.full(more, -np.inf)))
+            size = int(codes.max(initial=-1)) + 1  # new codes: never read
+            self._values, self._read_at = grown(self._values, size, 0.0), grown(
+                self._read_at, size, -np.inf)
             stale = codes[now - self._read_at[codes] > self.max_age_s] if self.max_age_s \
                 else codes
         if len(stale):

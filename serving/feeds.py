@@ -22,7 +22,6 @@ import time
 from functools import lru_cache
 
 import numpy as np
-import redis
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
@@ -328,14 +327,11 @@ class FeedBuilder:
             for item in feed.items:
                 if item.position in reserved:
                     shows[item.item_id] = shows.get(item.item_id, 0) + 1
-        if shows:
-            try:
-                with self.client.pipeline(transaction=False) as pipe:
-                    for item, count in shows.items():
-                        pipe.hincrby(self.keys.bandit_shows, item, count)
-                    pipe.execute()
-            except redis.exceptions.OutOfMemoryError as exc:  # the lists are logged: serve them
-                self._skipped_shows.note(exc)
+        if shows:  # Redis full: the lists are logged, serve them
+            with self._skipped_shows, self.client.pipeline(transaction=False) as pipe:
+                for item, count in shows.items():
+                    pipe.hincrby(self.keys.bandit_shows, item, count)
+                pipe.execute()
 
     def _log_impressions(self, feeds: list[Feed]) -> None:
         if self.impression_producer is None:
@@ -395,6 +391,8 @@ class FeedBuilder:
             except ImpressionLogUnavailable as exc:
                 log.warning("%s; feeds wait", exc)
                 full = False
-            if not full and not publishing:
-                time.sleep(min(self.settings.feed_refresh_interval_s, float("inf")
-                               if publisher is None else publisher.until_due() + 0.01))
+            if not full and not publishing:  # nothing to do until the next poll or round
+                wait = self.settings.feed_refresh_interval_s
+                if publisher is not None:
+                    wait = min(wait, publisher.until_due() + 0.01)
+                time.sleep(wait)

@@ -32,8 +32,8 @@ import logging
 import time
 from typing import Sequence
 
-import redis
 
+from infra.logs import Every
 from infra.redis_client import SkippedWrites, mget_any
 from schemas.keys import RedisKeys
 
@@ -59,11 +59,8 @@ class PublishedNeighbourhoods:
                if now - self._marked.get(item, -self.mark_every_s) >= self.mark_every_s]
         packed = mget_any(self.client, [self.keys.neighbourhood(item) for item in items])
         if due:
-            try:
+            with self._refused:  # Redis full: reads go on, the refused are marked next time
                 self.client.zadd(self.keys.neighbourhoods_wanted, dict.fromkeys(due, now))
-            except redis.exceptions.OutOfMemoryError as exc:  # reads go on: marked next time
-                self._refused.note(exc)
-            else:
                 self._remember(due, now)
         return packed
 
@@ -91,10 +88,11 @@ class NeighbourhoodPublisher:
         # but 15 % more Redis CPU in all)
         self.chunk = chunk
         self.round_s = 0.0  # the last round's duration
-        self._started = self._warned = -float("inf")  # the current (or last) round's start
-        self._pending: list[str] = []  # the current round's items not written yet
-        self._round_items = 0
+        self._started = -float("inf")  # the current (or last) round's start
+        self._round: list[str] = []  # the current (or last) round's items
+        self._written = 0  # how many of them are written
         self._ttl_ms = 0
+        self._slow_rounds = Every(60)  # warned at most once a minute
 
     @classmethod
     def for_settings(cls, settings, client) -> "NeighbourhoodPublisher | None":
@@ -112,7 +110,7 @@ class NeighbourhoodPublisher:
 
     def until_due(self) -> float:
         """Seconds until the next round may start (0: now, or one is in progress)."""
-        if self._pending:
+        if self._written < len(self._round):
             return 0.0
         return max(0.0, self._started + self.interval_s - time.monotonic())
 
@@ -130,34 +128,31 @@ class NeighbourhoodPublisher:
     def step(self) -> bool:
         """Start a round where one is due, and write its next chunk; True while the round has
         chunks left."""
-        if not self._pending:
-            if self.until_due():
-                return False
+        if self.until_due():
+            return False
+        if self._written == len(self._round):  # a new round
             self._started = time.monotonic()
-            self._pending = self.wanted()
-            self._round_items = len(self._pending)
+            self._round, self._written = self.wanted(), 0
             # written rows outlive three rounds: serving never finds them gone between two
             self._ttl_ms = int(3000 * max(self.interval_s, self.round_s))
-        chunk, self._pending = self._pending[:self.chunk], self._pending[self.chunk:]
+        chunk = self._round[self._written:self._written + self.chunk]
         if chunk:
             with self.client.pipeline(transaction=False) as pipe:
                 for item, packed in zip(chunk, self.model.published_rows(chunk)):
                     pipe.set(self.keys.neighbourhood(item), packed, px=self._ttl_ms)
                 pipe.execute()
-        if not self._pending:
-            self._round_done()
-        return bool(self._pending)
+        self._written += len(chunk)
+        if self._written < len(self._round):
+            return True
+        self.round_s = time.monotonic() - self._started
+        if self.round_s > self.interval_s and self._slow_rounds.due():
+            log.warning("a round of %d neighbourhoods took %.2f s, over the %.2f s interval",
+                        len(self._round), self.round_s, self.interval_s)
+        return False
 
     def publish(self) -> int:
         """A whole round now; returns how many neighbourhoods it wrote."""
         self._started = -float("inf")
         while self.step():
             pass
-        return self._round_items
-
-    def _round_done(self) -> None:
-        self.round_s = time.monotonic() - self._started
-        if self.round_s > self.interval_s and self._started - self._warned >= 60:
-            self._warned = self._started
-            log.warning("a round of %d neighbourhoods took %.2f s, over the %.2f s interval",
-                        self._round_items, self.round_s, self.interval_s)
+        return len(self._round)

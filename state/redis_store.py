@@ -571,7 +571,7 @@ class RedisStore(StateStore):
         return cached
 
     def prefetch_vectors(self, table, keys):
-        self._prefetched[table] = dict(zip(keys, self._mget(table, keys)))
+        self.prefetch_vector_tables({table: keys})
 
     def prefetch_vector_tables(self, reads):
         reads = {table: list(keys) for table, keys in reads.items()}
