@@ -24,12 +24,11 @@ float range for ~1,000 days of stream time before a rebuild is needed.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, RowArrays,
                                 named_rows, row_chunks, top_k_dense)
 from online_models.kernels import (code_ids, code_sums, cooc_pairs, sum_pairs,
-                                   window_arrays, window_rows)
+                                   weighted_row_sums, window_arrays, window_rows)
 from online_models.signals import SignalBatch
 from online_models.store import slack
 
@@ -179,54 +178,55 @@ def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]
     if not len(ids):
         return [Recommendations([], np.empty(0)) for _ in queries]
     row_of = {item: r for r, item in enumerate(q_items)}
-    neighbours = sp.csr_matrix((rows.values, rows.cols, rows.starts),
-                               shape=(len(q_items), len(ids))).astype(np.float32)
-    neighbours.sort_indices()
-    qr, qc, qv = [], [], []
-    for row_no, items in enumerate(query_items):
-        length = len(items)
-        for p, item in enumerate(items):
-            qr.append(row_no), qc.append(row_of[item])
-            qv.append(recency ** (length - 1 - p))
-    weights = sp.csr_matrix((np.asarray(qv, np.float32), (qr, qc)),
-                            shape=(len(queries), len(q_items)))
+    neighbours = rows._replace(values=np.asarray(rows.values, np.float32))
+    lengths = np.fromiter(map(len, query_items), np.int64, len(query_items))
+    n = int(lengths.sum())
+    query_of = np.repeat(np.arange(len(queries)), lengths)
+    query_rows = np.fromiter((row_of[i] for items in query_items for i in items), np.int64, n)
+    weights = (recency ** (np.repeat(lengths, lengths) - 1
+                           - (np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+                           )).astype(np.float32)
+    by_row = np.lexsort((query_rows, query_of))  # stable: a row's repeats in query order
+    query_starts = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
     out: list[Recommendations] = []
     columns: list[np.ndarray] = []
     for a, b in row_chunks(len(queries), len(ids)):
-        out += top_k_dense(ids, (weights[a:b] @ neighbours).toarray(), k, queries[a:b],
-                           columns if explain else None)
+        block = weighted_row_sums(neighbours.starts, neighbours.cols, neighbours.values,
+                                  len(ids), query_starts, query_rows[by_row], weights[by_row],
+                                  a, b)
+        out += top_k_dense(ids, block, k, queries[a:b], columns if explain else None)
     if explain:
         explained = [n for n, rec in enumerate(out) if rec.items]
-        sources = _strongest_sources(neighbours, [[row_of[i] for i in query_items[n]]
-                                                  for n in explained],
+        sources = _strongest_sources(neighbours, len(ids),
+                                     [[row_of[i] for i in query_items[n]] for n in explained],
                                      [columns[n] for n in explained], recency)
         for n, strongest in zip(explained, sources):
             out[n].sources = [query_items[n][p] for p in strongest]
     return out
 
 
-def _strongest_sources(neighbours: sp.csr_matrix, rows: list[list[int]],
+def _strongest_sources(neighbours: RowArrays, width: int, rows: list[list[int]],
                        columns: list[np.ndarray], recency: float,
                        max_cells: int = 2_000_000) -> list[list[int]]:
-    """For each query (its items' matrix rows ``rows``, oldest first; its recommended
-    ``columns``), per column the position of the item whose term ``recency^(L − p) · sim``
-    is largest, the earliest on a tie, as float32 as the scores. Queries in chunks: each
-    chunk's items × chosen columns of the matrix copied into a dense table (at most
-    ``max_cells``), then every (query, item, column) term gathered from it."""
-    if not neighbours.nnz:  # no term anywhere: the first item, as on any tie
+    """For each query (its items' rows of ``neighbours``, float32 over ``width`` columns,
+    oldest first; its recommended ``columns``), per column the position of the item whose term
+    ``recency^(L − p) · sim`` is largest, the earliest on a tie, as float32 as the scores.
+    Queries in chunks: each chunk's items × chosen columns of the rows copied into a dense
+    table (at most ``max_cells``), then every (query, item, column) term gathered from it."""
+    if not len(neighbours.values):  # no term anywhere: the first item, as on any tie
         return [[0] * len(query_cols) for query_cols in columns]
     longest, widest = max(map(len, rows)), max(max(map(len, columns)), 1)
     step = max(1, int((max_cells / (longest * widest)) ** 0.5))
-    entry_rows = np.repeat(np.arange(neighbours.shape[0], dtype=np.int64),
-                           np.diff(neighbours.indptr))
+    entry_rows = np.repeat(np.arange(len(neighbours.starts) - 1, dtype=np.int64),
+                           np.diff(neighbours.starts))
     out: list[list[int]] = []
     for a in range(0, len(rows), step):
-        out += _strongest_in_chunk(neighbours, entry_rows, rows[a:a + step],
+        out += _strongest_in_chunk(neighbours, width, entry_rows, rows[a:a + step],
                                    columns[a:a + step], recency, longest, widest)
     return out
 
 
-def _strongest_in_chunk(neighbours: sp.csr_matrix, entry_rows: np.ndarray,
+def _strongest_in_chunk(neighbours: RowArrays, width: int, entry_rows: np.ndarray,
                         rows: list[list[int]], columns: list[np.ndarray], recency: float,
                         longest: int, widest: int) -> list[list[int]]:
     """:func:`_strongest_sources` for a few queries (``entry_rows``: each matrix entry's row)."""
@@ -240,12 +240,12 @@ def _strongest_in_chunk(neighbours: sp.csr_matrix, entry_rows: np.ndarray,
         cols[q, :len(query_cols)] = query_cols
     # the chunk's rows and chosen columns numbered densely (padding, -1, maps to the last);
     # no boolean indexing: with random masks it costs ~10 ns an element in branch misses
-    row_of, used_rows = _dense_numbers(item_rows, neighbours.shape[0])
-    col_of, used_cols = _dense_numbers(cols, neighbours.shape[1])
+    row_of, used_rows = _dense_numbers(item_rows, len(neighbours.starts) - 1)
+    col_of, used_cols = _dense_numbers(cols, width)
     table = np.zeros((used_rows + 1, used_cols + 1), np.float32)
-    r, c = row_of[entry_rows], col_of[neighbours.indices]
+    r, c = row_of[entry_rows], col_of[neighbours.cols]
     kept = np.flatnonzero((r < used_rows) & (c < used_cols))
-    table[r[kept], c[kept]] = neighbours.data[kept]
+    table[r[kept], c[kept]] = neighbours.values[kept]
     terms = table[row_of[item_rows][:, :, None], col_of[cols][:, None, :]] * weights[:, :, None]
     terms[item_rows < 0] = -np.inf  # padding never wins
     best = terms.argmax(axis=1)  # queries × columns

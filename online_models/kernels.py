@@ -198,6 +198,28 @@ def session_steps(session_of, item_of, row_items, row_pos, row_len, last_pos, st
     return out_a[:m], out_b[:m], out_c[:m], is_new
 
 
+@njit(cache=True, nogil=True)
+def weighted_row_sums(starts, cols, values, width, query_starts, query_rows, query_weights,
+                      first, last):  # pragma: no cover (compiled)
+    """Queries ``first..last`` as a dense float32 block of ``width`` columns: each query's
+    entries (``query_starts[q]`` on: ``query_rows``, ``query_weights``, grouped by row, each
+    group in its given order) weigh the rows (``starts``/``cols``/``values``, float32) they
+    name; a group's weights are summed first, and rows are added in order: what a CSR product
+    of the weights and the rows sums, term for term."""
+    out = np.zeros((last - first, width), np.float32)
+    for q in range(first, last):
+        e, end = query_starts[q], query_starts[q + 1]
+        while e < end:
+            row, weight = query_rows[e], query_weights[e]
+            e += 1
+            while e < end and query_rows[e] == row:
+                weight += query_weights[e]
+                e += 1
+            for j in range(starts[row], starts[row + 1]):
+                out[q - first, cols[j]] += weight * values[j]
+    return out
+
+
 def warm_up() -> None:
     """Load (or compile) every kernel now, on tiny inputs, so that the first batch a worker
     applies does not wait for it."""
@@ -208,3 +230,6 @@ def warm_up() -> None:
                1, 1, 1.0)
     session_steps(one, one, np.zeros((1, 3), np.int64), np.zeros((1, 3)), one.copy(),
                   zero.copy(), 1, 1, 1)
+    weighted_row_sums(np.zeros(2, np.int64), one, np.zeros(1, np.float32), 1,
+                      np.zeros(2, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32),
+                      0, 1)

@@ -5,7 +5,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from online_models.base import Query, factorize, named_rows, top_k_dense
+from online_models.base import Query, RowArrays, factorize, named_rows, top_k_dense
 from online_models.cooccurrence import CooccurrenceModel, recommend_neighbours
 from online_models.kernels import mf_epochs
 from online_models.mf import OnlineMF, seeded_vectors
@@ -766,5 +766,7 @@ def test_strongest_source_of_each_column_is_the_largest_term_in_any_chunking(see
         weights = [np.float32(0.5 ** (len(items) - 1 - p)) for p in range(len(items))]
         expected.append([max(range(len(items)), key=lambda p: (dense[items[p], c] * weights[p],
                                                                  -p)) for c in cols])
-    assert _strongest_sources(matrix, rows, columns, 0.5) == expected
-    assert _strongest_sources(matrix, rows, columns, 0.5, max_cells=60) == expected
+    flat = RowArrays(matrix.indptr.astype(np.int64), matrix.indices.astype(np.int64),
+                     matrix.data)
+    assert _strongest_sources(flat, 200, rows, columns, 0.5) == expected
+    assert _strongest_sources(flat, 200, rows, columns, 0.5, max_cells=60) == expected
