@@ -220,6 +220,39 @@ def weighted_row_sums(starts, cols, values, width, query_starts, query_rows, que
     return out
 
 
+@njit(cache=True, nogil=True)
+def session_knn_scores(starts, cols, values, query_starts, item_rows, item_weights,
+                       rule_starts, rule_cols, rule_values, rule_weight, rule_row_of,
+                       item_cols, repeat_weights, width, first, last
+                       ):  # pragma: no cover (compiled)
+    """:class:`online_models.session.SessionModel`'s scores of queries ``first..last`` as a
+    dense float64 block of ``width`` columns. Per query (its items ``query_starts[q]`` on):
+    its items' kNN rows (``starts``/``cols``/``values``, row ``item_rows[e]``) times their
+    position weights, summed in order; the row scaled so its peak is 1 (times the peak's
+    reciprocal); its last item's rule row (``rule_row_of[q]``, -1: none) times
+    ``rule_weight`` added; each item's own column plus its repeat weight. The same sums, in
+    the same order, as the numpy it replaces."""
+    out = np.zeros((last - first, width))
+    for q in range(first, last):
+        row = out[q - first]
+        for e in range(query_starts[q], query_starts[q + 1]):
+            weight = item_weights[e]
+            r = item_rows[e]
+            for j in range(starts[r], starts[r + 1]):
+                row[cols[j]] += values[j] * weight
+        peak = row.max() if width else 0.0
+        scale = 1.0 / (peak if peak > 0 else 1.0)
+        for c in range(width):
+            row[c] *= scale
+        r = rule_row_of[q]
+        if r >= 0:
+            for j in range(rule_starts[r], rule_starts[r + 1]):
+                row[rule_cols[j]] += rule_values[j] * rule_weight
+        for e in range(query_starts[q], query_starts[q + 1]):
+            row[item_cols[e]] += repeat_weights[e]
+    return out
+
+
 def warm_up() -> None:
     """Load (or compile) every kernel now, on tiny inputs, so that the first batch a worker
     applies does not wait for it."""
@@ -233,3 +266,6 @@ def warm_up() -> None:
     weighted_row_sums(np.zeros(2, np.int64), one, np.zeros(1, np.float32), 1,
                       np.zeros(2, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32),
                       0, 1)
+    session_knn_scores(np.zeros(2, np.int64), one, np.ones(1), np.zeros(2, np.int64), one,
+                       np.ones(1), np.zeros(2, np.int64), one, np.ones(1), 1.0, one, one,
+                       np.ones(1), 1, 0, 1)

@@ -55,8 +55,8 @@ from online_models.base import (CodedRow, ItemCodes, ItemHashes, LearnReport, On
                                 vocabulary)
 from online_models.cooccurrence import recommend_neighbours
 from online_models.signals import SignalBatch
-from online_models.kernels import (code_ids, code_sums, session_steps, sum_pairs,
-                                   window_arrays, window_rows)
+from online_models.kernels import (code_ids, code_sums, session_knn_scores, session_steps,
+                                   sum_pairs, window_arrays, window_rows)
 from online_models.store import CodedValueCache, FlatRows, RowCache, slack
 
 
@@ -248,7 +248,6 @@ class SessionModel(OnlineModel):
         lengths = np.fromiter((len(q.session_items) for q in queries), np.int64, len(queries))
         ends = np.cumsum(lengths)
         n = int(ends[-1])
-        qr = np.repeat(np.arange(len(queries)), lengths)
         length_of = np.repeat(lengths, lengths).astype(np.float64)
         p = np.arange(n) - np.repeat(ends - lengths, lengths)
         row_of = {item: r for r, item in enumerate(q_items)}
@@ -259,22 +258,16 @@ class SessionModel(OnlineModel):
         last_row = {item: r for r, item in enumerate(last_items)}
         last_of = np.array([last_row[q.session_items[-1]] if q.session_items else -1
                             for q in queries], np.int64)
+        query_starts = np.concatenate(([0], ends)).astype(np.int64)
         width = len(ids)
 
         def chunk(bounds: tuple[int, int]) -> list[Recommendations]:
-            a, b = bounds
-            at = slice(int(ends[a] - lengths[a]), int(ends[b - 1]))
-            # duplicates (repeated items in a session) add up, as repeated evidence should
-            owner, cols, values = knn.gather(q_rows[at], position_weight[at])
-            scores = np.bincount((qr[at][owner] - a) * width + cols, values,
-                                 minlength=(b - a) * width).reshape(b - a, width)
-            scores = scores.astype(np.float64, copy=False)  # no entries: bincount gives ints
-            _row_normalise(scores)
-            with_items = np.flatnonzero(last_of[a:b] >= 0)
-            owner, cols, values = rule_rows.gather(last_of[a:b][with_items], self.sr_weight)
-            scores[with_items[owner], cols] += values  # one rule row per query: no repeats
-            np.add.at(scores, (qr[at] - a, q_cols[at]), repeat_weight[at])
-            return top_k_dense(ids, scores, k, queries[a:b])
+            # repeated items in a session add up, as repeated evidence should
+            scores = session_knn_scores(
+                knn.starts, knn.cols, knn.values, query_starts, q_rows, position_weight,
+                rule_rows.starts, rule_rows.cols, rule_rows.values, float(self.sr_weight),
+                last_of, q_cols, repeat_weight, width, *bounds)
+            return top_k_dense(ids, scores, k, queries[bounds[0]:bounds[1]])
 
         return parallel_chunks(chunk, row_chunks(len(queries), width, max_cells=1_000_000))
 
