@@ -32,13 +32,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from online_models import kernels
 from online_models.base import OnlineModel, Query
 from online_models.content import feature_label, is_category
 from online_models.cooccurrence import recommend_neighbours
 from schemas.feeds import Feed, FeedItem
 from serving.ann import AnnIndex
 from serving.explore import EpsilonGreedy, ExplorationPool, ThompsonSampling
-from serving.rerank import Candidate, RerankPolicy, SourceList, blend, rerank
+from serving.rerank import Candidate, RerankPolicy, SourceList, blend, mmr_order, rerank
 
 TrendingSource = Callable[[int], list[tuple[str, float]]]
 #: How a long-term model's candidates are explained (others: "for you").
@@ -49,6 +50,15 @@ SOURCE_REASONS = {"als": "for you", "history": "from your favourites",
 COOC_RECENCY = 0.5
 #: items → {item: seconds since first seen, on the stream's clock} (unknown items left out)
 ItemAges = Callable[[list[str]], dict[str, float]]
+
+
+def warm_up() -> None:
+    """Load (or compile, where numba's cache is missing or read-only: ~3 s) the compiled
+    loops serving runs, so that no list waits for them (the first one took 0.27 s with the
+    cache, 3.0 s without)."""
+    kernels.warm_up()
+    mmr_order(np.ones(2), np.zeros(2, np.bool_), np.zeros((2, 2), np.float32), 0.8, 1, 1, 0,
+              0, 0)
 
 
 @dataclass(frozen=True)
