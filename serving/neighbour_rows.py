@@ -32,9 +32,10 @@ import logging
 import time
 from typing import Sequence
 
+import redis
 
 from infra.logs import Every
-from infra.redis_client import SkippedWrites, mget_any
+from infra.redis_client import SkippedWrites, is_cluster, mget_any
 from schemas.keys import RedisKeys
 
 log = logging.getLogger("streamrec.neighbourhoods")
@@ -57,11 +58,27 @@ class PublishedNeighbourhoods:
         now = time.time()
         due = [item for item in items
                if now - self._marked.get(item, -self.mark_every_s) >= self.mark_every_s]
-        packed = mget_any(self.client, [self.keys.neighbourhood(item) for item in items])
-        if due:
-            with self._refused:  # Redis full: reads go on, the refused are marked next time
-                self.client.zadd(self.keys.neighbourhoods_wanted, dict.fromkeys(due, now))
-                self._remember(due, now)
+        keys = [self.keys.neighbourhood(item) for item in items]
+        if not due:
+            return mget_any(self.client, keys)
+        marks = dict.fromkeys(due, now)
+        if is_cluster(self.client):  # the marks' set has a slot of its own
+            packed, marked = mget_any(self.client, keys), None
+            try:
+                self.client.zadd(self.keys.neighbourhoods_wanted, marks)
+            except redis.exceptions.OutOfMemoryError as exc:
+                marked = exc
+        else:  # one round trip: the read and the marks pipelined
+            pipe = self.client.pipeline(transaction=False)
+            pipe.mget(keys)
+            pipe.zadd(self.keys.neighbourhoods_wanted, marks)
+            packed, marked = pipe.execute(raise_on_error=False)
+            if isinstance(packed, Exception):
+                raise packed
+        with self._refused:  # Redis full: reads go on, the refused are marked next time
+            if isinstance(marked, Exception):
+                raise marked
+            self._remember(due, now)
         return packed
 
     def _remember(self, items: list[str], now: float) -> None:
