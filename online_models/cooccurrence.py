@@ -179,15 +179,14 @@ def recommend_neighbours(queries: list[Query], query_items: list[tuple[str, ...]
         return [Recommendations([], np.empty(0)) for _ in queries]
     row_of = {item: r for r, item in enumerate(q_items)}
     neighbours = rows._replace(values=np.asarray(rows.values, np.float32))
+    # every (query, item) entry: its row and recency weight, grouped by query, then by row
     lengths = np.fromiter(map(len, query_items), np.int64, len(query_items))
-    n = int(lengths.sum())
-    query_of = np.repeat(np.arange(len(queries)), lengths)
-    query_rows = np.fromiter((row_of[i] for items in query_items for i in items), np.int64, n)
-    weights = (recency ** (np.repeat(lengths, lengths) - 1
-                           - (np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-                           )).astype(np.float32)
-    by_row = np.lexsort((query_rows, query_of))  # stable: a row's repeats in query order
     query_starts = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    n = int(query_starts[-1])
+    query_rows = np.fromiter((row_of[i] for items in query_items for i in items), np.int64, n)
+    position = np.arange(n) - np.repeat(query_starts[:-1], lengths)
+    weights = (recency ** (np.repeat(lengths, lengths) - 1 - position)).astype(np.float32)
+    by_row = np.lexsort((query_rows, np.repeat(np.arange(len(queries)), lengths)))  # stable
     out: list[Recommendations] = []
     columns: list[np.ndarray] = []
     for a, b in row_chunks(len(queries), len(ids)):
@@ -229,7 +228,7 @@ def _strongest_sources(neighbours: RowArrays, width: int, rows: list[list[int]],
 def _strongest_in_chunk(neighbours: RowArrays, width: int, entry_rows: np.ndarray,
                         rows: list[list[int]], columns: list[np.ndarray], recency: float,
                         longest: int, widest: int) -> list[list[int]]:
-    """:func:`_strongest_sources` for a few queries (``entry_rows``: each matrix entry's row)."""
+    """:func:`_strongest_sources` for a few queries (``entry_rows``: each entry's row)."""
     item_rows = np.full((len(rows), longest), -1, np.int64)
     weights = np.zeros((len(rows), longest), np.float32)
     cols = np.full((len(rows), widest), -1, np.int64)

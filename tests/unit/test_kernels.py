@@ -119,3 +119,31 @@ def test_compiled_loop_gives_the_python_loops_state(compiled_model, python_loop,
         assert compiled.store.rows[table] == rows, table
     pairs = "cooc" if compiled_model is CooccurrenceModel else "sr"
     assert len(compiled.store.rows[pairs]) > 10
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_weighted_row_sums_equal_a_sparse_product_bit_for_bit(seed):
+    """The co-occurrence source's kernel sums what scipy's CSR product summed, in its order
+    (queries repeat items: their weights add first), so lists did not move a bit."""
+    import scipy.sparse as sp
+
+    from online_models.kernels import weighted_row_sums
+
+    rng = np.random.default_rng(seed)
+    rows = sp.random(20, 300, density=0.1, random_state=seed, dtype=np.float32, format="csr")
+    queries = [rng.integers(0, 20, rng.integers(0, 12)) for _ in range(15)]
+    weights = [(0.5 ** np.arange(len(q))[::-1]).astype(np.float32) for q in queries]
+    product = (sp.csr_matrix(
+        (np.concatenate([np.empty(0, np.float32), *weights]),
+         (np.repeat(np.arange(15), [len(q) for q in queries]),
+          np.concatenate([np.empty(0, np.int64), *queries]))), shape=(15, 20)) @ rows).toarray()
+    starts = np.concatenate(([0], np.cumsum([len(q) for q in queries]))).astype(np.int64)
+    flat_rows = np.concatenate([np.empty(0, np.int64), *queries]).astype(np.int64)
+    flat_weights = np.concatenate([np.empty(0, np.float32), *weights])
+    by_row = np.lexsort((flat_rows, np.repeat(np.arange(15), np.diff(starts))))
+    for a, b in ((0, 15), (3, 9)):
+        block = weighted_row_sums(rows.indptr.astype(np.int64), rows.indices.astype(np.int64),
+                                  rows.data, 300, starts, flat_rows[by_row], flat_weights[by_row],
+                                  a, b)
+        assert block.dtype == np.float32
+        assert np.array_equal(block, product[a:b])
