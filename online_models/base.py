@@ -280,8 +280,8 @@ def joined_rows(item_codes: ItemCodes, *groups: Sequence[CodedRow]
 
 
 class RowArrays(NamedTuple):
-    """Rows over a vocabulary as flat arrays (CSR without the matrix: a query's few rows are
-    gathered and summed with numpy, with no sparse-matrix set-up per call)."""
+    """Rows over a vocabulary as flat arrays (CSR without the matrix: compiled loops and numpy
+    read a query's few rows with no sparse-matrix set-up per call)."""
 
     starts: np.ndarray  # row r's entries: starts[r] .. starts[r + 1]
     cols: np.ndarray
@@ -306,16 +306,6 @@ class RowArrays(NamedTuple):
         peaks[full] = np.maximum.reduceat(self.values, self.starts[full])
         return self._replace(values=self.values / np.repeat(np.where(peaks > 0, peaks, 1.0),
                                                             lengths))
-
-    def gather(self, rows: np.ndarray, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The entries of ``rows`` (repeats allowed): (index into ``rows`` of each entry's
-        row, column, value × that row's weight)."""
-        starts = self.starts[rows]
-        counts = self.starts[rows + 1] - starts
-        owner = np.repeat(np.arange(len(rows)), counts)
-        at = np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
-        weights = np.broadcast_to(np.asarray(weights, np.float64), (len(rows),))
-        return owner, self.cols[at], self.values[at] * weights[owner]
 
 
 def rows_matrix(rows: list[dict[str, float]], vocab: dict[str, int],

@@ -230,8 +230,8 @@ def session_knn_scores(starts, cols, values, query_starts, item_rows, item_weigh
     its items' kNN rows (``starts``/``cols``/``values``, row ``item_rows[e]``) times their
     position weights, summed in order; the row scaled so its peak is 1 (times the peak's
     reciprocal); its last item's rule row (``rule_row_of[q]``, -1: none) times
-    ``rule_weight`` added; each item's own column plus its repeat weight. The same sums, in
-    the same order, as the numpy it replaces."""
+    ``rule_weight`` added; each item's own column plus its repeat weight. Each cell is summed
+    in that order (a session's repeated items add up, as repeated evidence should)."""
     out = np.zeros((last - first, width))
     for q in range(first, last):
         row = out[q - first]

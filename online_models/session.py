@@ -262,7 +262,6 @@ class SessionModel(OnlineModel):
         width = len(ids)
 
         def chunk(bounds: tuple[int, int]) -> list[Recommendations]:
-            # repeated items in a session add up, as repeated evidence should
             scores = session_knn_scores(
                 knn.starts, knn.cols, knn.values, query_starts, q_rows, position_weight,
                 rule_rows.starts, rule_rows.cols, rule_rows.values, float(self.sr_weight),
@@ -568,10 +567,3 @@ def _idf(df: np.ndarray, total: float | None) -> np.ndarray:
     if total is None:
         return np.ones(len(df))
     return np.log(max(total, 2.0) / np.maximum(df, 1.0)) + 1e-3
-
-
-def _row_normalise(matrix: np.ndarray) -> np.ndarray:
-    """Scale each row so its largest entry is 1 (all-zero rows stay zero), in place."""
-    peak = matrix.max(axis=1, keepdims=True)
-    matrix *= 1.0 / np.where(peak > 0, peak, 1.0)
-    return matrix
