@@ -421,7 +421,8 @@ class OnDemandBatches:
     and runs ``compute(users, k, exclude, pins)`` once per distinct ``(k, exclude, pins)``;
     a log thread then logs the batch with ``log(feeds)`` and only then answers its requests
     (a list is never served unlogged). The two threads overlap: batch N+1 is computed while
-    batch N waits for Kafka's acks. An error reaches every request of its batch. Thread-safe;
+    batch N waits for Kafka's acks, and the batches computed meanwhile are logged together.
+    An error reaches every request of its batch (of its flush, for the log's). Thread-safe;
     :meth:`feed` blocks, :meth:`feed_async` awaits (no thread held while waiting)."""
 
     def __init__(self, compute, log, max_batch: int = 64) -> None:
@@ -476,17 +477,29 @@ class OnDemandBatches:
 
     def _log_loop(self) -> None:
         while True:
-            answers, error = self._computed.get()
-            if error is None:
+            passes = [self._computed.get()]  # and every pass computed while the last was logged:
+            while True:  # one flush and one wait for acks for all of them
+                try:
+                    passes.append(self._computed.get_nowait())
+                except queue.Empty:
+                    break
+            answers = [answer for pass_answers, error in passes if error is None
+                       for answer in pass_answers]
+            logged = None
+            if answers:
                 try:
                     self.log([feed for _, feed in answers])
                 except BaseException as exc:
-                    error = exc
+                    logged = exc
             for future, feed in answers:
-                if error is None:
+                if logged is None:
                     future.set_result(feed)
                 else:
-                    future.set_exception(error)
+                    future.set_exception(logged)
+            for pass_answers, error in passes:
+                if error is not None:
+                    for future, _ in pass_answers:
+                        future.set_exception(error)
 
 
 class TokenBucket:

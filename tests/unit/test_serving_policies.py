@@ -240,6 +240,47 @@ def test_an_on_demand_batch_failure_reaches_every_request_and_the_next_batch_run
     assert out == ["feed-x"] * 10
 
 
+
+def test_passes_computed_while_the_log_waits_are_logged_in_one_flush():
+    """Under load passes finish faster than Kafka acks: they share the next flush (one
+    produce and one wait instead of one each); a pass that failed fails alone."""
+    import threading
+    import time as clock
+
+    import pytest
+
+    from serving.api import OnDemandBatches
+
+    release, flushes = threading.Event(), []
+
+    def log(feeds):
+        flushes.append(sorted(feeds))
+        if len(flushes) == 1:
+            release.wait(10)  # the first flush waits for its acks
+
+    def compute(users, *_):
+        if "bad" in users:
+            raise ValueError("bad pass")
+        return [f"feed-{u}" for u in users]
+
+    batches = OnDemandBatches(compute, log)
+    first = batches.submit("a", None)
+    deadline = clock.time() + 10
+    while not flushes and clock.time() < deadline:  # the first flush is out
+        clock.sleep(0.001)
+    later = {}
+    for user in ("b", "bad", "c"):  # one pass each, computed while the first flush waits
+        later[user] = batches.submit(user, None)
+        deadline = clock.time() + 10
+        while batches._computed.qsize() < len(later) and clock.time() < deadline:
+            clock.sleep(0.001)
+    release.set()
+    assert first.result(10) == "feed-a"
+    assert later["b"].result(10) == "feed-b" and later["c"].result(10) == "feed-c"
+    with pytest.raises(ValueError, match="bad pass"):
+        later["bad"].result(10)
+    assert flushes == [["feed-a"], ["feed-b", "feed-c"]]
+
 def _mmr_reference(scores, is_head, similarity, lam, free, max_head, min_tail, head_count,
                    tail_count):
     """The greedy MMR step as array operations (the compiled loop's definition)."""
