@@ -121,6 +121,9 @@ class NeighbourhoodPublisher:
         [model] = build_on_redis(["session"], client, settings.key_prefix,
                                  layout=settings.state_writer,
                                  options=settings.model_options).values()
+        # members' session counts (and idf's N) kept as serving keeps them: read once a round
+        # and not once a chunk (most members recur across the items of a round)
+        model.cache_rows(settings.serving_rows_max_age_s)
         return cls(model, client, RedisKeys(settings.key_prefix),
                    settings.neighbourhoods_interval_s, settings.neighbourhoods_wanted_s,
                    settings.neighbourhoods_max_items)

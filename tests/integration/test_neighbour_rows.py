@@ -108,6 +108,23 @@ def test_a_round_goes_a_chunk_a_step_so_feed_rounds_interleave(state, redis_clie
     assert publisher.step() is False and publisher.publish() == 5  # a whole round on demand
 
 
+
+def test_a_round_reads_each_members_session_count_once_not_once_a_chunk(state, redis_client,
+                                                                        monkeypatch):
+    """Most members recur across a round's items: reading their session counts once a chunk
+    was a fifth of the publisher's CPU."""
+    settings = state[0].model_copy(update={"serving_rows_max_age_s": 60})  # a slow round too
+    keys = RedisKeys(settings.key_prefix)
+    publisher = NeighbourhoodPublisher.for_settings(settings, redis_client)
+    publisher.chunk = 2
+    read = []
+    counts = publisher.model._session_counts
+    monkeypatch.setattr(publisher.model, "_session_counts",
+                        lambda items: read.extend(items) or counts(items))
+    redis_client.zadd(keys.neighbourhoods_wanted, {f"i{n}": time.time() for n in range(10)})
+    assert publisher.publish() == 10
+    assert read and len(read) == len(set(read))
+
 def test_lists_are_served_while_redis_refuses_serving_writes():
     """Redis at maxmemory refuses writes: serving's two on its list path (marking the
     neighbourhoods it wants, counting exploration's shows) must not fail it (lists are
