@@ -187,7 +187,8 @@ class Settings(BaseSettings):
         1.0, ge=0, description="Serving: how long an item's neighbour rows (session-kNN and "
         "read-time co-occurrence, computed from its recent sessions) and next-item rules are "
         "reused for other requests; 0 computes them per request. A request's own items are "
-        "always its own.")
+        "always its own. The feed builder's neighbourhood rounds keep items' session counts "
+        "as long.")
     neighbourhoods_interval_s: float = Field(
         1.0, ge=0, description="Serving: how often the feed builder counts the item "
         "neighbourhoods serving asked for and publishes them for every API process "
