@@ -67,12 +67,10 @@ def cmd_feeds(_args: argparse.Namespace) -> None:
     from infra.redis_client import sync_redis
     from infra.settings import Settings
     from serving.feeds import FeedBuilder
-    from serving.recommender import warm_up
 
     settings = Settings()
     settings.require_services()
     builder = FeedBuilder.live(settings, sync_redis(settings.redis_url))
-    warm_up()
     try:
         builder.run()
     finally:

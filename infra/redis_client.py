@@ -40,6 +40,7 @@ def note_redis_error(log, what: str, exc: Exception, retry_in_s: float | None = 
     else:
         log.warning("redis unavailable during %s (%r)%s", what, exc, retry)
 
+
 class SkippedWrites:
     """Around a write serving may skip while Redis is at ``maxmemory`` (its reads go on):
     ``with skipped: ...`` swallows the refusal, counts it in ``streamrec_redis_oom_total``

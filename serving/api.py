@@ -32,7 +32,6 @@ from infra.settings import Settings
 from schemas import dlq
 from schemas.events import MAX_ID_CHARS, json_schema, split_message
 from serving.feeds import FeedBuilder, ImpressionLogUnavailable
-from serving.recommender import warm_up
 from serving.stats import LiveStats
 from schemas.items import split_items
 from stream.producer import DeliveryError, InteractionProducer, ItemPublisher
@@ -90,7 +89,6 @@ def create_app(settings: Settings | None = None) -> "FastPaths":
         # what was built before serving (imports, models, the ANN index) lives as long as the
         # process: out of the collector's full passes, whose pauses were the on-demand lists'
         # slowest passes (one: 131 ms before, 8 ms after; bench/on_demand.py)
-        warm_up()  # the compiled loops loaded before the first list, not during it
         gc.freeze()
         yield
         await front.close()

@@ -39,7 +39,7 @@ from schemas.keys import RedisKeys
 from serving.ann import AnnIndex
 from serving.explore import EpsilonGreedy, ThompsonSampling
 from serving.neighbour_rows import NeighbourhoodPublisher, PublishedNeighbourhoods
-from serving.recommender import PipelineConfig, Recommender, Request
+from serving.recommender import PipelineConfig, Recommender, Request, warm_up
 from serving.rerank import SOURCE_WEIGHTS, RerankPolicy
 
 
@@ -223,8 +223,11 @@ class FeedBuilder:
     @classmethod
     def live(cls, settings: Settings, client) -> "FeedBuilder":
         """A builder wired to Kafka: impression producer, and the item-vector tail feeding the
-        ANN index when MF is live. Call :meth:`close` when done."""
+        ANN index when MF is live; its compiled loops loaded before it serves (the API, the
+        feed builder and the demo: no list waits for numba). Call :meth:`close` when done."""
         from serving.vector_tail import VectorTail
+
+        warm_up()
 
         tail = None
         if "mf" in settings.live_model_names:  # the ANN source indexes MF item vectors

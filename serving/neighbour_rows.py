@@ -32,8 +32,6 @@ import logging
 import time
 from typing import Sequence
 
-import redis
-
 from infra.logs import Every
 from infra.redis_client import SkippedWrites, is_cluster, mget_any
 from schemas.keys import RedisKeys
@@ -62,20 +60,19 @@ class PublishedNeighbourhoods:
         if not due:
             return mget_any(self.client, keys)
         marks = dict.fromkeys(due, now)
-        if is_cluster(self.client):  # the marks' set has a slot of its own
-            packed, marked = mget_any(self.client, keys), None
-            try:
+        if is_cluster(self.client):  # the marks' set has a slot of its own: two commands
+            packed = mget_any(self.client, keys)
+            with self._refused:  # Redis full: reads go on, the refused are marked next time
                 self.client.zadd(self.keys.neighbourhoods_wanted, marks)
-            except redis.exceptions.OutOfMemoryError as exc:
-                marked = exc
-        else:  # one round trip: the read and the marks pipelined
-            pipe = self.client.pipeline(transaction=False)
-            pipe.mget(keys)
-            pipe.zadd(self.keys.neighbourhoods_wanted, marks)
-            packed, marked = pipe.execute(raise_on_error=False)
-            if isinstance(packed, Exception):
-                raise packed
-        with self._refused:  # Redis full: reads go on, the refused are marked next time
+                self._remember(due, now)
+            return packed
+        pipe = self.client.pipeline(transaction=False)  # one round trip: read and marks
+        pipe.mget(keys)
+        pipe.zadd(self.keys.neighbourhoods_wanted, marks)
+        packed, marked = pipe.execute(raise_on_error=False)
+        if isinstance(packed, Exception):
+            raise packed
+        with self._refused:
             if isinstance(marked, Exception):
                 raise marked
             self._remember(due, now)

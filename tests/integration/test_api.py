@@ -193,7 +193,6 @@ def test_what_the_api_built_before_serving_is_kept_out_of_full_collections(setti
         gc.unfreeze()
 
 
-
 def test_the_api_loads_its_compiled_loops_before_the_first_list(settings):
     """Without it the first on-demand list of each API process waited for numba: 0.27 s with
     its cache on disk, 3 s without (a read-only install)."""
@@ -215,6 +214,7 @@ def test_the_api_loads_its_compiled_loops_before_the_first_list(settings):
     """)], env=settings_env(settings), capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.split("\n")[-2] == "[0, 0, 0] [1, 1, 1]"
+
 
 def test_recommendations_are_logged_with_propensities_and_respect_exclusions(api, settings,
                                                                              redis_client):
