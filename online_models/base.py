@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from online_models.kernels import top_k_rows
 from online_models.signals import SignalBatch
 from online_models.store import MemoryStore, StateStore, grown
 
@@ -173,6 +174,11 @@ class ItemCodes:
         """The names of ``codes`` (an object array)."""
         return self._names[codes]
 
+    def known(self, names: Sequence[str]) -> np.ndarray:
+        """The codes of ``names``; -1 for a name never coded (none is added)."""
+        get = self._code.get
+        return np.fromiter((get(name, -1) for name in names), np.int64, len(names))
+
 
 def item_hash(name: str) -> int:
     """A 64-bit hash of an item name, the same in every process (BLAKE2b): how rows shared
@@ -227,10 +233,41 @@ class CodedRow(NamedTuple):
     values: np.ndarray
 
 
-def named_rows(rows: list[dict[str, float]]) -> tuple[np.ndarray, "RowArrays"]:
+class Columns:
+    """A dense block's columns: their item names, and the column of any name. Where the
+    columns came from :class:`ItemCodes` codes, names are found through the codes (a pass's
+    blocks have thousands of columns: a dict of them all cost more than scoring them)."""
+
+    __slots__ = ("names", "_codes", "_item_codes", "_index")
+
+    def __init__(self, names: np.ndarray, codes: np.ndarray | None = None,
+                 item_codes: ItemCodes | None = None, index: dict[str, int] | None = None
+                 ) -> None:
+        self.names, self._codes, self._item_codes, self._index = names, codes, item_codes, index
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def find(self, names: Sequence[str]) -> np.ndarray:
+        """Each name's column; -1 for a name that is not one."""
+        if self._codes is None:
+            if self._index is None:
+                self._index = dict(zip(self.names.tolist(), range(len(self.names))))
+            get = self._index.get
+            return np.fromiter((get(name, -1) for name in names), np.int64, len(names))
+        wanted = self._item_codes.known(names)
+        scratch = _scratch_by_code(int(max(self._codes.max(initial=-1),
+                                           wanted.max(initial=-1))) + 1)
+        scratch[self._codes] = np.arange(len(self._codes))
+        found = scratch[np.maximum(wanted, 0)]
+        scratch[self._codes] = _UNSET  # left as found (see joined_columns)
+        return np.where((wanted >= 0) & (found != _UNSET), found, -1)
+
+
+def named_rows(rows: list[dict[str, float]]) -> tuple[Columns, "RowArrays"]:
     """(the rows' members, first seen first; the rows over them as :class:`RowArrays`)."""
     vocab = vocabulary(rows)
-    return np.array(list(vocab), dtype=object), RowArrays.of(rows, vocab)
+    return Columns(np.array(list(vocab), dtype=object), index=vocab), RowArrays.of(rows, vocab)
 
 
 def joined_columns(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -263,7 +300,7 @@ def _scratch_by_code(size: int) -> np.ndarray:
 
 
 def joined_rows(item_codes: ItemCodes, *groups: Sequence[CodedRow]
-                ) -> tuple[np.ndarray, list["RowArrays"]]:
+                ) -> tuple[Columns, list["RowArrays"]]:
     """(the members of all the groups' rows, first seen first; each group as
     :class:`RowArrays` over them): :func:`named_rows` for rows kept as codes."""
     distinct, columns = joined_columns(np.concatenate(
@@ -276,7 +313,7 @@ def joined_rows(item_codes: ItemCodes, *groups: Sequence[CodedRow]
         out.append(RowArrays(starts, columns[entry:end],
                              np.concatenate([np.empty(0), *(row.values for row in group)])))
         entry = end
-    return item_codes.names(distinct), out
+    return Columns(item_codes.names(distinct), distinct, item_codes), out
 
 
 class RowArrays(NamedTuple):
@@ -315,40 +352,33 @@ def rows_matrix(rows: list[dict[str, float]], vocab: dict[str, int],
     return sp.csr_matrix((flat.values, flat.cols, flat.starts), shape=(len(rows), len(vocab)))
 
 
-def top_k_dense(item_ids: np.ndarray, block: np.ndarray, k: int,
+def top_k_dense(item_ids: np.ndarray | Columns, block: np.ndarray, k: int,
                 queries: Sequence[Query], columns: list | None = None
                 ) -> list[Recommendations]:
-    """Top-``k`` positive scores of each row of a dense block (one query per row), vectorised.
+    """Top-``k`` positive scores of each row of a dense block (one query per row), compiled.
 
     Ties are broken by column order; a query's ``exclude`` items are never returned. The block
     is modified in place (excluded cells zeroed). ``columns``: a list each row's chosen
     columns are appended to.
     """
+    of = item_ids if isinstance(item_ids, Columns) else Columns(item_ids)
     excluded = [(row, item) for row, query in enumerate(queries) for item in query.exclude]
     if excluded:
-        column_of = dict(zip(item_ids.tolist(), range(len(item_ids))))
-        cells = [(row, column_of[item]) for row, item in excluded if item in column_of]
-        if cells:
-            block[tuple(np.array(cells, np.int64).T)] = 0.0
+        rows, names = zip(*excluded)
+        cols = of.find(names)
+        found = cols >= 0
+        block[np.array(rows, np.int64)[found], cols[found]] = 0.0
     kk = min(k, block.shape[1])
     if kk == 0:
         if columns is not None:
             columns += [np.empty(0, np.int64)] * len(queries)
         return [Recommendations([], np.empty(0)) for _ in queries]
-    # measured: introselect is fastest when non-candidates share one extreme value (set with
-    # where, not a boolean mask: a random mask costs a branch miss a cell)
-    block = np.where(block > 0, block, -np.inf)
-    part = np.argpartition(-block, kk - 1, axis=1)[:, :kk]
-    part_scores = np.take_along_axis(block, part, axis=1)
-    order = np.lexsort((part, -part_scores), axis=1)
-    best = np.take_along_axis(part, order, axis=1)
-    best_scores = np.take_along_axis(part_scores, order, axis=1)
-    names = item_ids[best]
-    counts = (best_scores > -np.inf).sum(axis=1)  # real scores come first in each row
+    best, scores, counts = top_k_rows(block, kk)
+    names = of.names[best]
+    counts = counts.tolist()
     if columns is not None:
-        columns += [best[r, :n] for r, n in enumerate(counts.tolist())]
-    return [Recommendations(names[r, :n].tolist(), best_scores[r, :n])
-            for r, n in enumerate(counts.tolist())]
+        columns += [best[r, :n] for r, n in enumerate(counts)]
+    return [Recommendations(names[r, :n].tolist(), scores[r, :n]) for r, n in enumerate(counts)]
 
 
 def row_chunks(n_rows: int, n_cols: int, max_cells: int = 4_000_000):

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from online_models.base import (LearnReport, OnlineModel, Query, Recommendations, RowArrays,
-                                named_rows, row_chunks, top_k_dense)
+from online_models.base import (Columns, LearnReport, OnlineModel, Query, Recommendations,
+                                RowArrays, named_rows, row_chunks, top_k_dense)
 from online_models.kernels import (code_ids, code_sums, cooc_pairs, sum_pairs,
                                    weighted_row_sums, window_arrays, window_rows)
 from online_models.signals import SignalBatch
@@ -139,7 +139,7 @@ class CooccurrenceModel(OnlineModel):
             out.append(sims)
         return out
 
-    def similar_rows(self, items: list[str]) -> tuple[np.ndarray, RowArrays]:
+    def similar_rows(self, items: list[str]) -> tuple[Columns, RowArrays]:
         """:meth:`similar` as arrays (:func:`recommend_neighbours`' input)."""
         return named_rows(self.similar(items))
 

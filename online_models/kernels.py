@@ -253,6 +253,63 @@ def session_knn_scores(starts, cols, values, query_starts, item_rows, item_weigh
     return out
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _sift_down(heap_s, heap_c, n, s, c):  # pragma: no cover (compiled)
+    """Put (``s``, ``c``) at the root of the heap's first ``n`` entries and sift it down."""
+    i = 0
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        right = child + 1
+        if right < n and (heap_s[right] < heap_s[child] or (
+                heap_s[right] == heap_s[child] and heap_c[right] > heap_c[child])):
+            child = right
+        if s < heap_s[child] or (s == heap_s[child] and c > heap_c[child]):
+            break
+        heap_s[i], heap_c[i] = heap_s[child], heap_c[child]
+        i = child
+    heap_s[i], heap_c[i] = s, c
+
+
+@njit(cache=True, nogil=True)
+def top_k_rows(block, k):  # pragma: no cover (compiled)
+    """Each row's ``k`` best positive cells of a dense block (``k`` ≤ its width): columns
+    (``rows × k``, int64; a row's first ``counts[row]`` hold), their scores and ``counts``.
+    Best first; equal scores in column order. One scan a row, keeping a heap of the ``k``
+    best so far (its root the worst: lowest score, then highest column)."""
+    n_rows, width = block.shape
+    best = np.zeros((n_rows, k), np.int64)
+    scores = np.zeros((n_rows, k), block.dtype)
+    counts = np.zeros(n_rows, np.int64)
+    heap_s = np.empty(k, block.dtype)
+    heap_c = np.empty(k, np.int64)
+    for r in range(n_rows):
+        n = 0
+        for c in range(width):
+            s = block[r, c]
+            if not s > 0:
+                continue
+            if n < k:  # push, then sift up while worse than the parent
+                i = n
+                n += 1
+                while i > 0:
+                    parent = (i - 1) // 2
+                    if heap_s[parent] < s or (heap_s[parent] == s and heap_c[parent] > c):
+                        break
+                    heap_s[i], heap_c[i] = heap_s[parent], heap_c[parent]
+                    i = parent
+                heap_s[i], heap_c[i] = s, c
+            elif s > heap_s[0]:  # an equal score comes later in column order: not better
+                _sift_down(heap_s, heap_c, n, s, c)
+        counts[r] = n
+        for out in range(n - 1, -1, -1):  # pop the worst into the last free place
+            best[r, out], scores[r, out] = heap_c[0], heap_s[0]
+            if out:
+                _sift_down(heap_s, heap_c, out, heap_s[out], heap_c[out])
+    return best, scores, counts
+
+
 def warm_up() -> None:
     """Load (or compile) every kernel now, on tiny inputs, so that the first batch a worker
     applies does not wait for it."""
@@ -269,3 +326,5 @@ def warm_up() -> None:
     session_knn_scores(np.zeros(2, np.int64), one, np.ones(1), np.zeros(2, np.int64), one,
                        np.ones(1), np.zeros(2, np.int64), one, np.ones(1), 1.0, one, one,
                        np.ones(1), 1, 0, 1)
+    for dtype in (np.float32, np.float64):  # the co-occurrence and session blocks
+        top_k_rows(np.ones((1, 1), dtype), 1)

@@ -49,7 +49,7 @@ import msgspec
 import numpy as np
 import scipy.sparse as sp
 
-from online_models.base import (CodedRow, ItemCodes, ItemHashes, LearnReport, OnlineModel,
+from online_models.base import (CodedRow, Columns, ItemCodes, ItemHashes, LearnReport, OnlineModel,
                                 Query, Recommendations, RowArrays, joined_rows,
                                 parallel_chunks, row_chunks, rows_matrix, top_k_dense,
                                 vocabulary)
@@ -387,7 +387,7 @@ class SessionModel(OnlineModel):
         and each item keeps its ``neighbours`` best."""
         return [hood.similar(self.neighbours) for hood in self._neighbourhoods(items)]
 
-    def similar_rows(self, items: list[str]) -> tuple[np.ndarray, RowArrays]:
+    def similar_rows(self, items: list[str]) -> tuple[Columns, RowArrays]:
         """:meth:`similar` as arrays (:func:`recommend_neighbours`' input), joined by code."""
         kept = self._kept_rows()
         ids, (rows,) = joined_rows(kept.codes, [hood.similar_coded(self.neighbours)

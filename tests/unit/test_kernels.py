@@ -147,3 +147,24 @@ def test_weighted_row_sums_equal_a_sparse_product_bit_for_bit(seed):
                                   a, b)
         assert block.dtype == np.float32
         assert np.array_equal(block, product[a:b])
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_k_rows_are_the_best_positive_cells_ties_in_column_order(seed, dtype):
+    """Each row's k best positive cells, equal scores in column order even where a tie
+    straddles the cut (a sort of every positive cell, by score then column, is the oracle)."""
+    from online_models.kernels import top_k_rows
+
+    rng = np.random.default_rng(seed)
+    block = rng.integers(-2, 6, (40, 60)).astype(dtype) / 2  # few values: many ties
+    block[rng.random(block.shape) < 0.05] = np.nan
+    for k in (1, 7, 60):
+        best, scores, counts = top_k_rows(block, k)
+        assert best.shape == scores.shape == (40, k) and scores.dtype == dtype
+        for row, n, columns, values in zip(block, counts, best, scores):
+            positive = [c for c in range(60) if row[c] > 0]
+            expected = sorted(positive, key=lambda c: (-row[c], c))[:k]
+            assert n == len(expected)
+            assert columns[:n].tolist() == expected
+            assert values[:n].tolist() == row[expected].tolist()

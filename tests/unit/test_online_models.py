@@ -5,7 +5,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from online_models.base import Query, RowArrays, factorize, named_rows, top_k_dense
+from online_models.base import (Columns, ItemCodes, Query, RowArrays, factorize, named_rows,
+                                top_k_dense)
 from online_models.cooccurrence import CooccurrenceModel, recommend_neighbours
 from online_models.kernels import mf_epochs
 from online_models.mf import OnlineMF, seeded_vectors
@@ -535,6 +536,23 @@ def test_top_k_dense_ties_and_exclusions():
     assert rec.items == ["b", "c", "a"]  # equal scores: column order; zero scores dropped
     [rec] = top_k_dense(ids, block.copy(), 3, [Query("u", exclude=frozenset({"b"}))])
     assert rec.items == ["c", "a"]
+
+
+def test_columns_found_through_codes_as_through_names():
+    """A block's columns joined from item codes find names (excluded items) by code, as a
+    dict of the column names would: names never coded, coded elsewhere, repeated."""
+    codes = ItemCodes()
+    codes.codes([f"i{n}" for n in range(30)])
+    picked = np.array([17, 3, 25, 8, 11], np.int64)
+    by_code = Columns(codes.names(picked), picked, codes)
+    by_name = Columns(codes.names(picked))
+    asked = ["i3", "nowhere", "i11", "i0", "i3", "i17"]
+    assert by_code.find(asked).tolist() == by_name.find(asked).tolist() == [1, -1, 4, -1, 1, 0]
+    block = np.ones((2, 5))
+    queries = [Query("u", exclude=frozenset({"i25", "i0"})), Query("v", exclude=frozenset())]
+    assert ([r.items for r in top_k_dense(by_code, block.copy(), 5, queries)]
+            == [r.items for r in top_k_dense(by_name.names, block.copy(), 5, queries)]
+            == [["i17", "i3", "i8", "i11"], ["i17", "i3", "i25", "i8", "i11"]])
 
 
 def test_user_scope_pairs_across_sessions_and_queries_the_stored_history():
