@@ -2,8 +2,8 @@
 request's inference latency on one core beside a baseline model's (all in the same run).
 
 ``--model two_tower`` learns the first ``--share`` of MovieLens latest-small (with the item
-descriptions beside it); baseline: ALS's fold-in on the same users. ``--model gru4rec`` learns
-the YooChoose 100k training file; baseline: the session-kNN model on the same session prefixes.
+descriptions beside it); baseline: ALS's fold-in on the same users. ``--model gru4rec`` (or
+``sasrec``) learns the YooChoose 100k training file; baseline: the session-kNN model on the same session prefixes.
 Per device of ``--devices`` (cpu, cuda, ...) a fresh model learns the log in chunks of 1,000
 events as the replay does (versions trained on that device as their schedule falls due: time
 to the first version and the whole pass), then the last version's training is timed alone.
@@ -36,6 +36,8 @@ SETUPS = {  # model → (default data, format, baseline model for requests)
     "two_tower": ("../shared/data/movielens-latest-small", "movielens", "als"),
     "gru4rec": ("../shared/data/yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.txt",
                 "yoochoose", "session"),
+    "sasrec": ("../shared/data/yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.txt",
+               "yoochoose", "session"),
 }
 
 

@@ -208,7 +208,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
                   chunk=args.chunk, learn_during_test=args.learn_during_test,
                   store_factory=store_factory, progress=not args.quiet, warmup=args.warmup,
                   items=items)
-    meta = {"item_descriptions": len(items),"data": str(args.data), "format": args.format, "protocol": args.protocol,
+    meta = {"item_descriptions": len(items), "data": str(args.data), "format": args.format,
+            "protocol": args.protocol,
             "train_events": len(train), "test_events": len(test), "chunk": args.chunk,
             "learn_during_test": args.learn_during_test, "store": args.store,
             "warmup": args.warmup,
@@ -350,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("feeds", help=cmd_feeds.__doc__).set_defaults(func=cmd_feeds)
     trainer = sub.add_parser("trainer", help=cmd_trainer.__doc__)
-    trainer.add_argument("--model", default="two_tower", help="nearline model to train")
+    trainer.add_argument("--model", default="two_tower",
+                         help="nearline model to train (two_tower, gru4rec, sasrec)")
     trainer.add_argument("--rollback", type=int, default=None, metavar="VERSION",
                          help="point CURRENT at a kept version, publish its vectors, exit")
     trainer.add_argument("--loglevel", default="info")

@@ -206,7 +206,8 @@ def _send(settings, events, args, client, keys, worker) -> dict:
              for k, v in client.hgetall(keys.stats).items()}
     return {"events_produced": len(events), "malformed_messages_sent": malformed,
             "produce_seconds": round(produce_s, 2), "events_applied": applied,
-            "applied_events_per_s": round(applied / total_s), "seconds_to_apply_all": round(total_s, 2),
+            "applied_events_per_s": round(applied / total_s),
+            "seconds_to_apply_all": round(total_s, 2),
             "dlq_messages": stats.get("dlq_messages", 0), "dlq_events": stats.get("dlq_events", 0),
             "active_users": sorted(active)}
 

@@ -347,4 +347,4 @@ def ensure_streamrec_topics(settings) -> None:
 
 
 #: Models the trainer runs (versions exported as checkpoints and vector topics).
-NEARLINE_MODELS = ("two_tower", "gru4rec")
+NEARLINE_MODELS = ("two_tower", "gru4rec", "sasrec")

@@ -164,7 +164,7 @@ class Settings(BaseSettings):
                                          "names from online_models/registry.py; empty = none). "
                                          "Without cooc, co-occurrence neighbours are scored at "
                                          "read time from the session model's state. Models "
-                                         "trained in versions (two_tower, gru4rec, and the "
+                                         "trained in versions (two_tower, gru4rec, sasrec, and the "
                                          "mixtures holding them: user_blend, session_seq) are "
                                          "refused at start: `streamrec trainer` runs them.")
     session_rules: Literal["read", "written"] = Field(

@@ -55,6 +55,8 @@ class _GRU4Rec(nn.Module):
 
 class GRU4RecModel(NearlineModel):
     name = "gru4rec"
+    #: what a version's network is built with (saved with it, read back to load it)
+    shape = ("hidden", "max_length")
 
     def __init__(self, hidden: int = 100, dropout_hidden: float = 0.2,
                  learning_rate: float = 0.07, epochs: int = 10, batch_sessions: int = 256,
@@ -121,6 +123,14 @@ class GRU4RecModel(NearlineModel):
                         for b in range(0, len(part), self.batch_sessions)]
         return [batches[n] for n in rng.permutation(len(batches))]
 
+    def _network(self, n_items: int) -> nn.Module:
+        """A fresh network over ``n_items`` items (index 0: padding): ``states(sequences)``,
+        ``logits(states, candidates)`` and the shared ``items`` embedding."""
+        return _GRU4Rec(n_items, self.hidden, self.dropout_hidden)
+
+    def _optimiser(self, net: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adagrad(net.parameters(), lr=self.learning_rate)
+
     def train(self) -> None:
         """Train a fresh network on the window (on ``device``) and publish it as the next
         version (on the CPU)."""
@@ -130,8 +140,8 @@ class GRU4RecModel(NearlineModel):
         items = sorted({i for s in self._sessions.values() for i in s})
         index = {item: n + 1 for n, item in enumerate(items)}
         sequences = self._sequences(index)
-        net = _GRU4Rec(len(items), self.hidden, self.dropout_hidden).to(device)
-        optimiser = torch.optim.Adagrad(net.parameters(), lr=self.learning_rate)
+        net = self._network(len(items)).to(device)
+        optimiser = self._optimiser(net)
         support = np.bincount([i for s in sequences for i in s[1:]], minlength=len(items) + 1)
         log_pop = torch.log(torch.tensor(support / max(support.sum(), 1))).float().clamp(
             min=-30).to(device)
@@ -174,16 +184,17 @@ class GRU4RecModel(NearlineModel):
         if published is None:
             return None
         items = published.item_ids.tolist()
-        meta = {"model": self.name, "version": self.version, "hidden": self.hidden,
-                "max_length": self.max_length, "items": items}
+        meta = {"model": self.name, "version": self.version, "items": items,
+                **{name: getattr(self, name) for name in self.shape}}
         vectors = published.net.items.weight.detach()[1:].numpy().copy()
         return published.net.state_dict(), meta, items, vectors
 
     def load_version(self, state: dict, meta: dict) -> None:
         """Serve the version ``export_version`` wrote (the same answers as where it trained)."""
-        self.hidden, self.max_length = meta["hidden"], meta["max_length"]
+        for name in self.shape:
+            setattr(self, name, meta[name])
         items = meta["items"]
-        net = _GRU4Rec(len(items), self.hidden, self.dropout_hidden)
+        net = self._network(len(items))
         net.load_state_dict(state)
         net.eval()
         self._published = _Published(net, items, {item: n + 1 for n, item in enumerate(items)})
@@ -212,7 +223,7 @@ def _padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 class _Published:
     """One trained version: the network and its item index."""
 
-    def __init__(self, net: _GRU4Rec, items: list[str], index: dict[str, int]) -> None:
+    def __init__(self, net: nn.Module, items: list[str], index: dict[str, int]) -> None:
         self.net, self.index = net, index
         self.item_ids = np.array(items, dtype=object)
         self.all_items = torch.arange(1, len(items) + 1)

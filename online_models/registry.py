@@ -32,9 +32,10 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     "two_tower": lambda **options: _torch_model("two_tower", **options),
     # sequential, nearline versions (PyTorch)
     "gru4rec": lambda **options: _torch_model("gru4rec", **options),
+    "sasrec": lambda **options: _torch_model("sasrec", **options),
     # session + the sequential model, weight chosen on the validation split
     "session_seq": lambda: MixtureModel({"session": (SessionModel, 1.0),
-                                         "gru4rec": (lambda: _torch_model("gru4rec"), 0.1)}),
+                                         "sasrec": (lambda: _torch_model("sasrec"), 0.5)}),
     "user_blend": lambda: MixtureModel(USER_BLEND_PARTS),
     "user_blend_ctx": lambda: ContextualMixture(USER_CONTEXT_PARTS, USER_CONTEXT_WEIGHTS),
     "popularity": PopularityModel,
@@ -129,6 +130,10 @@ def _torch_model(name: str, **options) -> OnlineModel:
         from online_models.gru4rec import GRU4RecModel
 
         return GRU4RecModel(**options)
+    if name == "sasrec":
+        from online_models.sasrec import SASRecModel
+
+        return SASRecModel(**options)
     from online_models.two_tower import TwoTowerModel
 
     return TwoTowerModel(**options)

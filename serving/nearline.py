@@ -4,8 +4,9 @@
   the version's item-tower vectors sit in an HNSW index (:class:`serving.ann.AnnIndex`) built
   when the version loads, so a described item nobody clicked yet is retrievable as soon as a
   version that knows its description is CURRENT.
-* ``gru4rec``: the GRU runs over the recent items (the session prefix) and scores every item
-  the version knows (a softmax, no index needed).
+* ``gru4rec`` and ``sasrec``: the GRU (or the self-attention blocks) run over the recent
+  items (the session prefix) and score every item the version knows (a softmax, no index
+  needed).
 
 Each checks ``CURRENT`` at most every ``check_s``; a rollback (``streamrec trainer
 --rollback``) is picked up the same way. A changed version loads on a background thread
@@ -27,7 +28,7 @@ from stream.trainer import Checkpoints
 
 log = logging.getLogger("streamrec.nearline")
 #: serving source name → the trainer's model it serves
-NEARLINE_SOURCES = {"ann_two_tower": "two_tower", "gru4rec": "gru4rec"}
+NEARLINE_SOURCES = {"ann_two_tower": "two_tower", "gru4rec": "gru4rec", "sasrec": "sasrec"}
 
 
 class NearlineSource:

@@ -45,7 +45,8 @@ TrendingSource = Callable[[int], list[tuple[str, float]]]
 #: How a long-term model's candidates are explained (others: "for you").
 SOURCE_REASONS = {"als": "for you", "history": "from your favourites",
                   "two_tower": "for you", "ann_two_tower": "for you (two-tower)",
-                  "gru4rec": "next in your session (sequential)"}
+                  "gru4rec": "next in your session (sequential)",
+                  "sasrec": "next in your session (sequential)"}
 #: The co-occurrence source's weight of the p-th recent item of L: ``COOC_RECENCY^(L − 1 − p)``.
 COOC_RECENCY = 0.5
 #: items → {item: seconds since first seen, on the stream's clock} (unknown items left out)

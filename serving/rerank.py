@@ -53,8 +53,10 @@ SOURCE_WEIGHTS: dict[str, float] = {
     # (bench/tune_blend.py --protocol user: 1.0 over 0.5). Content won there at 1.5 too (HR@10
     # 0.1144 against 0.1086 at 0.1), but where many items tie at its top score (the
     # simulator's descriptions) 1.5 hands every feed to it: 0.1 unless a deployment sets it.
-    # gru4rec as in session_seq (bench/tune_session_seq.py)
-    "als": 1.0, "history": 0.75, "content": 0.1, "ann_two_tower": 1.0, "gru4rec": 0.1}
+    # gru4rec and sasrec at their best weights beside session on the validation split
+    # (bench/tune_session_seq.py; sasrec's is session_seq's)
+    "als": 1.0, "history": 0.75, "content": 0.1, "ann_two_tower": 1.0, "gru4rec": 0.1,
+    "sasrec": 0.5}
 
 
 @dataclass(frozen=True)

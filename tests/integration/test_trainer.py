@@ -192,21 +192,22 @@ def test_trainer_cli_refuses_without_a_checkpoint_folder_a_kept_version_or_a_dev
     assert len(run.stderr.strip().splitlines()) == 1
 
 
-def test_the_sequential_model_is_trained_and_served_the_same_as_where_it_trained(settings,
-                                                                                tmp_path):
-    from online_models.gru4rec import GRU4RecModel
+@pytest.mark.parametrize("name", ["gru4rec", "sasrec"])
+def test_a_sequential_model_is_trained_and_served_the_same_as_where_it_trained(name, settings,
+                                                                               tmp_path):
+    from online_models.registry import build
 
     s = settings.model_copy(update={"trainer_dir": str(tmp_path / "ckpt")})
     events = list(UserSimulator(40, 120, seed=9).events(1200, time.time() - 1200, 1.0))
     _publish(s, events)
-    model = GRU4RecModel(hidden=32, epochs=2, n_sample=64, min_examples=300)
-    trainer = Trainer(s, "gru4rec", model=model)
+    model = build(name, hidden=32, epochs=2, n_sample=64, min_examples=300)
+    trainer = Trainer(s, name, model=model)
     try:
         _run(trainer, 1)
     finally:
         trainer.close()
-    assert Checkpoints(s.trainer_dir, "gru4rec").current() == model.version
-    source = NearlineSource(s.trainer_dir, "gru4rec", check_s=0.0)
+    assert Checkpoints(s.trainer_dir, name).current() == model.version
+    source = NearlineSource(s.trainer_dir, name, check_s=0.0)
     source.wait_loaded()
     sessions: dict[str, list[str]] = {}
     for e in events:
@@ -215,6 +216,6 @@ def test_the_sequential_model_is_trained_and_served_the_same_as_where_it_trained
     served, trained_here = source.recommend(queries, 10), model.recommend(queries, 10)
     assert [r.items for r in served] == [r.items for r in trained_here]
     assert sum(bool(r.items) for r in served) >= 15
-    latest = _latest_per_item(s, trainer.vectors_published, "gru4rec")
+    latest = _latest_per_item(s, trainer.vectors_published, name)
     assert {(v.model, v.version, len(v.vector)) for v in latest.values()} == \
-        {("gru4rec", model.version, 32)}
+        {(name, model.version, 32)}

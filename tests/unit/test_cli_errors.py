@@ -77,7 +77,7 @@ def test_models_all_is_every_registered_model():
 
 
 @pytest.mark.parametrize("name,parts", [("two_tower", "two_tower"), ("user_blend", "two_tower"),
-                                        ("session_seq", "gru4rec")])
+                                        ("session_seq", "sasrec")])
 def test_the_worker_refuses_a_model_trained_in_versions(monkeypatch, capsys, name, parts):
     monkeypatch.setenv("STREAMREC_KAFKA_BOOTSTRAP", "unused:9092")  # never reached
     monkeypatch.setenv("STREAMREC_REDIS_URL", "redis://unused:6379")

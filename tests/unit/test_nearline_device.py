@@ -26,10 +26,11 @@ def test_devices_are_resolved_or_refused_with_the_reason():
         torch_device("meta")
 
 
-@pytest.mark.parametrize("name", ["two_tower", "gru4rec"])
+@pytest.mark.parametrize("name", ["two_tower", "gru4rec", "sasrec"])
 def test_a_model_trains_where_asked_and_publishes_on_the_cpu(name):
     events = list(UserSimulator(30, 80, seed=3).events(600, time.time() - 600, 1.0))
-    small = {"two_tower": {"epochs": 1}, "gru4rec": {"hidden": 16, "epochs": 1, "n_sample": 32}}
+    sequential = {"hidden": 16, "epochs": 1, "n_sample": 32}
+    small = {"two_tower": {"epochs": 1}, "gru4rec": sequential, "sasrec": sequential}
     model = build(name, device="auto", min_examples=300, **small[name])
     model.learn(SignalMapper().map(events))
     assert model.version == 1

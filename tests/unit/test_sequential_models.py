@@ -1,0 +1,90 @@
+"""The sequential models (GRU4Rec, SASRec): learn the order of items in sessions, train in
+versions on their window, save and load versions."""
+
+import numpy as np
+import pytest
+import torch
+
+from online_models.base import Query
+from online_models.gru4rec import GRU4RecModel
+from online_models.sasrec import SASRecModel
+from online_models.signals import SignalMapper
+from schemas.events import Interaction
+
+
+def _sessions(n_sessions: int, seed: int = 0) -> list[Interaction]:
+    """Sessions walking one of 4 fixed chains of 5 items each: the next item is determined."""
+    rng = np.random.default_rng(seed)
+    chains = [[f"c{c}i{i}" for i in range(5)] for c in range(4)]
+    events, ts = [], 1.7e9
+    for s in range(n_sessions):
+        chain = chains[int(rng.integers(4))]
+        start = int(rng.integers(0, 2))
+        for item in chain[start:]:
+            ts += 1.0
+            events.append(Interaction(event_id=f"e{len(events)}", user_id=f"u{s}", item_id=item,
+                                      type="click", timestamp=ts, session_id=f"s{s}"))
+    return events
+
+
+#: each model at a small size, its learning rate for its optimiser (Adagrad, Adam)
+SMALL = {GRU4RecModel: dict(learning_rate=0.1), SASRecModel: dict(learning_rate=0.01)}
+
+
+@pytest.fixture(params=list(SMALL), ids=lambda model: model.name)
+def small(request):
+    def build(**overrides):
+        settings = dict(hidden=32, epochs=3, n_sample=8, batch_sessions=8, retrain_every=400,
+                        min_examples=200, **SMALL[request.param])
+        return request.param(**(settings | overrides))
+    return build
+
+
+def test_learns_what_comes_next_in_a_session(small):
+    model, mapper = small(), SignalMapper()
+    events = _sessions(300)
+    for start in range(0, len(events), 100):
+        model.learn(mapper.map(events[start:start + 100]))
+    [after_1, after_3] = model.recommend([Query("x", ("c2i0", "c2i1")),
+                                          Query("y", ("c3i1", "c3i2", "c3i3"))], k=3)
+    assert after_1.items[0] == "c2i2" and after_3.items[0] == "c3i4"
+    assert np.all(np.diff(after_1.scores) <= 0)
+
+
+def test_versions_follow_the_schedule_and_an_unknown_prefix_gets_nothing(small):
+    model, mapper = small(), SignalMapper()
+    events = _sessions(200)  # ~900 clicks: versions past 200 and 600 (1,000 not reached)
+    assert model.version == 0 and model.recommend([Query("a", ("c0i0",))], 3)[0].items == []
+    for start in range(0, len(events), 50):
+        model.learn(mapper.map(events[start:start + 50]))
+    assert model.version == 2
+    assert model.recommend([Query("a", ("never-seen",))], 3)[0].items == []
+
+
+def test_window_and_sessions_stay_bounded(small):
+    model, mapper = small(window=300, max_session_items=20, min_examples=10**9), SignalMapper()
+    flood = [Interaction(event_id=str(n), user_id="a", item_id=f"x{n}", type="click",
+                         timestamp=1.7e9 + n, session_id="one") for n in range(1000)]
+    model.learn(mapper.map(flood))
+    model.learn(mapper.map(_sessions(200)))
+    assert model._events <= 300
+    assert all(len(items) <= 20 for items in model._sessions.values())
+
+
+def test_a_saved_version_loads_weights_only_and_answers_alike(small, tmp_path):
+    """What the trainer writes (tensors and plain metadata) loads with ``weights_only=True``
+    into a model built with other settings, which then answers as the trained one."""
+    model, mapper = small(), SignalMapper()
+    events = _sessions(200)
+    for start in range(0, len(events), 100):
+        model.learn(mapper.map(events[start:start + 100]))
+    state, meta, items, vectors = model.export_version()
+    torch.save({"state": state, "meta": meta}, tmp_path / "version.pt")
+    saved = torch.load(tmp_path / "version.pt", weights_only=True)
+    other = {"layers": 1, "heads": 2} if isinstance(model, SASRecModel) else {}
+    loaded = small(hidden=8, max_length=5, **other)
+    loaded.load_version(saved["state"], saved["meta"])
+    queries = [Query("x", ("c1i0", "c1i1")), Query("y", ("c0i2",))]
+    assert [r.items for r in loaded.recommend(queries, 5)] == \
+        [r.items for r in model.recommend(queries, 5)]
+    assert loaded.version == model.version and vectors.shape == (len(items), 32)
