@@ -35,7 +35,7 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
     "sasrec": lambda **options: _torch_model("sasrec", **options),
     # session + the sequential model, weight chosen on the validation split
     "session_seq": lambda: MixtureModel({"session": (SessionModel, 1.0),
-                                         "sasrec": (lambda: _torch_model("sasrec"), 0.5)}),
+                                         "sasrec": (lambda: _torch_model("sasrec"), 1.0)}),
     "user_blend": lambda: MixtureModel(USER_BLEND_PARTS),
     "user_blend_ctx": lambda: ContextualMixture(USER_CONTEXT_PARTS, USER_CONTEXT_WEIGHTS),
     "popularity": PopularityModel,

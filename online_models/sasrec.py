@@ -52,9 +52,10 @@ class SASRecModel(GRU4RecModel):
 
     def __init__(self, hidden: int = 64, layers: int = 2, heads: int = 1,
                  dropout_hidden: float = 0.4, learning_rate: float = 0.003, epochs: int = 20,
-                 **options) -> None:
+                 retrain_every: int = 10_000, **options) -> None:
         super().__init__(hidden=hidden, dropout_hidden=dropout_hidden,
-                         learning_rate=learning_rate, epochs=epochs, **options)
+                         learning_rate=learning_rate, epochs=epochs,
+                         retrain_every=retrain_every, **options)
         self.layers, self.heads = layers, heads
 
     def _network(self, n_items: int) -> nn.Module:

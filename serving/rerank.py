@@ -56,7 +56,7 @@ SOURCE_WEIGHTS: dict[str, float] = {
     # gru4rec and sasrec at their best weights beside session on the validation split
     # (bench/tune_session_seq.py; sasrec's is session_seq's)
     "als": 1.0, "history": 0.75, "content": 0.1, "ann_two_tower": 1.0, "gru4rec": 0.1,
-    "sasrec": 0.5}
+    "sasrec": 1.0}
 
 
 @dataclass(frozen=True)
