@@ -351,8 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("feeds", help=cmd_feeds.__doc__).set_defaults(func=cmd_feeds)
     trainer = sub.add_parser("trainer", help=cmd_trainer.__doc__)
-    trainer.add_argument("--model", default="two_tower",
-                         help="nearline model to train (two_tower, gru4rec, sasrec)")
+    trainer.add_argument("--model", default="two_tower", help="nearline model to train")
     trainer.add_argument("--rollback", type=int, default=None, metavar="VERSION",
                          help="point CURRENT at a kept version, publish its vectors, exit")
     trainer.add_argument("--loglevel", default="info")

@@ -254,6 +254,13 @@ def session_knn_scores(starts, cols, values, query_starts, item_rows, item_weigh
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _worse(s, c, other_s, other_c):  # pragma: no cover (compiled)
+    """Whether cell (score ``s``, column ``c``) ranks below the other: a lower score, or an
+    equal score in a later column."""
+    return s < other_s or (s == other_s and c > other_c)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _sift_down(heap_s, heap_c, n, s, c):  # pragma: no cover (compiled)
     """Put (``s``, ``c``) at the root of the heap's first ``n`` entries and sift it down."""
     i = 0
@@ -262,10 +269,9 @@ def _sift_down(heap_s, heap_c, n, s, c):  # pragma: no cover (compiled)
         if child >= n:
             break
         right = child + 1
-        if right < n and (heap_s[right] < heap_s[child] or (
-                heap_s[right] == heap_s[child] and heap_c[right] > heap_c[child])):
+        if right < n and _worse(heap_s[right], heap_c[right], heap_s[child], heap_c[child]):
             child = right
-        if s < heap_s[child] or (s == heap_s[child] and c > heap_c[child]):
+        if _worse(s, c, heap_s[child], heap_c[child]):
             break
         heap_s[i], heap_c[i] = heap_s[child], heap_c[child]
         i = child
@@ -295,7 +301,7 @@ def top_k_rows(block, k):  # pragma: no cover (compiled)
                 n += 1
                 while i > 0:
                     parent = (i - 1) // 2
-                    if heap_s[parent] < s or (heap_s[parent] == s and heap_c[parent] > c):
+                    if _worse(heap_s[parent], heap_c[parent], s, c):
                         break
                     heap_s[i], heap_c[i] = heap_s[parent], heap_c[parent]
                     i = parent
