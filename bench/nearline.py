@@ -3,7 +3,9 @@ request's inference latency on one core beside a baseline model's (all in the sa
 
 ``--model two_tower`` learns the first ``--share`` of MovieLens latest-small (with the item
 descriptions beside it); baseline: ALS's fold-in on the same users. ``--model gru4rec`` (or
-``sasrec``) learns the YooChoose 100k training file; baseline: the session-kNN model on the same session prefixes.
+``sasrec``) learns the YooChoose 100k training file; baseline: the session-kNN model on the
+same session prefixes. Where the model fine-tunes versions (``--set finetune_every=N``), their
+times are reported too.
 Per device of ``--devices`` (cpu, cuda, ...) a fresh model learns the log in chunks of 1,000
 events as the replay does (versions trained on that device as their schedule falls due: time
 to the first version and the whole pass), then the last version's training is timed alone.
@@ -53,14 +55,28 @@ def learn(model, events, items, chunk: int = 1000) -> dict:
     if items and hasattr(model, "learn_items"):
         model.learn_items(items)
     first_version_s = None
+    finetunes: list[float] = []
+    if getattr(model, "schedule", None) is not None and model.schedule.tune_every:
+        untimed = model.finetune
+
+        def timed_finetune() -> None:
+            t = time.perf_counter()
+            untimed()
+            finetunes.append(time.perf_counter() - t)
+        model.finetune = timed_finetune
     started = time.perf_counter()
     for start in range(0, len(events), chunk):
         model.learn(mapper.map(events[start:start + chunk]))
         if first_version_s is None and getattr(model, "version", 0):
             first_version_s = time.perf_counter() - started
-    return {"pass_seconds": round(time.perf_counter() - started, 2),
-            "versions": getattr(model, "version", 0),
-            "first_version_after_s": round(first_version_s or 0.0, 2)}
+    figures = {"pass_seconds": round(time.perf_counter() - started, 2),
+               "versions": getattr(model, "version", 0),
+               "first_version_after_s": round(first_version_s or 0.0, 2)}
+    if finetunes:
+        figures["finetuned_versions"] = len(finetunes)
+        figures["finetune_seconds"] = {"p50": round(float(np.median(finetunes)), 3),
+                                       "max": round(max(finetunes), 3)}
+    return figures
 
 
 def timed_training(model) -> dict:

@@ -54,21 +54,29 @@ class LearnReport:
 class RetrainSchedule:
     """When a nearline model trains its next version, counted in event time (what a trainer
     process does live, so replay scores the same schedule): every ``every`` examples, and
-    the first version as soon as ``min_examples`` are held."""
+    the first version as soon as ``min_examples`` are held. Where ``tune_every`` is set, a
+    version is also fine-tuned from the last one every ``tune_every`` examples in between."""
 
     every: int
     min_examples: int
+    tune_every: int = 0
     since: int = 0
+    since_tune: int = 0
     version: int = 0
     #: no version while set (a trainer rebuilding its window from the log)
     paused: bool = False
 
     def add(self, examples: int) -> None:
         self.since += examples
+        self.since_tune += examples
 
     def due(self, held: int) -> bool:
         return (not self.paused and held >= self.min_examples
                 and (self.since >= self.every or self.version == 0))
+
+    def tune_due(self) -> bool:
+        return (not self.paused and self.version > 0 and self.tune_every > 0
+                and self.since_tune >= self.tune_every)
 
     def resume(self, after_version: int) -> None:
         """Number the next version ``after_version + 1`` and make it due at once (a trainer
@@ -77,7 +85,11 @@ class RetrainSchedule:
 
     def published(self) -> None:
         self.version += 1
-        self.since = 0
+        self.since = self.since_tune = 0
+
+    def tuned(self) -> None:
+        self.version += 1
+        self.since_tune = 0
 
 
 class OnlineModel(ABC):
@@ -447,11 +459,20 @@ class NearlineModel(OnlineModel):
     def train(self) -> None:
         """Train on the window and publish the result as the next version."""
 
+    def finetune(self) -> None:
+        """Fine-tune the last version on what arrived since and publish it as the next
+        (models whose schedule sets ``tune_every``)."""
+        raise NotImplementedError(f"{self.name} has no fine-tuned versions")
+
     def train_if_due(self) -> bool:
-        """Train the next version now if the schedule says so; whether it did."""
-        if not self.schedule.due(self.examples_held):
+        """Train (or fine-tune) the next version now if the schedule says so; whether it
+        did."""
+        if self.schedule.due(self.examples_held):
+            self.train()
+        elif self.schedule.tune_due():
+            self.finetune()
+        else:
             return False
-        self.train()
         return True
 
     @abstractmethod

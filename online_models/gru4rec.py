@@ -62,7 +62,9 @@ class GRU4RecModel(NearlineModel):
                  learning_rate: float = 0.07, epochs: int = 10, batch_sessions: int = 256,
                  n_sample: int = 2048, sample_alpha: float = 0.2, logq: float = 1.0,
                  max_length: int = 20, window: int = 100_000, retrain_every: int = 20_000,
-                 min_examples: int = 1_000, max_session_items: int = 200, seed: int = 0,
+                 min_examples: int = 1_000, max_session_items: int = 200,
+                 finetune_every: int = 0, finetune_epochs: int = 2,
+                 finetune_learning_rate: float | None = None, seed: int = 0,
                  device: str = "cpu") -> None:
         super().__init__()
         self.device = device
@@ -71,7 +73,10 @@ class GRU4RecModel(NearlineModel):
         self.n_sample, self.sample_alpha, self.logq = n_sample, sample_alpha, logq
         self.max_length, self.window, self.seed = max_length, window, seed
         self.max_session_items = max_session_items
-        self.schedule = RetrainSchedule(retrain_every, min_examples)
+        self.finetune_epochs = finetune_epochs
+        self.finetune_learning_rate = (learning_rate if finetune_learning_rate is None
+                                       else finetune_learning_rate)
+        self.schedule = RetrainSchedule(retrain_every, min_examples, tune_every=finetune_every)
         self._sessions: OrderedDict[str, list[str]] = OrderedDict()  # oldest session first
         self._events = 0  # events held in _sessions
         self._published: _Published | None = None
@@ -128,21 +133,53 @@ class GRU4RecModel(NearlineModel):
         ``logits(states, candidates)`` and the shared ``items`` embedding."""
         return _GRU4Rec(n_items, self.hidden, self.dropout_hidden)
 
-    def _optimiser(self, net: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.Adagrad(net.parameters(), lr=self.learning_rate)
+    def _optimiser(self, net: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+        return torch.optim.Adagrad(net.parameters(), lr=learning_rate)
 
     def train(self) -> None:
         """Train a fresh network on the window (on ``device``) and publish it as the next
         version (on the CPU)."""
+        items = sorted({i for s in self._sessions.values() for i in s})
+        index = {item: n + 1 for n, item in enumerate(items)}
+        net = self._fit(self._network(len(items)), self._sequences(index), self.epochs,
+                        self.learning_rate)
+        self._published = _Published(net, items, index)
+        self.schedule.published()
+
+    def finetune(self) -> None:
+        """Warm start: the last version, grown by the window's items new since (appended:
+        known items keep their rows), trained ``finetune_epochs`` more passes over the window
+        at ``finetune_learning_rate``; published as the next version: ``finetune_epochs /
+        epochs`` of :meth:`train`'s cost. (Fine-tuning on the new sessions alone measured no
+        better than none on the validation split.)"""
+        published = self._published
+        if published is None:  # a trainer that restarted serves nothing yet: a full version
+            return self.train()
+        items = published.item_ids.tolist()
+        items += sorted({i for s in self._sessions.values() for i in s} - published.index.keys())
+        index = {item: n + 1 for n, item in enumerate(items)}
+        net = self._network(len(items))
+        with torch.no_grad():
+            grown = net.state_dict()  # shares the new network's storage
+            for name, old in published.net.state_dict().items():
+                grown[name][:len(old)] = old  # new items' rows keep their fresh init
+        net = self._fit(net, self._sequences(index), self.finetune_epochs,
+                        self.finetune_learning_rate)
+        self._published = _Published(net, items, index)
+        self.schedule.tuned()
+
+    def _fit(self, net: nn.Module, sequences: list[list[int]], epochs: int,
+             learning_rate: float) -> nn.Module:
+        """``net`` trained ``epochs`` passes over ``sequences`` (on ``device``), negatives
+        drawn and logQ-corrected by the items' support there; returned on the CPU, in eval
+        mode."""
         device = torch_device(self.device)
         torch.manual_seed(self.seed + self.version)
         rng = np.random.default_rng(self.seed + self.version)
-        items = sorted({i for s in self._sessions.values() for i in s})
-        index = {item: n + 1 for n, item in enumerate(items)}
-        sequences = self._sequences(index)
-        net = self._network(len(items)).to(device)
-        optimiser = self._optimiser(net)
-        support = np.bincount([i for s in sequences for i in s[1:]], minlength=len(items) + 1)
+        net = net.to(device)
+        optimiser = self._optimiser(net, learning_rate)
+        n_rows = net.items.num_embeddings
+        support = np.bincount([i for s in sequences for i in s[1:]], minlength=n_rows)
         log_pop = torch.log(torch.tensor(support / max(support.sum(), 1))).float().clamp(
             min=-30).to(device)
         sampling = support ** self.sample_alpha
@@ -150,7 +187,7 @@ class GRU4RecModel(NearlineModel):
         net.train()
         # sparse embedding gradients are built by autograd itself: skip torch's invariant checks
         torch.sparse.check_sparse_tensor_invariants.disable()
-        for _ in range(self.epochs):
+        for _ in range(epochs):
             for batch in self._batches(sequences, rng):
                 inputs, targets = (t.to(device) for t in _padded(batch))
                 mask = targets > 0
@@ -171,9 +208,7 @@ class GRU4RecModel(NearlineModel):
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
-        net.cpu().eval()
-        self._published = _Published(net, items, index)
-        self.schedule.published()
+        return net.cpu().eval()
 
     # --- versions as files (the trainer's checkpoints) ---------------------------------------
     def export_version(self) -> tuple[dict, dict, list[str], np.ndarray] | None:

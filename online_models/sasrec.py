@@ -2,7 +2,10 @@
 trained nearline as :class:`online_models.gru4rec.GRU4RecModel` is (the same rolling window,
 schedule, versions, sampled softmax with logQ correction and serving), with the GRU replaced by
 ``layers`` pre-norm Transformer blocks over item + position embeddings, and Adam (dense
-gradients) instead of Adagrad. Cross-entropy over sampled negatives follows Klenitskiy &
+gradients) instead of Adagrad. Versions every 2,500 positives (chosen on the validation split:
+HR@20 alone 0.6134 against 0.5806 every 10,000 and 0.6071 with fine-tuned versions in between,
+:meth:`GRU4RecModel.finetune`; it costs 4x the trainer's work of every 10,000).
+Cross-entropy over sampled negatives follows Klenitskiy &
 Vasilev (RecSys 2023), who found it lifts SASRec above its original binary loss.
 """
 
@@ -52,7 +55,7 @@ class SASRecModel(GRU4RecModel):
 
     def __init__(self, hidden: int = 64, layers: int = 2, heads: int = 1,
                  dropout_hidden: float = 0.4, learning_rate: float = 0.003, epochs: int = 20,
-                 retrain_every: int = 10_000, **options) -> None:
+                 retrain_every: int = 2_500, **options) -> None:
         super().__init__(hidden=hidden, dropout_hidden=dropout_hidden,
                          learning_rate=learning_rate, epochs=epochs,
                          retrain_every=retrain_every, **options)
@@ -62,5 +65,5 @@ class SASRecModel(GRU4RecModel):
         return _SASRec(n_items, self.hidden, self.dropout_hidden, self.max_length, self.layers,
                        self.heads)
 
-    def _optimiser(self, net: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.Adam(net.parameters(), lr=self.learning_rate)
+    def _optimiser(self, net: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam(net.parameters(), lr=learning_rate)

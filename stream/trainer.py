@@ -21,6 +21,12 @@ between the partitions, and every item description) with training paused, then t
 version on the whole window at once. Versions number on from the newest kept one, so a
 restart never reuses a number (serving tells versions apart by number) and never trains
 versions on a half-rebuilt window; CURRENT keeps serving until the new version is saved.
+
+A version falls due by the model's schedule (counted in events, as replay counts them) but is
+trained only after the whole poll it fell due in is learned, and only once more than one
+poll's worth of interactions no longer waits in the log: a trainer that fell behind (a burst,
+a slow device) catches up first and trains one version on the newest window, instead of one
+per ``retrain_every`` events of backlog, which it could never catch up with.
 """
 
 from __future__ import annotations
@@ -124,6 +130,8 @@ def publish_vectors(producer, topic: str, model: str, version: int, items: list[
 class Trainer:
     """Consumes, learns, and saves + publishes every new version (see module doc)."""
 
+    POLL_RECORDS = 5000  # the most records one poll returns
+
     def __init__(self, settings: Settings, model_name: str = "two_tower", model=None) -> None:
         self.settings, self.model_name = settings, model_name
         self.model = model if model is not None else build(model_name)
@@ -137,6 +145,7 @@ class Trainer:
         self.published: list[int] = []
         self._kafka = None  # (consumer, producer), made on the first run
         self._rebuild_to: dict = {}  # partition → the log end the window rebuild reads to
+        self._rebuilding = False
         self._mapper = SignalMapper()
 
     def _consumer(self):
@@ -156,7 +165,7 @@ class Trainer:
             start = starts[tp] if tp.topic == s.topic_items else max(starts[tp], ends[tp] - share)
             consumer.seek(tp, start)
         self._rebuild_to = {tp: end for tp, end in ends.items() if end > 0}
-        self.model.schedule.paused = True  # until the window is rebuilt (module doc)
+        self._rebuilding = True  # no version until the window is rebuilt (module doc)
         return consumer
 
     def _rebuilt(self, consumer) -> bool:
@@ -165,11 +174,21 @@ class Trainer:
                             if consumer.position(tp) < end}
         return not self._rebuild_to
 
+    def _behind(self, consumer) -> bool:
+        """Whether more interactions wait in the log than one poll takes (module doc)."""
+        waiting = 0
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)  # as of the last fetch: no request
+            if tp.topic == self.settings.topic_interactions and high is not None:
+                waiting += high - consumer.position(tp)
+        return waiting > self.POLL_RECORDS
+
     def run(self, stop: threading.Event | None = None, until_version: int | None = None,
             learn_chunk: int = 1000) -> None:
-        """Train until ``stop`` is set (or ``until_version`` is published), ``learn_chunk``
-        events at a time (the replay's chunks: each may publish a version). A later call
-        resumes where this one stopped."""
+        """Train until ``stop`` is set (or ``until_version`` is published), learning
+        ``learn_chunk`` events at a time (the replay's chunks) and training a version that
+        fell due once the poll is learned and the log caught up with (module doc). A later
+        call resumes where this one stopped."""
         from kafka import KafkaProducer
 
         stop = stop or threading.Event()
@@ -182,27 +201,30 @@ class Trainer:
             if until_version is not None and self.model.version >= until_version:
                 return
             records, events = [], []
-            for tp, batch in consumer.poll(timeout_ms=500, max_records=5000).items():
+            for tp, batch in consumer.poll(timeout_ms=500,
+                                           max_records=self.POLL_RECORDS).items():
                 split, into = ((split_items, records) if tp.topic == s.topic_items
                                else (split_message, events))
                 for record in batch:
                     good, bad = split(record.value, s.max_message_bytes)
                     self.invalid += len(bad)  # the worker dead-letters them; skipped here
                     into.extend(good)
+            self.model.schedule.paused = True  # a version due waits for the whole poll
             if records:
                 self.model.learn_items(records)
             events.sort(key=lambda e: e.timestamp)
             for start in range(0, len(events), learn_chunk):
                 chunk = events[start:start + learn_chunk]
-                before = self.model.version
                 self.model.learn(self._mapper.map(chunk))
                 self.events += len(chunk)
-                if self.model.version != before:
-                    self._publish_and_commit(consumer, producer, topic)
-            if self.model.schedule.paused and self._rebuilt(consumer):
+            if self._rebuilding:
+                if not self._rebuilt(consumer):
+                    continue
+                self._rebuilding = False
                 self.model.schedule.resume(max(self.checkpoints.versions(), default=0))
-                if self.model.train_if_due():
-                    self._publish_and_commit(consumer, producer, topic)
+            self.model.schedule.paused = self._behind(consumer)
+            if self.model.train_if_due():
+                self._publish_and_commit(consumer, producer, topic)
 
     def _publish_and_commit(self, consumer, producer, topic: str) -> None:
         self.publish(producer, topic)

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 
+import msgspec
 import pytest
 
 from online_models.base import Query
@@ -102,9 +103,10 @@ def test_serving_loads_current_follows_new_versions_and_rollbacks(trained):
     _, found = source._index.vectors([NEW_ITEM])
     assert found[0]  # retrievable in the serving index from the first version on
 
-    _publish(s, list(sim.events(2000, time.time() - 2000, events_per_s=1.0)))
     target = trainer.model.version + 2
-    _run(trainer, target)
+    for _ in range(2):  # a burst trains one version once learned (the trainer's module doc)
+        _publish(s, list(sim.events(1000, time.time() - 2000, events_per_s=1.0)))
+        _run(trainer, trainer.model.version + 1)
     checkpoints = Checkpoints(s.trainer_dir, "two_tower")
     newest = trainer.model.version
     assert newest >= target and checkpoints.versions() == [newest - 1, newest]
@@ -192,30 +194,77 @@ def test_trainer_cli_refuses_without_a_checkpoint_folder_a_kept_version_or_a_dev
     assert len(run.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("name", ["gru4rec", "sasrec"])
-def test_a_sequential_model_is_trained_and_served_the_same_as_where_it_trained(name, settings,
-                                                                               tmp_path):
+@pytest.mark.parametrize("name,finetune_every", [("gru4rec", 0), ("sasrec", 0), ("sasrec", 200)],
+                         ids=["gru4rec", "sasrec", "sasrec-finetuned"])
+def test_a_sequential_model_is_trained_and_served_the_same_as_where_it_trained(
+        name, finetune_every, settings, tmp_path):
+    """A version (and, fine-tuned, the next one: trained on events that came after, with items
+    new since) is served as where it trained, its vectors published with its number."""
     from online_models.registry import build
 
     s = settings.model_copy(update={"trainer_dir": str(tmp_path / "ckpt")})
     events = list(UserSimulator(40, 120, seed=9).events(1200, time.time() - 1200, 1.0))
     _publish(s, events)
-    model = build(name, hidden=32, epochs=2, n_sample=64, min_examples=300)
+    model = build(name, hidden=32, epochs=2, n_sample=64, min_examples=300,
+                  finetune_every=finetune_every, finetune_epochs=1)
     trainer = Trainer(s, name, model=model)
     try:
         _run(trainer, 1)
+        if finetune_every:
+            later = [msgspec.structs.replace(  # the same sessions again, on new items
+                e, item_id=f"later-{e.item_id}", event_id=f"later-{e.event_id}",
+                session_id=f"later-{e.session_id or e.user_id}") for e in events[-400:]]
+            _publish(s, later)
+            events += later
+            _run(trainer, 2)
     finally:
         trainer.close()
     assert Checkpoints(s.trainer_dir, name).current() == model.version
+    served_items = model.export_version()[2]
+    assert any(i.startswith("later-") for i in served_items) == bool(finetune_every)
     source = NearlineSource(s.trainer_dir, name, check_s=0.0)
     source.wait_loaded()
     sessions: dict[str, list[str]] = {}
     for e in events:
         sessions.setdefault(e.session_id or e.user_id, []).append(e.item_id)
-    queries = [Query("q", tuple(items[-5:])) for items in list(sessions.values())[:20]]
+    queries = [Query("q", tuple(items[-5:])) for items in list(sessions.values())[-20:]]
     served, trained_here = source.recommend(queries, 10), model.recommend(queries, 10)
     assert [r.items for r in served] == [r.items for r in trained_here]
     assert sum(bool(r.items) for r in served) >= 15
     latest = _latest_per_item(s, trainer.vectors_published, name)
     assert {(v.model, v.version, len(v.vector)) for v in latest.values()} == \
         {(name, model.version, 32)}
+
+
+def test_a_trainer_that_fell_behind_catches_up_before_it_trains(settings, tmp_path):
+    """3,000 events arrive at once after the first version, a version due every 300: the
+    trainer (500 records a poll) learns them all before it trains again — one version for the
+    burst, not ten it could not keep up with — and that version knows the burst's items."""
+    from online_models.registry import build
+
+    s = settings.model_copy(update={"trainer_dir": str(tmp_path / "ckpt")})
+    sim = UserSimulator(40, 120, seed=5)
+    _publish(s, list(sim.events(600, time.time() - 3000, 1.0)))
+    model = build("sasrec", hidden=16, epochs=1, n_sample=32, min_examples=300,
+                  retrain_every=300)
+    trainer = Trainer(s, "sasrec", model=model)
+    trainer.POLL_RECORDS = 500
+    burst = [msgspec.structs.replace(e, item_id=f"burst-{n % 50}", event_id=f"burst-{n}",
+                                     session_id=f"burst-{n // 5}")
+             for n, e in enumerate(sim.events(3000, time.time() - 2000, 1.0))]
+    stop = threading.Event()
+    try:
+        _run(trainer, 1)
+        _publish(s, burst)
+        thread = threading.Thread(target=trainer.run, args=(stop,), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (trainer.events < 3600 or model.version < 2):
+            time.sleep(0.2)
+        time.sleep(2)  # a few more empty polls: nothing more is due
+        stop.set()
+        thread.join(30)
+    finally:
+        trainer.close()
+    assert trainer.events == 3600 and trainer.published == [1, 2]
+    assert {f"burst-{n}" for n in range(50)} <= set(model.export_version()[2])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from online_models.base import Query
+from online_models.base import Query, RetrainSchedule
 from online_models.gru4rec import GRU4RecModel
 from online_models.sasrec import SASRecModel
 from online_models.signals import SignalMapper
@@ -59,6 +59,49 @@ def test_versions_follow_the_schedule_and_an_unknown_prefix_gets_nothing(small):
         model.learn(mapper.map(events[start:start + 50]))
     assert model.version == 2
     assert model.recommend([Query("a", ("never-seen",))], 3)[0].items == []
+
+
+def test_fine_tunes_fall_between_full_versions_and_never_before_the_first():
+    schedule = RetrainSchedule(every=10, min_examples=5, tune_every=3)
+    schedule.add(4)
+    assert not schedule.tune_due() and not schedule.due(held=4)
+    assert schedule.due(held=5)
+    schedule.published()
+    schedule.add(3)
+    assert schedule.tune_due() and not schedule.due(held=100)
+    schedule.tuned()
+    assert schedule.version == 2 and not schedule.tune_due()
+    schedule.add(7)  # 10 since the full version: the next is full, and it resets both
+    assert schedule.due(held=100) and schedule.tune_due()
+    schedule.published()
+    assert (schedule.since, schedule.since_tune) == (0, 0)
+    schedule.add(3)
+    schedule.paused = True  # a trainer rebuilding its window trains nothing
+    assert not schedule.tune_due() and not schedule.due(held=100)
+
+
+def test_fine_tuned_versions_learn_new_items_between_full_versions(small):
+    """Between full versions (every 10**9 here), every ``finetune_every`` clicks the last
+    version is fine-tuned on the sessions since: a chain of items never seen before becomes
+    what comes next, and the items known before keep their place in the version."""
+    model, mapper = small(retrain_every=10**9, finetune_every=100, finetune_epochs=4), \
+        SignalMapper()
+    events = _sessions(100)
+    for start in range(0, len(events), 100):
+        model.learn(mapper.map(events[start:start + 100]))
+    first_items = model.export_version()[2]
+    assert model.version >= 1 and "n0" not in first_items
+    full_versions = model.version
+    new_chain = [Interaction(event_id=f"n{s}-{i}", user_id=f"n{s}", item_id=f"n{i}", type="click",
+                             timestamp=1.71e9 + 10 * s + i, session_id=f"n{s}")
+                 for s in range(150) for i in range(4)]
+    for start in range(0, len(new_chain), 100):
+        model.learn(mapper.map(new_chain[start:start + 100]))
+    assert model.version == full_versions + 6  # 600 clicks, one fine-tune per 100
+    items = model.export_version()[2]
+    assert items[:len(first_items)] == first_items and {"n0", "n3"} <= set(items)
+    [after] = model.recommend([Query("x", ("n0", "n1"))], k=3)
+    assert after.items[0] == "n2"
 
 
 def test_window_and_sessions_stay_bounded(small):
