@@ -63,7 +63,7 @@ class RetrainSchedule:
     since: int = 0
     since_tune: int = 0
     version: int = 0
-    #: no version while set (a trainer rebuilding its window from the log)
+    #: no version while set (a trainer rebuilding its window, or learning a backlog first)
     paused: bool = False
 
     def add(self, examples: int) -> None:
