@@ -139,10 +139,11 @@ class GRU4RecModel(NearlineModel):
     def train(self) -> None:
         """Train a fresh network on the window (on ``device``) and publish it as the next
         version (on the CPU)."""
+        rng = self._seeded()
         items = sorted({i for s in self._sessions.values() for i in s})
         index = {item: n + 1 for n, item in enumerate(items)}
         net = self._fit(self._network(len(items)), self._sequences(index), self.epochs,
-                        self.learning_rate)
+                        self.learning_rate, rng)
         self._published = _Published(net, items, index)
         self.schedule.published()
 
@@ -155,6 +156,7 @@ class GRU4RecModel(NearlineModel):
         published = self._published
         if published is None:  # a trainer that restarted serves nothing yet: a full version
             return self.train()
+        rng = self._seeded()
         items = published.item_ids.tolist()
         items += sorted({i for s in self._sessions.values() for i in s} - published.index.keys())
         index = {item: n + 1 for n, item in enumerate(items)}
@@ -164,18 +166,21 @@ class GRU4RecModel(NearlineModel):
             for name, old in published.net.state_dict().items():
                 grown[name][:len(old)] = old  # new items' rows keep their fresh init
         net = self._fit(net, self._sequences(index), self.finetune_epochs,
-                        self.finetune_learning_rate)
+                        self.finetune_learning_rate, rng)
         self._published = _Published(net, items, index)
         self.schedule.tuned()
 
-    def _fit(self, net: nn.Module, sequences: list[list[int]], epochs: int,
-             learning_rate: float) -> nn.Module:
-        """``net`` trained ``epochs`` passes over ``sequences`` (on ``device``), negatives
-        drawn and logQ-corrected by the items' support there; returned on the CPU, in eval
-        mode."""
-        device = torch_device(self.device)
+    def _seeded(self) -> np.random.Generator:
+        """Seed torch (a new network's init, dropout) for the next version; its numpy rng."""
         torch.manual_seed(self.seed + self.version)
-        rng = np.random.default_rng(self.seed + self.version)
+        return np.random.default_rng(self.seed + self.version)
+
+    def _fit(self, net: nn.Module, sequences: list[list[int]], epochs: int,
+             learning_rate: float, rng: np.random.Generator) -> nn.Module:
+        """``net`` trained ``epochs`` passes over ``sequences`` (on ``device``), negatives
+        drawn (by ``rng``) and logQ-corrected by the items' support there; returned on the
+        CPU, in eval mode."""
+        device = torch_device(self.device)
         net = net.to(device)
         optimiser = self._optimiser(net, learning_rate)
         n_rows = net.items.num_embeddings
