@@ -26,7 +26,9 @@ A version falls due by the model's schedule (counted in events, as replay counts
 trained only after the whole poll it fell due in is learned, and only once more than one
 poll's worth of interactions no longer waits in the log: a trainer that fell behind (a burst,
 a slow device) catches up first and trains one version on the newest window, instead of one
-per ``retrain_every`` events of backlog, which it could never catch up with.
+per ``retrain_every`` events of backlog, which it could never catch up with. One that stays
+behind (a stream faster than it learns) still trains a due version once
+``CATCH_UP_MAX_S`` passed since its last.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class Trainer:
     """Consumes, learns, and saves + publishes every new version (see module doc)."""
 
     POLL_RECORDS = 5000  # the most records one poll returns
+    CATCH_UP_MAX_S = 600.0  # behind for longer: a due version trains anyway (module doc)
 
     def __init__(self, settings: Settings, model_name: str = "two_tower", model=None) -> None:
         self.settings, self.model_name = settings, model_name
@@ -146,6 +149,7 @@ class Trainer:
         self._kafka = None  # (consumer, producer), made on the first run
         self._rebuild_to: dict = {}  # partition → the log end the window rebuild reads to
         self._rebuilding = False
+        self._last_version_at = time.monotonic()
         self._mapper = SignalMapper()
 
     def _consumer(self):
@@ -175,13 +179,13 @@ class Trainer:
         return not self._rebuild_to
 
     def _behind(self, consumer) -> bool:
-        """Whether more interactions wait in the log than one poll takes (module doc)."""
-        waiting = 0
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)  # as of the last fetch: no request
-            if tp.topic == self.settings.topic_interactions and high is not None:
-                waiting += high - consumer.position(tp)
-        return waiting > self.POLL_RECORDS
+        """Whether more interactions wait in the log than one poll takes (module doc). Log
+        ends asked of the broker: a consumer's ``highwater`` is only as fresh as its last
+        fetch from that partition, and a backlog is fetched a partition at a time."""
+        parts = [tp for tp in consumer.assignment()
+                 if tp.topic == self.settings.topic_interactions]
+        ends = consumer.end_offsets(parts) if parts else {}
+        return sum(end - consumer.position(tp) for tp, end in ends.items()) > self.POLL_RECORDS
 
     def run(self, stop: threading.Event | None = None, until_version: int | None = None,
             learn_chunk: int = 1000) -> None:
@@ -222,12 +226,14 @@ class Trainer:
                     continue
                 self._rebuilding = False
                 self.model.schedule.resume(max(self.checkpoints.versions(), default=0))
-            self.model.schedule.paused = self._behind(consumer)
+            overdue = time.monotonic() - self._last_version_at > self.CATCH_UP_MAX_S
+            self.model.schedule.paused = self._behind(consumer) and not overdue
             if self.model.train_if_due():
                 self._publish_and_commit(consumer, producer, topic)
 
     def _publish_and_commit(self, consumer, producer, topic: str) -> None:
         self.publish(producer, topic)
+        self._last_version_at = time.monotonic()
         consumer.commit()  # the group's lag shows how far behind the trainer is
 
     def close(self) -> None:

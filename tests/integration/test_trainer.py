@@ -27,12 +27,13 @@ from tests.integration.kafka_helpers import read_topic
 NEW_ITEM = "brand-new"  # described, never clicked
 
 
-def _publish(settings, events, descriptions=()):
+def _publish(settings, events, descriptions=(), events_per_record=500):
     if descriptions:
         with ItemPublisher(settings.kafka_bootstrap, settings.topic_items) as publisher:
             publisher.send_many(list(descriptions))
             publisher.flush()
-    with InteractionProducer(settings.kafka_bootstrap, settings.topic_interactions) as producer:
+    with InteractionProducer(settings.kafka_bootstrap, settings.topic_interactions,
+                             max_batch_events=events_per_record) as producer:
         producer.send_many(events)
         producer.flush()
 
@@ -236,10 +237,13 @@ def test_a_sequential_model_is_trained_and_served_the_same_as_where_it_trained(
         {(name, model.version, 32)}
 
 
-def test_a_trainer_that_fell_behind_catches_up_before_it_trains(settings, tmp_path):
-    """3,000 events arrive at once after the first version, a version due every 300: the
-    trainer (500 records a poll) learns them all before it trains again — one version for the
-    burst, not ten it could not keep up with — and that version knows the burst's items."""
+@pytest.mark.parametrize("catch_up_max_s", [600.0, 0.0], ids=["catches-up", "overdue"])
+def test_a_trainer_that_fell_behind_catches_up_before_it_trains(catch_up_max_s, settings,
+                                                                 tmp_path):
+    """3,000 events arrive at once after the first version (300 records of 10), a version due
+    every 300: the trainer (20 records a poll) learns them all before it trains again — one
+    version for the burst, not ten it could not keep up with — and that version knows the
+    burst's items. Past ``CATCH_UP_MAX_S`` behind, a due version trains after a poll."""
     from online_models.registry import build
 
     s = settings.model_copy(update={"trainer_dir": str(tmp_path / "ckpt")})
@@ -248,14 +252,14 @@ def test_a_trainer_that_fell_behind_catches_up_before_it_trains(settings, tmp_pa
     model = build("sasrec", hidden=16, epochs=1, n_sample=32, min_examples=300,
                   retrain_every=300)
     trainer = Trainer(s, "sasrec", model=model)
-    trainer.POLL_RECORDS = 500
+    trainer.POLL_RECORDS, trainer.CATCH_UP_MAX_S = 20, catch_up_max_s
     burst = [msgspec.structs.replace(e, item_id=f"burst-{n % 50}", event_id=f"burst-{n}",
                                      session_id=f"burst-{n // 5}")
              for n, e in enumerate(sim.events(3000, time.time() - 2000, 1.0))]
     stop = threading.Event()
     try:
         _run(trainer, 1)
-        _publish(s, burst)
+        _publish(s, burst, events_per_record=10)
         thread = threading.Thread(target=trainer.run, args=(stop,), daemon=True)
         thread.start()
         deadline = time.monotonic() + 120
@@ -266,5 +270,9 @@ def test_a_trainer_that_fell_behind_catches_up_before_it_trains(settings, tmp_pa
         thread.join(30)
     finally:
         trainer.close()
-    assert trainer.events == 3600 and trainer.published == [1, 2]
+    assert trainer.events == 3600
+    if catch_up_max_s:
+        assert trainer.published == [1, 2]
+    else:  # ~15 polls of 200 events: a version every second poll
+        assert len(trainer.published) >= 5
     assert {f"burst-{n}" for n in range(50)} <= set(model.export_version()[2])
