@@ -3,7 +3,7 @@ trained nearline as :class:`online_models.gru4rec.GRU4RecModel` is (the same rol
 schedule, versions, sampled softmax with logQ correction and serving), with the GRU replaced by
 ``layers`` pre-norm Transformer blocks over item + position embeddings, and Adam (dense
 gradients) instead of Adagrad. Versions every 2,500 positives (chosen on the validation split:
-HR@20 alone 0.6134 against 0.5806 every 10,000 and 0.6071 with fine-tuned versions in between,
+HR@20 alone 0.6138 against 0.5806 every 10,000 and 0.6071 with fine-tuned versions in between,
 :meth:`GRU4RecModel.finetune`; it costs 4x the trainer's work of every 10,000). Cross-entropy
 over sampled negatives follows Klenitskiy & Vasilev (RecSys 2023), who found it lifts SASRec
 above its original binary loss.
