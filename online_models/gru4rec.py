@@ -140,7 +140,7 @@ class GRU4RecModel(NearlineModel):
         """Train a fresh network on the window (on ``device``) and publish it as the next
         version (on the CPU)."""
         rng = self._seeded()
-        items = sorted({i for s in self._sessions.values() for i in s})
+        items = sorted(self._window_items())
         index = {item: n + 1 for n, item in enumerate(items)}
         net = self._fit(self._network(len(items)), self._sequences(index), self.epochs,
                         self.learning_rate, rng)
@@ -158,7 +158,7 @@ class GRU4RecModel(NearlineModel):
             return self.train()
         rng = self._seeded()
         items = published.item_ids.tolist()
-        items += sorted({i for s in self._sessions.values() for i in s} - published.index.keys())
+        items += sorted(self._window_items() - published.index.keys())
         index = {item: n + 1 for n, item in enumerate(items)}
         net = self._network(len(items))
         with torch.no_grad():
@@ -169,6 +169,9 @@ class GRU4RecModel(NearlineModel):
                         self.finetune_learning_rate, rng)
         self._published = _Published(net, items, index)
         self.schedule.tuned()
+
+    def _window_items(self) -> set[str]:
+        return {i for s in self._sessions.values() for i in s}
 
     def _seeded(self) -> np.random.Generator:
         """Seed torch (a new network's init, dropout) for the next version; its numpy rng."""

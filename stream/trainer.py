@@ -147,8 +147,9 @@ class Trainer:
         self.events = self.invalid = self.vectors_published = 0
         self.published: list[int] = []
         self._kafka = None  # (consumer, producer), made on the first run
-        self._rebuild_to: dict = {}  # partition → the log end the window rebuild reads to
-        self._rebuilding = False
+        #: while rebuilding the window (module doc): partition → the log end it reads to;
+        #: None once rebuilt
+        self._rebuild_to: dict | None = None
         self._last_version_at = time.monotonic()
         self._mapper = SignalMapper()
 
@@ -169,7 +170,6 @@ class Trainer:
             start = starts[tp] if tp.topic == s.topic_items else max(starts[tp], ends[tp] - share)
             consumer.seek(tp, start)
         self._rebuild_to = {tp: end for tp, end in ends.items() if end > 0}
-        self._rebuilding = True  # no version until the window is rebuilt (module doc)
         return consumer
 
     def _rebuilt(self, consumer) -> bool:
@@ -205,8 +205,8 @@ class Trainer:
             if until_version is not None and self.model.version >= until_version:
                 return
             records, events = [], []
-            for tp, batch in consumer.poll(timeout_ms=500,
-                                           max_records=self.POLL_RECORDS).items():
+            polled = consumer.poll(timeout_ms=500, max_records=self.POLL_RECORDS)
+            for tp, batch in polled.items():
                 split, into = ((split_items, records) if tp.topic == s.topic_items
                                else (split_message, events))
                 for record in batch:
@@ -221,13 +221,14 @@ class Trainer:
                 chunk = events[start:start + learn_chunk]
                 self.model.learn(self._mapper.map(chunk))
                 self.events += len(chunk)
-            if self._rebuilding:
+            if self._rebuild_to is not None:
                 if not self._rebuilt(consumer):
                     continue
-                self._rebuilding = False
+                self._rebuild_to = None
                 self.model.schedule.resume(max(self.checkpoints.versions(), default=0))
             overdue = time.monotonic() - self._last_version_at > self.CATCH_UP_MAX_S
-            self.model.schedule.paused = self._behind(consumer) and not overdue
+            # an empty poll: nothing waits (no need to ask the broker for the log ends)
+            self.model.schedule.paused = bool(polled) and not overdue and self._behind(consumer)
             if self.model.train_if_due():
                 self._publish_and_commit(consumer, producer, topic)
 
