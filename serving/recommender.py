@@ -39,7 +39,8 @@ from online_models.cooccurrence import recommend_neighbours
 from schemas.feeds import Feed, FeedItem
 from serving.ann import AnnIndex
 from serving.explore import EpsilonGreedy, ExplorationPool, ThompsonSampling
-from serving.rerank import Candidate, RerankPolicy, SourceList, blend, mmr_order, rerank
+from serving.rerank import (Candidate, RerankPolicy, SourceList, blend, blend_pass, mmr_order,
+                            rerank)
 
 TrendingSource = Callable[[int], list[tuple[str, float]]]
 #: How a long-term model's candidates are explained (others: "for you").
@@ -58,6 +59,7 @@ def warm_up() -> None:
     loops serving runs, so that no list waits for them (the first one took 0.27 s with the
     cache, 3.0 s without)."""
     kernels.warm_up()
+    blend({"warm": SourceList(["a"], np.ones(1), "up")}, RerankPolicy())
     mmr_order(np.ones(2), np.zeros(2, np.bool_), np.zeros((2, 2), np.float32), 0.8, 1, 1, 0,
               0, 0)
 
@@ -146,7 +148,7 @@ class Recommender:
             if b.isdisjoint(top_items[:n]):  # most requests: the top as it is
                 row["trending"] = SourceList(top_items[:n], top_scores[:n], "trending")
             else:
-                kept = [p for p, i in enumerate(top_items) if i not in b][:n]
+                kept = list(islice((p for p, i in enumerate(top_items) if i not in b), n))
                 row["trending"] = SourceList([top_items[p] for p in kept], top_scores[kept],
                                              "trending")
         if self.content is not None:
@@ -202,12 +204,11 @@ class Recommender:
         if self.item_ages is not None and cfg.policy.freshness_weight:
             ages = self.item_ages(sorted({i for per in sources for rows in per.values()
                                           for i in rows.items}))
-        blended = [
+        blended = blend_pass(sources, cfg.policy, ages, [
             # only as many as can reach the list: the re-rank pool (or k) past what is blocked
-            blend(per_source, cfg.policy, ages, limit=(
-                cfg.policy.pool_size(request.k) if cfg.rerank else request.k)
-                + len(blocked) + len(dict(request.pins)))  # one pin per position
-            for request, per_source, blocked in zip(requests, sources, blocked_of)]
+            (cfg.policy.pool_size(request.k) if cfg.rerank else request.k)
+            + len(blocked) + len(dict(request.pins))  # one pin per position
+            for request, blocked in zip(requests, blocked_of)])
         vectors = self._vectors(list(dict.fromkeys(chain.from_iterable(
             candidates.items for candidates in blended)))) if cfg.rerank else {}
         for request, candidates, blocked in zip(requests, blended, blocked_of):

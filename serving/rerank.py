@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from itertools import chain, islice
+from itertools import chain
 
 import numpy as np
 from numba import njit
@@ -100,53 +100,120 @@ def blend(sources: dict[str, SourceList], policy: RerankPolicy,
           item_age_s: dict[str, float] | None = None, limit: int | None = None
           ) -> SourceList:
     """``sources``: name → its list; returns the blended list best first (the best ``limit``
-    items, where given), each item with the reason of its largest term (the first on a tie).
+    items, where given), each item with the reason of its largest term (the first on a tie)."""
+    return blend_pass([sources], policy, item_age_s, [limit])[0]
+
+
+def blend_pass(requests: list[dict[str, SourceList]], policy: RerankPolicy,
+               item_age_s: dict[str, float] | None = None,
+               limits: list[int | None] | None = None) -> list[SourceList]:
+    """:func:`blend` for each request's sources at once: one item numbering and one compiled
+    pass for them all (a serving pass blends a few dozen lists of a few hundred candidates).
     Columns, not one object per candidate: most never reach the list (:func:`rerank`)."""
-    lists = [(policy.source_weights.get(name, 0.0), rows) for name, rows in sources.items()
-             if len(rows)]
-    if not lists:
-        return SourceList([], np.empty(0), [])
-    flat = list(chain.from_iterable(rows.items for _, rows in lists))
-    number = vocabulary([flat])  # one number per item, first seen first
-    unique = list(number)
-    ids = np.fromiter(map(number.__getitem__, flat), np.intp, len(flat))
-    parts = np.concatenate([weight * np.asarray(rows.scores, np.float64)
-                            / (float(np.max(rows.scores)) or 1.0) for weight, rows in lists])
-    totals = np.bincount(ids, parts, len(unique))  # summed in source, then list order
+    lists = [[(policy.source_weights.get(name, 0.0), rows) for name, rows in sources.items()
+              if len(rows)] for sources in requests]
+    every = list(chain.from_iterable(lists))
+    if not every:
+        return [SourceList([], np.empty(0), []) for _ in requests]
+    flat = list(chain.from_iterable(rows.items for _, rows in every))
+    number = vocabulary([flat])  # one number per item in the pass, first seen first
+    names = list(number)
+    ids = np.fromiter(map(number.__getitem__, flat), np.int64, len(flat))
+    lengths = np.fromiter((len(rows) for _, rows in every), np.int64, len(every))
+    scores = np.concatenate([np.asarray(rows.scores, np.float64) for _, rows in every])
+    tops = np.maximum.reduceat(scores, np.cumsum(lengths) - lengths)
+    # weight · score / top, as the documented sum (a list whose top is 0 divides by 1)
+    parts = np.repeat([weight for weight, _ in every], lengths) * scores \
+        / np.repeat(np.where(tops == 0.0, 1.0, tops), lengths)
+    fresh = np.zeros(len(names))
     if item_age_s:
-        for n, item in enumerate(unique):
+        for n, item in enumerate(names):
             if item in item_age_s:
-                totals[n] += policy.freshness_weight * 2.0 ** (
+                fresh[n] = policy.freshness_weight * 2.0 ** (
                     -item_age_s[item] / policy.freshness_half_life_s)
-    chosen = np.arange(len(unique))
-    if limit is not None and limit < len(unique):  # the best `limit`, ties at the cut kept
-        chosen = np.flatnonzero(totals >= -np.partition(-totals, limit - 1)[limit - 1])
-    ranked = _ties_by_name(chosen[np.argsort(-totals[chosen], kind="stable")], totals,
-                           unique)[:limit]
-    # each item's reason: its largest term, the first on a tie
-    largest = np.full(len(unique), -np.inf)
-    np.maximum.at(largest, ids, parts)
-    terms = np.flatnonzero(parts == largest[ids])
-    strongest = np.full(len(unique), len(ids))
-    np.minimum.at(strongest, ids[terms], terms)
-    reasons = list(chain.from_iterable(rows.all_reasons() for _, rows in lists))
-    return SourceList([unique[n] for n in ranked.tolist()], totals[ranked],
-                      [reasons[term] for term in strongest[ranked].tolist()])
+    per_request = np.fromiter((sum(len(rows) for _, rows in one) for one in lists), np.int64,
+                              len(lists))
+    limits = limits or [None] * len(requests)
+    terms, totals, starts = _blend_ranked(
+        ids, parts, np.concatenate(([0], np.cumsum(per_request))), len(names), fresh,
+        np.array([-1 if limit is None else limit for limit in limits], np.int64))
+    reasons = list(chain.from_iterable(rows.all_reasons() for _, rows in every))
+    out = []
+    for n, limit in enumerate(limits):
+        chosen, values = terms[starts[n]:starts[n + 1]], totals[starts[n]:starts[n + 1]]
+        items = [names[code] for code in ids[chosen].tolist()]
+        order = _ties_by_name(values, items)
+        if order is not None:
+            chosen, values, items = chosen[order], values[order], [items[i] for i in order]
+        chosen, values, items = chosen[:limit], values[:limit], items[:limit]
+        out.append(SourceList(items, values, [reasons[term] for term in chosen.tolist()]))
+    return out
 
 
-def _ties_by_name(order: np.ndarray, totals: np.ndarray, names: list[str]) -> np.ndarray:
-    """``order`` (item numbers by falling total) with each run of equal totals put in name
-    order, so equal scores rank alike whichever source listed an item first."""
-    values = totals[order]
-    tied = values[1:] == values[:-1]  # order[i] ties with order[i + 1]
+@njit(cache=True, nogil=True)
+def _blend_ranked(ids, parts, request_starts, code_count, fresh,
+                  limits):  # pragma: no cover (compiled)
+    """Per request (its terms ``request_starts[r]:request_starts[r + 1]``): each item's total
+    (its terms summed in order, plus ``fresh[item]``), its largest term (the first on a tie),
+    and the items by falling total, the best ``limits[r]`` (all where < 0) and any tied with
+    the last of them. Returns (each ranked item's largest term, its total, each request's
+    start in those)."""
+    total = np.zeros(code_count)
+    largest = np.zeros(code_count)
+    strongest = np.zeros(code_count, np.int64)
+    owner = np.full(code_count, -1, np.int64)
+    out_terms = np.empty(len(ids), np.int64)
+    out_totals = np.empty(len(ids))
+    out_starts = np.zeros(len(request_starts), np.int64)
+    written = 0
+    for r in range(len(request_starts) - 1):
+        first = request_starts[r]
+        unique = np.empty(request_starts[r + 1] - first, np.int64)
+        count = 0
+        for t in range(first, request_starts[r + 1]):
+            code = ids[t]
+            if owner[code] != r:
+                owner[code] = r
+                total[code] = parts[t]
+                largest[code] = parts[t]
+                strongest[code] = t
+                unique[count] = code
+                count += 1
+            else:
+                total[code] += parts[t]
+                if parts[t] > largest[code]:
+                    largest[code] = parts[t]
+                    strongest[code] = t
+        values = np.empty(count)
+        for n in range(count):
+            total[unique[n]] += fresh[unique[n]]
+            values[n] = -total[unique[n]]
+        order = np.argsort(values, kind="mergesort")
+        keep = count if limits[r] < 0 or limits[r] >= count else limits[r]
+        while 0 < keep < count and values[order[keep]] == values[order[keep - 1]]:
+            keep += 1  # ties at the cut stay: names order them
+        for n in range(keep):
+            code = unique[order[n]]
+            out_terms[written] = strongest[code]
+            out_totals[written] = total[code]
+            written += 1
+        out_starts[r + 1] = written
+    return out_terms, out_totals, out_starts
+
+
+def _ties_by_name(values: np.ndarray, names: list[str]) -> list[int] | None:
+    """Where items ranked by falling ``values`` hold equal values: the order that puts each run
+    of them in name order, so equal scores rank alike whichever source listed an item first
+    (None where nothing ties)."""
+    tied = values[1:] == values[:-1]  # item i ties with item i + 1
     if not tied.any():
-        return order
+        return None
     # each run of ties: where `tied` turns on (its first item) and off (one past its last)
     edges = np.flatnonzero(np.diff(np.concatenate(([False], tied, [False])).view(np.int8)))
-    order = order.tolist()
+    order = list(range(len(names)))
     for start, end in zip(edges[::2].tolist(), (edges[1::2] + 1).tolist()):
         order[start:end] = sorted(order[start:end], key=names.__getitem__)
-    return np.array(order, np.int64)
+    return order
 
 
 def rerank(candidates: SourceList, k: int, policy: RerankPolicy, *,
@@ -156,13 +223,13 @@ def rerank(candidates: SourceList, k: int, policy: RerankPolicy, *,
     """The final list of at most ``k`` items from ``candidates`` (best first: :func:`blend`'s
     list); see the module doc."""
     pins = {p: c for p, c in (pins or {}).items() if 0 <= p < k}
-    pinned_ids = {c.item_id for c in pins.values()}
-    pool = list(islice((n for n, item in enumerate(candidates.items) if item not in seen
-                        and item not in exclude and item not in pinned_ids), policy.pool_size(k)))
+    blocked = seen | exclude | {c.item_id for c in pins.values()}
+    pool = [n for n, item in enumerate(candidates.items) if item not in blocked][
+        :policy.pool_size(k)]
     items = [candidates.items[n] for n in pool]
     free = k - len(pins)
     max_head = math.floor(policy.max_head_share * k)
-    is_head = np.fromiter((item in head_items for item in items), bool, len(items))
+    is_head = np.array([item in head_items for item in items], bool)
     min_tail = min(math.ceil(policy.min_tail_share * k), len(items) - int(is_head.sum()))
     head_count = sum(1 for c in pins.values() if c.item_id in head_items)
     tail_count = len(pins) - head_count

@@ -5,7 +5,7 @@ import pytest
 
 from replay.ope import dr, ips, snips
 from serving.explore import EpsilonGreedy, ExplorationPool, ThompsonSampling
-from serving.rerank import Candidate, RerankPolicy, SourceList, blend, rerank
+from serving.rerank import Candidate, RerankPolicy, SourceList, blend, blend_pass, rerank
 
 
 def random_candidates(rng, n=60):
@@ -55,8 +55,9 @@ def test_blend_normalises_sources_and_keeps_the_strongest_reason():
         ("y", 1.1, "trending"), ("x", 1.0, "next in session")]
 
 
-def blend_by_hand(sources, weights, limit):
-    """The documented blend, one candidate at a time: (item, score, reason) best first."""
+def blend_by_hand(sources, weights, limit, fresh=None):
+    """The documented blend, one candidate at a time: (item, score, reason) best first
+    (``fresh``: item → its freshness term)."""
     total, best = {}, {}
     for name, rows in sources.items():
         top = max((s for _, s, _ in rows), default=1.0) or 1.0
@@ -65,6 +66,8 @@ def blend_by_hand(sources, weights, limit):
             total[item] = total.get(item, 0.0) + part
             if item not in best or part > best[item][0]:
                 best[item] = (part, reason)
+    for item in total:
+        total[item] += (fresh or {}).get(item, 0.0)
     ranked = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
     return [(item, score, best[item][1]) for item, score in ranked]
 
@@ -85,6 +88,36 @@ def test_blend_equals_the_documented_sum_with_ties_and_a_cut(seed):
     out = blend(sources, RerankPolicy(source_weights=weights), limit=limit)
     assert list(out) == blend_by_hand(
         {name: list(rows) for name, rows in sources.items()}, weights, limit)
+
+
+def random_sources(rng, items):
+    sources = {}
+    for name in ("session", "cooc", "trending", "unweighted"):
+        chosen = rng.choice(items, int(rng.integers(0, 9)), replace=False).tolist()
+        scores = rng.integers(0, 4, len(chosen)).astype(float)  # ties, and all-zero lists
+        sources[name] = SourceList(chosen, scores, [f"{name} {n}" for n in range(len(chosen))])
+    return sources
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_pass_blends_each_request_as_the_documented_sum_with_freshness(seed):
+    """Requests blended in one pass share one item numbering: each still gets its own sum,
+    cut and reasons (an item's terms in another request never count), with freshness."""
+    rng = np.random.default_rng(seed)
+    items = [f"i{n}" for n in range(10)]
+    requests = [random_sources(rng, items) for _ in range(int(rng.integers(1, 6)))]
+    weights = {"session": 1.0, "cooc": 0.5, "trending": 0.1}
+    ages = {item: float(rng.integers(0, 3)) * 3600 for item in items[::2]}
+    policy = RerankPolicy(source_weights=weights, freshness_weight=0.25,
+                          freshness_half_life_s=3600)
+    fresh = {item: 0.25 * 2.0 ** (-age / 3600) for item, age in ages.items()}
+    limits = [None if rng.random() < 0.3 else int(rng.integers(0, 12)) for _ in requests]
+    blended = blend_pass(requests, policy, ages, limits)
+    assert len(blended) == len(requests)
+    for sources, limit, out in zip(requests, limits, blended):
+        expected = blend_by_hand({name: list(rows) for name, rows in sources.items()},
+                                 weights, limit, fresh)
+        assert [(i, pytest.approx(s), r) for i, s, r in out] == expected
 
 
 def test_epsilon_greedy_propensities_match_observed_frequencies():
