@@ -14,7 +14,10 @@ milliseconds per request: what a process with a core of its own could serve. The
 role runs beside the API, as deployed, publishing the item neighbourhoods the API reads
 (``serving/neighbour_rows.py``); ``--neighbourhoods counted`` leaves it out and each API
 process counts its own, as before. Baseline in the same run: one client
-doing the feed read's Redis GET directly, one at a time. Usage:
+doing the feed read's Redis GET directly, one at a time. On-demand phases also report the API's
+own view from its /metrics (``serving/metrics.py``): ``server_p50/p99`` (asked → answered inside
+the API, bucket-interpolated), each stage's p99 and lists per pass; what the client measures
+beyond it is the network and the load generator's own core, shared with Redis and the broker. Usage:
 ``python bench/api.py [--workers 1] [--concurrency 50] [--feed-rate 5000]
 [--on-demand-rate 1000]``. Last line: JSON.
 """
@@ -148,14 +151,75 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def phase(name: str, pids: dict[str, int], target, *args) -> dict:
+def on_demand_buckets(metrics_url: str) -> dict[str, dict[float, float]]:
+    """The API's ``streamrec_on_demand_seconds`` histogram: stage → {upper bound: count}
+    (cumulative), and ``pass_lists`` → {"count", "sum"} of lists per pass."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[float, float]] = {"pass_lists": {}}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=5).text):
+        for sample in family.samples:
+            if sample.name == "streamrec_on_demand_seconds_bucket":
+                out.setdefault(sample.labels["stage"], {})[float(sample.labels["le"])] = \
+                    sample.value
+            elif sample.name in ("streamrec_on_demand_pass_lists_count",
+                                 "streamrec_on_demand_pass_lists_sum"):
+                out["pass_lists"][sample.name.rsplit("_", 1)[1]] = sample.value
+    return out
+
+
+def bucket_quantile(q: float, cumulative: dict[float, float]) -> float:
+    """The ``q`` quantile of a histogram's cumulative bucket counts, interpolated within its
+    bucket as Prometheus's ``histogram_quantile`` does (seconds)."""
+    bounds = sorted(cumulative)
+    total = cumulative[bounds[-1]]
+    if not total:
+        return float("nan")
+    below, lower = 0.0, 0.0
+    for bound in bounds:
+        if cumulative[bound] >= q * total:
+            if bound == float("inf"):
+                return lower  # past the last finite bound: its value, as Prometheus says
+            return lower + (bound - lower) * (q * total - below) / (cumulative[bound] - below)
+        below, lower = cumulative[bound], bound
+    return lower
+
+
+def server_figures(name: str, before: dict, after: dict) -> dict:
+    """The API's own view of a phase's on-demand lists: p50/p99 of their time in the API
+    (asked → answered), p99 of each stage, and lists per compute pass."""
+    out = {}
+    for stage in ("total", "queued", "computed", "logged"):
+        delta = {bound: count - before.get(stage, {}).get(bound, 0.0)
+                 for bound, count in after.get(stage, {}).items()}
+        if not delta:
+            continue
+        quantiles = (0.5, 0.99) if stage == "total" else (0.99,)
+        for q in quantiles:
+            label = "server" if stage == "total" else f"server_{stage}"
+            out[f"{name}_{label}_p{round(q * 100)}_ms"] = round(
+                1000 * bucket_quantile(q, delta), 2)
+    passes = after["pass_lists"].get("count", 0.0) - before["pass_lists"].get("count", 0.0)
+    if passes:
+        out[f"{name}_lists_per_pass"] = round(
+            (after["pass_lists"]["sum"] - before["pass_lists"].get("sum", 0.0)) / passes, 1)
+    return out
+
+
+def phase(name: str, pids: dict[str, int], metrics_url: str | None, target, *args) -> dict:
     """One load phase's figures, with each process's CPU per request (``pids``: name → pid;
-    the API's with its worker processes)."""
+    the API's with its worker processes) and, from ``metrics_url`` (the API's /metrics), the
+    API's own latency figures for on-demand lists."""
     before = {process: tree_cpu_seconds(pid) for process, pid in pids.items()}
+    buckets = on_demand_buckets(metrics_url) if metrics_url else None
     result = in_process(target, *args)
     spent = {process: 1000 * (tree_cpu_seconds(pid) - before[process])
              for process, pid in pids.items()}
-    return figures(name, result, spent)
+    out = figures(name, result, spent)
+    if buckets is not None:
+        out.update(server_figures(name, buckets, on_demand_buckets(metrics_url)))
+    return out
 
 
 def main() -> None:
@@ -187,9 +251,10 @@ def main() -> None:
         while builder.refresh_round():
             pass
         keys = RedisKeys(settings.key_prefix)
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
         env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka.bootstrap,
-               "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_API_KEYS": BENCH_KEY}
+               "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_API_KEYS": BENCH_KEY,
+               "STREAMREC_API_METRICS_PORT": str(metrics_port)}
         if args.neighbourhoods == "counted":
             env["STREAMREC_NEIGHBOURHOODS_INTERVAL_S"] = "0"  # off: the API counts its own
         api = subprocess.Popen([sys.executable, "-m", "infra.cli", "api", "--port", str(port),
@@ -226,8 +291,9 @@ def main() -> None:
                                              args.feed_rate),
                     ("on_demand", lists, 0), (f"on_demand_at_{args.on_demand_rate:g}", lists,
                                               args.on_demand_rate)):
-                result.update(phase(name, pids, load, url, users, path, args.seconds,
-                                    args.concurrency, rate))
+                result.update(phase(
+                    name, pids, f"http://127.0.0.1:{metrics_port}/metrics" if path == lists
+                    else None, load, url, users, path, args.seconds, args.concurrency, rate))
         finally:
             terminate(api)
             if feeds is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -56,8 +57,14 @@ def cmd_api(args: argparse.Namespace) -> None:
         settings.require_services()
     host, port = args.host or settings.api_host, args.port or settings.api_port
     if args.workers > 1:  # processes, each building its app from the same STREAMREC_* env
-        uvicorn.run("serving.api:create_app", factory=True, workers=args.workers, host=host,
-                    port=port, log_level=args.loglevel)
+        with contextlib.ExitStack() as scope:
+            if settings.api_metrics_port:  # the workers' sum, served from this process
+                from serving.metrics import WorkerMetrics
+
+                scope.enter_context(WorkerMetrics(settings.api_metrics_port,
+                                                  settings.api_metrics_host))
+            uvicorn.run("serving.api:create_app", factory=True, workers=args.workers,
+                        host=host, port=port, log_level=args.loglevel)
     else:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=args.loglevel)
 

@@ -226,6 +226,10 @@ class Settings(BaseSettings):
                                         "Retry-After. Stored feeds are not limited.")
     api_host: str = Field("127.0.0.1", description="API bind address.")
     api_port: int = Field(8080, ge=0, le=65535, description="API port.")
+    api_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of "
+                                  "the API (0 = off): on-demand lists' seconds by stage "
+                                  "(serving/metrics.py); with --workers N, their sum.")
+    api_metrics_host: str = Field("127.0.0.1", description="Bind address of the API's /metrics.")
 
     @field_validator("kafka_bootstrap")
     @classmethod

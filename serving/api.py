@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
+import os
 import pathlib
 import queue
 import threading
@@ -31,6 +32,7 @@ from infra.redis_client import TRANSIENT_REDIS_ERRORS, mget_any, mget_any_async,
 from infra.settings import Settings
 from schemas import dlq
 from schemas.events import MAX_ID_CHARS, json_schema, split_message
+from serving import metrics
 from serving.feeds import FeedBuilder, ImpressionLogUnavailable
 from serving.stats import LiveStats
 from schemas.items import split_items
@@ -90,7 +92,13 @@ def create_app(settings: Settings | None = None) -> "FastPaths":
         # process: out of the collector's full passes, whose pauses were the on-demand lists'
         # slowest passes (one: 131 ms before, 8 ms after; bench/on_demand.py)
         gc.freeze()
+        exporter = None  # with --workers N the supervising process serves their sum
+        if settings.api_metrics_port and not os.environ.get(metrics.MULTIPROC_ENV):
+            exporter = metrics.serve(settings.api_metrics_port, settings.api_metrics_host)
         yield
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
         await front.close()
         for sdk in producers.values():
             sdk.close()
@@ -441,7 +449,7 @@ class OnDemandBatches:
                         threading.Thread(target=target, name=name, daemon=True).start()
                     self._started = True
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._waiting.put(((k, exclude, pins), user_id, future))
+        self._waiting.put(((k, exclude, pins), user_id, future, time.perf_counter()))
         return future
 
     def feed(self, user_id: str, k: int | None, exclude: frozenset[str] = frozenset(),
@@ -464,14 +472,16 @@ class OnDemandBatches:
             groups: dict[tuple, list] = {}
             for request in batch:
                 groups.setdefault(request[0], []).append(request)
+            started = time.perf_counter()
+            metrics.PASS_LISTS.observe(len(batch))
             try:
                 feeds = []
                 for (k, exclude, pins), members in groups.items():
                     computed = self.compute([m[1] for m in members], k, exclude, pins)
-                    feeds += zip((m[2] for m in members), computed)
-                self._computed.put((feeds, None))
+                    feeds += zip(members, computed)
+                self._computed.put((feeds, None, started, time.perf_counter()))
             except BaseException as exc:  # every request of the batch gets the error
-                self._computed.put(([(m[2], None) for m in batch], exc))
+                self._computed.put(([(m, None) for m in batch], exc, started, 0.0))
 
     def _log_loop(self) -> None:
         while True:
@@ -481,7 +491,7 @@ class OnDemandBatches:
                     passes.append(self._computed.get_nowait())
                 except queue.Empty:
                     break
-            answers = [answer for pass_answers, error in passes if error is None
+            answers = [answer for pass_answers, error, *_ in passes if error is None
                        for answer in pass_answers]
             logged = None
             if answers:
@@ -489,15 +499,19 @@ class OnDemandBatches:
                     self.log([feed for _, feed in answers])
                 except BaseException as exc:
                     logged = exc
-            for future, feed in answers:
-                if logged is None:
-                    future.set_result(feed)
-                else:
-                    future.set_exception(logged)
-            for pass_answers, error in passes:
-                if error is not None:
-                    for future, _ in pass_answers:
-                        future.set_exception(error)
+            now = time.perf_counter()
+            for pass_answers, error, started, computed in passes:
+                if error is not None or logged is not None:
+                    metrics.FAILED.labels("compute" if error else "log").inc(len(pass_answers))
+                    for request, _ in pass_answers:
+                        request[2].set_exception(error or logged)
+                    continue
+                for request, feed in pass_answers:
+                    metrics.QUEUED.observe(started - request[3])
+                    metrics.COMPUTED.observe(computed - started)
+                    metrics.LOGGED.observe(now - computed)
+                    metrics.TOTAL.observe(now - request[3])
+                    request[2].set_result(feed)
 
 
 class TokenBucket:

@@ -462,3 +462,42 @@ def test_without_redis_feed_reads_answer_503_and_recover(settings, spawn, tmp_pa
         own.start()
         client.set(RedisKeys(local.key_prefix).feed(events[0].user_id), b'{"user_id":"x"}')
         wait_for(lambda: httpx.get(url, timeout=30).status_code == 200, 30, "reads again")
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """A sample's value in Prometheus text (0 where absent)."""
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels
+                   else "")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.split(" ", 1)[0] == want)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_api_metrics_count_every_on_demand_list_by_stage(settings, spawn, redis_client,
+                                                         workers, tmp_path):
+    """STREAMREC_API_METRICS_PORT serves each list's seconds by stage; with --workers 2 the
+    supervising process serves the sum of both workers' files (in the operator's
+    PROMETHEUS_MULTIPROC_DIR, kept)."""
+    events = list(UserSimulator(10, 60, seed=11).events(300, time.time() - 300))
+    LiveState(settings, redis_client).apply_sync(events)
+    port, metrics_port = free_port(), free_port()
+    samples = tmp_path / "api-metrics"
+    samples.mkdir()
+    proc = spawn(["api", "--port", str(port), "--loglevel", "warning", "--workers",
+                  str(workers)], settings.model_copy(update={"api_metrics_port": metrics_port}),
+                 **({"PROMETHEUS_MULTIPROC_DIR": str(samples)} if workers > 1 else {}))
+    url, metrics_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    wait_for(lambda: _up(f"{url}/healthz") and _up(metrics_url), 60, "API up", proc=proc)
+    users = sorted({e.user_id for e in events})
+    served = [httpx.get(f"{url}/v1/users/{user}/recommendations", timeout=30)
+              for user in users * 2]  # a connection each: both workers may take some
+    assert all(answer.status_code == 200 for answer in served)
+    text = httpx.get(metrics_url).text
+    for stage in ("queued", "computed", "logged", "total"):
+        assert _metric(text, "streamrec_on_demand_seconds_count", stage=stage) == len(served)
+    assert 0 < _metric(text, "streamrec_on_demand_seconds_sum", stage="total") < 30 * len(served)
+    assert _metric(text, "streamrec_on_demand_pass_lists_sum") == len(served)
+    if workers == 2:  # the sum of both workers' files, not one process's own figures
+        writers = {path.stem.rsplit("_", 1)[1] for path in samples.glob("histogram_*.db")}
+        assert len(writers) >= 2  # each worker (and the supervisor, which serves none)
+        assert not [line for line in text.splitlines() if line.startswith("process_")]

@@ -314,6 +314,52 @@ def test_passes_computed_while_the_log_waits_are_logged_in_one_flush():
         later["bad"].result(10)
     assert flushes == [["feed-a"], ["feed-b", "feed-c"]]
 
+def test_on_demand_lists_record_their_seconds_by_stage_and_their_failures():
+    """Each answered list: queued + computed + logged = total, its pass counted once; a
+    failed pass or flush counts its lists as failed and records no seconds."""
+    import time as clock
+
+    from prometheus_client import REGISTRY
+
+    from serving.api import OnDemandBatches
+
+    def sample(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    stages = ("queued", "computed", "logged", "total")
+    before = {stage: (sample("streamrec_on_demand_seconds_count", stage=stage),
+                      sample("streamrec_on_demand_seconds_sum", stage=stage)) for stage in stages}
+    passes = sample("streamrec_on_demand_pass_lists_count")
+    failed = {stage: sample("streamrec_on_demand_failed_total", stage=stage)
+              for stage in ("compute", "log")}
+
+    def compute(users, *_):
+        if "bad" in users:
+            raise ValueError("bad pass")
+        clock.sleep(0.01)
+        return [f"feed-{u}" for u in users]
+
+    def log(feeds):
+        if "feed-unlogged" in feeds:
+            raise RuntimeError("impression log down")
+        clock.sleep(0.02)
+
+    batches = OnDemandBatches(compute, log)
+    assert [batches.feed(f"u{n}", None) for n in range(3)] == ["feed-u0", "feed-u1", "feed-u2"]
+    for user in ("bad", "unlogged"):
+        with pytest.raises((ValueError, RuntimeError)):
+            batches.feed(user, None)
+    after = {stage: (sample("streamrec_on_demand_seconds_count", stage=stage),
+                     sample("streamrec_on_demand_seconds_sum", stage=stage)) for stage in stages}
+    spent = {stage: after[stage][1] - before[stage][1] for stage in stages}
+    assert all(after[stage][0] - before[stage][0] == 3 for stage in stages)
+    assert spent["computed"] >= 3 * 0.01 and spent["logged"] >= 3 * 0.02
+    assert spent["queued"] + spent["computed"] + spent["logged"] == pytest.approx(spent["total"])
+    assert sample("streamrec_on_demand_pass_lists_count") - passes == 5
+    assert sample("streamrec_on_demand_failed_total", stage="compute") - failed["compute"] == 1
+    assert sample("streamrec_on_demand_failed_total", stage="log") - failed["log"] == 1
+
+
 def _mmr_reference(scores, is_head, similarity, lam, free, max_head, min_tail, head_count,
                    tail_count):
     """The greedy MMR step as array operations (the compiled loop's definition)."""
