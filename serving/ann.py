@@ -42,8 +42,13 @@ class AnnIndex:
 
     def __init__(self, dim: int, capacity: int = 100_000, m: int = 16, ef_construction: int = 200,
                  ef_search: int = 800, oversample: int = 4, rebuild_after: float = 0.05,
-                 seed: int = 0, max_items: int | None = None) -> None:
+                 seed: int = 0, max_items: int | None = None, deterministic: bool = False
+                 ) -> None:
+        """``deterministic``: rebuilds run inline and inserts on one thread, so the same
+        updates always make the same graph and answers (replay); otherwise rebuilds run in the
+        background and inserts on every core (serving: queries never wait for a build)."""
         self.dim, self.m, self.ef_construction = dim, m, ef_construction
+        self.deterministic = deterministic
         self.ef_search, self.oversample, self.rebuild_after = ef_search, oversample, rebuild_after
         self.seed = seed
         self.capacity = capacity
@@ -76,12 +81,18 @@ class AnnIndex:
             labels = np.fromiter((self._assign(item) for item in items), np.int64, len(items))
             self._vectors[labels] = vectors
             self._live[labels] = True
-            self._graph.add_items(vectors, labels)  # also undeletes a retired item's label
-            self._deleted[labels] = False
             for item in items:
                 self._recency[item] = None
                 self._recency.move_to_end(item)
             self._moved_since_build += known  # moves degrade the graph; inserts do not
+            if self.deterministic and self._rebuild_due():
+                # a fresh graph of the current vectors, without re-inserting the moved first
+                # (hnswlib's re-insert of a moved item costs more than its part of a build)
+                self.rebuild()
+                return
+            # also undeletes a retired item's label
+            self._graph.add_items(vectors, labels, num_threads=1 if self.deterministic else -1)
+            self._deleted[labels] = False
             if self._rebuilding is not None:
                 self._pending.append(("upsert", labels, vectors.copy()))
         self._maybe_rebuild()
@@ -182,10 +193,16 @@ class AnnIndex:
         graph.set_ef(self.ef_search)
         return graph
 
+    def _rebuild_due(self) -> bool:
+        return not self._closed and (self._moved_since_build
+                                     > self.rebuild_after * max(len(self), 1))
+
     def _maybe_rebuild(self) -> None:
         with self._lock:
-            due = self._moved_since_build > self.rebuild_after * max(len(self), 1)
-            if not due or self._rebuilding is not None or self._closed:
+            if not self._rebuild_due() or self._rebuilding is not None:
+                return
+            if self.deterministic:
+                self.rebuild()
                 return
             self._rebuilding = threading.Thread(target=self._background_rebuild,
                                                 name="ann-rebuild", daemon=True)

@@ -25,6 +25,7 @@ from online_models.trending import TrendingModel
 from serving.ann import AnnIndex
 from serving.recommender import PipelineConfig, Recommender, Request
 from serving.rerank import RerankPolicy
+from stream.vector_changes import MovedVectors
 
 
 #: ``long_term=True``: the sources a deployment for returning users adds — the worker's long-term
@@ -55,7 +56,8 @@ class BlendedModel(CompositeModel):
             parts.update({part: build(part) for part in (*LONG_TERM_SOURCES.values(),
                                                          "content")})
         super().__init__(parts)
-        self.ann = AnnIndex(self.parts["mf"].factors, capacity=10_000)
+        # the same log, the same lists: the graph built as the updates come, on one thread
+        self.ann = AnnIndex(self.parts["mf"].factors, capacity=10_000, deterministic=True)
         self.recommender = Recommender(
             trending=self.parts["trending"].top, session=self.parts["session"],
             cooc={"written": parts.get("cooc"), "read": parts["session"], "none": None}[cooc],
@@ -66,6 +68,9 @@ class BlendedModel(CompositeModel):
                                   policy=policy or RerankPolicy(),
                                   model_version="blend-v1" if rerank else "blend-raw-v1"),
             item_ages=self._item_ages)
+        # the live index's updates: new vectors and those moved past the worker's publishing
+        # threshold (STREAMREC_VECTOR_PUBLISH_MIN_CHANGE's default) since last indexed
+        self._published = MovedVectors()
         self._clock = 0.0
 
     def _item_ages(self, items: list[str]) -> dict[str, float]:
@@ -78,7 +83,10 @@ class BlendedModel(CompositeModel):
         if changed:
             mf = self.parts["mf"]
             vectors, found = mf.store.get_vectors("item", changed, mf.factors)
-            self.ann.upsert([i for i, ok in zip(changed, found) if ok], vectors[found])
+            items, vectors = [i for i, ok in zip(changed, found) if ok], vectors[found]
+            chosen = self._published.select(items, vectors)  # what the worker would publish
+            if chosen:
+                self.ann.upsert([items[n] for n in chosen], vectors[chosen])
         return LearnReport(events=len(batch), changed_item_vectors=changed)
 
     def close(self) -> None:
