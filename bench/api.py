@@ -16,8 +16,9 @@ role runs beside the API, as deployed, publishing the item neighbourhoods the AP
 process counts its own, as before. Baseline in the same run: one client
 doing the feed read's Redis GET directly, one at a time. On-demand phases also report the API's
 own view from its /metrics (``serving/metrics.py``): ``server_p50/p99`` (asked → answered inside
-the API, bucket-interpolated), each stage's p99 and lists per pass; what the client measures
-beyond it is the network and the load generator's own core, shared with Redis and the broker. Usage:
+the API, bucket-interpolated), each stage's p99, a compute pass's wall and CPU p50/p99, and lists
+per pass; what the client measures beyond it is the network and the load generator's own core,
+shared with Redis and the broker. Usage:
 ``python bench/api.py [--workers 1] [--concurrency 50] [--feed-rate 5000]
 [--on-demand-rate 1000]``. Last line: JSON.
 """
@@ -163,6 +164,9 @@ def on_demand_buckets(metrics_url: str) -> dict[str, dict[float, float]]:
             if sample.name == "streamrec_on_demand_seconds_bucket":
                 out.setdefault(sample.labels["stage"], {})[float(sample.labels["le"])] = \
                     sample.value
+            elif sample.name == "streamrec_on_demand_pass_seconds_bucket":
+                out.setdefault(f"pass_{sample.labels['clock']}", {})[
+                    float(sample.labels["le"])] = sample.value
             elif sample.name in ("streamrec_on_demand_pass_lists_count",
                                  "streamrec_on_demand_pass_lists_sum"):
                 out["pass_lists"][sample.name.rsplit("_", 1)[1]] = sample.value
@@ -188,14 +192,15 @@ def bucket_quantile(q: float, cumulative: dict[float, float]) -> float:
 
 def server_figures(name: str, before: dict, after: dict) -> dict:
     """The API's own view of a phase's on-demand lists: p50/p99 of their time in the API
-    (asked → answered), p99 of each stage, and lists per compute pass."""
+    (asked → answered), p99 of each stage, of a pass's wall and CPU time, and lists per
+    compute pass."""
     out = {}
-    for stage in ("total", "queued", "computed", "logged"):
+    for stage in ("total", "queued", "computed", "logged", "pass_wall", "pass_cpu"):
         delta = {bound: count - before.get(stage, {}).get(bound, 0.0)
                  for bound, count in after.get(stage, {}).items()}
         if not delta:
             continue
-        quantiles = (0.5, 0.99) if stage == "total" else (0.99,)
+        quantiles = (0.99,) if stage in ("queued", "computed", "logged") else (0.5, 0.99)
         for q in quantiles:
             label = "server" if stage == "total" else f"server_{stage}"
             out[f"{name}_{label}_p{round(q * 100)}_ms"] = round(

@@ -472,14 +472,17 @@ class OnDemandBatches:
             groups: dict[tuple, list] = {}
             for request in batch:
                 groups.setdefault(request[0], []).append(request)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             metrics.PASS_LISTS.observe(len(batch))
             try:
                 feeds = []
                 for (k, exclude, pins), members in groups.items():
                     computed = self.compute([m[1] for m in members], k, exclude, pins)
                     feeds += zip(members, computed)
-                self._computed.put((feeds, None, started, time.perf_counter()))
+                ended = time.perf_counter()
+                metrics.PASS_WALL.observe(ended - started)
+                metrics.PASS_CPU.observe(time.thread_time() - cpu)
+                self._computed.put((feeds, None, started, ended))
             except BaseException as exc:  # every request of the batch gets the error
                 self._computed.put(([(m, None) for m in batch], exc, started, 0.0))
 

@@ -25,6 +25,11 @@ ON_DEMAND_SECONDS = Histogram(
     "log's acks), total (asked until answered)", ["stage"], buckets=LATENCY_BUCKETS)
 QUEUED, COMPUTED, LOGGED, TOTAL = (ON_DEMAND_SECONDS.labels(stage)
                                    for stage in ("queued", "computed", "logged", "total"))
+PASS_SECONDS = Histogram(
+    "streamrec_on_demand_pass_seconds", "A compute pass's seconds: wall (start to end) and cpu "
+    "(its thread's own CPU time); the difference is time spent waiting for the interpreter "
+    "lock or the core while the HTTP and log threads run", ["clock"], buckets=LATENCY_BUCKETS)
+PASS_WALL, PASS_CPU = PASS_SECONDS.labels("wall"), PASS_SECONDS.labels("cpu")
 PASS_LISTS = Histogram("streamrec_on_demand_pass_lists", "On-demand lists per compute pass",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 FAILED = Counter("streamrec_on_demand_failed_total",

@@ -315,8 +315,9 @@ def test_passes_computed_while_the_log_waits_are_logged_in_one_flush():
     assert flushes == [["feed-a"], ["feed-b", "feed-c"]]
 
 def test_on_demand_lists_record_their_seconds_by_stage_and_their_failures():
-    """Each answered list: queued + computed + logged = total, its pass counted once; a
-    failed pass or flush counts its lists as failed and records no seconds."""
+    """Each answered list: queued + computed + logged = total, its pass counted once (with
+    its wall and thread CPU time); a failed pass or flush counts its lists as failed and
+    records no list seconds."""
     import time as clock
 
     from prometheus_client import REGISTRY
@@ -330,6 +331,9 @@ def test_on_demand_lists_record_their_seconds_by_stage_and_their_failures():
     before = {stage: (sample("streamrec_on_demand_seconds_count", stage=stage),
                       sample("streamrec_on_demand_seconds_sum", stage=stage)) for stage in stages}
     passes = sample("streamrec_on_demand_pass_lists_count")
+    clocks = {clock: (sample("streamrec_on_demand_pass_seconds_count", clock=clock),
+                      sample("streamrec_on_demand_pass_seconds_sum", clock=clock))
+              for clock in ("wall", "cpu")}
     failed = {stage: sample("streamrec_on_demand_failed_total", stage=stage)
               for stage in ("compute", "log")}
 
@@ -356,6 +360,12 @@ def test_on_demand_lists_record_their_seconds_by_stage_and_their_failures():
     assert spent["computed"] >= 3 * 0.01 and spent["logged"] >= 3 * 0.02
     assert spent["queued"] + spent["computed"] + spent["logged"] == pytest.approx(spent["total"])
     assert sample("streamrec_on_demand_pass_lists_count") - passes == 5
+    # passes computed (the unlogged one too): wall ≥ the 10 ms each slept, CPU far less
+    timed = {clock: (sample("streamrec_on_demand_pass_seconds_count", clock=clock) - count,
+                     sample("streamrec_on_demand_pass_seconds_sum", clock=clock) - total)
+             for clock, (count, total) in clocks.items()}
+    assert timed["wall"][0] == timed["cpu"][0] == 4
+    assert timed["wall"][1] >= 4 * 0.01 > timed["cpu"][1]
     assert sample("streamrec_on_demand_failed_total", stage="compute") - failed["compute"] == 1
     assert sample("streamrec_on_demand_failed_total", stage="log") - failed["log"] == 1
 
