@@ -198,11 +198,10 @@ class AnnIndex:
                                      > self.rebuild_after * max(len(self), 1))
 
     def _maybe_rebuild(self) -> None:
+        """Start a background rebuild when one is due (a deterministic index rebuilds inline,
+        in :meth:`upsert`)."""
         with self._lock:
             if not self._rebuild_due() or self._rebuilding is not None:
-                return
-            if self.deterministic:
-                self.rebuild()
                 return
             self._rebuilding = threading.Thread(target=self._background_rebuild,
                                                 name="ann-rebuild", daemon=True)

@@ -92,13 +92,12 @@ def create_app(settings: Settings | None = None) -> "FastPaths":
         # process: out of the collector's full passes, whose pauses were the on-demand lists'
         # slowest passes (one: 131 ms before, 8 ms after; bench/on_demand.py)
         gc.freeze()
-        exporter = None  # with --workers N the supervising process serves their sum
+        stop_metrics = None  # with --workers N the supervising process serves their sum
         if settings.api_metrics_port and not os.environ.get(metrics.MULTIPROC_ENV):
-            exporter = metrics.serve(settings.api_metrics_port, settings.api_metrics_host)
+            stop_metrics = metrics.serve(settings.api_metrics_port, settings.api_metrics_host)
         yield
-        if exporter is not None:
-            exporter.shutdown()
-            exporter.server_close()
+        if stop_metrics is not None:
+            stop_metrics()
         await front.close()
         for sdk in producers.values():
             sdk.close()

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 
 #: Seconds: fine around the 20 ms that on-demand lists are held to (issue 13).
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02,
@@ -38,11 +39,16 @@ FAILED = Counter("streamrec_on_demand_failed_total",
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def serve(port: int, host: str):
-    """Serve this process's metrics on ``host:port`` (a thread); returns the server (call
-    ``shutdown()`` to stop it)."""
-    server, _thread = start_http_server(port, addr=host)
-    return server
+def serve(port: int, host: str, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
+    """Serve ``registry`` (this process's metrics) on ``host:port`` from a thread; returns the
+    function that stops it and frees the port."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    return stop
 
 
 class WorkerMetrics:
@@ -52,7 +58,7 @@ class WorkerMetrics:
     def __init__(self, port: int, host: str) -> None:
         self.port, self.host = port, host
         self._made: str | None = None
-        self._server = None
+        self._stop: Callable[[], None] | None = None
 
     def __enter__(self) -> "WorkerMetrics":
         from prometheus_client import multiprocess
@@ -61,12 +67,11 @@ class WorkerMetrics:
             self._made = os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="streamrec-api-")
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        self._server, _thread = start_http_server(self.port, addr=self.host, registry=registry)
+        self._stop = serve(self.port, self.host, registry)
         return self
 
     def __exit__(self, *_exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._stop()
         if self._made:
             os.environ.pop(MULTIPROC_ENV, None)
             shutil.rmtree(self._made, ignore_errors=True)

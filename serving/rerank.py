@@ -120,8 +120,9 @@ def blend_pass(requests: list[dict[str, SourceList]], policy: RerankPolicy,
     names = list(number)
     ids = np.fromiter(map(number.__getitem__, flat), np.int64, len(flat))
     lengths = np.fromiter((len(rows) for _, rows in every), np.int64, len(every))
+    list_starts = np.concatenate(([0], np.cumsum(lengths)))  # each list's first term
     scores = np.concatenate([np.asarray(rows.scores, np.float64) for _, rows in every])
-    tops = np.maximum.reduceat(scores, np.cumsum(lengths) - lengths)
+    tops = np.maximum.reduceat(scores, list_starts[:-1])
     # weight · score / top, as the documented sum (a list whose top is 0 divides by 1)
     parts = np.repeat([weight for weight, _ in every], lengths) * scores \
         / np.repeat(np.where(tops == 0.0, 1.0, tops), lengths)
@@ -131,11 +132,10 @@ def blend_pass(requests: list[dict[str, SourceList]], policy: RerankPolicy,
             if item in item_age_s:
                 fresh[n] = policy.freshness_weight * 2.0 ** (
                     -item_age_s[item] / policy.freshness_half_life_s)
-    per_request = np.fromiter((sum(len(rows) for _, rows in one) for one in lists), np.int64,
-                              len(lists))
+    request_starts = list_starts[np.concatenate(([0], np.cumsum([len(one) for one in lists])))]
     limits = limits or [None] * len(requests)
     terms, totals, starts = _blend_ranked(
-        ids, parts, np.concatenate(([0], np.cumsum(per_request))), len(names), fresh,
+        ids, parts, request_starts, len(names), fresh,
         np.array([-1 if limit is None else limit for limit in limits], np.int64))
     reasons = list(chain.from_iterable(rows.all_reasons() for _, rows in every))
     out = []
@@ -223,7 +223,8 @@ def rerank(candidates: SourceList, k: int, policy: RerankPolicy, *,
     """The final list of at most ``k`` items from ``candidates`` (best first: :func:`blend`'s
     list); see the module doc."""
     pins = {p: c for p, c in (pins or {}).items() if 0 <= p < k}
-    blocked = seen | exclude | {c.item_id for c in pins.values()}
+    added = exclude | {c.item_id for c in pins.values()}
+    blocked = seen | added if added else seen  # no copy of the seen set per list
     pool = [n for n, item in enumerate(candidates.items) if item not in blocked][
         :policy.pool_size(k)]
     items = [candidates.items[n] for n in pool]

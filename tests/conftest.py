@@ -138,3 +138,13 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1, pr
         time.sleep(interval_s)
     pytest.fail(f"timed out after {timeout_s}s waiting for {what}"
                 + (f"\n{proc.log()}" if proc is not None else ""))
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """A sample's value in a /metrics page (Prometheus text, read with prometheus_client's
+    parser): the samples named ``name`` carrying ``labels``, summed; 0 where there are none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == name
+               and all(sample.labels.get(key) == value for key, value in labels.items()))

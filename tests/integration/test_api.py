@@ -16,7 +16,7 @@ from stream.simulator import UserSimulator
 from stream.state import LiveState
 from stream.worker_report import LiveFigures, publish_report
 from schemas.events import Interaction
-from tests.conftest import wait_for
+from tests.conftest import metric, wait_for
 from tests.integration.kafka_helpers import read_topic
 
 GOOD = {"event_id": "e1", "user_id": "api-user", "item_id": "i1", "type": "click",
@@ -464,14 +464,6 @@ def test_without_redis_feed_reads_answer_503_and_recover(settings, spawn, tmp_pa
         wait_for(lambda: httpx.get(url, timeout=30).status_code == 200, 30, "reads again")
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    """A sample's value in Prometheus text (0 where absent)."""
-    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels
-                   else "")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.split(" ", 1)[0] == want)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_api_metrics_count_every_on_demand_list_by_stage(settings, spawn, redis_client,
                                                          workers, tmp_path):
@@ -494,9 +486,9 @@ def test_api_metrics_count_every_on_demand_list_by_stage(settings, spawn, redis_
     assert all(answer.status_code == 200 for answer in served)
     text = httpx.get(metrics_url).text
     for stage in ("queued", "computed", "logged", "total"):
-        assert _metric(text, "streamrec_on_demand_seconds_count", stage=stage) == len(served)
-    assert 0 < _metric(text, "streamrec_on_demand_seconds_sum", stage="total") < 30 * len(served)
-    assert _metric(text, "streamrec_on_demand_pass_lists_sum") == len(served)
+        assert metric(text, "streamrec_on_demand_seconds_count", stage=stage) == len(served)
+    assert 0 < metric(text, "streamrec_on_demand_seconds_sum", stage="total") < 30 * len(served)
+    assert metric(text, "streamrec_on_demand_pass_lists_sum") == len(served)
     if workers == 2:  # the sum of both workers' files, not one process's own figures
         writers = {path.stem.rsplit("_", 1)[1] for path in samples.glob("histogram_*.db")}
         assert len(writers) >= 2  # each worker (and the supervisor, which serves none)

@@ -9,7 +9,7 @@ from infra.redis_client import sync_redis
 from schemas.keys import RedisKeys
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
-from tests.conftest import wait_for
+from tests.conftest import metric, wait_for
 
 
 def start_worker(server, settings, spawn, **update):
@@ -86,9 +86,7 @@ def test_worker_waits_while_redis_is_at_maxmemory_and_loses_nothing(settings, sp
             assert worker.proc.poll() is None, worker.log()
             assert int(client.hget(keys.stats, "events_applied")) == len(first)  # no half-way
             metrics = httpx.get(f"http://127.0.0.1:{web_port}/metrics", timeout=5).text
-            oom = [line for line in metrics.splitlines()
-                   if line.startswith("streamrec_redis_oom_total ")]
-            assert oom and float(oom[0].split()[1]) >= 1, metrics[-2000:]
+            assert metric(metrics, "streamrec_redis_oom_total") >= 1, metrics[-2000:]
             client.config_set("maxmemory", 0)
         wait_for(lambda: int(client.hget(keys.stats, "events_applied") or 0) >= len(events),
                  60, "the rest applied once memory is back", proc=worker)

@@ -16,7 +16,7 @@ from serving.feeds import FeedBuilder
 from serving.vector_tail import VectorTail
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
-from tests.conftest import wait_for
+from tests.conftest import metric, wait_for
 from tests.integration.kafka_helpers import read_topic
 from tests.state_check import applied, assert_live_equals_replay
 
@@ -137,15 +137,13 @@ def test_changed_item_vectors_reach_the_compacted_topic_and_metrics_count(settin
         assert newest[item].model == "mf"
         np.testing.assert_allclose(newest[item].vector, vector, rtol=1e-6)
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
-    counters = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-                if line.startswith("streamrec_") and " " in line}
-    assert counters["streamrec_events_applied_total"] == len(events) - counters.get(
-        "streamrec_skipped_duplicate_events_total", 0)
-    assert counters["streamrec_item_vectors_published_total"] >= len(items)
-    assert counters["streamrec_messages_in_total"] > 0
-    ages = counters["streamrec_message_age_at_commit_seconds_count"]  # one per message
-    assert 0 < ages <= counters["streamrec_messages_in_total"]
-    assert 0 < counters["streamrec_message_age_at_commit_seconds_sum"] / ages < 60
+    assert metric(text, "streamrec_events_applied_total") == len(events) - metric(
+        text, "streamrec_skipped_duplicate_events_total")
+    assert metric(text, "streamrec_item_vectors_published_total") >= len(items)
+    assert metric(text, "streamrec_messages_in_total") > 0
+    ages = metric(text, "streamrec_message_age_at_commit_seconds_count")  # one per message
+    assert 0 < ages <= metric(text, "streamrec_messages_in_total")
+    assert 0 < metric(text, "streamrec_message_age_at_commit_seconds_sum") / ages < 60
     lines = [json.loads(line) for line in worker.log_path.read_text().splitlines()
              if line.startswith("{")]
     assert any(doc["logger"] == "streamrec.ingest" and doc["level"] == "INFO"
