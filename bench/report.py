@@ -35,8 +35,15 @@ def add_validation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-days", type=float, default=1.0)
 
 
+def _value(text: str):
+    """A grid value: a number or ``true``/``false`` parsed, anything else kept as text."""
+    if text[0].isdigit() or text[0] in "-." or text in ("true", "false"):
+        return json.loads(text)
+    return text
+
+
 def parse_grid(text: str, flag: str = "--grid") -> list[dict]:
-    """``"a=1,2;b=x"`` → every combination as keyword options (numbers parsed as numbers);
+    """``"a=1,2;b=x"`` → every combination as keyword options (numbers and true/false parsed);
     ``"a=1,2 | b=3"``: the settings of each alternative, one after the other."""
     if "|" in text:
         return [options for part in text.split("|") for options in parse_grid(part, flag)]
@@ -45,8 +52,7 @@ def parse_grid(text: str, flag: str = "--grid") -> list[dict]:
         key, sep, values = part.partition("=")
         if not sep or not values:
             raise SystemExit(f"{flag}: {part!r} is not key=value[,value...]")
-        axes.append([(key.strip(), json.loads(v) if v.strip()[0].isdigit() or v.strip()[0]
-                      in "-." else v.strip()) for v in values.split(",")])
+        axes.append([(key.strip(), _value(v.strip())) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)] or [{}]
 
 

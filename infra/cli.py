@@ -88,8 +88,9 @@ def cmd_trainer(args: argparse.Namespace) -> None:
     """Nearline training: versions of a PyTorch model as checkpoints and vector topics."""
     import logging
 
-    from infra.embedded import NEARLINE_MODELS, ensure_streamrec_topics
+    from infra.embedded import ensure_streamrec_topics
     from infra.settings import Settings
+    from online_models.registry import NEARLINE_MODELS
     from stream.trainer import Trainer, rollback
 
     settings = Settings()

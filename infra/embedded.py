@@ -335,6 +335,8 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], client_options: dict |
 def ensure_streamrec_topics(settings) -> None:
     """Create the app's topics: interactions, dead letters, compacted item vectors (the
     worker's, and one per nearline model of the trainer) and item descriptions, impressions."""
+    from online_models.registry import NEARLINE_MODELS
+
     nearline = [f"{settings.topic_item_vectors}.{model}" for model in NEARLINE_MODELS]
     ensure_topics(settings.kafka_bootstrap,
                   {settings.topic_interactions: settings.topic_partitions, settings.topic_dlq: 1,
@@ -345,6 +347,3 @@ def ensure_streamrec_topics(settings) -> None:
                   settings.kafka_client_options(),
                   compacted=(settings.topic_item_vectors, settings.topic_items, *nearline))
 
-
-#: Models the trainer runs (versions exported as checkpoints and vector topics).
-NEARLINE_MODELS = ("two_tower", "gru4rec", "sasrec")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from online_models.als import OnlineALS
@@ -14,6 +15,25 @@ from online_models.popularity import PopularityModel, RandomModel
 from online_models.river_baseline import RiverBiasedMF
 from online_models.session import SessionCooccurrence, SessionModel
 from online_models.trending import TrendingModel
+
+#: Models the trainer runs (``streamrec trainer --model``; versions exported as checkpoints and
+#: vector topics, served by ``serving.nearline``).
+NEARLINE_MODELS = ("two_tower", "gru4rec", "sasrec")
+
+
+def _torch_model(name: str, **options) -> OnlineModel:
+    if name == "gru4rec":
+        from online_models.gru4rec import GRU4RecModel
+
+        return GRU4RecModel(**options)
+    if name == "sasrec":
+        from online_models.sasrec import SASRecModel
+
+        return SASRecModel(**options)
+    from online_models.two_tower import TwoTowerModel
+
+    return TwoTowerModel(**options)
+
 
 MODELS: dict[str, Callable[[], OnlineModel]] = {
     "session": SessionModel,
@@ -28,11 +48,9 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
         factors=10, learning_rate=0.05, regularisation=0.01, negatives=0, epochs=1),
     "als": OnlineALS,
     "content": ContentModel,  # item descriptions (the items topic): reaches items nobody touched
-    # PyTorch, trained nearline on a rolling window (imported lazily: torch loads in ~1 s)
-    "two_tower": lambda **options: _torch_model("two_tower", **options),
-    # sequential, nearline versions (PyTorch)
-    "gru4rec": lambda **options: _torch_model("gru4rec", **options),
-    "sasrec": lambda **options: _torch_model("sasrec", **options),
+    # PyTorch, trained nearline in versions (imported lazily: torch loads in ~1 s): two-tower
+    # on a rolling window, and the sequential gru4rec and sasrec
+    **{name: functools.partial(_torch_model, name) for name in NEARLINE_MODELS},
     # session + the sequential model, weight chosen on the validation split
     "session_seq": lambda: MixtureModel({"session": (SessionModel, 1.0),
                                          "sasrec": (lambda: _torch_model("sasrec"), 1.0)}),
@@ -123,20 +141,6 @@ def resolve_names(spec: str) -> list[str]:
         raise UnknownModelError(f"unknown model {', '.join(map(repr, unknown))}; known: "
                                 f"{', '.join(MODELS)} (or all)")
     return list(dict.fromkeys(names + list(BASELINES)))
-
-
-def _torch_model(name: str, **options) -> OnlineModel:
-    if name == "gru4rec":
-        from online_models.gru4rec import GRU4RecModel
-
-        return GRU4RecModel(**options)
-    if name == "sasrec":
-        from online_models.sasrec import SASRecModel
-
-        return SASRecModel(**options)
-    from online_models.two_tower import TwoTowerModel
-
-    return TwoTowerModel(**options)
 
 
 def _blended(rerank: bool, long_term: bool = False) -> OnlineModel:

@@ -23,12 +23,14 @@ import time
 import numpy as np
 
 from online_models.base import Query, Recommendations
+from online_models.registry import NEARLINE_MODELS
 from serving.ann import AnnIndex
 from stream.trainer import Checkpoints
 
 log = logging.getLogger("streamrec.nearline")
-#: serving source name → the trainer's model it serves
-NEARLINE_SOURCES = {"ann_two_tower": "two_tower", "gru4rec": "gru4rec", "sasrec": "sasrec"}
+#: serving source name → the trainer's model it serves (two-tower's vectors through an index)
+NEARLINE_SOURCES = {"ann_two_tower" if model == "two_tower" else model: model
+                    for model in NEARLINE_MODELS}
 
 
 class NearlineSource:

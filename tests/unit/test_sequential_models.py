@@ -40,8 +40,9 @@ def small(request):
     return build
 
 
-def test_learns_what_comes_next_in_a_session(small):
-    model, mapper = small(), SignalMapper()
+@pytest.mark.parametrize("full_softmax", [False, True], ids=["sampled", "full-softmax"])
+def test_learns_what_comes_next_in_a_session(small, full_softmax):
+    model, mapper = small(full_softmax=full_softmax), SignalMapper()
     events = _sessions(300)
     for start in range(0, len(events), 100):
         model.learn(mapper.map(events[start:start + 100]))
