@@ -12,8 +12,8 @@ logQ correction: ``full_softmax``), as Klenitskiy & Vasilev (RecSys 2023) traine
 found cross-entropy lifts SASRec above its original binary loss (GRU4Rec's default too). On
 the validation split it scores HR@20 alone 0.6234 / MRR@20 0.3437 against 0.6138 / 0.3342 with
 2,048 sampled, logQ-corrected negatives, and a version trains in ~0.7 of the time on this
-sample's windows of ~3,000 items. Its cost grows with the window's items: where they number
-in the hundreds of thousands, ``full_softmax=False`` (sampled) keeps a version's cost bounded.
+sample's windows of ~3,000 items. Its cost grows with the window's items: past
+``full_softmax_max_items`` (8,192) a version trains with sampled negatives instead.
 """
 
 from __future__ import annotations

@@ -52,6 +52,20 @@ def test_learns_what_comes_next_in_a_session(small, full_softmax):
     assert np.all(np.diff(after_1.scores) <= 0)
 
 
+@pytest.mark.parametrize("max_items, sampled", [(20, False), (19, True)])
+def test_a_window_past_the_full_softmax_bound_trains_on_sampled_negatives(small, monkeypatch,
+                                                                          max_items, sampled):
+    calls = []
+    sampled_loss = GRU4RecModel._sampled_loss
+    monkeypatch.setattr(GRU4RecModel, "_sampled_loss",
+                        lambda *args: calls.append(1) or sampled_loss(*args))
+    model, mapper = small(full_softmax_max_items=max_items), SignalMapper()
+    events = _sessions(100)  # the window holds all 20 items
+    model.learn(mapper.map(events))
+    assert model.version == 1 and bool(calls) is sampled
+    assert model.recommend([Query("x", ("c2i0", "c2i1"))], k=3)[0].items
+
+
 def test_versions_follow_the_schedule_and_an_unknown_prefix_gets_nothing(small):
     model, mapper = small(), SignalMapper()
     events = _sessions(200)  # ~900 clicks: versions past 200 and 600 (1,000 not reached)
