@@ -189,20 +189,17 @@ class GRU4RecModel(NearlineModel):
 
     def _fit(self, net: nn.Module, sequences: list[list[int]], epochs: int,
              learning_rate: float, rng: np.random.Generator) -> nn.Module:
-        """``net`` trained ``epochs`` passes over ``sequences`` (on ``device``), negatives
-        drawn (by ``rng``) and logQ-corrected by the items' support there; returned on the
-        CPU, in eval mode."""
+        """``net`` trained ``epochs`` passes over ``sequences`` (on ``device``): cross-entropy
+        over every item (``full_softmax``, up to ``full_softmax_max_items``), or over sampled
+        negatives drawn by ``rng``; returned on the CPU, in eval mode."""
         device = torch_device(self.device)
         net = net.to(device)
         optimiser = self._optimiser(net, learning_rate)
         n_rows = net.items.num_embeddings
-        support = np.bincount([i for s in sequences for i in s[1:]], minlength=n_rows)
-        log_pop = torch.log(torch.tensor(support / max(support.sum(), 1))).float().clamp(
-            min=-30).to(device)
-        sampling = support ** self.sample_alpha
-        sampling = sampling / sampling.sum() if sampling.sum() else None
         every_item = torch.arange(1, n_rows, device=device)
         full_softmax = self.full_softmax and len(every_item) <= self.full_softmax_max_items
+        if not full_softmax:
+            sampling, log_pop = self._negatives(sequences, n_rows, device)
         net.train()
         # sparse embedding gradients are built by autograd itself: skip torch's invariant checks
         torch.sparse.check_sparse_tensor_invariants.disable()
@@ -221,6 +218,17 @@ class GRU4RecModel(NearlineModel):
                 loss.backward()
                 optimiser.step()
         return net.cpu().eval()
+
+    def _negatives(self, sequences: list[list[int]], n_rows: int, device: torch.device
+                   ) -> tuple[np.ndarray | None, torch.Tensor]:
+        """(sampling probabilities ∝ support^``sample_alpha``, None where nothing is
+        supported; log-popularity for the logQ correction): the items' support as targets in
+        ``sequences``."""
+        support = np.bincount([i for s in sequences for i in s[1:]], minlength=n_rows)
+        log_pop = torch.log(torch.tensor(support / max(support.sum(), 1))).float().clamp(
+            min=-30).to(device)
+        sampling = support ** self.sample_alpha
+        return (sampling / sampling.sum() if sampling.sum() else None), log_pop
 
     def _sampled_loss(self, net: nn.Module, states: torch.Tensor, positives: torch.Tensor,
                       sampling: np.ndarray | None, log_pop: torch.Tensor,

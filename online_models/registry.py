@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Callable
 
 from online_models.als import OnlineALS
@@ -17,22 +18,16 @@ from online_models.session import SessionCooccurrence, SessionModel
 from online_models.trending import TrendingModel
 
 #: Models the trainer runs (``streamrec trainer --model``; versions exported as checkpoints and
-#: vector topics, served by ``serving.nearline``).
-NEARLINE_MODELS = ("two_tower", "gru4rec", "sasrec")
+#: vector topics, served by ``serving.nearline``): name → (module, class), imported lazily
+#: (torch loads in ~1 s).
+NEARLINE_MODELS = {"two_tower": ("online_models.two_tower", "TwoTowerModel"),
+                   "gru4rec": ("online_models.gru4rec", "GRU4RecModel"),
+                   "sasrec": ("online_models.sasrec", "SASRecModel")}
 
 
 def _torch_model(name: str, **options) -> OnlineModel:
-    if name == "gru4rec":
-        from online_models.gru4rec import GRU4RecModel
-
-        return GRU4RecModel(**options)
-    if name == "sasrec":
-        from online_models.sasrec import SASRecModel
-
-        return SASRecModel(**options)
-    from online_models.two_tower import TwoTowerModel
-
-    return TwoTowerModel(**options)
+    module, cls = NEARLINE_MODELS[name]
+    return getattr(importlib.import_module(module), cls)(**options)
 
 
 MODELS: dict[str, Callable[[], OnlineModel]] = {
@@ -48,8 +43,8 @@ MODELS: dict[str, Callable[[], OnlineModel]] = {
         factors=10, learning_rate=0.05, regularisation=0.01, negatives=0, epochs=1),
     "als": OnlineALS,
     "content": ContentModel,  # item descriptions (the items topic): reaches items nobody touched
-    # PyTorch, trained nearline in versions (imported lazily: torch loads in ~1 s): two-tower
-    # on a rolling window, and the sequential gru4rec and sasrec
+    # PyTorch, trained nearline in versions: two-tower on a rolling window, and the sequential
+    # gru4rec and sasrec
     **{name: functools.partial(_torch_model, name) for name in NEARLINE_MODELS},
     # session + the sequential model, weight chosen on the validation split
     "session_seq": lambda: MixtureModel({"session": (SessionModel, 1.0),
