@@ -268,14 +268,15 @@ def cmd_offsets(args: argparse.Namespace) -> None:
     from infra.redis_client import sync_redis
     from infra.settings import Settings
     from schemas.keys import RedisKeys
-    from stream.log_positions import (LogEndProbe, find_mismatches, hold, read_watermarks,
-                                      reset_partition, reset_target)
+    from stream.log_positions import (LogEndProbe, find_mismatches, hold, read_topic_ids,
+                                      read_watermarks, reset_partition, reset_target)
 
     settings = Settings()
     settings.require_services()
     topic, keys = settings.topic_interactions, RedisKeys(settings.key_prefix)
     probe = LogEndProbe(settings.kafka_bootstrap, settings.kafka_client_options())
     try:
+        topic_id = probe.topic_id(topic)
         known, starts, ends = probe.bounds(topic)
         if not known:
             raise LogPositionError(f"topic {topic!r} has no partitions on "
@@ -291,17 +292,19 @@ def cmd_offsets(args: argparse.Namespace) -> None:
                     target = reset_target(args.reset, starts[partition], ends[partition])
                 except ValueError as exc:
                     raise LogPositionError(str(exc)) from None
-                reset_partition(client, keys, topic, partition, target)
+                reset_partition(client, keys, topic, partition, target, topic_id)
                 print(f"{topic}[{partition}]: next offset to apply = {target}")
         marks = read_watermarks(client, keys, topic, known)
-        bad = {m.partition: m.reason
-               for m in probe.confirm(find_mismatches(topic, marks, starts, ends))}
+        applied_ids = read_topic_ids(client, keys, topic, known)
+        bad = {m.partition: m.reason for m in probe.confirm(
+            find_mismatches(topic, marks, starts, ends, applied_ids, topic_id))}
     finally:
         probe.close()
     held = hold(client, keys)
     for partition in known:
         print(json.dumps({"topic": topic, "partition": partition, "watermark": marks[partition],
                           "log_start": starts[partition], "log_end": ends[partition],
+                          "topic_id": topic_id, "applied_topic_id": applied_ids[partition],
                           "fits": partition not in bad,
                           "held_by_worker": (topic, partition) in held}))
     if bad and not args.reset:

@@ -135,7 +135,8 @@ class RedisKeys:
 
     @property
     def state_layout(self) -> str:
-        """String "shared" or "single": how the worker writes model state (STREAMREC_STATE_WRITER)."""
+        """String "shared" or "single": how the worker writes model state
+        (STREAMREC_STATE_WRITER)."""
         return f"{self.prefix}:{{wm}}:layout"
 
     @property
@@ -152,6 +153,12 @@ class RedisKeys:
     def held_partitions(self) -> str:
         """Hash ``<topic>:<partition>`` → why the worker holds that partition back."""
         return f"{self.prefix}:{{wm}}:held"
+
+    @property
+    def topic_ids(self) -> str:
+        """Hash ``<topic>:<partition>`` → the Kafka topic id (KIP-516) whose log the
+        partition's watermark counts offsets of."""
+        return f"{self.prefix}:{{wm}}:topic_ids"
 
     def seen_events(self, bucket: int) -> str:
         """Set of the ids of applied events whose timestamps fall in time bucket ``bucket``."""
@@ -220,7 +227,8 @@ class RedisKeys:
                     "dropped once 10 % more are held)",
                     "When each item was first seen: serving's freshness boost."),
             KeySpec(f"{p}:{{feedq}}:dirty", "set of user ids", "none", "stream worker (add), "
-                    "feed builder (pop)", "STREAMREC_FEED_QUEUE_MAX users (random ones dropped past it)",
+                    "feed builder (pop)",
+                    "STREAMREC_FEED_QUEUE_MAX users (random ones dropped past it)",
                     "Users whose feed must be rebuilt."),
             KeySpec(f"{p}:{{stats}}:counters", "hash", "none", "stream worker",
                     "a few fields", "events_applied, dlq_messages, dlq_events, batches, "
@@ -261,6 +269,12 @@ class RedisKeys:
                     "backwards, or retention deleted unapplied offsets): nothing of them is "
                     "applied until an operator runs `streamrec offsets --reset` "
                     "(docs/reliability.md)."),
+            KeySpec(f"{p}:{{wm}}:topic_ids", "hash <topic>:<partition> → topic id", "none",
+                    "stream worker; `streamrec offsets --reset`", "one field per partition",
+                    "The Kafka topic id (KIP-516) of the log each watermark counts offsets "
+                    "of. A different id (topic deleted and recreated, broker data lost) "
+                    "holds the partition even where its new log has grown past the "
+                    "watermark; a reset records the new id."),
             KeySpec(f"{p}:{{wm}}:seen:<bucket>", "set of event ids",
                     "2 × STREAMREC_DEDUP_TTL_S after its last write", "stream worker",
                     "ids of events applied within the TTL (~70 B each)",
@@ -278,7 +292,8 @@ class RedisKeys:
                     "STREAMREC_STATE_WRITER_HELD_KEYS per table, not evictable); it deletes "
                     "one idle past its TTL at its next commit, gives the ones it stops "
                     "tracking a TTL, and at start gives every one without a TTL its table's",
-                    "stream worker (online models)", "per-table caps (docs/models.md, models table)",
+                    "stream worker (online models)",
+                    "per-table caps (docs/models.md, models table)",
                     "Online model state (state/redis_store.py RedisStore): e.g. "
                     "session:isess:{item} = the item's recent sessions, "
                     "session:sess:{session} = a session's "

@@ -41,7 +41,8 @@ from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
 from stream.log_positions import (LogEndProbe, LogMismatch, StallWatch, find_mismatches,
-                                  hold, read_watermarks)
+                                  hold, read_topic_ids, read_watermarks, record_topic_ids,
+                                  topic_ids_to_record)
 from stream.pipeline import ApplyPipeline
 from stream.state import ApplyResult, LiveState, RedisLostWrites, SourceMessage
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
@@ -160,34 +161,57 @@ def event_chunks(sources: list[SourceMessage], max_events: int) -> list[list[Sou
     return chunks
 
 
-def _watermarks(partitions) -> dict[int, int | None]:
+def _watermarks(partitions) -> tuple[dict[int, int | None], dict[int, str | None]]:
+    """Redis's watermarks of ``partitions`` and the topic ids recorded beside them."""
     state = live_state()
-    return read_watermarks(state.client, state.keys, settings.topic_interactions,
-                           [tp.partition for tp in partitions])
+    numbers = [tp.partition for tp in partitions]
+    return (read_watermarks(state.client, state.keys, settings.topic_interactions, numbers),
+            read_topic_ids(state.client, state.keys, settings.topic_interactions, numbers))
+
+
+def _record_topic_ids(partitions: list[int], topic_id: str) -> None:
+    state = live_state()
+    record_topic_ids(state.client, state.keys, settings.topic_interactions, partitions,
+                     topic_id)
 
 
 _log_probe: LogEndProbe | None = None
 _log_probe_thread = ThreadPoolExecutor(1, thread_name_prefix="log-check")
 
 
-def _confirm(mismatches: list[LogMismatch]) -> list[LogMismatch]:
+def _probe() -> LogEndProbe:
     global _log_probe
     if _log_probe is None:
         _log_probe = LogEndProbe(settings.kafka_bootstrap, settings.kafka_client_options())
-    return _log_probe.confirm(mismatches)
+    return _log_probe
+
+
+def _confirm(mismatches: list[LogMismatch]) -> list[LogMismatch]:
+    return _probe().confirm(mismatches)
+
+
+def _topic_id() -> str | None:
+    return _probe().topic_id(settings.topic_interactions)
 
 
 async def _log_positions(partitions) -> tuple[dict[int, int | None], list[LogMismatch]]:
-    """Redis's watermarks of ``partitions`` and those that do not fit the Kafka log."""
-    marks = await on_redis_thread("reading watermarks", _watermarks, partitions)
+    """Redis's watermarks of ``partitions`` and those that do not fit the Kafka log (by
+    offsets, or by a topic id other than the one recorded beside them); records the topic id
+    where none is recorded yet."""
+    loop = asyncio.get_running_loop()
+    marks, applied_ids = await on_redis_thread("reading watermarks", _watermarks, partitions)
+    topic_id = await loop.run_in_executor(_log_probe_thread, _topic_id)
     starts = await app.consumer.earliest_offsets(*partitions)
     ends = await app.consumer.highwaters(*partitions)
     mismatches = find_mismatches(settings.topic_interactions, marks,
                                  {tp.partition: o for tp, o in starts.items()},
-                                 {tp.partition: o for tp, o in ends.items()})
+                                 {tp.partition: o for tp, o in ends.items()},
+                                 applied_ids, topic_id)
     if mismatches:
-        mismatches = await asyncio.get_running_loop().run_in_executor(
-            _log_probe_thread, _confirm, mismatches)
+        mismatches = await loop.run_in_executor(_log_probe_thread, _confirm, mismatches)
+    recorded = topic_ids_to_record(marks, applied_ids, topic_id, mismatches)
+    if recorded:
+        await on_redis_thread("recording topic ids", _record_topic_ids, recorded, topic_id)
     return marks, mismatches
 
 

@@ -9,6 +9,9 @@ resuming would lose events silently:
   restarted, unclean leader election) or the topic was deleted and recreated. Its new events
   sit at offsets the watermark says are applied, so they would be skipped as redeliveries.
 * ``watermark + 1 < log_start``: retention deleted offsets that were never applied.
+* the topic's id (KIP-516) is not the one recorded beside the watermark: the topic was
+  deleted and recreated (or the broker lost its data) — caught even where the new log has
+  already grown past the watermark, which the offsets alone cannot tell.
 
 Either way the worker holds the partition back (applies nothing of it, keeps the others
 going), counts ``streamrec_held_partitions``, records the reason in Redis
@@ -31,10 +34,22 @@ class LogMismatch:
     watermark: int
     log_start: int
     log_end: int
+    applied_topic_id: str | None = None  # set where the topic's id changed under the mark
+    topic_id: str | None = None
+
+    @property
+    def topic_changed(self) -> bool:
+        return self.applied_topic_id is not None
 
     @property
     def reason(self) -> str:
         where = f"{self.topic}[{self.partition}]"
+        if self.topic_changed:
+            return (f"{where}: Redis has applied up to offset {self.watermark} of topic id "
+                    f"{self.applied_topic_id}, but the topic's id is now {self.topic_id}: the "
+                    f"topic was recreated or the broker lost its data, so the log went "
+                    f"backwards under Redis's progress. Held; choose where to resume with "
+                    f"`streamrec offsets --reset start|end|OFFSET --partition {self.partition}`")
         if self.watermark >= self.log_end:
             return (f"{where}: Redis has applied up to offset {self.watermark} but the log ends "
                     f"at {self.log_end}: the log went backwards (broker data lost, or the "
@@ -46,18 +61,39 @@ class LogMismatch:
 
 
 def find_mismatches(topic: str, watermarks: Mapping[int, int | None],
-                    log_starts: Mapping[int, int], log_ends: Mapping[int, int]
-                    ) -> list[LogMismatch]:
-    """Partitions whose watermark lies outside ``[log_start - 1, log_end)``. A partition
-    without a watermark (nothing applied yet) starts at the log's start and always fits."""
+                    log_starts: Mapping[int, int], log_ends: Mapping[int, int],
+                    applied_topic_ids: Mapping[int, str | None] | None = None,
+                    topic_id: str | None = None) -> list[LogMismatch]:
+    """Partitions whose watermark lies outside ``[log_start - 1, log_end)``, or counts
+    offsets of another topic id than ``topic_id`` (``applied_topic_ids``: the ids recorded
+    beside the watermarks; a partition or broker without one is judged by offsets alone). A
+    partition without a watermark (nothing applied yet) starts at the log's start and always
+    fits."""
     found = []
     for partition, mark in sorted(watermarks.items()):
         if mark is None:
             continue
         start, end = log_starts[partition], log_ends[partition]
-        if mark >= end or mark + 1 < start:
+        applied_id = (applied_topic_ids or {}).get(partition)
+        if topic_id is not None and applied_id is not None and applied_id != topic_id:
+            found.append(LogMismatch(topic, partition, mark, start, end, applied_id, topic_id))
+        elif mark >= end or mark + 1 < start:
             found.append(LogMismatch(topic, partition, mark, start, end))
     return found
+
+
+def topic_ids_to_record(watermarks: Mapping[int, int | None],
+                        applied_topic_ids: Mapping[int, str | None], topic_id: str | None,
+                        mismatches: Sequence[LogMismatch]) -> list[int]:
+    """Partitions whose recorded topic id should become ``topic_id``: those without one, and
+    those with nothing applied yet (their next offset is the current log's start). Never a
+    mismatched partition: its old id stays until an operator resets it."""
+    if topic_id is None:
+        return []
+    held = {m.partition for m in mismatches}
+    return [p for p, mark in sorted(watermarks.items())
+            if p not in held and applied_topic_ids.get(p) != topic_id
+            and (applied_topic_ids.get(p) is None or mark is None)]
 
 
 class LogEndProbe:
@@ -88,6 +124,13 @@ class LogEndProbe:
             end = max(end, records[-1].offset + 1)
         return end
 
+    def topic_id(self, topic: str) -> str | None:
+        """The topic's id (KIP-516) from fresh metadata; None where the broker gives none
+        (metadata before v10) or the topic does not exist."""
+        self._consumer.topics()  # a metadata request for every topic, always sent
+        topic_id = self._consumer._client.cluster.topic_id(topic)  # kafka-python is pinned
+        return str(topic_id) if topic_id is not None else None
+
     def bounds(self, topic: str) -> tuple[list[int], dict[int, int], dict[int, int]]:
         """(partitions, log start, reported log end) of ``topic``."""
         from kafka import TopicPartition
@@ -103,7 +146,7 @@ class LogEndProbe:
         """The mismatches that remain with each log's end read from the log itself."""
         confirmed = []
         for m in mismatches:
-            if m.watermark >= m.log_end:
+            if not m.topic_changed and m.watermark >= m.log_end:
                 end = self.log_end(m.topic, m.partition, m.log_end)
                 if m.watermark < end:
                     continue
@@ -123,6 +166,21 @@ def read_watermarks(client, keys: RedisKeys, topic: str, partitions: list[int]
 
 def _held_field(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
+
+
+def read_topic_ids(client, keys: RedisKeys, topic: str, partitions: list[int]
+                   ) -> dict[int, str | None]:
+    """The topic id recorded beside each partition's watermark (None: none recorded)."""
+    ids = (client.hmget(keys.topic_ids, [_held_field(topic, p) for p in partitions])
+           if partitions else [])
+    return {p: i.decode() if i is not None else None for p, i in zip(partitions, ids)}
+
+
+def record_topic_ids(client, keys: RedisKeys, topic: str, partitions: list[int],
+                     topic_id: str) -> None:
+    if partitions:
+        client.hset(keys.topic_ids, mapping={_held_field(topic, p): topic_id
+                                             for p in partitions})
 
 
 def hold(client, keys: RedisKeys, mismatches: Sequence[LogMismatch] = ()
@@ -153,11 +211,14 @@ def reset_target(to: str, log_start: int, log_end: int) -> int:
     return int(to)
 
 
-def reset_partition(client, keys: RedisKeys, topic: str, partition: int, next_offset: int
-                    ) -> None:
-    """Make ``next_offset`` the next offset the worker applies, and release the hold; the
-    worker sees the release within one check interval and restarts to resume there."""
+def reset_partition(client, keys: RedisKeys, topic: str, partition: int, next_offset: int,
+                    topic_id: str | None = None) -> None:
+    """Make ``next_offset`` (of the log whose id is ``topic_id``) the next offset the worker
+    applies, and release the hold; the worker sees the release within one check interval and
+    restarts to resume there."""
     pipe = client.pipeline(transaction=True)
+    if topic_id is not None:
+        pipe.hset(keys.topic_ids, _held_field(topic, partition), topic_id)
     if next_offset == 0:
         pipe.delete(keys.watermark(topic, partition))
     else:

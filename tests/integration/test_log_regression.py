@@ -79,3 +79,74 @@ def test_a_log_that_went_backwards_holds_its_partitions_until_an_operator_resets
         assert applied(redis_client, keys) == len(first) + len(second)  # once, not twice
         assert not redis_client.hgetall(keys.held_partitions)
         assert worker.proc.poll() is None
+
+
+def recreate_topic(settings, topic: str) -> None:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    try:
+        admin.delete_topics([topic])
+    finally:
+        admin.close()
+    wait_for(lambda: topic_gone(settings, topic), 30, f"{topic} to be deleted")
+    ensure_streamrec_topics(settings)
+
+
+def topic_gone(settings, topic: str) -> bool:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    try:
+        return topic not in admin.list_topics()
+    finally:
+        admin.close()
+
+
+def test_a_recreated_topic_that_grew_past_the_watermarks_is_held_by_its_topic_id(
+        settings, redis_client, spawn):
+    """Offsets alone cannot tell: the new log is longer than what Redis applied of the old
+    one. The topic id recorded beside the watermarks can."""
+    keys = RedisKeys(settings.key_prefix)
+    with private_broker(settings, log_check_interval_s=1.0) as (broker, settings):
+        worker = spawn(["worker", "--loglevel", "warn"], settings)
+        sim = UserSimulator(60, 300, seed=5)
+        first = list(sim.events(1000, time.time() - 3600))
+        produce(settings, first)
+        wait_for(lambda: applied(redis_client, keys) == len(first), 60, "first log applied",
+                 proc=worker)
+        wait_for(lambda: len(redis_client.hgetall(keys.topic_ids)) == 4, 30,
+                 "the topic id recorded beside every watermark", proc=worker)
+        worker.stop()
+
+        recreate_topic(settings, settings.topic_interactions)
+        second = list(sim.events(4000, time.time() - 600))
+        produce(settings, second)
+        rows = [json.loads(line) for line in offsets_cli(settings).stdout.splitlines()]
+        assert len(rows) == 4
+        assert all(r["log_end"] > r["watermark"] for r in rows)  # every offset fits...
+        assert not any(r["fits"] for r in rows)  # ...but the log is another topic's
+        assert all(r["applied_topic_id"] != r["topic_id"] for r in rows)
+
+        worker = spawn(["worker", "--loglevel", "warn"], settings)
+        held = wait_for(lambda: len(redis_client.hgetall(keys.held_partitions)) == 4
+                        and redis_client.hgetall(keys.held_partitions), 60,
+                        "the worker to hold every partition of the recreated topic",
+                        proc=worker)
+        assert all(b"topic's id is now" in reason for reason in held.values())
+        time.sleep(3)
+        assert applied(redis_client, keys) == len(first)
+
+        reset = offsets_cli(settings, "--reset", "start")
+        assert reset.returncode == 0, reset.stderr
+        assert worker.proc.wait(30) == 75, worker.log()
+        rows = [json.loads(line) for line in reset.stdout.splitlines() if line.startswith("{")]
+        assert all(r["fits"] and r["applied_topic_id"] == r["topic_id"] for r in rows)
+        worker = spawn(["worker", "--loglevel", "warn"], settings)
+        wait_for(lambda: applied(redis_client, keys) == len(first) + len(second), 60,
+                 "the recreated topic to apply once the operator reset its partitions",
+                 proc=worker)
+        time.sleep(2)
+        assert applied(redis_client, keys) == len(first) + len(second)
+        assert not redis_client.hgetall(keys.held_partitions)
+        assert worker.proc.poll() is None

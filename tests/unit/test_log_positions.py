@@ -1,6 +1,7 @@
 import pytest
 
-from stream.log_positions import find_mismatches, reset_target
+from stream.log_positions import (LogMismatch, find_mismatches, reset_target,
+                                  topic_ids_to_record)
 
 
 def test_watermarks_inside_the_log_fit_and_others_are_named():
@@ -12,6 +13,30 @@ def test_watermarks_inside_the_log_fit_and_others_are_named():
     assert "went backwards" in found[1].reason and "--partition 1" in found[1].reason
     assert "deleted by retention" in found[2].reason and "41..99" in found[2].reason
     assert find_mismatches("t", {0: 99}, {0: 100}, {0: 150}) == []  # next offset = log start
+
+
+def test_a_changed_topic_id_holds_a_partition_whose_offsets_fit():
+    starts, ends = {0: 0, 1: 0, 2: 0, 3: 0}, {0: 500, 1: 500, 2: 500, 3: 500}
+    marks = {0: 40, 1: 40, 2: None, 3: 40}
+    applied = {0: "old", 1: "new", 2: "old", 3: None}
+    found = find_mismatches("t", marks, starts, ends, applied, "new")
+    # 0: applied from another topic id; 1: same id; 2: nothing applied; 3: no id recorded
+    assert [m.partition for m in found] == [0]
+    assert found[0].topic_changed and "went backwards" in found[0].reason
+    assert "old" in found[0].reason and "new" in found[0].reason
+    assert find_mismatches("t", marks, starts, ends) == []  # offsets alone cannot tell
+    assert find_mismatches("t", marks, starts, ends, applied, None) == []  # broker gives none
+    # ids are recorded where none is, or nothing is applied yet; never over a held partition
+    assert topic_ids_to_record(marks, applied, "new", found) == [2, 3]
+    assert topic_ids_to_record(marks, applied, None, found) == []
+
+
+def test_confirming_a_mismatch_never_drops_a_changed_topic_id():
+    from stream.log_positions import LogEndProbe
+
+    probe = LogEndProbe.__new__(LogEndProbe)  # no broker: a changed id needs no read
+    changed = LogMismatch("t", 0, 40, 0, 10, "old", "new")
+    assert probe.confirm([changed]) == [changed]
 
 
 def test_reset_targets():
