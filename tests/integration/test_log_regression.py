@@ -150,3 +150,35 @@ def test_a_recreated_topic_that_grew_past_the_watermarks_is_held_by_its_topic_id
         assert applied(redis_client, keys) == len(first) + len(second)
         assert not redis_client.hgetall(keys.held_partitions)
         assert worker.proc.poll() is None
+
+
+def test_a_topic_recreated_under_a_running_worker_is_held_and_then_applied_once(
+        settings, redis_client, spawn):
+    """The running worker may fetch the new log from its old position before its next check
+    (it sees no error): it applies those events, then holds every partition by topic id.
+    Reset to the start, the rest applies and what it applied already is dropped by event id."""
+    keys = RedisKeys(settings.key_prefix)
+    with private_broker(settings, log_check_interval_s=3.0) as (broker, settings):
+        worker = spawn(["worker", "--loglevel", "warn"], settings)
+        sim = UserSimulator(60, 300, seed=6)
+        first = list(sim.events(1000, time.time() - 3600))
+        produce(settings, first)
+        wait_for(lambda: applied(redis_client, keys) == len(first), 60, "first log applied",
+                 proc=worker)
+        recreate_topic(settings, settings.topic_interactions)
+        second = list(sim.events(4000, time.time() - 600))
+        produce(settings, second)
+        held = wait_for(lambda: len(redis_client.hgetall(keys.held_partitions)) == 4
+                        and redis_client.hgetall(keys.held_partitions), 60,
+                        "the running worker to hold the recreated topic's partitions",
+                        proc=worker)
+        assert all(b"topic's id is now" in reason for reason in held.values())
+
+        assert offsets_cli(settings, "--reset", "start").returncode == 0
+        assert worker.proc.wait(30) == 75, worker.log()
+        worker = spawn(["worker", "--loglevel", "warn"], settings)
+        wait_for(lambda: applied(redis_client, keys) >= len(first) + len(second), 60,
+                 "the recreated topic to apply once reset", proc=worker)
+        time.sleep(2)
+        assert applied(redis_client, keys) == len(first) + len(second)  # none twice
+        assert not redis_client.hgetall(keys.held_partitions)
