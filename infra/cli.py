@@ -11,8 +11,56 @@ import sys
 
 
 def _env(name: str, default):
-    value = os.environ.get(name)
-    return type(default)(value) if value is not None and default is not None else (value or default)
+    """The option's default: ``name``'s value where it is set (a string: an option with a
+    ``type`` parses and checks it as it would the command line), else ``default``."""
+    return os.environ.get(name) or default
+
+
+def _number(kind: type = int, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False):
+    """An argparse ``type`` reading a ``kind`` within the bounds given (``*_open``: the bound
+    itself excluded); anything else is a one-line error naming what is accepted."""
+    noun = "a whole number" if kind is int else "a number"
+    if low is not None and high is not None:
+        wanted = f"{noun} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        wanted = f"{noun} {'>' if low_open else '≥'} {low:g}"
+    else:
+        wanted = noun
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value != value or abs(value) == float("inf") or (low is not None and (
+                value < low or (low_open and value == low))) or (high is not None and (
+                value > high or (high_open and value == high))):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}")
+        return value
+
+    parse.__name__ = noun  # what argparse names in its own messages
+    return parse
+
+
+_COUNT, _WHOLE, _NATURAL = _number(int, 1), _number(int), _number(int, 0)
+_POSITIVE, _NON_NEGATIVE, _SHARE = _number(float, 0, low_open=True), _number(float, 0), \
+    _number(float, 0, 1)
+
+
+def _cluster_primaries(text: str) -> int:
+    value = _NATURAL(text)
+    if value in (1, 2):
+        raise argparse.ArgumentTypeError(f"must be 0 (one redis-server) or at least 3 (Redis "
+                                         f"Cluster needs 3 primaries), not {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (no usage block): ``<prog>: error: <what>`` and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def tune_gc() -> None:
@@ -342,7 +390,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamrec", description=__doc__)
+    parser = _Parser(prog="streamrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     worker = sub.add_parser("worker", help=cmd_worker.__doc__)
@@ -353,17 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     api = sub.add_parser("api", help=cmd_api.__doc__)
     api.add_argument("--host", default=None, help="bind address [STREAMREC_API_HOST]")
-    api.add_argument("--port", type=int, default=None, help="port [STREAMREC_API_PORT]")
+    api.add_argument("--port", type=_number(int, 1, 65535), default=None,
+                     help="port [STREAMREC_API_PORT]")
     api.add_argument("--loglevel", default=_env("STREAMREC_LOGLEVEL", "info"),
                      help="log level [STREAMREC_LOGLEVEL]")
-    api.add_argument("--workers", type=int, default=_env("STREAMREC_API_WORKERS", 1),
+    api.add_argument("--workers", type=_COUNT, default=_env("STREAMREC_API_WORKERS", 1),
                      help="API processes sharing the port [STREAMREC_API_WORKERS]")
     api.set_defaults(func=cmd_api)
 
     sub.add_parser("feeds", help=cmd_feeds.__doc__).set_defaults(func=cmd_feeds)
     trainer = sub.add_parser("trainer", help=cmd_trainer.__doc__)
     trainer.add_argument("--model", default="two_tower", help="nearline model to train")
-    trainer.add_argument("--rollback", type=int, default=None, metavar="VERSION",
+    trainer.add_argument("--rollback", type=_NATURAL, default=None, metavar="VERSION",
                          help="point CURRENT at a kept version, publish its vectors, exit")
     trainer.add_argument("--loglevel", default="info")
     trainer.set_defaults(func=cmd_trainer)
@@ -374,20 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
                               "[STREAMREC_PRODUCE_LOG]")
     produce.add_argument("--format", default=_env("STREAMREC_PRODUCE_FORMAT", "yoochoose"),
                          help="log format: yoochoose, otto [STREAMREC_PRODUCE_FORMAT]")
-    produce.add_argument("--speed", type=float, default=_env("STREAMREC_PRODUCE_SPEED", 1000.0),
+    produce.add_argument("--speed", type=_POSITIVE, default=_env("STREAMREC_PRODUCE_SPEED", 1000.0),
                          help="replay speed, × real time [STREAMREC_PRODUCE_SPEED]")
-    produce.add_argument("--limit", type=int, default=_env("STREAMREC_PRODUCE_LIMIT", 0),
+    produce.add_argument("--limit", type=_NATURAL, default=_env("STREAMREC_PRODUCE_LIMIT", 0),
                          help="events to send, 0 = all [STREAMREC_PRODUCE_LIMIT]")
-    produce.add_argument("--users", type=int, default=_env("STREAMREC_SIM_USERS", 1000),
+    produce.add_argument("--users", type=_COUNT, default=_env("STREAMREC_SIM_USERS", 1000),
                          help="simulated users [STREAMREC_SIM_USERS]")
-    produce.add_argument("--items", type=int, default=_env("STREAMREC_SIM_ITEMS", 5000),
+    produce.add_argument("--items", type=_COUNT, default=_env("STREAMREC_SIM_ITEMS", 5000),
                          help="simulated items [STREAMREC_SIM_ITEMS]")
-    produce.add_argument("--seed", type=int, default=_env("STREAMREC_SIM_SEED", 0),
+    produce.add_argument("--seed", type=_WHOLE, default=_env("STREAMREC_SIM_SEED", 0),
                          help="simulator seed [STREAMREC_SIM_SEED]")
     produce.set_defaults(func=cmd_produce)
 
     services = sub.add_parser("services", help=cmd_services.__doc__)
-    services.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+    services.add_argument("--redis-cluster", type=_cluster_primaries, default=0, metavar="N",
                           help="a Redis Cluster of N primaries (redis-server --cluster-enabled) "
                                "instead of one redis-server")
     services.set_defaults(func=cmd_services)
@@ -403,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     ope = sub.add_parser("ope", help=cmd_ope.__doc__)
     ope.add_argument("--data", required=True, help="the open-bandit-sample folder")
     ope.add_argument("--campaigns", default="all,men,women")
-    ope.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    ope.add_argument("--seed", type=int, default=0)
+    ope.add_argument("--bootstrap", type=_COUNT, default=1000, help="bootstrap resamples")
+    ope.add_argument("--seed", type=_WHOLE, default=0)
     ope.add_argument("--html", default="", help="also write an HTML report here")
     ope.set_defaults(func=cmd_ope)
 
@@ -422,13 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON results [STREAMREC_REPLAY_OUT]")
     replay.add_argument("--html", default=_env("STREAMREC_REPLAY_HTML", ""),
                         help="also write an HTML report here [STREAMREC_REPLAY_HTML]")
-    replay.add_argument("--test-days", type=float, default=_env("STREAMREC_TEST_DAYS", 1.0),
+    replay.add_argument("--test-days", type=_POSITIVE, default=_env("STREAMREC_TEST_DAYS", 1.0),
                         help="for one-file logs: sessions starting in the last N days are the "
                              "test set [STREAMREC_TEST_DAYS]")
-    replay.add_argument("--k", type=int, default=20, help="cut-off besides 10 and 20")
-    replay.add_argument("--chunk", type=int, default=_env("STREAMREC_REPLAY_CHUNK", 1000),
+    replay.add_argument("--k", type=_COUNT, default=20, help="cut-off besides 10 and 20")
+    replay.add_argument("--chunk", type=_COUNT, default=_env("STREAMREC_REPLAY_CHUNK", 1000),
                         help="events per learn batch [STREAMREC_REPLAY_CHUNK]")
-    replay.add_argument("--warmup", type=float, default=_env("STREAMREC_REPLAY_WARMUP", 0.1),
+    replay.add_argument("--warmup", type=_number(float, 0, 1, high_open=True),
+                        default=_env("STREAMREC_REPLAY_WARMUP", 0.1),
                         help="user protocol: share of positives replayed but not scored "
                              "[STREAMREC_REPLAY_WARMUP]")
     replay.add_argument("--no-items", action="store_true",
@@ -438,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="session protocol: also learn test events after predicting them")
     replay.add_argument("--store", choices=["memory", "redis"], default="memory",
                         help="model state store (redis: STREAMREC_REDIS_URL)")
-    replay.add_argument("--bootstrap", type=int, default=1000,
+    replay.add_argument("--bootstrap", type=_COUNT, default=1000,
                         help="bootstrap resamples for the 95 %% intervals and paired tests")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.set_defaults(func=cmd_replay)
@@ -447,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     offsets.add_argument("--reset", default="", metavar="start|end|OFFSET",
                          help="make this the next offset applied (start: the log's first "
                               "retained offset; end: skip to the log's end)")
-    offsets.add_argument("--partition", type=int, action="append", default=[],
+    offsets.add_argument("--partition", type=_NATURAL, action="append", default=[],
                          help="partition to show or reset (repeat; default: all)")
     offsets.set_defaults(func=cmd_offsets)
 
@@ -455,24 +505,25 @@ def build_parser() -> argparse.ArgumentParser:
     expire.set_defaults(func=cmd_expire_untimed)
 
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
-    demo.add_argument("--duration", type=float, default=_env("STREAMREC_DEMO_DURATION", 0.0),
+    demo.add_argument("--duration", type=_NON_NEGATIVE,
+                      default=_env("STREAMREC_DEMO_DURATION", 0.0),
                       help="seconds of traffic, then summary and exit 0; 0 = traffic for "
                            "--traffic-s, then serve until Ctrl-C [STREAMREC_DEMO_DURATION]")
-    demo.add_argument("--traffic-s", type=float, default=_env("STREAMREC_DEMO_TRAFFIC_S", 30.0),
+    demo.add_argument("--traffic-s", type=_POSITIVE, default=_env("STREAMREC_DEMO_TRAFFIC_S", 30.0),
                       help="seconds of traffic when no --duration [STREAMREC_DEMO_TRAFFIC_S]")
-    demo.add_argument("--rate", type=float, default=_env("STREAMREC_DEMO_RATE", 2000.0),
+    demo.add_argument("--rate", type=_POSITIVE, default=_env("STREAMREC_DEMO_RATE", 2000.0),
                       help="simulated events per second [STREAMREC_DEMO_RATE]")
-    demo.add_argument("--users", type=int, default=_env("STREAMREC_SIM_USERS", 2000),
+    demo.add_argument("--users", type=_COUNT, default=_env("STREAMREC_SIM_USERS", 2000),
                       help="simulated users [STREAMREC_SIM_USERS]")
-    demo.add_argument("--items", type=int, default=_env("STREAMREC_SIM_ITEMS", 5000),
+    demo.add_argument("--items", type=_COUNT, default=_env("STREAMREC_SIM_ITEMS", 5000),
                       help="simulated items [STREAMREC_SIM_ITEMS]")
-    demo.add_argument("--seed", type=int, default=_env("STREAMREC_SIM_SEED", 0),
+    demo.add_argument("--seed", type=_WHOLE, default=_env("STREAMREC_SIM_SEED", 0),
                       help="simulator seed [STREAMREC_SIM_SEED]")
     demo.add_argument("--log", default=_env("STREAMREC_DEMO_LOG", ""),
                       help="replay this log instead of simulating [STREAMREC_DEMO_LOG]")
     demo.add_argument("--format", default=_env("STREAMREC_DEMO_FORMAT", "yoochoose"),
                       help="format of --log [STREAMREC_DEMO_FORMAT]")
-    demo.add_argument("--malformed-rate", type=float,
+    demo.add_argument("--malformed-rate", type=_SHARE,
                       default=_env("STREAMREC_DEMO_MALFORMED_RATE", 0.01),
                       help="share of deliberately malformed messages, to show the DLQ "
                            "[STREAMREC_DEMO_MALFORMED_RATE]")

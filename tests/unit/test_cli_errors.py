@@ -92,3 +92,37 @@ def test_live_models_learn_per_event_and_mixtures_of_them_pass():
 
     for name in ("session", "mf", "cooc", "als", "content", "user_blend_ctx"):
         assert build_live(name) is not None and not nearline_parts(build(name))
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["replay", "--data", "x", "--chunk", "0"],
+     "argument --chunk: must be a whole number ≥ 1, not '0'"),
+    (["replay", "--data", "x", "--bootstrap", "-3"],
+     "argument --bootstrap: must be a whole number ≥ 1"),
+    (["replay", "--data", "x", "--k", "ten"],
+     "argument --k: must be a whole number ≥ 1, not 'ten'"),
+    (["replay", "--data", "x", "--warmup", "1"], "argument --warmup: must be a number in [0, 1)"),
+    (["replay", "--data", "x", "--test-days", "-1"], "argument --test-days: must be a number > 0"),
+    (["demo", "--rate", "-5"], "argument --rate: must be a number > 0, not '-5'"),
+    (["demo", "--rate", "inf"], "argument --rate: must be a number > 0, not 'inf'"),
+    (["demo", "--malformed-rate", "nan"], "argument --malformed-rate: must be a number in [0, 1]"),
+    (["produce", "--users", "0"], "argument --users: must be a whole number ≥ 1"),
+    (["api", "--port", "70000"], "argument --port: must be a whole number in [1, 65535]"),
+    (["services", "--redis-cluster", "2"], "Redis Cluster needs 3 primaries"),
+    (["offsets", "--partition", "-1"], "argument --partition: must be a whole number ≥ 0"),
+    (["replay", "--data", "x", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_numbers_out_of_range_are_one_line_and_exit_2(capsys, argv, expected):
+    code, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    assert err.count("\n") == 1 and ": error: " in err and expected in err, err
+
+
+def test_an_option_from_the_environment_is_checked_like_the_command_line(monkeypatch, capsys):
+    monkeypatch.setenv("STREAMREC_REPLAY_CHUNK", "many")
+    code, err = run_cli(capsys, "replay", "--data", "x")
+    assert code == 2 and "argument --chunk: must be a whole number ≥ 1, not 'many'" in err
+    monkeypatch.setenv("STREAMREC_REPLAY_CHUNK", "250")
+    from infra.cli import build_parser
+
+    assert build_parser().parse_args(["replay", "--data", "x"]).chunk == 250
