@@ -165,15 +165,11 @@ class AnnIndex:
             scores = self._vectors[labels] @ np.asarray(query, np.float32)
             names = [self._items[label] for label in labels.tolist()]  # labels get reused
         order = np.argsort(-scores, kind="stable")
-        out, out_scores = [], []
-        for i in order.tolist():
-            item = names[i]
-            if item not in exclude:
-                out.append(item)
-                out_scores.append(scores[i])
-                if len(out) == k:
-                    break
-        return out, np.asarray(out_scores, np.float32)
+        if exclude:
+            allowed = np.fromiter((name not in exclude for name in names), bool, len(names))
+            order = order[allowed[order]]
+        order = order[:k]
+        return [names[i] for i in order.tolist()], scores[order].astype(np.float32, copy=False)
 
     def vectors(self, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(current vectors, found mask) of ``items``."""

@@ -62,15 +62,23 @@ class _ReservedSlots:
     def apply(self, ranked: list[str], pool: list[str],
               fixed: frozenset[int] = frozenset()) -> list[Slot]:
         """Slots for ``ranked``; positions in ``fixed`` (pins) are never explored."""
-        shown = list(ranked)
-        slots = [Slot(item, p, 1.0, False) for p, item in enumerate(shown)]
+        slots = [Slot(item, p, 1.0, False) for p, item in enumerate(ranked)]
+        for slot in self.choose(ranked, pool, fixed):
+            slots[slot.position] = slot
+        return slots
+
+    def choose(self, ranked: list[str], pool: list[str],
+               fixed: frozenset[int] = frozenset()) -> list[Slot]:
+        """:meth:`apply`'s slots at the positions it decides (reserved, not fixed, with an
+        option to draw from); every other position shows its ranked item, propensity 1."""
+        shown, chosen = list(ranked), []
         for position in self.reserved:
             if position < len(shown) and position not in fixed:
                 slot = self._choose(position, shown, pool)
                 if slot is not None:
                     shown[position] = slot.item_id
-                    slots[position] = slot
-        return slots
+                    chosen.append(slot)
+        return chosen
 
     def _choose(self, position: int, shown: list[str], pool: list[str]) -> Slot | None:
         raise NotImplementedError

@@ -202,8 +202,8 @@ class Recommender:
         served = []
         ages: dict[str, float] = {}
         if self.item_ages is not None and cfg.policy.freshness_weight:
-            ages = self.item_ages(sorted({i for per in sources for rows in per.values()
-                                          for i in rows.items}))
+            ages = self.item_ages(list(dict.fromkeys(chain.from_iterable(
+                rows.items for per in sources for rows in per.values()))))
         blended = blend_pass(sources, cfg.policy, ages, [
             # only as many as can reach the list: the re-rank pool (or k) past what is blocked
             (cfg.policy.pool_size(request.k) if cfg.rerank else request.k)
@@ -225,9 +225,10 @@ class Recommender:
             if self.explorer is not None:
                 pool = ExplorationPool(trending_top, trending_set, blocked)
                 pinned = frozenset(p for p, c in enumerate(ranked) if c.reason == "pinned")
-                slots = self.explorer.apply([c.item_id for c in ranked], pool, pinned)
                 policy = self.explorer.name
-                for item, slot in zip(items, slots):
+                # only reserved positions are decided: every other item keeps propensity 1
+                for slot in self.explorer.choose([c.item_id for c in ranked], pool, pinned):
+                    item = items[slot.position]
                     item.propensity = round(slot.propensity, 6)
                     if slot.explored:
                         item.item_id, item.reason, item.score = slot.item_id, "exploring", 0.0

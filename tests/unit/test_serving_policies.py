@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from replay.ope import dr, ips, snips
-from serving.explore import EpsilonGreedy, ExplorationPool, ThompsonSampling
+from serving.explore import EpsilonGreedy, ExplorationPool, Slot, ThompsonSampling
 from serving.rerank import Candidate, RerankPolicy, SourceList, blend, blend_pass, rerank
 
 
@@ -135,6 +135,21 @@ def test_epsilon_greedy_propensities_match_observed_frequencies():
     always = EpsilonGreedy(epsilon=1.0, reserved=(1,), seed=0)
     assert always.apply(ranked, pool, fixed=frozenset({1}))[1] == \
         EpsilonGreedy(0.0).apply(ranked, pool)[1]  # a pinned position is never explored
+
+
+@pytest.mark.parametrize("policy", [EpsilonGreedy, ThompsonSampling])
+def test_choose_gives_the_decided_slots_of_apply_and_nothing_else(policy):
+    ranked, pool = ["a", "b", "c", "d", "e"], ["b", "p", "q"]
+    explorer = policy(reserved=(1, 3, 9), seed=2)  # 9: past the list
+    for n in range(200):
+        state = explorer.rng.bit_generator.state
+        full = explorer.apply(ranked, pool, fixed=frozenset({3}) if n % 2 else frozenset())
+        explorer.rng.bit_generator.state = state
+        chosen = explorer.choose(ranked, pool, fixed=frozenset({3}) if n % 2 else frozenset())
+        assert [s.position for s in chosen] == ([1] if n % 2 else [1, 3])
+        assert all(full[s.position] == s for s in chosen)
+        assert all(s == Slot(ranked[p], p, 1.0, False) for p, s in enumerate(full)
+                   if p not in {c.position for c in chosen})
 
 
 @pytest.mark.parametrize("policy", [EpsilonGreedy, ThompsonSampling])
