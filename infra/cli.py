@@ -28,14 +28,19 @@ def _number(kind: type = int, low: float | None = None, high: float | None = Non
     else:
         wanted = noun
 
+    def inside(value) -> bool:
+        if value != value or abs(value) == float("inf"):  # nan, inf
+            return False
+        if low is not None and (value < low or (low_open and value == low)):
+            return False
+        return high is None or value < high or (value == high and not high_open)
+
     def parse(text: str):
         try:
             value = kind(text)
         except (TypeError, ValueError):
             value = None
-        if value is None or value != value or abs(value) == float("inf") or (low is not None and (
-                value < low or (low_open and value == low))) or (high is not None and (
-                value > high or (high_open and value == high))):
+        if value is None or not inside(value):
             raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}")
         return value
 

@@ -34,16 +34,45 @@ def produce(settings, events) -> None:
         producer.flush()
 
 
+def apply_first_log(settings, redis_client, keys, worker, sim, events: int) -> list:
+    """``events`` simulated events produced and applied by ``worker``."""
+    first = list(sim.events(events, time.time() - 3600))
+    produce(settings, first)
+    wait_for(lambda: applied(redis_client, keys) == len(first), 60, "first log applied",
+             proc=worker)
+    return first
+
+
+def wait_for_holds(redis_client, keys, worker, what: str) -> dict:
+    """Every partition's hold (4), once the worker has recorded them."""
+    return wait_for(lambda: len(redis_client.hgetall(keys.held_partitions)) == 4
+                    and redis_client.hgetall(keys.held_partitions), 60, what, proc=worker)
+
+
+def reset_and_resume(settings, redis_client, keys, worker, spawn, total: int):
+    """``offsets --reset start``: the worker exits for its supervisor, a new one applies the
+    rest, each event once; returns the new worker and the reset's output."""
+    reset = offsets_cli(settings, "--reset", "start")
+    assert reset.returncode == 0, reset.stderr
+    # the worker drains and exits for its supervisor to restart it from the new watermarks
+    assert worker.proc.wait(30) == 75, worker.log()
+    worker = spawn(["worker", "--loglevel", "warn"], settings)
+    wait_for(lambda: applied(redis_client, keys) >= total, 60,
+             "the new log to apply once the operator reset its partitions", proc=worker)
+    time.sleep(2)
+    assert applied(redis_client, keys) == total  # once, not twice
+    assert not redis_client.hgetall(keys.held_partitions)
+    assert worker.proc.poll() is None
+    return worker, reset
+
+
 def test_a_log_that_went_backwards_holds_its_partitions_until_an_operator_resets_them(
         settings, redis_client, spawn):
     keys = RedisKeys(settings.key_prefix)
     with private_broker(settings, log_check_interval_s=1.0) as (broker, settings):
         worker = spawn(["worker", "--loglevel", "warn"], settings)
         sim = UserSimulator(60, 300, seed=4)
-        first = list(sim.events(2000, time.time() - 3600))
-        produce(settings, first)
-        wait_for(lambda: applied(redis_client, keys) == len(first), 60, "first log applied",
-                 proc=worker)
+        first = apply_first_log(settings, redis_client, keys, worker, sim, 2000)
         assert offsets_cli(settings).returncode == 0  # every watermark fits the log
 
         broker.kill()  # memory storage: the restarted broker's log starts again at offset 0
@@ -53,10 +82,8 @@ def test_a_log_that_went_backwards_holds_its_partitions_until_an_operator_resets
         produce(settings, second)
 
         # every partition's new log is shorter than what Redis applied of the old one
-        held = wait_for(lambda: len(redis_client.hgetall(keys.held_partitions)) == 4
-                        and redis_client.hgetall(keys.held_partitions), 60,
-                        "the worker to hold the partitions whose log went backwards",
-                        proc=worker)
+        held = wait_for_holds(redis_client, keys, worker,
+                              "the worker to hold the partitions whose log went backwards")
         assert all(b"went backwards" in reason for reason in held.values())
         time.sleep(3)  # several check intervals: still nothing of the new log applied
         assert applied(redis_client, keys) == len(first)
@@ -67,18 +94,7 @@ def test_a_log_that_went_backwards_holds_its_partitions_until_an_operator_resets
         assert {r["partition"] for r in rows if not r["fits"]} == held_partitions
         assert {r["partition"] for r in rows if r["held_by_worker"]} == held_partitions
 
-        reset = offsets_cli(settings, "--reset", "start")
-        assert reset.returncode == 0, reset.stderr
-        # the worker drains and exits for its supervisor to restart it from the new watermarks
-        assert worker.proc.wait(30) == 75, worker.log()
-        assert applied(redis_client, keys) == len(first)
-        worker = spawn(["worker", "--loglevel", "warn"], settings)
-        wait_for(lambda: applied(redis_client, keys) == len(first) + len(second), 60,
-                 "the new log to apply once the operator reset its partitions", proc=worker)
-        time.sleep(2)
-        assert applied(redis_client, keys) == len(first) + len(second)  # once, not twice
-        assert not redis_client.hgetall(keys.held_partitions)
-        assert worker.proc.poll() is None
+        reset_and_resume(settings, redis_client, keys, worker, spawn, len(first) + len(second))
 
 
 def recreate_topic(settings, topic: str) -> None:
@@ -111,10 +127,7 @@ def test_a_recreated_topic_that_grew_past_the_watermarks_is_held_by_its_topic_id
     with private_broker(settings, log_check_interval_s=1.0) as (broker, settings):
         worker = spawn(["worker", "--loglevel", "warn"], settings)
         sim = UserSimulator(60, 300, seed=5)
-        first = list(sim.events(1000, time.time() - 3600))
-        produce(settings, first)
-        wait_for(lambda: applied(redis_client, keys) == len(first), 60, "first log applied",
-                 proc=worker)
+        first = apply_first_log(settings, redis_client, keys, worker, sim, 1000)
         wait_for(lambda: len(redis_client.hgetall(keys.topic_ids)) == 4, 30,
                  "the topic id recorded beside every watermark", proc=worker)
         worker.stop()
@@ -129,27 +142,17 @@ def test_a_recreated_topic_that_grew_past_the_watermarks_is_held_by_its_topic_id
         assert all(r["applied_topic_id"] != r["topic_id"] for r in rows)
 
         worker = spawn(["worker", "--loglevel", "warn"], settings)
-        held = wait_for(lambda: len(redis_client.hgetall(keys.held_partitions)) == 4
-                        and redis_client.hgetall(keys.held_partitions), 60,
-                        "the worker to hold every partition of the recreated topic",
-                        proc=worker)
+        held = wait_for_holds(redis_client, keys, worker,
+                              "the worker to hold every partition of the recreated topic")
         assert all(b"topic's id is now" in reason for reason in held.values())
         time.sleep(3)
         assert applied(redis_client, keys) == len(first)
 
-        reset = offsets_cli(settings, "--reset", "start")
-        assert reset.returncode == 0, reset.stderr
-        assert worker.proc.wait(30) == 75, worker.log()
+        _, reset = reset_and_resume(settings, redis_client, keys, worker, spawn,
+                                    len(first) + len(second))
         rows = [json.loads(line) for line in reset.stdout.splitlines() if line.startswith("{")]
+        assert len(rows) == 4
         assert all(r["fits"] and r["applied_topic_id"] == r["topic_id"] for r in rows)
-        worker = spawn(["worker", "--loglevel", "warn"], settings)
-        wait_for(lambda: applied(redis_client, keys) == len(first) + len(second), 60,
-                 "the recreated topic to apply once the operator reset its partitions",
-                 proc=worker)
-        time.sleep(2)
-        assert applied(redis_client, keys) == len(first) + len(second)
-        assert not redis_client.hgetall(keys.held_partitions)
-        assert worker.proc.poll() is None
 
 
 def test_a_topic_recreated_under_a_running_worker_is_held_and_then_applied_once(
@@ -161,24 +164,11 @@ def test_a_topic_recreated_under_a_running_worker_is_held_and_then_applied_once(
     with private_broker(settings, log_check_interval_s=3.0) as (broker, settings):
         worker = spawn(["worker", "--loglevel", "warn"], settings)
         sim = UserSimulator(60, 300, seed=6)
-        first = list(sim.events(1000, time.time() - 3600))
-        produce(settings, first)
-        wait_for(lambda: applied(redis_client, keys) == len(first), 60, "first log applied",
-                 proc=worker)
+        first = apply_first_log(settings, redis_client, keys, worker, sim, 1000)
         recreate_topic(settings, settings.topic_interactions)
         second = list(sim.events(4000, time.time() - 600))
         produce(settings, second)
-        held = wait_for(lambda: len(redis_client.hgetall(keys.held_partitions)) == 4
-                        and redis_client.hgetall(keys.held_partitions), 60,
-                        "the running worker to hold the recreated topic's partitions",
-                        proc=worker)
+        held = wait_for_holds(redis_client, keys, worker,
+                              "the running worker to hold the recreated topic's partitions")
         assert all(b"topic's id is now" in reason for reason in held.values())
-
-        assert offsets_cli(settings, "--reset", "start").returncode == 0
-        assert worker.proc.wait(30) == 75, worker.log()
-        worker = spawn(["worker", "--loglevel", "warn"], settings)
-        wait_for(lambda: applied(redis_client, keys) >= len(first) + len(second), 60,
-                 "the recreated topic to apply once reset", proc=worker)
-        time.sleep(2)
-        assert applied(redis_client, keys) == len(first) + len(second)  # none twice
-        assert not redis_client.hgetall(keys.held_partitions)
+        reset_and_resume(settings, redis_client, keys, worker, spawn, len(first) + len(second))
