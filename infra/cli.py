@@ -149,16 +149,17 @@ def cmd_trainer(args: argparse.Namespace) -> None:
     settings = Settings()
     settings.require_services()
     if not settings.trainer_dir:
-        raise SystemExit("streamrec trainer: set STREAMREC_TRAINER_DIR (the checkpoint folder "
-                         "the API and feed builder read)")
+        raise CommandError("set STREAMREC_TRAINER_DIR (the checkpoint folder the API and "
+                           "feed builder read)")
     if args.model not in NEARLINE_MODELS:
-        raise SystemExit(f"streamrec trainer: --model must be one of {', '.join(NEARLINE_MODELS)}")
+        raise CommandError(f"--model must be one of {', '.join(NEARLINE_MODELS)}, "
+                           f"not {args.model!r}")
     ensure_streamrec_topics(settings)
     if args.rollback is not None:
         try:
             items = rollback(settings, args.model, args.rollback)
         except ValueError as exc:
-            raise SystemExit(f"streamrec trainer: {exc}") from None
+            raise CommandError(str(exc)) from None
         print(f"{args.model}: CURRENT is version {args.rollback}; {items} item vectors "
               "published again")
         return
@@ -166,7 +167,7 @@ def cmd_trainer(args: argparse.Namespace) -> None:
     try:
         trainer = Trainer(settings, args.model)
     except ValueError as exc:
-        raise SystemExit(f"streamrec trainer: {exc}") from None
+        raise CommandError(str(exc)) from None
     try:
         trainer.run()
     finally:
@@ -261,8 +262,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
         settings.require_services()
         client = sync_redis(settings.redis_url)
         if is_cluster(client):
-            raise SystemExit("replay --store redis needs one Redis server (its rows are added "
-                             "to in place), not a cluster: point STREAMREC_REDIS_URL at one")
+            raise CommandError("--store redis needs one Redis server (its rows are added to "
+                               "in place), not a cluster: point STREAMREC_REDIS_URL at one")
         store_factory = lambda name: RedisStore(client, settings.key_prefix,  # noqa: E731
                                                 f"replay-{int(started)}-{name}")
     results = run(args.protocol, train, test, names, ks=tuple(sorted({10, 20, args.k})),
@@ -376,14 +377,19 @@ def cmd_expire_untimed(args: argparse.Namespace) -> None:
 
     settings = Settings()
     if not settings.redis_url:
-        raise SystemExit("STREAMREC_REDIS_URL not set: point it at the Redis holding the state")
+        raise CommandError("STREAMREC_REDIS_URL not set: point it at the Redis holding the "
+                           "state")
     client = sync_redis(settings.redis_url)
     models = build_live_models(settings, client)
     for name, model in models.items():
         print(json.dumps({"model": name, "keys_given_a_ttl": give_untimed_keys_ttls(model.store)}))
 
 
-class LogPositionError(ValueError):
+class CommandError(ValueError):
+    """A command asked for what it cannot do as given (a setting missing, an unknown name)."""
+
+
+class LogPositionError(CommandError):
     """A bad ``streamrec offsets`` request (unknown partition, offset outside the log)."""
 
 
@@ -560,9 +566,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 
     from online_models.registry import UnknownModelError
     from replay.loaders import LogFormatError
+    from infra.settings import ServicesNotSet
     from state.redis_store import StateLayoutError
 
-    return (LogFormatError, UnknownModelError, LogPositionError, ValidationError, StateLayoutError,
+    return (LogFormatError, UnknownModelError, CommandError, ServicesNotSet, ValidationError,
+            StateLayoutError,
             FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
             UnicodeDecodeError, RedisConnectionError)
 

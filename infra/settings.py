@@ -28,6 +28,10 @@ def _weight_pairs(text: str) -> dict[str, float]:
             (pair.split("=") for pair in text.split(",") if pair)}
 
 
+class ServicesNotSet(ValueError):
+    """A role that needs Kafka and Redis started without their addresses."""
+
+
 class Settings(BaseSettings):
     """Runtime configuration shared by every process role (worker, API, feed builder, producer).
 
@@ -320,6 +324,6 @@ class Settings(BaseSettings):
         missing = [name for name, value in (("STREAMREC_KAFKA_BOOTSTRAP", self.kafka_bootstrap),
                                              ("STREAMREC_REDIS_URL", self.redis_url)) if not value]
         if missing:
-            raise SystemExit(
+            raise ServicesNotSet(
                 f"{', '.join(missing)} not set: point them at Kafka and Redis, "
                 "or run `streamrec services` / `streamrec demo` to start embedded ones.")

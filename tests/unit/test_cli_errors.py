@@ -126,3 +126,18 @@ def test_an_option_from_the_environment_is_checked_like_the_command_line(monkeyp
     from infra.cli import build_parser
 
     assert build_parser().parse_args(["replay", "--data", "x"]).chunk == 250
+
+
+def test_settings_a_command_lacks_are_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
+    for name in ("STREAMREC_KAFKA_BOOTSTRAP", "STREAMREC_REDIS_URL", "STREAMREC_TRAINER_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    code, err = run_cli(capsys, "trainer")
+    assert code == 2 and err.startswith("streamrec trainer: error: STREAMREC_KAFKA_BOOTSTRAP")
+    monkeypatch.setenv("STREAMREC_KAFKA_BOOTSTRAP", "unused:9092")  # never reached
+    monkeypatch.setenv("STREAMREC_REDIS_URL", "redis://unused:6379")
+    code, err = run_cli(capsys, "trainer")
+    assert code == 2 and "error: set STREAMREC_TRAINER_DIR" in err
+    monkeypatch.setenv("STREAMREC_TRAINER_DIR", str(tmp_path))
+    code, err = run_cli(capsys, "trainer", "--model", "bogus")
+    assert code == 2 and "error: --model must be one of two_tower" in err and "'bogus'" in err
+    assert err.count("\n") == 1

@@ -34,7 +34,9 @@ def test_sasl_options_passed_through():
 
 
 def test_roles_refuse_to_start_without_services():
-    with pytest.raises(SystemExit, match="STREAMREC_KAFKA_BOOTSTRAP"):
+    from infra.settings import ServicesNotSet
+
+    with pytest.raises(ServicesNotSet, match="STREAMREC_KAFKA_BOOTSTRAP"):
         Settings(kafka_bootstrap="", redis_url="redis://x").require_services()
 
 
