@@ -210,8 +210,10 @@ def cmd_services(args: argparse.Namespace) -> None:
     vars that reach them."""
     import time
 
-    from infra.embedded import EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster
+    from infra.embedded import (EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster,
+                                stop_on_sigterm)
 
+    stop_on_sigterm()  # stopped by a supervisor: the services go with it
     redis_service = (EmbeddedRedisCluster(args.redis_cluster) if args.redis_cluster
                      else EmbeddedRedis())
     with redis_service as redis_srv, EmbeddedKafka() as kafka:

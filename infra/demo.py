@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ import httpx
 import numpy as np
 
 from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topics, free_port,
-                            terminate)
+                            stop_on_sigterm, terminate)
 from infra.progress import progress
 from infra.redis_client import cluster_seed, sync_redis
 from infra.settings import Settings
@@ -72,12 +71,8 @@ def _publish_descriptions(settings, records) -> int:
     return len(records)
 
 
-def _interrupt(_signum, _frame) -> None:
-    raise KeyboardInterrupt
-
-
 def run_demo(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: stop the roles started here
+    stop_on_sigterm()  # like Ctrl-C: stop the roles started here
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = Settings()

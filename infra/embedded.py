@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import tempfile
 import time
@@ -25,6 +26,16 @@ from infra.redis_acl import user_args
 
 class ServiceStartError(RuntimeError):
     """An embedded service did not become healthy in time."""
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM act as Ctrl-C (KeyboardInterrupt) in this process, so that ``with`` blocks
+    stop the services and roles started here (by default SIGTERM ends Python at once and
+    leaves them running)."""
+    def interrupt(_signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def free_port() -> int:
