@@ -58,6 +58,28 @@ def require_ids(ids, what: str) -> None:
         raise HTTPException(422, f"{what} must have 1..{MAX_ID_CHARS} characters")
 
 
+def parse_pins(values, k: int, exclude) -> tuple[tuple[int, str], ...]:
+    """``pin=<position>:<item_id>`` values as (position, item); 422 for a malformed one, a
+    position past the list (``k``), a position or an item pinned twice, or an item pinned and
+    excluded (each would leave the list ambiguous)."""
+    pins, positions, items = [], set(), set()
+    for value in values:
+        position, sep, item = value.partition(":")
+        if not sep or not position.isdigit() or not 0 < len(item) <= MAX_ID_CHARS:
+            raise HTTPException(422, f"pin must be <position>:<item_id>, not {value!r}")
+        if int(position) >= k:
+            raise HTTPException(422, f"pin {value!r}: position {int(position)} is past the "
+                                     f"list (k={k}; positions start at 0)")
+        if int(position) in positions or item in items:
+            raise HTTPException(422, f"pin {value!r}: its position or its item is pinned twice")
+        if item in exclude:
+            raise HTTPException(422, f"pin {value!r}: the item is also excluded")
+        positions.add(int(position))
+        items.add(item)
+        pins.append((int(position), item))
+    return tuple(pins)
+
+
 def create_app(settings: Settings | None = None) -> "FastPaths":
     """Build the API for these settings (``Settings()`` reads ``STREAMREC_*``): the FastAPI
     app behind :class:`FastPaths`, which answers the hottest read itself."""
@@ -168,15 +190,9 @@ def create_app(settings: Settings | None = None) -> "FastPaths":
         never containing ``exclude`` (repeat the parameter) or the user's recent items;
         ``pin=<position>:<item_id>`` (repeatable) fixes an item at a 0-based position."""
         require_ids(exclude, "exclude ids")
-        pins = []
-        for value in pin:
-            position, sep, item = value.partition(":")
-            if not sep or not position.isdigit() or not 0 < len(item) <= MAX_ID_CHARS:
-                raise HTTPException(422, f"pin must be <position>:<item_id>, not {value!r}")
-            pins.append((int(position), item))
+        pins = parse_pins(pin, k, frozenset(exclude))
         check_open_lists()  # the batch runs on threads: the event loop only awaits it
-        return _json(await on_demand_batches.feed_async(user_id, k, frozenset(exclude),
-                                                        tuple(pins)))
+        return _json(await on_demand_batches.feed_async(user_id, k, frozenset(exclude), pins))
 
     @api.get("/v1/items/{item_id:path}/similar", summary="Similar items", response_model=None,
              dependencies=authed)

@@ -520,3 +520,20 @@ def test_the_user_pipeline_replays_the_returning_users_sources_under_their_live_
     [feed] = model.recommender.recommend([Request(user, history, k=10)])
     assert len(feed.items) == 10
     model.close()
+
+
+def test_pins_that_would_leave_the_list_ambiguous_are_refused():
+    from fastapi import HTTPException
+
+    from serving.api import parse_pins
+
+    assert parse_pins(["0:a", "3:b"], 5, frozenset({"x"})) == ((0, "a"), (3, "b"))
+    for pins, k, exclude, says in ((["5:a"], 5, (), "past the list (k=5"),
+                                   (["0:a", "0:b"], 5, (), "pinned twice"),
+                                   (["0:a", "2:a"], 5, (), "pinned twice"),
+                                   (["1:a"], 5, {"a"}, "also excluded"),
+                                   (["a"], 5, (), "must be <position>:<item_id>"),
+                                   (["-1:a"], 5, (), "must be <position>:<item_id>")):
+        with pytest.raises(HTTPException) as refused:
+            parse_pins(pins, k, frozenset(exclude))
+        assert refused.value.status_code == 422 and says in refused.value.detail, pins
