@@ -69,7 +69,8 @@ class Settings(BaseSettings):
         "take a publish (impression log, POST /v1/events) before answering 503.")
     log_check_interval_s: float = Field(
         10.0, gt=0, description="How often the worker checks that Redis progress fits the Kafka "
-        "log (a log that went backwards holds its partition: docs/reliability.md).")
+        "log: offsets and topic id (a log that went backwards, or a recreated topic, holds its "
+        "partition: docs/reliability.md).")
     worker_stall_timeout_s: float = Field(
         120.0, ge=0, description="A worker that receives no batch for this long while records "
         "wait unapplied in its partitions (seen by an independent read of the log) exits 75 "
