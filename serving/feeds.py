@@ -215,9 +215,10 @@ class FeedBuilder:
             mf=models.get("mf"), ann=ann, content=models.get("content"),
             model_sources=sources,
             explorer=explorer_for(settings, counts=self.bandit_counts),
-            config=PipelineConfig(policy=RerankPolicy(
-                freshness_weight=settings.freshness_weight,
-                source_weights={**SOURCE_WEIGHTS, **settings.source_weight_overrides})),
+            config=PipelineConfig(
+                candidates_per_source=settings.candidates_per_source,
+                policy=RerankPolicy(freshness_weight=settings.freshness_weight, source_weights={
+                    **SOURCE_WEIGHTS, **settings.source_weight_overrides})),
             item_ages=self.item_ages)
 
     @classmethod

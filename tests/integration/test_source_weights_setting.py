@@ -28,3 +28,18 @@ def test_a_deployments_weights_change_what_the_blend_ranks(settings, redis_clien
                          redis_client).recommender.config.policy
     assert policy.source_weights["content"] == 1.5 and policy.source_weights["session"] == 1.0
 
+
+
+def test_candidates_per_source_reach_the_pipeline(settings, redis_client):
+    """STREAMREC_CANDIDATES_PER_SOURCE bounds each source's list (here: trending's)."""
+    settings = settings.model_copy(update={"explore_policy": "none", "feed_size": 20})
+    events = [Interaction(event_id=f"e{n}", user_id=f"u{n}", item_id=f"i{n}", type="click",
+                          timestamp=1.7e9 + n) for n in range(30)]
+    LiveState.for_worker(settings).apply_messages([SourceMessage("interactions", 0, 0, events)])
+
+    def listed(candidates: int) -> int:
+        s = settings.model_copy(update={"candidates_per_source": candidates})
+        [feed] = FeedBuilder(s, redis_client).compute(["nobody"])
+        return len(feed.items)
+
+    assert listed(100) == 20 and listed(7) == 7  # a new user: trending alone
