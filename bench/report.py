@@ -75,6 +75,26 @@ def first_share(data: str, fmt: str, share: float):
     return events[:int(len(events) * share)], load_items(data, fmt)
 
 
+def add_protocol_options(parser: argparse.ArgumentParser) -> None:
+    """:func:`add_validation_options` plus ``--protocol`` (session or user) and ``--share``
+    (the user protocol's validation part): the serving pipeline's tuning benches."""
+    add_validation_options(parser)
+    parser.add_argument("--protocol", choices=("session", "user"), default="session")
+    parser.add_argument("--share", type=float, default=0.6,
+                        help="user protocol: validation is the log's first share (by time)")
+
+
+def protocol_split(args: argparse.Namespace) -> tuple[list, list, list]:
+    """(train, validation, item descriptions) for ``--protocol``: the user protocol's first
+    ``--share`` of the log (learnt as it is scored, so no train part) or the session
+    protocol's :func:`validation_split`."""
+    if args.protocol == "user":
+        valid, items = first_share(args.data, args.format, args.share)
+        return [], valid, items
+    train, valid = validation_split(args)
+    return train, valid, []
+
+
 def validation_split(args: argparse.Namespace):
     """(train, validation): the last ``--test-days`` of the training log (never the test
     split, which the tuning benches do not read)."""

@@ -22,8 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from online_models.registry import MODELS  # noqa: E402
-from bench.report import (add_validation_options, first_share, parse_grid,  # noqa: E402
-                          validation_split)
+from bench.report import add_protocol_options, parse_grid, protocol_split  # noqa: E402
 from replay.protocols import run  # noqa: E402
 from serving.blended import BlendedModel  # noqa: E402
 from serving.rerank import SOURCE_WEIGHTS, RerankPolicy  # noqa: E402
@@ -34,19 +33,12 @@ SESSION_GRID = "cooc=0,0.1;ann=0,0.02;trending=0,0.01;freshness=0,0.05"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_validation_options(parser)
-    parser.add_argument("--protocol", choices=("session", "user"), default="session")
-    parser.add_argument("--share", type=float, default=0.6,
-                        help="user protocol: validation is the log's first share (by time)")
+    add_protocol_options(parser)
     parser.add_argument("--grid", default="", help="weights to try (default, session: "
                         f"{SESSION_GRID!r}; user: the live weights alone)")
     args = parser.parse_args()
     user = args.protocol == "user"
-    if user:
-        train, (valid, items) = [], first_share(args.data, args.format, args.share)
-    else:
-        train, valid = validation_split(args)
-        items = []
+    train, valid, items = protocol_split(args)
     base = SOURCE_WEIGHTS if user else {"session": 1.0, "cooc": 0.0, "ann": 0.0, "trending": 0.0}
     grid = {}
     for n, setting in enumerate(parse_grid(args.grid or ("" if user else SESSION_GRID))):

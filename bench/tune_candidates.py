@@ -6,7 +6,7 @@ Session protocol (YooChoose, the default): the live ``blend``; validation = the 
 ``blend_user``; validation = the log's first ``--share`` by time. Prints each setting's ranking
 metrics and its beyond-accuracy ones (head share, exposure Gini, novelty). Usage::
 
-    python bench/tune_candidates.py --counts 100,50,30 \
+    python bench/tune_candidates.py --counts 100,50,30 \\
         --data ../shared/data/yoochoose-rsc15-100k/yoochoose-clicks-100k_train_full.txt
     python bench/tune_candidates.py --protocol user --data ../shared/data/movielens-latest-small \\
         --format movielens --counts 100,50
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import add_validation_options, first_share, validation_split  # noqa: E402
+from bench.report import add_protocol_options, protocol_split  # noqa: E402
 from online_models.registry import MODELS  # noqa: E402
 from replay.protocols import run  # noqa: E402
 
@@ -30,17 +30,11 @@ SHOWN = ("HR@10", "NDCG@10", "HR@20", "MRR@20", "HR@10_cold", "head_share", "exp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_validation_options(parser)
-    parser.add_argument("--protocol", choices=("session", "user"), default="session")
-    parser.add_argument("--share", type=float, default=0.6,
-                        help="user protocol: validation is the log's first share (by time)")
+    add_protocol_options(parser)
     parser.add_argument("--counts", default="100,50", help="candidates per source to try")
     args = parser.parse_args()
     user = args.protocol == "user"
-    if user:
-        train, (valid, items) = [], first_share(args.data, args.format, args.share)
-    else:
-        (train, valid), items = validation_split(args), []
+    train, valid, items = protocol_split(args)
     live = MODELS["blend_user" if user else "blend"]
     names = {}
     for count in (int(c) for c in args.counts.split(",")):

@@ -87,3 +87,9 @@ def test_source_weights_are_parsed_and_unknown_or_malformed_ones_refused():
     for malformed in ("content=-1", "content", "content=1.5,", "content=x"):
         with pytest.raises(ValidationError, match="source_weights"):
             Settings(source_weights=malformed)
+
+
+def test_the_live_pipeline_and_the_replayed_one_offer_as_many_candidates():
+    from serving.recommender import PipelineConfig
+
+    assert Settings().candidates_per_source == PipelineConfig().candidates_per_source
