@@ -324,8 +324,8 @@ def cmd_offsets(args: argparse.Namespace) -> None:
     from infra.redis_client import sync_redis
     from infra.settings import Settings
     from schemas.keys import RedisKeys
-    from stream.log_positions import (LogEndProbe, find_mismatches, hold, read_topic_ids,
-                                      read_watermarks, reset_partition, reset_target)
+    from stream.log_positions import (LogEndProbe, find_mismatches, hold, read_progress,
+                                      reset_partition, reset_target)
 
     settings = Settings()
     settings.require_services()
@@ -350,8 +350,7 @@ def cmd_offsets(args: argparse.Namespace) -> None:
                     raise LogPositionError(str(exc)) from None
                 reset_partition(client, keys, topic, partition, target, topic_id)
                 print(f"{topic}[{partition}]: next offset to apply = {target}")
-        marks = read_watermarks(client, keys, topic, known)
-        applied_ids = read_topic_ids(client, keys, topic, known)
+        marks, applied_ids = read_progress(client, keys, topic, known)
         bad = {m.partition: m.reason for m in probe.confirm(
             find_mismatches(topic, marks, starts, ends, applied_ids, topic_id))}
     finally:

@@ -62,22 +62,21 @@ def parse_pins(values, k: int, exclude) -> tuple[tuple[int, str], ...]:
     """``pin=<position>:<item_id>`` values as (position, item); 422 for a malformed one, a
     position past the list (``k``), a position or an item pinned twice, or an item pinned and
     excluded (each would leave the list ambiguous)."""
-    pins, positions, items = [], set(), set()
+    pins: dict[int, str] = {}
     for value in values:
-        position, sep, item = value.partition(":")
-        if not sep or not position.isdigit() or not 0 < len(item) <= MAX_ID_CHARS:
+        digits, sep, item = value.partition(":")
+        if not sep or not digits.isdigit() or not 0 < len(item) <= MAX_ID_CHARS:
             raise HTTPException(422, f"pin must be <position>:<item_id>, not {value!r}")
-        if int(position) >= k:
-            raise HTTPException(422, f"pin {value!r}: position {int(position)} is past the "
-                                     f"list (k={k}; positions start at 0)")
-        if int(position) in positions or item in items:
+        position = int(digits)
+        if position >= k:
+            raise HTTPException(422, f"pin {value!r}: position {position} is past the list "
+                                     f"(k={k}; positions start at 0)")
+        if position in pins or item in pins.values():
             raise HTTPException(422, f"pin {value!r}: its position or its item is pinned twice")
         if item in exclude:
             raise HTTPException(422, f"pin {value!r}: the item is also excluded")
-        positions.add(int(position))
-        items.add(item)
-        pins.append((int(position), item))
-    return tuple(pins)
+        pins[position] = item
+    return tuple(pins.items())
 
 
 def create_app(settings: Settings | None = None) -> "FastPaths":
@@ -190,9 +189,10 @@ def create_app(settings: Settings | None = None) -> "FastPaths":
         never containing ``exclude`` (repeat the parameter) or the user's recent items;
         ``pin=<position>:<item_id>`` (repeatable) fixes an item at a 0-based position."""
         require_ids(exclude, "exclude ids")
-        pins = parse_pins(pin, k, frozenset(exclude))
+        excluded = frozenset(exclude)
+        pins = parse_pins(pin, k, excluded)
         check_open_lists()  # the batch runs on threads: the event loop only awaits it
-        return _json(await on_demand_batches.feed_async(user_id, k, frozenset(exclude), pins))
+        return _json(await on_demand_batches.feed_async(user_id, k, excluded, pins))
 
     @api.get("/v1/items/{item_id:path}/similar", summary="Similar items", response_model=None,
              dependencies=authed)

@@ -105,25 +105,25 @@ class Recommender:
 
     # --- candidate sources -----------------------------------------------------------------
     def candidates(self, requests: Sequence[Request],
-                   trending: list[tuple[str, float]] | None = None
-                   ) -> list[dict[str, SourceList]]:
+                   trending: list[tuple[str, float]] | None = None,
+                   blocked: list[frozenset[str]] | None = None) -> list[dict[str, SourceList]]:
         """Per request: source name → its list (iterates as ``(item, score, reason)``).
         ``trending``: the trending top, when the caller already read it (it must hold
-        ``candidates_per_source`` plus the longest blocked set). Sources that read the same
-        rows (session and read-time co-occurrence: sessions of the recent items) share one
-        read."""
+        ``candidates_per_source`` plus the longest blocked set); ``blocked``: each request's
+        blocked items, when the caller already has them. Sources that read the same rows
+        (session and read-time co-occurrence: sessions of the recent items) share one read."""
         with ExitStack() as scope:
             for store in {id(m.store): m.store for m in (
                     self.session, self.cooc, self.mf, self.content,
                     *self.model_sources.values()) if isinstance(m, OnlineModel)}.values():
                 scope.enter_context(store.shared_reads())
-            return self._candidates(requests, trending)
+            return self._candidates(requests, trending, blocked or [
+                self._blocked(r) for r in requests])
 
-    def _candidates(self, requests: Sequence[Request],
-                    trending: list[tuple[str, float]] | None) -> list[dict[str, SourceList]]:
+    def _candidates(self, requests: Sequence[Request], trending: list[tuple[str, float]] | None,
+                    blocked: list[frozenset[str]]) -> list[dict[str, SourceList]]:
         cfg, n = self.config, self.config.candidates_per_source
         recent = [r.history[-cfg.session_items:] for r in requests]
-        blocked = [self._blocked(r) for r in requests]
         queries = [Query(r.user_id, items, exclude=b)
                    for r, items, b in zip(requests, recent, blocked)]
         out: list[dict[str, SourceList]] = [{} for _ in requests]
@@ -198,7 +198,7 @@ class Recommender:
         blocked_of = [self._blocked(r) for r in requests]
         depth = self._trending_depth(blocked_of)
         top = self.trending(max(depth, cfg.exploration_pool, cfg.head_size))  # one read
-        sources = self.candidates(requests, top)
+        sources = self.candidates(requests, top, blocked_of)
         trending_top = [i for i, _ in top[:max(cfg.exploration_pool, cfg.head_size)]]
         head, trending_set = frozenset(trending_top[:cfg.head_size]), frozenset(trending_top)
         served = []

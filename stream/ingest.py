@@ -41,7 +41,7 @@ from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
 from stream.log_positions import (LogEndProbe, LogMismatch, StallWatch, find_mismatches,
-                                  hold, read_topic_ids, read_watermarks, record_topic_ids,
+                                  hold, read_progress, read_watermarks, record_topic_ids,
                                   topic_ids_to_record)
 from stream.pipeline import ApplyPipeline
 from stream.state import ApplyResult, LiveState, RedisLostWrites, SourceMessage
@@ -164,9 +164,8 @@ def event_chunks(sources: list[SourceMessage], max_events: int) -> list[list[Sou
 def _watermarks(partitions) -> tuple[dict[int, int | None], dict[int, str | None]]:
     """Redis's watermarks of ``partitions`` and the topic ids recorded beside them."""
     state = live_state()
-    numbers = [tp.partition for tp in partitions]
-    return (read_watermarks(state.client, state.keys, settings.topic_interactions, numbers),
-            read_topic_ids(state.client, state.keys, settings.topic_interactions, numbers))
+    return read_progress(state.client, state.keys, settings.topic_interactions,
+                         [tp.partition for tp in partitions])
 
 
 def _record_topic_ids(partitions: list[int], topic_id: str) -> None:

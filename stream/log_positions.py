@@ -164,22 +164,26 @@ def read_watermarks(client, keys: RedisKeys, topic: str, partitions: list[int]
     return {p: int(m) if m is not None else None for p, m in zip(partitions, marks)}
 
 
-def _held_field(topic: str, partition: int) -> str:
+def _partition_field(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
 
 
-def read_topic_ids(client, keys: RedisKeys, topic: str, partitions: list[int]
-                   ) -> dict[int, str | None]:
-    """The topic id recorded beside each partition's watermark (None: none recorded)."""
-    ids = (client.hmget(keys.topic_ids, [_held_field(topic, p) for p in partitions])
-           if partitions else [])
-    return {p: i.decode() if i is not None else None for p, i in zip(partitions, ids)}
+def read_progress(client, keys: RedisKeys, topic: str, partitions: list[int]
+                  ) -> tuple[dict[int, int | None], dict[int, str | None]]:
+    """Each partition's watermark (:func:`read_watermarks`) and the topic id recorded beside
+    it (None: none recorded). Two plain commands, not a pipeline: a Redis Cluster client's
+    pipeline takes no MGET, and this runs once per check interval."""
+    if not partitions:
+        return {}, {}
+    ids = client.hmget(keys.topic_ids, [_partition_field(topic, p) for p in partitions])
+    return (read_watermarks(client, keys, topic, partitions),
+            {p: i.decode() if i is not None else None for p, i in zip(partitions, ids)})
 
 
 def record_topic_ids(client, keys: RedisKeys, topic: str, partitions: list[int],
                      topic_id: str) -> None:
     if partitions:
-        client.hset(keys.topic_ids, mapping={_held_field(topic, p): topic_id
+        client.hset(keys.topic_ids, mapping={_partition_field(topic, p): topic_id
                                              for p in partitions})
 
 
@@ -190,7 +194,7 @@ def hold(client, keys: RedisKeys, mismatches: Sequence[LogMismatch] = ()
     pipe = client.pipeline(transaction=False)
     if mismatches:
         pipe.hset(keys.held_partitions,
-                  mapping={_held_field(m.topic, m.partition): m.reason for m in mismatches})
+                  mapping={_partition_field(m.topic, m.partition): m.reason for m in mismatches})
     pipe.hgetall(keys.held_partitions)
     held = {}
     for field, reason in pipe.execute()[-1].items():
@@ -218,12 +222,12 @@ def reset_partition(client, keys: RedisKeys, topic: str, partition: int, next_of
     restarts to resume there."""
     pipe = client.pipeline(transaction=True)
     if topic_id is not None:
-        pipe.hset(keys.topic_ids, _held_field(topic, partition), topic_id)
+        pipe.hset(keys.topic_ids, _partition_field(topic, partition), topic_id)
     if next_offset == 0:
         pipe.delete(keys.watermark(topic, partition))
     else:
         pipe.set(keys.watermark(topic, partition), next_offset - 1)
-    pipe.hdel(keys.held_partitions, _held_field(topic, partition))
+    pipe.hdel(keys.held_partitions, _partition_field(topic, partition))
     pipe.execute()
 
 
