@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from online_models.kernels import top_k_rows
+from online_models.kernels import codes_of_hashes, top_k_rows
 from online_models.signals import SignalBatch
 from online_models.store import MemoryStore, StateStore, grown
 
@@ -232,10 +232,7 @@ class ItemHashes:
     def codes_of(self, hashes: np.ndarray) -> np.ndarray:
         """The codes of ``hashes``; -1 for a hash of no name seen here yet."""
         known, codes = self._index
-        if not len(known):
-            return np.full(len(hashes), -1, np.int64)
-        at = np.minimum(np.searchsorted(known, hashes), len(known) - 1)
-        return np.where(known[at] == hashes, codes[at], -1)
+        return codes_of_hashes(known, codes, hashes)
 
 
 class CodedRow(NamedTuple):

@@ -253,6 +253,43 @@ def session_knn_scores(starts, cols, values, query_starts, item_rows, item_weigh
     return out
 
 
+@njit(cache=True, nogil=True)
+def codes_of_hashes(known, known_codes, hashes):  # pragma: no cover (compiled)
+    """The code of each of ``hashes`` where ``known`` (sorted) holds it (``known_codes``: the
+    codes in ``known``'s order), else -1: one binary search per hash."""
+    out = np.full(len(hashes), -1, np.int64)
+    n = len(known)
+    for j in range(len(hashes)):
+        at = np.searchsorted(known, hashes[j])
+        if at < n and known[at] == hashes[j]:
+            out[j] = known_codes[at]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def jaccard_members(codes, counts, df, item_code, df_item, sampled):  # pragma: no cover
+    """An item's Jaccard similarity to each member of its neighbourhood but itself (code
+    ``item_code``): ``c / (n_a + n_b − c)``, the count ``c`` of shared sessions scaled from the
+    item's ``sampled`` sessions to all of them (``n_a = max(df_item, sampled)``) and capped by
+    both session counts (``n_b = max(df, c)``). Returns (the members' positions, their
+    similarities), in member order."""
+    n_a = max(df_item, float(sampled))
+    scale = n_a / sampled
+    at = np.empty(len(codes), np.int64)
+    sims = np.empty(len(codes))
+    m = 0
+    for j in range(len(codes)):
+        if codes[j] == item_code:
+            continue
+        c = counts[j]
+        n_b = max(df[j], c)
+        est = min(c * scale, min(n_a, n_b))
+        sims[m] = est / max(n_a + n_b - est, 1e-12)
+        at[m] = j
+        m += 1
+    return at[:m], sims[:m]
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _worse(s, c, other_s, other_c):  # pragma: no cover (compiled)
     """Whether cell (score ``s``, column ``c``) ranks below the other: a lower score, or an
@@ -332,5 +369,7 @@ def warm_up() -> None:
     session_knn_scores(np.zeros(2, np.int64), one, np.ones(1), np.zeros(2, np.int64), one,
                        np.ones(1), np.zeros(2, np.int64), one, np.ones(1), 1.0, one, one,
                        np.ones(1), 1, 0, 1)
+    jaccard_members(one, np.ones(1), np.ones(1), 0, 1.0, 1)
+    codes_of_hashes(np.zeros(1, np.uint64), one, np.zeros(1, np.uint64))
     for dtype in (np.float32, np.float64):  # the co-occurrence and session blocks
         top_k_rows(np.ones((1, 1), dtype), 1)

@@ -55,8 +55,8 @@ from online_models.base import (CodedRow, Columns, ItemCodes, ItemHashes, LearnR
                                 vocabulary)
 from online_models.cooccurrence import recommend_neighbours
 from online_models.signals import SignalBatch
-from online_models.kernels import (code_ids, code_sums, session_knn_scores, session_steps,
-                                   sum_pairs, window_arrays, window_rows)
+from online_models.kernels import (code_ids, code_sums, jaccard_members, session_knn_scores,
+                                   session_steps, sum_pairs, window_arrays, window_rows)
 from online_models.store import CodedValueCache, FlatRows, RowCache, slack
 
 
@@ -319,12 +319,12 @@ class SessionModel(OnlineModel):
         knn_values = counts.data * _idf(found.df, total)[counts.indices]
         out = []
         rules = found.rules
-        for r, item in enumerate(items):
+        for r, (item, item_code) in enumerate(zip(items, kept.codes.codes(items).tolist())):
             at = slice(counts.indptr[r], counts.indptr[r + 1])
             cols = counts.indices[at]
-            hood = _Neighbourhood(item, found.ids[cols], codes[cols], knn_values[at],
+            hood = _Neighbourhood(item, item_code, codes[cols], knn_values[at],
                                   counts.data[at], found.df[cols], found.df_items[r],
-                                  found.sampled[r])
+                                  found.sampled[r], names=found.ids[cols])
             if rules is not None:
                 at = slice(rules.indptr[r], rules.indptr[r + 1])
                 hood.rules = CodedRow(codes[rules.indices[at]], rules.data[at])
@@ -402,17 +402,31 @@ class _Neighbourhood:
     """One item's counts ``c(i, j)`` over its recent sessions (``names``: the ``j``), with the
     ``j``'s session counts; its kNN row (``c · idf``) and Jaccard row are made on first use."""
 
-    __slots__ = ("item", "names", "codes", "knn_values", "counts", "df", "df_item", "sampled",
-                 "rules", "_knn", "_jaccard", "_similar")
+    __slots__ = ("item", "item_code", "codes", "knn_values", "counts", "df", "df_item",
+                 "sampled", "rules", "_names", "_item_codes", "_knn", "_jaccard", "_similar")
 
-    def __init__(self, item: str, names: np.ndarray = np.empty(0, object),
+    def __init__(self, item: str, item_code: int = -1,
                  codes: np.ndarray = np.empty(0, np.int64), knn_values: np.ndarray = np.empty(0),
                  counts: np.ndarray = np.empty(0), df: np.ndarray = np.empty(0),
-                 df_item: float = 0.0, sampled: int = 0) -> None:
-        self.item, self.names, self.codes, self.knn_values = item, names, codes, knn_values
+                 df_item: float = 0.0, sampled: int = 0, names: np.ndarray | None = None,
+                 item_codes: ItemCodes | None = None) -> None:
+        """``item_code``: the item's code among ``codes``' (-1: none); ``names``: the members'
+        names, else looked up in ``item_codes`` when first asked for (lists scored by code
+        never ask)."""
+        self.item, self.item_code, self.codes, self.knn_values = item, item_code, codes, \
+            knn_values
         self.counts, self.df, self.df_item, self.sampled = counts, df, df_item, sampled
+        self._names, self._item_codes = names, item_codes
         self.rules = _NO_RULES  # scored at read time (rules="read"), else unused
         self._knn = self._jaccard = self._similar = None
+
+    @property
+    def names(self) -> np.ndarray:
+        """The members' names (an object array, in ``codes``' order)."""
+        if self._names is None:
+            self._names = (self._item_codes.names(self.codes) if self._item_codes is not None
+                           else np.empty(0, object))
+        return self._names
 
     def pack(self, hashes: ItemHashes, total: float | None, counted_as: str) -> bytes:
         """This neighbourhood for another process (:meth:`SessionModel.published_rows`);
@@ -451,8 +465,8 @@ class _Neighbourhood:
          rule_values) = fields
         hashes = np.frombuffer(hashes, np.uint64)
         codes = kept.hashes.codes_of(hashes)
-        unseen = np.flatnonzero(codes < 0)
-        if len(unseen):  # names never seen in this process: coded (and hashed) now
+        if codes.min(initial=0) < 0:  # names never seen in this process: coded (and hashed) now
+            unseen = np.flatnonzero(codes < 0)
             ends = np.frombuffer(name_ends, np.uint32).astype(np.int64)
             starts = ends - np.diff(ends, prepend=0)
             codes[unseen] = kept.codes.codes([names[starts[n]:ends[n]].decode()
@@ -460,8 +474,9 @@ class _Neighbourhood:
             kept.hashes.of_codes(codes[unseen])
         counts = np.frombuffer(counts, np.float32).astype(np.float64)
         df = np.frombuffer(df, np.float64)
-        hood = cls(item, kept.codes.names(codes), codes, counts * _idf(df, total), counts, df,
-                   df_item, sampled)
+        [item_code] = kept.codes.codes([item])
+        hood = cls(item, int(item_code), codes, counts * _idf(df, total), counts, df, df_item,
+                   sampled, item_codes=kept.codes)
         if rule_positions:
             hood.rules = CodedRow(codes[np.frombuffer(rule_positions, np.uint32)],
                                   np.frombuffer(rule_values, np.float64))
@@ -489,12 +504,8 @@ class _Neighbourhood:
         if self._jaccard is None:
             at, sims = np.empty(0, np.int64), np.empty(0)
             if self.sampled:
-                at = np.flatnonzero(self.names != self.item)
-                c, df_b = self.counts[at], self.df[at]
-                n_a = max(self.df_item, float(self.sampled))
-                n_b = np.maximum(df_b, c)
-                est = np.minimum(c * (n_a / self.sampled), np.minimum(n_a, n_b))
-                sims = est / np.maximum(n_a + n_b - est, 1e-12)
+                at, sims = jaccard_members(self.codes, self.counts, self.df, self.item_code,
+                                           float(self.df_item), int(self.sampled))
                 if len(sims) > neighbours:
                     best = np.argpartition(-sims, neighbours - 1)[:neighbours]
                     at, sims = at[best], sims[best]

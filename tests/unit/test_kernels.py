@@ -168,3 +168,41 @@ def test_top_k_rows_are_the_best_positive_cells_ties_in_column_order(seed, dtype
             assert n == len(expected)
             assert columns[:n].tolist() == expected
             assert values[:n].tolist() == row[expected].tolist()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_jaccard_members_equal_the_array_formula_bit_for_bit(seed):
+    """Read-time Jaccard over a neighbourhood (the item itself left out) is what the numpy
+    formula gave, bit for bit, so read-time co-occurrence lists did not move."""
+    from online_models.kernels import jaccard_members
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 80))
+    codes = rng.permutation(1000)[:n].astype(np.int64)
+    counts = rng.integers(1, 20, n).astype(np.float32).astype(np.float64)
+    df = rng.integers(0, 400, n).astype(np.float64)  # some below their count: capped
+    item_code = int(codes[rng.integers(0, n)]) if seed % 2 else -1
+    df_item, sampled = float(rng.integers(0, 300)), int(rng.integers(1, 60))
+    at, sims = jaccard_members(codes, counts, df, item_code, df_item, sampled)
+    expected_at = np.flatnonzero(codes != item_code)
+    c, df_b = counts[expected_at], df[expected_at]
+    n_a = max(df_item, float(sampled))
+    n_b = np.maximum(df_b, c)
+    est = np.minimum(c * (n_a / sampled), np.minimum(n_a, n_b))
+    assert at.tolist() == expected_at.tolist()
+    assert np.array_equal(sims, est / np.maximum(n_a + n_b - est, 1e-12))
+
+
+def test_codes_of_hashes_find_each_known_hash_and_only_those():
+    from online_models.kernels import codes_of_hashes
+
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, 500, dtype=np.uint64) * np.uint64(2)  # even: all distinct
+    order = np.argsort(hashes)
+    known, known_codes = hashes[order], np.arange(500, dtype=np.int64)[order]
+    asked = np.concatenate((hashes[::7], hashes[:5] + np.uint64(1),
+                            np.array([0, 2**64 - 1], np.uint64)))
+    code_of = dict(zip(hashes.tolist(), range(500)))
+    assert codes_of_hashes(known, known_codes, asked).tolist() == [
+        code_of.get(h, -1) for h in asked.tolist()]
+    assert codes_of_hashes(known[:0], known_codes[:0], asked).tolist() == [-1] * len(asked)
