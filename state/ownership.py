@@ -1,0 +1,211 @@
+"""Item-side writes as delta records for their owner partitions (docs/item-ownership.md).
+
+The first piece of the layout where item-side state has one writer per item partition. A
+worker's models learn through a :class:`DeltaRecorder`: what is theirs alone (user and
+session state, the ``*_local_*`` calls) goes to the worker's own store; every write to shared
+tables (item rows, item vectors, counts) becomes an operation in a chunk's
+:class:`ChunkDeltas`, grouped by the partition that owns the row's key. An owner applies a
+partition's record with :func:`apply_record`, in chunk order, to its own stores. Each key
+then has one writer, and its operations run in the order direct learning would run them, so
+the owners' state equals that of models learning straight into one store, bit for bit.
+
+Not wired to Kafka or the worker yet: the outbox and the item-keyed topic that carry the
+records, and the owners' agent, are the design's next steps. ``bench/item_deltas.py``
+measures what the records cost.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import msgspec
+import numpy as np
+
+from online_models.store import FlatRows, StateStore
+
+#: an operation: (namespace, kind, table, keep_top or -1, payload)
+_ROW_KINDS = ("incr", "set")
+_VECTOR_KINDS = ("add_vectors", "set_vectors")
+
+
+@lru_cache(maxsize=1 << 18)
+def owner_partition(key: str, partitions: int) -> int:
+    """The partition that owns ``key``: Kafka's default placement of a record keyed by
+    ``key`` (murmur2 of its UTF-8 bytes), so an item-keyed topic agrees."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+class ChunkDeltas:
+    """One chunk's shared-table writes, per owner partition, in the order they were made."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+        self.ops: dict[int, list[tuple]] = {}
+
+    def _owners(self, keys: Sequence[str]) -> list[int]:
+        n = self.partitions
+        return [owner_partition(key, n) for key in keys]
+
+    def add_rows(self, namespace: str, kind: str, table: str, rows: FlatRows,
+                 keep_top: int | None) -> None:
+        by_owner: dict[int, tuple[list, list, list, list]] = {}
+        b, members, values = rows.bounds, rows.members, rows.values
+        for key, owner, lo, hi in zip(rows.keys, self._owners(rows.keys), b, b[1:]):
+            part = by_owner.get(owner)
+            if part is None:
+                by_owner[owner] = part = ([], [0], [], [])
+            part[0].append(key)
+            part[2].extend(members[lo:hi])
+            part[3].extend(values[lo:hi])
+            part[1].append(len(part[2]))
+        top = -1 if keep_top is None else keep_top
+        for owner, part in by_owner.items():
+            self.ops.setdefault(owner, []).append((namespace, kind, table, top, part))
+
+    def add_vectors(self, namespace: str, kind: str, table: str, keys: Sequence[str],
+                    vectors: np.ndarray, base: np.ndarray | None) -> None:
+        owners = np.asarray(self._owners(keys), np.int64)
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        for owner in np.unique(owners).tolist():
+            at = np.flatnonzero(owners == owner)
+            rows = vectors[at]
+            payload = ([keys[n] for n in at.tolist()], rows.shape[1], rows.tobytes(),
+                       b"" if base is None
+                       else np.ascontiguousarray(base, np.float32)[at].tobytes())
+            self.ops.setdefault(owner, []).append((namespace, kind, table, -1, payload))
+
+    def take_records(self) -> dict[int, bytes]:
+        """Each owner partition's operations, encoded (msgpack): what goes to its topic;
+        the chunk starts empty again."""
+        ops, self.ops = self.ops, {}
+        return {owner: msgspec.msgpack.encode(part) for owner, part in sorted(ops.items())}
+
+
+def apply_record(record: bytes, store_for: Callable[[str], StateStore]) -> int:
+    """Apply one partition's record to the owner's stores (``store_for(namespace)``), in
+    the order the operations were made; returns how many operations."""
+    ops = msgspec.msgpack.decode(record)
+    for namespace, kind, table, top, payload in ops:
+        store = store_for(namespace)
+        keep_top = None if top < 0 else top
+        if kind in _ROW_KINDS:
+            rows = FlatRows(*payload)
+            if kind == "incr":
+                store.incr_flat_rows(table, rows, keep_top)
+            else:
+                store.set_flat_rows(table, rows, keep_top)
+        elif kind in _VECTOR_KINDS:
+            keys, dim, raw, base = payload
+            vectors = np.frombuffer(raw, np.float32).reshape(len(keys), dim)
+            if kind == "add_vectors":
+                store.add_vectors(table, keys, vectors,
+                                  np.frombuffer(base, np.float32).reshape(len(keys), dim))
+            else:
+                store.set_vectors(table, keys, vectors)
+        else:
+            raise ValueError(f"an item-delta record holds an unknown operation {kind!r}")
+    return len(ops)
+
+
+class OwnedStores(StateStore):
+    """The owners' stores of one namespace read as one (``stores[p]``: partition ``p``'s):
+    each key read from its owner. Read-only; what the recorder reads shared rows from."""
+
+    def __init__(self, stores: Sequence[StateStore]) -> None:
+        self.stores = list(stores)
+
+    def _by_owner(self, keys: Sequence[str]) -> dict[int, list[int]]:
+        """Owner partition → the positions of its keys."""
+        n, by_owner = len(self.stores), {}
+        for at, key in enumerate(keys):
+            by_owner.setdefault(owner_partition(key, n), []).append(at)
+        return by_owner
+
+    def get_rows(self, table, keys):
+        out: list = [None] * len(keys)
+        for owner, ats in self._by_owner(keys).items():
+            for at, row in zip(ats, self.stores[owner].get_rows(table, [keys[a] for a in ats])):
+                out[at] = row
+        return out
+
+    def get_vectors(self, table, keys, dim):
+        vectors, found = np.zeros((len(keys), dim), np.float32), np.zeros(len(keys), bool)
+        for owner, ats in self._by_owner(keys).items():
+            vectors[ats], found[ats] = self.stores[owner].get_vectors(
+                table, [keys[a] for a in ats], dim)
+        return vectors, found
+
+    def row_count(self, table):
+        return sum(store.row_count(table) for store in self.stores)
+
+    def claim(self, table, key, member, value):
+        return self.stores[owner_partition(key, len(self.stores))].claim(
+            table, key, member, value)
+
+    def _read_only(self, *_args, **_kwargs):
+        raise TypeError("owned stores are written by their owners (apply_record) only")
+
+    incr_rows = set_rows = set_vectors = add_vectors = _read_only
+    get_local_rows = set_local_rows = get_local_vectors = set_local_vectors = _read_only
+
+    def sibling(self, namespace):
+        raise TypeError("owned stores come per namespace: build one for each")
+
+
+class DeltaRecorder(StateStore):
+    """A model's store in the owned layout: local rows and vectors in ``local`` (this
+    worker's), shared reads from ``shared`` (the owners' state, e.g. :class:`OwnedStores`),
+    shared writes recorded in ``deltas`` under ``namespace``. A claim (first writer wins,
+    immediate) goes to ``shared`` at once."""
+
+    def __init__(self, local: StateStore, shared: StateStore, deltas: ChunkDeltas,
+                 namespace: str) -> None:
+        self.local, self.shared, self.deltas, self.namespace = local, shared, deltas, namespace
+
+    def get_rows(self, table, keys):
+        return self.shared.get_rows(table, keys)
+
+    def get_vectors(self, table, keys, dim):
+        return self.shared.get_vectors(table, keys, dim)
+
+    def incr_rows(self, table, deltas, keep_top=None):
+        self.incr_flat_rows(table, FlatRows.from_dicts(deltas), keep_top)
+
+    def incr_flat_rows(self, table, rows, keep_top=None):
+        self.deltas.add_rows(self.namespace, "incr", table, rows, keep_top)
+
+    def set_rows(self, table, values, keep_top=None):
+        self.set_flat_rows(table, FlatRows.from_dicts(values), keep_top)
+
+    def set_flat_rows(self, table, rows, keep_top=None):
+        self.deltas.add_rows(self.namespace, "set", table, rows, keep_top)
+
+    def set_vectors(self, table, keys, vectors):
+        self.deltas.add_vectors(self.namespace, "set_vectors", table, keys, vectors, None)
+
+    def add_vectors(self, table, keys, deltas, base):
+        self.deltas.add_vectors(self.namespace, "add_vectors", table, keys, deltas, base)
+
+    def get_local_rows(self, table, keys):
+        return self.local.get_local_rows(table, keys)
+
+    def set_local_rows(self, table, rows):
+        self.local.set_local_rows(table, rows)
+
+    def get_local_vectors(self, table, keys, dim):
+        return self.local.get_local_vectors(table, keys, dim)
+
+    def set_local_vectors(self, table, keys, vectors):
+        self.local.set_local_vectors(table, keys, vectors)
+
+    def claim(self, table, key, member, value):
+        return self.shared.claim(table, key, member, value)
+
+    def row_count(self, table):
+        return self.local.row_count(table) + self.shared.row_count(table)
+
+    def sibling(self, namespace):
+        raise TypeError("a delta recorder comes per model namespace: build one for each")

@@ -1,0 +1,96 @@
+"""Item-side writes as delta records applied by their owner partitions (state/ownership.py):
+the owners end with exactly the state of models learning straight into one store."""
+
+import numpy as np
+import pytest
+
+from online_models.registry import build
+from online_models.signals import SignalMapper
+from online_models.store import MemoryStore
+from state.ownership import (ChunkDeltas, DeltaRecorder, OwnedStores, apply_record,
+                             owner_partition)
+from stream.simulator import UserSimulator
+
+PARTITIONS = 4
+
+
+def _chunks(seed: int, events: int = 6000, chunk: int = 500):
+    stream = list(UserSimulator(150, 300, seed=seed).events(events, 1_700_000_000.0))
+    mapper = SignalMapper()
+    return [mapper.map(stream[n:n + chunk]) for n in range(0, len(stream), chunk)]
+
+
+def _learn_owned(names, chunks):
+    """The models learn through delta recorders; each chunk's records are applied by their
+    owners before the next chunk (a replay of the owned layout)."""
+    deltas = ChunkDeltas(PARTITIONS)
+    owners = [{name: MemoryStore() for name in names} for _ in range(PARTITIONS)]
+    local = {name: MemoryStore() for name in names}
+    models = [build(name).bind(DeltaRecorder(
+        local[name], OwnedStores([owner[name] for owner in owners]), deltas, name))
+        for name in names]
+    applied = 0
+    for signals in chunks:
+        for model in models:
+            model.learn(signals)
+        for partition, record in deltas.take_records().items():
+            applied += apply_record(record, owners[partition].__getitem__)
+    return local, owners, applied
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_owned_state_equals_learning_into_one_store_bit_for_bit(seed):
+    names = ["session", "mf", "cooc"]  # cooc: pair rows, a claimed landmark, trims
+    chunks = _chunks(seed)
+    direct = {name: build(name).bind(MemoryStore()) for name in names}
+    for signals in chunks:
+        for model in direct.values():
+            model.learn(signals)
+    local, owners, applied = _learn_owned(names, chunks)
+    assert applied > len(chunks)  # records carried operations
+    for name in names:
+        expected: MemoryStore = direct[name].store
+        for table, rows in expected.rows.items():
+            held = [local[name].rows.get(table, {})] + [o[name].rows.get(table, {})
+                                                         for o in owners]
+            assert sum(1 for part in held if part) >= 1, (name, table)
+            # one writer per key: no key in two places
+            assert sum(len(part) for part in held) == len(rows), (name, table)
+            merged = {key: row for part in held for key, row in part.items()}
+            assert merged == rows, (name, table)
+        for table, vectors in expected.vectors.items():
+            got = {}
+            for part in [local[name]] + [o[name] for o in owners]:
+                if table in part.vectors:
+                    got.update(part.vectors[table].copy())
+            assert set(got) == set(vectors.index), (name, table)
+            for key in vectors:
+                assert np.array_equal(got[key], vectors[key]), (name, table, key)
+
+
+def test_each_shared_key_lands_with_its_owner_partition_only():
+    local, owners, _ = _learn_owned(["session", "mf"], _chunks(3, events=2000))
+    spread = set()
+    for partition, owner in enumerate(owners):
+        for name, store in owner.items():
+            for table, rows in store.rows.items():
+                for key in rows:
+                    assert owner_partition(key, PARTITIONS) == partition, (name, table, key)
+                    spread.add(partition)
+            for table, vectors in store.vectors.items():
+                assert all(owner_partition(key, PARTITIONS) == partition for key in vectors)
+    assert spread == set(range(PARTITIONS))  # items spread over every owner
+    # user and session state stayed with the worker that learnt it
+    assert local["session"].rows["sess"] and local["mf"].vectors["user"]
+    assert "isess" not in local["session"].rows and "item" not in local["mf"].vectors
+
+
+def test_a_record_with_an_unknown_operation_is_refused_and_owned_stores_are_read_only():
+    import msgspec
+
+    with pytest.raises(ValueError, match="unknown operation 'drop'"):
+        apply_record(msgspec.msgpack.encode([["mf", "drop", "item", -1, []]]),
+                     lambda _ns: MemoryStore())
+    owned = OwnedStores([MemoryStore(), MemoryStore()])
+    with pytest.raises(TypeError, match="written by their owners"):
+        owned.incr_rows("isess", {"a": {"s": 1.0}})
