@@ -1,0 +1,117 @@
+"""What item ownership's delta records cost (state/ownership.py, docs/item-ownership.md).
+
+The live default models (session + MF) learn the shared YooChoose sample's training events
+in chunks of ``--chunk``, two ways, in turn for ``--rounds`` rounds:
+
+* **direct** (baseline): into one memory store, as replay does;
+* **owned**: through delta recorders; each chunk's records are encoded per owner partition
+  (``--partitions``), decoded and applied by their owners' memory stores before the next
+  chunk, as an owner agent would apply them from the item-keyed topic.
+
+Both end with the same state (checked: every row and vector equal). Reports events/s and µs
+of CPU per event for each, the difference (what recording, encoding, decoding and applying
+cost), and the records' size: operations and bytes per chunk and per event. No broker and no
+Redis: the hop's produce and consume and the owners' flushes come on top. Usage:
+``python bench/item_deltas.py [--chunk 1000] [--partitions 8]``. Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from bench.report import print_result, yoochoose_split  # noqa: E402
+from online_models.kernels import warm_up  # noqa: E402
+from online_models.registry import build  # noqa: E402
+from online_models.signals import SignalMapper  # noqa: E402
+from online_models.store import MemoryStore  # noqa: E402
+from state.ownership import ChunkDeltas, DeltaRecorder, OwnedStores, apply_record  # noqa: E402
+
+MODELS = ("session", "mf")
+
+
+def direct(chunks) -> tuple[float, dict]:
+    models = {name: build(name).bind(MemoryStore()) for name in MODELS}
+    cpu = time.process_time()
+    for signals in chunks:
+        for model in models.values():
+            model.learn(signals)
+    return time.process_time() - cpu, {name: [m.store] for name, m in models.items()}
+
+
+def owned(chunks, partitions: int) -> tuple[float, dict, dict]:
+    deltas = ChunkDeltas(partitions)
+    owners = [{name: MemoryStore() for name in MODELS} for _ in range(partitions)]
+    local = {name: MemoryStore() for name in MODELS}
+    models = [build(name).bind(DeltaRecorder(
+        local[name], OwnedStores([owner[name] for owner in owners]), deltas, name))
+        for name in MODELS]
+    sizes = {"records": 0, "operations": 0, "bytes": 0}
+    cpu = time.process_time()
+    for signals in chunks:
+        for model in models:
+            model.learn(signals)
+        for partition, record in deltas.take_records().items():
+            sizes["records"] += 1
+            sizes["bytes"] += len(record)
+            sizes["operations"] += apply_record(record, owners[partition].__getitem__)
+    spent = time.process_time() - cpu
+    return spent, {name: [local[name], *(o[name] for o in owners)] for name in MODELS}, sizes
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Every row and vector of ``a``'s stores is in ``b``'s, equal, and nothing more."""
+    for name in MODELS:
+        for table in {t for s in a[name] + b[name] for t in s.rows}:
+            rows_a = {k: r for s in a[name] for k, r in s.rows.get(table, {}).items()}
+            rows_b = {k: r for s in b[name] for k, r in s.rows.get(table, {}).items()}
+            if rows_a != rows_b:
+                return False
+        for table in {t for s in a[name] + b[name] for t in s.vectors}:
+            vec_a = {k: v for s in a[name] if table in s.vectors
+                     for k, v in s.vectors[table].copy().items()}
+            vec_b = {k: v for s in b[name] if table in s.vectors
+                     for k, v in s.vectors[table].copy().items()}
+            if vec_a.keys() != vec_b.keys() or not all(
+                    np.array_equal(vec_a[k], vec_b[k]) for k in vec_a):
+                return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunk", type=int, default=1000, help="events per chunk")
+    parser.add_argument("--partitions", type=int, default=8, help="owner partitions")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    warm_up()
+    train, _ = yoochoose_split()
+    mapper = SignalMapper()
+    chunks = [mapper.map(train[n:n + args.chunk]) for n in range(0, len(train), args.chunk)]
+    events = len(train)
+    result: dict = {"events": events, "chunk": args.chunk, "partitions": args.partitions}
+    for n in range(1, args.rounds + 1):
+        base_s, base_state = direct(chunks)
+        owned_s, owned_state, sizes = owned(chunks, args.partitions)
+        if not same_state(base_state, owned_state):
+            sys.exit("the owned layout's state differs from direct learning's")
+        result.update({
+            f"direct_{n}_events_per_s": round(events / base_s),
+            f"direct_{n}_us_per_event": round(1e6 * base_s / events, 2),
+            f"owned_{n}_events_per_s": round(events / owned_s),
+            f"owned_{n}_us_per_event": round(1e6 * owned_s / events, 2),
+            f"records_{n}_us_per_event": round(1e6 * (owned_s - base_s) / events, 2)})
+    result.update({"records_per_chunk": round(sizes["records"] / len(chunks), 2),
+                   "operations_per_chunk": round(sizes["operations"] / len(chunks), 1),
+                   "record_bytes_per_event": round(sizes["bytes"] / events, 1)})
+    print_result(result)
+
+
+if __name__ == "__main__":
+    main()
