@@ -16,7 +16,7 @@ LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-m
 TORCH_WHEELS ?= /opt/wheels
 TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0+cpu-*.whl),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup browser lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api bench-on-demand bench-log-flush soak docs clean
+.PHONY: setup browser lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api bench-on-demand bench-log-flush bench-item-deltas soak docs clean
 
 setup: $(STAMP)
 
@@ -48,7 +48,7 @@ test: $(STAMP) browser
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit tests/contract $(PYTEST_ARGS)
 
-bench: bench-validation bench-replay bench-apply bench-ingest bench-serving bench-api bench-on-demand bench-log-flush
+bench: bench-validation bench-replay bench-apply bench-ingest bench-serving bench-api bench-on-demand bench-log-flush bench-item-deltas
 
 bench-apply: $(STAMP)
 	$(BIN)/python bench/apply.py
@@ -70,6 +70,9 @@ bench-on-demand: $(STAMP)
 # on-demand lists behind a slow impression log (Kafka acks): shared flushes vs one per pass
 bench-log-flush: $(STAMP)
 	$(BIN)/python bench/log_flush.py
+
+bench-item-deltas: $(STAMP)
+	$(BIN)/python bench/item_deltas.py
 
 bench-ingest: $(STAMP)
 	$(BIN)/python bench/ingest.py
