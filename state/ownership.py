@@ -51,18 +51,19 @@ class ChunkDeltas:
 
     def add_rows(self, namespace: str, kind: str, table: str, rows: FlatRows,
                  keep_top: int | None) -> None:
-        by_owner: dict[int, tuple[list, list, list, list]] = {}
-        b, members, values = rows.bounds, rows.members, rows.values
-        for key, owner, lo, hi in zip(rows.keys, self._owners(rows.keys), b, b[1:]):
-            part = by_owner.get(owner)
-            if part is None:
-                by_owner[owner] = part = ([], [0], [], [])
-            part[0].append(key)
-            part[2].extend(members[lo:hi])
-            part[3].extend(values[lo:hi])
-            part[1].append(len(part[2]))
+        if not rows.keys:
+            return
+        owners = np.asarray(self._owners(rows.keys), np.int64)
+        lengths = np.diff(np.asarray(rows.bounds, np.int64))
+        entry_owner = np.repeat(owners, lengths)
+        keys = np.asarray(rows.keys, object)
+        members = np.asarray(rows.members, object)
+        values = np.asarray(rows.values, np.float64)
         top = -1 if keep_top is None else keep_top
-        for owner, part in by_owner.items():
+        for owner in np.unique(owners).tolist():
+            at, entries = np.flatnonzero(owners == owner), np.flatnonzero(entry_owner == owner)
+            part = (keys[at].tolist(), [0, *np.cumsum(lengths[at]).tolist()],
+                    members[entries].tolist(), values[entries].tobytes())
             self.ops.setdefault(owner, []).append((namespace, kind, table, top, part))
 
     def add_vectors(self, namespace: str, kind: str, table: str, keys: Sequence[str],
@@ -92,7 +93,8 @@ def apply_record(record: bytes, store_for: Callable[[str], StateStore]) -> int:
         store = store_for(namespace)
         keep_top = None if top < 0 else top
         if kind in _ROW_KINDS:
-            rows = FlatRows(*payload)
+            keys, bounds, members, values = payload
+            rows = FlatRows(keys, bounds, members, np.frombuffer(values, np.float64).tolist())
             if kind == "incr":
                 store.incr_flat_rows(table, rows, keep_top)
             else:
