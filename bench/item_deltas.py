@@ -31,7 +31,7 @@ from online_models.kernels import warm_up  # noqa: E402
 from online_models.registry import build  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
 from online_models.store import MemoryStore  # noqa: E402
-from state.ownership import ChunkDeltas, DeltaRecorder, OwnedStores, apply_record  # noqa: E402
+from state.ownership import OwnedLayout  # noqa: E402
 
 MODELS = ("session", "mf")
 
@@ -46,23 +46,12 @@ def direct(chunks) -> tuple[float, dict]:
 
 
 def owned(chunks, partitions: int) -> tuple[float, dict, dict]:
-    deltas = ChunkDeltas(partitions)
-    owners = [{name: MemoryStore() for name in MODELS} for _ in range(partitions)]
-    local = {name: MemoryStore() for name in MODELS}
-    models = [build(name).bind(DeltaRecorder(
-        local[name], OwnedStores([owner[name] for owner in owners]), deltas, name))
-        for name in MODELS]
-    sizes = {"records": 0, "operations": 0, "bytes": 0}
+    layout = OwnedLayout({name: build(name) for name in MODELS}, partitions)
     cpu = time.process_time()
     for signals in chunks:
-        for model in models:
-            model.learn(signals)
-        for partition, record in deltas.take_records().items():
-            sizes["records"] += 1
-            sizes["bytes"] += len(record)
-            sizes["operations"] += apply_record(record, owners[partition].__getitem__)
+        layout.learn(signals)
     spent = time.process_time() - cpu
-    return spent, {name: [local[name], *(o[name] for o in owners)] for name in MODELS}, sizes
+    return spent, {name: layout.stores(name) for name in MODELS}, layout.sizes
 
 
 def same_state(a: dict, b: dict) -> bool:

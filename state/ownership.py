@@ -9,9 +9,9 @@ partition's record with :func:`apply_record`, in chunk order, to its own stores.
 then has one writer, and its operations run in the order direct learning would run them, so
 the owners' state equals that of models learning straight into one store, bit for bit.
 
-Not wired to Kafka or the worker yet: the outbox and the item-keyed topic that carry the
-records, and the owners' agent, are the design's next steps. ``bench/item_deltas.py``
-measures what the records cost.
+:class:`OwnedLayout` runs the layout in one process (tests, benches). Not wired to Kafka or
+the worker yet: the outbox and the item-keyed topic that carry the records, and the owners'
+agent, are the design's next steps. ``bench/item_deltas.py`` measures what the records cost.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from typing import Callable, Sequence
 import msgspec
 import numpy as np
 
-from online_models.store import FlatRows, StateStore
+from online_models.store import FlatRows, MemoryStore, StateStore
 
-#: an operation: (namespace, kind, table, keep_top or -1, payload)
 _ROW_KINDS = ("incr", "set")
 _VECTOR_KINDS = ("add_vectors", "set_vectors")
 
@@ -39,7 +38,10 @@ def owner_partition(key: str, partitions: int) -> int:
 
 
 class ChunkDeltas:
-    """One chunk's shared-table writes, per owner partition, in the order they were made."""
+    """One chunk's shared-table writes, per owner partition, in the order they were made.
+    An operation is ``(namespace, kind, table, keep_top or -1, payload)``; rows travel as
+    (keys, bounds, members, values as doubles), vectors as (keys, dim, float32 bytes, base
+    bytes)."""
 
     def __init__(self, partitions: int) -> None:
         self.partitions = partitions
@@ -211,3 +213,34 @@ class DeltaRecorder(StateStore):
 
     def sibling(self, namespace):
         raise TypeError("a delta recorder comes per model namespace: build one for each")
+
+
+class OwnedLayout:
+    """The owned layout in one process (replay, tests, benches): ``models`` (name → model)
+    learn through delta recorders, and each chunk's records are applied by their owners'
+    stores (``make_store()`` each) before the next chunk, as an owner agent would apply them
+    from the item-keyed topic. ``sizes`` counts records, operations and bytes."""
+
+    def __init__(self, models: dict, partitions: int, make_store=MemoryStore) -> None:
+        self.models = models
+        self.deltas = ChunkDeltas(partitions)
+        self.owners = [{name: make_store() for name in models} for _ in range(partitions)]
+        self.local = {name: make_store() for name in models}
+        for name, model in models.items():
+            model.bind(DeltaRecorder(self.local[name],
+                                     OwnedStores([owner[name] for owner in self.owners]),
+                                     self.deltas, name))
+        self.sizes = {"records": 0, "operations": 0, "bytes": 0}
+
+    def learn(self, signals) -> None:
+        for model in self.models.values():
+            model.learn(signals)
+        for partition, record in self.deltas.take_records().items():
+            self.sizes["records"] += 1
+            self.sizes["bytes"] += len(record)
+            self.sizes["operations"] += apply_record(record, self.owners[partition].__getitem__)
+
+    def stores(self, name: str) -> list[StateStore]:
+        """Every store holding a part of model ``name``'s state: the worker's, then each
+        owner's."""
+        return [self.local[name], *(owner[name] for owner in self.owners)]

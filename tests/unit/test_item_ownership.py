@@ -7,8 +7,7 @@ import pytest
 from online_models.registry import build
 from online_models.signals import SignalMapper
 from online_models.store import MemoryStore
-from state.ownership import (ChunkDeltas, DeltaRecorder, OwnedStores, apply_record,
-                             owner_partition)
+from state.ownership import OwnedLayout, OwnedStores, apply_record, owner_partition
 from stream.simulator import UserSimulator
 
 PARTITIONS = 4
@@ -21,21 +20,11 @@ def _chunks(seed: int, events: int = 6000, chunk: int = 500):
 
 
 def _learn_owned(names, chunks):
-    """The models learn through delta recorders; each chunk's records are applied by their
-    owners before the next chunk (a replay of the owned layout)."""
-    deltas = ChunkDeltas(PARTITIONS)
-    owners = [{name: MemoryStore() for name in names} for _ in range(PARTITIONS)]
-    local = {name: MemoryStore() for name in names}
-    models = [build(name).bind(DeltaRecorder(
-        local[name], OwnedStores([owner[name] for owner in owners]), deltas, name))
-        for name in names]
-    applied = 0
+    """A replay of the owned layout: (the worker's stores, the owners' stores, operations)."""
+    layout = OwnedLayout({name: build(name) for name in names}, PARTITIONS)
     for signals in chunks:
-        for model in models:
-            model.learn(signals)
-        for partition, record in deltas.take_records().items():
-            applied += apply_record(record, owners[partition].__getitem__)
-    return local, owners, applied
+        layout.learn(signals)
+    return layout.local, layout.owners, layout.sizes["operations"]
 
 
 @pytest.mark.parametrize("seed", [1, 2])
