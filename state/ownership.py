@@ -5,7 +5,7 @@ worker's models learn through a :class:`DeltaRecorder`: what is theirs alone (us
 session state, the ``*_local_*`` calls) goes to the worker's own store; every write to shared
 tables (item rows, item vectors, counts) becomes an operation in a chunk's
 :class:`ChunkDeltas`, grouped by the partition that owns the row's key. An owner applies a
-partition's record with :func:`apply_record`, in chunk order, to its own stores. Each key
+partition's records with an :class:`Owner`, in order, to its own stores, once each. Each key
 then has one writer, and its operations run in the order direct learning would run them, so
 the owners' state equals that of models learning straight into one store, bit for bit.
 
@@ -80,17 +80,40 @@ class ChunkDeltas:
                        else np.ascontiguousarray(base, np.float32)[at].tobytes())
             self.ops.setdefault(owner, []).append((namespace, kind, table, -1, payload))
 
-    def take_records(self) -> dict[int, bytes]:
-        """Each owner partition's operations, encoded (msgpack): what goes to its topic;
-        the chunk starts empty again."""
+    def take_records(self, sources: dict[str, int]) -> dict[int, bytes]:
+        """Each owner partition's record (msgpack): the chunk's source offsets (``sources``:
+        source partition → the last offset the chunk covers) and its operations, what goes
+        to the owner's topic partition; the chunk starts empty again."""
         ops, self.ops = self.ops, {}
-        return {owner: msgspec.msgpack.encode(part) for owner, part in sorted(ops.items())}
+        return {owner: msgspec.msgpack.encode((sources, part))
+                for owner, part in sorted(ops.items())}
 
 
-def apply_record(record: bytes, store_for: Callable[[str], StateStore]) -> int:
-    """Apply one partition's record to the owner's stores (``store_for(namespace)``), in
-    the order the operations were made; returns how many operations."""
-    ops = msgspec.msgpack.decode(record)
+class Owner:
+    """One owner partition's side: applies records to its stores (``store_for(namespace)``)
+    once each. It keeps, per source partition, the last offset applied (``applied``; commit
+    it with the state it covers, restore both together): a record whose source offsets are
+    not past it is a re-send or a redelivery, and is dropped."""
+
+    def __init__(self, store_for: Callable[[str], StateStore],
+                 applied: dict[str, int] | None = None) -> None:
+        self.store_for = store_for
+        self.applied: dict[str, int] = dict(applied or {})
+
+    def apply(self, record: bytes) -> int | None:
+        """Apply a record; how many operations it held, or None where it was applied
+        before."""
+        sources, ops = msgspec.msgpack.decode(record)
+        if any(self.applied.get(source, -1) >= offset for source, offset in sources.items()):
+            return None
+        apply_operations(ops, self.store_for)
+        self.applied.update(sources)
+        return len(ops)
+
+
+def apply_operations(ops: list, store_for: Callable[[str], StateStore]) -> None:
+    """Apply a record's operations to the owner's stores (``store_for(namespace)``), in the
+    order they were made."""
     for namespace, kind, table, top, payload in ops:
         store = store_for(namespace)
         keep_top = None if top < 0 else top
@@ -111,7 +134,6 @@ def apply_record(record: bytes, store_for: Callable[[str], StateStore]) -> int:
                 store.set_vectors(table, keys, vectors)
         else:
             raise ValueError(f"an item-delta record holds an unknown operation {kind!r}")
-    return len(ops)
 
 
 class OwnedStores(StateStore):
@@ -150,7 +172,7 @@ class OwnedStores(StateStore):
             table, key, member, value)
 
     def _read_only(self, *_args, **_kwargs):
-        raise TypeError("owned stores are written by their owners (apply_record) only")
+        raise TypeError("owned stores are written by their owners (Owner.apply) only")
 
     incr_rows = set_rows = set_vectors = add_vectors = _read_only
     get_local_rows = set_local_rows = get_local_vectors = set_local_vectors = _read_only
@@ -230,15 +252,18 @@ class OwnedLayout:
             model.bind(DeltaRecorder(self.local[name],
                                      OwnedStores([owner[name] for owner in self.owners]),
                                      self.deltas, name))
+        self.appliers = [Owner(owner.__getitem__) for owner in self.owners]
         self.sizes = {"records": 0, "operations": 0, "bytes": 0}
+        self._chunks = 0
 
     def learn(self, signals) -> None:
         for model in self.models.values():
             model.learn(signals)
-        for partition, record in self.deltas.take_records().items():
+        self._chunks += 1
+        for partition, record in self.deltas.take_records({"replay": self._chunks}).items():
             self.sizes["records"] += 1
             self.sizes["bytes"] += len(record)
-            self.sizes["operations"] += apply_record(record, self.owners[partition].__getitem__)
+            self.sizes["operations"] += self.appliers[partition].apply(record)
 
     def stores(self, name: str) -> list[StateStore]:
         """Every store holding a part of model ``name``'s state: the worker's, then each

@@ -7,7 +7,8 @@ import pytest
 from online_models.registry import build
 from online_models.signals import SignalMapper
 from online_models.store import MemoryStore
-from state.ownership import OwnedLayout, OwnedStores, apply_record, owner_partition
+from state.ownership import (ChunkDeltas, DeltaRecorder, Owner, OwnedLayout, OwnedStores,
+                             owner_partition)
 from stream.simulator import UserSimulator
 
 PARTITIONS = 4
@@ -78,8 +79,44 @@ def test_a_record_with_an_unknown_operation_is_refused_and_owned_stores_are_read
     import msgspec
 
     with pytest.raises(ValueError, match="unknown operation 'drop'"):
-        apply_record(msgspec.msgpack.encode([["mf", "drop", "item", -1, []]]),
-                     lambda _ns: MemoryStore())
+        Owner(lambda _ns: MemoryStore()).apply(
+            msgspec.msgpack.encode(({"interactions:0": 5}, [["mf", "drop", "item", -1, []]])))
     owned = OwnedStores([MemoryStore(), MemoryStore()])
     with pytest.raises(TypeError, match="written by their owners"):
         owned.incr_rows("isess", {"a": {"s": 1.0}})
+
+
+def test_an_owner_applies_each_record_once_across_re_sends_and_its_own_restart():
+    """Records of two source partitions, interleaved; the relay sends some twice (after its
+    crash) and the owner restarts from a checkpoint, so the topic redelivers what came after:
+    every duplicate is dropped by its source offsets and the state is as if each came once."""
+    import copy
+
+    deltas = ChunkDeltas(1)
+    store = MemoryStore()
+    recorder = DeltaRecorder(MemoryStore(), store, deltas, "m")
+    records = []
+    for n in range(6):  # chunk n of source partition n % 2, last offsets 10, 20, ...
+        recorder.incr_rows("df", {f"item{n % 3}": {"n": 1.0}})
+        records.append(deltas.take_records({f"interactions:{n % 2}": 10 * (n // 2 + 1)})[0])
+    once = MemoryStore()
+    owner = Owner(lambda _ns: once)
+    assert [owner.apply(r) for r in records] == [1] * 6
+    assert once.rows["df"] == {"item0": {"n": 2.0}, "item1": {"n": 2.0}, "item2": {"n": 2.0}}
+
+    got = MemoryStore()
+    owner = Owner(lambda _ns: got)
+    topic = [records[0], records[1], records[2], records[1], records[2],  # re-sent by a relay
+             records[3], records[4]]
+    outcomes = [owner.apply(r) for r in topic[:5]]
+    assert outcomes == [1, 1, 1, None, None]
+    checkpoint = copy.deepcopy(got), dict(owner.applied)  # committed together
+    for record in topic[5:]:
+        owner.apply(record)
+    # the owner restarts from its checkpoint: the topic redelivers from record 3 on
+    got, applied = checkpoint
+    owner = Owner(lambda _ns: got, applied)
+    outcomes = [owner.apply(r) for r in [records[2], records[3], records[4], records[5]]]
+    assert outcomes == [None, 1, 1, 1]
+    assert got.rows["df"] == once.rows["df"]
+    assert owner.applied == {"interactions:0": 30, "interactions:1": 30}
