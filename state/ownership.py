@@ -256,14 +256,17 @@ class OwnedLayout:
         self.sizes = {"records": 0, "operations": 0, "bytes": 0}
         self._chunks = 0
 
-    def learn(self, signals) -> None:
+    def learn(self, signals) -> dict[int, bytes]:
+        """Learn a chunk and apply its records; returns them (owner partition → record)."""
         for model in self.models.values():
             model.learn(signals)
         self._chunks += 1
-        for partition, record in self.deltas.take_records({"replay": self._chunks}).items():
+        records = self.deltas.take_records({"replay": self._chunks})
+        for partition, record in records.items():
             self.sizes["records"] += 1
             self.sizes["bytes"] += len(record)
             self.sizes["operations"] += self.appliers[partition].apply(record)
+        return records
 
     def stores(self, name: str) -> list[StateStore]:
         """Every store holding a part of model ``name``'s state: the worker's, then each
