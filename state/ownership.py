@@ -104,16 +104,22 @@ class Owner:
         """Apply a record; how many operations it held, or None where it was applied
         before."""
         sources, ops = msgspec.msgpack.decode(record)
+        if not sources:
+            raise ValueError("an item-delta record carries no source offsets: it could not "
+                             "be applied once")
         if any(self.applied.get(source, -1) >= offset for source, offset in sources.items()):
             return None
+        unknown = sorted({op[1] for op in ops} - {*_ROW_KINDS, *_VECTOR_KINDS})
+        if unknown:  # refused whole: none of its operations applied
+            raise ValueError(f"an item-delta record holds an unknown operation {unknown[0]!r}")
         apply_operations(ops, self.store_for)
         self.applied.update(sources)
         return len(ops)
 
 
 def apply_operations(ops: list, store_for: Callable[[str], StateStore]) -> None:
-    """Apply a record's operations to the owner's stores (``store_for(namespace)``), in the
-    order they were made."""
+    """Apply a record's operations (of known kinds: :meth:`Owner.apply` checks) to the
+    owner's stores (``store_for(namespace)``), in the order they were made."""
     for namespace, kind, table, top, payload in ops:
         store = store_for(namespace)
         keep_top = None if top < 0 else top
@@ -132,8 +138,6 @@ def apply_operations(ops: list, store_for: Callable[[str], StateStore]) -> None:
                                   np.frombuffer(base, np.float32).reshape(len(keys), dim))
             else:
                 store.set_vectors(table, keys, vectors)
-        else:
-            raise ValueError(f"an item-delta record holds an unknown operation {kind!r}")
 
 
 class OwnedStores(StateStore):

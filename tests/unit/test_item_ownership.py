@@ -78,9 +78,17 @@ def test_each_shared_key_lands_with_its_owner_partition_only():
 def test_a_record_with_an_unknown_operation_is_refused_and_owned_stores_are_read_only():
     import msgspec
 
+    store = MemoryStore()
+    owner = Owner(lambda _ns: store)
+    good = ["mf", "incr", "df", -1, [["a"], [0, 1], ["n"], np.ones(1).tobytes()]]
     with pytest.raises(ValueError, match="unknown operation 'drop'"):
-        Owner(lambda _ns: MemoryStore()).apply(
-            msgspec.msgpack.encode(({"interactions:0": 5}, [["mf", "drop", "item", -1, []]])))
+        owner.apply(msgspec.msgpack.encode(({"interactions:0": 5},
+                                            [good, ["mf", "drop", "item", -1, []]])))
+    assert store.rows == {} and owner.applied == {}  # refused whole: nothing applied
+    with pytest.raises(ValueError, match="no source offsets"):
+        owner.apply(msgspec.msgpack.encode(({}, [good])))
+    assert owner.apply(msgspec.msgpack.encode(({"interactions:0": 5}, [good]))) == 1
+    assert store.rows == {"df": {"a": {"n": 1.0}}}
     owned = OwnedStores([MemoryStore(), MemoryStore()])
     with pytest.raises(TypeError, match="written by their owners"):
         owned.incr_rows("isess", {"a": {"s": 1.0}})
