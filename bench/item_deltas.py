@@ -24,14 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-
 from bench.report import print_result, yoochoose_split  # noqa: E402
 from online_models.kernels import warm_up  # noqa: E402
 from online_models.registry import build  # noqa: E402
 from online_models.signals import SignalMapper  # noqa: E402
 from online_models.store import MemoryStore  # noqa: E402
-from state.ownership import OwnedLayout  # noqa: E402
+from state.ownership import OwnedLayout, held_state  # noqa: E402
 
 MODELS = ("session", "mf")
 
@@ -55,22 +53,8 @@ def owned(chunks, partitions: int) -> tuple[float, dict, dict]:
 
 
 def same_state(a: dict, b: dict) -> bool:
-    """Every row and vector of ``a``'s stores is in ``b``'s, equal, and nothing more."""
-    for name in MODELS:
-        for table in {t for s in a[name] + b[name] for t in s.rows}:
-            rows_a = {k: r for s in a[name] for k, r in s.rows.get(table, {}).items()}
-            rows_b = {k: r for s in b[name] for k, r in s.rows.get(table, {}).items()}
-            if rows_a != rows_b:
-                return False
-        for table in {t for s in a[name] + b[name] for t in s.vectors}:
-            vec_a = {k: v for s in a[name] if table in s.vectors
-                     for k, v in s.vectors[table].copy().items()}
-            vec_b = {k: v for s in b[name] if table in s.vectors
-                     for k, v in s.vectors[table].copy().items()}
-            if vec_a.keys() != vec_b.keys() or not all(
-                    np.array_equal(vec_a[k], vec_b[k]) for k in vec_a):
-                return False
-    return True
+    """Every model's rows and vectors, held across its stores, equal bit for bit."""
+    return all(held_state(a[name]) == held_state(b[name]) for name in MODELS)
 
 
 def main() -> None:

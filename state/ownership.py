@@ -37,6 +37,27 @@ def owner_partition(key: str, partitions: int) -> int:
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
+def positions_by_owner(keys: Sequence[str], partitions: int) -> dict[int, np.ndarray]:
+    """Owner partition → the positions of its keys among ``keys`` (in order)."""
+    owners = np.fromiter((owner_partition(key, partitions) for key in keys), np.int64,
+                         len(keys))
+    return {owner: np.flatnonzero(owners == owner) for owner in np.unique(owners).tolist()}
+
+
+def held_state(stores: Sequence[MemoryStore]) -> tuple[dict, dict]:
+    """What memory stores hold together, as plain data to compare with ``==``: (table → key
+    → row, table → key → vector bytes, bit for bit)."""
+    rows: dict = {}
+    vectors: dict = {}
+    for store in stores:
+        for table, held in store.rows.items():
+            rows.setdefault(table, {}).update(held)
+        for table, held in store.vectors.items():
+            vectors.setdefault(table, {}).update(
+                (key, vector.tobytes()) for key, vector in held.copy().items())
+    return rows, vectors
+
+
 class ChunkDeltas:
     """One chunk's shared-table writes, per owner partition, in the order they were made.
     An operation is ``(namespace, kind, table, keep_top or -1, payload)``; rows travel as
@@ -47,33 +68,30 @@ class ChunkDeltas:
         self.partitions = partitions
         self.ops: dict[int, list[tuple]] = {}
 
-    def _owners(self, keys: Sequence[str]) -> list[int]:
-        n = self.partitions
-        return [owner_partition(key, n) for key in keys]
-
     def add_rows(self, namespace: str, kind: str, table: str, rows: FlatRows,
                  keep_top: int | None) -> None:
         if not rows.keys:
             return
-        owners = np.asarray(self._owners(rows.keys), np.int64)
         lengths = np.diff(np.asarray(rows.bounds, np.int64))
-        entry_owner = np.repeat(owners, lengths)
         keys = np.asarray(rows.keys, object)
         members = np.asarray(rows.members, object)
         values = np.asarray(rows.values, np.float64)
         top = -1 if keep_top is None else keep_top
-        for owner in np.unique(owners).tolist():
-            at, entries = np.flatnonzero(owners == owner), np.flatnonzero(entry_owner == owner)
+        by_owner = positions_by_owner(rows.keys, self.partitions)
+        key_owner = np.empty(len(keys), np.int64)
+        for owner, at in by_owner.items():
+            key_owner[at] = owner
+        entry_owner = np.repeat(key_owner, lengths)
+        for owner, at in by_owner.items():
+            entries = np.flatnonzero(entry_owner == owner)
             part = (keys[at].tolist(), [0, *np.cumsum(lengths[at]).tolist()],
                     members[entries].tolist(), values[entries].tobytes())
             self.ops.setdefault(owner, []).append((namespace, kind, table, top, part))
 
     def add_vectors(self, namespace: str, kind: str, table: str, keys: Sequence[str],
                     vectors: np.ndarray, base: np.ndarray | None) -> None:
-        owners = np.asarray(self._owners(keys), np.int64)
         vectors = np.ascontiguousarray(vectors, np.float32)
-        for owner in np.unique(owners).tolist():
-            at = np.flatnonzero(owners == owner)
+        for owner, at in positions_by_owner(keys, self.partitions).items():
             rows = vectors[at]
             payload = ([keys[n] for n in at.tolist()], rows.shape[1], rows.tobytes(),
                        b"" if base is None
@@ -147,25 +165,19 @@ class OwnedStores(StateStore):
     def __init__(self, stores: Sequence[StateStore]) -> None:
         self.stores = list(stores)
 
-    def _by_owner(self, keys: Sequence[str]) -> dict[int, list[int]]:
-        """Owner partition → the positions of its keys."""
-        n, by_owner = len(self.stores), {}
-        for at, key in enumerate(keys):
-            by_owner.setdefault(owner_partition(key, n), []).append(at)
-        return by_owner
-
     def get_rows(self, table, keys):
         out: list = [None] * len(keys)
-        for owner, ats in self._by_owner(keys).items():
-            for at, row in zip(ats, self.stores[owner].get_rows(table, [keys[a] for a in ats])):
-                out[at] = row
+        for owner, at in positions_by_owner(keys, len(self.stores)).items():
+            ats = at.tolist()
+            for n, row in zip(ats, self.stores[owner].get_rows(table, [keys[a] for a in ats])):
+                out[n] = row
         return out
 
     def get_vectors(self, table, keys, dim):
         vectors, found = np.zeros((len(keys), dim), np.float32), np.zeros(len(keys), bool)
-        for owner, ats in self._by_owner(keys).items():
-            vectors[ats], found[ats] = self.stores[owner].get_vectors(
-                table, [keys[a] for a in ats], dim)
+        for owner, at in positions_by_owner(keys, len(self.stores)).items():
+            vectors[at], found[at] = self.stores[owner].get_vectors(
+                table, [keys[a] for a in at.tolist()], dim)
         return vectors, found
 
     def row_count(self, table):
@@ -243,20 +255,21 @@ class DeltaRecorder(StateStore):
 
 class OwnedLayout:
     """The owned layout in one process (replay, tests, benches): ``models`` (name → model)
-    learn through delta recorders, and each chunk's records are applied by their owners'
-    stores (``make_store()`` each) before the next chunk, as an owner agent would apply them
-    from the item-keyed topic. ``sizes`` counts records, operations and bytes."""
+    learn through delta recorders, and each chunk's records are applied by their
+    :class:`Owner` (``owners[p]``) to its stores (``owner_stores[p]``: ``make_store()`` per
+    model) before the next chunk, as an owner agent would apply them from the item-keyed
+    topic. ``sizes`` counts records, operations and bytes."""
 
     def __init__(self, models: dict, partitions: int, make_store=MemoryStore) -> None:
         self.models = models
         self.deltas = ChunkDeltas(partitions)
-        self.owners = [{name: make_store() for name in models} for _ in range(partitions)]
+        self.owner_stores = [{name: make_store() for name in models} for _ in range(partitions)]
         self.local = {name: make_store() for name in models}
         for name, model in models.items():
             model.bind(DeltaRecorder(self.local[name],
-                                     OwnedStores([owner[name] for owner in self.owners]),
+                                     OwnedStores([owner[name] for owner in self.owner_stores]),
                                      self.deltas, name))
-        self.appliers = [Owner(owner.__getitem__) for owner in self.owners]
+        self.owners = [Owner(stores.__getitem__) for stores in self.owner_stores]
         self.sizes = {"records": 0, "operations": 0, "bytes": 0}
         self._chunks = 0
 
@@ -269,10 +282,10 @@ class OwnedLayout:
         for partition, record in records.items():
             self.sizes["records"] += 1
             self.sizes["bytes"] += len(record)
-            self.sizes["operations"] += self.appliers[partition].apply(record)
+            self.sizes["operations"] += self.owners[partition].apply(record)
         return records
 
     def stores(self, name: str) -> list[StateStore]:
         """Every store holding a part of model ``name``'s state: the worker's, then each
         owner's."""
-        return [self.local[name], *(owner[name] for owner in self.owners)]
+        return [self.local[name], *(stores[name] for stores in self.owner_stores)]
