@@ -160,6 +160,17 @@ class RedisKeys:
         partition's watermark counts offsets of."""
         return f"{self.prefix}:{{wm}}:topic_ids"
 
+    # --- item partitions' owners (hash tag {own:<partition>}) ------------------------------
+    def owner_applied(self, partition: int) -> str:
+        """String (msgpack map): source partition → the last offset item partition
+        ``partition``'s owner applied (docs/item-ownership.md)."""
+        return f"{self.prefix}:{{own:{int(partition)}}}:applied"
+
+    def owner_redo(self, partition: int) -> str:
+        """Hash {seq, commands}: item partition ``partition``'s owner's last commit on a
+        Redis Cluster."""
+        return f"{self.prefix}:{{own:{int(partition)}}}:redo"
+
     def seen_events(self, bucket: int) -> str:
         """Set of the ids of applied events whose timestamps fall in time bucket ``bucket``."""
         return f"{self.prefix}:{{wm}}:seen:{int(bucket)}"
@@ -275,6 +286,16 @@ class RedisKeys:
                     "of. A different id (topic deleted and recreated, broker data lost) "
                     "holds the partition even where its new log has grown past the "
                     "watermark; a reset records the new id."),
+            KeySpec(f"{p}:{{own:<partition>}}:applied", "string (msgpack map source "
+                    "partition → offset)", "none", "item partition owner (not deployed yet: "
+                    "docs/item-ownership.md)", "one key per item partition",
+                    "The last source offset whose item deltas the owner's rows hold; written "
+                    "with those rows (one MULTI/EXEC, or with its redo record on a Redis "
+                    "Cluster). Records at or below it are dropped as re-sends."),
+            KeySpec(f"{p}:{{own:<partition>}}:redo", "hash {seq, commands}", "none",
+                    "item partition owner (Redis Cluster only)", "one commit's writes",
+                    "The owner's last commit outside its slot (overwrites only), written with "
+                    "its offsets, then applied; applied again by the next owner."),
             KeySpec(f"{p}:{{wm}}:seen:<bucket>", "set of event ids",
                     "2 × STREAMREC_DEDUP_TTL_S after its last write", "stream worker",
                     "ids of events applied within the TTL (~70 B each)",

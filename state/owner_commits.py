@@ -1,0 +1,127 @@
+"""One item partition's owner, live: applies item-delta records to state it holds in memory
+and commits the changed rows to Redis together with the source offsets they cover.
+
+The second piece of docs/item-ownership.md (the first, :mod:`state.ownership`, makes and
+applies the records). An :class:`OwnerPartition` holds its models' item-side state in
+:class:`state.write_back.WriteBackStore`s (Redis is their read model: rows written whole,
+overwrites only) and applies each record once (:class:`state.ownership.Owner`). A commit
+writes the changed rows and the owner's ``applied`` offsets (source partition → last offset
+applied) together:
+
+- on one Redis server, in one MULTI/EXEC;
+- on a Redis Cluster, where one transaction holds one slot, the owner partition's redo
+  record and ``applied`` (both under the tag ``{own:<p>}``) in one MULTI/EXEC, then the rows
+  (:meth:`state.redis_store.WriteBatch.commit_with_redo`). Every write in the record is an
+  overwrite, so applying it again after a crash changes nothing.
+
+A commit WATCHes ``applied``: if another owner of the same partition committed since this
+one read it (the partition moved and the old owner wrote on), nothing is written, and the
+owner starts again from what Redis holds (:meth:`restore`). After a crash the owner is built
+afresh: the redo record is applied, ``applied`` read, and records consumed again from the
+topic are dropped up to it. Serving reads the rows through a plain ``RedisStore`` as it reads
+the single writer's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+import msgspec
+
+from state.ownership import Owner
+from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
+                               build_on_redis)
+from state.write_back import WriteBackStore
+from schemas.keys import RedisKeys
+
+_decode_commands = msgspec.msgpack.Decoder(list[tuple]).decode
+
+
+class OwnerFenced(RuntimeError):
+    """Another owner of this partition committed since this one read its offsets."""
+
+
+def owner_stores(settings, client) -> dict[str, WriteBackStore]:
+    """The live models' stores as one owner holds them (settings: model names, options,
+    TTLs and held keys), rows written whole as the single writer writes them."""
+    models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
+                            local_ttl_s=settings.user_state_ttl_s,
+                            shared_ttl_s=settings.item_state_ttl_s, layout="single",
+                            writer=True, held_keys=settings.state_writer_held_keys,
+                            options=settings.model_options)
+    return {name: model.store for name, model in models.items()}
+
+
+class OwnerPartition:
+    """Item partition ``partition``'s owner on ``client`` (see the module doc). ``stores``:
+    model namespace → its :class:`WriteBackStore` (:func:`owner_stores`)."""
+
+    def __init__(self, client, prefix: str, partition: int,
+                 stores: Mapping[str, WriteBackStore]) -> None:
+        self.client, self.partition = client, partition
+        self.keys = RedisKeys(prefix)
+        self.stores = dict(stores)
+        self.applied_key = self.keys.owner_applied(partition)
+        self.redo_key = self.keys.owner_redo(partition)
+        self.cluster = next(iter(self.stores.values())).reader.cluster if self.stores else False
+        self.commits = 0
+        self.restore()
+
+    def restore(self) -> None:
+        """Start from what Redis holds: forget the state held in memory (it is read again
+        on first use), apply the last commit's redo record (cluster), read ``applied``."""
+        for store in self.stores.values():
+            store.forget_cached()
+        seq = 0
+        if self.cluster:
+            record = self.client.hgetall(self.redo_key)
+            if record:
+                apply_commands(self.client, _decode_commands(record[b"commands"]),
+                               list(CLUSTER_WRITE_SCRIPTS))
+                seq = int(record[b"seq"])
+        self._seq = max(seq, int(time.time() * 1000))
+        self._committed = self.client.get(self.applied_key)
+        self.owner = Owner(self.stores.__getitem__,
+                           msgspec.msgpack.decode(self._committed) if self._committed else {})
+
+    @property
+    def applied(self) -> dict[str, int]:
+        """Source partition → the last offset applied (committed or not yet)."""
+        return self.owner.applied
+
+    def apply(self, record: bytes) -> int | None:
+        """Apply a record in memory (:meth:`state.ownership.Owner.apply`): how many
+        operations it held, or None where it was applied before."""
+        return self.owner.apply(record)
+
+    def pending(self) -> int:
+        """Keys changed since the last commit."""
+        return sum(store.pending() for store in self.stores.values())
+
+    def commit(self) -> int:
+        """Write what changed since the last commit with ``applied`` (module doc); returns
+        how many keys were written. Raises :class:`OwnerFenced` (after :meth:`restore`)
+        where another owner committed since; Redis's errors propagate (call :meth:`restore`
+        before going on: the commit may not have happened)."""
+        encoded = msgspec.msgpack.encode(self.owner.applied)
+        if encoded == self._committed:
+            return 0
+        batch, written = WriteBatch(), 0
+        for store in self.stores.values():
+            written += store.flush(batch)
+        batch.set(self.applied_key, encoded)
+        watch, expect = [self.applied_key], [self._committed]
+        if self.cluster:
+            self._seq += 1
+            ok = batch.commit_with_redo(self.client, watch, expect, self.redo_key, self._seq,
+                                        CLUSTER_WRITE_SCRIPTS)
+        else:
+            ok = batch.commit(self.client, watch, expect)
+        if not ok:
+            self.restore()
+            raise OwnerFenced(f"item partition {self.partition}: another owner committed "
+                              f"since this one read its offsets; started again from Redis")
+        self._committed = encoded
+        self.commits += 1
+        return written

@@ -1,0 +1,145 @@
+"""Item partitions' owners committing to real Redis (state/owner_commits.py), on one server
+and on a 3-primary Redis Cluster: what serving reads equals the owners' state of an
+in-process replay, after owners crashed between apply and commit, after a second owner of a
+partition was fenced off, and (cluster) after a commit stopped half applied."""
+
+import pytest
+import redis
+
+import state.redis_store
+from infra.redis_client import sync_redis
+from online_models.registry import build
+from online_models.signals import SignalMapper
+from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores
+from state.ownership import OwnedLayout
+from state.redis_store import build_on_redis
+from stream.simulator import UserSimulator
+from tests.state_check import assert_store_holds
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 3
+NAMES = ["session", "mf"]
+
+
+@pytest.fixture(params=["server", "cluster"])
+def owner_settings(request, settings):
+    url = (request.getfixturevalue("redis_cluster").url if request.param == "cluster"
+           else settings.redis_url)
+    return settings.model_copy(update={"redis_url": url, "state_writer": "single",
+                                       "live_models": ",".join(NAMES)})
+
+
+@pytest.fixture
+def client(owner_settings):
+    connection = sync_redis(owner_settings.redis_url)
+    yield connection
+    connection.close()
+
+
+def replayed_records(chunks: int = 10, size: int = 300) -> tuple[OwnedLayout, list[dict]]:
+    """An in-process replay of the owned layout and its records, chunk by chunk."""
+    layout = OwnedLayout({name: build(name) for name in NAMES}, PARTITIONS)
+    events = list(UserSimulator(120, 250, seed=7).events(chunks * size, 1_700_000_000.0))
+    mapper = SignalMapper()
+    return layout, [layout.learn(mapper.map(events[n:n + size]))
+                    for n in range(0, len(events), size)]
+
+
+def owner(s, client, partition: int) -> OwnerPartition:
+    return OwnerPartition(client, s.key_prefix, partition, owner_stores(s, client))
+
+
+def assert_serving_reads_the_replay(s, client, layout: OwnedLayout) -> None:
+    readers = build_on_redis(NAMES, client, s.key_prefix, layout="single")
+    for partition in range(PARTITIONS):
+        for name in NAMES:
+            replayed = build(name).bind(layout.owner_stores[partition][name])
+            assert_store_holds(readers[name].store, replayed)
+
+
+def test_owners_crash_between_apply_and_commit_and_end_equal_to_the_replay(owner_settings,
+                                                                           client):
+    s = owner_settings
+    assert s.live_model_names == NAMES
+    layout, chunks = replayed_records()
+    dropped = 0
+    for partition in range(PARTITIONS):
+        records = [chunk[partition] for chunk in chunks if partition in chunk]
+        live = owner(s, client, partition)
+        for number, record in enumerate(records[:6]):
+            assert live.apply(record) is not None
+            if number % 2:  # commits every second record
+                assert live.commit() > 0
+        live.apply(records[6])  # applied in memory, then the process dies: not committed
+        live = owner(s, client, partition)  # a new owner: Redis's state and offsets
+        assert live.applied == {"replay": 6}
+        for record in records[4:]:  # the topic redelivers from before the last commit
+            dropped += live.apply(record) is None
+        live.commit()
+        assert live.commit() == 0  # nothing new: nothing written
+    assert dropped == 2 * PARTITIONS  # records 4 and 5, committed before the crash
+    assert_serving_reads_the_replay(s, client, layout)
+
+
+def test_a_second_owner_of_a_partition_is_fenced_off_and_starts_again(owner_settings, client):
+    s = owner_settings
+    layout, chunks = replayed_records(chunks=6)
+    records = [chunk[0] for chunk in chunks]
+    first, second = owner(s, client, 0), owner(s, client, 0)  # a partition moved
+    for record in records[:3]:
+        first.apply(record)
+        second.apply(record)
+    first.commit()
+    with pytest.raises(OwnerFenced, match="item partition 0"):
+        second.commit()
+    assert second.applied == first.applied  # started again from what the first committed
+    for record in records:
+        second.apply(record)
+    second.commit()
+    assert first.apply(records[3]) is not None  # the first still thinks it owns it
+    with pytest.raises(OwnerFenced):
+        first.commit()
+    for partition in (1, 2):
+        other = owner(s, client, partition)
+        for chunk in chunks:
+            other.apply(chunk[partition])
+        other.commit()
+    assert_serving_reads_the_replay(s, client, layout)
+
+
+def test_a_cluster_commit_stopped_half_applied_is_completed_by_the_next_owner(
+        settings, redis_cluster, monkeypatch):
+    s = settings.model_copy(update={"redis_url": redis_cluster.url, "state_writer": "single",
+                                    "live_models": ",".join(NAMES)})
+    client = sync_redis(s.redis_url)
+    layout, chunks = replayed_records(chunks=6)
+    send = state.redis_store.apply_commands
+    calls = []
+
+    def half_then_fail(client_, commands, scripts):
+        calls.append(len(commands))
+        if len(calls) == 2:  # the second commit: half its writes, then the link drops
+            send(client_, commands[:len(commands) // 2], scripts)
+            raise redis.ConnectionError("connection lost mid-commit")
+        send(client_, commands, scripts)
+
+    for partition in range(PARTITIONS):
+        live = owner(s, client, partition)
+        assert live.cluster
+        records = [chunk[partition] for chunk in chunks]
+        calls.clear()
+        monkeypatch.setattr(state.redis_store, "apply_commands", half_then_fail)
+        with pytest.raises(redis.ConnectionError):
+            for record in records[:3]:
+                live.apply(record)
+                live.commit()
+        monkeypatch.setattr(state.redis_store, "apply_commands", send)
+        assert len(calls) == 2 and calls[-1] > 2  # stopped half way through its rows
+        live = owner(s, client, partition)  # applies the redo record, then goes on
+        assert live.applied == {"replay": 2}
+        dropped = [live.apply(record) is None for record in records]
+        assert dropped == [True, True, False, False, False, False]
+        live.commit()
+    assert_serving_reads_the_replay(s, client, layout)
+    client.close()
