@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,8 @@ from infra.embedded import (EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster, 
 from infra.redis_client import sync_redis  # noqa: E402
 from schemas.events import Interaction, split_message  # noqa: E402
 from schemas.keys import RedisKeys  # noqa: E402
+from state.owner_commits import hop_settled  # noqa: E402
+from state.redis_store import RedisStore  # noqa: E402
 from online_models.mf import OnlineMF  # noqa: E402
 from serving.ann import AnnIndex  # noqa: E402
 from serving.vector_tail import VectorTail  # noqa: E402
@@ -90,9 +93,13 @@ def main() -> None:
     parser.add_argument("--freshness-s", type=float, default=20.0)
     parser.add_argument("--probes-per-s", type=float, default=10.0)
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--state-writer", choices=("shared", "single"), default="shared",
+    parser.add_argument("--state-writer", choices=("shared", "single", "owned"),
+                        default="shared",
                         help="STREAMREC_STATE_WRITER of the worker (single: model state in "
-                             "its memory, rows written whole; one worker only)")
+                             "its memory, rows written whole; one worker only. owned: item-side "
+                             "state applied by its owner partitions through the item-deltas "
+                             "topic; the drain ends once the owners caught up, and a probe is "
+                             "fresh once its item's state is in Redis too)")
     add_live_options(parser)
     parser.add_argument("--vector-freshness", action="store_true",
                         help="also tail the item-vector topic into an ANN index in this process "
@@ -106,8 +113,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.redis_cluster and args.state_writer != "single":
         sys.exit("--redis-cluster needs --state-writer single")
-    if args.workers > 1 and args.state_writer != "shared":
-        sys.exit("--workers > 1 needs --state-writer shared (one writer holds the lease)")
+    if args.workers > 1 and args.state_writer == "single":
+        sys.exit("--workers > 1 needs --state-writer shared or owned (one single writer "
+                 "holds the lease)")
     run_id = uuid.uuid4().hex[:8]
     redis_service = (EmbeddedRedisCluster(args.redis_cluster, appendonly=args.redis_aof)
                      if args.redis_cluster else EmbeddedRedis(appendonly=args.redis_aof))
@@ -132,6 +140,8 @@ def main() -> None:
                "STREAMREC_TOPIC_ITEM_VECTORS": vectors_topic,
                "STREAMREC_LIVE_MODELS": args.models, "STREAMREC_WORKER_DATA_DIR": tmp,
                "STREAMREC_STATE_WRITER": args.state_writer,
+               "STREAMREC_TOPIC_ITEM_DELTAS": f"bench-deltas-{run_id}",
+               "STREAMREC_TOPIC_PARTITIONS": str(args.partitions),
                "STREAMREC_WORKER_REPORT_INTERVAL_S": "0.5",
                "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "6",
                "STREAMREC_KAFKA_REBALANCE_TIMEOUT_S": "6"}
@@ -148,6 +158,10 @@ def main() -> None:
             counters = client.hmget(keys.stats, "events_applied", "skipped_duplicates")
             return sum(int(c or 0) for c in counters)
 
+        def drained_all() -> bool:  # owned: the owners caught up as well
+            return applied() >= len(events) and (args.state_writer != "owned" or hop_settled(
+                client, keys, topic, args.partitions))
+
         try:
             deadline = time.monotonic() + 120
             while applied() == 0 and time.monotonic() < deadline:
@@ -162,7 +176,7 @@ def main() -> None:
             processes = {"worker": [w.pid for w in workers], "redis": redis_pids,
                          "broker": kafka.proc.pid}
             cpu_start = cpu_of(processes)
-            while applied() < len(events) and time.monotonic() < deadline + 600:
+            while not drained_all() and time.monotonic() < deadline + 600:
                 if any(w.poll() is not None for w in workers):
                     sys.exit(f"worker exited: {(Path(tmp) / 'worker.log').read_text()[-2000:]}")
                 time.sleep(0.01)
@@ -226,10 +240,16 @@ def all_assigned(client, keys: RedisKeys, workers: int) -> bool:
     return len(fresh) >= workers
 
 
+def probe_item(user: str) -> str:
+    """The new item a probe user clicks."""
+    return f"probe-item-{user.removeprefix('probe-')}"
+
+
 def freshness(bootstrap, topic, client, keys, events, args, vectors_topic: str
               ) -> tuple[list[float], list[float], int]:
     """Steady load at ``args.rate`` with timed probes: a click of a new user on a new item.
-    Returns (state latencies: until the user's history exists; vector latencies: until the
+    Returns (state latencies: until the user's history exists, and with ``--state-writer
+    owned`` the item's MF vector (or session row) as well; vector latencies: until the
     new item's MF vector is in an ANN index tailing the item-vector topic), in ms; and how
     many vector records the tail applied."""
     stop = threading.Event()
@@ -238,6 +258,10 @@ def freshness(bootstrap, topic, client, keys, events, args, vectors_topic: str
     latencies: list[float] = []
     vector_latencies: list[float] = []
     index = AnnIndex(OnlineMF().factors)
+    item_state = None  # owned: a probe is fresh once its item's owned state is in Redis too
+    if args.state_writer == "owned":
+        model, table = ("mf", "item") if "mf" in args.models.split(",") else ("session", "isess")
+        item_state = partial(RedisStore(client, "sr", model, rows_as_strings=True).key, table)
     tail = VectorTail(index, bootstrap, vectors_topic).start() if args.vector_freshness else None
 
     def watch() -> None:
@@ -247,8 +271,9 @@ def freshness(bootstrap, topic, client, keys, events, args, vectors_topic: str
             if waiting:  # one round trip for all probes: polling must not load the machine
                 with client.pipeline(transaction=False) as pipe:
                     for user, _ in waiting:
-                        pipe.exists(keys.user_history(user))
-                    arrived = pipe.execute()
+                        pipe.exists(keys.user_history(user),
+                                    *([item_state(probe_item(user))] if item_state else []))
+                    arrived = [found == 1 + bool(item_state) for found in pipe.execute()]
                 for (user, t0), found in zip(waiting, arrived):
                     if found:
                         latencies.append((now - t0) * 1000)
@@ -277,7 +302,8 @@ def freshness(bootstrap, topic, client, keys, events, args, vectors_topic: str
                 n += len(batch)
             if elapsed >= next_probe:
                 probe = uuid.uuid4().hex[:10]
-                user, item = f"probe-{probe}", f"probe-item-{probe}"
+                user = f"probe-{probe}"
+                item = probe_item(user)
                 sent[user] = time.perf_counter()
                 if tail is not None:
                     vector_sent[item] = sent[user]

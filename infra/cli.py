@@ -91,6 +91,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
         build_live(name, **settings.model_options.get(name, {}))
     ensure_streamrec_topics(settings)
     import stream.items  # noqa: F401 - registers the items agent
+    if settings.state_writer == "owned":
+        import stream.owners  # noqa: F401 - registers the relay and the owners' agent
     from stream.ingest import app  # registers the ingest agent and tasks
 
     tune_gc()

@@ -345,7 +345,8 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], client_options: dict |
 
 def ensure_streamrec_topics(settings) -> None:
     """Create the app's topics: interactions, dead letters, compacted item vectors (the
-    worker's, and one per nearline model of the trainer) and item descriptions, impressions."""
+    worker's, and one per nearline model of the trainer) and item descriptions, impressions,
+    item deltas (the owned layout's)."""
     from online_models.registry import NEARLINE_MODELS
 
     nearline = [f"{settings.topic_item_vectors}.{model}" for model in NEARLINE_MODELS]
@@ -354,7 +355,8 @@ def ensure_streamrec_topics(settings) -> None:
                    settings.topic_item_vectors: settings.topic_partitions,
                    **{topic: settings.topic_partitions for topic in nearline},
                    settings.topic_items: settings.topic_partitions,
-                   settings.topic_impressions: settings.topic_partitions},
+                   settings.topic_impressions: settings.topic_partitions,
+                   settings.topic_item_deltas: settings.topic_partitions},
                   settings.kafka_client_options(),
                   compacted=(settings.topic_item_vectors, settings.topic_items, *nearline))
 

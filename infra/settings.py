@@ -60,6 +60,9 @@ class Settings(BaseSettings):
                                    "propensities (the impression log; key: user id).")
     topic_items: str = Field("items", description="Compacted topic of item descriptions "
                              "(key: item id; schemas/items.py): the content model's input.")
+    topic_item_deltas: str = Field("item-deltas", description="STREAMREC_STATE_WRITER=owned: "
+                                   "item-side writes as delta records, one partition per owner "
+                                   "(docs/item-ownership.md).")
     topic_partitions: int = Field(4, ge=1, le=1024, description="Partitions of created topics.")
     app_id: str = Field("streamrec", description="Faust application id (consumer group).")
     kafka_session_timeout_s: float = Field(10.0, gt=0, description="Consumer session timeout.")
@@ -149,13 +152,16 @@ class Settings(BaseSettings):
     feed_queue_max: int = Field(1_000_000, ge=1, description="Users waiting for a feed rebuild; "
                                 "beyond it, random ones are dropped (their next event queues "
                                 "them again; the API computes a missing feed on demand).")
-    state_writer: Literal["shared", "single"] = Field(
+    state_writer: Literal["shared", "single", "owned"] = Field(
         "shared", description="shared: every worker adds its increments to model state in "
         "Redis (any number of workers). single: ONE worker owns the online models' state, "
         "holds it in memory and writes changed rows whole (msgpack strings) in each batch's "
         "transaction; Redis is the read model (~60 % less Redis CPU per event, "
-        "docs/benchmarks.md). A lease in Redis keeps a second worker from writing; serving "
-        "must run with the same value. Switching needs empty model state (docs/reliability.md).")
+        "docs/benchmarks.md). A lease in Redis keeps a second worker from writing. owned: a "
+        "worker group where each key has one writer: user-side state by the user's "
+        "partition's worker, item-side state by the item's owner partition "
+        "(docs/item-ownership.md; workers on one Redis server for now). Serving must run with "
+        "the same value. Switching needs empty model state (docs/reliability.md).")
     state_writer_lease_s: float = Field(10.0, ge=1, description="single: how long the writer's "
                                         "lease lasts unrenewed (a restarted worker waits at "
                                         "most this long for its predecessor's).")

@@ -102,6 +102,9 @@ class OnlineModel(ABC):
     #: sorted sets and written member by member even by a single writer, which writes other
     #: rows whole (a catalogue rewritten per commit would be megabytes)
     sorted_set_tables: tuple[str, ...] = ()
+    #: whether learning claims shared rows (``StateStore.claim``: first writer wins, at once),
+    #: which item-side owners cannot take as delta records (docs/item-ownership.md)
+    claims_shared_rows = False
 
     def __init__(self) -> None:
         self.store: StateStore = MemoryStore()

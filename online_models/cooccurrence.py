@@ -36,6 +36,7 @@ from online_models.store import slack
 class CooccurrenceModel(OnlineModel):
     name = "cooc"
     local_tables = ("win",)
+    claims_shared_rows = True  # the forward-decay landmark
 
     def __init__(self, window: int = 5, max_gap_s: float = 3600.0, neighbours: int = 200,
                  half_life_s: float | None = 7 * 86400.0, normalisation: str = "jaccard",

@@ -171,6 +171,11 @@ class RedisKeys:
         Redis Cluster."""
         return f"{self.prefix}:{{own:{int(partition)}}}:redo"
 
+    def outbox(self, topic: str, partition: int) -> str:
+        """Hash source offset → the item-delta records of the chunk ending there (msgpack:
+        owner partition → record), not yet relayed (STREAMREC_STATE_WRITER=owned)."""
+        return f"{self.prefix}:{{wm}}:outbox:{encode_id(topic)}:{int(partition)}"
+
     def seen_events(self, bucket: int) -> str:
         """Set of the ids of applied events whose timestamps fall in time bucket ``bucket``."""
         return f"{self.prefix}:{{wm}}:seen:{int(bucket)}"
@@ -257,11 +262,14 @@ class RedisKeys:
                     "stream worker", "one per source partition",
                     "Highest offset whose effects are in Redis; written in the same MULTI/EXEC "
                     "as those effects. Offsets at or below it are skipped on redelivery."),
-            KeySpec(f"{p}:{{wm}}:layout", "string: shared or single", "none", "stream worker",
-                    "one key", "How model state is laid out (STREAMREC_STATE_WRITER): shared "
-                    "= rows as sorted sets that every worker adds to; single = rows as msgpack "
-                    "strings written whole by the one worker that holds the lease. Set by the "
-                    "first worker; a worker or reader configured otherwise refuses to start."),
+            KeySpec(f"{p}:{{wm}}:layout", "string: shared, single or owned", "none",
+                    "stream worker", "one key", "How model state is laid out "
+                    "(STREAMREC_STATE_WRITER): shared = rows as sorted sets that every worker "
+                    "adds to; single = rows as msgpack strings written whole by the one worker "
+                    "that holds the lease; owned = rows as in single, each written whole by its "
+                    "one owner (a user's partition's worker, an item's owner partition). Set "
+                    "by the first worker; a worker or reader configured otherwise refuses to "
+                    "start."),
             KeySpec(f"{p}:{{wm}}:writer", "string (worker id)",
                     "STREAMREC_STATE_WRITER_LEASE_S, renewed by its holder", "stream worker "
                     "(single writer)", "one key", "The lease of the worker that owns model "
@@ -286,8 +294,14 @@ class RedisKeys:
                     "of. A different id (topic deleted and recreated, broker data lost) "
                     "holds the partition even where its new log has grown past the "
                     "watermark; a reset records the new id."),
+            KeySpec(f"{p}:{{wm}}:outbox:<topic>:<partition>", "hash source offset → "
+                    "msgpack map owner partition → record", "none", "stream worker (owned "
+                    "layout)", "the chunks not relayed yet",
+                    "Item-delta records of a source partition's chunks, written in the chunk's "
+                    "MULTI/EXEC with its watermark; sent in offset order to the item-deltas "
+                    "topic and deleted once Kafka acked them (docs/item-ownership.md)."),
             KeySpec(f"{p}:{{own:<partition>}}:applied", "string (msgpack map source "
-                    "partition → offset)", "none", "item partition owner (not deployed yet: "
+                    "partition → offset)", "none", "item partition owner (owned layout: "
                     "docs/item-ownership.md)", "one key per item partition",
                     "The last source offset whose item deltas the owner's rows hold; written "
                     "with those rows (one MULTI/EXEC, or with its redo record on a Redis "

@@ -43,14 +43,15 @@ class OwnerFenced(RuntimeError):
 
 
 def owner_stores(settings, client) -> dict[str, WriteBackStore]:
-    """The live models' stores as one owner holds them (settings: model names, options,
-    TTLs and held keys), rows written whole as the single writer writes them."""
-    models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
-                            local_ttl_s=settings.user_state_ttl_s,
-                            shared_ttl_s=settings.item_state_ttl_s, layout="single",
-                            writer=True, held_keys=settings.state_writer_held_keys,
-                            options=settings.model_options)
-    return {name: model.store for name, model in models.items()}
+    """The live models' stores as an owner holds them (settings: model names, options, TTLs
+    and held keys): rows written whole, as in the single writer's layout, each key with its
+    TTL (an item partition may move to another owner)."""
+    readers = build_on_redis(settings.live_model_names, client, settings.key_prefix,
+                             local_ttl_s=settings.user_state_ttl_s,
+                             shared_ttl_s=settings.item_state_ttl_s, layout="owned",
+                             options=settings.model_options)
+    return {name: WriteBackStore(model.store, held_keys=settings.state_writer_held_keys)
+            for name, model in readers.items()}
 
 
 class OwnerPartition:
@@ -125,3 +126,28 @@ class OwnerPartition:
         self._committed = encoded
         self.commits += 1
         return written
+
+
+def hop_settled(client, keys: RedisKeys, topic: str, partitions: int) -> bool:
+    """Whether nothing waits in the hop: every outbox of ``topic``'s ``partitions`` relayed,
+    and for each source partition some owner applied records up to its watermark (true once
+    settled where each source partition's last chunk carried item deltas, as every chunk of
+    clicks does: for tests and benches). Item partitions are as many as source partitions
+    (both STREAMREC_TOPIC_PARTITIONS)."""
+    outboxes = [keys.outbox(topic, p) for p in range(partitions)]
+    with client.pipeline(transaction=False) as pipe:
+        for name in outboxes:
+            pipe.hlen(name)
+        for p in range(partitions):
+            pipe.get(keys.watermark(topic, p))
+            pipe.get(keys.owner_applied(p))
+        replies = pipe.execute()
+    if any(replies[:partitions]):
+        return False
+    marks, offsets = replies[partitions::2], replies[partitions + 1::2]
+    reached: dict[str, int] = {}
+    for raw in offsets:
+        for source, offset in (msgspec.msgpack.decode(raw) if raw else {}).items():
+            reached[source] = max(reached.get(source, -1), offset)
+    return all(reached.get(f"{topic}:{p}", -1) >= int(mark)
+               for p, mark in enumerate(marks) if mark is not None)

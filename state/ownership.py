@@ -16,6 +16,7 @@ agent, are the design's next steps. ``bench/item_deltas.py`` measures what the r
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -97,6 +98,11 @@ class ChunkDeltas:
                        b"" if base is None
                        else np.ascontiguousarray(base, np.float32)[at].tobytes())
             self.ops.setdefault(owner, []).append((namespace, kind, table, -1, payload))
+
+    def clear(self) -> None:
+        """Forget the operations recorded (a chunk abandoned before its records were
+        taken)."""
+        self.ops = {}
 
     def take_records(self, sources: dict[str, int]) -> dict[int, bytes]:
         """Each owner partition's record (msgpack): the chunk's source offsets (``sources``:
@@ -251,6 +257,28 @@ class DeltaRecorder(StateStore):
 
     def sibling(self, namespace):
         raise TypeError("a delta recorder comes per model namespace: build one for each")
+
+    # --- a live worker's (stream.state.LiveState) ----------------------------------------
+    def prefetch_local_rows(self, table, keys):
+        self.local.prefetch_local_rows(table, keys)
+
+    def prefetch_local_vectors(self, table, keys):
+        self.local.prefetch_local_vectors(table, keys)
+
+    def prefetch_vectors(self, table, keys):
+        self.shared.prefetch_vectors(table, keys)
+
+    @contextmanager
+    def deferred(self, pipe):
+        """Learn, then queue the local changes on ``pipe`` (the worker's transaction); the
+        shared ones wait in :attr:`deltas` for the caller to take."""
+        with self.local.deferred(pipe):
+            yield self
+
+    def forget_cached(self):
+        self.local.forget_cached()
+        self.shared.forget_cached()
+        self.deltas.clear()
 
 
 class OwnedLayout:

@@ -646,10 +646,11 @@ class StateLayoutError(RuntimeError):
 def require_single_on_cluster(client, layout: str) -> None:
     """Refuse the shared layout on a Redis Cluster (its commits add to rows of many slots in
     one transaction: one Redis primary only)."""
-    if is_cluster(client) and layout != "single":
+    if is_cluster(client) and layout == "shared":
         raise StateLayoutError(
-            "on a Redis Cluster model state needs STREAMREC_STATE_WRITER=single (the shared "
-            "layout adds to rows of many slots in one transaction: one Redis primary only)")
+            "on a Redis Cluster model state needs STREAMREC_STATE_WRITER=single or owned (the "
+            "shared layout adds to rows of many slots in one transaction: one Redis primary "
+            "only)")
 
 
 def check_layout(client, prefix: str, layout: str, claim: bool = False) -> None:
@@ -677,7 +678,8 @@ def writes_alone(model: OnlineModel) -> bool:
 def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int = 0,
                    local_ttl_s: float = 0, shared_ttl_s: float = 0, layout: str = "shared",
                    writer: bool = False, held_keys: int = 1_000_000,
-                   options: Mapping[str, dict] | None = None) -> dict[str, OnlineModel]:
+                   options: Mapping[str, dict] | None = None,
+                   item_partitions: int = 0) -> dict[str, OnlineModel]:
     """The named models, each bound to its own :class:`RedisStore` namespace on ``client``
     (``cache_local_rows`` and the TTLs: only for the worker, which owns and writes state).
 
@@ -685,24 +687,40 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
     whole msgpack strings, and for the ``writer`` their state is held in its memory
     (:class:`state.write_back.WriteBackStore`, at most ``held_keys`` keys per table), which
     writes those strings without TTLs and expires them itself (``expires_by_writer``).
+    ``layout="owned"``: rows laid out as in ``single``; a ``writer`` (one worker of the
+    group) holds its partition-local state in memory and records its item-side writes as
+    delta records for ``item_partitions`` owner partitions (one
+    :class:`state.ownership.ChunkDeltas` for all its models: ``model.store.deltas``), which
+    their owners apply (:mod:`state.owner_commits`). Every key is written with its TTL.
     ``options``: constructor options by model name (``Settings.model_options``)."""
+    from state.ownership import ChunkDeltas, DeltaRecorder
     from state.write_back import WriteBackStore  # it builds on this module
 
     check_layout(client, prefix, layout, claim=writer)
+    deltas = ChunkDeltas(item_partitions) if layout == "owned" and writer else None
     models = {}
     for name in names:
         model = build_live(name, **(options or {}).get(name, {}))
-        single = layout == "single" and writes_alone(model)
-        if is_cluster(client) and not single:
+        whole = layout in ("single", "owned") and writes_alone(model)
+        if layout == "owned" and (model.claims_shared_rows or not writes_alone(model)):
+            raise StateLayoutError(
+                f"model {name!r} claims shared rows or is also written by the items agent: "
+                f"not in the owned layout; leave it out of STREAMREC_LIVE_MODELS there")
+        if is_cluster(client) and not whole:
             raise StateLayoutError(
                 f"model {name!r} is also written by the items agent (rows added to in place): "
                 f"not on a Redis Cluster; leave it out of STREAMREC_LIVE_MODELS there")
-        store = RedisStore(client, prefix, name, 0 if single else cache_local_rows,
-                           local_ttl_s, shared_ttl_s, rows_as_strings=single,
+        store = RedisStore(client, prefix, name, 0 if whole else cache_local_rows,
+                           local_ttl_s, shared_ttl_s, rows_as_strings=whole,
                            sorted_set_tables=model.sorted_set_tables,
-                           expires_by_writer=single and writer)
-        models[name] = model.bind(WriteBackStore(store, held_keys=held_keys)
-                                  if single and writer else store)
+                           expires_by_writer=whole and writer and layout == "single")
+        if deltas is not None:
+            model.bind(DeltaRecorder(WriteBackStore(store, held_keys=held_keys), store, deltas,
+                                     name))
+        else:
+            model.bind(WriteBackStore(store, held_keys=held_keys) if whole and writer
+                       else store)
+        models[name] = model
     return models
 
 
@@ -715,7 +733,8 @@ def build_live_models(settings, client, writer: bool = False) -> dict[str, Onlin
                   held_keys=settings.state_writer_held_keys) if writer else {}
     return build_on_redis(settings.live_model_names, client, settings.key_prefix,
                           layout=settings.state_writer, writer=writer,
-                          options=settings.model_options, **worker)
+                          options=settings.model_options,
+                          item_partitions=settings.topic_partitions, **worker)
 
 
 def give_untimed_keys_ttls(store: RedisStore, batch: int = 1000) -> int:

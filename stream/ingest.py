@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error, sync_redis
 from online_models import kernels
@@ -72,7 +73,13 @@ def live_state() -> LiveState:
     return _state
 
 
+#: called with each chunk's result once its commit is known to have succeeded
+applied_listeners: list[Callable[[ApplyResult], None]] = []
+
+
 def _record_applied(result: ApplyResult, seconds: float) -> None:
+    for listener in applied_listeners:
+        listener(result)
     metrics.REDIS_SECONDS.observe(seconds)
     ages = [max(result.committed_at - produced_at, 0.0) for produced_at in result.produced_at]
     for age in ages:
@@ -119,7 +126,8 @@ async def process_batch(messages) -> tuple[int, int]:
             letters.append(dead_letter(raw, bad, message, len(good)))
     await deliver_dead_letters(letters)
     pipeline = apply_pipeline()
-    for chunk in event_chunks(sources, settings.worker_apply_max_events):
+    for chunk in event_chunks(sources, settings.worker_apply_max_events,
+                              by_partition=settings.state_writer == "owned"):
         await pipeline.apply(chunk)
     await pipeline.start_commit()
     events = sum(len(source.events) for source in sources)
@@ -148,8 +156,16 @@ async def deliver_dead_letters(letters: list[dlq.DeadLetter]) -> None:
         await asyncio.gather(*pending)
 
 
-def event_chunks(sources: list[SourceMessage], max_events: int) -> list[list[SourceMessage]]:
-    """Consecutive runs of whole messages holding about ``max_events`` events each."""
+def event_chunks(sources: list[SourceMessage], max_events: int,
+                 by_partition: bool = False) -> list[list[SourceMessage]]:
+    """Consecutive runs of whole messages holding about ``max_events`` events each;
+    ``by_partition``: each of one source partition, each partition's messages in their order
+    (the owned layout's outboxes; Faust hands partitions' messages over interleaved)."""
+    if by_partition:
+        runs: dict[tuple[str, int], list[SourceMessage]] = {}
+        for source in sources:
+            runs.setdefault((source.topic, source.partition), []).append(source)
+        return [chunk for run in runs.values() for chunk in event_chunks(run, max_events)]
     chunks: list[list[SourceMessage]] = [[]]
     size = 0
     for source in sources:
@@ -246,7 +262,7 @@ async def _seek_to_watermarks(marks: dict[int, int | None], partitions) -> None:
              {f"{tp.topic}[{tp.partition}]": o for tp, o in offsets.items()})
 
 
-def _assigned_partitions() -> list:
+def assigned_partitions() -> list:
     topic = settings.topic_interactions
     return sorted(tp for tp in app.consumer.assignment() if tp.topic == topic)
 
@@ -255,7 +271,7 @@ def _assigned_partitions() -> list:
 async def resume_from_redis_watermarks(sender, **_) -> None:
     """Commit Redis's watermarks as the group's offsets (Faust then seeks to them); hold the
     partitions whose watermark does not fit the log."""
-    partitions = _assigned_partitions()
+    partitions = assigned_partitions()
     _held.clear()  # recomputed for this assignment (holds recorded in Redis come back)
     if not partitions:
         metrics.HELD_PARTITIONS.set(0)
@@ -275,7 +291,7 @@ async def check_log_positions() -> None:
     hold), drain and exit with :data:`EXIT_TO_RESUME` so that the restarted worker resumes
     every partition from Redis's watermarks: Faust seeks reliably only during a rebalance
     (records fetched before a seek outside one can still be delivered after it)."""
-    partitions = _assigned_partitions()
+    partitions = assigned_partitions()
     if not partitions:
         return
     try:
@@ -295,7 +311,7 @@ async def check_log_positions() -> None:
 
 def _assigned_numbers() -> list[int]:
     try:  # read from the watch's thread: a snapshot of the consumer's current assignment
-        return [tp.partition for tp in _assigned_partitions()]
+        return [tp.partition for tp in assigned_partitions()]
     except Exception:  # noqa: BLE001 - mid-rebalance: treat as holding nothing
         return []
 
@@ -424,19 +440,29 @@ async def send_keyed(topic: str, records: list[tuple[bytes, bytes]]) -> None:
     (the partitioner Faust's own sends use). Faust's ``Topic.send`` costs ~80 µs a record and
     the producer's ``send`` ~30 µs, which at thousands a second starves the agent."""
     producer = await app.maybe_start_producer()
-    kafka = producer._ensure_producer()  # faust's aiokafka producer (faust-streaming is pinned)
-    by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+    by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
     for key, value in records:
         by_partition.setdefault(producer.key_partition(topic, key).partition, []).append(
             (key, value))
+    await send_to_partitions(topic, by_partition)
+
+
+async def send_to_partitions(topic: str, by_partition: dict[int, list[tuple[bytes | None, bytes]]]
+                             ) -> list[asyncio.Future]:
+    """Queue (key, value) records on the app's producer in record batches, each partition's in
+    the given order; returns the batches' delivery futures."""
+    producer = await app.maybe_start_producer()
+    kafka = producer._ensure_producer()  # faust's aiokafka producer (faust-streaming is pinned)
+    sent = []
     for partition, rows in by_partition.items():
         batch = kafka.create_batch()
         for key, value in rows:
             if batch.append(key=key, value=value, timestamp=None) is None:  # full
-                await kafka.send_batch(batch, topic, partition=partition)
+                sent.append(await kafka.send_batch(batch, topic, partition=partition))
                 batch = kafka.create_batch()
                 batch.append(key=key, value=value, timestamp=None)
-        await kafka.send_batch(batch, topic, partition=partition)
+        sent.append(await kafka.send_batch(batch, topic, partition=partition))
+    return sent
 
 
 @app.timer(0.25)

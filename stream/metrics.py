@@ -45,3 +45,9 @@ CHUNKS_REDONE = Gauge("streamrec_chunks_redone",
                       "Chunks applied again since start because their commit was voided or "
                       "failed (a rebalance, a lost lease, a Redis error): each drops the "
                       "cached state; a steady rise needs a look")
+ITEM_DELTAS_RELAYED = Counter("streamrec_item_delta_records_relayed_total",
+                              "Owned layout: item-delta records sent from the outboxes to the "
+                              "item-deltas topic")
+ITEM_DELTA_OPERATIONS = Counter("streamrec_item_delta_operations_applied_total",
+                                "Owned layout: operations of item-delta records applied by this "
+                                "worker's owner partitions (re-sent records not counted)")

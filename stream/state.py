@@ -22,8 +22,8 @@ N's new watermarks, with N's event ids as seen, and on the partition-local rows 
 one thing N+1 reads from Redis that N changes is shared online-MF item vectors, which it may
 read from before N's step (as concurrent workers do: the steps still add up).
 
-Limits (documented in docs/reliability.md): one Redis primary — MULTI cannot span Redis Cluster slots;
-Redis itself can lose up to ~1 s of writes on power loss with AOF ``everysec``, in which case
+Limits (documented in docs/reliability.md): one Redis primary — MULTI cannot span Redis
+Cluster slots; Redis itself can lose up to ~1 s of writes on power loss with AOF ``everysec``, in which case
 the watermark and the state it covers are lost together; the worker re-consumes those offsets
 from Kafka at its next partition assignment (:mod:`stream.ingest`), as long as Kafka still
 retains them. A running worker notices such a loss itself: a watermark below one it committed
@@ -43,8 +43,10 @@ from infra.settings import Settings
 from online_models.base import OnlineModel
 from online_models.signals import SignalBatch, SignalMapper
 from infra.redis_client import is_cluster, sync_redis
-from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
-                               build_live_models, queue_script, require_single_on_cluster)
+from state.ownership import DeltaRecorder
+from state.redis_store import (CLUSTER_WRITE_SCRIPTS, StateLayoutError, WriteBatch,
+                               apply_commands, build_live_models, queue_script,
+                               require_single_on_cluster)
 from state.write_back import WriteBackStore
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TrendingModel
 from schemas.events import ENGAGEMENT_TYPES, Interaction
@@ -258,6 +260,8 @@ class ApplyResult:
     #: finished (unix seconds): how old state changes are when they reach Redis
     produced_at: list[float] = field(default_factory=list)
     committed_at: float | None = None
+    #: owned layout: the source partitions whose outbox this batch wrote item deltas to
+    outboxes: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -288,6 +292,9 @@ class LiveState:
         self.keys = RedisKeys(settings.key_prefix)
         self.client = client
         self.models = list(models)
+        #: owned layout: the item-side writes the models record (docs/item-ownership.md)
+        self.deltas = next((model.store.deltas for model in self.models
+                            if isinstance(model.store, DeltaRecorder)), None)
         self.mapper = SignalMapper()
         self.trending = TrendingModel(settings.trending_half_life_s, settings.trending_max_items)
         self._trending = client.register_script(TRENDING_LUA)
@@ -301,6 +308,10 @@ class LiveState:
                       if settings.state_writer == "single" else None)
         require_single_on_cluster(client, settings.state_writer)
         self.cluster = is_cluster(client)
+        if self.cluster and settings.state_writer == "owned":
+            raise StateLayoutError(
+                "STREAMREC_STATE_WRITER=owned runs on one Redis server for now (its workers' "
+                "commits on a Redis Cluster are not built: docs/item-ownership.md)")
         if self.cluster:  # commits go through the redo record (module doc)
             self._history_guarded = client.register_script(HISTORY_GUARDED_LUA)
             self._counters_guarded = client.register_script(COUNTERS_GUARDED_LUA)
@@ -520,6 +531,8 @@ class LiveState:
             prepared.new_marks[tp] = max(prepared.new_marks.get(tp, -1), m.offset)
         for (topic, partition), offset in prepared.new_marks.items():
             writes.set(keys.watermark(topic, partition), offset)
+        if self.deltas is not None:
+            self._queue_records(writes, prepared)
         counts["dlq_messages"] = sum(1 for m in prepared.fresh if m.invalid_events)
         counts["dlq_events"] = sum(m.invalid_events for m in prepared.fresh)
         counts["skipped_redelivered"] = result.redelivered_messages
@@ -532,6 +545,22 @@ class LiveState:
             writes.packed()  # here, so the committing thread only sends bytes
         self._uncommitted.append(prepared)
         return prepared
+
+    def _queue_records(self, writes: WriteBatch, prepared: PreparedBatch) -> None:
+        """Owned layout: the chunk's item-delta records into its source partition's outbox
+        (tagged with the chunk's last offset), in the chunk's transaction. A chunk covers one
+        source partition (:func:`stream.ingest.event_chunks` cuts them so): an owner then
+        receives each source partition's records in offset order."""
+        if len(prepared.new_marks) > 1:
+            raise ValueError("an owned-layout chunk must cover one source partition, not "
+                             f"{sorted(prepared.new_marks)}")
+        for (topic, partition), offset in prepared.new_marks.items():
+            records = self.deltas.take_records({f"{topic}:{partition}": offset})
+            if records:
+                writes.hset(self.keys.outbox(topic, partition),
+                            {offset: msgspec.msgpack.encode(records)})
+                prepared.result.outboxes.append((topic, partition))
+        self.deltas.clear()  # none recorded where nothing was fresh
 
     def commit(self, prepared: PreparedBatch) -> ApplyResult | None:
         """Write a prepared batch in one MULTI/EXEC, guarded by WATCH on its watermarks; None

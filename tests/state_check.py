@@ -41,7 +41,7 @@ def assert_heads_agree(got: dict[str, float], want: dict[str, float], what) -> N
 def assert_live_equals_replay(client, prefix: str, events, history_len: int,
                               models=("session", "cooc"), layout: str = "shared") -> None:
     """``layout``: STREAMREC_STATE_WRITER of the worker (single: rows as msgpack strings)."""
-    as_strings = layout == "single"
+    as_strings = layout in ("single", "owned")
     mapper = SignalMapper()
     replayed = {n: build(n).bind(MemoryStore()) for n in models}
     for start in range(0, len(events), 500):

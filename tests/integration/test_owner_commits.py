@@ -26,7 +26,7 @@ NAMES = ["session", "mf"]
 def owner_settings(request, settings):
     url = (request.getfixturevalue("redis_cluster").url if request.param == "cluster"
            else settings.redis_url)
-    return settings.model_copy(update={"redis_url": url, "state_writer": "single",
+    return settings.model_copy(update={"redis_url": url, "state_writer": "owned",
                                        "live_models": ",".join(NAMES)})
 
 
@@ -51,7 +51,7 @@ def owner(s, client, partition: int) -> OwnerPartition:
 
 
 def assert_serving_reads_the_replay(s, client, layout: OwnedLayout) -> None:
-    readers = build_on_redis(NAMES, client, s.key_prefix, layout="single")
+    readers = build_on_redis(NAMES, client, s.key_prefix, layout="owned")
     for partition in range(PARTITIONS):
         for name in NAMES:
             replayed = build(name).bind(layout.owner_stores[partition][name])
@@ -110,7 +110,7 @@ def test_a_second_owner_of_a_partition_is_fenced_off_and_starts_again(owner_sett
 
 def test_a_cluster_commit_stopped_half_applied_is_completed_by_the_next_owner(
         settings, redis_cluster, monkeypatch):
-    s = settings.model_copy(update={"redis_url": redis_cluster.url, "state_writer": "single",
+    s = settings.model_copy(update={"redis_url": redis_cluster.url, "state_writer": "owned",
                                     "live_models": ",".join(NAMES)})
     client = sync_redis(s.redis_url)
     layout, chunks = replayed_records(chunks=6)

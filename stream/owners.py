@@ -1,0 +1,147 @@
+"""The owned layout's hop in the worker (STREAMREC_STATE_WRITER=owned, docs/item-ownership.md).
+
+- **The relay**: a chunk's item-delta records are written to its source partition's outbox
+  in the chunk's commit (:meth:`stream.state.LiveState.compute`). Once a commit is known to
+  have succeeded, the relay reads that source partition's outbox from Redis, sends every
+  entry in offset order to the item-deltas topic (one topic partition per owner partition),
+  waits for Kafka's acks, then deletes the entries. It reads Redis rather than trusting what
+  it just committed: an outbox another worker left behind (a crash, a source partition that
+  moved) is sent before this worker's later entries, so each owner receives a source
+  partition's records in offset order. After every rebalance it drains the outboxes of the
+  source partitions assigned. An entry sent twice is dropped by its owner.
+- **The owners' agent**: the group assigns the item-deltas partitions as it assigns the
+  interactions'. For each partition it holds, an :class:`state.owner_commits.OwnerPartition`
+  applies the batch's records and commits the changed rows with its applied offsets before
+  the batch is acked. A fenced owner (another took the partition meanwhile) starts again
+  from Redis and applies the batch again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+
+from infra.redis_client import sync_redis
+from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores
+from schemas.keys import RedisKeys
+from stream import metrics
+from stream.app import app, settings
+from stream.ingest import (assigned_partitions, applied_listeners, consume_batches,
+                           message_bytes, on_redis_thread, send_to_partitions)
+
+log = logging.getLogger("streamrec.owners")
+
+item_deltas_topic = app.topic(settings.topic_item_deltas, key_type=bytes, value_type=bytes,
+                              key_serializer="raw", value_serializer="raw")
+_keys = RedisKeys(settings.key_prefix)
+_client = None
+_owners: dict[int, OwnerPartition] = {}
+_to_relay: set[tuple[str, int]] = set()  # source partitions whose outbox may hold entries
+_relay_due = asyncio.Event()
+_decode_entry = msgspec.msgpack.Decoder(dict[int, bytes]).decode
+
+
+def _redis():
+    global _client
+    if _client is None:
+        _client = sync_redis(settings.redis_url)
+    return _client
+
+
+def read_outbox(client, keys: RedisKeys, topic: str, partition: int
+                ) -> list[tuple[int, dict[int, bytes]]]:
+    """A source partition's outbox entries, oldest first: (offset, owner partition → record)."""
+    entries = client.hgetall(keys.outbox(topic, partition))
+    return sorted((int(offset), _decode_entry(entry)) for offset, entry in entries.items())
+
+
+def _note_outboxes(result) -> None:
+    if result.outboxes:
+        _to_relay.update(result.outboxes)
+        _relay_due.set()
+
+
+@app.task
+async def relay_outboxes() -> None:
+    """Send the outboxes' entries to the item-deltas topic (module doc), for ever."""
+    topic = item_deltas_topic.get_topic_name()
+    while True:
+        await _relay_due.wait()
+        _relay_due.clear()
+        waiting = sorted(_to_relay)
+        _to_relay.clear()
+        for topic_name, partition in waiting:
+            entries = await on_redis_thread("outbox read", read_outbox, _redis(), _keys,
+                                            topic_name, partition)
+            if not entries:
+                continue
+            by_owner: dict[int, list[tuple[None, bytes]]] = {}
+            for _, records in entries:
+                for owner, record in records.items():
+                    by_owner.setdefault(owner, []).append((None, record))
+            try:
+                await asyncio.gather(*await send_to_partitions(topic, by_owner))
+            except Exception as exc:  # noqa: BLE001 - the broker: the entries stay; again soon
+                log.warning("relaying %s[%d]'s item deltas failed (%r); retrying",
+                            topic_name, partition, exc)
+                _to_relay.add((topic_name, partition))
+                await asyncio.sleep(0.5)
+                _relay_due.set()
+                continue
+            await on_redis_thread("outbox delete", _redis().hdel,
+                                  _keys.outbox(topic_name, partition),
+                                  *(offset for offset, _ in entries))
+            metrics.ITEM_DELTAS_RELAYED.inc(sum(len(records) for _, records in entries))
+
+
+@app.on_rebalance_complete.connect
+async def relay_assigned_outboxes(sender, **_) -> None:
+    """Drain the outboxes of the source partitions assigned (entries another worker left);
+    forget the owners of item partitions no longer held (taken again from Redis if they
+    come back)."""
+    _to_relay.update((tp.topic, tp.partition) for tp in assigned_partitions())
+    _relay_due.set()
+    held = {tp.partition for tp in app.consumer.assignment()
+            if tp.topic == settings.topic_item_deltas}
+    for partition in [p for p in _owners if p not in held]:
+        del _owners[partition]
+
+
+def apply_records(partition: int, records: list[bytes]) -> int:
+    """Apply a batch's records to item partition ``partition``'s owner and commit them;
+    returns the operations applied. Fenced: again from what Redis holds. Any other error
+    drops the owner (the next try builds it from Redis) and propagates."""
+    for _ in range(3):
+        owner = _owners.get(partition)
+        if owner is None:
+            owner = _owners[partition] = OwnerPartition(
+                _redis(), settings.key_prefix, partition, owner_stores(settings, _redis()))
+        try:
+            operations = sum(owner.apply(record) or 0 for record in records)
+            owner.commit()
+            return operations
+        except OwnerFenced as exc:
+            log.warning("%s", exc)
+        except BaseException:
+            _owners.pop(partition, None)
+            raise
+    raise OwnerFenced(f"item partition {partition}: fenced off three times in a row")
+
+
+async def apply_owned_batch(messages) -> None:
+    by_partition: dict[int, list[bytes]] = {}
+    for event in messages:
+        by_partition.setdefault(event.message.partition, []).append(message_bytes(event))
+    for partition, records in sorted(by_partition.items()):
+        operations = await on_redis_thread("item deltas", apply_records, partition, records)
+        metrics.ITEM_DELTA_OPERATIONS.inc(operations)
+
+
+@app.agent(item_deltas_topic)
+async def apply_item_deltas(stream) -> None:
+    await consume_batches(stream, apply_owned_batch, "item deltas")
+
+
+applied_listeners.append(_note_outboxes)

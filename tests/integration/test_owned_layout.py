@@ -1,0 +1,93 @@
+"""STREAMREC_STATE_WRITER=owned with worker processes against the real broker and
+redis-server (docs/item-ownership.md): item-side state reaches its owners through the
+outboxes and the item-deltas topic, a worker group grows and loses a member to kill -9
+mid-stream, and nothing is lost or applied twice."""
+
+import time
+
+import numpy as np
+import pytest
+
+from online_models.registry import build
+from online_models.signals import SignalMapper
+from schemas.keys import RedisKeys
+from schemas.events import split_message
+from state.owner_commits import hop_settled
+from state.redis_store import StateLayoutError, build_live_models, build_on_redis
+from stream.simulator import UserSimulator
+from stream.state import LiveState, SourceMessage
+from tests.conftest import wait_for
+from tests.integration.kafka_helpers import read_topic
+from tests.integration.test_worker_group import produce
+from tests.state_check import applied, assert_live_equals_replay
+
+pytestmark = pytest.mark.integration
+
+
+def owners_caught_up(client, s) -> bool:
+    return hop_settled(client, RedisKeys(s.key_prefix), s.topic_interactions,
+                       s.topic_partitions)
+
+
+def test_a_worker_group_grows_and_loses_a_member_to_kill_9_and_loses_nothing(
+        settings, redis_client, spawn):
+    s = settings.model_copy(update={"live_models": "session,mf", "state_writer": "owned",
+                                    "worker_batch_max": 20})
+    total = 6000
+    events = list(UserSimulator(120, 3000, seed=31).events(total, time.time() - total))
+    first = spawn(["worker", "--loglevel", "warn"], s)
+    produce(s, events[:2000])
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= 1000, 60, "first worker",
+             proc=first)
+    second = spawn(["worker", "--loglevel", "warn"], s)  # rebalance: the group grows
+    produce(s, events[2000:4000])
+    time.sleep(8)  # both members hold partitions now (session timeout 6 s)
+    first.kill()  # kill -9 mid-stream: outbox entries and owners' memory left behind
+    produce(s, events[4000:])
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= total, 120, "all events",
+             proc=second)
+    wait_for(lambda: owners_caught_up(redis_client, s), 60, "owners caught up", proc=second)
+    assert applied(redis_client, s.key_prefix) == total
+    assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
+                              models=("session",), layout="owned")
+    mf = build_on_redis(["mf"], redis_client, s.key_prefix, layout="owned")["mf"]  # serving's
+    items = sorted({e.item_id for e in events if e.type != "impression"})
+    users = sorted({e.user_id for e in events if e.type != "impression"})
+    item_vectors, items_found = mf.store.get_vectors("item", items, mf.factors)
+    user_vectors, users_found = mf.store.get_local_vectors("user", users, mf.factors)
+    assert items_found.all() and users_found.all()
+    assert np.isfinite(item_vectors).all() and np.isfinite(user_vectors).all()
+    replayed = build("mf")
+    replayed.learn(SignalMapper().map(events))
+    assert set(mf.catalogue()) == set(replayed.catalogue())  # every item learnt positive
+
+
+def test_models_that_claim_shared_rows_are_refused_in_the_owned_layout(redis_client, unique):
+    with pytest.raises(StateLayoutError, match="'cooc' claims shared rows"):
+        build_on_redis(["session", "cooc"], redis_client, f"t{unique}", layout="owned",
+                       writer=True, item_partitions=4)
+
+
+def test_the_outbox_a_dead_worker_left_is_relayed_by_the_next_one(settings, redis_client,
+                                                                   spawn):
+    """A worker committed a source partition's chunk and died before relaying its records:
+    the worker that takes the partition over sends them, though no new event of it comes."""
+    s = settings.model_copy(update={"live_models": "session,mf", "state_writer": "owned"})
+    events = list(UserSimulator(60, 400, seed=33).events(2000, time.time() - 2000))
+    produce(s, events)
+    records = wait_for(lambda: (lambda got: got if sum(
+        len(split_message(r.value, 1 << 20)[0]) for r in got) == len(events) else None)(
+        read_topic(s.kafka_bootstrap, s.topic_interactions, 1, 5)), 30, "the whole log")
+    dead = LiveState(s, redis_client, list(build_live_models(s, redis_client,
+                                                             writer=True).values()))
+    one = [SourceMessage(r.topic, r.partition, r.offset, split_message(r.value, 1 << 20)[0])
+           for r in sorted(records, key=lambda r: r.offset) if r.partition == 1]
+    dead.apply_messages(one)
+    outbox = RedisKeys(s.key_prefix).outbox(s.topic_interactions, 1)
+    assert redis_client.hlen(outbox) == 1
+    worker = spawn(["worker", "--loglevel", "warn"], s)
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= len(events), 60, "all events",
+             proc=worker)
+    wait_for(lambda: owners_caught_up(redis_client, s), 60, "owners caught up", proc=worker)
+    assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
+                              models=("session",), layout="owned")
