@@ -126,8 +126,7 @@ async def process_batch(messages) -> tuple[int, int]:
             letters.append(dead_letter(raw, bad, message, len(good)))
     await deliver_dead_letters(letters)
     pipeline = apply_pipeline()
-    for chunk in event_chunks(sources, settings.worker_apply_max_events,
-                              by_partition=settings.state_writer == "owned"):
+    for chunk in event_chunks(sources, settings.worker_apply_max_events):
         await pipeline.apply(chunk)
     await pipeline.start_commit()
     events = sum(len(source.events) for source in sources)
@@ -156,16 +155,8 @@ async def deliver_dead_letters(letters: list[dlq.DeadLetter]) -> None:
         await asyncio.gather(*pending)
 
 
-def event_chunks(sources: list[SourceMessage], max_events: int,
-                 by_partition: bool = False) -> list[list[SourceMessage]]:
-    """Consecutive runs of whole messages holding about ``max_events`` events each;
-    ``by_partition``: each of one source partition, each partition's messages in their order
-    (the owned layout's outboxes; Faust hands partitions' messages over interleaved)."""
-    if by_partition:
-        runs: dict[tuple[str, int], list[SourceMessage]] = {}
-        for source in sources:
-            runs.setdefault((source.topic, source.partition), []).append(source)
-        return [chunk for run in runs.values() for chunk in event_chunks(run, max_events)]
+def event_chunks(sources: list[SourceMessage], max_events: int) -> list[list[SourceMessage]]:
+    """Consecutive runs of whole messages holding about ``max_events`` events each."""
     chunks: list[list[SourceMessage]] = [[]]
     size = 0
     for source in sources:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 
@@ -28,8 +29,9 @@ from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
-from stream.ingest import (assigned_partitions, applied_listeners, consume_batches,
-                           message_bytes, on_redis_thread, send_to_partitions)
+from stream.ingest import (applied_listeners, assigned_partitions, consume_batches,
+                           message_bytes, send_to_partitions)
+from stream.pipeline import run_retrying
 
 log = logging.getLogger("streamrec.owners")
 
@@ -41,6 +43,9 @@ _owners: dict[int, OwnerPartition] = {}
 _to_relay: set[tuple[str, int]] = set()  # source partitions whose outbox may hold entries
 _relay_due = asyncio.Event()
 _decode_entry = msgspec.msgpack.Decoder(dict[int, bytes]).decode
+#: threads of their own: the owners' and the relay's Redis work never waits behind a chunk's
+_owner_thread = ThreadPoolExecutor(1, thread_name_prefix="item-owners")
+_relay_thread = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
 
 
 def _redis():
@@ -73,8 +78,8 @@ async def relay_outboxes() -> None:
         waiting = sorted(_to_relay)
         _to_relay.clear()
         for topic_name, partition in waiting:
-            entries = await on_redis_thread("outbox read", read_outbox, _redis(), _keys,
-                                            topic_name, partition)
+            entries = await run_retrying(_relay_thread, "outbox read", read_outbox, _redis(),
+                                         _keys, topic_name, partition)
             if not entries:
                 continue
             by_owner: dict[int, list[tuple[None, bytes]]] = {}
@@ -90,9 +95,9 @@ async def relay_outboxes() -> None:
                 await asyncio.sleep(0.5)
                 _relay_due.set()
                 continue
-            await on_redis_thread("outbox delete", _redis().hdel,
-                                  _keys.outbox(topic_name, partition),
-                                  *(offset for offset, _ in entries))
+            await run_retrying(_relay_thread, "outbox delete", _redis().hdel,
+                               _keys.outbox(topic_name, partition),
+                               *(offset for offset, _ in entries))
             metrics.ITEM_DELTAS_RELAYED.inc(sum(len(records) for _, records in entries))
 
 
@@ -135,7 +140,8 @@ async def apply_owned_batch(messages) -> None:
     for event in messages:
         by_partition.setdefault(event.message.partition, []).append(message_bytes(event))
     for partition, records in sorted(by_partition.items()):
-        operations = await on_redis_thread("item deltas", apply_records, partition, records)
+        operations = await run_retrying(_owner_thread, "item deltas", apply_records,
+                                        partition, records)
         metrics.ITEM_DELTA_OPERATIONS.inc(operations)
 
 

@@ -28,6 +28,21 @@ from stream.state import ApplyResult, LiveState, PreparedBatch, SourceMessage
 log = logging.getLogger("streamrec.pipeline")
 
 
+async def run_retrying(executor: ThreadPoolExecutor, what: str, function, *args,
+                       retry_max_s: float = 5.0, on_retry: Callable[[], None] = lambda: None):
+    """``function(*args)`` on ``executor``'s thread; transient Redis errors back off and
+    retry (up to ``retry_max_s`` apart) until it succeeds."""
+    loop, delay = asyncio.get_running_loop(), 0.05
+    while True:
+        try:
+            return await loop.run_in_executor(executor, function, *args)
+        except TRANSIENT_REDIS_ERRORS as exc:
+            note_redis_error(log, what, exc, delay)
+            on_retry()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, retry_max_s)
+
+
 class ApplyPipeline:
     """Applies chunks of source messages exactly once, at most one commit in flight.
 
@@ -55,15 +70,8 @@ class ApplyPipeline:
     async def run(self, what: str, function, *args):
         """``function(*args)`` on the prepare thread; transient Redis errors back off and
         retry until it succeeds."""
-        loop, delay = asyncio.get_running_loop(), 0.05
-        while True:
-            try:
-                return await loop.run_in_executor(self._prepare_thread, function, *args)
-            except TRANSIENT_REDIS_ERRORS as exc:
-                note_redis_error(log, what, exc, delay)
-                self.on_retry()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_s)
+        return await run_retrying(self._prepare_thread, what, function, *args,
+                                  retry_max_s=self.retry_max_s, on_retry=self.on_retry)
 
     async def between_commits(self, function, *args):
         """``function(*args)`` on the commit thread, so never inside a commit's WATCH … EXEC:

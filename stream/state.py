@@ -23,11 +23,16 @@ one thing N+1 reads from Redis that N changes is shared online-MF item vectors, 
 read from before N's step (as concurrent workers do: the steps still add up).
 
 Limits (documented in docs/reliability.md): one Redis primary — MULTI cannot span Redis
-Cluster slots; Redis itself can lose up to ~1 s of writes on power loss with AOF ``everysec``, in which case
-the watermark and the state it covers are lost together; the worker re-consumes those offsets
-from Kafka at its next partition assignment (:mod:`stream.ingest`), as long as Kafka still
-retains them. A running worker notices such a loss itself: a watermark below one it committed
-raises :class:`RedisLostWrites` (the worker then restarts to resume from Redis's watermarks).
+Cluster slots; Redis itself can lose up to ~1 s of writes on power loss with AOF
+``everysec``, in which case the watermark and the state it covers are lost together; the
+worker re-consumes those offsets from Kafka at its next partition assignment
+(:mod:`stream.ingest`), as long as Kafka still retains them. A running worker notices such a
+loss itself: a watermark below one it committed raises :class:`RedisLostWrites` (the worker
+then restarts to resume from Redis's watermarks).
+
+With ``STREAMREC_STATE_WRITER=owned`` the models' item-side writes become delta records
+(docs/item-ownership.md): each source partition's events of a batch are learnt apart, and
+their records go into that partition's outbox in the batch's transaction.
 """
 
 from __future__ import annotations
@@ -278,6 +283,9 @@ class PreparedBatch:
     writes: WriteBatch = field(default_factory=WriteBatch)
     new_marks: dict[tuple[str, int], int] = field(default_factory=dict)
     seq: int = 0  # the commit's number on a Redis Cluster (0: one server, not numbered)
+    #: owned layout: each event's source partition (index into ``partitions``)
+    partitions: list[tuple[str, int]] = field(default_factory=list)
+    event_partitions: np.ndarray | None = None
 
 
 class LiveState:
@@ -492,11 +500,15 @@ class LiveState:
                     pipe.smismember(keys.seen_events(bucket), ids)
                 for ids, flags in zip(buckets.values(), pipe.execute()):
                     seen.update(i for i, flag in zip(ids, flags) if flag)
-        events, batch_ids = [], set()
-        for event in candidates:
-            if event.event_id not in seen and event.event_id not in batch_ids:
-                events.append(event)
-                batch_ids.add(event.event_id)
+        events, batch_ids, event_partitions = [], set(), []
+        fresh_partitions = list(dict.fromkeys((m.topic, m.partition) for m in fresh))
+        number = {tp: n for n, tp in enumerate(fresh_partitions)}
+        for message in fresh:
+            for event in message.events:
+                if event.event_id not in seen and event.event_id not in batch_ids:
+                    events.append(event)
+                    batch_ids.add(event.event_id)
+                    event_partitions.append(number[(message.topic, message.partition)])
         result = ApplyResult(applied_events=len(events),
                              redelivered_messages=len(messages) - len(fresh),
                              duplicate_events=len(candidates) - len(events),
@@ -505,7 +517,9 @@ class LiveState:
         signals = self.mapper.map(events) if events else None
         for model in self.models if signals is not None else ():
             model.prefetch(signals)
-        return PreparedBatch(expected, fresh, events, signals, buckets, batch_ids, result)
+        return PreparedBatch(expected, fresh, events, signals, buckets, batch_ids, result,
+                             partitions=fresh_partitions,
+                             event_partitions=np.asarray(event_partitions, np.int64))
 
     def compute(self, prepared: PreparedBatch) -> PreparedBatch:
         """Prepare, second half: the models learn and every write is recorded. Reads Redis
@@ -515,24 +529,25 @@ class LiveState:
             prepared.seq = (self._uncommitted[-1].seq if self._uncommitted
                             else self._committed_seq) + 1
         counts = {"events_applied": len(prepared.events), "batches": int(bool(prepared.events))}
+        for m in prepared.fresh:
+            tp = (m.topic, m.partition)
+            prepared.new_marks[tp] = max(prepared.new_marks.get(tp, -1), m.offset)
         if prepared.events:
-            for model in self.models:
-                with model.store.deferred(writes):
-                    report = model.learn(prepared.signals)
-                result.changed_item_vectors += report.changed_item_vectors
+            for source, signals in self._learning_groups(prepared):
+                for model in self.models:
+                    with model.store.deferred(writes):
+                        report = model.learn(signals)
+                    result.changed_item_vectors += report.changed_item_vectors
+                if source is not None:
+                    self._queue_records(writes, source, prepared.new_marks[source], result)
             self._queue(writes, prepared.events, prepared.signals, prepared.seq)
             for bucket, ids in prepared.buckets.items():
                 new_ids = [i for i in ids if i in prepared.event_ids]
                 if new_ids:
                     writes.sadd(keys.seen_events(bucket), *new_ids)
                     writes.expire(keys.seen_events(bucket), 2 * self.settings.dedup_ttl_s)
-        for m in prepared.fresh:
-            tp = (m.topic, m.partition)
-            prepared.new_marks[tp] = max(prepared.new_marks.get(tp, -1), m.offset)
         for (topic, partition), offset in prepared.new_marks.items():
             writes.set(keys.watermark(topic, partition), offset)
-        if self.deltas is not None:
-            self._queue_records(writes, prepared)
         counts["dlq_messages"] = sum(1 for m in prepared.fresh if m.invalid_events)
         counts["dlq_events"] = sum(m.invalid_events for m in prepared.fresh)
         counts["skipped_redelivered"] = result.redelivered_messages
@@ -546,21 +561,33 @@ class LiveState:
         self._uncommitted.append(prepared)
         return prepared
 
-    def _queue_records(self, writes: WriteBatch, prepared: PreparedBatch) -> None:
-        """Owned layout: the chunk's item-delta records into its source partition's outbox
-        (tagged with the chunk's last offset), in the chunk's transaction. A chunk covers one
-        source partition (:func:`stream.ingest.event_chunks` cuts them so): an owner then
-        receives each source partition's records in offset order."""
-        if len(prepared.new_marks) > 1:
-            raise ValueError("an owned-layout chunk must cover one source partition, not "
-                             f"{sorted(prepared.new_marks)}")
-        for (topic, partition), offset in prepared.new_marks.items():
-            records = self.deltas.take_records({f"{topic}:{partition}": offset})
-            if records:
-                writes.hset(self.keys.outbox(topic, partition),
-                            {offset: msgspec.msgpack.encode(records)})
-                prepared.result.outboxes.append((topic, partition))
-        self.deltas.clear()  # none recorded where nothing was fresh
+    def _learning_groups(self, prepared: PreparedBatch):
+        """(source partition, its events' signals) to learn in turn: the owned layout learns
+        each source partition's events apart (in stream order), so that each part's item
+        deltas carry that partition's offsets; other layouts learn the batch at once
+        (source None)."""
+        if self.deltas is None:
+            yield None, prepared.signals
+            return
+        if len(prepared.partitions) == 1:
+            yield prepared.partitions[0], prepared.signals
+            return
+        for number, source in enumerate(prepared.partitions):
+            mask = prepared.event_partitions == number
+            if mask.any():
+                yield source, prepared.signals.select(mask)
+
+    def _queue_records(self, writes: WriteBatch, source: tuple[str, int], offset: int,
+                       result: ApplyResult) -> None:
+        """Owned layout: the item-delta records just learnt from ``source``'s events, tagged
+        with its last offset in the batch, into its outbox in the batch's transaction (the
+        relay sends each outbox in offset order: :mod:`stream.owners`)."""
+        topic, partition = source
+        records = self.deltas.take_records({f"{topic}:{partition}": offset})
+        if records:
+            writes.hset(self.keys.outbox(topic, partition),
+                        {offset: msgspec.msgpack.encode(records)})
+            result.outboxes.append(source)
 
     def commit(self, prepared: PreparedBatch) -> ApplyResult | None:
         """Write a prepared batch in one MULTI/EXEC, guarded by WATCH on its watermarks; None

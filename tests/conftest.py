@@ -60,7 +60,7 @@ def settings(redis_server, kafka_server, unique) -> Settings:
     s = Settings(kafka_bootstrap=kafka_server.bootstrap, redis_url=redis_server.url,
                  topic_interactions=f"interactions-{unique}", topic_dlq=f"dlq-{unique}",
                  topic_item_vectors=f"vectors-{unique}", topic_impressions=f"impr-{unique}",
-                 topic_items=f"items-{unique}",
+                 topic_items=f"items-{unique}", topic_item_deltas=f"deltas-{unique}",
                  app_id=f"streamrec-{unique}", key_prefix=f"t{unique}", topic_partitions=4,
                  kafka_session_timeout_s=6, kafka_rebalance_timeout_s=6)
     ensure_streamrec_topics(s)
