@@ -162,8 +162,9 @@ class RedisKeys:
 
     # --- item partitions' owners (hash tag {own:<partition>}) ------------------------------
     def owner_applied(self, partition: int) -> str:
-        """String (msgpack map): source partition → the last offset item partition
-        ``partition``'s owner applied (docs/item-ownership.md)."""
+        """String (msgpack): item partition ``partition``'s owner's progress, [the last
+        item-deltas offset consumed, source partition → the last offset applied]
+        (docs/item-ownership.md)."""
         return f"{self.prefix}:{{own:{int(partition)}}}:applied"
 
     def owner_redo(self, partition: int) -> str:
@@ -300,12 +301,15 @@ class RedisKeys:
                     "Item-delta records of a source partition's chunks, written in the chunk's "
                     "MULTI/EXEC with its watermark; sent in offset order to the item-deltas "
                     "topic and deleted once Kafka acked them (docs/item-ownership.md)."),
-            KeySpec(f"{p}:{{own:<partition>}}:applied", "string (msgpack map source "
-                    "partition → offset)", "none", "item partition owner (owned layout: "
-                    "docs/item-ownership.md)", "one key per item partition",
-                    "The last source offset whose item deltas the owner's rows hold; written "
-                    "with those rows (one MULTI/EXEC, or with its redo record on a Redis "
-                    "Cluster). Records at or below it are dropped as re-sends."),
+            KeySpec(f"{p}:{{own:<partition>}}:applied", "string (msgpack [item-deltas "
+                    "offset, map source partition → offset])", "none",
+                    "item partition owner (owned layout: docs/item-ownership.md)",
+                    "one key per item partition",
+                    "The owner's progress: the last item-deltas offset it consumed (where "
+                    "its successor resumes) and the last source offset whose item deltas its "
+                    "rows hold; written with those rows (one MULTI/EXEC, or with its redo "
+                    "record on a Redis Cluster). Records at or below it are dropped as "
+                    "re-sends."),
             KeySpec(f"{p}:{{own:<partition>}}:redo", "hash {seq, commands}", "none",
                     "item partition owner (Redis Cluster only)", "one commit's writes",
                     "The owner's last commit outside its slot (overwrites only), written with "

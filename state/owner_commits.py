@@ -54,6 +54,23 @@ def owner_stores(settings, client) -> dict[str, WriteBackStore]:
             for name, model in readers.items()}
 
 
+def decode_progress(raw: bytes | None) -> tuple[int, dict[str, int]]:
+    """An owner's committed progress (``RedisKeys.owner_applied``): the last item-deltas
+    offset it consumed (-1: none) and, per source partition, the last offset applied."""
+    if raw is None:
+        return -1, {}
+    position, applied = msgspec.msgpack.decode(raw)
+    return position, applied
+
+
+def read_positions(client, keys: RedisKeys, partitions: list[int]) -> dict[int, int | None]:
+    """Item partition → the last item-deltas offset its owner committed (None: none), where
+    a newly assigned owner resumes (Redis, not Kafka, holds an owner's progress)."""
+    raws = client.mget([keys.owner_applied(p) for p in partitions]) if partitions else []
+    return {p: (decode_progress(raw)[0] if raw is not None else None)
+            for p, raw in zip(partitions, raws)}
+
+
 class OwnerPartition:
     """Item partition ``partition``'s owner on ``client`` (see the module doc). ``stores``:
     model namespace → its :class:`WriteBackStore` (:func:`owner_stores`)."""
@@ -83,18 +100,29 @@ class OwnerPartition:
                 seq = int(record[b"seq"])
         self._seq = max(seq, int(time.time() * 1000))
         self._committed = self.client.get(self.applied_key)
-        self.owner = Owner(self.stores.__getitem__,
-                           msgspec.msgpack.decode(self._committed) if self._committed else {})
+        self.position, applied = decode_progress(self._committed)
+        self.owner = Owner(self.stores.__getitem__, applied)
+        for store in self.stores.values():  # never committed: Redis holds none of its keys
+            store.complete = self._committed is None
 
     @property
     def applied(self) -> dict[str, int]:
         """Source partition → the last offset applied (committed or not yet)."""
         return self.owner.applied
 
-    def apply(self, record: bytes) -> int | None:
+    def apply(self, record: bytes, position: int | None = None) -> int | None:
         """Apply a record in memory (:meth:`state.ownership.Owner.apply`): how many
-        operations it held, or None where it was applied before."""
-        return self.owner.apply(record)
+        operations it held, or None where it was applied before. ``position``: the record's
+        offset in the item-deltas topic (committed as :attr:`position`)."""
+        return self.apply_many([record], None if position is None else [position])[0]
+
+    def apply_many(self, records: list[bytes], positions: list[int] | None = None
+                   ) -> list[int | None]:
+        """:meth:`apply` of each record, reading what they write in one call per table."""
+        outcomes = self.owner.apply_many(records)
+        if positions:
+            self.position = max(self.position, *positions)
+        return outcomes
 
     def pending(self) -> int:
         """Keys changed since the last commit."""
@@ -105,7 +133,7 @@ class OwnerPartition:
         how many keys were written. Raises :class:`OwnerFenced` (after :meth:`restore`)
         where another owner committed since; Redis's errors propagate (call :meth:`restore`
         before going on: the commit may not have happened)."""
-        encoded = msgspec.msgpack.encode(self.owner.applied)
+        encoded = msgspec.msgpack.encode((self.position, self.owner.applied))
         if encoded == self._committed:
             return 0
         batch, written = WriteBatch(), 0
@@ -147,7 +175,7 @@ def hop_settled(client, keys: RedisKeys, topic: str, partitions: int) -> bool:
     marks, offsets = replies[partitions::2], replies[partitions + 1::2]
     reached: dict[str, int] = {}
     for raw in offsets:
-        for source, offset in (msgspec.msgpack.decode(raw) if raw else {}).items():
+        for source, offset in decode_progress(raw)[1].items():
             reached[source] = max(reached.get(source, -1), offset)
     return all(reached.get(f"{topic}:{p}", -1) >= int(mark)
                for p, mark in enumerate(marks) if mark is not None)

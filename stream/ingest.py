@@ -241,7 +241,9 @@ async def _hold(mismatches: list[LogMismatch], partitions) -> dict[tuple[str, in
     return recorded
 
 
-async def _seek_to_watermarks(marks: dict[int, int | None], partitions) -> None:
+async def seek_to_positions(marks: dict[int, int | None], partitions) -> None:
+    """Commit and seek each of ``partitions`` to the offset after its mark in Redis (0 where
+    none): Redis, not Kafka, says where to resume."""
     offsets = {tp: marks[tp.partition] + 1 if marks[tp.partition] is not None else 0
                for tp in partitions}
     # Consumer._commit: faust's own commit of explicit offsets (faust-streaming is pinned).
@@ -272,7 +274,7 @@ async def resume_from_redis_watermarks(sender, **_) -> None:
     await apply_pipeline().drain()
     marks, mismatches = await _log_positions(partitions)
     await _hold(mismatches, partitions)
-    await _seek_to_watermarks(marks, partitions)
+    await seek_to_positions(marks, partitions)
 
 
 @app.timer(settings.log_check_interval_s)

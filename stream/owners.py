@@ -25,12 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 
 from infra.redis_client import sync_redis
-from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores
+from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores, read_positions
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
 from stream.ingest import (applied_listeners, assigned_partitions, consume_batches,
-                           message_bytes, send_to_partitions)
+                           message_bytes, seek_to_positions, send_to_partitions)
 from stream.pipeline import run_retrying
 
 log = logging.getLogger("streamrec.owners")
@@ -105,16 +105,22 @@ async def relay_outboxes() -> None:
 async def relay_assigned_outboxes(sender, **_) -> None:
     """Drain the outboxes of the source partitions assigned (entries another worker left);
     forget the owners of item partitions no longer held (taken again from Redis if they
-    come back)."""
+    come back); seek the item partitions held to where their owners' committed progress
+    ends."""
     _to_relay.update((tp.topic, tp.partition) for tp in assigned_partitions())
     _relay_due.set()
-    held = {tp.partition for tp in app.consumer.assignment()
-            if tp.topic == settings.topic_item_deltas}
-    for partition in [p for p in _owners if p not in held]:
+    held = sorted(tp for tp in app.consumer.assignment()
+                  if tp.topic == settings.topic_item_deltas)
+    numbers = {tp.partition for tp in held}
+    for partition in [p for p in _owners if p not in numbers]:
         del _owners[partition]
+    if held:  # resume where each owner's committed state ends (after a Redis loss too)
+        positions = await run_retrying(_owner_thread, "owner positions", read_positions,
+                                       _redis(), _keys, sorted(numbers))
+        await seek_to_positions(positions, held)
 
 
-def apply_records(partition: int, records: list[bytes]) -> int:
+def apply_records(partition: int, records: list[bytes], positions: list[int]) -> int:
     """Apply a batch's records to item partition ``partition``'s owner and commit them;
     returns the operations applied. Fenced: again from what Redis holds. Any other error
     drops the owner (the next try builds it from Redis) and propagates."""
@@ -124,7 +130,7 @@ def apply_records(partition: int, records: list[bytes]) -> int:
             owner = _owners[partition] = OwnerPartition(
                 _redis(), settings.key_prefix, partition, owner_stores(settings, _redis()))
         try:
-            operations = sum(owner.apply(record) or 0 for record in records)
+            operations = sum(n or 0 for n in owner.apply_many(records, positions))
             owner.commit()
             return operations
         except OwnerFenced as exc:
@@ -136,12 +142,14 @@ def apply_records(partition: int, records: list[bytes]) -> int:
 
 
 async def apply_owned_batch(messages) -> None:
-    by_partition: dict[int, list[bytes]] = {}
+    by_partition: dict[int, tuple[list[bytes], list[int]]] = {}
     for event in messages:
-        by_partition.setdefault(event.message.partition, []).append(message_bytes(event))
-    for partition, records in sorted(by_partition.items()):
+        records, positions = by_partition.setdefault(event.message.partition, ([], []))
+        records.append(message_bytes(event))
+        positions.append(event.message.offset)
+    for partition, (records, positions) in sorted(by_partition.items()):
         operations = await run_retrying(_owner_thread, "item deltas", apply_records,
-                                        partition, records)
+                                        partition, records, positions)
         metrics.ITEM_DELTA_OPERATIONS.inc(operations)
 
 
