@@ -173,9 +173,15 @@ class RedisKeys:
         return f"{self.prefix}:{{own:{int(partition)}}}:redo"
 
     def outbox(self, topic: str, partition: int) -> str:
-        """Hash source offset → the item-delta records of the chunk ending there (msgpack:
-        owner partition → record), not yet relayed (STREAMREC_STATE_WRITER=owned)."""
+        """Hash ``<source offset>:<owner partition>`` → that owner's item-delta record of
+        the chunk ending there, until the owner applied it (STREAMREC_STATE_WRITER=owned)."""
         return f"{self.prefix}:{{wm}}:outbox:{encode_id(topic)}:{int(partition)}"
+
+    @property
+    def owned_epoch(self) -> str:
+        """String: the epoch item-delta records are sent under (owned layout); owners drop
+        records of any other."""
+        return f"{self.prefix}:{{wm}}:epoch"
 
     def seen_events(self, bucket: int) -> str:
         """Set of the ids of applied events whose timestamps fall in time bucket ``bucket``."""
@@ -295,12 +301,19 @@ class RedisKeys:
                     "of. A different id (topic deleted and recreated, broker data lost) "
                     "holds the partition even where its new log has grown past the "
                     "watermark; a reset records the new id."),
-            KeySpec(f"{p}:{{wm}}:outbox:<topic>:<partition>", "hash source offset → "
-                    "msgpack map owner partition → record", "none", "stream worker (owned "
-                    "layout)", "the chunks not relayed yet",
+            KeySpec(f"{p}:{{wm}}:outbox:<topic>:<partition>", "hash <source offset>:<owner "
+                    "partition> → record (msgpack)", "none", "stream worker (owned layout) "
+                    "adds; the owner deletes", "the records owners have not applied yet",
                     "Item-delta records of a source partition's chunks, written in the chunk's "
                     "MULTI/EXEC with its watermark; sent in offset order to the item-deltas "
-                    "topic and deleted once Kafka acked them (docs/item-ownership.md)."),
+                    "topic, and deleted by their owner in the commit that applies them "
+                    "(docs/item-ownership.md)."),
+            KeySpec(f"{p}:{{wm}}:epoch", "string (random id)", "none", "stream worker (owned "
+                    "layout)", "one key", "The epoch item-delta records are sent under (their "
+                    "Kafka key). A starting worker, or one that finds Redis went back, makes a "
+                    "new one: owners drop records of other epochs (sent before a loss of Redis "
+                    "writes), and what owners have not applied is sent again from the "
+                    "outboxes."),
             KeySpec(f"{p}:{{own:<partition>}}:applied", "string (msgpack [item-deltas "
                     "offset, map source partition → offset])", "none",
                     "item partition owner (owned layout: docs/item-ownership.md)",

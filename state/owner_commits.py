@@ -29,6 +29,7 @@ from typing import Mapping
 
 import msgspec
 
+from infra.redis_client import mget_any
 from state.ownership import Owner
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
                                build_on_redis)
@@ -36,6 +37,7 @@ from state.write_back import WriteBackStore
 from schemas.keys import RedisKeys
 
 _decode_commands = msgspec.msgpack.Decoder(list[tuple]).decode
+_decode_sources = msgspec.msgpack.Decoder(tuple[dict[str, int], msgspec.Raw]).decode
 
 
 class OwnerFenced(RuntimeError):
@@ -66,7 +68,7 @@ def decode_progress(raw: bytes | None) -> tuple[int, dict[str, int]]:
 def read_positions(client, keys: RedisKeys, partitions: list[int]) -> dict[int, int | None]:
     """Item partition → the last item-deltas offset its owner committed (None: none), where
     a newly assigned owner resumes (Redis, not Kafka, holds an owner's progress)."""
-    raws = client.mget([keys.owner_applied(p) for p in partitions]) if partitions else []
+    raws = mget_any(client, [keys.owner_applied(p) for p in partitions])
     return {p: (decode_progress(raw)[0] if raw is not None else None)
             for p, raw in zip(partitions, raws)}
 
@@ -82,6 +84,7 @@ class OwnerPartition:
         self.stores = dict(stores)
         self.applied_key = self.keys.owner_applied(partition)
         self.redo_key = self.keys.owner_redo(partition)
+        self.epoch_key = self.keys.owned_epoch
         self.cluster = next(iter(self.stores.values())).reader.cluster if self.stores else False
         self.commits = 0
         self.restore()
@@ -99,8 +102,9 @@ class OwnerPartition:
                                list(CLUSTER_WRITE_SCRIPTS))
                 seq = int(record[b"seq"])
         self._seq = max(seq, int(time.time() * 1000))
-        self._committed = self.client.get(self.applied_key)
+        self._committed, self.epoch = mget_any(self.client, [self.applied_key, self.epoch_key])
         self.position, applied = decode_progress(self._committed)
+        self._delivered: dict[str, set[str]] = {}  # outbox key → fields applied here
         self.owner = Owner(self.stores.__getitem__, applied)
         for store in self.stores.values():  # never committed: Redis holds none of its keys
             store.complete = self._committed is None
@@ -118,21 +122,40 @@ class OwnerPartition:
 
     def apply_many(self, records: list[bytes], positions: list[int] | None = None
                    ) -> list[int | None]:
-        """:meth:`apply` of each record, reading what they write in one call per table."""
+        """:meth:`apply` of each record, reading what they write in one call per table.
+        Their outbox entries are deleted by the next commit."""
         outcomes = self.owner.apply_many(records)
+        for record in records:
+            for source, offset in _decode_sources(record)[0].items():
+                topic, _, partition = source.rpartition(":")
+                self._delivered.setdefault(self.keys.outbox(topic, int(partition)), set()).add(
+                    f"{offset}:{self.partition}")
         if positions:
             self.position = max(self.position, *positions)
         return outcomes
+
+    def apply_sent(self, epochs: list[bytes | None], records: list[bytes],
+                   positions: list[int]) -> list[int | None]:
+        """:meth:`apply_many` of records as the relay sent them (their epochs, the Kafka
+        keys): those of another epoch than Redis's (sent before Redis lost writes, or before
+        a worker started) are dropped (None), and their outbox entries kept: the relay sends
+        them again under the epoch of now."""
+        self.epoch = self.client.get(self.epoch_key)
+        current = [n for n, epoch in enumerate(epochs) if epoch == self.epoch]
+        applied = dict(zip(current, self.apply_many([records[n] for n in current])))
+        self.position = max([self.position, *positions])
+        return [applied.get(n) for n in range(len(records))]
 
     def pending(self) -> int:
         """Keys changed since the last commit."""
         return sum(store.pending() for store in self.stores.values())
 
     def commit(self) -> int:
-        """Write what changed since the last commit with ``applied`` (module doc); returns
-        how many keys were written. Raises :class:`OwnerFenced` (after :meth:`restore`)
-        where another owner committed since; Redis's errors propagate (call :meth:`restore`
-        before going on: the commit may not have happened)."""
+        """Write what changed since the last commit with ``applied`` (module doc), and
+        delete the outbox entries applied; returns how many keys were written. Raises
+        :class:`OwnerFenced` (after :meth:`restore`) where another owner committed since, or
+        the epoch changed; Redis's errors propagate (call :meth:`restore` before going on:
+        the commit may not have happened)."""
         encoded = msgspec.msgpack.encode((self.position, self.owner.applied))
         if encoded == self._committed:
             return 0
@@ -140,42 +163,30 @@ class OwnerPartition:
         for store in self.stores.values():
             written += store.flush(batch)
         batch.set(self.applied_key, encoded)
+        for outbox, fields in self._delivered.items():
+            batch.hdel(outbox, *sorted(fields))
         watch, expect = [self.applied_key], [self._committed]
         if self.cluster:
             self._seq += 1
             ok = batch.commit_with_redo(self.client, watch, expect, self.redo_key, self._seq,
                                         CLUSTER_WRITE_SCRIPTS)
-        else:
-            ok = batch.commit(self.client, watch, expect)
+        else:  # and the epoch its records were checked against (one slot: one server)
+            ok = batch.commit(self.client, [*watch, self.epoch_key], [*expect, self.epoch])
         if not ok:
             self.restore()
             raise OwnerFenced(f"item partition {self.partition}: another owner committed "
-                              f"since this one read its offsets; started again from Redis")
+                              f"since this one read its offsets, or the epoch changed; "
+                              f"started again from Redis")
         self._committed = encoded
+        self._delivered = {}
         self.commits += 1
         return written
 
 
 def hop_settled(client, keys: RedisKeys, topic: str, partitions: int) -> bool:
-    """Whether nothing waits in the hop: every outbox of ``topic``'s ``partitions`` relayed,
-    and for each source partition some owner applied records up to its watermark (true once
-    settled where each source partition's last chunk carried item deltas, as every chunk of
-    clicks does: for tests and benches). Item partitions are as many as source partitions
-    (both STREAMREC_TOPIC_PARTITIONS)."""
-    outboxes = [keys.outbox(topic, p) for p in range(partitions)]
+    """Whether nothing waits in the hop: every outbox entry of ``topic``'s ``partitions``
+    applied by its owner (owners delete the entries they apply)."""
     with client.pipeline(transaction=False) as pipe:
-        for name in outboxes:
-            pipe.hlen(name)
-        for p in range(partitions):
-            pipe.get(keys.watermark(topic, p))
-            pipe.get(keys.owner_applied(p))
-        replies = pipe.execute()
-    if any(replies[:partitions]):
-        return False
-    marks, offsets = replies[partitions::2], replies[partitions + 1::2]
-    reached: dict[str, int] = {}
-    for raw in offsets:
-        for source, offset in decode_progress(raw)[1].items():
-            reached[source] = max(reached.get(source, -1), offset)
-    return all(reached.get(f"{topic}:{p}", -1) >= int(mark)
-               for p, mark in enumerate(marks) if mark is not None)
+        for partition in range(partitions):
+            pipe.hlen(keys.outbox(topic, partition))
+        return not any(pipe.execute())

@@ -340,7 +340,7 @@ class OwnedLayout:
         for model in self.models.values():
             model.learn(signals)
         self._chunks += 1
-        records = self.deltas.take_records({"replay": self._chunks})
+        records = self.deltas.take_records({"replay:0": self._chunks})
         for partition, record in records.items():
             self.sizes["records"] += 1
             self.sizes["bytes"] += len(record)

@@ -169,6 +169,9 @@ class WriteBatch:
     def expire(self, key, seconds: int) -> None:
         self._add("EXPIRE", key, seconds)
 
+    def hdel(self, key, *fields) -> None:
+        self._add("HDEL", key, *fields)
+
     def hincrby(self, key, field, amount: int = 1) -> None:
         self._add("HINCRBY", key, field, amount)
 

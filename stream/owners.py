@@ -1,19 +1,27 @@
 """The owned layout's hop in the worker (STREAMREC_STATE_WRITER=owned, docs/item-ownership.md).
 
 - **The relay**: a chunk's item-delta records are written to its source partition's outbox
-  in the chunk's commit (:meth:`stream.state.LiveState.compute`). Once a commit is known to
-  have succeeded, the relay reads that source partition's outbox from Redis, sends every
-  entry in offset order to the item-deltas topic (one topic partition per owner partition),
-  waits for Kafka's acks, then deletes the entries. It reads Redis rather than trusting what
-  it just committed: an outbox another worker left behind (a crash, a source partition that
-  moved) is sent before this worker's later entries, so each owner receives a source
-  partition's records in offset order. After every rebalance it drains the outboxes of the
-  source partitions assigned. An entry sent twice is dropped by its owner.
+  in the chunk's commit (:meth:`stream.state.LiveState.compute`), one entry per owner
+  partition. Once a commit is known to have succeeded, the relay reads that outbox from
+  Redis and sends the entries it has not sent yet, in offset order, to the item-deltas topic
+  (one topic partition per owner partition), keyed by the epoch (``RedisKeys.owned_epoch``).
+  It reads Redis rather than trusting what it just committed: entries another worker left
+  behind (a crash, a source partition that moved) go before this worker's later ones, so
+  each owner receives a source partition's records in offset order. After every rebalance,
+  and whenever the epoch changed, it sends again every entry still there (an entry sent twice
+  is dropped by its owner); each second it looks at every assigned partition's outbox, so
+  entries of a partition with no new commit go out too.
 - **The owners' agent**: the group assigns the item-deltas partitions as it assigns the
   interactions'. For each partition it holds, an :class:`state.owner_commits.OwnerPartition`
-  applies the batch's records and commits the changed rows with its applied offsets before
-  the batch is acked. A fenced owner (another took the partition meanwhile) starts again
-  from Redis and applies the batch again.
+  applies the batch's records of the current epoch and commits, before the batch is acked,
+  the changed rows, its progress (source offsets applied, its item-deltas offset: where the
+  next owner resumes after a rebalance) and the deletion of the outbox entries it applied.
+  A fenced owner (another took the partition, or the epoch changed) starts again from Redis
+  and applies the batch again.
+
+Entries leave an outbox only once applied, so a new epoch loses nothing: records sent under
+an older one (before Redis lost writes, or before a worker started) are dropped by owners and
+sent again from the outboxes, under the new one.
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ _keys = RedisKeys(settings.key_prefix)
 _client = None
 _owners: dict[int, OwnerPartition] = {}
 _to_relay: set[tuple[str, int]] = set()  # source partitions whose outbox may hold entries
+#: per source partition, the last outbox offset this worker sent since the last rebalance
+_sent_up_to: dict[tuple[str, int], int] = {}
+_sent_epoch: bytes | None = None  # the epoch those were sent under
 _relay_due = asyncio.Event()
 _decode_entry = msgspec.msgpack.Decoder(dict[int, bytes]).decode
 #: threads of their own: the owners' and the relay's Redis work never waits behind a chunk's
@@ -56,10 +67,18 @@ def _redis():
 
 
 def read_outbox(client, keys: RedisKeys, topic: str, partition: int
-                ) -> list[tuple[int, dict[int, bytes]]]:
-    """A source partition's outbox entries, oldest first: (offset, owner partition → record)."""
-    entries = client.hgetall(keys.outbox(topic, partition))
-    return sorted((int(offset), _decode_entry(entry)) for offset, entry in entries.items())
+                ) -> tuple[bytes | None, list[tuple[int, int, bytes]]]:
+    """The epoch to send under, and a source partition's outbox entries, oldest first:
+    (offset, owner partition, record)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.get(keys.owned_epoch)
+        pipe.hgetall(keys.outbox(topic, partition))
+        epoch, entries = pipe.execute()
+    due = []
+    for field, record in entries.items():
+        offset, _, owner = field.decode().partition(":")
+        due.append((int(offset), int(owner), record))
+    return epoch, sorted(due)
 
 
 def _note_outboxes(result) -> None:
@@ -71,34 +90,45 @@ def _note_outboxes(result) -> None:
 @app.task
 async def relay_outboxes() -> None:
     """Send the outboxes' entries to the item-deltas topic (module doc), for ever."""
+    global _sent_epoch
     topic = item_deltas_topic.get_topic_name()
     while True:
         await _relay_due.wait()
         _relay_due.clear()
         waiting = sorted(_to_relay)
         _to_relay.clear()
-        for topic_name, partition in waiting:
-            entries = await run_retrying(_relay_thread, "outbox read", read_outbox, _redis(),
-                                         _keys, topic_name, partition)
+        for source in waiting:
+            epoch, entries = await run_retrying(_relay_thread, "outbox read", read_outbox,
+                                                _redis(), _keys, *source)
+            if epoch != _sent_epoch:  # what was sent before is dropped: send it all again
+                _sent_up_to.clear()
+                _sent_epoch = epoch
+            after = _sent_up_to.get(source, -1)
+            entries = [entry for entry in entries if entry[0] > after]
             if not entries:
                 continue
-            by_owner: dict[int, list[tuple[None, bytes]]] = {}
-            for _, records in entries:
-                for owner, record in records.items():
-                    by_owner.setdefault(owner, []).append((None, record))
+            by_owner: dict[int, list[tuple[bytes | None, bytes]]] = {}
+            for _, owner, record in entries:
+                by_owner.setdefault(owner, []).append((epoch, record))
             try:
                 await asyncio.gather(*await send_to_partitions(topic, by_owner))
             except Exception as exc:  # noqa: BLE001 - the broker: the entries stay; again soon
-                log.warning("relaying %s[%d]'s item deltas failed (%r); retrying",
-                            topic_name, partition, exc)
-                _to_relay.add((topic_name, partition))
+                log.warning("relaying %s[%d]'s item deltas failed (%r); retrying", *source, exc)
+                _to_relay.add(source)
                 await asyncio.sleep(0.5)
                 _relay_due.set()
                 continue
-            await run_retrying(_relay_thread, "outbox delete", _redis().hdel,
-                               _keys.outbox(topic_name, partition),
-                               *(offset for offset, _ in entries))
-            metrics.ITEM_DELTAS_RELAYED.inc(sum(len(records) for _, records in entries))
+            _sent_up_to[source] = max(after, entries[-1][0])
+            metrics.ITEM_DELTAS_RELAYED.inc(len(entries))
+
+
+@app.timer(1.0)
+async def relay_idle_outboxes() -> None:
+    """Look at every assigned source partition's outbox each second: entries of a partition
+    with no new commit (left by another worker, or to send again under a new epoch) go out
+    too."""
+    _to_relay.update((tp.topic, tp.partition) for tp in assigned_partitions())
+    _relay_due.set()
 
 
 @app.on_rebalance_complete.connect
@@ -107,6 +137,7 @@ async def relay_assigned_outboxes(sender, **_) -> None:
     forget the owners of item partitions no longer held (taken again from Redis if they
     come back); seek the item partitions held to where their owners' committed progress
     ends."""
+    _sent_up_to.clear()  # send what owners have not applied again, under today's epoch
     _to_relay.update((tp.topic, tp.partition) for tp in assigned_partitions())
     _relay_due.set()
     held = sorted(tp for tp in app.consumer.assignment()
@@ -120,7 +151,8 @@ async def relay_assigned_outboxes(sender, **_) -> None:
         await seek_to_positions(positions, held)
 
 
-def apply_records(partition: int, records: list[bytes], positions: list[int]) -> int:
+def apply_records(partition: int, epochs: list[bytes | None], records: list[bytes],
+                  positions: list[int]) -> int:
     """Apply a batch's records to item partition ``partition``'s owner and commit them;
     returns the operations applied. Fenced: again from what Redis holds. Any other error
     drops the owner (the next try builds it from Redis) and propagates."""
@@ -130,7 +162,7 @@ def apply_records(partition: int, records: list[bytes], positions: list[int]) ->
             owner = _owners[partition] = OwnerPartition(
                 _redis(), settings.key_prefix, partition, owner_stores(settings, _redis()))
         try:
-            operations = sum(n or 0 for n in owner.apply_many(records, positions))
+            operations = sum(n or 0 for n in owner.apply_sent(epochs, records, positions))
             owner.commit()
             return operations
         except OwnerFenced as exc:
@@ -142,14 +174,16 @@ def apply_records(partition: int, records: list[bytes], positions: list[int]) ->
 
 
 async def apply_owned_batch(messages) -> None:
-    by_partition: dict[int, tuple[list[bytes], list[int]]] = {}
+    by_partition: dict[int, tuple[list[bytes | None], list[bytes], list[int]]] = {}
     for event in messages:
-        records, positions = by_partition.setdefault(event.message.partition, ([], []))
+        epochs, records, positions = by_partition.setdefault(event.message.partition,
+                                                             ([], [], []))
+        epochs.append(event.key)
         records.append(message_bytes(event))
         positions.append(event.message.offset)
-    for partition, (records, positions) in sorted(by_partition.items()):
+    for partition, (epochs, records, positions) in sorted(by_partition.items()):
         operations = await run_retrying(_owner_thread, "item deltas", apply_records,
-                                        partition, records, positions)
+                                        partition, epochs, records, positions)
         metrics.ITEM_DELTA_OPERATIONS.inc(operations)
 
 

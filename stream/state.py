@@ -303,6 +303,7 @@ class LiveState:
         #: owned layout: the item-side writes the models record (docs/item-ownership.md)
         self.deltas = next((model.store.deltas for model in self.models
                             if isinstance(model.store, DeltaRecorder)), None)
+        self._new_epoch_pending = self.deltas is not None  # a starting worker makes one
         self.mapper = SignalMapper()
         self.trending = TrendingModel(settings.trending_half_life_s, settings.trending_max_items)
         self._trending = client.register_script(TRENDING_LUA)
@@ -471,6 +472,8 @@ class LiveState:
             for model in self.models:
                 if isinstance(model.store, WriteBackStore):
                     model.store.give_untimed_keys_ttls()
+        if self._new_epoch_pending:
+            self.new_epoch()
         earlier_batches = list(self._uncommitted)  # before reading: one may commit meanwhile
         partitions = sorted({(m.topic, m.partition) for m in messages})
         marks = [keys.watermark(t, p) for t, p in partitions]
@@ -480,6 +483,8 @@ class LiveState:
                   f"{self._committed_marks[(t, p)]}" for t, p in partitions
                   if expected[(t, p)] < self._committed_marks.get((t, p), -1)]
         if behind:
+            if self.deltas is not None:  # records sent before the loss: owners drop them
+                self.new_epoch()
             raise RedisLostWrites("Redis's progress went back under a running worker ("
                                   + "; ".join(behind) + ")")
         seen: set[str] = set()
@@ -586,8 +591,15 @@ class LiveState:
         records = self.deltas.take_records({f"{topic}:{partition}": offset})
         if records:
             writes.hset(self.keys.outbox(topic, partition),
-                        {offset: msgspec.msgpack.encode(records)})
+                        {f"{offset}:{owner}": record for owner, record in records.items()})
             result.outboxes.append(source)
+
+    def new_epoch(self) -> None:
+        """Owned layout: send item deltas under a new epoch from now on (owners drop records
+        sent under older ones; what they have not applied is still in the outboxes and is
+        sent again, tagged anew, by the relay after the rebalance that follows a start)."""
+        self.client.set(self.keys.owned_epoch, uuid.uuid4().hex)
+        self._new_epoch_pending = False
 
     def commit(self, prepared: PreparedBatch) -> ApplyResult | None:
         """Write a prepared batch in one MULTI/EXEC, guarded by WATCH on its watermarks; None

@@ -73,7 +73,7 @@ def test_owners_crash_between_apply_and_commit_and_end_equal_to_the_replay(owner
                 assert live.commit() > 0
         live.apply(records[6])  # applied in memory, then the process dies: not committed
         live = owner(s, client, partition)  # a new owner: Redis's state and offsets
-        assert live.applied == {"replay": 6}
+        assert live.applied == {"replay:0": 6}
         for record in records[4:]:  # the topic redelivers from before the last commit
             dropped += live.apply(record) is None
         live.commit()
@@ -137,7 +137,7 @@ def test_a_cluster_commit_stopped_half_applied_is_completed_by_the_next_owner(
         monkeypatch.setattr(state.redis_store, "apply_commands", send)
         assert len(calls) == 2 and calls[-1] > 2  # stopped half way through its rows
         live = owner(s, client, partition)  # applies the redo record, then goes on
-        assert live.applied == {"replay": 2}
+        assert live.applied == {"replay:0": 2}
         dropped = [live.apply(record) is None for record in records]
         assert dropped == [True, True, False, False, False, False]
         live.commit()

@@ -12,7 +12,9 @@ from infra.embedded import free_port
 from online_models.registry import build
 from state.redis_store import RedisStore
 from schemas import vectors
+from schemas.keys import RedisKeys
 from serving.feeds import FeedBuilder
+from state.owner_commits import hop_settled
 from serving.vector_tail import VectorTail
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
@@ -21,6 +23,9 @@ from tests.integration.kafka_helpers import read_topic
 from tests.state_check import applied, assert_live_equals_replay
 
 pytestmark = pytest.mark.integration
+
+#: live models per layout in these tests (the owned layout refuses cooc: it claims rows)
+LAYOUT_MODELS = {"shared": "session,cooc", "single": "session,cooc", "owned": "session"}
 
 
 def produce(s, events, per_message=25) -> None:
@@ -51,10 +56,13 @@ def test_two_workers_share_partitions_and_a_rebalance_loses_nothing(settings, re
     assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len)
 
 
+@pytest.mark.parametrize("layout", ["shared", "owned"])
 def test_worker_resumes_from_redis_watermarks_when_redis_lost_writes(settings, redis_client,
-                                                                      spawn):
-    """Kafka's committed offsets say "done"; Redis lost everything: Redis wins, state rebuilt."""
-    s = settings.model_copy(update={"live_models": "session,cooc"})
+                                                                      spawn, layout):
+    """Kafka's committed offsets say "done"; Redis lost everything: Redis wins, state rebuilt
+    (owned: the owners' records of before are dropped, their state rebuilt from new ones)."""
+    s = settings.model_copy(update={"live_models": LAYOUT_MODELS[layout],
+                                    "state_writer": layout})
     total = 3000
     events = list(UserSimulator(60, 150, seed=5).events(total, time.time() - total))
     produce(s, events)
@@ -67,20 +75,24 @@ def test_worker_resumes_from_redis_watermarks_when_redis_lost_writes(settings, r
     restarted = spawn(["worker", "--loglevel", "info"], s)
     wait_for(lambda: applied(redis_client, s.key_prefix) >= total, 60, "rebuild",
              proc=restarted)
+    wait_for(lambda: hop_settled(redis_client, RedisKeys(s.key_prefix), s.topic_interactions,
+                                 s.topic_partitions), 60, "owners caught up", proc=restarted)
     time.sleep(2)
     assert applied(redis_client, s.key_prefix) == total
-    assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len)
+    assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
+                              models=LAYOUT_MODELS[layout].split(","), layout=layout)
     assert "resuming from Redis watermarks" in restarted.log()
 
 
-@pytest.mark.parametrize("layout", ["shared", "single"])
+@pytest.mark.parametrize("layout", ["shared", "single", "owned"])
 def test_redis_losing_writes_under_a_running_worker_is_noticed_and_nothing_is_lost(
         settings, redis_client, spawn, layout):
     """Redis goes back to an older snapshot while the worker runs (a restart from an old
     snapshot, a failover to a lagging replica): the worker sees a watermark below one it
-    committed, exits 75, and the restarted worker consumes the lost offsets again."""
-    s = settings.model_copy(update={"live_models": "session,cooc", "state_writer": layout,
-                                    "state_writer_lease_s": 1.0})
+    committed, exits 75, and the restarted worker consumes the lost offsets again (owned:
+    the owners drop the records sent before, and apply what the outboxes send again)."""
+    s = settings.model_copy(update={"live_models": LAYOUT_MODELS[layout],
+                                    "state_writer": layout, "state_writer_lease_s": 1.0})
     events = list(UserSimulator(60, 150, seed=9).events(3000, time.time() - 3000))
     worker = spawn(["worker", "--loglevel", "warn"], s)
     produce(s, events[:1000])
@@ -100,10 +112,12 @@ def test_redis_losing_writes_under_a_running_worker_is_noticed_and_nothing_is_lo
     restarted = spawn(["worker", "--loglevel", "info"], s)
     wait_for(lambda: applied(redis_client, s.key_prefix) >= 3000, 90, "everything",
              proc=restarted)
+    wait_for(lambda: hop_settled(redis_client, RedisKeys(s.key_prefix), s.topic_interactions,
+                                 s.topic_partitions), 60, "owners caught up", proc=restarted)
     time.sleep(2)
     assert applied(redis_client, s.key_prefix) == 3000
     assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
-                              layout=s.state_writer)
+                              models=LAYOUT_MODELS[layout].split(","), layout=s.state_writer)
 
 
 def test_changed_item_vectors_reach_the_compacted_topic_and_metrics_count(settings,
