@@ -66,19 +66,23 @@ def _redis():
     return _client
 
 
-def read_outbox(client, keys: RedisKeys, topic: str, partition: int
-                ) -> tuple[bytes | None, list[tuple[int, int, bytes]]]:
-    """The epoch to send under, and a source partition's outbox entries, oldest first:
-    (offset, owner partition, record)."""
+def read_outboxes(client, keys: RedisKeys, sources: list[tuple[str, int]]
+                  ) -> tuple[bytes | None, dict[tuple[str, int], list[tuple[int, int, bytes]]]]:
+    """The epoch to send under, and each source partition's outbox entries, oldest first:
+    (offset, owner partition, record); one round trip."""
     with client.pipeline(transaction=False) as pipe:
         pipe.get(keys.owned_epoch)
-        pipe.hgetall(keys.outbox(topic, partition))
-        epoch, entries = pipe.execute()
-    due = []
-    for field, record in entries.items():
-        offset, _, owner = field.decode().partition(":")
-        due.append((int(offset), int(owner), record))
-    return epoch, sorted(due)
+        for topic, partition in sources:
+            pipe.hgetall(keys.outbox(topic, partition))
+        epoch, *outboxes = pipe.execute()
+    entries = {}
+    for source, outbox in zip(sources, outboxes):
+        due = []
+        for field, record in outbox.items():
+            offset, _, owner = field.decode().partition(":")
+            due.append((int(offset), int(owner), record))
+        entries[source] = sorted(due)
+    return epoch, entries
 
 
 def _note_outboxes(result) -> None:
@@ -89,7 +93,8 @@ def _note_outboxes(result) -> None:
 
 @app.task
 async def relay_outboxes() -> None:
-    """Send the outboxes' entries to the item-deltas topic (module doc), for ever."""
+    """Send the outboxes' entries to the item-deltas topic (module doc), for ever: the
+    waiting source partitions' entries at once, each partition's in offset order."""
     global _sent_epoch
     topic = item_deltas_topic.get_topic_name()
     while True:
@@ -97,29 +102,30 @@ async def relay_outboxes() -> None:
         _relay_due.clear()
         waiting = sorted(_to_relay)
         _to_relay.clear()
-        for source in waiting:
-            epoch, entries = await run_retrying(_relay_thread, "outbox read", read_outbox,
-                                                _redis(), _keys, *source)
-            if epoch != _sent_epoch:  # what was sent before is dropped: send it all again
-                _sent_up_to.clear()
-                _sent_epoch = epoch
-            after = _sent_up_to.get(source, -1)
-            entries = [entry for entry in entries if entry[0] > after]
-            if not entries:
-                continue
-            by_owner: dict[int, list[tuple[bytes | None, bytes]]] = {}
-            for _, owner, record in entries:
-                by_owner.setdefault(owner, []).append((epoch, record))
-            try:
-                await asyncio.gather(*await send_to_partitions(topic, by_owner))
-            except Exception as exc:  # noqa: BLE001 - the broker: the entries stay; again soon
-                log.warning("relaying %s[%d]'s item deltas failed (%r); retrying", *source, exc)
-                _to_relay.add(source)
-                await asyncio.sleep(0.5)
-                _relay_due.set()
-                continue
-            _sent_up_to[source] = max(after, entries[-1][0])
-            metrics.ITEM_DELTAS_RELAYED.inc(len(entries))
+        epoch, outboxes = await run_retrying(_relay_thread, "outbox read", read_outboxes,
+                                             _redis(), _keys, waiting)
+        if epoch != _sent_epoch:  # what was sent before is dropped: send it all again
+            _sent_up_to.clear()
+            _sent_epoch = epoch
+        by_owner: dict[int, list[tuple[bytes | None, bytes]]] = {}
+        sent: dict[tuple[str, int], int] = {}
+        for source, entries in outboxes.items():
+            for offset, owner, record in entries:
+                if offset > _sent_up_to.get(source, -1):
+                    by_owner.setdefault(owner, []).append((epoch, record))
+                    sent[source] = offset
+        if not by_owner:
+            continue
+        try:
+            await asyncio.gather(*await send_to_partitions(topic, by_owner))
+        except Exception as exc:  # noqa: BLE001 - the broker: the entries stay; again soon
+            log.warning("relaying item deltas failed (%r); retrying", exc)
+            _to_relay.update(waiting)
+            await asyncio.sleep(0.5)
+            _relay_due.set()
+            continue
+        _sent_up_to.update(sent)
+        metrics.ITEM_DELTAS_RELAYED.inc(sum(len(rows) for rows in by_owner.values()))
 
 
 @app.timer(1.0)
