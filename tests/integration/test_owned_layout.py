@@ -91,3 +91,10 @@ def test_the_outbox_a_dead_worker_left_is_relayed_by_the_next_one(settings, redi
     wait_for(lambda: owners_caught_up(redis_client, s), 60, "owners caught up", proc=worker)
     assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
                               models=("session",), layout="owned")
+
+
+def test_owned_workers_are_refused_on_a_redis_cluster_for_now(settings, redis_cluster):
+    s = settings.model_copy(update={"redis_url": redis_cluster.url, "state_writer": "owned",
+                                    "live_models": "session"})
+    with pytest.raises(StateLayoutError, match="owned runs on one Redis server for now"):
+        LiveState.for_worker(s)
