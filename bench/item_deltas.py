@@ -11,8 +11,11 @@ in chunks of ``--chunk``, two ways, in turn for ``--rounds`` rounds:
 Both end with the same state (checked: every row and vector equal). Reports events/s and µs
 of CPU per event for each, the difference (what recording, encoding, decoding and applying
 cost), and the records' size: operations and bytes per chunk and per event. No broker and no
-Redis: the hop's produce and consume and the owners' flushes come on top. Usage:
-``python bench/item_deltas.py [--chunk 1000] [--partitions 8]``. Last line: JSON.
+Redis: the hop's produce and consume and the owners' flushes come on top. ``--redis``: the
+last round's records are then applied by live owners (``state.owner_commits.OwnerPartition``)
+on a redis-server of their own, each committing every ``--commit-every`` chunks: their CPU
+and wall time per event (what the owners' agent spends, the broker aside). Usage:
+``python bench/item_deltas.py [--chunk 1000] [--partitions 8] [--redis]``. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -43,13 +46,38 @@ def direct(chunks) -> tuple[float, dict]:
     return time.process_time() - cpu, {name: [m.store] for name, m in models.items()}
 
 
-def owned(chunks, partitions: int) -> tuple[float, dict, dict]:
+def owned(chunks, partitions: int) -> tuple[float, dict, dict, list[dict[int, bytes]]]:
     layout = OwnedLayout({name: build(name) for name in MODELS}, partitions)
     cpu = time.process_time()
-    for signals in chunks:
-        layout.learn(signals)
+    records = [layout.learn(signals) for signals in chunks]
     spent = time.process_time() - cpu
-    return spent, {name: layout.stores(name) for name in MODELS}, layout.sizes
+    return spent, {name: layout.stores(name) for name in MODELS}, layout.sizes, records
+
+
+def owners_on_redis(records: list[dict[int, bytes]], partitions: int, commit_every: int
+                    ) -> tuple[float, float]:
+    """Apply the records with live owners on a redis-server of their own: (CPU s, wall s)."""
+    from infra.embedded import EmbeddedRedis
+    from infra.redis_client import sync_redis
+    from infra.settings import Settings
+    from state.owner_commits import OwnerPartition, owner_stores
+
+    with EmbeddedRedis() as server:
+        client = sync_redis(server.url)
+        s = Settings(redis_url=server.url, state_writer="owned", key_prefix="bench",
+                     live_models=",".join(MODELS))
+        owners = [OwnerPartition(client, s.key_prefix, p, owner_stores(s, client))
+                  for p in range(partitions)]
+        cpu, wall = time.process_time(), time.perf_counter()
+        for number, chunk in enumerate(records, 1):
+            for partition, record in chunk.items():
+                owners[partition].apply(record)
+            if number % commit_every == 0 or number == len(records):
+                for owner in owners:
+                    owner.commit()
+        spent = time.process_time() - cpu, time.perf_counter() - wall
+        client.close()
+    return spent
 
 
 def same_state(a: dict, b: dict) -> bool:
@@ -62,6 +90,10 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1000, help="events per chunk")
     parser.add_argument("--partitions", type=int, default=8, help="owner partitions")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--redis", action="store_true",
+                        help="also apply the records with live owners on a redis-server")
+    parser.add_argument("--commit-every", type=int, default=4,
+                        help="--redis: chunks between an owner's commits")
     args = parser.parse_args()
     warm_up()
     train, _ = yoochoose_split()
@@ -71,7 +103,7 @@ def main() -> None:
     result: dict = {"events": events, "chunk": args.chunk, "partitions": args.partitions}
     for n in range(1, args.rounds + 1):
         base_s, base_state = direct(chunks)
-        owned_s, owned_state, sizes = owned(chunks, args.partitions)
+        owned_s, owned_state, sizes, records = owned(chunks, args.partitions)
         if not same_state(base_state, owned_state):
             sys.exit("the owned layout's state differs from direct learning's")
         result.update({
@@ -83,6 +115,10 @@ def main() -> None:
     result.update({"records_per_chunk": round(sizes["records"] / len(chunks), 2),
                    "operations_per_chunk": round(sizes["operations"] / len(chunks), 1),
                    "record_bytes_per_event": round(sizes["bytes"] / events, 1)})
+    if args.redis:
+        cpu_s, wall_s = owners_on_redis(records, args.partitions, args.commit_every)
+        result.update({"owners_on_redis_cpu_us_per_event": round(1e6 * cpu_s / events, 2),
+                       "owners_on_redis_wall_us_per_event": round(1e6 * wall_s / events, 2)})
     print_result(result)
 
 
