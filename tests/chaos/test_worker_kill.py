@@ -10,6 +10,7 @@ import pytest
 
 from infra.redis_client import sync_redis
 from schemas.keys import RedisKeys
+from state.owner_commits import hop_settled
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
 from tests.conftest import wait_for
@@ -20,16 +21,20 @@ TOTAL = 6000
 
 
 @pytest.mark.parametrize("kill_after,layout", [(300, "shared"), (3000, "shared"),
-                                               (1500, "single"), (2000, "cluster")])
+                                               (1500, "single"), (2000, "cluster"),
+                                               (700, "owned"), (2500, "owned")])
 def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, request, spawn,
                                                                kill_after, layout):
     # single: the worker holds model state in memory, so the kill loses it all; the restarted
     # worker waits out the dead one's lease (2 s here) and rebuilds from Redis + Kafka.
     # cluster: the same on a 3-primary Redis Cluster, where a kill may also cut a commit
-    # between its redo record and its writes to the other nodes
-    s = settings.model_copy(update={"live_models": "session,cooc", "worker_batch_max": 20,
-                                    "state_writer": "shared" if layout == "shared" else "single",
-                                    "state_writer_lease_s": 2.0})
+    # between its redo record and its writes to the other nodes.
+    # owned: the kill may also fall between a commit and its relay, or between an owner's
+    # apply and its commit (cooc claims rows: left out there)
+    s = settings.model_copy(update={
+        "live_models": "session" if layout == "owned" else "session,cooc",
+        "worker_batch_max": 20, "state_writer_lease_s": 2.0,
+        "state_writer": layout if layout in ("shared", "owned") else "single"})
     if layout == "cluster":
         s = s.model_copy(update={"redis_url": request.getfixturevalue("redis_cluster").url})
     redis_client = sync_redis(s.redis_url)
@@ -50,11 +55,15 @@ def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, request
     assert at_kill < TOTAL, "the stream finished before the kill; use a later fault point"
     restarted = spawn(["worker", "--loglevel", "warn"], s)
     wait_for(lambda: count() >= TOTAL, 120, "the rest", proc=restarted)
+    wait_for(lambda: hop_settled(redis_client, RedisKeys(s.key_prefix), s.topic_interactions,
+                                 s.topic_partitions), 60, "owners caught up", proc=restarted)
     time.sleep(2)  # anything still redelivered must be skipped, not applied
     assert count() == TOTAL  # no loss, no double count
 
     assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
-                              layout=s.state_writer)
+                              models=s.live_model_names, layout=s.state_writer)
     assert redis_client.get(RedisKeys(s.key_prefix).state_layout) == s.state_writer.encode()
+    if layout == "owned":
+        return
     row = next(redis_client.scan_iter(match=f"{s.key_prefix}:m:cooc:cooc:*", count=1000))
     assert redis_client.type(row) == (b"string" if s.state_writer == "single" else b"zset")
