@@ -14,8 +14,11 @@ applied) together:
   (:meth:`state.redis_store.WriteBatch.commit_with_redo`). Every write in the record is an
   overwrite, so applying it again after a crash changes nothing.
 
-A commit WATCHes ``applied``: if another owner of the same partition committed since this
-one read it (the partition moved and the old owner wrote on), nothing is written, and the
+The same commit deletes the outbox entries of the records applied, and records the owner's
+item-deltas offset (:attr:`OwnerPartition.position`: where a successor resumes). It WATCHes
+``applied`` and, on one server, the epoch (``RedisKeys.owned_epoch``): if another owner of
+the same partition committed since this one read it (the partition moved and the old owner
+wrote on), or the epoch its records were checked against changed, nothing is written and the
 owner starts again from what Redis holds (:meth:`restore`). After a crash the owner is built
 afresh: the redo record is applied, ``applied`` read, and records consumed again from the
 topic are dropped up to it. Serving reads the rows through a plain ``RedisStore`` as it reads
@@ -86,7 +89,6 @@ class OwnerPartition:
         self.redo_key = self.keys.owner_redo(partition)
         self.epoch_key = self.keys.owned_epoch
         self.cluster = next(iter(self.stores.values())).reader.cluster if self.stores else False
-        self.commits = 0
         self.restore()
 
     def restore(self) -> None:
@@ -114,16 +116,16 @@ class OwnerPartition:
         """Source partition → the last offset applied (committed or not yet)."""
         return self.owner.applied
 
-    def apply(self, record: bytes, position: int | None = None) -> int | None:
+    def apply(self, record: bytes) -> int | None:
         """Apply a record in memory (:meth:`state.ownership.Owner.apply`): how many
-        operations it held, or None where it was applied before. ``position``: the record's
-        offset in the item-deltas topic (committed as :attr:`position`)."""
-        return self.apply_many([record], None if position is None else [position])[0]
+        operations it held, or None where it was applied before."""
+        return self.apply_many([record])[0]
 
     def apply_many(self, records: list[bytes], positions: list[int] | None = None
                    ) -> list[int | None]:
         """:meth:`apply` of each record, reading what they write in one call per table.
-        Their outbox entries are deleted by the next commit."""
+        Their outbox entries are deleted by the next commit; ``positions``: their offsets in
+        the item-deltas topic (committed as :attr:`position`)."""
         outcomes = self.owner.apply_many(records)
         for record in records:
             for source, offset in _decode_sources(record)[0].items():
@@ -145,10 +147,6 @@ class OwnerPartition:
         applied = dict(zip(current, self.apply_many([records[n] for n in current])))
         self.position = max([self.position, *positions])
         return [applied.get(n) for n in range(len(records))]
-
-    def pending(self) -> int:
-        """Keys changed since the last commit."""
-        return sum(store.pending() for store in self.stores.values())
 
     def commit(self) -> int:
         """Write what changed since the last commit with ``applied`` (module doc), and
@@ -179,7 +177,6 @@ class OwnerPartition:
                               f"started again from Redis")
         self._committed = encoded
         self._delivered = {}
-        self.commits += 1
         return written
 
 

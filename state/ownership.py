@@ -9,9 +9,11 @@ partition's records with an :class:`Owner`, in order, to its own stores, once ea
 then has one writer, and its operations run in the order direct learning would run them, so
 the owners' state equals that of models learning straight into one store, bit for bit.
 
-:class:`OwnedLayout` runs the layout in one process (tests, benches). Not wired to Kafka or
-the worker yet: the outbox and the item-keyed topic that carry the records, and the owners'
-agent, are the design's next steps. ``bench/item_deltas.py`` measures what the records cost.
+:class:`OwnedLayout` runs the layout in one process (tests, benches); live, the worker's
+models learn through delta recorders (``STREAMREC_STATE_WRITER=owned``), the records travel
+through an outbox and the item-deltas topic (:mod:`stream.owners`), and
+:class:`state.owner_commits.OwnerPartition` applies and commits them.
+``bench/item_deltas.py`` measures what the records cost.
 """
 
 from __future__ import annotations

@@ -283,7 +283,8 @@ class PreparedBatch:
     writes: WriteBatch = field(default_factory=WriteBatch)
     new_marks: dict[tuple[str, int], int] = field(default_factory=dict)
     seq: int = 0  # the commit's number on a Redis Cluster (0: one server, not numbered)
-    #: owned layout: each event's source partition (index into ``partitions``)
+    #: each event's source partition (index into ``partitions``): the owned layout learns
+    #: each partition's events apart
     partitions: list[tuple[str, int]] = field(default_factory=list)
     event_partitions: np.ndarray | None = None
 
