@@ -155,9 +155,14 @@ def test_changed_item_vectors_reach_the_compacted_topic_and_metrics_count(settin
     for item, vector in zip(items, stored):
         assert newest[item].model == "mf"
         np.testing.assert_allclose(newest[item].vector, vector, rtol=1e-6)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
-    assert metric(text, "streamrec_events_applied_total") == len(events) - metric(
-        text, "streamrec_skipped_duplicate_events_total")
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+
+    # the metrics count a chunk once its commit is settled: the last one up to a settle tick
+    # (0.25 s) after Redis shows it
+    text = wait_for(lambda: (lambda t: t if metric(t, "streamrec_events_applied_total") == len(
+        events) - metric(t, "streamrec_skipped_duplicate_events_total") else None)(scrape()),
+        10, "every applied event counted", proc=worker)
     assert metric(text, "streamrec_item_vectors_published_total") >= len(items)
     assert metric(text, "streamrec_messages_in_total") > 0
     ages = metric(text, "streamrec_message_age_at_commit_seconds_count")  # one per message
