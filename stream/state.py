@@ -506,15 +506,18 @@ class LiveState:
                     pipe.smismember(keys.seen_events(bucket), ids)
                 for ids, flags in zip(buckets.values(), pipe.execute()):
                     seen.update(i for i, flag in zip(ids, flags) if flag)
-        events, batch_ids, event_partitions = [], set(), []
-        fresh_partitions = list(dict.fromkeys((m.topic, m.partition) for m in fresh))
-        number = {tp: n for n, tp in enumerate(fresh_partitions)}
+        events, batch_ids, kept = [], set(), []  # kept: how many of each message's events
         for message in fresh:
+            before = len(events)
             for event in message.events:
                 if event.event_id not in seen and event.event_id not in batch_ids:
                     events.append(event)
                     batch_ids.add(event.event_id)
-                    event_partitions.append(number[(message.topic, message.partition)])
+            kept.append(len(events) - before)
+        fresh_partitions = list(dict.fromkeys((m.topic, m.partition) for m in fresh))
+        number = {tp: n for n, tp in enumerate(fresh_partitions)}
+        event_partitions = np.repeat(
+            np.array([number[(m.topic, m.partition)] for m in fresh], np.int64), kept)
         result = ApplyResult(applied_events=len(events),
                              redelivered_messages=len(messages) - len(fresh),
                              duplicate_events=len(candidates) - len(events),
@@ -524,8 +527,7 @@ class LiveState:
         for model in self.models if signals is not None else ():
             model.prefetch(signals)
         return PreparedBatch(expected, fresh, events, signals, buckets, batch_ids, result,
-                             partitions=fresh_partitions,
-                             event_partitions=np.asarray(event_partitions, np.int64))
+                             partitions=fresh_partitions, event_partitions=event_partitions)
 
     def compute(self, prepared: PreparedBatch) -> PreparedBatch:
         """Prepare, second half: the models learn and every write is recorded. Reads Redis
