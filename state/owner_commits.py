@@ -16,13 +16,17 @@ applied) together:
 
 The same commit deletes the outbox entries of the records applied, and records the owner's
 item-deltas offset (:attr:`OwnerPartition.position`: where a successor resumes). It WATCHes
-``applied`` and, on one server, the epoch (``RedisKeys.owned_epoch``): if another owner of
+``applied`` and, on one server, the epoch (``RedisKeys.owned_epoch``), and checks under the
+WATCH that the outbox entries of the records it applied are still there: if another owner of
 the same partition committed since this one read it (the partition moved and the old owner
-wrote on), or the epoch its records were checked against changed, nothing is written and the
-owner starts again from what Redis holds (:meth:`restore`). After a crash the owner is built
-afresh: the redo record is applied, ``applied`` read, and records consumed again from the
-topic are dropped up to it. Serving reads the rows through a plain ``RedisStore`` as it reads
-the single writer's.
+wrote on), the epoch its records were checked against changed, or Redis went back to a state
+from before their chunks' commits (a restart from an older snapshot, a failover to a replica
+that lagged; the worker learns those events again), nothing is written and the owner starts
+again from what Redis holds (:meth:`restore`). On a Redis Cluster the entries (under the
+``{wm}`` tag) are checked when the records are applied, not in the commit's transaction.
+After a crash the owner is built afresh: the redo record is applied, ``applied`` read, and
+records consumed again from the topic are dropped up to it. Serving reads the rows through
+a plain ``RedisStore`` as it reads the single writer's.
 """
 
 from __future__ import annotations
@@ -107,6 +111,9 @@ class OwnerPartition:
         self._committed, self.epoch = mget_any(self.client, [self.applied_key, self.epoch_key])
         self.position, applied = decode_progress(self._committed)
         self._delivered: dict[str, set[str]] = {}  # outbox key → fields applied here
+        #: outbox key → fields of records applied as sent (:meth:`apply_sent`): the commit
+        #: writes only if they are all still in Redis
+        self._sent: dict[str, set[str]] = {}
         self.owner = Owner(self.stores.__getitem__, applied)
         for store in self.stores.values():  # never committed: Redis holds none of its keys
             store.complete = self._committed is None
@@ -128,23 +135,43 @@ class OwnerPartition:
         the item-deltas topic (committed as :attr:`position`)."""
         outcomes = self.owner.apply_many(records)
         for record in records:
-            for source, offset in _decode_sources(record)[0].items():
-                topic, _, partition = source.rpartition(":")
-                self._delivered.setdefault(self.keys.outbox(topic, int(partition)), set()).add(
-                    f"{offset}:{self.partition}")
+            for outbox, field in self._entries(record):
+                self._delivered.setdefault(outbox, set()).add(field)
         if positions:
             self.position = max(self.position, *positions)
         return outcomes
 
+    def _entries(self, record: bytes) -> list[tuple[str, str]]:
+        """A record's outbox entries: (outbox key, field) per source partition it covers."""
+        entries = []
+        for source, offset in _decode_sources(record)[0].items():
+            topic, _, partition = source.rpartition(":")
+            entries.append((self.keys.outbox(topic, int(partition)),
+                            f"{offset}:{self.partition}"))
+        return entries
+
     def apply_sent(self, epochs: list[bytes | None], records: list[bytes],
                    positions: list[int]) -> list[int | None]:
         """:meth:`apply_many` of records as the relay sent them (their epochs, the Kafka
-        keys): those of another epoch than Redis's (sent before Redis lost writes, or before
-        a worker started) are dropped (None), and their outbox entries kept: the relay sends
-        them again under the epoch of now."""
-        self.epoch = self.client.get(self.epoch_key)
-        current = [n for n, epoch in enumerate(epochs) if epoch == self.epoch]
+        keys), dropping (None) those of another epoch than Redis's (sent before Redis lost
+        writes, or before a worker started: their outbox entries stay, and the relay sends
+        them again under the epoch of now) and those whose outbox entry is not in Redis:
+        applied before (a re-send), or of a history Redis lost (it went back to an older
+        state, and the worker has not noticed yet: their events are learnt again, and sent
+        under a new epoch). The commit checks again that the entries are there."""
+        entries = [self._entries(record) for record in records]
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(self.epoch_key)
+            for outbox, field in (entry for found in entries for entry in found):
+                pipe.hexists(outbox, field)
+            self.epoch, *present = pipe.execute()
+        present_at = iter(present)
+        current = [n for n, epoch in enumerate(epochs)
+                   if all([next(present_at) for _ in entries[n]]) and epoch == self.epoch]
         applied = dict(zip(current, self.apply_many([records[n] for n in current])))
+        for n in current:
+            for outbox, field in entries[n]:
+                self._sent.setdefault(outbox, set()).add(field)
         self.position = max([self.position, *positions])
         return [applied.get(n) for n in range(len(records))]
 
@@ -168,15 +195,17 @@ class OwnerPartition:
             self._seq += 1
             ok = batch.commit_with_redo(self.client, watch, expect, self.redo_key, self._seq,
                                         CLUSTER_WRITE_SCRIPTS)
-        else:  # and the epoch its records were checked against (one slot: one server)
-            ok = batch.commit(self.client, [*watch, self.epoch_key], [*expect, self.epoch])
+        else:  # the epoch its records were checked against, their outbox entries there
+            ok = batch.commit(self.client, [*watch, self.epoch_key], [*expect, self.epoch],
+                              present=self._sent)
         if not ok:
             self.restore()
             raise OwnerFenced(f"item partition {self.partition}: another owner committed "
-                              f"since this one read its offsets, or the epoch changed; "
-                              f"started again from Redis")
+                              f"since this one read its offsets, the epoch changed, or Redis "
+                              f"went back to before records it applied; started again from "
+                              f"Redis")
         self._committed = encoded
-        self._delivered = {}
+        self._delivered, self._sent = {}, {}
         return written
 
 

@@ -13,7 +13,7 @@ import threading
 import zlib
 from contextlib import contextmanager
 from itertools import chain, islice
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import msgspec
 import numpy as np
@@ -211,9 +211,11 @@ class WriteBatch:
                                     for command in (("MULTI",), *self.commands, ("EXEC",)))
         return self._packed
 
-    def commit(self, client, watch: list[str], expect: list[bytes | None]) -> bool:
-        """WATCH ``watch``; if their values equal ``expect``, send the batch and EXEC. False —
-        nothing written — if a value differs or a watched key changes before EXEC; raises the
+    def commit(self, client, watch: list[str], expect: list[bytes | None],
+               present: Mapping[str, Iterable[str]] | None = None) -> bool:
+        """WATCH ``watch``; if their values equal ``expect`` (and every field of ``present``,
+        hash key → fields, exists), send the batch and EXEC. False — nothing written — if a
+        value differs, a field is missing or a watched key changes before EXEC; raises the
         first error a command met (as redis-py does)."""
         pool = client.connection_pool
         connection = pool.get_connection()
@@ -225,7 +227,9 @@ class WriteBatch:
             for script in missing:  # Redis restarted or flushed its scripts
                 self._call(connection, "SCRIPT", "LOAD", script.script)
             self._call(connection, "WATCH", *watch)
-            if self._call(connection, "MGET", *watch) != expect:
+            if self._call(connection, "MGET", *watch) != expect or any(
+                    None in self._call(connection, "HMGET", key, *fields)
+                    for key, fields in (present or {}).items()):
                 self._call(connection, "UNWATCH")
                 return False
             connection.send_packed_command([self.packed()])

@@ -73,13 +73,16 @@ def live_state() -> LiveState:
     return _state
 
 
-#: called with each chunk's result once its commit is known to have succeeded
-applied_listeners: list[Callable[[ApplyResult], None]] = []
+#: called with each chunk's result as soon as its commit succeeded (on the event loop)
+committed_listeners: list[Callable[[ApplyResult], None]] = []
+
+
+def _note_committed(result: ApplyResult) -> None:
+    for listener in committed_listeners:
+        listener(result)
 
 
 def _record_applied(result: ApplyResult, seconds: float) -> None:
-    for listener in applied_listeners:
-        listener(result)
     metrics.REDIS_SECONDS.observe(seconds)
     ages = [max(result.committed_at - produced_at, 0.0) for produced_at in result.produced_at]
     for age in ages:
@@ -95,7 +98,8 @@ def apply_pipeline() -> ApplyPipeline:
     global _pipeline
     if _pipeline is None:
         _pipeline = ApplyPipeline(live_state(), _record_applied, settings.redis_retry_max_s,
-                                  on_retry=_stall_watch.note_activity)
+                                  on_retry=_stall_watch.note_activity,
+                                  on_committed=_note_committed)
         metrics.CHUNKS_REDONE.set_function(lambda: _pipeline.redone_chunks)
     return _pipeline
 

@@ -37,7 +37,7 @@ from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores, read_
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
-from stream.ingest import (applied_listeners, assigned_partitions, consume_batches,
+from stream.ingest import (assigned_partitions, committed_listeners, consume_batches,
                            message_bytes, seek_to_positions, send_to_partitions)
 from stream.pipeline import run_retrying
 
@@ -198,4 +198,4 @@ async def apply_item_deltas(stream) -> None:
     await consume_batches(stream, apply_owned_batch, "item deltas")
 
 
-applied_listeners.append(_note_outboxes)
+committed_listeners.append(_note_outboxes)

@@ -12,6 +12,7 @@ from online_models.registry import build
 from online_models.signals import SignalMapper
 from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores
 from state.ownership import OwnedLayout
+from schemas.keys import RedisKeys
 from state.redis_store import build_on_redis
 from stream.simulator import UserSimulator
 from tests.state_check import assert_store_holds
@@ -141,5 +142,56 @@ def test_a_cluster_commit_stopped_half_applied_is_completed_by_the_next_owner(
         dropped = [live.apply(record) is None for record in records]
         assert dropped == [True, True, False, False, False, False]
         live.commit()
+    assert_serving_reads_the_replay(s, client, layout)
+    client.close()
+
+
+def test_records_of_a_history_redis_lost_are_applied_neither_before_nor_in_a_commit(settings):
+    """Redis goes back to an older state (a restart from an older snapshot, a failover to a
+    replica that lagged) while records of chunks committed after it are applied or in flight,
+    before the worker notices: their outbox entries are not there, so the owners drop them
+    (and a commit holding one writes nothing); once the worker has learnt those events again
+    under a new epoch, serving reads the replay's state: every event once."""
+    s = settings.model_copy(update={"state_writer": "owned", "live_models": ",".join(NAMES)})
+    client, keys = sync_redis(s.redis_url), RedisKeys(s.key_prefix)
+    layout, chunks = replayed_records(chunks=6)
+    outbox = keys.outbox("replay", 0)
+
+    def stage_one_commits(number: int) -> None:  # the worker's commit of chunk ``number``
+        client.hset(outbox, mapping={f"{number + 1}:{p}": record
+                                     for p, record in chunks[number].items()})
+
+    def relay(owners, number: int, epoch: bytes) -> list[int | None]:
+        return [owners[p].apply_sent([epoch], [chunks[number][p]], [number])[0]
+                for p in range(PARTITIONS)]
+
+    client.set(keys.owned_epoch, b"first")
+    owners = [owner(s, client, p) for p in range(PARTITIONS)]
+    for number in (0, 1):
+        stage_one_commits(number)
+        assert None not in relay(owners, number, b"first")
+        for live in owners:
+            live.commit()
+    snapshot = {name: client.dump(name) for name in client.keys("*")}
+    stage_one_commits(2)
+    assert None not in relay(owners, 2, b"first")  # applied in memory; then Redis goes back
+    client.flushall()
+    for name, value in snapshot.items():
+        client.restore(name, 0, value)
+    for live in owners:  # its progress and the epoch are as it left them: only entries differ
+        with pytest.raises(OwnerFenced, match="went back"):
+            live.commit()
+        assert live.applied == {"replay:0": 2}
+    for number in (2, 3):  # in flight before the loss: the outbox has no entry of theirs
+        assert relay(owners, number, b"first") == [None] * PARTITIONS
+    for live in owners:
+        live.commit()
+    client.set(keys.owned_epoch, b"second")  # the worker noticed, learns chunks 2.. again
+    for number in range(2, len(chunks)):
+        stage_one_commits(number)
+        assert None not in relay(owners, number, b"second")
+    for live in owners:
+        live.commit()
+    assert client.hlen(outbox) == 0  # every entry applied once and deleted
     assert_serving_reads_the_replay(s, client, layout)
     client.close()
