@@ -12,9 +12,11 @@ Both end with the same state (checked: every row and vector equal). Reports even
 of CPU per event for each, the difference (what recording, encoding, decoding and applying
 cost), and the records' size: operations and bytes per chunk and per event. No broker and no
 Redis: the hop's produce and consume and the owners' flushes come on top. ``--redis``: the
-last round's records are then applied by live owners (``state.owner_commits.OwnerPartition``)
-on a redis-server of their own, each committing every ``--commit-every`` chunks: their CPU
-and wall time per event (what the owners' agent spends, the broker aside). Usage:
+last round's records are then applied by live owners (``state.owner_commits.OwnerPartition``,
+as the agent applies what the relay sent) on a redis-server of their own, committing every
+``--commit-every`` chunks, each owner on its own (the baseline) and all together in one
+transaction (as the agent does), in turn for ``--rounds`` rounds: their CPU and wall time per
+event (what the owners' agent spends, the broker aside). Usage:
 ``python bench/item_deltas.py [--chunk 1000] [--partitions 8] [--redis]``. Last line: JSON.
 """
 
@@ -54,28 +56,42 @@ def owned(chunks, partitions: int) -> tuple[float, dict, dict, list[dict[int, by
     return spent, {name: layout.stores(name) for name in MODELS}, layout.sizes, records
 
 
-def owners_on_redis(records: list[dict[int, bytes]], partitions: int, commit_every: int
-                    ) -> tuple[float, float]:
-    """Apply the records with live owners on a redis-server of their own: (CPU s, wall s)."""
+def owners_on_redis(records: list[dict[int, bytes]], partitions: int, commit_every: int,
+                    together: bool) -> tuple[float, float]:
+    """Apply the records as the owners' agent does (``apply_sent``, the chunks' outbox
+    entries written first, as the workers' commits would), on a redis-server of their own,
+    committing every ``commit_every`` chunks each owner on its own or all ``together`` in one
+    transaction: (CPU s, wall s)."""
     from infra.embedded import EmbeddedRedis
     from infra.redis_client import sync_redis
     from infra.settings import Settings
-    from state.owner_commits import OwnerPartition, owner_stores
+    from schemas.keys import RedisKeys
+    from state.owner_commits import OwnerPartition, commit_owners, owner_stores
 
     with EmbeddedRedis() as server:
         client = sync_redis(server.url)
         s = Settings(redis_url=server.url, state_writer="owned", key_prefix="bench",
                      live_models=",".join(MODELS))
+        keys = RedisKeys(s.key_prefix)
+        client.set(keys.owned_epoch, b"bench")
+        for number, chunk in enumerate(records, 1):  # replay records cover offset ``number``
+            client.hset(keys.outbox("replay", 0),
+                        mapping={f"{number}:{p}": record for p, record in chunk.items()})
         owners = [OwnerPartition(client, s.key_prefix, p, owner_stores(s, client))
                   for p in range(partitions)]
         cpu, wall = time.process_time(), time.perf_counter()
         for number, chunk in enumerate(records, 1):
             for partition, record in chunk.items():
-                owners[partition].apply(record)
+                owners[partition].apply_sent([b"bench"], [record], [number], checked=False)
             if number % commit_every == 0 or number == len(records):
-                for owner in owners:
-                    owner.commit()
+                if together:
+                    commit_owners(owners)
+                else:
+                    for owner in owners:
+                        owner.commit()
         spent = time.process_time() - cpu, time.perf_counter() - wall
+        if client.hlen(keys.outbox("replay", 0)):
+            sys.exit("owners left outbox entries behind")
         client.close()
     return spent
 
@@ -115,10 +131,14 @@ def main() -> None:
     result.update({"records_per_chunk": round(sizes["records"] / len(chunks), 2),
                    "operations_per_chunk": round(sizes["operations"] / len(chunks), 1),
                    "record_bytes_per_event": round(sizes["bytes"] / events, 1)})
-    if args.redis:
-        cpu_s, wall_s = owners_on_redis(records, args.partitions, args.commit_every)
-        result.update({"owners_on_redis_cpu_us_per_event": round(1e6 * cpu_s / events, 2),
-                       "owners_on_redis_wall_us_per_event": round(1e6 * wall_s / events, 2)})
+    for _ in range(args.rounds if args.redis else 0):  # in turn: same minutes, same machine
+        for mode, together in (("one_by_one", False), ("together", True)):
+            cpu_s, wall_s = owners_on_redis(records, args.partitions, args.commit_every,
+                                            together)
+            result.setdefault(f"owners_{mode}_cpu_us_per_event", []).append(
+                round(1e6 * cpu_s / events, 2))
+            result.setdefault(f"owners_{mode}_wall_us_per_event", []).append(
+                round(1e6 * wall_s / events, 2))
     print_result(result)
 
 

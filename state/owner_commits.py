@@ -151,20 +151,25 @@ class OwnerPartition:
         return entries
 
     def apply_sent(self, epochs: list[bytes | None], records: list[bytes],
-                   positions: list[int]) -> list[int | None]:
+                   positions: list[int], checked: bool = True) -> list[int | None]:
         """:meth:`apply_many` of records as the relay sent them (their epochs, the Kafka
         keys), dropping (None) those of another epoch than Redis's (sent before Redis lost
         writes, or before a worker started: their outbox entries stay, and the relay sends
         them again under the epoch of now) and those whose outbox entry is not in Redis:
         applied before (a re-send), or of a history Redis lost (it went back to an older
         state, and the worker has not noticed yet: their events are learnt again, and sent
-        under a new epoch). The commit checks again that the entries are there."""
+        under a new epoch). ``checked=False`` reads nothing where every record has the
+        epoch this owner last read: the entries are taken as there, and the commit checks
+        both (an owner it fences applies the records again, checked)."""
         entries = [self._entries(record) for record in records]
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.get(self.epoch_key)
-            for outbox, field in (entry for found in entries for entry in found):
-                pipe.hexists(outbox, field)
-            self.epoch, *present = pipe.execute()
+        if checked or any(epoch != self.epoch for epoch in epochs):
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.get(self.epoch_key)
+                for outbox, field in (entry for found in entries for entry in found):
+                    pipe.hexists(outbox, field)
+                self.epoch, *present = pipe.execute()
+        else:
+            present = [True] * sum(map(len, entries))
         present_at = iter(present)
         current = [n for n, epoch in enumerate(epochs)
                    if all([next(present_at) for _ in entries[n]]) and epoch == self.epoch]
@@ -178,35 +183,74 @@ class OwnerPartition:
     def commit(self) -> int:
         """Write what changed since the last commit with ``applied`` (module doc), and
         delete the outbox entries applied; returns how many keys were written. Raises
-        :class:`OwnerFenced` (after :meth:`restore`) where another owner committed since, or
-        the epoch changed; Redis's errors propagate (call :meth:`restore` before going on:
-        the commit may not have happened)."""
+        :class:`OwnerFenced` (after :meth:`restore`) where another owner committed since,
+        the epoch changed or Redis went back; Redis's errors propagate (call :meth:`restore`
+        before going on: the commit may not have happened)."""
+        return commit_owners([self])
+
+    def _stage(self, batch: WriteBatch) -> tuple[bytes, int] | None:
+        """Add this owner's commit to ``batch``: (its progress, keys written), or None where
+        nothing changed since the last commit."""
         encoded = msgspec.msgpack.encode((self.position, self.owner.applied))
         if encoded == self._committed:
-            return 0
-        batch, written = WriteBatch(), 0
-        for store in self.stores.values():
-            written += store.flush(batch)
+            return None
+        written = sum(store.flush(batch) for store in self.stores.values())
         batch.set(self.applied_key, encoded)
         for outbox, fields in self._delivered.items():
             batch.hdel(outbox, *sorted(fields))
-        watch, expect = [self.applied_key], [self._committed]
-        if self.cluster:
-            self._seq += 1
-            ok = batch.commit_with_redo(self.client, watch, expect, self.redo_key, self._seq,
-                                        CLUSTER_WRITE_SCRIPTS)
-        else:  # the epoch its records were checked against, their outbox entries there
-            ok = batch.commit(self.client, [*watch, self.epoch_key], [*expect, self.epoch],
-                              present=self._sent)
-        if not ok:
-            self.restore()
-            raise OwnerFenced(f"item partition {self.partition}: another owner committed "
-                              f"since this one read its offsets, the epoch changed, or Redis "
-                              f"went back to before records it applied; started again from "
-                              f"Redis")
+        return encoded, written
+
+    def _committed_as(self, encoded: bytes) -> None:
         self._committed = encoded
         self._delivered, self._sent = {}, {}
+
+
+def commit_owners(owners: list[OwnerPartition]) -> int:
+    """:meth:`OwnerPartition.commit` of several owners: on one server in one transaction
+    (one round trip for all the item partitions a worker holds), on a Redis Cluster one per
+    owner (their keys are in different slots). Returns the keys written. Raises
+    :class:`OwnerFenced` where any was fenced, after :meth:`OwnerPartition.restore` of every
+    owner whose commit did not happen."""
+    if not owners:
+        return 0
+    if owners[0].cluster:
+        written = 0
+        for owner in owners:
+            staged = owner._stage(batch := WriteBatch())
+            if staged is None:
+                continue
+            owner._seq += 1
+            if not batch.commit_with_redo(owner.client, [owner.applied_key], [owner._committed],
+                                          owner.redo_key, owner._seq, CLUSTER_WRITE_SCRIPTS):
+                owner.restore()
+                raise OwnerFenced(f"item partition {owner.partition}: another owner committed "
+                                  f"since this one read its offsets; started again from Redis")
+            owner._committed_as(staged[0])
+            written += staged[1]
         return written
+    batch, staged = WriteBatch(), []
+    for owner in owners:
+        if (found := owner._stage(batch)) is not None:
+            staged.append((owner, *found))
+    if not staged:
+        return 0
+    watch = [owner.applied_key for owner, _, _ in staged] + [staged[0][0].epoch_key]
+    expect = [owner._committed for owner, _, _ in staged] + [staged[0][0].epoch]
+    present: dict[str, set[str]] = {}
+    for owner, _, _ in staged:
+        for outbox, fields in owner._sent.items():
+            present.setdefault(outbox, set()).update(fields)
+    epochs = {owner.epoch for owner, _, _ in staged}
+    if len(epochs) > 1 or not batch.commit(staged[0][0].client, watch, expect, present):
+        for owner, _, _ in staged:
+            owner.restore()
+        numbers = ", ".join(str(owner.partition) for owner, _, _ in staged)
+        raise OwnerFenced(f"item partition {numbers}: another owner committed since it read "
+                          f"its offsets, the epoch changed, or Redis went back to before "
+                          f"records it applied; started again from Redis")
+    for owner, encoded, _ in staged:
+        owner._committed_as(encoded)
+    return sum(written for _, _, written in staged)
 
 
 def hop_settled(client, keys: RedisKeys, topic: str, partitions: int) -> bool:

@@ -13,11 +13,11 @@
   entries of a partition with no new commit go out too.
 - **The owners' agent**: the group assigns the item-deltas partitions as it assigns the
   interactions'. For each partition it holds, an :class:`state.owner_commits.OwnerPartition`
-  applies the batch's records of the current epoch and commits, before the batch is acked,
-  the changed rows, its progress (source offsets applied, its item-deltas offset: where the
-  next owner resumes after a rebalance) and the deletion of the outbox entries it applied.
-  A fenced owner (another took the partition, or the epoch changed) starts again from Redis
-  and applies the batch again.
+  applies the batch's records of the current epoch; before the batch is acked they commit,
+  in one transaction, the changed rows, their progress (source offsets applied, the
+  item-deltas offset: where the next owner resumes after a rebalance) and the deletion of
+  the outbox entries applied. Fenced owners (another took a partition, the epoch changed,
+  Redis went back) start again from Redis and apply the batch again, each record checked.
 
 Entries leave an outbox only once applied, so a new epoch loses nothing: records sent under
 an older one (before Redis lost writes, or before a worker started) are dropped by owners and
@@ -33,7 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 
 from infra.redis_client import sync_redis
-from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores, read_positions
+from state.owner_commits import (OwnerFenced, OwnerPartition, commit_owners, owner_stores,
+                                 read_positions)
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
@@ -157,40 +158,49 @@ async def relay_assigned_outboxes(sender, **_) -> None:
         await seek_to_positions(positions, held)
 
 
-def apply_records(partition: int, epochs: list[bytes | None], records: list[bytes],
-                  positions: list[int]) -> int:
-    """Apply a batch's records to item partition ``partition``'s owner and commit them;
-    returns the operations applied. Fenced: again from what Redis holds. Any other error
-    drops the owner (the next try builds it from Redis) and propagates."""
+Batch = dict[int, tuple[list[bytes | None], list[bytes], list[int]]]
+
+
+def apply_records(batch: Batch) -> int:
+    """Apply a batch's records (item partition → their epochs, records and item-deltas
+    offsets) to the partitions' owners and commit them together; returns the operations
+    applied. Fenced: again from what Redis holds, each record checked against Redis before
+    it is applied. Any other error drops the owners (the next try builds them from Redis)
+    and propagates."""
+    checked = False
     for _ in range(3):
-        owner = _owners.get(partition)
-        if owner is None:
-            owner = _owners[partition] = OwnerPartition(
-                _redis(), settings.key_prefix, partition, owner_stores(settings, _redis()))
+        owners = []
+        for partition in batch:
+            if partition not in _owners:
+                _owners[partition] = OwnerPartition(_redis(), settings.key_prefix, partition,
+                                                    owner_stores(settings, _redis()))
+            owners.append(_owners[partition])
         try:
-            operations = sum(n or 0 for n in owner.apply_sent(epochs, records, positions))
-            owner.commit()
+            operations = sum(n or 0 for owner in owners
+                             for n in owner.apply_sent(*batch[owner.partition],
+                                                       checked=checked))
+            commit_owners(owners)
             return operations
         except OwnerFenced as exc:
             log.warning("%s", exc)
+            checked = True
         except BaseException:
-            _owners.pop(partition, None)
+            for partition in batch:
+                _owners.pop(partition, None)
             raise
-    raise OwnerFenced(f"item partition {partition}: fenced off three times in a row")
+    raise OwnerFenced(f"item partitions {sorted(batch)}: fenced off three times in a row")
 
 
 async def apply_owned_batch(messages) -> None:
-    by_partition: dict[int, tuple[list[bytes | None], list[bytes], list[int]]] = {}
+    batch: Batch = {}
     for event in messages:
-        epochs, records, positions = by_partition.setdefault(event.message.partition,
-                                                             ([], [], []))
+        epochs, records, positions = batch.setdefault(event.message.partition, ([], [], []))
         epochs.append(event.key)
         records.append(message_bytes(event))
         positions.append(event.message.offset)
-    for partition, (epochs, records, positions) in sorted(by_partition.items()):
-        operations = await run_retrying(_owner_thread, "item deltas", apply_records,
-                                        partition, epochs, records, positions)
-        metrics.ITEM_DELTA_OPERATIONS.inc(operations)
+    operations = await run_retrying(_owner_thread, "item deltas", apply_records,
+                                    dict(sorted(batch.items())))
+    metrics.ITEM_DELTA_OPERATIONS.inc(operations)
 
 
 @app.agent(item_deltas_topic)
