@@ -160,7 +160,7 @@ class Settings(BaseSettings):
         "docs/benchmarks.md). A lease in Redis keeps a second worker from writing. owned: a "
         "worker group where each key has one writer: user-side state by the user's "
         "partition's worker, item-side state by the item's owner partition "
-        "(docs/item-ownership.md; workers on one Redis server for now). Serving must run with "
+        "(docs/item-ownership.md; one Redis server or a Redis Cluster). Serving must run with "
         "the same value. Switching needs empty model state (docs/reliability.md).")
     state_writer_lease_s: float = Field(10.0, ge=1, description="single: how long the writer's "
                                         "lease lasts unrenewed (a restarted worker waits at "

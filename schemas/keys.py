@@ -124,6 +124,17 @@ class RedisKeys:
     def bandit_seq(self) -> str:
         return f"{self.prefix}:{{bandit}}:seq"
 
+    def stats_seq_of(self, topic: str, partition: int) -> str:
+        """String: the last commit of source partition ``partition`` that added to the
+        counters (owned layout on a Redis Cluster: commits are numbered per source
+        partition)."""
+        return f"{self.prefix}:{{stats}}:seq:{encode_id(topic)}:{int(partition)}"
+
+    def bandit_seq_of(self, topic: str, partition: int) -> str:
+        """String: the last commit of source partition ``partition`` that added bandit
+        clicks (owned layout on a Redis Cluster)."""
+        return f"{self.prefix}:{{bandit}}:seq:{encode_id(topic)}:{int(partition)}"
+
     @property
     def worker_reports(self) -> str:
         """Hash worker id → JSON of that worker's live figures (freshness, events/s)."""
@@ -148,6 +159,11 @@ class RedisKeys:
     def redo(self) -> str:
         """Hash {seq, commands}: the single writer's last commit on a Redis Cluster."""
         return f"{self.prefix}:{{wm}}:redo"
+
+    def source_redo(self, topic: str, partition: int) -> str:
+        """Hash {seq, commands}: the last commit of source partition ``partition``'s part of a
+        chunk on a Redis Cluster (owned layout: each source partition commits on its own)."""
+        return f"{self.prefix}:{{wm}}:redo:{encode_id(topic)}:{int(partition)}"
 
     @property
     def held_partitions(self) -> str:
@@ -289,6 +305,16 @@ class RedisKeys:
                     "watermarks, then applied; "
                     "applied again after a crash or a failed write (every write in it is an "
                     "overwrite or guarded by a seq key: applying twice changes nothing)."),
+            KeySpec(f"{p}:{{wm}}:redo:<topic>:<partition>", "hash {seq, commands}", "none",
+                    "stream worker (owned layout on a Redis Cluster)",
+                    "one chunk part's writes per source partition",
+                    "As `{wm}:redo`, per source partition: each source partition's part of a "
+                    "chunk commits on its own, numbered on from this record by the "
+                    "partition's next worker, which applies it again before its first "
+                    "commit of the partition. Its adds to shared keys are guarded per source "
+                    "partition: `{stats}:seq:<topic>:<partition>`, "
+                    "`{bandit}:seq:<topic>:<partition>` and the trending meta's "
+                    "`seq:<topic>:<partition>` field."),
             KeySpec(f"{p}:{{wm}}:held", "hash <topic>:<partition> → reason", "none",
                     "stream worker", "one field per held partition",
                     "Partitions whose Redis progress does not fit the Kafka log (the log went "

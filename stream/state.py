@@ -32,7 +32,8 @@ then restarts to resume from Redis's watermarks).
 
 With ``STREAMREC_STATE_WRITER=owned`` the models' item-side writes become delta records
 (docs/item-ownership.md): each source partition's events of a batch are learnt apart, and
-their records go into that partition's outbox in the batch's transaction.
+their records go into that partition's outbox in the batch's transaction. On a Redis Cluster
+each source partition's part commits on its own (:meth:`LiveState._compute_parts`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ from online_models.base import OnlineModel
 from online_models.signals import SignalBatch, SignalMapper
 from infra.redis_client import is_cluster, sync_redis
 from state.ownership import DeltaRecorder
-from state.redis_store import (CLUSTER_WRITE_SCRIPTS, StateLayoutError, WriteBatch,
-                               apply_commands, build_live_models, queue_script,
+from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
+                               build_live_models, queue_script,
                                require_single_on_cluster)
 from state.write_back import WriteBackStore
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TrendingModel
@@ -58,15 +59,15 @@ from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
 
 #: KEYS: trending zset, meta hash. ARGV: half_life, reference_ts, max_items, rebase_after,
-#: the commit's seq (0: none; else a seq at or below the meta's adds nothing), the deltas as
-#: little-endian doubles (:func:`doubles`), then the items. Rescales in place (ZUNIONSTORE
-#: with WEIGHTS) when the landmark is old: the step of
+#: the commit's seq (0: none; else a seq at or below the meta's field ARGV[6] adds nothing),
+#: that field, the deltas as little-endian doubles (:func:`doubles`), then the items.
+#: Rescales in place (ZUNIONSTORE with WEIGHTS) when the landmark is old: the step of
 #: :func:`online_models.trending.advance_landmark`, as ``TrendingModel._learn``.
 TRENDING_LUA = """
 local seq = tonumber(ARGV[5])
 if seq > 0 then
-  if tonumber(redis.call('HGET', KEYS[2], 'seq') or '0') >= seq then return '' end
-  redis.call('HSET', KEYS[2], 'seq', ARGV[5])
+  if tonumber(redis.call('HGET', KEYS[2], ARGV[6]) or '0') >= seq then return '' end
+  redis.call('HSET', KEYS[2], ARGV[6], ARGV[5])
 end
 local hl = tonumber(ARGV[1])
 local ref = tonumber(ARGV[2])
@@ -92,9 +93,9 @@ if (not last) or ref > last then
   redis.call('HSET', KEYS[2], 'last_ts', ARGV[2])
 end
 local factor = 2 ^ age
-local deltas = ARGV[6]
-for i = 7, #ARGV do
-  redis.call('ZINCRBY', KEYS[1], struct.unpack('<d', deltas, 8 * (i - 7) + 1) * factor, ARGV[i])
+local deltas = ARGV[7]
+for i = 8, #ARGV do
+  redis.call('ZINCRBY', KEYS[1], struct.unpack('<d', deltas, 8 * (i - 8) + 1) * factor, ARGV[i])
 end
 local size = redis.call('ZCARD', KEYS[1])
 if size > max_items + math.max(1, math.floor(max_items / 10)) then  -- the stores' trim rule
@@ -287,6 +288,10 @@ class PreparedBatch:
     #: each partition's events apart
     partitions: list[tuple[str, int]] = field(default_factory=list)
     event_partitions: np.ndarray | None = None
+    #: messages at or below their watermark, per partition
+    redelivered: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: owned layout on a Redis Cluster: (source partition, its writes, its seq), a commit each
+    parts: list[tuple[tuple[str, int], WriteBatch, int]] = field(default_factory=list)
 
 
 class LiveState:
@@ -318,10 +323,11 @@ class LiveState:
                       if settings.state_writer == "single" else None)
         require_single_on_cluster(client, settings.state_writer)
         self.cluster = is_cluster(client)
-        if self.cluster and settings.state_writer == "owned":
-            raise StateLayoutError(
-                "STREAMREC_STATE_WRITER=owned runs on one Redis server for now (its workers' "
-                "commits on a Redis Cluster are not built: docs/item-ownership.md)")
+        #: owned layout on a Redis Cluster: each source partition's part of a batch commits
+        #: on its own, through a redo record and a seq of that partition
+        self.parted = self.cluster and self.deltas is not None
+        self._source_seqs: dict[tuple[str, int], int] = {}  # the last seq given, per source
+        self._sources_redone: set[tuple[str, int]] = set()  # redo applied since abandoning
         if self.cluster:  # commits go through the redo record (module doc)
             self._history_guarded = client.register_script(HISTORY_GUARDED_LUA)
             self._counters_guarded = client.register_script(COUNTERS_GUARDED_LUA)
@@ -332,7 +338,7 @@ class LiveState:
                 client.script_load(script)
         self._committed_marks: dict[tuple[str, int], int] = {}  # the highest this committed
         self._committed_seq = 0  # the last commit's number (cluster: the redo record's)
-        self._redo_pending = self.cluster  # apply the redo record before the next batch
+        self._redo_pending = self.cluster and not self.parted  # apply it before the next batch
         self._untimed_keys_pending = False  # single writer: sweep once it holds the lease
 
     @classmethod
@@ -344,17 +350,19 @@ class LiveState:
         return cls(settings, client, list(models.values()))
 
     def _queue(self, pipe, events: list[Interaction], signals: SignalBatch,
-               seq: int = 0) -> None:
+               seq: int = 0, source: tuple[str, int] | None = None) -> None:
         """Queue the events' skeleton writes (trending and first seen: the
         :class:`TrendingModel`'s step; histories, feed queue, clicks). ``seq`` > 0 (a cluster
-        commit): every write that adds is guarded by it."""
+        commit): every write that adds is guarded by it, numbered per ``source`` partition
+        where it is given (the owned layout's parts), else by the one writer's."""
         s, keys, trending = self.settings, self.keys, self.trending
         step = trending.step(signals)
         if len(step.items):
             queue_script(pipe, self._trending, [keys.trending, keys.trending_meta],
                          [trending.half_life_s, step.reference, trending.max_items,
-                          REBASE_AFTER_HALF_LIVES, seq, doubles(step.deltas),
-                          *step.items.tolist()])
+                          REBASE_AFTER_HALF_LIVES, seq,
+                          "seq" if source is None else "seq:{}:{}".format(*source),
+                          doubles(step.deltas), *step.items.tolist()])
         queue_script(pipe, self._first_seen, [keys.item_first_seen],
                      [trending.first_seen_kept, doubles(list(step.first_seen.values())),
                       *step.first_seen])
@@ -371,8 +379,9 @@ class LiveState:
             queue_script(pipe, self._feed_queue, [keys.feed_queue],
                          [s.feed_queue_max, *histories])
         if rewarded:
+            seq_key = keys.bandit_seq if source is None else keys.bandit_seq_of(*source)
             queue_script(pipe, self._clicks, [keys.bandit_shows, keys.bandit_clicks,
-                                              *([keys.bandit_seq] if seq else [])],
+                                              *([seq_key] if seq else [])],
                          [seq, *(x for pair in rewarded.items() for x in pair)])
 
     def _queue_histories(self, pipe, histories: dict[str, list[str]], seq: int) -> None:
@@ -391,11 +400,13 @@ class LiveState:
             args += seen
         queue_script(pipe, self._history, [keys.user_history(u) for u in histories], args)
 
-    def _count(self, pipe, counts: dict[str, int], seq: int = 0) -> None:
-        """Add to the counters (guarded by ``seq`` > 0 on a cluster)."""
+    def _count(self, pipe, counts: dict[str, int], seq: int = 0,
+               source: tuple[str, int] | None = None) -> None:
+        """Add to the counters (guarded by ``seq`` > 0 on a cluster: :meth:`_queue`)."""
         counts = {name: n for name, n in counts.items() if n}
         if seq:
-            queue_script(pipe, self._counters_guarded, [self.keys.stats, self.keys.stats_seq],
+            seq_key = self.keys.stats_seq if source is None else self.keys.stats_seq_of(*source)
+            queue_script(pipe, self._counters_guarded, [self.keys.stats, seq_key],
                          [seq, *(x for pair in counts.items() for x in pair)])
             return
         for name, n in counts.items():
@@ -430,7 +441,8 @@ class LiveState:
         """Forget prepared batches not committed and the models' cached partition-local state
         (both are read again from Redis). Call with no prepare or commit running."""
         self._uncommitted.clear()
-        self._redo_pending = self.cluster  # a commit may have stopped half applied
+        self._redo_pending = self.cluster and not self.parted  # a commit may have stopped half
+        self._sources_redone.clear()  # applied (parted: each source partition's record)
         for model in self.models:
             model.store.forget_cached()
 
@@ -444,6 +456,15 @@ class LiveState:
             apply_commands(self.client, _decode_commands(record[b"commands"]), self._scripts)
         self._committed_seq = max(int(record.get(b"seq", 0)), int(time.time() * 1000))
         self._redo_pending = False
+
+    def _apply_source_redo(self, source: tuple[str, int]) -> None:
+        """:meth:`_apply_redo` of one source partition's record (the parted commits), before
+        this process's first commit of the partition since it last abandoned its state."""
+        record = self.client.hgetall(self.keys.source_redo(*source))
+        if record:
+            apply_commands(self.client, _decode_commands(record[b"commands"]), self._scripts)
+        self._source_seqs[source] = max(int(record.get(b"seq", 0)), int(time.time() * 1000))
+        self._sources_redone.add(source)
 
     def prepare(self, messages: list[SourceMessage]) -> PreparedBatch:
         """Read what the batch needs and compute its state change (recorded, not written)."""
@@ -477,6 +498,9 @@ class LiveState:
             self.new_epoch()
         earlier_batches = list(self._uncommitted)  # before reading: one may commit meanwhile
         partitions = sorted({(m.topic, m.partition) for m in messages})
+        for source in partitions if self.parted else ():
+            if source not in self._sources_redone:  # no batch in flight holds it
+                self._apply_source_redo(source)
         marks = [keys.watermark(t, p) for t, p in partitions]
         expected = {tp: int(v) if v is not None else -1
                     for tp, v in zip(partitions, self.client.mget(marks))}
@@ -495,6 +519,11 @@ class LiveState:
                 if tp in expected:
                     expected[tp] = mark
         fresh = [m for m in messages if m.offset > expected[(m.topic, m.partition)]]
+        redelivered: dict[tuple[str, int], int] = {}
+        for m in messages:
+            if m.offset <= expected[(m.topic, m.partition)]:
+                redelivered[(m.topic, m.partition)] = redelivered.get((m.topic, m.partition),
+                                                                      0) + 1
         candidates = [e for m in fresh for e in m.events]
         buckets: dict[int, list[str]] = {}
         for e in candidates:
@@ -527,12 +556,17 @@ class LiveState:
         for model in self.models if signals is not None else ():
             model.prefetch(signals)
         return PreparedBatch(expected, fresh, events, signals, buckets, batch_ids, result,
-                             partitions=fresh_partitions, event_partitions=event_partitions)
+                             partitions=fresh_partitions, event_partitions=event_partitions,
+                             redelivered=redelivered)
 
     def compute(self, prepared: PreparedBatch) -> PreparedBatch:
         """Prepare, second half: the models learn and every write is recorded. Reads Redis
         only for partition-local state not cached (and what was not prefetched)."""
         keys, result, writes = self.keys, prepared.result, prepared.writes
+        if self.parted:
+            self._compute_parts(prepared)
+            self._uncommitted.append(prepared)
+            return prepared
         if self.cluster:  # numbered after the batches still in flight
             prepared.seq = (self._uncommitted[-1].seq if self._uncommitted
                             else self._committed_seq) + 1
@@ -549,11 +583,8 @@ class LiveState:
                 if source is not None:
                     self._queue_records(writes, source, prepared.new_marks[source], result)
             self._queue(writes, prepared.events, prepared.signals, prepared.seq)
-            for bucket, ids in prepared.buckets.items():
-                new_ids = [i for i in ids if i in prepared.event_ids]
-                if new_ids:
-                    writes.sadd(keys.seen_events(bucket), *new_ids)
-                    writes.expire(keys.seen_events(bucket), 2 * self.settings.dedup_ttl_s)
+            self._queue_seen(writes, {bucket: [i for i in ids if i in prepared.event_ids]
+                                      for bucket, ids in prepared.buckets.items()})
         for (topic, partition), offset in prepared.new_marks.items():
             writes.set(keys.watermark(topic, partition), offset)
         counts["dlq_messages"] = sum(1 for m in prepared.fresh if m.invalid_events)
@@ -568,6 +599,62 @@ class LiveState:
             writes.packed()  # here, so the committing thread only sends bytes
         self._uncommitted.append(prepared)
         return prepared
+
+    def _queue_seen(self, writes: WriteBatch, buckets: dict[int, list[str]]) -> None:
+        """Add applied events' ids to their dedup buckets' seen-sets."""
+        for bucket, ids in buckets.items():
+            if ids:
+                writes.sadd(self.keys.seen_events(bucket), *ids)
+                writes.expire(self.keys.seen_events(bucket), 2 * self.settings.dedup_ttl_s)
+
+    def _compute_parts(self, prepared: PreparedBatch) -> None:
+        """:meth:`compute` of the owned layout on a Redis Cluster: each source partition's
+        part of the batch (its events learnt, its item-delta records in its outbox, its
+        skeleton writes, seen ids, watermark and counters) is a commit of its own, numbered
+        by that partition's seq (docs/item-ownership.md). A batch's parts commit in turn;
+        one that finds its watermark moved voids the batch, and the parts already committed
+        are then skipped as redelivered."""
+        s, result = self.settings, prepared.result
+        counts: dict[tuple[str, int], dict[str, int]] = {}
+
+        def count(source):
+            return counts.setdefault(source, dict.fromkeys(
+                ("events_applied", "batches", "dlq_messages", "dlq_events",
+                 "skipped_redelivered", "skipped_duplicates"), 0))
+
+        for m in prepared.fresh:
+            source = (m.topic, m.partition)
+            prepared.new_marks[source] = max(prepared.new_marks.get(source, -1), m.offset)
+            count(source)["dlq_messages"] += bool(m.invalid_events)
+            count(source)["dlq_events"] += m.invalid_events
+            count(source)["skipped_duplicates"] += len(m.events)  # less those applied
+        for source, messages in prepared.redelivered.items():
+            count(source)["skipped_redelivered"] += messages
+        for source in counts:
+            writes = WriteBatch()
+            seq = self._source_seqs[source] = self._source_seqs[source] + 1
+            here = (prepared.event_partitions == prepared.partitions.index(source)
+                    if prepared.events and source in prepared.new_marks else None)
+            if here is not None and here.any():
+                signals = (prepared.signals if here.all() else prepared.signals.select(here))
+                events = [e for e, mine in zip(prepared.events, here.tolist()) if mine]
+                for model in self.models:
+                    with model.store.deferred(writes):
+                        report = model.learn(signals)
+                    result.changed_item_vectors += report.changed_item_vectors
+                self._queue_records(writes, source, prepared.new_marks[source], result)
+                self._queue(writes, events, signals, seq, source)
+                buckets: dict[int, list[str]] = {}
+                for e in events:
+                    buckets.setdefault(int(e.timestamp // s.dedup_ttl_s), []).append(e.event_id)
+                self._queue_seen(writes, buckets)
+                count(source).update(events_applied=len(events), batches=1)
+                count(source)["skipped_duplicates"] -= len(events)
+            if source in prepared.new_marks:
+                writes.set(self.keys.watermark(*source), prepared.new_marks[source])
+            if any(counts[source].values()):
+                self._count(writes, counts[source], seq, source)
+            prepared.parts.append((source, writes, seq))
 
     def _learning_groups(self, prepared: PreparedBatch):
         """(source partition, its events' signals) to learn in turn: the owned layout learns
@@ -606,7 +693,19 @@ class LiveState:
 
     def commit(self, prepared: PreparedBatch) -> ApplyResult | None:
         """Write a prepared batch in one MULTI/EXEC, guarded by WATCH on its watermarks; None
-        (nothing written) if a watermark is not what the batch was prepared against."""
+        (nothing written) if a watermark is not what the batch was prepared against. Parted
+        (:meth:`_compute_parts`): one per source partition, in turn; None from the first
+        whose watermark moved."""
+        for source, writes, seq in prepared.parts:
+            mark = prepared.expected[source]
+            if not writes.commit_with_redo(self.client, [self.keys.watermark(*source)],
+                                           [str(mark).encode() if mark >= 0 else None],
+                                           self.keys.source_redo(*source), seq,
+                                           self._scripts):
+                return None
+            if source in prepared.new_marks:
+                self._committed_marks[source] = max(self._committed_marks.get(source, -1),
+                                                    prepared.new_marks[source])
         if prepared.writes.commands:
             expected = sorted(prepared.expected.items())
             watch = [self.keys.watermark(t, p) for (t, p), _ in expected]

@@ -1,13 +1,15 @@
 """STREAMREC_STATE_WRITER=owned with worker processes against the real broker and
 redis-server (docs/item-ownership.md): item-side state reaches its owners through the
 outboxes and the item-deltas topic, a worker group grows and loses a member to kill -9
-mid-stream, and nothing is lost or applied twice."""
+mid-stream (on one server and on a 3-primary Redis Cluster), and nothing is lost or applied
+twice."""
 
 import time
 
 import numpy as np
 import pytest
 
+from infra.redis_client import sync_redis
 from online_models.registry import build
 from online_models.signals import SignalMapper
 from schemas.keys import RedisKeys
@@ -29,10 +31,14 @@ def owners_caught_up(client, s) -> bool:
                        s.topic_partitions)
 
 
+@pytest.mark.parametrize("redis_kind", ["server", "cluster"])
 def test_a_worker_group_grows_and_loses_a_member_to_kill_9_and_loses_nothing(
-        settings, redis_client, spawn):
+        settings, request, spawn, redis_kind):
     s = settings.model_copy(update={"live_models": "session,mf", "state_writer": "owned",
                                     "worker_batch_max": 20})
+    if redis_kind == "cluster":  # each source partition's part commits on its own
+        s = s.model_copy(update={"redis_url": request.getfixturevalue("redis_cluster").url})
+    redis_client = sync_redis(s.redis_url)
     total = 6000
     events = list(UserSimulator(120, 3000, seed=31).events(total, time.time() - total))
     first = spawn(["worker", "--loglevel", "warn"], s)
@@ -92,9 +98,3 @@ def test_the_outbox_a_dead_worker_left_is_relayed_by_the_next_one(settings, redi
     assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
                               models=("session",), layout="owned")
 
-
-def test_owned_workers_are_refused_on_a_redis_cluster_for_now(settings, redis_cluster):
-    s = settings.model_copy(update={"redis_url": redis_cluster.url, "state_writer": "owned",
-                                    "live_models": "session"})
-    with pytest.raises(StateLayoutError, match="owned runs on one Redis server for now"):
-        LiveState.for_worker(s)

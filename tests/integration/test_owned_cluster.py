@@ -1,0 +1,146 @@
+"""STREAMREC_STATE_WRITER=owned on a real 3-primary Redis Cluster (docs/item-ownership.md):
+each source partition's part of a chunk commits on its own (a redo record and a seq per
+source partition), two workers' parts and the owners' commits end in a replay's state, and a
+part that stopped half applied is completed by the partition's next worker: nothing lost,
+nothing added twice."""
+
+import pytest
+import redis
+
+import state.redis_store
+from infra.redis_client import sync_redis
+from online_models.registry import build
+from online_models.signals import SignalMapper
+from schemas.keys import RedisKeys
+from state.owner_commits import OwnerPartition, commit_owners, owner_stores
+from state.redis_store import build_live_models
+from stream.state import LiveState
+from stream.simulator import UserSimulator
+from stream.state import SourceMessage
+from tests.state_check import assert_live_equals_replay
+from tests.state_check import applied as applied_events
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 3
+
+
+@pytest.fixture
+def owned_settings(settings, redis_cluster):
+    return settings.model_copy(update={"redis_url": redis_cluster.url, "state_writer": "owned",
+                                       "live_models": "session,mf",
+                                       "topic_partitions": PARTITIONS})
+
+
+@pytest.fixture
+def client(owned_settings):
+    connection = sync_redis(owned_settings.redis_url)
+    yield connection
+    connection.close()
+
+
+def messages(n_events: int, per_message: int = 40) -> list[SourceMessage]:
+    """Events keyed by user, as producers send them: a user's events in one partition, in
+    order; messages in the order they were produced."""
+    events = list(UserSimulator(50, 120, seed=12).events(n_events, 1.7e9, 2.0))
+    out: list[SourceMessage] = []
+    waiting: dict[int, list] = {}
+    offsets = [0] * PARTITIONS
+    for event in events:
+        partition = sum(event.user_id.encode()) % PARTITIONS
+        waiting.setdefault(partition, []).append(event)
+        if len(waiting[partition]) == per_message:
+            out.append(SourceMessage("interactions", partition, offsets[partition],
+                                     waiting.pop(partition)))
+            offsets[partition] += 1
+    for partition, rest in sorted(waiting.items()):
+        out.append(SourceMessage("interactions", partition, offsets[partition], rest))
+        offsets[partition] += 1
+    return out
+
+
+def worker(s, client) -> LiveState:
+    return LiveState(s, client, list(build_live_models(s, client, writer=True).values()))
+
+
+class Owners:
+    """The relay and the owners' agent, in process: every outbox entry, in offset order,
+    applied by its owner as sent, all owners committed together."""
+
+    def __init__(self, s, client) -> None:
+        self.client, self.keys = client, RedisKeys(s.key_prefix)
+        self.owners = [OwnerPartition(client, s.key_prefix, p, owner_stores(s, client))
+                       for p in range(PARTITIONS)]
+        self.position = 0
+
+    def catch_up(self) -> None:
+        epoch = self.client.get(self.keys.owned_epoch)
+        for partition in range(PARTITIONS):
+            outbox = self.client.hgetall(self.keys.outbox("interactions", partition))
+            for field in sorted(outbox, key=lambda f: int(f.split(b":")[0])):
+                owner = self.owners[int(field.split(b":")[1])]
+                self.position += 1
+                owner.apply_sent([epoch], [outbox[field]], [self.position])
+        commit_owners(self.owners)
+        for partition in range(PARTITIONS):
+            assert not self.client.hlen(self.keys.outbox("interactions", partition))
+
+
+def assert_replay_state(s, client, batch) -> None:
+    events = [e for m in batch for e in m.events]
+    assert applied_events(client, s.key_prefix) == len(events)  # counted once
+    assert_live_equals_replay(client, s.key_prefix, events, s.history_len,
+                              models=("session",), layout="owned")
+    mf = build_live_models(s.model_copy(update={"live_models": "mf"}), client)["mf"]
+    replayed = build("mf")
+    replayed.learn(SignalMapper().map(events))
+    assert set(mf.catalogue()) == set(replayed.catalogue())
+
+
+def test_two_workers_parts_and_the_owners_end_in_the_replays_state(owned_settings, client):
+    s = owned_settings
+    batch = messages(1500)
+    first, second, owners = worker(s, client), worker(s, client), Owners(s, client)
+    assert first.parted and second.parted
+    mine = {0: first, 1: first, 2: second}  # the group's assignment
+    for start in range(0, len(batch), 6):
+        for live in (first, second):
+            chunk = [m for m in batch[start:start + 6] if mine[m.partition] is live]
+            if chunk:
+                live.apply_messages(chunk)
+        if start % 30 == 0:
+            owners.catch_up()
+    owners.catch_up()
+    keys = RedisKeys(s.key_prefix)
+    assert all(client.exists(keys.source_redo("interactions", p)) for p in range(PARTITIONS))
+    assert_replay_state(s, client, batch)
+
+
+def test_a_part_stopped_half_applied_is_completed_by_the_partitions_next_worker(
+        owned_settings, client, monkeypatch):
+    s = owned_settings
+    batch = messages(1200)
+    owners = Owners(s, client)
+    send = state.redis_store.apply_commands
+    calls = []
+
+    def half_then_fail(client_, commands, scripts):
+        calls.append(len(commands))
+        if len(calls) == 7:  # a part's writes outside {wm}: half sent, then the link drops
+            send(client_, commands[:len(commands) // 2], scripts)
+            raise redis.ConnectionError("connection lost mid-commit")
+        send(client_, commands, scripts)
+
+    monkeypatch.setattr(state.redis_store, "apply_commands", half_then_fail)
+    dying = worker(s, client)
+    with pytest.raises(redis.ConnectionError):
+        for start in range(0, len(batch), 6):
+            dying.apply_messages(batch[start:start + 6])
+    monkeypatch.setattr(state.redis_store, "apply_commands", send)
+    assert calls[6] > 2  # it stopped half way through a part's writes
+    owners.catch_up()
+    successor = worker(s, client)  # applies each partition's redo record, then goes on
+    for start in range(0, len(batch), 6):  # Kafka redelivers from the start
+        successor.apply_messages(batch[start:start + 6])
+    owners.catch_up()
+    assert_replay_state(s, client, batch)
