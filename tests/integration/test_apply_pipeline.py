@@ -131,3 +131,27 @@ def test_results_carry_how_old_each_applied_message_is_at_commit(settings, redis
     assert sorted(t for r in results for t in r.produced_at) == [
         m.produced_at for m in batch[4:] if m is not batch[5]]
     assert all(before <= r.committed_at <= after for r in results)  # ages: ~2 s and up
+
+
+def test_a_commit_is_announced_as_soon_as_it_succeeded_before_the_pipeline_settles_it(
+        settings, redis_client):
+    """``on_committed`` comes while no next chunk has come (the owned layout's relay must
+    not wait for one); ``on_applied`` comes when the pipeline settles the commit."""
+    batch = messages(n_events=160)
+    committed, applied_results = [], []
+
+    async def go():
+        pipeline = ApplyPipeline(worker_state(settings, redis_client),
+                                 lambda result, seconds: applied_results.append(result),
+                                 on_committed=committed.append)
+        await pipeline.apply(batch)
+        await pipeline.start_commit()
+        deadline = time.monotonic() + 10
+        while not committed and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        seen_before_settling = (len(committed), len(applied_results))
+        await pipeline.flush()
+        return seen_before_settling
+
+    assert asyncio.run(go()) == (1, 0)
+    assert committed == applied_results and committed[0].applied_events == 160
