@@ -22,7 +22,8 @@ TOTAL = 6000
 
 @pytest.mark.parametrize("kill_after,layout", [(300, "shared"), (3000, "shared"),
                                                (1500, "single"), (2000, "cluster"),
-                                               (700, "owned"), (2500, "owned")])
+                                               (700, "owned"), (2500, "owned"),
+                                               (1800, "owned-cluster")])
 def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, request, spawn,
                                                                kill_after, layout):
     # single: the worker holds model state in memory, so the kill loses it all; the restarted
@@ -30,12 +31,14 @@ def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, request
     # cluster: the same on a 3-primary Redis Cluster, where a kill may also cut a commit
     # between its redo record and its writes to the other nodes.
     # owned: the kill may also fall between a commit and its relay, or between an owner's
-    # apply and its commit (cooc claims rows: left out there)
+    # apply and its commit (cooc claims rows: left out there); owned-cluster: between a
+    # source partition's part's redo record and its writes to the other nodes too
+    writer = {"shared": "shared", "single": "single", "cluster": "single", "owned": "owned",
+              "owned-cluster": "owned"}[layout]
     s = settings.model_copy(update={
-        "live_models": "session" if layout == "owned" else "session,cooc",
-        "worker_batch_max": 20, "state_writer_lease_s": 2.0,
-        "state_writer": layout if layout in ("shared", "owned") else "single"})
-    if layout == "cluster":
+        "live_models": "session" if writer == "owned" else "session,cooc",
+        "worker_batch_max": 20, "state_writer_lease_s": 2.0, "state_writer": writer})
+    if layout.endswith("cluster"):
         s = s.model_copy(update={"redis_url": request.getfixturevalue("redis_cluster").url})
     redis_client = sync_redis(s.redis_url)
     request.addfinalizer(redis_client.close)
@@ -63,7 +66,7 @@ def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, request
     assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
                               models=s.live_model_names, layout=s.state_writer)
     assert redis_client.get(RedisKeys(s.key_prefix).state_layout) == s.state_writer.encode()
-    if layout == "owned":
+    if writer == "owned":
         return
     row = next(redis_client.scan_iter(match=f"{s.key_prefix}:m:cooc:cooc:*", count=1000))
     assert redis_client.type(row) == (b"string" if s.state_writer == "single" else b"zset")
