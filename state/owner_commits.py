@@ -133,12 +133,17 @@ class OwnerPartition:
         """:meth:`apply` of each record, reading what they write in one call per table.
         Their outbox entries are deleted by the next commit; ``positions``: their offsets in
         the item-deltas topic (committed as :attr:`position`)."""
-        outcomes = self.owner.apply_many(records)
-        for record in records:
-            for outbox, field in self._entries(record):
-                self._delivered.setdefault(outbox, set()).add(field)
+        outcomes = self._apply_with_entries(records, [self._entries(r) for r in records])
         if positions:
             self.position = max(self.position, *positions)
+        return outcomes
+
+    def _apply_with_entries(self, records: list[bytes],
+                            entries: list[list[tuple[str, str]]]) -> list[int | None]:
+        outcomes = self.owner.apply_many(records)
+        for found in entries:
+            for outbox, field in found:
+                self._delivered.setdefault(outbox, set()).add(field)
         return outcomes
 
     def _entries(self, record: bytes) -> list[tuple[str, str]]:
@@ -173,7 +178,8 @@ class OwnerPartition:
         present_at = iter(present)
         current = [n for n, epoch in enumerate(epochs)
                    if all([next(present_at) for _ in entries[n]]) and epoch == self.epoch]
-        applied = dict(zip(current, self.apply_many([records[n] for n in current])))
+        applied = dict(zip(current, self._apply_with_entries([records[n] for n in current],
+                                                             [entries[n] for n in current])))
         for n in current:
             for outbox, field in entries[n]:
                 self._sent.setdefault(outbox, set()).add(field)
@@ -251,6 +257,25 @@ def commit_owners(owners: list[OwnerPartition]) -> int:
     for owner, encoded, _ in staged:
         owner._committed_as(encoded)
     return sum(written for _, _, written in staged)
+
+
+def read_outboxes(client, keys: RedisKeys, sources: list[tuple[str, int]]
+                  ) -> tuple[bytes | None, dict[tuple[str, int], list[tuple[int, int, bytes]]]]:
+    """The epoch to send under, and each source partition's outbox entries, oldest first:
+    (offset, owner partition, record); one round trip (the relay's read)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.get(keys.owned_epoch)
+        for topic, partition in sources:
+            pipe.hgetall(keys.outbox(topic, partition))
+        epoch, *outboxes = pipe.execute()
+    entries = {}
+    for source, outbox in zip(sources, outboxes):
+        due = []
+        for field, record in outbox.items():
+            offset, _, owner = field.decode().partition(":")
+            due.append((int(offset), int(owner), record))
+        entries[source] = sorted(due)
+    return epoch, entries
 
 
 def hop_settled(client, keys: RedisKeys, topic: str, partitions: int) -> bool:

@@ -227,9 +227,11 @@ class WriteBatch:
             for script in missing:  # Redis restarted or flushed its scripts
                 self._call(connection, "SCRIPT", "LOAD", script.script)
             self._call(connection, "WATCH", *watch)
-            if self._call(connection, "MGET", *watch) != expect or any(
-                    None in self._call(connection, "HMGET", key, *fields)
-                    for key, fields in (present or {}).items()):
+            checks = [("MGET", *watch), *(("HMGET", key, *fields)
+                                          for key, fields in (present or {}).items())]
+            connection.send_packed_command(connection.pack_commands(checks))  # one round trip
+            values, *fields_found = [connection.read_response() for _ in checks]
+            if values != expect or any(None in found for found in fields_found):
                 self._call(connection, "UNWATCH")
                 return False
             connection.send_packed_command([self.packed()])

@@ -30,11 +30,10 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-import msgspec
 
 from infra.redis_client import sync_redis
 from state.owner_commits import (OwnerFenced, OwnerPartition, commit_owners, owner_stores,
-                                 read_positions)
+                                 read_outboxes, read_positions)
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
@@ -54,7 +53,6 @@ _to_relay: set[tuple[str, int]] = set()  # source partitions whose outbox may ho
 _sent_up_to: dict[tuple[str, int], int] = {}
 _sent_epoch: bytes | None = None  # the epoch those were sent under
 _relay_due = asyncio.Event()
-_decode_entry = msgspec.msgpack.Decoder(dict[int, bytes]).decode
 #: threads of their own: the owners' and the relay's Redis work never waits behind a chunk's
 _owner_thread = ThreadPoolExecutor(1, thread_name_prefix="item-owners")
 _relay_thread = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
@@ -65,25 +63,6 @@ def _redis():
     if _client is None:
         _client = sync_redis(settings.redis_url)
     return _client
-
-
-def read_outboxes(client, keys: RedisKeys, sources: list[tuple[str, int]]
-                  ) -> tuple[bytes | None, dict[tuple[str, int], list[tuple[int, int, bytes]]]]:
-    """The epoch to send under, and each source partition's outbox entries, oldest first:
-    (offset, owner partition, record); one round trip."""
-    with client.pipeline(transaction=False) as pipe:
-        pipe.get(keys.owned_epoch)
-        for topic, partition in sources:
-            pipe.hgetall(keys.outbox(topic, partition))
-        epoch, *outboxes = pipe.execute()
-    entries = {}
-    for source, outbox in zip(sources, outboxes):
-        due = []
-        for field, record in outbox.items():
-            offset, _, owner = field.decode().partition(":")
-            due.append((int(offset), int(owner), record))
-        entries[source] = sorted(due)
-    return epoch, entries
 
 
 def _note_outboxes(result) -> None:

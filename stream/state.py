@@ -39,6 +39,7 @@ each source partition's part commits on its own (:meth:`LiveState._compute_parts
 from __future__ import annotations
 
 import time
+from collections import Counter
 import uuid
 from dataclasses import dataclass, field
 
@@ -451,20 +452,21 @@ class LiveState:
         overwrite or guarded by its seq, so what was applied already stays as it is). Later
         commits are numbered past it and past the clock in ms, so the numbers keep growing
         even if the record was lost (else the guards would skip every write)."""
-        record = self.client.hgetall(self.keys.redo)
-        if record:
-            apply_commands(self.client, _decode_commands(record[b"commands"]), self._scripts)
-        self._committed_seq = max(int(record.get(b"seq", 0)), int(time.time() * 1000))
+        self._committed_seq = self._replay_redo(self.keys.redo)
         self._redo_pending = False
 
     def _apply_source_redo(self, source: tuple[str, int]) -> None:
         """:meth:`_apply_redo` of one source partition's record (the parted commits), before
         this process's first commit of the partition since it last abandoned its state."""
-        record = self.client.hgetall(self.keys.source_redo(*source))
+        self._source_seqs[source] = self._replay_redo(self.keys.source_redo(*source))
+        self._sources_redone.add(source)
+
+    def _replay_redo(self, key: str) -> int:
+        """Apply the redo record at ``key`` again; the seq to number on from."""
+        record = self.client.hgetall(key)
         if record:
             apply_commands(self.client, _decode_commands(record[b"commands"]), self._scripts)
-        self._source_seqs[source] = max(int(record.get(b"seq", 0)), int(time.time() * 1000))
-        self._sources_redone.add(source)
+        return max(int(record.get(b"seq", 0)), int(time.time() * 1000))
 
     def prepare(self, messages: list[SourceMessage]) -> PreparedBatch:
         """Read what the batch needs and compute its state change (recorded, not written)."""
@@ -519,11 +521,8 @@ class LiveState:
                 if tp in expected:
                     expected[tp] = mark
         fresh = [m for m in messages if m.offset > expected[(m.topic, m.partition)]]
-        redelivered: dict[tuple[str, int], int] = {}
-        for m in messages:
-            if m.offset <= expected[(m.topic, m.partition)]:
-                redelivered[(m.topic, m.partition)] = redelivered.get((m.topic, m.partition),
-                                                                      0) + 1
+        redelivered = Counter((m.topic, m.partition) for m in messages
+                              if m.offset <= expected[(m.topic, m.partition)])
         candidates = [e for m in fresh for e in m.events]
         buckets: dict[int, list[str]] = {}
         for e in candidates:
@@ -548,7 +547,7 @@ class LiveState:
         event_partitions = np.repeat(
             np.array([number[(m.topic, m.partition)] for m in fresh], np.int64), kept)
         result = ApplyResult(applied_events=len(events),
-                             redelivered_messages=len(messages) - len(fresh),
+                             redelivered_messages=sum(redelivered.values()),
                              duplicate_events=len(candidates) - len(events),
                              produced_at=[m.produced_at for m in fresh
                                           if m.events and m.produced_at is not None])
@@ -563,6 +562,9 @@ class LiveState:
         """Prepare, second half: the models learn and every write is recorded. Reads Redis
         only for partition-local state not cached (and what was not prefetched)."""
         keys, result, writes = self.keys, prepared.result, prepared.writes
+        for m in prepared.fresh:
+            tp = (m.topic, m.partition)
+            prepared.new_marks[tp] = max(prepared.new_marks.get(tp, -1), m.offset)
         if self.parted:
             self._compute_parts(prepared)
             self._uncommitted.append(prepared)
@@ -570,27 +572,18 @@ class LiveState:
         if self.cluster:  # numbered after the batches still in flight
             prepared.seq = (self._uncommitted[-1].seq if self._uncommitted
                             else self._committed_seq) + 1
-        counts = {"events_applied": len(prepared.events), "batches": int(bool(prepared.events))}
-        for m in prepared.fresh:
-            tp = (m.topic, m.partition)
-            prepared.new_marks[tp] = max(prepared.new_marks.get(tp, -1), m.offset)
         if prepared.events:
-            for source, signals in self._learning_groups(prepared):
-                for model in self.models:
-                    with model.store.deferred(writes):
-                        report = model.learn(signals)
-                    result.changed_item_vectors += report.changed_item_vectors
+            for source, mine in self._learning_groups(prepared):
+                self._learn(writes, prepared.signals if mine is None
+                            else prepared.signals.select(mine), result)
                 if source is not None:
                     self._queue_records(writes, source, prepared.new_marks[source], result)
             self._queue(writes, prepared.events, prepared.signals, prepared.seq)
-            self._queue_seen(writes, {bucket: [i for i in ids if i in prepared.event_ids]
-                                      for bucket, ids in prepared.buckets.items()})
+            self._queue_seen(writes, prepared.buckets, prepared.event_ids)
         for (topic, partition), offset in prepared.new_marks.items():
             writes.set(keys.watermark(topic, partition), offset)
-        counts["dlq_messages"] = sum(1 for m in prepared.fresh if m.invalid_events)
-        counts["dlq_events"] = sum(m.invalid_events for m in prepared.fresh)
-        counts["skipped_redelivered"] = result.redelivered_messages
-        counts["skipped_duplicates"] = result.duplicate_events
+        counts = self._counts(prepared.fresh, len(prepared.events),
+                              result.redelivered_messages)
         if any(counts.values()):
             self._count(writes, counts, prepared.seq)
         if self.lease is not None:
@@ -600,12 +593,32 @@ class LiveState:
         self._uncommitted.append(prepared)
         return prepared
 
-    def _queue_seen(self, writes: WriteBatch, buckets: dict[int, list[str]]) -> None:
-        """Add applied events' ids to their dedup buckets' seen-sets."""
+    def _learn(self, writes: WriteBatch, signals: SignalBatch, result: ApplyResult) -> None:
+        """Every model learns ``signals``, its writes recorded into ``writes``."""
+        for model in self.models:
+            with model.store.deferred(writes):
+                report = model.learn(signals)
+            result.changed_item_vectors += report.changed_item_vectors
+
+    def _queue_seen(self, writes: WriteBatch, buckets: dict[int, list[str]],
+                    applied: set[str]) -> None:
+        """Add the ids of ``buckets`` that were ``applied`` to their dedup buckets'
+        seen-sets."""
         for bucket, ids in buckets.items():
-            if ids:
-                writes.sadd(self.keys.seen_events(bucket), *ids)
+            new_ids = [i for i in ids if i in applied]
+            if new_ids:
+                writes.sadd(self.keys.seen_events(bucket), *new_ids)
                 writes.expire(self.keys.seen_events(bucket), 2 * self.settings.dedup_ttl_s)
+
+    @staticmethod
+    def _counts(fresh: list[SourceMessage], applied: int, redelivered: int) -> dict[str, int]:
+        """The counters a batch (or a part of one) adds: its fresh messages, the events it
+        applied of theirs, the messages it skipped as redelivered."""
+        return {"events_applied": applied, "batches": int(bool(applied)),
+                "dlq_messages": sum(1 for m in fresh if m.invalid_events),
+                "dlq_events": sum(m.invalid_events for m in fresh),
+                "skipped_redelivered": redelivered,
+                "skipped_duplicates": sum(len(m.events) for m in fresh) - applied}
 
     def _compute_parts(self, prepared: PreparedBatch) -> None:
         """:meth:`compute` of the owned layout on a Redis Cluster: each source partition's
@@ -614,63 +627,45 @@ class LiveState:
         by that partition's seq (docs/item-ownership.md). A batch's parts commit in turn;
         one that finds its watermark moved voids the batch, and the parts already committed
         are then skipped as redelivered."""
-        s, result = self.settings, prepared.result
-        counts: dict[tuple[str, int], dict[str, int]] = {}
-
-        def count(source):
-            return counts.setdefault(source, dict.fromkeys(
-                ("events_applied", "batches", "dlq_messages", "dlq_events",
-                 "skipped_redelivered", "skipped_duplicates"), 0))
-
-        for m in prepared.fresh:
-            source = (m.topic, m.partition)
-            prepared.new_marks[source] = max(prepared.new_marks.get(source, -1), m.offset)
-            count(source)["dlq_messages"] += bool(m.invalid_events)
-            count(source)["dlq_events"] += m.invalid_events
-            count(source)["skipped_duplicates"] += len(m.events)  # less those applied
-        for source, messages in prepared.redelivered.items():
-            count(source)["skipped_redelivered"] += messages
-        for source in counts:
+        result = prepared.result
+        groups = dict(self._learning_groups(prepared)) if prepared.events else {}
+        for source in dict.fromkeys([*prepared.new_marks, *prepared.redelivered]):
             writes = WriteBatch()
             seq = self._source_seqs[source] = self._source_seqs[source] + 1
-            here = (prepared.event_partitions == prepared.partitions.index(source)
-                    if prepared.events and source in prepared.new_marks else None)
-            if here is not None and here.any():
-                signals = (prepared.signals if here.all() else prepared.signals.select(here))
-                events = [e for e, mine in zip(prepared.events, here.tolist()) if mine]
-                for model in self.models:
-                    with model.store.deferred(writes):
-                        report = model.learn(signals)
-                    result.changed_item_vectors += report.changed_item_vectors
+            events: list[Interaction] = []
+            if source in groups:
+                mine = groups[source]
+                signals = prepared.signals if mine is None else prepared.signals.select(mine)
+                events = (prepared.events if mine is None else
+                          [e for e, here in zip(prepared.events, mine.tolist()) if here])
+                self._learn(writes, signals, result)
                 self._queue_records(writes, source, prepared.new_marks[source], result)
                 self._queue(writes, events, signals, seq, source)
-                buckets: dict[int, list[str]] = {}
-                for e in events:
-                    buckets.setdefault(int(e.timestamp // s.dedup_ttl_s), []).append(e.event_id)
-                self._queue_seen(writes, buckets)
-                count(source).update(events_applied=len(events), batches=1)
-                count(source)["skipped_duplicates"] -= len(events)
+                self._queue_seen(writes, prepared.buckets, {e.event_id for e in events})
             if source in prepared.new_marks:
                 writes.set(self.keys.watermark(*source), prepared.new_marks[source])
-            if any(counts[source].values()):
-                self._count(writes, counts[source], seq, source)
+            counts = self._counts([m for m in prepared.fresh
+                                   if (m.topic, m.partition) == source], len(events),
+                                  prepared.redelivered.get(source, 0))
+            if any(counts.values()):
+                self._count(writes, counts, seq, source)
             prepared.parts.append((source, writes, seq))
 
     def _learning_groups(self, prepared: PreparedBatch):
-        """(source partition, its events' signals) to learn in turn: the owned layout learns
-        each source partition's events apart (in stream order), so that each part's item
-        deltas carry that partition's offsets; other layouts learn the batch at once
-        (source None)."""
+        """(source partition, the mask of its events, None: all) to learn in turn: the owned
+        layout learns each source partition's events apart (in stream order), so that each
+        part's item deltas carry that partition's offsets; other layouts learn the batch at
+        once (source None)."""
         if self.deltas is None:
-            yield None, prepared.signals
+            yield None, None
             return
         if len(prepared.partitions) == 1:
-            yield prepared.partitions[0], prepared.signals
+            yield prepared.partitions[0], None
             return
         for number, source in enumerate(prepared.partitions):
             mask = prepared.event_partitions == number
             if mask.any():
-                yield source, prepared.signals.select(mask)
+                yield source, mask
 
     def _queue_records(self, writes: WriteBatch, source: tuple[str, int], offset: int,
                        result: ApplyResult) -> None:

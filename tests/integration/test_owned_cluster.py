@@ -12,7 +12,8 @@ from infra.redis_client import sync_redis
 from online_models.registry import build
 from online_models.signals import SignalMapper
 from schemas.keys import RedisKeys
-from state.owner_commits import OwnerPartition, commit_owners, owner_stores
+from state.owner_commits import OwnerPartition, commit_owners, owner_stores, read_outboxes
+from state.ownership import owner_partition
 from state.redis_store import build_live_models
 from stream.state import LiveState
 from stream.simulator import UserSimulator
@@ -47,7 +48,7 @@ def messages(n_events: int, per_message: int = 40) -> list[SourceMessage]:
     waiting: dict[int, list] = {}
     offsets = [0] * PARTITIONS
     for event in events:
-        partition = sum(event.user_id.encode()) % PARTITIONS
+        partition = owner_partition(event.user_id, PARTITIONS)  # as Kafka places the key
         waiting.setdefault(partition, []).append(event)
         if len(waiting[partition]) == per_message:
             out.append(SourceMessage("interactions", partition, offsets[partition],
@@ -74,13 +75,12 @@ class Owners:
         self.position = 0
 
     def catch_up(self) -> None:
-        epoch = self.client.get(self.keys.owned_epoch)
-        for partition in range(PARTITIONS):
-            outbox = self.client.hgetall(self.keys.outbox("interactions", partition))
-            for field in sorted(outbox, key=lambda f: int(f.split(b":")[0])):
-                owner = self.owners[int(field.split(b":")[1])]
+        epoch, outboxes = read_outboxes(self.client, self.keys, [("interactions", p)
+                                                                 for p in range(PARTITIONS)])
+        for entries in outboxes.values():
+            for _, owner, record in entries:
                 self.position += 1
-                owner.apply_sent([epoch], [outbox[field]], [self.position])
+                self.owners[owner].apply_sent([epoch], [record], [self.position])
         commit_owners(self.owners)
         for partition in range(PARTITIONS):
             assert not self.client.hlen(self.keys.outbox("interactions", partition))
