@@ -248,12 +248,39 @@ class DeltaRecorder(StateStore):
     def __init__(self, local: StateStore, shared: StateStore, deltas: ChunkDeltas,
                  namespace: str) -> None:
         self.local, self.shared, self.deltas, self.namespace = local, shared, deltas, namespace
+        self._prefetched: dict[str, list[str]] = {}  # table → the keys the batch prefetched
+        #: within :meth:`shared_reads`: table → key → (vector, found) read in the scope
+        self._read: dict[str, dict[str, tuple[np.ndarray, bool]]] | None = None
 
     def get_rows(self, table, keys):
         return self.shared.get_rows(table, keys)
 
     def get_vectors(self, table, keys, dim):
-        return self.shared.get_vectors(table, keys, dim)
+        if self._read is None:
+            return self.shared.get_vectors(table, keys, dim)
+        held = self._read.setdefault(table, {})
+        missing = list(dict.fromkeys(
+            k for k in [*self._prefetched.pop(table, ()), *keys] if k not in held))
+        if missing:  # the prefetched ones (all, at the table's first read) and any others
+            vectors, found = self.shared.get_vectors(table, missing, dim)
+            held.update(zip(missing, zip(vectors, found.tolist())))
+        out, found = np.zeros((len(keys), dim), np.float32), np.zeros(len(keys), bool)
+        for n, key in enumerate(keys):
+            out[n], found[n] = held[key]
+        return out, found
+
+    @contextmanager
+    def shared_reads(self):
+        """Within, shared vectors are read once: the learning groups of a batch (a worker
+        learns each source partition's events apart) share what the batch prefetched. Its
+        own item-side writes are deltas for the owners, so nothing read here goes stale
+        within the scope."""
+        self._read = {}
+        try:
+            yield self
+        finally:
+            self._read = None
+            self._prefetched.clear()
 
     def incr_rows(self, table, deltas, keep_top=None):
         self.incr_flat_rows(table, FlatRows.from_dicts(deltas), keep_top)
@@ -303,6 +330,7 @@ class DeltaRecorder(StateStore):
 
     def prefetch_vectors(self, table, keys):
         self.shared.prefetch_vectors(table, keys)
+        self._prefetched[table] = list(keys)
 
     @contextmanager
     def deferred(self, pipe):
@@ -315,6 +343,7 @@ class DeltaRecorder(StateStore):
         self.local.forget_cached()
         self.shared.forget_cached()
         self.deltas.clear()
+        self._prefetched.clear()
 
 
 class OwnedLayout:

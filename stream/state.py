@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from contextlib import ExitStack
 import uuid
 from dataclasses import dataclass, field
 
@@ -573,11 +574,12 @@ class LiveState:
             prepared.seq = (self._uncommitted[-1].seq if self._uncommitted
                             else self._committed_seq) + 1
         if prepared.events:
-            for source, mine in self._learning_groups(prepared):
-                self._learn(writes, prepared.signals if mine is None
-                            else prepared.signals.select(mine), result)
-                if source is not None:
-                    self._queue_records(writes, source, prepared.new_marks[source], result)
+            with self._batch_reads():
+                for source, mine in self._learning_groups(prepared):
+                    self._learn(writes, prepared.signals if mine is None
+                                else prepared.signals.select(mine), result)
+                    if source is not None:
+                        self._queue_records(writes, source, prepared.new_marks[source], result)
             self._queue(writes, prepared.events, prepared.signals, prepared.seq)
             self._queue_seen(writes, prepared.buckets, prepared.event_ids)
         for (topic, partition), offset in prepared.new_marks.items():
@@ -629,27 +631,36 @@ class LiveState:
         are then skipped as redelivered."""
         result = prepared.result
         groups = dict(self._learning_groups(prepared)) if prepared.events else {}
-        for source in dict.fromkeys([*prepared.new_marks, *prepared.redelivered]):
-            writes = WriteBatch()
-            seq = self._source_seqs[source] = self._source_seqs[source] + 1
-            events: list[Interaction] = []
-            if source in groups:
-                mine = groups[source]
-                signals = prepared.signals if mine is None else prepared.signals.select(mine)
-                events = (prepared.events if mine is None else
-                          [e for e, here in zip(prepared.events, mine.tolist()) if here])
-                self._learn(writes, signals, result)
-                self._queue_records(writes, source, prepared.new_marks[source], result)
-                self._queue(writes, events, signals, seq, source)
-                self._queue_seen(writes, prepared.buckets, {e.event_id for e in events})
-            if source in prepared.new_marks:
-                writes.set(self.keys.watermark(*source), prepared.new_marks[source])
-            counts = self._counts([m for m in prepared.fresh
-                                   if (m.topic, m.partition) == source], len(events),
-                                  prepared.redelivered.get(source, 0))
-            if any(counts.values()):
-                self._count(writes, counts, seq, source)
-            prepared.parts.append((source, writes, seq))
+        with self._batch_reads():
+            for source in dict.fromkeys([*prepared.new_marks, *prepared.redelivered]):
+                writes = WriteBatch()
+                seq = self._source_seqs[source] = self._source_seqs[source] + 1
+                events: list[Interaction] = []
+                if source in groups:
+                    mine = groups[source]
+                    signals = prepared.signals if mine is None else prepared.signals.select(mine)
+                    events = (prepared.events if mine is None else
+                              [e for e, here in zip(prepared.events, mine.tolist()) if here])
+                    self._learn(writes, signals, result)
+                    self._queue_records(writes, source, prepared.new_marks[source], result)
+                    self._queue(writes, events, signals, seq, source)
+                    self._queue_seen(writes, prepared.buckets, {e.event_id for e in events})
+                if source in prepared.new_marks:
+                    writes.set(self.keys.watermark(*source), prepared.new_marks[source])
+                counts = self._counts([m for m in prepared.fresh
+                                       if (m.topic, m.partition) == source], len(events),
+                                      prepared.redelivered.get(source, 0))
+                if any(counts.values()):
+                    self._count(writes, counts, seq, source)
+                prepared.parts.append((source, writes, seq))
+
+    def _batch_reads(self) -> ExitStack:
+        """The owned layout learns a batch's source partitions apart: within this scope,
+        their models share the batch's reads of shared item state (each read once)."""
+        scope = ExitStack()
+        for model in self.models if self.deltas is not None else ():
+            scope.enter_context(model.store.shared_reads())
+        return scope
 
     def _learning_groups(self, prepared: PreparedBatch):
         """(source partition, the mask of its events, None: all) to learn in turn: the owned

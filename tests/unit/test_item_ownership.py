@@ -116,3 +116,43 @@ def test_an_owner_applies_each_record_once_across_re_sends_and_its_own_restart()
     assert outcomes == [None, 1, 1, 1]
     assert got.rows["df"] == once.rows["df"]
     assert owner.applied == {"interactions:0": 30, "interactions:1": 30}
+
+
+class _CountedReads(MemoryStore):
+    """A shared store that counts its vector reads (each one a round trip to Redis live)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vector_reads: list[list[str]] = []
+
+    def get_vectors(self, table, keys, dim):
+        self.vector_reads.append(list(keys))
+        return super().get_vectors(table, keys, dim)
+
+
+def test_a_batch_learnt_per_source_partition_reads_each_shared_vector_once():
+    """A worker learns each source partition's events of a batch apart; within the batch's
+    shared_reads scope they share what the batch prefetched: one read of the item vectors,
+    and learning ends as it does with a read per group."""
+    [signals] = _chunks(4, events=600, chunk=600)
+    halves = [signals.select(np.arange(len(signals)) % 2 == side) for side in (0, 1)]
+    ends = []
+    for scoped in (False, True):
+        shared = _CountedReads()
+        shared.set_vectors("item", ["i0"], np.ones((1, 32), np.float32))  # one stored
+        deltas = ChunkDeltas(PARTITIONS)
+        model = build("mf").bind(DeltaRecorder(MemoryStore(), shared, deltas, "mf"))
+        model.prefetch(signals)
+        if scoped:
+            with model.store.shared_reads():
+                for half in halves:
+                    model.learn(half)
+        else:
+            for half in halves:
+                model.learn(half)
+        ends.append((deltas.take_records({"events:0": 1}), shared.vector_reads))
+    (unscoped_records, unscoped_reads), (scoped_records, scoped_reads) = ends
+    assert len(unscoped_reads) == 2  # a read per group without the scope
+    assert len(scoped_reads) == 1  # the batch's prefetch, read once for both groups
+    assert set(scoped_reads[0]) == set(signals.items.tolist())
+    assert scoped_records == unscoped_records  # the same deltas, bit for bit
