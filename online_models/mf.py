@@ -25,6 +25,8 @@ Users without a vector (anonymous sessions) are folded in from their session's i
 from __future__ import annotations
 
 import hashlib
+from functools import partial
+from typing import Callable
 
 import numpy as np
 
@@ -33,6 +35,9 @@ from online_models.base import (LearnReport, OnlineModel, Query, Recommendations
 from online_models.kernels import mf_epochs
 from online_models.signals import SignalBatch
 from online_models.store import _trim_order
+
+#: items → (their vectors, found mask), as :meth:`StateStore.get_vectors` returns them
+ItemVectors = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 
 
 def seeded_vectors(ids: list[str], dim: int, scale: float, salt: str) -> np.ndarray:
@@ -123,15 +128,20 @@ class OnlineMF(OnlineModel):
         self.store.add_vectors("item", items, item_vecs - item_start, item_start)
         return LearnReport(events=len(batch), changed_item_vectors=items)
 
-    def query_vectors(self, queries: list[Query]) -> np.ndarray:
+    def query_vectors(self, queries: list[Query], item_vectors: ItemVectors | None = None
+                      ) -> np.ndarray:
         """One vector per query: the user's factors plus the mean of the session items' factors
-        (fold-in: the session says what the user wants now); zero when neither is known."""
+        (fold-in: the session says what the user wants now); zero when neither is known.
+        ``item_vectors``: where the session items' factors come from (serving passes its
+        item-vector index, which holds them already); by default, this store."""
         users = sorted({q.user_id for q in queries})
         session_items = sorted({i for q in queries for i in q.session_items})
-        self.store.prefetch_vector_tables({"user": users, "item": session_items})
+        if item_vectors is None:
+            self.store.prefetch_vector_tables({"user": users, "item": session_items})
+            item_vectors = partial(self.store.get_vectors, "item", dim=self.factors)
         user_vecs, found = self.store.get_vectors("user", users, self.factors)
         user_row = {u: r for r, u in enumerate(users)}
-        s_vecs, s_found = self.store.get_vectors("item", session_items, self.factors)
+        s_vecs, s_found = item_vectors(session_items)
         s_row = {i: r for r, i in enumerate(session_items)}
         query_vecs = np.zeros((len(queries), self.factors), np.float32)
         for row, q in enumerate(queries):

@@ -29,7 +29,7 @@ from infra.redis_client import TRANSIENT_REDIS_ERRORS, SkippedWrites, note_redis
 from infra.settings import Settings
 from online_models.registry import build
 from online_models.store import RowCache
-from state.redis_store import build_live_models
+from state.redis_store import RedisStore, build_live_models
 from online_models.trending import decayed
 from schemas import impressions
 from schemas.feeds import Feed
@@ -286,21 +286,30 @@ class FeedBuilder:
         now = float(now)
         return {i: max(now - t, 0.0) for i, t in zip(items, first) if t is not None}
 
-    def histories(self, user_ids: list[str]) -> list[tuple[str, ...]]:
-        """Each user's recent items, oldest first."""
+    def histories(self, user_ids: list[str], user_vectors: bool = False
+                  ) -> list[tuple[str, ...]]:
+        """Each user's recent items, oldest first. ``user_vectors``: MF's user vectors are
+        read in the same round trip, for a pass's query vectors (where the pipeline folds
+        them in: MF and its index live)."""
+        mf = self.recommender.mf
         with self.client.pipeline(transaction=False) as pipe:
             for user in user_ids:
                 pipe.lrange(self.keys.user_history(user), 0, -1)
+            take = (mf.store.prefetch_vectors_on(pipe, "user", sorted(set(user_ids)))
+                    if user_vectors and self.recommender.ann is not None
+                    and isinstance(getattr(mf, "store", None), RedisStore) else None)
             raw = pipe.execute()
-        return [tuple(item.decode() for item in reversed(h)) for h in raw]
+        if take is not None:
+            take(raw[len(user_ids):])
+        return [tuple(item.decode() for item in reversed(h)) for h in raw[:len(user_ids)]]
 
     def compute(self, user_ids: list[str], k: int | None = None,
                 exclude: frozenset[str] = frozenset(), source: str = "feed_builder",
                 pins: tuple[tuple[int, str], ...] = ()) -> list[Feed]:
         """Feeds for these users through the serving pipeline, not written anywhere."""
         k = k or self.settings.feed_size
-        requests = [Request(user, history, k, exclude, pins)
-                    for user, history in zip(user_ids, self.histories(user_ids))]
+        requests = [Request(user, history, k, exclude, pins) for user, history in zip(
+            user_ids, self.histories(user_ids, user_vectors=True))]
         return self.recommender.recommend(requests, source)
 
     def similar_items(self, item_id: str, k: int) -> list[dict]:

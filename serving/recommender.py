@@ -133,7 +133,8 @@ class Recommender:
         if self.cooc is not None:
             self._cooc_candidates(out, queries, n)
         if self.mf is not None and self.ann is not None:
-            vectors = self.mf.query_vectors(queries)
+            # the session items' vectors from the index, which holds them: no read for them
+            vectors = self.mf.query_vectors(queries, item_vectors=self.ann.vectors)
             for row, vec, b in zip(out, vectors, blocked):
                 if vec.any():
                     items, scores = self.ann.search(vec, n, exclude=b)

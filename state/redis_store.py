@@ -13,7 +13,7 @@ import threading
 import zlib
 from contextlib import contextmanager
 from itertools import chain, islice
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import msgspec
 import numpy as np
@@ -588,6 +588,18 @@ class RedisStore(StateStore):
                                              for name in self.keys(table, keys)]))
         for table, keys in reads.items():
             self._prefetched[table] = dict(zip(keys, islice(values, len(keys))))
+
+    def prefetch_vectors_on(self, pipe, table: str, keys) -> Callable[[list], None]:
+        """:meth:`prefetch_vectors` riding on ``pipe``, a pipeline that reads other things
+        too (one round trip for all): queues a GET per key; call the function returned with
+        the pipeline's replies to those GETs."""
+        keys = list(keys)
+        for name in self.keys(table, keys):
+            pipe.get(name)
+
+        def take(values: list) -> None:
+            self._prefetched[table] = dict(zip(keys, values))
+        return take
 
     def get_vectors(self, table, keys, dim):
         prefetched = self._prefetched.pop(table, None)
