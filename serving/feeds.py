@@ -29,7 +29,7 @@ from infra.redis_client import TRANSIENT_REDIS_ERRORS, SkippedWrites, note_redis
 from infra.settings import Settings
 from online_models.registry import build
 from online_models.store import RowCache
-from state.redis_store import RedisStore, build_live_models
+from state.redis_store import build_live_models
 from online_models.trending import decayed
 from schemas import impressions
 from schemas.feeds import Feed
@@ -295,9 +295,9 @@ class FeedBuilder:
         with self.client.pipeline(transaction=False) as pipe:
             for user in user_ids:
                 pipe.lrange(self.keys.user_history(user), 0, -1)
-            take = (mf.store.prefetch_vectors_on(pipe, "user", sorted(set(user_ids)))
-                    if user_vectors and self.recommender.ann is not None
-                    and isinstance(getattr(mf, "store", None), RedisStore) else None)
+            take = (mf.store.prefetch_vectors_on(pipe, "user", user_ids)
+                    if user_vectors and mf is not None and self.recommender.ann is not None
+                    else None)
             raw = pipe.execute()
         if take is not None:
             take(raw[len(user_ids):])

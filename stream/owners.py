@@ -30,7 +30,6 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-
 from infra.redis_client import sync_redis
 from state.owner_commits import (OwnerFenced, OwnerPartition, commit_owners, owner_stores,
                                  read_outboxes, read_positions)

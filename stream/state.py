@@ -39,9 +39,9 @@ each source partition's part commits on its own (:meth:`LiveState._compute_parts
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 from contextlib import ExitStack
-import uuid
 from dataclasses import dataclass, field
 
 import msgspec
@@ -280,7 +280,6 @@ class PreparedBatch:
     fresh: list[SourceMessage]  # messages above their watermark
     events: list[Interaction]  # their events, duplicates dropped
     signals: SignalBatch | None
-    buckets: dict[int, list[str]]  # dedup bucket -> the fresh messages' event ids
     event_ids: set[str]  # the events it applies (in-flight duplicates of later batches)
     result: ApplyResult
     writes: WriteBatch = field(default_factory=WriteBatch)
@@ -525,10 +524,7 @@ class LiveState:
         redelivered = Counter((m.topic, m.partition) for m in messages
                               if m.offset <= expected[(m.topic, m.partition)])
         candidates = [e for m in fresh for e in m.events]
-        buckets: dict[int, list[str]] = {}
-        for e in candidates:
-            buckets.setdefault(int(e.timestamp // self.settings.dedup_ttl_s), []) \
-                .append(e.event_id)
+        buckets = self._buckets(candidates)
         if buckets:
             with self.client.pipeline(transaction=False) as pipe:
                 for bucket, ids in buckets.items():
@@ -555,7 +551,7 @@ class LiveState:
         signals = self.mapper.map(events) if events else None
         for model in self.models if signals is not None else ():
             model.prefetch(signals)
-        return PreparedBatch(expected, fresh, events, signals, buckets, batch_ids, result,
+        return PreparedBatch(expected, fresh, events, signals, batch_ids, result,
                              partitions=fresh_partitions, event_partitions=event_partitions,
                              redelivered=redelivered)
 
@@ -575,13 +571,12 @@ class LiveState:
                             else self._committed_seq) + 1
         if prepared.events:
             with self._batch_reads():
-                for source, mine in self._learning_groups(prepared):
-                    self._learn(writes, prepared.signals if mine is None
-                                else prepared.signals.select(mine), result)
+                for source, _, signals in self._learning_groups(prepared):
+                    self._learn(writes, signals, result)
                     if source is not None:
                         self._queue_records(writes, source, prepared.new_marks[source], result)
             self._queue(writes, prepared.events, prepared.signals, prepared.seq)
-            self._queue_seen(writes, prepared.buckets, prepared.event_ids)
+            self._queue_seen(writes, prepared.events)
         for (topic, partition), offset in prepared.new_marks.items():
             writes.set(keys.watermark(topic, partition), offset)
         counts = self._counts(prepared.fresh, len(prepared.events),
@@ -602,15 +597,19 @@ class LiveState:
                 report = model.learn(signals)
             result.changed_item_vectors += report.changed_item_vectors
 
-    def _queue_seen(self, writes: WriteBatch, buckets: dict[int, list[str]],
-                    applied: set[str]) -> None:
-        """Add the ids of ``buckets`` that were ``applied`` to their dedup buckets'
-        seen-sets."""
-        for bucket, ids in buckets.items():
-            new_ids = [i for i in ids if i in applied]
-            if new_ids:
-                writes.sadd(self.keys.seen_events(bucket), *new_ids)
-                writes.expire(self.keys.seen_events(bucket), 2 * self.settings.dedup_ttl_s)
+    def _buckets(self, events: list[Interaction]) -> dict[int, list[str]]:
+        """Dedup bucket → the ids of ``events`` in it."""
+        buckets: dict[int, list[str]] = {}
+        for e in events:
+            buckets.setdefault(int(e.timestamp // self.settings.dedup_ttl_s), []) \
+                .append(e.event_id)
+        return buckets
+
+    def _queue_seen(self, writes: WriteBatch, applied: list[Interaction]) -> None:
+        """Add the ``applied`` events' ids to their dedup buckets' seen-sets."""
+        for bucket, ids in self._buckets(applied).items():
+            writes.sadd(self.keys.seen_events(bucket), *ids)
+            writes.expire(self.keys.seen_events(bucket), 2 * self.settings.dedup_ttl_s)
 
     @staticmethod
     def _counts(fresh: list[SourceMessage], applied: int, redelivered: int) -> dict[str, int]:
@@ -630,21 +629,21 @@ class LiveState:
         one that finds its watermark moved voids the batch, and the parts already committed
         are then skipped as redelivered."""
         result = prepared.result
-        groups = dict(self._learning_groups(prepared)) if prepared.events else {}
+        groups = {source: (mine, signals) for source, mine, signals
+                  in (self._learning_groups(prepared) if prepared.events else ())}
         with self._batch_reads():
             for source in dict.fromkeys([*prepared.new_marks, *prepared.redelivered]):
                 writes = WriteBatch()
                 seq = self._source_seqs[source] = self._source_seqs[source] + 1
                 events: list[Interaction] = []
                 if source in groups:
-                    mine = groups[source]
-                    signals = prepared.signals if mine is None else prepared.signals.select(mine)
+                    mine, signals = groups[source]
                     events = (prepared.events if mine is None else
                               [e for e, here in zip(prepared.events, mine.tolist()) if here])
                     self._learn(writes, signals, result)
                     self._queue_records(writes, source, prepared.new_marks[source], result)
                     self._queue(writes, events, signals, seq, source)
-                    self._queue_seen(writes, prepared.buckets, {e.event_id for e in events})
+                    self._queue_seen(writes, events)
                 if source in prepared.new_marks:
                     writes.set(self.keys.watermark(*source), prepared.new_marks[source])
                 counts = self._counts([m for m in prepared.fresh
@@ -663,20 +662,20 @@ class LiveState:
         return scope
 
     def _learning_groups(self, prepared: PreparedBatch):
-        """(source partition, the mask of its events, None: all) to learn in turn: the owned
-        layout learns each source partition's events apart (in stream order), so that each
-        part's item deltas carry that partition's offsets; other layouts learn the batch at
-        once (source None)."""
+        """(source partition, the mask of its events (None: all), their signals) to learn in
+        turn: the owned layout learns each source partition's events apart (in stream order),
+        so that each part's item deltas carry that partition's offsets; other layouts learn
+        the batch at once (source None)."""
         if self.deltas is None:
-            yield None, None
+            yield None, None, prepared.signals
             return
         if len(prepared.partitions) == 1:
-            yield prepared.partitions[0], None
+            yield prepared.partitions[0], None, prepared.signals
             return
         for number, source in enumerate(prepared.partitions):
             mask = prepared.event_partitions == number
             if mask.any():
-                yield source, mask
+                yield source, mask, prepared.signals.select(mask)
 
     def _queue_records(self, writes: WriteBatch, source: tuple[str, int], offset: int,
                        result: ApplyResult) -> None:
