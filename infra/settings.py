@@ -162,6 +162,11 @@ class Settings(BaseSettings):
         "partition's worker, item-side state by the item's owner partition "
         "(docs/item-ownership.md; one Redis server or a Redis Cluster). Serving must run with "
         "the same value. Switching needs empty model state (docs/reliability.md).")
+    owned_local_handoff: bool = Field(
+        True, description="owned: item-delta records whose owner partition this worker holds "
+        "are applied in this process as soon as their chunk commits (read from the outbox, as "
+        "the relay reads them) instead of going through the item-deltas topic; records for "
+        "other workers' owner partitions still go through Kafka (docs/item-ownership.md).")
     state_writer_lease_s: float = Field(10.0, ge=1, description="single: how long the writer's "
                                         "lease lasts unrenewed (a restarted worker waits at "
                                         "most this long for its predecessor's).")

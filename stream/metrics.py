@@ -48,6 +48,9 @@ CHUNKS_REDONE = Gauge("streamrec_chunks_redone",
 ITEM_DELTAS_RELAYED = Counter("streamrec_item_delta_records_relayed_total",
                               "Owned layout: item-delta records sent from the outboxes to the "
                               "item-deltas topic")
+ITEM_DELTAS_HANDED = Counter("streamrec_item_delta_records_handed_locally_total",
+                             "Owned layout: item-delta records applied straight from the "
+                             "outboxes by this worker's own owner partitions (no Kafka hop)")
 ITEM_DELTA_OPERATIONS = Counter("streamrec_item_delta_operations_applied_total",
                                 "Owned layout: operations of item-delta records applied by this "
                                 "worker's owner partitions (re-sent records not counted)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 from infra.redis_client import sync_redis
@@ -36,8 +37,9 @@ from state.owner_commits import (OwnerFenced, OwnerPartition, commit_owners, own
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
-from stream.ingest import (assigned_partitions, committed_listeners, consume_batches,
-                           message_bytes, seek_to_positions, send_to_partitions)
+from stream.ingest import (EXIT_ON_BUG, assigned_partitions, committed_listeners,
+                           consume_batches, message_bytes, seek_to_positions,
+                           send_to_partitions)
 from stream.pipeline import run_retrying
 
 log = logging.getLogger("streamrec.owners")
@@ -52,6 +54,8 @@ _to_relay: set[tuple[str, int]] = set()  # source partitions whose outbox may ho
 _sent_up_to: dict[tuple[str, int], int] = {}
 _sent_epoch: bytes | None = None  # the epoch those were sent under
 _relay_due = asyncio.Event()
+#: item partition → its records' epochs, the records and their item-deltas offsets
+Batch = dict[int, tuple[list[bytes | None], list[bytes], list[int]]]
 #: threads of their own: the owners' and the relay's Redis work never waits behind a chunk's
 _owner_thread = ThreadPoolExecutor(1, thread_name_prefix="item-owners")
 _relay_thread = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
@@ -73,7 +77,9 @@ def _note_outboxes(result) -> None:
 @app.task
 async def relay_outboxes() -> None:
     """Send the outboxes' entries to the item-deltas topic (module doc), for ever: the
-    waiting source partitions' entries at once, each partition's in offset order."""
+    waiting source partitions' entries at once, each partition's in offset order. Entries
+    for an owner partition this worker holds are applied here instead (the local hand-off),
+    concurrently with the sends."""
     global _sent_epoch
     topic = item_deltas_topic.get_topic_name()
     while True:
@@ -86,25 +92,69 @@ async def relay_outboxes() -> None:
         if epoch != _sent_epoch:  # what was sent before is dropped: send it all again
             _sent_up_to.clear()
             _sent_epoch = epoch
+        held = _held_owner_partitions() if settings.owned_local_handoff else set()
         by_owner: dict[int, list[tuple[bytes | None, bytes]]] = {}
+        local: Batch = {}
         sent: dict[tuple[str, int], int] = {}
         for source, entries in outboxes.items():
             for offset, owner, record in entries:
-                if offset > _sent_up_to.get(source, -1):
+                if owner in held:  # every entry still there: its owner drops those applied
+                    epochs, records, _ = local.setdefault(owner, ([], [], []))
+                    epochs.append(epoch)
+                    records.append(record)
+                elif offset > _sent_up_to.get(source, -1):
                     by_owner.setdefault(owner, []).append((epoch, record))
                     sent[source] = offset
-        if not by_owner:
+        if not by_owner and not local:
             continue
-        try:
-            await asyncio.gather(*await send_to_partitions(topic, by_owner))
-        except Exception as exc:  # noqa: BLE001 - the broker: the entries stay; again soon
-            log.warning("relaying item deltas failed (%r); retrying", exc)
+        handed, relayed = await asyncio.gather(_apply_locally(local), _send(topic, by_owner))
+        if relayed:
+            _sent_up_to.update(sent)
+        if not (handed and relayed):  # the entries stay in their outboxes: again soon
             _to_relay.update(waiting)
             await asyncio.sleep(0.5)
             _relay_due.set()
-            continue
-        _sent_up_to.update(sent)
-        metrics.ITEM_DELTAS_RELAYED.inc(sum(len(rows) for rows in by_owner.values()))
+
+
+def _held_owner_partitions() -> set[int]:
+    """The item-deltas partitions (owner partitions) assigned to this worker now."""
+    return {tp.partition for tp in app.consumer.assignment()
+            if tp.topic == settings.topic_item_deltas}
+
+
+async def _send(topic: str, by_owner: dict[int, list[tuple[bytes | None, bytes]]]) -> bool:
+    """Produce the records to their owner partitions; False where the broker failed."""
+    if not by_owner:
+        return True
+    try:
+        await asyncio.gather(*await send_to_partitions(topic, by_owner))
+    except Exception as exc:  # noqa: BLE001 - the broker: the entries stay; again soon
+        log.warning("relaying item deltas failed (%r); retrying", exc)
+        return False
+    metrics.ITEM_DELTAS_RELAYED.inc(sum(len(rows) for rows in by_owner.values()))
+    return True
+
+
+async def _apply_locally(batch: Batch) -> bool:
+    """Apply and commit records for this worker's own owner partitions (read from the
+    outboxes, so present under the epoch read with them); False where an owner was fenced
+    off (the partition moved, the epoch changed): the entries stay in their outboxes."""
+    if not batch:
+        return True
+    try:
+        operations = await run_retrying(_owner_thread, "item deltas (local)", apply_records,
+                                        dict(sorted(batch.items())))
+    except OwnerFenced as exc:
+        log.warning("%s; the records stay in their outboxes", exc)
+        return False
+    except Exception:
+        log.critical("item deltas (local) bug; exiting so the outboxes are sent again",
+                     exc_info=True)
+        logging.shutdown()
+        os._exit(EXIT_ON_BUG)
+    metrics.ITEM_DELTA_OPERATIONS.inc(operations)
+    metrics.ITEM_DELTAS_HANDED.inc(sum(len(records) for _, records, _ in batch.values()))
+    return True
 
 
 @app.timer(1.0)
@@ -135,8 +185,6 @@ async def relay_assigned_outboxes(sender, **_) -> None:
                                        _redis(), _keys, sorted(numbers))
         await seek_to_positions(positions, held)
 
-
-Batch = dict[int, tuple[list[bytes | None], list[bytes], list[int]]]
 
 
 def apply_records(batch: Batch) -> int:

@@ -31,11 +31,14 @@ def owners_caught_up(client, s) -> bool:
                        s.topic_partitions)
 
 
-@pytest.mark.parametrize("redis_kind", ["server", "cluster"])
+@pytest.mark.parametrize("redis_kind, handoff", [("server", True), ("server", False),
+                                                 ("cluster", True)])
 def test_a_worker_group_grows_and_loses_a_member_to_kill_9_and_loses_nothing(
-        settings, request, spawn, redis_kind):
+        settings, request, spawn, redis_kind, handoff):
+    """handoff: records for a worker's own owner partitions skip the item-deltas topic (off:
+    every record goes through Kafka)."""
     s = settings.model_copy(update={"live_models": "session,mf", "state_writer": "owned",
-                                    "worker_batch_max": 20})
+                                    "worker_batch_max": 20, "owned_local_handoff": handoff})
     if redis_kind == "cluster":  # each source partition's part commits on its own
         s = s.model_copy(update={"redis_url": request.getfixturevalue("redis_cluster").url})
     redis_client = sync_redis(s.redis_url)
@@ -66,6 +69,26 @@ def test_a_worker_group_grows_and_loses_a_member_to_kill_9_and_loses_nothing(
     replayed = build("mf")
     replayed.learn(SignalMapper().map(events))
     assert set(mf.catalogue()) == set(replayed.catalogue())  # every item learnt positive
+
+
+@pytest.mark.parametrize("handoff", [True, False])
+def test_a_lone_worker_hands_its_records_to_its_own_owners_without_the_topic(
+        settings, redis_client, spawn, handoff):
+    """One worker holds every owner partition: with the local hand-off, records go from the
+    outboxes straight to its owners and the item-deltas topic stays empty; without it, all of
+    them go through the topic. Either way the owners end in a replay's state."""
+    s = settings.model_copy(update={"live_models": "session,mf", "state_writer": "owned",
+                                    "worker_batch_max": 50, "owned_local_handoff": handoff})
+    events = list(UserSimulator(80, 500, seed=35).events(3000, time.time() - 3000))
+    worker = spawn(["worker", "--loglevel", "warn"], s)
+    produce(s, events)
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= len(events), 60, "all events",
+             proc=worker)
+    wait_for(lambda: owners_caught_up(redis_client, s), 60, "owners caught up", proc=worker)
+    assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
+                              models=("session",), layout="owned")
+    relayed = read_topic(s.kafka_bootstrap, s.topic_item_deltas, 1, 3)
+    assert (relayed == []) if handoff else len(relayed) >= s.topic_partitions
 
 
 def test_models_that_claim_shared_rows_are_refused_in_the_owned_layout(redis_client, unique):
