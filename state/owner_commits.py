@@ -31,18 +31,23 @@ a plain ``RedisStore`` as it reads the single writer's.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Mapping
 
 import msgspec
+import redis
 
 from infra.redis_client import mget_any
 from state.ownership import Owner
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
-                               build_on_redis)
+                               build_on_redis, give_untimed_keys_ttls)
 from state.write_back import WriteBackStore
 from schemas.keys import RedisKeys
 
+log = logging.getLogger("streamrec.owners")
 _decode_commands = msgspec.msgpack.Decoder(list[tuple]).decode
 _decode_sources = msgspec.msgpack.Decoder(tuple[dict[str, int], msgspec.Raw]).decode
 
@@ -51,16 +56,54 @@ class OwnerFenced(RuntimeError):
     """Another owner of this partition committed since this one read its offsets."""
 
 
-def owner_stores(settings, client) -> dict[str, WriteBackStore]:
+def owner_stores(settings, client, clock=time.time) -> dict[str, WriteBackStore]:
     """The live models' stores as an owner holds them (settings: model names, options, TTLs
-    and held keys): rows written whole, as in the single writer's layout, each key with its
-    TTL (an item partition may move to another owner)."""
+    and held keys): rows written whole, as in the single writer's layout, without TTLs: the
+    owner deletes its keys once idle past their table's TTL, as the single writer does
+    (:class:`state.write_back.WriteBackStore`; its deletes ride in its fenced commits). An
+    owner that took the partition over cannot know its predecessor's keys:
+    :class:`UntimedKeySweeper` gives those their table's TTL."""
     readers = build_on_redis(settings.live_model_names, client, settings.key_prefix,
                              local_ttl_s=settings.user_state_ttl_s,
                              shared_ttl_s=settings.item_state_ttl_s, layout="owned",
-                             options=settings.model_options)
-    return {name: WriteBackStore(model.store, held_keys=settings.state_writer_held_keys)
+                             options=settings.model_options, expires_by_writer=True)
+    return {name: WriteBackStore(model.store, held_keys=settings.state_writer_held_keys,
+                                 clock=clock)
             for name, model in readers.items()}
+
+
+class UntimedKeySweeper:
+    """Gives the keys of owners' tables that have no TTL their table's TTL
+    (:func:`state.redis_store.give_untimed_keys_ttls`, a SCAN), on a thread of its own, once
+    new owners start: keys a predecessor wrote (and, on a Redis Cluster, its redo record's)
+    would otherwise never expire. One sweep at a time; requests while one waits to start
+    share it, a request while one runs queues one more. A key another owner still writes
+    loses the TTL at its next write, and that owner deletes it once idle before the TTL
+    given here runs out."""
+
+    def __init__(self) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="expiry-sweep")
+        self._lock = threading.Lock()
+        self._queued: Future | None = None
+
+    def request(self, stores: list[WriteBackStore]) -> Future:
+        """Sweep ``stores``' tables soon; the future ends with the keys given a TTL."""
+        with self._lock:
+            if self._queued is None:
+                self._queued = self._thread.submit(self._sweep, [s.reader for s in stores])
+            return self._queued
+
+    def _sweep(self, readers: list) -> int:
+        with self._lock:
+            self._queued = None  # requests from now on queue the next sweep
+        given = 0
+        for reader in readers:
+            try:
+                given += give_untimed_keys_ttls(reader)
+            except redis.RedisError as exc:  # the next owner to start sweeps again
+                log.warning("giving TTLs to %s keys without one failed: %r", reader.base, exc)
+        log.info("gave %d owners' keys without a TTL their table's TTL", given)
+        return given
 
 
 def decode_progress(raw: bytes | None) -> tuple[int, dict[str, int]]:

@@ -700,7 +700,8 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
                    local_ttl_s: float = 0, shared_ttl_s: float = 0, layout: str = "shared",
                    writer: bool = False, held_keys: int = 1_000_000,
                    options: Mapping[str, dict] | None = None,
-                   item_partitions: int = 0) -> dict[str, OnlineModel]:
+                   item_partitions: int = 0,
+                   expires_by_writer: bool = False) -> dict[str, OnlineModel]:
     """The named models, each bound to its own :class:`RedisStore` namespace on ``client``
     (``cache_local_rows`` and the TTLs: only for the worker, which owns and writes state).
 
@@ -712,7 +713,9 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
     group) holds its partition-local state in memory and records its item-side writes as
     delta records for ``item_partitions`` owner partitions (one
     :class:`state.ownership.ChunkDeltas` for all its models: ``model.store.deltas``), which
-    their owners apply (:mod:`state.owner_commits`). Every key is written with its TTL.
+    their owners apply (:mod:`state.owner_commits`); its keys are written with their TTLs.
+    ``expires_by_writer``: rows written whole go without TTLs, their writer expires them
+    (always for ``single``'s writer; ``owned``: the stores of an item partition's owner).
     ``options``: constructor options by model name (``Settings.model_options``)."""
     from state.ownership import ChunkDeltas, DeltaRecorder
     from state.write_back import WriteBackStore  # it builds on this module
@@ -734,7 +737,8 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
         store = RedisStore(client, prefix, name, 0 if whole else cache_local_rows,
                            local_ttl_s, shared_ttl_s, rows_as_strings=whole,
                            sorted_set_tables=model.sorted_set_tables,
-                           expires_by_writer=whole and writer and layout == "single")
+                           expires_by_writer=whole and (expires_by_writer or (
+                               writer and layout == "single")))
         if deltas is not None:
             model.bind(DeltaRecorder(WriteBackStore(store, held_keys=held_keys), store, deltas,
                                      name))

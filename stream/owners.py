@@ -32,8 +32,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from infra.redis_client import sync_redis
-from state.owner_commits import (OwnerFenced, OwnerPartition, commit_owners, owner_stores,
-                                 read_outboxes, read_positions)
+from state.owner_commits import (OwnerFenced, OwnerPartition, UntimedKeySweeper,
+                                 commit_owners, owner_stores, read_outboxes, read_positions)
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
@@ -59,6 +59,7 @@ Batch = dict[int, tuple[list[bytes | None], list[bytes], list[int]]]
 #: threads of their own: the owners' and the relay's Redis work never waits behind a chunk's
 _owner_thread = ThreadPoolExecutor(1, thread_name_prefix="item-owners")
 _relay_thread = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
+_sweeper = UntimedKeySweeper()  # owners write keys without TTLs and expire them themselves
 
 
 def _redis():
@@ -195,12 +196,15 @@ def apply_records(batch: Batch) -> int:
     and propagates."""
     checked = False
     for _ in range(3):
-        owners = []
+        owners, started = [], []
         for partition in batch:
             if partition not in _owners:
                 _owners[partition] = OwnerPartition(_redis(), settings.key_prefix, partition,
                                                     owner_stores(settings, _redis()))
+                started.append(_owners[partition])
             owners.append(_owners[partition])
+        if started:  # their predecessors' keys: given TTLs (once restored: redo applied)
+            _sweeper.request(list(started[0].stores.values()))
         try:
             operations = sum(n or 0 for owner in owners
                              for n in owner.apply_sent(*batch[owner.partition],

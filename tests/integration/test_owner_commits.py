@@ -3,6 +3,8 @@ and on a 3-primary Redis Cluster: what serving reads equals the owners' state of
 in-process replay, after owners crashed between apply and commit, after a second owner of a
 partition was fenced off, and (cluster) after a commit stopped half applied."""
 
+import time
+
 import pytest
 import redis
 
@@ -10,7 +12,7 @@ import state.redis_store
 from infra.redis_client import sync_redis
 from online_models.registry import build
 from online_models.signals import SignalMapper
-from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores
+from state.owner_commits import OwnerFenced, OwnerPartition, UntimedKeySweeper, owner_stores
 from state.ownership import OwnedLayout
 from schemas.keys import RedisKeys
 from state.redis_store import build_on_redis
@@ -107,6 +109,42 @@ def test_a_second_owner_of_a_partition_is_fenced_off_and_starts_again(owner_sett
             other.apply(chunk[partition])
         other.commit()
     assert_serving_reads_the_replay(s, client, layout)
+
+
+def test_owners_expire_their_keys_and_a_successor_gives_what_it_left_a_ttl(owner_settings,
+                                                                           client):
+    """Owners write rows and vectors without TTLs (MSET, as the single writer) and delete
+    them once idle past their table's TTL, in a commit; the next owner of the partition
+    cannot know them, and its sweep gives every key without a TTL its table's TTL."""
+    s = owner_settings
+    _, chunks = replayed_records(chunks=4)
+    records = [chunk[0] for chunk in chunks]
+    clock = [time.time()]
+    first = OwnerPartition(client, s.key_prefix, 0,
+                           owner_stores(s, client, clock=lambda: clock[0]))
+    first.apply(records[0])
+    first.commit()
+    bases = [reader.store.base for reader in build_on_redis(
+        NAMES, client, s.key_prefix, layout="owned").values()]
+
+    def untimed() -> set[bytes]:
+        return {name for base in bases
+                for name in client.scan_iter(match=f"{base}:*", _type="string")
+                if client.pttl(name) == -1}
+
+    written = untimed()
+    assert len(written) > 10  # item rows and vectors, no TTL
+    assert all(client.hgetall(f"{base}:expiry") for base in bases)  # each table's TTL noted
+    clock[0] += max(s.item_state_ttl_s, s.user_state_ttl_s) + 1  # all of it idle since
+    first.apply(records[1])
+    first.commit()
+    assert not any(client.exists(name) for name in written - untimed())  # deleted, not timed
+    assert written - untimed()  # the keys the second record did not write again
+    left = untimed()
+    successor = owner(s, client, 0)  # the partition moved; the first owner's keys stay
+    assert UntimedKeySweeper().request(list(successor.stores.values())).result(30) >= len(left)
+    ttls = [client.pttl(name) for name in left]
+    assert all(0 < ttl <= 1000 * s.item_state_ttl_s for ttl in ttls), ttls
 
 
 def test_a_cluster_commit_stopped_half_applied_is_completed_by_the_next_owner(
