@@ -40,11 +40,29 @@ def owner_partition(key: str, partitions: int) -> int:
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
+#: partitions → key → its owner partition, for the keys of every chunk (dropped past 2^18)
+_owners_known: dict[int, dict[str, int]] = {}
+
+
 def positions_by_owner(keys: Sequence[str], partitions: int) -> dict[int, np.ndarray]:
-    """Owner partition → the positions of its keys among ``keys`` (in order)."""
-    owners = np.fromiter((owner_partition(key, partitions) for key in keys), np.int64,
-                         len(keys))
-    return {owner: np.flatnonzero(owners == owner) for owner in np.unique(owners).tolist()}
+    """Owner partition → the positions of its keys among ``keys`` (in order). Keys met
+    before are looked up in a plain dict (most of a chunk's keys were) and the positions
+    grouped by one stable sort: half the cost of a cached call per key and a scan per
+    owner."""
+    known = _owners_known.get(partitions)
+    if known is None or len(known) > 1 << 18:
+        known = _owners_known[partitions] = {}
+    get = known.get
+    found = [get(key) for key in keys]
+    if None in found:
+        for n, key in enumerate(keys):
+            if found[n] is None:
+                found[n] = known[key] = owner_partition(key, partitions)
+    owners = np.array(found, np.int64)
+    order = np.argsort(owners, kind="stable")  # each owner's positions, in order
+    ends = np.cumsum(np.bincount(owners, minlength=partitions)).tolist()
+    return {owner: order[start:end] for owner, (start, end) in enumerate(zip([0, *ends], ends))
+            if end > start}
 
 
 def held_state(stores: Sequence[MemoryStore]) -> tuple[dict, dict]:
