@@ -369,7 +369,10 @@ class RedisKeys:
                     "strings (rows, vectors) carry no TTL while the writer tracks them (up to "
                     "STREAMREC_STATE_WRITER_HELD_KEYS per table, not evictable); it deletes "
                     "one idle past its TTL at its next commit, gives the ones it stops "
-                    "tracking a TTL, and at start gives every one without a TTL its table's",
+                    "tracking a TTL, and at start gives every one without a TTL its table's. "
+                    "STREAMREC_STATE_WRITER=owned: the same for item-side strings, by their "
+                    "owner partition (a worker whose owners start gives untimed ones a TTL); "
+                    "partition-local ones keep their TTL",
                     "stream worker (online models)",
                     "per-table caps (docs/models.md, models table)",
                     "Online model state (state/redis_store.py RedisStore): e.g. "
@@ -379,8 +382,10 @@ class RedisKeys:
                     "Cluster: `sr:m:<model>:<table>:{b<n>}:<key>`, n = CRC-32 of the "
                     "encoded key mod 256 (a batch's reads and writes: one call per bucket)."),
             KeySpec(f"{p}:m:<model>:expiry", "hash <table> → TTL in ms", "none",
-                    "stream worker (single writer)", "one field per table",
-                    "The TTL of each table whose keys the single writer writes without one "
-                    "and expires itself; a writer taking over gives that TTL to every key of "
-                    "the table that has none (state/redis_store.py give_untimed_keys_ttls)."),
+                    "stream worker (single writer; owned: item partition owners)",
+                    "one field per table",
+                    "The TTL of each table whose keys the single writer (or an owner) writes "
+                    "without one and expires itself; a writer taking over gives that TTL to "
+                    "every key of the table that has none (state/redis_store.py "
+                    "give_untimed_keys_ttls)."),
         ]
