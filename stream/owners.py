@@ -10,7 +10,9 @@
   each owner receives a source partition's records in offset order. After every rebalance,
   and whenever the epoch changed, it sends again every entry still there (an entry sent twice
   is dropped by its owner); each second it looks at every assigned partition's outbox, so
-  entries of a partition with no new commit go out too.
+  entries of a partition with no new commit go out too. Entries for an owner partition this
+  worker holds skip the topic (``STREAMREC_OWNED_LOCAL_HANDOFF``): the relay hands every
+  such entry still in the outbox to that owner, which drops those it applied before.
 - **The owners' agent**: the group assigns the item-deltas partitions as it assigns the
   interactions'. For each partition it holds, an :class:`state.owner_commits.OwnerPartition`
   applies the batch's records of the current epoch; before the batch is acked they commit,
@@ -185,7 +187,6 @@ async def relay_assigned_outboxes(sender, **_) -> None:
         positions = await run_retrying(_owner_thread, "owner positions", read_positions,
                                        _redis(), _keys, sorted(numbers))
         await seek_to_positions(positions, held)
-
 
 
 def apply_records(batch: Batch) -> int:
