@@ -208,9 +208,11 @@ class OwnerPartition:
         state, and the worker has not noticed yet: their events are learnt again, and sent
         under a new epoch). ``checked=False`` reads nothing where every record has the
         epoch this owner last read: the entries are taken as there, and the commit checks
-        both (an owner it fences applies the records again, checked)."""
+        both (an owner it fences applies the records again, checked). Not on a Redis
+        Cluster, whose commit cannot check the entries (another slot): there they are
+        always checked here."""
         entries = [self._entries(record) for record in records]
-        if checked or any(epoch != self.epoch for epoch in epochs):
+        if checked or self.cluster or any(epoch != self.epoch for epoch in epochs):
             with self.client.pipeline(transaction=False) as pipe:
                 pipe.get(self.epoch_key)
                 for outbox, field in (entry for found in entries for entry in found):

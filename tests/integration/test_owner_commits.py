@@ -147,6 +147,29 @@ def test_owners_expire_their_keys_and_a_successor_gives_what_it_left_a_ttl(owner
     assert all(0 < ttl <= 1000 * s.item_state_ttl_s for ttl in ttls), ttls
 
 
+def test_records_are_checked_against_their_outbox_where_the_commit_cannot(owner_settings,
+                                                                          client):
+    """A record whose outbox entry Redis does not hold (its chunk's commit lost): on one
+    server an unchecked apply takes it and the commit fences it off (it checks the entries
+    under its WATCH); on a Redis Cluster, where the commit cannot, the apply drops it."""
+    s = owner_settings
+    keys = RedisKeys(s.key_prefix)
+    _, chunks = replayed_records(chunks=2)
+    client.set(keys.owned_epoch, b"e")
+    live = owner(s, client, 0)
+    applied = live.apply_sent([b"e"], [chunks[0][0]], [0], checked=False)
+    if live.cluster:
+        assert applied == [None] and live.applied == {}
+        client.hset(keys.outbox("replay", 0), "1:0", chunks[0][0])  # its chunk committed
+        assert live.apply_sent([b"e"], [chunks[0][0]], [0], checked=False) != [None]
+        live.commit()
+    else:
+        assert applied != [None]
+        with pytest.raises(OwnerFenced, match="went back"):
+            live.commit()
+    assert live.applied == ({"replay:0": 1} if live.cluster else {})
+
+
 def test_a_cluster_commit_stopped_half_applied_is_completed_by_the_next_owner(
         settings, redis_cluster, monkeypatch):
     s = settings.model_copy(update={"redis_url": redis_cluster.url, "state_writer": "owned",
