@@ -31,23 +31,20 @@ a plain ``RedisStore`` as it reads the single writer's.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Mapping
 
 import msgspec
-import redis
 
 from infra.redis_client import mget_any
 from state.ownership import Owner
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
-                               build_on_redis, give_untimed_keys_ttls)
+                               build_on_redis)
 from state.write_back import WriteBackStore
 from schemas.keys import RedisKeys
 
-log = logging.getLogger("streamrec.owners")
 _decode_commands = msgspec.msgpack.Decoder(list[tuple]).decode
 _decode_sources = msgspec.msgpack.Decoder(tuple[dict[str, int], msgspec.Raw]).decode
 
@@ -74,9 +71,9 @@ def owner_stores(settings, client, clock=time.time) -> dict[str, WriteBackStore]
 
 class UntimedKeySweeper:
     """Gives the keys of owners' tables that have no TTL their table's TTL
-    (:func:`state.redis_store.give_untimed_keys_ttls`, a SCAN), on a thread of its own, once
-    new owners start: keys a predecessor wrote (and, on a Redis Cluster, its redo record's)
-    would otherwise never expire. One sweep at a time; requests while one waits to start
+    (:meth:`state.write_back.WriteBackStore.sweep_untimed_keys`, a SCAN), on a thread of its
+    own, once new owners start: keys a predecessor wrote (and, on a Redis Cluster, its redo
+    record's) would otherwise never expire. One sweep at a time; requests while one waits to start
     share it, a request while one runs queues one more. A key another owner still writes
     loses the TTL at its next write, and that owner deletes it once idle before the TTL
     given here runs out."""
@@ -90,20 +87,13 @@ class UntimedKeySweeper:
         """Sweep ``stores``' tables soon; the future ends with the keys given a TTL."""
         with self._lock:
             if self._queued is None:
-                self._queued = self._thread.submit(self._sweep, [s.reader for s in stores])
+                self._queued = self._thread.submit(self._sweep, stores)
             return self._queued
 
-    def _sweep(self, readers: list) -> int:
+    def _sweep(self, stores: list[WriteBackStore]) -> int:
         with self._lock:
             self._queued = None  # requests from now on queue the next sweep
-        given = 0
-        for reader in readers:
-            try:
-                given += give_untimed_keys_ttls(reader)
-            except redis.RedisError as exc:  # the next owner to start sweeps again
-                log.warning("giving TTLs to %s keys without one failed: %r", reader.base, exc)
-        log.info("gave %d owners' keys without a TTL their table's TTL", given)
-        return given
+        return sum(store.sweep_untimed_keys() for store in stores)
 
 
 def decode_progress(raw: bytes | None) -> tuple[int, dict[str, int]]:

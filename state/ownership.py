@@ -19,7 +19,6 @@ through an outbox and the item-deltas topic (:mod:`stream.owners`), and
 from __future__ import annotations
 
 from contextlib import contextmanager
-from functools import lru_cache
 from typing import Callable, Sequence
 
 import msgspec
@@ -31,33 +30,38 @@ _ROW_KINDS = ("incr", "set")
 _VECTOR_KINDS = ("add_vectors", "set_vectors")
 
 
-@lru_cache(maxsize=1 << 18)
+#: partitions → key → its owner partition, for the keys met (dropped past 2^18)
+_owners_known: dict[int, dict[str, int]] = {}
+
+
+def _known_owners(partitions: int) -> dict[str, int]:
+    known = _owners_known.get(partitions)
+    if known is None or len(known) > 1 << 18:
+        known = _owners_known[partitions] = {}
+    return known
+
+
 def owner_partition(key: str, partitions: int) -> int:
     """The partition that owns ``key``: Kafka's default placement of a record keyed by
-    ``key`` (murmur2 of its UTF-8 bytes), so an item-keyed topic agrees."""
-    from aiokafka.partitioner import murmur2
+    ``key`` (murmur2 of its UTF-8 bytes), so an item-keyed topic agrees (remembered)."""
+    known = _known_owners(partitions)
+    owner = known.get(key)
+    if owner is None:
+        from aiokafka.partitioner import murmur2
 
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
-
-
-#: partitions → key → its owner partition, for the keys of every chunk (dropped past 2^18)
-_owners_known: dict[int, dict[str, int]] = {}
+        owner = known[key] = (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+    return owner
 
 
 def positions_by_owner(keys: Sequence[str], partitions: int) -> dict[int, np.ndarray]:
     """Owner partition → the positions of its keys among ``keys`` (in order). Keys met
-    before are looked up in a plain dict (most of a chunk's keys were) and the positions
-    grouped by one stable sort: half the cost of a cached call per key and a scan per
-    owner."""
-    known = _owners_known.get(partitions)
-    if known is None or len(known) > 1 << 18:
-        known = _owners_known[partitions] = {}
-    get = known.get
+    before are looked up in the remembered placements (most of a chunk's keys were) and the
+    positions grouped by one stable sort."""
+    get = _known_owners(partitions).get
     found = [get(key) for key in keys]
     if None in found:
-        for n, key in enumerate(keys):
-            if found[n] is None:
-                found[n] = known[key] = owner_partition(key, partitions)
+        found = [owner_partition(key, partitions) if owner is None else owner
+                 for key, owner in zip(keys, found)]
     owners = np.array(found, np.int64)
     order = np.argsort(owners, kind="stable")  # each owner's positions, in order
     ends = np.cumsum(np.bincount(owners, minlength=partitions)).tolist()

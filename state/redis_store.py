@@ -592,8 +592,8 @@ class RedisStore(StateStore):
     def prefetch_vectors_on(self, pipe, table: str, keys) -> Callable[[list], None]:
         """:meth:`prefetch_vectors` riding on ``pipe``, a pipeline that reads other things
         too (one round trip for all): queues a GET per key; call the function returned with
-        the pipeline's replies to those GETs."""
-        keys = list(keys)
+        the pipeline's replies to those GETs (one per distinct key)."""
+        keys = list(dict.fromkeys(keys))
         for name in self.keys(table, keys):
             pipe.get(name)
 

@@ -365,18 +365,21 @@ class WriteBackStore(MemoryStore):
         its own, returned."""
         if not self.reader.expires_by_writer:
             return None
-        thread = threading.Thread(target=self._give_untimed_keys_ttls, daemon=True,
+        thread = threading.Thread(target=self.sweep_untimed_keys, daemon=True,
                                   name=f"expiry-sweep-{self.reader.base}")
         thread.start()
         return thread
 
-    def _give_untimed_keys_ttls(self) -> None:
+    def sweep_untimed_keys(self) -> int:
+        """:meth:`give_untimed_keys_ttls` on the calling thread; returns how many keys got a
+        TTL (0 where Redis failed: the next take-over sweeps again)."""
         try:
             given = give_untimed_keys_ttls(self.reader)
-        except redis.RedisError as exc:  # the next take-over sweeps again
+        except redis.RedisError as exc:
             log.warning("giving TTLs to %s keys without one failed: %r", self.reader.base, exc)
-            return
+            return 0
         log.info("gave %d keys of %s without a TTL their table's TTL", given, self.reader.base)
+        return given
 
     def forget_cached(self):
         """Drop everything held (a commit failed: Redis holds the last committed state);

@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, NoReturn
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error, sync_redis
 from online_models import kernels
@@ -64,6 +64,13 @@ _held: dict[tuple[str, int], str] = {}
 _stall_watch = StallWatch(settings.worker_stall_timeout_s)
 #: freshness and events/s, written to Redis for GET /v1/stats (:func:`report_figures`)
 _live_figures = LiveFigures()
+
+
+def exit_process(status: int) -> NoReturn:
+    """Exit now with ``status``, logs flushed: no Faust shutdown, so nothing consumed since
+    the last commit is acked (it is redelivered)."""
+    logging.shutdown()
+    os._exit(status)
 
 
 def live_state() -> LiveState:
@@ -302,8 +309,7 @@ async def check_log_positions() -> None:
         await apply_pipeline().drain()
         log.warning("an operator chose where %s resume: restarting to resume from Redis's "
                     "watermarks", ", ".join(f"{t}[{p}]" for t, p in released))
-        logging.shutdown()
-        os._exit(EXIT_TO_RESUME)
+        exit_process(EXIT_TO_RESUME)
 
 
 def _assigned_numbers() -> list[int]:
@@ -342,8 +348,7 @@ def watch_for_stall(stop: threading.Event) -> None:
                          "(assigned here: %s); exiting to restart from Redis's watermarks",
                          ", ".join(f"{topic}[{p}]" for p in unmoved), seconds,
                          mine or "none")
-            logging.shutdown()
-            os._exit(EXIT_TO_RESUME)
+            exit_process(EXIT_TO_RESUME)
 
 
 def report_figures(stop: threading.Event) -> None:
@@ -519,12 +524,10 @@ async def consume_batches(stream, handle, what: str) -> None:
             raise
         except RedisLostWrites as exc:
             log.error("%s; restarting to consume the lost offsets again from Kafka", exc)
-            logging.shutdown()
-            os._exit(EXIT_TO_RESUME)
+            exit_process(EXIT_TO_RESUME)
         except Exception:
             log.critical("%s bug; exiting so the batch is redelivered", what, exc_info=True)
-            logging.shutdown()
-            os._exit(EXIT_ON_BUG)
+            exit_process(EXIT_ON_BUG)
 
 
 async def _ingest_batch(messages) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 from infra.redis_client import sync_redis
@@ -40,8 +39,8 @@ from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
 from stream.ingest import (EXIT_ON_BUG, assigned_partitions, committed_listeners,
-                           consume_batches, message_bytes, seek_to_positions,
-                           send_to_partitions)
+                           consume_batches, exit_process, message_bytes,
+                           seek_to_positions, send_to_partitions)
 from stream.pipeline import run_retrying
 
 log = logging.getLogger("streamrec.owners")
@@ -153,8 +152,7 @@ async def _apply_locally(batch: Batch) -> bool:
     except Exception:
         log.critical("item deltas (local) bug; exiting so the outboxes are sent again",
                      exc_info=True)
-        logging.shutdown()
-        os._exit(EXIT_ON_BUG)
+        exit_process(EXIT_ON_BUG)
     metrics.ITEM_DELTA_OPERATIONS.inc(operations)
     metrics.ITEM_DELTAS_HANDED.inc(sum(len(records) for _, records, _ in batch.values()))
     return True

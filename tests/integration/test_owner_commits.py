@@ -49,8 +49,8 @@ def replayed_records(chunks: int = 10, size: int = 300) -> tuple[OwnedLayout, li
                     for n in range(0, len(events), size)]
 
 
-def owner(s, client, partition: int) -> OwnerPartition:
-    return OwnerPartition(client, s.key_prefix, partition, owner_stores(s, client))
+def owner(s, client, partition: int, clock=time.time) -> OwnerPartition:
+    return OwnerPartition(client, s.key_prefix, partition, owner_stores(s, client, clock))
 
 
 def assert_serving_reads_the_replay(s, client, layout: OwnedLayout) -> None:
@@ -120,8 +120,7 @@ def test_owners_expire_their_keys_and_a_successor_gives_what_it_left_a_ttl(owner
     _, chunks = replayed_records(chunks=4)
     records = [chunk[0] for chunk in chunks]
     clock = [time.time()]
-    first = OwnerPartition(client, s.key_prefix, 0,
-                           owner_stores(s, client, clock=lambda: clock[0]))
+    first = owner(s, client, 0, clock=lambda: clock[0])
     first.apply(records[0])
     first.commit()
     bases = [reader.store.base for reader in build_on_redis(
