@@ -305,17 +305,21 @@ class VectorTable(MutableMapping):
 
     def rows_of(self, keys: Sequence[str]) -> np.ndarray:
         """Each key's row, -1 where absent."""
-        get = self.index.get
-        return np.fromiter((get(k, -1) for k in keys), np.int64, len(keys))
+        return np.array(list(map(self.index.get, keys, repeat(-1))), np.int64)
 
     def gather(self, keys: Sequence[str], dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(vectors, found): a copy, zeros where absent."""
         rows = self.rows_of(keys)
-        found = rows >= 0
-        out = np.zeros((len(keys), dim), np.float32)
-        if found.any():
-            out[found] = self.matrix[rows[found]]
-        return out, found
+        return self._gathered(rows, dim), rows >= 0
+
+    def _gathered(self, rows: np.ndarray, dim: int) -> np.ndarray:
+        if not self.index:
+            return np.zeros((len(rows), dim), np.float32)
+        out = self.matrix.take(rows, axis=0)  # a copy; -1 takes the last row: zeroed below
+        absent = rows < 0
+        if absent.any():
+            out[absent] = 0.0
+        return out
 
     def scatter(self, keys: Sequence[str], vectors: np.ndarray) -> None:
         """Store each key's vector (copied in); a key given twice keeps its last one."""
@@ -330,6 +334,24 @@ class VectorTable(MutableMapping):
         for n in np.flatnonzero(rows < 0).tolist():
             rows[n] = self._new_row(keys[n])
         self.matrix[rows] = vectors
+
+    def add(self, keys: Sequence[str], deltas: np.ndarray, base: np.ndarray) -> None:
+        """Add float32 ``deltas`` to the keys' vectors, a key not stored starting from its
+        ``base`` row (a key given twice: its last delta, added to the stored vector)."""
+        if len(set(keys)) != len(keys):
+            current, found = self.gather(keys, deltas.shape[1])
+            current[~found] = base[~found]
+            self.scatter(keys, _add_float32(current, deltas))
+            return
+        self._fit(deltas.shape[1])
+        rows = self.rows_of(keys)
+        absent = rows < 0
+        current = self._gathered(rows, deltas.shape[1])
+        current[absent] = base[absent]
+        summed = _add_float32(current, deltas)
+        for n in np.flatnonzero(absent).tolist():  # the matrix may grow: after the gather
+            rows[n] = self._new_row(keys[n])
+        self.matrix[rows] = summed
 
     def _fit(self, dim: int) -> None:
         if self.matrix.shape[1] != dim:
@@ -453,10 +475,8 @@ class MemoryStore(StateStore):
     def add_vectors(self, table, keys, deltas, base):
         if not len(keys):
             return
-        stored = self.vector_table(table)
-        current, found = stored.gather(keys, np.shape(deltas)[1])
-        current[~found] = np.asarray(base, dtype=np.float32)[~found]
-        stored.scatter(keys, _add_float32(current, np.asarray(deltas, dtype=np.float32)))
+        self.vector_table(table).add(keys, np.asarray(deltas, dtype=np.float32),
+                                     np.asarray(base, dtype=np.float32))
 
     get_local_vectors = get_vectors
     set_local_vectors = set_vectors
