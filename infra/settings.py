@@ -167,6 +167,12 @@ class Settings(BaseSettings):
         "are applied in this process as soon as their chunk commits (read from the outbox, as "
         "the relay reads them) instead of going through the item-deltas topic; records for "
         "other workers' owner partitions still go through Kafka (docs/item-ownership.md).")
+    owned_handoff_interval_s: float = Field(
+        0.0, ge=0, le=1, description="owned, local hand-off: the least time between two "
+        "hand-offs (0: one as each chunk commits). Longer: each owner applies and commits "
+        "(rewrites its changed rows) once per interval, for less CPU, and item-side state "
+        "(rows, vectors) reaches Redis up to this much later; user-side state is not delayed "
+        "(docs/benchmarks.md, session 33).")
     state_writer_lease_s: float = Field(10.0, ge=1, description="single: how long the writer's "
                                         "lease lasts unrenewed (a restarted worker waits at "
                                         "most this long for its predecessor's).")

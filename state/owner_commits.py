@@ -34,7 +34,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Mapping
+from typing import Collection, Mapping
 
 import msgspec
 
@@ -294,23 +294,47 @@ def commit_owners(owners: list[OwnerPartition]) -> int:
     return sum(written for _, _, written in staged)
 
 
-def read_outboxes(client, keys: RedisKeys, sources: list[tuple[str, int]]
+def read_outboxes(client, keys: RedisKeys, sources: list[tuple[str, int]],
+                  sent_up_to: dict[tuple[str, int], int] | None = None,
+                  skip_owners: Collection[int] = ()
                   ) -> tuple[bytes | None, dict[tuple[str, int], list[tuple[int, int, bytes]]]]:
     """The epoch to send under, and each source partition's outbox entries, oldest first:
-    (offset, owner partition, record); one round trip (the relay's read)."""
+    (offset, owner partition, record). Every entry in one round trip; with ``sent_up_to``
+    (source → offset), only the entries past it whose owner is not in ``skip_owners``: their
+    field names first, then those records (two round trips, no record read for nothing; an
+    entry deleted in between was applied by its owner)."""
     with client.pipeline(transaction=False) as pipe:
         pipe.get(keys.owned_epoch)
         for topic, partition in sources:
-            pipe.hgetall(keys.outbox(topic, partition))
+            (pipe.hgetall if sent_up_to is None else pipe.hkeys)(keys.outbox(topic, partition))
         epoch, *outboxes = pipe.execute()
+    if sent_up_to is not None:
+        wanted = [[field for field in fields if _field_wanted(
+            field, sent_up_to.get(source, -1), skip_owners)]
+            for source, fields in zip(sources, outboxes)]
+        outboxes = [{} for _ in sources]
+        if any(wanted):
+            with client.pipeline(transaction=False) as pipe:
+                for (topic, partition), fields in zip(sources, wanted):
+                    if fields:
+                        pipe.hmget(keys.outbox(topic, partition), fields)
+                records = iter(pipe.execute())
+            outboxes = [dict(zip(fields, next(records))) if fields else {}
+                        for fields in wanted]
     entries = {}
     for source, outbox in zip(sources, outboxes):
         due = []
         for field, record in outbox.items():
-            offset, _, owner = field.decode().partition(":")
-            due.append((int(offset), int(owner), record))
+            if record is not None:
+                offset, _, owner = field.decode().partition(":")
+                due.append((int(offset), int(owner), record))
         entries[source] = sorted(due)
     return epoch, entries
+
+
+def _field_wanted(field: bytes, sent_up_to: int, skip_owners: Collection[int]) -> bool:
+    offset, _, owner = field.partition(b":")
+    return int(offset) > sent_up_to and int(owner) not in skip_owners
 
 
 def hop_settled(client, keys: RedisKeys, topic: str, partitions: int) -> bool:

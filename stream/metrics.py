@@ -51,6 +51,10 @@ ITEM_DELTAS_RELAYED = Counter("streamrec_item_delta_records_relayed_total",
 ITEM_DELTAS_HANDED = Counter("streamrec_item_delta_records_handed_locally_total",
                              "Owned layout: item-delta records applied straight from the "
                              "outboxes by this worker's own owner partitions (no Kafka hop)")
+ITEM_DELTA_HANDOFFS = Counter("streamrec_item_delta_handoffs_total",
+                              "Owned layout: local hand-offs (each owner applies and commits "
+                              "once per hand-off; at most one per "
+                              "STREAMREC_OWNED_HANDOFF_INTERVAL_S)")
 ITEM_DELTA_OPERATIONS = Counter("streamrec_item_delta_operations_applied_total",
                                 "Owned layout: operations of item-delta records applied by this "
                                 "worker's owner partitions (re-sent records not counted)")

@@ -12,7 +12,9 @@
   is dropped by its owner); each second it looks at every assigned partition's outbox, so
   entries of a partition with no new commit go out too. Entries for an owner partition this
   worker holds skip the topic (``STREAMREC_OWNED_LOCAL_HANDOFF``): the relay hands every
-  such entry still in the outbox to that owner, which drops those it applied before.
+  such entry still in the outbox to that owner, which drops those it applied before; at most
+  once per ``STREAMREC_OWNED_HANDOFF_INTERVAL_S`` (passes in between read and send only the
+  entries for other workers' owners that they have not sent yet).
 - **The owners' agent**: the group assigns the item-deltas partitions as it assigns the
   interactions'. For each partition it holds, an :class:`state.owner_commits.OwnerPartition`
   applies the batch's records of the current epoch; before the batch is acked they commit,
@@ -55,6 +57,9 @@ _to_relay: set[tuple[str, int]] = set()  # source partitions whose outbox may ho
 _sent_up_to: dict[tuple[str, int], int] = {}
 _sent_epoch: bytes | None = None  # the epoch those were sent under
 _relay_due = asyncio.Event()
+#: source partitions whose entries for this worker's owners wait for the next hand-off
+_handoff_sources: set[tuple[str, int]] = set()
+_handoff_timer: asyncio.TimerHandle | None = None
 #: item partition → its records' epochs, the records and their item-deltas offsets
 Batch = dict[int, tuple[list[bytes | None], list[bytes], list[int]]]
 #: threads of their own: the owners' and the relay's Redis work never waits behind a chunk's
@@ -84,17 +89,28 @@ async def relay_outboxes() -> None:
     concurrently with the sends."""
     global _sent_epoch
     topic = item_deltas_topic.get_topic_name()
+    loop, handed_at = asyncio.get_running_loop(), float("-inf")
     while True:
         await _relay_due.wait()
         _relay_due.clear()
         waiting = sorted(_to_relay)
         _to_relay.clear()
-        epoch, outboxes = await run_retrying(_relay_thread, "outbox read", read_outboxes,
-                                             _redis(), _keys, waiting)
+        held = _held_owner_partitions() if settings.owned_local_handoff else set()
+        handoff_in = handed_at + settings.owned_handoff_interval_s - loop.time()
+        handing = bool(held) and handoff_in <= 0
+        # a pass that hands nothing off reads only the entries it has to send
+        epoch, outboxes = await run_retrying(
+            _relay_thread, "outbox read", read_outboxes, _redis(), _keys, waiting,
+            *(() if handing else (dict(_sent_up_to), held)))
         if epoch != _sent_epoch:  # what was sent before is dropped: send it all again
             _sent_up_to.clear()
             _sent_epoch = epoch
-        held = _held_owner_partitions() if settings.owned_local_handoff else set()
+            if not handing:  # this read skipped what was sent under the old epoch
+                _to_relay.update(waiting)
+                _relay_due.set()
+                continue
+        if held and not handing:
+            _hand_off_later(waiting, handoff_in)
         by_owner: dict[int, list[tuple[bytes | None, bytes]]] = {}
         local: Batch = {}
         sent: dict[tuple[str, int], int] = {}
@@ -109,6 +125,8 @@ async def relay_outboxes() -> None:
                     sent[source] = offset
         if not by_owner and not local:
             continue
+        if local:
+            handed_at = loop.time()
         handed, relayed = await asyncio.gather(_apply_locally(local), _send(topic, by_owner))
         if relayed:
             _sent_up_to.update(sent)
@@ -116,6 +134,20 @@ async def relay_outboxes() -> None:
             _to_relay.update(waiting)
             await asyncio.sleep(0.5)
             _relay_due.set()
+
+
+def _hand_off_later(sources: list[tuple[str, int]], delay_s: float) -> None:
+    """A relay pass for ``sources`` once the next hand-off is due (one timer at a time)."""
+    global _handoff_timer
+    _handoff_sources.update(sources)
+    if _handoff_timer is None:
+        def due() -> None:
+            global _handoff_timer
+            _handoff_timer = None
+            _to_relay.update(_handoff_sources)
+            _handoff_sources.clear()
+            _relay_due.set()
+        _handoff_timer = asyncio.get_running_loop().call_later(max(delay_s, 0.0), due)
 
 
 def _held_owner_partitions() -> set[int]:
@@ -155,6 +187,7 @@ async def _apply_locally(batch: Batch) -> bool:
         exit_process(EXIT_ON_BUG)
     metrics.ITEM_DELTA_OPERATIONS.inc(operations)
     metrics.ITEM_DELTAS_HANDED.inc(sum(len(records) for _, records, _ in batch.values()))
+    metrics.ITEM_DELTA_HANDOFFS.inc()
     return True
 
 

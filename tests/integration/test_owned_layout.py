@@ -5,10 +5,12 @@ mid-stream (on one server and on a 3-primary Redis Cluster), and nothing is lost
 twice."""
 
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 
+from infra.embedded import free_port
 from infra.redis_client import sync_redis
 from online_models.registry import build
 from online_models.signals import SignalMapper
@@ -18,7 +20,7 @@ from state.owner_commits import hop_settled
 from state.redis_store import StateLayoutError, build_live_models, build_on_redis
 from stream.simulator import UserSimulator
 from stream.state import LiveState, SourceMessage
-from tests.conftest import wait_for
+from tests.conftest import metric, wait_for
 from tests.integration.kafka_helpers import read_topic
 from tests.integration.test_worker_group import produce
 from tests.state_check import applied, assert_live_equals_replay
@@ -71,24 +73,41 @@ def test_a_worker_group_grows_and_loses_a_member_to_kill_9_and_loses_nothing(
     assert set(mf.catalogue()) == set(replayed.catalogue())  # every item learnt positive
 
 
-@pytest.mark.parametrize("handoff", [True, False])
+@pytest.mark.parametrize("handoff, interval_s", [(True, 0.0), (False, 0.0), (True, 0.5)])
 def test_a_lone_worker_hands_its_records_to_its_own_owners_without_the_topic(
-        settings, redis_client, spawn, handoff):
+        settings, redis_client, spawn, handoff, interval_s):
     """One worker holds every owner partition: with the local hand-off, records go from the
     outboxes straight to its owners and the item-deltas topic stays empty; without it, all of
-    them go through the topic. Either way the owners end in a replay's state."""
+    them go through the topic. Either way the owners end in a replay's state. With a hand-off
+    interval, the chunks committed meanwhile are handed off together: at most one hand-off
+    per interval."""
     s = settings.model_copy(update={"live_models": "session,mf", "state_writer": "owned",
-                                    "worker_batch_max": 50, "owned_local_handoff": handoff})
+                                    "worker_batch_max": 4, "owned_local_handoff": handoff,
+                                    "owned_handoff_interval_s": interval_s})
     events = list(UserSimulator(80, 500, seed=35).events(3000, time.time() - 3000))
-    worker = spawn(["worker", "--loglevel", "warn"], s)
-    produce(s, events)
+    metrics_port = free_port()
+    worker = spawn(["worker", "--loglevel", "warn"], s,
+                   STREAMREC_WORKER_METRICS_PORT=str(metrics_port))
+    started = time.monotonic()
+    for n in range(0, len(events), 100):  # over ~3 s: many chunks
+        produce(s, events[n:n + 100])
+        time.sleep(0.1)
     wait_for(lambda: applied(redis_client, s.key_prefix) >= len(events), 60, "all events",
              proc=worker)
     wait_for(lambda: owners_caught_up(redis_client, s), 60, "owners caught up", proc=worker)
+    elapsed_s = time.monotonic() - started
     assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
                               models=("session",), layout="owned")
     relayed = read_topic(s.kafka_bootstrap, s.topic_item_deltas, 1, 3)
     assert (relayed == []) if handoff else len(relayed) >= s.topic_partitions
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    handoffs = metric(text, "streamrec_item_delta_handoffs_total")
+    if not handoff:
+        assert handoffs == 0
+    elif interval_s:
+        assert 1 <= handoffs <= elapsed_s / interval_s + 1, (handoffs, elapsed_s)
+    else:  # a hand-off as each chunk commits: many more than one per 0.5 s
+        assert handoffs > elapsed_s / 0.5 + 1, (handoffs, elapsed_s)
 
 
 def test_models_that_claim_shared_rows_are_refused_in_the_owned_layout(redis_client, unique):

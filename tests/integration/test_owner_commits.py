@@ -12,7 +12,8 @@ import state.redis_store
 from infra.redis_client import sync_redis
 from online_models.registry import build
 from online_models.signals import SignalMapper
-from state.owner_commits import OwnerFenced, OwnerPartition, UntimedKeySweeper, owner_stores
+from state.owner_commits import (OwnerFenced, OwnerPartition, UntimedKeySweeper, owner_stores,
+                                 read_outboxes)
 from state.ownership import OwnedLayout
 from schemas.keys import RedisKeys
 from state.redis_store import build_on_redis
@@ -255,3 +256,27 @@ def test_records_of_a_history_redis_lost_are_applied_neither_before_nor_in_a_com
     assert client.hlen(outbox) == 0  # every entry applied once and deleted
     assert_serving_reads_the_replay(s, client, layout)
     client.close()
+
+
+def test_the_relay_reads_every_entry_or_only_those_it_has_to_send(owner_settings, client):
+    """``read_outboxes``: every entry of each outbox, oldest first; with what was sent up to
+    and the owners handed off locally, only the entries past it for other owners (the rest
+    are not read)."""
+    keys = RedisKeys(owner_settings.key_prefix)
+    client.set(keys.owned_epoch, b"e1")
+    client.hset(keys.outbox("interactions", 0),
+                mapping={"5:0": b"a", "5:1": b"b", "7:0": b"c", "7:2": b"d", "12:1": b"e"})
+    client.hset(keys.outbox("interactions", 1), mapping={"3:2": b"f"})
+    sources = [("interactions", 0), ("interactions", 1), ("interactions", 2)]
+    epoch, every = read_outboxes(client, keys, sources)
+    assert epoch == b"e1"
+    assert every == {("interactions", 0): [(5, 0, b"a"), (5, 1, b"b"), (7, 0, b"c"),
+                                           (7, 2, b"d"), (12, 1, b"e")],
+                     ("interactions", 1): [(3, 2, b"f")], ("interactions", 2): []}
+    epoch, unsent = read_outboxes(client, keys, sources, {("interactions", 0): 5}, {0})
+    assert epoch == b"e1"
+    assert unsent == {("interactions", 0): [(7, 2, b"d"), (12, 1, b"e")],
+                      ("interactions", 1): [(3, 2, b"f")], ("interactions", 2): []}
+    assert read_outboxes(client, keys, sources, {("interactions", 0): 12,
+                                                 ("interactions", 1): 3})[1] == {
+        source: [] for source in sources}
