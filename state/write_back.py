@@ -179,16 +179,19 @@ class WriteBackStore(MemoryStore):
             row = rows.get(key)
             if row is None:
                 rows[key] = row = {}
+            changed = changes.get(key)
+            if changed is None:
+                changes[key] = changed = set()
             if add:
                 get = row.get
                 for member, value in update.items():
                     row[member] = get(member, 0.0) + value
-            else:
+                changed.update(update)
+            else:  # a member set to the score it has is not written again
+                get = row.get
+                changed.update(member for member, value in update.items()
+                               if get(member) != value)
                 row.update(update)
-            changed = changes.get(key)
-            if changed is None:
-                changes[key] = changed = set()
-            changed.update(update)
             if limit is not None and len(row) > limit:
                 before = set(row)
                 trim_row(row, keep_top)

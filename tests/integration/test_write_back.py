@@ -89,6 +89,22 @@ def test_coalescing_writes_a_member_once_per_flush(redis_client, unique):
     assert reader.get_rows("cooc", ["a"]) == [{"b": 50.0, "c": 0.5}]  # the writer's row wins
 
 
+def test_a_member_set_to_the_score_it_has_is_not_written_again(redis_client, unique):
+    """Catalogues set members' scores batch after batch (popularity: 1.0 for every item
+    seen): only members whose score changed reach Redis."""
+    store = WriteBackStore(RedisStore(redis_client, f"t{unique}", "x",
+                                      sorted_set_tables=("catalog",)), complete=True)
+    for scores in ({"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 2.0}):
+        batch = WriteBatch()
+        with store.deferred(batch):
+            store.set_rows("catalog", {"all": scores})
+        assert batch.commit(redis_client, [f"t{unique}:w"], [None])
+        if scores["b"] == 1.0:  # what the next flush would overwrite, were "a" written again
+            redis_client.zadd(store.reader.key("catalog", "all"), {"a": 7.0})
+    reader = RedisStore(redis_client, f"t{unique}", "x", sorted_set_tables=("catalog",))
+    assert reader.get_rows("catalog", ["all"]) == [{"a": 7.0, "b": 2.0}]
+
+
 def _expiring_writer(client, prefix, clock, held_keys=1_000_000, complete=True):
     reader = RedisStore(client, prefix, "x", local_ttl_s=100, shared_ttl_s=1000,
                         rows_as_strings=True, expires_by_writer=True)
