@@ -315,6 +315,9 @@ class VectorTable(MutableMapping):
     def _gathered(self, rows: np.ndarray, dim: int) -> np.ndarray:
         if not self.index:
             return np.zeros((len(rows), dim), np.float32)
+        if self.matrix.shape[1] != dim:
+            raise ValueError(f"{dim}-dimension vectors asked of a table of "
+                             f"{self.matrix.shape[1]}")
         out = self.matrix.take(rows, axis=0)  # a copy; -1 takes the last row: zeroed below
         absent = rows < 0
         if absent.any():

@@ -705,6 +705,14 @@ def test_vector_table_holds_vectors_as_rows_of_one_matrix():
     store.set_vectors("t", ["x"], np.ones((1, 2)))
     store.add_vectors("t", ["x", "y", "x"], np.full((3, 2), 0.5), np.full((3, 2), 10.0))
     assert store.get_vectors("t", ["x", "y"], 2)[0].tolist() == [[1.5, 1.5], [10.5, 10.5]]
+    # distinct keys (one row lookup each): new keys grow the matrix, stored ones add up
+    fresh = [f"n{i}" for i in range(100)]
+    store.add_vectors("t", ["x", *fresh], np.ones((101, 2)), np.full((101, 2), 2.0))
+    got, found = store.get_vectors("t", ["x", "n0", "n99", "zz"], 2)
+    assert found.tolist() == [True, True, True, False]
+    assert got.tolist() == [[2.5, 2.5], [3, 3], [3, 3], [0, 0]]
+    with pytest.raises(ValueError, match="3-dimension vectors asked of a table of 2"):
+        store.get_vectors("t", ["x"], 3)
 
 
 @pytest.mark.parametrize("seed", range(3))
