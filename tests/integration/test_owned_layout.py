@@ -33,14 +33,17 @@ def owners_caught_up(client, s) -> bool:
                        s.topic_partitions)
 
 
-@pytest.mark.parametrize("redis_kind, handoff", [("server", True), ("server", False),
-                                                 ("cluster", True)])
+@pytest.mark.parametrize("redis_kind, handoff, interval_s", [
+    ("server", True, 0.0), ("server", False, 0.0), ("cluster", True, 0.0),
+    ("server", True, 0.3)])
 def test_a_worker_group_grows_and_loses_a_member_to_kill_9_and_loses_nothing(
-        settings, request, spawn, redis_kind, handoff):
+        settings, request, spawn, redis_kind, handoff, interval_s):
     """handoff: records for a worker's own owner partitions skip the item-deltas topic (off:
-    every record goes through Kafka)."""
+    every record goes through Kafka); interval_s: hand-offs spaced (a killed worker leaves
+    records applied in its owners' memory and not committed)."""
     s = settings.model_copy(update={"live_models": "session,mf", "state_writer": "owned",
-                                    "worker_batch_max": 20, "owned_local_handoff": handoff})
+                                    "worker_batch_max": 20, "owned_local_handoff": handoff,
+                                    "owned_handoff_interval_s": interval_s})
     if redis_kind == "cluster":  # each source partition's part commits on its own
         s = s.model_copy(update={"redis_url": request.getfixturevalue("redis_cluster").url})
     redis_client = sync_redis(s.redis_url)
