@@ -293,6 +293,15 @@ def _add_float32(current: np.ndarray, delta: np.ndarray) -> np.ndarray:
 _ZERO = 0.0  # a new member starts at 0.0, as in Redis (-0.0 + 0.0 is 0.0)
 
 
+def _last_of_each(keys: Sequence[str], *arrays: np.ndarray):
+    """``keys`` with each key once (its last occurrence), and the arrays' rows to match."""
+    if len(set(keys)) == len(keys):
+        return keys, arrays
+    last = {key: n for n, key in enumerate(keys)}
+    rows = list(last.values())
+    return list(last), tuple(array[rows] for array in arrays)
+
+
 class VectorTable(MutableMapping):
     """One table's vectors (key → float32[dim]) as rows of one growing matrix, so a batch's
     vectors are gathered and scattered at once, with no Python object per vector. As a
@@ -326,35 +335,31 @@ class VectorTable(MutableMapping):
 
     def scatter(self, keys: Sequence[str], vectors: np.ndarray) -> None:
         """Store each key's vector (copied in); a key given twice keeps its last one."""
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if len(set(keys)) != len(keys):
-            last = {key: n for n, key in enumerate(keys)}
-            keys, vectors = list(last), vectors[list(last.values())]
+        keys, (vectors,) = _last_of_each(keys, np.asarray(vectors, dtype=np.float32))
         if not len(keys):
             return
         self._fit(vectors.shape[1])
         rows = self.rows_of(keys)
-        for n in np.flatnonzero(rows < 0).tolist():
-            rows[n] = self._new_row(keys[n])
+        self._place(keys, rows)
         self.matrix[rows] = vectors
 
     def add(self, keys: Sequence[str], deltas: np.ndarray, base: np.ndarray) -> None:
         """Add float32 ``deltas`` to the keys' vectors, a key not stored starting from its
         ``base`` row (a key given twice: its last delta, added to the stored vector)."""
-        if len(set(keys)) != len(keys):
-            current, found = self.gather(keys, deltas.shape[1])
-            current[~found] = base[~found]
-            self.scatter(keys, _add_float32(current, deltas))
-            return
+        keys, (deltas, base) = _last_of_each(keys, deltas, base)
         self._fit(deltas.shape[1])
         rows = self.rows_of(keys)
         absent = rows < 0
         current = self._gathered(rows, deltas.shape[1])
         current[absent] = base[absent]
         summed = _add_float32(current, deltas)
-        for n in np.flatnonzero(absent).tolist():  # the matrix may grow: after the gather
-            rows[n] = self._new_row(keys[n])
+        self._place(keys, rows)  # the matrix may grow: after the gather
         self.matrix[rows] = summed
+
+    def _place(self, keys: Sequence[str], rows: np.ndarray) -> None:
+        """Give each key without a row (-1 in ``rows``) one, in ``rows``."""
+        for n in np.flatnonzero(rows < 0).tolist():
+            rows[n] = self._new_row(keys[n])
 
     def _fit(self, dim: int) -> None:
         if self.matrix.shape[1] != dim:

@@ -308,33 +308,30 @@ def read_outboxes(client, keys: RedisKeys, sources: list[tuple[str, int]],
         for topic, partition in sources:
             (pipe.hgetall if sent_up_to is None else pipe.hkeys)(keys.outbox(topic, partition))
         epoch, *outboxes = pipe.execute()
-    if sent_up_to is not None:
-        wanted = [[field for field in fields if _field_wanted(
-            field, sent_up_to.get(source, -1), skip_owners)]
-            for source, fields in zip(sources, outboxes)]
-        outboxes = [{} for _ in sources]
+    if sent_up_to is None:
+        found = [[(*_outbox_entry(field), record) for field, record in outbox.items()]
+                 for outbox in outboxes]
+    else:
+        wanted = [[(field, entry) for field, entry in zip(fields, map(_outbox_entry, fields))
+                   if entry[0] > sent_up_to.get(source, -1) and entry[1] not in skip_owners]
+                  for source, fields in zip(sources, outboxes)]
+        found = [[] for _ in sources]
         if any(wanted):
             with client.pipeline(transaction=False) as pipe:
                 for (topic, partition), fields in zip(sources, wanted):
                     if fields:
-                        pipe.hmget(keys.outbox(topic, partition), fields)
+                        pipe.hmget(keys.outbox(topic, partition), [f for f, _ in fields])
                 records = iter(pipe.execute())
-            outboxes = [dict(zip(fields, next(records))) if fields else {}
-                        for fields in wanted]
-    entries = {}
-    for source, outbox in zip(sources, outboxes):
-        due = []
-        for field, record in outbox.items():
-            if record is not None:
-                offset, _, owner = field.decode().partition(":")
-                due.append((int(offset), int(owner), record))
-        entries[source] = sorted(due)
-    return epoch, entries
+            found = [[(*entry, record) for (_, entry), record in zip(fields, next(records))
+                      if record is not None] if fields else []
+                     for fields in wanted]
+    return epoch, {source: sorted(due) for source, due in zip(sources, found)}
 
 
-def _field_wanted(field: bytes, sent_up_to: int, skip_owners: Collection[int]) -> bool:
+def _outbox_entry(field: bytes) -> tuple[int, int]:
+    """An outbox field's (source offset, owner partition): ``b"<offset>:<owner>"``."""
     offset, _, owner = field.partition(b":")
-    return int(offset) > sent_up_to and int(owner) not in skip_owners
+    return int(offset), int(owner)
 
 
 def hop_settled(client, keys: RedisKeys, topic: str, partitions: int) -> bool:

@@ -182,13 +182,12 @@ class WriteBackStore(MemoryStore):
             changed = changes.get(key)
             if changed is None:
                 changes[key] = changed = set()
+            get = row.get
             if add:
-                get = row.get
                 for member, value in update.items():
                     row[member] = get(member, 0.0) + value
                 changed.update(update)
             else:  # a member set to the score it has is not written again
-                get = row.get
                 changed.update(member for member, value in update.items()
                                if get(member) != value)
                 row.update(update)

@@ -57,9 +57,7 @@ _to_relay: set[tuple[str, int]] = set()  # source partitions whose outbox may ho
 _sent_up_to: dict[tuple[str, int], int] = {}
 _sent_epoch: bytes | None = None  # the epoch those were sent under
 _relay_due = asyncio.Event()
-#: source partitions whose entries for this worker's owners wait for the next hand-off
-_handoff_sources: set[tuple[str, int]] = set()
-_handoff_timer: asyncio.TimerHandle | None = None
+_handoff_timer: asyncio.TimerHandle | None = None  # the relay pass of the next hand-off
 #: item partition → its records' epochs, the records and their item-deltas offsets
 Batch = dict[int, tuple[list[bytes | None], list[bytes], list[int]]]
 #: threads of their own: the owners' and the relay's Redis work never waits behind a chunk's
@@ -137,15 +135,14 @@ async def relay_outboxes() -> None:
 
 
 def _hand_off_later(sources: list[tuple[str, int]], delay_s: float) -> None:
-    """A relay pass for ``sources`` once the next hand-off is due (one timer at a time)."""
+    """A relay pass for ``sources`` once the next hand-off is due (one timer at a time;
+    an earlier pass takes them along)."""
     global _handoff_timer
-    _handoff_sources.update(sources)
+    _to_relay.update(sources)
     if _handoff_timer is None:
         def due() -> None:
             global _handoff_timer
             _handoff_timer = None
-            _to_relay.update(_handoff_sources)
-            _handoff_sources.clear()
             _relay_due.set()
         _handoff_timer = asyncio.get_running_loop().call_later(max(delay_s, 0.0), due)
 
