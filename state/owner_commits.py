@@ -39,7 +39,7 @@ from typing import Collection, Mapping
 import msgspec
 
 from infra.redis_client import mget_any
-from state.ownership import Owner
+from state.ownership import Owner, outbox_entry, outbox_field
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
                                build_on_redis)
 from state.write_back import WriteBackStore
@@ -185,7 +185,7 @@ class OwnerPartition:
         for source, offset in _decode_sources(record)[0].items():
             topic, _, partition = source.rpartition(":")
             entries.append((self.keys.outbox(topic, int(partition)),
-                            f"{offset}:{self.partition}"))
+                            outbox_field(offset, self.partition)))
         return entries
 
     def apply_sent(self, epochs: list[bytes | None], records: list[bytes],
@@ -309,10 +309,10 @@ def read_outboxes(client, keys: RedisKeys, sources: list[tuple[str, int]],
             (pipe.hgetall if sent_up_to is None else pipe.hkeys)(keys.outbox(topic, partition))
         epoch, *outboxes = pipe.execute()
     if sent_up_to is None:
-        found = [[(*_outbox_entry(field), record) for field, record in outbox.items()]
+        found = [[(*outbox_entry(field), record) for field, record in outbox.items()]
                  for outbox in outboxes]
     else:
-        wanted = [[(field, entry) for field, entry in zip(fields, map(_outbox_entry, fields))
+        wanted = [[(field, entry) for field, entry in zip(fields, map(outbox_entry, fields))
                    if entry[0] > sent_up_to.get(source, -1) and entry[1] not in skip_owners]
                   for source, fields in zip(sources, outboxes)]
         found = [[] for _ in sources]
@@ -326,12 +326,6 @@ def read_outboxes(client, keys: RedisKeys, sources: list[tuple[str, int]],
                       if record is not None] if fields else []
                      for fields in wanted]
     return epoch, {source: sorted(due) for source, due in zip(sources, found)}
-
-
-def _outbox_entry(field: bytes) -> tuple[int, int]:
-    """An outbox field's (source offset, owner partition): ``b"<offset>:<owner>"``."""
-    offset, _, owner = field.partition(b":")
-    return int(offset), int(owner)
 
 
 def hop_settled(client, keys: RedisKeys, topic: str, partitions: int) -> bool:

@@ -69,6 +69,18 @@ def positions_by_owner(keys: Sequence[str], partitions: int) -> dict[int, np.nda
             if end > start}
 
 
+def outbox_field(offset: int, owner: int) -> str:
+    """The outbox field of a record of a source partition's chunk ending at ``offset`` for
+    owner partition ``owner`` (``RedisKeys.outbox``: ``<source offset>:<owner>``)."""
+    return f"{offset}:{owner}"
+
+
+def outbox_entry(field: bytes) -> tuple[int, int]:
+    """An outbox field's (source offset, owner partition): :func:`outbox_field` read back."""
+    offset, _, owner = field.partition(b":")
+    return int(offset), int(owner)
+
+
 def held_state(stores: Sequence[MemoryStore]) -> tuple[dict, dict]:
     """What memory stores hold together, as plain data to compare with ``==``: (table → key
     → row, table → key → vector bytes, bit for bit)."""

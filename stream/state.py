@@ -51,7 +51,7 @@ from infra.settings import Settings
 from online_models.base import OnlineModel
 from online_models.signals import SignalBatch, SignalMapper
 from infra.redis_client import is_cluster, sync_redis
-from state.ownership import DeltaRecorder
+from state.ownership import DeltaRecorder, outbox_field
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
                                build_live_models, queue_script,
                                require_single_on_cluster)
@@ -686,7 +686,8 @@ class LiveState:
         records = self.deltas.take_records({f"{topic}:{partition}": offset})
         if records:
             writes.hset(self.keys.outbox(topic, partition),
-                        {f"{offset}:{owner}": record for owner, record in records.items()})
+                        {outbox_field(offset, owner): record
+                         for owner, record in records.items()})
             result.outboxes.append(source)
 
     def new_epoch(self) -> None:
