@@ -223,6 +223,10 @@ class Settings(BaseSettings):
     neighbourhoods_wanted_s: float = Field(
         60.0, gt=0, description="Serving: an item's neighbourhood is published while some "
         "serving process asked for it within this long.")
+    neighbourhoods_recount_s: float = Field(
+        30.0, ge=0, description="Serving: a published neighbourhood whose recent sessions "
+        "and their items did not change is kept (not counted again) for up to this long: the "
+        "most its members' session counts and idf's N lag; 0 counts every one each round.")
     neighbourhoods_max_items: int = Field(
         100_000, ge=1, description="Serving: at most this many (the most recently asked "
         "for) neighbourhoods are published.")

@@ -43,7 +43,7 @@ Example
 from __future__ import annotations
 
 import logging
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import msgspec
 import numpy as np
@@ -70,6 +70,30 @@ class ItemCounts(NamedTuple):
     df_items: list[float]  # the items' session counts
     sampled: list[int]  # how many recent sessions of each item were read
     rules: sp.csr_matrix | None  # items × vocabulary: rules scored at read time (or None)
+
+
+class SessionSample(NamedTuple):
+    """Some items' recent sessions as read: all their neighbourhoods are counted from (with
+    the members' session counts and idf's N)."""
+
+    sampled: list[dict[str, float]]  # per item, its recent sessions: {session: time}
+    sessions: list[str]  # the sessions they name, sorted
+    session_items: list[dict[str, float]]  # per session, its items: {item: position}
+
+    def fingerprints(self) -> list[int]:
+        """Per item, a hash of its sample (its sessions and each one's items): an item whose
+        hash is unchanged has the neighbourhood it had (but for session counts and N)."""
+        of_session = {s: hash(tuple(row.items()))
+                      for s, row in zip(self.sessions, self.session_items)}
+        return [hash((tuple(row.items()), tuple(of_session[s] for s in row)))
+                for row in self.sampled]
+
+    def of_items(self, positions: list[int]) -> "SessionSample":
+        """The sample of the items at ``positions`` only."""
+        sampled = [self.sampled[p] for p in positions]
+        sessions = sorted({s for row in sampled for s in row})
+        items_of = dict(zip(self.sessions, self.session_items))
+        return SessionSample(sampled, sessions, [items_of[s] for s in sessions])
 
 
 class KeptRows(NamedTuple):
@@ -211,15 +235,30 @@ class SessionModel(OnlineModel):
         (:mod:`serving.neighbour_rows`). Items with none published are counted here."""
         self._read_published = read
 
-    def published_rows(self, items: list[str]) -> list[bytes]:
+    def published_rows(self, items: list[str], counted_from: Mapping[str, int] | None = None
+                       ) -> tuple[list[bytes | None], list[int]]:
         """Each item's neighbourhood counted now (never read from another process), packed
         for others to read: members as 64-bit name hashes (:func:`online_models.base.item_hash`)
         with their names, counts, session counts, rules and idf's N (format
-        :data:`PUBLISHED_FORMAT`, msgpack)."""
+        :data:`PUBLISHED_FORMAT`, msgpack); and each one's sample fingerprint
+        (:meth:`SessionSample.fingerprints`). An item whose fingerprint is its
+        ``counted_from`` one is not counted again: None."""
+        sample = self._read_sample(items)
+        prints = sample.fingerprints()
+        counted_from = counted_from or {}
+        due = [p for p, (item, fingerprint) in enumerate(zip(items, prints))
+               if counted_from.get(item) != fingerprint]
+        packed: list[bytes | None] = [None] * len(items)
+        if not due:
+            return packed, prints
         kept = self._kept_rows()
         total = self._sessions_total(kept) if self.use_idf else None
-        return [hood.pack(kept.hashes, total, self._counted_as())
-                for hood in self._count_neighbourhoods(items, kept, total)]
+        hoods = self._count_neighbourhoods([items[p] for p in due], kept, total,
+                                           sample if len(due) == len(items)
+                                           else sample.of_items(due))
+        for p, hood in zip(due, hoods):
+            packed[p] = hood.pack(kept.hashes, total, self._counted_as())
+        return packed, prints
 
     def _counted_as(self) -> str:
         """The options that shape a counted neighbourhood: a published one counted with
@@ -308,9 +347,11 @@ class SessionModel(OnlineModel):
         return total
 
     def _count_neighbourhoods(self, items: list[str], kept: KeptRows,
-                              total: float | None = None) -> list["_Neighbourhood"]:
-        """Count the items' neighbourhoods now (``total``: idf's N, read where not given)."""
-        found = self._item_counts(items, kept)
+                              total: float | None = None, sample: SessionSample | None = None
+                              ) -> list["_Neighbourhood"]:
+        """Count the items' neighbourhoods now (``total``: idf's N, and ``sample``: their
+        recent sessions, read where not given)."""
+        found = self._item_counts(items, kept, sample or self._read_sample(items))
         if found is None:
             return [_Neighbourhood(item) for item in items]
         codes, counts = found.codes, found.counts
@@ -331,13 +372,18 @@ class SessionModel(OnlineModel):
             out.append(hood)
         return out
 
-    def _item_counts(self, items: list[str], kept: KeptRows) -> ItemCounts | None:
-        """``c(i, j)`` of these items over their recent sessions (None where none has any):
-        one row read per item and per sampled session, and the session counts once."""
-        store = self.store
-        sampled = store.get_rows("isess", items)
+    def _read_sample(self, items: list[str]) -> SessionSample:
+        """The items' recent sessions: one row read per item and per sampled session."""
+        sampled = self.store.get_rows("isess", items)
         sessions = sorted({s for row in sampled for s in row})
-        session_items = store.get_local_rows("sess", sessions) if sessions else []
+        return SessionSample(sampled, sessions,
+                             self.store.get_local_rows("sess", sessions) if sessions else [])
+
+    def _item_counts(self, items: list[str], kept: KeptRows, sample: SessionSample
+                     ) -> ItemCounts | None:
+        """``c(i, j)`` of these items over their recent sessions (``sample``; None where none
+        has any), with the session counts read once."""
+        sampled, sessions, session_items = sample
         vocab = vocabulary(session_items)
         if not vocab:
             return None

@@ -17,9 +17,12 @@ Here the feed builder's process counts them for all of them:
   items' neighbourhoods every ``STREAMREC_NEIGHBOURHOODS_INTERVAL_S`` and writes them,
   packed (``SessionModel.published_rows``), with a TTL of three intervals (or three rounds,
   when a round takes longer): if it stops, serving falls back to counting within seconds.
-  A round goes 100 items at a time between feed rounds. It recounts every wanted item each
-  round, changed or not: its cost grows with the items serving asks for, not with the API
-  processes that read them.
+  A round goes 100 items at a time between feed rounds. Its cost grows with the items
+  serving asks for, not with the API processes that read them; an item whose recent
+  sessions and their items are as they were when it was last counted (the sample's
+  fingerprint, ``SessionSample.fingerprints``) is not counted again: its published
+  neighbourhood is kept (its TTL renewed) for up to ``STREAMREC_NEIGHBOURHOODS_RECOUNT_S``,
+  the most its members' session counts and idf's N may lag.
 
 A published neighbourhood is at most one interval plus one round old when it is read, then
 kept ``STREAMREC_SERVING_ROWS_MAX_AGE_S`` as before. With the state unchanged, lists are the
@@ -93,10 +96,15 @@ class NeighbourhoodPublisher:
     does a whole round."""
 
     def __init__(self, model, client, keys: RedisKeys, interval_s: float, wanted_s: float,
-                 max_items: int, chunk: int = 100) -> None:
+                 max_items: int, recount_s: float = 30.0, chunk: int = 100) -> None:
         self.model = model  # a SessionModel of its own: it counts, never reads published rows
         self.client, self.keys = client, keys
         self.interval_s, self.wanted_s, self.max_items = interval_s, wanted_s, max_items
+        self.recount_s = recount_s
+        #: item → the fingerprint of the sample its published neighbourhood was counted
+        #: from, and when (time.monotonic); items of the current and the last round only
+        self._counted: dict[str, tuple[int, float]] = {}
+        self.counted = self.kept = 0  # the last round's items counted, and kept as published
         # items counted per step: Redis runs a chunk's reads as one script each, serving no
         # one else meanwhile (500 items: 3.2 ms a script on average; 100: 1.0 ms; 50: 0.6 ms
         # but 15 % more Redis CPU in all)
@@ -123,7 +131,7 @@ class NeighbourhoodPublisher:
         model.cache_rows(settings.serving_rows_max_age_s)
         return cls(model, client, RedisKeys(settings.key_prefix),
                    settings.neighbourhoods_interval_s, settings.neighbourhoods_wanted_s,
-                   settings.neighbourhoods_max_items)
+                   settings.neighbourhoods_max_items, settings.neighbourhoods_recount_s)
 
     def until_due(self) -> float:
         """Seconds until the next round may start (0: now, or one is in progress)."""
@@ -149,15 +157,16 @@ class NeighbourhoodPublisher:
             return False
         if self._written == len(self._round):  # a new round
             self._started = time.monotonic()
+            last = set(self._round)
             self._round, self._written = self.wanted(), 0
+            self._counted = {item: counted for item, counted in self._counted.items()
+                             if item in last}  # bounded: those of the last round
+            self.counted = self.kept = 0
             # written rows outlive three rounds: serving never finds them gone between two
             self._ttl_ms = int(3000 * max(self.interval_s, self.round_s))
         chunk = self._round[self._written:self._written + self.chunk]
         if chunk:
-            with self.client.pipeline(transaction=False) as pipe:
-                for item, packed in zip(chunk, self.model.published_rows(chunk)):
-                    pipe.set(self.keys.neighbourhood(item), packed, px=self._ttl_ms)
-                pipe.execute()
+            self._publish(chunk)
         self._written += len(chunk)
         if self._written < len(self._round):
             return True
@@ -166,6 +175,36 @@ class NeighbourhoodPublisher:
             log.warning("a round of %d neighbourhoods took %.2f s, over the %.2f s interval",
                         len(self._round), self.round_s, self.interval_s)
         return False
+
+    def _publish(self, items: list[str]) -> None:
+        """Write the items' neighbourhoods: counted, or (sample unchanged, counted within
+        ``recount_s``) the published one's TTL renewed; counted after all where it is gone."""
+        now = time.monotonic()
+        fresh = {item: counted[0] for item in items
+                 if (counted := self._counted.get(item)) and now - counted[1] < self.recount_s}
+        packed, prints = self.model.published_rows(items, fresh)
+        with self.client.pipeline(transaction=False) as pipe:
+            for item, row in zip(items, packed):
+                if row is None:
+                    pipe.pexpire(self.keys.neighbourhood(item), self._ttl_ms)
+                else:
+                    pipe.set(self.keys.neighbourhood(item), row, px=self._ttl_ms)
+            renewed = pipe.execute()
+        gone = [item for item, row, done in zip(items, packed, renewed)
+                if row is None and not done]  # expired, evicted, Redis restarted
+        if gone:
+            again, again_prints = self.model.published_rows(gone)
+            with self.client.pipeline(transaction=False) as pipe:
+                for item, row in zip(gone, again):
+                    pipe.set(self.keys.neighbourhood(item), row, px=self._ttl_ms)
+                pipe.execute()
+        counted = [(item, fingerprint) for item, row, fingerprint in zip(items, packed, prints)
+                   if row is not None]
+        if gone:
+            counted += zip(gone, again_prints)
+        self._counted.update((item, (fingerprint, now)) for item, fingerprint in counted)
+        self.counted += len(counted)
+        self.kept += len(items) - len(counted)
 
     def publish(self) -> int:
         """A whole round now; returns how many neighbourhoods it wrote."""

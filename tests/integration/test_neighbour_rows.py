@@ -12,6 +12,7 @@ from schemas.keys import RedisKeys
 from serving.feeds import FeedBuilder
 from serving.neighbour_rows import NeighbourhoodPublisher
 from stream.simulator import UserSimulator
+from schemas.events import Interaction
 from stream.state import LiveState, SourceMessage
 
 
@@ -108,6 +109,47 @@ def test_a_round_goes_a_chunk_a_step_so_feed_rounds_interleave(state, redis_clie
     assert publisher.step() is False and publisher.publish() == 5  # a whole round on demand
 
 
+def test_a_round_counts_only_the_neighbourhoods_whose_sessions_changed(state, redis_client):
+    """Unchanged samples: the published rows are kept (TTLs renewed), not counted; a session
+    that gains an item gets its items counted again; a published row that is gone, or one
+    kept for ``recount_s``, is counted again. Serving's lists equal those counted in place."""
+    settings, users = state
+    settings = settings.model_copy(update={"neighbourhoods_recount_s": 60})
+    keys = RedisKeys(settings.key_prefix)
+    FeedBuilder(settings, redis_client).compute(users, 10, source="on_demand")
+    publisher = NeighbourhoodPublisher.for_settings(settings, redis_client)
+    wanted = publisher.publish()
+    assert publisher.counted == wanted > 20 and publisher.kept == 0
+
+    publisher.interval_s = 60  # the rows kept get three intervals: 180 s
+    assert publisher.publish() == wanted
+    assert (publisher.counted, publisher.kept) == (0, wanted)  # nothing changed
+    assert all(redis_client.pttl(keys.neighbourhood(i)) > 60_000 for i in publisher._round)
+
+    # one session gains an item: its items' neighbourhoods change, no other
+    item = publisher._round[0]
+    [sessions] = publisher.model.store.get_rows("isess", [item])
+    session = sorted(sessions)[0]
+    event = Interaction(event_id="grows", user_id=session, session_id=session,
+                        item_id="a-new-item", type="click", timestamp=time.time())
+    LiveState.for_worker(settings).apply_messages([SourceMessage("interactions", 0, 10**6,
+                                                                 [event])])
+    holding = {i for i, row in zip(publisher._round, publisher.model.store.get_rows(
+        "isess", publisher._round)) if session in row}
+    redis_client.delete(keys.neighbourhood(publisher._round[-1]))  # gone (evicted, say)
+    assert publisher.publish() == wanted
+    assert publisher.counted == len(holding | {publisher._round[-1]}) < wanted
+    assert publisher.kept == wanted - publisher.counted
+    assert all(redis_client.exists(keys.neighbourhood(i)) for i in publisher._round)
+
+    counted_here = lists(FeedBuilder(settings.model_copy(update={
+        "neighbourhoods_interval_s": 0}), redis_client).compute(users, 10, source="on_demand"))
+    assert lists(FeedBuilder(settings, redis_client).compute(users, 10, source="on_demand")
+                 ) == counted_here
+
+    publisher.recount_s = 0  # kept long enough: counted again, changed or not
+    assert publisher.publish() == wanted and publisher.counted == wanted
+
 
 def test_a_round_reads_each_members_session_count_once_not_once_a_chunk(state, redis_client,
                                                                         monkeypatch):
@@ -124,6 +166,7 @@ def test_a_round_reads_each_members_session_count_once_not_once_a_chunk(state, r
     redis_client.zadd(keys.neighbourhoods_wanted, {f"i{n}": time.time() for n in range(10)})
     assert publisher.publish() == 10
     assert read and len(read) == len(set(read))
+
 
 def test_lists_are_served_while_redis_refuses_serving_writes():
     """Redis at maxmemory refuses writes: serving's two on its list path (marking the

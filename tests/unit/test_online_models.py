@@ -218,7 +218,7 @@ def test_published_neighbourhoods_read_elsewhere_equal_the_ones_counted(rules):
     evs = random_sessions(seed=3, n_sessions=60, n_items=25)
     publisher = learn_in_batches(SessionModel(rules=rules), evs, 50)
     items = [f"i{n}" for n in range(27)]  # two never seen: published empty
-    published = dict(zip(items, publisher.published_rows(items)))
+    published = dict(zip(items, publisher.published_rows(items)[0]))
 
     reader = SessionModel(rules=rules)
     reader.store = publisher.store  # the same state, but codes of its own
@@ -243,11 +243,42 @@ def test_published_neighbourhoods_read_elsewhere_equal_the_ones_counted(rules):
     assert reader.knn_rows(["i25"]) == [{}]
 
 
+def test_a_neighbourhood_counted_from_the_same_sample_is_not_counted_again():
+    """The fingerprint of an item's sample (its sessions and their items) changes when one of
+    its sessions gains an item, and only then; items given their current fingerprint are not
+    counted (None), the others are counted as they would be alone."""
+    evs = random_sessions(seed=5, n_sessions=40, n_items=20)
+    model = learn_in_batches(SessionModel(), evs, 50)
+    items = [f"i{n}" for n in range(20)]
+    packed, prints = model.published_rows(items)
+    assert all(p is not None for p in packed)
+    assert model.published_rows(items, dict(zip(items, prints))) == ([None] * 20, prints)
+
+    counting = []
+    original = model._count_neighbourhoods
+    model._count_neighbourhoods = lambda names, *rest: counting.extend(names) or original(
+        names, *rest)
+    sessions_of_i3 = set(model.store.get_rows("isess", ["i3"])[0])
+    session = sorted(sessions_of_i3)[0]
+    model.learn(SignalMapper().map([click(session, "i19", 10_000)]))  # i3's session grows
+    changed = {i for i, row in zip(items, model.store.get_rows("isess", items))
+               if session in row}
+    again, new_prints = model.published_rows(items, dict(zip(items, prints)))
+    assert {i for i, p in zip(items, again) if p is not None} == changed == set(counting)
+    assert {i for i, a, b in zip(items, prints, new_prints) if a != b} == changed
+    assert "i3" in changed and len(changed) < 20
+    reader = SessionModel()  # what was counted for the changed items only, read elsewhere
+    reader.store = model.store
+    reader.read_published_rows(lambda wanted: [dict(zip(items, again))[i] for i in wanted])
+    reader._item_counts = None  # counting would fail: everything comes published
+    assert reader.knn_rows(sorted(changed)) == SessionModel.knn_rows(model, sorted(changed))
+
+
 def test_a_published_neighbourhood_of_another_format_or_broken_is_counted_again():
     evs = random_sessions(seed=4)
     model = learn_in_batches(SessionModel(), evs, 50)
     expected = model.knn_rows(["i1", "i2", "i3"])
-    [good] = model.published_rows(["i3"])
+    [good], _ = model.published_rows(["i3"])
     model.read_published_rows(lambda items: [b"\x93\x02\x00\x00", b"not msgpack \xc1",
                                              good][-len(items):])
     assert model.knn_rows(["i1", "i2", "i3"]) == expected
@@ -263,7 +294,7 @@ def test_neighbourhoods_published_with_other_counting_options_are_counted_again(
     reader = SessionModel(steps=5)
     reader.store = publisher.store
     expected = reader.rule_rows(["i1", "i2"])
-    published = dict(zip(["i1", "i2"], publisher.published_rows(["i1", "i2"])))
+    published = dict(zip(["i1", "i2"], publisher.published_rows(["i1", "i2"])[0]))
     assert publisher.rule_rows(["i1", "i2"]) != expected  # the options change the rows
     reader.read_published_rows(lambda items: [published[i] for i in items])
     assert reader.rule_rows(["i1", "i2"]) == expected
