@@ -121,10 +121,16 @@ def learn_live_state(settings: Settings, client, events, batch: int = 2000) -> N
 
     models = build_on_redis(settings.live_model_names, client, settings.key_prefix,
                             layout=settings.state_writer, writer=True)
-    learn_events(models.values(), events, batch)
+    learn_and_flush(models.values(), client, events, batch)
+
+
+def learn_and_flush(models, client, events, batch: int = 2000) -> None:
+    """:func:`learn_events`, then what the models' stores hold written out (a single
+    writer's held state) in one transaction."""
+    learn_events(models, events, batch)
     with client.pipeline(transaction=True) as pipe:
-        for model in models.values():
-            if hasattr(model.store, "flush"):  # a single writer's held state
+        for model in models:
+            if hasattr(model.store, "flush"):
                 model.store.flush(pipe)
         pipe.execute()
 
