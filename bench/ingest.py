@@ -94,6 +94,10 @@ def main() -> None:
     parser.add_argument("--freshness-s", type=float, default=20.0)
     parser.add_argument("--probes-per-s", type=float, default=10.0)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--event-time", choices=("sent", "simulator"), default="sent",
+                        help="events' timestamps advance at --rate a second (sent), or at the "
+                        "simulator's 100 a second (what runs before session 34 used: item "
+                        "times then change ~100× as often as live, per event)")
     parser.add_argument("--state-writer", choices=("shared", "single", "owned"),
                         default="shared",
                         help="STREAMREC_STATE_WRITER of the worker (single: model state in "
@@ -128,7 +132,10 @@ def main() -> None:
                                         vectors_topic: args.partitions},
                       compacted=(vectors_topic,))
         sim = UserSimulator(20_000, 50_000, seed=1)
-        events = list(sim.events(args.events, time.time() - args.events / 1000))
+        # event time as producers would stamp it: --rate events a second (the backlog ends
+        # now), or the simulator's own 100 a second (--event-time simulator, before session 34)
+        per_s = args.rate if args.event_time == "sent" else 100.0
+        events = list(sim.events(args.events, time.time() - args.events / per_s, per_s))
         with InteractionProducer(kafka.bootstrap, topic, max_batch_events=500) as producer:
             producer.send_many(events)
             producer.flush()
@@ -188,7 +195,7 @@ def main() -> None:
                       for name, cpu in cpu_of(processes).items()}
             # generated up front (~18 µs per event on a good day): simulating users during the
             # measurement would bill their cost to the machine the worker shares
-            load = list(sim.events(int(args.rate * args.freshness_s), time.time()))
+            load = list(sim.events(int(args.rate * args.freshness_s), time.time(), per_s))
             processes["load_generator"] = os.getpid()  # this process: producer + probes
             cpu_start = cpu_of(processes)
             steady_start = time.perf_counter()
