@@ -48,6 +48,12 @@ def seeded_vectors(ids: list[str], dim: int, scale: float, salt: str) -> np.ndar
     return ((uniform - 0.5) * (scale * np.sqrt(12.0))).astype(np.float32)
 
 
+#: The catalogue keeps each item's last positive time to this step (seconds): a popular
+#: item's entry is rewritten once a step, not at every batch (stores write a member only when
+#: its score changes); the newest ``max_items`` are kept, ties by name.
+CATALOGUE_TIME_STEP_S = 60.0
+
+
 class OnlineMF(OnlineModel):
     name = "mf"
     sorted_set_tables = ("catalog",)
@@ -101,10 +107,9 @@ class OnlineMF(OnlineModel):
         if len(batch) == 0:
             return LearnReport()
         positives = batch.items[batch.positive]
-        self.store.set_rows("catalog", {"all": dict(zip(positives.tolist(),
-                                                        batch.timestamps[batch.positive]
-                                                        .tolist()))},
-                            keep_top=self.max_items)
+        times = batch.timestamps[batch.positive]
+        self.store.set_rows("catalog", {"all": dict(zip(positives.tolist(), (
+            times - times % CATALOGUE_TIME_STEP_S).tolist()))}, keep_top=self.max_items)
         users, u_idx = factorize(batch.users)
         n_pos = len(positives)
         drawn = (self._rng.integers(n_pos, size=n_pos * self.negatives)

@@ -536,6 +536,19 @@ def _mf_epochs_reference(pu_all, qi_all, rows_u, rows_i, targets, weights, lr, r
             vecs += delta
 
 
+def test_mf_catalogue_keeps_last_positive_times_to_the_minute():
+    """An item clicked again within its minute keeps its catalogue score: the store has
+    nothing to write for it (a popular item's entry is not rewritten at every batch)."""
+    model = OnlineMF(factors=4)
+    start = 1.7e9 + 40  # a minute's start (click() adds 1.7e9 to its times)
+    assert start % 60 == 0
+    model.learn(SignalMapper().map([click("u", "x", 45), click("u", "y", 99)]))
+    assert model.store.get_rows("catalog", ["all"]) == [{"x": start, "y": start}]
+    model.learn(SignalMapper().map([click("v", "x", 70), click("v", "y", 101)]))
+    assert model.store.get_rows("catalog", ["all"]) == [{"x": start, "y": start + 60}]
+    assert model.catalogue() == ["x", "y"]
+
+
 def test_mf_kernel_takes_each_rows_mean_step():
     rng = np.random.default_rng(0)
     users, items = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(7, 8)).astype(
