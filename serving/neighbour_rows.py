@@ -104,7 +104,7 @@ class NeighbourhoodPublisher:
         #: item → the fingerprint of the sample its published neighbourhood was counted
         #: from, and when (time.monotonic); items of the current and the last round only
         self._counted: dict[str, tuple[int, float]] = {}
-        self.counted = self.kept = 0  # the last round's items counted, and kept as published
+        self.counted = self.kept = 0  # the current (or last) round's items counted, and kept
         # items counted per step: Redis runs a chunk's reads as one script each, serving no
         # one else meanwhile (500 items: 3.2 ms a script on average; 100: 1.0 ms; 50: 0.6 ms
         # but 15 % more Redis CPU in all)
@@ -182,32 +182,34 @@ class NeighbourhoodPublisher:
         now = time.monotonic()
         fresh = {item: counted[0] for item in items
                  if (counted := self._counted.get(item)) and now - counted[1] < self.recount_s}
-        packed, prints = self.model.published_rows(items, fresh)
-        with self.client.pipeline(transaction=False) as pipe:
-            for item, row in zip(items, packed):
-                if row is None:
-                    pipe.pexpire(self.keys.neighbourhood(item), self._ttl_ms)
-                else:
-                    pipe.set(self.keys.neighbourhood(item), row, px=self._ttl_ms)
-            renewed = pipe.execute()
-        gone = [item for item, row, done in zip(items, packed, renewed)
+        rows, prints = self.model.published_rows(items, fresh)
+        renewed = self._write(items, rows)
+        counted = [(item, fingerprint) for item, row, fingerprint in zip(items, rows, prints)
+                   if row is not None]
+        gone = [item for item, row, done in zip(items, rows, renewed)
                 if row is None and not done]  # expired, evicted, Redis restarted
         if gone:
-            again, again_prints = self.model.published_rows(gone)
-            with self.client.pipeline(transaction=False) as pipe:
-                for item, row in zip(gone, again):
-                    pipe.set(self.keys.neighbourhood(item), row, px=self._ttl_ms)
-                pipe.execute()
-        counted = [(item, fingerprint) for item, row, fingerprint in zip(items, packed, prints)
-                   if row is not None]
-        if gone:
-            counted += zip(gone, again_prints)
+            rows, prints = self.model.published_rows(gone)
+            self._write(gone, rows)
+            counted += zip(gone, prints)
         self._counted.update((item, (fingerprint, now)) for item, fingerprint in counted)
         self.counted += len(counted)
         self.kept += len(items) - len(counted)
 
+    def _write(self, items: list[str], rows: list[bytes | None]) -> list:
+        """SET each item's packed row, or renew the TTL of its published one (None); returns
+        the replies (a renewal's: whether the row was there)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for item, row in zip(items, rows):
+                if row is None:
+                    pipe.pexpire(self.keys.neighbourhood(item), self._ttl_ms)
+                else:
+                    pipe.set(self.keys.neighbourhood(item), row, px=self._ttl_ms)
+            return pipe.execute()
+
     def publish(self) -> int:
-        """A whole round now; returns how many neighbourhoods it wrote."""
+        """A whole round now; returns how many neighbourhoods it published (counted, or
+        kept)."""
         self._started = -float("inf")
         while self.step():
             pass
