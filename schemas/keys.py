@@ -372,7 +372,10 @@ class RedisKeys:
                     "tracking a TTL, and at start gives every one without a TTL its table's. "
                     "STREAMREC_STATE_WRITER=owned: the same for item-side strings, by their "
                     "owner partition (a worker whose owners start gives untimed ones a TTL); "
-                    "partition-local ones keep their TTL",
+                    "partition-local ones carry none while written, get their table's full "
+                    "TTL once unwritten a tenth of it (another worker may write them after a "
+                    "rebalance: never deleted, never an earlier deadline), and those a "
+                    "worker left get it from the next rebalance's sweep",
                     "stream worker (online models)",
                     "per-table caps (docs/models.md, models table)",
                     "Online model state (state/redis_store.py RedisStore): e.g. "
@@ -382,7 +385,8 @@ class RedisKeys:
                     "Cluster: `sr:m:<model>:<table>:{b<n>}:<key>`, n = CRC-32 of the "
                     "encoded key mod 256 (a batch's reads and writes: one call per bucket)."),
             KeySpec(f"{p}:m:<model>:expiry", "hash <table> → TTL in ms", "none",
-                    "stream worker (single writer; owned: item partition owners)",
+                    "stream worker (single writer; owned: workers and item partition "
+                    "owners)",
                     "one field per table",
                     "The TTL of each table whose keys the single writer (or an owner) writes "
                     "without one and expires itself; a writer taking over gives that TTL to "

@@ -70,13 +70,13 @@ def owner_stores(settings, client, clock=time.time) -> dict[str, WriteBackStore]
 
 
 class UntimedKeySweeper:
-    """Gives the keys of owners' tables that have no TTL their table's TTL
-    (:meth:`state.write_back.WriteBackStore.sweep_untimed_keys`, a SCAN), on a thread of its
-    own, once new owners start: keys a predecessor wrote (and, on a Redis Cluster, its redo
-    record's) would otherwise never expire. One sweep at a time; requests while one waits to start
-    share it, a request while one runs queues one more. A key another owner still writes
-    loses the TTL at its next write, and that owner deletes it once idle before the TTL
-    given here runs out."""
+    """Gives the keys of owners' (and workers' user-side) tables that have no TTL their
+    table's TTL (:meth:`state.write_back.WriteBackStore.sweep_untimed_keys`, a SCAN), on a
+    thread of its own, once new owners start and after each rebalance: keys a predecessor
+    wrote (and, on a Redis Cluster, its redo record's) would otherwise never expire. One
+    sweep at a time; requests while one waits to start share it, a request while one runs
+    queues one more. A key another writer still writes loses the TTL at its next write, and
+    that writer expires it once idle, never before the TTL given here runs out."""
 
     def __init__(self) -> None:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="expiry-sweep")

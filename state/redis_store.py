@@ -536,6 +536,14 @@ class RedisStore(StateStore):
         for name, deadline in deadlines.items():
             target.pexpireat(name, deadline)
 
+    def expire_after(self, names: list[str], ttl_ms: int) -> None:
+        """PEXPIRE each named key ``ttl_ms`` from now (keys a writer hands over to Redis
+        where another writer may write them later: :class:`state.write_back.WriteBackStore`'s
+        ``others_may_write``)."""
+        target = self._deferred or self.client
+        for name in names:
+            target.pexpire(name, ttl_ms)
+
     @property
     def expiry_key(self) -> str:
         """Hash table → TTL in ms of the tables whose keys the writer expires itself
@@ -713,9 +721,11 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
     group) holds its partition-local state in memory and records its item-side writes as
     delta records for ``item_partitions`` owner partitions (one
     :class:`state.ownership.ChunkDeltas` for all its models: ``model.store.deltas``), which
-    their owners apply (:mod:`state.owner_commits`); its keys are written with their TTLs.
+    their owners apply (:mod:`state.owner_commits`); its keys go without TTLs, handed to
+    Redis's TTLs once idle (``WriteBackStore(others_may_write=True)``).
     ``expires_by_writer``: rows written whole go without TTLs, their writer expires them
-    (always for ``single``'s writer; ``owned``: the stores of an item partition's owner).
+    (always for ``single``'s and ``owned``'s writers; the stores of an item partition's
+    owner).
     ``options``: constructor options by model name (``Settings.model_options``)."""
     from state.ownership import ChunkDeltas, DeltaRecorder
     from state.write_back import WriteBackStore  # it builds on this module
@@ -738,10 +748,11 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
                            local_ttl_s, shared_ttl_s, rows_as_strings=whole,
                            sorted_set_tables=model.sorted_set_tables,
                            expires_by_writer=whole and (expires_by_writer or (
-                               writer and layout == "single")))
-        if deltas is not None:
-            model.bind(DeltaRecorder(WriteBackStore(store, held_keys=held_keys), store, deltas,
-                                     name))
+                               writer and layout in ("single", "owned"))))
+        if deltas is not None:  # partitions move between the group's workers
+            model.bind(DeltaRecorder(WriteBackStore(store, held_keys=held_keys,
+                                                    others_may_write=True),
+                                     store, deltas, name))
         else:
             model.bind(WriteBackStore(store, held_keys=held_keys) if whole and writer
                        else store)

@@ -41,9 +41,11 @@ class WrittenKeys:
     :meth:`overflow` the oldest past ``capacity`` keys per table (to hand over to Redis TTLs),
     so the keys without a TTL — which Redis's ``volatile-lru`` cannot evict — stay bounded."""
 
-    def __init__(self, capacity: int, check_every_s: float = 3600.0) -> None:
+    def __init__(self, capacity: int, check_every_s: float = 3600.0,
+                 idle_share: float = 1.0) -> None:
         self.capacity = capacity
         self.check_every_s = check_every_s
+        self.idle_share = idle_share  # a key is idle once unwritten this share of its TTL
         self.last_written: dict[str, dict[str, float]] = {}
         self.ttl_s: dict[str, float] = {}
         self._next_check = 0.0
@@ -57,15 +59,16 @@ class WrittenKeys:
         written.update(zip(keys, repeat(now)))
 
     def idle(self, now: float) -> dict[str, list[str]]:
-        """Keys last written a TTL or more before ``now``, forgotten here; looked for at most
-        every ``check_every_s`` (or a tenth of the shortest TTL): a look scans every key noted
-        (~40 ms per million)."""
+        """Keys last written ``idle_share`` of a TTL or more before ``now``, forgotten here;
+        looked for at most every ``check_every_s`` (or a tenth of the shortest idle time): a
+        look scans every key noted (~40 ms per million)."""
         if now < self._next_check:
             return {}
-        self._next_check = now + min([self.check_every_s, *(t / 10 for t in self.ttl_s.values())])
+        self._next_check = now + min([self.check_every_s, *(
+            t * self.idle_share / 10 for t in self.ttl_s.values())])
         found = {}
         for table, written in self.last_written.items():
-            cutoff = now - self.ttl_s[table]
+            cutoff = now - self.ttl_s[table] * self.idle_share
             idle = [key for key, at in written.items() if at <= cutoff]
             for key in idle:
                 del written[key]
@@ -88,18 +91,32 @@ class WrittenKeys:
         return found
 
 
+#: Where another writer may write a key after this one (``others_may_write``), a key unwritten
+#: this share of its TTL is handed to Redis with its full TTL: it lives at most 1.1 TTLs idle.
+HANDED_OVER_IDLE_SHARE = 0.1
+
+
 class WriteBackStore(MemoryStore):
-    """Memory state + change tracking for one writer; see the module doc."""
+    """Memory state + change tracking for one writer; see the module doc.
+
+    ``others_may_write``: keys written without a TTL (``reader.expires_by_writer``) may be
+    written by another writer after this one (a worker group's partitions move), so this one
+    never deletes them nor gives them a deadline of its own: a key idle for
+    :data:`HANDED_OVER_IDLE_SHARE` of its TTL (or past ``held_keys``) gets its table's full TTL
+    from now (PEXPIRE) and leaves memory. That deadline is never earlier than the idle
+    deadline of any write before it, by whichever writer; a later write (MSET) clears it."""
 
     def __init__(self, reader: RedisStore, complete: bool = False,
-                 held_keys: int = 1_000_000, clock=time.time) -> None:
+                 held_keys: int = 1_000_000, clock=time.time,
+                 others_may_write: bool = False) -> None:
         super().__init__()
         self.reader = reader  # key names, formats, TTLs and reads of keys not held yet
         self.complete = complete
         self.held_keys = held_keys  # per table; past it the oldest clean keys are dropped
         self.clock = clock
+        self.others_may_write = others_may_write
         # keys written without a TTL (reader.expires_by_writer): this writer expires them
-        self.written = WrittenKeys(held_keys)
+        self.written = self._new_written_keys()
         self._expiry_recorded: set[str] = set()  # tables whose TTL is in reader.expiry_key
         self._last_flush: dict[str, set[str]] = {}  # keys whose commit may still be in flight
         self._row_changes: dict[str, dict[str, set[str]]] = {}  # table -> key -> members
@@ -315,6 +332,9 @@ class WriteBackStore(MemoryStore):
         if unrecorded:  # once per table, again after a failed commit (forget_cached)
             reader.note_expiry(unrecorded)
             self._expiry_recorded.update(unrecorded)
+        if self.others_may_write:
+            self._hand_over(reader, now)
+            return {}
         deleted = self.written.idle(now)
         for table, keys in deleted.items():
             reader.delete_names(reader.keys(table, keys))
@@ -329,6 +349,23 @@ class WriteBackStore(MemoryStore):
             reader.expire_at(dict(zip(reader.keys(table, deadlines),
                                       (int(at * 1000) for at in deadlines.values()))))
         return deleted
+
+    def _hand_over(self, reader: RedisStore, now: float) -> None:
+        """``others_may_write``: queue a PEXPIRE of the table's full TTL for the keys idle
+        (dropped from memory: Redis holds what was written) and for those past ``held_keys``."""
+        idle = self.written.idle(now)
+        for table, keys in [*idle.items(), *self.written.overflow().items()]:
+            reader.expire_after(reader.keys(table, list(keys)),
+                                int(1000 * self.written.ttl_s[table]))
+        for table, keys in idle.items():
+            held = self.vectors[table] if table in self.vectors else self.rows.get(table, {})
+            for key in keys:
+                held.pop(key, None)
+            self.complete = False  # read again when met
+
+    def _new_written_keys(self) -> WrittenKeys:
+        return WrittenKeys(self.held_keys, idle_share=HANDED_OVER_IDLE_SHARE
+                           if self.others_may_write else 1.0)
 
     def _drop_oldest(self, flushed: dict[str, set[str]]) -> None:
         """Past ``held_keys`` in a table, drop its oldest held keys (in Redis already), except
@@ -359,7 +396,7 @@ class WriteBackStore(MemoryStore):
         may have written since). Then, once the predecessor's last writes are all applied,
         call :meth:`give_untimed_keys_ttls`."""
         self.forget_cached()
-        self.written = WrittenKeys(self.held_keys)
+        self.written = self._new_written_keys()
 
     def give_untimed_keys_ttls(self) -> threading.Thread | None:
         """Where this store writes keys without TTLs, give those of its tables that have none

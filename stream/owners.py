@@ -37,10 +37,11 @@ from concurrent.futures import ThreadPoolExecutor
 from infra.redis_client import sync_redis
 from state.owner_commits import (OwnerFenced, OwnerPartition, UntimedKeySweeper,
                                  commit_owners, owner_stores, read_outboxes, read_positions)
+from state.write_back import WriteBackStore
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
-from stream.ingest import (EXIT_ON_BUG, assigned_partitions, committed_listeners,
+from stream.ingest import (EXIT_ON_BUG, apply_pipeline, assigned_partitions, committed_listeners,
                            consume_batches, exit_process, message_bytes,
                            seek_to_positions, send_to_partitions)
 from stream.pipeline import run_retrying
@@ -206,6 +207,9 @@ async def relay_assigned_outboxes(sender, **_) -> None:
     _sent_up_to.clear()  # send what owners have not applied again, under today's epoch
     _to_relay.update((tp.topic, tp.partition) for tp in assigned_partitions())
     _relay_due.set()
+    # user-side keys go without TTLs until idle (WriteBackStore.others_may_write): those of
+    # a worker that left (kill -9) and nobody writes again get their TTLs here
+    _sweeper.request(_worker_stores())
     held = sorted(tp for tp in app.consumer.assignment()
                   if tp.topic == settings.topic_item_deltas)
     numbers = {tp.partition for tp in held}
@@ -215,6 +219,12 @@ async def relay_assigned_outboxes(sender, **_) -> None:
         positions = await run_retrying(_owner_thread, "owner positions", read_positions,
                                        _redis(), _keys, sorted(numbers))
         await seek_to_positions(positions, held)
+
+
+def _worker_stores() -> list[WriteBackStore]:
+    """The stores of this worker's partition-local (user-side) state."""
+    return [model.store.local for model in apply_pipeline().state.models
+            if isinstance(getattr(model.store, "local", None), WriteBackStore)]
 
 
 def apply_records(batch: Batch) -> int:

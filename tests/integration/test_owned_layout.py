@@ -113,6 +113,42 @@ def test_a_lone_worker_hands_its_records_to_its_own_owners_without_the_topic(
         assert handoffs > elapsed_s / 0.5 + 1, (handoffs, elapsed_s)
 
 
+def test_user_side_keys_go_untimed_and_those_a_killed_worker_left_get_ttls(settings,
+                                                                           redis_client, spawn):
+    """A worker writes its user-side keys (session rows, user vectors) without TTLs (MSET:
+    a TTL per key cost Redis ~3 µs a write) and hands them to Redis's TTL once idle; keys a
+    worker killed -9 left get their table's TTL from the next worker's sweep after the
+    rebalance, so nothing stays untimed for good."""
+    s = settings.model_copy(update={"live_models": "session,mf", "state_writer": "owned",
+                                    "worker_batch_max": 20})
+    events = list(UserSimulator(60, 500, seed=37).events(1500, time.time() - 1500))
+    first = spawn(["worker", "--loglevel", "warn"], s)
+    produce(s, events[:750])
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= 750, 60, "events", proc=first)
+    wait_for(lambda: owners_caught_up(redis_client, s), 60, "owners caught up", proc=first)
+    time.sleep(2)  # the sweep as the owners started (it may give early keys a TTL) is over
+    later = events[750:]
+    produce(s, later)
+    wait_for(lambda: applied(redis_client, s.key_prefix) >= len(events), 60, "all events",
+             proc=first)
+    stores = {name: model.store for name, model in build_on_redis(
+        ["session", "mf"], redis_client, s.key_prefix, layout="owned").items()}
+    signals = SignalMapper().map(later)
+    written = [*(stores["session"].key("sess", session) for session in
+                 {e.session_id for e in later if e.type != "impression"}),
+               *(stores["mf"].key("user", user) for user in
+                 set(signals.users[signals.weights != 0].tolist()))]
+    assert len(written) > 60
+    assert {redis_client.pttl(name) for name in written} == {-1}  # MSET: no TTL
+    names = [*redis_client.scan_iter(match=f"{stores['session'].base}:sess:*", count=1000),
+             *redis_client.scan_iter(match=f"{stores['mf'].base}:user:*", count=1000)]
+    first.kill()  # kill -9: nobody will write these keys again, or expire them
+    second = spawn(["worker", "--loglevel", "warn"], s)
+    ttl_ms = 1000 * s.user_state_ttl_s
+    wait_for(lambda: all(0 < redis_client.pttl(name) <= ttl_ms for name in names), 60,
+             "TTLs given", proc=second)
+
+
 def test_models_that_claim_shared_rows_are_refused_in_the_owned_layout(redis_client, unique):
     with pytest.raises(StateLayoutError, match="'cooc' claims shared rows"):
         build_on_redis(["session", "cooc"], redis_client, f"t{unique}", layout="owned",

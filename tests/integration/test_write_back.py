@@ -2,6 +2,7 @@
 
 import time
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -105,11 +106,12 @@ def test_a_member_set_to_the_score_it_has_is_not_written_again(redis_client, uni
     assert reader.get_rows("catalog", ["all"]) == [{"a": 7.0, "b": 2.0}]
 
 
-def _expiring_writer(client, prefix, clock, held_keys=1_000_000, complete=True):
+def _expiring_writer(client, prefix, clock, held_keys=1_000_000, complete=True,
+                     others_may_write=False):
     reader = RedisStore(client, prefix, "x", local_ttl_s=100, shared_ttl_s=1000,
                         rows_as_strings=True, expires_by_writer=True)
     return WriteBackStore(reader, complete=complete, held_keys=held_keys,
-                          clock=lambda: clock[0])
+                          clock=lambda: clock[0], others_may_write=others_may_write)
 
 
 def _commit(store, client, prefix):
@@ -147,6 +149,45 @@ def test_a_writer_that_expires_keys_itself_deletes_them_once_idle_past_their_ttl
     _commit(store, redis_client, prefix)
     assert not any(redis_client.exists(n) for n in names)
     assert redis_client.exists(store.reader.key("sess", "s4"))
+
+
+def test_a_writer_others_may_follow_hands_idle_keys_to_redis_with_their_full_ttl(
+        redis_client, unique):
+    """A worker group's writer (``others_may_write``): keys go without TTLs; once unwritten
+    for a tenth of their TTL they get the full TTL from then (never deleted, never an earlier
+    deadline: another worker may have written them since) and leave memory; a later write
+    clears the TTL; keys past ``held_keys`` get the full TTL too, not their own deadline."""
+    prefix, clock = f"t{unique}", [1000.0]
+    store = _expiring_writer(redis_client, prefix, clock, complete=False,
+                             others_may_write=True)
+    store.set_local_rows("sess", {"s1": {"a": 1.0}, "s2": {"b": 1.0}})  # TTL 100 s
+    store.set_local_vectors("user", ["u1"], np.ones((1, 4)))
+    _commit(store, redis_client, prefix)
+    names = [store.reader.key(t, k) for t, k in (("sess", "s1"), ("sess", "s2"),
+                                                   ("user", "u1"))]
+    assert [redis_client.pttl(n) for n in names] == [-1] * 3
+    clock[0] = 1005.0
+    store.set_local_rows("sess", {"s2": {"b": 2.0}})
+    _commit(store, redis_client, prefix)
+    redis_client.set(names[0], msgspec.msgpack.encode({"z": 9.0}))  # another writer's, since
+    clock[0] = 1010.0  # s1 and u1 unwritten here for 10 s: handed over; s2 for 5 s
+    store.set_local_rows("sess", {"s3": {"c": 1.0}})
+    _commit(store, redis_client, prefix)
+    ttls = [redis_client.pttl(n) for n in names]
+    assert 98_000 < ttls[0] <= 100_000 and ttls[1] == -1 and 98_000 < ttls[2] <= 100_000
+    assert store.get_local_rows("sess", ["s1"]) == [{"z": 9.0}]  # read again: not held
+    assert store.get_local_vectors("user", ["u1"], 4)[1][0]  # still in Redis
+    store.set_local_rows("sess", {"s1": {"a": 3.0}})  # written again: untimed again
+    _commit(store, redis_client, prefix)
+    assert redis_client.pttl(names[0]) == -1
+
+    clock[0] = 2000.0
+    many = _expiring_writer(redis_client, prefix, clock, held_keys=4, others_may_write=True)
+    for n in range(6):
+        many.set_local_rows("sess", {f"m{n}": {"a": 1.0}})
+        _commit(many, redis_client, prefix)
+    ttls = [redis_client.pttl(many.reader.key("sess", f"m{n}")) for n in range(6)]
+    assert all(98_000 < ttl <= 100_000 for ttl in ttls[:2]) and ttls[2:] == [-1] * 4, ttls
 
 
 def test_keys_past_the_writers_capacity_are_handed_to_redis_ttls(redis_client, unique):
