@@ -108,12 +108,22 @@ return tostring(landmark)
 
 #: KEYS: first-seen zset. ARGV: how many to keep (the newest), the times as little-endian
 #: doubles (:func:`doubles`), then the items: a time is set only where the item has none;
-#: trimmed by the stores' rule (as ``TrendingModel``).
+#: trimmed by the stores' rule (as ``TrendingModel``). Most items have one: they are looked
+#: up 2,000 at a time (ZMSCORE) and only the others added (a call per item cost ~1 µs more).
 FIRST_SEEN_LUA = """
 local keep = tonumber(ARGV[1])
 local times = ARGV[2]
-for i = 3, #ARGV do
-  redis.call('ZADD', KEYS[1], 'NX', struct.unpack('<d', times, 8 * (i - 3) + 1), ARGV[i])
+for first = 3, #ARGV, 2000 do
+  local last = math.min(first + 1999, #ARGV)
+  local known = redis.call('ZMSCORE', KEYS[1], unpack(ARGV, first, last))
+  local new = {}
+  for i = first, last do
+    if not known[i - first + 1] then
+      new[#new + 1] = struct.unpack('<d', times, 8 * (i - 3) + 1)
+      new[#new + 1] = ARGV[i]
+    end
+  end
+  if #new > 0 then redis.call('ZADD', KEYS[1], 'NX', unpack(new)) end
 end
 local size = redis.call('ZCARD', KEYS[1])
 if size > keep + math.max(1, math.floor(keep / 10)) then

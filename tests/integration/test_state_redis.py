@@ -134,6 +134,24 @@ def test_feeds_exclude_seen_items_and_follow_the_contract(settings, redis_client
     assert np.isfinite([i["score"] for i in doc["items"]]).all()
 
 
+def test_first_seen_keeps_the_first_time_of_every_item_in_batches_of_thousands(
+        settings, redis_client):
+    """The script looks items up 2,000 at a time: a batch of 5,000 (half seen before) keeps
+    the earlier time of each seen item and sets the others'."""
+    state, keys = LiveState(settings, redis_client), RedisKeys(settings.key_prefix)
+    t0 = 1.7e9
+
+    def clicks(items, ts):
+        return [Interaction(event_id=f"e{ts}-{i}", user_id="u", item_id=i, type="click",
+                            timestamp=ts) for i in items]
+
+    state.apply_sync(clicks([f"i{n}" for n in range(0, 5000, 2)], t0))
+    state.apply_sync(clicks([f"i{n}" for n in range(5000)], t0 + 60))
+    first = {k.decode(): v for k, v in
+             redis_client.zrange(keys.item_first_seen, 0, -1, withscores=True)}
+    assert first == {f"i{n}": t0 + 60 * (n % 2) for n in range(5000)}
+
+
 def test_first_seen_times_feed_the_freshness_boost(settings, redis_client):
     s = settings.model_copy(update={"explore_policy": "none", "feed_size": 2,
                                     "freshness_weight": 0.1})
