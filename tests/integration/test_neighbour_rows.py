@@ -8,11 +8,11 @@ import time
 import pytest
 
 from online_models.session import SessionModel
+from schemas.events import Interaction
 from schemas.keys import RedisKeys
 from serving.feeds import FeedBuilder
 from serving.neighbour_rows import NeighbourhoodPublisher
 from stream.simulator import UserSimulator
-from schemas.events import Interaction
 from stream.state import LiveState, SourceMessage
 
 
