@@ -92,7 +92,8 @@ class WrittenKeys:
 
 
 #: Where another writer may write a key after this one (``others_may_write``), a key unwritten
-#: this share of its TTL is handed to Redis with its full TTL: it lives at most 1.1 TTLs idle.
+#: this share of its TTL is handed to Redis with its full TTL: it lives ~1.1 TTLs idle at most
+#: (plus the time between two looks for idle keys: :meth:`WrittenKeys.idle`).
 HANDED_OVER_IDLE_SHARE = 0.1
 
 

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from infra.redis_client import sync_redis
 from state.owner_commits import (OwnerFenced, OwnerPartition, UntimedKeySweeper,
                                  commit_owners, owner_stores, read_outboxes, read_positions)
+from state.ownership import DeltaRecorder
 from state.write_back import WriteBackStore
 from schemas.keys import RedisKeys
 from stream import metrics
@@ -224,7 +225,7 @@ async def relay_assigned_outboxes(sender, **_) -> None:
 def _worker_stores() -> list[WriteBackStore]:
     """The stores of this worker's partition-local (user-side) state."""
     return [model.store.local for model in apply_pipeline().state.models
-            if isinstance(getattr(model.store, "local", None), WriteBackStore)]
+            if isinstance(model.store, DeltaRecorder)]
 
 
 def apply_records(batch: Batch) -> int:
