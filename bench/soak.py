@@ -11,9 +11,10 @@ worker's RSS. Per fault: *recovery* = seconds from the fault's end (a pause's re
 the worker has caught up with what was produced by then plus one second of traffic. A worker
 that exits on its own (the stall watch's exit 75) is restarted, as compose would, and counted.
 
-Pass: lost = 0, doubled = 0, each recovery ≤ 30 s, Redis memory and worker RSS at the end
-within 1.5× of their values half-way (model state lives ``--state-ttl-s``, so memory must
-stop growing once it expires). Exit 0 only on pass.
+Pass: lost = 0, doubled = 0 (``--state-writer owned``: and no item-delta record left
+unapplied by its owner at the end), each recovery ≤ 30 s, Redis memory and worker RSS at the
+end within 1.5× of their values half-way (model state lives ``--state-ttl-s``, so memory
+must stop growing once it expires). Exit 0 only on pass.
 Usage: ``python bench/soak.py [--minutes 10] [--rate 2000]`` (``make soak``). Last line: JSON.
 """
 
@@ -39,6 +40,7 @@ from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topic
 from infra.redis_client import sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
 from schemas.keys import RedisKeys  # noqa: E402
+from state.owner_commits import item_deltas_pending  # noqa: E402
 from stream.producer import InteractionProducer  # noqa: E402
 from stream.simulator import UserSimulator  # noqa: E402
 
@@ -121,9 +123,12 @@ def main() -> int:
                         help="TTL of model state (user and item side) and of the dedup "
                              "sets: short, so that memory reaches its steady state within "
                              "the run")
-    parser.add_argument("--state-writer", choices=("shared", "single"), default="shared",
+    parser.add_argument("--state-writer", choices=("shared", "single", "owned"),
+                        default="shared",
                         help="STREAMREC_STATE_WRITER of the worker (single: it holds model "
-                             "state and expires the keys it writes itself)")
+                             "state and expires the keys it writes itself; owned: item-side "
+                             "state applied by the item partitions' owners through the "
+                             "item-deltas topic, docs/item-ownership.md)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="streamrec-soak-"))
     redis_srv = EmbeddedRedis(workdir=str(work / "redis"))
@@ -144,7 +149,9 @@ def main() -> int:
                "STREAMREC_WORKER_DATA_DIR": str(work / "worker-data")}
         worker = Worker(env, work / "worker.log")
         worker.start()
-        books = Books(redis_srv.url, RedisKeys(settings.key_prefix))
+        books = Books(redis_srv.url, RedisKeys(settings.key_prefix),
+                      settings.topic_interactions if args.state_writer == "owned" else None,
+                      settings.topic_partitions)
         producer = Producer(settings, args.rate)
         samples, faults = [], []
         try:
@@ -165,7 +172,8 @@ def main() -> int:
             producer.stop.set()
             producer.join(60)
             deadline = time.monotonic() + 180
-            while books.applied() < producer.produced and time.monotonic() < deadline:
+            while (books.applied() < producer.produced or not books.hop_settled()) \
+                    and time.monotonic() < deadline:
                 worker.supervise()
                 note_recoveries(faults, books.applied(), time.monotonic() - started)
                 time.sleep(1)
@@ -187,6 +195,7 @@ def main() -> int:
         "resent_after_failed_sends": producer.resent, "applied": applied_n,
         "lost": max(producer.produced - applied_n, 0),
         "doubled": max(applied_n - producer.produced, 0),
+        "item_deltas_pending": final["item_deltas_pending"],
         "faults": faults,
         "max_recovery_s": max((f["recovered_s"] or float("inf") for f in faults), default=0),
         "redis_mb_steady": steady["redis_mb"], "redis_mb_end": final["redis_mb"],
@@ -195,6 +204,7 @@ def main() -> int:
         "worker_rss_mb_end": final["worker_rss_mb"],
     }
     result["passed"] = (result["lost"] == 0 and result["doubled"] == 0
+                        and result["item_deltas_pending"] == 0
                         and result["max_recovery_s"] <= 30
                         and result["redis_mb_end"] <= 1.5 * max(result["redis_mb_steady"], 1)
                         and result["worker_rss_mb_end"]
@@ -217,11 +227,27 @@ def note_recoveries(faults: list[dict], applied_now: int, now_s: float) -> None:
 
 
 class Books:
-    """What Redis says: events applied, memory used. One client; after a Redis restart its
-    next call reconnects (a call during the outage answers -1)."""
+    """What Redis says: events applied, memory used, and in the owned layout (``topic`` set)
+    the item-delta records the owners have not applied yet. One client; after a Redis
+    restart its next call reconnects (a call during the outage answers -1)."""
 
-    def __init__(self, redis_url: str, keys: RedisKeys) -> None:
+    def __init__(self, redis_url: str, keys: RedisKeys, topic: str | None = None,
+                 partitions: int = 0) -> None:
         self.client, self.keys = sync_redis(redis_url), keys
+        self.topic, self.partitions = topic, partitions
+
+    def item_deltas_pending(self) -> int:
+        """Outbox entries (item-delta records) of the source partitions not yet applied by
+        their owners (owners delete those they apply); 0 outside the owned layout."""
+        if self.topic is None:
+            return 0
+        try:
+            return item_deltas_pending(self.client, self.keys, self.topic, self.partitions)
+        except Exception:  # noqa: BLE001 - Redis restarting: not known this second
+            return -1
+
+    def hop_settled(self) -> bool:
+        return self.item_deltas_pending() == 0
 
     def applied(self) -> int:
         try:
@@ -235,6 +261,7 @@ class Books:
         except Exception:  # noqa: BLE001
             memory = -1.0
         return {"t": round(t, 1), "produced": producer.produced, "applied": self.applied(),
+                "item_deltas_pending": self.item_deltas_pending(),
                 "redis_mb": round(memory, 1), "worker_rss_mb": round(worker.rss_mb(), 1)}
 
 

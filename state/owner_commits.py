@@ -328,10 +328,15 @@ def read_outboxes(client, keys: RedisKeys, sources: list[tuple[str, int]],
     return epoch, {source: sorted(due) for source, due in zip(sources, found)}
 
 
-def hop_settled(client, keys: RedisKeys, topic: str, partitions: int) -> bool:
-    """Whether nothing waits in the hop: every outbox entry of ``topic``'s ``partitions``
-    applied by its owner (owners delete the entries they apply)."""
+def item_deltas_pending(client, keys: RedisKeys, topic: str, partitions: int) -> int:
+    """Outbox entries (item-delta records) of ``topic``'s ``partitions`` their owners have
+    not applied yet (owners delete the entries they apply)."""
     with client.pipeline(transaction=False) as pipe:
         for partition in range(partitions):
             pipe.hlen(keys.outbox(topic, partition))
-        return not any(pipe.execute())
+        return sum(pipe.execute())
+
+
+def hop_settled(client, keys: RedisKeys, topic: str, partitions: int) -> bool:
+    """Whether nothing waits in the hop: every outbox entry applied by its owner."""
+    return item_deltas_pending(client, keys, topic, partitions) == 0

@@ -773,17 +773,23 @@ def build_live_models(settings, client, writer: bool = False) -> dict[str, Onlin
                           item_partitions=settings.topic_partitions, **worker)
 
 
-def give_untimed_keys_ttls(store: RedisStore, batch: int = 1000) -> int:
+def give_untimed_keys_ttls(store: RedisStore, batch: int = 1000,
+                           among: Iterable[str] | None = None) -> int:
     """Give each key of ``store``'s tables listed in its :attr:`RedisStore.expiry_key` that has
     no TTL its table's TTL (PEXPIRE … NX: keys with a TTL keep theirs); returns how many got
     one. A writer that expires keys itself (``expires_by_writer``) runs this when it starts:
     the keys its predecessor wrote and no longer names would otherwise never expire. SCAN
     with code-built patterns; the writer may write meanwhile (its next write of a key clears
-    the TTL given here, and it deletes idle keys before that TTL passes)."""
+    the TTL given here, and it deletes idle keys before that TTL passes). ``among``: only
+    those of these key names, no SCAN (the keys of a record another writer left)."""
     client, given = store.client, 0
+    if among is not None:
+        among = [name.decode() if isinstance(name, bytes) else name for name in among]
     for table, ttl_ms in client.hgetall(store.expiry_key).items():
         pattern, names = f"{store.base}:{table.decode()}:*", []
-        for name in client.scan_iter(match=pattern, count=batch, _type="string"):
+        found = (client.scan_iter(match=pattern, count=batch, _type="string")
+                 if among is None else [n for n in among if n.startswith(pattern[:-1])])
+        for name in found:
             names.append(name)
             if len(names) == batch:
                 given += _pexpire_absent(client, names, int(ttl_ms))

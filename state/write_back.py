@@ -25,6 +25,7 @@ import threading
 import time
 from contextlib import contextmanager
 from itertools import repeat
+from typing import Iterable
 
 import numpy as np
 import redis
@@ -409,6 +410,14 @@ class WriteBackStore(MemoryStore):
                                   name=f"expiry-sweep-{self.reader.base}")
         thread.start()
         return thread
+
+    def give_ttls_among(self, names: Iterable[str]) -> int:
+        """Of ``names``, give this store's keys that have no TTL their table's TTL, where it
+        writes keys without TTLs (keys another writer wrote and this one does not track: a
+        redo record it applied again); returns how many got one."""
+        if not self.reader.expires_by_writer:
+            return 0
+        return give_untimed_keys_ttls(self.reader, among=names)
 
     def sweep_untimed_keys(self) -> int:
         """:meth:`give_untimed_keys_ttls` on the calling thread; returns how many keys got a

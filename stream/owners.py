@@ -37,8 +37,6 @@ from concurrent.futures import ThreadPoolExecutor
 from infra.redis_client import sync_redis
 from state.owner_commits import (OwnerFenced, OwnerPartition, UntimedKeySweeper,
                                  commit_owners, owner_stores, read_outboxes, read_positions)
-from state.ownership import DeltaRecorder
-from state.write_back import WriteBackStore
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
@@ -210,7 +208,7 @@ async def relay_assigned_outboxes(sender, **_) -> None:
     _relay_due.set()
     # user-side keys go without TTLs until idle (WriteBackStore.others_may_write): those of
     # a worker that left (kill -9) and nobody writes again get their TTLs here
-    _sweeper.request(_worker_stores())
+    _sweeper.request(apply_pipeline().state.user_side_stores)
     held = sorted(tp for tp in app.consumer.assignment()
                   if tp.topic == settings.topic_item_deltas)
     numbers = {tp.partition for tp in held}
@@ -222,10 +220,6 @@ async def relay_assigned_outboxes(sender, **_) -> None:
         await seek_to_positions(positions, held)
 
 
-def _worker_stores() -> list[WriteBackStore]:
-    """The stores of this worker's partition-local (user-side) state."""
-    return [model.store.local for model in apply_pipeline().state.models
-            if isinstance(model.store, DeltaRecorder)]
 
 
 def apply_records(batch: Batch) -> int:

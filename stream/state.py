@@ -462,21 +462,36 @@ class LiveState:
         overwrite or guarded by its seq, so what was applied already stays as it is). Later
         commits are numbered past it and past the clock in ms, so the numbers keep growing
         even if the record was lost (else the guards would skip every write)."""
-        self._committed_seq = self._replay_redo(self.keys.redo)
+        self._committed_seq, _ = self._replay_redo(self.keys.redo)
         self._redo_pending = False
 
     def _apply_source_redo(self, source: tuple[str, int]) -> None:
         """:meth:`_apply_redo` of one source partition's record (the parted commits), before
-        this process's first commit of the partition since it last abandoned its state."""
-        self._source_seqs[source] = self._replay_redo(self.keys.source_redo(*source))
+        this process's first commit of the partition since it last abandoned its state. The
+        user-side keys the record writes without TTLs get their tables' TTLs: the writer that
+        wrote the record may be gone, and this one does not track them (it clears the TTL
+        where it writes one again); the rebalance's sweep may have run before this."""
+        self._source_seqs[source], commands = self._replay_redo(self.keys.source_redo(*source))
         self._sources_redone.add(source)
+        written = [name for command in commands if command[0] == "MSET"
+                   for name in command[1::2]]
+        for store in self.user_side_stores if written else ():
+            store.give_ttls_among(written)
 
-    def _replay_redo(self, key: str) -> int:
-        """Apply the redo record at ``key`` again; the seq to number on from."""
+    def _replay_redo(self, key: str) -> tuple[int, list[tuple]]:
+        """Apply the redo record at ``key`` again; the seq to number on from and the
+        record's commands."""
         record = self.client.hgetall(key)
-        if record:
-            apply_commands(self.client, _decode_commands(record[b"commands"]), self._scripts)
-        return max(int(record.get(b"seq", 0)), int(time.time() * 1000))
+        commands = _decode_commands(record[b"commands"]) if record else []
+        if commands:
+            apply_commands(self.client, commands, self._scripts)
+        return max(int(record.get(b"seq", 0)), int(time.time() * 1000)), commands
+
+    @property
+    def user_side_stores(self) -> list[WriteBackStore]:
+        """The owned layout's stores of partition-local (user-side) state, this worker's."""
+        return [model.store.local for model in self.models
+                if isinstance(model.store, DeltaRecorder)]
 
     def prepare(self, messages: list[SourceMessage]) -> PreparedBatch:
         """Read what the batch needs and compute its state change (recorded, not written)."""

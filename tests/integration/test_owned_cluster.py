@@ -4,6 +4,7 @@ source partition), two workers' parts and the owners' commits end in a replay's 
 part that stopped half applied is completed by the partition's next worker: nothing lost,
 nothing added twice."""
 
+import msgspec
 import pytest
 import redis
 
@@ -142,5 +143,33 @@ def test_a_part_stopped_half_applied_is_completed_by_the_partitions_next_worker(
     successor = worker(s, client)  # applies each partition's redo record, then goes on
     for start in range(0, len(batch), 6):  # Kafka redelivers from the start
         successor.apply_messages(batch[start:start + 6])
+    owners.catch_up()
+    assert_replay_state(s, client, batch)
+
+
+def test_keys_a_redo_record_writes_get_their_tables_ttls_from_the_partitions_next_worker(
+        owned_settings, client):
+    """A worker gone (kill -9) leaves user-side keys without TTLs that nobody tracks; those
+    its redo records name are written again by the partition's next worker when it applies
+    the records, after the rebalance's sweep may have run: they get their tables' TTLs
+    there."""
+    s = owned_settings
+    batch = messages(600)
+    gone, owners = worker(s, client), Owners(s, client)
+    for start in range(0, len(batch), 6):
+        gone.apply_messages(batch[start:start + 6])
+    keys = RedisKeys(s.key_prefix)
+    named = {name for p in range(PARTITIONS) for command in msgspec.msgpack.decode(
+        client.hget(keys.source_redo("interactions", p), "commands"))
+        if command[0] == "MSET" for name in command[1::2]}
+    user_side = [name for name in named if any(
+        name.startswith(f"{store.reader.base}:") for store in gone.user_side_stores)]
+    assert len(user_side) > 20 and all(client.pttl(name) == -1 for name in user_side)
+    successor = worker(s, client)
+    firsts = [next(m for m in batch if m.partition == p) for p in range(PARTITIONS)]
+    successor.apply_messages(firsts)  # under the watermarks: nothing applied, records redone
+    assert applied_events(client, s.key_prefix) == sum(len(m.events) for m in batch)
+    ttls = [client.pttl(name) for name in user_side]
+    assert all(0 < ttl <= s.user_state_ttl_s * 1000 for ttl in ttls), sorted(ttls)[:5]
     owners.catch_up()
     assert_replay_state(s, client, batch)
