@@ -22,7 +22,9 @@ Here the feed builder's process counts them for all of them:
   sessions and their items are as they were when it was last counted (the sample's
   fingerprint, ``SessionSample.fingerprints``) is not counted again: its published
   neighbourhood is kept (its TTL renewed) for up to ``STREAMREC_NEIGHBOURHOODS_RECOUNT_S``,
-  the most its members' session counts and idf's N may lag.
+  the most its members' session counts and idf's N may lag. Each item is recounted after a
+  random ½–1 of that, so recounts spread over the rounds instead of falling due together
+  (a round recounting every item costs ~3× one that does not: a tail on serving's core).
 
 A published neighbourhood is at most one interval plus one round old when it is read, then
 kept ``STREAMREC_SERVING_ROWS_MAX_AGE_S`` as before. With the state unchanged, lists are the
@@ -32,6 +34,7 @@ same as those counted in the process (``tests/integration/test_neighbour_rows.py
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Sequence
 
@@ -96,14 +99,17 @@ class NeighbourhoodPublisher:
     does a whole round."""
 
     def __init__(self, model, client, keys: RedisKeys, interval_s: float, wanted_s: float,
-                 max_items: int, recount_s: float = 30.0, chunk: int = 100) -> None:
+                 max_items: int, recount_s: float = 30.0, chunk: int = 100,
+                 clock=time.monotonic, seed: int | None = None) -> None:
         self.model = model  # a SessionModel of its own: it counts, never reads published rows
         self.client, self.keys = client, keys
         self.interval_s, self.wanted_s, self.max_items = interval_s, wanted_s, max_items
         self.recount_s = recount_s
         #: item → the fingerprint of the sample its published neighbourhood was counted
-        #: from, and when (time.monotonic); items of the current and the last round only
-        self._counted: dict[str, tuple[int, float]] = {}
+        #: from, when (``clock``), and the share of ``recount_s`` (½–1, drawn) after which it
+        #: is counted again, changed or not; items of the current and the last round only
+        self._counted: dict[str, tuple[int, float, float]] = {}
+        self.clock, self._random = clock, random.Random(seed)
         self.counted = self.kept = 0  # the current (or last) round's items counted, and kept
         # items counted per step: Redis runs a chunk's reads as one script each, serving no
         # one else meanwhile (500 items: 3.2 ms a script on average; 100: 1.0 ms; 50: 0.6 ms
@@ -137,7 +143,7 @@ class NeighbourhoodPublisher:
         """Seconds until the next round may start (0: now, or one is in progress)."""
         if self._written < len(self._round):
             return 0.0
-        return max(0.0, self._started + self.interval_s - time.monotonic())
+        return max(0.0, self._started + self.interval_s - self.clock())
 
     def wanted(self) -> list[str]:
         """The items wanted within ``wanted_s``, most recently wanted first; older marks (and
@@ -156,7 +162,7 @@ class NeighbourhoodPublisher:
         if self.until_due():
             return False
         if self._written == len(self._round):  # a new round
-            self._started = time.monotonic()
+            self._started = self.clock()
             last = set(self._round)
             self._round, self._written = self.wanted(), 0
             self._counted = {item: counted for item, counted in self._counted.items()
@@ -170,7 +176,7 @@ class NeighbourhoodPublisher:
         self._written += len(chunk)
         if self._written < len(self._round):
             return True
-        self.round_s = time.monotonic() - self._started
+        self.round_s = self.clock() - self._started
         if self.round_s > self.interval_s and self._slow_rounds.due():
             log.warning("a round of %d neighbourhoods took %.2f s, over the %.2f s interval",
                         len(self._round), self.round_s, self.interval_s)
@@ -179,9 +185,9 @@ class NeighbourhoodPublisher:
     def _publish(self, items: list[str]) -> None:
         """Write the items' neighbourhoods: counted, or (sample unchanged, counted within
         ``recount_s``) the published one's TTL renewed; counted after all where it is gone."""
-        now = time.monotonic()
-        fresh = {item: counted[0] for item in items
-                 if (counted := self._counted.get(item)) and now - counted[1] < self.recount_s}
+        now = self.clock()
+        fresh = {item: counted[0] for item in items if (counted := self._counted.get(item))
+                 and now - counted[1] < self.recount_s * counted[2]}
         rows, prints = self.model.published_rows(items, fresh)
         renewed = self._write(items, rows)
         counted = [(item, fingerprint) for item, row, fingerprint in zip(items, rows, prints)
@@ -192,7 +198,9 @@ class NeighbourhoodPublisher:
             rows, prints = self.model.published_rows(gone)
             self._write(gone, rows)
             counted += zip(gone, prints)
-        self._counted.update((item, (fingerprint, now)) for item, fingerprint in counted)
+        draw = self._random.random
+        self._counted.update((item, (fingerprint, now, 0.5 + 0.5 * draw()))
+                             for item, fingerprint in counted)
         self.counted += len(counted)
         self.kept += len(items) - len(counted)
 

@@ -151,6 +151,29 @@ def test_a_round_counts_only_the_neighbourhoods_whose_sessions_changed(state, re
     assert publisher.publish() == wanted and publisher.counted == wanted
 
 
+def test_unchanged_neighbourhoods_are_recounted_spread_over_the_rounds(state, redis_client):
+    """Counted together (the first round), unchanged neighbourhoods are not all recounted
+    together ``recount_s`` later — a round that recounts every item costs ~3× one that does
+    not, a tail on the core serving shares — but each once, ½–1 of ``recount_s`` after."""
+    settings, users = state
+    FeedBuilder(settings, redis_client).compute(users, 10, source="on_demand")
+    now = [0.0]
+    model = NeighbourhoodPublisher.for_settings(settings, redis_client).model
+    publisher = NeighbourhoodPublisher(model, redis_client, RedisKeys(settings.key_prefix),
+                                       interval_s=1.0, wanted_s=60.0, max_items=10_000,
+                                       recount_s=10.0, clock=lambda: now[0], seed=3)
+    wanted = publisher.publish()
+    assert publisher.counted == wanted > 20
+    counted = []
+    for second in range(1, 11):  # a round a second for recount_s, nothing changed
+        now[0] = float(second)
+        assert publisher.publish() == wanted
+        counted.append(publisher.counted)
+    assert counted[:4] == [0] * 4  # under half of recount_s: all kept
+    assert sum(counted) == wanted  # each recounted once, by recount_s
+    assert max(counted) <= wanted / 2, counted  # spread over the rounds
+
+
 def test_a_round_reads_each_members_session_count_once_not_once_a_chunk(state, redis_client,
                                                                         monkeypatch):
     """Most members recur across a round's items: reading their session counts once a chunk
