@@ -226,9 +226,9 @@ class Settings(BaseSettings):
     neighbourhoods_recount_s: float = Field(
         30.0, ge=0, description="Serving: a published neighbourhood whose recent sessions "
         "and their items did not change is kept (not counted again) for up to this long: the "
-        "most its members' session counts and idf's N lag (each is counted again after a "
-        "random half to all of it, so recounts spread over the rounds); 0 counts every one "
-        "each round.")
+        "most its members' session counts and idf's N lag (the first time after a random "
+        "half to all of it, so that items counted together are not recounted together); 0 "
+        "counts every one each round.")
     neighbourhoods_max_items: int = Field(
         100_000, ge=1, description="Serving: at most this many (the most recently asked "
         "for) neighbourhoods are published.")

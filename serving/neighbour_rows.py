@@ -22,9 +22,10 @@ Here the feed builder's process counts them for all of them:
   sessions and their items are as they were when it was last counted (the sample's
   fingerprint, ``SessionSample.fingerprints``) is not counted again: its published
   neighbourhood is kept (its TTL renewed) for up to ``STREAMREC_NEIGHBOURHOODS_RECOUNT_S``,
-  the most its members' session counts and idf's N may lag. Each item is recounted after a
-  random ½–1 of that, so recounts spread over the rounds instead of falling due together
-  (a round recounting every item costs ~3× one that does not: a tail on serving's core).
+  the most its members' session counts and idf's N may lag. An item first counted is
+  recounted after a random ½–1 of that, then after all of it, so items counted together
+  (the first round) fall due in different rounds, not all in one (a round recounting every
+  item costs ~3× one that does not: a tail on the core serving shares).
 
 A published neighbourhood is at most one interval plus one round old when it is read, then
 kept ``STREAMREC_SERVING_ROWS_MAX_AGE_S`` as before. With the state unchanged, lists are the
@@ -106,8 +107,9 @@ class NeighbourhoodPublisher:
         self.interval_s, self.wanted_s, self.max_items = interval_s, wanted_s, max_items
         self.recount_s = recount_s
         #: item → the fingerprint of the sample its published neighbourhood was counted
-        #: from, when (``clock``), and the share of ``recount_s`` (½–1, drawn) after which it
-        #: is counted again, changed or not; items of the current and the last round only
+        #: from, when (``clock``), and the share of ``recount_s`` after which it is counted
+        #: again, changed or not: ½–1, drawn, when first counted (items counted together
+        #: fall due apart), then 1; items of the current and the last round only
         self._counted: dict[str, tuple[int, float, float]] = {}
         self.clock, self._random = clock, random.Random(seed)
         self.counted = self.kept = 0  # the current (or last) round's items counted, and kept
@@ -198,9 +200,9 @@ class NeighbourhoodPublisher:
             rows, prints = self.model.published_rows(gone)
             self._write(gone, rows)
             counted += zip(gone, prints)
-        draw = self._random.random
-        self._counted.update((item, (fingerprint, now, 0.5 + 0.5 * draw()))
-                             for item, fingerprint in counted)
+        draw, held = self._random.random, self._counted
+        held.update((item, (fingerprint, now, 1.0 if item in held else 0.5 + 0.5 * draw()))
+                    for item, fingerprint in counted)
         self.counted += len(counted)
         self.kept += len(items) - len(counted)
 

@@ -154,7 +154,8 @@ def test_a_round_counts_only_the_neighbourhoods_whose_sessions_changed(state, re
 def test_unchanged_neighbourhoods_are_recounted_spread_over_the_rounds(state, redis_client):
     """Counted together (the first round), unchanged neighbourhoods are not all recounted
     together ``recount_s`` later — a round that recounts every item costs ~3× one that does
-    not, a tail on the core serving shares — but each once, ½–1 of ``recount_s`` after."""
+    not, a tail on the core serving shares — but each once, ½–1 of ``recount_s`` after, then
+    every ``recount_s``."""
     settings, users = state
     FeedBuilder(settings, redis_client).compute(users, 10, source="on_demand")
     now = [0.0]
@@ -172,6 +173,12 @@ def test_unchanged_neighbourhoods_are_recounted_spread_over_the_rounds(state, re
     assert counted[:4] == [0] * 4  # under half of recount_s: all kept
     assert sum(counted) == wanted  # each recounted once, by recount_s
     assert max(counted) <= wanted / 2, counted  # spread over the rounds
+    later = []
+    for second in range(11, 21):  # then each recount_s after its last count: spread still
+        now[0] = float(second)
+        publisher.publish()
+        later.append(publisher.counted)
+    assert later == counted, (counted, later)
 
 
 def test_a_round_reads_each_members_session_count_once_not_once_a_chunk(state, redis_client,
