@@ -42,7 +42,7 @@ from infra.redis_client import mget_any
 from state.ownership import Owner, outbox_entry, outbox_field
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
                                build_on_redis)
-from state.write_back import WriteBackStore
+from state.write_back import WriteBackStore, sweep_untimed_keys
 from schemas.keys import RedisKeys
 
 _decode_commands = msgspec.msgpack.Decoder(list[tuple]).decode
@@ -71,29 +71,33 @@ def owner_stores(settings, client, clock=time.time) -> dict[str, WriteBackStore]
 
 class UntimedKeySweeper:
     """Gives the keys of owners' (and workers' user-side) tables that have no TTL their
-    table's TTL (:meth:`state.write_back.WriteBackStore.sweep_untimed_keys`, a SCAN), on a
-    thread of its own, once new owners start and after each rebalance: keys a predecessor
-    wrote (and, on a Redis Cluster, its redo record's) would otherwise never expire. One
-    sweep at a time; requests while one waits to start share it, a request while one runs
-    queues one more. A key another writer still writes loses the TTL at its next write, and
-    that writer expires it once idle, never before the TTL given here runs out."""
+    table's TTL (:func:`state.redis_store.give_untimed_keys_ttls`: one SCAN per namespace for
+    all the stores asked for), on a thread of its own, once new owners start and after each
+    rebalance: keys a predecessor wrote (and, on a Redis Cluster, its redo record's) would
+    otherwise never expire. One sweep at a time; requests while one waits to start join it
+    (their stores with it), a request while one runs queues one more. A key another writer
+    still writes loses the TTL at its next write, and that writer expires it once idle, never
+    before the TTL given here runs out."""
 
     def __init__(self) -> None:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="expiry-sweep")
         self._lock = threading.Lock()
         self._queued: Future | None = None
+        self._stores: list[WriteBackStore] = []  # those of the sweep queued
 
-    def request(self, stores: list[WriteBackStore]) -> Future:
+    def request(self, stores: Collection[WriteBackStore]) -> Future:
         """Sweep ``stores``' tables soon; the future ends with the keys given a TTL."""
         with self._lock:
+            self._stores.extend(stores)
             if self._queued is None:
-                self._queued = self._thread.submit(self._sweep, stores)
+                self._queued = self._thread.submit(self._sweep)
             return self._queued
 
-    def _sweep(self, stores: list[WriteBackStore]) -> int:
+    def _sweep(self) -> int:
         with self._lock:
             self._queued = None  # requests from now on queue the next sweep
-        return sum(store.sweep_untimed_keys() for store in stores)
+            stores, self._stores = self._stores, []
+        return sweep_untimed_keys(stores)
 
 
 def decode_progress(raw: bytes | None) -> tuple[int, dict[str, int]]:

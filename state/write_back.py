@@ -422,13 +422,7 @@ class WriteBackStore(MemoryStore):
     def sweep_untimed_keys(self) -> int:
         """:meth:`give_untimed_keys_ttls` on the calling thread; returns how many keys got a
         TTL (0 where Redis failed: the next take-over sweeps again)."""
-        try:
-            given = give_untimed_keys_ttls(self.reader)
-        except redis.RedisError as exc:
-            log.warning("giving TTLs to %s keys without one failed: %r", self.reader.base, exc)
-            return 0
-        log.info("gave %d keys of %s without a TTL their table's TTL", given, self.reader.base)
-        return given
+        return sweep_untimed_keys([self])
 
     def forget_cached(self):
         """Drop everything held (a commit failed: Redis holds the last committed state);
@@ -437,3 +431,20 @@ class WriteBackStore(MemoryStore):
         self._expiry_recorded = set()
         self._row_changes, self._local_changes, self._vector_changes = {}, {}, {}
         self.complete = False
+
+
+def sweep_untimed_keys(stores: Iterable[WriteBackStore]) -> int:
+    """Give the keys without a TTL of the tables of ``stores`` that write keys without TTLs
+    their table's TTL (:func:`state.redis_store.give_untimed_keys_ttls`, one SCAN per
+    namespace); returns how many got one (0 where Redis failed: logged)."""
+    readers = [store.reader for store in stores if store.reader.expires_by_writer]
+    if not readers:
+        return 0
+    names = ", ".join(sorted({reader.base for reader in readers}))
+    try:
+        given = give_untimed_keys_ttls(readers)
+    except redis.RedisError as exc:
+        log.warning("giving TTLs to %s keys without one failed: %r", names, exc)
+        return 0
+    log.info("gave %d keys of %s without a TTL their table's TTL", given, names)
+    return given

@@ -10,7 +10,7 @@ from online_models.registry import build
 from online_models.signals import SignalMapper
 from online_models.store import MemoryStore
 from state.redis_store import RedisStore, WriteBatch
-from state.write_back import WriteBackStore
+from state.write_back import WriteBackStore, sweep_untimed_keys
 from stream.simulator import UserSimulator
 from tests.state_check import assert_store_holds
 
@@ -226,6 +226,35 @@ def test_a_writer_taking_over_gives_keys_without_a_ttl_their_tables_ttl(redis_cl
     assert 990_000 < redis_client.pttl(first.reader.key("item", "i1")) <= 1_000_000
     assert 0 < redis_client.pttl(timed) <= 5000
     assert redis_client.pttl(other) == -1
+
+
+def test_a_sweep_scans_each_namespace_once_for_all_its_tables_and_writers(redis_client,
+                                                                           unique):
+    """A SCAN walks the whole keyspace (~0.6 s of Redis per million keys) whatever it
+    matches: the sweep of a worker's stores (user side and owners, the same namespaces)
+    walks it once per namespace, not once per table and store."""
+    prefix, clock = f"t{unique}", [time.time()]
+    user_side, owner = (_expiring_writer(redis_client, prefix, clock) for _ in range(2))
+    user_side.set_local_rows("sess", {f"s{n}": {"a": 1.0} for n in range(30)})
+    user_side.set_local_vectors("user", ["u1", "u2"], np.ones((2, 4)))
+    owner.set_rows("nb", {f"i{n}": {"i0": 0.5} for n in range(20)})
+    for store in (user_side, owner):
+        _commit(store, redis_client, f"{prefix}{id(store)}")
+    untracked = RedisStore(redis_client, prefix, "x").key("other", "k")
+    redis_client.set(untracked, b"x")  # a table the writers never listed: left alone
+    scans = []
+    scan_iter = redis_client.scan_iter
+    redis_client.scan_iter = lambda **kw: scans.append(kw["match"]) or scan_iter(**kw)
+    try:
+        given = sweep_untimed_keys([user_side, owner, user_side])
+    finally:
+        del redis_client.scan_iter
+    assert scans == [f"{user_side.reader.base}:*"] and given == 30 + 2 + 20
+    assert all(90_000 < redis_client.pttl(user_side.reader.key("sess", f"s{n}")) <= 100_000
+               for n in range(30))
+    assert 90_000 < redis_client.pttl(user_side.reader.key("user", "u2")) <= 100_000
+    assert 990_000 < redis_client.pttl(owner.reader.key("nb", "i7")) <= 1_000_000
+    assert redis_client.pttl(untracked) == -1
 
 
 def test_keys_deleted_as_idle_stay_absent_while_the_delete_is_in_flight(redis_client, unique):
