@@ -220,8 +220,6 @@ async def relay_assigned_outboxes(sender, **_) -> None:
         await seek_to_positions(positions, held)
 
 
-
-
 def apply_records(batch: Batch) -> int:
     """Apply a batch's records (item partition → their epochs, records and item-deltas
     offsets) to the partitions' owners and commit them together; returns the operations
