@@ -98,9 +98,12 @@ class Settings(BaseSettings):
         "vectors, dead letters) into one request.")
     worker_batch_max: int = Field(2000, ge=1, description="Messages taken per agent batch.")
     worker_apply_max_events: int = Field(
-        4000, ge=1, description="Events per Redis transaction (an agent batch is applied in "
-        "chunks of this size). Larger: more throughput under backlog, but Redis serves no one "
-        "else during a transaction (~24 µs per event here; docs/benchmarks.md, transaction size).")
+        16000, ge=1, description="Events per Redis transaction (an agent batch is applied in "
+        "chunks of this size; at a steady rate chunks are smaller, bounded by "
+        "STREAMREC_WORKER_BATCH_WITHIN_S). Larger: hot rows written once for more events, so "
+        "less CPU per event under backlog, but Redis serves no one else during a transaction "
+        "(16,000: a feed read waits up to ~80 ms while a backlog drains, 4,000: ~30 ms; "
+        "docs/benchmarks.md, session 35).")
     worker_cached_local_rows: int = Field(
         100_000, ge=0, description="Partition-local model rows (sessions, windows, user "
         "factors) the worker keeps in memory per table, so it need not read back what it wrote "
