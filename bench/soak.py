@@ -172,7 +172,7 @@ def main() -> int:
             producer.stop.set()
             producer.join(60)
             deadline = time.monotonic() + 180
-            while (books.applied() < producer.produced or not books.hop_settled()) \
+            while (books.applied() < producer.produced or books.item_deltas_pending() != 0) \
                     and time.monotonic() < deadline:
                 worker.supervise()
                 note_recoveries(faults, books.applied(), time.monotonic() - started)
@@ -245,9 +245,6 @@ class Books:
             return item_deltas_pending(self.client, self.keys, self.topic, self.partitions)
         except Exception:  # noqa: BLE001 - Redis restarting: not known this second
             return -1
-
-    def hop_settled(self) -> bool:
-        return self.item_deltas_pending() == 0
 
     def applied(self) -> int:
         try:

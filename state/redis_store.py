@@ -785,8 +785,7 @@ def give_untimed_keys_ttls(stores: RedisStore | Iterable[RedisStore], batch: int
     idle keys before that TTL passes). ``among``: only those of these key names, no SCAN
     (the keys of a record another writer left)."""
     stores = [stores] if isinstance(stores, RedisStore) else list(stores)
-    if among is not None:
-        among = [name.decode() if isinstance(name, bytes) else name for name in among]
+    among = None if among is None else list(among)
     given = 0
     for store in {store.base: store for store in stores}.values():  # one per namespace
         client = store.client
@@ -796,11 +795,12 @@ def give_untimed_keys_ttls(stores: RedisStore | Iterable[RedisStore], batch: int
             continue
         head = f"{store.base}:"
         found = (client.scan_iter(match=f"{head}*", count=batch, _type="string")
-                 if among is None else [name for name in among if name.startswith(head)])
+                 if among is None else among)
         waiting: dict[int, list] = {}
         for name in found:
-            table = (name.decode() if isinstance(name, bytes) else name)[len(head):]
-            ttl_ms = ttl_of.get(table.partition(":")[0])
+            text = name.decode() if isinstance(name, bytes) else name
+            ttl_ms = (ttl_of.get(text[len(head):].partition(":")[0])
+                      if text.startswith(head) else None)
             if ttl_ms is None:
                 continue
             names = waiting.setdefault(ttl_ms, [])

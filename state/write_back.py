@@ -411,14 +411,6 @@ class WriteBackStore(MemoryStore):
         thread.start()
         return thread
 
-    def give_ttls_among(self, names: Iterable[str]) -> int:
-        """Of ``names``, give this store's keys that have no TTL their table's TTL, where it
-        writes keys without TTLs (keys another writer wrote and this one does not track: a
-        redo record it applied again); returns how many got one."""
-        if not self.reader.expires_by_writer:
-            return 0
-        return give_untimed_keys_ttls(self.reader, among=names)
-
     def sweep_untimed_keys(self) -> int:
         """:meth:`give_untimed_keys_ttls` on the calling thread; returns how many keys got a
         TTL (0 where Redis failed: the next take-over sweeps again)."""
@@ -433,16 +425,19 @@ class WriteBackStore(MemoryStore):
         self.complete = False
 
 
-def sweep_untimed_keys(stores: Iterable[WriteBackStore]) -> int:
+def sweep_untimed_keys(stores: Iterable[WriteBackStore],
+                       among: Iterable[str] | None = None) -> int:
     """Give the keys without a TTL of the tables of ``stores`` that write keys without TTLs
-    their table's TTL (:func:`state.redis_store.give_untimed_keys_ttls`, one SCAN per
-    namespace); returns how many got one (0 where Redis failed: logged)."""
+    their table's TTL (:func:`state.redis_store.give_untimed_keys_ttls`: one SCAN per
+    namespace, or only the key names ``among``: keys another writer wrote and these stores
+    do not track, such as a redo record's); returns how many got one (0 where Redis failed:
+    logged)."""
     readers = [store.reader for store in stores if store.reader.expires_by_writer]
     if not readers:
         return 0
     names = ", ".join(sorted({reader.base for reader in readers}))
     try:
-        given = give_untimed_keys_ttls(readers)
+        given = give_untimed_keys_ttls(readers, among=among)
     except redis.RedisError as exc:
         log.warning("giving TTLs to %s keys without one failed: %r", names, exc)
         return 0

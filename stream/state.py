@@ -55,7 +55,7 @@ from state.ownership import DeltaRecorder, outbox_field
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
                                build_live_models, queue_script,
                                require_single_on_cluster)
-from state.write_back import WriteBackStore
+from state.write_back import WriteBackStore, sweep_untimed_keys
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TrendingModel
 from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
@@ -475,8 +475,8 @@ class LiveState:
         self._sources_redone.add(source)
         written = [name for command in commands if command[0] == "MSET"
                    for name in command[1::2]]
-        for store in self.user_side_stores if written else ():
-            store.give_ttls_among(written)
+        if written:
+            sweep_untimed_keys(self.user_side_stores, among=written)
 
     def _replay_redo(self, key: str) -> tuple[int, list[tuple]]:
         """Apply the redo record at ``key`` again; the seq to number on from and the
