@@ -31,9 +31,7 @@ a plain ``RedisStore`` as it reads the single writer's.
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Collection, Mapping
 
 import msgspec
@@ -42,7 +40,7 @@ from infra.redis_client import mget_any
 from state.ownership import Owner, outbox_entry, outbox_field
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
                                build_on_redis)
-from state.write_back import WriteBackStore, sweep_untimed_keys
+from state.write_back import WriteBackStore
 from schemas.keys import RedisKeys
 
 _decode_commands = msgspec.msgpack.Decoder(list[tuple]).decode
@@ -59,7 +57,7 @@ def owner_stores(settings, client, clock=time.time) -> dict[str, WriteBackStore]
     owner deletes its keys once idle past their table's TTL, as the single writer does
     (:class:`state.write_back.WriteBackStore`; its deletes ride in its fenced commits). An
     owner that took the partition over cannot know its predecessor's keys:
-    :class:`UntimedKeySweeper` gives those their table's TTL."""
+    :class:`state.write_back.UntimedKeySweeper` gives those their table's TTL."""
     readers = build_on_redis(settings.live_model_names, client, settings.key_prefix,
                              local_ttl_s=settings.user_state_ttl_s,
                              shared_ttl_s=settings.item_state_ttl_s, layout="owned",
@@ -67,37 +65,6 @@ def owner_stores(settings, client, clock=time.time) -> dict[str, WriteBackStore]
     return {name: WriteBackStore(model.store, held_keys=settings.state_writer_held_keys,
                                  clock=clock)
             for name, model in readers.items()}
-
-
-class UntimedKeySweeper:
-    """Gives the keys of owners' (and workers' user-side) tables that have no TTL their
-    table's TTL (:func:`state.redis_store.give_untimed_keys_ttls`: one SCAN per namespace for
-    all the stores asked for), on a thread of its own, once new owners start and after each
-    rebalance: keys a predecessor wrote (and, on a Redis Cluster, its redo record's) would
-    otherwise never expire. One sweep at a time; requests while one waits to start join it
-    (their stores with it), a request while one runs queues one more. A key another writer
-    still writes loses the TTL at its next write, and that writer expires it once idle, never
-    before the TTL given here runs out."""
-
-    def __init__(self) -> None:
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="expiry-sweep")
-        self._lock = threading.Lock()
-        self._queued: Future | None = None
-        self._stores: list[WriteBackStore] = []  # those of the sweep queued
-
-    def request(self, stores: Collection[WriteBackStore]) -> Future:
-        """Sweep ``stores``' tables soon; the future ends with the keys given a TTL."""
-        with self._lock:
-            self._stores.extend(stores)
-            if self._queued is None:
-                self._queued = self._thread.submit(self._sweep)
-            return self._queued
-
-    def _sweep(self) -> int:
-        with self._lock:
-            self._queued = None  # requests from now on queue the next sweep
-            stores, self._stores = self._stores, []
-        return sweep_untimed_keys(stores)
 
 
 def decode_progress(raw: bytes | None) -> tuple[int, dict[str, int]]:

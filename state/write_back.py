@@ -25,7 +25,8 @@ import threading
 import time
 from contextlib import contextmanager
 from itertools import repeat
-from typing import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Collection, Iterable
 
 import numpy as np
 import redis
@@ -396,25 +397,9 @@ class WriteBackStore(MemoryStore):
     def take_over(self) -> None:
         """This writer holds the lease (again): forget what it held and wrote (another writer
         may have written since). Then, once the predecessor's last writes are all applied,
-        call :meth:`give_untimed_keys_ttls`."""
+        its keys without a TTL want one (:class:`UntimedKeySweeper`)."""
         self.forget_cached()
         self.written = self._new_written_keys()
-
-    def give_untimed_keys_ttls(self) -> threading.Thread | None:
-        """Where this store writes keys without TTLs, give those of its tables that have none
-        (the predecessor's) their table's TTL (:func:`give_untimed_keys_ttls`) in a thread of
-        its own, returned."""
-        if not self.reader.expires_by_writer:
-            return None
-        thread = threading.Thread(target=self.sweep_untimed_keys, daemon=True,
-                                  name=f"expiry-sweep-{self.reader.base}")
-        thread.start()
-        return thread
-
-    def sweep_untimed_keys(self) -> int:
-        """:meth:`give_untimed_keys_ttls` on the calling thread; returns how many keys got a
-        TTL (0 where Redis failed: the next take-over sweeps again)."""
-        return sweep_untimed_keys([self])
 
     def forget_cached(self):
         """Drop everything held (a commit failed: Redis holds the last committed state);
@@ -443,3 +428,35 @@ def sweep_untimed_keys(stores: Iterable[WriteBackStore],
         return 0
     log.info("gave %d keys of %s without a TTL their table's TTL", given, names)
     return given
+
+
+class UntimedKeySweeper:
+    """Gives the keys without a TTL of the tables of stores that write keys without TTLs
+    their table's TTL (:func:`sweep_untimed_keys`: one SCAN per namespace for all the stores
+    asked for), on a thread of its own: when a single writer takes the lease over, when new
+    owners start and after each rebalance (owned layout). Keys a predecessor wrote (and, on a
+    Redis Cluster, its redo record's) would otherwise never expire. One sweep at a time;
+    requests while one waits to start join it (their stores with it), a request while one
+    runs queues one more. A key another writer
+    still writes loses the TTL at its next write, and that writer expires it once idle, never
+    before the TTL given here runs out."""
+
+    def __init__(self) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="expiry-sweep")
+        self._lock = threading.Lock()
+        self._queued: Future | None = None
+        self._stores: list[WriteBackStore] = []  # those of the sweep queued
+
+    def request(self, stores: Collection[WriteBackStore]) -> Future:
+        """Sweep ``stores``' tables soon; the future ends with the keys given a TTL."""
+        with self._lock:
+            self._stores.extend(stores)
+            if self._queued is None:
+                self._queued = self._thread.submit(self._sweep)
+            return self._queued
+
+    def _sweep(self) -> int:
+        with self._lock:
+            self._queued = None  # requests from now on queue the next sweep
+            stores, self._stores = self._stores, []
+        return sweep_untimed_keys(stores)

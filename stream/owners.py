@@ -35,8 +35,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from infra.redis_client import sync_redis
-from state.owner_commits import (OwnerFenced, OwnerPartition, UntimedKeySweeper,
-                                 commit_owners, owner_stores, read_outboxes, read_positions)
+from state.owner_commits import (OwnerFenced, OwnerPartition, commit_owners, owner_stores,
+                                 read_outboxes, read_positions)
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
@@ -63,7 +63,6 @@ Batch = dict[int, tuple[list[bytes | None], list[bytes], list[int]]]
 #: threads of their own: the owners' and the relay's Redis work never waits behind a chunk's
 _owner_thread = ThreadPoolExecutor(1, thread_name_prefix="item-owners")
 _relay_thread = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
-_sweeper = UntimedKeySweeper()  # owners write keys without TTLs and expire them themselves
 
 
 def _redis():
@@ -208,7 +207,8 @@ async def relay_assigned_outboxes(sender, **_) -> None:
     _relay_due.set()
     # user-side keys go without TTLs until idle (WriteBackStore.others_may_write): those of
     # a worker that left (kill -9) and nobody writes again get their TTLs here
-    _sweeper.request(apply_pipeline().state.user_side_stores)
+    state = apply_pipeline().state
+    state.expiry_sweeper.request(state.user_side_stores)
     held = sorted(tp for tp in app.consumer.assignment()
                   if tp.topic == settings.topic_item_deltas)
     numbers = {tp.partition for tp in held}
@@ -236,7 +236,7 @@ def apply_records(batch: Batch) -> int:
                 started.append(_owners[partition])
             owners.append(_owners[partition])
         if started:  # their predecessors' keys: given TTLs (once restored: redo applied)
-            _sweeper.request(list(started[0].stores.values()))
+            apply_pipeline().state.expiry_sweeper.request(list(started[0].stores.values()))
         try:
             operations = sum(n or 0 for owner in owners
                              for n in owner.apply_sent(*batch[owner.partition],

@@ -55,7 +55,7 @@ from state.ownership import DeltaRecorder, outbox_field
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
                                build_live_models, queue_script,
                                require_single_on_cluster)
-from state.write_back import WriteBackStore, sweep_untimed_keys
+from state.write_back import UntimedKeySweeper, WriteBackStore, sweep_untimed_keys
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TrendingModel
 from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
@@ -351,6 +351,8 @@ class LiveState:
         self._committed_seq = 0  # the last commit's number (cluster: the redo record's)
         self._redo_pending = self.cluster and not self.parted  # apply it before the next batch
         self._untimed_keys_pending = False  # single writer: sweep once it holds the lease
+        #: gives the keys a predecessor wrote without TTLs theirs (one sweep at a time)
+        self.expiry_sweeper = UntimedKeySweeper()
 
     @classmethod
     def for_worker(cls, settings: Settings) -> "LiveState":
@@ -518,9 +520,8 @@ class LiveState:
             self._apply_redo()
         if self._untimed_keys_pending and not self._redo_pending:  # redo writes have no TTL
             self._untimed_keys_pending = False
-            for model in self.models:
-                if isinstance(model.store, WriteBackStore):
-                    model.store.give_untimed_keys_ttls()
+            self.expiry_sweeper.request([model.store for model in self.models
+                                         if isinstance(model.store, WriteBackStore)])
         if self._new_epoch_pending:
             self.new_epoch()
         earlier_batches = list(self._uncommitted)  # before reading: one may commit meanwhile

@@ -12,11 +12,11 @@ import state.redis_store
 from infra.redis_client import sync_redis
 from online_models.registry import build
 from online_models.signals import SignalMapper
-from state.owner_commits import (OwnerFenced, OwnerPartition, UntimedKeySweeper, owner_stores,
-                                 read_outboxes)
+from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores, read_outboxes
 from state.ownership import OwnedLayout
 from schemas.keys import RedisKeys
 from state.redis_store import build_on_redis
+from state.write_back import UntimedKeySweeper
 from stream.simulator import UserSimulator
 from tests.state_check import assert_store_holds
 

@@ -1,16 +1,12 @@
 """Item-side writes as delta records applied by their owner partitions (state/ownership.py):
 the owners end with exactly the state of models learning straight into one store."""
 
-import threading
-
 import numpy as np
 import pytest
 
-import state.owner_commits
 from online_models.registry import build
 from online_models.signals import SignalMapper
 from online_models.store import MemoryStore
-from state.owner_commits import UntimedKeySweeper
 from state.ownership import (ChunkDeltas, DeltaRecorder, Owner, OwnedLayout, OwnedStores,
                              held_state, owner_partition)
 from stream.simulator import UserSimulator
@@ -160,26 +156,3 @@ def test_a_batch_learnt_per_source_partition_reads_each_shared_vector_once():
     assert len(scoped_reads) == 1  # the batch's prefetch, read once for both groups
     assert set(scoped_reads[0]) == set(signals.items.tolist())
     assert scoped_records == unscoped_records  # the same deltas, bit for bit
-
-
-def test_sweep_requests_made_while_one_waits_join_it_with_their_stores(monkeypatch):
-    """The rebalance asks for the user-side stores, starting owners for theirs: requests
-    made while a sweep waits to start join it, none dropped; one made while a sweep runs
-    gets the next."""
-    entered, release, swept = threading.Event(), threading.Event(), []
-
-    def sweep(stores):
-        swept.append(list(stores))
-        entered.set()
-        release.wait(10)
-        return len(swept)
-
-    monkeypatch.setattr(state.owner_commits, "sweep_untimed_keys", sweep)
-    sweeper = UntimedKeySweeper()
-    running = sweeper.request(["user-side"])
-    assert entered.wait(10)  # it runs: the next requests wait together
-    queued = sweeper.request(["owners 0"])
-    assert sweeper.request(["owners 1", "owners 2"]) is queued is not running
-    release.set()
-    assert running.result(10) == 1 and queued.result(10) == 2
-    assert swept == [["user-side"], ["owners 0", "owners 1", "owners 2"]]
