@@ -11,11 +11,12 @@ worker's RSS. Per fault: *recovery* = seconds from the fault's end (a pause's re
 the worker has caught up with what was produced by then plus one second of traffic. A worker
 that exits on its own (the stall watch's exit 75) is restarted, as compose would, and counted.
 
-Pass: lost = 0, doubled = 0 (``--state-writer owned``: and no item-delta record left
+Pass: lost = 0, doubled = 0, unsent = 0 (``--state-writer owned``: and no item-delta record left
 unapplied by its owner at the end), each recovery ≤ 30 s, Redis memory and worker RSS at the
 end within 1.5× of their values half-way (model state lives ``--state-ttl-s``, so memory
 must stop growing once it expires). Exit 0 only on pass.
-Usage: ``python bench/soak.py [--minutes 10] [--rate 2000]`` (``make soak``). Last line: JSON.
+Usage: ``python bench/soak.py [--minutes 10] [--rate 2000] [--faults "pause broker"]``
+(``make soak``). Last line: JSON.
 """
 
 from __future__ import annotations
@@ -81,12 +82,16 @@ class Worker:
 
 
 class Producer(threading.Thread):
-    """Sends ``rate`` events/s until stopped; a failed flush sends the same events again."""
+    """Sends ``rate`` events/s until stopped; a failed flush sends the same events again.
+    ``produced`` counts events once Kafka acknowledged them. Events whose sends still fail
+    ``give_up_s`` after the stop (a broker paused at the end) are ``unsent``: they may or
+    may not be in the log, so the books cannot balance and the run fails."""
 
-    def __init__(self, settings: Settings, rate: float) -> None:
+    def __init__(self, settings: Settings, rate: float, give_up_s: float = 50.0) -> None:
         super().__init__(daemon=True)
-        self.settings, self.rate = settings, rate
-        self.produced, self.resent, self.stop = 0, 0, threading.Event()
+        self.settings, self.rate, self.give_up_s = settings, rate, give_up_s
+        self.produced, self.resent, self.unsent = 0, 0, 0
+        self.stop = threading.Event()
         self.simulator = UserSimulator(20_000, 50_000, seed=7)
 
     def run(self) -> None:
@@ -96,17 +101,26 @@ class Producer(threading.Thread):
             while not self.stop.is_set():
                 due = int((time.monotonic() - started) * self.rate) - self.produced
                 if due > 0:
-                    events = list(self.simulator.events(due, time.time(), self.rate))
-                    while not self.stop.is_set():
-                        try:
-                            sdk.send_many(events)
-                            sdk.flush(timeout_s=10)
-                            break
-                        except Exception:  # noqa: BLE001 - broker paused: same ids again
-                            self.resent += len(events)
-                            time.sleep(1)
-                    self.produced += len(events)
+                    self._send(sdk, list(self.simulator.events(due, time.time(), self.rate)))
                 time.sleep(tick)
+
+    def _send(self, sdk: InteractionProducer, events: list) -> None:
+        """Send ``events`` until Kafka acknowledges them all (the same ids each time)."""
+        give_up_at = None
+        while True:
+            try:
+                sdk.send_many(events)
+                sdk.flush(timeout_s=10)
+                self.produced += len(events)
+                return
+            except Exception:  # noqa: BLE001 - broker paused: same ids again
+                if self.stop.is_set():
+                    give_up_at = give_up_at or time.monotonic() + self.give_up_s
+                    if time.monotonic() >= give_up_at:
+                        self.unsent += len(events)
+                        return
+                self.resent += len(events)
+                time.sleep(1)
 
 
 def main() -> int:
@@ -115,6 +129,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2000.0, help="events/s offered")
     parser.add_argument("--fault-every-s", type=float, default=60.0)
     parser.add_argument("--pause-s", type=float, default=20.0, help="broker pause length")
+    parser.add_argument("--faults", default=",".join(FAULTS),
+                        help="the faults to cycle through, comma-separated, of: "
+                             + ", ".join(FAULTS))
     parser.add_argument("--stall-timeout-s", type=float, default=20.0,
                         help="the worker's stall watch (STREAMREC_WORKER_STALL_TIMEOUT_S): "
                              "short here, so a stalled fetcher is restarted within a fault's "
@@ -130,6 +147,10 @@ def main() -> int:
                              "state applied by the item partitions' owners through the "
                              "item-deltas topic, docs/item-ownership.md)")
     args = parser.parse_args()
+    faults_cycled = [kind.strip() for kind in args.faults.split(",") if kind.strip()]
+    unknown = sorted(set(faults_cycled) - set(FAULTS))
+    if unknown or not faults_cycled:
+        parser.error(f"--faults: unknown {unknown or 'none given'}; choose among {FAULTS}")
     work = Path(tempfile.mkdtemp(prefix="streamrec-soak-"))
     redis_srv = EmbeddedRedis(workdir=str(work / "redis"))
     (work / "redis").mkdir()
@@ -163,14 +184,15 @@ def main() -> int:
                 worker.supervise()
                 samples.append(books.sample(now - started, producer, worker))
                 if now >= next_fault:
-                    faults.append(inject(FAULTS[fault_n % len(FAULTS)], now - started,
+                    kind = faults_cycled[fault_n % len(faults_cycled)]
+                    faults.append(inject(kind, now - started,
                                          producer, worker, redis_srv, kafka, args.pause_s))
                     fault_n += 1
                     next_fault = time.monotonic() + args.fault_every_s
                 note_recoveries(faults, books.applied(), time.monotonic() - started)
                 time.sleep(1)
             producer.stop.set()
-            producer.join(60)
+            producer.join(producer.give_up_s + 20)
             deadline = time.monotonic() + 180
             while (books.applied() < producer.produced or books.item_deltas_pending() != 0) \
                     and time.monotonic() < deadline:
@@ -192,7 +214,8 @@ def main() -> int:
     result = {
         "minutes": args.minutes, "rate": args.rate, "state_writer": args.state_writer,
         "produced": producer.produced,
-        "resent_after_failed_sends": producer.resent, "applied": applied_n,
+        "resent_after_failed_sends": producer.resent, "unsent": producer.unsent,
+        "applied": applied_n,
         "lost": max(producer.produced - applied_n, 0),
         "doubled": max(applied_n - producer.produced, 0),
         "item_deltas_pending": final["item_deltas_pending"],
@@ -203,7 +226,7 @@ def main() -> int:
         "worker_rss_mb_steady": steady["worker_rss_mb"],
         "worker_rss_mb_end": final["worker_rss_mb"],
     }
-    result["passed"] = (result["lost"] == 0 and result["doubled"] == 0
+    result["passed"] = (result["lost"] == 0 and result["doubled"] == 0 and result["unsent"] == 0
                         and result["item_deltas_pending"] == 0
                         and result["max_recovery_s"] <= 30
                         and result["redis_mb_end"] <= 1.5 * max(result["redis_mb_steady"], 1)
