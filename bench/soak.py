@@ -140,6 +140,10 @@ def main() -> int:
                         help="TTL of model state (user and item side) and of the dedup "
                              "sets: short, so that memory reaches its steady state within "
                              "the run")
+    parser.add_argument("--static-membership", action="store_true",
+                        help="the worker joins its group as a static member "
+                             "(STREAMREC_KAFKA_GROUP_INSTANCE_ID): restarted after a kill -9, "
+                             "it gets its partitions back without waiting out the session")
     parser.add_argument("--state-writer", choices=("shared", "single", "owned"),
                         default="shared",
                         help="STREAMREC_STATE_WRITER of the worker (single: it holds model "
@@ -167,6 +171,8 @@ def main() -> int:
                "STREAMREC_WORKER_STALL_TIMEOUT_S": str(args.stall_timeout_s),
                "STREAMREC_WORKER_WEB_PORT": str(free_port()),
                "STREAMREC_STATE_WRITER": args.state_writer,
+               "STREAMREC_KAFKA_GROUP_INSTANCE_ID":
+                   "soak-worker" if args.static_membership else "",
                "STREAMREC_WORKER_DATA_DIR": str(work / "worker-data")}
         worker = Worker(env, work / "worker.log")
         worker.start()
@@ -213,6 +219,7 @@ def main() -> int:
                   samples[-1])
     result = {
         "minutes": args.minutes, "rate": args.rate, "state_writer": args.state_writer,
+        "static_membership": args.static_membership,
         "produced": producer.produced,
         "resent_after_failed_sends": producer.resent, "unsent": producer.unsent,
         "applied": applied_n,

@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     app_id: str = Field("streamrec", description="Faust application id (consumer group).")
     kafka_session_timeout_s: float = Field(10.0, gt=0, description="Consumer session timeout.")
     kafka_rebalance_timeout_s: float = Field(10.0, gt=0, description="Consumer rebalance timeout.")
+    kafka_group_instance_id: str = Field(
+        "", pattern=r"^[A-Za-z0-9._-]{0,249}$", description="Worker: static group membership "
+        "(KIP-345), an id unique to this worker and stable across its restarts (a pod name, "
+        "say). Restarted within STREAMREC_KAFKA_SESSION_TIMEOUT_S, it gets its partitions back "
+        "without a rebalance; it does not leave the group when it stops, so its partitions "
+        "wait out the session timeout. Empty: dynamic membership (a worker killed -9 holds its "
+        "partitions until the session timeout; one stopped cleanly leaves at once).")
     kafka_ack_timeout_s: float = Field(
         5.0, gt=0, le=120, description="How long the API and feed builder wait for Kafka to "
         "take a publish (impression log, POST /v1/events) before answering 503.")

@@ -58,6 +58,7 @@ app = faust.App(
     consumer_auto_offset_reset="earliest",
     broker_session_timeout=settings.kafka_session_timeout_s,
     broker_rebalance_timeout=settings.kafka_rebalance_timeout_s,
+    consumer_group_instance_id=settings.kafka_group_instance_id or None,
     broker_heartbeat_interval=1.0,
     consumer_max_fetch_size=4 * settings.max_message_bytes,
     producer_max_request_size=settings.max_message_bytes + 65_536,

@@ -21,23 +21,27 @@ TOTAL = 6000
 
 
 @pytest.mark.parametrize("kill_after,layout", [(300, "shared"), (3000, "shared"),
-                                               (1500, "single"), (2000, "cluster"),
+                                               (1500, "single"), (1200, "single-static"),
+                                               (2000, "cluster"),
                                                (700, "owned"), (2500, "owned"),
                                                (1800, "owned-cluster")])
 def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, request, spawn,
                                                                kill_after, layout):
     # single: the worker holds model state in memory, so the kill loses it all; the restarted
     # worker waits out the dead one's lease (2 s here) and rebuilds from Redis + Kafka.
+    # single-static: the same as a static group member (STREAMREC_KAFKA_GROUP_INSTANCE_ID):
+    # the restarted worker takes its partitions back without a rebalance.
     # cluster: the same on a 3-primary Redis Cluster, where a kill may also cut a commit
     # between its redo record and its writes to the other nodes.
     # owned: the kill may also fall between a commit and its relay, or between an owner's
     # apply and its commit (cooc claims rows: left out there); owned-cluster: between a
     # source partition's part's redo record and its writes to the other nodes too
-    writer = {"shared": "shared", "single": "single", "cluster": "single", "owned": "owned",
-              "owned-cluster": "owned"}[layout]
+    writer = {"shared": "shared", "single": "single", "single-static": "single",
+              "cluster": "single", "owned": "owned", "owned-cluster": "owned"}[layout]
     s = settings.model_copy(update={
         "live_models": "session" if writer == "owned" else "session,cooc",
-        "worker_batch_max": 20, "state_writer_lease_s": 2.0, "state_writer": writer})
+        "worker_batch_max": 20, "state_writer_lease_s": 2.0, "state_writer": writer,
+        "kafka_group_instance_id": "chaos-worker" if layout.endswith("static") else ""})
     if layout.endswith("cluster"):
         s = s.model_copy(update={"redis_url": request.getfixturevalue("redis_cluster").url})
     redis_client = sync_redis(s.redis_url)

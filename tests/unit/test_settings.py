@@ -26,6 +26,14 @@ def test_session_rules_setting_is_checked_and_reaches_the_session_model(monkeypa
         Settings()
 
 
+def test_group_instance_id_must_be_a_kafka_name(monkeypatch):
+    monkeypatch.setenv("STREAMREC_KAFKA_GROUP_INSTANCE_ID", "worker 1")
+    with pytest.raises(ValidationError, match="kafka_group_instance_id"):
+        Settings()
+    monkeypatch.setenv("STREAMREC_KAFKA_GROUP_INSTANCE_ID", "worker-1.zone_a")
+    assert Settings().kafka_group_instance_id == "worker-1.zone_a"
+
+
 def test_sasl_options_passed_through():
     s = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="PLAIN",
                  kafka_sasl_username="u", kafka_sasl_password="p")
