@@ -90,6 +90,27 @@ def test_producer_duplicates_at_new_offsets_are_dropped(settings, redis_client):
                                  "events_applied")) == applied
 
 
+def test_duplicates_are_found_in_each_dedup_bucket_a_batch_spans(settings, redis_client):
+    """Event ids are remembered per dedup bucket (``STREAMREC_DEDUP_TTL_S`` of event time):
+    a batch spanning two buckets checks and records each id in its own."""
+    state, batch = live(settings, redis_client, ()), messages(per_message=20)
+    spanned = {int(e.timestamp // settings.dedup_ttl_s) for m in batch for e in m.events}
+    assert len(spanned) == 2
+    state.apply_messages(batch)
+    keys = RedisKeys(settings.key_prefix)
+    for bucket in spanned:  # each id in its own bucket's set, and only there
+        ids = [e.event_id for m in batch for e in m.events]
+        inside = [int(e.timestamp // settings.dedup_ttl_s) == bucket
+                  for m in batch for e in m.events]
+        assert redis_client.smismember(keys.seen_events(bucket), ids) == inside
+    again = [SourceMessage(m.topic, m.partition, m.offset + 1000, m.events) for m in batch]
+    new = [SourceMessage(m.topic, m.partition, m.offset + 2000, m.events)
+           for m in messages(n_events=400, per_message=20, seed=13)]
+    result = state.apply_messages([*again, *new])
+    assert result.duplicate_events == sum(len(m.events) for m in batch)
+    assert result.applied_events == sum(len(m.events) for m in new) == 400
+
+
 def test_two_workers_applying_the_same_batch_concurrently_apply_it_once(settings, redis_client):
     batch = messages(n_events=600)
     reference_settings = settings.model_copy(update={"key_prefix": settings.key_prefix + "r"})
