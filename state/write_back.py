@@ -23,9 +23,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import repeat
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Collection, Iterable
 
 import numpy as np
@@ -437,9 +437,8 @@ class UntimedKeySweeper:
     owners start and after each rebalance (owned layout). Keys a predecessor wrote (and, on a
     Redis Cluster, its redo record's) would otherwise never expire. One sweep at a time;
     requests while one waits to start join it (their stores with it), a request while one
-    runs queues one more. A key another writer
-    still writes loses the TTL at its next write, and that writer expires it once idle, never
-    before the TTL given here runs out."""
+    runs queues one more. A key another writer still writes loses the TTL at its next write,
+    and that writer expires it once idle, never before the TTL given here runs out."""
 
     def __init__(self) -> None:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="expiry-sweep")
