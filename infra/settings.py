@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     # --- Redis -----------------------------------------------------------------------------
     redis_url: str = Field("", description="redis:// or rediss:// URL (password in the URL); "
                            "redis+cluster:// or rediss+cluster:// for a Redis Cluster (any "
-                           "node; needs STREAMREC_STATE_WRITER=single).")
+                           "node; needs STREAMREC_STATE_WRITER=single or owned).")
     key_prefix: str = Field("sr", pattern=r"^[a-z][a-z0-9_]{0,15}$",
                             description="Prefix of every Redis key (see schemas/keys.py).")
 
