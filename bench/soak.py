@@ -15,7 +15,7 @@ Pass: lost = 0, doubled = 0, unsent = 0 (``--state-writer owned``: and no item-d
 unapplied by its owner at the end), each recovery ≤ 30 s, Redis memory and worker RSS at the
 end within 1.5× of their values half-way (model state lives ``--state-ttl-s``, so memory
 must stop growing once it expires). Exit 0 only on pass.
-Usage: ``python bench/soak.py [--minutes 10] [--rate 2000] [--faults "pause broker"]``
+Usage: ``python bench/soak.py [--minutes 10] [--rate 10000] [--faults "pause broker"]``
 (``make soak``). Last line: JSON.
 """
 
@@ -126,7 +126,7 @@ class Producer(threading.Thread):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--rate", type=float, default=2000.0, help="events/s offered")
+    parser.add_argument("--rate", type=float, default=10000.0, help="events/s offered")
     parser.add_argument("--fault-every-s", type=float, default=60.0)
     parser.add_argument("--pause-s", type=float, default=20.0, help="broker pause length")
     parser.add_argument("--faults", default=",".join(FAULTS),
