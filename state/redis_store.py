@@ -785,7 +785,8 @@ def give_untimed_keys_ttls(stores: RedisStore | Iterable[RedisStore], batch: int
     idle keys before that TTL passes). ``among``: only those of these key names, no SCAN
     (the keys of a record another writer left)."""
     stores = [stores] if isinstance(stores, RedisStore) else list(stores)
-    among = None if among is None else list(among)
+    if among is not None:  # decoded once, whatever the namespaces
+        among = [name.decode() if isinstance(name, bytes) else name for name in among]
     given = 0
     for store in {store.base: store for store in stores}.values():  # one per namespace
         client = store.client
@@ -798,7 +799,7 @@ def give_untimed_keys_ttls(stores: RedisStore | Iterable[RedisStore], batch: int
                  if among is None else among)
         waiting: dict[int, list] = {}
         for name in found:
-            text = name.decode() if isinstance(name, bytes) else name
+            text = name.decode() if isinstance(name, bytes) else name  # SCAN's are bytes
             ttl_ms = (ttl_of.get(text[len(head):].partition(":")[0])
                       if text.startswith(head) else None)
             if ttl_ms is None:
