@@ -20,7 +20,8 @@ the API, bucket-interpolated), each stage's p99, a compute pass's wall and CPU p
 per pass; what the client measures beyond it is the network and the load generator's own core,
 shared with Redis and the broker. Usage:
 ``python bench/api.py [--workers 1] [--concurrency 50] [--feed-rate 5000]
-[--on-demand-rate 1000]``. Last line: JSON.
+[--on-demand-rate 1000] [--phases floor,feed,feed_open,on_demand,on_demand_open]``. Last
+line: JSON.
 """
 
 from __future__ import annotations
@@ -243,7 +244,13 @@ def main() -> None:
                         default="published", help="published: the feed builder role runs "
                         "beside the API (off the API's core with --pin) and publishes item "
                         "neighbourhoods, as deployed; counted: each API process counts its own")
+    parser.add_argument("--phases", default="floor,feed,feed_open,on_demand,on_demand_open",
+                        help="which phases to run, comma-separated, in their usual order")
     args = parser.parse_args()
+    chosen = set(args.phases.split(","))
+    unknown = chosen - {"floor", "feed", "feed_open", "on_demand", "on_demand_open"}
+    if unknown:
+        parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
     from schemas.keys import RedisKeys
     from serving.feeds import FeedBuilder
 
@@ -288,14 +295,18 @@ def main() -> None:
                     time.sleep(0.2)
             result = {"workers": args.workers, "concurrency": args.concurrency,
                       "users": len(users), "neighbourhoods": args.neighbourhoods}
-            result.update(figures("redis_get_floor", in_process(
-                redis_floor, redis_srv.url, [keys.feed(u) for u in users], args.seconds)))
+            if "floor" in chosen:
+                result.update(figures("redis_get_floor", in_process(
+                    redis_floor, redis_srv.url, [keys.feed(u) for u in users], args.seconds)))
             feed, lists = "/v1/users/{user}/feed", "/v1/users/{user}/recommendations?k=20"
-            for name, path, rate in (
-                    ("feed_read", feed, 0), (f"feed_read_at_{args.feed_rate:g}", feed,
-                                             args.feed_rate),
-                    ("on_demand", lists, 0), (f"on_demand_at_{args.on_demand_rate:g}", lists,
-                                              args.on_demand_rate)):
+            for key, name, path, rate in (
+                    ("feed", "feed_read", feed, 0),
+                    ("feed_open", f"feed_read_at_{args.feed_rate:g}", feed, args.feed_rate),
+                    ("on_demand", "on_demand", lists, 0),
+                    ("on_demand_open", f"on_demand_at_{args.on_demand_rate:g}", lists,
+                     args.on_demand_rate)):
+                if key not in chosen:
+                    continue
                 result.update(phase(
                     name, pids, f"http://127.0.0.1:{metrics_port}/metrics" if path == lists
                     else None, load, url, users, path, args.seconds, args.concurrency, rate))

@@ -147,7 +147,7 @@ def create_app(settings: Settings | None = None) -> "FastPaths":
     on_demand_batches = OnDemandBatches(
         lambda users, k, exclude, pins: builder.compute(users, k, exclude, source="on_demand",
                                                         pins=pins),
-        builder.log_served)
+        builder.log_served, linger_s=settings.api_batch_linger_ms / 1000)
 
     # without keys anyone may ask: bound the impression records they can make us write
     open_lists = None if keys else TokenBucket(settings.api_open_lists_per_s)
@@ -444,10 +444,18 @@ class OnDemandBatches:
     (a list is never served unlogged). The two threads overlap: batch N+1 is computed while
     batch N waits for Kafka's acks, and the batches computed meanwhile are logged together.
     An error reaches every request of its batch (of its flush, for the log's). Thread-safe;
-    :meth:`feed` blocks, :meth:`feed_async` awaits (no thread held while waiting)."""
+    :meth:`feed` blocks, :meth:`feed_async` awaits (no thread held while waiting).
 
-    def __init__(self, compute, log, max_batch: int = 64) -> None:
+    ``linger_s``: a pass costs a fixed part (reads, numpy calls) plus a part per list, so while
+    requests come faster than one per ``linger_s`` (a moving average of their gaps) the pass
+    waits until its oldest request is ``linger_s`` old, for more to share it; slower, no
+    wait (nothing would come)."""
+
+    def __init__(self, compute, log, max_batch: int = 64, linger_s: float = 0.0) -> None:
         self.compute, self.log, self.max_batch = compute, log, max_batch
+        self.linger_s = linger_s
+        self._gap: float | None = None  # moving average of the gap between requests
+        self._last_arrival: float | None = None
         self._waiting: queue.SimpleQueue = queue.SimpleQueue()
         self._computed: queue.SimpleQueue = queue.SimpleQueue()
         self._started = False
@@ -478,12 +486,7 @@ class OnDemandBatches:
 
     def _compute_loop(self) -> None:
         while True:
-            batch = [self._waiting.get()]  # blocks until a request comes
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._waiting.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._take_batch()
             groups: dict[tuple, list] = {}
             for request in batch:
                 groups.setdefault(request[0], []).append(request)
@@ -500,6 +503,25 @@ class OnDemandBatches:
                 self._computed.put((feeds, None, started, ended))
             except BaseException as exc:  # every request of the batch gets the error
                 self._computed.put(([(m, None) for m in batch], exc, started, 0.0))
+
+    def _take_batch(self) -> list:
+        """What is waiting (blocks for the first), lingering for more while they come fast."""
+        batch = [self._waiting.get()]
+        lingers = self._gap is not None and self._gap < self.linger_s
+        until = batch[0][3] + self.linger_s if lingers else 0.0
+        while len(batch) < self.max_batch:
+            try:
+                left = until - time.perf_counter()
+                batch.append(self._waiting.get(timeout=left) if left > 0
+                             else self._waiting.get_nowait())
+            except queue.Empty:
+                break
+        for request in batch:
+            if self._last_arrival is not None:
+                gap = max(request[3] - self._last_arrival, 0.0)
+                self._gap = gap if self._gap is None else self._gap + 0.1 * (gap - self._gap)
+            self._last_arrival = request[3]
+        return batch
 
     def _log_loop(self) -> None:
         while True:

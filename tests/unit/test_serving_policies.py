@@ -537,3 +537,41 @@ def test_pins_that_would_leave_the_list_ambiguous_are_refused():
         with pytest.raises(HTTPException) as refused:
             parse_pins(pins, k, frozenset(exclude))
         assert refused.value.status_code == 422 and says in refused.value.detail, pins
+
+
+def test_on_demand_passes_linger_for_more_while_requests_come_fast():
+    """Requests coming faster than one per linger: a pass waits until its oldest request is
+    ``linger_s`` old, and a request that came meanwhile shares it."""
+    import time as clock
+
+    from serving.api import OnDemandBatches
+
+    passes = []
+
+    def compute(users, *_):
+        passes.append(list(users))
+        return [f"feed-{u}" for u in users]
+
+    batches = OnDemandBatches(compute, lambda feeds: None, linger_s=0.5)
+    burst = [batches.submit(f"u{n}", None) for n in range(20)]  # gaps of microseconds
+    assert [f.result(10) for f in burst] == [f"feed-u{n}" for n in range(20)]
+    asked = clock.perf_counter()
+    first = batches.submit("a", None)
+    clock.sleep(0.1)
+    second = batches.submit("b", None)
+    assert (first.result(10), second.result(10)) == ("feed-a", "feed-b")
+    assert passes[-1] == ["a", "b"]  # one pass for both
+    assert clock.perf_counter() - asked >= 0.45  # "a" waited for company
+
+
+def test_on_demand_passes_do_not_linger_when_requests_come_slower_than_the_linger():
+    import time as clock
+
+    from serving.api import OnDemandBatches
+
+    batches = OnDemandBatches(lambda users, *_: list(users), lambda feeds: None, linger_s=1.0)
+    assert batches.feed("a", None) == "a"  # no gap known yet: no wait
+    clock.sleep(1.2)
+    asked = clock.perf_counter()
+    assert batches.feed("b", None) == "b"
+    assert clock.perf_counter() - asked < 0.5  # one request per 1.2 s: nothing to wait for
