@@ -267,12 +267,12 @@ class Settings(BaseSettings):
                                         "on demand per second per API process (each is logged "
                                         "to the impressions topic); beyond it → 429 with "
                                         "Retry-After. Stored feeds are not limited.")
-    api_batch_linger_ms: float = Field(4.0, ge=0, le=100, description="On-demand lists: how "
+    api_batch_linger_ms: float = Field(0.0, ge=0, le=100, description="On-demand lists: how "
                                        "long the oldest waiting request may wait for others "
                                        "to share its compute pass, while requests come faster "
-                                       "than one per linger (bigger passes cost less CPU per "
-                                       "list: ~30 % less at 1,000 lists/s); 0 = take what is "
-                                       "waiting.")
+                                       "than one per linger. Bigger passes cost less CPU per "
+                                       "list (4 ms at 1,000 lists/s: ~30 % less, p99 ~4 ms "
+                                       "more); 0 = take what is waiting (lowest latency).")
     api_host: str = Field("127.0.0.1", description="API bind address.")
     api_port: int = Field(8080, ge=0, le=65535, description="API port.")
     api_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of "

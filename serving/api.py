@@ -448,12 +448,13 @@ class OnDemandBatches:
 
     ``linger_s``: a pass costs a fixed part (reads, numpy calls) plus a part per list, so while
     requests come faster than one per ``linger_s`` (a moving average of their gaps) the pass
-    waits until its oldest request is ``linger_s`` old, for more to share it; slower, no
-    wait (nothing would come)."""
+    waits until its oldest request is ``linger_s`` old or ``enough`` requests share it (the
+    fixed part is then paid; waiting longer would leave the core idle); slower, no wait."""
 
-    def __init__(self, compute, log, max_batch: int = 64, linger_s: float = 0.0) -> None:
+    def __init__(self, compute, log, max_batch: int = 64, linger_s: float = 0.0,
+                 enough: int = 16) -> None:
         self.compute, self.log, self.max_batch = compute, log, max_batch
-        self.linger_s = linger_s
+        self.linger_s, self.enough = linger_s, enough
         self._gap: float | None = None  # moving average of the gap between requests
         self._last_arrival: float | None = None
         self._waiting: queue.SimpleQueue = queue.SimpleQueue()
@@ -511,7 +512,7 @@ class OnDemandBatches:
         until = batch[0][3] + self.linger_s if lingers else 0.0
         while len(batch) < self.max_batch:
             try:
-                left = until - time.perf_counter()
+                left = until - time.perf_counter() if len(batch) < self.enough else 0.0
                 batch.append(self._waiting.get(timeout=left) if left > 0
                              else self._waiting.get_nowait())
             except queue.Empty:

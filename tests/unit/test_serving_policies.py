@@ -575,3 +575,24 @@ def test_on_demand_passes_do_not_linger_when_requests_come_slower_than_the_linge
     asked = clock.perf_counter()
     assert batches.feed("b", None) == "b"
     assert clock.perf_counter() - asked < 0.5  # one request per 1.2 s: nothing to wait for
+
+
+def test_an_on_demand_pass_stops_lingering_once_enough_requests_share_it():
+    import time as clock
+
+    from serving.api import OnDemandBatches
+
+    passes = []
+
+    def compute(users, *_):
+        passes.append(list(users))
+        return list(users)
+
+    batches = OnDemandBatches(compute, lambda feeds: None, linger_s=2.0, enough=3)
+    for n in range(3):  # gaps of microseconds: it lingers from now on
+        assert batches.feed(f"warm{n}", None) == f"warm{n}"
+    asked = clock.perf_counter()
+    futures = [batches.submit(u, None) for u in ("a", "b", "c")]
+    assert [f.result(10) for f in futures] == ["a", "b", "c"]
+    assert clock.perf_counter() - asked < 1.0  # three are enough: no wait for the linger
+    assert passes[-1] == ["a", "b", "c"]
