@@ -370,6 +370,65 @@ def cmd_offsets(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def cmd_dlq(args: argparse.Namespace) -> None:
+    """Summarise the dead-letter topic (reasons, sources, what a re-drive would publish); with
+    --redrive, publish again what today's decoder accepts and was not applied then (events
+    keep their ids), and record the progress in a consumer group."""
+    from kafka.errors import KafkaError
+
+    from infra.settings import Settings
+    from stream.dead_letters import DeadLetterReader, Summary, plan_redrive
+    from stream.producer import DeliveryError, InteractionProducer, ItemPublisher
+
+    settings = Settings()
+    if not settings.kafka_bootstrap:
+        raise CommandError("set STREAMREC_KAFKA_BOOTSTRAP (the cluster whose dead letters to "
+                           "read)")
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its retries: the error says why
+    options = settings.kafka_client_options()
+    try:
+        reader = DeadLetterReader(settings.kafka_bootstrap, settings.topic_dlq, args.group,
+                                  args.from_beginning, options)
+    except (LookupError, KafkaError) as exc:
+        raise CommandError(f"{settings.topic_dlq}: {exc}") from None
+    summary, producers = Summary(), {}
+    try:
+        for batch in reader.batches():
+            sends: dict[str, list] = {}
+            for record, original in batch:
+                if record is None:
+                    summary.unreadable += 1
+                    continue
+                redrive = plan_redrive(record, original, settings.topic_items,
+                                       settings.max_message_bytes)
+                summary.add(record, redrive)
+                if redrive.events:
+                    sends.setdefault(record.source.topic, []).extend(redrive.events)
+            if not args.redrive:
+                continue
+            for topic, events in sends.items():
+                if topic not in producers:
+                    kind = ItemPublisher if topic == settings.topic_items else InteractionProducer
+                    producers[topic] = kind(settings.kafka_bootstrap, topic,
+                                            max_message_bytes=settings.max_message_bytes,
+                                            client_options=options)
+                producers[topic].send_many(events)
+            for producer in producers.values():
+                producer.flush()  # raises DeliveryError: nothing of this batch is committed
+            reader.commit()
+    except (DeliveryError, TimeoutError) as exc:
+        print(json.dumps(summary.as_dict(sent=args.redrive)))
+        print(f"streamrec dlq: stopped: {_one_line(exc)}; run it again (a re-drive's progress "
+              f"is committed up to the last batch Kafka acknowledged)", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        for producer in producers.values():
+            with contextlib.suppress(Exception):
+                producer.close()
+        reader.close()
+    print(json.dumps(summary.as_dict(sent=args.redrive), indent=2))
+
+
 def cmd_expire_untimed(args: argparse.Namespace) -> None:
     """Give each live model's state keys that have no TTL their table's TTL (the single writer
     writes them without one and expires them itself; run this after retiring it for good:
@@ -514,6 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
     offsets.add_argument("--partition", type=_NATURAL, action="append", default=[],
                          help="partition to show or reset (repeat; default: all)")
     offsets.set_defaults(func=cmd_offsets)
+
+    dlq = sub.add_parser("dlq", help=cmd_dlq.__doc__)
+    dlq.add_argument("--redrive", action="store_true",
+                     help="publish again what is valid now (default: only say what would be)")
+    dlq.add_argument("--group", default="streamrec-dlq-redrive",
+                     help="consumer group that records how far re-drives got")
+    dlq.add_argument("--from-beginning", action="store_true",
+                     help="start at the topic's first record, not after the last re-drive "
+                          "(events re-driven more than STREAMREC_DEDUP_TTL_S ago would apply "
+                          "twice)")
+    dlq.set_defaults(func=cmd_dlq)
 
     expire = sub.add_parser("expire-untimed", help=cmd_expire_untimed.__doc__)
     expire.set_defaults(func=cmd_expire_untimed)
