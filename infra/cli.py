@@ -377,54 +377,28 @@ def cmd_dlq(args: argparse.Namespace) -> None:
     from kafka.errors import KafkaError
 
     from infra.settings import Settings
-    from stream.dead_letters import DeadLetterReader, Summary, plan_redrive
-    from stream.producer import DeliveryError, InteractionProducer, ItemPublisher
+    from stream.dead_letters import DeadLetterReader, Summary, redrive_dead_letters
+    from stream.producer import DeliveryError
 
     settings = Settings()
     if not settings.kafka_bootstrap:
         raise CommandError("set STREAMREC_KAFKA_BOOTSTRAP (the cluster whose dead letters to "
                            "read)")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its retries: the error says why
-    options = settings.kafka_client_options()
     try:
         reader = DeadLetterReader(settings.kafka_bootstrap, settings.topic_dlq, args.group,
-                                  args.from_beginning, options)
+                                  args.from_beginning, settings.kafka_client_options())
     except (LookupError, KafkaError) as exc:
         raise CommandError(f"{settings.topic_dlq}: {exc}") from None
-    summary, producers = Summary(), {}
+    summary = Summary()
     try:
-        for batch in reader.batches():
-            sends: dict[str, list] = {}
-            for record, original in batch:
-                if record is None:
-                    summary.unreadable += 1
-                    continue
-                redrive = plan_redrive(record, original, settings.topic_items,
-                                       settings.max_message_bytes)
-                summary.add(record, redrive)
-                if redrive.events:
-                    sends.setdefault(record.source.topic, []).extend(redrive.events)
-            if not args.redrive:
-                continue
-            for topic, events in sends.items():
-                if topic not in producers:
-                    kind = ItemPublisher if topic == settings.topic_items else InteractionProducer
-                    producers[topic] = kind(settings.kafka_bootstrap, topic,
-                                            max_message_bytes=settings.max_message_bytes,
-                                            client_options=options)
-                producers[topic].send_many(events)
-            for producer in producers.values():
-                producer.flush()  # raises DeliveryError: nothing of this batch is committed
-            reader.commit()
-    except (DeliveryError, TimeoutError) as exc:
+        redrive_dead_letters(reader, summary, settings, send=args.redrive)
+    except (DeliveryError, TimeoutError, LookupError) as exc:
         print(json.dumps(summary.as_dict(sent=args.redrive)))
         print(f"streamrec dlq: stopped: {_one_line(exc)}; run it again (a re-drive's progress "
               f"is committed up to the last batch Kafka acknowledged)", file=sys.stderr)
         sys.exit(1)
     finally:
-        for producer in producers.values():
-            with contextlib.suppress(Exception):
-                producer.close()
         reader.close()
     print(json.dumps(summary.as_dict(sent=args.redrive), indent=2))
 

@@ -125,6 +125,50 @@ def _utc(stamp: float | None) -> str | None:
     return None if stamp is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
 
 
+def redrive_dead_letters(reader: "DeadLetterReader", summary: Summary, settings,
+                         send: bool) -> None:
+    """Plan each dead letter ``reader`` yields into ``summary``; with ``send``, publish each
+    batch's re-drives to their source topics and commit the batch once Kafka acknowledged it
+    (:class:`stream.producer.DeliveryError` otherwise: nothing of that batch committed;
+    ``LookupError`` when a source topic no longer exists)."""
+    from stream.producer import InteractionProducer, ItemPublisher
+
+    producers: dict[str, InteractionProducer] = {}
+    try:
+        for batch in reader.batches():
+            sends: dict[str, list] = {}
+            for record, original in batch:
+                if record is None:
+                    summary.unreadable += 1
+                    continue
+                redrive = plan_redrive(record, original, settings.topic_items,
+                                       settings.max_message_bytes)
+                summary.add(record, redrive)
+                if redrive.events:
+                    sends.setdefault(record.source.topic, []).extend(redrive.events)
+            if not send:
+                continue
+            for topic, events in sends.items():
+                if topic not in producers:
+                    kind = ItemPublisher if topic == settings.topic_items else InteractionProducer
+                    try:
+                        producers[topic] = kind(settings.kafka_bootstrap, topic,
+                                                max_message_bytes=settings.max_message_bytes,
+                                                client_options=settings.kafka_client_options())
+                    except ValueError as exc:  # the source topic is gone
+                        raise LookupError(str(exc)) from None
+                producers[topic].send_many(events)
+            for producer in producers.values():
+                producer.flush()
+            reader.commit()
+    finally:
+        for producer in producers.values():
+            try:
+                producer.close()
+            except Exception:  # closing after a failed delivery: the error is already raised
+                pass
+
+
 class DeadLetterReader:
     """The dead-letter topic from the group's committed offsets (or the log start) to its
     end as this run began, with each original (fetched from its source where the record only
