@@ -38,6 +38,7 @@ each source partition's part commits on its own (:meth:`LiveState._compute_parts
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections import Counter
@@ -59,6 +60,8 @@ from state.write_back import UntimedKeySweeper, WriteBackStore, sweep_untimed_ke
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TrendingModel
 from schemas.events import ENGAGEMENT_TYPES, Interaction
 from schemas.keys import RedisKeys
+
+log = logging.getLogger("streamrec.state")
 
 #: KEYS: trending zset, meta hash. ARGV: half_life, reference_ts, max_items, rebase_after,
 #: the commit's seq (0: none; else a seq at or below the meta's field ARGV[6] adds nothing),
@@ -211,6 +214,15 @@ end
 return 0
 """
 
+#: KEYS: the lease. ARGV: the holder found, this holder, lease in ms. Takes the lease over
+#: from exactly that holder (not from one that took it meanwhile).
+TAKE_OVER_LEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return false
+"""
+
 
 class RedisLostWrites(RuntimeError):
     """A partition's watermark in Redis is below one this process committed: Redis lost
@@ -226,21 +238,37 @@ class WriterLeaseHeld(RuntimeError):
 class WriterLease:
     """The lease that makes one worker the only writer of model state in the ``single``
     layout: taken with SET NX PX, renewed by every commit and by :meth:`renew`, and checked
-    (WATCHed) by every commit, so a worker that lost it writes nothing."""
+    (WATCHed) by every commit, so a worker that lost it writes nothing.
 
-    def __init__(self, client, key: str, lease_s: float) -> None:
+    ``member``: the worker's static group member id (``STREAMREC_KAFKA_GROUP_INSTANCE_ID``),
+    part of the holder's name. A process restarted under that id takes the lease over from
+    its predecessor at once instead of waiting for it to lapse: Kafka gives the partitions to
+    one process per id (fencing the other), and the predecessor, were it still alive, writes
+    nothing once its holder name is gone from the lease (every commit WATCHes it)."""
+
+    def __init__(self, client, key: str, lease_s: float, member: str = "") -> None:
         self.client, self.key = client, key
         self.lease_ms = int(lease_s * 1000)
-        self.holder = uuid.uuid4().hex
+        self._member_prefix = f"{member}/".encode() if member else None
+        self.holder = f"{member}/{uuid.uuid4().hex}" if member else uuid.uuid4().hex
         self.held = False
         self._renew = client.register_script(RENEW_LEASE_LUA)
+        self._take_over = client.register_script(TAKE_OVER_LEASE_LUA)
 
     def acquire(self, wait_s: float) -> None:
         """Take the lease, waiting up to ``wait_s`` for a holder's to lapse (a crashed worker's
-        lasts until it expires); raises :class:`WriterLeaseHeld` past that."""
+        lasts until it expires; a predecessor under this static member id's is taken over at
+        once); raises :class:`WriterLeaseHeld` past that."""
         deadline = time.monotonic() + wait_s
         while not self.client.set(self.key, self.holder, nx=True, px=self.lease_ms):
-            if self.client.get(self.key) == self.holder.encode():
+            found = self.client.get(self.key)
+            if found == self.holder.encode():
+                break
+            if (self._member_prefix and found and found.startswith(self._member_prefix)
+                    and self._take_over(keys=[self.key],
+                                        args=[found, self.holder, self.lease_ms])):
+                log.warning("took the single-writer lease over from %s, an earlier process "
+                            "of this static group member", found.decode())
                 break
             if time.monotonic() > deadline:
                 raise WriterLeaseHeld(
@@ -330,7 +358,8 @@ class LiveState:
         self._clicks = client.register_script(CLICKS_LUA)
         self._reserved = frozenset(settings.exploration_positions)
         self._uncommitted: list[PreparedBatch] = []  # prepared, oldest first
-        self.lease = (WriterLease(client, self.keys.state_writer, settings.state_writer_lease_s)
+        self.lease = (WriterLease(client, self.keys.state_writer, settings.state_writer_lease_s,
+                                  member=settings.kafka_group_instance_id)
                       if settings.state_writer == "single" else None)
         require_single_on_cluster(client, settings.state_writer)
         self.cluster = is_cluster(client)

@@ -77,6 +77,33 @@ def test_the_lease_keeps_a_second_writer_out_until_the_first_is_gone(settings, r
         assert int(redis_client.get(second.keys.watermark("interactions", partition))) == offset
 
 
+def test_a_restarted_static_member_takes_its_predecessors_lease_over_at_once(settings,
+                                                                             redis_client):
+    """Under a static group member id, the process restarted with that id takes the lease
+    over without waiting for it to lapse; any other writer still waits, and the predecessor
+    holds it no more (its commits WATCH a holder name that is gone)."""
+    batch = messages()
+    member_a = settings.model_copy(update={"kafka_group_instance_id": "worker-a"})
+    member_b = settings.model_copy(update={"kafka_group_instance_id": "worker-b"})
+    first = single(member_a, redis_client)
+    first.apply_messages(batch[:3])
+    with renewing(first.lease):  # alive as far as the lease can tell
+        with pytest.raises(WriterLeaseHeld):
+            single(member_b, redis_client).apply_messages(batch[3:6])
+        with pytest.raises(WriterLeaseHeld):
+            single(settings, redis_client).apply_messages(batch[3:6])  # no member id
+        restarted = single(member_a, redis_client)
+        started = time.monotonic()
+        restarted.apply_messages(batch[3:6])
+        assert time.monotonic() - started < 1.0  # the lease (1 s, renewed) was not waited out
+        time.sleep(0.3)  # a renewal came meanwhile: it found another holder
+        assert not first.lease.held
+    assert redis_client.get(first.lease.key) == restarted.lease.holder.encode()
+    for message in batch[:6]:
+        assert int(redis_client.get(restarted.keys.watermark(
+            "interactions", message.partition))) >= message.offset
+
+
 def test_lease_renewals_beside_pipelined_commits_void_none_of_them(settings, redis_client):
     """The worker renews the lease on a timer while chunks commit. Every commit WATCHes the
     lease, so a renewal (PEXPIRE) inside a commit's WATCH … EXEC would void it: the pipeline
