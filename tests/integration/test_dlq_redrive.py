@@ -71,3 +71,18 @@ def test_dead_letters_summarised_then_redriven_once(settings):
     assert (again["dead_letters"], again["events_redriven"]) == (1, 1)
     assert event_ids(settings, 6) == ["e1", "e10", "e10", "e11", "e11", "e30"]
     kafka.close()
+
+
+def test_item_descriptions_valid_now_are_redriven_to_the_items_topic(settings):
+    raw = json.dumps({"schema_version": 1, "items": [
+        {"item_id": "m1", "timestamp": 1.7e9, "categories": ["Comedy"]},
+        {"item_id": "m2", "timestamp": 1.7e9}]}).encode()
+    record = letter(raw, [1], applied=1, topic=settings.topic_items)  # m2 failed then
+    record.original_b64 = base64.b64encode(raw).decode()
+    kafka = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    kafka.send(settings.topic_dlq, dlq.encode(record)).get(30)
+    kafka.close()
+    assert dlq_cli(settings, "--redrive")["events_redriven"] == 2  # an upsert: both again
+    published = read_topic(settings.kafka_bootstrap, settings.topic_items, 2)
+    assert sorted((r.key, json.loads(r.value)["item_id"]) for r in published) == [
+        (b"m1", "m1"), (b"m2", "m2")]  # one message per description, keyed by its item
