@@ -71,6 +71,7 @@ def plan_redrive(record: dlq.DeadLetter, original: bytes | None, items_topic: st
         now_invalid = {index for index, _, _ in invalid}
         valid_indexes = [i for i in range(len(valid) + len(invalid)) if i not in now_invalid]
         chosen = [event for index, event in zip(valid_indexes, valid) if index in failed]
+        still = len(now_invalid & failed)  # not those applied then that today's rules refuse
     if chosen:
         return Redrive(REDRIVEN, chosen, still)
     return Redrive(STILL_INVALID if still else NOTHING_LEFT, still_invalid=still)

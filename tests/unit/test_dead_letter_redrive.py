@@ -49,6 +49,12 @@ def test_events_valid_now_are_matched_to_their_envelope_index_past_ones_still_in
     assert (plan.outcome, ids(plan), plan.still_invalid) == (REDRIVEN, ["e2"], 1)
 
 
+def test_an_event_applied_then_that_todays_rules_refuse_is_not_counted_as_still_invalid():
+    raw = envelope(event(0, dwell_ms=-5), event(1))  # 0 was applied then, 1 failed
+    plan = plan_redrive(letter(raw, [1], applied=1), raw, "items", LIMIT)
+    assert (plan.outcome, ids(plan), plan.still_invalid) == (REDRIVEN, ["e1"], 0)
+
+
 def test_a_dead_letter_still_invalid_publishes_nothing():
     raw = envelope(event(0), event(1, dwell_ms=-5))
     valid, problems = split_message(raw)
