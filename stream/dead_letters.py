@@ -33,6 +33,7 @@ import msgspec
 from schemas import dlq
 from schemas.events import split_message
 from schemas.items import split_items
+from stream.log_positions import LogEndProbe
 
 #: Outcomes of one dead letter, as the summary counts them.
 REDRIVEN, STILL_INVALID, NOTHING_LEFT = "re-driven", "still invalid", "nothing left to apply"
@@ -145,10 +146,8 @@ def redrive_dead_letters(reader: "DeadLetterReader", summary: Summary, settings,
                 redrive = plan_redrive(record, original, settings.topic_items,
                                        settings.max_message_bytes)
                 summary.add(record, redrive)
-                if redrive.events:
+                if send and redrive.events:
                     sends.setdefault(record.source.topic, []).extend(redrive.events)
-            if not send:
-                continue
             for topic, events in sends.items():
                 if topic not in producers:
                     kind = ItemPublisher if topic == settings.topic_items else InteractionProducer
@@ -159,9 +158,10 @@ def redrive_dead_letters(reader: "DeadLetterReader", summary: Summary, settings,
                     except ValueError as exc:  # the source topic is gone
                         raise LookupError(str(exc)) from None
                 producers[topic].send_many(events)
-            for producer in producers.values():
-                producer.flush()
-            reader.commit()
+            if send:
+                for producer in producers.values():
+                    producer.flush()
+                reader.commit()
     finally:
         for producer in producers.values():
             try:
@@ -179,19 +179,18 @@ class DeadLetterReader:
                  client_options: dict[str, Any]) -> None:
         from kafka import KafkaConsumer, TopicPartition
 
-        self._tp = TopicPartition
         self.topic = topic
         self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
                                        enable_auto_commit=False, **client_options)
-        self._fetcher = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                      enable_auto_commit=False, **client_options)
+        self._log = LogEndProbe(bootstrap, client_options)  # reads ends and originals
         partitions = self._consumer.partitions_for_topic(topic)
         if not partitions:
             self.close()
             raise LookupError(f"topic {topic!r} does not exist on {bootstrap}")
         self._partitions = [TopicPartition(topic, p) for p in sorted(partitions)]
         self._consumer.assign(self._partitions)
-        self._ends = self._consumer.end_offsets(self._partitions)
+        self._ends = {tp: self._log.log_end(topic, tp.partition, reported)  # answers can trail
+                      for tp, reported in self._consumer.end_offsets(self._partitions).items()}
         starts = self._consumer.beginning_offsets(self._partitions)
         self._done: dict = {}  # partition → the offset after the last record yielded
         for tp in self._partitions:
@@ -221,24 +220,11 @@ class DeadLetterReader:
                     except msgspec.MsgspecError:  # not written by a worker: counted, left
                         batch.append((None, None))
                         continue
+                    source = record.source
                     batch.append((record, record.original if not record.original_omitted
-                                  else self.fetch(record.source)))
+                                  else self._log.message_at(source.topic, source.partition,
+                                                            source.offset)))
             yield batch
-
-    def fetch(self, source: dlq.SourcePosition, timeout_s: float = 10.0) -> bytes | None:
-        """The message at ``source``, or None when its topic no longer holds that offset."""
-        tp = self._tp(source.topic, source.partition)
-        self._fetcher.assign([tp])
-        if not self._fetcher.beginning_offsets([tp])[tp] <= source.offset < \
-                self._fetcher.end_offsets([tp])[tp]:
-            return None
-        self._fetcher.seek(tp, source.offset)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for message in self._fetcher.poll(timeout_ms=1000, max_records=1).get(tp, []):
-                return message.value if message.offset == source.offset else None
-        raise TimeoutError(f"{source.topic}[{source.partition}]@{source.offset}: not fetched "
-                           f"within {timeout_s:g} s")
 
     def commit(self) -> None:
         """Record in the group that every record yielded so far is done (not those read past
@@ -251,4 +237,4 @@ class DeadLetterReader:
 
     def close(self) -> None:
         self._consumer.close()
-        self._fetcher.close()
+        self._log.close()

@@ -21,6 +21,7 @@ picks a resume point with ``streamrec offsets --reset start|end|OFFSET``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -123,6 +124,25 @@ class LogEndProbe:
                 break
             end = max(end, records[-1].offset + 1)
         return end
+
+    def message_at(self, topic: str, partition: int, offset: int,
+                   timeout_s: float = 10.0) -> bytes | None:
+        """The value of the record at ``offset``, or None when the log does not hold it (its
+        start passed it, or its end, read from the log, is not past it)."""
+        from kafka import TopicPartition
+
+        tp = TopicPartition(topic, partition)
+        self._consumer.assign([tp])
+        reported_end = self._consumer.end_offsets([tp])[tp]
+        if offset < self._consumer.beginning_offsets([tp])[tp] or (
+                offset >= reported_end and offset >= self.log_end(topic, partition, reported_end)):
+            return None
+        self._consumer.seek(tp, offset)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for message in self._consumer.poll(timeout_ms=1000, max_records=1).get(tp, []):
+                return message.value if message.offset == offset else None
+        raise TimeoutError(f"{topic}[{partition}]@{offset}: not fetched within {timeout_s:g} s")
 
     def topic_id(self, topic: str) -> str | None:
         """The topic's id (KIP-516) from fresh metadata; None where the broker gives none

@@ -86,3 +86,27 @@ def test_item_descriptions_valid_now_are_redriven_to_the_items_topic(settings):
     published = read_topic(settings.kafka_bootstrap, settings.topic_items, 2)
     assert sorted((r.key, json.loads(r.value)["item_id"]) for r in published) == [
         (b"m1", "m1"), (b"m2", "m2")]  # one message per description, keyed by its item
+
+
+def test_dead_letters_sharing_the_last_record_batch_are_all_read(settings):
+    """The embedded broker's ListOffsets answer trails a log whose last batch holds several
+    records: the run's end is read from the log itself, so none of them waits for a later
+    run (and an original inside such a batch is found, not called gone)."""
+    kafka = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=200)
+    raw = envelope(event(40), event(41))
+    original = kafka.send(settings.topic_interactions, raw, partition=0)
+    letters = []
+    for n in range(3):  # one batch: sent within the linger
+        record = letter(raw, [None], applied=0, topic=settings.topic_interactions)
+        record.original_omitted = True
+        letters.append(record)
+    kafka.flush()
+    at = original.get(30).offset
+    for record in letters:
+        record.source = dlq.SourcePosition(settings.topic_interactions, 0, at)
+    for record in letters:
+        kafka.send(settings.topic_dlq, dlq.encode(record), partition=0)
+    kafka.flush()
+    kafka.close()
+    summary = dlq_cli(settings)
+    assert summary["dead_letters"] == 3 and summary["outcomes"] == {"re-driven": 3}
