@@ -517,7 +517,7 @@ class OnDemandBatches:
                              else self._waiting.get_nowait())
             except queue.Empty:
                 break
-        for request in batch:
+        for request in batch if self.linger_s else ():  # gaps matter only to a linger
             if self._last_arrival is not None:
                 gap = max(request[3] - self._last_arrival, 0.0)
                 self._gap = gap if self._gap is None else self._gap + 0.1 * (gap - self._gap)
