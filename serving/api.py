@@ -353,7 +353,8 @@ class FastPaths:
             raw = await (self._plain_list(scope) if scope["path"].endswith(self.LISTS)
                          else self._stored_feed(scope))
         if raw is None:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, counting_errors(send) if scope["type"] == "http"
+                           else send)
             return
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"), (b"content-length", b"%d" % len(raw))]})
@@ -434,6 +435,16 @@ class FastPaths:
     async def close(self) -> None:
         if self.redis is not None:
             await self.redis.aclose()
+
+
+def counting_errors(send):
+    """``send`` that counts answers of status 400 or more (``streamrec_http_error_responses_total``
+    by code)."""
+    async def counted(message) -> None:
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            metrics.HTTP_ERRORS.labels(str(message["status"])).inc()
+        await send(message)
+    return counted
 
 
 class OnDemandBatches:

@@ -36,6 +36,10 @@ PASS_LISTS = Histogram("streamrec_on_demand_pass_lists", "On-demand lists per co
 FAILED = Counter("streamrec_on_demand_failed_total",
                  "On-demand lists answered with an error, by stage", ["stage"])
 
+HTTP_ERRORS = Counter("streamrec_http_error_responses_total",
+                      "HTTP answers with a status of 400 or more, by status code (the fast "
+                      "paths answer only 200s and hand every other case to these)", ["code"])
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 

@@ -467,9 +467,9 @@ def test_without_redis_feed_reads_answer_503_and_recover(settings, spawn, tmp_pa
 @pytest.mark.parametrize("workers", [1, 2])
 def test_api_metrics_count_every_on_demand_list_by_stage(settings, spawn, redis_client,
                                                          workers, tmp_path):
-    """STREAMREC_API_METRICS_PORT serves each list's seconds by stage; with --workers 2 the
-    supervising process serves the sum of both workers' files (in the operator's
-    PROMETHEUS_MULTIPROC_DIR, kept)."""
+    """STREAMREC_API_METRICS_PORT serves each list's seconds by stage and the answers refused
+    by status code; with --workers 2 the supervising process serves the sum of both workers'
+    files (in the operator's PROMETHEUS_MULTIPROC_DIR, kept)."""
     events = list(UserSimulator(10, 60, seed=11).events(300, time.time() - 300))
     LiveState(settings, redis_client).apply_sync(events)
     port, metrics_port = free_port(), free_port()
@@ -484,7 +484,14 @@ def test_api_metrics_count_every_on_demand_list_by_stage(settings, spawn, redis_
     served = [httpx.get(f"{url}/v1/users/{user}/recommendations", timeout=30)
               for user in users * 2]  # a connection each: both workers may take some
     assert all(answer.status_code == 200 for answer in served)
+    refused = [httpx.get(f"{url}/v1/users/{users[0]}/recommendations?k=0", timeout=30),
+               httpx.get(f"{url}/v1/users/{users[0]}/recommendations?k=0", timeout=30),
+               httpx.get(f"{url}/v1/nowhere", timeout=30)]
+    assert [answer.status_code for answer in refused] == [422, 422, 404]
     text = httpx.get(metrics_url).text
+    assert metric(text, "streamrec_http_error_responses_total", code="422") == 2
+    assert metric(text, "streamrec_http_error_responses_total", code="404") == 1
+    assert metric(text, "streamrec_http_error_responses_total", code="200") == 0
     for stage in ("queued", "computed", "logged", "total"):
         assert metric(text, "streamrec_on_demand_seconds_count", stage=stage) == len(served)
     assert 0 < metric(text, "streamrec_on_demand_seconds_sum", stage="total") < 30 * len(served)
