@@ -124,6 +124,19 @@ def cmd_api(args: argparse.Namespace) -> None:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=args.loglevel)
 
 
+def serve_role_metrics(port: int, host: str, role: str) -> None:
+    """Serve this process's Prometheus metrics on ``host:port`` from a thread (0: off)."""
+    if not port:
+        return
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        raise CommandError(f"the {role}'s metrics port {host}:{port}: {exc.strerror or exc}"
+                           ) from None
+
+
 def cmd_feeds(_args: argparse.Namespace) -> None:
     """Run the feed builder loop."""
     from infra.redis_client import sync_redis
@@ -132,6 +145,7 @@ def cmd_feeds(_args: argparse.Namespace) -> None:
 
     settings = Settings()
     settings.require_services()
+    serve_role_metrics(settings.feeds_metrics_port, settings.feeds_metrics_host, "feed builder")
     builder = FeedBuilder.live(settings, sync_redis(settings.redis_url))
     try:
         builder.run()
@@ -170,6 +184,7 @@ def cmd_trainer(args: argparse.Namespace) -> None:
         trainer = Trainer(settings, args.model)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
+    serve_role_metrics(settings.trainer_metrics_port, settings.trainer_metrics_host, "trainer")
     try:
         trainer.run()
     finally:

@@ -136,6 +136,11 @@ class Settings(BaseSettings):
         "cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="Where the trainer trains its "
         "PyTorch model: cpu, cuda (or cuda:N: refused at start when torch sees no GPU) or auto "
         "(a GPU where one is visible). Versions are served on the CPU either way.")
+    trainer_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port "
+                                      "of the trainer (0 = off): events learned, versions and "
+                                      "when the last was published (stream/trainer_metrics.py).")
+    trainer_metrics_host: str = Field("127.0.0.1", description="Bind address of the trainer's "
+                                      "/metrics.")
     worker_report_interval_s: float = Field(
         2.0, ge=0, description="How often each worker writes its live figures (events/s, "
         "freshness p50/p99 over the last minute) to Redis for GET /v1/stats; 0 = never.")
@@ -213,6 +218,11 @@ class Settings(BaseSettings):
     feed_ttl_s: int = Field(86400, ge=60, description="TTL of a written feed.")
     feed_refresh_batch: int = Field(500, ge=1, description="Users rebuilt per feed-builder round.")
     feed_refresh_interval_s: float = Field(0.5, gt=0, description="Feed-builder poll interval.")
+    feeds_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of "
+                                    "the feed builder (0 = off): feeds written, round seconds, "
+                                    "users queued, failed rounds (serving/feed_metrics.py).")
+    feeds_metrics_host: str = Field("127.0.0.1", description="Bind address of the feed "
+                                    "builder's /metrics.")
     freshness_weight: float = Field(0.0, ge=0, description="Boost of never-before-seen items in "
                                     "ranking: weight · 2^(−age/1 day) (0 = off).")
     candidates_per_source: int = Field(

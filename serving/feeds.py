@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -392,18 +393,29 @@ class FeedBuilder:
         """Refresh until ``stop_event`` is set (a ``threading.Event``); rides out Redis and
         Kafka blips (the users of a failed round are queued again). Publishes the item
         neighbourhoods serving asks for (:mod:`serving.neighbour_rows`) between rounds."""
+        from serving import feed_metrics  # the feeds role's own (API processes do not export)
+
         publisher = NeighbourhoodPublisher.for_settings(self.settings, self.client)
         while stop_event is None or not stop_event.is_set():
             publishing = False
             try:  # a chunk of neighbourhoods, then a feed round: neither waits on the other
                 publishing = publisher is not None and publisher.step()
-                full = self.refresh_round() >= self.settings.feed_refresh_batch
+                started = time.perf_counter()
+                written = self.refresh_round()
+                if written:
+                    feed_metrics.ROUND_SECONDS.observe(time.perf_counter() - started)
+                    feed_metrics.FEEDS_WRITTEN.inc(written)
+                full = written >= self.settings.feed_refresh_batch
             except TRANSIENT_REDIS_ERRORS as exc:
                 note_redis_error(log, "a feed round", exc)
+                feed_metrics.ROUNDS_FAILED.labels("redis").inc()
                 full = False
             except ImpressionLogUnavailable as exc:
                 log.warning("%s; feeds wait", exc)
+                feed_metrics.ROUNDS_FAILED.labels("impression_log").inc()
                 full = False
+            with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):  # after failed rounds too
+                feed_metrics.QUEUED_USERS.set(self.client.scard(self.keys.feed_queue))
             if not full and not publishing:  # nothing to do until the next poll or round
                 wait = self.settings.feed_refresh_interval_s
                 if publisher is not None:

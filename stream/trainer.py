@@ -50,6 +50,7 @@ from online_models.signals import SignalMapper
 from schemas import vectors
 from schemas.events import split_message
 from schemas.items import split_items
+from stream import trainer_metrics
 
 log = logging.getLogger("streamrec.trainer")
 CURRENT = "CURRENT"
@@ -152,6 +153,7 @@ class Trainer:
         self._rebuild_to: dict | None = None
         self._last_version_at = time.monotonic()
         self._mapper = SignalMapper()
+        trainer_metrics.LAST_VERSION.labels(model_name).set_to_current_time()
 
     def _consumer(self):
         from kafka import KafkaConsumer, TopicPartition
@@ -221,6 +223,7 @@ class Trainer:
                 chunk = events[start:start + learn_chunk]
                 self.model.learn(self._mapper.map(chunk))
                 self.events += len(chunk)
+                trainer_metrics.EVENTS_LEARNED.labels(self.model_name).inc(len(chunk))
             if self._rebuild_to is not None:
                 if not self._rebuilt(consumer):
                     continue
@@ -252,8 +255,12 @@ class Trainer:
         publish_vectors(producer, topic, self.model_name, version, items, item_vectors)
         self.published.append(version)
         self.vectors_published += len(items)
+        spent = time.monotonic() - started
+        trainer_metrics.VERSIONS.labels(self.model_name).inc()
+        trainer_metrics.VERSION_SECONDS.labels(self.model_name).observe(spent)
+        trainer_metrics.LAST_VERSION.labels(self.model_name).set_to_current_time()
         log.info("%s version %d: %d items, saved and published in %.1f s", self.model_name,
-                 version, len(items), time.monotonic() - started)
+                 version, len(items), spent)
 
 
 def rollback(settings: Settings, model_name: str, version: int) -> int:

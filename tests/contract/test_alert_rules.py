@@ -13,8 +13,10 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 import infra.redis_client
+import serving.feed_metrics
 import serving.metrics
 import stream.metrics
+import stream.trainer_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "infra" / "prometheus"
@@ -32,9 +34,10 @@ def promtool(*args: str) -> str:
 
 
 def exported() -> dict[str, set[str]]:
-    """Every sample name the worker and API export → the label names it carries."""
+    """Every sample name the roles export → the label names it carries."""
     out: dict[str, set[str]] = {}
-    for module in (stream.metrics, serving.metrics, infra.redis_client):
+    for module in (stream.metrics, serving.metrics, infra.redis_client, serving.feed_metrics,
+                   stream.trainer_metrics):
         for metric in vars(module).values():
             if not isinstance(metric, MetricWrapperBase):
                 continue
@@ -87,11 +90,15 @@ def test_scrape_ports_match_the_compose_stack_and_runbooks_exist():
     compose = (ROOT / "docker-compose.yml").read_text()
     config = (RULES / "prometheus.yml").read_text()
     jobs = dict(re.findall(r"- job_name: ([\w-]+)\n((?:\s{4,}.*\n?)*)", config))
-    worker = re.search(r'STREAMREC_WORKER_METRICS_PORT: "(\d+)"', compose).group(1)
-    api = re.search(r'STREAMREC_API_METRICS_PORT: "(\d+)"', compose).group(1)
-    assert re.search(rf"names: \[worker\]\s+type: A\s+port: {worker}\b",
+    ports = {role: re.findall(rf'STREAMREC_{role}_METRICS_PORT: "(\d+)"', compose)
+             for role in ("WORKER", "API", "FEEDS", "TRAINER")}
+    assert all(ports.values()) and len(set(ports["TRAINER"])) == 1, ports  # both trainers
+    assert re.search(rf"names: \[worker\]\s+type: A\s+port: {ports['WORKER'][0]}\b",
                      jobs["streamrec-worker"]), jobs
-    assert f'targets: ["api:{api}"]' in jobs["streamrec-api"], jobs
+    assert re.search(rf"names: \[trainer, trainer-seq\]\s+type: A\s+port: "
+                     rf"{ports['TRAINER'][0]}\b", jobs["streamrec-trainer"]), jobs
+    assert f'targets: ["api:{ports["API"][0]}"]' in jobs["streamrec-api"], jobs
+    assert f'targets: ["feeds:{ports["FEEDS"][0]}"]' in jobs["streamrec-feeds"], jobs
     for path, anchor in re.findall(r"runbook: ([\w/.-]+\.md)(?:#([\w-]+))?",
                                    (RULES / "alerts.yml").read_text()):
         doc = (ROOT / path).read_text()
