@@ -16,7 +16,7 @@ LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-m
 TORCH_WHEELS ?= /opt/wheels
 TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0+cpu-*.whl),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup browser promtool lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api bench-on-demand bench-log-flush bench-item-deltas soak docs clean
+.PHONY: setup browser prometheus lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api bench-on-demand bench-log-flush bench-item-deltas soak docs clean
 
 setup: $(STAMP)
 
@@ -34,13 +34,14 @@ browser:
 	  echo "installing chromium and chromium-driver (apt-get)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-# The shipped alert rules are checked with Prometheus's promtool (Debian package prometheus;
-# the server that comes with it is not wanted running where systemd would start it).
-promtool:
-	@command -v promtool >/dev/null 2>&1 || { echo "installing prometheus's promtool (apt-get)"; \
+# The shipped alert rules are checked with promtool and evaluated by a real Prometheus (Debian
+# package prometheus; its server is not left running where systemd would start it).
+prometheus:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  echo "installing prometheus and promtool (apt-get)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
 	  && if [ -d /run/systemd/system ]; then $(SUDO) systemctl disable --now prometheus >/dev/null 2>&1; fi; \
-	  command -v promtool >/dev/null; }
+	  command -v promtool >/dev/null && command -v prometheus >/dev/null; }
 
 # Re-resolve the lock files from pyproject.toml's ranges (then review the diff and `make test`).
 lock: $(STAMP)
@@ -50,10 +51,10 @@ lock: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/streamrec demo $(DEMO_ARGS)
 
-test: $(STAMP) browser promtool
+test: $(STAMP) browser prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-unit: $(STAMP) promtool
+test-unit: $(STAMP) prometheus
 	$(BIN)/python -m pytest tests/unit tests/contract $(PYTEST_ARGS)
 
 bench: bench-validation bench-replay bench-apply bench-ingest bench-serving bench-api bench-on-demand bench-log-flush bench-item-deltas
