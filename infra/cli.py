@@ -90,6 +90,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     for name in settings.live_model_names:  # a wrong name fails here, in one line
         build_live(name, **settings.model_options.get(name, {}))
     ensure_streamrec_topics(settings)
+    serve_role_metrics(settings.worker_metrics_port, settings.worker_metrics_host, "worker")
     import stream.items  # noqa: F401 - registers the items agent
     if settings.state_writer == "owned":
         import stream.owners  # noqa: F401 - registers the relay and the owners' agent
@@ -111,6 +112,10 @@ def cmd_api(args: argparse.Namespace) -> None:
     if not settings.redis_url:
         settings.require_services()
     host, port = args.host or settings.api_host, args.port or settings.api_port
+    require_free_port(host, port, "API")
+    if settings.api_metrics_port:
+        require_free_port(settings.api_metrics_host, settings.api_metrics_port,
+                          "API's metrics")
     if args.workers > 1:  # processes, each building its app from the same STREAMREC_* env
         with contextlib.ExitStack() as scope:
             if settings.api_metrics_port:  # the workers' sum, served from this process
@@ -122,6 +127,20 @@ def cmd_api(args: argparse.Namespace) -> None:
                         host=host, port=port, log_level=args.loglevel)
     else:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=args.loglevel)
+
+
+def require_free_port(host: str, port: int, what: str) -> None:
+    """One line (exit 2) now, rather than a server's traceback later, when ``host:port`` cannot
+    be bound (taken, or an address not of this machine). Port 0 (any free one) passes."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CommandError(f"the {what} port {host}:{port}: {exc.strerror or exc}"
+                               ) from None
 
 
 def serve_role_metrics(port: int, host: str, role: str) -> None:

@@ -504,15 +504,6 @@ async def warm_up_kernels() -> None:
     await asyncio.get_running_loop().run_in_executor(None, kernels.warm_up)
 
 
-@app.task
-async def serve_metrics() -> None:
-    if settings.worker_metrics_port:
-        from prometheus_client import start_http_server
-        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
-        log.info("metrics on http://%s:%d/metrics", settings.worker_metrics_host,
-                 settings.worker_metrics_port)
-
-
 async def consume_batches(stream, handle, what: str) -> None:
     """Hand each batch of a Faust stream to ``handle``. Any exception but cancellation is a
     bug: the process exits before Faust can ack the batch, so it is redelivered, not lost."""

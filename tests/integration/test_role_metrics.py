@@ -1,6 +1,6 @@
 """Prometheus metrics of the feed builder and trainer roles (what infra/prometheus/alerts.yml
 reads): feeds written and users queued, failed rounds by cause, events learned and versions;
-a metrics port already taken is one line and exit 2."""
+a port already taken is one line and exit 2 for every role."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from prometheus_client import REGISTRY
 
 from infra.embedded import free_port
@@ -117,14 +118,20 @@ def test_the_trainer_counts_events_learned_versions_and_when_the_last_was_publis
     assert value("streamrec_trainer_last_version_timestamp_seconds") > started
 
 
-def test_a_metrics_port_already_taken_is_one_line_and_exit_2(settings):
+@pytest.mark.parametrize("role,variable,what", [
+    (["feeds"], "STREAMREC_FEEDS_METRICS_PORT", "feed builder's metrics port"),
+    (["worker"], "STREAMREC_WORKER_METRICS_PORT", "worker's metrics port"),
+    (["api"], "STREAMREC_API_METRICS_PORT", "API's metrics port"),
+    (["api", "--workers", "2"], "STREAMREC_API_METRICS_PORT", "API's metrics port"),
+    (["api"], "STREAMREC_API_PORT", "API port")])
+def test_a_port_already_taken_is_one_line_and_exit_2(settings, role, variable, what):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = settings_env(settings, STREAMREC_FEEDS_METRICS_PORT=str(port))
-        run = subprocess.run([sys.executable, "-m", "infra.cli", "feeds"], env=env, cwd=ROOT,
+        env = settings_env(settings, **{variable: str(port)})
+        run = subprocess.run([sys.executable, "-m", "infra.cli", *role], env=env, cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
-    assert run.returncode == 2, run.stderr
-    assert len(run.stderr.strip().splitlines()) == 1
-    assert f"feed builder's metrics port 127.0.0.1:{port}" in run.stderr
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr[-2000:]
+    assert f"{what} 127.0.0.1:{port}: Address already in use" in run.stderr
