@@ -5,7 +5,8 @@
 off: every client logs in with its role's password (``redis://<role>:<password>@host``).
 
 * ``worker``: reads and writes every key under the prefix; no server administration
-  (``-@dangerous``: no CONFIG, FLUSHALL, KEYS, DEBUG...).
+  (``-@dangerous``: no CONFIG, FLUSHALL, KEYS, DEBUG...) but INFO (Redis's memory and
+  evictions, exported as metrics).
 * ``serving`` (feed builder, API): reads every key under the prefix; writes only feeds, the
   feed queue, the bandit's show counts and the published item neighbourhoods (and which are
   wanted); runs scripts (each command inside is checked).
@@ -20,7 +21,7 @@ ROLES = ("worker", "serving", "frontend")
 def role_rules(prefix: str = "sr") -> dict[str, str]:
     """ACL rules (after ``on >password``) of each role for key prefix ``prefix``."""
     return {
-        "worker": f"~{prefix}:* +@all -@dangerous",
+        "worker": f"~{prefix}:* +@all -@dangerous +info",
         # one pattern must grant every access a command needs: read-modify-write keys
         # (SPOP, HINCRBY) get ~, write-only ones (SET of a feed) %W~
         "serving": (f"%R~{prefix}:* %W~{prefix}:{{u:*}}:feed %W~{prefix}:{{i:*}}:hood "

@@ -29,6 +29,19 @@ REDIS_OOM = Counter("streamrec_redis_oom_total",
                     "retries, nothing is lost (alert: raise maxmemory or shorten TTLs)")
 
 
+def memory_by_node(client) -> dict[str, tuple[int, int, int]]:
+    """Each Redis node's (used_memory, maxmemory, evicted_keys) from INFO: one node for a
+    plain client, every node of a cluster (keyed by host:port). maxmemory 0 = no limit."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        answer = client.info(target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+    else:
+        kwargs = client.connection_pool.connection_kwargs
+        node = kwargs.get("path") or f"{kwargs.get('host', '')}:{kwargs.get('port', '')}"
+        answer = {node: client.info()}
+    return {node: (int(info["used_memory"]), int(info["maxmemory"]), int(info["evicted_keys"]))
+            for node, info in answer.items()}
+
+
 def note_redis_error(log, what: str, exc: Exception, retry_in_s: float | None = None) -> None:
     """Log a transient Redis error; Redis at ``maxmemory`` is an error an operator must act on
     (counted in ``streamrec_redis_oom_total``), the rest are warnings."""

@@ -33,7 +33,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NoReturn
 
-from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error, sync_redis
+from infra.redis_client import (TRANSIENT_REDIS_ERRORS, memory_by_node, note_redis_error,
+                                sync_redis)
 from online_models import kernels
 from state.redis_store import RedisStore
 from schemas import dlq, vectors
@@ -363,6 +364,10 @@ def report_figures(stop: threading.Event) -> None:
         try:
             client = client or sync_redis(settings.redis_url)
             publish_report(client, keys, worker_id, report, now)
+            for node, (used, limit, evicted) in memory_by_node(client).items():
+                metrics.REDIS_USED_MEMORY.labels(node).set(used)
+                metrics.REDIS_MAXMEMORY.labels(node).set(limit)
+                metrics.REDIS_EVICTED_KEYS.labels(node).set(evicted)
         except Exception as exc:  # noqa: BLE001 - Redis away: the next report tries again
             log.debug("worker report not written (%r)", exc)
 

@@ -38,6 +38,14 @@ HELD_PARTITIONS = Gauge("streamrec_held_partitions",
 STALLED_SECONDS = Gauge("streamrec_worker_stalled_seconds",
                         "How long records have waited unapplied with no batch arriving (the "
                         "worker exits for a restart at STREAMREC_WORKER_STALL_TIMEOUT_S)")
+REDIS_USED_MEMORY = Gauge("streamrec_redis_used_memory_bytes",
+                          "Memory Redis uses, per node (INFO, read every "
+                          "STREAMREC_WORKER_REPORT_INTERVAL_S)", ["node"])
+REDIS_MAXMEMORY = Gauge("streamrec_redis_maxmemory_bytes",
+                        "Redis's maxmemory, per node (0: no limit)", ["node"])
+REDIS_EVICTED_KEYS = Gauge("streamrec_redis_evicted_keys",
+                           "Keys Redis evicted at maxmemory since it started, per node (its "
+                           "own counter: back to 0 when Redis restarts)", ["node"])
 HELD_MESSAGES = Counter("streamrec_held_messages_total",
                         "Messages of held partitions consumed and not applied (read again "
                         "once an operator chooses where the partition resumes)")

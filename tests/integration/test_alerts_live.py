@@ -1,6 +1,7 @@
 """The shipped alert rules evaluated by a real Prometheus (Debian's, installed by `make test`)
-scraping a real worker: a malformed message fires StreamrecDeadLetters, and a worker killed
-makes StreamrecWorkerDown pending on the real `up` series."""
+scraping a real worker: Redis's memory is exported, a malformed message fires
+StreamrecDeadLetters, and a worker killed makes StreamrecWorkerDown pending on the real `up`
+series."""
 
 from __future__ import annotations
 
@@ -65,13 +66,17 @@ def prometheus(tmp_path):
         terminate(proc)
 
 
-def _up(url: str) -> bool:
+def _query(url: str, query: str) -> list[dict]:
+    """An instant query's result (empty while Prometheus cannot answer)."""
     try:
-        answer = httpx.get(f"{url}/api/v1/query", params={"query": 'up{job="streamrec-worker"}'},
-                           timeout=2).json()
-    except (httpx.HTTPError, ValueError):
-        return False
-    return [r["value"][1] for r in answer["data"]["result"]] == ["1"]
+        return httpx.get(f"{url}/api/v1/query", params={"query": query},
+                         timeout=2).json()["data"]["result"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return []
+
+
+def _up(url: str) -> bool:
+    return [r["value"][1] for r in _query(url, 'up{job="streamrec-worker"}')] == ["1"]
 
 
 def test_a_dead_letter_fires_its_alert_and_a_killed_worker_makes_one_pending(settings, spawn,
@@ -81,6 +86,9 @@ def test_a_dead_letter_fires_its_alert_and_a_killed_worker_makes_one_pending(set
                    STREAMREC_WORKER_METRICS_PORT=str(port))
     url = prometheus({"streamrec-worker": f"127.0.0.1:{port}"})
     wait_for(lambda: _up(url), 60, "the worker scraped", proc=worker)
+    memory = wait_for(lambda: _query(url, "streamrec_redis_used_memory_bytes"), 30,
+                      "Redis's memory exported")
+    assert [float(r["value"][1]) > 0 for r in memory] == [True]  # the one Redis of the test
     time.sleep(2)  # a few scrapes of the dead-letter counter at 0
     worker_alerts = {"StreamrecDeadLetters", "StreamrecWorkerDown", "StreamrecNoWorker"}
     assert not worker_alerts & set(alerts(url))  # (no feed builder here: that one is pending)

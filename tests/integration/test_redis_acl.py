@@ -10,7 +10,7 @@ import redis
 
 from infra.embedded import EmbeddedRedis
 from infra.redis_acl import ROLES, role_rules
-from infra.redis_client import sync_redis
+from infra.redis_client import memory_by_node, sync_redis
 from infra.settings import Settings
 from state.redis_store import build_on_redis
 from schemas.keys import RedisKeys
@@ -39,6 +39,10 @@ def test_each_role_does_its_job_and_nothing_more(acl_redis):
     assert int(worker.hget(keys.stats, "events_applied")) == 600
     with pytest.raises(redis.exceptions.NoPermissionError):
         worker.flushall()
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.config_get("maxmemory")
+    [(used, _limit, _evicted)] = memory_by_node(worker).values()  # INFO: for its metrics
+    assert used > 0
     with pytest.raises(redis.exceptions.NoPermissionError):
         worker.set("other-app:key", b"x")  # outside the prefix
 
