@@ -257,7 +257,7 @@ class Trainer:
         self.vectors_published += len(items)
         spent = time.monotonic() - started
         trainer_metrics.VERSIONS.labels(self.model_name).inc()
-        trainer_metrics.VERSION_SECONDS.labels(self.model_name).observe(spent)
+        trainer_metrics.PUBLISH_SECONDS.labels(self.model_name).observe(spent)
         trainer_metrics.LAST_VERSION.labels(self.model_name).set_to_current_time()
         log.info("%s version %d: %d items, saved and published in %.1f s", self.model_name,
                  version, len(items), spent)
