@@ -54,7 +54,54 @@ def configuration_markdown() -> str:
             + "\n".join(rows) + "\n")
 
 
-GENERATED = {"redis-keys.md": redis_keys_markdown, "configuration.md": configuration_markdown}
+#: Each role's metrics port setting and the modules that define what it exports.
+ROLE_METRICS = {
+    "worker": ("STREAMREC_WORKER_METRICS_PORT", ("stream.metrics", "infra.redis_client")),
+    "api": ("STREAMREC_API_METRICS_PORT", ("serving.metrics", "infra.redis_client")),
+    "feeds": ("STREAMREC_FEEDS_METRICS_PORT", ("serving.feed_metrics", "infra.redis_client")),
+    "trainer": ("STREAMREC_TRAINER_METRICS_PORT", ("stream.trainer_metrics",)),
+}
+_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+             "gauge": ("",)}
+
+
+def role_metrics(role: str) -> list[tuple[str, str, tuple[str, ...], str]]:
+    """(name, type, label names, help) of every metric ``role`` exports, by name; samples are
+    ``name`` plus the type's suffixes (``_total``; ``_bucket``, ``_sum``, ``_count``)."""
+    import importlib
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    found = {}
+    for module in ROLE_METRICS[role][1]:
+        for metric in vars(importlib.import_module(module)).values():
+            if isinstance(metric, MetricWrapperBase):
+                found[metric._name] = (metric._name, metric._type, tuple(metric._labelnames),
+                                       metric._documentation)
+    return [found[name] for name in sorted(found)]
+
+
+def samples(name: str, kind: str) -> tuple[str, ...]:
+    """The sample names a metric of this name and type exports."""
+    return tuple(name + suffix for suffix in _SUFFIXES[kind])
+
+
+def metrics_markdown() -> str:
+    parts = ["# Metrics\n\nGenerated from the metric definitions (`streamrec docs`). Each role "
+             "serves Prometheus text on its port setting (0, the default, is off); the alerting "
+             "rules over them are `infra/prometheus/alerts.yml` (docs/reliability.md, "
+             "\"Alerts\").\n"]
+    for role, (setting, modules) in ROLE_METRICS.items():
+        rows = "\n".join(f"| `{'`, `'.join(samples(name, kind))}` | {kind} | "
+                         f"{', '.join(f'`{label}`' for label in labels) or '—'} | {doc} |"
+                         for name, kind, labels, doc in role_metrics(role))
+        parts.append(f"\n## `streamrec {role}`: `{setting}`\n\n"
+                     f"| samples | type | labels | meaning |\n|---|---|---|---|\n{rows}\n")
+    return "".join(parts)
+
+
+GENERATED = {"redis-keys.md": redis_keys_markdown, "configuration.md": configuration_markdown,
+             "metrics.md": metrics_markdown}
 
 
 def write_docs(folder: Path = DOCS) -> list[Path]:

@@ -10,13 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from prometheus_client.metrics import MetricWrapperBase
 
-import infra.redis_client
-import serving.feed_metrics
-import serving.metrics
-import stream.metrics
-import stream.trainer_metrics
+from infra.docs import ROLE_METRICS, role_metrics, samples
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "infra" / "prometheus"
@@ -35,18 +30,8 @@ def promtool(*args: str) -> str:
 
 def exported() -> dict[str, set[str]]:
     """Every sample name the roles export → the label names it carries."""
-    out: dict[str, set[str]] = {}
-    for module in (stream.metrics, serving.metrics, infra.redis_client, serving.feed_metrics,
-                   stream.trainer_metrics):
-        for metric in vars(module).values():
-            if not isinstance(metric, MetricWrapperBase):
-                continue
-            labels = set(metric._labelnames)
-            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"],
-                        "gauge": [""]}[metric._type]
-            for suffix in suffixes:
-                out[metric._name + suffix] = labels
-    return out
+    return {sample: set(labels) for role in ROLE_METRICS
+            for name, kind, labels, _ in role_metrics(role) for sample in samples(name, kind)}
 
 
 def expressions() -> dict[str, str]:
