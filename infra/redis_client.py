@@ -29,9 +29,27 @@ REDIS_OOM = Counter("streamrec_redis_oom_total",
                     "retries, nothing is lost (alert: raise maxmemory or shorten TTLs)")
 
 
-def memory_by_node(client) -> dict[str, tuple[int, int, int]]:
+class MemoryByNode:
     """Each Redis node's (used_memory, maxmemory, evicted_keys) from INFO: one node for a
-    plain client, every node of a cluster (keyed by host:port). maxmemory 0 = no limit."""
+    plain client, every node of a cluster (keyed by host:port). maxmemory 0 = no limit. An ACL
+    user without INFO gets {} and one warning (on ``log``), not an error each call."""
+
+    def __init__(self, log) -> None:
+        self.log, self.refused = log, False
+
+    def __call__(self, client) -> dict[str, tuple[int, int, int]]:
+        try:
+            return memory_by_node(client)
+        except redis.exceptions.NoPermissionError as exc:
+            if not self.refused:
+                self.log.warning("Redis refuses INFO (%s): no Redis memory metrics until this "
+                                 "ACL user has +info (infra/redis_acl.py)", exc)
+            self.refused = True
+            return {}
+
+
+def memory_by_node(client) -> dict[str, tuple[int, int, int]]:
+    """See :class:`MemoryByNode`."""
     if isinstance(client, redis.cluster.RedisCluster):
         answer = client.info(target_nodes=redis.cluster.RedisCluster.PRIMARIES)
     else:

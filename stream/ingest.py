@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NoReturn
 
-from infra.redis_client import (TRANSIENT_REDIS_ERRORS, memory_by_node, note_redis_error,
+from infra.redis_client import (TRANSIENT_REDIS_ERRORS, MemoryByNode, note_redis_error,
                                 sync_redis)
 from online_models import kernels
 from state.redis_store import RedisStore
@@ -357,6 +357,7 @@ def report_figures(stop: threading.Event) -> None:
     figures go to its field of ``sr:{stats}:workers`` (own Redis connection)."""
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     keys, client = RedisKeys(settings.key_prefix), None
+    memory = MemoryByNode(log)  # an ACL from before the worker role had +info: one warning
     while not stop.wait(settings.worker_report_interval_s):
         now = time.time()
         report = {**_live_figures.snapshot(now), "assigned": sorted(_assigned_numbers()),
@@ -364,12 +365,16 @@ def report_figures(stop: threading.Event) -> None:
         try:
             client = client or sync_redis(settings.redis_url)
             publish_report(client, keys, worker_id, report, now)
-            for node, (used, limit, evicted) in memory_by_node(client).items():
+        except Exception as exc:  # noqa: BLE001 - Redis away: the next report tries again
+            log.debug("worker report not written (%r)", exc)
+            continue
+        try:
+            for node, (used, limit, evicted) in memory(client).items():
                 metrics.REDIS_USED_MEMORY.labels(node).set(used)
                 metrics.REDIS_MAXMEMORY.labels(node).set(limit)
                 metrics.REDIS_EVICTED_KEYS.labels(node).set(evicted)
         except Exception as exc:  # noqa: BLE001 - Redis away: the next report tries again
-            log.debug("worker report not written (%r)", exc)
+            log.debug("Redis memory not read (%r)", exc)
 
 
 #: stops the side threads (stall watch, figures report); daemon threads, so never set live

@@ -10,7 +10,7 @@ import redis
 
 from infra.embedded import EmbeddedRedis
 from infra.redis_acl import ROLES, role_rules
-from infra.redis_client import memory_by_node, sync_redis
+from infra.redis_client import MemoryByNode, memory_by_node, sync_redis
 from infra.settings import Settings
 from state.redis_store import build_on_redis
 from schemas.keys import RedisKeys
@@ -85,3 +85,26 @@ def test_compose_gives_redis_the_same_role_rules():
         assert found, role
         tokens = re.findall(r'"([^"]*)"', found.group(1).split('"--user"')[0])
         assert tokens == rules.split(), role
+
+
+def test_an_acl_user_without_info_gets_no_memory_figures_and_one_warning(redis_server,
+                                                                         redis_client, caplog):
+    """A deployment whose worker user predates +info: the memory metrics stay empty, the
+    worker says so once, and nothing else changes."""
+    import logging
+
+    user = f"noinfo-{time.time_ns()}"
+    redis_client.acl_setuser(user, enabled=True, passwords=["+noinfo-secret-0123456789"],
+                             keys=["*"], commands=["+@all", "-info"])
+    try:
+        limited = sync_redis(f"redis://{user}:noinfo-secret-0123456789@127.0.0.1:"
+                             f"{redis_server.port}/0")
+        memory = MemoryByNode(logging.getLogger("test.memory"))
+        with caplog.at_level(logging.WARNING, logger="test.memory"):
+            assert memory(limited) == {} and memory(limited) == {}
+        assert [r.getMessage()[:24] for r in caplog.records] == ["Redis refuses INFO (this"]
+        [(used, _limit, _evicted)] = memory(redis_client).values()  # a user with INFO: read
+        assert used > 0
+        limited.close()
+    finally:
+        redis_client.acl_deluser(user)
