@@ -27,6 +27,10 @@ TRANSIENT_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyL
 REDIS_OOM = Counter("streamrec_redis_oom_total",
                     "Writes refused because Redis reached maxmemory: the process waits and "
                     "retries, nothing is lost (alert: raise maxmemory or shorten TTLs)")
+REDIS_UNAVAILABLE = Counter("streamrec_redis_unavailable_total",
+                            "Redis calls failed for a passing reason other than maxmemory "
+                            "(connection refused or lost, timeout, loading, cluster down): the "
+                            "process waits and retries")
 
 
 class MemoryByNode:
@@ -62,13 +66,15 @@ def memory_by_node(client) -> dict[str, tuple[int, int, int]]:
 
 def note_redis_error(log, what: str, exc: Exception, retry_in_s: float | None = None) -> None:
     """Log a transient Redis error; Redis at ``maxmemory`` is an error an operator must act on
-    (counted in ``streamrec_redis_oom_total``), the rest are warnings."""
+    (counted in ``streamrec_redis_oom_total``), the rest are warnings (counted in
+    ``streamrec_redis_unavailable_total``)."""
     retry = f"; retrying in {retry_in_s:.2f}s" if retry_in_s is not None else "; retrying"
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
         REDIS_OOM.inc()
         log.error("redis is at maxmemory during %s (%r): writes wait, nothing is lost; raise "
                   "maxmemory or shorten TTLs (docs/redis-keys.md)%s", what, exc, retry)
     else:
+        REDIS_UNAVAILABLE.inc()
         log.warning("redis unavailable during %s (%r)%s", what, exc, retry)
 
 

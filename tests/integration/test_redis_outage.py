@@ -2,9 +2,10 @@
 
 import time
 
+import httpx
 import pytest
 
-from infra.embedded import EmbeddedRedis
+from infra.embedded import EmbeddedRedis, free_port
 from infra.redis_client import sync_redis
 from schemas.keys import RedisKeys
 from stream.producer import InteractionProducer
@@ -36,7 +37,9 @@ def test_worker_rides_out_a_redis_restart_without_losing_events(settings, spawn,
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()
     server = EmbeddedRedis(workdir=str(redis_dir)).start()
-    s, keys, client, worker = start_worker(server, settings, spawn, **writer)
+    metrics_port = free_port()
+    s, keys, client, worker = start_worker(server, settings, spawn,
+                                           worker_metrics_port=metrics_port, **writer)
     events = list(UserSimulator(60, 200, seed=21).events(4000, time.time() - 4000))
     first, second = events[:2000], events[2000:]
     try:
@@ -47,6 +50,8 @@ def test_worker_rides_out_a_redis_restart_without_losing_events(settings, spawn,
             producer.flush()
             time.sleep(3)  # the worker meets the outage and retries
             assert worker.proc.poll() is None, worker.log()
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+            assert metric(text, "streamrec_redis_unavailable_total") >= 1  # what alerts read
             server.start()
         client = sync_redis(s.redis_url)
         wait_for(lambda: int(client.hget(keys.stats, "events_applied") or 0) >= len(events),
@@ -63,12 +68,8 @@ def test_worker_rides_out_a_redis_restart_without_losing_events(settings, spawn,
 
 def test_worker_waits_while_redis_is_at_maxmemory_and_loses_nothing(settings, spawn, tmp_path):
     """Redis refuses writes (maxmemory reached, nothing left to evict): the worker keeps
-    running, logs an error, counts streamrec_redis_oom_total and applies nothing half-way; once memory is
-    raised, every event is applied exactly once."""
-    import httpx
-
-    from infra.embedded import free_port
-
+    running, logs an error, counts streamrec_redis_oom_total and applies nothing half-way;
+    once memory is raised, every event is applied exactly once."""
     server = EmbeddedRedis(appendonly=False).start()
     web_port = free_port()
     s, keys, client, worker = start_worker(server, settings, spawn,
