@@ -129,18 +129,25 @@ def cmd_api(args: argparse.Namespace) -> None:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=args.loglevel)
 
 
+@contextlib.contextmanager
+def binding(host: str, port: int, what: str):
+    """Around a bind of ``host:port``: a failure (taken, or an address not of this machine) is
+    one line and exit 2, not a server's traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise CommandError(f"the {what} port {host}:{port}: {exc.strerror or exc}") from None
+
+
 def require_free_port(host: str, port: int, what: str) -> None:
-    """One line (exit 2) now, rather than a server's traceback later, when ``host:port`` cannot
-    be bound (taken, or an address not of this machine). Port 0 (any free one) passes."""
+    """Fail now, in one line, where a server started later could not bind ``host:port``
+    (port 0, any free one, passes)."""
     import socket
 
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe, \
+            binding(host, port, what):
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise CommandError(f"the {what} port {host}:{port}: {exc.strerror or exc}"
-                               ) from None
+        probe.bind((host, port))
 
 
 def serve_role_metrics(port: int, host: str, role: str) -> None:
@@ -149,11 +156,8 @@ def serve_role_metrics(port: int, host: str, role: str) -> None:
         return
     from prometheus_client import start_http_server
 
-    try:
+    with binding(host, port, f"{role}'s metrics"):
         start_http_server(port, addr=host)
-    except OSError as exc:
-        raise CommandError(f"the {role}'s metrics port {host}:{port}: {exc.strerror or exc}"
-                           ) from None
 
 
 def cmd_feeds(_args: argparse.Namespace) -> None:

@@ -91,7 +91,7 @@ def metrics_markdown() -> str:
              "serves Prometheus text on its port setting (0, the default, is off); the alerting "
              "rules over them are `infra/prometheus/alerts.yml` (docs/reliability.md, "
              "\"Alerts\").\n"]
-    for role, (setting, modules) in ROLE_METRICS.items():
+    for role, (setting, _modules) in ROLE_METRICS.items():
         rows = "\n".join(f"| `{'`, `'.join(samples(name, kind))}` | {kind} | "
                          f"{', '.join(f'`{label}`' for label in labels) or '—'} | {doc} |"
                          for name, kind, labels, doc in role_metrics(role))

@@ -153,7 +153,11 @@ class Trainer:
         self._rebuild_to: dict | None = None
         self._last_version_at = time.monotonic()
         self._mapper = SignalMapper()
-        trainer_metrics.LAST_VERSION.labels(model_name).set_to_current_time()
+        self._learned, self._versions, self._publish_seconds, self._last_version = (
+            metric.labels(model_name) for metric in (
+                trainer_metrics.EVENTS_LEARNED, trainer_metrics.VERSIONS,
+                trainer_metrics.PUBLISH_SECONDS, trainer_metrics.LAST_VERSION))
+        self._last_version.set_to_current_time()  # no version yet: the start counts
 
     def _consumer(self):
         from kafka import KafkaConsumer, TopicPartition
@@ -223,7 +227,7 @@ class Trainer:
                 chunk = events[start:start + learn_chunk]
                 self.model.learn(self._mapper.map(chunk))
                 self.events += len(chunk)
-                trainer_metrics.EVENTS_LEARNED.labels(self.model_name).inc(len(chunk))
+                self._learned.inc(len(chunk))
             if self._rebuild_to is not None:
                 if not self._rebuilt(consumer):
                     continue
@@ -256,9 +260,9 @@ class Trainer:
         self.published.append(version)
         self.vectors_published += len(items)
         spent = time.monotonic() - started
-        trainer_metrics.VERSIONS.labels(self.model_name).inc()
-        trainer_metrics.PUBLISH_SECONDS.labels(self.model_name).observe(spent)
-        trainer_metrics.LAST_VERSION.labels(self.model_name).set_to_current_time()
+        self._versions.inc()
+        self._publish_seconds.observe(spent)
+        self._last_version.set_to_current_time()
         log.info("%s version %d: %d items, saved and published in %.1f s", self.model_name,
                  version, len(items), spent)
 
