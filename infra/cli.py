@@ -245,6 +245,51 @@ def cmd_produce(args: argparse.Namespace) -> None:
                       "events_per_s": round(len(events) / max(elapsed, 1e-9))}))
 
 
+def cmd_erase(args: argparse.Namespace) -> None:
+    """Erase what the workers learned of a user (their user- and session-keyed model state,
+    history, feed, place in the feed queue): an erasure request on the user's partition,
+    after the user's earlier events; with --wait, until a worker has applied it."""
+    import time
+
+    from infra.redis_client import sync_redis
+    from infra.settings import Settings
+    from schemas.events import InvalidEvent
+    from schemas.keys import RedisKeys
+    from stream.log_positions import read_watermarks
+    from stream.producer import DeliveryError, InteractionProducer
+
+    settings = Settings()
+    settings.require_services()
+    try:
+        with InteractionProducer(settings.kafka_bootstrap, settings.topic_interactions,
+                                 max_message_bytes=settings.max_message_bytes,
+                                 client_options=settings.kafka_client_options()) as producer:
+            receipt = producer.erase_user(args.user, args.session, args.request_id)
+    except InvalidEvent as exc:
+        raise CommandError(f"invalid erasure request: {exc}") from None
+    except (DeliveryError, ValueError) as exc:
+        raise CommandError(f"{settings.topic_interactions} on {settings.kafka_bootstrap}: "
+                           f"{exc}") from None
+    applied, deadline = None, time.monotonic() + args.wait
+    if args.wait:
+        client, keys = sync_redis(settings.redis_url), RedisKeys(settings.key_prefix)
+        while True:
+            mark = read_watermarks(client, keys, receipt.topic, [receipt.partition])[
+                receipt.partition]
+            applied = mark is not None and mark >= receipt.offset
+            if applied or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    print(json.dumps({"request_id": receipt.request_id, "user_id": receipt.user_id,
+                      "topic": receipt.topic, "partition": receipt.partition,
+                      "offset": receipt.offset, "applied": applied}))
+    if args.wait and not applied:
+        print(f"streamrec erase: sent, not applied within {args.wait:g} s: is a worker "
+              f"consuming {receipt.topic}[{receipt.partition}]? (it applies the request when "
+              f"it gets there)", file=sys.stderr)
+        sys.exit(1)
+
+
 def cmd_services(args: argparse.Namespace) -> None:
     """Start an embedded broker and redis-server (or a local Redis Cluster) and print the env
     vars that reach them."""
@@ -596,6 +641,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "(events re-driven more than STREAMREC_DEDUP_TTL_S ago would apply "
                           "twice)")
     dlq.set_defaults(func=cmd_dlq)
+
+    erase = sub.add_parser("erase", help=cmd_erase.__doc__)
+    erase.add_argument("user", help="the user id to erase")
+    erase.add_argument("--session", action="append", default=[], metavar="SESSION_ID",
+                       help="a session of the user to erase too (repeat; the session keyed "
+                            "by the user id, for events without one, always goes)")
+    erase.add_argument("--request-id", default=None,
+                       help="the request's id (default: a new random one)")
+    erase.add_argument("--wait", type=_NON_NEGATIVE, default=0.0, metavar="SECONDS",
+                       help="wait up to this long for a worker to apply it (exit 1 if not)")
+    erase.set_defaults(func=cmd_erase)
 
     expire = sub.add_parser("expire-untimed", help=cmd_expire_untimed.__doc__)
     expire.set_defaults(func=cmd_expire_untimed)

@@ -34,7 +34,8 @@ from online_models.store import trim_row
 
 class OnlineALS(OnlineMF):
     name = "als"
-    local_tables = ("history",)
+    local_tables = user_tables = ("history",)
+    user_vector_tables = ("user",)
 
     def __init__(self, factors: int = 128, regularisation: float = 5.0, alpha: float = 1.0,
                  unobserved_weight: float = 0.2, history: int = 300, raters: int = 500,

@@ -102,6 +102,10 @@ class OnlineModel(ABC):
     #: sorted sets and written member by member even by a single writer, which writes other
     #: rows whole (a catalogue rewritten per commit would be megabytes)
     sorted_set_tables: tuple[str, ...] = ()
+    #: partition-local row tables keyed by user or by session key (its id, or the user's where
+    #: events carry none), and vector tables keyed by user: what :meth:`forget` deletes
+    user_tables: tuple[str, ...] = ()
+    user_vector_tables: tuple[str, ...] = ()
     #: whether learning claims shared rows (``StateStore.claim``: first writer wins, at once),
     #: which item-side owners cannot take as delta records (docs/item-ownership.md)
     claims_shared_rows = False
@@ -122,6 +126,15 @@ class OnlineModel(ABC):
         if len(batch) == 0:
             return LearnReport()
         return self._learn(batch)
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Delete what this model holds of these users and sessions (an erasure request:
+        :attr:`schemas.events.Erasure.keys`). Item-side state learned from their events
+        stays: aggregates over many users (docs/events.md#erasure)."""
+        for table in self.user_tables:
+            self.store.delete_local_rows(table, keys)
+        for table in self.user_vector_tables:
+            self.store.delete_local_vectors(table, keys)
 
     def learn_items(self, records: Sequence["ItemRecord"]) -> int:
         """Learn item descriptions (the ``items`` topic); returns how many items changed.

@@ -94,6 +94,7 @@ class _Catalogue:
 class ContentModel(OnlineModel):
     name = "content"
     local_tables = ("history", "attrs")
+    user_tables = ("history",)
     sorted_set_tables = ("catalog",)
 
     def __init__(self, history: int = 50, recency: float = 0.7, title_weight: float = 1.0,

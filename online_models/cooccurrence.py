@@ -35,7 +35,7 @@ from online_models.store import slack
 
 class CooccurrenceModel(OnlineModel):
     name = "cooc"
-    local_tables = ("win",)
+    local_tables = user_tables = ("win",)
     claims_shared_rows = True  # the forward-decay landmark
 
     def __init__(self, window: int = 5, max_gap_s: float = 3600.0, neighbours: int = 200,

@@ -112,6 +112,12 @@ class GRU4RecModel(NearlineModel):
     def examples_held(self) -> int:
         return self._events
 
+    def forget(self, keys) -> None:
+        """Drop these sessions (and the user-keyed one) from the window (an erasure)."""
+        super().forget(keys)
+        for key in keys:
+            self._events -= len(self._sessions.pop(key, ()))
+
     # --- training ---------------------------------------------------------------------------
     def _sequences(self, index: dict[str, int]) -> list[list[int]]:
         """The window's sessions as index sequences of 2..max_length+1 items (longer ones cut

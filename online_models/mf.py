@@ -57,6 +57,7 @@ CATALOGUE_TIME_STEP_S = 60.0
 class OnlineMF(OnlineModel):
     name = "mf"
     sorted_set_tables = ("catalog",)
+    user_vector_tables = ("user",)
 
     def __init__(self, factors: int = 32, learning_rate: float = 1.0,
                  regularisation: float = 0.01, negatives: int = 4, negative_weight: float = 1.0,

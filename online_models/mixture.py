@@ -58,6 +58,11 @@ class CompositeModel(OnlineModel):
     def learn_items(self, records) -> int:
         return sum(part.learn_items(records) for part in self.parts.values())
 
+    def forget(self, keys) -> None:
+        for part in self.parts.values():
+            part.forget(keys)
+        super().forget(keys)
+
     def close(self) -> None:
         for part in self.parts.values():
             part.close()
@@ -130,6 +135,7 @@ class ContextualMixture(MixtureModel):
         super().__init__(parts, candidates)
         self.weights_by_bucket = weights_by_bucket
         self.local_tables = (*self.local_tables, "ctx")
+        self.user_tables = ("ctx",)  # the parts' own are theirs (CompositeModel.forget)
 
     def prefetch(self, batch: SignalBatch) -> None:
         super().prefetch(batch)

@@ -132,7 +132,7 @@ MAX_ITEM_CODES = 1_000_000
 
 class SessionModel(OnlineModel):
     name = "session"
-    local_tables = ("sess",)
+    local_tables = user_tables = ("sess",)
 
     def __init__(self, sessions_per_item: int = 100, steps: int = 5,
                  rules_per_item: int = 200, max_session_items: int = 50,

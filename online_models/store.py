@@ -133,6 +133,15 @@ class StateStore(ABC):
     def set_local_vectors(self, table: str, keys: Sequence[str], vectors: np.ndarray) -> None:
         """Like :meth:`set_vectors`, for vectors one writer owns."""
 
+    def delete_local_rows(self, table: str, keys: Sequence[str]) -> None:
+        """Delete local rows (an erasure): :meth:`set_local_rows` of empty rows."""
+        if keys:
+            self.set_local_rows(table, {key: {} for key in keys})
+
+    def delete_local_vectors(self, table: str, keys: Sequence[str]) -> None:
+        """Delete vectors one writer owns (an erasure); absent ones are ignored."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete vectors")
+
     def forget_cached(self) -> None:
         """Drop cached local rows and vectors (after a failed commit or when partitions move)."""
 
@@ -488,6 +497,12 @@ class MemoryStore(StateStore):
 
     get_local_vectors = get_vectors
     set_local_vectors = set_vectors
+
+    def delete_local_vectors(self, table, keys):
+        stored = self.vectors.get(table)
+        for key in keys if stored is not None else ():
+            if key in stored:
+                del stored[key]
 
     def row_count(self, table):
         return len(self.rows.get(table, {})) + len(self.vectors.get(table, {}))

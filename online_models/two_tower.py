@@ -63,7 +63,7 @@ class _Towers(nn.Module):
 
 class TwoTowerModel(NearlineModel):
     name = "two_tower"
-    local_tables = ("history",)
+    local_tables = user_tables = ("history",)
 
     def __init__(self, dim: int = 64, history: int = 20, recency: float = 0.8,
                  window: int = 20_000, retrain_every: int = 1_000, min_examples: int = 1_000,

@@ -1,7 +1,10 @@
 """Interaction events and the batch envelope: the wire contract of the ``interactions`` topic.
 
 A Kafka message on ``interactions`` is UTF-8 JSON, either one event object or an envelope
-``{"schema_version": 1, "events": [event, ...]}``. Nothing else is accepted (no pickle).
+``{"schema_version": 1, "events": [event, ...]}``, or an erasure request
+``{"schema_version": 1, "erase": {"request_id": …, "user_id": …, "session_ids": […],
+"timestamp": …}}`` (:class:`Erasure`, keyed by the user like the user's events, so it follows
+them). Nothing else is accepted (no pickle).
 Validation is msgspec's typed decoder (C, ~750k events/s on one core): one pass both parses
 and checks types, bounds and unknown fields.
 
@@ -105,6 +108,64 @@ class Envelope(msgspec.Struct, forbid_unknown_fields=True):
     schema_version: Literal[1] = SCHEMA_VERSION
 
 
+MAX_ERASED_SESSIONS = 1000
+
+
+class Erasure(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
+    """A request to erase what was learned of one user: their user-keyed state, their
+    sessions' state (those named, and the one keyed by the user id where events carried no
+    session id), their history, feed and place in the feed queue (docs/events.md#erasure).
+    Events of the user sent after it are learned afresh."""
+
+    request_id: Id
+    user_id: Id
+    timestamp: Annotated[float, msgspec.Meta(ge=MIN_TIMESTAMP)]
+    session_ids: Annotated[list[Id], msgspec.Meta(max_length=MAX_ERASED_SESSIONS)] = []
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.timestamp) or self.timestamp > time.time() + MAX_FUTURE_SKEW_S:
+            raise ValueError("timestamp: more than a day in the future (unix seconds expected)")
+
+    @property
+    def keys(self) -> list[str]:
+        """The user's and sessions' keys in user- and session-keyed model tables (a session
+        key is its id, or the user id where events carry none)."""
+        return list(dict.fromkeys([self.user_id, *self.session_ids]))
+
+
+class ErasureMessage(msgspec.Struct, forbid_unknown_fields=True):
+    """The ``interactions`` message carrying an :class:`Erasure`."""
+
+    erase: Erasure
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class ErasureBody(msgspec.Struct, forbid_unknown_fields=True):
+    """The optional body of ``POST /v1/users/<id>/erase``: sessions to erase too, and the
+    request's id (a new one when absent)."""
+
+    session_ids: Annotated[list[Id], msgspec.Meta(max_length=MAX_ERASED_SESSIONS)] = []
+    request_id: Id | None = None
+
+
+def decode_erasure_body(raw: bytes) -> ErasureBody:
+    """An :class:`ErasureBody` from JSON bytes (empty: the defaults), or :class:`InvalidEvent`."""
+    if not raw.strip():
+        return ErasureBody()
+    if nesting_exceeds(raw, MAX_JSON_DEPTH):
+        raise InvalidEvent([{"field": "$", "reason":
+                             f"JSON nested deeper than {MAX_JSON_DEPTH} levels (or unbalanced)"}])
+    repeated = repeated_keys(raw).get(None)
+    if repeated:
+        raise repeated_error(repeated)
+    try:
+        return msgspec.json.decode(raw, type=ErasureBody)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent.from_msgspec(exc) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent([{"field": "$", "reason": f"not JSON: {exc}"}]) from None
+
+
 _envelope_decoder = msgspec.json.Decoder(Envelope)
 _event_decoder = msgspec.json.Decoder(Interaction)
 _encoder = msgspec.json.Encoder()
@@ -119,6 +180,45 @@ def encode_event(event: Interaction) -> bytes:
 def encode_envelope(events: list[Interaction]) -> bytes:
     """Serialise events as one envelope message."""
     return _encoder.encode(Envelope(events=events))
+
+
+def encode_erasure(erasure: Erasure) -> bytes:
+    """Serialise an erasure request as its ``interactions`` message."""
+    return _encoder.encode(ErasureMessage(erase=erasure))
+
+
+def validate_erasure(obj: Any) -> Erasure:
+    """Validate a decoded JSON object as an erasure request (the ``erase`` object), or raise
+    :class:`InvalidEvent`."""
+    if isinstance(obj, Erasure):
+        return obj
+    try:
+        return msgspec.convert(obj, Erasure)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent.from_msgspec(exc) from None
+
+
+def split_source(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+                 ) -> tuple[list[Interaction], list[Problem], Erasure | None]:
+    """:func:`split_message` of a message read from ``interactions``, where an erasure
+    request may come too: (events, problems, the erasure request or None). Events pay
+    nothing for it: an erasure is looked for only in a message refused whole."""
+    events, problems = split_message(raw, max_bytes)
+    if events or len(problems) != 1 or problems[0][0] is not None:
+        return events, problems, None
+    doc = problems[0][1]
+    if not (isinstance(doc, dict) and "erase" in doc):
+        return events, problems, None
+    try:
+        repeated = repeated_keys(raw).get(None)
+        if repeated:
+            raise repeated_error(repeated)
+        message = msgspec.convert(doc, ErasureMessage)
+    except msgspec.ValidationError as exc:
+        return [], [(None, doc, InvalidEvent.from_msgspec(exc))], None
+    except InvalidEvent as exc:
+        return [], [(None, doc, exc)], None
+    return [], [], message.erase
 
 
 def validate_event(obj: Any) -> Interaction:
@@ -320,9 +420,10 @@ _PLACEHOLDER = Interaction(event_id="x", user_id="x", item_id="x", type="view",
 
 def json_schema() -> dict[str, Any]:
     """JSON Schema (draft 2020-12) of one ``interactions`` message, for non-Python producers."""
-    (env_ref, ev_ref), defs = msgspec.json.schema_components(
-        [Envelope, Interaction], ref_template="#/$defs/{name}")
+    (env_ref, ev_ref, erase_ref), defs = msgspec.json.schema_components(
+        [Envelope, Interaction, ErasureMessage], ref_template="#/$defs/{name}")
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "title": "streamrec interactions message",
-            "description": "One interaction event, or an envelope of 1..1000 events.",
-            "oneOf": [env_ref, ev_ref], "$defs": defs}
+            "description": "One interaction event, an envelope of 1..1000 events, or an "
+                           "erasure request (keyed by its user id).",
+            "oneOf": [env_ref, ev_ref, erase_ref], "$defs": defs}

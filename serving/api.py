@@ -31,7 +31,8 @@ from fastapi_offline import FastAPIOffline
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, mget_any, mget_any_async, sync_redis
 from infra.settings import Settings
 from schemas import dlq
-from schemas.events import MAX_ID_CHARS, json_schema, split_message
+from schemas.events import (MAX_ID_CHARS, InvalidEvent, decode_erasure_body, json_schema,
+                            split_message)
 from serving import metrics
 from serving.feeds import FeedBuilder, ImpressionLogUnavailable
 from serving.stats import LiveStats
@@ -253,6 +254,35 @@ def create_app(settings: Settings | None = None) -> "FastPaths":
         return await publish(request, split_items, ItemPublisher, "item descriptions",
                              "item_id", "sending the same descriptions again is safe (the "
                              "newest per item wins)")
+
+    @api.post("/v1/users/{user_id:path}/erase", status_code=202, summary="Erase a user",
+              response_model=None, dependencies=authed)
+    async def erase_user(user_id: UserId, request: Request) -> Response:
+        """Erase what the workers learned of the user: their user-keyed model state, their
+        sessions' (those in ``session_ids``, and the one keyed by the user id), history, feed
+        and place in the feed queue (docs/events.md#erasure). The request goes after the
+        user's earlier events on their partition; 202 says where it landed (applied once the
+        worker's watermark of ``partition`` reaches ``offset``: ``streamrec erase --wait``).
+        Body (optional): ``{"session_ids": [...], "request_id": "..."}``."""
+        raw = await read_body(request, settings.max_message_bytes)
+        try:
+            body = decode_erasure_body(raw)
+            receipt = await run_in_threadpool(
+                lambda: get_producer().erase_user(user_id, body.session_ids, body.request_id,
+                                                  timeout_s=settings.kafka_ack_timeout_s))
+        except InvalidEvent as exc:
+            return _json({"detail": "invalid erasure request; nothing was published",
+                          "problems": exc.errors}, 422)
+        except DeliveryError as exc:
+            return _json({"status": "unknown", "detail": f"Kafka did not acknowledge within "
+                          f"{settings.kafka_ack_timeout_s:g} s ({exc}); the erasure may still "
+                          f"apply: send it again (erasing twice is harmless)"}, 503,
+                         headers={"Retry-After": "1"})
+        except Exception as exc:  # broker unreachable at connect time: nothing was sent
+            raise HTTPException(503, f"Kafka unavailable: {exc!r}") from exc
+        return _json({"request_id": receipt.request_id, "user_id": user_id,
+                      "topic": receipt.topic, "partition": receipt.partition,
+                      "offset": receipt.offset}, 202)
 
     @api.get("/v1/items/{item_id:path}", summary="An item's description", response_model=None,
              dependencies=authed)

@@ -12,7 +12,7 @@ from stream.log_positions import LogEndProbe, read_watermarks, unapplied_records
 from stream.worker_report import read_reports
 
 COUNTERS = ("events_applied", "dlq_messages", "dlq_events", "skipped_redelivered",
-            "skipped_duplicates")
+            "skipped_duplicates", "erasures")
 
 
 class LiveStats:

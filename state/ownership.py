@@ -346,6 +346,9 @@ class DeltaRecorder(StateStore):
     def set_local_vectors(self, table, keys, vectors):
         self.local.set_local_vectors(table, keys, vectors)
 
+    def delete_local_vectors(self, table, keys):
+        self.local.delete_local_vectors(table, keys)
+
     def claim(self, table, key, member, value):
         return self.shared.claim(table, key, member, value)
 

@@ -184,6 +184,9 @@ class WriteBatch:
     def sadd(self, key, *members) -> None:
         self._add("SADD", key, *members)
 
+    def srem(self, key, *members) -> None:
+        self._add("SREM", key, *members)
+
     def set(self, key, value, px: int | None = None) -> None:
         self._add("SET", key, value, *(("PX", px) if px else ()))
 
@@ -573,6 +576,15 @@ class RedisStore(StateStore):
             cache = self._local_cache.setdefault(table, {})
             for key, vector in zip(keys, np.asarray(vectors, dtype=np.float32)):
                 self._remember(cache, key, vector.copy())  # not a view pinning the batch
+
+    def delete_local_vectors(self, table, keys):
+        if not keys:
+            return
+        self.delete_names(self.keys(table, keys))
+        if self.cache_local_rows:  # known absent: a batch computed before the DEL lands
+            cache = self._local_cache.setdefault(table, {})  # must not read them back
+            for key in keys:
+                self._remember(cache, key, _ABSENT)
 
     def forget_cached(self):
         self._local_cache.clear()

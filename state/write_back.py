@@ -126,6 +126,7 @@ class WriteBackStore(MemoryStore):
         self._local_changes: dict[str, set[str]] = {}
         self._vector_changes: dict[str, tuple[set[str], bool]] = {}  # table -> (keys, local)
         self._absent: dict[str, set[str]] = {}  # vector keys known not to be in Redis
+        self._vector_deletes: dict[str, set[str]] = {}  # table -> keys erased since the flush
 
     # --- keys not held yet ----------------------------------------------------------------
     def _hold_rows(self, table, keys, read) -> dict[str, dict[str, float]]:
@@ -254,6 +255,7 @@ class WriteBackStore(MemoryStore):
         changed.update(keys)
         self._vector_changes[table] = (changed, local)
         self._absent.get(table, set()).difference_update(keys)
+        self._vector_deletes.get(table, set()).difference_update(keys)
 
     def set_vectors(self, table, keys, vectors):
         super().set_vectors(table, keys, vectors)
@@ -262,6 +264,13 @@ class WriteBackStore(MemoryStore):
     def set_local_vectors(self, table, keys, vectors):
         super().set_vectors(table, keys, vectors)
         self._note_vectors(table, keys, local=True)
+
+    def delete_local_vectors(self, table, keys):
+        super().delete_local_vectors(table, keys)
+        self._absent.setdefault(table, set()).update(keys)
+        if table in self._vector_changes:
+            self._vector_changes[table][0].difference_update(keys)
+        self._vector_deletes.setdefault(table, set()).update(keys)
 
     def add_vectors(self, table, keys, deltas, base):
         self._hold_vectors(table, keys)
@@ -273,7 +282,8 @@ class WriteBackStore(MemoryStore):
         """Keys changed since the last flush."""
         return (sum(len(c) for c in self._row_changes.values())
                 + sum(len(c) for c in self._local_changes.values())
-                + sum(len(c) for c, _ in self._vector_changes.values()))
+                + sum(len(c) for c, _ in self._vector_changes.values())
+                + sum(len(c) for c in self._vector_deletes.values()))
 
     def flush(self, pipe) -> int:
         """Queue every change since the last flush on ``pipe`` as overwrites (see the module
@@ -305,6 +315,9 @@ class WriteBackStore(MemoryStore):
                 strings.append((table, keys, reader.local_ttl_ms if local else
                                 reader.shared_ttl_ms))
                 written += len(keys)
+            for table, keys in self._vector_deletes.items():  # erased
+                reader.delete_names(reader.keys(table, list(keys)))
+                written += len(keys)
             deleted = (self._expire(reader, [s for s in strings if s[2]])
                        if reader.expires_by_writer else {})
         flushed = {table: set(keys) for table, keys in self._row_changes.items()}
@@ -314,7 +327,10 @@ class WriteBackStore(MemoryStore):
             flushed.setdefault(table, set()).update(keys)
         for table, (keys, _) in self._vector_changes.items():
             flushed.setdefault(table, set()).update(keys)
+        for table, keys in self._vector_deletes.items():
+            flushed.setdefault(table, set()).update(keys)
         self._row_changes, self._local_changes, self._vector_changes = {}, {}, {}
+        self._vector_deletes = {}
         self._drop_oldest(flushed)
         self._last_flush = flushed
         return written
@@ -407,6 +423,7 @@ class WriteBackStore(MemoryStore):
         self.rows, self.vectors, self._absent, self._last_flush = {}, {}, {}, {}
         self._expiry_recorded = set()
         self._row_changes, self._local_changes, self._vector_changes = {}, {}, {}
+        self._vector_deletes = {}
         self.complete = False
 
 

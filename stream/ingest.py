@@ -38,14 +38,14 @@ from infra.redis_client import (TRANSIENT_REDIS_ERRORS, MemoryByNode, note_redis
 from online_models import kernels
 from state.redis_store import RedisStore
 from schemas import dlq, vectors
-from schemas.events import split_message
+from schemas.events import split_source
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
 from stream.log_positions import (LogEndProbe, LogMismatch, StallWatch, find_mismatches,
                                   hold, read_progress, read_watermarks, record_topic_ids,
                                   topic_ids_to_record)
-from stream.pipeline import ApplyPipeline
+from stream.pipeline import ApplyPipeline, event_chunks
 from stream.state import ApplyResult, LiveState, RedisLostWrites, SourceMessage
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
 from stream.vector_changes import MovedVectors, PendingVectors
@@ -130,10 +130,11 @@ async def process_batch(messages) -> tuple[int, int]:
             metrics.HELD_MESSAGES.inc()  # read again from Kafka once released
             continue
         raw = message_bytes(event)
-        good, bad = split_message(raw, settings.max_message_bytes)
+        good, bad, erasure = split_source(raw, settings.max_message_bytes)
         sources.append(SourceMessage(message.topic, message.partition, message.offset, good,
                                      len({index for index, _, _ in bad}),
-                                     message.timestamp if message.timestamp > 0 else None))
+                                     message.timestamp if message.timestamp > 0 else None,
+                                     erasure))
         if bad:
             letters.append(dead_letter(raw, bad, message, len(good)))
     await deliver_dead_letters(letters)
@@ -145,6 +146,7 @@ async def process_batch(messages) -> tuple[int, int]:
     metrics.MESSAGES_IN.inc(len(sources))
     metrics.EVENTS_IN.inc(events)
     metrics.DLQ_MESSAGES.inc(len(letters))
+    metrics.ERASURE_REQUESTS.inc(sum(1 for source in sources if source.erasure is not None))
     return events, len(letters)
 
 
@@ -165,19 +167,6 @@ async def deliver_dead_letters(letters: list[dlq.DeadLetter]) -> None:
         pending = [await dlq_topic.send(key=f"{r.source.partition}:{r.source.offset}".encode(),
                                         value=dlq.encode(r)) for r in letters]
         await asyncio.gather(*pending)
-
-
-def event_chunks(sources: list[SourceMessage], max_events: int) -> list[list[SourceMessage]]:
-    """Consecutive runs of whole messages holding about ``max_events`` events each."""
-    chunks: list[list[SourceMessage]] = [[]]
-    size = 0
-    for source in sources:
-        if size and size + len(source.events) > max_events:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(source)
-        size += len(source.events)
-    return chunks
 
 
 def _watermarks(partitions) -> tuple[dict[int, int | None], dict[int, str | None]]:

@@ -19,6 +19,8 @@ SKIPPED_REDELIVERED = Counter("streamrec_skipped_redelivered_messages_total",
 ITEMS_IN = Counter("streamrec_item_descriptions_in_total",
                    "Valid item descriptions decoded from the items topic")
 DLQ_MESSAGES = Counter("streamrec_dlq_messages_total", "Messages sent to the dead-letter topic")
+ERASURE_REQUESTS = Counter("streamrec_erasure_requests_total",
+                           "Erasure requests read from the interactions topic (docs/events.md)")
 VECTORS_PUBLISHED = Counter("streamrec_item_vectors_published_total",
                             "Item vectors published to the item-vector topic")
 BATCH_SECONDS = Histogram("streamrec_batch_seconds", "Agent batch handling time",

@@ -161,3 +161,18 @@ class ApplyPipeline:
             result = await self.run("apply", self.state.apply_messages, chunk)
             self.on_committed(result)
             self.on_applied(result, time.perf_counter() - started)
+
+
+def event_chunks(sources: list[SourceMessage], max_events: int) -> list[list[SourceMessage]]:
+    """Consecutive runs of whole messages holding about ``max_events`` events each; an
+    erasure request starts a chunk (a chunk's erasures apply before its events:
+    :meth:`LiveState.compute`)."""
+    chunks: list[list[SourceMessage]] = [[]]
+    size = 0
+    for source in sources:
+        if size and (size + len(source.events) > max_events or source.erasure is not None):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(source)
+        size += len(source.events)
+    return chunks

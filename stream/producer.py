@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -26,8 +27,9 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
 from kafka.partitioner.default import murmur2
 
-from schemas.events import (DEFAULT_MAX_MESSAGE_BYTES, MAX_ENVELOPE_EVENTS, Interaction,
-                            encode_envelope, validate_event)
+from schemas.events import (DEFAULT_MAX_MESSAGE_BYTES, MAX_ENVELOPE_EVENTS, Erasure,
+                            Interaction, encode_envelope, encode_erasure, validate_erasure,
+                            validate_event)
 from schemas.items import ItemRecord, validate_item
 
 
@@ -44,6 +46,18 @@ class DeliveryError(RuntimeError):
 def partition_for(user_id: str, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner picks for key ``user_id``."""
     return (murmur2(user_id.encode("utf-8")) & 0x7FFFFFFF) % partitions
+
+
+@dataclass(frozen=True)
+class ErasureReceipt:
+    """Where an erasure request landed: it has been applied once the worker's watermark of
+    ``partition`` reaches ``offset`` (:func:`stream.erasure.erasure_applied`)."""
+
+    request_id: str
+    user_id: str
+    topic: str
+    partition: int
+    offset: int
 
 
 @dataclass
@@ -113,6 +127,26 @@ class InteractionProducer:
             for p in [p for p, t in self._oldest.items() if now - t >= self.linger_s]:
                 self._send_partition(p)
         return len(validated)
+
+    def erase_user(self, user_id: str, session_ids: Iterable[str] = (),
+                   request_id: str | None = None, timeout_s: float = 30.0) -> ErasureReceipt:
+        """Ask the workers to erase what they learned of ``user_id`` (and of the sessions
+        named): every event buffered here is delivered first, then the request, on the
+        user's partition (it follows the user's events), and Kafka's ack is awaited. Raises
+        ``InvalidEvent`` on bad ids, :class:`DeliveryError` when not acknowledged."""
+        erasure = Erasure(request_id=request_id or uuid.uuid4().hex, user_id=user_id,
+                          timestamp=time.time(), session_ids=list(session_ids))
+        erasure = validate_erasure(msgspec.to_builtins(erasure))  # the decoder's checks
+        self.flush(timeout_s)  # earlier events first: a retried send could overtake them
+        partition = partition_for(user_id, self.partitions)
+        future = self._kafka.send(self.topic, value=encode_erasure(erasure),
+                                  key=user_id.encode(), partition=partition)
+        try:
+            metadata = future.get(timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - kafka-python's errors and timeouts alike
+            raise DeliveryError([([], exc)]) from exc
+        return ErasureReceipt(erasure.request_id, user_id, self.topic, metadata.partition,
+                              metadata.offset)
 
     def flush(self, timeout_s: float | None = 30.0) -> None:
         """Send every buffer and wait for Kafka's acks; raises :class:`DeliveryError` on loss."""

@@ -58,7 +58,7 @@ from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands
                                require_single_on_cluster)
 from state.write_back import UntimedKeySweeper, WriteBackStore, sweep_untimed_keys
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TrendingModel
-from schemas.events import ENGAGEMENT_TYPES, Interaction
+from schemas.events import ENGAGEMENT_TYPES, Erasure, Interaction
 from schemas.keys import RedisKeys
 
 log = logging.getLogger("streamrec.state")
@@ -294,6 +294,7 @@ class SourceMessage:
     events: list[Interaction] = field(default_factory=list)
     invalid_events: int = 0  # dead-lettered parts (counted once, like the effects)
     produced_at: float | None = None  # the record's Kafka timestamp, unix seconds
+    erasure: Erasure | None = None  # an erasure request (the message carries no events)
 
 
 @dataclass
@@ -624,6 +625,7 @@ class LiveState:
         if self.cluster:  # numbered after the batches still in flight
             prepared.seq = (self._uncommitted[-1].seq if self._uncommitted
                             else self._committed_seq) + 1
+        self._erase(writes, [m.erasure for m in prepared.fresh if m.erasure is not None])
         if prepared.events:
             with self._batch_reads():
                 for source, _, signals in self._learning_groups(prepared):
@@ -644,6 +646,25 @@ class LiveState:
             writes.packed()  # here, so the committing thread only sends bytes
         self._uncommitted.append(prepared)
         return prepared
+
+    def _erase(self, writes: WriteBatch, erasures: list[Erasure]) -> None:
+        """Erasure requests, before the chunk's events (a chunk starts at an erasure:
+        :func:`stream.pipeline.event_chunks`): every model forgets the users' and sessions'
+        keys, and the users' histories, feeds and places in the feed queue go (recorded into
+        ``writes``). Item-side state stays (docs/events.md#erasure)."""
+        if not erasures:
+            return
+        keys = list(dict.fromkeys(key for erasure in erasures for key in erasure.keys))
+        for model in self.models:
+            with model.store.deferred(writes):
+                model.forget(keys)
+        users = list(dict.fromkeys(erasure.user_id for erasure in erasures))
+        for user in users:  # one slot: the user's hash tag
+            writes.delete(self.keys.user_history(user), self.keys.feed(user))
+        writes.srem(self.keys.feed_queue, *users)
+        for erasure in erasures:
+            log.info("erasing user %r and %d named sessions (request %r)", erasure.user_id,
+                     len(erasure.session_ids), erasure.request_id)
 
     def _learn(self, writes: WriteBatch, signals: SignalBatch, result: ApplyResult) -> None:
         """Every model learns ``signals``, its writes recorded into ``writes``."""
@@ -671,6 +692,7 @@ class LiveState:
         """The counters a batch (or a part of one) adds: its fresh messages, the events it
         applied of theirs, the messages it skipped as redelivered."""
         return {"events_applied": applied, "batches": int(bool(applied)),
+                "erasures": sum(1 for m in fresh if m.erasure is not None),
                 "dlq_messages": sum(1 for m in fresh if m.invalid_events),
                 "dlq_events": sum(m.invalid_events for m in fresh),
                 "skipped_redelivered": redelivered,
@@ -691,6 +713,8 @@ class LiveState:
                 writes = WriteBatch()
                 seq = self._source_seqs[source] = self._source_seqs[source] + 1
                 events: list[Interaction] = []
+                self._erase(writes, [m.erasure for m in prepared.fresh if m.erasure is not None
+                                     and (m.topic, m.partition) == source])
                 if source in groups:
                     mine, signals = groups[source]
                     events = (prepared.events if mine is None else

@@ -48,7 +48,7 @@ from online_models.base import NearlineModel, torch_device
 from online_models.registry import build
 from online_models.signals import SignalMapper
 from schemas import vectors
-from schemas.events import split_message
+from schemas.events import split_source
 from schemas.items import split_items
 from stream import trainer_metrics
 
@@ -210,15 +210,18 @@ class Trainer:
         while not stop.is_set():
             if until_version is not None and self.model.version >= until_version:
                 return
-            records, events = [], []
+            records, events, erasures = [], [], []
             polled = consumer.poll(timeout_ms=500, max_records=self.POLL_RECORDS)
             for tp, batch in polled.items():
-                split, into = ((split_items, records) if tp.topic == s.topic_items
-                               else (split_message, events))
                 for record in batch:
-                    good, bad = split(record.value, s.max_message_bytes)
+                    if tp.topic == s.topic_items:
+                        good, bad = split_items(record.value, s.max_message_bytes)
+                        records.extend(good)
+                    else:
+                        good, bad, erasure = split_source(record.value, s.max_message_bytes)
+                        events.extend(good)
+                        erasures += [erasure] if erasure is not None else []
                     self.invalid += len(bad)  # the worker dead-letters them; skipped here
-                    into.extend(good)
             self.model.schedule.paused = True  # a version due waits for the whole poll
             if records:
                 self.model.learn_items(records)
@@ -228,6 +231,8 @@ class Trainer:
                 self.model.learn(self._mapper.map(chunk))
                 self.events += len(chunk)
                 self._learned.inc(len(chunk))
+            for erasure in erasures:  # after the poll's events: those before it go too
+                self.model.forget(erasure.keys)
             if self._rebuild_to is not None:
                 if not self._rebuilt(consumer):
                     continue

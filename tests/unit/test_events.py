@@ -104,9 +104,10 @@ def test_roundtrip_any_valid_event(user, item, ts, dwell):
     assert decode_message(encode_envelope([event])) == [event]
 
 
-def test_json_schema_describes_both_message_shapes():
+def test_json_schema_describes_every_message_shape():
     schema = json_schema()
-    assert {ref["$ref"] for ref in schema["oneOf"]} == {"#/$defs/Envelope", "#/$defs/Interaction"}
+    assert {ref["$ref"] for ref in schema["oneOf"]} == {
+        "#/$defs/Envelope", "#/$defs/Interaction", "#/$defs/ErasureMessage"}
     event = schema["$defs"]["Interaction"]
     assert set(event["required"]) == {"event_id", "user_id", "item_id", "type", "timestamp"}
     assert event["properties"]["user_id"]["maxLength"] == 256

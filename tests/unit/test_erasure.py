@@ -1,0 +1,147 @@
+"""Erasure requests: the wire format, where they cut chunks, and what each model forgets."""
+
+import time
+
+import pytest
+
+from online_models.registry import MODELS, NEARLINE_MODELS, build
+from online_models.signals import SignalMapper
+from online_models.store import MemoryStore
+from schemas.events import (Erasure, Interaction, encode_envelope, encode_erasure, json_schema,
+                            split_message, split_source)
+from stream.pipeline import event_chunks
+from stream.state import SourceMessage
+
+
+def erasure(user="alice", sessions=(), request="r1") -> Erasure:
+    return Erasure(request_id=request, user_id=user, timestamp=time.time(),
+                   session_ids=list(sessions))
+
+
+def test_an_erasure_message_decodes_as_one_and_events_never_do():
+    request = erasure(sessions=["s1", "s2"])
+    assert split_source(encode_erasure(request)) == ([], [], request)
+    assert request.keys == ["alice", "s1", "s2"]
+    event = Interaction(event_id="e", user_id="alice", item_id="i", type="click",
+                        timestamp=1.7e9)
+    events, problems, found = split_source(encode_envelope([event]))
+    assert (events, problems, found) == ([event], [], None)
+    # the HTTP events endpoint decodes with split_message: an erasure is not an event there
+    _, problems = split_message(encode_erasure(request))
+    assert "unknown field `erase`" in str(problems[0][2])
+
+
+@pytest.mark.parametrize("body, field", [
+    (b'{"erase": {"request_id": "r", "user_id": "", "timestamp": 1.7e9}}', "erase.user_id"),
+    (b'{"erase": {"request_id": "r", "timestamp": 1.7e9}}', "erase"),
+    (b'{"erase": {"request_id": "r", "user_id": "a", "timestamp": 5}}', "erase.timestamp"),
+    (b'{"erase": {"request_id": "r", "user_id": "a", "user_id": "b", "timestamp": 1.7e9}}',
+     "erase.user_id"),
+    (b'{"erase": {"request_id": "r", "user_id": "a", "timestamp": 1.7e9}, "x": 1}', "$"),
+    (b'{"erase": {"request_id": "r", "user_id": "a", "timestamp": 1.7e9, '
+     b'"session_ids": [""]}}', "erase.session_ids[0]"),
+])
+def test_a_bad_erasure_is_a_problem_naming_its_field(body, field):
+    events, problems, found = split_source(body)
+    assert events == [] and found is None and len(problems) == 1
+    assert problems[0][2].errors[0]["field"] == field
+
+
+def test_the_json_schema_describes_erasure_messages():
+    schema = json_schema()
+    assert schema["$defs"]["Erasure"]["required"] == ["request_id", "user_id", "timestamp"]
+    assert schema["$defs"]["Erasure"]["additionalProperties"] is False
+
+
+def source(offset, events=(), request=None, partition=0):
+    return SourceMessage("interactions", partition, offset, list(events), erasure=request)
+
+
+def test_an_erasure_starts_a_chunk_so_the_events_before_it_apply_first():
+    ev = [Interaction(event_id=f"e{n}", user_id="alice", item_id="i", type="click",
+                      timestamp=1.7e9) for n in range(4)]
+    sources = [source(0, ev[:2]), source(1, ev[2:3], partition=1), source(2, request=erasure()),
+               source(3, request=erasure(request="r2")), source(4, ev[3:])]
+    chunks = event_chunks(sources, max_events=100)
+    assert [[m.offset for m in chunk] for chunk in chunks] == [[0, 1], [2, 3, 4]]
+    # an erasure after events of the same chunk would be applied before them: cut
+    again = event_chunks([source(0, ev[:1]), source(1, request=erasure()), source(2, ev[1:2]),
+                          source(3, request=erasure(request="r2"))], max_events=100)
+    assert [[m.offset for m in chunk] for chunk in again] == [[0], [1, 2], [3]]
+
+
+def events_of(user, session, items, start):
+    return [Interaction(event_id=f"{user}-{session}-{n}", user_id=user, item_id=item,
+                        type="click", timestamp=start + n, session_id=session)
+            for n, item in enumerate(items)]
+
+
+def learnt(name):
+    model = build(name, **({"min_examples": 10_000} if name in NEARLINE_MODELS else {}))
+    model.bind(MemoryStore())
+    items = [f"i{n}" for n in range(12)]
+    events = (events_of("alice", "s1", items[:6], 1.7e9) + events_of("alice", None, items[3:9],
+                                                                      1.7e9 + 10)
+              + events_of("bob", "s9", items[4:10], 1.7e9 + 20))
+    model.learn(SignalMapper().map(events))
+    return model
+
+
+def held(model):
+    """What the model (and its parts) hold per user-keyed table: key → row or vector."""
+    out = {}
+    for part in [model, *getattr(model, "parts", {}).values()]:
+        for table in part.user_tables:
+            rows = part.store.get_local_rows(table, ["alice", "s1", "bob", "s9"])
+            out[(part.name, table)] = dict(zip(["alice", "s1", "bob", "s9"], rows))
+        for table in part.user_vector_tables:
+            dim = part.factors
+            vectors, found = part.store.get_local_vectors(table, ["alice", "bob"], dim)
+            out[(part.name, table)] = {key: vector.tolist() if ok else None
+                                      for key, vector, ok in zip(["alice", "bob"], vectors,
+                                                                 found.tolist())}
+    return out
+
+
+USER_STATE_MODELS = ["session", "cooc", "mf", "als", "content", "itemknn", "history", "isgd",
+                     "user_blend_ctx", "two_tower"]
+
+
+@pytest.mark.parametrize("name", USER_STATE_MODELS)
+def test_forget_deletes_the_users_and_sessions_state_and_nothing_of_others(name):
+    model = learnt(name)
+    before = held(model)
+    assert before, f"{name} declares no user-keyed tables"
+    assert any(row not in ({}, None) for rows in before.values()
+               for key, row in rows.items() if key in ("alice", "s1")), "nothing learnt"
+    model.forget(["alice", "s1"])
+    after = held(model)
+    for table, rows in after.items():
+        for key in ("alice", "s1"):
+            assert rows.get(key) in (None, {}, ), f"{table} still holds {key}"
+        for key in ("bob", "s9"):
+            assert rows.get(key) == before[table].get(key), f"{table} changed {key}"
+
+
+def test_gru4rec_drops_the_erased_sessions_from_its_window():
+    model = learnt("gru4rec")
+    held_before = model.examples_held
+    model.forget(["alice", "s1"])
+    assert set(model._sessions) == {"s9"}
+    assert model.examples_held == held_before - 12 == len(model._sessions["s9"])
+
+
+def forgotten_tables(model) -> set[str]:
+    """The user- and session-keyed tables a model and its parts (recursively) forget."""
+    return set(model.user_tables).union(*(forgotten_tables(part)
+                                          for part in getattr(model, "parts", {}).values()))
+
+
+def test_every_partition_local_table_keyed_by_user_or_session_is_forgotten():
+    """A model's local tables are user- or session-keyed (forgotten) unless item-keyed
+    (content's attrs): a new model with user state must name its tables, or an erasure would
+    miss them."""
+    for name in [n for n in MODELS if n not in NEARLINE_MODELS]:
+        model = build(name)
+        missing = set(model.local_tables) - forgotten_tables(model) - {"attrs"}
+        assert not missing, f"{name}: local tables {missing} are not forgotten"
