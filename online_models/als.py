@@ -49,6 +49,16 @@ class OnlineALS(OnlineMF):
         self.raters = raters
         self.recency = recency
 
+    def forget(self, keys) -> None:
+        """Also take the users out of the raters of the items in their histories."""
+        gone: dict[str, list[str]] = {}
+        for key, row in zip(keys, self.store.get_local_rows("history", keys)):
+            for item in row:
+                gone.setdefault(item, []).append(key)
+        if gone:
+            self.store.remove_members("raters", gone)
+        super().forget(keys)
+
     # --- learning ---------------------------------------------------------------------------
     def prefetch(self, batch: SignalBatch) -> None:
         batch = self._learnt(batch)

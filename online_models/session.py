@@ -161,6 +161,16 @@ class SessionModel(OnlineModel):
         # was there); impressions are not visits.
         return batch.select(batch.types != "impression")
 
+    def forget(self, keys) -> None:
+        """Also take the sessions out of their items' recent sessions (``isess``)."""
+        gone: dict[str, list[str]] = {}
+        for key, row in zip(keys, self.store.get_local_rows("sess", keys)):
+            for item in row:
+                gone.setdefault(item, []).append(key)
+        if gone:
+            self.store.remove_members("isess", gone)
+        super().forget(keys)
+
     def prefetch(self, batch: SignalBatch) -> None:
         visits = self._visits(batch)
         sessions = list(dict.fromkeys(visits.sessions.tolist()))

@@ -142,6 +142,12 @@ class StateStore(ABC):
         """Delete vectors one writer owns (an erasure); absent ones are ignored."""
         raise NotImplementedError(f"{type(self).__name__} cannot delete vectors")
 
+    def remove_members(self, table: str, members: Mapping[str, Sequence[str]]) -> None:
+        """Remove members from rows (``{key: [member, ...]}``; absent ones are ignored; a row
+        left empty is deleted, as Redis deletes an empty sorted set): an erasure takes a
+        user's or session's id out of item-side rows."""
+        raise NotImplementedError(f"{type(self).__name__} cannot remove members")
+
     def forget_cached(self) -> None:
         """Drop cached local rows and vectors (after a failed commit or when partitions move)."""
 
@@ -497,6 +503,16 @@ class MemoryStore(StateStore):
 
     get_local_vectors = get_vectors
     set_local_vectors = set_vectors
+
+    def remove_members(self, table, members):
+        stored = self.rows.get(table, {})
+        for key, gone in members.items():
+            row = stored.get(key)
+            if row:
+                for member in gone:
+                    row.pop(member, None)
+                if not row:
+                    del stored[key]
 
     def delete_local_vectors(self, table, keys):
         stored = self.vectors.get(table)

@@ -271,7 +271,8 @@ class RedisKeys:
                     "Users whose feed must be rebuilt."),
             KeySpec(f"{p}:{{stats}}:counters", "hash", "none", "stream worker",
                     "a few fields", "events_applied, dlq_messages, dlq_events, batches, "
-                    "skipped_redelivered (messages), skipped_duplicates (events)."),
+                    "skipped_redelivered (messages), skipped_duplicates (events), erasures "
+                    "(requests applied)."),
             KeySpec(f"{p}:{{stats}}:seq", "string (integer)", "none",
                     "stream worker (Redis Cluster only)", "one key",
                     "The last commit added to the counters."),

@@ -26,7 +26,7 @@ import numpy as np
 
 from online_models.store import FlatRows, MemoryStore, StateStore
 
-_ROW_KINDS = ("incr", "set")
+_ROW_KINDS = ("incr", "set", "remove")
 _VECTOR_KINDS = ("add_vectors", "set_vectors")
 
 
@@ -222,8 +222,11 @@ def apply_operations(ops: list, store_for: Callable[[str], StateStore]) -> None:
             rows = FlatRows(keys, bounds, members, np.frombuffer(values, np.float64).tolist())
             if kind == "incr":
                 store.incr_flat_rows(table, rows, keep_top)
-            else:
+            elif kind == "set":
                 store.set_flat_rows(table, rows, keep_top)
+            else:  # remove: an erasure's ids out of the rows
+                store.remove_members(table, {key: members[lo:hi] for key, lo, hi
+                                             in zip(keys, bounds, bounds[1:])})
         elif kind in _VECTOR_KINDS:
             keys, dim, raw, base = payload
             vectors = np.frombuffer(raw, np.float32).reshape(len(keys), dim)
@@ -266,7 +269,7 @@ class OwnedStores(StateStore):
     def _read_only(self, *_args, **_kwargs):
         raise TypeError("owned stores are written by their owners (Owner.apply) only")
 
-    incr_rows = set_rows = set_vectors = add_vectors = _read_only
+    incr_rows = set_rows = set_vectors = add_vectors = remove_members = _read_only
     get_local_rows = set_local_rows = get_local_vectors = set_local_vectors = _read_only
 
     def sibling(self, namespace):
@@ -327,6 +330,11 @@ class DeltaRecorder(StateStore):
 
     def set_flat_rows(self, table, rows, keep_top=None):
         self.deltas.add_rows(self.namespace, "set", table, rows, keep_top)
+
+    def remove_members(self, table, members):
+        rows = FlatRows.from_dicts({key: dict.fromkeys(gone, 0.0)
+                                    for key, gone in members.items() if gone})
+        self.deltas.add_rows(self.namespace, "remove", table, rows, None)
 
     def set_vectors(self, table, keys, vectors):
         self.deltas.add_vectors(self.namespace, "set_vectors", table, keys, vectors, None)

@@ -577,6 +577,15 @@ class RedisStore(StateStore):
             for key, vector in zip(keys, np.asarray(vectors, dtype=np.float32)):
                 self._remember(cache, key, vector.copy())  # not a view pinning the batch
 
+    def remove_members(self, table, members):
+        if self.whole_rows(table):  # written whole by their one writer (WriteBackStore)
+            raise TypeError(f"rows of {table!r} are written whole: remove members through "
+                            f"their writer's store")
+        members = {key: list(gone) for key, gone in members.items() if gone}
+        target = self._deferred or self.client
+        for name, gone in zip(self.keys(table, members), members.values()):
+            target.zrem(name, *gone)
+
     def delete_local_vectors(self, table, keys):
         if not keys:
             return

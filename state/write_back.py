@@ -242,6 +242,20 @@ class WriteBackStore(MemoryStore):
                 self.rows[table][key] = {}  # held: known absent
         self._local_changes.setdefault(table, set()).update(rows)
 
+    def remove_members(self, table, members):
+        rows = self._hold_rows(table, list(members), self.reader.get_rows)
+        whole = self.reader.whole_rows(table)
+        changes = self._row_changes.setdefault(table, {})
+        for key, gone in members.items():
+            row = rows.get(key)
+            removed = [member for member in gone if row and member in row]
+            for member in removed:
+                del row[member]
+            if removed and whole:  # written whole (an empty row: its key deleted)
+                changes.setdefault(key, ())
+            elif removed:  # each removed member: ZREM (overwrite_rows with False)
+                changes.setdefault(key, set()).update(removed)
+
     def claim(self, table, key, member, value):
         self._hold_rows(table, [key], self.reader.get_rows)
         row = self.rows[table].setdefault(key, {})

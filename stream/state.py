@@ -625,7 +625,7 @@ class LiveState:
         if self.cluster:  # numbered after the batches still in flight
             prepared.seq = (self._uncommitted[-1].seq if self._uncommitted
                             else self._committed_seq) + 1
-        self._erase(writes, [m.erasure for m in prepared.fresh if m.erasure is not None])
+        self._erase(writes, prepared.fresh, result)
         if prepared.events:
             with self._batch_reads():
                 for source, _, signals in self._learning_groups(prepared):
@@ -647,17 +647,25 @@ class LiveState:
         self._uncommitted.append(prepared)
         return prepared
 
-    def _erase(self, writes: WriteBatch, erasures: list[Erasure]) -> None:
-        """Erasure requests, before the chunk's events (a chunk starts at an erasure:
-        :func:`stream.pipeline.event_chunks`): every model forgets the users' and sessions'
-        keys, and the users' histories, feeds and places in the feed queue go (recorded into
-        ``writes``). Item-side state stays (docs/events.md#erasure)."""
+    def _erase(self, writes: WriteBatch, messages: list[SourceMessage],
+               result: ApplyResult) -> None:
+        """The erasure requests among ``messages``, before the chunk's events (a chunk starts
+        at an erasure: :func:`stream.pipeline.event_chunks`): every model forgets the users'
+        and sessions' keys (their ids leave item-side rows too: in the owned layout through
+        item-delta records tagged with the request's offset), and the users' histories, feeds
+        and places in the feed queue go; all recorded into ``writes``
+        (docs/events.md#erasure)."""
+        erasures = [m for m in messages if m.erasure is not None]
         if not erasures:
             return
-        keys = list(dict.fromkeys(key for erasure in erasures for key in erasure.keys))
-        for model in self.models:
-            with model.store.deferred(writes):
-                model.forget(keys)
+        for message in erasures:
+            for model in self.models:
+                with model.store.deferred(writes):
+                    model.forget(message.erasure.keys)
+            if self.deltas is not None:
+                self._queue_records(writes, (message.topic, message.partition),
+                                    message.offset, result)
+        erasures = [m.erasure for m in erasures]
         users = list(dict.fromkeys(erasure.user_id for erasure in erasures))
         for user in users:  # one slot: the user's hash tag
             writes.delete(self.keys.user_history(user), self.keys.feed(user))
@@ -713,8 +721,8 @@ class LiveState:
                 writes = WriteBatch()
                 seq = self._source_seqs[source] = self._source_seqs[source] + 1
                 events: list[Interaction] = []
-                self._erase(writes, [m.erasure for m in prepared.fresh if m.erasure is not None
-                                     and (m.topic, m.partition) == source])
+                self._erase(writes, [m for m in prepared.fresh
+                                     if (m.topic, m.partition) == source], result)
                 if source in groups:
                     mine, signals = groups[source]
                     events = (prepared.events if mine is None else

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ from online_models.signals import SignalMapper
 from online_models.store import MemoryStore
 from schemas.events import Erasure, Interaction
 from schemas.keys import RedisKeys
+from state.owner_commits import hop_settled
 from state.redis_store import build_live_models
 from stream.pipeline import event_chunks
 from stream.producer import InteractionProducer
@@ -39,7 +41,7 @@ def _up(url) -> bool:
 
 
 def events_of(user, session, items, start):
-    return [Interaction(event_id=f"{user}-{session}-{start}-{n}", user_id=user, item_id=item,
+    return [Interaction(event_id=uuid.uuid4().hex, user_id=user, item_id=item,
                         type="click", timestamp=start + n, session_id=session)
             for n, item in enumerate(items)]
 
@@ -48,6 +50,31 @@ def names_with(client, prefix, text):
     """The keys under ``prefix`` whose names hold ``text``."""
     return sorted(name.decode() for name in client.scan_iter(match=f"{prefix}:*{text}*",
                                                              count=1000))
+
+
+def values_naming(client, prefix, text) -> list[str]:
+    """The keys under ``prefix`` whose value (a string's bytes, a sorted set's, set's or
+    list's members, a hash's fields and values) holds ``text``; the outboxes (records to
+    owners: the erasure's own removals among them) and redo records (the last commit's
+    commands) aside."""
+    needle, found = text.encode(), []
+    for name in client.scan_iter(match=f"{prefix}:*", count=1000):
+        if b":outbox:" in name or b":redo" in name:
+            continue
+        kind = client.type(name)
+        if kind == b"string":
+            parts = [client.get(name) or b""]
+        elif kind == b"zset":
+            parts = client.zrange(name, 0, -1)
+        elif kind == b"set":
+            parts = list(client.smembers(name))
+        elif kind == b"list":
+            parts = client.lrange(name, 0, -1)
+        else:
+            parts = [x for pair in client.hgetall(name).items() for x in pair]
+        if any(needle in part for part in parts):
+            found.append(name.decode())
+    return found
 
 
 def user_rows(models, keys):
@@ -92,6 +119,9 @@ def test_an_erasure_deletes_the_users_state_and_what_follows_is_learnt_afresh(
     state.apply_messages(sources[:2])
     left = names_with(client, prefix, "alice")
     assert left == ([keys.user_history_seq("alice")] if cluster else [])
+    # nor is the user or the session a member of item-side rows (recent sessions, raters)
+    assert values_naming(client, prefix, "alice") == []
+    assert values_naming(client, prefix, "bob")  # (the scan sees ids where they are)
     assert not client.sismember(keys.feed_queue, "alice")
     state.apply_messages(sources[2:])  # alice comes back: learnt afresh
 
@@ -132,7 +162,9 @@ def test_an_erasure_deletes_the_users_state_and_what_follows_is_learnt_afresh(
 
 
 def test_the_sdk_the_cli_and_the_api_erase_users_through_a_running_worker(settings, spawn):
-    s = settings.model_copy(update={"live_models": "session,mf",
+    """In the owned layout: item-side rows (an item's recent sessions, its raters) are their
+    owners', so the erasure's removals travel to them through the item-deltas topic."""
+    s = settings.model_copy(update={"live_models": OWNED_MODELS, "state_writer": "owned",
                                     "api_keys": "erasure-test-key-0001"})
     client, keys, prefix = sync_redis(s.redis_url), RedisKeys(s.key_prefix), s.key_prefix
     worker = spawn(["worker", "--loglevel", "warn"], s)
@@ -155,6 +187,10 @@ def test_the_sdk_the_cli_and_the_api_erase_users_through_a_running_worker(settin
                           or -1) >= receipt.offset), 60, "erasure applied", proc=worker)
     assert names_with(client, prefix, "carol") == []  # the buffered event went before the erasure
     assert names_with(client, prefix, "dave")
+    wait_for(lambda: hop_settled(client, keys, s.topic_interactions, s.topic_partitions), 60,
+             "owners applied the item deltas", proc=worker)
+    assert values_naming(client, prefix, "carol") == []
+    assert values_naming(client, prefix, "dave")  # in its items' raters and recent sessions
 
     env = settings_env(s)
     done = subprocess.run([sys.executable, "-m", "infra.cli", "erase", "dave", "--wait", "60"],
@@ -181,6 +217,9 @@ def test_the_sdk_the_cli_and_the_api_erase_users_through_a_running_worker(settin
     wait_for(lambda: (int(client.get(keys.watermark(s.topic_interactions, receipt["partition"]))
                           or -1) >= receipt["offset"]), 60, "HTTP erasure applied", proc=worker)
     assert names_with(client, prefix, "erin") == []
+    wait_for(lambda: hop_settled(client, keys, s.topic_interactions, s.topic_partitions), 60,
+             "owners applied the item deltas", proc=worker)
+    assert values_naming(client, prefix, "erin") == []
     assert int(client.hget(keys.stats, "erasures")) == 3
 
     bad = subprocess.run([sys.executable, "-m", "infra.cli", "erase", ""], env=env, cwd=ROOT,

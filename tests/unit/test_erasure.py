@@ -121,6 +121,21 @@ def test_forget_deletes_the_users_and_sessions_state_and_nothing_of_others(name)
             assert rows.get(key) in (None, {}, ), f"{table} still holds {key}"
         for key in ("bob", "s9"):
             assert rows.get(key) == before[table].get(key), f"{table} changed {key}"
+    assert ids_anywhere(model, {"alice", "s1"}) == [], "an erased id is still in the state"
+    assert ids_anywhere(model, {"bob", "s9"}), "the other user's ids are gone too"
+
+
+def ids_anywhere(model, ids) -> list:
+    """Where any of ``ids`` is a row key, a row member or a vector key in the model's (and
+    its parts') stores: (table, key)."""
+    found = []
+    for part in [model, *getattr(model, "parts", {}).values()]:
+        for table, rows in part.store.rows.items():
+            found += [(table, key) for key, row in rows.items()
+                      if key in ids or ids & row.keys()]
+        for table, vectors in part.store.vectors.items():
+            found += [(table, key) for key in vectors if key in ids]
+    return found
 
 
 def test_gru4rec_drops_the_erased_sessions_from_its_window():
