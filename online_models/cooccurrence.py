@@ -213,8 +213,8 @@ def _strongest_sources(neighbours: RowArrays, width: int, rows: list[list[int]],
     ``recency^(L − p) · sim`` is largest, the earliest on a tie, as float32 as the scores.
     Queries in chunks: each chunk's items × chosen columns of the rows copied into a dense
     table (at most ``max_cells``), then every (query, item, column) term gathered from it."""
-    if not len(neighbours.values):  # no term anywhere: the first item, as on any tie
-        return [[0] * len(query_cols) for query_cols in columns]
+    if not rows or not len(neighbours.values):  # no query, or no term anywhere (the first
+        return [[0] * len(query_cols) for query_cols in columns]  # item, as on any tie)
     longest, widest = max(map(len, rows)), max(max(map(len, columns)), 1)
     step = max(1, int((max_cells / (longest * widest)) ** 0.5))
     entry_rows = np.repeat(np.arange(len(neighbours.starts) - 1, dtype=np.int64),

@@ -22,6 +22,8 @@ from functools import lru_cache
 from urllib.parse import quote, unquote
 
 _ALREADY_SAFE = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
+#: How long an erasure marker (:meth:`RedisKeys.erased`) lives: longer than any feed round.
+ERASURE_MARKER_TTL_S = 3600
 
 
 @lru_cache(maxsize=1 << 18)  # the worker builds keys for the same ids over and over
@@ -59,6 +61,11 @@ class RedisKeys:
 
     def feed(self, user_id: str) -> str:
         return f"{self.prefix}:{{u:{encode_id(user_id)}}}:feed"
+
+    def erased(self, user_id: str) -> str:
+        """The user's erasure marker (a token per erasure, short-lived): a feed computed
+        before an erasure is not stored after it."""
+        return f"{self.prefix}:{{u:{encode_id(user_id)}}}:erased"
 
     def user_history_seq(self, user_id: str) -> str:
         """The last commit applied to the user's history (Redis Cluster: see :meth:`redo`)."""
@@ -224,6 +231,12 @@ class RedisKeys:
                     "STREAMREC_HISTORY_TTL_S", "stream worker (Redis Cluster only)", "one key",
                     "The last commit (`sr:{wm}:redo` seq) added to the user's history: a commit "
                     "applied again adds nothing."),
+            KeySpec(f"{p}:{{u:<user>}}:erased", "string (random token)",
+                    "ERASURE_MARKER_TTL_S (1 hour)", "stream worker (an erasure)", "one key",
+                    "Set anew by each erasure of the user (docs/events.md#erasure). The feed "
+                    "builder reads it before computing a round and stores a feed only if it "
+                    "is unchanged: a feed computed from state the erasure deleted is never "
+                    "stored after it."),
             KeySpec(f"{p}:{{trend}}:z", "sorted set item → forward-decayed score", "none",
                     "stream worker", "STREAMREC_TRENDING_MAX_ITEMS members (+ up to 10 %)",
                     "Trending items (`online_models.trending.TrendingModel`: w by event type, "

@@ -26,11 +26,12 @@ import numpy as np
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
-from infra.redis_client import TRANSIENT_REDIS_ERRORS, SkippedWrites, note_redis_error
+from infra.redis_client import (TRANSIENT_REDIS_ERRORS, SkippedWrites, mget_any,
+                                note_redis_error)
 from infra.settings import Settings
 from online_models.registry import build
 from online_models.store import RowCache
-from state.redis_store import build_live_models
+from state.redis_store import apply_commands, build_live_models
 from online_models.trending import decayed
 from schemas import impressions
 from schemas.feeds import Feed
@@ -45,6 +46,14 @@ from serving.rerank import SOURCE_WEIGHTS, RerankPolicy
 
 
 log = logging.getLogger("streamrec.feeds")
+
+#: KEYS: the feed, the user's erasure marker. ARGV: the feed, its TTL in s, the marker as read
+#: before the feed was computed ('' for none). Stores the feed only if no erasure came since.
+STORE_UNLESS_ERASED_LUA = """
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
 
 
 def explorer_for(settings: Settings, counts=None):
@@ -187,6 +196,7 @@ class FeedBuilder:
         self.keys = RedisKeys(settings.key_prefix)
         self.client = client
         self._skipped_shows = SkippedWrites(log, "counting exploration shows")
+        self._store_unless_erased = client.register_script(STORE_UNLESS_ERASED_LUA)
         self.impression_producer = impression_producer
         self.vector_tail = None
         self._trending_reads = RowCache(settings.serving_rows_max_age_s, max_rows=100)
@@ -358,14 +368,24 @@ class FeedBuilder:
                                     for i in feed.items]))
             for feed in feeds])
 
-    def write(self, feeds: list[Feed]) -> None:
-        """Log the lists, then store them (a list is never served without its log)."""
+    def erasure_markers(self, user_ids: list[str]) -> list[bytes | None]:
+        """The users' erasure markers now (:meth:`schemas.keys.RedisKeys.erased`): read
+        before computing their feeds, handed to :meth:`write`."""
+        return mget_any(self.client, [self.keys.erased(user) for user in user_ids])
+
+    def write(self, feeds: list[Feed], markers: list[bytes | None] | None = None) -> int:
+        """Log the lists, then store them (a list is never served without its log); with
+        ``markers`` (:meth:`erasure_markers`, read before the feeds were computed), a feed
+        whose user was erased since is not stored. Returns how many were stored."""
         self.log_served(feeds)
-        with self.client.pipeline(transaction=False) as pipe:
-            for feed in feeds:
-                pipe.set(self.keys.feed(feed.user_id), encode_feed(feed),
-                         ex=self.settings.feed_ttl_s)
-            pipe.execute()
+        ttl, sha = self.settings.feed_ttl_s, self._store_unless_erased.sha
+        commands = [("SET", self.keys.feed(feed.user_id), encode_feed(feed), "EX", ttl)
+                    if markers is None else
+                    ("EVALSHA", sha, 2, self.keys.feed(feed.user_id),
+                     self.keys.erased(feed.user_id), encode_feed(feed), ttl, markers[n] or b"")
+                    for n, feed in enumerate(feeds)]
+        stored = apply_commands(self.client, commands, [STORE_UNLESS_ERASED_LUA])
+        return sum(1 for outcome in stored if outcome)
 
     def read(self, user_id: str) -> Feed | None:
         """The stored feed of a user, or None."""
@@ -383,7 +403,8 @@ class FeedBuilder:
             return 0
         users = [u.decode() for u in popped]
         try:
-            self.write(self.compute(users))
+            markers = self.erasure_markers(users)  # before any state is read
+            self.write(self.compute(users), markers)
         except Exception:
             self.client.sadd(self.keys.feed_queue, *users)  # try these users again next round
             raise

@@ -292,17 +292,25 @@ def _first_key(command) -> str:
     return command[3] if command[0] == "EVALSHA" else command[1]
 
 
-def apply_commands(client, commands: list[tuple], scripts: list[str]) -> None:
-    """Send recorded commands to a Redis Cluster, pipelined per node (each routed by its key:
-    :func:`infra.redis_client.send_per_node`); where a node lacks a script (restarted), load
-    ``scripts`` everywhere and send them all again. Callers only send commands that may be
-    applied twice."""
+def apply_commands(client, commands: list[tuple], scripts: list[str]) -> list:
+    """Send recorded commands in one pipeline (to a Redis Cluster, pipelined per node, each
+    routed by its key: :func:`infra.redis_client.send_per_node`); where a server lacks a
+    script (restarted), load ``scripts`` everywhere and send them all again. Returns the
+    replies. Callers only send commands that may be applied twice."""
+    send = send_per_node if is_cluster(client) else _send_pipelined
     try:
-        send_per_node(client, commands, key_of=_first_key)
+        return send(client, commands, key_of=_first_key)
     except redis.exceptions.NoScriptError:
         for script in scripts:
             client.script_load(script)
-        send_per_node(client, commands, key_of=_first_key)
+        return send(client, commands, key_of=_first_key)
+
+
+def _send_pipelined(client, commands: list[tuple], key_of=None) -> list:
+    with client.pipeline(transaction=False) as pipe:
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute()
 
 
 class RedisStore(StateStore):

@@ -59,7 +59,7 @@ from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands
 from state.write_back import UntimedKeySweeper, WriteBackStore, sweep_untimed_keys
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TrendingModel
 from schemas.events import ENGAGEMENT_TYPES, Erasure, Interaction
-from schemas.keys import RedisKeys
+from schemas.keys import ERASURE_MARKER_TTL_S, RedisKeys
 
 log = logging.getLogger("streamrec.state")
 
@@ -669,6 +669,7 @@ class LiveState:
         users = list(dict.fromkeys(erasure.user_id for erasure in erasures))
         for user in users:  # one slot: the user's hash tag
             writes.delete(self.keys.user_history(user), self.keys.feed(user))
+            writes.set(self.keys.erased(user), uuid.uuid4().hex, px=ERASURE_MARKER_TTL_S * 1000)
         writes.srem(self.keys.feed_queue, *users)
         for erasure in erasures:
             log.info("erasing user %r and %d named sessions (request %r)", erasure.user_id,

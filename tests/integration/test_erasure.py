@@ -18,6 +18,7 @@ from online_models.signals import SignalMapper
 from online_models.store import MemoryStore
 from schemas.events import Erasure, Interaction
 from schemas.keys import RedisKeys
+from serving.feeds import FeedBuilder
 from state.owner_commits import hop_settled
 from state.redis_store import build_live_models
 from stream.pipeline import event_chunks
@@ -118,7 +119,8 @@ def test_an_erasure_deletes_the_users_state_and_what_follows_is_learnt_afresh(
     assert len(event_chunks(sources, max_events=100)) == 1  # the erasure goes first in it
     state.apply_messages(sources[:2])
     left = names_with(client, prefix, "alice")
-    assert left == ([keys.user_history_seq("alice")] if cluster else [])
+    assert left == sorted([keys.erased("alice"), *([keys.user_history_seq("alice")]
+                                                   if cluster else [])])
     # nor is the user or the session a member of item-side rows (recent sessions, raters)
     assert values_naming(client, prefix, "alice") == []
     assert values_naming(client, prefix, "bob")  # (the scan sees ids where they are)
@@ -185,7 +187,7 @@ def test_the_sdk_the_cli_and_the_api_erase_users_through_a_running_worker(settin
     assert receipt.partition == int(receipt.partition) and receipt.offset >= 0
     wait_for(lambda: (int(client.get(keys.watermark(s.topic_interactions, receipt.partition))
                           or -1) >= receipt.offset), 60, "erasure applied", proc=worker)
-    assert names_with(client, prefix, "carol") == []  # the buffered event went before the erasure
+    assert names_with(client, prefix, "carol") == [keys.erased("carol")]  # the buffered event went before the erasure
     assert names_with(client, prefix, "dave")
     wait_for(lambda: hop_settled(client, keys, s.topic_interactions, s.topic_partitions), 60,
              "owners applied the item deltas", proc=worker)
@@ -198,7 +200,7 @@ def test_the_sdk_the_cli_and_the_api_erase_users_through_a_running_worker(settin
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["user_id"] == "dave" and answer["applied"] is True
-    assert names_with(client, prefix, "dave") == []
+    assert names_with(client, prefix, "dave") == [keys.erased("dave")]
     assert int(client.hget(keys.stats, "erasures")) == 2
 
     # HTTP: behind the API key; a bad body is a 422 naming the field, nothing sent
@@ -216,7 +218,7 @@ def test_the_sdk_the_cli_and_the_api_erase_users_through_a_running_worker(settin
     assert receipt["user_id"] == "erin" and receipt["request_id"]
     wait_for(lambda: (int(client.get(keys.watermark(s.topic_interactions, receipt["partition"]))
                           or -1) >= receipt["offset"]), 60, "HTTP erasure applied", proc=worker)
-    assert names_with(client, prefix, "erin") == []
+    assert names_with(client, prefix, "erin") == [keys.erased("erin")]
     wait_for(lambda: hop_settled(client, keys, s.topic_interactions, s.topic_partitions), 60,
              "owners applied the item deltas", proc=worker)
     assert values_naming(client, prefix, "erin") == []
@@ -228,3 +230,28 @@ def test_the_sdk_the_cli_and_the_api_erase_users_through_a_running_worker(settin
     assert bad.stderr.strip().splitlines() == [
         "streamrec erase: error: invalid erasure request: user_id: Expected `str` of length "
         ">= 1"]
+
+
+def test_a_feed_computed_before_an_erasure_is_not_stored_after_it(settings, redis_client):
+    """The feed builder pops a user, reads their state, computes, then stores: an erasure
+    committed in between must not leave a feed made from the state it deleted."""
+    keys = RedisKeys(settings.key_prefix)
+    state = LiveState.for_worker(settings)
+    items = [f"i{n}" for n in range(8)]
+    state.apply_messages([SourceMessage(TOPIC, 0, 0, events_of("frank", None, items[:4],
+                                                                time.time() - 60)),
+                          SourceMessage(TOPIC, 1, 0, events_of("gina", None, items,
+                                                                time.time() - 50))])
+    builder = FeedBuilder(settings, redis_client)
+    markers = builder.erasure_markers(["frank"])
+    feeds = builder.compute(["frank"])
+    assert feeds[0].items
+    erase = Erasure(request_id="r", user_id="frank", timestamp=time.time())
+    state.apply_messages([SourceMessage(TOPIC, 0, 1, erasure=erase)])
+    assert builder.write(feeds, markers) == 0
+    assert redis_client.get(keys.feed("frank")) is None
+    # a round that starts after the erasure stores the feed (made from what is left)
+    markers = builder.erasure_markers(["frank"])
+    assert builder.write(builder.compute(["frank"]), markers) == 1
+    assert redis_client.get(keys.feed("frank")) is not None
+    assert 0 < redis_client.pttl(keys.erased("frank")) <= 3600 * 1000

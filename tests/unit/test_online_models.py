@@ -812,6 +812,16 @@ def test_neighbour_scores_and_explanations_equal_the_sum_computed_by_hand(seed):
             assert source == session[min(p for t, p in terms[b] if t == best)]
 
 
+def test_explained_lists_whose_every_neighbour_is_excluded_come_back_empty():
+    """A user who has seen every neighbour of their items: no list to explain (this raised
+    ValueError, failing the feed builder's whole round, again each round)."""
+    sims = {"a": {"b": 1.0}, "b": {"a": 1.0}}
+    [rec] = recommend_neighbours([Query("u", ("a", "b"), exclude=frozenset("ab"))], [("a", "b")],
+                                 lambda keys: named_rows([sims[k] for k in keys]), 0.5, k=10,
+                                 explain=True)
+    assert rec.items == []
+
+
 def test_session_queries_whose_items_have_no_sessions_get_their_repeats_only():
     model = learn_in_batches(SessionModel(), [click("s1", "a", 0)], 1)
     [rec] = model.recommend([Query("u", ("x", "y"))], k=5)  # items nobody has visited
