@@ -164,15 +164,24 @@ class ApplyPipeline:
 
 
 def event_chunks(sources: list[SourceMessage], max_events: int) -> list[list[SourceMessage]]:
-    """Consecutive runs of whole messages holding about ``max_events`` events each; an
-    erasure request starts a chunk (a chunk's erasures apply before its events:
-    :meth:`LiveState.compute`)."""
+    """Consecutive runs of whole messages holding about ``max_events`` events each. A chunk's
+    erasure requests apply before its events (:meth:`LiveState.compute`), so an erasure
+    starts a new chunk where the chunk so far holds events of its user or sessions (which
+    must be learnt before it); elsewhere it joins the chunk: what it erases is the same."""
     chunks: list[list[SourceMessage]] = [[]]
     size = 0
     for source in sources:
-        if size and (size + len(source.events) > max_events or source.erasure is not None):
+        if size and (size + len(source.events) > max_events or (
+                source.erasure is not None and _holds_events_of(chunks[-1], source.erasure))):
             chunks.append([])
             size = 0
         chunks[-1].append(source)
         size += len(source.events)
     return chunks
+
+
+def _holds_events_of(chunk: list[SourceMessage], erasure) -> bool:
+    """Whether ``chunk`` holds an event of the erasure's user or of a session it names."""
+    keys = set(erasure.keys)
+    return any(event.user_id in keys or event.session_id in keys
+               for message in chunk for event in message.events)

@@ -652,20 +652,25 @@ class LiveState:
         """The erasure requests among ``messages``, before the chunk's events (a chunk starts
         at an erasure: :func:`stream.pipeline.event_chunks`): every model forgets the users'
         and sessions' keys (their ids leave item-side rows too: in the owned layout through
-        item-delta records tagged with the request's offset), and the users' histories, feeds
-        and places in the feed queue go; all recorded into ``writes``
+        item-delta records, one per source partition, tagged with its first offset in the
+        chunk: its learnt records that follow carry its last), and the users' histories,
+        feeds and places in the feed queue go; all recorded into ``writes``
         (docs/events.md#erasure)."""
-        erasures = [m for m in messages if m.erasure is not None]
-        if not erasures:
+        by_source: dict[tuple[str, int], list[Erasure]] = {}
+        for m in messages:
+            if m.erasure is not None:
+                by_source.setdefault((m.topic, m.partition), []).append(m.erasure)
+        if not by_source:
             return
-        for message in erasures:
-            for model in self.models:
-                with model.store.deferred(writes):
-                    model.forget(message.erasure.keys)
-            if self.deltas is not None:
-                self._queue_records(writes, (message.topic, message.partition),
-                                    message.offset, result)
-        erasures = [m.erasure for m in erasures]
+        for source, erasures in by_source.items():
+            for erasure in erasures:
+                for model in self.models:
+                    with model.store.deferred(writes):
+                        model.forget(erasure.keys)
+            if self.deltas is not None:  # tagged below the source's learnt records' tag
+                first = min(m.offset for m in messages if (m.topic, m.partition) == source)
+                self._queue_records(writes, source, first, result)
+        erasures = [erasure for erasures in by_source.values() for erasure in erasures]
         users = list(dict.fromkeys(erasure.user_id for erasure in erasures))
         for user in users:  # one slot: the user's hash tag
             writes.delete(self.keys.user_history(user), self.keys.feed(user))

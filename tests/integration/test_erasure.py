@@ -9,6 +9,7 @@ import time
 import uuid
 
 import httpx
+import msgspec
 import pytest
 
 from infra.embedded import free_port
@@ -114,10 +115,20 @@ def test_an_erasure_deletes_the_users_state_and_what_follows_is_learnt_afresh(
                        session_ids=["alice-phone"])
     later_alice = events_of("alice", "alice-new", items[9:12], t0 + 40)
     later_bob = events_of("bob", "bob-tab", items[:2], t0 + 40)
-    sources = [SourceMessage(TOPIC, 0, 1, erasure=request_), SourceMessage(TOPIC, 1, 1, later_bob),
-               SourceMessage(TOPIC, 0, 2, later_alice)]
-    assert len(event_chunks(sources, max_events=100)) == 1  # the erasure goes first in it
-    state.apply_messages(sources[:2])
+    zed = events_of("zed", None, items[:3], t0 + 30)  # another user of alice's partition
+    sources = [SourceMessage(TOPIC, 0, 1, zed), SourceMessage(TOPIC, 0, 2, erasure=request_),
+               SourceMessage(TOPIC, 1, 1, later_bob), SourceMessage(TOPIC, 0, 3, later_alice)]
+    assert len(event_chunks(sources, max_events=100)) == 1  # nothing of alice's before it
+    state.apply_messages(sources[:3])
+    if writer == "owned":  # the erasure's item-delta record and zed's: one each, in order
+        records = client.hgetall(keys.outbox(TOPIC, 0))
+        tagged = sorted((msgspec.msgpack.decode(record)[0][f"{TOPIC}:0"],
+                         sorted({op[1] for op in msgspec.msgpack.decode(record)[1]}))
+                        for record in records.values())
+        # (the first chunk's at 0; the erasure's below zed's, which carry the chunk's last)
+        assert {tag for tag, _ in tagged} == {0, 1, 2}
+        assert all(kinds == ["remove"] for tag, kinds in tagged if tag == 1)
+        assert all("remove" not in kinds for tag, kinds in tagged if tag != 1)
     left = names_with(client, prefix, "alice")
     assert left == sorted([keys.erased("alice"), *([keys.user_history_seq("alice")]
                                                    if cluster else [])])
@@ -125,7 +136,7 @@ def test_an_erasure_deletes_the_users_state_and_what_follows_is_learnt_afresh(
     assert values_naming(client, prefix, "alice") == []
     assert values_naming(client, prefix, "bob")  # (the scan sees ids where they are)
     assert not client.sismember(keys.feed_queue, "alice")
-    state.apply_messages(sources[2:])  # alice comes back: learnt afresh
+    state.apply_messages(sources[3:])  # alice comes back: learnt afresh
 
     after = names_with(client, prefix, "alice")
     assert not [name for name in after if "alice-phone" in name]
@@ -159,7 +170,7 @@ def test_an_erasure_deletes_the_users_state_and_what_follows_is_learnt_afresh(
     # applying the erasure again (a redelivery) changes nothing
     snapshot = {name: client.dump(name) for name in names_with(client, prefix, "alice")}
     result = state.apply_messages(sources)
-    assert result.redelivered_messages == 3
+    assert result.redelivered_messages == 4
     assert {name: client.dump(name) for name in names_with(client, prefix, "alice")} == snapshot
 
 

@@ -57,17 +57,27 @@ def source(offset, events=(), request=None, partition=0):
     return SourceMessage("interactions", partition, offset, list(events), erasure=request)
 
 
-def test_an_erasure_starts_a_chunk_so_the_events_before_it_apply_first():
-    ev = [Interaction(event_id=f"e{n}", user_id="alice", item_id="i", type="click",
-                      timestamp=1.7e9) for n in range(4)]
-    sources = [source(0, ev[:2]), source(1, ev[2:3], partition=1), source(2, request=erasure()),
-               source(3, request=erasure(request="r2")), source(4, ev[3:])]
-    chunks = event_chunks(sources, max_events=100)
-    assert [[m.offset for m in chunk] for chunk in chunks] == [[0, 1], [2, 3, 4]]
-    # an erasure after events of the same chunk would be applied before them: cut
-    again = event_chunks([source(0, ev[:1]), source(1, request=erasure()), source(2, ev[1:2]),
-                          source(3, request=erasure(request="r2"))], max_events=100)
-    assert [[m.offset for m in chunk] for chunk in again] == [[0], [1, 2], [3]]
+def test_an_erasure_starts_a_chunk_where_the_chunk_holds_events_it_erases():
+    def click(n, user="alice", session=None):
+        return Interaction(event_id=f"e{n}", user_id=user, item_id="i", type="click",
+                           timestamp=1.7e9, session_id=session)
+
+    def offsets(sources):
+        return [[m.offset for m in chunk] for chunk in event_chunks(sources, max_events=100)]
+
+    # alice's events before her erasure must be learnt before it: a new chunk
+    assert offsets([source(0, [click(0)]), source(1, [click(1, "bob")], partition=1),
+                    source(2, request=erasure()), source(3, [click(2)])]) == [[0, 1], [2, 3]]
+    # so must a named session's, whoever's events they are
+    assert offsets([source(0, [click(0, "carol", "s1")]),
+                    source(1, request=erasure(sessions=["s1"]))]) == [[0], [1]]
+    # an erasure of a user the chunk holds nothing of joins it (applied first, same effect)
+    assert offsets([source(0, [click(0, "bob")]), source(1, request=erasure()),
+                    source(2, [click(1)]), source(3, request=erasure(request="r2"))]) == [
+        [0, 1, 2], [3]]
+    # consecutive erasures, and one before any event, share a chunk
+    assert offsets([source(0, request=erasure()), source(1, request=erasure("bob")),
+                    source(2, [click(0)])]) == [[0, 1, 2]]
 
 
 def events_of(user, session, items, start):
