@@ -673,7 +673,8 @@ class LiveState:
         erasures = [erasure for erasures in by_source.values() for erasure in erasures]
         users = list(dict.fromkeys(erasure.user_id for erasure in erasures))
         for user in users:  # one slot: the user's hash tag
-            writes.delete(self.keys.user_history(user), self.keys.feed(user))
+            writes.delete(self.keys.user_history(user), self.keys.feed(user),
+                          self.keys.user_history_seq(user))  # (a guard no replay needs now)
             writes.set(self.keys.erased(user), uuid.uuid4().hex, px=ERASURE_MARKER_TTL_S * 1000)
         writes.srem(self.keys.feed_queue, *users)
         for erasure in erasures:

@@ -21,7 +21,7 @@ from stream.producer import InteractionProducer, ItemPublisher
 from stream.simulator import UserSimulator
 from stream.state import LiveState
 from stream.trainer import Checkpoints, Trainer, rollback, vector_topic
-from tests.conftest import ROOT, settings_env
+from tests.conftest import ROOT, settings_env, wait_for
 from tests.integration.kafka_helpers import read_topic
 
 NEW_ITEM = "brand-new"  # described, never clicked
@@ -276,3 +276,35 @@ def test_a_trainer_that_fell_behind_catches_up_before_it_trains(catch_up_max_s, 
     else:  # ~15 polls of 200 events: a version every second poll
         assert len(trainer.published) >= 5
     assert {f"burst-{n}" for n in range(50)} <= set(model.export_version()[2])
+
+
+def test_the_trainer_drops_an_erased_users_sessions_from_its_window(settings, tmp_path):
+    """An erasure request on the interactions topic: the trainer forgets the user's and the
+    named sessions' examples (its next version is trained without them)."""
+    from online_models.registry import build
+
+    s = settings.model_copy(update={"trainer_dir": str(tmp_path / "ckpt")})
+    events = list(UserSimulator(40, 120, seed=9).events(1200, time.time() - 1200, 1.0))
+    _publish(s, events)
+    model = build("gru4rec", hidden=16, epochs=1, n_sample=32, min_examples=300)
+    trainer = Trainer(s, "gru4rec", model=model)
+    stop = threading.Event()
+    try:
+        _run(trainer, 1)
+        victim = next(e for e in reversed(events) if e.session_id)
+        sessions = sorted({e.session_id for e in events if e.user_id == victim.user_id})
+        assert victim.session_id in model._sessions
+        held = model.examples_held
+        with InteractionProducer(s.kafka_bootstrap, s.topic_interactions) as producer:
+            producer.erase_user(victim.user_id, sessions)
+        thread = threading.Thread(target=trainer.run, args=(stop,), daemon=True)
+        thread.start()
+        wait_for(lambda: not set(sessions) & set(model._sessions), 60,
+                 "the trainer to drop the erased sessions")
+        stop.set()
+        thread.join(30)
+        assert model.examples_held < held
+        assert set(model._sessions)  # the other users' sessions stay
+    finally:
+        stop.set()
+        trainer.close()
