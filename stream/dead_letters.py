@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 
 from schemas import dlq
-from schemas.events import split_message
+from schemas.events import split_message, split_source
 from schemas.items import split_items
 from stream.log_positions import LogEndProbe
 
@@ -39,6 +39,8 @@ from stream.log_positions import LogEndProbe
 REDRIVEN, STILL_INVALID, NOTHING_LEFT = "re-driven", "still invalid", "nothing left to apply"
 ORIGINAL_GONE, ORIGINAL_CHANGED = "original gone from its topic", "original changed at its offset"
 UNKNOWN_APPLIED = "partly applied, problems omitted: which were applied is unknown"
+ERASURE_NOT_REDRIVEN = ("an erasure request, valid now: not re-driven (applied late it would "
+                        "erase what came after it): send it again")
 
 
 @dataclass
@@ -59,6 +61,8 @@ def plan_redrive(record: dlq.DeadLetter, original: bytes | None, items_topic: st
     if record.original_sha256 and hashlib.sha256(original).hexdigest() != record.original_sha256:
         return Redrive(ORIGINAL_CHANGED)
     items = record.source.topic == items_topic
+    if not items and split_source(original, max_bytes)[2] is not None:
+        return Redrive(ERASURE_NOT_REDRIVEN)
     valid, invalid = (split_items if items else split_message)(original, max_bytes)
     still = len(invalid)
     if items or record.valid_events_applied == 0:

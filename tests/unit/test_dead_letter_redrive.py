@@ -5,8 +5,9 @@ import json
 
 from schemas import dlq
 from schemas.events import split_message
-from stream.dead_letters import (NOTHING_LEFT, ORIGINAL_CHANGED, ORIGINAL_GONE, REDRIVEN,
-                                 STILL_INVALID, UNKNOWN_APPLIED, plan_redrive, reason_kind)
+from stream.dead_letters import (ERASURE_NOT_REDRIVEN, NOTHING_LEFT, ORIGINAL_CHANGED,
+                                 ORIGINAL_GONE, REDRIVEN, STILL_INVALID, UNKNOWN_APPLIED,
+                                 plan_redrive, reason_kind)
 
 LIMIT = 1_000_000
 
@@ -102,3 +103,15 @@ def test_reason_kinds_group_the_same_failure_at_any_index():
     raw = envelope(event(0))
     assert reason_kind(letter(raw, [3], 0)) == reason_kind(letter(raw, [12], 0)) \
         == "events[].type: unknown"
+
+
+def test_a_dead_lettered_erasure_valid_now_is_not_redriven_but_named():
+    """Applied late, an erasure would erase the user's events sent after it: the operator
+    sends it again (docs/events.md#erasure)."""
+    raw = json.dumps({"schema_version": 1, "erase": {"request_id": "r", "user_id": "u1",
+                                                     "timestamp": 1.7e9}}).encode()
+    plan = plan_redrive(letter(raw, [None], applied=0), raw, "items", LIMIT)
+    assert (plan.outcome, plan.events) == (ERASURE_NOT_REDRIVEN, [])
+    bad = raw.replace(b'"u1"', b'""')
+    assert plan_redrive(letter(bad, [None], applied=0), bad, "items", LIMIT).outcome == \
+        STILL_INVALID
