@@ -51,12 +51,7 @@ class OnlineALS(OnlineMF):
 
     def forget(self, keys) -> None:
         """Also take the users out of the raters of the items in their histories."""
-        gone: dict[str, list[str]] = {}
-        for key, row in zip(keys, self.store.get_local_rows("history", keys)):
-            for item in row:
-                gone.setdefault(item, []).append(key)
-        if gone:
-            self.store.remove_members("raters", gone)
+        self.remove_from_item_rows(keys, "history", "raters")
         super().forget(keys)
 
     # --- learning ---------------------------------------------------------------------------

@@ -136,6 +136,17 @@ class OnlineModel(ABC):
         for table in self.user_vector_tables:
             self.store.delete_local_vectors(table, keys)
 
+    def remove_from_item_rows(self, keys: Sequence[str], local_table: str,
+                              item_table: str) -> None:
+        """Take ``keys`` (users, sessions) out of the ``item_table`` rows of the items their
+        ``local_table`` rows hold (before :meth:`forget` deletes those rows)."""
+        gone: dict[str, list[str]] = {}
+        for key, row in zip(keys, self.store.get_local_rows(local_table, keys)):
+            for item in row:
+                gone.setdefault(item, []).append(key)
+        if gone:
+            self.store.remove_members(item_table, gone)
+
     def learn_items(self, records: Sequence["ItemRecord"]) -> int:
         """Learn item descriptions (the ``items`` topic); returns how many items changed.
         Only content-aware models override it."""

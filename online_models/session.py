@@ -163,12 +163,7 @@ class SessionModel(OnlineModel):
 
     def forget(self, keys) -> None:
         """Also take the sessions out of their items' recent sessions (``isess``)."""
-        gone: dict[str, list[str]] = {}
-        for key, row in zip(keys, self.store.get_local_rows("sess", keys)):
-            for item in row:
-                gone.setdefault(item, []).append(key)
-        if gone:
-            self.store.remove_members("isess", gone)
+        self.remove_from_item_rows(keys, "sess", "isess")
         super().forget(keys)
 
     def prefetch(self, batch: SignalBatch) -> None:

@@ -649,13 +649,13 @@ class LiveState:
 
     def _erase(self, writes: WriteBatch, messages: list[SourceMessage],
                result: ApplyResult) -> None:
-        """The erasure requests among ``messages``, before the chunk's events (a chunk starts
-        at an erasure: :func:`stream.pipeline.event_chunks`): every model forgets the users'
-        and sessions' keys (their ids leave item-side rows too: in the owned layout through
-        item-delta records, one per source partition, tagged with its first offset in the
-        chunk: its learnt records that follow carry its last), and the users' histories,
-        feeds and places in the feed queue go; all recorded into ``writes``
-        (docs/events.md#erasure)."""
+        """The erasure requests among ``messages``, before the chunk's events (no chunk
+        holds events of an erasure's user or sessions before it:
+        :func:`stream.pipeline.event_chunks`): every model forgets the users' and sessions'
+        keys (their ids leave item-side rows too: in the owned layout through item-delta
+        records, one per source partition, tagged with its first offset in the chunk: its
+        learnt records that follow carry its last), and the users' histories, feeds and
+        places in the feed queue go; all recorded into ``writes`` (docs/events.md#erasure)."""
         by_source: dict[tuple[str, int], list[Erasure]] = {}
         for m in messages:
             if m.erasure is not None:
@@ -677,9 +677,9 @@ class LiveState:
                           self.keys.user_history_seq(user))  # (a guard no replay needs now)
             writes.set(self.keys.erased(user), uuid.uuid4().hex, px=ERASURE_MARKER_TTL_S * 1000)
         writes.srem(self.keys.feed_queue, *users)
-        for erasure in erasures:
-            log.info("erasing user %r and %d named sessions (request %r)", erasure.user_id,
-                     len(erasure.session_ids), erasure.request_id)
+        for erasure in erasures:  # the request's id, not the user's: logs outlive it
+            log.info("erasure request %r applied (%d named sessions)", erasure.request_id,
+                     len(erasure.session_ids))
 
     def _learn(self, writes: WriteBatch, signals: SignalBatch, result: ApplyResult) -> None:
         """Every model learns ``signals``, its writes recorded into ``writes``."""
