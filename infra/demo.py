@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,7 @@ from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topic
 from infra.progress import progress
 from infra.redis_client import cluster_seed, sync_redis
 from infra.settings import Settings
-from schemas.keys import RedisKeys
+from schemas.keys import RedisKeys, encode_id
 from serving.feeds import FeedBuilder
 from stream.producer import InteractionProducer, ItemPublisher
 from stream.simulator import MALFORMED_KINDS, UserSimulator, malformed_message
@@ -126,8 +127,10 @@ def run_demo(args: argparse.Namespace) -> int:
         feeder.join(10)
         while builder.refresh_round():  # the last round for users still queued
             pass
-        summary.update(_feeds_summary(builder, client, keys, summary.pop("active_users"),
+        active = summary.pop("active_users")
+        summary.update(_feeds_summary(builder, client, keys, active,
                                       f"http://{settings.api_host}:{api_port}"))
+        summary["erasure"] = _erase_one(settings, client, keys, active[-1], worker)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_summary(summary)
         if not args.duration:
@@ -138,7 +141,8 @@ def run_demo(args: argparse.Namespace) -> int:
             with contextlib.suppress(KeyboardInterrupt):
                 while worker.poll() is None and api.poll() is None:
                     time.sleep(1)
-        return 0 if summary["feed_coverage"] >= 0.9 and worker.poll() is None else 1
+        return 0 if (summary["feed_coverage"] >= 0.9 and summary["erasure"]["applied"]
+                     and worker.poll() is None) else 1
 
 
 def _free(port: int) -> bool:
@@ -205,6 +209,27 @@ def _send(settings, events, args, client, keys, worker) -> dict:
             "seconds_to_apply_all": round(total_s, 2),
             "dlq_messages": stats.get("dlq_messages", 0), "dlq_events": stats.get("dlq_events", 0),
             "active_users": sorted(active)}
+
+
+def _erase_one(settings, client, keys, user: str, worker) -> dict:
+    """Erase one active user through the SDK (docs/events.md#erasure): how long until the
+    worker applied it, and how many keys still name the user (the erasure marker aside)."""
+    with InteractionProducer(settings.kafka_bootstrap, settings.topic_interactions,
+                             client_options=settings.kafka_client_options()) as producer:
+        started = time.monotonic()
+        receipt = producer.erase_user(user, request_id=f"demo-{uuid.uuid4().hex[:8]}")
+    mark, applied = keys.watermark(receipt.topic, receipt.partition), False
+    while not applied and time.monotonic() - started < 30 and worker.poll() is None:
+        applied = int(client.get(mark) or -1) >= receipt.offset
+        time.sleep(0.05)
+    seconds = time.monotonic() - started
+    encoded = encode_id(user)
+    named = [*client.scan_iter(match=f"{keys.prefix}:{{u:{encoded}}}:*", count=10_000),
+             *client.scan_iter(match=f"{keys.prefix}:m:*{{{encoded}}}", count=10_000),
+             *client.scan_iter(match=f"{keys.prefix}:m:*}}:{encoded}", count=10_000)]  # cluster
+    left = [name for name in named if name.decode() != keys.erased(user)]
+    return {"user_id": user, "request_id": receipt.request_id, "applied": applied,
+            "seconds_to_apply": round(seconds, 2), "user_keys_left": len(left)}
 
 
 #: How feed explanations begin (the rest names an item or a category).

@@ -23,8 +23,10 @@ def role_rules(prefix: str = "sr") -> dict[str, str]:
     return {
         "worker": f"~{prefix}:* +@all -@dangerous +info",
         # one pattern must grant every access a command needs: read-modify-write keys
-        # (SPOP, HINCRBY) get ~, write-only ones (SET of a feed) %W~
-        "serving": (f"%R~{prefix}:* %W~{prefix}:{{u:*}}:feed %W~{prefix}:{{i:*}}:hood "
+        # (SPOP, HINCRBY) get ~, write-only ones (SET of a neighbourhood) %W~; a script's
+        # keys need both (the feed and the erasure marker its store checks)
+        "serving": (f"%R~{prefix}:* ~{prefix}:{{u:*}}:feed ~{prefix}:{{u:*}}:erased "
+                    f"%W~{prefix}:{{i:*}}:hood "
                     f"~{prefix}:{{feedq}}:* ~{prefix}:{{bandit}}:shows ~{prefix}:{{hood}}:* "
                     "+@read +@connection +@scripting +set +sadd +spop +hincrby +zadd "
                     "+zremrangebyscore +zremrangebyrank -@dangerous"),
