@@ -190,12 +190,7 @@ def encode_erasure(erasure: Erasure) -> bytes:
 def validate_erasure(obj: Any) -> Erasure:
     """Validate a decoded JSON object as an erasure request (the ``erase`` object), or raise
     :class:`InvalidEvent`."""
-    if isinstance(obj, Erasure):
-        return obj
-    try:
-        return msgspec.convert(obj, Erasure)
-    except msgspec.ValidationError as exc:
-        raise InvalidEvent.from_msgspec(exc) from None
+    return _validated(obj, Erasure)
 
 
 def split_source(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -223,10 +218,15 @@ def split_source(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 def validate_event(obj: Any) -> Interaction:
     """Validate a decoded JSON object (e.g. a dict) as an event, or raise :class:`InvalidEvent`."""
-    if isinstance(obj, Interaction):
+    return _validated(obj, Interaction)
+
+
+def _validated(obj: Any, kind: type):
+    """``obj`` as a ``kind`` struct (already one: as it is), or :class:`InvalidEvent`."""
+    if isinstance(obj, kind):
         return obj
     try:
-        return msgspec.convert(obj, Interaction)
+        return msgspec.convert(obj, kind)
     except msgspec.ValidationError as exc:
         raise InvalidEvent.from_msgspec(exc) from None
 
