@@ -1,5 +1,6 @@
 """Fuzzing the wire decoder (Hypothesis, 10,000 cases each): whatever bytes arrive, the event
-decoder and the envelope splitter answer with valid events and named problems, never raise,
+decoder (as the worker runs it: erasure requests too) and the envelope splitter answer with
+valid events, an erasure or named problems, never raise,
 and every part of an envelope is accounted for exactly once; the dead-letter record of any
 rejected message always fits its size limit."""
 
@@ -8,7 +9,7 @@ import json
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from schemas import dlq
-from schemas.events import split_message
+from schemas.events import Erasure, split_message, split_source
 
 FUZZ = settings(max_examples=10_000, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -34,7 +35,8 @@ event_like = st.fixed_dictionaries(
 
 
 def check(raw: bytes, max_bytes: int = 100_000) -> None:
-    valid, invalid = split_message(raw, max_bytes)
+    valid, invalid, erasure = split_source(raw, max_bytes)
+    assert erasure is None or (isinstance(erasure, Erasure) and not valid and not invalid)
     assert all(isinstance(index, (int, type(None))) for index, _, _ in invalid)
     assert all(exc.errors and all(e["field"] and e["reason"] for e in exc.errors)
                for _, _, exc in invalid)
@@ -103,3 +105,23 @@ def test_an_event_is_accepted_only_if_no_object_repeats_a_key(events, data):
             assert not any("repeated" in e["reason"] for i, _, exc in invalid if i == index
                            for e in exc.errors)
     assert len(valid) + len(refused - {None}) == len(events) or None in refused
+
+
+erasure_like = st.fixed_dictionaries(
+    {"request_id": ids, "user_id": ids, "timestamp": st.sampled_from([1.7e9, 0, 4e9]) | small},
+    optional={"session_ids": st.lists(ids, max_size=3) | small, "extra": small})
+
+
+@FUZZ
+@given(erasure_like, st.sampled_from([None, 1, 2, "1"]), st.booleans())
+def test_erasure_requests_decode_to_one_request_or_named_problems(request, version, extra):
+    message = {"erase": request, **({} if version is None else {"schema_version": version}),
+               **({"events": []} if extra else {})}
+    raw = json.dumps(message).encode()
+    check(raw)
+    _, invalid, erasure = split_source(raw)
+    if erasure is not None:
+        assert erasure.user_id == request["user_id"] and 1 <= len(erasure.user_id) <= 256
+        assert erasure.keys[0] == erasure.user_id
+    else:
+        assert invalid

@@ -43,6 +43,11 @@ requests = st.one_of(
     st.tuples(st.just("GET"), ids.map(lambda i: f"/v1/items/{i}/similar"), query, st.none()),
     st.tuples(st.just("GET"), st.just("/v1/trending"), query, st.none()),
     st.tuples(st.just("POST"), st.just("/v1/events"), st.just([]), bodies),
+    st.tuples(st.just("POST"), ids.map(lambda u: f"/v1/users/{u}/erase"), st.just([]),
+              st.none() | bodies | st.fixed_dictionaries(
+                  {}, optional={"session_ids": st.lists(ids, max_size=3) | st.integers(),
+                                "request_id": ids | st.integers()}).map(
+                  lambda b: json.dumps(b).encode())),
     st.tuples(st.sampled_from(["GET", "PUT", "DELETE", "PATCH"]),
               st.text(max_size=30).map(lambda p: "/" + quote(p, safe="/")), query, st.none()),
 )
