@@ -301,16 +301,16 @@ def cmd_services(args: argparse.Namespace) -> None:
     stop_on_sigterm()  # stopped by a supervisor: the services go with it
     redis_service = (EmbeddedRedisCluster(args.redis_cluster) if args.redis_cluster
                      else EmbeddedRedis())
-    with redis_service as redis_srv, EmbeddedKafka() as kafka:
-        print(f"export STREAMREC_KAFKA_BOOTSTRAP={kafka.bootstrap}")
-        if args.redis_cluster:
-            print("export STREAMREC_STATE_WRITER=single")
-        print(f"export STREAMREC_REDIS_URL={redis_srv.url}", flush=True)
-        try:
+    try:  # a SIGTERM at any point, even right after the exports are out, stops both
+        with redis_service as redis_srv, EmbeddedKafka() as kafka:
+            print(f"export STREAMREC_KAFKA_BOOTSTRAP={kafka.bootstrap}")
+            if args.redis_cluster:
+                print("export STREAMREC_STATE_WRITER=single")
+            print(f"export STREAMREC_REDIS_URL={redis_srv.url}", flush=True)
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
 
 
 def cmd_schema(args: argparse.Namespace) -> None:
