@@ -249,13 +249,11 @@ def cmd_erase(args: argparse.Namespace) -> None:
     """Erase what the workers learned of a user (their user- and session-keyed model state,
     history, feed, place in the feed queue): an erasure request on the user's partition,
     after the user's earlier events; with --wait, until a worker has applied it."""
-    import time
-
     from infra.redis_client import sync_redis
     from infra.settings import Settings
     from schemas.events import InvalidEvent
     from schemas.keys import RedisKeys
-    from stream.log_positions import read_watermarks
+    from stream.log_positions import wait_until_applied
     from stream.producer import DeliveryError, InteractionProducer
 
     settings = Settings()
@@ -270,16 +268,11 @@ def cmd_erase(args: argparse.Namespace) -> None:
     except (DeliveryError, ValueError) as exc:
         raise CommandError(f"{settings.topic_interactions} on {settings.kafka_bootstrap}: "
                            f"{exc}") from None
-    applied, deadline = None, time.monotonic() + args.wait
+    applied = None
     if args.wait:
-        client, keys = sync_redis(settings.redis_url), RedisKeys(settings.key_prefix)
-        while True:
-            mark = read_watermarks(client, keys, receipt.topic, [receipt.partition])[
-                receipt.partition]
-            applied = mark is not None and mark >= receipt.offset
-            if applied or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        applied = wait_until_applied(sync_redis(settings.redis_url),
+                                     RedisKeys(settings.key_prefix), receipt.topic,
+                                     receipt.partition, receipt.offset, args.wait)
     print(json.dumps({"request_id": receipt.request_id, "user_id": receipt.user_id,
                       "topic": receipt.topic, "partition": receipt.partition,
                       "offset": receipt.offset, "applied": applied}))

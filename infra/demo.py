@@ -30,6 +30,7 @@ from infra.redis_client import cluster_seed, sync_redis
 from infra.settings import Settings
 from schemas.keys import RedisKeys, encode_id
 from serving.feeds import FeedBuilder
+from stream.log_positions import wait_until_applied
 from stream.producer import InteractionProducer, ItemPublisher
 from stream.simulator import MALFORMED_KINDS, UserSimulator, malformed_message
 
@@ -218,10 +219,8 @@ def _erase_one(settings, client, keys, user: str, worker) -> dict:
                              client_options=settings.kafka_client_options()) as producer:
         started = time.monotonic()
         receipt = producer.erase_user(user, request_id=f"demo-{uuid.uuid4().hex[:8]}")
-    mark, applied = keys.watermark(receipt.topic, receipt.partition), False
-    while not applied and time.monotonic() - started < 30 and worker.poll() is None:
-        applied = int(client.get(mark) or -1) >= receipt.offset
-        time.sleep(0.05)
+    applied = wait_until_applied(client, keys, receipt.topic, receipt.partition,
+                                 receipt.offset, 30, going_on=lambda: worker.poll() is None)
     seconds = time.monotonic() - started
     encoded = encode_id(user)
     named = [*client.scan_iter(match=f"{keys.prefix}:{{u:{encoded}}}:*", count=10_000),

@@ -43,6 +43,7 @@ MAX_DWELL_MS = 86_400_000
 #: Deepest JSON nesting a message may have. A valid one needs 4 (envelope, events, event,
 #: context); a generic JSON parse recurses once per level, so deeper input is refused first.
 MAX_JSON_DEPTH = 32
+TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels (or unbalanced)"
 
 EventType = Literal["impression", "click", "view", "dwell", "skip", "like", "dislike",
                     "add_to_cart", "purchase"]
@@ -153,8 +154,7 @@ def decode_erasure_body(raw: bytes) -> ErasureBody:
     if not raw.strip():
         return ErasureBody()
     if nesting_exceeds(raw, MAX_JSON_DEPTH):
-        raise InvalidEvent([{"field": "$", "reason":
-                             f"JSON nested deeper than {MAX_JSON_DEPTH} levels (or unbalanced)"}])
+        raise InvalidEvent([{"field": "$", "reason": TOO_DEEP}])
     repeated = repeated_keys(raw).get(None)
     if repeated:
         raise repeated_error(repeated)
@@ -268,8 +268,7 @@ def split_message(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         if not repeated:
             return decoded, []
     if nesting_exceeds(raw, MAX_JSON_DEPTH):
-        return [], [(None, None, InvalidEvent([{"field": "$", "reason":
-                     f"JSON nested deeper than {MAX_JSON_DEPTH} levels (or unbalanced)"}]))]
+        return [], [(None, None, InvalidEvent([{"field": "$", "reason": TOO_DEEP}]))]
     try:
         doc = msgspec.json.decode(raw)
     except (msgspec.DecodeError, RecursionError) as exc:

@@ -29,8 +29,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from schemas.events import (DEFAULT_MAX_MESSAGE_BYTES, MAX_FUTURE_SKEW_S, MAX_JSON_DEPTH,
-                            MIN_TIMESTAMP, Id, InvalidEvent, Problem, RepeatedKeys, at_index,
-                            loads_checking_keys, nesting_exceeds, repeated_error)
+                            MIN_TIMESTAMP, TOO_DEEP, Id, InvalidEvent, Problem, RepeatedKeys,
+                            at_index, loads_checking_keys, nesting_exceeds, repeated_error)
 
 MAX_CATEGORIES = 32
 MAX_TAGS = 64
@@ -95,7 +95,7 @@ def split_items(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     if len(raw) > max_bytes:
         return whole(f"message of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
     if nesting_exceeds(raw, MAX_JSON_DEPTH):
-        return whole(f"JSON nested deeper than {MAX_JSON_DEPTH} levels (or unbalanced)")
+        return whole(TOO_DEEP)
     try:
         doc = loads_checking_keys(raw)
     except (ValueError, RecursionError) as exc:

@@ -374,16 +374,16 @@ class FeedBuilder:
         return mget_any(self.client, [self.keys.erased(user) for user in user_ids])
 
     def write(self, feeds: list[Feed], markers: list[bytes | None] | None = None) -> int:
-        """Log the lists, then store them (a list is never served without its log); with
-        ``markers`` (:meth:`erasure_markers`, read before the feeds were computed), a feed
-        whose user was erased since is not stored. Returns how many were stored."""
+        """Log the lists, then store them (a list is never served without its log), except a
+        feed whose user was erased since ``markers`` (:meth:`erasure_markers`, read before
+        the feeds were computed; None: read now). Returns how many were stored."""
+        if markers is None:
+            markers = self.erasure_markers([feed.user_id for feed in feeds])
         self.log_served(feeds)
         ttl, sha = self.settings.feed_ttl_s, self._store_unless_erased.sha
-        commands = [("SET", self.keys.feed(feed.user_id), encode_feed(feed), "EX", ttl)
-                    if markers is None else
-                    ("EVALSHA", sha, 2, self.keys.feed(feed.user_id),
-                     self.keys.erased(feed.user_id), encode_feed(feed), ttl, markers[n] or b"")
-                    for n, feed in enumerate(feeds)]
+        commands = [("EVALSHA", sha, 2, self.keys.feed(feed.user_id),
+                     self.keys.erased(feed.user_id), encode_feed(feed), ttl, marker or b"")
+                    for feed, marker in zip(feeds, markers)]
         stored = apply_commands(self.client, commands, [STORE_UNLESS_ERASED_LUA])
         return sum(1 for outcome in stored if outcome)
 

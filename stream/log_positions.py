@@ -184,6 +184,21 @@ def read_watermarks(client, keys: RedisKeys, topic: str, partitions: list[int]
     return {p: int(m) if m is not None else None for p, m in zip(partitions, marks)}
 
 
+def wait_until_applied(client, keys: RedisKeys, topic: str, partition: int, offset: int,
+                       timeout_s: float, going_on=lambda: True) -> bool:
+    """Whether the workers' watermark of ``topic[partition]`` reaches ``offset`` (the message
+    there, such as an erasure request, applied) within ``timeout_s``; polled, and given up
+    early once ``going_on()`` is false (the worker exited)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        mark = read_watermarks(client, keys, topic, [partition])[partition]
+        if mark is not None and mark >= offset:
+            return True
+        if time.monotonic() > deadline or not going_on():
+            return False
+        time.sleep(0.05)
+
+
 def _partition_field(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
 

@@ -27,9 +27,8 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
 from kafka.partitioner.default import murmur2
 
-from schemas.events import (DEFAULT_MAX_MESSAGE_BYTES, MAX_ENVELOPE_EVENTS, Erasure,
-                            Interaction, encode_envelope, encode_erasure, validate_erasure,
-                            validate_event)
+from schemas.events import (DEFAULT_MAX_MESSAGE_BYTES, MAX_ENVELOPE_EVENTS, Interaction,
+                            encode_envelope, encode_erasure, validate_erasure, validate_event)
 from schemas.items import ItemRecord, validate_item
 
 
@@ -51,7 +50,7 @@ def partition_for(user_id: str, partitions: int) -> int:
 @dataclass(frozen=True)
 class ErasureReceipt:
     """Where an erasure request landed: it has been applied once the worker's watermark of
-    ``partition`` reaches ``offset`` (:func:`stream.erasure.erasure_applied`)."""
+    ``partition`` reaches ``offset`` (:func:`stream.log_positions.wait_until_applied`)."""
 
     request_id: str
     user_id: str
@@ -134,9 +133,9 @@ class InteractionProducer:
         named): every event buffered here is delivered first, then the request, on the
         user's partition (it follows the user's events), and Kafka's ack is awaited. Raises
         ``InvalidEvent`` on bad ids, :class:`DeliveryError` when not acknowledged."""
-        erasure = Erasure(request_id=request_id or uuid.uuid4().hex, user_id=user_id,
-                          timestamp=time.time(), session_ids=list(session_ids))
-        erasure = validate_erasure(msgspec.to_builtins(erasure))  # the decoder's checks
+        erasure = validate_erasure({  # the decoder's checks (a struct's init runs none)
+            "request_id": request_id or uuid.uuid4().hex, "user_id": user_id,
+            "timestamp": time.time(), "session_ids": list(session_ids)})
         self.flush(timeout_s)  # earlier events first: a retried send could overtake them
         partition = partition_for(user_id, self.partitions)
         future = self._kafka.send(self.topic, value=encode_erasure(erasure),
