@@ -324,8 +324,8 @@ class RedisKeys:
                     "one chunk part's writes per source partition",
                     "As `{wm}:redo`, per source partition: each source partition's part of a "
                     "chunk commits on its own, numbered on from this record by the "
-                    "partition's next worker, which applies it again before its first "
-                    "commit of the partition. Its adds to shared keys are guarded per source "
+                    "partition's next worker, which applies it again as soon as the group "
+                    "assigns it the partition. Its adds to shared keys are guarded per source "
                     "partition: `{stats}:seq:<topic>:<partition>`, "
                     "`{bandit}:seq:<topic>:<partition>` and the trending meta's "
                     "`seq:<topic>:<partition>` field."),
@@ -366,7 +366,8 @@ class RedisKeys:
             KeySpec(f"{p}:{{own:<partition>}}:redo", "hash {seq, commands}", "none",
                     "item partition owner (Redis Cluster only)", "one commit's writes",
                     "The owner's last commit outside its slot (overwrites only), written with "
-                    "its offsets, then applied; applied again by the next owner."),
+                    "its offsets, then applied; applied again by the next owner as soon as "
+                    "the group assigns it the partition."),
             KeySpec(f"{p}:{{wm}}:seen:<bucket>", "set of event ids",
                     "2 × STREAMREC_DEDUP_TTL_S after its last write", "stream worker",
                     "ids of events applied within the TTL (~70 B each)",

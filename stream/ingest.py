@@ -46,7 +46,8 @@ from stream.log_positions import (LogEndProbe, LogMismatch, StallWatch, find_mis
                                   hold, read_progress, read_watermarks, record_topic_ids,
                                   topic_ids_to_record)
 from stream.pipeline import ApplyPipeline, event_chunks
-from stream.state import ApplyResult, LiveState, RedisLostWrites, SourceMessage
+from stream.state import (ApplyResult, LiveState, RedisLostWrites, SourceMessage,
+                          WriterLeaseHeld)
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
 from stream.vector_changes import MovedVectors, PendingVectors
 from stream.worker_report import LiveFigures, publish_report
@@ -271,8 +272,12 @@ async def resume_from_redis_watermarks(sender, **_) -> None:
         metrics.HELD_PARTITIONS.set(0)
         return
     # commit what was computed; another worker may have changed this worker's cached rows
-    # while it did not own them
-    await apply_pipeline().drain()
+    # while it did not own them; complete now a commit of theirs a crash cut half-way (else
+    # it would wait for their next batch, which may never come)
+    try:
+        await apply_pipeline().drain([(tp.topic, tp.partition) for tp in partitions])
+    except WriterLeaseHeld as exc:  # the first batch waits for it again (and exits 70)
+        log.warning("%s; the partitions' first batch will try again", exc)
     marks, mismatches = await _log_positions(partitions)
     await _hold(mismatches, partitions)
     await seek_to_positions(marks, partitions)

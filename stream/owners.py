@@ -201,7 +201,7 @@ async def relay_assigned_outboxes(sender, **_) -> None:
     """Drain the outboxes of the source partitions assigned (entries another worker left);
     forget the owners of item partitions no longer held (taken again from Redis if they
     come back); seek the item partitions held to where their owners' committed progress
-    ends."""
+    ends, and build the owners this worker did not hold (:func:`take_owners`)."""
     _sent_up_to.clear()  # send what owners have not applied again, under today's epoch
     _to_relay.update((tp.topic, tp.partition) for tp in assigned_partitions())
     _relay_due.set()
@@ -218,6 +218,25 @@ async def relay_assigned_outboxes(sender, **_) -> None:
         positions = await run_retrying(_owner_thread, "owner positions", read_positions,
                                        _redis(), _keys, sorted(numbers))
         await seek_to_positions(positions, held)
+        # own them now: a commit a crash cut half-way is completed, not only once a record
+        # for the partition comes (one may never come)
+        await run_retrying(_owner_thread, "taking owner partitions over", take_owners,
+                           sorted(numbers))
+
+
+def take_owners(partitions: list[int]) -> list[OwnerPartition]:
+    """The owners of item ``partitions``; those this worker did not hold are built from
+    Redis (a commit a crash cut half-way completed from its redo record), and their
+    predecessors' keys get TTLs."""
+    started = []
+    for partition in partitions:
+        if partition not in _owners:
+            _owners[partition] = OwnerPartition(_redis(), settings.key_prefix, partition,
+                                                owner_stores(settings, _redis()))
+            started.append(_owners[partition])
+    if started:  # (once restored: redo applied)
+        apply_pipeline().state.expiry_sweeper.request(list(started[0].stores.values()))
+    return [_owners[partition] for partition in partitions]
 
 
 def apply_records(batch: Batch) -> int:
@@ -228,15 +247,7 @@ def apply_records(batch: Batch) -> int:
     and propagates."""
     checked = False
     for _ in range(3):
-        owners, started = [], []
-        for partition in batch:
-            if partition not in _owners:
-                _owners[partition] = OwnerPartition(_redis(), settings.key_prefix, partition,
-                                                    owner_stores(settings, _redis()))
-                started.append(_owners[partition])
-            owners.append(_owners[partition])
-        if started:  # their predecessors' keys: given TTLs (once restored: redo applied)
-            apply_pipeline().state.expiry_sweeper.request(list(started[0].stores.values()))
+        owners = take_owners(list(batch))
         try:
             operations = sum(n or 0 for owner in owners
                              for n in owner.apply_sent(*batch[owner.partition],

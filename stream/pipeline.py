@@ -117,11 +117,16 @@ class ApplyPipeline:
             if self._in_flight is not None and self._in_flight[2].done():
                 await self._settle()
 
-    async def drain(self) -> None:
-        """Commit what was computed, then forget cached state (before partitions move)."""
+    async def drain(self, assigned: list[tuple[str, int]] | None = None) -> None:
+        """Commit what was computed, then forget cached state (before partitions move); given
+        the partitions now ``assigned``, become their writer at once
+        (:meth:`LiveState.prepare_to_write`: a commit a crash cut half-way is completed)."""
         await self.flush()
         async with self._lock:
             await self.run("abandon", self.state.abandon_uncommitted)
+            if assigned:
+                await self.run("taking the partitions over", self.state.prepare_to_write,
+                               assigned)
 
     def _start_commit(self) -> None:
         if self._computed is not None:

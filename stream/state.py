@@ -525,18 +525,14 @@ class LiveState:
         return [model.store.local for model in self.models
                 if isinstance(model.store, DeltaRecorder)]
 
-    def prepare(self, messages: list[SourceMessage]) -> PreparedBatch:
-        """Read what the batch needs and compute its state change (recorded, not written)."""
-        return self.compute(self.read(messages))
-
-    def read(self, messages: list[SourceMessage]) -> PreparedBatch:
-        """Prepare, first half: the Redis reads (watermarks, seen ids, what the models
-        prefetch) and the events to apply.
-
-        May run while earlier prepared batches are not committed yet: it builds on them (their
-        watermarks and event ids) as if they were.
-        """
-        keys = self.keys
+    def prepare_to_write(self, partitions: list[tuple[str, int]]) -> None:
+        """Make this process the writer of ``partitions`` (source topic, partition): hold the
+        single-writer lease (taken over: cached state read again), complete the last commit
+        a crash cut half-way on a Redis Cluster (its redo record: the one writer's, or, in
+        the owned layout, each of ``partitions``' own), give a predecessor's keys their TTLs,
+        start a new epoch where one is due. Each batch's read runs it; so does a rebalance,
+        for the partitions assigned: a partition with nothing more to consume is then whole
+        too, not only once its next batch comes."""
         if self.lease is not None and not self.lease.held:
             self.lease.acquire(wait_s=2 * self.settings.state_writer_lease_s)
             for model in self.models:  # another writer may have written since we held it
@@ -554,11 +550,25 @@ class LiveState:
                                          if isinstance(model.store, WriteBackStore)])
         if self._new_epoch_pending:
             self.new_epoch()
-        earlier_batches = list(self._uncommitted)  # before reading: one may commit meanwhile
-        partitions = sorted({(m.topic, m.partition) for m in messages})
         for source in partitions if self.parted else ():
             if source not in self._sources_redone:  # no batch in flight holds it
                 self._apply_source_redo(source)
+
+    def prepare(self, messages: list[SourceMessage]) -> PreparedBatch:
+        """Read what the batch needs and compute its state change (recorded, not written)."""
+        return self.compute(self.read(messages))
+
+    def read(self, messages: list[SourceMessage]) -> PreparedBatch:
+        """Prepare, first half: the Redis reads (watermarks, seen ids, what the models
+        prefetch) and the events to apply.
+
+        May run while earlier prepared batches are not committed yet: it builds on them (their
+        watermarks and event ids) as if they were.
+        """
+        keys = self.keys
+        partitions = sorted({(m.topic, m.partition) for m in messages})
+        self.prepare_to_write(partitions)
+        earlier_batches = list(self._uncommitted)  # before reading: one may commit meanwhile
         marks = [keys.watermark(t, p) for t, p in partitions]
         expected = {tp: int(v) if v is not None else -1
                     for tp, v in zip(partitions, self.client.mget(marks))}

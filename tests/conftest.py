@@ -126,8 +126,10 @@ def spawn(tmp_path):
         proc.stop()
 
 
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1, proc=None):
-    """Poll ``predicate`` until truthy; fail with ``what`` (and a process log) on timeout."""
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1, proc=None,
+             progress=None):
+    """Poll ``predicate`` until truthy; fail with ``what`` (``progress()``: where it got to)
+    and a process log on timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
@@ -137,6 +139,7 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1, pr
             pytest.fail(f"{what}: process exited with {proc.proc.returncode}\n{proc.log()}")
         time.sleep(interval_s)
     pytest.fail(f"timed out after {timeout_s}s waiting for {what}"
+                + (f" ({progress()})" if progress is not None else "")
                 + (f"\n{proc.log()}" if proc is not None else ""))
 
 

@@ -61,7 +61,8 @@ def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, request
     at_kill = count()
     assert at_kill < TOTAL, "the stream finished before the kill; use a later fault point"
     restarted = spawn(["worker", "--loglevel", "warn"], s)
-    wait_for(lambda: count() >= TOTAL, 120, "the rest", proc=restarted)
+    wait_for(lambda: count() >= TOTAL, 120, "the rest", proc=restarted,
+             progress=lambda: f"{count()} of {TOTAL} applied, {at_kill} at the kill")
     wait_for(lambda: hop_settled(redis_client, RedisKeys(s.key_prefix), s.topic_interactions,
                                  s.topic_partitions), 60, "owners caught up", proc=restarted)
     time.sleep(2)  # anything still redelivered must be skipped, not applied

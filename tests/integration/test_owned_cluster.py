@@ -147,6 +147,35 @@ def test_a_part_stopped_half_applied_is_completed_by_the_partitions_next_worker(
     assert_replay_state(s, client, batch)
 
 
+def test_a_last_part_stopped_half_applied_is_completed_when_the_next_worker_takes_over(
+        owned_settings, client, monkeypatch):
+    """kill -9 in the writes of a partition's last part: nothing more comes for it (its
+    watermark says it was applied), so the next worker completes it when it takes the
+    partitions over (the rebalance), not with a batch."""
+    s = owned_settings
+    batch = messages(1200)
+    owners = Owners(s, client)
+    dying = worker(s, client)
+    for start in range(0, len(batch) - 1, 6):
+        dying.apply_messages(batch[start:min(start + 6, len(batch) - 1)])
+    send = state.redis_store.apply_commands
+
+    def half_then_die(client_, commands, scripts):
+        send(client_, commands[:len(commands) // 2], scripts)
+        raise redis.ConnectionError("killed mid-commit")
+
+    monkeypatch.setattr(state.redis_store, "apply_commands", half_then_die)
+    with pytest.raises(redis.ConnectionError):
+        dying.apply_messages(batch[-1:])  # one partition's part
+    monkeypatch.setattr(state.redis_store, "apply_commands", send)
+    assert applied_events(client, s.key_prefix) < sum(len(m.events) for m in batch)
+
+    successor = worker(s, client)
+    successor.prepare_to_write([("interactions", p) for p in range(PARTITIONS)])
+    owners.catch_up()
+    assert_replay_state(s, client, batch)
+
+
 def test_keys_a_redo_record_writes_get_their_tables_ttls_from_the_partitions_next_worker(
         owned_settings, client):
     """A worker gone (kill -9) leaves user-side keys without TTLs that nobody tracks; those

@@ -127,6 +127,38 @@ def test_a_commit_that_stops_half_applied_is_completed_from_its_redo_record(
     assert stats["events_applied"] == 1200 and stats["skipped_redelivered"] == 8
 
 
+def test_a_last_commit_stopped_half_applied_is_completed_when_the_next_worker_takes_over(
+        cluster_settings, client, cluster, monkeypatch):
+    """kill -9 between the last commit's transaction and its writes to the other nodes: no
+    batch follows (the watermarks say everything was applied), so the next worker completes
+    it when it takes the partitions over (the rebalance), not with a batch."""
+    clean = cluster_settings.model_copy(update={"key_prefix": cluster_settings.key_prefix + "c"})
+    batch = messages()
+    apply_beside_a_replay(single_writer(clean, client), batch, MODELS)
+
+    s = cluster_settings
+    dying = single_writer(s, client)
+    for start in range(0, len(batch) - 4, 4):
+        dying.apply_messages(batch[start:start + 4])
+    send = state.redis_store.apply_commands
+
+    def half_then_die(client_, commands, scripts):
+        send(client_, commands[:len(commands) // 2], scripts)
+        raise redis.ConnectionError("killed mid-commit")
+
+    monkeypatch.setattr(state.redis_store, "apply_commands", half_then_die)
+    with pytest.raises(redis.ConnectionError):
+        dying.apply_messages(batch[-4:])
+    monkeypatch.setattr(state.redis_store, "apply_commands", send)
+    client.delete(dying.keys.state_writer)  # its lease lapsed
+    assert snapshot(cluster.nodes, s.key_prefix) != snapshot(cluster.nodes, clean.key_prefix)
+
+    successor = single_writer(s, client)
+    successor.prepare_to_write(sorted({(m.topic, m.partition) for m in batch}))
+    assert snapshot(cluster.nodes, s.key_prefix) == snapshot(cluster.nodes, clean.key_prefix)
+    assert counters(client, successor.keys)["events_applied"] == 1200
+
+
 def test_the_shared_layout_is_refused_on_a_cluster(cluster_settings, client):
     with pytest.raises(StateLayoutError, match="STREAMREC_STATE_WRITER=single"):
         build_on_redis(MODELS, client, cluster_settings.key_prefix)
