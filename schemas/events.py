@@ -149,6 +149,12 @@ class ErasureBody(msgspec.Struct, forbid_unknown_fields=True):
     request_id: Id | None = None
 
 
+def erasure_body_schema() -> dict[str, Any]:
+    """JSON Schema of :class:`ErasureBody` (inline: it nests no other struct)."""
+    _, defs = msgspec.json.schema_components([ErasureBody])
+    return defs["ErasureBody"]
+
+
 def decode_erasure_body(raw: bytes) -> ErasureBody:
     """An :class:`ErasureBody` from JSON bytes (empty: the defaults), or :class:`InvalidEvent`."""
     if not raw.strip():
@@ -417,12 +423,14 @@ _PLACEHOLDER = Interaction(event_id="x", user_id="x", item_id="x", type="view",
                            timestamp=MIN_TIMESTAMP)
 
 
-def json_schema() -> dict[str, Any]:
-    """JSON Schema (draft 2020-12) of one ``interactions`` message, for non-Python producers."""
-    (env_ref, ev_ref, erase_ref), defs = msgspec.json.schema_components(
-        [Envelope, Interaction, ErasureMessage], ref_template="#/$defs/{name}")
+def json_schema(erasure: bool = True) -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of one ``interactions`` message, for non-Python producers
+    (``erasure=False``: events only, as ``POST /v1/events`` takes them)."""
+    kinds = [Envelope, Interaction, *([ErasureMessage] if erasure else [])]
+    refs, defs = msgspec.json.schema_components(kinds, ref_template="#/$defs/{name}")
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "title": "streamrec interactions message",
-            "description": "One interaction event, an envelope of 1..1000 events, or an "
-                           "erasure request (keyed by its user id).",
-            "oneOf": [env_ref, ev_ref, erase_ref], "$defs": defs}
+            "description": "One interaction event, an envelope of 1..1000 events"
+                           + (", or an erasure request (keyed by its user id)." if erasure
+                              else "."),
+            "oneOf": list(refs), "$defs": defs}

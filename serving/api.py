@@ -31,11 +31,12 @@ from fastapi_offline import FastAPIOffline
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, mget_any, mget_any_async, sync_redis
 from infra.settings import Settings
 from schemas import dlq
-from schemas.events import (MAX_ID_CHARS, InvalidEvent, decode_erasure_body, json_schema,
-                            split_message)
+from schemas.events import (MAX_ID_CHARS, InvalidEvent, decode_erasure_body,
+                            erasure_body_schema, json_schema, split_message)
 from serving import metrics
 from serving.feeds import FeedBuilder, ImpressionLogUnavailable
 from serving.stats import LiveStats
+from schemas.items import json_schema as items_json_schema
 from schemas.items import split_items
 from stream.producer import DeliveryError, InteractionProducer, ItemPublisher
 
@@ -51,6 +52,12 @@ EXPLORER_ASSETS = str(pathlib.Path(__file__).with_name("explorer"))
 #: Ids on paths follow the event contract: 1..256 characters (else 422).
 UserId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 ItemId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+def _body(schema: dict[str, Any], required: bool) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of a route that reads its JSON body itself."""
+    return {"requestBody": {"required": required,
+                            "content": {"application/json": {"schema": schema}}}}
 
 
 def require_ids(ids, what: str) -> None:
@@ -238,8 +245,7 @@ def create_app(settings: Settings | None = None) -> "FastPaths":
         return _json({"accepted": len(records)}, 202)
 
     @api.post("/v1/events", status_code=202, summary="Publish interactions", dependencies=authed,
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": json_schema()}}}})
+              openapi_extra=_body(json_schema(erasure=False), required=True))
     async def post_events(request: Request) -> Response:
         """One event or an envelope. All-or-nothing: any invalid event → 422, nothing sent."""
         return await publish(request, split_message, InteractionProducer, "events", "event_id",
@@ -247,7 +253,7 @@ def create_app(settings: Settings | None = None) -> "FastPaths":
                              "event_ids, duplicates are dropped")
 
     @api.post("/v1/items", status_code=202, summary="Publish item descriptions",
-              dependencies=authed)
+              dependencies=authed, openapi_extra=_body(items_json_schema(), required=True))
     async def post_items(request: Request) -> Response:
         """One item description or ``{"items": [...]}`` (schemas/items.py): each is the
         item's whole description. All-or-nothing: any invalid one → 422, nothing sent."""
@@ -256,7 +262,8 @@ def create_app(settings: Settings | None = None) -> "FastPaths":
                              "newest per item wins)")
 
     @api.post("/v1/users/{user_id:path}/erase", status_code=202, summary="Erase a user",
-              response_model=None, dependencies=authed)
+              response_model=None, dependencies=authed,
+              openapi_extra=_body(erasure_body_schema(), required=False))
     async def erase_user(user_id: UserId, request: Request) -> Response:
         """Erase what the workers learned of the user: their user-keyed model state, their
         sessions' (those in ``session_ids``, and the one keyed by the user id), history, feed

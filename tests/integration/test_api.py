@@ -171,8 +171,17 @@ def test_health_readiness_and_openapi(api):
     assert httpx.get(f"{api}/readyz").json()["status"] == "ready"
     spec = httpx.get(f"{api}/openapi.json").json()
     assert {"/v1/events", "/v1/trending", "/healthz", "/readyz"} <= set(spec["paths"])
-    schema = spec["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]
-    assert "Interaction" in schema["schema"]["$defs"]
+    def body(path: str) -> dict:
+        request_body = spec["paths"][path]["post"]["requestBody"]
+        return request_body["required"], request_body["content"]["application/json"]["schema"]
+
+    required, events = body("/v1/events")  # events only: erasures have their own route
+    assert required and {"Interaction", "Envelope"} == set(events["$defs"])
+    required, items = body("/v1/items")
+    assert required and "ItemRecord" in items["$defs"]
+    required, erasure = body("/v1/users/{user_id}/erase")
+    assert not required and set(erasure["properties"]) == {"session_ids", "request_id"}
+    assert erasure["additionalProperties"] is False
 
 
 def test_what_the_api_built_before_serving_is_kept_out_of_full_collections(settings):
