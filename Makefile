@@ -16,7 +16,7 @@ LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-m
 TORCH_WHEELS ?= /opt/wheels
 TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0+cpu-*.whl),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup browser prometheus lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api bench-on-demand bench-log-flush bench-item-deltas soak docs clean
+.PHONY: setup browser prometheus lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api bench-on-demand bench-log-flush bench-item-deltas chaos-sweep soak docs clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,10 @@ bench-apply: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(BIN)/python bench/serving.py
+
+# kill -9 the worker at 15 points of a stream in each of the 6 state layouts (~40 minutes)
+chaos-sweep: $(STAMP)
+	STREAMREC_CHAOS_SWEEP=1 $(BIN)/python -m pytest -q tests/chaos/test_worker_kill.py $(PYTEST_ARGS)
 
 # 10 minutes of traffic with a fault every minute; exit 0 only if nothing was lost or doubled
 soak: $(STAMP)

@@ -66,6 +66,30 @@ _held: dict[tuple[str, int], str] = {}
 _stall_watch = StallWatch(settings.worker_stall_timeout_s)
 #: freshness and events/s, written to Redis for GET /v1/stats (:func:`report_figures`)
 _live_figures = LiveFigures()
+#: a partition's previous writer, if alive, commits what it computed when the rebalance
+#: completes; this long after this worker was assigned a partition, that is done, and what
+#: a crash cut half-way may be completed without a batch (:func:`complete_idle_partitions`)
+PREDECESSOR_DRAIN_S = 5.0
+
+
+class AssignedSince:
+    """When each partition (any hashable key) was assigned to this worker; a rebalance that
+    keeps one keeps its time."""
+
+    def __init__(self) -> None:
+        self._since: dict = {}
+
+    def update(self, keys) -> None:
+        now = time.monotonic()
+        self._since = {key: self._since.get(key, now) for key in keys}
+
+    def settled(self, delay_s: float = PREDECESSOR_DRAIN_S) -> list:
+        """The partitions assigned at least ``delay_s`` ago."""
+        due = time.monotonic() - delay_s
+        return sorted(key for key, since in self._since.items() if since <= due)
+
+
+_sources_assigned = AssignedSince()
 
 
 def exit_process(status: int) -> NoReturn:
@@ -268,12 +292,13 @@ async def resume_from_redis_watermarks(sender, **_) -> None:
     partitions whose watermark does not fit the log."""
     partitions = assigned_partitions()
     _held.clear()  # recomputed for this assignment (holds recorded in Redis come back)
+    _sources_assigned.update((tp.topic, tp.partition) for tp in partitions)
     if not partitions:
         metrics.HELD_PARTITIONS.set(0)
         return
     # commit what was computed; another worker may have changed this worker's cached rows
-    # while it did not own them; complete now a commit of theirs a crash cut half-way (else
-    # it would wait for their next batch, which may never come)
+    # while it did not own them; complete now the one writer's commit a crash cut half-way
+    # (else it would wait for the next batch, which may never come)
     try:
         await apply_pipeline().drain([(tp.topic, tp.partition) for tp in partitions])
     except WriterLeaseHeld as exc:  # the first batch waits for it again (and exits 70)
@@ -475,6 +500,25 @@ async def send_to_partitions(topic: str, by_partition: dict[int, list[tuple[byte
 async def settle_finished_commit() -> None:
     """Metrics for, or recovery of, a batch's last commit when no next batch has come."""
     await apply_pipeline().settle_finished()
+
+
+@app.timer(1.0)
+async def complete_idle_partitions() -> None:
+    """Owned layout on a Redis Cluster: each source partition assigned here
+    :data:`PREDECESSOR_DRAIN_S` ago or more gets its last commit completed from its redo
+    record if no batch did it (a crash may have cut it half-way, and none may come: the
+    watermark says it was applied). Not sooner: the partition's previous writer may still
+    be committing, and its newer writes must not be overwritten by the older record; nor
+    during a rebalance (the partitions may be moving)."""
+    if not live_state().parted or app.rebalancing:
+        return
+    assigned = {(tp.topic, tp.partition) for tp in assigned_partitions()}
+    try:
+        await apply_pipeline().take_over_idle(
+            [source for source in _sources_assigned.settled()
+             if source in assigned and source not in _held])
+    except Exception as exc:  # noqa: BLE001 - the next tick tries again (a batch may first)
+        log.warning("completing idle partitions' last commits failed (%r)", exc)
 
 
 @app.timer(5.0)

@@ -40,8 +40,8 @@ from state.owner_commits import (OwnerFenced, OwnerPartition, commit_owners, own
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
-from stream.ingest import (EXIT_ON_BUG, apply_pipeline, assigned_partitions, committed_listeners,
-                           consume_batches, exit_process, message_bytes,
+from stream.ingest import (EXIT_ON_BUG, AssignedSince, apply_pipeline, assigned_partitions,
+                           committed_listeners, consume_batches, exit_process, message_bytes,
                            seek_to_positions, send_to_partitions)
 from stream.pipeline import run_retrying
 
@@ -52,6 +52,7 @@ item_deltas_topic = app.topic(settings.topic_item_deltas, key_type=bytes, value_
 _keys = RedisKeys(settings.key_prefix)
 _client = None
 _owners: dict[int, OwnerPartition] = {}
+_owners_assigned = AssignedSince()  # item partitions held here, since when
 _to_relay: set[tuple[str, int]] = set()  # source partitions whose outbox may hold entries
 #: per source partition, the last outbox offset this worker sent since the last rebalance
 _sent_up_to: dict[tuple[str, int], int] = {}
@@ -201,7 +202,7 @@ async def relay_assigned_outboxes(sender, **_) -> None:
     """Drain the outboxes of the source partitions assigned (entries another worker left);
     forget the owners of item partitions no longer held (taken again from Redis if they
     come back); seek the item partitions held to where their owners' committed progress
-    ends, and build the owners this worker did not hold (:func:`take_owners`)."""
+    ends."""
     _sent_up_to.clear()  # send what owners have not applied again, under today's epoch
     _to_relay.update((tp.topic, tp.partition) for tp in assigned_partitions())
     _relay_due.set()
@@ -212,16 +213,33 @@ async def relay_assigned_outboxes(sender, **_) -> None:
     held = sorted(tp for tp in app.consumer.assignment()
                   if tp.topic == settings.topic_item_deltas)
     numbers = {tp.partition for tp in held}
+    _owners_assigned.update(numbers)
     for partition in [p for p in _owners if p not in numbers]:
         del _owners[partition]
     if held:  # resume where each owner's committed state ends (after a Redis loss too)
         positions = await run_retrying(_owner_thread, "owner positions", read_positions,
                                        _redis(), _keys, sorted(numbers))
         await seek_to_positions(positions, held)
-        # own them now: a commit a crash cut half-way is completed, not only once a record
-        # for the partition comes (one may never come)
-        await run_retrying(_owner_thread, "taking owner partitions over", take_owners,
-                           sorted(numbers))
+
+
+@app.timer(1.0)
+async def build_idle_owners() -> None:
+    """Build the owner of each item partition held here ``PREDECESSOR_DRAIN_S`` or more
+    that no record has come for (:func:`take_owners`): on a Redis Cluster a commit a crash
+    cut half-way is completed then, not only once a record comes (one may never come). Not
+    sooner: the partition's previous owner may still be committing, and its newer rows must
+    not be overwritten by the older record; nor during a rebalance (the partitions may be
+    moving)."""
+    if app.rebalancing:
+        return
+    held = _held_owner_partitions()
+    idle = [partition for partition in _owners_assigned.settled()
+            if partition in held and partition not in _owners]
+    if idle:
+        try:
+            await run_retrying(_owner_thread, "building idle owners", take_owners, idle)
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again (a record may)
+            log.warning("building idle owners failed (%r)", exc)
 
 
 def take_owners(partitions: list[int]) -> list[OwnerPartition]:

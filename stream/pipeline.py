@@ -120,13 +120,22 @@ class ApplyPipeline:
     async def drain(self, assigned: list[tuple[str, int]] | None = None) -> None:
         """Commit what was computed, then forget cached state (before partitions move); given
         the partitions now ``assigned``, become their writer at once
-        (:meth:`LiveState.prepare_to_write`: a commit a crash cut half-way is completed)."""
+        (:meth:`LiveState.prepare_to_write`; not yet for the owned layout's per-partition
+        records: :meth:`take_over_idle`)."""
         await self.flush()
         async with self._lock:
             await self.run("abandon", self.state.abandon_uncommitted)
             if assigned:
                 await self.run("taking the partitions over", self.state.prepare_to_write,
-                               assigned)
+                               [] if self.state.parted else assigned)
+
+    async def take_over_idle(self, sources: list[tuple[str, int]]) -> None:
+        """:meth:`LiveState.prepare_to_write` for ``sources`` while no chunk is coming (a
+        chunk's read does it for its own partitions)."""
+        if self._lock.locked() or not sources:
+            return
+        async with self._lock:
+            await self.run("taking idle partitions over", self.state.prepare_to_write, sources)
 
     def _start_commit(self) -> None:
         if self._computed is not None:
