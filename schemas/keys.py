@@ -324,9 +324,10 @@ class RedisKeys:
                     "one chunk part's writes per source partition",
                     "As `{wm}:redo`, per source partition: each source partition's part of a "
                     "chunk commits on its own, numbered on from this record by the "
-                    "partition's next worker, which applies it again as soon as the group "
-                    "assigns it the partition. Its adds to shared keys are guarded per source "
-                    "partition: `{stats}:seq:<topic>:<partition>`, "
+                    "partition's next worker, which applies it again before its first commit "
+                    "of it, or 5 s after the assignment if no batch comes. Its adds to "
+                    "shared keys are guarded per source partition: "
+                    "`{stats}:seq:<topic>:<partition>`, "
                     "`{bandit}:seq:<topic>:<partition>` and the trending meta's "
                     "`seq:<topic>:<partition>` field."),
             KeySpec(f"{p}:{{wm}}:held", "hash <topic>:<partition> → reason", "none",
@@ -366,8 +367,8 @@ class RedisKeys:
             KeySpec(f"{p}:{{own:<partition>}}:redo", "hash {seq, commands}", "none",
                     "item partition owner (Redis Cluster only)", "one commit's writes",
                     "The owner's last commit outside its slot (overwrites only), written with "
-                    "its offsets, then applied; applied again by the next owner as soon as "
-                    "the group assigns it the partition."),
+                    "its offsets, then applied; applied again by the next owner with its "
+                    "first record, or 5 s after the assignment if none comes."),
             KeySpec(f"{p}:{{wm}}:seen:<bucket>", "set of event ids",
                     "2 × STREAMREC_DEDUP_TTL_S after its last write", "stream worker",
                     "ids of events applied within the TTL (~70 B each)",

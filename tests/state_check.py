@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
+import redis
 
 from online_models.registry import build
 from online_models.signals import SignalMapper
@@ -95,3 +98,23 @@ def assert_store_holds(store, memory_model) -> None:
         keys = sorted(vectors)
         got, found = store.get_vectors(table, keys, len(next(iter(vectors.values()))))
         assert found.all() and np.array_equal(got, np.stack([vectors[k] for k in keys])), table
+
+
+@contextmanager
+def killed_mid_apply(monkeypatch):
+    """Within: a Redis Cluster commit's writes outside its redo record's slot stop half way,
+    as when the worker dies there (the commit raises ``ConnectionError``)."""
+    import state.redis_store
+
+    send = state.redis_store.apply_commands
+
+    def half_then_die(client, commands, scripts):
+        send(client, commands[:len(commands) // 2], scripts)
+        raise redis.ConnectionError("killed mid-commit")
+
+    monkeypatch.setattr(state.redis_store, "apply_commands", half_then_die)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            yield
+    finally:
+        monkeypatch.setattr(state.redis_store, "apply_commands", send)

@@ -19,7 +19,7 @@ from state.redis_store import build_live_models
 from stream.state import LiveState
 from stream.simulator import UserSimulator
 from stream.state import SourceMessage
-from tests.state_check import assert_live_equals_replay
+from tests.state_check import assert_live_equals_replay, killed_mid_apply
 from tests.state_check import applied as applied_events
 
 pytestmark = pytest.mark.integration
@@ -158,16 +158,8 @@ def test_a_last_part_stopped_half_applied_is_completed_when_the_next_worker_take
     dying = worker(s, client)
     for start in range(0, len(batch) - 1, 6):
         dying.apply_messages(batch[start:min(start + 6, len(batch) - 1)])
-    send = state.redis_store.apply_commands
-
-    def half_then_die(client_, commands, scripts):
-        send(client_, commands[:len(commands) // 2], scripts)
-        raise redis.ConnectionError("killed mid-commit")
-
-    monkeypatch.setattr(state.redis_store, "apply_commands", half_then_die)
-    with pytest.raises(redis.ConnectionError):
+    with killed_mid_apply(monkeypatch):
         dying.apply_messages(batch[-1:])  # one partition's part
-    monkeypatch.setattr(state.redis_store, "apply_commands", send)
     assert applied_events(client, s.key_prefix) < sum(len(m.events) for m in batch)
 
     successor = worker(s, client)

@@ -25,7 +25,7 @@ from stream.state import LiveState
 from tests.conftest import ROOT, settings_env, wait_for
 from tests.integration.test_exactly_once import apply_beside_a_replay, messages
 from tests.integration.test_pipeline_e2e import assert_feeds_built_and_served, counters
-from tests.state_check import assert_store_holds
+from tests.state_check import assert_store_holds, killed_mid_apply
 
 MODELS = ["session", "cooc", "mf"]
 
@@ -140,16 +140,8 @@ def test_a_last_commit_stopped_half_applied_is_completed_when_the_next_worker_ta
     dying = single_writer(s, client)
     for start in range(0, len(batch) - 4, 4):
         dying.apply_messages(batch[start:start + 4])
-    send = state.redis_store.apply_commands
-
-    def half_then_die(client_, commands, scripts):
-        send(client_, commands[:len(commands) // 2], scripts)
-        raise redis.ConnectionError("killed mid-commit")
-
-    monkeypatch.setattr(state.redis_store, "apply_commands", half_then_die)
-    with pytest.raises(redis.ConnectionError):
+    with killed_mid_apply(monkeypatch):
         dying.apply_messages(batch[-4:])
-    monkeypatch.setattr(state.redis_store, "apply_commands", send)
     client.delete(dying.keys.state_writer)  # its lease lapsed
     assert snapshot(cluster.nodes, s.key_prefix) != snapshot(cluster.nodes, clean.key_prefix)
 
