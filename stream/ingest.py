@@ -83,10 +83,13 @@ class AssignedSince:
         now = time.monotonic()
         self._since = {key: self._since.get(key, now) for key in keys}
 
-    def settled(self, delay_s: float = PREDECESSOR_DRAIN_S) -> list:
-        """The partitions assigned at least ``delay_s`` ago."""
+    def settled(self, held, delay_s: float = PREDECESSOR_DRAIN_S) -> list:
+        """Those of ``held`` (the consumer's assignment now) assigned here at least
+        ``delay_s`` ago; none while a rebalance runs (the partitions may be moving)."""
+        if app.rebalancing:
+            return []
         due = time.monotonic() - delay_s
-        return sorted(key for key, since in self._since.items() if since <= due)
+        return sorted(key for key in held if self._since.get(key, due + 1) <= due)
 
 
 _sources_assigned = AssignedSince()
@@ -508,15 +511,13 @@ async def complete_idle_partitions() -> None:
     :data:`PREDECESSOR_DRAIN_S` ago or more gets its last commit completed from its redo
     record if no batch did it (a crash may have cut it half-way, and none may come: the
     watermark says it was applied). Not sooner: the partition's previous writer may still
-    be committing, and its newer writes must not be overwritten by the older record; nor
-    during a rebalance (the partitions may be moving)."""
-    if not live_state().parted or app.rebalancing:
+    be committing, and its newer writes must not be overwritten by the older record."""
+    if not live_state().parted:
         return
-    assigned = {(tp.topic, tp.partition) for tp in assigned_partitions()}
+    held = [(tp.topic, tp.partition) for tp in assigned_partitions()]
     try:
         await apply_pipeline().take_over_idle(
-            [source for source in _sources_assigned.settled()
-             if source in assigned and source not in _held])
+            [source for source in _sources_assigned.settled(held) if source not in _held])
     except Exception as exc:  # noqa: BLE001 - the next tick tries again (a batch may first)
         log.warning("completing idle partitions' last commits failed (%r)", exc)
 

@@ -228,13 +228,9 @@ async def build_idle_owners() -> None:
     that no record has come for (:func:`take_owners`): on a Redis Cluster a commit a crash
     cut half-way is completed then, not only once a record comes (one may never come). Not
     sooner: the partition's previous owner may still be committing, and its newer rows must
-    not be overwritten by the older record; nor during a rebalance (the partitions may be
-    moving)."""
-    if app.rebalancing:
-        return
-    held = _held_owner_partitions()
-    idle = [partition for partition in _owners_assigned.settled()
-            if partition in held and partition not in _owners]
+    not be overwritten by the older record."""
+    idle = [partition for partition in _owners_assigned.settled(_held_owner_partitions())
+            if partition not in _owners]
     if idle:
         try:
             await run_retrying(_owner_thread, "building idle owners", take_owners, idle)

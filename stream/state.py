@@ -530,9 +530,11 @@ class LiveState:
         single-writer lease (taken over: cached state read again), complete the last commit
         a crash cut half-way on a Redis Cluster (its redo record: the one writer's, or, in
         the owned layout, each of ``partitions``' own), give a predecessor's keys their TTLs,
-        start a new epoch where one is due. Each batch's read runs it; so does a rebalance,
-        for the partitions assigned: a partition with nothing more to consume is then whole
-        too, not only once its next batch comes."""
+        start a new epoch where one is due. Each batch's read runs it for its partitions; so
+        do the rebalance (the one writer's record: fenced by its lease) and, for the owned
+        layout's per-partition records, a timer once the partition has been idle here a
+        while (:func:`stream.ingest.complete_idle_partitions`): a partition with nothing
+        more to consume is then whole too."""
         if self.lease is not None and not self.lease.held:
             self.lease.acquire(wait_s=2 * self.settings.state_writer_lease_s)
             for model in self.models:  # another writer may have written since we held it
