@@ -9,7 +9,8 @@ once per source offset (:mod:`stream.state`). Chunks are applied by an
 :class:`stream.pipeline.ApplyPipeline`: Redis commits one chunk while the worker computes the
 next, on two threads, so the event loop keeps heartbeating. A batch's last commit stays in flight
 while the next batch is fetched; Faust may then ack events not yet in Redis, which is safe
-because Redis's watermarks, not Kafka's commits, say where to resume.
+because Redis's watermarks, not Kafka's commits, say where to resume. At a rebalance the
+worker waits for it before giving its partitions up (:func:`finish_writes_before_revocation`).
 
 Redis, not Kafka, is the truth for progress: after every rebalance, before Faust seeks its
 partitions to their committed offsets, :func:`resume_from_redis_watermarks` commits
@@ -31,7 +32,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, NoReturn
+from typing import Awaitable, Callable, NoReturn
 
 from infra.redis_client import (TRANSIENT_REDIS_ERRORS, MemoryByNode, note_redis_error,
                                 sync_redis)
@@ -66,9 +67,11 @@ _held: dict[tuple[str, int], str] = {}
 _stall_watch = StallWatch(settings.worker_stall_timeout_s)
 #: freshness and events/s, written to Redis for GET /v1/stats (:func:`report_figures`)
 _live_figures = LiveFigures()
-#: a partition's previous writer, if alive, commits what it computed when the rebalance
-#: completes; this long after this worker was assigned a partition, that is done, and what
-#: a crash cut half-way may be completed without a batch (:func:`complete_idle_partitions`)
+#: a partition's previous writer finishes its writes before giving it up
+#: (:func:`finish_writes_before_revocation`) or exits; one frozen past the session timeout
+#: (evicted without a rebalance of its own) may still be writing. This long after this worker
+#: was assigned a partition, what a crash cut half-way is completed without a batch
+#: (:func:`complete_idle_partitions`)
 PREDECESSOR_DRAIN_S = 5.0
 
 
@@ -287,6 +290,35 @@ async def seek_to_positions(marks: dict[int, int | None], partitions) -> None:
 def assigned_partitions() -> list:
     topic = settings.topic_interactions
     return sorted(tp for tp in app.consumer.assignment() if tp.topic == topic)
+
+
+#: what must be in Redis before this worker gives its partitions up at a rebalance: each
+#: coroutine function, given a time limit, returns whether it was done in time
+revocation_writes: list[Callable[[float], Awaitable[bool]]] = []
+
+
+@app.on_partitions_revoked.connect
+async def finish_writes_before_revocation(sender, revoked, **_) -> None:
+    """Before this worker gives its partitions up (the group waits for it), every chunk it
+    computed (and, owned layout, every owner's commit) is in Redis, so nothing of it can land
+    after the partitions' next writer's first commit: on a Redis Cluster a commit's writes to
+    other nodes follow its transaction, and a late one would overwrite newer rows. Where that
+    takes over half the rebalance timeout (Redis stalled), a worker on a Cluster exits to be
+    restarted (what it did not write dies with it; its successor completes the commit from
+    its redo record); on one Redis primary a late commit fails its WATCH and is harmless."""
+    pipeline = apply_pipeline()
+    limit_s = settings.kafka_rebalance_timeout_s / 2
+    with metrics.REVOCATION_WRITES_SECONDS.time():
+        done = [await finish(limit_s) for finish in [pipeline.finish_writes,
+                                                     *revocation_writes]]
+    if all(done):
+        return
+    if pipeline.state.cluster:
+        log.error("writes still running %.1f s into a rebalance (Redis stalled?); exiting so "
+                  "that none lands after the partitions' next writer's", limit_s)
+        exit_process(EXIT_TO_RESUME)
+    log.warning("writes still running %.1f s into a rebalance; a late one fails its WATCH",
+                limit_s)
 
 
 @app.on_rebalance_complete.connect

@@ -51,6 +51,11 @@ REDIS_EVICTED_KEYS = Gauge("streamrec_redis_evicted_keys",
 HELD_MESSAGES = Counter("streamrec_held_messages_total",
                         "Messages of held partitions consumed and not applied (read again "
                         "once an operator chooses where the partition resumes)")
+REVOCATION_WRITES_SECONDS = Histogram(
+    "streamrec_revocation_writes_seconds",
+    "At each rebalance, the wait for this worker's computed writes (source chunks, item "
+    "owners) to be in Redis before it gives its partitions up",
+    buckets=(.001, .005, .025, .1, .25, 1, 2.5, 5, 10))
 CHUNKS_REDONE = Gauge("streamrec_chunks_redone",
                       "Chunks applied again since start because their commit was voided or "
                       "failed (a rebalance, a lost lease, a Redis error): each drops the "

@@ -42,7 +42,7 @@ from stream import metrics
 from stream.app import app, settings
 from stream.ingest import (EXIT_ON_BUG, AssignedSince, apply_pipeline, assigned_partitions,
                            committed_listeners, consume_batches, exit_process, message_bytes,
-                           seek_to_positions, send_to_partitions)
+                           revocation_writes, seek_to_positions, send_to_partitions)
 from stream.pipeline import run_retrying
 
 log = logging.getLogger("streamrec.owners")
@@ -63,6 +63,9 @@ _handoff_timer: asyncio.TimerHandle | None = None  # the relay pass of the next 
 Batch = dict[int, tuple[list[bytes | None], list[bytes], list[int]]]
 #: threads of their own: the owners' and the relay's Redis work never waits behind a chunk's
 _owner_thread = ThreadPoolExecutor(1, thread_name_prefix="item-owners")
+#: held by every owner commit (a batch's, a local hand-off's, an idle owner's build): at a
+#: rebalance the worker waits for it before giving its partitions up (:func:`owners_written`)
+_owner_writes = asyncio.Lock()
 _relay_thread = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
 
 
@@ -90,6 +93,9 @@ async def relay_outboxes() -> None:
     loop, handed_at = asyncio.get_running_loop(), float("-inf")
     while True:
         await _relay_due.wait()
+        if app.rebalancing:  # owner partitions may be moving: no hand-off till it completes
+            await asyncio.sleep(0.1)
+            continue
         _relay_due.clear()
         waiting = sorted(_to_relay)
         _to_relay.clear()
@@ -173,8 +179,9 @@ async def _apply_locally(batch: Batch) -> bool:
     if not batch:
         return True
     try:
-        operations = await run_retrying(_owner_thread, "item deltas (local)", apply_records,
-                                        dict(sorted(batch.items())))
+        async with _owner_writes:
+            operations = await run_retrying(_owner_thread, "item deltas (local)",
+                                            apply_records, dict(sorted(batch.items())))
     except OwnerFenced as exc:
         log.warning("%s; the records stay in their outboxes", exc)
         return False
@@ -233,7 +240,8 @@ async def build_idle_owners() -> None:
             if partition not in _owners]
     if idle:
         try:
-            await run_retrying(_owner_thread, "building idle owners", take_owners, idle)
+            async with _owner_writes:
+                await run_retrying(_owner_thread, "building idle owners", take_owners, idle)
         except Exception as exc:  # noqa: BLE001 - the next tick tries again (a record may)
             log.warning("building idle owners failed (%r)", exc)
 
@@ -285,9 +293,22 @@ async def apply_owned_batch(messages) -> None:
         epochs.append(event.key)
         records.append(message_bytes(event))
         positions.append(event.message.offset)
-    operations = await run_retrying(_owner_thread, "item deltas", apply_records,
-                                    dict(sorted(batch.items())))
+    async with _owner_writes:
+        operations = await run_retrying(_owner_thread, "item deltas", apply_records,
+                                        dict(sorted(batch.items())))
     metrics.ITEM_DELTA_OPERATIONS.inc(operations)
+
+
+async def owners_written(timeout_s: float) -> bool:
+    """Wait (up to ``timeout_s``) for the owner commit in progress, if any; False where it
+    did not finish in time. Nothing starts a new one during a rebalance: the agents' flow is
+    suspended, the relay hands nothing off and idle owners are not built."""
+    try:
+        await asyncio.wait_for(_owner_writes.acquire(), timeout_s)
+    except asyncio.TimeoutError:
+        return False
+    _owner_writes.release()
+    return True
 
 
 @app.agent(item_deltas_topic)
@@ -296,3 +317,4 @@ async def apply_item_deltas(stream) -> None:
 
 
 committed_listeners.append(_note_outboxes)
+revocation_writes.append(owners_written)

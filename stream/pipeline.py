@@ -109,6 +109,16 @@ class ApplyPipeline:
             self._start_commit()
             await self._settle()
 
+    async def finish_writes(self, timeout_s: float) -> bool:
+        """:meth:`flush` within ``timeout_s``; False where it did not finish in time (a
+        commit may then still be writing). Run before the worker gives its partitions up, so
+        that nothing it computed lands after their next writer's first commit."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.flush()), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     async def settle_finished(self) -> None:
         """Account for (or recover) a commit that finished while no chunk was coming."""
         if self._lock.locked():

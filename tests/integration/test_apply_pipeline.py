@@ -3,6 +3,7 @@ give the state of a clean replay, and a failed commit is recovered without loss 
 """
 
 import asyncio
+import threading
 import time
 
 import redis
@@ -10,6 +11,7 @@ import redis
 from online_models.registry import build
 from state.redis_store import build_on_redis
 from state.redis_store import RedisStore
+from schemas.keys import RedisKeys
 from stream.pipeline import ApplyPipeline
 from stream.state import LiveState
 from tests.integration.test_exactly_once import messages
@@ -155,3 +157,63 @@ def test_a_commit_is_announced_as_soon_as_it_succeeded_before_the_pipeline_settl
 
     assert asyncio.run(go()) == (1, 0)
     assert committed == applied_results and committed[0].applied_events == 160
+
+
+def held_commits(state: LiveState, monkeypatch) -> threading.Event:
+    """Make ``state``'s commits wait until the returned event is set (a slow Redis)."""
+    release, commit = threading.Event(), state.commit
+
+    def slow_commit(prepared):
+        release.wait(30)
+        return commit(prepared)
+
+    monkeypatch.setattr(state, "commit", slow_commit)
+    return release
+
+
+def test_before_a_rebalance_gives_partitions_up_every_computed_chunk_is_in_redis(
+        settings, redis_client, monkeypatch):
+    """``finish_writes`` (run when Faust revokes the partitions) returns only once the
+    commit in flight and the chunk computed after it are both written."""
+    batch = messages(n_events=400)
+    state = worker_state(settings, redis_client)
+    release = held_commits(state, monkeypatch)
+
+    async def go():
+        pipeline = ApplyPipeline(state, lambda result, seconds: None)
+        await pipeline.apply(batch[:8])
+        await pipeline.apply(batch[8:])  # the first chunk's commit starts (held)
+        finishing = asyncio.ensure_future(pipeline.finish_writes(10))
+        await asyncio.sleep(0.3)
+        waited = not finishing.done()
+        release.set()
+        return waited, await finishing
+
+    assert asyncio.run(go()) == (True, True)
+    assert applied(redis_client, settings.key_prefix) == 400  # both chunks, nothing after
+    topic, partition = batch[-1].topic, batch[-1].partition
+    assert int(redis_client.get(RedisKeys(settings.key_prefix).watermark(topic, partition))) \
+        == max(m.offset for m in batch if m.partition == partition)
+
+
+def test_writes_that_outlast_the_rebalance_limit_are_reported_and_still_land(
+        settings, redis_client, monkeypatch):
+    """Past its limit ``finish_writes`` says so (the worker on a Redis Cluster then exits);
+    the commit goes on and a later flush settles it."""
+    batch = messages(n_events=200)
+    state = worker_state(settings, redis_client)
+    release = held_commits(state, monkeypatch)
+
+    async def go():
+        pipeline = ApplyPipeline(state, lambda result, seconds: None)
+        await pipeline.apply(batch)
+        finished = await pipeline.finish_writes(0.2)
+        before = applied(redis_client, settings.key_prefix)
+        release.set()
+        await pipeline.flush()
+        return finished, before
+
+    assert asyncio.run(go()) == (False, 0)
+    assert applied(redis_client, settings.key_prefix) == 200
+    assert_live_equals_replay(redis_client, settings.key_prefix, events_of(batch),
+                              settings.history_len)

@@ -49,13 +49,20 @@ def test_a_worker_group_grows_and_loses_a_member_to_kill_9_and_loses_nothing(
     redis_client = sync_redis(s.redis_url)
     total = 6000
     events = list(UserSimulator(120, 3000, seed=31).events(total, time.time() - total))
-    first = spawn(["worker", "--loglevel", "warn"], s)
+    metrics_port = free_port()
+    first = spawn(["worker", "--loglevel", "warn"], s,
+                  STREAMREC_WORKER_METRICS_PORT=str(metrics_port))
     produce(s, events[:2000])
     wait_for(lambda: applied(redis_client, s.key_prefix) >= 1000, 60, "first worker",
              proc=first)
     second = spawn(["worker", "--loglevel", "warn"], s)  # rebalance: the group grows
     produce(s, events[2000:4000])
     time.sleep(8)  # both members hold partitions now (session timeout 6 s)
+    # the rebalance revoked the first's partitions: its chunks and owners' commits were in
+    # Redis before it gave them up, within the limit (on a cluster it would have exited)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    assert metric(text, "streamrec_revocation_writes_seconds_count") >= 1
+    assert first.proc.poll() is None
     first.kill()  # kill -9 mid-stream: outbox entries and owners' memory left behind
     produce(s, events[4000:])
     wait_for(lambda: applied(redis_client, s.key_prefix) >= total, 120, "all events",

@@ -44,7 +44,9 @@ def test_two_workers_share_partitions_and_a_rebalance_loses_nothing(settings, re
     first = spawn(["worker", "--loglevel", "warn"], s)
     produce(s, events[:3000])
     wait_for(lambda: applied(redis_client, s.key_prefix) >= 1000, 60, "first worker", proc=first)
-    second = spawn(["worker", "--loglevel", "warn"], s)  # rebalance 1: the group grows
+    metrics_port = free_port()
+    second = spawn(["worker", "--loglevel", "warn"], s,  # rebalance 1: the group grows
+                   STREAMREC_WORKER_METRICS_PORT=str(metrics_port))
     produce(s, events[3000:6000])
     time.sleep(8)  # both members hold partitions now (session timeout 6 s)
     first.stop()  # rebalance 2: the first member leaves mid-stream
@@ -54,6 +56,11 @@ def test_two_workers_share_partitions_and_a_rebalance_loses_nothing(settings, re
     time.sleep(2)
     assert applied(redis_client, s.key_prefix) == total
     assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len)
+    # rebalance 2 revoked the second's partitions: it finished its writes before giving
+    # them up (finish_writes_before_revocation), within the limit (it did not exit)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    assert metric(text, "streamrec_revocation_writes_seconds_count") >= 1
+    assert second.proc.poll() is None
 
 
 @pytest.mark.parametrize("layout", ["shared", "owned"])
