@@ -172,6 +172,11 @@ class RedisKeys:
         chunk on a Redis Cluster (owned layout: each source partition commits on its own)."""
         return f"{self.prefix}:{{wm}}:redo:{encode_id(topic)}:{int(partition)}"
 
+    def source_writer(self, topic: str, partition: int) -> str:
+        """String: the process that was last assigned source partition ``partition`` (owned
+        layout on a Redis Cluster); each commit of the partition's part checks it."""
+        return f"{self.prefix}:{{wm}}:writer:{encode_id(topic)}:{int(partition)}"
+
     @property
     def held_partitions(self) -> str:
         """Hash ``<topic>:<partition>`` → why the worker holds that partition back."""
@@ -330,6 +335,13 @@ class RedisKeys:
                     "`{stats}:seq:<topic>:<partition>`, "
                     "`{bandit}:seq:<topic>:<partition>` and the trending meta's "
                     "`seq:<topic>:<partition>` field."),
+            KeySpec(f"{p}:{{wm}}:writer:<topic>:<partition>", "string (process id)", "none",
+                    "stream worker (owned layout on a Redis Cluster)",
+                    "one key per source partition",
+                    "The worker process the group last assigned the source partition, written "
+                    "at the assignment; each commit of the partition's part WATCHes it, so a "
+                    "process evicted without knowing (frozen past the session timeout) writes "
+                    "nothing of it after its successor took over, and exits."),
             KeySpec(f"{p}:{{wm}}:held", "hash <topic>:<partition> → reason", "none",
                     "stream worker", "one field per held partition",
                     "Partitions whose Redis progress does not fit the Kafka log (the log went "

@@ -47,8 +47,8 @@ from stream.log_positions import (LogEndProbe, LogMismatch, StallWatch, find_mis
                                   hold, read_progress, read_watermarks, record_topic_ids,
                                   topic_ids_to_record)
 from stream.pipeline import ApplyPipeline, event_chunks
-from stream.state import (ApplyResult, LiveState, RedisLostWrites, SourceMessage,
-                          WriterLeaseHeld)
+from stream.state import (ApplyResult, LiveState, PartitionsMoved, RedisLostWrites,
+                          SourceMessage, WriterLeaseHeld)
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
 from stream.vector_changes import MovedVectors, PendingVectors
 from stream.worker_report import LiveFigures, publish_report
@@ -133,12 +133,18 @@ def _record_applied(result: ApplyResult, seconds: float) -> None:
     metrics.SKIPPED_REDELIVERED.inc(result.redelivered_messages)
 
 
+def _exit_when_moved(exc: PartitionsMoved) -> NoReturn:
+    log.error("%s: this worker was evicted from the group without knowing (frozen past the "
+              "session timeout?); exiting to rejoin, its computed writes dropped", exc)
+    exit_process(EXIT_TO_RESUME)
+
+
 def apply_pipeline() -> ApplyPipeline:
     global _pipeline
     if _pipeline is None:
         _pipeline = ApplyPipeline(live_state(), _record_applied, settings.redis_retry_max_s,
                                   on_retry=_stall_watch.note_activity,
-                                  on_committed=_note_committed)
+                                  on_committed=_note_committed, on_moved=_exit_when_moved)
         metrics.CHUNKS_REDONE.set_function(lambda: _pipeline.redone_chunks)
     return _pipeline
 

@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error
-from stream.state import ApplyResult, LiveState, PreparedBatch, SourceMessage
+from stream.state import (ApplyResult, LiveState, PartitionsMoved, PreparedBatch,
+                          SourceMessage)
 
 log = logging.getLogger("streamrec.pipeline")
 
@@ -56,10 +57,14 @@ class ApplyPipeline:
 
     def __init__(self, state: LiveState, on_applied: Callable[[ApplyResult, float], None],
                  retry_max_s: float = 5.0, on_retry: Callable[[], None] = lambda: None,
-                 on_committed: Callable[[ApplyResult], None] = lambda result: None) -> None:
+                 on_committed: Callable[[ApplyResult], None] = lambda result: None,
+                 on_moved: Callable[[PartitionsMoved], None] = lambda exc: None) -> None:
         self.state = state
         self.on_applied = on_applied
         self.on_committed = on_committed
+        #: called (then the error raised) where a commit found its partition claimed by
+        #: another process: the worker exits there, whichever coroutine awaited the commit
+        self.on_moved = on_moved
         self.on_retry = on_retry  # a retry is progress of a kind: the worker is not stalled
         self.retry_max_s = retry_max_s
         self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix="redis-prepare")
@@ -129,13 +134,14 @@ class ApplyPipeline:
 
     async def drain(self, assigned: list[tuple[str, int]] | None = None) -> None:
         """Commit what was computed, then forget cached state (before partitions move); given
-        the partitions now ``assigned``, become their writer at once
-        (:meth:`LiveState.prepare_to_write`; not yet for the owned layout's per-partition
-        records: :meth:`take_over_idle`)."""
+        the partitions now ``assigned``, claim them (:meth:`LiveState.claim_sources`) and
+        become their writer at once (:meth:`LiveState.prepare_to_write`; not yet for the
+        owned layout's per-partition records: :meth:`take_over_idle`)."""
         await self.flush()
         async with self._lock:
             await self.run("abandon", self.state.abandon_uncommitted)
             if assigned:
+                await self.run("claiming the partitions", self.state.claim_sources, assigned)
                 await self.run("taking the partitions over", self.state.prepare_to_write,
                                [] if self.state.parted else assigned)
 
@@ -172,6 +178,9 @@ class ApplyPipeline:
         except TRANSIENT_REDIS_ERRORS as exc:
             note_redis_error(log, "commit (the chunk is applied again)", exc)
             result = None
+        except PartitionsMoved as exc:
+            self.on_moved(exc)
+            raise
         if result is not None:
             self.on_applied(result, time.perf_counter() - started)
             return

@@ -231,6 +231,13 @@ class RedisLostWrites(RuntimeError):
     between must be consumed again: resume from Redis's watermarks."""
 
 
+class PartitionsMoved(RuntimeError):
+    """Owned layout on a Redis Cluster: the group assigned a source partition this process
+    was writing to another worker, which claimed it (:meth:`LiveState.claim_sources`); this
+    process was evicted without knowing (frozen past the session timeout, say) and must write
+    none of it again: the worker exits to be restarted."""
+
+
 class WriterLeaseHeld(RuntimeError):
     """Another worker holds the single-writer lease (STREAMREC_STATE_WRITER=single)."""
 
@@ -368,6 +375,8 @@ class LiveState:
         #: on its own, through a redo record and a seq of that partition
         self.parted = self.cluster and self.deltas is not None
         self._source_seqs: dict[tuple[str, int], int] = {}  # the last seq given, per source
+        #: parted: this process's name in the source partitions' writer keys it claimed
+        self.writer_id = uuid.uuid4().hex.encode()
         self._sources_redone: set[tuple[str, int]] = set()  # redo applied since abandoning
         if self.cluster:  # commits go through the redo record (module doc)
             self._history_guarded = client.register_script(HISTORY_GUARDED_LUA)
@@ -497,12 +506,23 @@ class LiveState:
         self._committed_seq, _ = self._replay_redo(self.keys.redo)
         self._redo_pending = False
 
+    def claim_sources(self, partitions: list[tuple[str, int]]) -> None:
+        """Parted commits: make this process the writer of the source ``partitions`` the
+        group just assigned it (their writer keys). Every part's commit checks the key: a
+        process evicted without knowing writes nothing of them after this
+        (:class:`PartitionsMoved`)."""
+        if self.parted and partitions:  # one slot ({wm}): one MSET
+            self.client.mset({self.keys.source_writer(*source): self.writer_id
+                              for source in partitions})
+
     def _apply_source_redo(self, source: tuple[str, int]) -> None:
         """:meth:`_apply_redo` of one source partition's record (the parted commits), before
-        this process's first commit of the partition since it last abandoned its state. The
+        this process's first commit of the partition since it last abandoned its state
+        (claiming the partition if no process has: a worker claims at its assignment). The
         user-side keys the record writes without TTLs get their tables' TTLs: the writer that
         wrote the record may be gone, and this one does not track them (it clears the TTL
         where it writes one again); the rebalance's sweep may have run before this."""
+        self.client.set(self.keys.source_writer(*source), self.writer_id, nx=True)
         self._source_seqs[source], commands = self._replay_redo(self.keys.source_redo(*source))
         self._sources_redone.add(source)
         written = [name for command in commands if command[0] == "MSET"
@@ -806,14 +826,19 @@ class LiveState:
     def commit(self, prepared: PreparedBatch) -> ApplyResult | None:
         """Write a prepared batch in one MULTI/EXEC, guarded by WATCH on its watermarks; None
         (nothing written) if a watermark is not what the batch was prepared against. Parted
-        (:meth:`_compute_parts`): one per source partition, in turn; None from the first
-        whose watermark moved."""
+        (:meth:`_compute_parts`): one per source partition, in turn, each guarded by its
+        writer key too; None from the first whose watermark moved, :class:`PartitionsMoved`
+        where another process claimed the partition."""
         for source, writes, seq in prepared.parts:
-            mark = prepared.expected[source]
-            if not writes.commit_with_redo(self.client, [self.keys.watermark(*source)],
-                                           [str(mark).encode() if mark >= 0 else None],
-                                           self.keys.source_redo(*source), seq,
-                                           self._scripts):
+            mark, writer = prepared.expected[source], self.keys.source_writer(*source)
+            if not writes.commit_with_redo(
+                    self.client, [self.keys.watermark(*source), writer],
+                    [str(mark).encode() if mark >= 0 else None, self.writer_id],
+                    self.keys.source_redo(*source), seq, self._scripts):
+                found = self.client.get(writer)
+                if found != self.writer_id:
+                    raise PartitionsMoved(f"{source[0]}[{source[1]}] was assigned to another "
+                                          f"worker ({found!r} claimed it)")
                 return None
             if source in prepared.new_marks:
                 self._committed_marks[source] = max(self._committed_marks.get(source, -1),

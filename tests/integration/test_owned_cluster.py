@@ -16,7 +16,7 @@ from schemas.keys import RedisKeys
 from state.owner_commits import OwnerPartition, commit_owners, owner_stores, read_outboxes
 from state.ownership import owner_partition
 from state.redis_store import build_live_models
-from stream.state import LiveState
+from stream.state import LiveState, PartitionsMoved
 from stream.simulator import UserSimulator
 from stream.state import SourceMessage
 from tests.state_check import assert_live_equals_replay, killed_mid_apply
@@ -63,6 +63,14 @@ def messages(n_events: int, per_message: int = 40) -> list[SourceMessage]:
 
 def worker(s, client) -> LiveState:
     return LiveState(s, client, list(build_live_models(s, client, writer=True).values()))
+
+
+def next_worker(s, client) -> LiveState:
+    """A worker the group assigned every source partition: it claims them (as at a
+    rebalance) before its first batch."""
+    successor = worker(s, client)
+    successor.claim_sources([("interactions", p) for p in range(PARTITIONS)])
+    return successor
 
 
 class Owners:
@@ -140,7 +148,7 @@ def test_a_part_stopped_half_applied_is_completed_by_the_partitions_next_worker(
     monkeypatch.setattr(state.redis_store, "apply_commands", send)
     assert calls[6] > 2  # it stopped half way through a part's writes
     owners.catch_up()
-    successor = worker(s, client)  # applies each partition's redo record, then goes on
+    successor = next_worker(s, client)  # applies each partition's redo record, then goes on
     for start in range(0, len(batch), 6):  # Kafka redelivers from the start
         successor.apply_messages(batch[start:start + 6])
     owners.catch_up()
@@ -162,7 +170,7 @@ def test_a_last_part_stopped_half_applied_is_completed_when_the_next_worker_take
         dying.apply_messages(batch[-1:])  # one partition's part
     assert applied_events(client, s.key_prefix) < sum(len(m.events) for m in batch)
 
-    successor = worker(s, client)
+    successor = next_worker(s, client)
     successor.prepare_to_write([("interactions", p) for p in range(PARTITIONS)])
     owners.catch_up()
     assert_replay_state(s, client, batch)
@@ -186,11 +194,35 @@ def test_keys_a_redo_record_writes_get_their_tables_ttls_from_the_partitions_nex
     user_side = [name for name in named if any(
         name.startswith(f"{store.reader.base}:") for store in gone.user_side_stores)]
     assert len(user_side) > 20 and all(client.pttl(name) == -1 for name in user_side)
-    successor = worker(s, client)
+    successor = next_worker(s, client)
     firsts = [next(m for m in batch if m.partition == p) for p in range(PARTITIONS)]
     successor.apply_messages(firsts)  # under the watermarks: nothing applied, records redone
     assert applied_events(client, s.key_prefix) == sum(len(m.events) for m in batch)
     ttls = [client.pttl(name) for name in user_side]
     assert all(0 < ttl <= s.user_state_ttl_s * 1000 for ttl in ttls), sorted(ttls)[:5]
+    owners.catch_up()
+    assert_replay_state(s, client, batch)
+
+
+def test_a_worker_evicted_without_knowing_writes_nothing_once_its_successor_claimed(
+        owned_settings, client):
+    """A worker frozen past the session timeout: the group gave its partitions to another,
+    which claimed them. Its commit of what it computed before then fails, whole: no part's
+    transaction and no write to another node (they would land over its successor's), and it
+    says why (the worker exits)."""
+    s = owned_settings
+    batch = messages(2400)  # 60 messages
+    frozen, owners = worker(s, client), Owners(s, client)
+    for start in range(0, 30, 3):
+        frozen.apply_messages(batch[start:start + 3])
+    prepared = frozen.prepare(batch[30:36])  # computed; then frozen past its session
+    assert len(prepared.parts) > 1
+    successor = next_worker(s, client)  # assigned the partitions; no batch of its own yet
+    written = {key: client.dump(key) for key in client.scan_iter(count=10_000)}
+    with pytest.raises(PartitionsMoved, match="assigned to another worker"):
+        frozen.commit(prepared)  # (its watermarks have not moved: only the claim stops it)
+    assert {key: client.dump(key) for key in client.scan_iter(count=10_000)} == written
+    for start in range(30, len(batch), 3):
+        successor.apply_messages(batch[start:start + 3])
     owners.catch_up()
     assert_replay_state(s, client, batch)
