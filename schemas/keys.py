@@ -195,6 +195,11 @@ class RedisKeys:
         (docs/item-ownership.md)."""
         return f"{self.prefix}:{{own:{int(partition)}}}:applied"
 
+    def owner_writer(self, partition: int) -> str:
+        """String: the worker process last assigned item partition ``partition`` (its owner,
+        on a Redis Cluster); each of the owner's commits checks it."""
+        return f"{self.prefix}:{{own:{int(partition)}}}:writer"
+
     def owner_redo(self, partition: int) -> str:
         """Hash {seq, commands}: item partition ``partition``'s owner's last commit on a
         Redis Cluster."""
@@ -376,6 +381,11 @@ class RedisKeys:
                     "rows hold; written with those rows (one MULTI/EXEC, or with its redo "
                     "record on a Redis Cluster). Records at or below it are dropped as "
                     "re-sends."),
+            KeySpec(f"{p}:{{own:<partition>}}:writer", "string (process id)", "none",
+                    "item partition owner (Redis Cluster only)", "one key per item partition",
+                    "The worker process the group last assigned the item partition, written "
+                    "at the assignment; each owner commit WATCHes it (as "
+                    "`{wm}:writer:<topic>:<partition>` for source partitions)."),
             KeySpec(f"{p}:{{own:<partition>}}:redo", "hash {seq, commands}", "none",
                     "item partition owner (Redis Cluster only)", "one commit's writes",
                     "The owner's last commit outside its slot (overwrites only), written with "

@@ -32,6 +32,7 @@ a plain ``RedisStore`` as it reads the single writer's.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Collection, Mapping
 
 import msgspec
@@ -49,6 +50,22 @@ _decode_sources = msgspec.msgpack.Decoder(tuple[dict[str, int], msgspec.Raw]).de
 
 class OwnerFenced(RuntimeError):
     """Another owner of this partition committed since this one read its offsets."""
+
+
+class OwnerPartitionMoved(RuntimeError):
+    """Redis Cluster: another worker was assigned this item partition and claimed it
+    (:func:`claim_owner_partitions`); this process was evicted without knowing and must
+    write none of it again."""
+
+
+def claim_owner_partitions(client, keys: RedisKeys, partitions: list[int],
+                           writer_id: bytes) -> None:
+    """Redis Cluster: make the process ``writer_id`` the owner of item ``partitions`` the
+    group just assigned it; every owner commit checks the claim."""
+    with client.pipeline(transaction=False) as pipe:
+        for partition in partitions:
+            pipe.set(keys.owner_writer(partition), writer_id)
+        pipe.execute()
 
 
 def owner_stores(settings, client, clock=time.time) -> dict[str, WriteBackStore]:
@@ -89,7 +106,7 @@ class OwnerPartition:
     model namespace → its :class:`WriteBackStore` (:func:`owner_stores`)."""
 
     def __init__(self, client, prefix: str, partition: int,
-                 stores: Mapping[str, WriteBackStore]) -> None:
+                 stores: Mapping[str, WriteBackStore], writer_id: bytes | None = None) -> None:
         self.client, self.partition = client, partition
         self.keys = RedisKeys(prefix)
         self.stores = dict(stores)
@@ -97,6 +114,12 @@ class OwnerPartition:
         self.redo_key = self.keys.owner_redo(partition)
         self.epoch_key = self.keys.owned_epoch
         self.cluster = next(iter(self.stores.values())).reader.cluster if self.stores else False
+        #: Redis Cluster: this process's claim (the worker claims at the assignment;
+        #: claimed here where no process has)
+        self.writer_key = self.keys.owner_writer(partition)
+        self.writer_id = writer_id or uuid.uuid4().hex.encode()
+        if self.cluster:
+            client.set(self.writer_key, self.writer_id, nx=True)
         self.restore()
 
     def restore(self) -> None:
@@ -222,7 +245,8 @@ def commit_owners(owners: list[OwnerPartition]) -> int:
     (one round trip for all the item partitions a worker holds), on a Redis Cluster one per
     owner (their keys are in different slots). Returns the keys written. Raises
     :class:`OwnerFenced` where any was fenced, after :meth:`OwnerPartition.restore` of every
-    owner whose commit did not happen."""
+    owner whose commit did not happen; on a Redis Cluster :class:`OwnerPartitionMoved`
+    where another process claimed the partition."""
     if not owners:
         return 0
     if owners[0].cluster:
@@ -232,8 +256,12 @@ def commit_owners(owners: list[OwnerPartition]) -> int:
             if staged is None:
                 continue
             owner._seq += 1
-            if not batch.commit_with_redo(owner.client, [owner.applied_key], [owner._committed],
+            if not batch.commit_with_redo(owner.client, [owner.applied_key, owner.writer_key],
+                                          [owner._committed, owner.writer_id],
                                           owner.redo_key, owner._seq, CLUSTER_WRITE_SCRIPTS):
+                if (found := owner.client.get(owner.writer_key)) != owner.writer_id:
+                    raise OwnerPartitionMoved(f"item partition {owner.partition} was assigned "
+                                              f"to another worker ({found!r} claimed it)")
                 owner.restore()
                 raise OwnerFenced(f"item partition {owner.partition}: another owner committed "
                                   f"since this one read its offsets; started again from Redis")

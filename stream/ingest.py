@@ -37,6 +37,7 @@ from typing import Awaitable, Callable, NoReturn
 from infra.redis_client import (TRANSIENT_REDIS_ERRORS, MemoryByNode, note_redis_error,
                                 sync_redis)
 from online_models import kernels
+from state.owner_commits import OwnerPartitionMoved
 from state.redis_store import RedisStore
 from schemas import dlq, vectors
 from schemas.events import split_source
@@ -133,7 +134,9 @@ def _record_applied(result: ApplyResult, seconds: float) -> None:
     metrics.SKIPPED_REDELIVERED.inc(result.redelivered_messages)
 
 
-def _exit_when_moved(exc: PartitionsMoved) -> NoReturn:
+def exit_when_moved(exc: Exception) -> NoReturn:
+    """Exit to be restarted: a partition this process was writing was assigned to another
+    worker, which claimed it (:class:`PartitionsMoved`, or an item partition's)."""
     log.error("%s: this worker was evicted from the group without knowing (frozen past the "
               "session timeout?); exiting to rejoin, its computed writes dropped", exc)
     exit_process(EXIT_TO_RESUME)
@@ -144,7 +147,7 @@ def apply_pipeline() -> ApplyPipeline:
     if _pipeline is None:
         _pipeline = ApplyPipeline(live_state(), _record_applied, settings.redis_retry_max_s,
                                   on_retry=_stall_watch.note_activity,
-                                  on_committed=_note_committed, on_moved=_exit_when_moved)
+                                  on_committed=_note_committed, on_moved=exit_when_moved)
         metrics.CHUNKS_REDONE.set_function(lambda: _pipeline.redone_chunks)
     return _pipeline
 
@@ -603,6 +606,8 @@ async def consume_batches(stream, handle, what: str) -> None:
         except RedisLostWrites as exc:
             log.error("%s; restarting to consume the lost offsets again from Kafka", exc)
             exit_process(EXIT_TO_RESUME)
+        except (PartitionsMoved, OwnerPartitionMoved) as exc:
+            exit_when_moved(exc)
         except Exception:
             log.critical("%s bug; exiting so the batch is redelivered", what, exc_info=True)
             exit_process(EXIT_ON_BUG)

@@ -35,13 +35,15 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from infra.redis_client import sync_redis
-from state.owner_commits import (OwnerFenced, OwnerPartition, commit_owners, owner_stores,
+from state.owner_commits import (OwnerFenced, OwnerPartition, OwnerPartitionMoved,
+                                 claim_owner_partitions, commit_owners, owner_stores,
                                  read_outboxes, read_positions)
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
 from stream.ingest import (EXIT_ON_BUG, AssignedSince, apply_pipeline, assigned_partitions,
-                           committed_listeners, consume_batches, exit_process, message_bytes,
+                           committed_listeners, consume_batches, exit_process, exit_when_moved,
+                           message_bytes,
                            revocation_writes, seek_to_positions, send_to_partitions)
 from stream.pipeline import run_retrying
 
@@ -185,6 +187,8 @@ async def _apply_locally(batch: Batch) -> bool:
     except OwnerFenced as exc:
         log.warning("%s; the records stay in their outboxes", exc)
         return False
+    except OwnerPartitionMoved as exc:
+        exit_when_moved(exc)
     except Exception:
         log.critical("item deltas (local) bug; exiting so the outboxes are sent again",
                      exc_info=True)
@@ -224,6 +228,10 @@ async def relay_assigned_outboxes(sender, **_) -> None:
     for partition in [p for p in _owners if p not in numbers]:
         del _owners[partition]
     if held:  # resume where each owner's committed state ends (after a Redis loss too)
+        if state.cluster:  # from now on an evicted predecessor's commits fail
+            await run_retrying(_owner_thread, "claiming item partitions",
+                               claim_owner_partitions, _redis(), _keys, sorted(numbers),
+                               state.writer_id)
         positions = await run_retrying(_owner_thread, "owner positions", read_positions,
                                        _redis(), _keys, sorted(numbers))
         await seek_to_positions(positions, held)
@@ -254,7 +262,8 @@ def take_owners(partitions: list[int]) -> list[OwnerPartition]:
     for partition in partitions:
         if partition not in _owners:
             _owners[partition] = OwnerPartition(_redis(), settings.key_prefix, partition,
-                                                owner_stores(settings, _redis()))
+                                                owner_stores(settings, _redis()),
+                                                apply_pipeline().state.writer_id)
             started.append(_owners[partition])
     if started:  # (once restored: redo applied)
         apply_pipeline().state.expiry_sweeper.request(list(started[0].stores.values()))

@@ -12,7 +12,8 @@ import state.redis_store
 from infra.redis_client import sync_redis
 from online_models.registry import build
 from online_models.signals import SignalMapper
-from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores, read_outboxes
+from state.owner_commits import (OwnerFenced, OwnerPartition, OwnerPartitionMoved,
+                                 claim_owner_partitions, owner_stores, read_outboxes)
 from state.ownership import OwnedLayout
 from schemas.keys import RedisKeys
 from state.redis_store import build_on_redis
@@ -51,7 +52,11 @@ def replayed_records(chunks: int = 10, size: int = 300) -> tuple[OwnedLayout, li
 
 
 def owner(s, client, partition: int, clock=time.time) -> OwnerPartition:
-    return OwnerPartition(client, s.key_prefix, partition, owner_stores(s, client, clock))
+    """A new owner of ``partition``, as a worker the group assigned it builds it: having
+    claimed the partition (on a Redis Cluster every commit checks the claim)."""
+    built = OwnerPartition(client, s.key_prefix, partition, owner_stores(s, client, clock))
+    claim_owner_partitions(client, RedisKeys(s.key_prefix), [partition], built.writer_id)
+    return built
 
 
 def assert_serving_reads_the_replay(s, client, layout: OwnedLayout) -> None:
@@ -86,8 +91,12 @@ def test_owners_crash_between_apply_and_commit_and_end_equal_to_the_replay(owner
     assert_serving_reads_the_replay(s, client, layout)
 
 
-def test_a_second_owner_of_a_partition_is_fenced_off_and_starts_again(owner_settings, client):
-    s = owner_settings
+def test_a_second_owner_of_a_partition_is_fenced_off_and_starts_again(settings,
+                                                                       redis_client):
+    """On one server, two owners of a partition that both think they own it (the claims
+    of a cluster aside): whichever commits second since it read is fenced off."""
+    s = settings.model_copy(update={"state_writer": "owned", "live_models": ",".join(NAMES)})
+    client = redis_client
     layout, chunks = replayed_records(chunks=6)
     records = [chunk[0] for chunk in chunks]
     first, second = owner(s, client, 0), owner(s, client, 0)  # a partition moved
@@ -110,6 +119,38 @@ def test_a_second_owner_of_a_partition_is_fenced_off_and_starts_again(owner_sett
             other.apply(chunk[partition])
         other.commit()
     assert_serving_reads_the_replay(s, client, layout)
+
+
+def test_on_a_cluster_an_owner_evicted_without_knowing_writes_nothing_once_claimed(
+        settings, redis_cluster):
+    """A worker frozen past the session timeout: the group gave its item partition to
+    another, which claimed it. The frozen owner's commit fails whole (it would overwrite its
+    successor's rows) and says why (the worker exits); the successor goes on."""
+    s = settings.model_copy(update={"redis_url": redis_cluster.url, "state_writer": "owned",
+                                    "live_models": ",".join(NAMES)})
+    client = sync_redis(s.redis_url)
+    layout, chunks = replayed_records(chunks=6)
+    records = [chunk[0] for chunk in chunks]
+    frozen = owner(s, client, 0)
+    for record in records[:2]:
+        frozen.apply(record)
+    frozen.commit()
+    frozen.apply(records[2])  # applied in memory; then frozen past its session
+    successor = owner(s, client, 0)  # claimed at the assignment; nothing committed yet
+    written = {key: client.dump(key) for key in client.scan_iter(count=10_000)}
+    with pytest.raises(OwnerPartitionMoved, match="item partition 0"):
+        frozen.commit()
+    assert {key: client.dump(key) for key in client.scan_iter(count=10_000)} == written
+    for record in records:
+        successor.apply(record)
+    successor.commit()
+    for partition in (1, 2):
+        other = owner(s, client, partition)
+        for chunk in chunks:
+            other.apply(chunk[partition])
+        other.commit()
+    assert_serving_reads_the_replay(s, client, layout)
+    client.close()
 
 
 def test_owners_expire_their_keys_and_a_successor_gives_what_it_left_a_ttl(owner_settings,
