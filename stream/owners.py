@@ -22,6 +22,10 @@
   item-deltas offset: where the next owner resumes after a rebalance) and the deletion of
   the outbox entries applied. Fenced owners (another took a partition, the epoch changed,
   Redis went back) start again from Redis and apply the batch again, each record checked.
+  On a Redis Cluster the worker claims the item partitions it is assigned, and an owner whose
+  partition another worker claimed (this one was evicted without knowing) exits the process.
+  At a rebalance the owner commit in progress finishes before the partitions are given up
+  (:func:`owners_written`).
 
 Entries leave an outbox only once applied, so a new epoch loses nothing: records sent under
 an older one (before Redis lost writes, or before a worker started) are dropped by owners and
