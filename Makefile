@@ -16,7 +16,7 @@ LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-m
 TORCH_WHEELS ?= /opt/wheels
 TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0+cpu-*.whl),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup browser prometheus lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api bench-on-demand bench-log-flush bench-item-deltas chaos-sweep soak docs clean
+.PHONY: setup browser prometheus lock demo test test-unit bench bench-validation bench-replay bench-ingest bench-serving bench-apply bench-api bench-on-demand bench-log-flush bench-item-deltas bench-rebalance chaos-sweep soak docs clean
 
 setup: $(STAMP)
 
@@ -57,7 +57,7 @@ test: $(STAMP) browser prometheus
 test-unit: $(STAMP) prometheus
 	$(BIN)/python -m pytest tests/unit tests/contract $(PYTEST_ARGS)
 
-bench: bench-validation bench-replay bench-apply bench-ingest bench-serving bench-api bench-on-demand bench-log-flush bench-item-deltas
+bench: bench-validation bench-replay bench-apply bench-ingest bench-serving bench-api bench-on-demand bench-log-flush bench-item-deltas bench-rebalance
 
 bench-apply: $(STAMP)
 	$(BIN)/python bench/apply.py
@@ -86,6 +86,9 @@ bench-log-flush: $(STAMP)
 
 bench-item-deltas: $(STAMP)
 	$(BIN)/python bench/item_deltas.py
+
+bench-rebalance: $(STAMP)
+	$(BIN)/python bench/rebalance.py --redis-cluster 3
 
 bench-ingest: $(STAMP)
 	$(BIN)/python bench/ingest.py
