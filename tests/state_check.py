@@ -118,3 +118,8 @@ def killed_mid_apply(monkeypatch):
             yield
     finally:
         monkeypatch.setattr(state.redis_store, "apply_commands", send)
+
+
+def redis_snapshot(client) -> dict:
+    """Every key Redis holds (every node of a cluster) with its serialized value."""
+    return {key: client.dump(key) for key in client.scan_iter(count=10_000)}

@@ -19,7 +19,7 @@ from state.redis_store import build_live_models
 from stream.state import LiveState, PartitionsMoved
 from stream.simulator import UserSimulator
 from stream.state import SourceMessage
-from tests.state_check import assert_live_equals_replay, killed_mid_apply
+from tests.state_check import assert_live_equals_replay, killed_mid_apply, redis_snapshot
 from tests.state_check import applied as applied_events
 
 pytestmark = pytest.mark.integration
@@ -218,10 +218,10 @@ def test_a_worker_evicted_without_knowing_writes_nothing_once_its_successor_clai
     prepared = frozen.prepare(batch[30:36])  # computed; then frozen past its session
     assert len(prepared.parts) > 1
     successor = next_worker(s, client)  # assigned the partitions; no batch of its own yet
-    written = {key: client.dump(key) for key in client.scan_iter(count=10_000)}
+    written = redis_snapshot(client)
     with pytest.raises(PartitionsMoved, match="assigned to another worker"):
         frozen.commit(prepared)  # (its watermarks have not moved: only the claim stops it)
-    assert {key: client.dump(key) for key in client.scan_iter(count=10_000)} == written
+    assert redis_snapshot(client) == written
     for start in range(30, len(batch), 3):
         successor.apply_messages(batch[start:start + 3])
     owners.catch_up()

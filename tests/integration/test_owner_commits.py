@@ -19,7 +19,7 @@ from schemas.keys import RedisKeys
 from state.redis_store import build_on_redis
 from state.write_back import UntimedKeySweeper
 from stream.simulator import UserSimulator
-from tests.state_check import assert_store_holds
+from tests.state_check import assert_store_holds, redis_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +57,15 @@ def owner(s, client, partition: int, clock=time.time) -> OwnerPartition:
     built = OwnerPartition(client, s.key_prefix, partition, owner_stores(s, client, clock))
     claim_owner_partitions(client, RedisKeys(s.key_prefix), [partition], built.writer_id)
     return built
+
+
+def apply_every_record(s, client, chunks: list[dict], partitions) -> None:
+    """A new owner of each of ``partitions`` applies every chunk's record and commits."""
+    for partition in partitions:
+        other = owner(s, client, partition)
+        for chunk in chunks:
+            other.apply(chunk[partition])
+        other.commit()
 
 
 def assert_serving_reads_the_replay(s, client, layout: OwnedLayout) -> None:
@@ -113,11 +122,7 @@ def test_a_second_owner_of_a_partition_is_fenced_off_and_starts_again(settings,
     assert first.apply(records[3]) is not None  # the first still thinks it owns it
     with pytest.raises(OwnerFenced):
         first.commit()
-    for partition in (1, 2):
-        other = owner(s, client, partition)
-        for chunk in chunks:
-            other.apply(chunk[partition])
-        other.commit()
+    apply_every_record(s, client, chunks, partitions=(1, 2))
     assert_serving_reads_the_replay(s, client, layout)
 
 
@@ -137,18 +142,14 @@ def test_on_a_cluster_an_owner_evicted_without_knowing_writes_nothing_once_claim
     frozen.commit()
     frozen.apply(records[2])  # applied in memory; then frozen past its session
     successor = owner(s, client, 0)  # claimed at the assignment; nothing committed yet
-    written = {key: client.dump(key) for key in client.scan_iter(count=10_000)}
+    written = redis_snapshot(client)
     with pytest.raises(OwnerPartitionMoved, match="item partition 0"):
         frozen.commit()
-    assert {key: client.dump(key) for key in client.scan_iter(count=10_000)} == written
+    assert redis_snapshot(client) == written
     for record in records:
         successor.apply(record)
     successor.commit()
-    for partition in (1, 2):
-        other = owner(s, client, partition)
-        for chunk in chunks:
-            other.apply(chunk[partition])
-        other.commit()
+    apply_every_record(s, client, chunks, partitions=(1, 2))
     assert_serving_reads_the_replay(s, client, layout)
     client.close()
 
