@@ -317,9 +317,10 @@ async def finish_writes_before_revocation(sender, revoked, **_) -> None:
     its redo record); on one Redis primary a late commit fails its WATCH and is harmless."""
     pipeline = apply_pipeline()
     limit_s = settings.kafka_rebalance_timeout_s / 2
+    deadline = time.monotonic() + limit_s
     with metrics.REVOCATION_WRITES_SECONDS.time():
-        done = [await finish(limit_s) for finish in [pipeline.finish_writes,
-                                                     *revocation_writes]]
+        done = [await finish(max(deadline - time.monotonic(), 0.001))
+                for finish in [pipeline.finish_writes, *revocation_writes]]
     if all(done):
         return
     if pipeline.state.cluster:

@@ -47,8 +47,8 @@ from stream import metrics
 from stream.app import app, settings
 from stream.ingest import (EXIT_ON_BUG, AssignedSince, apply_pipeline, assigned_partitions,
                            committed_listeners, consume_batches, exit_process, exit_when_moved,
-                           message_bytes,
-                           revocation_writes, seek_to_positions, send_to_partitions)
+                           message_bytes, revocation_writes, seek_to_positions,
+                           send_to_partitions)
 from stream.pipeline import run_retrying
 
 log = logging.getLogger("streamrec.owners")
