@@ -28,6 +28,21 @@ from online_models.store import FlatRows, MemoryStore, StateStore
 
 _ROW_KINDS = ("incr", "set", "remove")
 _VECTOR_KINDS = ("add_vectors", "set_vectors")
+#: a record's shape: (source partition → offset, [(namespace, kind, table, top, payload)])
+_record_shape = msgspec.msgpack.Decoder(
+    tuple[dict[str, int], list[tuple[str, str, str, int, msgspec.Raw]]]).decode
+
+
+def record_problem(record: bytes) -> str | None:
+    """Why ``record`` is not an item-delta record at all (not msgpack, another shape, no
+    source offsets), or None. A record of the right shape with an operation this version
+    does not know is not a problem here: :meth:`Owner.apply_many` refuses it (a worker of an
+    older version; dropping it would lose its deltas)."""
+    try:
+        sources, _ = _record_shape(record)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return f"not an item-delta record: {exc}"[:200]
+    return None if sources else "an item-delta record carries no source offsets"
 
 
 #: partitions → key → its owner partition, for the keys met (dropped past 2^18)

@@ -41,6 +41,7 @@ ORIGINAL_GONE, ORIGINAL_CHANGED = "original gone from its topic", "original chan
 UNKNOWN_APPLIED = "partly applied, problems omitted: which were applied is unknown"
 ERASURE_NOT_REDRIVEN = ("an erasure request, valid now: not re-driven (applied late it would "
                         "erase what came after it): send it again")
+INTERNAL_NOT_REDRIVEN = "not an item-delta record on the workers' own topic: not re-driven"
 
 
 @dataclass
@@ -53,9 +54,12 @@ class Redrive:
 
 
 def plan_redrive(record: dlq.DeadLetter, original: bytes | None, items_topic: str,
-                 max_bytes: int) -> Redrive:
+                 max_bytes: int, item_deltas_topic: str = "") -> Redrive:
     """What of ``record``'s original (its bytes, or None when its topic no longer holds it)
-    to publish again: valid with today's decoder and not applied when it was rejected."""
+    to publish again: valid with today's decoder and not applied when it was rejected.
+    Nothing from ``item_deltas_topic`` (only workers write records there)."""
+    if record.source.topic == item_deltas_topic:
+        return Redrive(INTERNAL_NOT_REDRIVEN)
     if original is None:
         return Redrive(ORIGINAL_GONE)
     if record.original_sha256 and hashlib.sha256(original).hexdigest() != record.original_sha256:
@@ -148,7 +152,7 @@ def redrive_dead_letters(reader: "DeadLetterReader", summary: Summary, settings,
                     summary.unreadable += 1
                     continue
                 redrive = plan_redrive(record, original, settings.topic_items,
-                                       settings.max_message_bytes)
+                                       settings.max_message_bytes, settings.topic_item_deltas)
                 summary.add(record, redrive)
                 if send and redrive.events:
                     sends.setdefault(record.source.topic, []).extend(redrive.events)

@@ -39,6 +39,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from infra.redis_client import sync_redis
+from schemas.events import InvalidEvent
+from state.ownership import record_problem
 from state.owner_commits import (OwnerFenced, OwnerPartition, OwnerPartitionMoved,
                                  claim_owner_partitions, commit_owners, owner_stores,
                                  read_outboxes, read_positions)
@@ -46,9 +48,9 @@ from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
 from stream.ingest import (EXIT_ON_BUG, AssignedSince, apply_pipeline, assigned_partitions,
-                           committed_listeners, consume_batches, exit_process, exit_when_moved,
-                           message_bytes, revocation_writes, seek_to_positions,
-                           send_to_partitions)
+                           committed_listeners, consume_batches, dead_letter,
+                           deliver_dead_letters, exit_process, exit_when_moved, message_bytes,
+                           revocation_writes, seek_to_positions, send_to_partitions)
 from stream.pipeline import run_retrying
 
 log = logging.getLogger("streamrec.owners")
@@ -299,16 +301,49 @@ def apply_records(batch: Batch) -> int:
     raise OwnerFenced(f"item partitions {sorted(batch)}: fenced off three times in a row")
 
 
-async def apply_owned_batch(messages) -> None:
+def _owned_batch(messages, dead_letters: list | None = None) -> Batch:
+    """A batch of item-deltas messages by item partition; with ``dead_letters``, those that
+    are not item-delta records (:func:`state.ownership.record_problem`) are left out (their
+    offsets kept: the owner's position moves past them) and their dead letters added."""
     batch: Batch = {}
     for event in messages:
         epochs, records, positions = batch.setdefault(event.message.partition, ([], [], []))
-        epochs.append(event.key)
-        records.append(message_bytes(event))
         positions.append(event.message.offset)
+        raw = message_bytes(event)
+        if dead_letters is not None and (problem := record_problem(raw)) is not None:
+            dead_letters.append(dead_letter(
+                raw, [(None, None, InvalidEvent([{"field": "record", "reason": problem}]))],
+                event.message, 0))
+            continue
+        epochs.append(event.key)
+        records.append(raw)
+    return dict(sorted(batch.items()))
+
+
+async def _apply_owned(batch: Batch) -> int:
     async with _owner_writes:
-        operations = await run_retrying(_owner_thread, "item deltas", apply_records,
-                                        dict(sorted(batch.items())))
+        return await run_retrying(_owner_thread, "item deltas", apply_records, batch)
+
+
+async def apply_owned_batch(messages) -> None:
+    """Apply a batch of the item-deltas topic. Where it fails, the records that are not
+    item-delta records at all (only workers produce to the topic, but anything with access
+    can) go to the dead-letter topic and the rest is applied again: none can stop the
+    owners. Any other failure propagates (the worker exits)."""
+    try:
+        operations = await _apply_owned(_owned_batch(messages))
+    except (asyncio.CancelledError, OwnerPartitionMoved):
+        raise
+    except Exception:
+        letters: list = []
+        batch = _owned_batch(messages, letters)
+        if not letters:
+            raise
+        log.warning("%d item-deltas messages are not item-delta records: dead-lettered",
+                    len(letters))
+        await deliver_dead_letters(letters)
+        metrics.DLQ_MESSAGES.inc(len(letters))
+        operations = await _apply_owned(batch)
     metrics.ITEM_DELTA_OPERATIONS.inc(operations)
 
 

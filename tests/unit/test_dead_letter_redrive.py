@@ -5,7 +5,8 @@ import json
 
 from schemas import dlq
 from schemas.events import split_message
-from stream.dead_letters import (ERASURE_NOT_REDRIVEN, NOTHING_LEFT, ORIGINAL_CHANGED,
+from stream.dead_letters import (ERASURE_NOT_REDRIVEN, INTERNAL_NOT_REDRIVEN, NOTHING_LEFT,
+                                 ORIGINAL_CHANGED,
                                  ORIGINAL_GONE, REDRIVEN, STILL_INVALID, UNKNOWN_APPLIED,
                                  plan_redrive, reason_kind)
 
@@ -115,3 +116,14 @@ def test_a_dead_lettered_erasure_valid_now_is_not_redriven_but_named():
     bad = raw.replace(b'"u1"', b'""')
     assert plan_redrive(letter(bad, [None], applied=0), bad, "items", LIMIT).outcome == \
         STILL_INVALID
+
+
+def test_a_dead_letter_from_the_workers_item_deltas_topic_is_never_redriven():
+    """Only workers write item-delta records: what was dead-lettered there is not an event
+    even where its bytes happen to be one now."""
+    raw = envelope(event(0))
+    plan = plan_redrive(letter(raw, [None], applied=0, topic="item-deltas"), raw, "items", LIMIT,
+                        item_deltas_topic="item-deltas")
+    assert (plan.outcome, plan.events) == (INTERNAL_NOT_REDRIVEN, [])
+    assert plan_redrive(letter(raw, [None], applied=0), raw, "items", LIMIT,
+                        item_deltas_topic="item-deltas").outcome == REDRIVEN
