@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,9 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.report import add_live_options, cpu_seconds, print_result  # noqa: E402
+from bench.report import (add_live_options, bench_worker_env, cpu_seconds,  # noqa: E402
+                          events_handled, print_result, spawn_worker)
 from infra.embedded import (EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster,  # noqa: E402
-                            ensure_topics, free_port, terminate)
+                            ensure_topics, terminate)
 from infra.redis_client import sync_redis  # noqa: E402
 from schemas.events import Interaction, split_message  # noqa: E402
 from schemas.keys import RedisKeys  # noqa: E402
@@ -142,29 +142,14 @@ def main() -> None:
             messages = producer.stats.messages_sent
         baseline_events, baseline_s = asyncio.run(raw_consume(kafka.bootstrap, topic, messages))
 
-        env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka.bootstrap,
-               "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_TOPIC_INTERACTIONS": topic,
-               "STREAMREC_TOPIC_DLQ": dlq, "STREAMREC_APP_ID": f"bench-{run_id}",
-               "STREAMREC_TOPIC_ITEM_VECTORS": vectors_topic,
-               "STREAMREC_LIVE_MODELS": args.models, "STREAMREC_WORKER_DATA_DIR": tmp,
-               "STREAMREC_STATE_WRITER": args.state_writer,
-               "STREAMREC_TOPIC_ITEM_DELTAS": f"bench-deltas-{run_id}",
-               "STREAMREC_TOPIC_PARTITIONS": str(args.partitions),
-               "STREAMREC_WORKER_REPORT_INTERVAL_S": "0.5",
-               "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "6",
-               "STREAMREC_KAFKA_REBALANCE_TIMEOUT_S": "6"}
+        env = bench_worker_env(kafka.bootstrap, redis_srv.url, run_id,
+                               live_models=args.models, state_writer=args.state_writer,
+                               topic_partitions=args.partitions, worker_report_interval_s=0.5)
         log = open(Path(tmp) / "worker.log", "wb")  # noqa: SIM115
-        workers = [subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "worker", "--loglevel", "warn"],
-            env={**env, "STREAMREC_WORKER_WEB_PORT": str(free_port()),
-                 "STREAMREC_WORKER_DATA_DIR": str(Path(tmp) / f"worker-{n}")},
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            for n in range(args.workers)]
+        workers = [spawn_worker(env, Path(tmp) / f"worker-{n}", log)
+                   for n in range(args.workers)]
         client, keys = sync_redis(redis_srv.url), RedisKeys("sr")
-
-        def applied() -> int:  # duplicates the simulator sends count as handled
-            counters = client.hmget(keys.stats, "events_applied", "skipped_duplicates")
-            return sum(int(c or 0) for c in counters)
+        applied = partial(events_handled, client, keys)
 
         def drained_all() -> bool:  # owned: the owners caught up as well
             return applied() >= len(events) and (args.state_writer != "owned" or hop_settled(

@@ -21,7 +21,6 @@ The last line is JSON. Usage: ``python bench/rebalance.py [--state-writer owned]
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -29,12 +28,14 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import print_result  # noqa: E402
+from bench.report import (bench_worker_env, events_handled, print_result,  # noqa: E402
+                          spawn_worker)
 from infra.embedded import (EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster,  # noqa: E402
                             ensure_topics, free_port, terminate)
 from infra.redis_client import sync_redis  # noqa: E402
@@ -60,12 +61,6 @@ def revocation_waits(port: int) -> tuple[int, float, int]:
             count - int(samples.get((f"{HISTOGRAM}_bucket", "0.1"), 0)))
 
 
-def handled(client, keys: RedisKeys) -> int:
-    """Events applied or dropped as producer duplicates (the simulator sends some)."""
-    return sum(int(c or 0) for c in client.hmget(keys.stats, "events_applied",
-                                                  "skipped_duplicates"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=10_000.0, help="events/s offered")
@@ -84,40 +79,36 @@ def main() -> None:
             tempfile.TemporaryDirectory() as tmp:
         topic = f"bench-{run_id}"
         ensure_topics(kafka.bootstrap, {topic: args.partitions, f"bench-dlq-{run_id}": 1})
-        env = {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka.bootstrap,
-               "STREAMREC_REDIS_URL": redis_srv.url, "STREAMREC_TOPIC_INTERACTIONS": topic,
-               "STREAMREC_TOPIC_DLQ": f"bench-dlq-{run_id}",
-               "STREAMREC_TOPIC_ITEM_VECTORS": f"bench-vectors-{run_id}",
-               "STREAMREC_TOPIC_ITEM_DELTAS": f"bench-deltas-{run_id}",
-               "STREAMREC_APP_ID": f"bench-{run_id}", "STREAMREC_LIVE_MODELS": args.models,
-               "STREAMREC_STATE_WRITER": args.state_writer,
-               "STREAMREC_TOPIC_PARTITIONS": str(args.partitions),
-               "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "6",
-               "STREAMREC_KAFKA_REBALANCE_TIMEOUT_S": "6"}
+        env = bench_worker_env(kafka.bootstrap, redis_srv.url, run_id,
+                               live_models=args.models, state_writer=args.state_writer,
+                               topic_partitions=args.partitions)
         log = open(Path(tmp) / "worker.log", "wb")  # noqa: SIM115
         ports: list[int] = []
 
         def start_worker() -> subprocess.Popen:
             ports.append(free_port())
-            return subprocess.Popen(
-                [sys.executable, "-m", "infra.cli", "worker", "--loglevel", "warn"],
-                env={**env, "STREAMREC_WORKER_WEB_PORT": str(free_port()),
-                     "STREAMREC_WORKER_METRICS_PORT": str(ports[-1]),
-                     "STREAMREC_WORKER_DATA_DIR": str(Path(tmp) / f"worker-{len(ports)}")},
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            return spawn_worker(env, Path(tmp) / f"worker-{len(ports)}", log,
+                                STREAMREC_WORKER_METRICS_PORT=str(ports[-1]))
 
         workers = [start_worker(), start_worker()]
         client, keys = sync_redis(redis_srv.url), RedisKeys("sr")
-
-        def applied() -> int:
-            return handled(client, keys)
+        applied = partial(events_handled, client, keys)
 
         sim = UserSimulator(20_000, 50_000, seed=5)
         events = list(sim.events(int(args.rate * args.seconds), time.time(), args.rate))
         per_tick = max(int(args.rate * 0.05), 1)  # sent every 50 ms
-        sent, longest_stall = 0, 0.0
-        last_applied, last_change = 0, time.monotonic()
-        joined = left = None
+        sent, joined, left = 0, None, None
+        progress = {"applied": 0, "since": time.monotonic(), "longest_stall": 0.0}
+
+        def note_progress(behind: bool) -> None:
+            """Track the longest time nothing was applied while ``behind`` (events wait)."""
+            done, now = applied(), time.monotonic()
+            if done != progress["applied"]:
+                progress.update(applied=done, since=now)
+            elif behind:
+                progress["longest_stall"] = max(progress["longest_stall"],
+                                                now - progress["since"])
+
         try:
             with InteractionProducer(kafka.bootstrap, topic, max_batch_events=500) as producer:
                 producer.send_many(events[:per_tick])  # the group forms on the first events
@@ -138,22 +129,14 @@ def main() -> None:
                     batch = events[sent:sent + per_tick]
                     producer.send_many(batch)
                     sent += len(batch)
-                    done = applied()
-                    if done != last_applied:
-                        last_applied, last_change = done, time.monotonic()
-                    elif done < sent - per_tick:
-                        longest_stall = max(longest_stall, time.monotonic() - last_change)
+                    note_progress(progress["applied"] < sent - per_tick)
                     time.sleep(max(0.0, started + sent / args.rate - time.monotonic()))
                 producer.flush()
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline and not (
                     applied() >= len(events) and (args.state_writer != "owned" or hop_settled(
                         client, keys, topic, args.partitions))):
-                done = applied()
-                if done != last_applied:
-                    last_applied, last_change = done, time.monotonic()
-                else:
-                    longest_stall = max(longest_stall, time.monotonic() - last_change)
+                note_progress(True)
                 time.sleep(0.05)
             exits = [worker.poll() for worker in workers[:2]]
             waits = [revocation_waits(port) for port, code in zip(ports, exits) if code is None]
@@ -173,7 +156,7 @@ def main() -> None:
         "revocation_wait_mean_ms": round(1000 * sum(s for _, s, _ in waits) / revocations, 2)
         if revocations else None,
         "revocation_waits_over_100ms": sum(over for _, _, over in waits),
-        "longest_stall_s": round(longest_stall, 2),
+        "longest_stall_s": round(progress["longest_stall"], 2),
     })
 
 

@@ -8,6 +8,7 @@ import argparse
 import itertools
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -157,6 +158,40 @@ def yoochoose_split():
     if not YOOCHOOSE.exists():
         sys.exit(f"{YOOCHOOSE} not found: this benchmark reads the team's shared data")
     return load_split(YOOCHOOSE, "yoochoose")
+
+
+def bench_worker_env(kafka_bootstrap: str, redis_url: str, run_id: str, **settings) -> dict:
+    """The environment of ``streamrec worker`` processes in a bench run: the run's topics
+    (``bench-<run_id>``, ``bench-dlq-<run_id>``, ...), group and services, short group
+    timeouts, and ``settings`` as ``STREAMREC_<NAME>`` variables."""
+    return {**os.environ, "STREAMREC_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "STREAMREC_REDIS_URL": redis_url, "STREAMREC_APP_ID": f"bench-{run_id}",
+            "STREAMREC_TOPIC_INTERACTIONS": f"bench-{run_id}",
+            "STREAMREC_TOPIC_DLQ": f"bench-dlq-{run_id}",
+            "STREAMREC_TOPIC_ITEM_VECTORS": f"bench-vectors-{run_id}",
+            "STREAMREC_TOPIC_ITEM_DELTAS": f"bench-deltas-{run_id}",
+            "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "6",
+            "STREAMREC_KAFKA_REBALANCE_TIMEOUT_S": "6",
+            **{f"STREAMREC_{name.upper()}": str(value) for name, value in settings.items()}}
+
+
+def spawn_worker(env: dict, data_dir: Path, log, **extra_env: str) -> subprocess.Popen:
+    """A ``streamrec worker`` process (its own web port and data folder), output to ``log``."""
+    from infra.embedded import free_port
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "worker", "--loglevel", "warn"],
+        env={**env, "STREAMREC_WORKER_WEB_PORT": str(free_port()),
+             "STREAMREC_WORKER_DATA_DIR": str(data_dir), **extra_env},
+        cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+
+
+def events_handled(client, keys) -> int:
+    """Events the workers applied or dropped as producer duplicates (the simulator sends
+    some), from Redis's counters."""
+    return sum(int(c or 0) for c in client.hmget(keys.stats, "events_applied",
+                                                  "skipped_duplicates"))
 
 
 def cpu_seconds(pid: int) -> float:

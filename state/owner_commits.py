@@ -39,8 +39,8 @@ import msgspec
 
 from infra.redis_client import mget_any
 from state.ownership import Owner, outbox_entry, outbox_field
-from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
-                               build_on_redis)
+from state.redis_store import (CLUSTER_WRITE_SCRIPTS, Claim, WriteBatch, apply_commands,
+                               build_on_redis, claim_partitions)
 from state.write_back import WriteBackStore
 from schemas.keys import RedisKeys
 
@@ -50,22 +50,6 @@ _decode_sources = msgspec.msgpack.Decoder(tuple[dict[str, int], msgspec.Raw]).de
 
 class OwnerFenced(RuntimeError):
     """Another owner of this partition committed since this one read its offsets."""
-
-
-class OwnerPartitionMoved(RuntimeError):
-    """Redis Cluster: another worker was assigned this item partition and claimed it
-    (:func:`claim_owner_partitions`); this process was evicted without knowing and must
-    write none of it again."""
-
-
-def claim_owner_partitions(client, keys: RedisKeys, partitions: list[int],
-                           writer_id: bytes) -> None:
-    """Redis Cluster: make the process ``writer_id`` the owner of item ``partitions`` the
-    group just assigned it; every owner commit checks the claim."""
-    with client.pipeline(transaction=False) as pipe:
-        for partition in partitions:
-            pipe.set(keys.owner_writer(partition), writer_id)
-        pipe.execute()
 
 
 def owner_stores(settings, client, clock=time.time) -> dict[str, WriteBackStore]:
@@ -116,10 +100,10 @@ class OwnerPartition:
         self.cluster = next(iter(self.stores.values())).reader.cluster if self.stores else False
         #: Redis Cluster: this process's claim (the worker claims at the assignment;
         #: claimed here where no process has)
-        self.writer_key = self.keys.owner_writer(partition)
-        self.writer_id = writer_id or uuid.uuid4().hex.encode()
+        self.claim = Claim(self.keys.owner_writer(partition),
+                           writer_id or uuid.uuid4().hex.encode(), f"item partition {partition}")
         if self.cluster:
-            client.set(self.writer_key, self.writer_id, nx=True)
+            claim_partitions(client, [self.claim.key], self.claim.writer_id, if_unclaimed=True)
         self.restore()
 
     def restore(self) -> None:
@@ -245,8 +229,8 @@ def commit_owners(owners: list[OwnerPartition]) -> int:
     (one round trip for all the item partitions a worker holds), on a Redis Cluster one per
     owner (their keys are in different slots). Returns the keys written. Raises
     :class:`OwnerFenced` where any was fenced, after :meth:`OwnerPartition.restore` of every
-    owner whose commit did not happen; on a Redis Cluster :class:`OwnerPartitionMoved`
-    where another process claimed the partition."""
+    owner whose commit did not happen; on a Redis Cluster
+    :class:`state.redis_store.PartitionClaimed` where another process claimed the partition."""
     if not owners:
         return 0
     if owners[0].cluster:
@@ -256,12 +240,9 @@ def commit_owners(owners: list[OwnerPartition]) -> int:
             if staged is None:
                 continue
             owner._seq += 1
-            if not batch.commit_with_redo(owner.client, [owner.applied_key, owner.writer_key],
-                                          [owner._committed, owner.writer_id],
-                                          owner.redo_key, owner._seq, CLUSTER_WRITE_SCRIPTS):
-                if (found := owner.client.get(owner.writer_key)) != owner.writer_id:
-                    raise OwnerPartitionMoved(f"item partition {owner.partition} was assigned "
-                                              f"to another worker ({found!r} claimed it)")
+            if not batch.commit_with_redo(owner.client, [owner.applied_key], [owner._committed],
+                                          owner.redo_key, owner._seq, CLUSTER_WRITE_SCRIPTS,
+                                          owner.claim):
                 owner.restore()
                 raise OwnerFenced(f"item partition {owner.partition}: another owner committed "
                                   f"since this one read its offsets; started again from Redis")

@@ -13,7 +13,7 @@ import threading
 import zlib
 from contextlib import contextmanager
 from itertools import chain, islice
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import msgspec
 import numpy as np
@@ -254,13 +254,17 @@ class WriteBatch:
         return True
 
     def commit_with_redo(self, client, watch: list[str], expect: list[bytes | None],
-                         redo_key: str, seq: int, scripts) -> bool:
+                         redo_key: str, seq: int, scripts, claim: Claim | None = None) -> bool:
         """:meth:`commit` for a Redis Cluster, where one transaction holds one slot: WATCH
         ``watch`` (in ``redo_key``'s slot); if their values equal ``expect``, write in one
         MULTI/EXEC the commands of that slot and the redo record ``redo_key`` = {seq, the
         other commands}, then apply those (:func:`apply_commands`). False: nothing written.
         If the apply fails the record stays, and the writer applies it again before its next
-        batch: every command in it must be an overwrite or guarded by ``seq``."""
+        batch: every command in it must be an overwrite or guarded by ``seq``. ``claim``
+        (its key in the same slot) is WATCHed too: where another process claimed the
+        partition, nothing is written and :class:`PartitionClaimed` raised."""
+        if claim is not None:
+            watch, expect = [*watch, claim.key], [*expect, claim.writer_id]
         slot = slot_of(redo_key)
         local, remote = [], []
         for command in self.commands:
@@ -270,14 +274,14 @@ class WriteBatch:
                 tx.watch(*watch)
                 if [tx.get(key) for key in watch] != expect:  # MGET: blocked here
                     tx.unwatch()
-                    return False
+                    return _not_written(client, claim)
                 tx.multi()
                 tx.hset(redo_key, mapping={"seq": seq, "commands": _msgpack(remote)})
                 for command in local:
                     tx.execute_command(*command)
                 tx.execute()
         except redis.WatchError:
-            return False
+            return _not_written(client, claim)
         apply_commands(client, remote, [*scripts, *(script.script for script in self.scripts)])
         return True
 
@@ -285,6 +289,42 @@ class WriteBatch:
     def _call(connection, *args):
         connection.send_command(*args)
         return connection.read_response()
+
+
+class PartitionClaimed(RuntimeError):
+    """Owned layout on a Redis Cluster: the group assigned a partition this process was
+    writing (a source partition, or an item partition as its owner) to another worker, which
+    claimed it (:func:`claim_partitions`). This process was evicted without knowing (frozen
+    past the session timeout, say) and must write none of it again: the worker exits."""
+
+
+class Claim(NamedTuple):
+    """A partition's writer key, the process that must hold it for a commit to be written,
+    and the partition's name (for the error)."""
+
+    key: str
+    writer_id: bytes
+    partition: str
+
+
+def claim_partitions(client, writer_keys: list[str], writer_id: bytes,
+                     if_unclaimed: bool = False) -> None:
+    """Make the process ``writer_id`` the writer of the partitions whose writer keys these
+    are (a worker, when the group assigns it them); ``if_unclaimed``: only where no process
+    has claimed one (a writer the group did not assign: never over another's claim)."""
+    with client.pipeline(transaction=False) as pipe:
+        for key in writer_keys:
+            pipe.set(key, writer_id, nx=if_unclaimed)
+        pipe.execute()
+
+
+def _not_written(client, claim: Claim | None) -> bool:
+    """A commit's WATCH failed: False, or :class:`PartitionClaimed` where the reason is
+    another process's claim."""
+    if claim is not None and (found := client.get(claim.key)) != claim.writer_id:
+        raise PartitionClaimed(f"{claim.partition} was assigned to another worker ({found!r} "
+                               f"claimed it)")
+    return False
 
 
 def _first_key(command) -> str:

@@ -37,8 +37,7 @@ from typing import Awaitable, Callable, NoReturn
 from infra.redis_client import (TRANSIENT_REDIS_ERRORS, MemoryByNode, note_redis_error,
                                 sync_redis)
 from online_models import kernels
-from state.owner_commits import OwnerPartitionMoved
-from state.redis_store import RedisStore
+from state.redis_store import PartitionClaimed, RedisStore
 from schemas import dlq, vectors
 from schemas.events import split_source
 from schemas.keys import RedisKeys
@@ -48,8 +47,8 @@ from stream.log_positions import (LogEndProbe, LogMismatch, StallWatch, find_mis
                                   hold, read_progress, read_watermarks, record_topic_ids,
                                   topic_ids_to_record)
 from stream.pipeline import ApplyPipeline, event_chunks
-from stream.state import (ApplyResult, LiveState, PartitionsMoved, RedisLostWrites,
-                          SourceMessage, WriterLeaseHeld)
+from stream.state import (ApplyResult, LiveState, RedisLostWrites, SourceMessage,
+                          WriterLeaseHeld)
 from stream.topics import dlq_topic, interactions_topic, item_vectors_topic
 from stream.vector_changes import MovedVectors, PendingVectors
 from stream.worker_report import LiveFigures, publish_report
@@ -134,9 +133,9 @@ def _record_applied(result: ApplyResult, seconds: float) -> None:
     metrics.SKIPPED_REDELIVERED.inc(result.redelivered_messages)
 
 
-def exit_when_moved(exc: Exception) -> NoReturn:
+def exit_when_moved(exc: PartitionClaimed) -> NoReturn:
     """Exit to be restarted: a partition this process was writing was assigned to another
-    worker, which claimed it (:class:`PartitionsMoved`, or an item partition's)."""
+    worker, which claimed it."""
     log.error("%s: this worker was evicted from the group without knowing (frozen past the "
               "session timeout?); exiting to rejoin, its computed writes dropped", exc)
     exit_process(EXIT_TO_RESUME)
@@ -607,7 +606,7 @@ async def consume_batches(stream, handle, what: str) -> None:
         except RedisLostWrites as exc:
             log.error("%s; restarting to consume the lost offsets again from Kafka", exc)
             exit_process(EXIT_TO_RESUME)
-        except (PartitionsMoved, OwnerPartitionMoved) as exc:
+        except PartitionClaimed as exc:
             exit_when_moved(exc)
         except Exception:
             log.critical("%s bug; exiting so the batch is redelivered", what, exc_info=True)

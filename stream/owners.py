@@ -41,9 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 from infra.redis_client import sync_redis
 from schemas.events import InvalidEvent
 from state.ownership import record_problem
-from state.owner_commits import (OwnerFenced, OwnerPartition, OwnerPartitionMoved,
-                                 claim_owner_partitions, commit_owners, owner_stores,
+from state.owner_commits import (OwnerFenced, OwnerPartition, commit_owners, owner_stores,
                                  read_outboxes, read_positions)
+from state.redis_store import PartitionClaimed, claim_partitions
 from schemas.keys import RedisKeys
 from stream import metrics
 from stream.app import app, settings
@@ -193,7 +193,7 @@ async def _apply_locally(batch: Batch) -> bool:
     except OwnerFenced as exc:
         log.warning("%s; the records stay in their outboxes", exc)
         return False
-    except OwnerPartitionMoved as exc:
+    except PartitionClaimed as exc:
         exit_when_moved(exc)
     except Exception:
         log.critical("item deltas (local) bug; exiting so the outboxes are sent again",
@@ -235,8 +235,8 @@ async def relay_assigned_outboxes(sender, **_) -> None:
         del _owners[partition]
     if held:  # resume where each owner's committed state ends (after a Redis loss too)
         if state.cluster:  # from now on an evicted predecessor's commits fail
-            await run_retrying(_owner_thread, "claiming item partitions",
-                               claim_owner_partitions, _redis(), _keys, sorted(numbers),
+            await run_retrying(_owner_thread, "claiming item partitions", claim_partitions,
+                               _redis(), [_keys.owner_writer(p) for p in sorted(numbers)],
                                state.writer_id)
         positions = await run_retrying(_owner_thread, "owner positions", read_positions,
                                        _redis(), _keys, sorted(numbers))
@@ -332,7 +332,7 @@ async def apply_owned_batch(messages) -> None:
     owners. Any other failure propagates (the worker exits)."""
     try:
         operations = await _apply_owned(_owned_batch(messages))
-    except (asyncio.CancelledError, OwnerPartitionMoved):
+    except (asyncio.CancelledError, PartitionClaimed):
         raise
     except Exception:
         letters: list = []

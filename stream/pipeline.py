@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error
-from stream.state import (ApplyResult, LiveState, PartitionsMoved, PreparedBatch,
-                          SourceMessage)
+from state.redis_store import PartitionClaimed
+from stream.state import ApplyResult, LiveState, PreparedBatch, SourceMessage
 
 log = logging.getLogger("streamrec.pipeline")
 
@@ -58,7 +58,7 @@ class ApplyPipeline:
     def __init__(self, state: LiveState, on_applied: Callable[[ApplyResult, float], None],
                  retry_max_s: float = 5.0, on_retry: Callable[[], None] = lambda: None,
                  on_committed: Callable[[ApplyResult], None] = lambda result: None,
-                 on_moved: Callable[[PartitionsMoved], None] = lambda exc: None) -> None:
+                 on_moved: Callable[[PartitionClaimed], None] = lambda exc: None) -> None:
         self.state = state
         self.on_applied = on_applied
         self.on_committed = on_committed
@@ -178,7 +178,7 @@ class ApplyPipeline:
         except TRANSIENT_REDIS_ERRORS as exc:
             note_redis_error(log, "commit (the chunk is applied again)", exc)
             result = None
-        except PartitionsMoved as exc:
+        except PartitionClaimed as exc:
             self.on_moved(exc)
             raise
         if result is not None:

@@ -53,8 +53,8 @@ from online_models.base import OnlineModel
 from online_models.signals import SignalBatch, SignalMapper
 from infra.redis_client import is_cluster, sync_redis
 from state.ownership import DeltaRecorder, outbox_field
-from state.redis_store import (CLUSTER_WRITE_SCRIPTS, WriteBatch, apply_commands,
-                               build_live_models, queue_script,
+from state.redis_store import (CLUSTER_WRITE_SCRIPTS, Claim, WriteBatch, apply_commands,
+                               build_live_models, claim_partitions, queue_script,
                                require_single_on_cluster)
 from state.write_back import UntimedKeySweeper, WriteBackStore, sweep_untimed_keys
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TrendingModel
@@ -229,13 +229,6 @@ class RedisLostWrites(RuntimeError):
     writes under a running worker (a restart from an older snapshot or without persistence,
     a failover to a lagging replica, a flush), or an operator moved it back. The offsets in
     between must be consumed again: resume from Redis's watermarks."""
-
-
-class PartitionsMoved(RuntimeError):
-    """Owned layout on a Redis Cluster: the group assigned a source partition this process
-    was writing to another worker, which claimed it (:meth:`LiveState.claim_sources`); this
-    process was evicted without knowing (frozen past the session timeout, say) and must write
-    none of it again: the worker exits to be restarted."""
 
 
 class WriterLeaseHeld(RuntimeError):
@@ -510,10 +503,10 @@ class LiveState:
         """Parted commits: make this process the writer of the source ``partitions`` the
         group just assigned it (their writer keys). Every part's commit checks the key: a
         process evicted without knowing writes nothing of them after this
-        (:class:`PartitionsMoved`)."""
-        if self.parted and partitions:  # one slot ({wm}): one MSET
-            self.client.mset({self.keys.source_writer(*source): self.writer_id
-                              for source in partitions})
+        (:class:`state.redis_store.PartitionClaimed`)."""
+        if self.parted and partitions:
+            claim_partitions(self.client, [self.keys.source_writer(*source)
+                                           for source in partitions], self.writer_id)
 
     def _apply_source_redo(self, source: tuple[str, int]) -> None:
         """:meth:`_apply_redo` of one source partition's record (the parted commits), before
@@ -522,7 +515,8 @@ class LiveState:
         user-side keys the record writes without TTLs get their tables' TTLs: the writer that
         wrote the record may be gone, and this one does not track them (it clears the TTL
         where it writes one again); the rebalance's sweep may have run before this."""
-        self.client.set(self.keys.source_writer(*source), self.writer_id, nx=True)
+        claim_partitions(self.client, [self.keys.source_writer(*source)], self.writer_id,
+                         if_unclaimed=True)
         self._source_seqs[source], commands = self._replay_redo(self.keys.source_redo(*source))
         self._sources_redone.add(source)
         written = [name for command in commands if command[0] == "MSET"
@@ -827,18 +821,16 @@ class LiveState:
         """Write a prepared batch in one MULTI/EXEC, guarded by WATCH on its watermarks; None
         (nothing written) if a watermark is not what the batch was prepared against. Parted
         (:meth:`_compute_parts`): one per source partition, in turn, each guarded by its
-        writer key too; None from the first whose watermark moved, :class:`PartitionsMoved`
-        where another process claimed the partition."""
+        writer key too; None from the first whose watermark moved,
+        :class:`state.redis_store.PartitionClaimed` where another process claimed it."""
         for source, writes, seq in prepared.parts:
-            mark, writer = prepared.expected[source], self.keys.source_writer(*source)
-            if not writes.commit_with_redo(
-                    self.client, [self.keys.watermark(*source), writer],
-                    [str(mark).encode() if mark >= 0 else None, self.writer_id],
-                    self.keys.source_redo(*source), seq, self._scripts):
-                found = self.client.get(writer)
-                if found != self.writer_id:
-                    raise PartitionsMoved(f"{source[0]}[{source[1]}] was assigned to another "
-                                          f"worker ({found!r} claimed it)")
+            mark = prepared.expected[source]
+            claim = Claim(self.keys.source_writer(*source), self.writer_id,
+                          f"{source[0]}[{source[1]}]")
+            if not writes.commit_with_redo(self.client, [self.keys.watermark(*source)],
+                                           [str(mark).encode() if mark >= 0 else None],
+                                           self.keys.source_redo(*source), seq,
+                                           self._scripts, claim):
                 return None
             if source in prepared.new_marks:
                 self._committed_marks[source] = max(self._committed_marks.get(source, -1),

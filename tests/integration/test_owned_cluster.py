@@ -16,7 +16,8 @@ from schemas.keys import RedisKeys
 from state.owner_commits import OwnerPartition, commit_owners, owner_stores, read_outboxes
 from state.ownership import owner_partition
 from state.redis_store import build_live_models
-from stream.state import LiveState, PartitionsMoved
+from state.redis_store import PartitionClaimed
+from stream.state import LiveState
 from stream.simulator import UserSimulator
 from stream.state import SourceMessage
 from tests.state_check import assert_live_equals_replay, killed_mid_apply, redis_snapshot
@@ -219,7 +220,7 @@ def test_a_worker_evicted_without_knowing_writes_nothing_once_its_successor_clai
     assert len(prepared.parts) > 1
     successor = next_worker(s, client)  # assigned the partitions; no batch of its own yet
     written = redis_snapshot(client)
-    with pytest.raises(PartitionsMoved, match="assigned to another worker"):
+    with pytest.raises(PartitionClaimed, match="assigned to another worker"):
         frozen.commit(prepared)  # (its watermarks have not moved: only the claim stops it)
     assert redis_snapshot(client) == written
     for start in range(30, len(batch), 3):

@@ -12,11 +12,10 @@ import state.redis_store
 from infra.redis_client import sync_redis
 from online_models.registry import build
 from online_models.signals import SignalMapper
-from state.owner_commits import (OwnerFenced, OwnerPartition, OwnerPartitionMoved,
-                                 claim_owner_partitions, owner_stores, read_outboxes)
+from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores, read_outboxes
 from state.ownership import OwnedLayout
 from schemas.keys import RedisKeys
-from state.redis_store import build_on_redis
+from state.redis_store import PartitionClaimed, build_on_redis, claim_partitions
 from state.write_back import UntimedKeySweeper
 from stream.simulator import UserSimulator
 from tests.state_check import assert_store_holds, redis_snapshot
@@ -55,7 +54,7 @@ def owner(s, client, partition: int, clock=time.time) -> OwnerPartition:
     """A new owner of ``partition``, as a worker the group assigned it builds it: having
     claimed the partition (on a Redis Cluster every commit checks the claim)."""
     built = OwnerPartition(client, s.key_prefix, partition, owner_stores(s, client, clock))
-    claim_owner_partitions(client, RedisKeys(s.key_prefix), [partition], built.writer_id)
+    claim_partitions(client, [built.claim.key], built.claim.writer_id)
     return built
 
 
@@ -143,7 +142,7 @@ def test_on_a_cluster_an_owner_evicted_without_knowing_writes_nothing_once_claim
     frozen.apply(records[2])  # applied in memory; then frozen past its session
     successor = owner(s, client, 0)  # claimed at the assignment; nothing committed yet
     written = redis_snapshot(client)
-    with pytest.raises(OwnerPartitionMoved, match="item partition 0"):
+    with pytest.raises(PartitionClaimed, match="item partition 0"):
         frozen.commit()
     assert redis_snapshot(client) == written
     for record in records:
