@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 from operator import itemgetter
 
 import redis
@@ -199,22 +200,27 @@ def _replies(connection, count: int):
         yield reply
 
 
-def send_per_node(client: redis.cluster.RedisCluster, commands: list[tuple], key_of) -> list:
+def send_per_node(client: redis.cluster.RedisCluster, commands: list[tuple], key_of,
+                  before_send: Callable[[], None] | None = None) -> list:
     """Send commands (tuples) to a cluster as one packed write per primary, each routed by the
     slot of ``key_of(command)``, every write before any reply is read; the replies in command
-    order. Raises the first error reply once every reply is read (connections stay in step).
-    redis-py's cluster pipeline does the same at ~10× the CPU per command; where slots moved
-    (MOVED, ASK) the commands go through it again, as it follows redirections, so callers
-    only send commands that may be applied twice. Where a node cannot be reached (it died, and
+    order. ``before_send`` is called once everything is packed, just before the first byte
+    goes out (and again before a resend): it may raise to send nothing. Raises the first
+    error reply once every reply is read (connections stay in step). redis-py's cluster
+    pipeline does the same at ~10× the CPU per command; where slots moved (MOVED, ASK) the
+    commands go through it again, as it follows redirections, so callers only send commands
+    that may be applied twice. Where a node cannot be reached (it died, and
     a replica may be taking over its slots), the slot map is read again before the error is
     raised, so the caller's retry goes to whichever node holds the slots then."""
     try:
-        return _send_packed(client, commands, key_of)
+        return _send_packed(client, commands, key_of, before_send)
     except (redis.exceptions.MovedError, redis.exceptions.AskError):
         client.nodes_manager.initialize()
         with client.pipeline(transaction=False) as pipe:
             for command in commands:
                 pipe.execute_command(*command)
+            if before_send is not None:
+                before_send()
             return pipe.execute()
     except (redis.ConnectionError, redis.TimeoutError):
         refresh_slots(client)
@@ -267,18 +273,22 @@ def _pack_mset(command: tuple) -> bytes:
     return b"".join(parts)
 
 
-def _send_packed(client, commands: list[tuple], key_of) -> list:
+def _send_packed(client, commands: list[tuple], key_of, before_send=None) -> list:
     slots, per_node = client.nodes_manager.slots_cache, {}
     for n, command in enumerate(commands):
         node = slots[slot_of(key_of(command))][0]
         per_node.setdefault(node.name, (node, []))[1].append(n)
+    packed = [b"".join(pack(commands[n]) for n in positions)
+              for _, positions in per_node.values()]
     sent, error, replies = [], None, [None] * len(commands)
     try:
         for node, positions in per_node.values():
             pool = client.get_redis_connection(node).connection_pool
             sent.append((pool, pool.get_connection(), positions))
-            sent[-1][1].send_packed_command([b"".join(
-                pack(commands[n]) for n in positions)])
+        if before_send is not None:
+            before_send()
+        for (_, connection, _), data in zip(sent, packed):
+            connection.send_packed_command([data])
         for _, connection, positions in sent:
             for n, reply in zip(positions, _replies(connection, len(positions))):
                 if isinstance(reply, redis.ConnectionError):

@@ -188,6 +188,12 @@ class Settings(BaseSettings):
         "(rewrites its changed rows) once per interval, for less CPU, and item-side state "
         "(rows, vectors) reaches Redis up to this much later; user-side state is not delayed "
         "(docs/benchmarks.md, session 33).")
+    cluster_claim_window_s: float = Field(
+        3.0, gt=0, description="owned on a Redis Cluster: a commit's writes to other nodes are "
+        "sent within this many seconds of the check that the worker still holds its partition "
+        "(else it exits: frozen, or Redis stalled), and a worker taking a partition over from "
+        "one that did not give it up (crashed, evicted) waits this long before writing it: "
+        "nothing of the predecessor's can land over its rows (docs/reliability.md).")
     state_writer_lease_s: float = Field(10.0, ge=1, description="single: how long the writer's "
                                         "lease lasts unrenewed (a restarted worker waits at "
                                         "most this long for its predecessor's).")

@@ -346,7 +346,10 @@ class RedisKeys:
                     "The worker process the group last assigned the source partition, written "
                     "at the assignment; each commit of the partition's part WATCHes it, so a "
                     "process evicted without knowing (frozen past the session timeout) writes "
-                    "nothing of it after its successor took over, and exits."),
+                    "nothing of it after its successor took over, and exits. Deleted by its "
+                    "holder when it gives the partition up at a rebalance, everything "
+                    "written; else the next writer waits STREAMREC_CLUSTER_CLAIM_WINDOW_S "
+                    "after its claim before writing (docs/reliability.md)."),
             KeySpec(f"{p}:{{wm}}:held", "hash <topic>:<partition> → reason", "none",
                     "stream worker", "one field per held partition",
                     "Partitions whose Redis progress does not fit the Kafka log (the log went "
@@ -384,8 +387,9 @@ class RedisKeys:
             KeySpec(f"{p}:{{own:<partition>}}:writer", "string (process id)", "none",
                     "item partition owner (Redis Cluster only)", "one key per item partition",
                     "The worker process the group last assigned the item partition, written "
-                    "at the assignment; each owner commit WATCHes it (as "
-                    "`{wm}:writer:<topic>:<partition>` for source partitions)."),
+                    "at the assignment; each owner commit WATCHes it, and it is deleted at a "
+                    "rebalance, as `{wm}:writer:<topic>:<partition>` is for source "
+                    "partitions."),
             KeySpec(f"{p}:{{own:<partition>}}:redo", "hash {seq, commands}", "none",
                     "item partition owner (Redis Cluster only)", "one commit's writes",
                     "The owner's last commit outside its slot (overwrites only), written with "

@@ -39,12 +39,11 @@ import msgspec
 
 from infra.redis_client import mget_any
 from state.ownership import Owner, outbox_entry, outbox_field
-from state.redis_store import (CLUSTER_WRITE_SCRIPTS, Claim, WriteBatch, apply_commands,
-                               build_on_redis, claim_partitions)
+from state.redis_store import (CLUSTER_WRITE_SCRIPTS, Claim, WriteBatch, build_on_redis,
+                               replay_redo)
 from state.write_back import WriteBackStore
 from schemas.keys import RedisKeys
 
-_decode_commands = msgspec.msgpack.Decoder(list[tuple]).decode
 _decode_sources = msgspec.msgpack.Decoder(tuple[dict[str, int], msgspec.Raw]).decode
 
 
@@ -90,7 +89,8 @@ class OwnerPartition:
     model namespace → its :class:`WriteBackStore` (:func:`owner_stores`)."""
 
     def __init__(self, client, prefix: str, partition: int,
-                 stores: Mapping[str, WriteBackStore], writer_id: bytes | None = None) -> None:
+                 stores: Mapping[str, WriteBackStore], writer_id: bytes | None = None, *,
+                 claim_window_s: float) -> None:
         self.client, self.partition = client, partition
         self.keys = RedisKeys(prefix)
         self.stores = dict(stores)
@@ -99,25 +99,23 @@ class OwnerPartition:
         self.epoch_key = self.keys.owned_epoch
         self.cluster = next(iter(self.stores.values())).reader.cluster if self.stores else False
         #: Redis Cluster: this process's claim (the worker claims at the assignment;
-        #: claimed here where no process has)
+        #: :meth:`restore` where no process has)
         self.claim = Claim(self.keys.owner_writer(partition),
-                           writer_id or uuid.uuid4().hex.encode(), f"item partition {partition}")
-        if self.cluster:
-            claim_partitions(client, [self.claim.key], self.claim.writer_id, if_unclaimed=True)
+                           writer_id or uuid.uuid4().hex.encode(), f"item partition {partition}",
+                           claim_window_s)
         self.restore()
 
     def restore(self) -> None:
         """Start from what Redis holds: forget the state held in memory (it is read again
-        on first use), apply the last commit's redo record (cluster), read ``applied``."""
+        on first use), apply the last commit's redo record (cluster, as the partition's
+        writer: :func:`state.redis_store.replay_redo`), read ``applied``."""
         for store in self.stores.values():
             store.forget_cached()
         seq = 0
         if self.cluster:
-            record = self.client.hgetall(self.redo_key)
-            if record:
-                apply_commands(self.client, _decode_commands(record[b"commands"]),
-                               list(CLUSTER_WRITE_SCRIPTS))
-                seq = int(record[b"seq"])
+            record, _ = replay_redo(self.client, self.redo_key, list(CLUSTER_WRITE_SCRIPTS),
+                                    self.claim)
+            seq = int(record.get(b"seq", 0))
         self._seq = max(seq, int(time.time() * 1000))
         self._committed, self.epoch = mget_any(self.client, [self.applied_key, self.epoch_key])
         self.position, applied = decode_progress(self._committed)

@@ -9,7 +9,9 @@ Models never import this module: the worker and serving bind them to it
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 import zlib
 from contextlib import contextmanager
 from itertools import chain, islice
@@ -136,6 +138,8 @@ _msgpack = msgspec.msgpack.Encoder(enc_hook=_plain_number).encode
 _KEY_NAMES_PER_TABLE = 1 << 18  # a table's remembered key names are dropped past this
 _ABSENT = np.empty(0, np.float32)  # a cached vector known not to exist
 _decode_row = msgspec.msgpack.Decoder(dict[str, float]).decode
+_decode_commands = msgspec.msgpack.Decoder(list[tuple]).decode  # a redo record's commands
+log = logging.getLogger(__name__)
 
 
 def queue_script(pipe, script, keys: list[str], args: list) -> None:
@@ -262,7 +266,10 @@ class WriteBatch:
         If the apply fails the record stays, and the writer applies it again before its next
         batch: every command in it must be an overwrite or guarded by ``seq``. ``claim``
         (its key in the same slot) is WATCHed too: where another process claimed the
-        partition, nothing is written and :class:`PartitionClaimed` raised."""
+        partition, nothing is written and :class:`PartitionClaimed` raised; the writes to
+        other nodes are sent within the claim's window of the WATCH or not at all
+        (:class:`ClaimWindowPassed`: the redo record holds them)."""
+        started = time.monotonic()  # before the claim is read: its window starts no later
         if claim is not None:
             watch, expect = [*watch, claim.key], [*expect, claim.writer_id]
         slot = slot_of(redo_key)
@@ -282,7 +289,8 @@ class WriteBatch:
                 tx.execute()
         except redis.WatchError:
             return _not_written(client, claim)
-        apply_commands(client, remote, [*scripts, *(script.script for script in self.scripts)])
+        apply_commands(client, remote, [*scripts, *(script.script for script in self.scripts)],
+                       before_send=_within_window(claim, started))
         return True
 
     @staticmethod
@@ -298,24 +306,96 @@ class PartitionClaimed(RuntimeError):
     past the session timeout, say) and must write none of it again: the worker exits."""
 
 
+class ClaimWindowPassed(PartitionClaimed):
+    """A commit's writes to other Redis Cluster nodes could not be sent within the claim's
+    window of the check that this process held the partition (it was frozen, or Redis
+    stalled): another worker may have claimed the partition since and be writing newer rows,
+    so nothing more is sent (the redo record holds the writes; the partition's next writer
+    applies it) and the worker exits."""
+
+
 class Claim(NamedTuple):
     """A partition's writer key, the process that must hold it for a commit to be written,
-    and the partition's name (for the error)."""
+    the partition's name (for the error) and the window (s) within which a write checked
+    against the claim must be sent (``STREAMREC_CLUSTER_CLAIM_WINDOW_S``)."""
 
     key: str
     writer_id: bytes
     partition: str
+    window_s: float
 
 
-def claim_partitions(client, writer_keys: list[str], writer_id: bytes,
+def _within_window(claim: Claim | None, checked: float) -> Callable[[], None] | None:
+    """What must hold just before writes checked against ``claim`` at ``checked``
+    (monotonic) are sent: still inside its window, else :class:`ClaimWindowPassed`."""
+    if claim is None:
+        return None
+
+    def check() -> None:
+        late = time.monotonic() - checked
+        if late > claim.window_s:
+            raise ClaimWindowPassed(
+                f"{claim.partition}: writes to other nodes not sent within {claim.window_s:g} "
+                f"s of the claim's check ({late:.1f} s: frozen, or Redis stalled); another "
+                f"worker may hold the partition now, so none is sent (its redo record holds "
+                f"them)")
+    return check
+
+
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def claim_partitions(client, writer_keys: list[str], writer_id: bytes, wait_s: float = 0.0,
                      if_unclaimed: bool = False) -> None:
     """Make the process ``writer_id`` the writer of the partitions whose writer keys these
-    are (a worker, when the group assigns it them); ``if_unclaimed``: only where no process
-    has claimed one (a writer the group did not assign: never over another's claim)."""
+    are (a worker, when the group assigns it them). Where another process held one and did
+    not release it (:func:`release_partitions`: it crashed, or was evicted without knowing
+    and may be frozen mid-commit), wait ``wait_s`` (the claim window) before returning: a
+    write it checked against its claim before this one is sent by then, or never
+    (:class:`ClaimWindowPassed`). ``if_unclaimed``: only where no process has claimed one (a
+    writer the group did not assign: never over another's claim; no wait)."""
     with client.pipeline(transaction=False) as pipe:
         for key in writer_keys:
-            pipe.set(key, writer_id, nx=if_unclaimed)
-        pipe.execute()
+            pipe.set(key, writer_id, nx=if_unclaimed, get=not if_unclaimed)
+        before = pipe.execute()
+    held_before = [] if if_unclaimed else [
+        key for key, holder in zip(writer_keys, before) if holder is not None]
+    if held_before and wait_s > 0:
+        log.warning("claimed %d partitions another process had not given up (%s…): waiting "
+                 "%.1f s, until nothing it checked against its claim can still be sent",
+                 len(held_before), held_before[0], wait_s)
+        time.sleep(wait_s)
+
+
+def release_partitions(client, writer_keys: list[str], writer_id: bytes) -> None:
+    """Give up the partitions whose writer keys these are, where ``writer_id`` still holds
+    them (a worker before a rebalance, once everything it wrote is in Redis): their next
+    writer need not wait (:func:`claim_partitions`)."""
+    release = client.register_script(_RELEASE_LUA)
+    for key in writer_keys:
+        release(keys=[key], args=[writer_id])
+
+
+def replay_redo(client, redo_key: str, scripts: list[str],
+                claim: Claim | None = None) -> tuple[dict, list[tuple]]:
+    """Apply the redo record at ``redo_key`` again (every write in it is an overwrite or
+    guarded by its seq): the record and its commands. With a ``claim``, as the partition's
+    writer: claimed first where no process has, :class:`PartitionClaimed` where another
+    holds it, the writes sent within the claim's window of that check."""
+    checked = time.monotonic()
+    if claim is not None:
+        claim_partitions(client, [claim.key], claim.writer_id, if_unclaimed=True)
+        if (found := client.get(claim.key)) != claim.writer_id:
+            raise PartitionClaimed(f"{claim.partition} was assigned to another worker "
+                                   f"({found!r} claimed it)")
+    record = client.hgetall(redo_key)
+    commands = _decode_commands(record[b"commands"]) if record else []
+    if commands:
+        apply_commands(client, commands, scripts, before_send=_within_window(claim, checked))
+    return record, commands
 
 
 def _not_written(client, claim: Claim | None) -> bool:
@@ -332,24 +412,28 @@ def _first_key(command) -> str:
     return command[3] if command[0] == "EVALSHA" else command[1]
 
 
-def apply_commands(client, commands: list[tuple], scripts: list[str]) -> list:
+def apply_commands(client, commands: list[tuple], scripts: list[str],
+                   before_send: Callable[[], None] | None = None) -> list:
     """Send recorded commands in one pipeline (to a Redis Cluster, pipelined per node, each
     routed by its key: :func:`infra.redis_client.send_per_node`); where a server lacks a
     script (restarted), load ``scripts`` everywhere and send them all again. Returns the
-    replies. Callers only send commands that may be applied twice."""
+    replies. Callers only send commands that may be applied twice. ``before_send``: called
+    just before the commands go out (each time), may raise to send nothing."""
     send = send_per_node if is_cluster(client) else _send_pipelined
     try:
-        return send(client, commands, key_of=_first_key)
+        return send(client, commands, _first_key, before_send)
     except redis.exceptions.NoScriptError:
         for script in scripts:
             client.script_load(script)
-        return send(client, commands, key_of=_first_key)
+        return send(client, commands, _first_key, before_send)
 
 
-def _send_pipelined(client, commands: list[tuple], key_of=None) -> list:
+def _send_pipelined(client, commands: list[tuple], key_of=None, before_send=None) -> list:
     with client.pipeline(transaction=False) as pipe:
         for command in commands:
             pipe.execute_command(*command)
+        if before_send is not None:
+            before_send()
         return pipe.execute()
 
 

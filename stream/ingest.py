@@ -34,10 +34,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, NoReturn
 
+import redis
+
 from infra.redis_client import (TRANSIENT_REDIS_ERRORS, MemoryByNode, note_redis_error,
                                 sync_redis)
 from online_models import kernels
-from state.redis_store import PartitionClaimed, RedisStore
+from state.redis_store import PartitionClaimed, RedisStore, release_partitions
 from schemas import dlq, vectors
 from schemas.events import split_source
 from schemas.keys import RedisKeys
@@ -321,6 +323,8 @@ async def finish_writes_before_revocation(sender, revoked, **_) -> None:
         done = [await finish(max(deadline - time.monotonic(), 0.001))
                 for finish in [pipeline.finish_writes, *revocation_writes]]
     if all(done):
+        if pipeline.state.parted:
+            await _release_claims(pipeline.state, revoked, deadline - time.monotonic())
         return
     if pipeline.state.cluster:
         log.error("writes still running %.1f s into a rebalance (Redis stalled?); exiting so "
@@ -328,6 +332,22 @@ async def finish_writes_before_revocation(sender, revoked, **_) -> None:
         exit_process(EXIT_TO_RESUME)
     log.warning("writes still running %.1f s into a rebalance; a late one fails its WATCH",
                 limit_s)
+
+
+async def _release_claims(state, revoked, timeout_s: float) -> None:
+    """Owned layout on a Redis Cluster, everything written: give up the claims of the
+    ``revoked`` partitions (source and item partitions), so that their next writers need not
+    wait out the claim window (:func:`state.redis_store.claim_partitions`). Best effort:
+    where it fails in time, they wait."""
+    keys = [state.keys.owner_writer(tp.partition) if tp.topic == settings.topic_item_deltas
+            else state.keys.source_writer(tp.topic, tp.partition) for tp in revoked]
+    try:
+        await asyncio.wait_for(asyncio.to_thread(release_partitions, state.client, keys,
+                                                 state.writer_id), max(timeout_s, 0.1))
+    except (asyncio.TimeoutError, redis.RedisError, OSError) as exc:
+        log.warning("could not give up the claims of the revoked partitions (%r): their next "
+                    "writers wait %.1f s before writing them", exc,
+                    settings.cluster_claim_window_s)
 
 
 @app.on_rebalance_complete.connect

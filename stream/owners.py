@@ -237,7 +237,7 @@ async def relay_assigned_outboxes(sender, **_) -> None:
         if state.cluster:  # from now on an evicted predecessor's commits fail
             await run_retrying(_owner_thread, "claiming item partitions", claim_partitions,
                                _redis(), [_keys.owner_writer(p) for p in sorted(numbers)],
-                               state.writer_id)
+                               state.writer_id, settings.cluster_claim_window_s)
         positions = await run_retrying(_owner_thread, "owner positions", read_positions,
                                        _redis(), _keys, sorted(numbers))
         await seek_to_positions(positions, held)
@@ -269,7 +269,8 @@ def take_owners(partitions: list[int]) -> list[OwnerPartition]:
         if partition not in _owners:
             _owners[partition] = OwnerPartition(_redis(), settings.key_prefix, partition,
                                                 owner_stores(settings, _redis()),
-                                                apply_pipeline().state.writer_id)
+                                                apply_pipeline().state.writer_id,
+                                                claim_window_s=settings.cluster_claim_window_s)
             started.append(_owners[partition])
     if started:  # (once restored: redo applied)
         apply_pipeline().state.expiry_sweeper.request(list(started[0].stores.values()))

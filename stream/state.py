@@ -45,7 +45,6 @@ from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-import msgspec
 import numpy as np
 
 from infra.settings import Settings
@@ -53,9 +52,9 @@ from online_models.base import OnlineModel
 from online_models.signals import SignalBatch, SignalMapper
 from infra.redis_client import is_cluster, sync_redis
 from state.ownership import DeltaRecorder, outbox_field
-from state.redis_store import (CLUSTER_WRITE_SCRIPTS, Claim, WriteBatch, apply_commands,
+from state.redis_store import (CLUSTER_WRITE_SCRIPTS, Claim, WriteBatch,
                                build_live_models, claim_partitions, queue_script,
-                               require_single_on_cluster)
+                               replay_redo, require_single_on_cluster)
 from state.write_back import UntimedKeySweeper, WriteBackStore, sweep_untimed_keys
 from online_models.trending import REBASE_AFTER_HALF_LIVES, TrendingModel
 from schemas.events import ENGAGEMENT_TYPES, Erasure, Interaction
@@ -204,7 +203,6 @@ def doubles(values) -> bytes:
     return np.asarray(values, dtype="<f8").tobytes()
 
 
-_decode_commands = msgspec.msgpack.Decoder(list[tuple]).decode  # a redo record's commands
 
 #: KEYS: the lease. ARGV: holder id, lease in ms. Renews it if this holder has it.
 RENEW_LEASE_LUA = """
@@ -506,7 +504,13 @@ class LiveState:
         (:class:`state.redis_store.PartitionClaimed`)."""
         if self.parted and partitions:
             claim_partitions(self.client, [self.keys.source_writer(*source)
-                                           for source in partitions], self.writer_id)
+                                           for source in partitions], self.writer_id,
+                             wait_s=self.settings.cluster_claim_window_s)
+
+    def source_claim(self, source: tuple[str, int]) -> Claim:
+        """This process's claim of the source partition ``source`` (parted commits)."""
+        return Claim(self.keys.source_writer(*source), self.writer_id,
+                     f"{source[0]}[{source[1]}]", self.settings.cluster_claim_window_s)
 
     def _apply_source_redo(self, source: tuple[str, int]) -> None:
         """:meth:`_apply_redo` of one source partition's record (the parted commits), before
@@ -515,22 +519,19 @@ class LiveState:
         user-side keys the record writes without TTLs get their tables' TTLs: the writer that
         wrote the record may be gone, and this one does not track them (it clears the TTL
         where it writes one again); the rebalance's sweep may have run before this."""
-        claim_partitions(self.client, [self.keys.source_writer(*source)], self.writer_id,
-                         if_unclaimed=True)
-        self._source_seqs[source], commands = self._replay_redo(self.keys.source_redo(*source))
+        self._source_seqs[source], commands = self._replay_redo(
+            self.keys.source_redo(*source), self.source_claim(source))
         self._sources_redone.add(source)
         written = [name for command in commands if command[0] == "MSET"
                    for name in command[1::2]]
         if written:
             sweep_untimed_keys(self.user_side_stores, among=written)
 
-    def _replay_redo(self, key: str) -> tuple[int, list[tuple]]:
-        """Apply the redo record at ``key`` again; the seq to number on from and the
-        record's commands."""
-        record = self.client.hgetall(key)
-        commands = _decode_commands(record[b"commands"]) if record else []
-        if commands:
-            apply_commands(self.client, commands, self._scripts)
+    def _replay_redo(self, key: str, claim: Claim | None = None) -> tuple[int, list[tuple]]:
+        """Apply the redo record at ``key`` again (as ``claim``'s holder:
+        :func:`state.redis_store.replay_redo`); the seq to number on from and the record's
+        commands."""
+        record, commands = replay_redo(self.client, key, self._scripts, claim)
         return max(int(record.get(b"seq", 0)), int(time.time() * 1000)), commands
 
     @property
@@ -825,8 +826,7 @@ class LiveState:
         :class:`state.redis_store.PartitionClaimed` where another process claimed it."""
         for source, writes, seq in prepared.parts:
             mark = prepared.expected[source]
-            claim = Claim(self.keys.source_writer(*source), self.writer_id,
-                          f"{source[0]}[{source[1]}]")
+            claim = self.source_claim(source)
             if not writes.commit_with_redo(self.client, [self.keys.watermark(*source)],
                                            [str(mark).encode() if mark >= 0 else None],
                                            self.keys.source_redo(*source), seq,

@@ -108,8 +108,8 @@ def killed_mid_apply(monkeypatch):
 
     send = state.redis_store.apply_commands
 
-    def half_then_die(client, commands, scripts):
-        send(client, commands[:len(commands) // 2], scripts)
+    def half_then_die(client, commands, scripts, before_send=None):
+        send(client, commands[:len(commands) // 2], scripts, before_send)
         raise redis.ConnectionError("killed mid-commit")
 
     monkeypatch.setattr(state.redis_store, "apply_commands", half_then_die)

@@ -4,6 +4,9 @@ source partition), two workers' parts and the owners' commits end in a replay's 
 part that stopped half applied is completed by the partition's next worker: nothing lost,
 nothing added twice."""
 
+import threading
+import time
+
 import msgspec
 import pytest
 import redis
@@ -16,7 +19,7 @@ from schemas.keys import RedisKeys
 from state.owner_commits import OwnerPartition, commit_owners, owner_stores, read_outboxes
 from state.ownership import owner_partition
 from state.redis_store import build_live_models
-from state.redis_store import PartitionClaimed
+from state.redis_store import ClaimWindowPassed, PartitionClaimed, release_partitions
 from stream.state import LiveState
 from stream.simulator import UserSimulator
 from stream.state import SourceMessage
@@ -80,7 +83,8 @@ class Owners:
 
     def __init__(self, s, client) -> None:
         self.client, self.keys = client, RedisKeys(s.key_prefix)
-        self.owners = [OwnerPartition(client, s.key_prefix, p, owner_stores(s, client))
+        self.owners = [OwnerPartition(client, s.key_prefix, p, owner_stores(s, client),
+                                      claim_window_s=s.cluster_claim_window_s)
                        for p in range(PARTITIONS)]
         self.position = 0
 
@@ -134,12 +138,12 @@ def test_a_part_stopped_half_applied_is_completed_by_the_partitions_next_worker(
     send = state.redis_store.apply_commands
     calls = []
 
-    def half_then_fail(client_, commands, scripts):
+    def half_then_fail(client_, commands, scripts, before_send=None):
         calls.append(len(commands))
         if len(calls) == 7:  # a part's writes outside {wm}: half sent, then the link drops
-            send(client_, commands[:len(commands) // 2], scripts)
+            send(client_, commands[:len(commands) // 2], scripts, before_send)
             raise redis.ConnectionError("connection lost mid-commit")
-        send(client_, commands, scripts)
+        send(client_, commands, scripts, before_send)
 
     monkeypatch.setattr(state.redis_store, "apply_commands", half_then_fail)
     dying = worker(s, client)
@@ -227,3 +231,70 @@ def test_a_worker_evicted_without_knowing_writes_nothing_once_its_successor_clai
         successor.apply_messages(batch[start:start + 3])
     owners.catch_up()
     assert_replay_state(s, client, batch)
+
+
+def test_a_worker_frozen_between_its_transaction_and_its_other_writes_sends_none_of_them(
+        owned_settings, client, monkeypatch):
+    """The window a claim alone leaves open: frozen after a part's transaction, before its
+    writes to the other nodes. Its successor claims the partitions (waiting out the claim
+    window: the frozen worker never gave them up), completes the part from its redo record
+    and goes on; when the frozen worker wakes, it sends nothing (those writes would land over
+    the successor's newer rows) and says why. Redis ends in the replay's state."""
+    s = owned_settings
+    batch = messages(2400)
+    frozen, owners = worker(s, client), Owners(s, client)
+    for start in range(0, 30, 3):
+        frozen.apply_messages(batch[start:start + 3])
+    send, woken = state.redis_store.apply_commands, threading.Event()
+    frozen_thread = []
+
+    def freeze_in_the_frozen_worker(client_, commands, scripts, before_send=None):
+        if threading.current_thread() is frozen_thread[0] and not woken.is_set():
+            woken.wait(30)  # the process stops here (GC, swap, SIGSTOP)
+        return send(client_, commands, scripts, before_send)
+
+    monkeypatch.setattr(state.redis_store, "apply_commands", freeze_in_the_frozen_worker)
+    outcome: list[BaseException | None] = []
+
+    def commit_while_frozen() -> None:
+        try:
+            frozen.apply_messages(batch[30:36])
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    frozen_thread.append(threading.Thread(target=commit_while_frozen))
+    frozen_thread[0].start()
+    time.sleep(0.5)  # its first part's transaction is in; its other writes wait
+    started = time.monotonic()
+    successor = next_worker(s, client)  # the group gave it the partitions: it claims them
+    assert time.monotonic() - started >= s.cluster_claim_window_s  # not given up: it waited
+    for start in range(30, len(batch), 3):
+        successor.apply_messages(batch[start:start + 3])
+    owners.catch_up()
+    written = redis_snapshot(client)
+    woken.set()
+    frozen_thread[0].join(30)
+    assert redis_snapshot(client) == written
+    assert_replay_state(s, client, batch)
+    assert isinstance(outcome[0], ClaimWindowPassed), outcome
+    assert "not sent within" in str(outcome[0])
+
+
+def test_partitions_given_up_are_taken_over_at_once_and_others_after_the_claim_window(
+        owned_settings, client):
+    s = owned_settings.model_copy(update={"cluster_claim_window_s": 1.5})
+    first, keys = worker(s, client), RedisKeys(s.key_prefix)
+    sources = [("interactions", p) for p in range(PARTITIONS)]
+    first.claim_sources(sources)
+    release_partitions(client, [keys.source_writer(*sources[0])], first.writer_id)
+    second = worker(s, client)
+    started = time.monotonic()
+    second.claim_sources(sources[:1])  # given up (a rebalance, everything written): no wait
+    assert time.monotonic() - started < 1.0
+    release_partitions(client, [keys.source_writer(*sources[1])], second.writer_id)  # not its
+    started = time.monotonic()
+    second.claim_sources(sources[1:])  # held by the first, not given up
+    assert time.monotonic() - started >= 1.5
+    assert all(client.get(keys.source_writer(*source)) == second.writer_id
+               for source in sources)

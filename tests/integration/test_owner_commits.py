@@ -4,12 +4,13 @@ in-process replay, after owners crashed between apply and commit, after a second
 partition was fenced off, and (cluster) after a commit stopped half applied."""
 
 import time
+import uuid
 
 import pytest
 import redis
 
 import state.redis_store
-from infra.redis_client import sync_redis
+from infra.redis_client import is_cluster, sync_redis
 from online_models.registry import build
 from online_models.signals import SignalMapper
 from state.owner_commits import OwnerFenced, OwnerPartition, owner_stores, read_outboxes
@@ -53,9 +54,11 @@ def replayed_records(chunks: int = 10, size: int = 300) -> tuple[OwnedLayout, li
 def owner(s, client, partition: int, clock=time.time) -> OwnerPartition:
     """A new owner of ``partition``, as a worker the group assigned it builds it: having
     claimed the partition (on a Redis Cluster every commit checks the claim)."""
-    built = OwnerPartition(client, s.key_prefix, partition, owner_stores(s, client, clock))
-    claim_partitions(client, [built.claim.key], built.claim.writer_id)
-    return built
+    writer_id = uuid.uuid4().hex.encode()
+    if is_cluster(client):
+        claim_partitions(client, [RedisKeys(s.key_prefix).owner_writer(partition)], writer_id)
+    return OwnerPartition(client, s.key_prefix, partition, owner_stores(s, client, clock),
+                          writer_id, claim_window_s=s.cluster_claim_window_s)
 
 
 def apply_every_record(s, client, chunks: list[dict], partitions) -> None:
@@ -220,12 +223,12 @@ def test_a_cluster_commit_stopped_half_applied_is_completed_by_the_next_owner(
     send = state.redis_store.apply_commands
     calls = []
 
-    def half_then_fail(client_, commands, scripts):
+    def half_then_fail(client_, commands, scripts, before_send=None):
         calls.append(len(commands))
         if len(calls) == 2:  # the second commit: half its writes, then the link drops
-            send(client_, commands[:len(commands) // 2], scripts)
+            send(client_, commands[:len(commands) // 2], scripts, before_send)
             raise redis.ConnectionError("connection lost mid-commit")
-        send(client_, commands, scripts)
+        send(client_, commands, scripts, before_send)
 
     for partition in range(PARTITIONS):
         live = owner(s, client, partition)

@@ -104,12 +104,13 @@ def test_a_commit_that_stops_half_applied_is_completed_from_its_redo_record(
     live, applied = single_writer(s, client), []
     send = state.redis_store.apply_commands
 
-    def half_then_fail(client_, commands, scripts):
+    def half_then_fail(client_, commands, scripts, before_send=None):
         applied.append(len(commands))
-        if len(applied) in (3, 5):  # two commits: half their writes, then the link drops
-            send(client_, commands[:len(commands) // 2], scripts)
+        if len(applied) in (3, 6):  # two commits: half their writes, then the link drops
+            # (4: the redo record applied again before the retry's commit, 5)
+            send(client_, commands[:len(commands) // 2], scripts, before_send)
             raise redis.ConnectionError("connection lost mid-commit")
-        send(client_, commands, scripts)
+        send(client_, commands, scripts, before_send)
 
     monkeypatch.setattr(state.redis_store, "apply_commands", half_then_fail)
     batch = messages()
@@ -118,7 +119,7 @@ def test_a_commit_that_stops_half_applied_is_completed_from_its_redo_record(
         try:
             live.apply_messages(part)
         except redis.ConnectionError:
-            if len(applied) == 5:  # a new worker (its models' memory is read from Redis)
+            if len(applied) == 6:  # a new worker (its models' memory is read from Redis)
                 live = LiveState(s, client, live.models)  # (same models: MF's sampling rng)
             assert live.apply_messages(part).redelivered_messages == len(part)
     monkeypatch.setattr(state.redis_store, "apply_commands", send)
