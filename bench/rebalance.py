@@ -12,7 +12,10 @@ thirds: two or more rebalances, each revoking every member's partitions. Figures
 - *longest stall*: the longest time no event was applied while events waited, sampled every
   50 ms (a rebalance's whole pause, the group's join included);
 - *exactly once*: events applied (or dropped as producer duplicates) against events sent,
-  once every worker drained.
+  once every worker drained;
+- *claim window waits* (owned layout on a Redis Cluster): claims of partitions their last
+  writer had not given up, each waiting ``STREAMREC_CLUSTER_CLAIM_WINDOW_S`` (0 where every
+  rebalance was clean).
 
 The last line is JSON. Usage: ``python bench/rebalance.py [--state-writer owned]
 [--redis-cluster 3] [--rate 10000] [--seconds 45]``.
@@ -144,6 +147,9 @@ def main() -> None:
         finally:
             for worker in workers:
                 terminate(worker)
+            log.close()
+            claim_waits = (Path(tmp) / "worker.log").read_text(errors="replace").count(
+                "another process had not given up")
     revocations = sum(count for count, _, _ in waits)
     print_result({
         "state_writer": args.state_writer, "redis_cluster_primaries": args.redis_cluster,
@@ -157,6 +163,7 @@ def main() -> None:
         if revocations else None,
         "revocation_waits_over_100ms": sum(over for _, _, over in waits),
         "longest_stall_s": round(progress["longest_stall"], 2),
+        "claim_window_waits": claim_waits,
     })
 
 
