@@ -579,6 +579,8 @@ async def complete_idle_partitions() -> None:
     try:
         await apply_pipeline().take_over_idle(
             [source for source in _sources_assigned.settled(held) if source not in _held])
+    except PartitionClaimed as exc:  # evicted without knowing: another worker holds it
+        exit_when_moved(exc)
     except Exception as exc:  # noqa: BLE001 - the next tick tries again (a batch may first)
         log.warning("completing idle partitions' last commits failed (%r)", exc)
 

@@ -256,6 +256,8 @@ async def build_idle_owners() -> None:
         try:
             async with _owner_writes:
                 await run_retrying(_owner_thread, "building idle owners", take_owners, idle)
+        except PartitionClaimed as exc:  # evicted without knowing: another worker holds it
+            exit_when_moved(exc)
         except Exception as exc:  # noqa: BLE001 - the next tick tries again (a record may)
             log.warning("building idle owners failed (%r)", exc)
 
