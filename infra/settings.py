@@ -12,7 +12,7 @@ from __future__ import annotations
 import ssl
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from online_models.trending import DEFAULT_HALF_LIFE_S, DEFAULT_MAX_ITEMS
@@ -189,11 +189,12 @@ class Settings(BaseSettings):
         "(rows, vectors) reaches Redis up to this much later; user-side state is not delayed "
         "(docs/benchmarks.md, session 33).")
     cluster_claim_window_s: float = Field(
-        3.0, gt=0, description="owned on a Redis Cluster: a commit's writes to other nodes are "
-        "sent within this many seconds of the check that the worker still holds its partition "
-        "(else it exits: frozen, or Redis stalled), and a worker taking a partition over from "
-        "one that did not give it up (crashed, evicted) waits this long before writing it: "
-        "nothing of the predecessor's can land over its rows (docs/reliability.md).")
+        3.0, gt=0, description="Redis Cluster (owned or single): a commit's writes to other "
+        "nodes are sent within this many seconds of the check that the worker is still the "
+        "writer (its partition's claim, or the lease), else never (it exits: frozen, or Redis "
+        "stalled), and a worker taking a partition (or the lease) over from one that did not "
+        "give it up waits this long before writing: nothing of the predecessor's can land "
+        "over its rows (docs/reliability.md). Single: the lease must last longer.")
     state_writer_lease_s: float = Field(10.0, ge=1, description="single: how long the writer's "
                                         "lease lasts unrenewed (a restarted worker waits at "
                                         "most this long for its predecessor's).")
@@ -329,6 +330,20 @@ class Settings(BaseSettings):
                 raise ValueError(f"STREAMREC_SOURCE_WEIGHTS: unknown source(s) "
                                  f"{', '.join(unknown)}; known: {', '.join(SOURCE_WEIGHTS)}")
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlasts_the_claim_window(self) -> "Settings":
+        """On a Redis Cluster, a lapsed single-writer lease is safe to take without waiting
+        only if it lasts longer than the claim window (docs/reliability.md, Redis Cluster)."""
+        from infra.redis_client import CLUSTER_SCHEMES
+
+        on_cluster = self.redis_url.startswith(CLUSTER_SCHEMES)
+        if (on_cluster and self.state_writer == "single"
+                and self.state_writer_lease_s <= self.cluster_claim_window_s):
+            raise ValueError(f"STREAMREC_STATE_WRITER_LEASE_S ({self.state_writer_lease_s:g}) "
+                             f"must exceed STREAMREC_CLUSTER_CLAIM_WINDOW_S "
+                             f"({self.cluster_claim_window_s:g})")
+        return self
 
     @property
     def source_weight_overrides(self) -> dict[str, float]:

@@ -101,8 +101,8 @@ class OwnerPartition:
         #: Redis Cluster: this process's claim (the worker claims at the assignment;
         #: :meth:`restore` where no process has)
         self.claim = Claim(self.keys.owner_writer(partition),
-                           writer_id or uuid.uuid4().hex.encode(), f"item partition {partition}",
-                           claim_window_s)
+                           writer_id or uuid.uuid4().hex.encode(), f"item partition {partition}")
+        self.claim_window_s = claim_window_s
         self.restore()
 
     def restore(self) -> None:
@@ -114,7 +114,7 @@ class OwnerPartition:
         seq = 0
         if self.cluster:
             record, _ = replay_redo(self.client, self.redo_key, list(CLUSTER_WRITE_SCRIPTS),
-                                    self.claim)
+                                    self.claim_window_s, self.claim)
             seq = int(record.get(b"seq", 0))
         self._seq = max(seq, int(time.time() * 1000))
         self._committed, self.epoch = mget_any(self.client, [self.applied_key, self.epoch_key])
@@ -240,7 +240,7 @@ def commit_owners(owners: list[OwnerPartition]) -> int:
             owner._seq += 1
             if not batch.commit_with_redo(owner.client, [owner.applied_key], [owner._committed],
                                           owner.redo_key, owner._seq, CLUSTER_WRITE_SCRIPTS,
-                                          owner.claim):
+                                          owner.claim_window_s, owner.claim):
                 owner.restore()
                 raise OwnerFenced(f"item partition {owner.partition}: another owner committed "
                                   f"since this one read its offsets; started again from Redis")

@@ -258,7 +258,8 @@ class WriteBatch:
         return True
 
     def commit_with_redo(self, client, watch: list[str], expect: list[bytes | None],
-                         redo_key: str, seq: int, scripts, claim: Claim | None = None) -> bool:
+                         redo_key: str, seq: int, scripts, window_s: float,
+                         claim: Claim | None = None) -> bool:
         """:meth:`commit` for a Redis Cluster, where one transaction holds one slot: WATCH
         ``watch`` (in ``redo_key``'s slot); if their values equal ``expect``, write in one
         MULTI/EXEC the commands of that slot and the redo record ``redo_key`` = {seq, the
@@ -266,8 +267,8 @@ class WriteBatch:
         If the apply fails the record stays, and the writer applies it again before its next
         batch: every command in it must be an overwrite or guarded by ``seq``. ``claim``
         (its key in the same slot) is WATCHed too: where another process claimed the
-        partition, nothing is written and :class:`PartitionClaimed` raised; the writes to
-        other nodes are sent within the claim's window of the WATCH or not at all
+        partition, nothing is written and :class:`PartitionClaimed` raised. The writes to
+        other nodes are sent within ``window_s`` of the WATCH or not at all
         (:class:`ClaimWindowPassed`: the redo record holds them)."""
         started = time.monotonic()  # before the claim is read: its window starts no later
         if claim is not None:
@@ -290,7 +291,7 @@ class WriteBatch:
         except redis.WatchError:
             return _not_written(client, claim)
         apply_commands(client, remote, [*scripts, *(script.script for script in self.scripts)],
-                       before_send=_within_window(claim, started))
+                       before_send=_within_window(window_s, started, claim))
         return True
 
     @staticmethod
@@ -307,38 +308,35 @@ class PartitionClaimed(RuntimeError):
 
 
 class ClaimWindowPassed(PartitionClaimed):
-    """A commit's writes to other Redis Cluster nodes could not be sent within the claim's
-    window of the check that this process held the partition (it was frozen, or Redis
-    stalled): another worker may have claimed the partition since and be writing newer rows,
-    so nothing more is sent (the redo record holds the writes; the partition's next writer
-    applies it) and the worker exits."""
+    """A commit's writes to other Redis Cluster nodes could not be sent within the claim
+    window (``STREAMREC_CLUSTER_CLAIM_WINDOW_S``) of the check that this process was the
+    writer (its claim, or the single writer's lease): it was frozen, or Redis stalled, and
+    another worker may be the writer now, writing newer rows. Nothing more is sent (the redo
+    record holds the writes; the next writer applies it) and the worker exits."""
 
 
 class Claim(NamedTuple):
     """A partition's writer key, the process that must hold it for a commit to be written,
-    the partition's name (for the error) and the window (s) within which a write checked
-    against the claim must be sent (``STREAMREC_CLUSTER_CLAIM_WINDOW_S``)."""
+    and the partition's name (for the error)."""
 
     key: str
     writer_id: bytes
     partition: str
-    window_s: float
 
 
-def _within_window(claim: Claim | None, checked: float) -> Callable[[], None] | None:
-    """What must hold just before writes checked against ``claim`` at ``checked``
-    (monotonic) are sent: still inside its window, else :class:`ClaimWindowPassed`."""
-    if claim is None:
-        return None
-
+def _within_window(window_s: float, checked: float,
+                   claim: Claim | None = None) -> Callable[[], None]:
+    """What must hold just before writes checked at ``checked`` (monotonic) against
+    ``claim`` (or the single writer's lease) are sent: still inside the claim window, else
+    :class:`ClaimWindowPassed`."""
     def check() -> None:
         late = time.monotonic() - checked
-        if late > claim.window_s:
+        if late > window_s:
             raise ClaimWindowPassed(
-                f"{claim.partition}: writes to other nodes not sent within {claim.window_s:g} "
-                f"s of the claim's check ({late:.1f} s: frozen, or Redis stalled); another "
-                f"worker may hold the partition now, so none is sent (its redo record holds "
-                f"them)")
+                f"{claim.partition if claim else 'the single writer'}: writes to other nodes "
+                f"not sent within {window_s:g} s of the check that this process is the writer "
+                f"({late:.1f} s: frozen, or Redis stalled); another worker may be the writer "
+                f"now, so none is sent (the redo record holds them)")
     return check
 
 
@@ -379,13 +377,15 @@ def release_partitions(client, writer_keys: list[str], writer_id: bytes) -> None
         release(keys=[key], args=[writer_id])
 
 
-def replay_redo(client, redo_key: str, scripts: list[str],
-                claim: Claim | None = None) -> tuple[dict, list[tuple]]:
+def replay_redo(client, redo_key: str, scripts: list[str], window_s: float,
+                claim: Claim | None = None,
+                checked: float | None = None) -> tuple[dict, list[tuple]]:
     """Apply the redo record at ``redo_key`` again (every write in it is an overwrite or
-    guarded by its seq): the record and its commands. With a ``claim``, as the partition's
-    writer: claimed first where no process has, :class:`PartitionClaimed` where another
-    holds it, the writes sent within the claim's window of that check."""
-    checked = time.monotonic()
+    guarded by its seq): the record and its commands. As the writer: with a ``claim``,
+    claimed first where no process has, :class:`PartitionClaimed` where another holds it;
+    the writes sent within ``window_s`` of that check (or of ``checked``, monotonic: when the
+    caller checked it is the writer)."""
+    checked = time.monotonic() if checked is None else checked
     if claim is not None:
         claim_partitions(client, [claim.key], claim.writer_id, if_unclaimed=True)
         if (found := client.get(claim.key)) != claim.writer_id:
@@ -394,7 +394,8 @@ def replay_redo(client, redo_key: str, scripts: list[str],
     record = client.hgetall(redo_key)
     commands = _decode_commands(record[b"commands"]) if record else []
     if commands:
-        apply_commands(client, commands, scripts, before_send=_within_window(claim, checked))
+        apply_commands(client, commands, scripts,
+                       before_send=_within_window(window_s, checked, claim))
     return record, commands
 
 

@@ -242,10 +242,16 @@ class WriterLease:
     part of the holder's name. A process restarted under that id takes the lease over from
     its predecessor at once instead of waiting for it to lapse: Kafka gives the partitions to
     one process per id (fencing the other), and the predecessor, were it still alive, writes
-    nothing once its holder name is gone from the lease (every commit WATCHes it)."""
+    nothing once its holder name is gone from the lease (every commit WATCHes it). On a
+    Redis Cluster, where a commit's writes to other nodes follow its transaction, the
+    process taking over waits ``takeover_wait_s`` (the claim window, within which a commit
+    sends them or never does) before it writes; a lease that lapsed needs no wait (it lasts
+    longer than the window after the holder's last commit)."""
 
-    def __init__(self, client, key: str, lease_s: float, member: str = "") -> None:
+    def __init__(self, client, key: str, lease_s: float, member: str = "",
+                 takeover_wait_s: float = 0.0) -> None:
         self.client, self.key = client, key
+        self.takeover_wait_s = takeover_wait_s
         self.lease_ms = int(lease_s * 1000)
         self._member_prefix = f"{member}/".encode() if member else None
         self.holder = f"{member}/{uuid.uuid4().hex}" if member else uuid.uuid4().hex
@@ -266,7 +272,10 @@ class WriterLease:
                     and self._take_over(keys=[self.key],
                                         args=[found, self.holder, self.lease_ms])):
                 log.warning("took the single-writer lease over from %s, an earlier process "
-                            "of this static group member", found.decode())
+                            "of this static group member%s", found.decode(),
+                            f"; waiting {self.takeover_wait_s:g} s before writing (it may "
+                            f"still be sending a commit)" if self.takeover_wait_s else "")
+                time.sleep(self.takeover_wait_s)
                 break
             if time.monotonic() > deadline:
                 raise WriterLeaseHeld(
@@ -357,11 +366,13 @@ class LiveState:
         self._clicks = client.register_script(CLICKS_LUA)
         self._reserved = frozenset(settings.exploration_positions)
         self._uncommitted: list[PreparedBatch] = []  # prepared, oldest first
-        self.lease = (WriterLease(client, self.keys.state_writer, settings.state_writer_lease_s,
-                                  member=settings.kafka_group_instance_id)
-                      if settings.state_writer == "single" else None)
         require_single_on_cluster(client, settings.state_writer)
         self.cluster = is_cluster(client)
+        self.lease = (WriterLease(client, self.keys.state_writer, settings.state_writer_lease_s,
+                                  member=settings.kafka_group_instance_id,
+                                  takeover_wait_s=settings.cluster_claim_window_s
+                                  if self.cluster else 0.0)
+                      if settings.state_writer == "single" else None)
         #: owned layout on a Redis Cluster: each source partition's part of a batch commits
         #: on its own, through a redo record and a seq of that partition
         self.parted = self.cluster and self.deltas is not None
@@ -494,7 +505,11 @@ class LiveState:
         overwrite or guarded by its seq, so what was applied already stays as it is). Later
         commits are numbered past it and past the clock in ms, so the numbers keep growing
         even if the record was lost (else the guards would skip every write)."""
-        self._committed_seq, _ = self._replay_redo(self.keys.redo)
+        checked = time.monotonic()
+        if self.lease is not None and not self.lease.renew():
+            raise WriterLeaseHeld(f"the single-writer lease {self.lease.key} was lost before "
+                                  f"its redo record was applied again")
+        self._committed_seq, _ = self._replay_redo(self.keys.redo, checked=checked)
         self._redo_pending = False
 
     def claim_sources(self, partitions: list[tuple[str, int]]) -> None:
@@ -510,7 +525,7 @@ class LiveState:
     def source_claim(self, source: tuple[str, int]) -> Claim:
         """This process's claim of the source partition ``source`` (parted commits)."""
         return Claim(self.keys.source_writer(*source), self.writer_id,
-                     f"{source[0]}[{source[1]}]", self.settings.cluster_claim_window_s)
+                     f"{source[0]}[{source[1]}]")
 
     def _apply_source_redo(self, source: tuple[str, int]) -> None:
         """:meth:`_apply_redo` of one source partition's record (the parted commits), before
@@ -527,11 +542,13 @@ class LiveState:
         if written:
             sweep_untimed_keys(self.user_side_stores, among=written)
 
-    def _replay_redo(self, key: str, claim: Claim | None = None) -> tuple[int, list[tuple]]:
-        """Apply the redo record at ``key`` again (as ``claim``'s holder:
-        :func:`state.redis_store.replay_redo`); the seq to number on from and the record's
-        commands."""
-        record, commands = replay_redo(self.client, key, self._scripts, claim)
+    def _replay_redo(self, key: str, claim: Claim | None = None,
+                     checked: float | None = None) -> tuple[int, list[tuple]]:
+        """Apply the redo record at ``key`` again, as the writer (``claim``'s holder, or the
+        lease's, checked at ``checked``: :func:`state.redis_store.replay_redo`); the seq to
+        number on from and the record's commands."""
+        record, commands = replay_redo(self.client, key, self._scripts,
+                                       self.settings.cluster_claim_window_s, claim, checked)
         return max(int(record.get(b"seq", 0)), int(time.time() * 1000)), commands
 
     @property
@@ -550,6 +567,9 @@ class LiveState:
         layout's per-partition records, a timer once the partition has been idle here a
         while (:func:`stream.ingest.complete_idle_partitions`): a partition with nothing
         more to consume is then whole too."""
+        if (self.lease is not None and self.lease.held and self._redo_pending
+                and not self._uncommitted):
+            self.lease.renew()  # a redo record is applied as the holder: lapsed? taken again
         if self.lease is not None and not self.lease.held:
             self.lease.acquire(wait_s=2 * self.settings.state_writer_lease_s)
             for model in self.models:  # another writer may have written since we held it
@@ -830,7 +850,8 @@ class LiveState:
             if not writes.commit_with_redo(self.client, [self.keys.watermark(*source)],
                                            [str(mark).encode() if mark >= 0 else None],
                                            self.keys.source_redo(*source), seq,
-                                           self._scripts, claim):
+                                           self._scripts, self.settings.cluster_claim_window_s,
+                                           claim):
                 return None
             if source in prepared.new_marks:
                 self._committed_marks[source] = max(self._committed_marks.get(source, -1),
@@ -844,7 +865,8 @@ class LiveState:
                 values.append(self.lease.holder.encode())
             if self.cluster:
                 written = prepared.writes.commit_with_redo(
-                    self.client, watch, values, self.keys.redo, prepared.seq, self._scripts)
+                    self.client, watch, values, self.keys.redo, prepared.seq, self._scripts,
+                    self.settings.cluster_claim_window_s)
             else:
                 written = prepared.writes.commit(self.client, watch, values)
             if not written:

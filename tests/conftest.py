@@ -63,7 +63,7 @@ def settings(redis_server, kafka_server, unique) -> Settings:
                  topic_items=f"items-{unique}", topic_item_deltas=f"deltas-{unique}",
                  app_id=f"streamrec-{unique}", key_prefix=f"t{unique}", topic_partitions=4,
                  kafka_session_timeout_s=6, kafka_rebalance_timeout_s=6,
-                 cluster_claim_window_s=0.5)
+                 cluster_claim_window_s=0.25)
     ensure_streamrec_topics(s)
     return s
 

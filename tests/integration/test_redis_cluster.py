@@ -8,6 +8,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -17,7 +18,7 @@ import redis
 import state.redis_store
 from infra.embedded import EmbeddedRedisCluster
 from infra.redis_client import mget_any, mset_any, sync_redis
-from state.redis_store import StateLayoutError, build_on_redis
+from state.redis_store import ClaimWindowPassed, StateLayoutError, build_on_redis
 from stream.pipeline import ApplyPipeline
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
@@ -150,6 +151,53 @@ def test_a_last_commit_stopped_half_applied_is_completed_when_the_next_worker_ta
     successor.prepare_to_write(sorted({(m.topic, m.partition) for m in batch}))
     assert snapshot(cluster.nodes, s.key_prefix) == snapshot(cluster.nodes, clean.key_prefix)
     assert counters(client, successor.keys)["events_applied"] == 1200
+
+
+def test_a_single_writer_frozen_between_its_transaction_and_its_other_writes_sends_none(
+        cluster_settings, client, cluster, monkeypatch):
+    """A process restarted under the same static group member takes the lease over at once,
+    while its predecessor is frozen after a commit's transaction, before its writes to the
+    other nodes. The new one waits the claim window, completes the commit from the redo
+    record and goes on; when the old one wakes it sends nothing (its writes would land over
+    newer rows). Redis ends equal to a clean run."""
+    names = ["session", "cooc"]  # (deterministic: MF samples negatives at random)
+    clean = cluster_settings.model_copy(update={"key_prefix": cluster_settings.key_prefix + "c"})
+    batch = messages()
+    apply_beside_a_replay(single_writer(clean, client, names), batch, names)
+
+    s = cluster_settings.model_copy(update={"kafka_group_instance_id": "worker-1"})
+    frozen = single_writer(s, client, names)
+    for start in range(0, 8, 4):
+        frozen.apply_messages(batch[start:start + 4])
+    send, woken, outcome = state.redis_store.apply_commands, threading.Event(), []
+
+    def freeze_in_the_old_process(client_, commands, scripts, before_send=None):
+        if threading.current_thread().name == "frozen" and not woken.is_set():
+            woken.wait(30)  # the process stops here (GC, swap, SIGSTOP)
+        return send(client_, commands, scripts, before_send)
+
+    def commit_while_frozen() -> None:
+        try:
+            outcome.append(frozen.apply_messages(batch[8:12]))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    monkeypatch.setattr(state.redis_store, "apply_commands", freeze_in_the_old_process)
+    old = threading.Thread(target=commit_while_frozen, name="frozen")
+    old.start()
+    time.sleep(0.5)  # its transaction is in; its other writes wait
+    successor = single_writer(s, client, names)  # the restarted process, same member id
+    started = time.monotonic()
+    for start in range(8, len(batch), 4):
+        successor.apply_messages(batch[start:start + 4])
+    assert time.monotonic() - started >= s.cluster_claim_window_s  # took over: waited
+    written = snapshot(cluster.nodes, s.key_prefix)
+    assert written == snapshot(cluster.nodes, clean.key_prefix)
+    woken.set()
+    old.join(30)
+    assert snapshot(cluster.nodes, s.key_prefix) == written
+    assert isinstance(outcome[0], ClaimWindowPassed), outcome
+    assert "the single writer: writes to other nodes not sent within" in str(outcome[0])
 
 
 def test_the_shared_layout_is_refused_on_a_cluster(cluster_settings, client):
