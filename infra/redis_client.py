@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable
 from operator import itemgetter
+from typing import Callable
 
 import redis
 import redis.asyncio

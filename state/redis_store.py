@@ -363,8 +363,8 @@ def claim_partitions(client, writer_keys: list[str], writer_id: bytes, wait_s: f
         key for key, holder in zip(writer_keys, before) if holder is not None]
     if held_before and wait_s > 0:
         log.warning("claimed %d partitions another process had not given up (%s…): waiting "
-                 "%.1f s, until nothing it checked against its claim can still be sent",
-                 len(held_before), held_before[0], wait_s)
+                    "%.1f s, until nothing it checked against its claim can still be sent",
+                    len(held_before), held_before[0], wait_s)
         time.sleep(wait_s)
 
 

@@ -203,7 +203,6 @@ def doubles(values) -> bytes:
     return np.asarray(values, dtype="<f8").tobytes()
 
 
-
 #: KEYS: the lease. ARGV: holder id, lease in ms. Renews it if this holder has it.
 RENEW_LEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then

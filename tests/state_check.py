@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from contextlib import contextmanager
+from typing import Callable
 
 import pytest
 import redis
@@ -118,6 +121,38 @@ def killed_mid_apply(monkeypatch):
             yield
     finally:
         monkeypatch.setattr(state.redis_store, "apply_commands", send)
+
+
+class FrozenCommit:
+    """``apply()`` run in a thread of its own that freezes (GC, swap, SIGSTOP) after a Redis
+    Cluster commit's transaction, before its writes to other nodes, until :meth:`wake`."""
+
+    def __init__(self, monkeypatch, apply: Callable[[], object]) -> None:
+        import state.redis_store
+
+        send, self._woken, self._outcome = state.redis_store.apply_commands, threading.Event(), []
+
+        def freeze_there(client, commands, scripts, before_send=None):
+            if threading.current_thread() is self._thread and not self._woken.is_set():
+                self._woken.wait(30)
+            return send(client, commands, scripts, before_send)
+
+        monkeypatch.setattr(state.redis_store, "apply_commands", freeze_there)
+        self._thread = threading.Thread(target=self._run, args=(apply,))
+        self._thread.start()
+        time.sleep(0.5)  # its (first) transaction is in; its other writes wait
+
+    def _run(self, apply) -> None:
+        try:
+            self._outcome.append(apply())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self._outcome.append(exc)
+
+    def wake(self) -> object:
+        """Let it go on; what ``apply()`` returned or raised."""
+        self._woken.set()
+        self._thread.join(30)
+        return self._outcome[0]
 
 
 def redis_snapshot(client) -> dict:

@@ -4,7 +4,6 @@ source partition), two workers' parts and the owners' commits end in a replay's 
 part that stopped half applied is completed by the partition's next worker: nothing lost,
 nothing added twice."""
 
-import threading
 import time
 
 import msgspec
@@ -23,7 +22,8 @@ from state.redis_store import ClaimWindowPassed, PartitionClaimed, release_parti
 from stream.state import LiveState
 from stream.simulator import UserSimulator
 from stream.state import SourceMessage
-from tests.state_check import assert_live_equals_replay, killed_mid_apply, redis_snapshot
+from tests.state_check import (FrozenCommit, assert_live_equals_replay, killed_mid_apply,
+                               redis_snapshot)
 from tests.state_check import applied as applied_events
 
 pytestmark = pytest.mark.integration
@@ -245,27 +245,7 @@ def test_a_worker_frozen_between_its_transaction_and_its_other_writes_sends_none
     frozen, owners = worker(s, client), Owners(s, client)
     for start in range(0, 30, 3):
         frozen.apply_messages(batch[start:start + 3])
-    send, woken = state.redis_store.apply_commands, threading.Event()
-    frozen_thread = []
-
-    def freeze_in_the_frozen_worker(client_, commands, scripts, before_send=None):
-        if threading.current_thread() is frozen_thread[0] and not woken.is_set():
-            woken.wait(30)  # the process stops here (GC, swap, SIGSTOP)
-        return send(client_, commands, scripts, before_send)
-
-    monkeypatch.setattr(state.redis_store, "apply_commands", freeze_in_the_frozen_worker)
-    outcome: list[BaseException | None] = []
-
-    def commit_while_frozen() -> None:
-        try:
-            frozen.apply_messages(batch[30:36])
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    frozen_thread.append(threading.Thread(target=commit_while_frozen))
-    frozen_thread[0].start()
-    time.sleep(0.5)  # its first part's transaction is in; its other writes wait
+    commit = FrozenCommit(monkeypatch, lambda: frozen.apply_messages(batch[30:36]))
     started = time.monotonic()
     successor = next_worker(s, client)  # the group gave it the partitions: it claims them
     assert time.monotonic() - started >= s.cluster_claim_window_s  # not given up: it waited
@@ -273,12 +253,11 @@ def test_a_worker_frozen_between_its_transaction_and_its_other_writes_sends_none
         successor.apply_messages(batch[start:start + 3])
     owners.catch_up()
     written = redis_snapshot(client)
-    woken.set()
-    frozen_thread[0].join(30)
+    outcome = commit.wake()
     assert redis_snapshot(client) == written
     assert_replay_state(s, client, batch)
-    assert isinstance(outcome[0], ClaimWindowPassed), outcome
-    assert "not sent within" in str(outcome[0])
+    assert isinstance(outcome, ClaimWindowPassed), outcome
+    assert "not sent within" in str(outcome)
 
 
 def test_partitions_given_up_are_taken_over_at_once_and_others_after_the_claim_window(

@@ -8,7 +8,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -26,7 +25,7 @@ from stream.state import LiveState
 from tests.conftest import ROOT, settings_env, wait_for
 from tests.integration.test_exactly_once import apply_beside_a_replay, messages
 from tests.integration.test_pipeline_e2e import assert_feeds_built_and_served, counters
-from tests.state_check import assert_store_holds, killed_mid_apply
+from tests.state_check import FrozenCommit, assert_store_holds, killed_mid_apply
 
 MODELS = ["session", "cooc", "mf"]
 
@@ -169,23 +168,7 @@ def test_a_single_writer_frozen_between_its_transaction_and_its_other_writes_sen
     frozen = single_writer(s, client, names)
     for start in range(0, 8, 4):
         frozen.apply_messages(batch[start:start + 4])
-    send, woken, outcome = state.redis_store.apply_commands, threading.Event(), []
-
-    def freeze_in_the_old_process(client_, commands, scripts, before_send=None):
-        if threading.current_thread().name == "frozen" and not woken.is_set():
-            woken.wait(30)  # the process stops here (GC, swap, SIGSTOP)
-        return send(client_, commands, scripts, before_send)
-
-    def commit_while_frozen() -> None:
-        try:
-            outcome.append(frozen.apply_messages(batch[8:12]))
-        except BaseException as exc:
-            outcome.append(exc)
-
-    monkeypatch.setattr(state.redis_store, "apply_commands", freeze_in_the_old_process)
-    old = threading.Thread(target=commit_while_frozen, name="frozen")
-    old.start()
-    time.sleep(0.5)  # its transaction is in; its other writes wait
+    commit = FrozenCommit(monkeypatch, lambda: frozen.apply_messages(batch[8:12]))
     successor = single_writer(s, client, names)  # the restarted process, same member id
     started = time.monotonic()
     for start in range(8, len(batch), 4):
@@ -193,11 +176,10 @@ def test_a_single_writer_frozen_between_its_transaction_and_its_other_writes_sen
     assert time.monotonic() - started >= s.cluster_claim_window_s  # took over: waited
     written = snapshot(cluster.nodes, s.key_prefix)
     assert written == snapshot(cluster.nodes, clean.key_prefix)
-    woken.set()
-    old.join(30)
+    outcome = commit.wake()
     assert snapshot(cluster.nodes, s.key_prefix) == written
-    assert isinstance(outcome[0], ClaimWindowPassed), outcome
-    assert "the single writer: writes to other nodes not sent within" in str(outcome[0])
+    assert isinstance(outcome, ClaimWindowPassed), outcome
+    assert "the single writer: writes to other nodes not sent within" in str(outcome)
 
 
 def test_the_shared_layout_is_refused_on_a_cluster(cluster_settings, client):
