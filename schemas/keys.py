@@ -295,7 +295,9 @@ class RedisKeys:
             KeySpec(f"{p}:{{stats}}:counters", "hash", "none", "stream worker",
                     "a few fields", "events_applied, dlq_messages, dlq_events, batches, "
                     "skipped_redelivered (messages), skipped_duplicates (events), erasures "
-                    "(requests applied)."),
+                    "(requests applied): counted once per source offset. dlq_item_messages: "
+                    "dead letters of the items and item-deltas topics, counted as delivered "
+                    "(a message redelivered after a crash counts again)."),
             KeySpec(f"{p}:{{stats}}:seq", "string (integer)", "none",
                     "stream worker (Redis Cluster only)", "one key",
                     "The last commit added to the counters."),

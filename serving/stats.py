@@ -11,8 +11,8 @@ from schemas.keys import RedisKeys
 from stream.log_positions import LogEndProbe, read_watermarks, unapplied_records
 from stream.worker_report import read_reports
 
-COUNTERS = ("events_applied", "dlq_messages", "dlq_events", "skipped_redelivered",
-            "skipped_duplicates", "erasures")
+COUNTERS = ("events_applied", "dlq_messages", "dlq_events", "dlq_item_messages",
+            "skipped_redelivered", "skipped_duplicates", "erasures")
 
 
 class LiveStats:

@@ -190,7 +190,6 @@ async def process_batch(messages) -> tuple[int, int]:
     events = sum(len(source.events) for source in sources)
     metrics.MESSAGES_IN.inc(len(sources))
     metrics.EVENTS_IN.inc(events)
-    metrics.DLQ_MESSAGES.inc(len(letters))
     metrics.ERASURE_REQUESTS.inc(sum(1 for source in sources if source.erasure is not None))
     return events, len(letters)
 
@@ -206,12 +205,22 @@ def dead_letter(raw: bytes, problems, message, valid: int) -> dlq.DeadLetter:
                            valid, max_bytes=settings.max_message_bytes)
 
 
-async def deliver_dead_letters(letters: list[dlq.DeadLetter]) -> None:
-    """Send dead letters and wait for Kafka's acks: done before a batch can be acked."""
+async def deliver_dead_letters(letters: list[dlq.DeadLetter],
+                               count_in_redis: bool = False) -> None:
+    """Send dead letters and wait for Kafka's acks: done before a batch can be acked; counted
+    in ``streamrec_dlq_messages_total``. ``count_in_redis`` (the items and item-deltas
+    topics): counted in the Redis counters front ends read too (``dlq_item_messages``), as
+    delivered: a message redelivered after a crash is dead-lettered, and counted, again (the
+    interactions topic's are counted once, in their batches' transactions)."""
     if letters:
         pending = [await dlq_topic.send(key=f"{r.source.partition}:{r.source.offset}".encode(),
                                         value=dlq.encode(r)) for r in letters]
         await asyncio.gather(*pending)
+        metrics.DLQ_MESSAGES.inc(len(letters))
+        if count_in_redis:
+            state = live_state()
+            await on_redis_thread("counting dead letters", state.client.hincrby,
+                                  state.keys.stats, "dlq_item_messages", len(letters))
 
 
 def _watermarks(partitions) -> tuple[dict[int, int | None], dict[int, str | None]]:

@@ -72,13 +72,12 @@ async def process_item_batch(messages) -> tuple[int, int]:
         records += good
         if bad:
             letters.append(dead_letter(raw, bad, event.message, len(good)))
-    await deliver_dead_letters(letters)
+    await deliver_dead_letters(letters, count_in_redis=True)
     if records:
         models = _content_models()
         await on_redis_thread("item descriptions", apply_descriptions, _client,
                               RedisKeys(settings.key_prefix), models, records)
     metrics.ITEMS_IN.inc(len(records))
-    metrics.DLQ_MESSAGES.inc(len(letters))
     return len(records), len(letters)
 
 

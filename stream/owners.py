@@ -344,8 +344,7 @@ async def apply_owned_batch(messages) -> None:
             raise
         log.warning("%d item-deltas messages are not item-delta records: dead-lettered",
                     len(letters))
-        await deliver_dead_letters(letters)
-        metrics.DLQ_MESSAGES.inc(len(letters))
+        await deliver_dead_letters(letters, count_in_redis=True)
         operations = await _apply_owned(batch)
     metrics.ITEM_DELTA_OPERATIONS.inc(operations)
 

@@ -67,7 +67,9 @@ async function refreshFigures() {
     $("fig-lag").title = s.lag_error || JSON.stringify(s.lag_by_partition);
     $("fig-fresh").textContent = s.freshness_p50_ms == null ? "no recent events"
       : `${fmt(s.freshness_p50_ms)} / ${fmt(s.freshness_p99_ms)} ms`;
-    $("fig-dlq").textContent = `${fmt(s.dlq_messages)} msgs`;
+    $("fig-dlq").textContent = `${fmt(s.dlq_messages + s.dlq_item_messages)} msgs`;
+    $("fig-dlq").title = `events: ${s.dlq_messages}, item descriptions and item deltas: ` +
+      `${s.dlq_item_messages}`;
     $("fig-workers").textContent = fmt(s.workers.length);
   } catch (error) {
     $("fig-rate").textContent = "stats unavailable";

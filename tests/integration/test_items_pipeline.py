@@ -55,6 +55,8 @@ def test_descriptions_reach_redis_the_content_model_and_the_feed(settings, redis
              "descriptions and events to apply", proc=worker)
     [letter] = [dlq.decode(r.value) for r in read_topic(s.kafka_bootstrap, s.topic_dlq, 1)]
     assert letter.reason.startswith("timestamp:") and letter.source.topic == s.topic_items
+    wait_for(lambda: redis_client.hget(keys.stats, "dlq_item_messages") == b"1", 10,
+             "the dead letter counted in the stats front ends read", proc=worker)
     wait_for(lambda: described("fresh")["categories"] == liked.categories, 10,
              "the older description to be ignored", proc=worker)
     assert described("fresh")["categories"] == liked.categories

@@ -104,6 +104,9 @@ def test_what_is_not_an_item_delta_record_on_the_owners_topic_is_dead_lettered(
     assert sorted(r.original for r in records) == sorted(garbage.values())
     assert all(r.source.topic == s.topic_item_deltas and r.reason.startswith("record: ")
                for r in records), [r.reason for r in records]
+    # counted where front ends read the dead letters (GET /v1/stats, the explorer)
+    counted = redis_client.hget(RedisKeys(s.key_prefix).stats, "dlq_item_messages")
+    assert int(counted or 0) == len(garbage)
     assert worker.proc.poll() is None, worker.log()
     assert applied(redis_client, s.key_prefix) == len(events)
     assert_live_equals_replay(redis_client, s.key_prefix, events, s.history_len,
