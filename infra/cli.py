@@ -682,6 +682,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("kafka", "httpx", "aiokafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python 3 warns whenever one step of its network loop takes over 0.1 s, which a
+    # busy machine's scheduler alone causes: noise on stderr (before a one-line CLI error)
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

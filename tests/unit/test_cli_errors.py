@@ -1,5 +1,6 @@
 """Bad input to the CLI: one clear line on stderr and exit status 2, never a traceback."""
 
+import logging
 import subprocess
 import sys
 
@@ -141,3 +142,11 @@ def test_settings_a_command_lacks_are_one_line_and_exit_2(monkeypatch, capsys, t
     code, err = run_cli(capsys, "trainer", "--model", "bogus")
     assert code == 2 and "error: --model must be one of two_tower" in err and "'bogus'" in err
     assert err.count("\n") == 1
+
+
+def test_kafka_pythons_slow_step_warnings_never_reach_stderr(capsys):
+    """kafka-python 3 warns when one step of its network loop takes over 0.1 s, which a busy
+    machine causes alone: before this, such a line came ahead of a role's one-line error."""
+    run_cli(capsys, "api", "--port", "70000")
+    assert not logging.getLogger("kafka.net.selector").isEnabledFor(logging.WARNING)
+    assert logging.getLogger("kafka").isEnabledFor(logging.WARNING)  # the rest still speaks
