@@ -346,21 +346,19 @@ return 0
 """
 
 
-def claim_partitions(client, writer_keys: list[str], writer_id: bytes, wait_s: float = 0.0,
-                     if_unclaimed: bool = False) -> None:
+def claim_partitions(client, writer_keys: list[str], writer_id: bytes,
+                     wait_s: float = 0.0) -> None:
     """Make the process ``writer_id`` the writer of the partitions whose writer keys these
     are (a worker, when the group assigns it them). Where another process held one and did
     not release it (:func:`release_partitions`: it crashed, or was evicted without knowing
     and may be frozen mid-commit), wait ``wait_s`` (the claim window) before returning: a
     write it checked against its claim before this one is sent by then, or never
-    (:class:`ClaimWindowPassed`). ``if_unclaimed``: only where no process has claimed one (a
-    writer the group did not assign: never over another's claim; no wait)."""
+    (:class:`ClaimWindowPassed`)."""
     with client.pipeline(transaction=False) as pipe:
         for key in writer_keys:
-            pipe.set(key, writer_id, nx=if_unclaimed, get=not if_unclaimed)
+            pipe.set(key, writer_id, get=True)
         before = pipe.execute()
-    held_before = [] if if_unclaimed else [
-        key for key, holder in zip(writer_keys, before) if holder is not None]
+    held_before = [key for key, holder in zip(writer_keys, before) if holder is not None]
     if held_before and wait_s > 0:
         log.warning("claimed %d partitions another process had not given up (%s…): waiting "
                     "%.1f s, until nothing it checked against its claim can still be sent",
@@ -371,10 +369,10 @@ def claim_partitions(client, writer_keys: list[str], writer_id: bytes, wait_s: f
 def release_partitions(client, writer_keys: list[str], writer_id: bytes) -> None:
     """Give up the partitions whose writer keys these are, where ``writer_id`` still holds
     them (a worker before a rebalance, once everything it wrote is in Redis): their next
-    writer need not wait (:func:`claim_partitions`)."""
-    release = client.register_script(_RELEASE_LUA)
-    for key in writer_keys:
-        release(keys=[key], args=[writer_id])
+    writer need not wait (:func:`claim_partitions`). One write per node."""
+    sha = client.register_script(_RELEASE_LUA).sha
+    apply_commands(client, [("EVALSHA", sha, 1, key, writer_id) for key in writer_keys],
+                   [_RELEASE_LUA])
 
 
 def replay_redo(client, redo_key: str, scripts: list[str], window_s: float,
@@ -386,11 +384,9 @@ def replay_redo(client, redo_key: str, scripts: list[str], window_s: float,
     the writes sent within ``window_s`` of that check (or of ``checked``, monotonic: when the
     caller checked it is the writer)."""
     checked = time.monotonic() if checked is None else checked
-    if claim is not None:
-        claim_partitions(client, [claim.key], claim.writer_id, if_unclaimed=True)
-        if (found := client.get(claim.key)) != claim.writer_id:
-            raise PartitionClaimed(f"{claim.partition} was assigned to another worker "
-                                   f"({found!r} claimed it)")
+    if claim is not None:  # one round trip: claimed where unclaimed, else its holder
+        found = client.set(claim.key, claim.writer_id, nx=True, get=True)
+        _check_holder(claim, claim.writer_id if found is None else found)
     record = client.hgetall(redo_key)
     commands = _decode_commands(record[b"commands"]) if record else []
     if commands:
@@ -402,10 +398,16 @@ def replay_redo(client, redo_key: str, scripts: list[str], window_s: float,
 def _not_written(client, claim: Claim | None) -> bool:
     """A commit's WATCH failed: False, or :class:`PartitionClaimed` where the reason is
     another process's claim."""
-    if claim is not None and (found := client.get(claim.key)) != claim.writer_id:
+    if claim is not None:
+        _check_holder(claim, client.get(claim.key))
+    return False
+
+
+def _check_holder(claim: Claim, found: bytes | None) -> None:
+    """:class:`PartitionClaimed` unless ``found``, the claim key's value, is this process."""
+    if found != claim.writer_id:
         raise PartitionClaimed(f"{claim.partition} was assigned to another worker ({found!r} "
                                f"claimed it)")
-    return False
 
 
 def _first_key(command) -> str:
