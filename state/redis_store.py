@@ -349,8 +349,8 @@ return 0
 def claim_partitions(client, writer_keys: list[str], writer_id: bytes,
                      wait_s: float = 0.0) -> None:
     """Make the process ``writer_id`` the writer of the partitions whose writer keys these
-    are (a worker, when the group assigns it them). Where another process held one and did
-    not release it (:func:`release_partitions`: it crashed, or was evicted without knowing
+    are (a worker, when the group assigns it them; ids are unique to a process). Where
+    another process held one and did not release it (:func:`release_partitions`: it crashed, or was evicted without knowing
     and may be frozen mid-commit), wait ``wait_s`` (the claim window) before returning: a
     write it checked against its claim before this one is sent by then, or never
     (:class:`ClaimWindowPassed`)."""
@@ -358,7 +358,10 @@ def claim_partitions(client, writer_keys: list[str], writer_id: bytes,
         for key in writer_keys:
             pipe.set(key, writer_id, get=True)
         before = pipe.execute()
-    held_before = [key for key, holder in zip(writer_keys, before) if holder is not None]
+    # this process's own claim (a retried claim, or one whose release failed) needs no wait:
+    # its writes finished before it gave the partition up, or it exited
+    held_before = [key for key, holder in zip(writer_keys, before)
+                   if holder not in (None, writer_id)]
     if held_before and wait_s > 0:
         log.warning("claimed %d partitions another process had not given up (%s…): waiting "
                     "%.1f s, until nothing it checked against its claim can still be sent",
