@@ -14,8 +14,8 @@ thirds: two or more rebalances, each revoking every member's partitions. Figures
 - *exactly once*: events applied (or dropped as producer duplicates) against events sent,
   once every worker drained;
 - *claim window waits* (owned layout on a Redis Cluster): claims of partitions their last
-  writer had not given up, each waiting ``STREAMREC_CLUSTER_CLAIM_WINDOW_S`` (0 where every
-  rebalance was clean).
+  writer had not given up that waited, until ``STREAMREC_CLUSTER_CLAIM_WINDOW_S`` had passed
+  since that writer last checked its claim (0 where every rebalance was clean).
 
 The last line is JSON. Usage: ``python bench/rebalance.py [--state-writer owned]
 [--redis-cluster 3] [--rate 10000] [--seconds 45]``.
@@ -148,8 +148,9 @@ def main() -> None:
             for worker in workers:
                 terminate(worker)
             log.close()
-            claim_waits = (Path(tmp) / "worker.log").read_text(errors="replace").count(
-                "another process had not given up")
+            claim_waits = sum("another process had not given up" in line and "waiting" in line
+                              for line in (Path(tmp) / "worker.log").read_text(
+                                  errors="replace").splitlines())
     revocations = sum(count for count, _, _ in waits)
     print_result({
         "state_writer": args.state_writer, "redis_cluster_primaries": args.redis_cluster,

@@ -193,8 +193,10 @@ class Settings(BaseSettings):
         "nodes are sent within this many seconds of the check that the worker is still the "
         "writer (its partition's claim, or the lease), else never (it exits: frozen, or Redis "
         "stalled), and a worker taking a partition (or the lease) over from one that did not "
-        "give it up waits this long before writing: nothing of the predecessor's can land "
-        "over its rows (docs/reliability.md). Single: the lease must last longer.")
+        "give it up waits until this long has passed since the predecessor's last check "
+        "(owned: dated by Redis; single: this long) before writing: nothing of the "
+        "predecessor's can land over its rows (docs/reliability.md). Single: the lease must "
+        "last longer.")
     state_writer_lease_s: float = Field(10.0, ge=1, description="single: how long the writer's "
                                         "lease lasts unrenewed (a restarted worker waits at "
                                         "most this long for its predecessor's).")

@@ -342,16 +342,17 @@ class RedisKeys:
                     "`{stats}:seq:<topic>:<partition>`, "
                     "`{bandit}:seq:<topic>:<partition>` and the trending meta's "
                     "`seq:<topic>:<partition>` field."),
-            KeySpec(f"{p}:{{wm}}:writer:<topic>:<partition>", "string (process id)", "none",
-                    "stream worker (owned layout on a Redis Cluster)",
+            KeySpec(f"{p}:{{wm}}:writer:<topic>:<partition>", "string (process id)",
+                    "100 years, set again by each check of it: what is left dates the "
+                    "holder's last check", "stream worker (owned layout on a Redis Cluster)",
                     "one key per source partition",
                     "The worker process the group last assigned the source partition, written "
                     "at the assignment; each commit of the partition's part WATCHes it, so a "
                     "process evicted without knowing (frozen past the session timeout) writes "
                     "nothing of it after its successor took over, and exits. Deleted by its "
                     "holder when it gives the partition up at a rebalance, everything "
-                    "written; else the next writer waits STREAMREC_CLUSTER_CLAIM_WINDOW_S "
-                    "after its claim before writing (docs/reliability.md)."),
+                    "written; else the next writer waits until STREAMREC_CLUSTER_CLAIM_WINDOW_S "
+                    "has passed since the holder last checked it (docs/reliability.md)."),
             KeySpec(f"{p}:{{wm}}:held", "hash <topic>:<partition> → reason", "none",
                     "stream worker", "one field per held partition",
                     "Partitions whose Redis progress does not fit the Kafka log (the log went "
@@ -386,12 +387,13 @@ class RedisKeys:
                     "rows hold; written with those rows (one MULTI/EXEC, or with its redo "
                     "record on a Redis Cluster). Records at or below it are dropped as "
                     "re-sends."),
-            KeySpec(f"{p}:{{own:<partition>}}:writer", "string (process id)", "none",
+            KeySpec(f"{p}:{{own:<partition>}}:writer", "string (process id)",
+                    "100 years, set again by each check of it (as the source partitions')",
                     "item partition owner (Redis Cluster only)", "one key per item partition",
                     "The worker process the group last assigned the item partition, written "
                     "at the assignment; each owner commit WATCHes it, and it is deleted at a "
-                    "rebalance, as `{wm}:writer:<topic>:<partition>` is for source "
-                    "partitions."),
+                    "rebalance or waited out after a crash, as `{wm}:writer:<topic>:<partition>` "
+                    "is for source partitions."),
             KeySpec(f"{p}:{{own:<partition>}}:redo", "hash {seq, commands}", "none",
                     "item partition owner (Redis Cluster only)", "one commit's writes",
                     "The owner's last commit outside its slot (overwrites only), written with "

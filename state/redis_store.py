@@ -284,6 +284,8 @@ class WriteBatch:
                     tx.unwatch()
                     return _not_written(client, claim)
                 tx.multi()
+                if claim is not None:  # when it was last checked, for the next claimer
+                    tx.pexpire(claim.key, CLAIM_TOUCH_MS)
                 tx.hset(redo_key, mapping={"seq": seq, "commands": _msgpack(remote)})
                 for command in local:
                     tx.execute_command(*command)
@@ -346,27 +348,63 @@ return 0
 """
 
 
+#: A claim key's expiry, set again by every check of the claim that may be followed by writes
+#: (a commit's transaction, a redo record's replay): what is left of it tells the next
+#: claimer how long ago its holder last checked, on Redis's clock. Far longer than any idle
+#: spell: it never lapses.
+CLAIM_TOUCH_MS = 100 * 365 * 86_400_000
+
+#: KEYS: a writer key. ARGV: the claiming process's id, CLAIM_TOUCH_MS. Claims the partition
+#: and returns its previous holder with what was left of its expiry (-1: none), read at once.
+_TAKE_LUA = """
+local left = redis.call('PTTL', KEYS[1])
+local before = redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'GET')
+return {before, left}
+"""
+
+#: KEYS: a writer key. ARGV: the process's id, CLAIM_TOUCH_MS. Claims the partition where no
+#: process has; the holder's expiry set again where it is this process; returns the holder.
+_CHECK_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return holder
+"""
+
+
 def claim_partitions(client, writer_keys: list[str], writer_id: bytes,
-                     wait_s: float = 0.0) -> None:
+                     wait_s: float = 0.0) -> float:
     """Make the process ``writer_id`` the writer of the partitions whose writer keys these
     are (a worker, when the group assigns it them; ids are unique to a process). Where
-    another process held one and did not release it (:func:`release_partitions`: it crashed, or was evicted without knowing
-    and may be frozen mid-commit), wait ``wait_s`` (the claim window) before returning: a
-    write it checked against its claim before this one is sent by then, or never
-    (:class:`ClaimWindowPassed`)."""
-    with client.pipeline(transaction=False) as pipe:
-        for key in writer_keys:
-            pipe.set(key, writer_id, get=True)
-        before = pipe.execute()
-    # this process's own claim (a retried claim, or one whose release failed) needs no wait:
-    # its writes finished before it gave the partition up, or it exited
-    held_before = [key for key, holder in zip(writer_keys, before)
-                   if holder not in (None, writer_id)]
-    if held_before and wait_s > 0:
+    another process held one and did not release it (:func:`release_partitions`: it
+    crashed, or was evicted without knowing and may be frozen mid-commit), wait until
+    ``wait_s`` (the claim window) has passed since it last checked its claim: a write it
+    checked before this claim is sent by then, or never (:class:`ClaimWindowPassed`). A
+    holder that crashed a session timeout ago costs no wait. Returns the seconds waited."""
+    sha = client.register_script(_TAKE_LUA).sha
+    replies = apply_commands(client, [("EVALSHA", sha, 1, key, writer_id, CLAIM_TOUCH_MS)
+                                      for key in writer_keys], [_TAKE_LUA])
+    waits = {}  # key → ms left of its holder's window
+    for key, (holder, left) in zip(writer_keys, replies):
+        # this process's own claim (a retried claim, or one whose release failed) needs no
+        # wait: its writes finished before it gave the partition up, or it exited
+        if holder is not None and holder != writer_id:
+            checked_ago_ms = CLAIM_TOUCH_MS - left if left >= 0 else 0  # no expiry: unknown
+            waits[key] = 1000 * wait_s - checked_ago_ms
+    wait = max(max(waits.values(), default=0.0), 0.0) / 1000
+    if wait > 0:
         log.warning("claimed %d partitions another process had not given up (%s…): waiting "
-                    "%.1f s, until nothing it checked against its claim can still be sent",
-                    len(held_before), held_before[0], wait_s)
-        time.sleep(wait_s)
+                    "%.2f s, until nothing it checked against its claim can still be sent",
+                    len(waits), next(iter(waits)), wait)
+        time.sleep(wait)
+    elif waits:
+        log.warning("claimed %d partitions another process had not given up (%s…); it last "
+                    "checked its claim longer ago than the claim window: no wait",
+                    len(waits), next(iter(waits)))
+    return wait
 
 
 def release_partitions(client, writer_keys: list[str], writer_id: bytes) -> None:
@@ -387,9 +425,9 @@ def replay_redo(client, redo_key: str, scripts: list[str], window_s: float,
     the writes sent within ``window_s`` of that check (or of ``checked``, monotonic: when the
     caller checked it is the writer)."""
     checked = time.monotonic() if checked is None else checked
-    if claim is not None:  # one round trip: claimed where unclaimed, else its holder
-        found = client.set(claim.key, claim.writer_id, nx=True, get=True)
-        _check_holder(claim, claim.writer_id if found is None else found)
+    if claim is not None:  # one round trip: claimed where unclaimed (or touched), its holder
+        _check_holder(claim, client.register_script(_CHECK_LUA)(
+            keys=[claim.key], args=[claim.writer_id, CLAIM_TOUCH_MS]))
     record = client.hgetall(redo_key)
     commands = _decode_commands(record[b"commands"]) if record else []
     if commands:

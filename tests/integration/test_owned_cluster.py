@@ -240,15 +240,17 @@ def test_a_worker_frozen_between_its_transaction_and_its_other_writes_sends_none
     window: the frozen worker never gave them up), completes the part from its redo record
     and goes on; when the frozen worker wakes, it sends nothing (those writes would land over
     the successor's newer rows) and says why. Redis ends in the replay's state."""
-    s = owned_settings
+    s = owned_settings.model_copy(update={"cluster_claim_window_s": 1.5})  # > the freeze's set-up
     batch = messages(2400)
     frozen, owners = worker(s, client), Owners(s, client)
     for start in range(0, 30, 3):
         frozen.apply_messages(batch[start:start + 3])
+    checked = time.monotonic()  # the frozen commit checks its claim after this
     commit = FrozenCommit(monkeypatch, lambda: frozen.apply_messages(batch[30:36]))
     started = time.monotonic()
     successor = next_worker(s, client)  # the group gave it the partitions: it claims them
-    assert time.monotonic() - started >= s.cluster_claim_window_s  # not given up: it waited
+    # not given up: it waited until the window had passed since the frozen commit's check
+    assert time.monotonic() - checked >= 1.5 and time.monotonic() - started > 0.5
     for start in range(30, len(batch), 3):
         successor.apply_messages(batch[start:start + 3])
     owners.catch_up()
@@ -260,11 +262,15 @@ def test_a_worker_frozen_between_its_transaction_and_its_other_writes_sends_none
     assert "not sent within" in str(outcome)
 
 
-def test_partitions_given_up_are_taken_over_at_once_and_others_after_the_claim_window(
+def test_partitions_given_up_are_taken_over_at_once_and_others_once_the_claim_window_passed(
         owned_settings, client):
+    """A claim given up is taken at once; one not given up once the claim window has passed
+    since its holder last checked it (here: claimed it), on Redis's clock: a holder that
+    crashed longer ago than that costs nothing; a process's own claim, nothing."""
     s = owned_settings.model_copy(update={"cluster_claim_window_s": 1.5})
     first, keys = worker(s, client), RedisKeys(s.key_prefix)
     sources = [("interactions", p) for p in range(PARTITIONS)]
+    first_checked = time.monotonic()
     first.claim_sources(sources)
     release_partitions(client, [keys.source_writer(*sources[0])], first.writer_id)
     second = worker(s, client)
@@ -273,10 +279,36 @@ def test_partitions_given_up_are_taken_over_at_once_and_others_after_the_claim_w
     assert time.monotonic() - started < 1.0
     release_partitions(client, [keys.source_writer(*sources[1])], second.writer_id)  # not its
     started = time.monotonic()
-    second.claim_sources(sources[1:])  # held by the first, not given up
-    assert time.monotonic() - started >= 1.5
+    second.claim_sources(sources[1:2])  # held by the first, not given up
+    assert time.monotonic() - first_checked >= 1.5 and time.monotonic() - started > 0.5
+    time.sleep(1.6)  # the first checks nothing more (crashed): its window passes
+    started = time.monotonic()
+    second.claim_sources(sources[2:])
+    assert time.monotonic() - started < 1.0
     assert all(client.get(keys.source_writer(*source)) == second.writer_id
                for source in sources)
     started = time.monotonic()
     second.claim_sources(sources)  # its own claims (a retry after a lost reply, say): no wait
     assert time.monotonic() - started < 1.0
+
+
+def test_a_redo_record_replayed_after_an_idle_spell_holds_its_successor_off_as_a_commit_does(
+        owned_settings, client, monkeypatch):
+    """Applying a redo record again checks the claim as a commit does, and marks when: a
+    successor claiming just after waits the window from that check, though the replaying
+    worker's last commit is older than the window; the replay, frozen past it, sends nothing."""
+    s = owned_settings.model_copy(update={"cluster_claim_window_s": 1.0})
+    batch = messages(2400)
+    idle = worker(s, client)
+    for start in range(0, 30, 3):
+        idle.apply_messages(batch[start:start + 3])
+    source = ("interactions", 0)
+    assert msgspec.msgpack.decode(client.hget(RedisKeys(s.key_prefix).source_redo(*source),
+                                              "commands"))  # writes to other nodes to replay
+    time.sleep(1.1)  # idle past the window
+    checked = time.monotonic()  # the replay checks its claim after this
+    replay = FrozenCommit(monkeypatch, lambda: idle._apply_source_redo(source))
+    started = time.monotonic()
+    next_worker(s, client)
+    assert time.monotonic() - checked >= 1.0 and time.monotonic() - started > 0.2
+    assert isinstance(replay.wake(), ClaimWindowPassed)
