@@ -2,8 +2,10 @@
 
 Starts an embedded broker and redis-server (or ``--redis-cluster N`` primaries), two
 ``streamrec worker`` processes in one group, and a steady ``--rate`` of simulated events for
-``--seconds``. A third worker joins a third of the way in and leaves cleanly (SIGTERM) at two
-thirds: two or more rebalances, each revoking every member's partitions. Figures:
+``--seconds``. A third worker joins a third of the way in and leaves at two thirds, cleanly
+(SIGTERM) or, with ``--leave kill``, killed -9 (its partitions wait for the group's session
+timeout, and on a Redis Cluster their claims were not given up): two or more rebalances,
+each revoking every member's partitions. Figures:
 
 - *revocation wait*: per rebalance and worker, how long the worker waited for its computed
   writes (chunks, and in the owned layout its owners' commit) to be in Redis before giving its
@@ -18,7 +20,7 @@ thirds: two or more rebalances, each revoking every member's partitions. Figures
   since that writer last checked its claim (0 where every rebalance was clean).
 
 The last line is JSON. Usage: ``python bench/rebalance.py [--state-writer owned]
-[--redis-cluster 3] [--rate 10000] [--seconds 45]``.
+[--redis-cluster 3] [--rate 10000] [--seconds 45] [--leave term|kill]``.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def main() -> None:
     parser.add_argument("--state-writer", choices=("shared", "owned"), default="owned")
     parser.add_argument("--redis-cluster", type=int, default=0, metavar="N")
     parser.add_argument("--models", default="session,mf")
+    parser.add_argument("--leave", choices=("term", "kill"), default="term",
+                        help="how the third worker leaves: SIGTERM, or kill -9")
     args = parser.parse_args()
     if args.redis_cluster and args.state_writer != "owned":
         sys.exit("--redis-cluster needs --state-writer owned (a group on a cluster)")
@@ -128,7 +132,8 @@ def main() -> None:
                         workers.append(third)
                     if left is None and now >= 2 * args.seconds / 3:
                         left = now
-                        third.send_signal(signal.SIGTERM)
+                        third.send_signal(signal.SIGTERM if args.leave == "term"
+                                          else signal.SIGKILL)
                     batch = events[sent:sent + per_tick]
                     producer.send_many(batch)
                     sent += len(batch)
@@ -155,6 +160,7 @@ def main() -> None:
     print_result({
         "state_writer": args.state_writer, "redis_cluster_primaries": args.redis_cluster,
         "rate_events_per_s": args.rate, "seconds": args.seconds, "partitions": args.partitions,
+        "leave": args.leave,
         "events_sent": len(events), "events_handled": total,
         "exactly_once": total == len(events),
         "joined_at_s": round(joined or 0, 1), "left_at_s": round(left or 0, 1),
