@@ -351,7 +351,7 @@ return 0
 #: A claim key's expiry, set again by every check of the claim that may be followed by writes
 #: (a commit's transaction, a redo record's replay): what is left of it tells the next
 #: claimer how long ago its holder last checked, on Redis's clock. Far longer than any idle
-#: spell: it never lapses.
+#: spell: it never lapses. Never change it: a claimer dates an older version's touch with it.
 CLAIM_TOUCH_MS = 100 * 365 * 86_400_000
 
 #: KEYS: a writer key. ARGV: the claiming process's id, CLAIM_TOUCH_MS. Claims the partition
