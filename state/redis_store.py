@@ -376,14 +376,14 @@ return holder
 
 
 def claim_partitions(client, writer_keys: list[str], writer_id: bytes,
-                     wait_s: float = 0.0) -> float:
+                     wait_s: float = 0.0) -> None:
     """Make the process ``writer_id`` the writer of the partitions whose writer keys these
     are (a worker, when the group assigns it them; ids are unique to a process). Where
     another process held one and did not release it (:func:`release_partitions`: it
     crashed, or was evicted without knowing and may be frozen mid-commit), wait until
     ``wait_s`` (the claim window) has passed since it last checked its claim: a write it
     checked before this claim is sent by then, or never (:class:`ClaimWindowPassed`). A
-    holder that crashed a session timeout ago costs no wait. Returns the seconds waited."""
+    holder that crashed a session timeout ago costs no wait."""
     sha = client.register_script(_TAKE_LUA).sha
     replies = apply_commands(client, [("EVALSHA", sha, 1, key, writer_id, CLAIM_TOUCH_MS)
                                       for key in writer_keys], [_TAKE_LUA])
@@ -394,17 +394,15 @@ def claim_partitions(client, writer_keys: list[str], writer_id: bytes,
         if holder is not None and holder != writer_id:
             checked_ago_ms = CLAIM_TOUCH_MS - left if left >= 0 else 0  # no expiry: unknown
             waits[key] = 1000 * wait_s - checked_ago_ms
-    wait = max(max(waits.values(), default=0.0), 0.0) / 1000
-    if wait > 0:
-        log.warning("claimed %d partitions another process had not given up (%s…): waiting "
-                    "%.2f s, until nothing it checked against its claim can still be sent",
-                    len(waits), next(iter(waits)), wait)
-        time.sleep(wait)
-    elif waits:
-        log.warning("claimed %d partitions another process had not given up (%s…); it last "
-                    "checked its claim longer ago than the claim window: no wait",
-                    len(waits), next(iter(waits)))
-    return wait
+    if not waits:
+        return
+    wait = max(max(waits.values()), 0.0) / 1000
+    log.warning("claimed %d partitions another process had not given up (%s…): %s",
+                len(waits), next(iter(waits)),
+                f"waiting {wait:.2f} s, until nothing it checked against its claim can still be "
+                "sent" if wait else "it last checked its claim longer ago than the claim "
+                "window: no wait")
+    time.sleep(wait)
 
 
 def release_partitions(client, writer_keys: list[str], writer_id: bytes) -> None:
