@@ -392,7 +392,8 @@ def claim_partitions(client, writer_keys: list[str], writer_id: bytes,
         # this process's own claim (a retried claim, or one whose release failed) needs no
         # wait: its writes finished before it gave the partition up, or it exited
         if holder is not None and holder != writer_id:
-            checked_ago_ms = CLAIM_TOUCH_MS - left if left >= 0 else 0  # no expiry: unknown
+            # PTTL is whole ms, rounded down: the check may be up to 1 ms more recent
+            checked_ago_ms = CLAIM_TOUCH_MS - left - 1 if left >= 0 else 0  # none: unknown
             waits[key] = 1000 * wait_s - checked_ago_ms
     if not waits:
         return
