@@ -319,10 +319,14 @@ class RedisKeys:
                     "one owner (a user's partition's worker, an item's owner partition). Set "
                     "by the first worker; a worker or reader configured otherwise refuses to "
                     "start."),
-            KeySpec(f"{p}:{{wm}}:writer", "string (worker id)",
+            KeySpec(f"{p}:{{wm}}:writer",
+                    "string (`[<static member>/]<uuid>/lease-ms=<lease in ms>`)",
                     "STREAMREC_STATE_WRITER_LEASE_S, renewed by its holder", "stream worker "
                     "(single writer)", "one key", "The lease of the worker that owns model "
-                    "state when STREAMREC_STATE_WRITER=single; every commit checks it."),
+                    "state when STREAMREC_STATE_WRITER=single; every commit checks and renews "
+                    "it. The lease length in the name dates the last renewal (from what is "
+                    "left of it) for a process of the same static member taking it over on a "
+                    "Redis Cluster."),
             KeySpec(f"{p}:{{wm}}:redo", "hash {seq, commands}", "none",
                     "stream worker (single writer on a Redis Cluster)", "one batch's writes",
                     "The last commit: its number (growing; a writer taking over numbers on "

@@ -212,13 +212,28 @@ return 0
 """
 
 #: KEYS: the lease. ARGV: the holder found, this holder, lease in ms. Takes the lease over
-#: from exactly that holder (not from one that took it meanwhile).
+#: from exactly that holder (not from one that took it meanwhile): what was left of its
+#: expiry (ms), or false where another holds it now.
 TAKE_OVER_LEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  local left = redis.call('PTTL', KEYS[1])
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return left
 end
 return false
 """
+#: Ends a holder's name: the lease length it sets at each renewal, so that what is left of
+#: its expiry dates its last renewal (a holder of an older version's name lacks it).
+LEASE_MS_MARK = "/lease-ms="
+
+
+def since_last_renewal_s(holder: bytes, left_ms: int) -> float | None:
+    """How long ago ``holder`` last renewed its lease, on Redis's clock, from what was left of
+    the lease (``left_ms``, PTTL); None where its name does not say its lease length."""
+    _, mark, lease_ms = holder.rpartition(LEASE_MS_MARK.encode())
+    if not mark or not lease_ms.isdigit() or left_ms < 0:
+        return None
+    return max(0, int(lease_ms) - left_ms - 1) / 1000  # PTTL rounds down: 1 ms earlier
 
 
 class RedisLostWrites(RuntimeError):
@@ -243,9 +258,12 @@ class WriterLease:
     one process per id (fencing the other), and the predecessor, were it still alive, writes
     nothing once its holder name is gone from the lease (every commit WATCHes it). On a
     Redis Cluster, where a commit's writes to other nodes follow its transaction, the
-    process taking over waits ``takeover_wait_s`` (the claim window, within which a commit
-    sends them or never does) before it writes; a lease that lapsed needs no wait (it lasts
-    longer than the window after the holder's last commit)."""
+    process taking over waits until ``takeover_wait_s`` (the claim window, within which a
+    commit sends them or never does) has passed since the predecessor last renewed the
+    lease (every commit renews it in its transaction, after its check; the holder's name
+    says its lease length, so what is left of the lease dates that renewal on Redis's
+    clock); a lease that lapsed needs no wait (it lasts longer than the window after the
+    holder's last commit)."""
 
     def __init__(self, client, key: str, lease_s: float, member: str = "",
                  takeover_wait_s: float = 0.0) -> None:
@@ -253,7 +271,8 @@ class WriterLease:
         self.takeover_wait_s = takeover_wait_s
         self.lease_ms = int(lease_s * 1000)
         self._member_prefix = f"{member}/".encode() if member else None
-        self.holder = f"{member}/{uuid.uuid4().hex}" if member else uuid.uuid4().hex
+        self.holder = (f"{member}/" if member else "") + (
+            f"{uuid.uuid4().hex}{LEASE_MS_MARK}{self.lease_ms}")
         self.held = False
         self._renew = client.register_script(RENEW_LEASE_LUA)
         self._take_over = client.register_script(TAKE_OVER_LEASE_LUA)
@@ -267,14 +286,12 @@ class WriterLease:
             found = self.client.get(self.key)
             if found == self.holder.encode():
                 break
-            if (self._member_prefix and found and found.startswith(self._member_prefix)
-                    and self._take_over(keys=[self.key],
-                                        args=[found, self.holder, self.lease_ms])):
-                log.warning("took the single-writer lease over from %s, an earlier process "
-                            "of this static group member%s", found.decode(),
-                            f"; waiting {self.takeover_wait_s:g} s before writing (it may "
-                            f"still be sending a commit)" if self.takeover_wait_s else "")
-                time.sleep(self.takeover_wait_s)
+            left_ms = (self._take_over(keys=[self.key], args=[found, self.holder,
+                                                              self.lease_ms])
+                       if self._member_prefix and found
+                       and found.startswith(self._member_prefix) else None)
+            if left_ms is not None:
+                self._wait_out_predecessor(found, left_ms)
                 break
             if time.monotonic() > deadline:
                 raise WriterLeaseHeld(
@@ -283,6 +300,19 @@ class WriterLease:
                     f"(use shared for a worker group)")
             time.sleep(0.2)
         self.held = True
+
+    def _wait_out_predecessor(self, predecessor: bytes, left_ms: int) -> None:
+        """After a take-over: wait until the claim window has passed since ``predecessor``
+        last renewed the lease (the whole window where its name does not date that)."""
+        since = since_last_renewal_s(predecessor, left_ms)
+        wait_s = (self.takeover_wait_s if since is None
+                  else max(0.0, self.takeover_wait_s - since))
+        when = "" if since is None else f" (it last renewed it {since:.3f} s ago)"
+        log.warning("took the single-writer lease over from %s, an earlier process of this "
+                    "static group member%s%s", predecessor.decode(), when,
+                    f": waiting {wait_s:.3f} s before writing (it may still be sending a "
+                    f"commit)" if wait_s else (": no wait" if self.takeover_wait_s else ""))
+        time.sleep(wait_s)
 
     def renew(self) -> bool:
         """Extend the lease if this worker holds it; False (and not held) if it was lost."""

@@ -25,13 +25,15 @@ log = logging.getLogger(__name__)
 TOTAL = 6000
 
 
-LAYOUTS = ("shared", "single", "single-static", "cluster", "owned", "owned-cluster")
+LAYOUTS = ("shared", "single", "single-static", "cluster", "cluster-static", "owned",
+           "owned-cluster")
 FAULT_POINTS = ([(kill_after, layout) for layout in LAYOUTS
                  for kill_after in range(150, 3900, 250)]  # a fast worker may finish
                 # the 6,000 events within one poll past ~4,000: no kill left to test
                 if os.environ.get("STREAMREC_CHAOS_SWEEP") == "1" else
                 [(300, "shared"), (3000, "shared"), (1500, "single"), (1200, "single-static"),
-                 (2000, "cluster"), (700, "owned"), (2500, "owned"), (1800, "owned-cluster")])
+                 (2000, "cluster"), (1400, "cluster-static"), (700, "owned"), (2500, "owned"),
+                 (1800, "owned-cluster")])
 
 
 @pytest.mark.parametrize("kill_after,layout", FAULT_POINTS)
@@ -42,17 +44,19 @@ def test_kill_minus_nine_and_restart_neither_loses_nor_doubles(settings, request
     # single-static: the same as a static group member (STREAMREC_KAFKA_GROUP_INSTANCE_ID):
     # the restarted worker takes its partitions back without a rebalance.
     # cluster: the same on a 3-primary Redis Cluster, where a kill may also cut a commit
-    # between its redo record and its writes to the other nodes.
+    # between its redo record and its writes to the other nodes; cluster-static: a restarted
+    # static member takes the lease over there, dating its predecessor's last commit.
     # owned: the kill may also fall between a commit and its relay, or between an owner's
     # apply and its commit (cooc claims rows: left out there); owned-cluster: between a
     # source partition's part's redo record and its writes to the other nodes too
     writer = {"shared": "shared", "single": "single", "single-static": "single",
-              "cluster": "single", "owned": "owned", "owned-cluster": "owned"}[layout]
+              "cluster": "single", "cluster-static": "single", "owned": "owned",
+              "owned-cluster": "owned"}[layout]
     s = settings.model_copy(update={
         "live_models": "session" if writer == "owned" else "session,cooc",
         "worker_batch_max": 20, "state_writer_lease_s": 2.0, "state_writer": writer,
         "kafka_group_instance_id": "chaos-worker" if layout.endswith("static") else ""})
-    if layout.endswith("cluster"):
+    if "cluster" in layout:
         s = s.model_copy(update={"redis_url": request.getfixturevalue("redis_cluster").url})
     redis_client = sync_redis(s.redis_url)
     request.addfinalizer(redis_client.close)

@@ -5,10 +5,12 @@ shared layout is refused, worker → feed builder → HTTP runs end to end, and 
 writer rides out a primary's failover to its replica."""
 
 import asyncio
+import logging
 import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 import pytest
@@ -164,22 +166,55 @@ def test_a_single_writer_frozen_between_its_transaction_and_its_other_writes_sen
     batch = messages()
     apply_beside_a_replay(single_writer(clean, client, names), batch, names)
 
-    s = cluster_settings.model_copy(update={"kafka_group_instance_id": "worker-1"})
+    s = cluster_settings.model_copy(update={  # a window longer than the freeze's set-up
+        "kafka_group_instance_id": "worker-1", "cluster_claim_window_s": 1.5,
+        "state_writer_lease_s": 3.0})
     frozen = single_writer(s, client, names)
     for start in range(0, 8, 4):
         frozen.apply_messages(batch[start:start + 4])
+    checked = time.monotonic()  # the frozen commit checks (and renews) the lease after this
     commit = FrozenCommit(monkeypatch, lambda: frozen.apply_messages(batch[8:12]))
     successor = single_writer(s, client, names)  # the restarted process, same member id
     started = time.monotonic()
-    for start in range(8, len(batch), 4):
+    successor.apply_messages(batch[8:12])
+    # took the lease over, then waited until the window had passed since that renewal
+    assert time.monotonic() - checked >= 1.5 and time.monotonic() - started > 0.5
+    for start in range(12, len(batch), 4):
         successor.apply_messages(batch[start:start + 4])
-    assert time.monotonic() - started >= s.cluster_claim_window_s  # took over: waited
     written = snapshot(cluster.nodes, s.key_prefix)
     assert written == snapshot(cluster.nodes, clean.key_prefix)
     outcome = commit.wake()
     assert snapshot(cluster.nodes, s.key_prefix) == written
     assert isinstance(outcome, ClaimWindowPassed), outcome
     assert "the single writer: writes to other nodes not sent within" in str(outcome)
+
+
+def test_a_restarted_member_waits_only_what_is_left_of_the_window_since_the_last_renewal(
+        cluster_settings, client, caplog):
+    """A process restarted under the same static member waits, after taking the lease over,
+    until the claim window has passed since its predecessor last renewed it: what was left of
+    the lease dates that renewal on Redis's clock, by the lease length the predecessor's name
+    says (here not the successor's). A predecessor idle past the window costs no wait; one
+    whose name does not say its lease length (an older version's) costs the whole window."""
+    s = cluster_settings.model_copy(update={"kafka_group_instance_id": "worker-1",
+                                            "cluster_claim_window_s": 1.5,
+                                            "state_writer_lease_s": 30.0})
+    batch = messages()
+    single_writer(s, client).apply_messages(batch[:4])
+    time.sleep(1.6)  # idle past the window; its lease (30 s, not renewed) holds
+    restarted = single_writer(s.model_copy(update={"state_writer_lease_s": 20.0}), client)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="streamrec.state"):
+        restarted.apply_messages(batch[4:8])
+    assert time.monotonic() - started < 1.0
+    assert "took the single-writer lease over" in caplog.text and ": no wait" in caplog.text
+
+    client.set(restarted.keys.state_writer, f"worker-1/{uuid.uuid4().hex}", px=30_000)
+    started = time.monotonic()
+    single_writer(s, client).apply_messages(batch[8:12])
+    assert time.monotonic() - started >= 1.5
+    assert int(client.get(restarted.keys.watermark("interactions", batch[11].partition))) == (
+        batch[11].offset)
 
 
 def test_the_shared_layout_is_refused_on_a_cluster(cluster_settings, client):
