@@ -205,7 +205,7 @@ class _ClusterNode(EmbeddedRedis):
 class EmbeddedRedisCluster:
     """A real Redis Cluster of ``primaries`` ``redis-server`` nodes (cluster mode), each with
     ``replicas`` replicas, on free loopback ports, its slots assigned by ``redis-cli --cluster
-    create``. ``url`` is ``redis+cluster://`` with the first node as the seed."""
+    create``. ``url`` is ``redis+cluster://`` with every node as a seed (any may fail)."""
 
     def __init__(self, primaries: int = 3, appendonly: bool = True, replicas: int = 0) -> None:
         self.replicas = replicas
@@ -214,7 +214,7 @@ class EmbeddedRedisCluster:
 
     @property
     def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self, timeout_s: float = 30.0) -> "EmbeddedRedisCluster":
         try:

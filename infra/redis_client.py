@@ -105,16 +105,37 @@ _OPTIONS = dict(socket_timeout=5.0, socket_connect_timeout=2.0, health_check_int
                 decode_responses=False)
 
 
-#: URL schemes of a Redis Cluster (any node as the seed): ``redis+cluster://host:port``
+#: URL schemes of a Redis Cluster: ``redis+cluster://host:port`` (any node as the seed) or
+#: several seeds, ``redis+cluster://[user:password@]host1:port1,host2:port2,...``
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
 def cluster_seed(url: str) -> str | None:
-    """The plain URL of a Redis Cluster seed node if ``url`` names a cluster, else None."""
+    """The plain URL of a Redis Cluster's first seed node if ``url`` names a cluster (its
+    other seeds: :func:`cluster_seeds`), else None."""
     for scheme in CLUSTER_SCHEMES:
         if url.startswith(scheme):
-            return scheme.replace("+cluster", "") + url[len(scheme):]
+            rest = url[len(scheme):]
+            netloc_end = min((rest.find(c) for c in "/?#" if c in rest), default=len(rest))
+            user, at, hosts = rest[:netloc_end].rpartition("@")
+            return (scheme.replace("+cluster", "") + user + at + hosts.split(",")[0]
+                    + rest[netloc_end:])
     return None
+
+
+def cluster_seeds(url: str) -> list[tuple[str, int]]:
+    """Every seed node (host, port) a Redis Cluster URL names: where the first is down (a
+    failed primary, say), a process starting or reconnecting asks the next."""
+    scheme = next(s for s in CLUSTER_SCHEMES if url.startswith(s))
+    rest = url[len(scheme):]
+    netloc = rest[:min((rest.find(c) for c in "/?#" if c in rest), default=len(rest))]
+    seeds = []
+    for seed in netloc.rpartition("@")[2].split(","):
+        host, colon, port = seed.rpartition(":")
+        if not colon or not port.isdigit() or not host:
+            raise ValueError(f"a Redis Cluster seed must be host:port, got {seed!r}")
+        seeds.append((host.strip("[]"), int(port)))
+    return seeds
 
 
 def is_cluster(client) -> bool:
@@ -123,10 +144,12 @@ def is_cluster(client) -> bool:
 
 def sync_redis(url: str) -> redis.Redis:
     """A client for ``url``: one server (``redis://``, ``rediss://``) or a Redis Cluster
-    (``redis+cluster://``, ``rediss+cluster://``, any node as the seed)."""
+    (``redis+cluster://``, ``rediss+cluster://``, any node as the seed, or several:
+    :data:`CLUSTER_SCHEMES`)."""
     seed = cluster_seed(url)
     if seed is not None:
-        return redis.cluster.RedisCluster.from_url(seed, **_OPTIONS)
+        return redis.cluster.RedisCluster.from_url(seed, startup_nodes=[
+            redis.cluster.ClusterNode(*node) for node in cluster_seeds(url)[1:]], **_OPTIONS)
     return redis.Redis.from_url(url, **_OPTIONS)
 
 
@@ -137,7 +160,9 @@ def async_redis(url: str, max_connections: int = 8) -> redis.asyncio.Redis:
     seed = cluster_seed(url)
     if seed is not None:
         return redis.asyncio.cluster.RedisCluster.from_url(
-            seed, max_connections=max_connections, **_OPTIONS)
+            seed, startup_nodes=[redis.asyncio.cluster.ClusterNode(*node)
+                                 for node in cluster_seeds(url)[1:]],
+            max_connections=max_connections, **_OPTIONS)
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=_OPTIONS["socket_timeout"], **_OPTIONS)
     return redis.asyncio.Redis.from_pool(pool)  # closing the client closes its pool

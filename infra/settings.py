@@ -89,7 +89,8 @@ class Settings(BaseSettings):
     # --- Redis -----------------------------------------------------------------------------
     redis_url: str = Field("", description="redis:// or rediss:// URL (password in the URL); "
                            "redis+cluster:// or rediss+cluster:// for a Redis Cluster (any "
-                           "node; needs STREAMREC_STATE_WRITER=single or owned).")
+                           "node, or several: redis+cluster://h1:6379,h2:6379,h3:6379, asked "
+                           "in turn; needs STREAMREC_STATE_WRITER=single or owned).")
     key_prefix: str = Field("sr", pattern=r"^[a-z][a-z0-9_]{0,15}$",
                             description="Prefix of every Redis key (see schemas/keys.py).")
 
@@ -331,6 +332,18 @@ class Settings(BaseSettings):
             if unknown:
                 raise ValueError(f"STREAMREC_SOURCE_WEIGHTS: unknown source(s) "
                                  f"{', '.join(unknown)}; known: {', '.join(SOURCE_WEIGHTS)}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _cluster_seeds_are_host_port(cls, value: str) -> str:
+        from infra.redis_client import CLUSTER_SCHEMES, cluster_seeds
+
+        if value.startswith(CLUSTER_SCHEMES):
+            try:
+                cluster_seeds(value)
+            except ValueError as exc:
+                raise ValueError(f"STREAMREC_REDIS_URL: {exc}") from None
         return value
 
     @model_validator(mode="after")

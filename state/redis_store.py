@@ -309,12 +309,15 @@ class PartitionClaimed(RuntimeError):
     past the session timeout, say) and must write none of it again: the worker exits."""
 
 
-class ClaimWindowPassed(PartitionClaimed):
+class ClaimWindowPassed(redis.exceptions.TimeoutError):
     """A commit's writes to other Redis Cluster nodes could not be sent within the claim
     window (``STREAMREC_CLUSTER_CLAIM_WINDOW_S``) of the check that this process was the
-    writer (its claim, or the single writer's lease): it was frozen, or Redis stalled, and
-    another worker may be the writer now, writing newer rows. Nothing more is sent (the redo
-    record holds the writes; the next writer applies it) and the worker exits."""
+    writer (its claim, or the single writer's lease): it was frozen, or Redis stalled (a
+    primary failing over), and another worker may be the writer now, writing newer rows.
+    Nothing is sent (the redo record holds the writes). Transient, as a Redis timeout: the
+    caller forgets what it had not committed and tries again, and the next try checks again
+    that this process is the writer before sending anything (it applies the redo record as
+    the writer): :class:`PartitionClaimed` where another worker claimed the partition."""
 
 
 class Claim(NamedTuple):

@@ -39,8 +39,7 @@ import redis
 from infra.redis_client import (TRANSIENT_REDIS_ERRORS, MemoryByNode, note_redis_error,
                                 sync_redis)
 from online_models import kernels
-from state.redis_store import (ClaimWindowPassed, PartitionClaimed, RedisStore,
-                               release_partitions)
+from state.redis_store import PartitionClaimed, RedisStore, release_partitions
 from schemas import dlq, vectors
 from schemas.events import split_source
 from schemas.keys import RedisKeys
@@ -138,12 +137,9 @@ def _record_applied(result: ApplyResult, seconds: float) -> None:
 
 def exit_when_moved(exc: PartitionClaimed) -> NoReturn:
     """Exit to be restarted: a partition this process was writing was assigned to another
-    worker, which claimed it (or may have: :class:`state.redis_store.ClaimWindowPassed`)."""
-    if isinstance(exc, ClaimWindowPassed):
-        log.error("%s; exiting to be restarted, its computed writes dropped", exc)
-    else:
-        log.error("%s: this worker was evicted from the group without knowing (frozen past "
-                  "the session timeout?); exiting to rejoin, its computed writes dropped", exc)
+    worker, which claimed it."""
+    log.error("%s: this worker was evicted from the group without knowing (frozen past the "
+              "session timeout?); exiting to rejoin, its computed writes dropped", exc)
     exit_process(EXIT_TO_RESUME)
 
 

@@ -4,6 +4,7 @@ source partition), two workers' parts and the owners' commits end in a replay's 
 part that stopped half applied is completed by the partition's next worker: nothing lost,
 nothing added twice."""
 
+import asyncio
 import time
 
 import msgspec
@@ -19,6 +20,7 @@ from state.owner_commits import OwnerPartition, commit_owners, owner_stores, rea
 from state.ownership import owner_partition
 from state.redis_store import build_live_models
 from state.redis_store import ClaimWindowPassed, PartitionClaimed, release_partitions
+from stream.pipeline import ApplyPipeline
 from stream.state import LiveState
 from stream.simulator import UserSimulator
 from stream.state import SourceMessage
@@ -260,6 +262,42 @@ def test_a_worker_frozen_between_its_transaction_and_its_other_writes_sends_none
     assert_replay_state(s, client, batch)
     assert isinstance(outcome, ClaimWindowPassed), outcome
     assert "not sent within" in str(outcome)
+    with pytest.raises(PartitionClaimed):  # its retry checks the claim again: it exits
+        frozen.apply_messages(batch[30:36])
+    assert redis_snapshot(client) == written
+
+
+def test_writes_stalled_past_the_claim_window_go_out_after_a_fresh_check(owned_settings, client,
+                                                                          monkeypatch):
+    """A part's writes to other nodes that could not go out within the claim window (Redis
+    stalled: a primary failing over) are not sent then. The pipeline tries the chunk again
+    as after a Redis error; the next try checks the claim again (this process still holds
+    it), applies the redo record as the writer and goes on: no exit, the replay's state."""
+    s = owned_settings
+    batch = messages(900)
+    live, owners = next_worker(s, client), Owners(s, client)
+    send, stalled = state.redis_store.apply_commands, []
+
+    def stalled_once(client_, commands, scripts, before_send=None):
+        if before_send is not None and not stalled:
+            stalled.append(len(commands))
+            time.sleep(s.cluster_claim_window_s + 0.2)
+        return send(client_, commands, scripts, before_send)
+
+    monkeypatch.setattr(state.redis_store, "apply_commands", stalled_once)
+    moved = []
+    pipeline = ApplyPipeline(live, lambda result, seconds: None, retry_max_s=0.2,
+                             on_moved=moved.append)
+
+    async def apply_all():
+        for start in range(0, len(batch), 3):
+            await pipeline.apply(batch[start:start + 3])
+        await pipeline.flush()
+
+    asyncio.run(asyncio.wait_for(apply_all(), timeout=60))
+    assert stalled and not moved and pipeline.redone_chunks >= 1
+    owners.catch_up()
+    assert_replay_state(s, client, batch)
 
 
 def test_partitions_given_up_are_taken_over_at_once_and_others_once_the_claim_window_passed(

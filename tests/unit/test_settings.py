@@ -101,3 +101,18 @@ def test_the_live_pipeline_and_the_replayed_one_offer_as_many_candidates():
     from serving.recommender import PipelineConfig
 
     assert Settings().candidates_per_source == PipelineConfig().candidates_per_source
+
+
+def test_a_redis_cluster_url_may_name_several_seeds_and_malformed_ones_are_refused():
+    from infra.redis_client import cluster_seed, cluster_seeds
+
+    url = "rediss+cluster://user:p%40ss@h1:7000,h2:7001,[::1]:7002/0?ssl_ca_certs=/ca.pem"
+    assert Settings(redis_url=url).redis_url == url
+    assert cluster_seed(url) == "rediss://user:p%40ss@h1:7000/0?ssl_ca_certs=/ca.pem"
+    assert cluster_seeds(url) == [("h1", 7000), ("h2", 7001), ("::1", 7002)]
+    assert cluster_seed("redis+cluster://h1:7000") == "redis://h1:7000"
+    assert cluster_seed("redis://h1:6379/0") is None
+    for bad in ("redis+cluster://h1:7000,h2", "redis+cluster://h1:7000,", "redis+cluster://:1"):
+        with pytest.raises(ValidationError, match="STREAMREC_REDIS_URL: a Redis Cluster seed "
+                                                  "must be host:port"):
+            Settings(redis_url=bad)
