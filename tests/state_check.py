@@ -155,6 +155,8 @@ class FrozenCommit:
         return self._outcome[0]
 
 
-def redis_snapshot(client) -> dict:
-    """Every key Redis holds (every node of a cluster) with its serialized value."""
-    return {key: client.dump(key) for key in client.scan_iter(count=10_000)}
+def redis_snapshot(client, prefix: str) -> dict:
+    """Every key under ``prefix`` Redis holds (every node of a cluster) with its serialized
+    value (not other tests' keys: a Redis may be shared, and their leases lapse meanwhile)."""
+    return {key: client.dump(key)
+            for key in client.scan_iter(match=f"{prefix}:*", count=10_000)}

@@ -225,10 +225,10 @@ def test_a_worker_evicted_without_knowing_writes_nothing_once_its_successor_clai
     prepared = frozen.prepare(batch[30:36])  # computed; then frozen past its session
     assert len(prepared.parts) > 1
     successor = next_worker(s, client)  # assigned the partitions; no batch of its own yet
-    written = redis_snapshot(client)
+    written = redis_snapshot(client, s.key_prefix)
     with pytest.raises(PartitionClaimed, match="assigned to another worker"):
         frozen.commit(prepared)  # (its watermarks have not moved: only the claim stops it)
-    assert redis_snapshot(client) == written
+    assert redis_snapshot(client, s.key_prefix) == written
     for start in range(30, len(batch), 3):
         successor.apply_messages(batch[start:start + 3])
     owners.catch_up()
@@ -256,15 +256,15 @@ def test_a_worker_frozen_between_its_transaction_and_its_other_writes_sends_none
     for start in range(30, len(batch), 3):
         successor.apply_messages(batch[start:start + 3])
     owners.catch_up()
-    written = redis_snapshot(client)
+    written = redis_snapshot(client, s.key_prefix)
     outcome = commit.wake()
-    assert redis_snapshot(client) == written
+    assert redis_snapshot(client, s.key_prefix) == written
     assert_replay_state(s, client, batch)
     assert isinstance(outcome, ClaimWindowPassed), outcome
     assert "not sent within" in str(outcome)
     with pytest.raises(PartitionClaimed):  # its retry checks the claim again: it exits
         frozen.apply_messages(batch[30:36])
-    assert redis_snapshot(client) == written
+    assert redis_snapshot(client, s.key_prefix) == written
 
 
 def test_writes_stalled_past_the_claim_window_go_out_after_a_fresh_check(owned_settings, client,

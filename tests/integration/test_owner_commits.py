@@ -144,10 +144,10 @@ def test_on_a_cluster_an_owner_evicted_without_knowing_writes_nothing_once_claim
     frozen.commit()
     frozen.apply(records[2])  # applied in memory; then frozen past its session
     successor = owner(s, client, 0)  # claimed at the assignment; nothing committed yet
-    written = redis_snapshot(client)
+    written = redis_snapshot(client, s.key_prefix)
     with pytest.raises(PartitionClaimed, match="item partition 0"):
         frozen.commit()
-    assert redis_snapshot(client) == written
+    assert redis_snapshot(client, s.key_prefix) == written
     for record in records:
         successor.apply(record)
     successor.commit()
