@@ -374,7 +374,7 @@ async def resume_from_redis_watermarks(sender, **_) -> None:
     # (else it would wait for the next batch, which may never come)
     try:
         await apply_pipeline().drain([(tp.topic, tp.partition) for tp in partitions])
-    except WriterLeaseHeld as exc:  # the first batch waits for it again (and exits 70)
+    except WriterLeaseHeld as exc:  # the first batch waits for it again (and exits 75)
         log.warning("%s; the partitions' first batch will try again", exc)
     marks, mismatches = await _log_positions(partitions)
     await _hold(mismatches, partitions)
@@ -639,6 +639,9 @@ async def consume_batches(stream, handle, what: str) -> None:
             exit_process(EXIT_TO_RESUME)
         except PartitionClaimed as exc:
             exit_when_moved(exc)
+        except WriterLeaseHeld as exc:
+            log.error("%s; exiting, its computed writes dropped", exc)
+            exit_process(EXIT_TO_RESUME)
         except Exception:
             log.critical("%s bug; exiting so the batch is redelivered", what, exc_info=True)
             exit_process(EXIT_ON_BUG)

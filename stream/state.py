@@ -274,22 +274,31 @@ class WriterLease:
         self.holder = (f"{member}/" if member else "") + (
             f"{uuid.uuid4().hex}{LEASE_MS_MARK}{self.lease_ms}")
         self.held = False
+        self._held_once = False  # a process of this member holding it since: a successor
         self._renew = client.register_script(RENEW_LEASE_LUA)
         self._take_over = client.register_script(TAKE_OVER_LEASE_LUA)
 
     def acquire(self, wait_s: float) -> None:
         """Take the lease, waiting up to ``wait_s`` for a holder's to lapse (a crashed worker's
         lasts until it expires; a predecessor under this static member id's is taken over at
-        once); raises :class:`WriterLeaseHeld` past that."""
+        once); raises :class:`WriterLeaseHeld` past that, or at once where this process held
+        it and another of its static member holds it now (a successor: never taken back)."""
         deadline = time.monotonic() + wait_s
         while not self.client.set(self.key, self.holder, nx=True, px=self.lease_ms):
             found = self.client.get(self.key)
             if found == self.holder.encode():
                 break
+            same_member = bool(self._member_prefix and found
+                               and found.startswith(self._member_prefix))
+            if same_member and self._held_once:
+                raise WriterLeaseHeld(
+                    f"a newer process of this static group member ({found.decode()}) took the "
+                    f"single-writer lease {self.key} over: this one was replaced (frozen past "
+                    f"the session timeout, or two processes run with one "
+                    f"STREAMREC_KAFKA_GROUP_INSTANCE_ID) and writes nothing more")
             left_ms = (self._take_over(keys=[self.key], args=[found, self.holder,
                                                               self.lease_ms])
-                       if self._member_prefix and found
-                       and found.startswith(self._member_prefix) else None)
+                       if same_member else None)
             if left_ms is not None:
                 self._wait_out_predecessor(found, left_ms)
                 break
@@ -299,7 +308,7 @@ class WriterLease:
                     f"lease {self.key}: with STREAMREC_STATE_WRITER=single run one worker "
                     f"(use shared for a worker group)")
             time.sleep(0.2)
-        self.held = True
+        self.held = self._held_once = True
 
     def _wait_out_predecessor(self, predecessor: bytes, left_ms: int) -> None:
         """After a take-over: wait until the claim window has passed since ``predecessor``

@@ -99,6 +99,10 @@ def test_a_restarted_static_member_takes_its_predecessors_lease_over_at_once(set
         time.sleep(0.3)  # a renewal came meanwhile: it found another holder
         assert not first.lease.held
     assert redis_client.get(first.lease.key) == restarted.lease.holder.encode()
+    # woken, the predecessor does not take the lease back from its successor: it stops
+    with pytest.raises(WriterLeaseHeld, match="a newer process of this static group member"):
+        first.apply_messages(batch[6:9])
+    assert redis_client.get(first.lease.key) == restarted.lease.holder.encode()
     for message in batch[:6]:
         assert int(redis_client.get(restarted.keys.watermark(
             "interactions", message.partition))) >= message.offset
