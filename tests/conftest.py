@@ -122,6 +122,7 @@ def spawn(tmp_path):
         started.append(proc)
         return proc
 
+    _spawn.started = started  # every process started so far
     yield _spawn
     for proc in started:
         proc.stop()
