@@ -79,6 +79,28 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 10)
 
 
+def check_state_layout(settings) -> None:
+    """The worker's layout (and the owned layout's item partition count) against what Redis
+    holds, recorded where nothing is, before Faust starts: a mismatch stops the worker in one
+    line. Where Redis cannot be reached yet, the worker checks when it builds its state."""
+    from redis.exceptions import RedisClusterException, RedisError
+
+    from infra.redis_client import sync_redis
+    from state.redis_store import check_layout
+
+    try:
+        client = sync_redis(settings.redis_url)
+        try:
+            check_layout(client, settings.key_prefix, settings.state_writer, claim=True,
+                         item_partitions=settings.topic_partitions)
+        finally:
+            client.close()
+    except (RedisError, RedisClusterException) as exc:
+        logging.getLogger("streamrec.cli").warning(
+            "could not check the state layout in Redis now (%r): the worker checks it when "
+            "it builds its state", exc)
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     """Run the Faust worker (ingest and items agents)."""
     from infra.embedded import ensure_streamrec_topics
@@ -90,6 +112,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     for name in settings.live_model_names:  # a wrong name fails here, in one line
         build_live(name, **settings.model_options.get(name, {}))
     ensure_streamrec_topics(settings)
+    check_state_layout(settings)
     serve_role_metrics(settings.worker_metrics_port, settings.worker_metrics_host, "worker")
     import stream.items  # noqa: F401 - registers the items agent
     if settings.state_writer == "owned":
@@ -703,11 +726,12 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 
     from online_models.registry import UnknownModelError
     from replay.loaders import LogFormatError
+    from infra.embedded import TopicPartitionsMismatch
     from infra.settings import ServicesNotSet
     from state.redis_store import StateLayoutError
 
     return (LogFormatError, UnknownModelError, CommandError, ServicesNotSet, ValidationError,
-            StateLayoutError,
+            StateLayoutError, TopicPartitionsMismatch,
             FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
             UnicodeDecodeError, RedisConnectionError)
 

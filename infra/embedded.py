@@ -321,9 +321,14 @@ class EmbeddedKafka(_Process):
             admin.close()
 
 
+class TopicPartitionsMismatch(RuntimeError):
+    """A topic exists with another partition count than the settings need."""
+
+
 def ensure_topics(bootstrap: str, topics: dict[str, int], client_options: dict | None = None,
-                  compacted: tuple[str, ...] = ()) -> None:
-    """Create missing topics (name → partitions). Existing topics are left as they are."""
+                  compacted: tuple[str, ...] = ()) -> dict[str, int]:
+    """Create missing topics (name → partitions). Existing topics are left as they are.
+    Returns each topic's partition count (an existing one's as the broker describes it)."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
@@ -339,6 +344,12 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], client_options: dict |
                 admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
+        counts = dict(topics)
+        described = [name for name in topics if name in existing]
+        if described:
+            counts.update({topic["name"]: len(topic["partitions"])
+                           for topic in admin.describe_topics(described)})
+        return counts
     finally:
         admin.close()
 
@@ -346,11 +357,12 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], client_options: dict |
 def ensure_streamrec_topics(settings) -> None:
     """Create the app's topics: interactions, dead letters, compacted item vectors (the
     worker's, and one per nearline model of the trainer) and item descriptions, impressions,
-    item deltas (the owned layout's)."""
+    item deltas (the owned layout's: :class:`TopicPartitionsMismatch` where it exists with
+    another partition count than ``STREAMREC_TOPIC_PARTITIONS``)."""
     from online_models.registry import NEARLINE_MODELS
 
     nearline = [f"{settings.topic_item_vectors}.{model}" for model in NEARLINE_MODELS]
-    ensure_topics(settings.kafka_bootstrap,
+    counts = ensure_topics(settings.kafka_bootstrap,
                   {settings.topic_interactions: settings.topic_partitions, settings.topic_dlq: 1,
                    settings.topic_item_vectors: settings.topic_partitions,
                    **{topic: settings.topic_partitions for topic in nearline},
@@ -359,4 +371,12 @@ def ensure_streamrec_topics(settings) -> None:
                    settings.topic_item_deltas: settings.topic_partitions},
                   settings.kafka_client_options(),
                   compacted=(settings.topic_item_vectors, settings.topic_items, *nearline))
+    found = counts[settings.topic_item_deltas]
+    if settings.state_writer == "owned" and found != settings.topic_partitions:
+        raise TopicPartitionsMismatch(
+            f"the topic {settings.topic_item_deltas} has {found} partitions, "
+            f"STREAMREC_TOPIC_PARTITIONS is {settings.topic_partitions}: the owned layout "
+            f"splits item-side state among that topic's partitions; set "
+            f"STREAMREC_TOPIC_PARTITIONS={found}, or change the count as "
+            f"docs/item-ownership.md says (Changing the partition count)")
 

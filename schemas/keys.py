@@ -158,6 +158,11 @@ class RedisKeys:
         return f"{self.prefix}:{{wm}}:layout"
 
     @property
+    def item_partitions(self) -> str:
+        """String: the owned layout's count of item (owner) partitions."""
+        return f"{self.prefix}:{{wm}}:item-partitions"
+
+    @property
     def state_writer(self) -> str:
         """String: the id of the worker holding the single-writer lease."""
         return f"{self.prefix}:{{wm}}:writer"
@@ -311,6 +316,12 @@ class RedisKeys:
                     "stream worker", "one per source partition",
                     "Highest offset whose effects are in Redis; written in the same MULTI/EXEC "
                     "as those effects. Offsets at or below it are skipped on redelivery."),
+            KeySpec(f"{p}:{{wm}}:item-partitions", "string: a count", "none",
+                    "stream worker (owned layout)", "one key", "How many owner partitions "
+                    "item-side state is split into (STREAMREC_TOPIC_PARTITIONS, the item-deltas "
+                    "topic's partitions): an item's rows have one writer only while every "
+                    "worker splits by the same count. Set by the first owned worker; a worker "
+                    "configured otherwise refuses to start (docs/item-ownership.md)."),
             KeySpec(f"{p}:{{wm}}:layout", "string: shared, single or owned", "none",
                     "stream worker", "one key", "How model state is laid out "
                     "(STREAMREC_STATE_WRITER): shared = rows as sorted sets that every worker "

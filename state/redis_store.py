@@ -881,19 +881,33 @@ def require_single_on_cluster(client, layout: str) -> None:
             "only)")
 
 
-def check_layout(client, prefix: str, layout: str, claim: bool = False) -> None:
+def check_layout(client, prefix: str, layout: str, claim: bool = False,
+                 item_partitions: int = 0) -> None:
     """Refuse to run against model state laid out otherwise (a reader would meet values of
-    the wrong type; writers would mix layouts). ``claim``: record ``layout`` if none is."""
+    the wrong type; writers would mix layouts), or, given the owned layout's
+    ``item_partitions``, split among another count of owner partitions (two owners would
+    write one item's rows). ``claim``: record ``layout`` (and the count) if none is."""
     require_single_on_cluster(client, layout)
-    key = RedisKeys(prefix).state_layout
+    keys = RedisKeys(prefix)
     if claim:
-        client.set(key, layout, nx=True)
-    stored = client.get(key)
+        client.set(keys.state_layout, layout, nx=True)
+    stored = client.get(keys.state_layout)
     if stored is not None and stored.decode() != layout:
         raise StateLayoutError(
             f"Redis holds model state written with STREAMREC_STATE_WRITER={stored.decode()}, "
             f"this process runs with {layout}: run every role with the same value, or empty "
             f"the model state first (docs/reliability.md)")
+    if layout != "owned" or not item_partitions:
+        return
+    if claim:
+        client.set(keys.item_partitions, item_partitions, nx=True)
+    stored = client.get(keys.item_partitions)
+    if stored is not None and int(stored) != item_partitions:
+        raise StateLayoutError(
+            f"Redis holds owned model state split among {int(stored)} item partitions, this "
+            f"process runs with STREAMREC_TOPIC_PARTITIONS={item_partitions}: two owners "
+            f"would write the same items; run every worker with {int(stored)}, or change it "
+            f"as docs/item-ownership.md says (Changing the partition count)")
 
 
 def writes_alone(model: OnlineModel) -> bool:
@@ -929,7 +943,8 @@ def build_on_redis(names: list[str], client, prefix: str, cache_local_rows: int 
     from state.ownership import ChunkDeltas, DeltaRecorder
     from state.write_back import WriteBackStore  # it builds on this module
 
-    check_layout(client, prefix, layout, claim=writer)
+    check_layout(client, prefix, layout, claim=writer,
+                 item_partitions=item_partitions if writer else 0)
     deltas = ChunkDeltas(item_partitions) if layout == "owned" and writer else None
     models = {}
     for name in names:

@@ -4,6 +4,8 @@ outboxes and the item-deltas topic, a worker group grows and loses a member to k
 mid-stream (on one server and on a 3-primary Redis Cluster), and nothing is lost or applied
 twice."""
 
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -20,7 +22,7 @@ from state.owner_commits import hop_settled
 from state.redis_store import StateLayoutError, build_live_models, build_on_redis
 from stream.simulator import UserSimulator
 from stream.state import LiveState, SourceMessage
-from tests.conftest import metric, wait_for
+from tests.conftest import ROOT, metric, settings_env, wait_for
 from tests.integration.kafka_helpers import read_topic
 from tests.integration.test_worker_group import produce
 from tests.state_check import applied, assert_live_equals_replay
@@ -166,6 +168,32 @@ def test_models_that_claim_shared_rows_are_refused_in_the_owned_layout(redis_cli
     with pytest.raises(StateLayoutError, match="'cooc' claims shared rows"):
         build_on_redis(["session", "cooc"], redis_client, f"t{unique}", layout="owned",
                        writer=True, item_partitions=4)
+
+
+def test_a_writer_splitting_items_among_another_count_of_partitions_is_refused(settings,
+                                                                               redis_client):
+    """Item-side rows have one writer only while every worker splits items among the same
+    count of owner partitions: the first owned writer records it, another count is refused
+    (in one line, by the worker's command, before it starts); readers do not care."""
+    s = settings.model_copy(update={"live_models": "session,mf", "state_writer": "owned"})
+    build_live_models(s, redis_client, writer=True)
+    assert redis_client.get(RedisKeys(s.key_prefix).item_partitions) == b"4"
+    other = s.model_copy(update={"topic_partitions": 6})
+    with pytest.raises(StateLayoutError, match="split among 4 item partitions, this process "
+                                               "runs with STREAMREC_TOPIC_PARTITIONS=6"):
+        build_live_models(other, redis_client, writer=True)
+    build_live_models(other, redis_client)  # serving, say
+    run = subprocess.run([sys.executable, "-m", "infra.cli", "worker"],
+                         env=settings_env(s.model_copy(update={"topic_partitions": 6})),
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    # the item-deltas topic (4 partitions) is checked first, then what Redis holds
+    assert f"the topic {s.topic_item_deltas} has 4 partitions" in run.stderr
+    redis_client.set(RedisKeys(s.key_prefix).item_partitions, 6)  # as if built with 6
+    run = subprocess.run([sys.executable, "-m", "infra.cli", "worker"], env=settings_env(s),
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "split among 6 item partitions" in run.stderr
 
 
 def test_the_outbox_a_dead_worker_left_is_relayed_by_the_next_one(settings, redis_client,
