@@ -1,8 +1,13 @@
-"""A Redis Cluster primary killed -9 under a running worker group (owned layout: one writer
-per key, item state applied by its owners), a feed builder and an API: its replica takes the
-slots over and every process rides it out. Every event is applied once (state equals a clean
-replay), feeds are built again after it, and the API answers again within seconds."""
+"""Redis Cluster operations under a running worker group (owned layout: one writer per key,
+item state applied by its owners), a feed builder and an API.
 
+- A primary killed -9: its replica takes the slots over and every process rides it out.
+  Every event is applied once (state equals a clean replay), feeds are built again after
+  it, and the API answers again within seconds.
+- Slots resharded (keys included) back and forth while the workers apply: the same.
+"""
+
+import threading
 import time
 
 import httpx
@@ -81,6 +86,54 @@ def test_an_owned_worker_group_a_feed_builder_and_an_api_ride_out_a_primary_fail
             assert process.proc.poll() is None, process.log()
         client.close()
         client = sync_redis(cluster.url)  # a new client: its first seed is the victim
+        assert_live_equals_replay(client, s.key_prefix, events, s.history_len,
+                                  models=s.live_model_names, layout="owned")
+        client.close()
+
+
+def test_an_owned_worker_group_rides_out_slots_resharded_under_it(settings, spawn):
+    with EmbeddedRedisCluster(primaries=3) as cluster:
+        s = settings.model_copy(update={"redis_url": cluster.url, "state_writer": "owned",
+                                        "live_models": "session", "worker_batch_max": 20})
+        client = sync_redis(cluster.url)
+        keys = RedisKeys(s.key_prefix)
+        events = list(UserSimulator(80, 200, seed=22).events(TOTAL, time.time() - TOTAL))
+        with InteractionProducer(s.kafka_bootstrap, s.topic_interactions,
+                                 max_batch_events=25) as producer:
+            producer.send_many(events[:2000])
+
+        def count() -> int:
+            return applied(client, s.key_prefix)
+
+        workers = [spawn(["worker", "--loglevel", "warn"], s) for _ in range(2)]
+        wait_for(lambda: count() >= 2000, 90, "the first events", proc=workers[0])
+        moved = []
+
+        def reshard() -> None:  # 3,000 slots over and back while they apply: among them
+            cluster.move_slots(2, 1, slots=3000)  # {wm} (watermarks, outboxes, redo records)
+            moved.append(count())  # and {own:0} (an owner's positions, redo record, claim)
+            cluster.move_slots(1, 2, slots=3000)
+            moved.append(count())
+
+        mover = threading.Thread(target=reshard)
+        mover.start()
+        with InteractionProducer(s.kafka_bootstrap, s.topic_interactions,
+                                 max_batch_events=25) as producer:
+            for start in range(2000, TOTAL, 500):  # paced: the resharding meets commits
+                producer.send_many(events[start:start + 500])
+                producer.flush()
+                time.sleep(0.3)
+        mover.join(120)
+        assert len(moved) == 2 and moved[0] < TOTAL, moved
+        for worker in workers:
+            wait_for(lambda: count() >= TOTAL, 120, "the rest", proc=worker,
+                     progress=lambda: f"{count()} of {TOTAL} applied, moved at {moved}")
+        wait_for(lambda: hop_settled(client, keys, s.topic_interactions, s.topic_partitions),
+                 60, "owners caught up", proc=workers[0])
+        time.sleep(2)
+        assert count() == TOTAL
+        for worker in workers:
+            assert worker.proc.poll() is None, worker.log()
         assert_live_equals_replay(client, s.key_prefix, events, s.history_len,
                                   models=s.live_model_names, layout="owned")
         client.close()
