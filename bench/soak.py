@@ -10,6 +10,9 @@ for ``--pause-s`` seconds. Every second: events produced, applied, Redis memory 
 worker's RSS. Per fault: *recovery* = seconds from the fault's end (a pause's resume) until
 the worker has caught up with what was produced by then plus one second of traffic. A worker
 that exits on its own (the stall watch's exit 75) is restarted, as compose would, and counted.
+``--redis-cluster N``: a Redis Cluster of N primaries with a replica each instead of one
+server; ``kill -9 redis`` then kills a primary (its replica takes its slots over) and starts it
+again (it rejoins as a replica).
 
 Pass: lost = 0, doubled = 0, unsent = 0 (``--state-writer owned``: and no item-delta record left
 unapplied by its owner at the end), each recovery ≤ 30 s, Redis memory and worker RSS at the
@@ -36,9 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import print_result  # noqa: E402
-from infra.embedded import (EmbeddedKafka, EmbeddedRedis, ensure_streamrec_topics,  # noqa: E402
+from infra.embedded import (EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster,  # noqa: E402
+                            ensure_streamrec_topics,
                             free_port, terminate)
-from infra.redis_client import sync_redis  # noqa: E402
+from infra.redis_client import memory_by_node, sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
 from schemas.keys import RedisKeys  # noqa: E402
 from state.owner_commits import item_deltas_pending  # noqa: E402
@@ -150,13 +154,19 @@ def main() -> int:
                              "state and expires the keys it writes itself; owned: item-side "
                              "state applied by the item partitions' owners through the "
                              "item-deltas topic, docs/item-ownership.md)")
+    parser.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+                        help="a Redis Cluster of N primaries with a replica each (needs "
+                             "--state-writer single or owned); kill -9 redis kills a primary")
     args = parser.parse_args()
+    if args.redis_cluster and args.state_writer == "shared":
+        parser.error("--redis-cluster needs --state-writer single or owned")
     faults_cycled = [kind.strip() for kind in args.faults.split(",") if kind.strip()]
     unknown = sorted(set(faults_cycled) - set(FAULTS))
     if unknown or not faults_cycled:
         parser.error(f"--faults: unknown {unknown or 'none given'}; choose among {FAULTS}")
     work = Path(tempfile.mkdtemp(prefix="streamrec-soak-"))
-    redis_srv = EmbeddedRedis(workdir=str(work / "redis"))
+    redis_srv = (EmbeddedRedisCluster(args.redis_cluster, replicas=1) if args.redis_cluster
+                 else EmbeddedRedis(workdir=str(work / "redis")))
     (work / "redis").mkdir()
     with EmbeddedKafka() as kafka:
         redis_srv.start()
@@ -219,7 +229,7 @@ def main() -> int:
                   samples[-1])
     result = {
         "minutes": args.minutes, "rate": args.rate, "state_writer": args.state_writer,
-        "static_membership": args.static_membership,
+        "static_membership": args.static_membership, "redis_cluster": args.redis_cluster,
         "produced": producer.produced,
         "resent_after_failed_sends": producer.resent, "unsent": producer.unsent,
         "applied": applied_n,
@@ -283,8 +293,8 @@ class Books:
             return -1
 
     def sample(self, t: float, producer: Producer, worker: Worker) -> dict:
-        try:
-            memory = self.client.info("memory")["used_memory"] / 2 ** 20
+        try:  # every primary's, on a cluster
+            memory = sum(used for used, _, _ in memory_by_node(self.client).values()) / 2 ** 20
         except Exception:  # noqa: BLE001
             memory = -1.0
         return {"t": round(t, 1), "produced": producer.produced, "applied": self.applied(),
@@ -292,14 +302,22 @@ class Books:
                 "redis_mb": round(memory, 1), "worker_rss_mb": round(worker.rss_mb(), 1)}
 
 
-def inject(kind: str, at: float, producer: Producer, worker: Worker, redis_srv: EmbeddedRedis,
-           kafka: EmbeddedKafka, pause_s: float) -> dict:
+def inject(kind: str, at: float, producer: Producer, worker: Worker,
+           redis_srv: EmbeddedRedis | EmbeddedRedisCluster, kafka: EmbeddedKafka,
+           pause_s: float) -> dict:
     """One fault; recovery counts from its end (a pause's resume) until the worker applied
     what was produced by then plus one second of traffic."""
     print(f"{at:7.1f} s  fault: {kind}", flush=True)
     if kind == "kill -9 worker":
         worker.kill()
         worker.start()
+    elif kind == "kill -9 redis" and isinstance(redis_srv, EmbeddedRedisCluster):
+        primary, wanted = redis_srv.primaries()[0], len(redis_srv.primaries())
+        primary.kill()
+        deadline = time.monotonic() + 30
+        while len(redis_srv.primaries()) < wanted and time.monotonic() < deadline:
+            time.sleep(0.2)  # its replica takes its slots over
+        primary.start()  # and it rejoins as that one's replica
     elif kind == "kill -9 redis":
         redis_srv.kill()
         redis_srv.start()
