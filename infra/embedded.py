@@ -362,15 +362,15 @@ def ensure_streamrec_topics(settings) -> None:
     from online_models.registry import NEARLINE_MODELS
 
     nearline = [f"{settings.topic_item_vectors}.{model}" for model in NEARLINE_MODELS]
-    counts = ensure_topics(settings.kafka_bootstrap,
-                  {settings.topic_interactions: settings.topic_partitions, settings.topic_dlq: 1,
-                   settings.topic_item_vectors: settings.topic_partitions,
-                   **{topic: settings.topic_partitions for topic in nearline},
-                   settings.topic_items: settings.topic_partitions,
-                   settings.topic_impressions: settings.topic_partitions,
-                   settings.topic_item_deltas: settings.topic_partitions},
-                  settings.kafka_client_options(),
-                  compacted=(settings.topic_item_vectors, settings.topic_items, *nearline))
+    partitions = settings.topic_partitions
+    counts = ensure_topics(
+        settings.kafka_bootstrap,
+        {settings.topic_interactions: partitions, settings.topic_dlq: 1,
+         settings.topic_item_vectors: partitions, **{topic: partitions for topic in nearline},
+         settings.topic_items: partitions, settings.topic_impressions: partitions,
+         settings.topic_item_deltas: partitions},
+        settings.kafka_client_options(),
+        compacted=(settings.topic_item_vectors, settings.topic_items, *nearline))
     found = counts[settings.topic_item_deltas]
     if settings.state_writer == "owned" and found != settings.topic_partitions:
         raise TopicPartitionsMismatch(

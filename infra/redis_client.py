@@ -110,32 +110,43 @@ _OPTIONS = dict(socket_timeout=5.0, socket_connect_timeout=2.0, health_check_int
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
-def cluster_seed(url: str) -> str | None:
-    """The plain URL of a Redis Cluster's first seed node if ``url`` names a cluster (its
-    other seeds: :func:`cluster_seeds`), else None."""
+def _cluster_url_parts(url: str) -> tuple[str, str, list[str], str] | None:
+    """A Redis Cluster URL split into its plain scheme (``redis://``), its ``user:password@``
+    (or ""), its seeds (``host:port`` each) and the rest (path, query); None if ``url`` does
+    not name a cluster."""
     for scheme in CLUSTER_SCHEMES:
         if url.startswith(scheme):
             rest = url[len(scheme):]
             netloc_end = min((rest.find(c) for c in "/?#" if c in rest), default=len(rest))
             user, at, hosts = rest[:netloc_end].rpartition("@")
-            return (scheme.replace("+cluster", "") + user + at + hosts.split(",")[0]
-                    + rest[netloc_end:])
+            return (scheme.replace("+cluster", ""), user + at, hosts.split(","),
+                    rest[netloc_end:])
     return None
+
+
+def cluster_seed(url: str) -> str | None:
+    """The plain URL of a Redis Cluster's first seed node if ``url`` names a cluster (its
+    other seeds: :func:`cluster_seeds`), else None."""
+    parts = _cluster_url_parts(url)
+    if parts is None:
+        return None
+    scheme, user, seeds, rest = parts
+    return scheme + user + seeds[0] + rest
 
 
 def cluster_seeds(url: str) -> list[tuple[str, int]]:
     """Every seed node (host, port) a Redis Cluster URL names: where the first is down (a
     failed primary, say), a process starting or reconnecting asks the next."""
-    scheme = next(s for s in CLUSTER_SCHEMES if url.startswith(s))
-    rest = url[len(scheme):]
-    netloc = rest[:min((rest.find(c) for c in "/?#" if c in rest), default=len(rest))]
-    seeds = []
-    for seed in netloc.rpartition("@")[2].split(","):
+    parts = _cluster_url_parts(url)
+    if parts is None:
+        raise ValueError(f"not a Redis Cluster URL: {url!r}")
+    found = []
+    for seed in parts[2]:
         host, colon, port = seed.rpartition(":")
         if not colon or not port.isdigit() or not host:
             raise ValueError(f"a Redis Cluster seed must be host:port, got {seed!r}")
-        seeds.append((host.strip("[]"), int(port)))
-    return seeds
+        found.append((host.strip("[]"), int(port)))
+    return found
 
 
 def is_cluster(client) -> bool:

@@ -274,7 +274,7 @@ class WriterLease:
         self.holder = (f"{member}/" if member else "") + (
             f"{uuid.uuid4().hex}{LEASE_MS_MARK}{self.lease_ms}")
         self.held = False
-        self._held_once = False  # a process of this member holding it since: a successor
+        self._held_once = False  # held once: a process of its member holding it now is newer
         self._renew = client.register_script(RENEW_LEASE_LUA)
         self._take_over = client.register_script(TAKE_OVER_LEASE_LUA)
 
