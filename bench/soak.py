@@ -40,8 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import print_result  # noqa: E402
 from infra.embedded import (EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster,  # noqa: E402
-                            ensure_streamrec_topics,
-                            free_port, terminate)
+                            ensure_streamrec_topics, free_port, terminate)
 from infra.redis_client import memory_by_node, sync_redis  # noqa: E402
 from infra.settings import Settings  # noqa: E402
 from schemas.keys import RedisKeys  # noqa: E402
@@ -312,12 +311,7 @@ def inject(kind: str, at: float, producer: Producer, worker: Worker,
         worker.kill()
         worker.start()
     elif kind == "kill -9 redis" and isinstance(redis_srv, EmbeddedRedisCluster):
-        primary, wanted = redis_srv.primaries()[0], len(redis_srv.primaries())
-        primary.kill()
-        deadline = time.monotonic() + 30
-        while len(redis_srv.primaries()) < wanted and time.monotonic() < deadline:
-            time.sleep(0.2)  # its replica takes its slots over
-        primary.start()  # and it rejoins as that one's replica
+        redis_srv.kill_primary().start()  # it rejoins as its successor's replica
     elif kind == "kill -9 redis":
         redis_srv.kill()
         redis_srv.start()

@@ -260,6 +260,21 @@ class EmbeddedRedisCluster:
                                      capture_output=True, text=True, timeout=5).stdout
         return "cluster_state:ok" in info and "master_link_status:down" not in replication
 
+    def kill_primary(self, node: "_ClusterNode | None" = None,
+                     timeout_s: float = 30.0) -> "_ClusterNode":
+        """kill -9 a primary (``node``, else the first running one) and wait until a replica
+        has taken its slots over; returns the node killed (``start()`` brings it back, as a
+        replica)."""
+        primaries = self.primaries()
+        node = node or primaries[0]
+        node.kill()
+        deadline = time.monotonic() + timeout_s
+        while len(self.primaries()) < len(primaries):
+            if time.monotonic() > deadline:
+                raise ServiceStartError(f"no replica took over {node.port}'s slots")
+            time.sleep(0.2)
+        return node
+
     def move_slots(self, source: int, target: int, slots: int) -> None:
         """Move ``slots`` hash slots, keys included, from node ``source`` to node ``target``
         (indexes into ``nodes``) with ``redis-cli --cluster reshard``."""

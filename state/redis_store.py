@@ -378,6 +378,13 @@ return holder
 """
 
 
+def touched_ago_ms(expiry_ms: int, left_ms: int) -> int | None:
+    """How long ago a key's expiry was last set to ``expiry_ms``, on Redis's clock, from what
+    is left of it (``left_ms``, its PTTL: whole ms, rounded down, so the touch may be up to
+    1 ms more recent: counted so); None where the key has no expiry."""
+    return None if left_ms < 0 else max(0, expiry_ms - left_ms - 1)
+
+
 def claim_partitions(client, writer_keys: list[str], writer_id: bytes,
                      wait_s: float = 0.0) -> None:
     """Make the process ``writer_id`` the writer of the partitions whose writer keys these
@@ -395,8 +402,7 @@ def claim_partitions(client, writer_keys: list[str], writer_id: bytes,
         # this process's own claim (a retried claim, or one whose release failed) needs no
         # wait: its writes finished before it gave the partition up, or it exited
         if holder is not None and holder != writer_id:
-            # PTTL is whole ms, rounded down: the check may be up to 1 ms more recent
-            checked_ago_ms = CLAIM_TOUCH_MS - left - 1 if left >= 0 else 0  # none: unknown
+            checked_ago_ms = touched_ago_ms(CLAIM_TOUCH_MS, left) or 0  # no expiry: unknown
             waits[key] = 1000 * wait_s - checked_ago_ms
     if not waits:
         return

@@ -52,7 +52,7 @@ from online_models.base import OnlineModel
 from online_models.signals import SignalBatch, SignalMapper
 from infra.redis_client import is_cluster, sync_redis
 from state.ownership import DeltaRecorder, outbox_field
-from state.redis_store import (CLUSTER_WRITE_SCRIPTS, Claim, WriteBatch,
+from state.redis_store import (CLUSTER_WRITE_SCRIPTS, Claim, WriteBatch, touched_ago_ms,
                                build_live_models, claim_partitions, queue_script,
                                replay_redo, require_single_on_cluster)
 from state.write_back import UntimedKeySweeper, WriteBackStore, sweep_untimed_keys
@@ -231,9 +231,8 @@ def since_last_renewal_s(holder: bytes, left_ms: int) -> float | None:
     """How long ago ``holder`` last renewed its lease, on Redis's clock, from what was left of
     the lease (``left_ms``, PTTL); None where its name does not say its lease length."""
     _, mark, lease_ms = holder.rpartition(LEASE_MS_MARK.encode())
-    if not mark or not lease_ms.isdigit() or left_ms < 0:
-        return None
-    return max(0, int(lease_ms) - left_ms - 1) / 1000  # PTTL rounds down: 1 ms earlier
+    ago_ms = touched_ago_ms(int(lease_ms), left_ms) if mark and lease_ms.isdigit() else None
+    return None if ago_ms is None else ago_ms / 1000
 
 
 class RedisLostWrites(RuntimeError):
