@@ -79,26 +79,33 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 10)
 
 
-def check_state_layout(settings) -> None:
-    """The worker's layout (and the owned layout's item partition count) against what Redis
-    holds, recorded where nothing is, before Faust starts: a mismatch stops the worker in one
-    line. Where Redis cannot be reached yet, the worker checks when it builds its state."""
-    from redis.exceptions import RedisClusterException, RedisError
+def build_worker_state(settings) -> None:
+    """Build the worker's state on Redis before it joins its group (its models, the items
+    agent's, the owned layout's owners' client), waiting while Redis cannot be reached (a
+    worker may start before Redis, or during an outage): warnings and
+    ``streamrec_redis_unavailable_total`` meanwhile, never an exit. A layout or partition
+    count other than Redis records stops the worker in one line (exit 2)."""
+    import time
 
-    from infra.redis_client import sync_redis
-    from state.redis_store import check_layout
+    from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error
+    from stream.ingest import live_state
+    from stream.items import content_models
 
-    try:
-        client = sync_redis(settings.redis_url)
+    builders = [live_state, content_models]
+    if settings.state_writer == "owned":
+        from stream.owners import owners_redis
+        builders.append(owners_redis)
+    log, delay = logging.getLogger("streamrec.cli"), 0.1
+    while True:
         try:
-            check_layout(client, settings.key_prefix, settings.state_writer, claim=True,
-                         item_partitions=settings.topic_partitions)
-        finally:
-            client.close()
-    except (RedisError, RedisClusterException) as exc:
-        logging.getLogger("streamrec.cli").warning(
-            "could not check the state layout in Redis now (%r): the worker checks it when "
-            "it builds its state", exc)
+            for build in builders:
+                build()
+            return
+        except TRANSIENT_REDIS_ERRORS as exc:
+            note_redis_error(log, "building the worker's state (before it joins its group)",
+                             exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, settings.redis_retry_max_s)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -112,12 +119,13 @@ def cmd_worker(args: argparse.Namespace) -> None:
     for name in settings.live_model_names:  # a wrong name fails here, in one line
         build_live(name, **settings.model_options.get(name, {}))
     ensure_streamrec_topics(settings)
-    check_state_layout(settings)
     serve_role_metrics(settings.worker_metrics_port, settings.worker_metrics_host, "worker")
     import stream.items  # noqa: F401 - registers the items agent
     if settings.state_writer == "owned":
         import stream.owners  # noqa: F401 - registers the relay and the owners' agent
     from stream.ingest import app  # registers the ingest agent and tasks
+
+    build_worker_state(settings)
 
     tune_gc()
     sys.argv = ["streamrec-worker", "worker", "-l", args.loglevel]

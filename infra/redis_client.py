@@ -153,14 +153,27 @@ def is_cluster(client) -> bool:
     return isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster))
 
 
+#: redis-py's errors building a cluster's client that pass once the cluster is up: no seed
+#: answered, or the cluster is being created (its slots not yet assigned)
+_CLUSTER_NOT_UP = ("cannot be connected", "slots are not covered")
+
+
 def sync_redis(url: str) -> redis.Redis:
     """A client for ``url``: one server (``redis://``, ``rediss://``) or a Redis Cluster
     (``redis+cluster://``, ``rediss+cluster://``, any node as the seed, or several:
-    :data:`CLUSTER_SCHEMES`)."""
+    :data:`CLUSTER_SCHEMES`). A cluster's client reads the slot map at once: where no seed
+    answers, or the slots are not all assigned yet, that is a ``redis.ConnectionError``
+    (transient, as any unreachable Redis)."""
     seed = cluster_seed(url)
     if seed is not None:
-        return redis.cluster.RedisCluster.from_url(seed, startup_nodes=[
-            redis.cluster.ClusterNode(*node) for node in cluster_seeds(url)[1:]], **_OPTIONS)
+        try:
+            return redis.cluster.RedisCluster.from_url(seed, startup_nodes=[
+                redis.cluster.ClusterNode(*node) for node in cluster_seeds(url)[1:]],
+                **_OPTIONS)
+        except redis.exceptions.RedisClusterException as exc:
+            if not any(transient in str(exc) for transient in _CLUSTER_NOT_UP):
+                raise  # a misconfiguration (cluster mode off on the node, say)
+            raise redis.ConnectionError(str(exc)) from exc
     return redis.Redis.from_url(url, **_OPTIONS)
 
 

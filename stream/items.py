@@ -30,7 +30,7 @@ _models: list[OnlineModel] | None = None
 _client = None
 
 
-def _content_models() -> list[OnlineModel]:
+def content_models() -> list[OnlineModel]:
     """The live models that learn item descriptions (built once, without TTLs)."""
     global _models, _client
     if _models is None:
@@ -74,7 +74,7 @@ async def process_item_batch(messages) -> tuple[int, int]:
             letters.append(dead_letter(raw, bad, event.message, len(good)))
     await deliver_dead_letters(letters, count_in_redis=True)
     if records:
-        models = _content_models()
+        models = content_models()
         await on_redis_thread("item descriptions", apply_descriptions, _client,
                               RedisKeys(settings.key_prefix), models, records)
     metrics.ITEMS_IN.inc(len(records))

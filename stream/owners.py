@@ -77,7 +77,9 @@ _owner_writes = asyncio.Lock()
 _relay_thread = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay")
 
 
-def _redis():
+def owners_redis():
+    """The owners' and the relay's Redis client (built before the worker joins its group:
+    :func:`infra.cli.build_worker_state`)."""
     global _client
     if _client is None:
         _client = sync_redis(settings.redis_url)
@@ -112,7 +114,7 @@ async def relay_outboxes() -> None:
         handing = bool(held) and handoff_in <= 0
         # a pass that hands nothing off reads only the entries it has to send
         epoch, outboxes = await run_retrying(
-            _relay_thread, "outbox read", read_outboxes, _redis(), _keys, waiting,
+            _relay_thread, "outbox read", read_outboxes, owners_redis(), _keys, waiting,
             *(() if handing else (dict(_sent_up_to), held)))
         if epoch != _sent_epoch:  # what was sent before is dropped: send it all again
             _sent_up_to.clear()
@@ -236,10 +238,10 @@ async def relay_assigned_outboxes(sender, **_) -> None:
     if held:  # resume where each owner's committed state ends (after a Redis loss too)
         if state.cluster:  # from now on an evicted predecessor's commits fail
             await run_retrying(_owner_thread, "claiming item partitions", claim_partitions,
-                               _redis(), [_keys.owner_writer(p) for p in sorted(numbers)],
+                               owners_redis(), [_keys.owner_writer(p) for p in sorted(numbers)],
                                state.writer_id, settings.cluster_claim_window_s)
         positions = await run_retrying(_owner_thread, "owner positions", read_positions,
-                                       _redis(), _keys, sorted(numbers))
+                                       owners_redis(), _keys, sorted(numbers))
         await seek_to_positions(positions, held)
 
 
@@ -269,8 +271,8 @@ def take_owners(partitions: list[int]) -> list[OwnerPartition]:
     started = []
     for partition in partitions:
         if partition not in _owners:
-            _owners[partition] = OwnerPartition(_redis(), settings.key_prefix, partition,
-                                                owner_stores(settings, _redis()),
+            _owners[partition] = OwnerPartition(owners_redis(), settings.key_prefix, partition,
+                                                owner_stores(settings, owners_redis()),
                                                 apply_pipeline().state.writer_id,
                                                 claim_window_s=settings.cluster_claim_window_s)
             started.append(_owners[partition])
