@@ -115,14 +115,23 @@ def main() -> None:
     parser.add_argument("--redis-cluster", type=int, default=0, metavar="N",
                         help="run on a Redis Cluster of N primaries (needs --state-writer "
                              "single or owned); redis CPU is the nodes' sum")
+    parser.add_argument("--redis-replicas", type=int, default=0, metavar="N",
+                        help="with --redis-cluster: N replicas per primary (their CPU counts "
+                             "as Redis's)")
+    parser.add_argument("--wait-replicas", type=int, default=0, metavar="N",
+                        help="STREAMREC_REDIS_WAIT_REPLICAS of the worker: commits done once "
+                             "N replicas acknowledged them")
     args = parser.parse_args()
+    if args.redis_replicas and not args.redis_cluster:
+        sys.exit("--redis-replicas needs --redis-cluster")
     if args.redis_cluster and args.state_writer not in ("single", "owned"):
         sys.exit("--redis-cluster needs --state-writer single or owned")
     if args.workers > 1 and args.state_writer == "single":
         sys.exit("--workers > 1 needs --state-writer shared or owned (one single writer "
                  "holds the lease)")
     run_id = uuid.uuid4().hex[:8]
-    redis_service = (EmbeddedRedisCluster(args.redis_cluster, appendonly=args.redis_aof)
+    redis_service = (EmbeddedRedisCluster(args.redis_cluster, appendonly=args.redis_aof,
+                                          replicas=args.redis_replicas)
                      if args.redis_cluster else EmbeddedRedis(appendonly=args.redis_aof))
     with redis_service as redis_srv, EmbeddedKafka() as kafka, \
             tempfile.TemporaryDirectory() as tmp:
@@ -144,7 +153,8 @@ def main() -> None:
 
         env = bench_worker_env(kafka.bootstrap, redis_srv.url, run_id,
                                live_models=args.models, state_writer=args.state_writer,
-                               topic_partitions=args.partitions, worker_report_interval_s=0.5)
+                               topic_partitions=args.partitions, worker_report_interval_s=0.5,
+                               redis_wait_replicas=args.wait_replicas)
         log = open(Path(tmp) / "worker.log", "wb")  # noqa: SIM115
         workers = [spawn_worker(env, Path(tmp) / f"worker-{n}", log)
                    for n in range(args.workers)]
@@ -201,7 +211,8 @@ def main() -> None:
         "events": len(events), "messages": messages, "partitions": args.partitions,
         "workers": args.workers, "events_measured": drained,
         "models": args.models, "state_writer": args.state_writer, "redis_aof": args.redis_aof,
-        "redis_cluster_primaries": args.redis_cluster,
+        "redis_cluster_primaries": args.redis_cluster, "redis_replicas": args.redis_replicas,
+        "wait_replicas": args.wait_replicas,
         "events_per_s": round(worker_rate),
         "chunks_redone": redone,  # commits voided or failed (each re-prepares its chunk)
         "baseline_events_per_s": round(baseline_events / baseline_s),

@@ -156,6 +156,9 @@ def main() -> int:
     parser.add_argument("--redis-cluster", type=int, default=0, metavar="N",
                         help="a Redis Cluster of N primaries with a replica each (needs "
                              "--state-writer single or owned); kill -9 redis kills a primary")
+    parser.add_argument("--wait-replicas", type=int, default=0, metavar="N",
+                        help="STREAMREC_REDIS_WAIT_REPLICAS of the worker (with "
+                             "--redis-cluster: commits done once a primary's replica has them)")
     args = parser.parse_args()
     if args.redis_cluster and args.state_writer == "shared":
         parser.error("--redis-cluster needs --state-writer single or owned")
@@ -180,6 +183,7 @@ def main() -> int:
                "STREAMREC_WORKER_STALL_TIMEOUT_S": str(args.stall_timeout_s),
                "STREAMREC_WORKER_WEB_PORT": str(free_port()),
                "STREAMREC_STATE_WRITER": args.state_writer,
+               "STREAMREC_REDIS_WAIT_REPLICAS": str(args.wait_replicas),
                "STREAMREC_KAFKA_GROUP_INSTANCE_ID":
                    "soak-worker" if args.static_membership else "",
                "STREAMREC_WORKER_DATA_DIR": str(work / "worker-data")}
@@ -229,6 +233,7 @@ def main() -> int:
     result = {
         "minutes": args.minutes, "rate": args.rate, "state_writer": args.state_writer,
         "static_membership": args.static_membership, "redis_cluster": args.redis_cluster,
+        "wait_replicas": args.wait_replicas,
         "produced": producer.produced,
         "resent_after_failed_sends": producer.resent, "unsent": producer.unsent,
         "applied": applied_n,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from operator import itemgetter
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import redis
 import redis.asyncio
@@ -16,6 +17,8 @@ from redis.crc import key_slot
 from prometheus_client import Counter
 
 from infra.logs import Every
+
+_log = logging.getLogger(__name__)
 
 #: Errors worth waiting out (server restarting, network blip, or at ``maxmemory``: a write
 #: refused by OOM changed nothing, as a MULTI with a refused command is discarded whole);
@@ -63,6 +66,46 @@ def memory_by_node(client) -> dict[str, tuple[int, int, int]]:
         answer = {node: client.info()}
     return {node: (int(info["used_memory"]), int(info["maxmemory"]), int(info["evicted_keys"]))
             for node, info in answer.items()}
+
+
+REPLICA_WAITS = Counter(
+    "streamrec_redis_replica_waits_total",
+    "WAITs that ended with fewer replicas acknowledging a commit than "
+    "STREAMREC_REDIS_WAIT_REPLICAS asks (each STREAMREC_REDIS_WAIT_TIMEOUT_MS): the commit "
+    "waits on and nothing newer is applied (alert: a replica is down or far behind)")
+
+
+class ReplicaWait(NamedTuple):
+    """Writes are done once ``replicas`` replicas of the primary written acknowledged them
+    (Redis ``WAIT``), each wait lasting ``timeout_ms`` before a warning and another."""
+
+    replicas: int
+    timeout_ms: int
+
+    @property
+    def command(self) -> tuple:
+        return ("WAIT", self.replicas, self.timeout_ms)
+
+    def until_acknowledged(self, connection, acknowledged: int, where: str) -> None:
+        """Send ``WAIT`` on ``connection`` again until ``replicas`` replicas acknowledged its
+        writes (its last ``WAIT`` answered ``acknowledged``). WAIT covers the connection's
+        last write and, Redis's replication stream being ordered, every earlier write to that
+        primary by any connection."""
+        while acknowledged < self.replicas:
+            REPLICA_WAITS.inc()
+            _log.warning("%d of %d replicas of %s acknowledged a commit within %d ms "
+                         "(STREAMREC_REDIS_WAIT_REPLICAS): waiting on (a replica down or "
+                         "behind?)", acknowledged, self.replicas, where, self.timeout_ms)
+            connection.send_command(*self.command)
+            acknowledged = connection.read_response()
+
+
+def replica_wait(settings) -> ReplicaWait | None:
+    """What ``settings`` (an :class:`infra.settings.Settings`) ask commits to wait for
+    (``STREAMREC_REDIS_WAIT_REPLICAS``); None: no wait."""
+    if not settings.redis_wait_replicas:
+        return None
+    return ReplicaWait(settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
 
 
 def note_redis_error(log, what: str, exc: Exception, retry_in_s: float | None = None) -> None:
@@ -250,7 +293,8 @@ def _replies(connection, count: int):
 
 
 def send_per_node(client: redis.cluster.RedisCluster, commands: list[tuple], key_of,
-                  before_send: Callable[[], None] | None = None) -> list:
+                  before_send: Callable[[], None] | None = None,
+                  wait: ReplicaWait | None = None) -> list:
     """Send commands (tuples) to a cluster as one packed write per primary, each routed by the
     slot of ``key_of(command)``, every write before any reply is read; the replies in command
     order. ``before_send`` is called once everything is packed, just before the first byte
@@ -260,9 +304,12 @@ def send_per_node(client: redis.cluster.RedisCluster, commands: list[tuple], key
     commands go through it again, as it follows redirections, so callers only send commands
     that may be applied twice. Where a node cannot be reached (it died, and
     a replica may be taking over its slots), the slot map is read again before the error is
-    raised, so the caller's retry goes to whichever node holds the slots then."""
+    raised, so the caller's retry goes to whichever node holds the slots then. ``wait``:
+    each node's writes are followed by ``WAIT`` on their connection, and the call returns
+    once each was acknowledged (:meth:`ReplicaWait.until_acknowledged`); after a redirection,
+    the commands are sent again that way once the slot map is read anew."""
     try:
-        return _send_packed(client, commands, key_of, before_send)
+        return _send_packed(client, commands, key_of, before_send, wait)
     except (redis.exceptions.MovedError, redis.exceptions.AskError):
         client.nodes_manager.initialize()
         with client.pipeline(transaction=False) as pipe:
@@ -270,10 +317,42 @@ def send_per_node(client: redis.cluster.RedisCluster, commands: list[tuple], key
                 pipe.execute_command(*command)
             if before_send is not None:
                 before_send()
-            return pipe.execute()
+            replies = pipe.execute()
+        if wait is not None:  # slots migrating: a redirection here is an error, retried
+            _send_packed(client, commands, key_of, None, wait)
+        return replies
     except (redis.ConnectionError, redis.TimeoutError):
         refresh_slots(client)
         raise
+
+
+def send_to_server(client: redis.Redis, commands: list[tuple],
+                   before_send: Callable[[], None] | None = None,
+                   wait: ReplicaWait | None = None) -> list:
+    """:func:`send_per_node` for one server: the commands in one packed write on one
+    connection (then ``WAIT`` on it, given ``wait``); the replies in order, the first error
+    reply raised once every reply is read."""
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    tail = [wait.command] if wait is not None else []
+    try:
+        if before_send is not None:
+            before_send()
+        connection.send_packed_command([b"".join(pack(command)
+                                                 for command in (*commands, *tail))])
+        replies = list(_replies(connection, len(commands) + len(tail)))
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if wait is not None and not errors:
+            wait.until_acknowledged(connection, replies.pop(),
+                                    f"{connection.host}:{connection.port}")
+    except BaseException:
+        connection.disconnect()  # its protocol state is unknown
+        raise
+    finally:
+        pool.release(connection)
+    if errors:
+        raise errors[0]
+    return replies
 
 
 def refresh_slots(client: redis.cluster.RedisCluster) -> None:
@@ -322,12 +401,14 @@ def _pack_mset(command: tuple) -> bytes:
     return b"".join(parts)
 
 
-def _send_packed(client, commands: list[tuple], key_of, before_send=None) -> list:
+def _send_packed(client, commands: list[tuple], key_of, before_send=None,
+                 wait: ReplicaWait | None = None) -> list:
     slots, per_node = client.nodes_manager.slots_cache, {}
     for n, command in enumerate(commands):
         node = slots[slot_of(key_of(command))][0]
         per_node.setdefault(node.name, (node, []))[1].append(n)
-    packed = [b"".join(pack(commands[n]) for n in positions)
+    tail = [pack(wait.command)] if wait is not None else []
+    packed = [b"".join([*(pack(commands[n]) for n in positions), *tail])
               for _, positions in per_node.values()]
     sent, error, replies = [], None, [None] * len(commands)
     try:
@@ -338,13 +419,20 @@ def _send_packed(client, commands: list[tuple], key_of, before_send=None) -> lis
             before_send()
         for (_, connection, _), data in zip(sent, packed):
             connection.send_packed_command([data])
-        for _, connection, positions in sent:
-            for n, reply in zip(positions, _replies(connection, len(positions))):
+        for (node, _), (_, connection, positions) in zip(per_node.values(), sent):
+            read = _replies(connection, len(positions) + len(tail))
+            for n, reply in zip(positions, read):
                 if isinstance(reply, redis.ConnectionError):
                     raise reply
                 if isinstance(reply, redis.ResponseError):
                     error = error or reply
                 replies[n] = reply
+            if wait is not None:
+                acknowledged = next(read)
+                if isinstance(acknowledged, Exception):
+                    raise acknowledged
+                if error is None:
+                    wait.until_acknowledged(connection, acknowledged, node.name)
     except BaseException:
         for _, connection, _ in sent:
             connection.disconnect()  # its protocol state is unknown

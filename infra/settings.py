@@ -152,6 +152,17 @@ class Settings(BaseSettings):
     worker_metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics.")
     worker_data_dir: str = Field("", description="Faust data dir (default: a temp dir).")
     redis_retry_max_s: float = Field(5.0, gt=0, description="Cap of the Redis retry backoff.")
+    redis_wait_replicas: int = Field(
+        0, ge=0, le=16, description="The worker's commits of model state (its batches and, "
+        "owned, its owners') are done only once this many replicas of every Redis primary "
+        "they wrote acknowledged them (Redis WAIT): a primary that fails over then loses no "
+        "acknowledged commit. While fewer acknowledge, the commit waits (a warning and "
+        "streamrec_redis_replica_waits_total per STREAMREC_REDIS_WAIT_TIMEOUT_MS) and nothing "
+        "newer is applied. 0: no wait; Redis replication is asynchronous "
+        "(docs/reliability.md, Redis Cluster).")
+    redis_wait_timeout_ms: int = Field(
+        1000, ge=1, description="How long one WAIT for STREAMREC_REDIS_WAIT_REPLICAS lasts "
+        "before a warning; the commit then waits again.")
     trending_half_life_s: float = Field(DEFAULT_HALF_LIFE_S, gt=0,
                                         description="Half-life of trending scores.")
     trending_max_items: int = Field(DEFAULT_MAX_ITEMS, ge=10, description="Trending items kept "

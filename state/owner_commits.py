@@ -37,7 +37,7 @@ from typing import Collection, Mapping
 
 import msgspec
 
-from infra.redis_client import mget_any
+from infra.redis_client import ReplicaWait, mget_any
 from state.ownership import Owner, outbox_entry, outbox_field
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, Claim, WriteBatch, build_on_redis,
                                replay_redo)
@@ -90,7 +90,7 @@ class OwnerPartition:
 
     def __init__(self, client, prefix: str, partition: int,
                  stores: Mapping[str, WriteBackStore], writer_id: bytes | None = None, *,
-                 claim_window_s: float) -> None:
+                 claim_window_s: float, replica_wait: ReplicaWait | None = None) -> None:
         self.client, self.partition = client, partition
         self.keys = RedisKeys(prefix)
         self.stores = dict(stores)
@@ -103,6 +103,7 @@ class OwnerPartition:
         self.claim = Claim(self.keys.owner_writer(partition),
                            writer_id or uuid.uuid4().hex.encode(), f"item partition {partition}")
         self.claim_window_s = claim_window_s
+        self.replica_wait = replica_wait  # commits done once replicas acknowledged them
         self.restore()
 
     def restore(self) -> None:
@@ -114,7 +115,7 @@ class OwnerPartition:
         seq = 0
         if self.cluster:
             record, _ = replay_redo(self.client, self.redo_key, list(CLUSTER_WRITE_SCRIPTS),
-                                    self.claim_window_s, self.claim)
+                                    self.claim_window_s, self.claim, wait=self.replica_wait)
             seq = int(record.get(b"seq", 0))
         self._seq = max(seq, int(time.time() * 1000))
         self._committed, self.epoch = mget_any(self.client, [self.applied_key, self.epoch_key])
@@ -240,7 +241,8 @@ def commit_owners(owners: list[OwnerPartition]) -> int:
             owner._seq += 1
             if not batch.commit_with_redo(owner.client, [owner.applied_key], [owner._committed],
                                           owner.redo_key, owner._seq, CLUSTER_WRITE_SCRIPTS,
-                                          owner.claim_window_s, owner.claim):
+                                          owner.claim_window_s, owner.claim,
+                                          owner.replica_wait):
                 owner.restore()
                 raise OwnerFenced(f"item partition {owner.partition}: another owner committed "
                                   f"since this one read its offsets; started again from Redis")
@@ -260,7 +262,8 @@ def commit_owners(owners: list[OwnerPartition]) -> int:
         for outbox, fields in owner._sent.items():
             present.setdefault(outbox, set()).update(fields)
     epochs = {owner.epoch for owner, _, _ in staged}
-    if len(epochs) > 1 or not batch.commit(staged[0][0].client, watch, expect, present):
+    if len(epochs) > 1 or not batch.commit(staged[0][0].client, watch, expect, present,
+                                           staged[0][0].replica_wait):
         for owner, _, _ in staged:
             owner.restore()
         numbers = ", ".join(str(owner.partition) for owner, _, _ in staged)

@@ -21,7 +21,8 @@ import msgspec
 import numpy as np
 import redis
 
-from infra.redis_client import by_slot, is_cluster, mget_any, pack, send_per_node, slot_of
+from infra.redis_client import (ReplicaWait, by_slot, is_cluster, mget_any, pack, send_per_node,
+                                send_to_server, slot_of)
 from online_models.base import OnlineModel
 from online_models.registry import build_live
 from online_models.store import Rows, StateStore, slack
@@ -219,11 +220,13 @@ class WriteBatch:
         return self._packed
 
     def commit(self, client, watch: list[str], expect: list[bytes | None],
-               present: Mapping[str, Iterable[str]] | None = None) -> bool:
+               present: Mapping[str, Iterable[str]] | None = None,
+               wait: ReplicaWait | None = None) -> bool:
         """WATCH ``watch``; if their values equal ``expect`` (and every field of ``present``,
         hash key → fields, exists), send the batch and EXEC. False — nothing written — if a
         value differs, a field is missing or a watched key changes before EXEC; raises the
-        first error a command met (as redis-py does)."""
+        first error a command met (as redis-py does). ``wait``: True only once replicas
+        acknowledged the transaction (:class:`infra.redis_client.ReplicaWait`)."""
         pool = client.connection_pool
         connection = pool.get_connection()
         try:
@@ -245,6 +248,9 @@ class WriteBatch:
             for _ in range(len(self.commands) + 1):  # +OK, then +QUEUED per command
                 connection.read_response()
             replies = connection.read_response()
+            if wait is not None and replies is not None:
+                wait.until_acknowledged(connection, self._call(connection, *wait.command),
+                                        f"{connection.host}:{connection.port}")
         except BaseException:
             connection.disconnect()  # its protocol state is unknown
             raise
@@ -259,7 +265,7 @@ class WriteBatch:
 
     def commit_with_redo(self, client, watch: list[str], expect: list[bytes | None],
                          redo_key: str, seq: int, scripts, window_s: float,
-                         claim: Claim | None = None) -> bool:
+                         claim: Claim | None = None, wait: ReplicaWait | None = None) -> bool:
         """:meth:`commit` for a Redis Cluster, where one transaction holds one slot: WATCH
         ``watch`` (in ``redo_key``'s slot); if their values equal ``expect``, write in one
         MULTI/EXEC the commands of that slot and the redo record ``redo_key`` = {seq, the
@@ -269,7 +275,9 @@ class WriteBatch:
         (its key in the same slot) is WATCHed too: where another process claimed the
         partition, nothing is written and :class:`PartitionClaimed` raised. The writes to
         other nodes are sent within ``window_s`` of the WATCH or not at all
-        (:class:`ClaimWindowPassed`: the redo record holds them)."""
+        (:class:`ClaimWindowPassed`: the redo record holds them). ``wait``: the record
+        replicated before the other writes go out, and True only once every node written
+        acknowledged them (:func:`_send_recorded`)."""
         started = time.monotonic()  # before the claim is read: its window starts no later
         if claim is not None:
             watch, expect = [*watch, claim.key], [*expect, claim.writer_id]
@@ -292,8 +300,9 @@ class WriteBatch:
                 tx.execute()
         except redis.WatchError:
             return _not_written(client, claim)
-        apply_commands(client, remote, [*scripts, *(script.script for script in self.scripts)],
-                       before_send=_within_window(window_s, started, claim))
+        _send_recorded(client, redo_key, seq, remote,
+                       [*scripts, *(script.script for script in self.scripts)],
+                       _within_window(window_s, started, claim), wait)
         return True
 
     @staticmethod
@@ -425,13 +434,13 @@ def release_partitions(client, writer_keys: list[str], writer_id: bytes) -> None
 
 
 def replay_redo(client, redo_key: str, scripts: list[str], window_s: float,
-                claim: Claim | None = None,
-                checked: float | None = None) -> tuple[dict, list[tuple]]:
+                claim: Claim | None = None, checked: float | None = None,
+                wait: ReplicaWait | None = None) -> tuple[dict, list[tuple]]:
     """Apply the redo record at ``redo_key`` again (every write in it is an overwrite or
     guarded by its seq): the record and its commands. As the writer: with a ``claim``,
     claimed first where no process has, :class:`PartitionClaimed` where another holds it;
     the writes sent within ``window_s`` of that check (or of ``checked``, monotonic: when the
-    caller checked it is the writer)."""
+    caller checked it is the writer); ``wait``: as :meth:`WriteBatch.commit_with_redo`."""
     checked = time.monotonic() if checked is None else checked
     if claim is not None:  # one round trip: claimed where unclaimed (or touched), its holder
         _check_holder(claim, client.register_script(_CHECK_LUA)(
@@ -439,9 +448,22 @@ def replay_redo(client, redo_key: str, scripts: list[str], window_s: float,
     record = client.hgetall(redo_key)
     commands = _decode_commands(record[b"commands"]) if record else []
     if commands:
-        apply_commands(client, commands, scripts,
-                       before_send=_within_window(window_s, checked, claim))
+        _send_recorded(client, redo_key, record[b"seq"], commands, scripts,
+                       _within_window(window_s, checked, claim), wait)
     return record, commands
+
+
+def _send_recorded(client, redo_key: str, seq, commands: list[tuple], scripts: list[str],
+                   before_send: Callable[[], None], wait: ReplicaWait | None) -> None:
+    """Send the commands of the redo record at ``redo_key`` (numbered ``seq``) to their
+    nodes. ``wait``: only once replicas acknowledged the record (its seq written again, and
+    WAIT on that connection: it covers the record's transaction, made before), then each
+    node's writes acknowledged too. In that order a failover of the record's node cannot
+    lose a record whose commands went out (the writer would apply its chunk again, adding
+    twice where they added), and none loses a commit once it is done."""
+    if wait is not None:
+        apply_commands(client, [("HSET", redo_key, "seq", seq)], [], wait=wait)
+    apply_commands(client, commands, scripts, before_send=before_send, wait=wait)
 
 
 def _not_written(client, claim: Claim | None) -> bool:
@@ -465,22 +487,28 @@ def _first_key(command) -> str:
 
 
 def apply_commands(client, commands: list[tuple], scripts: list[str],
-                   before_send: Callable[[], None] | None = None) -> list:
+                   before_send: Callable[[], None] | None = None,
+                   wait: ReplicaWait | None = None) -> list:
     """Send recorded commands in one pipeline (to a Redis Cluster, pipelined per node, each
     routed by its key: :func:`infra.redis_client.send_per_node`); where a server lacks a
     script (restarted), load ``scripts`` everywhere and send them all again. Returns the
     replies. Callers only send commands that may be applied twice. ``before_send``: called
-    just before the commands go out (each time), may raise to send nothing."""
+    just before the commands go out (each time), may raise to send nothing. ``wait``:
+    returns once replicas of each server written acknowledged the commands
+    (:class:`infra.redis_client.ReplicaWait`)."""
     send = send_per_node if is_cluster(client) else _send_pipelined
     try:
-        return send(client, commands, _first_key, before_send)
+        return send(client, commands, _first_key, before_send, wait)
     except redis.exceptions.NoScriptError:
         for script in scripts:
             client.script_load(script)
-        return send(client, commands, _first_key, before_send)
+        return send(client, commands, _first_key, before_send, wait)
 
 
-def _send_pipelined(client, commands: list[tuple], key_of=None, before_send=None) -> list:
+def _send_pipelined(client, commands: list[tuple], key_of=None, before_send=None,
+                    wait: ReplicaWait | None = None) -> list:
+    if wait is not None:  # WAIT on the connection that wrote: not redis-py's pipeline
+        return send_to_server(client, commands, before_send, wait)
     with client.pipeline(transaction=False) as pipe:
         for command in commands:
             pipe.execute_command(*command)

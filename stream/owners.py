@@ -38,7 +38,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from infra.redis_client import sync_redis
+from infra.redis_client import replica_wait, sync_redis
 from schemas.events import InvalidEvent
 from state.ownership import record_problem
 from state.owner_commits import (OwnerFenced, OwnerPartition, commit_owners, owner_stores,
@@ -274,7 +274,8 @@ def take_owners(partitions: list[int]) -> list[OwnerPartition]:
             _owners[partition] = OwnerPartition(owners_redis(), settings.key_prefix, partition,
                                                 owner_stores(settings, owners_redis()),
                                                 apply_pipeline().state.writer_id,
-                                                claim_window_s=settings.cluster_claim_window_s)
+                                                claim_window_s=settings.cluster_claim_window_s,
+                                                replica_wait=replica_wait(settings))
             started.append(_owners[partition])
     if started:  # (once restored: redo applied)
         apply_pipeline().state.expiry_sweeper.request(list(started[0].stores.values()))

@@ -50,7 +50,7 @@ import numpy as np
 from infra.settings import Settings
 from online_models.base import OnlineModel
 from online_models.signals import SignalBatch, SignalMapper
-from infra.redis_client import is_cluster, sync_redis
+from infra.redis_client import is_cluster, replica_wait, sync_redis
 from state.ownership import DeltaRecorder, outbox_field
 from state.redis_store import (CLUSTER_WRITE_SCRIPTS, Claim, WriteBatch, touched_ago_ms,
                                build_live_models, claim_partitions, queue_script,
@@ -405,6 +405,8 @@ class LiveState:
         self._uncommitted: list[PreparedBatch] = []  # prepared, oldest first
         require_single_on_cluster(client, settings.state_writer)
         self.cluster = is_cluster(client)
+        #: commits done once replicas acknowledged them (STREAMREC_REDIS_WAIT_REPLICAS)
+        self.replica_wait = replica_wait(settings)
         self.lease = (WriterLease(client, self.keys.state_writer, settings.state_writer_lease_s,
                                   member=settings.kafka_group_instance_id,
                                   takeover_wait_s=settings.cluster_claim_window_s
@@ -585,7 +587,8 @@ class LiveState:
         lease's, checked at ``checked``: :func:`state.redis_store.replay_redo`); the seq to
         number on from and the record's commands."""
         record, commands = replay_redo(self.client, key, self._scripts,
-                                       self.settings.cluster_claim_window_s, claim, checked)
+                                       self.settings.cluster_claim_window_s, claim, checked,
+                                       self.replica_wait)
         return max(int(record.get(b"seq", 0)), int(time.time() * 1000)), commands
 
     @property
@@ -888,7 +891,7 @@ class LiveState:
                                            [str(mark).encode() if mark >= 0 else None],
                                            self.keys.source_redo(*source), seq,
                                            self._scripts, self.settings.cluster_claim_window_s,
-                                           claim):
+                                           claim, self.replica_wait):
                 return None
             if source in prepared.new_marks:
                 self._committed_marks[source] = max(self._committed_marks.get(source, -1),
@@ -903,9 +906,10 @@ class LiveState:
             if self.cluster:
                 written = prepared.writes.commit_with_redo(
                     self.client, watch, values, self.keys.redo, prepared.seq, self._scripts,
-                    self.settings.cluster_claim_window_s)
+                    self.settings.cluster_claim_window_s, wait=self.replica_wait)
             else:
-                written = prepared.writes.commit(self.client, watch, values)
+                written = prepared.writes.commit(self.client, watch, values,
+                                                 wait=self.replica_wait)
             if not written:
                 if self.lease is not None:
                     self.lease.renew()  # lost? then the next read takes it again, afresh

@@ -111,8 +111,8 @@ def killed_mid_apply(monkeypatch):
 
     send = state.redis_store.apply_commands
 
-    def half_then_die(client, commands, scripts, before_send=None):
-        send(client, commands[:len(commands) // 2], scripts, before_send)
+    def half_then_die(client, commands, scripts, before_send=None, wait=None):
+        send(client, commands[:len(commands) // 2], scripts, before_send, wait)
         raise redis.ConnectionError("killed mid-commit")
 
     monkeypatch.setattr(state.redis_store, "apply_commands", half_then_die)
@@ -132,10 +132,10 @@ class FrozenCommit:
 
         send, self._woken, self._outcome = state.redis_store.apply_commands, threading.Event(), []
 
-        def freeze_there(client, commands, scripts, before_send=None):
+        def freeze_there(client, commands, scripts, before_send=None, wait=None):
             if threading.current_thread() is self._thread and not self._woken.is_set():
                 self._woken.wait(30)
-            return send(client, commands, scripts, before_send)
+            return send(client, commands, scripts, before_send, wait)
 
         monkeypatch.setattr(state.redis_store, "apply_commands", freeze_there)
         self._thread = threading.Thread(target=self._run, args=(apply,))

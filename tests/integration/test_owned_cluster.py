@@ -140,12 +140,12 @@ def test_a_part_stopped_half_applied_is_completed_by_the_partitions_next_worker(
     send = state.redis_store.apply_commands
     calls = []
 
-    def half_then_fail(client_, commands, scripts, before_send=None):
+    def half_then_fail(client_, commands, scripts, before_send=None, wait=None):
         calls.append(len(commands))
         if len(calls) == 7:  # a part's writes outside {wm}: half sent, then the link drops
-            send(client_, commands[:len(commands) // 2], scripts, before_send)
+            send(client_, commands[:len(commands) // 2], scripts, before_send, wait)
             raise redis.ConnectionError("connection lost mid-commit")
-        send(client_, commands, scripts, before_send)
+        send(client_, commands, scripts, before_send, wait)
 
     monkeypatch.setattr(state.redis_store, "apply_commands", half_then_fail)
     dying = worker(s, client)
@@ -278,11 +278,11 @@ def test_writes_stalled_past_the_claim_window_go_out_after_a_fresh_check(owned_s
     live, owners = next_worker(s, client), Owners(s, client)
     send, stalled = state.redis_store.apply_commands, []
 
-    def stalled_once(client_, commands, scripts, before_send=None):
+    def stalled_once(client_, commands, scripts, before_send=None, wait=None):
         if before_send is not None and not stalled:
             stalled.append(len(commands))
             time.sleep(s.cluster_claim_window_s + 0.2)
-        return send(client_, commands, scripts, before_send)
+        return send(client_, commands, scripts, before_send, wait)
 
     monkeypatch.setattr(state.redis_store, "apply_commands", stalled_once)
     moved = []

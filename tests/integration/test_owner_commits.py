@@ -223,12 +223,12 @@ def test_a_cluster_commit_stopped_half_applied_is_completed_by_the_next_owner(
     send = state.redis_store.apply_commands
     calls = []
 
-    def half_then_fail(client_, commands, scripts, before_send=None):
+    def half_then_fail(client_, commands, scripts, before_send=None, wait=None):
         calls.append(len(commands))
         if len(calls) == 2:  # the second commit: half its writes, then the link drops
-            send(client_, commands[:len(commands) // 2], scripts, before_send)
+            send(client_, commands[:len(commands) // 2], scripts, before_send, wait)
             raise redis.ConnectionError("connection lost mid-commit")
-        send(client_, commands, scripts, before_send)
+        send(client_, commands, scripts, before_send, wait)
 
     for partition in range(PARTITIONS):
         live = owner(s, client, partition)

@@ -106,13 +106,13 @@ def test_a_commit_that_stops_half_applied_is_completed_from_its_redo_record(
     live, applied = single_writer(s, client), []
     send = state.redis_store.apply_commands
 
-    def half_then_fail(client_, commands, scripts, before_send=None):
+    def half_then_fail(client_, commands, scripts, before_send=None, wait=None):
         applied.append(len(commands))
         if len(applied) in (3, 6):  # two commits: half their writes, then the link drops
             # (4: the redo record applied again before the retry's commit, 5)
-            send(client_, commands[:len(commands) // 2], scripts, before_send)
+            send(client_, commands[:len(commands) // 2], scripts, before_send, wait)
             raise redis.ConnectionError("connection lost mid-commit")
-        send(client_, commands, scripts, before_send)
+        send(client_, commands, scripts, before_send, wait)
 
     monkeypatch.setattr(state.redis_store, "apply_commands", half_then_fail)
     batch = messages()
