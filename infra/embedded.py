@@ -281,10 +281,16 @@ class EmbeddedRedisCluster:
         ids = [subprocess.run([redis_cli(), "-p", str(self.nodes[n].port), "cluster", "myid"],
                               capture_output=True, text=True, timeout=5).stdout.strip()
                for n in (source, target)]
-        moved = subprocess.run(
-            [redis_cli(), "--cluster", "reshard", f"127.0.0.1:{self.nodes[0].port}",
-             "--cluster-from", ids[0], "--cluster-to", ids[1], "--cluster-slots", str(slots),
-             "--cluster-yes"], capture_output=True, text=True, timeout=120)
+        deadline = time.monotonic() + 30
+        while True:  # after a move, nodes (replicas too) take a moment to agree on the map
+            moved = subprocess.run(
+                [redis_cli(), "--cluster", "reshard", f"127.0.0.1:{self.nodes[0].port}",
+                 "--cluster-from", ids[0], "--cluster-to", ids[1], "--cluster-slots",
+                 str(slots), "--cluster-yes"], capture_output=True, text=True, timeout=120)
+            if ("fix your cluster problems" not in moved.stdout + moved.stderr
+                    or time.monotonic() > deadline):
+                break
+            time.sleep(0.5)
         if moved.returncode != 0:
             raise ServiceStartError(f"redis-cli --cluster reshard: {moved.stdout[-500:]}"
                                     f"{moved.stderr[-500:]}")

@@ -318,8 +318,12 @@ def send_per_node(client: redis.cluster.RedisCluster, commands: list[tuple], key
             if before_send is not None:
                 before_send()
             replies = pipe.execute()
-        if wait is not None:  # slots migrating: a redirection here is an error, retried
-            _send_packed(client, commands, key_of, None, wait)
+        if wait is not None:  # WAIT on the connections that write: the commands again
+            try:
+                _send_packed(client, commands, key_of, None, wait)
+            except (redis.exceptions.MovedError, redis.exceptions.AskError) as exc:
+                raise redis.exceptions.TryAgainError(  # transient: the caller retries
+                    f"slots still moving while waiting for replicas ({exc})") from exc
         return replies
     except (redis.ConnectionError, redis.TimeoutError):
         refresh_slots(client)

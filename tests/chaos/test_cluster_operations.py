@@ -4,7 +4,8 @@ item state applied by its owners), a feed builder and an API.
 - A primary killed -9: its replica takes the slots over and every process rides it out.
   Every event is applied once (state equals a clean replay), feeds are built again after
   it, and the API answers again within seconds.
-- Slots resharded (keys included) back and forth while the workers apply: the same.
+- Slots resharded (keys included) back and forth while the workers apply: the same, and
+  the same where every commit waits for a replica (``STREAMREC_REDIS_WAIT_REPLICAS=1``).
 """
 
 import threading
@@ -12,6 +13,7 @@ import time
 
 import httpx
 import msgspec
+import pytest
 
 from infra.embedded import EmbeddedRedisCluster
 from infra.redis_client import sync_redis
@@ -89,10 +91,14 @@ def test_an_owned_worker_group_a_feed_builder_and_an_api_ride_out_a_primary_fail
         client.close()
 
 
-def test_an_owned_worker_group_rides_out_slots_resharded_under_it(settings, spawn):
-    with EmbeddedRedisCluster(primaries=3) as cluster:
+@pytest.mark.parametrize("wait_replicas", [0, 1], ids=["no-wait", "wait-1"])
+def test_an_owned_worker_group_rides_out_slots_resharded_under_it(settings, spawn,
+                                                                   wait_replicas):
+    # wait-1: every commit (the owners' too) waits for a replica, through the redirections
+    with EmbeddedRedisCluster(primaries=3, replicas=wait_replicas) as cluster:
         s = settings.model_copy(update={"redis_url": cluster.url, "state_writer": "owned",
-                                        "live_models": "session", "worker_batch_max": 20})
+                                        "live_models": "session", "worker_batch_max": 20,
+                                        "redis_wait_replicas": wait_replicas})
         client = sync_redis(cluster.url)
         keys = RedisKeys(s.key_prefix)
         events = list(UserSimulator(80, 200, seed=22).events(TOTAL, time.time() - TOTAL))
