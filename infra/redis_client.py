@@ -86,7 +86,7 @@ class ReplicaWait(NamedTuple):
     def command(self) -> tuple:
         return ("WAIT", self.replicas, self.timeout_ms)
 
-    def until_acknowledged(self, connection, acknowledged: int, where: str) -> None:
+    def until_acknowledged(self, connection, acknowledged: int) -> None:
         """Send ``WAIT`` on ``connection`` again until ``replicas`` replicas acknowledged its
         writes (its last ``WAIT`` answered ``acknowledged``). WAIT covers the connection's
         last write and, Redis's replication stream being ordered, every earlier write to that
@@ -95,7 +95,8 @@ class ReplicaWait(NamedTuple):
             REPLICA_WAITS.inc()
             _log.warning("%d of %d replicas of %s acknowledged a commit within %d ms "
                          "(STREAMREC_REDIS_WAIT_REPLICAS): waiting on (a replica down or "
-                         "behind?)", acknowledged, self.replicas, where, self.timeout_ms)
+                         "behind?)", acknowledged, self.replicas,
+                         f"{connection.host}:{connection.port}", self.timeout_ms)
             connection.send_command(*self.command)
             acknowledged = connection.read_response()
 
@@ -347,8 +348,7 @@ def send_to_server(client: redis.Redis, commands: list[tuple],
         replies = list(_replies(connection, len(commands) + len(tail)))
         errors = [reply for reply in replies if isinstance(reply, Exception)]
         if wait is not None and not errors:
-            wait.until_acknowledged(connection, replies.pop(),
-                                    f"{connection.host}:{connection.port}")
+            wait.until_acknowledged(connection, replies.pop())
     except BaseException:
         connection.disconnect()  # its protocol state is unknown
         raise
@@ -423,7 +423,7 @@ def _send_packed(client, commands: list[tuple], key_of, before_send=None,
             before_send()
         for (_, connection, _), data in zip(sent, packed):
             connection.send_packed_command([data])
-        for (node, _), (_, connection, positions) in zip(per_node.values(), sent):
+        for _, connection, positions in sent:
             read = _replies(connection, len(positions) + len(tail))
             for n, reply in zip(positions, read):
                 if isinstance(reply, redis.ConnectionError):
@@ -436,7 +436,7 @@ def _send_packed(client, commands: list[tuple], key_of, before_send=None,
                 if isinstance(acknowledged, Exception):
                     raise acknowledged
                 if error is None:
-                    wait.until_acknowledged(connection, acknowledged, node.name)
+                    wait.until_acknowledged(connection, acknowledged)
     except BaseException:
         for _, connection, _ in sent:
             connection.disconnect()  # its protocol state is unknown

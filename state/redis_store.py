@@ -249,8 +249,7 @@ class WriteBatch:
                 connection.read_response()
             replies = connection.read_response()
             if wait is not None and replies is not None:
-                wait.until_acknowledged(connection, self._call(connection, *wait.command),
-                                        f"{connection.host}:{connection.port}")
+                wait.until_acknowledged(connection, self._call(connection, *wait.command))
         except BaseException:
             connection.disconnect()  # its protocol state is unknown
             raise

@@ -22,6 +22,7 @@ from state.owner_commits import hop_settled
 from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
 from tests.conftest import wait_for
+from tests.integration.kafka_helpers import produce
 from tests.integration.test_pipeline_e2e import assert_feeds_built_and_served
 from tests.state_check import applied, assert_live_equals_replay
 
@@ -45,22 +46,17 @@ def test_an_owned_worker_group_a_feed_builder_and_an_api_ride_out_a_primary_fail
         events = list(UserSimulator(80, 200, seed=21).events(TOTAL, time.time() - TOTAL))
         first, rest = events[:2000], events[2000:]
 
-        def produce(wave) -> None:
-            with InteractionProducer(s.kafka_bootstrap, s.topic_interactions,
-                                     max_batch_events=25) as producer:
-                producer.send_many(wave)
-
         def count() -> int:
             return applied(client, s.key_prefix)
 
-        produce(first)
+        produce(s, first)
         workers = [spawn(["worker", "--loglevel", "warn"], s) for _ in range(2)]
         wait_for(lambda: count() >= len(first), 90, "the first events", proc=workers[0])
         users = sorted({e.user_id for e in first})
         api = assert_feeds_built_and_served(spawn, s, client, users, timeout_s=60, checked=5)
         processes = list(spawn.started)  # the workers, the feed builder, the API
 
-        produce(rest)
+        produce(s, rest)
         wait_for(lambda: count() >= len(first) + 300, 60, "more events", proc=workers[0])
         victim = cluster.nodes[0]  # a primary, and the URL's first seed
         assert victim in cluster.primaries()
@@ -102,9 +98,7 @@ def test_an_owned_worker_group_rides_out_slots_resharded_under_it(settings, spaw
         client = sync_redis(cluster.url)
         keys = RedisKeys(s.key_prefix)
         events = list(UserSimulator(80, 200, seed=22).events(TOTAL, time.time() - TOTAL))
-        with InteractionProducer(s.kafka_bootstrap, s.topic_interactions,
-                                 max_batch_events=25) as producer:
-            producer.send_many(events[:2000])
+        produce(s, events[:2000])
 
         def count() -> int:
             return applied(client, s.key_prefix)

@@ -15,9 +15,9 @@ import pytest
 from infra.embedded import EmbeddedRedisCluster
 from infra.redis_client import sync_redis
 from schemas.keys import RedisKeys
-from stream.producer import InteractionProducer
 from stream.simulator import UserSimulator
 from tests.conftest import wait_for
+from tests.integration.kafka_helpers import produce
 from tests.state_check import applied, assert_live_equals_replay
 
 TOTAL = 4000
@@ -58,18 +58,13 @@ def test_a_failover_to_a_lagging_replica_loses_no_commit_with_replica_wait(
         events = list(UserSimulator(60, 150, seed=31).events(TOTAL, time.time() - TOTAL))
         first, rest = events[:2000], events[2000:]
 
-        def produce(wave) -> None:
-            with InteractionProducer(s.kafka_bootstrap, s.topic_interactions,
-                                     max_batch_events=25) as producer:
-                producer.send_many(wave)
-
         def count() -> int:
             try:
                 return applied(client, s.key_prefix)
             except Exception:  # noqa: BLE001 - the stats' node failing over
                 return -1
 
-        produce(first)
+        produce(s, first)
         worker = spawn(["worker", "--loglevel", "warn"], s)
         wait_for(lambda: count() >= len(first), 90, "the first events", proc=worker)
         primary, replica = _replica_of(cluster, client, keys.watermark(s.topic_interactions, 0))
@@ -79,7 +74,7 @@ def test_a_failover_to_a_lagging_replica_loses_no_commit_with_replica_wait(
             # the replication stream backs up in the primary, as behind a slow replica
             for n in range(6):
                 client.set(f"{s.key_prefix}:{{wm}}:filler:{n}", os.urandom(8 << 20))
-            produce(rest)
+            produce(s, rest)
             at_kill = _settled(count)
             primary.kill()
         finally:

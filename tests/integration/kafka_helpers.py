@@ -10,6 +10,16 @@ from contextlib import contextmanager
 from kafka import KafkaConsumer, TopicPartition
 
 
+def produce(settings, events, max_batch_events: int = 25) -> None:
+    """Publish ``events`` to the settings' interactions topic in small envelopes (many
+    messages: commits meet faults between them) and wait until all are sent."""
+    from stream.producer import InteractionProducer
+
+    with InteractionProducer(settings.kafka_bootstrap, settings.topic_interactions,
+                             max_batch_events=max_batch_events) as producer:
+        producer.send_many(events)
+
+
 def read_topic(bootstrap: str, topic: str, min_count: int, timeout_s: float = 30.0) -> list:
     """All records of ``topic`` once at least ``min_count`` are there (or what came in time)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
