@@ -87,7 +87,7 @@ def build_worker_state(settings) -> None:
     count other than Redis records stops the worker in one line (exit 2)."""
     import time
 
-    from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error
+    from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error, retry_delays
     from stream.ingest import live_state
     from stream.items import content_models
 
@@ -95,17 +95,17 @@ def build_worker_state(settings) -> None:
     if settings.state_writer == "owned":
         from stream.owners import owners_redis
         builders.append(owners_redis)
-    log, delay = logging.getLogger("streamrec.cli"), 0.1
+    log, delays = logging.getLogger("streamrec.cli"), retry_delays(settings.redis_retry_max_s)
     while True:
         try:
             for build in builders:
                 build()
             return
         except TRANSIENT_REDIS_ERRORS as exc:
+            delay = next(delays)
             note_redis_error(log, "building the worker's state (before it joins its group)",
                              exc, delay)
             time.sleep(delay)
-            delay = min(delay * 2, settings.redis_retry_max_s)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from operator import itemgetter
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import redis
 import redis.asyncio
@@ -107,6 +107,15 @@ def replica_wait(settings) -> ReplicaWait | None:
     if not settings.redis_wait_replicas:
         return None
     return ReplicaWait(settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
+
+
+def retry_delays(retry_max_s: float, first_s: float = 0.05) -> Iterator[float]:
+    """The pauses between tries after transient Redis errors: ``first_s``, doubling, at most
+    ``retry_max_s``, for ever."""
+    delay = first_s
+    while True:
+        yield delay
+        delay = min(delay * 2, retry_max_s)
 
 
 def note_redis_error(log, what: str, exc: Exception, retry_in_s: float | None = None) -> None:
@@ -331,23 +340,22 @@ def send_per_node(client: redis.cluster.RedisCluster, commands: list[tuple], key
         raise
 
 
-def send_to_server(client: redis.Redis, commands: list[tuple],
-                   before_send: Callable[[], None] | None = None,
-                   wait: ReplicaWait | None = None) -> list:
-    """:func:`send_per_node` for one server: the commands in one packed write on one
-    connection (then ``WAIT`` on it, given ``wait``); the replies in order, the first error
-    reply raised once every reply is read."""
+def send_and_wait(client: redis.Redis, commands: list[tuple], wait: ReplicaWait,
+                  before_send: Callable[[], None] | None = None) -> list:
+    """:func:`send_per_node` with ``wait`` for one server: the commands and ``WAIT`` in one
+    packed write on one connection (redis-py's pipeline gives its connection back before a
+    second WAIT could follow); the replies in order, the first error reply raised once every
+    reply is read."""
     pool = client.connection_pool
     connection = pool.get_connection()
-    tail = [wait.command] if wait is not None else []
     try:
         if before_send is not None:
             before_send()
         connection.send_packed_command([b"".join(pack(command)
-                                                 for command in (*commands, *tail))])
-        replies = list(_replies(connection, len(commands) + len(tail)))
+                                                 for command in (*commands, wait.command))])
+        replies = list(_replies(connection, len(commands) + 1))
         errors = [reply for reply in replies if isinstance(reply, Exception)]
-        if wait is not None and not errors:
+        if not errors:
             wait.until_acknowledged(connection, replies.pop())
     except BaseException:
         connection.disconnect()  # its protocol state is unknown

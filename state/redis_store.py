@@ -22,7 +22,7 @@ import numpy as np
 import redis
 
 from infra.redis_client import (ReplicaWait, by_slot, is_cluster, mget_any, pack, send_per_node,
-                                send_to_server, slot_of)
+                                send_and_wait, slot_of)
 from online_models.base import OnlineModel
 from online_models.registry import build_live
 from online_models.store import Rows, StateStore, slack
@@ -506,8 +506,8 @@ def apply_commands(client, commands: list[tuple], scripts: list[str],
 
 def _send_pipelined(client, commands: list[tuple], key_of=None, before_send=None,
                     wait: ReplicaWait | None = None) -> list:
-    if wait is not None:  # WAIT on the connection that wrote: not redis-py's pipeline
-        return send_to_server(client, commands, before_send, wait)
+    if wait is not None:  # WAIT on the connection that wrote
+        return send_and_wait(client, commands, wait, before_send)
     with client.pipeline(transaction=False) as pipe:
         for command in commands:
             pipe.execute_command(*command)

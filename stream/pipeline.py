@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error
+from infra.redis_client import TRANSIENT_REDIS_ERRORS, note_redis_error, retry_delays
 from state.redis_store import PartitionClaimed
 from stream.state import ApplyResult, LiveState, PreparedBatch, SourceMessage
 
@@ -33,15 +33,15 @@ async def run_retrying(executor: ThreadPoolExecutor, what: str, function, *args,
                        retry_max_s: float = 5.0, on_retry: Callable[[], None] = lambda: None):
     """``function(*args)`` on ``executor``'s thread; transient Redis errors back off and
     retry (up to ``retry_max_s`` apart) until it succeeds."""
-    loop, delay = asyncio.get_running_loop(), 0.05
+    loop, delays = asyncio.get_running_loop(), retry_delays(retry_max_s)
     while True:
         try:
             return await loop.run_in_executor(executor, function, *args)
         except TRANSIENT_REDIS_ERRORS as exc:
+            delay = next(delays)
             note_redis_error(log, what, exc, delay)
             on_retry()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, retry_max_s)
 
 
 class ApplyPipeline:
